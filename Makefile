@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine (Python 3.11 and apt available):
+#   make demo   - virtualenv, install, run the monitored demo
+#   make test   - virtualenv, install test needs, run the whole suite
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTO_SRC := proto/v1/telemetry.proto
+PROTO_GEN := proto/v1/telemetry_pb2.py proto/v1/telemetry_pb2_grpc.py proto/v1/telemetry_pb2.pyi
+
+.PHONY: all venv proto demo test test-fast bench clean
+
+all: venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Generated wire code is committed; this regenerates it with the pinned grpcio-tools.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+
+demo: $(STAMP)
+	$(PY) -m model.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.hook_overhead
+
+clean:
+	rm -rf $(VENV) runs artifacts .pytest_cache

@@ -1,0 +1,161 @@
+"""The columnar store contract: one read/write API, several backends that pass one test suite.
+
+Writers (the collector) hand over numpy columns; readers (CLI, dashboard, reports) get polars
+frames. Every write is idempotent on its natural key, so a resent frame never double-counts:
+
+| table      | natural key                    | columns                                                  |
+|------------|--------------------------------|----------------------------------------------------------|
+| runs       | run                            | run, world_size, config_json, started_at, updated_at,    |
+|            |                                | last_step, status ("live" / "finished")                  |
+| metrics    | (run, metric_id)               | run, metric_id, name, layer, expert, head, stat, unit,   |
+|            |                                | reduce ("sum" / "mean" / "max" / "min")                  |
+| raw        | (run, rank, step, metric_id)   | run, rank, step, metric_id, value (float32)              |
+| reduced    | (run, step, metric_id)         | run, step, metric_id, value (float32), n_ranks           |
+| steps      | (run, step)                    | run, step, n_ranks, missing_ranks (list[int]), complete, |
+|            |                                | wall_time                                                |
+
+A later write of the same key replaces the earlier one (last write wins); reads never show two
+rows for one key. This module imports nothing of ours (DESIGN.md).
+"""
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+REDUCE_OPS = ("sum", "mean", "max", "min")
+
+
+class StoreError(Exception):
+    """Base class of store errors; the message says what was wrong."""
+
+
+class InvalidInput(StoreError, ValueError):
+    """A write or read was given something malformed (bad run name, ragged columns...)."""
+
+
+class NotFound(StoreError, KeyError):
+    """The run or metric asked for does not exist."""
+
+
+def check_run_name(run: str) -> str:
+    if not isinstance(run, str) or not RUN_NAME_RE.match(run):
+        raise InvalidInput(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
+    return run
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run: str
+    world_size: int
+    config_json: str = "{}"
+    started_at: float = 0.0          # unix seconds
+
+
+@dataclass
+class MetricDict:
+    """Columns of metric-dictionary rows for one run (equal lengths)."""
+
+    metric_id: np.ndarray            # int32, dense per run
+    name: list[str]
+    layer: np.ndarray                # int32, -1 = none
+    expert: np.ndarray               # int32, -1 = none
+    head: np.ndarray                 # int32, -1 = none
+    stat: list[str]
+    unit: list[str]
+    reduce: list[str]                # each in REDUCE_OPS
+
+
+@dataclass
+class ValueBatch:
+    """Columns of value rows (equal lengths). rank is None for reduced values."""
+
+    step: np.ndarray                 # int64
+    metric_id: np.ndarray            # int32
+    value: np.ndarray                # float32
+    rank: np.ndarray | None = None   # int32 (raw values only)
+    n_ranks: np.ndarray | None = None  # int32 (reduced values only)
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    step: int
+    n_ranks: int                     # ranks whose values went into the reduction
+    missing_ranks: tuple[int, ...] = field(default_factory=tuple)  # stragglers
+    complete: bool = True            # False when reduced without every rank
+    wall_time: float = 0.0
+
+
+class Store(abc.ABC):
+    """Backends implement these; `open_store(url)` (store/__init__.py) picks one."""
+
+    # ---- writes (the collector) -------------------------------------------------------
+    @abc.abstractmethod
+    def open_run(self, info: RunInfo) -> None:
+        """Create or update the run row (status becomes "live")."""
+
+    @abc.abstractmethod
+    def finish_run(self, run: str) -> None:
+        """Mark the run finished."""
+
+    @abc.abstractmethod
+    def write_metrics(self, run: str, metrics: MetricDict) -> None:
+        """Upsert metric-dictionary rows."""
+
+    @abc.abstractmethod
+    def write_raw(self, run: str, batch: ValueBatch) -> None:
+        """Per-rank values (batch.rank set)."""
+
+    @abc.abstractmethod
+    def write_reduced(self, run: str, batch: ValueBatch) -> None:
+        """Values reduced across ranks (batch.n_ranks set)."""
+
+    @abc.abstractmethod
+    def write_steps(self, run: str, steps: list[StepStatus]) -> None:
+        """Per-step barrier outcome (which ranks made it, stragglers)."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make everything written so far durable; acks are sent only after this returns."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and release resources; further calls raise StoreError."""
+
+    # ---- reads (CLI, dashboard, reports) -> polars -----------------------------------
+    @abc.abstractmethod
+    def runs(self) -> pl.DataFrame:
+        """One row per run: run, world_size, config_json, started_at, updated_at, last_step,
+        status. Sorted by started_at."""
+
+    @abc.abstractmethod
+    def metrics(self, run: str) -> pl.DataFrame:
+        """The run's metric dictionary, sorted by metric_id."""
+
+    @abc.abstractmethod
+    def series(self, run: str, metric: str, *, start: int | None = None,
+               stop: int | None = None, rank: int | None = None) -> pl.DataFrame:
+        """One metric by name over steps [start, stop): columns step (i64), value (f32), sorted
+        by step. Reduced values when rank is None, else that rank's raw values.
+        Raises NotFound for an unknown run or metric name."""
+
+    @abc.abstractmethod
+    def at_step(self, run: str, step: int, pattern: str = "*", *,
+                rank: int | None = None) -> pl.DataFrame:
+        """All metrics whose name matches the glob `pattern` at one step: columns metric_id,
+        name, layer, expert, head, stat, value; sorted by metric_id."""
+
+    @abc.abstractmethod
+    def steps(self, run: str) -> pl.DataFrame:
+        """Barrier outcomes: step, n_ranks, missing_ranks, complete, wall_time; sorted."""
+
+    # context manager sugar
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
