@@ -103,16 +103,14 @@ class StepChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., schema_id: _Optional[int] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class EndOfStep(_message.Message):
-    __slots__ = ("header", "schema_id", "n_values", "wall_time")
+    __slots__ = ("header", "n_values", "wall_time")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    SCHEMA_ID_FIELD_NUMBER: _ClassVar[int]
     N_VALUES_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
-    schema_id: int
     n_values: int
     wall_time: float
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., schema_id: _Optional[int] = ..., n_values: _Optional[int] = ..., wall_time: _Optional[float] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., n_values: _Optional[int] = ..., wall_time: _Optional[float] = ...) -> None: ...
 
 class ClipAck(_message.Message):
     __slots__ = ("header", "version")
