@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := proto/v1/telemetry.proto
 PROTO_GEN := proto/v1/telemetry_pb2.py proto/v1/telemetry_pb2_grpc.py proto/v1/telemetry_pb2.pyi
 
-.PHONY: all venv proto demo test test-fast bench clean
+.PHONY: all venv sysdeps proto demo test test-fast bench clean
 
 all: venv
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Debian packages the tests need (ClickHouse server and client, docker-compose, Chromium).
+sysdeps:
+	bash scripts/system-deps.sh
+
 # Generated wire code is committed; this regenerates it with the pinned grpcio-tools.
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
@@ -27,10 +31,10 @@ proto: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m model.demo
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) sysdeps
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
