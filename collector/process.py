@@ -1,0 +1,63 @@
+"""Start `python -m collector serve` as a child process and wait until it listens.
+
+One helper for everything that runs the collector beside something else: the demo, the
+integration tests, the benchmarks. The child prints `collector listening on HOST:PORT store=URL`
+when ready; that line is the only handshake.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+READY_RE = re.compile(r"collector listening on (\S+):(\d+)")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CollectorStartError(RuntimeError):
+    pass
+
+
+def start_collector(store_url: str, *extra_args: str, host: str = "127.0.0.1",
+                    log_path: str | Path | None = None, timeout_s: float = 60.0,
+                    env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Returns (process, "HOST:PORT"). The process's output after the ready line goes to
+    log_path (or is discarded); stop it with SIGTERM, which flushes the store."""
+    cmd = [sys.executable, "-m", "collector", "serve", "--store", store_url, "--host", host,
+           "--port", "0", *extra_args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    lines: list[str] = []
+    found: list[str] = []
+
+    def pump() -> None:   # keep reading so the child never blocks on a full pipe
+        sink = open(log_path, "a") if log_path else None
+        try:
+            for line in proc.stdout:
+                if not found:
+                    lines.append(line)
+                    m = READY_RE.search(line)
+                    if m:
+                        found.append(f"{m.group(1)}:{m.group(2)}")
+                if sink:
+                    sink.write(line)
+                    sink.flush()
+        finally:
+            if sink:
+                sink.close()
+
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    threading.Thread(target=pump, daemon=True, name="collector-log").start()
+    deadline = time.monotonic() + timeout_s
+    while not found:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise CollectorStartError(
+                f"collector did not become ready (exit={proc.poll()}): {''.join(lines)[-2000:]}")
+        time.sleep(0.05)
+    return proc, found[0]
