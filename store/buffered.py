@@ -1,0 +1,226 @@
+"""The half of every backend that does not depend on where rows live.
+
+Writes are validated into polars frames (columns.py) and buffered until `flush()`, which hands
+everything to the backend's `_commit` at once; nothing written is visible to reads before that,
+in every backend, so a collector test on the memory store catches a missing flush. Reads are
+implemented once on top of four small hooks, so name lookup, NotFound, glob matching, sorting
+and output schemas cannot drift between backends.
+"""
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from store import columns as C
+from store.base import (InvalidInput, MetricDict, NotFound, RunInfo, StepStatus, Store,
+                        StoreError, ValueBatch, check_run_name)
+
+
+def _check_step(name: str, v: int | None) -> int | None:
+    if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)):
+        raise InvalidInput(f"{name} must be an integer or None, got {v!r}")
+    return None if v is None else int(v)
+
+
+class BufferedStore(Store):
+    """Validation, write buffering, the closed state and every read; subclasses store rows."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()               # the collector may flush from a thread
+        self._closed = False
+        self._run_rows: dict[str, dict[str, Any]] = {}   # runs this writer has touched
+        self._dirty_runs: set[str] = set()
+        self._pending_metrics: dict[str, pl.DataFrame] = {}  # whole merged dictionary per run
+        self._pending: dict[tuple[str, str], list[pl.DataFrame]] = {}  # (run, table) chunks
+
+    # ---- backend hooks -------------------------------------------------------------------
+    @abc.abstractmethod
+    def _committed_run(self, run: str) -> dict[str, Any] | None:
+        """The committed run row (RUNS_SCHEMA keys), or None if the run does not exist."""
+
+    @abc.abstractmethod
+    def _committed_metrics(self, run: str) -> pl.DataFrame:
+        """The committed dictionary (METRICS_SCHEMA), empty when none; run known to exist."""
+
+    @abc.abstractmethod
+    def _commit(self, runs: dict[str, dict[str, Any]], metrics: dict[str, pl.DataFrame],
+                values: dict[tuple[str, str], pl.DataFrame]) -> None:
+        """Make these durable and visible; values are deduplicated and carry TABLES schemas.
+        May raise: everything stays pending and the next flush commits it again (idempotent)."""
+
+    @abc.abstractmethod
+    def _read_runs(self) -> pl.DataFrame:
+        """Every committed run row (RUNS_SCHEMA), any order."""
+
+    @abc.abstractmethod
+    def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
+                     rank: int | None = None, start: int | None = None,
+                     stop: int | None = None) -> pl.DataFrame:
+        """Committed rows of one value table (TABLES schema), one per natural key (last write
+        wins), filtered by the given equalities and start <= step < stop; any order."""
+
+    def _claim(self, run: str) -> None:
+        """Called once per run before this store first writes to it (e.g. take a lock)."""
+
+    # ---- writes ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{type(self).__name__} is closed")
+
+    def _row(self, run: str) -> dict[str, Any]:
+        """The run's row as this writer will commit it; NotFound for a run never opened."""
+        check_run_name(run)
+        row = self._run_rows.get(run)
+        if row is None:
+            row = self._committed_run(run)
+            if row is None:
+                raise NotFound(f"run {run!r} was never opened (call open_run first)")
+            self._claim(run)
+            self._run_rows[run] = row = dict(row)
+        return row
+
+    def _touch(self, run: str, row: dict[str, Any], last_step: int | None = None) -> None:
+        row["updated_at"] = time.time()
+        if last_step is not None and (row["last_step"] is None or last_step > row["last_step"]):
+            row["last_step"] = last_step
+        self._dirty_runs.add(run)
+
+    def open_run(self, info: RunInfo) -> None:
+        if not isinstance(info, RunInfo):
+            raise InvalidInput(f"expected RunInfo, got {type(info).__name__}")
+        check_run_name(info.run)
+        if not isinstance(info.world_size, int) or not 1 <= info.world_size <= 2**31 - 1:
+            raise InvalidInput(f"world_size must be a positive integer, got {info.world_size!r}")
+        if not isinstance(info.config_json, str):
+            raise InvalidInput("config_json must be a string")
+        with self._lock:
+            self._check_open()
+            try:
+                row = self._row(info.run)
+            except NotFound:
+                self._claim(info.run)
+                row = self._run_rows[info.run] = {"started_at": 0.0, "last_step": None}
+            row.update(run=info.run, world_size=info.world_size, config_json=info.config_json,
+                       status="live")
+            now = time.time()
+            if info.started_at:
+                row["started_at"] = float(info.started_at)
+            elif not row["started_at"]:                  # reopening keeps the first start
+                row["started_at"] = now
+            self._touch(info.run, row)
+
+    def finish_run(self, run: str) -> None:
+        with self._lock:
+            self._check_open()
+            row = self._row(run)
+            row["status"] = "finished"
+            self._touch(run, row)
+
+    def write_metrics(self, run: str, metrics: MetricDict) -> None:
+        new = C.metrics_frame(metrics)
+        with self._lock:
+            self._check_open()
+            row = self._row(run)
+            old = self._pending_metrics.get(run)
+            if old is None:
+                old = self._committed_metrics(run)
+            self._pending_metrics[run] = C.merge_metrics(old, new)
+            self._touch(run, row)
+
+    def _write_values(self, run: str, table: str, frame: pl.DataFrame) -> None:
+        with self._lock:
+            self._check_open()
+            row = self._row(run)
+            if frame.height == 0:
+                return
+            self._pending.setdefault((run, table), []).append(frame)
+            self._touch(run, row, int(frame["step"].max()))
+
+    def write_raw(self, run: str, batch: ValueBatch) -> None:
+        self._write_values(run, "raw", C.values_frame(batch, "raw"))
+
+    def write_reduced(self, run: str, batch: ValueBatch) -> None:
+        self._write_values(run, "reduced", C.values_frame(batch, "reduced"))
+
+    def write_steps(self, run: str, steps: list[StepStatus]) -> None:
+        self._write_values(run, "steps", C.steps_frame(steps))
+
+    def flush(self) -> None:
+        with self._lock:
+            self._check_open()
+            if not (self._dirty_runs or self._pending):
+                return
+            values = {(run, table): C.last_wins(pl.concat(chunks), C.TABLES[table][1])
+                      for (run, table), chunks in self._pending.items()}
+            runs = {run: dict(self._run_rows[run]) for run in self._dirty_runs}
+            self._commit(runs, dict(self._pending_metrics), values)
+            self._pending.clear()
+            self._pending_metrics.clear()
+            self._dirty_runs.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self.flush()
+            finally:
+                self._closed = True
+                self._release()
+
+    def _release(self) -> None:
+        """Free backend resources (locks, connections) once closed."""
+
+    # ---- reads -----------------------------------------------------------------------------
+    def runs(self) -> pl.DataFrame:
+        self._check_open()
+        df = self._read_runs()
+        return df.select(list(C.RUNS_SCHEMA)).cast(C.RUNS_SCHEMA).sort(["started_at", "run"])
+
+    def _known_run(self, run: str) -> None:
+        check_run_name(run)
+        self._check_open()
+        if self._committed_run(run) is None:
+            raise NotFound(f"no run named {run!r}")
+
+    def metrics(self, run: str) -> pl.DataFrame:
+        self._known_run(run)
+        return self._committed_metrics(run).cast(C.METRICS_SCHEMA).sort("metric_id")
+
+    def series(self, run: str, metric: str, *, start: int | None = None,
+               stop: int | None = None, rank: int | None = None) -> pl.DataFrame:
+        start, stop, rank = (_check_step(k, v) for k, v in
+                             (("start", start), ("stop", stop), ("rank", rank)))
+        if not isinstance(metric, str):
+            raise InvalidInput(f"metric must be a name (str), got {metric!r}")
+        self._known_run(run)
+        hit = self._committed_metrics(run).filter(pl.col("name") == metric)
+        if hit.height == 0:
+            raise NotFound(f"no metric named {metric!r} in run {run!r}")
+        table = "reduced" if rank is None else "raw"
+        df = self._read_values(run, table, metric_id=int(hit["metric_id"][0]), rank=rank,
+                               start=start, stop=stop)
+        return df.select(list(C.SERIES_SCHEMA)).cast(C.SERIES_SCHEMA).sort("step")
+
+    def at_step(self, run: str, step: int, pattern: str = "*", *,
+                rank: int | None = None) -> pl.DataFrame:
+        step, rank = _check_step("step", step), _check_step("rank", rank)
+        if step is None:
+            raise InvalidInput("step must be an integer")
+        regex = C.glob_to_regex(pattern)
+        self._known_run(run)
+        names = self._committed_metrics(run).filter(pl.col("name").str.contains(regex))
+        table = "reduced" if rank is None else "raw"
+        vals = self._read_values(run, table, rank=rank, start=step, stop=step + 1)
+        df = names.join(vals.select("metric_id", "value"), on="metric_id", how="inner")
+        return df.select(list(C.AT_STEP_SCHEMA)).cast(C.AT_STEP_SCHEMA).sort("metric_id")
+
+    def steps(self, run: str) -> pl.DataFrame:
+        self._known_run(run)
+        df = self._read_values(run, "steps")
+        return df.select(list(C.STEPS_SCHEMA)).cast(C.STEPS_SCHEMA).sort("step")

@@ -1,0 +1,214 @@
+"""The column-level contract every backend shares: read-frame schemas, write validation, dedup.
+
+Writes arrive as numpy columns (ValueBatch, MetricDict) and leave here as polars frames with
+the exact dtypes below, copied so the caller may reuse its buffers at once. Reads go out with
+the same schemas whatever the backend, so a dashboard never sees an Int64 from one store and
+an Int32 from another.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+
+from store.base import REDUCE_OPS, InvalidInput, MetricDict, StepStatus, ValueBatch
+
+# ---- read-frame schemas ------------------------------------------------------------------
+RUNS_SCHEMA = {"run": pl.Utf8, "world_size": pl.Int32, "config_json": pl.Utf8,
+               "started_at": pl.Float64, "updated_at": pl.Float64,
+               "last_step": pl.Int64,      # null until a step was written
+               "status": pl.Utf8}
+METRICS_SCHEMA = {"metric_id": pl.Int32, "name": pl.Utf8, "layer": pl.Int32,
+                  "expert": pl.Int32, "head": pl.Int32, "stat": pl.Utf8, "unit": pl.Utf8,
+                  "reduce": pl.Utf8}
+RAW_SCHEMA = {"step": pl.Int64, "metric_id": pl.Int32, "rank": pl.Int32, "value": pl.Float32}
+REDUCED_SCHEMA = {"step": pl.Int64, "metric_id": pl.Int32, "value": pl.Float32,
+                  "n_ranks": pl.Int32}
+STEPS_SCHEMA = {"step": pl.Int64, "n_ranks": pl.Int32, "missing_ranks": pl.List(pl.Int32),
+                "complete": pl.Boolean, "wall_time": pl.Float64}
+SERIES_SCHEMA = {"step": pl.Int64, "value": pl.Float32}
+AT_STEP_SCHEMA = {"metric_id": pl.Int32, "name": pl.Utf8, "layer": pl.Int32,
+                  "expert": pl.Int32, "head": pl.Int32, "stat": pl.Utf8, "value": pl.Float32}
+
+# Per value table: schema, natural key within a run, and the on-disk sort order (series reads
+# filter on metric_id first, so rows of one metric sit together).
+TABLES = {
+    "raw": (RAW_SCHEMA, ("metric_id", "rank", "step")),
+    "reduced": (REDUCED_SCHEMA, ("metric_id", "step")),
+    "steps": (STEPS_SCHEMA, ("step",)),
+}
+
+_I32_MAX = 2**31 - 1
+
+
+def empty(schema: dict) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)
+
+
+def last_wins(df: pl.DataFrame, keys: tuple[str, ...] | list[str]) -> pl.DataFrame:
+    """Keep the last row (in frame order) of every natural key: the idempotency rule."""
+    if df.height <= 1:
+        return df
+    return df.unique(subset=list(keys), keep="last", maintain_order=False)
+
+
+# ---- write validation --------------------------------------------------------------------
+def _int_column(name: str, x, dtype, *, low: int) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise InvalidInput(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=dtype)
+    if arr.dtype.kind not in "iu":
+        raise InvalidInput(f"{name} must hold integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    top = _I32_MAX if dtype == np.int32 else 2**63 - 1
+    if lo < low or hi > top:
+        raise InvalidInput(f"{name} values must lie in [{low}, {top}], got [{lo}, {hi}]")
+    return np.array(arr, dtype=dtype, copy=True)     # copy: the caller may reuse its buffer
+
+
+def _str_column(name: str, x, n: int) -> list[str]:
+    if isinstance(x, str) or len(x) != n:
+        raise InvalidInput(f"{name} must be a list of {n} strings")
+    out = list(x)
+    if not all(isinstance(s, str) for s in out):
+        raise InvalidInput(f"{name} must hold only strings")
+    return out
+
+
+def metrics_frame(md: MetricDict) -> pl.DataFrame:
+    """MetricDict -> frame (METRICS_SCHEMA), last row wins for a repeated metric_id."""
+    if not isinstance(md, MetricDict):
+        raise InvalidInput(f"expected MetricDict, got {type(md).__name__}")
+    ids = _int_column("metric_id", md.metric_id, np.int32, low=0)
+    n = ids.size
+    cols = {"metric_id": ids}
+    for key in ("layer", "expert", "head"):
+        col = _int_column(key, getattr(md, key), np.int32, low=-1)
+        if col.size != n:
+            raise InvalidInput(f"ragged metric dictionary: {key} has {col.size} rows, "
+                               f"metric_id has {n}")
+        cols[key] = col
+    for key in ("name", "stat", "unit", "reduce"):
+        cols[key] = _str_column(key, getattr(md, key), n)
+    if any(not s for s in cols["name"]):
+        raise InvalidInput("metric names must be non-empty")
+    bad = sorted(set(cols["reduce"]) - set(REDUCE_OPS))
+    if bad:
+        raise InvalidInput(f"reduce must be one of {REDUCE_OPS}, got {bad}")
+    df = pl.DataFrame(cols, schema=METRICS_SCHEMA)
+    return last_wins(df, ["metric_id"])
+
+
+def merge_metrics(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+    """Upsert `new` into `old` by metric_id; names must stay unique (series() reads by name)."""
+    merged = last_wins(pl.concat([old, new]), ["metric_id"]).sort("metric_id")
+    dup = merged.filter(pl.col("name").is_duplicated())
+    if dup.height:
+        pairs = dup.select("name", "metric_id").head(6).rows()
+        raise InvalidInput(f"metric names must be unique within a run; shared by ids: {pairs}")
+    return merged
+
+
+def values_frame(batch: ValueBatch, table: str) -> pl.DataFrame:
+    """ValueBatch -> frame of RAW_SCHEMA ("raw": rank set) or REDUCED_SCHEMA ("reduced")."""
+    if not isinstance(batch, ValueBatch):
+        raise InvalidInput(f"expected ValueBatch, got {type(batch).__name__}")
+    per_row, other = ("rank", "n_ranks") if table == "raw" else ("n_ranks", "rank")
+    if getattr(batch, per_row) is None:
+        raise InvalidInput(f"{table} values need batch.{per_row}")
+    if getattr(batch, other) is not None:
+        raise InvalidInput(f"{table} values take batch.{per_row}, not batch.{other}")
+    cols = {"step": _int_column("step", batch.step, np.int64, low=0),
+            "metric_id": _int_column("metric_id", batch.metric_id, np.int32, low=0),
+            per_row: _int_column(per_row, getattr(batch, per_row), np.int32, low=0)}
+    value = np.asarray(batch.value)
+    if value.ndim != 1 or (value.size and value.dtype.kind not in "fiu"):
+        raise InvalidInput(f"value must be a 1-D numeric array, got {value.dtype} {value.shape}")
+    with np.errstate(over="ignore"):                  # f64 beyond f32 range becomes inf, kept
+        cols["value"] = np.array(value, dtype=np.float32, copy=True)
+    lengths = {k: v.size for k, v in cols.items()}
+    if len(set(lengths.values())) != 1:
+        raise InvalidInput(f"ragged value batch: column lengths {lengths}")
+    schema = TABLES[table][0]
+    return pl.DataFrame({k: cols[k] for k in schema}, schema=schema)
+
+
+def steps_frame(steps: list[StepStatus]) -> pl.DataFrame:
+    """StepStatus list -> frame (STEPS_SCHEMA). One Python object per step, never per value."""
+    if isinstance(steps, StepStatus):
+        steps = [steps]
+    rows = {k: [] for k in STEPS_SCHEMA}
+    for s in steps:
+        if not isinstance(s, StepStatus):
+            raise InvalidInput(f"expected StepStatus, got {type(s).__name__}")
+        if not isinstance(s.step, (int, np.integer)) or s.step < 0:
+            raise InvalidInput(f"step must be an integer >= 0, got {s.step!r}")
+        if not isinstance(s.n_ranks, (int, np.integer)) or not 0 <= s.n_ranks <= _I32_MAX:
+            raise InvalidInput(f"n_ranks must be an integer >= 0, got {s.n_ranks!r}")
+        missing = [int(_check_rank(r)) for r in s.missing_ranks]
+        if not isinstance(s.wall_time, (int, float)) or not math.isfinite(s.wall_time):
+            raise InvalidInput(f"wall_time must be a finite number, got {s.wall_time!r}")
+        rows["step"].append(int(s.step))
+        rows["n_ranks"].append(int(s.n_ranks))
+        rows["missing_ranks"].append(missing)
+        rows["complete"].append(bool(s.complete))
+        rows["wall_time"].append(float(s.wall_time))
+    return pl.DataFrame(rows, schema=STEPS_SCHEMA)
+
+
+def _check_rank(r) -> int:
+    if not isinstance(r, (int, np.integer)) or not 0 <= r <= _I32_MAX:
+        raise InvalidInput(f"missing_ranks must hold integers >= 0, got {r!r}")
+    return r
+
+
+# ---- glob patterns -----------------------------------------------------------------------
+def _lit(c: str) -> str:
+    return c if c.isalnum() and c.isascii() else f"\\x{{{ord(c):x}}}"
+
+
+def glob_to_regex(pattern: str) -> str:
+    """fnmatch.fnmatchcase semantics as a Rust-regex (polars) pattern: `*` (also across "/"),
+    `?`, `[abc]`, `[a-z]`, `[!x]`. Python's own fnmatch.translate emits look-arounds that
+    polars' regex engine rejects, hence this."""
+    if not isinstance(pattern, str):
+        raise InvalidInput(f"pattern must be a string, got {type(pattern).__name__}")
+    out, i, n = ["^"], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = i + (i < n and pattern[i] == "!")
+            j += j < n and pattern[j] == "]"                  # a leading "]" is literal
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:                                        # no closing bracket: literal "["
+                out.append(_lit("["))
+                continue
+            body, i = pattern[i:j], j + 1
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            items, k = [], 0
+            while k < len(body):
+                if k + 2 < len(body) and body[k + 1] == "-":
+                    if body[k] <= body[k + 2]:                 # fnmatch drops reversed ranges
+                        items.append(f"{_lit(body[k])}-{_lit(body[k + 2])}")
+                    k += 3
+                else:
+                    items.append(_lit(body[k]))
+                    k += 1
+            if items:
+                out.append(("[^" if negate else "[") + "".join(items) + "]")
+            else:                                             # empty class: matches nothing,
+                out.append("(?s:.)" if negate else r"[^\x{0}-\x{10FFFF}]")  # or any char
+        else:
+            out.append(_lit(c))
+    out.append("$")
+    return "(?s)" + "".join(out)
