@@ -1,0 +1,110 @@
+"""Attention: RoPE, causal / sliding-window masks, and the gated GQA attention layer.
+
+One `Attention` class serves both layer kinds; `kind="swa"` only adds the window to the causal
+mask and (by configuration) uses more query heads. Details follow Step 3.5 Flash:
+grouped-query attention, RMSNorm on queries and keys per head (QK-norm, before RoPE), and a
+head-wise sigmoid output gate o_i = sigmoid(w_i . x) * y_i applied before the output projection.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.probe import Probe
+
+
+def attention_mask(seq_len: int, window: int | None, device=None) -> torch.Tensor:
+    """Boolean [T, T] mask, True where query i may attend key j.
+
+    Causal: j <= i. With a window: additionally i - j < window, i.e. each query sees itself and
+    the window - 1 keys before it. window=None (or >= seq_len) gives the plain causal mask.
+    """
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask = mask & (i - j < window)
+    return mask
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with precomputed cos/sin tables (non-persistent buffers)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs_TF = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        angles_TH = torch.cat([freqs_TF, freqs_TF], dim=-1)
+        self.register_buffer("cos_TH", angles_TH.cos(), persistent=False)
+        self.register_buffer("sin_TH", angles_TH.sin(), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, x_BHTd: torch.Tensor) -> torch.Tensor:
+        T = x_BHTd.shape[-2]
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len}")
+        cos, sin = self.cos_TH[:T].to(x_BHTd.dtype), self.sin_TH[:T].to(x_BHTd.dtype)
+        x1, x2 = x_BHTd.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return x_BHTd * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Gated grouped-query attention with QK-norm; full causal or sliding-window.
+
+    `probe_logits` receives the per-query-head maximum pre-softmax logit (after QK-norm, RoPE
+    and scaling; masked positions excluded) over the whole batch, shape [n_heads], only when
+    it is active: computing it costs an extra QK^T product.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, kind: str,
+                 window: int, max_seq_len: int, rope_theta: float, norm_eps: float) -> None:
+        super().__init__()
+        if kind not in ("full", "swa"):
+            raise ValueError(f"attention kind must be 'full' or 'swa', got {kind!r}")
+        self.kind = kind
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.window = window if kind == "swa" else None
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.w_gate = nn.Linear(d_model, n_heads, bias=False)  # one gate logit per head
+        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps)
+        self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps)
+        self.rope = RotaryEmbedding(head_dim, max_seq_len, rope_theta)
+        self.probe_logits = Probe()
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.rope(self.q_norm(q))
+        k = self.rope(self.k_norm(k))
+        group = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(group, dim=1)  # [B, H, T, d]: query head h uses kv head h//group
+        v = v.repeat_interleave(group, dim=1)
+
+        if self.window is None or self.window >= T:
+            mask_TT = None
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            mask_TT = attention_mask(T, self.window, device=x_BTD.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT, scale=self.scale)
+
+        if self.probe_logits.active:
+            with torch.no_grad():
+                if mask_TT is None:
+                    mask_TT = attention_mask(T, None, device=x_BTD.device)
+                logits_BHTT = (q @ k.transpose(-2, -1)) * self.scale
+                logits_BHTT = logits_BHTT.masked_fill(~mask_TT, float("-inf"))
+                self.probe_logits(logits_BHTT.amax(dim=(0, 2, 3)))
+
+        gate_BHT1 = torch.sigmoid(self.w_gate(x_BTD)).transpose(1, 2).unsqueeze(-1)
+        y = (y * gate_BHT1).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.wo(y)
