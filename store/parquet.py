@@ -1,0 +1,121 @@
+"""ParquetStore: the embedded default backend, files under one directory.
+
+    DIR/<run>/run.parquet        the run row (one row, rewritten atomically per flush)
+    DIR/<run>/metrics.parquet    the metric dictionary (rewritten atomically when it changes)
+    DIR/<run>/raw/               per-rank values   } segment files, one per flush, compacted
+    DIR/<run>/reduced/           reduced values    } (segments.py): a series read touches a
+    DIR/<run>/steps/             barrier outcomes  } few files and skips most row groups
+    DIR/<run>/.writer.lock       flock held by the one store instance writing the run
+
+Any number of readers, in any process, see exactly what was flushed: every read lists the
+directory afresh (the only cache, the metric dictionary, is keyed by the file's identity).
+One writer per run at a time: a second instance writing the same run gets StoreError.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import Any
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from store import columns as C
+from store.base import RUN_NAME_RE, StoreError
+from store.buffered import BufferedStore
+from store.segments import SegmentLog, remove_temp_files, write_atomic
+
+
+class ParquetStore(BufferedStore):
+    def __init__(self, root: str, *, fsync: bool = True) -> None:
+        """Directories are created when a run is first written, so a reader never litters.
+        fsync=False keeps atomicity (temp + rename) but not durability across power loss."""
+        super().__init__()
+        if not isinstance(root, (str, os.PathLike)) or not str(root):
+            raise StoreError(f"ParquetStore needs a directory, got {root!r}")
+        self.root = os.path.abspath(os.fspath(root))
+        self.fsync = fsync
+        self._locks: dict[str, int] = {}             # run -> fd holding its writer flock
+        self._dict_cache: dict[str, tuple[tuple[int, int, int], pl.DataFrame]] = {}
+
+    def _run_dir(self, run: str) -> str:
+        return os.path.join(self.root, run)
+
+    def _log(self, run: str, table: str) -> SegmentLog:
+        return SegmentLog(os.path.join(self._run_dir(run), table), table, fsync=self.fsync)
+
+    # ---- writer side -----------------------------------------------------------------------
+    def _claim(self, run: str) -> None:
+        """Take the run's writer lock; then leftovers of a crashed writer are safe to remove."""
+        if run in self._locks:
+            return
+        os.makedirs(self._run_dir(run), exist_ok=True)
+        fd = os.open(os.path.join(self._run_dir(run), ".writer.lock"), os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"run {run!r} in {self.root} is being written by another store "
+                             "instance (one writer per run)") from None
+        self._locks[run] = fd
+        remove_temp_files(self._run_dir(run))
+        for table in C.TABLES:
+            self._log(run, table).drop_subsumed()
+
+    def _commit(self, runs, metrics, values) -> None:
+        # Dictionary first, run row last: a reader that finds a value can name it, and a run
+        # row's last_step never runs ahead of the values it announces.
+        try:
+            for run, df in metrics.items():
+                write_atomic(os.path.join(self._run_dir(run), "metrics.parquet"), df,
+                             fsync=self.fsync)
+            for (run, table), df in values.items():
+                self._log(run, table).append(df)
+            for run, row in runs.items():
+                write_atomic(os.path.join(self._run_dir(run), "run.parquet"),
+                             pl.DataFrame([row], schema=C.RUNS_SCHEMA), fsync=self.fsync)
+        except OSError as e:
+            raise StoreError(f"flush to {self.root} failed: {e}") from e
+
+    def _release(self) -> None:
+        for fd in self._locks.values():
+            os.close(fd)                             # closing the fd drops the flock
+        self._locks.clear()
+
+    # ---- reader side -----------------------------------------------------------------------
+    def _committed_run(self, run: str) -> dict[str, Any] | None:
+        try:
+            df = pl.from_arrow(pq.read_table(os.path.join(self._run_dir(run), "run.parquet")))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return df.cast(C.RUNS_SCHEMA).row(0, named=True)
+
+    def _committed_metrics(self, run: str) -> pl.DataFrame:
+        path = os.path.join(self._run_dir(run), "metrics.parquet")
+        try:
+            with open(path, "rb") as f:              # stat and read the same inode
+                st = os.fstat(f.fileno())
+                key = (st.st_ino, st.st_mtime_ns, st.st_size)
+                hit = self._dict_cache.get(run)
+                if hit is not None and hit[0] == key:
+                    return hit[1]
+                df = pl.from_arrow(pq.read_table(f)).cast(C.METRICS_SCHEMA)
+        except FileNotFoundError:
+            return C.empty(C.METRICS_SCHEMA)
+        self._dict_cache[run] = (key, df)
+        return df
+
+    def _read_runs(self) -> pl.DataFrame:
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            names = []
+        rows = [row for n in names if RUN_NAME_RE.match(n)
+                and (row := self._committed_run(n)) is not None]
+        return pl.DataFrame(rows or None, schema=C.RUNS_SCHEMA)
+
+    def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
+                     rank: int | None = None, start: int | None = None,
+                     stop: int | None = None) -> pl.DataFrame:
+        return self._log(run, table).scan(metric_id=metric_id, rank=rank, start=start,
+                                          stop=stop)

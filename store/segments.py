@@ -1,0 +1,209 @@
+"""Append-only segment files for one value table of one run: atomic writes, last-wins scans,
+tiered compaction. Used by the Parquet backend only.
+
+A flush writes one segment: rows deduplicated and sorted by the table's key (metric_id first),
+zstd, small row groups with statistics, so a filtered scan skips most of each file. Its name
+carries everything a reader needs to plan without opening it:
+
+    {lo:012d}-{hi:012d}.L{level}.s{step_min}-{step_max}.n{rows}.parquet
+
+lo..hi is the range of flush sequence numbers folded into the segment. Segments hold disjoint
+ranges, so "later hi wins" is "later write wins"; a merge only ever folds a contiguous run of
+segments, writes the result under its own name, then deletes the inputs. A reader that lists
+in between sees inputs and result together and still resolves every key the same way: the
+result's (hi, level) ranks above each input, and it holds exactly their last-wins rows. A crash
+between those two steps leaves inputs that the next writer removes (`drop_subsumed`). Files
+being written are dot-named `*.tmp` and renamed into place; nothing else is ever read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from store import columns as C
+from store.base import StoreError
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^(\d{12})-(\d{12})\.L(\d+)\.s(\d+)-(\d+)\.n(\d+)\.parquet$")
+FANOUT = 8                   # merge the newest FANOUT segments of one level into one
+MERGE_MAX_ROWS = 4_000_000   # bound on a merge's memory; bigger segments just stay as they are
+ROW_GROUP_ROWS = 65_536      # small enough that one metric's rows skip most of a big file
+SCAN_RETRIES = 5             # a compaction may delete files between our listing and our read
+
+
+@dataclass(frozen=True)
+class Segment:
+    path: str
+    lo: int
+    hi: int
+    level: int
+    step_min: int
+    step_max: int
+    rows: int
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Recency: a higher rank wins a key (a merge result outranks its own inputs)."""
+        return (self.hi, self.level)
+
+    def overlaps(self, start: int | None, stop: int | None) -> bool:
+        return (start is None or self.step_max >= start) and (stop is None or self.step_min < stop)
+
+
+def write_atomic(path: str, df: pl.DataFrame, *, fsync: bool) -> None:
+    """Write `df` as Parquet to a temp name in the same directory, then rename over `path`."""
+    d, name = os.path.split(path)
+    tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        pq.write_table(df.to_arrow(), tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                       write_statistics=True)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:                                        # make the rename itself durable
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_temp_files(directory: str) -> None:
+    """Remove leftovers of interrupted writes (only the writer holding the run lock may)."""
+    for dirpath, _, files in os.walk(directory):
+        for f in files:
+            if f.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(dirpath, f))
+                except OSError:
+                    pass
+
+
+class SegmentLog:
+    """One table's directory of segments; `table` is a key of columns.TABLES."""
+
+    def __init__(self, directory: str, table: str, *, fsync: bool = True) -> None:
+        self.dir = directory
+        self.schema, self.keys = C.TABLES[table]
+        self.fsync = fsync
+
+    def list(self) -> list[Segment]:
+        """Segments on disk, oldest first; anything not named like one is ignored."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        segs = []
+        for n in names:
+            m = NAME_RE.match(n)
+            if m:
+                lo, hi, level, smin, smax, rows = map(int, m.groups())
+                segs.append(Segment(os.path.join(self.dir, n), lo, hi, level, smin, smax, rows))
+        return sorted(segs, key=lambda s: s.rank)
+
+    # ---- writes (the single writer of the run) -----------------------------------------
+    def _write(self, df: pl.DataFrame, lo: int, hi: int, level: int) -> Segment:
+        df = df.sort(list(self.keys))
+        smin, smax = int(df["step"].min()), int(df["step"].max())
+        name = f"{lo:012d}-{hi:012d}.L{level}.s{smin}-{smax}.n{df.height}.parquet"
+        write_atomic(os.path.join(self.dir, name), df, fsync=self.fsync)
+        return Segment(os.path.join(self.dir, name), lo, hi, level, smin, smax, df.height)
+
+    def append(self, df: pl.DataFrame) -> None:
+        """Write one flush's rows (already one per key) as a new newest segment, then compact."""
+        if df.height == 0:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        segs = self.list()
+        seq = max((s.hi for s in segs), default=0) + 1
+        self._write(df.select(list(self.schema)), seq, seq, 0)
+        try:
+            self.compact()
+        except Exception:                            # the flush itself is durable already
+            log.warning("compaction of %s failed; will retry on a later flush", self.dir,
+                        exc_info=True)
+
+    def drop_subsumed(self) -> list[Segment]:
+        """Delete segments whose range a merge result covers (a crash between a merge's write
+        and its deletes leaves them); return the live segments, oldest first."""
+        segs, live = self.list(), []
+        for s in segs:
+            covered = any(o is not s and o.lo <= s.lo and s.hi <= o.hi and o.rank > s.rank
+                          for o in segs)
+            if covered:
+                os.unlink(s.path)
+            else:
+                live.append(s)
+        return live
+
+    def compact(self) -> None:
+        """While the newest FANOUT segments share a level, fold them into one a level up.
+        Segments thus count in base FANOUT: a few per level, log(flushes) levels."""
+        segs = self.drop_subsumed()
+        while len(segs) >= FANOUT:
+            tail = segs[-FANOUT:]
+            if len({s.level for s in tail}) != 1 or sum(s.rows for s in tail) > MERGE_MAX_ROWS:
+                return
+            frames = [pl.from_arrow(pq.read_table(s.path)) for s in tail]   # oldest first
+            merged = C.last_wins(pl.concat(frames), self.keys)
+            out = self._write(merged, tail[0].lo, tail[-1].hi, tail[0].level + 1)
+            for s in tail:
+                os.unlink(s.path)
+            segs = segs[:-FANOUT] + [out]
+
+    # ---- reads (any process) -----------------------------------------------------------
+    def scan(self, *, metric_id: int | None = None, rank: int | None = None,
+             start: int | None = None, stop: int | None = None) -> pl.DataFrame:
+        """Rows matching the filters, one per key (the highest-ranked segment's), any order."""
+        expr = None
+        for col, op, v in (("metric_id", "==", metric_id), ("rank", "==", rank),
+                           ("step", ">=", start), ("step", "<", stop)):
+            if v is not None:
+                e = ds.field(col) == v if op == "==" else (
+                    ds.field(col) >= v if op == ">=" else ds.field(col) < v)
+                expr = e if expr is None else expr & e
+        for _ in range(SCAN_RETRIES):
+            segs = [s for s in self.list() if s.overlaps(start, stop)]
+            try:
+                return self._scan(segs, expr)
+            except (FileNotFoundError, OSError):
+                if all(os.path.exists(s.path) for s in segs):
+                    raise                            # a real I/O error, not a compaction race
+        raise StoreError(f"{self.dir} kept changing under {SCAN_RETRIES} consecutive reads")
+
+    def _scan(self, segs: list[Segment], expr) -> pl.DataFrame:
+        if not segs:
+            return C.empty(self.schema)
+        rank_of = {os.path.basename(s.path): i for i, s in enumerate(segs)}
+        dataset = ds.dataset([s.path for s in segs], format="parquet")
+        frames = []
+        for tagged in dataset.scanner(columns=list(self.schema), filter=expr).scan_batches():
+            batch = tagged.record_batch
+            if batch.num_rows:
+                frames.append(pl.from_arrow(batch).with_columns(
+                    _rank=pl.lit(rank_of[os.path.basename(tagged.fragment.path)],
+                                 dtype=pl.Int32)))
+        if not frames:
+            return C.empty(self.schema)
+        df = pl.concat(frames)
+        if df["_rank"].n_unique() > 1:               # keys may repeat across segments only
+            df = C.last_wins(df.sort("_rank", maintain_order=True), self.keys)
+        return df.drop("_rank")
