@@ -1,0 +1,336 @@
+"""Training loop for the MoE transformer: AdamW, warmup + cosine LR, gradient clipping, fault
+injection, bit-identical checkpoint/resume, DDP (gloo) on CPU under torchrun.
+
+    python -m model.train --preset tiny --steps 200 [--seed 0] [--inject blowup@50 ...]
+        [--monitor HOST:PORT --run NAME] [--checkpoint PATH] [--resume PATH] [--out DIR]
+    torchrun --nproc_per_node=2 -m model.train --preset tiny --steps 50
+
+Monitor call points (an optional `monitor` object; telemetry builds against these):
+
+    monitor.attach(model, optimizer)           once, before the first step; model is the
+                                               unwrapped MoETransformer (never the DDP wrapper)
+    monitor.step_begin(step)                   before anything of `step` runs: staged clip
+                                               updates applied here take effect for this step
+    monitor.before_optimizer(step, grad_norm)  after backward and the DDP all-reduce, before
+                                               clipping and optimizer.step(); grad_norm is the
+                                               0-dim total-norm tensor (unclipped)
+    monitor.step_end(step, loss=..., mtp_losses=[...], lr=float, tokens=int)
+                                               after the optimizer and expert-bias updates; loss
+                                               is the detached 0-dim main next-token loss of this
+                                               rank, the very tensor whose float() is recorded in
+                                               TrainResult.losses; tokens = tokens this rank
+                                               processed this step
+    monitor.close()                            at the end, also when training raises
+
+`step` counts optimizer steps from 0 and continues across resumes. Monitor exceptions are
+logged and counted (TrainResult.monitor_errors), never raised into training. A step whose
+gradient norm is not finite is skipped (no optimizer update) and listed in skipped_steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import PRESETS, get_preset
+from model.data import get_batch, load_corpus, val_batches
+from model.faults import apply_faults, lr_multiplier, parse_fault
+from model.monitoring import DeferredMonitor, SafeMonitor
+from model.transformer import MoETransformer
+
+log = logging.getLogger("model.train")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    """Model preset name (model.config.PRESETS)."""
+    model_overrides: dict = field(default_factory=dict)
+    """ModelConfig fields to override on top of the preset."""
+    steps: int = 100
+    """Total optimizer steps of the run; the LR schedule spans exactly these."""
+    stop_at: int | None = None
+    """End this invocation before step `stop_at` (e.g. to test resumption); None = `steps`."""
+    seed: int = 0
+    """Seeds model init and the data stream."""
+    batch_size: int = 8
+    """Global batch (sequences per step, all ranks together); must divide by the world size."""
+    seq_len: int | None = None
+    """Tokens per sequence; None = the preset's max_seq_len."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warmup from lr / warmup_steps to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (norm gains are not decayed)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 = never clip."""
+    eval_every: int = 0
+    """Validate every N steps (and after the last step); 0 = only after the last step."""
+    eval_batches: int = 4
+    """Validation batches (fixed windows of the validation files)."""
+    injects: list[str] = field(default_factory=list)
+    """Fault specs, KIND@STEP[:key=value,...] (see model.faults)."""
+    checkpoint: str | None = None
+    """Write a checkpoint here at the end of this invocation (and every checkpoint_every)."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N steps; 0 = only at the end."""
+    resume: str | None = None
+    """Continue from this checkpoint."""
+    out_dir: str | None = None
+    """Write metrics.jsonl (one line per step) and summary.json here (rank 0)."""
+    log_every: int = 0
+    """Log progress every N steps; 0 = quiet."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("TrainConfig.steps and batch_size must be >= 1")
+        if self.stop_at is not None and not 0 <= self.stop_at <= self.steps:
+            raise ValueError(f"TrainConfig.stop_at must be in [0, steps], got {self.stop_at}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError("TrainConfig: need lr > 0, 0 <= min_lr_ratio <= 1, warmup >= 0")
+        if self.grad_clip < 0 or self.eval_every < 0 or self.eval_batches < 1:
+            raise ValueError("TrainConfig: need grad_clip >= 0, eval_every >= 0, eval_batches >= 1")
+        self.faults = [parse_fault(spec) for spec in self.injects]  # fail before training
+
+    def model_config(self):
+        return get_preset(self.preset, **self.model_overrides)
+
+    def lr_at(self, step: int) -> float:
+        """Warmup + cosine schedule (without fault multipliers)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+    def trajectory(self) -> dict:
+        """Settings a resumed run must share with the checkpoint."""
+        keep = ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
+                "weight_decay", "betas", "grad_clip", "injects")
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)        # main loss per step run here
+    mtp_losses: list[list[float]] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (after step, loss)
+    skipped_steps: list[int] = field(default_factory=list)   # non-finite gradient norm
+    start_step: int = 0
+    tokens: int = 0                                           # tokens this rank processed
+    monitor_errors: int = 0
+    model: MoETransformer | None = None
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _setup_distributed() -> tuple[int, int, bool]:
+    """(rank, world_size, we_initialized_it). torchrun sets WORLD_SIZE/RANK/MASTER_*."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _make_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean main next-token loss over fixed batches (eval mode: no expert-count updates)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return sum(float(model(x, y).main_loss) for x, y in batches) / len(batches)
+    finally:
+        model.train(was_training)
+
+
+def _all_reduce_expert_counts(model: MoETransformer) -> None:
+    """Sum the step's per-expert token counts over ranks so every rank applies the same
+    bias update (DDP runs with broadcast_buffers=False: buffers stay rank-local otherwise)."""
+    buffers = [moe.tokens_per_expert_E for _, moe in model.moe_layers()]
+    if buffers:
+        flat = torch.cat(buffers)
+        dist.all_reduce(flat)
+        for buf, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buf.copy_(part)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, monitor=None) -> TrainResult:
+    """Run (or continue) training as configured; see the module docstring for monitor calls."""
+    rank, world, owns_dist = _setup_distributed()
+    mcfg = cfg.model_config()
+    seq_len = cfg.seq_len or mcfg.max_seq_len
+    if seq_len > mcfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} not divisible by world size {world}")
+    corpus = load_corpus()
+    val = val_batches(corpus, cfg.eval_batches, max(1, cfg.batch_size // world), seq_len, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    model = MoETransformer(mcfg)
+    optimizer = _make_optimizer(model, cfg)
+    start = 0
+    if cfg.resume:
+        start = load_checkpoint(cfg.resume, model=model, optimizer=optimizer,
+                                model_config=mcfg.to_dict(), trajectory=cfg.trajectory())
+    ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    stop = cfg.steps if cfg.stop_at is None else cfg.stop_at
+    result = TrainResult(start_step=start, model=model)
+    mon = SafeMonitor(monitor)
+    metrics_file = None
+    if cfg.out_dir and rank == 0:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        metrics_file = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
+    params = [p for p in model.parameters()]
+
+    def checkpoint(next_step: int) -> None:
+        if rank == 0:
+            save_checkpoint(cfg.checkpoint, model=model, optimizer=optimizer, next_step=next_step,
+                            model_config=mcfg.to_dict(), trajectory=cfg.trajectory())
+        if world > 1:
+            dist.barrier()
+
+    try:
+        mon.call("attach", model, optimizer)
+        model.train()
+        for step in range(start, stop):
+            mon.call("step_begin", step)
+            apply_faults(cfg.faults, step, model)
+            lr = cfg.lr_at(step) * lr_multiplier(cfg.faults, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx, targets = get_batch(corpus.train, cfg.batch_size, seq_len, seed=cfg.seed,
+                                     step=step, rank=rank, world_size=world)
+            out = ddp(idx, targets)
+            out.loss.backward()  # DDP all-reduces (averages) gradients here
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            mon.call("before_optimizer", step, grad_norm)
+            if torch.isfinite(grad_norm):  # host sync; the loop reads the loss every step anyway
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+                optimizer.step()
+            else:
+                result.skipped_steps.append(step)
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                _all_reduce_expert_counts(model)
+            model.update_expert_bias()
+
+            loss = out.main_loss.detach()
+            mtp = [m.detach() for m in out.mtp_losses]
+            mon.call("step_end", step, loss=loss, mtp_losses=mtp, lr=lr, tokens=idx.numel())
+            result.losses.append(float(loss))
+            result.mtp_losses.append([float(m) for m in mtp])
+            result.lrs.append(lr)
+            result.grad_norms.append(float(grad_norm))
+            result.tokens += idx.numel()
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == stop:
+                result.val_losses.append((step, evaluate(model, val)))
+            if metrics_file is not None:
+                row = {"step": step, "loss": result.losses[-1], "mtp": result.mtp_losses[-1],
+                       "lr": lr, "grad_norm": result.grad_norms[-1]}
+                if result.val_losses and result.val_losses[-1][0] == step:
+                    row["val_loss"] = result.val_losses[-1][1]
+                metrics_file.write(json.dumps(row) + "\n")
+            if cfg.log_every and rank == 0 and (step % cfg.log_every == 0 or step + 1 == stop):
+                log.info("step %5d  loss %.4f  lr %.2e  grad_norm %.3f", step,
+                         result.losses[-1], lr, result.grad_norms[-1])
+            if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                checkpoint(step + 1)
+        if cfg.checkpoint:
+            checkpoint(stop)
+    finally:
+        mon.call("close")
+        result.monitor_errors = mon.errors
+        if metrics_file is not None:
+            metrics_file.close()
+        if owns_dist:
+            dist.destroy_process_group()
+    if cfg.out_dir and rank == 0:
+        summary = {k: v for k, v in asdict(result).items() if k != "model"}
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    return result
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    p = argparse.ArgumentParser(description="Train the MoE transformer on stdlib bytes.")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--stop-at", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--inject", action="append", default=[], metavar="KIND@STEP[:k=v,...]")
+    p.add_argument("--monitor", metavar="HOST:PORT", help="stream telemetry to a collector")
+    p.add_argument("--run", help="run name for --monitor")
+    p.add_argument("--checkpoint", metavar="PATH")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", metavar="PATH")
+    p.add_argument("--out", metavar="DIR")
+    p.add_argument("--log-every", type=int, default=10)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.run and not args.monitor:
+        p.error("--run only makes sense with --monitor")
+    try:
+        cfg = TrainConfig(preset=args.preset, steps=args.steps, stop_at=args.stop_at,
+                          seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
+                          lr=args.lr, eval_every=args.eval_every, injects=args.inject,
+                          checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                          resume=args.resume, out_dir=args.out, log_every=args.log_every)
+    except ValueError as exc:
+        p.error(str(exc))
+    monitor = None
+    if args.monitor:
+        if not args.run:
+            p.error("--monitor needs --run NAME")
+        try:
+            from hooks import Monitor  # lazy: only --monitor pays for (and needs) the client
+        except ImportError as exc:
+            p.error(f"--monitor needs the stepwatch hooks package (hooks/), which failed to "
+                    f"import: {exc}")
+        monitor = DeferredMonitor(lambda model, optimizer: Monitor(
+            model, optimizer, target=args.monitor, run=args.run))
+    result = train(cfg, monitor=monitor)
+    if result.val_losses:
+        log.info("final validation loss %.4f", result.val_losses[-1][1])
+    return result
+
+
+if __name__ == "__main__":
+    main()
