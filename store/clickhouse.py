@@ -1,0 +1,221 @@
+"""ClickHouseStore: the scale backend, over clickhouse-driver's native protocol.
+
+    store = ClickHouseStore("clickhouse://default:pw@127.0.0.1:9000/stepwatch")
+
+Validation, buffering until flush() and every read rule come from BufferedStore, exactly as for
+the Parquet and memory backends; this file only moves rows to and from the server.
+
+Idempotency (resends never double-count). Debian's 18.16 has no insert_deduplication_token, and
+a non-replicated MergeTree never deduplicates inserts, so every table is a ReplacingMergeTree
+ordered by its natural key with a `ver` column (store/clickhouse_schema.py). Each commit stamps
+its rows with one `ver` = insert time in ns, strictly increasing within this process. Merges
+eventually keep the highest `ver` of a key; until then both copies exist on disk, so reads do
+not use FINAL (single-threaded and slow on old servers) but aggregate:
+`SELECT key..., argMax(col, ver) ... GROUP BY key` - exact before, during and after merges, on
+every server version. Within one commit BufferedStore has already dropped repeated keys.
+
+Durability. flush() returns after every INSERT has been acknowledged by the server, i.e. the
+new parts are committed (visible, crash-consistent; fsynced only if the server's
+fsync_after_insert is set). Values go in before the dictionary and the run row, so a commit that
+fails half-way leaves the run as it was and the next flush resends everything.
+
+Speed. Raw and reduced values go to the driver as numpy columns (`use_numpy`, columnar INSERT,
+no per-row Python); the small tables (runs, dictionary, steps) go as Python lists.
+
+Safety. Values always travel as query parameters or as INSERT data, never inside SQL text;
+identifiers are validated (clickhouse_schema.check_identifier) before interpolation.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import polars as pl
+from clickhouse_driver import Client
+from clickhouse_driver import errors as ch_errors
+
+from store import columns as C
+from store.base import StoreError
+from store.buffered import BufferedStore
+from store.clickhouse_config import ClickHouseConfig
+from store.clickhouse_schema import (LATEST_VERSION, METRICS, RAW, REDUCED, RUNS, SCHEMA_VERSION,
+                                     STEPS, Capabilities, Table, create_table_sql,
+                                     pending_migrations, quote)
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_DATABASE = 81                       # ClickHouse error code
+VALUE_TABLES = {"raw": RAW, "reduced": REDUCED, "steps": STEPS}
+NUMPY_TABLES = {"raw", "reduced"}           # bulk tables: numpy columns straight to the driver
+NO_STEP = -1                                # runs.last_step before any step was written
+
+
+class ClickHouseStore(BufferedStore):
+    def __init__(self, url: str | None = None, *, env: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.config = ClickHouseConfig.from_url(url, env)
+        self._last_ver = 0
+        self._client = self._connect()
+        self.server_version: str = self._execute("SELECT version()")[0][0]
+        self.caps = Capabilities.for_version(self.server_version)
+        self._migrate()
+        log.info("clickhouse store %s, server %s, %s", self.config.display_url,
+                 self.server_version, self.caps)
+
+    # ---- connection ------------------------------------------------------------------------
+    def _new_client(self, database: str) -> Client:
+        c = self.config
+        return Client(c.host, port=c.port, user=c.user, password=c.password, database=database,
+                      secure=c.secure, connect_timeout=c.connect_timeout_s,
+                      send_receive_timeout=300, client_name="stepwatch")
+
+    def _connect(self) -> Client:
+        """A client on the configured database, creating the database when it is missing."""
+        client = self._new_client(self.config.database)
+        try:
+            with self._server("connect"):
+                try:
+                    client.execute("SELECT 1")
+                except ch_errors.ServerException as e:
+                    if e.code != UNKNOWN_DATABASE:
+                        raise
+                    client.disconnect()
+                    boot = self._new_client("system")    # exists on every server
+                    boot.execute(f"CREATE DATABASE IF NOT EXISTS {quote(self.config.database)}")
+                    boot.disconnect()
+                    client.execute("SELECT 1")
+        except BaseException:
+            client.disconnect()
+            raise
+        return client
+
+    @contextlib.contextmanager
+    def _server(self, what: str) -> Iterator[None]:
+        """Driver and socket errors become StoreError naming the server (never the password)."""
+        try:
+            yield
+        except (ch_errors.Error, OSError, EOFError) as e:
+            raise StoreError(f"ClickHouse {self.config.display_url}: {what} failed: "
+                             f"{type(e).__name__}: {e}") from e
+
+    def _execute(self, sql: str, params: Any = None, **kw: Any) -> Any:
+        with self._lock, self._server(sql.split("(", 1)[0][:80]):   # the driver is not
+            return self._client.execute(sql, params, **kw)           # thread-safe
+
+    def _table(self, table: Table) -> str:
+        return f"{quote(self.config.database)}.{quote(table.name)}"
+
+    def _next_ver(self) -> int:
+        """Insert time in ns, strictly increasing here: a later commit always wins a key."""
+        with self._lock:
+            self._last_ver = max(self._last_ver + 1, time.time_ns())
+            return self._last_ver
+
+    # ---- schema ----------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        self._execute(create_table_sql(self.config.database, SCHEMA_VERSION, self.caps))
+        current = int(self._execute(f"SELECT max(version) FROM {self._table(SCHEMA_VERSION)}")
+                      [0][0] or 0)
+        if current > LATEST_VERSION:
+            raise StoreError(f"database {self.config.database} has schema v{current}, newer "
+                             f"than this code's v{LATEST_VERSION}; upgrade stepwatch")
+        for m in pending_migrations(current):
+            for sql in m.statements(self.config.database, self.caps, self.config.options):
+                self._execute(sql)
+            self._insert_rows(SCHEMA_VERSION, {
+                "version": [m.version], "description": [m.description],
+                "server_version": [self.server_version], "applied_at": [time.time()]},
+                self._next_ver())
+            log.info("clickhouse schema v%d applied: %s", m.version, m.description)
+
+    # ---- writes (BufferedStore hooks) ----------------------------------------------------------
+    def _insert_rows(self, table: Table, cols: dict[str, Any], ver: int, *,
+                     run: str | None = None, numpy: bool = False) -> None:
+        """One columnar INSERT; `run` (when given) and `ver` are constant over the rows."""
+        n = len(next(iter(cols.values())))
+        if n == 0:
+            return
+        full = (lambda v, dtype: np.full(n, v, dtype=dtype)) if numpy else (lambda v, _: [v] * n)
+        cols = {**cols, "ver": full(ver, np.uint64)}
+        if run is not None:
+            cols["run"] = full(run, object)
+        names = table.column_names
+        sql = f"INSERT INTO {self._table(table)} ({', '.join(map(quote, names))}) VALUES"
+        self._execute(sql, [cols[c] for c in names], columnar=True,
+                      settings={"use_numpy": True} if numpy else None)
+
+    def _commit(self, runs: dict[str, dict[str, Any]], metrics: dict[str, pl.DataFrame],
+                values: dict[tuple[str, str], pl.DataFrame]) -> None:
+        ver = self._next_ver()
+        for (run, name), frame in values.items():
+            if name in NUMPY_TABLES:
+                cols = {c: frame[c].to_numpy() for c in frame.columns}   # zero-copy, no nulls
+            else:
+                frame = frame.with_columns(pl.col("complete").cast(pl.UInt8))
+                cols = {c: frame[c].to_list() for c in frame.columns}
+            self._insert_rows(VALUE_TABLES[name], cols, ver, run=run,
+                              numpy=name in NUMPY_TABLES)
+        for run, frame in metrics.items():
+            self._insert_rows(METRICS, frame.to_dict(as_series=False), ver, run=run)
+        if runs:
+            rows = [{**r, "last_step": NO_STEP if r["last_step"] is None else r["last_step"]}
+                    for r in runs.values()]
+            self._insert_rows(RUNS, {c: [r[c] for r in rows] for c in C.RUNS_SCHEMA}, ver)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._client.disconnect()
+
+    # ---- reads (BufferedStore hooks) -------------------------------------------------------------
+    def _latest(self, table: Table, where: list[tuple[str, Any]], schema: dict) -> pl.DataFrame:
+        """The last-written row of every natural key matching `where` ((column, value) or
+        (column, (op, value)) pairs), as a polars frame with `schema`'s columns and dtypes."""
+        rest = [c for c in table.column_names if c not in table.key and c != "ver"]
+        select = [quote(k) for k in table.key] + [
+            f"argMax({quote(c)}, {quote('ver')}) AS {quote(c + '__last')}" for c in rest]
+        conds, params = [], {}
+        for i, (col, cond) in enumerate(where):
+            op, value = cond if isinstance(cond, tuple) else ("=", cond)
+            assert op in ("=", ">=", "<"), op                 # fixed operators, never input
+            conds.append(f"{quote(col)} {op} %(p{i})s")
+            params[f"p{i}"] = value
+        sql = (f"SELECT {', '.join(select)} FROM {self._table(table)}"
+               f" WHERE {' AND '.join(conds) or '1'}"
+               f" GROUP BY {', '.join(quote(k) for k in table.key)}")
+        with self._lock, self._server(f"read {table.name}"):
+            arrow = self._client.query_arrow(sql, params)
+        if arrow.num_columns == 0:                            # no rows: no schema either
+            return C.empty(schema)
+        df = pl.from_arrow(arrow).rename({c + "__last": c for c in rest})
+        return df.select(list(schema)).cast(schema)
+
+    def _committed_run(self, run: str) -> dict[str, Any] | None:
+        df = self._latest(RUNS, [("run", run)], C.RUNS_SCHEMA)
+        if df.height == 0:
+            return None
+        row = df.row(0, named=True)
+        row["last_step"] = None if row["last_step"] == NO_STEP else row["last_step"]
+        return row
+
+    def _committed_metrics(self, run: str) -> pl.DataFrame:
+        return self._latest(METRICS, [("run", run)], C.METRICS_SCHEMA)
+
+    def _read_runs(self) -> pl.DataFrame:
+        df = self._latest(RUNS, [], C.RUNS_SCHEMA)
+        return df.with_columns(pl.when(pl.col("last_step") != NO_STEP)
+                               .then(pl.col("last_step")).otherwise(None).alias("last_step"))
+
+    def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
+                     rank: int | None = None, start: int | None = None,
+                     stop: int | None = None) -> pl.DataFrame:
+        where: list[tuple[str, Any]] = [("run", run)]
+        where += [(c, v) for c, v in (("metric_id", metric_id), ("rank", rank)) if v is not None]
+        if start is not None:
+            where.append(("step", (">=", start)))
+        if stop is not None:
+            where.append(("step", ("<", stop)))
+        return self._latest(VALUE_TABLES[table], where, C.TABLES[table][0])
