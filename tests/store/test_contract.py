@@ -1,0 +1,455 @@
+"""The store contract (store/base.py), run against every backend in conftest.store_factory."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import polars as pl
+import pytest
+
+from store import (InvalidInput, MetricDict, NotFound, RunInfo, StepStatus, StoreError,
+                   ValueBatch)
+from store import columns as C
+
+NAMES = ["loss", "grad_norm",
+         "moe/layer00/expert000/act_rms", "moe/layer00/expert001/act_rms",
+         "moe/layer01/expert000/act_rms", "moe/layer01/expert001/act_rms",
+         "attn/layer00/head03/max_logit"]
+LAYER = [-1, -1, 0, 0, 1, 1, 0]
+EXPERT = [-1, -1, 0, 1, 0, 1, -1]
+HEAD = [-1, -1, -1, -1, -1, -1, 3]
+STAT = ["loss", "norm", "act_rms", "act_rms", "act_rms", "act_rms", "max_logit"]
+
+
+def metric_dict(ids=range(len(NAMES)), names=NAMES) -> MetricDict:
+    ids = list(ids)
+    pick = lambda col: [col[i] for i in ids]  # noqa: E731
+    return MetricDict(np.array(ids, np.int32), [names[i] for i in ids],
+                      np.array(pick(LAYER), np.int32), np.array(pick(EXPERT), np.int32),
+                      np.array(pick(HEAD), np.int32), pick(STAT), [""] * len(ids),
+                      ["mean"] * len(ids))
+
+
+def one_metric(mid, name, *, layer=-1, stat="", unit="", reduce="max") -> MetricDict:
+    return MetricDict(np.array([mid]), [name], np.array([layer]), np.array([-1]),
+                      np.array([-1]), [stat], [unit], [reduce])
+
+
+def value(step, mid, rank=None):
+    """Exact in float32: the value a test expects back for a key."""
+    return np.float32(step * 100 + mid + (0 if rank is None else 0.25 * (rank + 1)))
+
+
+def reduced(steps, mids, n_ranks=4, values=None) -> ValueBatch:
+    s, m = (a.ravel() for a in np.meshgrid(np.asarray(steps), np.asarray(mids), indexing="ij"))
+    v = value(s, m) if values is None else np.asarray(values, np.float32)
+    return ValueBatch(step=s.astype(np.int64), metric_id=m.astype(np.int32), value=v,
+                      n_ranks=np.full(s.size, n_ranks, np.int32))
+
+
+def raw(steps, mids, ranks) -> ValueBatch:
+    s, m, r = (a.ravel() for a in np.meshgrid(np.asarray(steps), np.asarray(mids),
+                                              np.asarray(ranks), indexing="ij"))
+    return ValueBatch(step=s.astype(np.int64), metric_id=m.astype(np.int32),
+                      value=value(s, m, r), rank=r.astype(np.int32))
+
+
+def new_run(st, run="r1", world_size=4, started_at=1000.0):
+    st.open_run(RunInfo(run, world_size, '{"lr": 0.001}', started_at))
+    st.write_metrics(run, metric_dict())
+
+
+def schema_of(df: pl.DataFrame) -> dict:
+    return dict(df.schema)
+
+
+# ---- round trips ---------------------------------------------------------------------------
+def test_round_trip_every_table(store):
+    new_run(store)
+    store.write_reduced("r1", reduced(range(5), range(7)))
+    store.write_raw("r1", raw(range(5), [0, 2], range(4)))
+    store.write_steps("r1", [StepStatus(0, 4), StepStatus(1, 3, (2,), False, 12.5)])
+    store.flush()
+
+    runs = store.runs()
+    assert schema_of(runs) == C.RUNS_SCHEMA
+    assert runs.select("run", "world_size", "config_json", "started_at", "last_step",
+                       "status").rows() == [("r1", 4, '{"lr": 0.001}', 1000.0, 4, "live")]
+    assert runs["updated_at"][0] > 0
+
+    md = store.metrics("r1")
+    assert schema_of(md) == C.METRICS_SCHEMA
+    assert md["name"].to_list() == NAMES and md["metric_id"].to_list() == list(range(7))
+    assert md["head"].to_list() == HEAD and md["reduce"].to_list() == ["mean"] * 7
+
+    s = store.series("r1", "moe/layer00/expert001/act_rms")
+    assert schema_of(s) == C.SERIES_SCHEMA
+    assert s["step"].to_list() == [0, 1, 2, 3, 4]
+    assert s["value"].to_list() == [value(i, 3) for i in range(5)]
+
+    r = store.series("r1", "moe/layer00/expert000/act_rms", rank=3)
+    assert r["value"].to_list() == [value(i, 2, 3) for i in range(5)]
+
+    st = store.steps("r1")
+    assert schema_of(st) == C.STEPS_SCHEMA
+    assert st.rows() == [(0, 4, [], True, 0.0), (1, 3, [2], False, 12.5)]
+
+
+def test_nothing_is_visible_before_flush(store):
+    new_run(store)
+    with pytest.raises(NotFound):
+        store.metrics("r1")                                    # the run row is not flushed yet
+    store.flush()
+    store.write_reduced("r1", reduced([0], range(7)))
+    assert store.series("r1", "loss").height == 0
+    store.flush()
+    assert store.series("r1", "loss")["value"].to_list() == [value(0, 0)]
+
+
+def test_series_step_range_is_half_open(store):
+    new_run(store)
+    store.write_reduced("r1", reduced(range(0, 20, 2), [0]))   # even steps only
+    store.flush()
+    steps = lambda **kw: store.series("r1", "loss", **kw)["step"].to_list()  # noqa: E731
+    assert steps(start=4, stop=10) == [4, 6, 8]
+    assert steps(start=5, stop=11) == [6, 8, 10]
+    assert steps(start=14) == [14, 16, 18]
+    assert steps(stop=3) == [0, 2]
+    assert steps(start=7, stop=7) == []
+    assert steps(start=100) == []
+
+
+def test_raw_per_rank_and_reduced_are_separate(store):
+    new_run(store)
+    store.write_reduced("r1", reduced(range(3), [1], values=[7.0, 8.0, 9.0]))
+    store.write_raw("r1", raw(range(3), [1], [0, 1]))
+    store.flush()
+    assert store.series("r1", "grad_norm")["value"].to_list() == [7.0, 8.0, 9.0]
+    for rk in (0, 1):
+        assert (store.series("r1", "grad_norm", rank=rk)["value"].to_list()
+                == [value(i, 1, rk) for i in range(3)])
+    assert store.series("r1", "grad_norm", rank=2).height == 0      # no such rank: empty
+    assert store.series("r1", "loss").height == 0                   # metric known, no data
+
+
+def test_at_step_matches_glob_and_rank(store):
+    new_run(store)
+    store.write_reduced("r1", reduced(range(3), range(7)))
+    store.write_raw("r1", raw([1], range(7), [0, 1]))
+    store.flush()
+    df = store.at_step("r1", 1, "moe/layer0?/expert001/*")
+    assert schema_of(df) == C.AT_STEP_SCHEMA
+    assert df["name"].to_list() == [NAMES[3], NAMES[5]]
+    assert df["value"].to_list() == [value(1, 3), value(1, 5)]
+    assert df.select("layer", "expert", "head", "stat").rows() == [
+        (0, 1, -1, "act_rms"), (1, 1, -1, "act_rms")]
+    assert store.at_step("r1", 2)["metric_id"].to_list() == list(range(7))
+    assert store.at_step("r1", 2, "[!m]*")["name"].to_list() == [
+        "loss", "grad_norm", "attn/layer00/head03/max_logit"]
+    assert store.at_step("r1", 2, "loss")["value"].to_list() == [value(2, 0)]
+    r = store.at_step("r1", 1, "moe/*", rank=1)
+    assert r["value"].to_list() == [value(1, m, 1) for m in (2, 3, 4, 5)]
+    assert store.at_step("r1", 0, "moe/*", rank=1).height == 0      # no raw values at step 0
+    empty = store.at_step("r1", 1, "nothing*")
+    assert empty.height == 0 and schema_of(empty) == C.AT_STEP_SCHEMA
+    assert store.at_step("r1", 99).height == 0
+
+
+# ---- idempotency: same natural key again -> one row, last value -----------------------------
+def test_rewrite_same_key_keeps_last_value(store):
+    new_run(store)
+    store.write_reduced("r1", reduced([0, 1], [0], values=[1.0, 2.0]))
+    store.write_reduced("r1", reduced([1], [0], values=[3.0]))           # same flush
+    store.write_raw("r1", raw([0], [0], [0]))
+    store.flush()
+    store.write_reduced("r1", reduced([0], [0], values=[4.0], n_ranks=3))  # later flush
+    store.write_raw("r1", ValueBatch(np.array([0, 0]), np.array([0, 0]), np.array([5.0, 6.0]),
+                                     rank=np.array([0, 0])))                # dup in one batch
+    store.write_steps("r1", [StepStatus(0, 4), StepStatus(0, 2, (1, 3), False)])
+    store.flush()
+    store.write_steps("r1", [StepStatus(0, 3, (3,), False, 1.0)])
+    store.flush()
+    assert store.series("r1", "loss").rows() == [(0, 4.0), (1, 3.0)]
+    assert store.series("r1", "loss", rank=0).rows() == [(0, 6.0)]
+    assert store.at_step("r1", 0, "loss")["value"].to_list() == [4.0]
+    assert store.steps("r1").rows() == [(0, 3, [3], False, 1.0)]
+
+
+def test_resending_everything_changes_nothing(store):
+    new_run(store)
+    for _ in range(3):                                   # a client resending after reconnect
+        store.write_metrics("r1", metric_dict())
+        store.write_reduced("r1", reduced(range(4), range(7)))
+        store.write_raw("r1", raw(range(4), range(7), range(2)))
+        store.write_steps("r1", [StepStatus(i, 2) for i in range(4)])
+        store.flush()
+    assert store.metrics("r1").height == 7
+    assert store.at_step("r1", 2).height == 7
+    assert store.at_step("r1", 2, rank=1).height == 7
+    assert store.series("r1", "loss")["step"].to_list() == [0, 1, 2, 3]
+    assert store.steps("r1").height == 4
+
+
+def test_metric_dictionary_upserts_by_id_and_keeps_names_unique(store):
+    new_run(store)
+    store.write_metrics("r1", metric_dict(ids=[0], names=["loss/renamed"] + NAMES[1:]))
+    store.write_metrics("r1", one_metric(7, "new/metric", layer=2, stat="x", unit="s"))
+    with pytest.raises(InvalidInput, match="unique"):
+        store.write_metrics("r1", one_metric(1, "new/metric"))     # id 7 has that name
+    store.flush()
+    md = store.metrics("r1")
+    assert md["metric_id"].to_list() == list(range(8))
+    assert md["name"].to_list() == ["loss/renamed"] + NAMES[1:] + ["new/metric"]
+    assert md.row(7) == (7, "new/metric", 2, -1, -1, "x", "s", "max")
+
+
+def test_runs_lifecycle(store):
+    new_run(store, "late", started_at=2000.0)
+    new_run(store, "early", started_at=1000.0)
+    store.flush()
+    assert store.runs()["run"].to_list() == ["early", "late"]        # sorted by started_at
+    assert store.runs()["last_step"].to_list() == [None, None]
+    store.write_reduced("late", reduced([5, 9, 7], [0]))
+    store.finish_run("late")
+    store.flush()
+    late = store.runs().row(1, named=True)
+    assert (late["status"], late["last_step"]) == ("finished", 9)
+    store.open_run(RunInfo("late", 8))                  # resumed: live again, start kept
+    store.flush()
+    late = store.runs().row(1, named=True)
+    assert (late["status"], late["world_size"], late["started_at"]) == ("live", 8, 2000.0)
+    assert late["config_json"] == "{}" and late["last_step"] == 9
+    assert store.runs().height == 2
+
+
+def test_runs_do_not_see_each_other(store):
+    new_run(store, "a")
+    new_run(store, "b")
+    store.write_reduced("a", reduced([0], [0], values=[1.0]))
+    store.write_reduced("b", reduced([0], [0], values=[2.0]))
+    store.flush()
+    assert store.series("a", "loss")["value"].to_list() == [1.0]
+    assert store.series("b", "loss")["value"].to_list() == [2.0]
+
+
+# ---- errors ------------------------------------------------------------------------------
+def test_unknown_run_or_metric_is_not_found(store):
+    new_run(store)
+    store.flush()
+    for call in (lambda: store.metrics("nope"), lambda: store.steps("nope"),
+                 lambda: store.series("nope", "loss"), lambda: store.at_step("nope", 0),
+                 lambda: store.series("r1", "no/such/metric"),
+                 lambda: store.series("r1", "no/such/metric", rank=0),
+                 lambda: store.write_reduced("nope", reduced([0], [0])),
+                 lambda: store.finish_run("nope")):
+        with pytest.raises(NotFound):
+            call()
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "../etc", "x" * 129, "r/1", None, 3])
+def test_bad_run_name_is_invalid_input(store, bad):
+    with pytest.raises(InvalidInput):
+        store.open_run(RunInfo(bad, 1))
+    with pytest.raises(InvalidInput):
+        store.series(bad, "loss")
+    with pytest.raises(InvalidInput):
+        store.write_reduced(bad, reduced([0], [0]))
+
+
+_i, _f = np.array([0, 1]), np.array([1.0, 2.0])
+BAD_REDUCED = {
+    "ragged value": ValueBatch(_i, _i, np.array([1.0]), n_ranks=_i),
+    "ragged step": ValueBatch(np.array([0]), _i, _f, n_ranks=_i),
+    "ragged n_ranks": ValueBatch(_i, _i, _f, n_ranks=np.array([1, 2, 3])),
+    "float steps": ValueBatch(_f, _i, _f, n_ranks=_i),
+    "negative step": ValueBatch(np.array([-1, 0]), _i, _f, n_ranks=_i),
+    "2-D value": ValueBatch(_i, _i, np.ones((2, 1)), n_ranks=_i),
+    "metric_id overflow": ValueBatch(_i, np.array([0, 2**40]), _f, n_ranks=_i),
+    "no n_ranks": ValueBatch(_i, _i, _f),
+    "rank on reduced": ValueBatch(_i, _i, _f, rank=_i, n_ranks=_i),
+    "string values": ValueBatch(_i, _i, np.array(["a", "b"]), n_ranks=_i),
+}
+
+
+@pytest.mark.parametrize("why", list(BAD_REDUCED))
+def test_malformed_reduced_batch_is_invalid_input(store, why):
+    new_run(store)
+    with pytest.raises(InvalidInput):
+        store.write_reduced("r1", BAD_REDUCED[why])
+    store.flush()
+    assert store.series("r1", "loss").height == 0       # nothing of it was buffered
+
+
+def test_malformed_writes_are_invalid_input(store):
+    new_run(store)
+    i, f = _i, _f
+    with pytest.raises(InvalidInput):
+        store.write_raw("r1", ValueBatch(i, i, f, n_ranks=i))          # raw needs rank
+    with pytest.raises(InvalidInput):
+        store.write_raw("r1", ValueBatch(i, i, f, rank=np.array([0])))
+    with pytest.raises(InvalidInput):
+        store.write_steps("r1", [StepStatus(-3, 1)])
+    with pytest.raises(InvalidInput):
+        store.write_steps("r1", [StepStatus(0, 1, missing_ranks=(-1,))])
+    md = metric_dict()
+    for field, v in (("layer", np.zeros(3, np.int32)), ("name", NAMES[:6]),
+                     ("reduce", ["median"] * 7), ("name", [""] + NAMES[1:])):
+        with pytest.raises(InvalidInput):
+            store.write_metrics("r1", MetricDict(**{**md.__dict__, field: v}))
+    with pytest.raises(InvalidInput):
+        store.series("r1", "loss", start=1.5)
+    store.flush()                                       # nothing bad was buffered
+    assert store.series("r1", "loss").height == 0 and store.steps("r1").height == 0
+
+
+def test_closed_store_refuses_calls(store_factory):
+    st = store_factory.open()
+    new_run(st)
+    st.close()
+    st.close()                                          # closing twice is harmless
+    with pytest.raises(StoreError):
+        st.write_reduced("r1", reduced([0], [0]))
+    with pytest.raises(StoreError):
+        st.runs()
+
+
+# ---- values are kept exactly -------------------------------------------------------------
+def test_non_finite_values_are_stored_not_dropped(store):
+    new_run(store)
+    v = np.array([np.nan, np.inf, -np.inf, 1e38, -0.0, 1.5], np.float32)
+    store.write_reduced("r1", ValueBatch(np.arange(6), np.zeros(6, np.int32), v,
+                                         n_ranks=np.full(6, 4)))
+    store.write_raw("r1", ValueBatch(np.arange(6), np.zeros(6, np.int32), v[::-1].copy(),
+                                     rank=np.zeros(6, np.int32)))
+    store.write_reduced("r1", ValueBatch(np.array([9]), np.array([1]), np.array([1e300]),
+                                         n_ranks=np.array([4])))      # f64 overflow -> inf
+    store.flush()
+    got = store.series("r1", "loss")["value"].to_numpy()
+    np.testing.assert_array_equal(got, v)                   # NaN == NaN here, -0.0 kept
+    assert math.copysign(1, got[4]) == -1
+    np.testing.assert_array_equal(store.series("r1", "loss", rank=0)["value"].to_numpy(),
+                                  v[::-1])
+    assert store.at_step("r1", 0, "loss")["value"].is_nan().to_list() == [True]
+    assert store.series("r1", "grad_norm")["value"].to_list() == [math.inf]
+
+
+def test_caller_may_reuse_its_buffers_after_write(store):
+    new_run(store)
+    buf = reduced([0], range(7))
+    store.write_reduced("r1", buf)
+    buf.value[:] = -1                                   # a collector reusing its buffer
+    buf.step[:] = 5
+    store.flush()
+    assert store.at_step("r1", 0)["value"].to_list() == [value(0, m) for m in range(7)]
+
+
+def test_a_million_values_in_one_call(store):
+    new_run(store)
+    n_metric, n_rank = 1000, 1000
+    mids = np.arange(n_metric, dtype=np.int32)
+    store.write_metrics("r1", MetricDict(mids, [f"m/{i:04d}" for i in mids], mids, mids, mids,
+                                         ["s"] * n_metric, [""] * n_metric, ["sum"] * n_metric))
+    step = np.full(n_metric * n_rank, 7, np.int64)
+    mid = np.tile(mids, n_rank)
+    rk = np.repeat(np.arange(n_rank, dtype=np.int32), n_metric)
+    val = (mid * 0.5 + rk).astype(np.float32)
+    store.write_raw("r1", ValueBatch(step, mid, val, rank=rk))
+    store.flush()
+    assert store.series("r1", "m/0042", rank=999).rows() == [(7, np.float32(21 + 999))]
+    snap = store.at_step("r1", 7, "m/00[0-4]?", rank=3)
+    assert snap["value"].to_list() == [i * 0.5 + 3 for i in range(50)]
+
+
+# ---- several instances, processes, crashes (backends with shared storage) ----------------
+def needs_shared(backend):
+    if not backend.shared:
+        pytest.skip(f"{backend.name}: instances do not share storage")
+
+
+def test_data_survives_close_and_reopen(store_factory):
+    needs_shared(store_factory)
+    with store_factory.open() as w:
+        new_run(w)
+        w.write_reduced("r1", reduced(range(3), range(7)))
+        w.write_steps("r1", [StepStatus(2, 4)])
+        w.finish_run("r1")
+    with store_factory.open() as r:                     # close() flushed
+        assert r.runs()["status"].to_list() == ["finished"]
+        assert r.series("r1", "loss")["value"].to_list() == [value(i, 0) for i in range(3)]
+        r.write_reduced("r1", reduced([1, 3], [0], values=[-1.0, -3.0]))   # resume writing
+        r.flush()
+        assert r.series("r1", "loss")["value"].to_list() == [value(0, 0), -1.0,
+                                                             value(2, 0), -3.0]
+        assert r.runs()["last_step"].to_list() == [3]
+
+
+def test_reader_instance_sees_each_flush_of_a_writer(store_factory):
+    needs_shared(store_factory)
+    writer, reader = store_factory.open(), store_factory.open()
+    try:
+        new_run(writer)
+        writer.flush()
+        assert reader.metrics("r1").height == 7
+        expect = {}
+        for step in range(30):
+            writer.write_reduced("r1", reduced([step], [0], values=[step]))
+            expect[step] = step
+            if step % 3 == 0 and step:                  # overwrite an older step
+                writer.write_reduced("r1", reduced([step - 2], [0], values=[-step]))
+                expect[step - 2] = -step
+            assert reader.series("r1", "loss").height == step      # not flushed yet
+            writer.flush()
+            assert dict(reader.series("r1", "loss").rows()) == expect
+        writer.write_metrics("r1", one_metric(7, "late/metric"))
+        writer.flush()
+        assert reader.metrics("r1")["name"].to_list()[-1] == "late/metric"
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_killed_writer_loses_only_unflushed_data(store_factory, tmp_path):
+    needs_shared(store_factory)
+    script = textwrap.dedent(f"""
+        import os, numpy as np
+        from store import open_store, RunInfo, MetricDict, ValueBatch
+        st = open_store({store_factory.url!r})
+        st.open_run(RunInfo("r1", 2))
+        st.write_metrics("r1", MetricDict(np.array([0]), ["loss"], np.array([-1]),
+                         np.array([-1]), np.array([-1]), [""], [""], ["mean"]))
+        st.write_reduced("r1", ValueBatch(np.array([0, 1]), np.array([0, 0]),
+                         np.array([1.0, 2.0]), n_ranks=np.array([2, 2])))
+        st.flush()
+        st.write_reduced("r1", ValueBatch(np.array([1, 2]), np.array([0, 0]),
+                         np.array([9.0, 9.0]), n_ranks=np.array([2, 2])))
+        os._exit(9)                                     # killed: no flush, no close
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    with store_factory.open() as st:
+        assert st.series("r1", "loss").rows() == [(0, 1.0), (1, 2.0)]
+        st.write_reduced("r1", reduced([2], [0], values=[3.0]))   # a new writer takes over
+        st.flush()
+        assert st.series("r1", "loss")["value"].to_list() == [1.0, 2.0, 3.0]
+
+
+def test_leftovers_of_an_interrupted_flush_are_ignored(store_factory):
+    if store_factory.litter is None:
+        pytest.skip(f"{store_factory.name}: no partial writes to leave behind")
+    with store_factory.open() as w:
+        new_run(w)
+        w.write_reduced("r1", reduced(range(3), range(7)))
+        w.write_steps("r1", [StepStatus(0, 4)])
+    store_factory.litter("r1")
+    store_factory.litter("r2")                          # a run that never got its first row
+    with store_factory.open() as st:                    # reads ignore the debris
+        assert st.runs()["run"].to_list() == ["r1"]
+        assert st.series("r1", "loss")["step"].to_list() == [0, 1, 2]
+        assert st.at_step("r1", 1).height == 7 and st.steps("r1").height == 1
+        st.write_reduced("r1", reduced([3], range(7)))  # and a new writer works past it
+        st.flush()
+        assert st.series("r1", "loss")["step"].to_list() == [0, 1, 2, 3]
