@@ -136,6 +136,8 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (after step, loss)
     skipped_steps: list[int] = field(default_factory=list)   # non-finite gradient norm
     start_step: int = 0
+    rank: int = 0
+    world_size: int = 1
     tokens: int = 0                                           # tokens this rank processed
     monitor_errors: int = 0
     model: MoETransformer | None = None
@@ -174,7 +176,7 @@ def evaluate(model: MoETransformer, batches: list[tuple[torch.Tensor, torch.Tens
 
 def _all_reduce_expert_counts(model: MoETransformer) -> None:
     """Sum the step's per-expert token counts over ranks so every rank applies the same
-    bias update (DDP runs with broadcast_buffers=False: buffers stay rank-local otherwise)."""
+    bias update (DDP runs with forward_sync_buffers=False: buffers stay rank-local otherwise)."""
     buffers = [moe.tokens_per_expert_E for _, moe in model.moe_layers()]
     if buffers:
         flat = torch.cat(buffers)
@@ -204,9 +206,11 @@ def train(cfg: TrainConfig, monitor=None) -> TrainResult:
     if cfg.resume:
         start = load_checkpoint(cfg.resume, model=model, optimizer=optimizer,
                                 model_config=mcfg.to_dict(), trajectory=cfg.trajectory())
-    ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    # Buffers are synced at init (identical anyway) but not on every forward: the expert counts
+    # are rank-local until _all_reduce_expert_counts sums them.
+    ddp = DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else model
     stop = cfg.steps if cfg.stop_at is None else cfg.stop_at
-    result = TrainResult(start_step=start, model=model)
+    result = TrainResult(start_step=start, rank=rank, world_size=world, model=model)
     mon = SafeMonitor(monitor)
     metrics_file = None
     if cfg.out_dir and rank == 0:
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         monitor = DeferredMonitor(lambda model, optimizer: Monitor(
             model, optimizer, target=args.monitor, run=args.run))
     result = train(cfg, monitor=monitor)
-    if result.val_losses:
+    if result.val_losses and result.rank == 0:
         log.info("final validation loss %.4f", result.val_losses[-1][1])
     return result
 

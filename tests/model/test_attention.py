@@ -1,0 +1,71 @@
+"""Attention masks and the per-head max-logit probe."""
+import math
+
+import pytest
+import torch
+
+from model.attention import Attention, attention_mask
+
+
+def reference_mask(T, window):
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(T):
+            visible = j <= i and (window is None or i - j < window)
+            mask[i, j] = visible
+    return mask
+
+
+@pytest.mark.parametrize("T,window", [(12, 4), (12, 1), (9, 9), (7, 20), (10, None)])
+def test_mask_matches_loop_reference(T, window):
+    assert torch.equal(attention_mask(T, window), reference_mask(T, window))
+
+
+def test_window_mask_row_counts():
+    # Each query sees min(i + 1, window) keys: a window of 4 means itself + 3 before.
+    mask = attention_mask(10, 4)
+    assert mask.sum(dim=1).tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
+
+
+def test_swa_output_ignores_keys_outside_the_window():
+    torch.manual_seed(0)
+    attn = Attention(32, 4, 2, 8, "swa", window=3, max_seq_len=16, rope_theta=1e4, norm_eps=1e-6)
+    x = torch.randn(1, 10, 32)
+    y = attn(x)
+    x2 = x.clone()
+    x2[:, :4] = torch.randn(1, 4, 32)  # positions 0..3 are outside the window of query 7+
+    y2 = attn(x2)
+    assert torch.allclose(y[:, 7:], y2[:, 7:], atol=1e-6)
+    assert not torch.allclose(y[:, 4:7], y2[:, 4:7], atol=1e-3)  # these do see changed keys
+
+
+@pytest.mark.parametrize("kind", ["full", "swa"])
+def test_probe_reports_masked_max_logit_per_head(kind):
+    torch.manual_seed(0)
+    n_heads, n_kv, hd, window = 6, 2, 8, 3
+    attn = Attention(32, n_heads, n_kv, hd, kind, window, 16, 1e4, 1e-6)
+    x = torch.randn(2, 9, 32)
+    seen = []
+    handle = attn.probe_logits.register_forward_hook(lambda m, args, out: seen.append(args))
+    assert attn.probe_logits.active
+    attn(x)
+    handle.remove()
+    assert not attn.probe_logits.active
+    attn(x)
+    assert len(seen) == 1 and len(seen[0]) == 1
+    (max_logit_H,) = seen[0]
+    assert max_logit_H.shape == (n_heads,)
+
+    # Independent recomputation, head by head, with explicit loops over the visible keys.
+    B, T, _ = x.shape
+    with torch.no_grad():
+        q = attn.rope(attn.q_norm(attn.wq(x).view(B, T, n_heads, hd).transpose(1, 2)))
+        k = attn.rope(attn.k_norm(attn.wk(x).view(B, T, n_kv, hd).transpose(1, 2)))
+    for h in range(n_heads):
+        best = -math.inf
+        for b in range(B):
+            for i in range(T):
+                for j in range(T):
+                    if j <= i and (kind == "full" or i - j < window):
+                        best = max(best, float(q[b, h, i] @ k[b, h // (n_heads // n_kv), j]) / math.sqrt(hd))
+        assert max_logit_H[h].item() == pytest.approx(best, rel=1e-5, abs=1e-5)
