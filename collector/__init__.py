@@ -1,0 +1,10 @@
+"""stepwatch collector: gRPC server, run/schema registry, end-of-step barrier + reduction,
+durable acks, control plane (clip updates). Start it with `python -m collector serve` or embed
+`Collector(store, CollectorConfig(...)).start()`."""
+from collector.config import CollectorConfig
+from collector.control import ClipAckRecord
+from collector.errors import CollectorError, InvalidArgument, ResourceExhausted, Unauthenticated
+from collector.server import Collector, serve
+
+__all__ = ["ClipAckRecord", "Collector", "CollectorConfig", "CollectorError", "InvalidArgument",
+           "ResourceExhausted", "Unauthenticated", "serve"]

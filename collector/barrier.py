@@ -1,0 +1,194 @@
+"""End-of-step barrier for one run: gather every rank's vectors, decide when a step is ready.
+
+Pure numpy and a caller-supplied clock (`now` arguments), so it is unit-testable without gRPC
+or real time. Chunks are copied by offset into one preallocated float32 vector per (rank,
+schema) with a boolean "have" mask; a chunk sent twice for the same positions replaces, never
+adds, so a client that resends after a reconnect cannot double-count.
+
+A step is ready when every rank of world_size has sent EndOfStep, or when `straggler_timeout_s`
+passed since the first rank ended it, or when a later step is ready (steps are reduced in order
+per run, and a rank that ended a later step has given up on this one). Ready steps leave the
+barrier as ReadyStep; the reduction itself (reduction.py) runs on the writer thread. Values of
+an already reduced step are "late": add_chunk/end_of_step return False and the caller stores
+them raw without touching the reduction.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collector.errors import InvalidArgument, ResourceExhausted
+from store.base import StepStatus
+
+BYTES_PER_VALUE = 5        # float32 value + bool "have" flag
+
+
+class ByteBudget:
+    """Bytes of step data held by every run, from the first chunk until the writer has handed
+    them to the store. Shared by the event loop (reserve) and the writer thread (release)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int, what: str) -> None:
+        with self._lock:
+            if self.used + n > self.limit:
+                raise ResourceExhausted(
+                    f"{what} needs {n} bytes but {self.used} of max_pending_bytes={self.limit} "
+                    f"are held by steps not yet stored; retry after the acks catch up")
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+@dataclass
+class _RankPart:
+    vectors: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    n_values: int = 0              # positions received over all schemas (have.sum())
+    ended: bool = False
+    wall_time: float = 0.0
+
+
+@dataclass
+class _Pending:
+    step: int
+    ranks: dict[int, _RankPart] = field(default_factory=dict)
+    first_end: float | None = None     # clock reading when the first rank ended the step
+    n_ended: int = 0
+    nbytes: int = 0
+
+
+@dataclass
+class ReadyStep:
+    """A step leaving the barrier: parts are (rank, schema_id, values_S, have_S)."""
+
+    step: int
+    parts: list[tuple[int, int, np.ndarray, np.ndarray]]
+    included: set[int]             # ranks that ended the step: the reduction is over these
+    status: StepStatus
+    nbytes: int                    # to release from the ByteBudget once stored
+
+
+class StepBarrier:
+    def __init__(self, world_size: int, *, straggler_timeout_s: float, max_pending_steps: int,
+                 budget: ByteBudget) -> None:
+        self.world_size = world_size
+        self.straggler_timeout_s = straggler_timeout_s
+        self.max_pending_steps = max_pending_steps
+        self.budget = budget
+        self.reduced_through = -1      # highest step reduced so far
+        self._pending: dict[int, _Pending] = {}
+
+    # ---- ingest ---------------------------------------------------------------------------
+    def is_late(self, step: int) -> bool:
+        return step not in self._pending and step <= self.reduced_through
+
+    def add_chunk(self, rank: int, step: int, schema_id: int, offset: int, total: int,
+                  values: np.ndarray) -> bool:
+        """Copy `values` to [offset, offset + len) of the rank's vector for (step, schema).
+        The caller has checked offset/total against the schema. False: step already reduced."""
+        if self.is_late(step):
+            return False
+        n = int(values.size)
+        p = self._pending.get(step)
+        part = p.ranks.get(rank) if p else None
+        vec = part.vectors.get(schema_id) if part else None
+        if vec is not None:
+            newly = n - int(np.count_nonzero(vec[1][offset:offset + n]))
+        else:
+            newly = n
+        if part is not None and part.ended and newly:
+            raise InvalidArgument(f"rank {rank} sent {newly} new values for step {step} after "
+                                  f"its EndOfStep (only identical resends may follow it)")
+        if vec is None:
+            nbytes = total * BYTES_PER_VALUE
+            if p is None:
+                self._check_room(rank, step)
+            self.budget.reserve(nbytes, f"step {step} schema {schema_id} of rank {rank}")
+            if p is None:
+                p = self._pending[step] = _Pending(step)
+            part = p.ranks.setdefault(rank, _RankPart())
+            vec = part.vectors[schema_id] = (np.empty(total, dtype=np.float32),
+                                             np.zeros(total, dtype=bool))
+            p.nbytes += nbytes
+        values_S, have_S = vec
+        values_S[offset:offset + n] = values
+        have_S[offset:offset + n] = True
+        part.n_values += newly
+        return True
+
+    def end_of_step(self, rank: int, step: int, n_values: int, wall_time: float,
+                    now: float) -> bool:
+        """Mark the rank done with the step. n_values must equal what arrived for it.
+        False: the step was already reduced (a late rank); nothing changes."""
+        if self.is_late(step):
+            return False
+        if not math.isfinite(wall_time):
+            raise InvalidArgument(f"EndOfStep wall_time must be finite, got {wall_time}")
+        p = self._pending.get(step)
+        part = p.ranks.get(rank) if p else None
+        got = part.n_values if part else 0
+        if n_values != got:
+            raise InvalidArgument(f"EndOfStep of rank {rank} step {step} counts {n_values} "
+                                  f"values but {got} arrived for that step")
+        if part is not None and part.ended:
+            return True                                # a resend: already counted
+        if p is None:
+            self._check_room(rank, step)
+            p = self._pending[step] = _Pending(step)
+        part = p.ranks.setdefault(rank, _RankPart())
+        part.ended, part.wall_time = True, float(wall_time)
+        p.n_ended += 1
+        if p.first_end is None:
+            p.first_end = now
+        return True
+
+    def _check_room(self, rank: int, step: int) -> None:
+        if len(self._pending) >= self.max_pending_steps:
+            raise ResourceExhausted(
+                f"rank {rank} is too far ahead at step {step}: {len(self._pending)} steps "
+                f"(oldest {min(self._pending)}) already wait for the barrier "
+                f"(max_pending_steps={self.max_pending_steps})")
+
+    # ---- readiness ------------------------------------------------------------------------
+    def poll(self, now: float) -> list[ReadyStep]:
+        """Steps ready at clock `now`, oldest first, removed from the barrier."""
+        order = sorted(self._pending)
+        last = -1
+        for i, s in enumerate(order):
+            p = self._pending[s]
+            if p.n_ended >= self.world_size or (
+                    p.first_end is not None and now - p.first_end >= self.straggler_timeout_s):
+                last = i
+        return [self._finish(self._pending.pop(s)) for s in order[:last + 1]]
+
+    def drain(self) -> list[ReadyStep]:
+        """Everything still pending, oldest first (shutdown, or every rank closed its stream)."""
+        return [self._finish(self._pending.pop(s)) for s in sorted(self._pending)]
+
+    def next_deadline(self) -> float | None:
+        """Earliest clock reading at which a straggler timeout fires, if any step waits."""
+        firsts = [p.first_end for p in self._pending.values() if p.first_end is not None]
+        return min(firsts) + self.straggler_timeout_s if firsts else None
+
+    @property
+    def pending_steps(self) -> list[int]:
+        return sorted(self._pending)
+
+    def _finish(self, p: _Pending) -> ReadyStep:
+        ended = {r for r, part in p.ranks.items() if part.ended}
+        missing = tuple(sorted(set(range(self.world_size)) - ended))
+        wall = max((p.ranks[r].wall_time for r in ended), default=0.0)
+        parts = [(r, sid, v, h) for r, part in sorted(p.ranks.items())
+                 for sid, (v, h) in sorted(part.vectors.items())]
+        status = StepStatus(step=p.step, n_ranks=len(ended), missing_ranks=missing,
+                            complete=not missing, wall_time=wall)
+        self.reduced_through = max(self.reduced_through, p.step)
+        return ReadyStep(p.step, parts, ended, status, p.nbytes)

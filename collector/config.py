@@ -1,0 +1,83 @@
+"""CollectorConfig: every bound and timing of the collector, validated once, documented here."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MIB = 1 << 20
+
+
+@dataclass
+class CollectorConfig:
+    token: str | None = None
+    """Bearer token every RPC must carry (`authorization: Bearer <token>`); None = no auth."""
+
+    straggler_timeout_s: float = 30.0
+    """Once the first rank ended step s, reduce s without the ranks that have not ended it
+    within this many seconds; the step is stored incomplete with its missing ranks."""
+
+    flush_interval_s: float = 0.5
+    """The writer flushes the store at most this often (acks follow each flush)."""
+
+    flush_every_steps: int = 64
+    """... or as soon as this many reduced steps wait for a flush, whichever comes first."""
+
+    max_pending_steps: int = 64
+    """Steps of one run waiting for the barrier; a frame that would open one more is
+    RESOURCE_EXHAUSTED (the rank is too far ahead of the slowest rank)."""
+
+    max_pending_bytes: int = 1 << 30
+    """Bytes of step vectors held by all runs, from the first chunk until the writer has
+    handed them to the store; beyond it new vectors are RESOURCE_EXHAUSTED."""
+
+    max_chunk_bytes: int = MIB
+    """Largest StepChunk.values (the wire contract says 1 MiB); gRPC's receive limit is set
+    a little above it, so a larger message never reaches Python."""
+
+    max_runs: int = 1024
+    """Runs one collector tracks at once (registry entries)."""
+
+    max_world_size: int = 1 << 16
+    """Largest Hello.world_size accepted."""
+
+    max_schemas_per_rank: int = 64
+    """Schemas one rank may register in one run."""
+
+    max_metrics_per_run: int = 1 << 24
+    """Distinct metric names per run (dense ids 0..n-1)."""
+
+    max_streams: int = 8192
+    """Concurrent RPCs the gRPC server admits (one stream per rank)."""
+
+    stop_grace_s: float = 2.0
+    """On stop, streams still open after this many seconds are cancelled."""
+
+    stats_log_interval_s: float = 30.0
+    """Counters are logged this often (and once at stop)."""
+
+    def __post_init__(self) -> None:
+        if self.token is not None and (not isinstance(self.token, str) or not self.token):
+            raise ValueError("token must be a non-empty string or None")
+        for name in ("straggler_timeout_s", "flush_interval_s", "stop_grace_s",
+                     "stats_log_interval_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
+        for name in ("flush_every_steps", "max_pending_steps", "max_pending_bytes",
+                     "max_chunk_bytes", "max_runs", "max_world_size", "max_schemas_per_rank",
+                     "max_metrics_per_run", "max_streams"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_chunk_bytes % 4:
+            raise ValueError("max_chunk_bytes must be a multiple of 4 (float32 values)")
+
+    @property
+    def tick_s(self) -> float:
+        """How often the barrier is polled for stragglers: a fraction of the timeout."""
+        return min(0.1, self.straggler_timeout_s / 4)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """gRPC receive limit: one full chunk plus room for its header and framing."""
+        return self.max_chunk_bytes + 64 * 1024

@@ -1,0 +1,54 @@
+"""The collector's exceptions and their one translation to gRPC status codes.
+
+Everything that rejects input raises one of the small classes below, with a message that says
+what was wrong and what was expected. `status_of` is the only place that turns an exception
+into a `grpc.StatusCode`; the servicer and the auth interceptor both go through it, so a client
+sees the same code for the same mistake wherever it is caught.
+"""
+from __future__ import annotations
+
+import grpc
+
+from store.base import InvalidInput as StoreInvalidInput
+
+
+class CollectorError(Exception):
+    """Base class: a frame or call the collector refuses; `code` is the gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(CollectorError, ValueError):
+    """Malformed or contradictory input: unknown schema id, chunk outside its schema, byte
+    length not a multiple of 4, rank >= world_size, bad run name, REDUCE_UNSPECIFIED, a world
+    size that differs from the live run's, a stream that does not start with Hello, ..."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(CollectorError):
+    """A bound was hit: a rank too far ahead of the barrier, too many pending steps, bytes,
+    runs, schemas or metrics. The client may retry later; memory stays bounded."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unauthenticated(CollectorError):
+    """Missing or wrong `authorization: Bearer <token>` metadata."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Unavailable(CollectorError):
+    """The collector is shutting down; the client should reconnect (to the next one)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(status code, message) for any exception; unknown ones are INTERNAL and say so."""
+    if isinstance(exc, CollectorError):
+        return exc.code, str(exc)
+    if isinstance(exc, StoreInvalidInput):          # a store-side validation of our input
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal collector error: {type(exc).__name__}: {exc}"

@@ -1,0 +1,271 @@
+"""Ingest: what happens to each frame a rank sends. Event-loop thread only, so no locks.
+
+    Hello       -> run registry (world size fixed per live run), Welcome(acked_seq), clip table
+    Schema      -> metric ids (registry.py); new dictionary rows go to the writer
+    StepChunk   -> the run's barrier (barrier.py), or raw rows if the step is already reduced
+    EndOfStep   -> barrier; ready steps go to the writer, which reduces, stores and flushes
+    ClipAck     -> control.py
+
+Per-(run, rank) seq bookkeeping lives in acks.py: a frame with seq <= acked is ignored and
+acked again; acks go out only after the writer reports a flush. Every check runs before any
+state changes, so a rejected frame leaves nothing half-applied for the other clients.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collector.acks import RankAcks
+from collector.barrier import ByteBudget, ReadyStep, StepBarrier
+from collector.config import CollectorConfig
+from collector.conn import Conn
+from collector.control import ClipBoard
+from collector.errors import InvalidArgument, ResourceExhausted
+from collector.registry import RunMetrics, check_hello
+from collector.stats import Counters
+from collector.writer import FinishRun, OpenRun, Writer, WriteMetrics, WriteRaw, WriteStep
+from proto.v1 import telemetry_pb2 as pb
+from store.base import RunInfo, ValueBatch
+
+RAW_ROW_BYTES = 20       # step i64 + metric_id i32 + rank i32 + value f32
+
+
+@dataclass
+class Run:
+    name: str
+    world_size: int
+    info: RunInfo
+    metrics: RunMetrics
+    barrier: StepBarrier
+    acks: dict[int, RankAcks] = field(default_factory=dict)
+    conns: dict[int, set[Conn]] = field(default_factory=dict)
+    said_goodbye: set[int] = field(default_factory=set)   # ranks that half-closed
+    finished: bool = False
+
+
+class Ingest:
+    def __init__(self, config: CollectorConfig, writer: Writer, budget: ByteBudget,
+                 clips: ClipBoard, counters: Counters,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.writer = writer
+        self.budget = budget
+        self.clips = clips
+        self.counters = counters
+        self.clock = clock
+        self.runs: dict[str, Run] = {}
+
+    # ---- frames ---------------------------------------------------------------------------
+    def receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
+        """Apply one frame; raises a CollectorError (translated to a status by the caller)."""
+        kind = frame.WhichOneof("kind")
+        self.counters.add("frames")
+        if conn.run is None:
+            if kind != "hello":
+                raise InvalidArgument(f"the first frame of a stream must be Hello, got "
+                                      f"{kind or 'an empty frame'}")
+            return self._hello(conn, frame.hello)
+        if kind is None or kind == "hello":
+            raise InvalidArgument("Hello only opens a stream" if kind else "empty ClientFrame")
+        msg = getattr(frame, kind)
+        h = msg.header
+        if h.run != conn.run or h.rank != conn.rank:
+            raise InvalidArgument(f"{kind} header names run {h.run!r} rank {h.rank}, but this "
+                                  f"stream said Hello as run {conn.run!r} rank {conn.rank}")
+        if h.seq == 0:
+            raise InvalidArgument(f"{kind} has seq 0; seq counts frames from 1")
+        run = self.runs[conn.run]
+        acks = run.acks[conn.rank]
+        if acks.is_duplicate(h.seq):
+            self.counters.add("frames_duplicate")
+            conn.send_ack(acks.acked, acks.durable_step)
+            return
+        resend = acks.is_resend(h.seq)
+        if kind == "schema":
+            self._schema(run, conn.rank, msg, acks)
+        elif kind == "chunk":
+            self._chunk(run, conn.rank, msg, acks, resend)
+        elif kind == "end_of_step":
+            self._end_of_step(run, conn.rank, msg, acks)
+        else:
+            self.clips.record_ack(run.name, conn.rank, msg.version, h.step)
+            self.counters.add("clip_acks")
+            acks.received(h.seq)
+        if acks.advance():
+            self._send_ack(run, conn.rank)
+
+    def _hello(self, conn: Conn, hello: pb.Hello) -> None:
+        name, rank, world = check_hello(hello, self.config.max_world_size)
+        run = self.runs.get(name)
+        if run is None:
+            run = self._new_run(name, world, hello.config_json)
+        elif run.world_size != world:
+            raise InvalidArgument(f"run {name!r} is live with world_size {run.world_size}; a "
+                                  f"Hello with world_size {world} cannot join it")
+        elif run.finished:                                # a rank came back: live again
+            run.finished = False
+            self.writer.submit(OpenRun(run.info))
+        conn.run, conn.rank = name, rank
+        run.conns.setdefault(rank, set()).add(conn)
+        run.said_goodbye.discard(rank)
+        acks = run.acks.setdefault(rank, RankAcks())
+        conn.welcome(acks.acked)
+        latest = self.clips.latest(name)
+        if latest is not None:
+            conn.send_clip(latest)
+
+    def _new_run(self, name: str, world: int, config_json: str) -> Run:
+        if len(self.runs) >= self.config.max_runs:
+            idle = [r for r in self.runs.values() if r.finished and not r.conns]
+            if not idle:
+                raise ResourceExhausted(f"the collector already tracks {len(self.runs)} live "
+                                        f"runs (max_runs={self.config.max_runs})")
+            del self.runs[min(idle, key=lambda r: r.info.started_at).name]
+        cfg = self.config
+        info = RunInfo(run=name, world_size=world, config_json=config_json,
+                       started_at=time.time())
+        run = self.runs[name] = Run(
+            name=name, world_size=world, info=info,
+            metrics=RunMetrics(name, max_metrics=cfg.max_metrics_per_run,
+                               max_schemas_per_rank=cfg.max_schemas_per_rank),
+            barrier=StepBarrier(world, straggler_timeout_s=cfg.straggler_timeout_s,
+                                max_pending_steps=cfg.max_pending_steps, budget=self.budget))
+        self.writer.submit(OpenRun(info))
+        return run
+
+    def _schema(self, run: Run, rank: int, s: pb.Schema, acks: RankAcks) -> None:
+        known = run.metrics.has_schema(rank, s.schema_id)
+        new_rows = run.metrics.register(rank, s.schema_id, s.metrics)
+        self.counters.add("schemas_registered", not known)
+        if new_rows is None:
+            acks.received(s.header.seq)
+            return
+        self.counters.add("metrics_registered", len(new_rows.name))
+        acks.in_job(s.header.seq, self.writer.submit(WriteMetrics(run.name, new_rows)))
+
+    def _chunk(self, run: Run, rank: int, c: pb.StepChunk, acks: RankAcks, resend: bool) -> None:
+        step, seq = c.header.step, c.header.seq
+        if step < 0:
+            raise InvalidArgument(f"StepChunk step must be >= 0, got {step}")
+        ids = run.metrics.schema(rank, c.schema_id)
+        nb = len(c.values)
+        if nb % 4:
+            raise InvalidArgument(f"StepChunk values hold {nb} bytes, not a multiple of 4 "
+                                  f"(little-endian float32)")
+        if nb > self.config.max_chunk_bytes:
+            raise InvalidArgument(f"StepChunk values hold {nb} bytes; at most "
+                                  f"{self.config.max_chunk_bytes} per chunk")
+        n = nb // 4
+        if c.total != ids.size:
+            raise InvalidArgument(f"StepChunk total {c.total} differs from the {ids.size} "
+                                  f"metrics of schema {c.schema_id}")
+        if c.offset + n > ids.size:
+            raise InvalidArgument(f"StepChunk [{c.offset}, {c.offset + n}) lies outside schema "
+                                  f"{c.schema_id} of {ids.size} metrics")
+        values = np.frombuffer(c.values, dtype="<f4")
+        self.counters.add("bytes", nb)
+        if run.barrier.add_chunk(rank, step, c.schema_id, c.offset, ids.size, values):
+            acks.in_step(seq, step)
+        elif resend:                       # the first copy is already on its way to the store
+            acks.received(seq)
+        else:                              # a late rank: recorded raw, the reduction stands
+            nbytes = n * RAW_ROW_BYTES
+            self.budget.reserve(nbytes, f"late values of rank {rank} step {step}")
+            batch = ValueBatch(step=np.full(n, step, np.int64),
+                               metric_id=ids[c.offset:c.offset + n].copy(),
+                               value=values.astype(np.float32), rank=np.full(n, rank, np.int32))
+            acks.in_job(seq, self.writer.submit(WriteRaw(run.name, batch, nbytes)), step)
+            self.counters.add("late_values", n)
+
+    def _end_of_step(self, run: Run, rank: int, e: pb.EndOfStep, acks: RankAcks) -> None:
+        step = e.header.step
+        if step < 0:
+            raise InvalidArgument(f"EndOfStep step must be >= 0, got {step}")
+        if run.barrier.end_of_step(rank, step, e.n_values, e.wall_time, self.clock()):
+            acks.in_step(e.header.seq, step)
+            self._poll(run)
+        else:
+            acks.received(e.header.seq)
+
+    # ---- steps out of the barrier --------------------------------------------------------
+    def tick(self) -> None:
+        """Straggler timeouts: called periodically by the server."""
+        for run in self.runs.values():
+            self._poll(run)
+
+    def _poll(self, run: Run) -> None:
+        for ready in run.barrier.poll(self.clock()):
+            self._submit_step(run, ready)
+
+    def _submit_step(self, run: Run, ready: ReadyStep) -> None:
+        id_maps = [run.metrics.schema(rank, sid) for rank, sid, _, _ in ready.parts]
+        job = self.writer.submit(WriteStep(run.name, ready, id_maps, run.metrics.ops))
+        for acks in run.acks.values():
+            acks.step_submitted(ready.step, job)
+        missing = len(ready.status.missing_ranks)
+        self.counters.add("steps_reduced")
+        if missing:
+            self.counters.add("steps_incomplete")
+            self.counters.add("stragglers", missing)
+
+    # ---- acks and control down ------------------------------------------------------------
+    def on_flushed(self, through_job: int, failed: set[int]) -> None:
+        """The writer made jobs <= through_job durable (except `failed`)."""
+        for run in self.runs.values():
+            for rank, acks in run.acks.items():
+                if acks.flushed(through_job, failed):
+                    self._send_ack(run, rank)
+
+    def _send_ack(self, run: Run, rank: int) -> None:
+        acks = run.acks[rank]
+        for conn in run.conns.get(rank, ()):
+            conn.send_ack(acks.acked, acks.durable_step)
+            self.counters.add("acks_sent")
+            if conn.half_closed and acks.settled:
+                conn.finish()
+
+    def broadcast_clip(self, run: str, update: pb.ClipUpdate) -> None:
+        r = self.runs.get(run)
+        for conns in (r.conns.values() if r else ()):
+            for conn in conns:
+                conn.send_clip(update)
+
+    # ---- stream lifecycle -----------------------------------------------------------------
+    def half_close(self, conn: Conn) -> None:
+        """The client sent its last frame. The stream stays open until all of it is acked;
+        once every rank of the run said goodbye, pending steps are reduced and it finishes."""
+        conn.half_closed = True
+        run = self.runs.get(conn.run) if conn.run else None
+        if run is None:
+            conn.finish()
+            return
+        if run.acks[conn.rank].settled:
+            conn.finish()
+        run.said_goodbye.add(conn.rank)
+        if len(run.said_goodbye) == run.world_size:
+            self._finish_run(run)
+
+    def detach(self, conn: Conn) -> None:
+        run = self.runs.get(conn.run) if conn.run else None
+        if run is not None:
+            conns = run.conns.get(conn.rank)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del run.conns[conn.rank]
+
+    def _finish_run(self, run: Run) -> None:
+        if run.finished:
+            return
+        for ready in run.barrier.drain():
+            self._submit_step(run, ready)
+        self.writer.submit(FinishRun(run.name))
+        run.finished = True
+
+    def finish_all(self) -> None:
+        """Shutdown: reduce whatever is pending (incomplete) and mark every run finished."""
+        for run in self.runs.values():
+            self._finish_run(run)

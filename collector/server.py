@@ -1,0 +1,286 @@
+"""The gRPC server: helpers, the Telemetry servicer, the Collector that runs it, serve().
+
+grpc.aio on one event-loop thread: each rank's stream is two coroutines (read frames up, send
+acks and clip updates down), so hundreds of streams cost no threads and cannot deadlock on a
+pool. All ingest state is touched only on that loop; the store only on the writer thread;
+`push_clip`, `clip_acks` and `stats` are safe from any thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import threading
+from collections.abc import Iterable
+
+import grpc
+from grpc import aio
+
+from collector.barrier import ByteBudget
+from collector.config import CollectorConfig
+from collector.conn import Conn
+from collector.control import ClipAckRecord, ClipBoard
+from collector.errors import CollectorError, Unauthenticated, status_of
+from collector.ingest import Ingest
+from collector.stats import Counters
+from collector.writer import Writer
+from proto.v1 import telemetry_pb2 as pb
+from proto.v1 import telemetry_pb2_grpc as pbg
+from store.base import Store
+
+log = logging.getLogger("collector")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _deny_like(handler: grpc.RpcMethodHandler, exc: CollectorError) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind that only fails with `exc`'s status."""
+    code, message = status_of(exc)
+
+    async def deny(request, context):
+        await context.abort(code, message)
+
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+    return kinds[(handler.request_streaming, handler.response_streaming)](deny)
+
+
+class _TokenAuth(aio.ServerInterceptor):
+    """Every RPC (the stream included) must carry `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str, counters: Counters) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._counters = counters
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        got = got.encode() if isinstance(got, str) else got
+        if hmac.compare_digest(got, self._expected):
+            return handler
+        self._counters.add("auth_failures")
+        return _deny_like(handler, Unauthenticated(
+            "missing or wrong token: send metadata 'authorization: Bearer <token>'"))
+
+
+# ---- the servicer ----------------------------------------------------------------------------
+class TelemetryServicer(pbg.TelemetryServicer):
+    def __init__(self, ingest: Ingest, counters: Counters) -> None:
+        self.ingest = ingest
+        self.counters = counters
+
+    async def Stream(self, request_iterator, context):
+        conn = Conn(context.peer())
+        self.counters.add("streams_opened")
+        reader = asyncio.create_task(self._read(request_iterator, conn, context))
+        try:
+            while True:
+                for frame in conn.take():
+                    yield frame
+                if conn.error is not None:
+                    code, message = status_of(conn.error)
+                    yield pb.ServerFrame(error=pb.Error(code=code.name, message=message))
+                    await context.abort(code, message)
+                if conn.done:
+                    return
+                await conn.wake.wait()
+                conn.wake.clear()
+        finally:
+            reader.cancel()
+            self.ingest.detach(conn)
+            self.counters.add("streams_closed")
+
+    async def _read(self, request_iterator, conn: Conn, context) -> None:
+        try:
+            async for frame in request_iterator:
+                self.ingest.receive(conn, frame)
+        except asyncio.CancelledError:
+            raise
+        except CollectorError as exc:
+            self.counters.add("frames_rejected")
+            log.info("rejected a frame from %s (run=%s rank=%s): %s", conn.peer, conn.run,
+                     conn.rank, exc)
+            conn.fail(exc)
+            return
+        except Exception as exc:       # a bug or a broken transport: this stream only
+            if context.done() or context.cancelled():
+                return
+            self.counters.add("frames_rejected")
+            log.exception("stream from %s failed", conn.peer)
+            conn.fail(exc)
+            return
+        if not (context.done() or context.cancelled()):
+            self.ingest.half_close(conn)
+
+
+# ---- the collector ---------------------------------------------------------------------------
+class Collector:
+    """Runs the server on its own event-loop thread. `start()` returns the bound port."""
+
+    def __init__(self, store: Store, config: CollectorConfig | None = None) -> None:
+        self.store = store
+        self.config = config or CollectorConfig()
+        self.counters = Counters()
+        self.clips = ClipBoard()
+        self.budget = ByteBudget(self.config.max_pending_bytes)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.writer = Writer(store, flush_interval_s=self.config.flush_interval_s,
+                             flush_every_steps=self.config.flush_every_steps,
+                             on_flushed=self._flushed, release=self.budget.release,
+                             counters=self.counters)
+        self.ingest = Ingest(self.config, self.writer, self.budget, self.clips, self.counters)
+        self.port = 0
+
+    # lifecycle
+    def start(self, host: str = "127.0.0.1", port: int = 0,
+              tls: tuple[bytes, bytes] | None = None) -> int:
+        """Listen on host:port (0 = any free port); tls = (cert_pem, key_pem)."""
+        if self._loop is not None:
+            raise RuntimeError("collector already started")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="collector-loop",
+                                        daemon=True)
+        self._thread.start()
+        self.writer.start()
+        fut = asyncio.run_coroutine_threadsafe(self._serve(host, port, tls), self._loop)
+        try:
+            self.port = fut.result(timeout=30)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("collector listening on %s:%d", host, self.port)
+        return self.port
+
+    async def _serve(self, host: str, port: int, tls: tuple[bytes, bytes] | None) -> int:
+        interceptors = [_TokenAuth(self.config.token, self.counters)] if self.config.token else []
+        limit = self.config.max_message_bytes
+        self._server = aio.server(
+            interceptors=interceptors, maximum_concurrent_rpcs=self.config.max_streams,
+            options=[("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", limit)])
+        pbg.add_TelemetryServicer_to_server(TelemetryServicer(self.ingest, self.counters),
+                                            self._server)
+        address = f"{host}:{port}"
+        if tls:
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            bound = self._server.add_secure_port(address, creds)
+        else:
+            bound = self._server.add_insecure_port(address)
+        if not bound:
+            raise OSError(f"could not listen on {address}")
+        await self._server.start()
+        self._tasks = [asyncio.create_task(self._every(self.config.tick_s, self.ingest.tick)),
+                       asyncio.create_task(self._every(self.config.stats_log_interval_s,
+                                                       self._log_stats))]
+        return bound
+
+    @staticmethod
+    async def _every(period: float, fn) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                fn()
+            except Exception:                       # never let a periodic job die silently
+                log.exception("periodic %s failed", getattr(fn, "__name__", fn))
+
+    def stop(self) -> None:
+        """Stop accepting, cancel streams after the grace period, reduce what is pending,
+        flush, mark runs finished. The store stays open (its owner closes it)."""
+        loop = self._loop
+        if loop is None or not self._thread:
+            return
+        if loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(
+                    timeout=self.config.stop_grace_s + 30)
+        self.writer.close()                          # drains, flushes, acks nobody listens to
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout=10)
+        loop.close()
+        self._loop = None
+        self._log_stats()
+
+    async def _shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._server is not None:
+            await self._server.stop(self.config.stop_grace_s)
+        self.ingest.finish_all()
+
+    def _flushed(self, through_job: int, failed: set[int]) -> None:
+        """Writer thread -> event loop: acks are computed and sent on the loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closing during shutdown
+                loop.call_soon_threadsafe(self.ingest.on_flushed, through_job, failed)
+
+    def __enter__(self) -> "Collector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # control plane and introspection (any thread)
+    def push_clip(self, run: str, settings: Iterable[tuple[int, str, float]],
+                  reason: str = "operator") -> int:
+        """Merge (layer, site, limit) settings into the run's clip table and send the new
+        version down every connected rank's stream (ranks connecting later get it on Hello).
+        Returns the version."""
+        update = self.clips.push(run, settings, reason)
+        self.counters.add("clip_updates")
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(self.ingest.broadcast_clip, run, update)
+        return update.version
+
+    def clip_acks(self, run: str) -> list[ClipAckRecord]:
+        return self.clips.acks(run)
+
+    def stats(self) -> dict[str, int]:
+        out = self.counters.snapshot()
+        out["pending_bytes"] = self.budget.used
+        out["writer_backlog"] = self.writer.backlog
+        return out
+
+    def _log_stats(self) -> None:
+        log.info("stats %s", " ".join(f"{k}={v}" for k, v in self.stats().items() if v))
+
+
+# ---- serve -----------------------------------------------------------------------------------
+def serve(store_url: str, *, host: str = "127.0.0.1", port: int = 0,
+          config: CollectorConfig | None = None, tls_cert: str | None = None,
+          tls_key: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT; prints `collector listening on HOST:PORT store=URL` (flushed)
+    once ready. Returns the exit status: 0 after a clean stop with everything flushed."""
+    import signal
+
+    from store import open_store
+
+    tls = None
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        with open(tls_cert, "rb") as c, open(tls_key, "rb") as k:
+            tls = (c.read(), k.read())
+    store = open_store(store_url)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    collector = Collector(store, config)
+    try:
+        bound = collector.start(host, port, tls)
+        print(f"collector listening on {host}:{bound} store={store_url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping: no new streams, flushing the store, finishing runs")
+    finally:
+        collector.stop()
+        store.close()
+    return 0
