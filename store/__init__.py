@@ -25,11 +25,9 @@ def open_store(url: str) -> Store:
     if sep and scheme == "memory" and rest in ("", "//"):
         from store.memory import MemoryStore
         return MemoryStore()
-    if sep and scheme == "parquet":
-        if rest.startswith("///"):                   # parquet:///abs/dir -> /abs/dir
-            rest = rest[2:]
-        if not rest:
-            raise InvalidInput("parquet store URL needs a directory: parquet:DIR")
+    if rest.startswith("///"):                       # parquet:///abs/dir -> /abs/dir
+        rest = rest[2:]
+    if sep and scheme == "parquet" and rest:
         from store.parquet import ParquetStore
         return ParquetStore(rest)
     raise InvalidInput(f"unsupported store URL {url!r}; supported: {', '.join(SUPPORTED_URLS)}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from store import (InvalidInput, MetricDict, NotFound, RunInfo, StepStatus, Stor
                    ValueBatch)
 from store import columns as C
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMES = ["loss", "grad_norm",
          "moe/layer00/expert000/act_rms", "moe/layer00/expert001/act_rms",
          "moe/layer01/expert000/act_rms", "moe/layer01/expert001/act_rms",
@@ -428,7 +430,7 @@ def test_killed_writer_loses_only_unflushed_data(store_factory, tmp_path):
         os._exit(9)                                     # killed: no flush, no close
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=REPO)
     assert proc.returncode == 9, proc.stderr
     with store_factory.open() as st:
         assert st.series("r1", "loss").rows() == [(0, 1.0), (1, 2.0)]

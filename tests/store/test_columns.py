@@ -1,0 +1,60 @@
+"""Backend-independent pieces: glob semantics, dictionary merging, store URLs."""
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import polars as pl
+import pytest
+
+from store import InvalidInput, MetricDict, open_store
+from store import columns as C
+from store.memory import MemoryStore
+from store.parquet import ParquetStore
+
+NAMES = ["moe/layer07/expert013/act_rms", "moe/layer07/expert013/act_max", "loss",
+         "grad_norm", "attn/layer00/head03/max_logit", "a.b", "a+b", "a[1]", "a]b", "x-y",
+         "x!y", "^start", "dollar$", "back\\slash", "tab\there", "new\nline", "(paren)",
+         "ünïcode/é", "a*b", "a?b", "", "-", "]", "[", "!"]
+
+PATTERNS = ["*", "", "loss", "l?ss", "moe/*", "*/act_*", "moe/layer0[0-7]/*", "*[!a-z]",
+            "[!m]*", "a[.+]b", "a[]]b", "a[!]]b", "a[]", "a[1]", "a[[]1]", "[a-]*", "x[!-]y",
+            "*\\*", "dollar$", "^*", "(*)", "*é", "[z-a]", "[!z-a]", "a[b-b]", "tab?here",
+            "new?line", "*.*", "a?b", "a*b", "?", "[]-]", "[!]-]", "[", "]", "[!", "!"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_glob_matches_exactly_what_fnmatchcase_matches(pattern):
+    names = pl.Series(NAMES)
+    got = names.filter(names.str.contains(C.glob_to_regex(pattern))).to_list()
+    assert got == [n for n in NAMES if fnmatch.fnmatchcase(n, pattern)]
+
+
+def test_glob_rejects_non_strings():
+    with pytest.raises(InvalidInput):
+        C.glob_to_regex(None)
+
+
+def test_last_wins_keeps_the_last_row_of_each_key():
+    df = pl.DataFrame({"k": [1, 2, 1, 3, 1, 2], "v": [1, 2, 3, 4, 5, 6]})
+    assert C.last_wins(df, ["k"]).sort("k").rows() == [(1, 5), (2, 6), (3, 4)]
+
+
+def test_metrics_frame_last_row_wins_within_one_dictionary():
+    md = MetricDict(np.array([0, 1, 0]), ["a", "b", "c"], np.full(3, -1), np.full(3, -1),
+                    np.full(3, -1), ["", "", ""], ["", "", ""], ["sum", "max", "min"])
+    df = C.metrics_frame(md).sort("metric_id")
+    assert df.select("metric_id", "name", "reduce").rows() == [(0, "c", "min"), (1, "b", "max")]
+
+
+def test_open_store_urls(tmp_path):
+    assert isinstance(open_store("memory:"), MemoryStore)
+    st = open_store(f"parquet:{tmp_path}/a")
+    assert isinstance(st, ParquetStore) and st.root == f"{tmp_path}/a"
+    assert open_store(f"parquet://{tmp_path}/b").root == f"{tmp_path}/b"
+    assert not (tmp_path / "a").exists()                # opening alone creates nothing
+    for bad in ("clickhouse://u:p@localhost:9000/db", "parquet:", "sqlite:x", "", "memory:x"):
+        with pytest.raises(InvalidInput, match="memory:, parquet:DIR"):
+            open_store(bad)
+    with pytest.raises(InvalidInput):
+        open_store(None)
