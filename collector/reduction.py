@@ -65,27 +65,26 @@ def reduce_rows(metric_id: np.ndarray, value: np.ndarray, ops_M: np.ndarray
     M = int(ops_M.size)
     if metric_id.size and int(metric_id.max()) >= M:
         raise ValueError(f"metric id {int(metric_id.max())} outside the run's {M} metrics")
-    count_M = np.bincount(metric_id, minlength=M)
-    present = np.flatnonzero(count_M)
-    out_M = np.zeros(M, dtype=np.float64)
-    op_R = ops_M[metric_id]
-    v64 = value.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):   # NaN/inf propagate on purpose
+        count_M = np.bincount(metric_id, minlength=M)
+        present = np.flatnonzero(count_M)
+        out_M = np.zeros(M, dtype=np.float64)
+        op_R = ops_M[metric_id]
+        v64 = value.astype(np.float64)
 
-    additive = (op_R == OP_SUM) | (op_R == OP_MEAN)
-    if additive.any():
-        out_M += np.bincount(metric_id[additive], weights=v64[additive], minlength=M)
-    for op, fill, kernel in ((OP_MAX, -np.inf, np.maximum), (OP_MIN, np.inf, np.minimum)):
-        sel = op_R == op
-        if sel.any():
-            acc_M = np.full(M, fill, dtype=np.float64)
-            kernel.at(acc_M, metric_id[sel], v64[sel])
-            is_op = ops_M == op
-            out_M[is_op] = acc_M[is_op]
-    is_mean = ops_M == OP_MEAN
-    with np.errstate(invalid="ignore", divide="ignore"):
+        additive = (op_R == OP_SUM) | (op_R == OP_MEAN)
+        if additive.any():
+            out_M += np.bincount(metric_id[additive], weights=v64[additive], minlength=M)
+        for op, fill, kernel in ((OP_MAX, -np.inf, np.maximum), (OP_MIN, np.inf, np.minimum)):
+            sel = op_R == op
+            if sel.any():
+                acc_M = np.full(M, fill, dtype=np.float64)
+                kernel.at(acc_M, metric_id[sel], v64[sel])
+                is_op = ops_M == op
+                out_M[is_op] = acc_M[is_op]
+        is_mean = ops_M == OP_MEAN
         out_M[is_mean] /= np.maximum(count_M[is_mean], 1)
-    with np.errstate(over="ignore"):                   # beyond float32 range becomes inf
-        vals = out_M[present].astype(np.float32)
+        vals = out_M[present].astype(np.float32)           # beyond float32 range becomes inf
     return present.astype(np.int32), vals, count_M[present].astype(np.int32)
 
 

@@ -1,0 +1,121 @@
+"""registry.py and acks.py: metric identity by name across ranks, schema conflicts, Hello
+checks, and cumulative ack bookkeeping."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from collector.acks import RankAcks
+from collector.errors import InvalidArgument, ResourceExhausted
+from collector.registry import RunMetrics, check_hello
+from proto.v1 import telemetry_pb2 as pb
+
+
+def reg(**kw) -> RunMetrics:
+    return RunMetrics("run", max_metrics=kw.get("max_metrics", 1000),
+                      max_schemas_per_rank=kw.get("max_schemas", 8))
+
+
+def m(name, reduce=pb.REDUCE_SUM, **labels) -> pb.MetricDef:
+    base = dict(layer=-1, expert=-1, head=-1, stat="x", unit="")
+    base.update(labels)
+    return pb.MetricDef(name=name, reduce=reduce, **base)
+
+
+def test_same_name_same_id_across_ranks_and_dictionary_rows_once():
+    r = reg()
+    rows0 = r.register(0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)])
+    rows1 = r.register(1, 5, [m("c", pb.REDUCE_MIN), m("b", pb.REDUCE_MAX, layer=3), m("a")])
+    np.testing.assert_array_equal(r.schema(0, 1), [0, 1])
+    np.testing.assert_array_equal(r.schema(1, 5), [2, 1, 0])
+    assert rows0.name == ["a", "b"] and rows0.reduce == ["sum", "max"]
+    assert rows1.name == ["c"] and rows1.metric_id.tolist() == [2]
+    assert r.ops.tolist() == [1, 3, 4]
+    assert r.register(0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None   # resend
+
+
+@pytest.mark.parametrize("change", [dict(reduce=pb.REDUCE_MEAN), dict(layer=4), dict(unit="s"),
+                                    dict(stat="y"), dict(expert=2), dict(head=1)])
+def test_a_name_with_other_labels_or_op_is_rejected_and_changes_nothing(change):
+    r = reg()
+    r.register(0, 1, [m("a", pb.REDUCE_SUM, layer=3)])
+    kw = dict(reduce=pb.REDUCE_SUM, layer=3)
+    kw.update(change)
+    with pytest.raises(InvalidArgument, match="conflicts"):
+        r.register(1, 1, [m("new"), m("a", **kw)])
+    assert "new" not in r.ids and not r.has_schema(1, 1)
+
+
+@pytest.mark.parametrize("metrics,match", [
+    ([m("a", pb.REDUCE_UNSPECIFIED)], "reduce op"),
+    ([m("a"), m("a")], "twice"),
+    ([], "no metrics"),
+    ([m("")], "name"),
+    ([m("a", layer=-2)], ">= -1"),
+])
+def test_bad_schemas(metrics, match):
+    with pytest.raises(InvalidArgument, match=match):
+        reg().register(0, 1, metrics)
+
+
+def test_schema_id_reuse_with_other_metrics_and_metric_in_two_schemas_of_a_rank():
+    r = reg()
+    r.register(0, 1, [m("a")])
+    with pytest.raises(InvalidArgument, match="unique per"):
+        r.register(0, 1, [m("b")])
+    with pytest.raises(InvalidArgument, match="already in another schema"):
+        r.register(0, 2, [m("b"), m("a")])
+    with pytest.raises(InvalidArgument, match="unknown schema_id 9"):
+        r.schema(0, 9)
+
+
+def test_bounds():
+    r = reg(max_metrics=3, max_schemas=2)
+    r.register(0, 1, [m("a"), m("b")])
+    with pytest.raises(ResourceExhausted, match="max_metrics_per_run"):
+        r.register(0, 2, [m("c"), m("d")])
+    r.register(0, 2, [m("c")])
+    with pytest.raises(ResourceExhausted, match="max_schemas_per_rank"):
+        r.register(0, 3, [m("a")])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(run="bad name"), "run name"), (dict(run=""), "run name"),
+    (dict(rank=2), "outside"), (dict(rank=-1), "outside"),
+    (dict(world_size=0), "world_size"), (dict(protocol_version=0), "protocol_version"),
+])
+def test_hello_checks(kw, match):
+    args = dict(run="ok-run_1.x", rank=0, world_size=2, protocol_version=1)
+    args.update(kw)
+    h = pb.Hello(header=pb.FrameHeader(run=args["run"], rank=args["rank"]),
+                 world_size=args["world_size"], protocol_version=args["protocol_version"])
+    with pytest.raises(InvalidArgument, match=match):
+        check_hello(h, max_world_size=1024)
+
+
+def test_acks_are_cumulative_and_wait_for_the_lowest_pending_seq():
+    a = RankAcks()
+    a.in_job(1, job=1)                  # schema -> metrics write
+    a.in_step(2, step=0)
+    a.in_step(3, step=0)
+    a.in_step(4, step=1)
+    assert not a.advance() and a.acked == 0
+    assert a.flushed(1, set()) and a.acked == 1        # only the schema is durable
+    a.step_submitted(0, job=2)
+    assert not a.flushed(1, set())                     # job 2 not flushed yet
+    assert a.flushed(2, set()) and a.acked == 3 and a.durable_step == 0
+    a.received(5)                                      # e.g. a ClipAck: needs no write
+    assert not a.advance()                             # step 1 (seq 4) still pending
+    a.step_submitted(1, job=3)
+    assert a.flushed(3, set()) and a.acked == 5 and a.settled
+    assert a.is_duplicate(5) and not a.is_duplicate(6)
+
+
+def test_a_failed_write_is_never_acked():
+    a = RankAcks()
+    a.in_job(1, job=1)
+    a.in_job(2, job=2)
+    a.flushed(2, failed={1})
+    a.received(3)
+    a.advance()
+    assert a.acked == 0 and not a.settled
