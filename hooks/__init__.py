@@ -1,0 +1,15 @@
+"""stepwatch client: attach to a PyTorch MoE training loop and stream per-step statistics.
+
+    from hooks import Monitor
+    mon = Monitor(model, optimizer, target="127.0.0.1:7070", run="exp42")
+
+Modules: config (MonitorConfig), adapter (where things are in a model), layout (the metric
+catalogue and buffer map), stats / gradstats (device-side capture), frames (protobuf encoding),
+sender (background gRPC stream), monitor (the call points). Imports proto only, of ours.
+"""
+from hooks.adapter import AttentionSite, MoEAdapter, MoESite, RouterView, StepFlashAdapter
+from hooks.config import STAT_GROUPS, MonitorConfig
+from hooks.monitor import Monitor, NullMonitor, create_monitor
+
+__all__ = ["Monitor", "NullMonitor", "create_monitor", "MonitorConfig", "STAT_GROUPS",
+           "MoEAdapter", "MoESite", "AttentionSite", "RouterView", "StepFlashAdapter"]

@@ -1,0 +1,87 @@
+"""Encoding: schemas, step vectors and control acks into protobuf ClientFrames.
+
+The only module of the client that builds protobufs; capture hands it numpy vectors, the
+sender hands it sequence numbers, and neither sees a message type.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from hooks.layout import MetricSpec
+from proto.v1 import telemetry_pb2 as pb
+
+PROTOCOL_VERSION = 1
+CLIENT_VERSION = "stepwatch-hooks/0.1"
+REDUCE = {"sum": pb.REDUCE_SUM, "mean": pb.REDUCE_MEAN, "max": pb.REDUCE_MAX,
+          "min": pb.REDUCE_MIN}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is sending: constant for the life of a client."""
+    run: str
+    rank: int
+    world_size: int
+
+    def header(self, step: int, seq: int) -> pb.FrameHeader:
+        return pb.FrameHeader(run=self.run, rank=self.rank, step=step, seq=seq)
+
+
+@dataclass
+class StepPayload:
+    """One step ready to encode: its vector (schema 1 values, then schema 2 values if
+    periodic) and which schemas it covers."""
+    step: int
+    values: np.ndarray            # float32, length n_step (+ n_periodic)
+    schemas: Sequence[tuple[int, int]]   # (schema_id, n_values) in vector order
+    wall_time: float
+
+
+def hello(ident: Identity, config: dict) -> pb.ClientFrame:
+    """First frame of every connection. It carries no data, so it takes no seq (0)."""
+    return pb.ClientFrame(hello=pb.Hello(
+        header=ident.header(-1, 0), world_size=ident.world_size,
+        config_json=json.dumps(config, sort_keys=True, default=str),
+        protocol_version=PROTOCOL_VERSION, client_version=CLIENT_VERSION))
+
+
+def schema(ident: Identity, seq: int, schema_id: int, specs: Sequence[MetricSpec]
+           ) -> pb.ClientFrame:
+    metrics = [pb.MetricDef(name=s.name, layer=s.layer, expert=s.expert, head=s.head,
+                            stat=s.stat, unit=s.unit, reduce=REDUCE[s.reduce]) for s in specs]
+    return pb.ClientFrame(schema=pb.Schema(header=ident.header(-1, seq), schema_id=schema_id,
+                                           metrics=metrics))
+
+
+def step_frames(ident: Identity, payload: StepPayload, chunk_values: int,
+                next_seq: Callable[[], int]) -> list[pb.ClientFrame]:
+    """StepChunks of every schema of the step (each slice <= chunk_values values), then
+    EndOfStep. Values go little-endian float32, as the contract says."""
+    frames, start, total_sent = [], 0, 0
+    values = np.ascontiguousarray(payload.values, dtype="<f4")
+    for schema_id, n in payload.schemas:
+        vec = values[start:start + n]
+        for off in range(0, n, chunk_values):
+            part = vec[off:off + chunk_values]
+            frames.append(pb.ClientFrame(chunk=pb.StepChunk(
+                header=ident.header(payload.step, next_seq()), schema_id=schema_id,
+                offset=off, total=n, values=part.tobytes())))
+        start += n
+        total_sent += n
+    frames.append(pb.ClientFrame(end_of_step=pb.EndOfStep(
+        header=ident.header(payload.step, next_seq()), n_values=total_sent,
+        wall_time=payload.wall_time)))
+    return frames
+
+
+def clip_ack(ident: Identity, step: int, version: int, seq: int) -> pb.ClientFrame:
+    return pb.ClientFrame(clip_ack=pb.ClipAck(header=ident.header(step, seq), version=version))
+
+
+def decode_values(chunk: pb.StepChunk) -> np.ndarray:
+    """Inverse of the chunk encoding (tests, debugging)."""
+    return np.frombuffer(chunk.values, dtype="<f4")

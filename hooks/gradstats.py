@@ -1,0 +1,120 @@
+"""Gradient and parameter statistics, written into the capture buffer on the device.
+
+Called at two loop points, never from inside autograd:
+  before_optimizer  grads are final (after any all-reduce): global norm (given by the loop),
+                    per-layer norms (one foreach reduction over all grads, summed per layer with
+                    index_add_), per-expert norms (one reduction per batched expert tensor);
+                    on periodic steps also snapshots the parameters for the update ratio;
+  after_step        on periodic steps: per-expert parameter Frobenius norms and
+                    optim/update_ratio = ||theta_after - theta_before|| / ||theta_before||.
+No host sync anywhere: norms stay tensors until the step's single host copy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hooks.adapter import MoEAdapter, MoESite
+from hooks.stats import Capture
+
+
+def _expert_sq(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-expert sum of squares over several batched [E, ...] tensors -> [E] float32."""
+    total = None
+    for t in tensors:
+        sq = torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.dim())),
+                                      dtype=torch.float32).square()
+        total = sq if total is None else total + sq
+    return total
+
+
+class GradCapture:
+    """Owns the parameter bookkeeping (layer of each parameter, the update snapshot)."""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, capture: Capture) -> None:
+        self.capture = capture
+        self.sites: list[MoESite] = list(adapter.moe_sites())
+        seen: set[int] = set()
+        self.params: list[nn.Parameter] = []
+        layer_of: list[int] = []
+        for layer, block in enumerate(adapter.residual_blocks()):
+            for p in block.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    self.params.append(p)
+                    layer_of.append(layer)
+        self.n_layers = len(adapter.residual_blocks())
+        self.layer_of = torch.tensor(layer_of, dtype=torch.long, device=capture.device)
+        # the update ratio covers every trainable parameter, in or out of a block
+        self.all_params = [p for p in model.parameters() if p.requires_grad]
+        self._snapshot: list[torch.Tensor] | None = None
+        self._old_sq: torch.Tensor | None = None
+        self._snapshot_valid = False
+
+    @torch.no_grad()
+    def before_optimizer(self, grad_norm, periodic: bool) -> None:
+        v = self.capture.view
+        if v("grad.global") is not None:
+            if isinstance(grad_norm, torch.Tensor):
+                v("grad.global").copy_(grad_norm.detach().reshape(1))
+            elif grad_norm is not None:
+                v("grad.global").fill_(float(grad_norm))
+            self._layer_norms(v("grad.layer"))
+            dst = v("grad.expert")
+            if dst is not None:
+                off = 0
+                for site in self.sites:
+                    grads = tuple(w.grad for w in site.expert_weights if w.grad is not None)
+                    if grads:
+                        dst[off:off + site.n_experts].copy_(_expert_sq(grads).sqrt())
+                    off += site.n_experts
+        self._snapshot_valid = False
+        if periodic and v("params.update_ratio") is not None and self.all_params:
+            if self._snapshot is None:   # allocated once, on the first periodic step
+                self._snapshot = [torch.empty_like(p) for p in self.all_params]
+            torch._foreach_copy_(self._snapshot, [p.detach() for p in self.all_params])
+            self._old_sq = self._sum_sq(self._snapshot)
+            self._snapshot_valid = True
+
+    def _layer_norms(self, dst: torch.Tensor) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        if len(grads) != len(self.params):      # some params got no grad: they count as 0
+            it = iter(norms)
+            zero = torch.zeros((), dtype=torch.float32, device=dst.device)
+            norms = [next(it) if p.grad is not None else zero for p in self.params]
+        sq = torch.stack(norms).square()
+        layer_sq = torch.zeros(self.n_layers, dtype=torch.float32, device=dst.device)
+        dst.copy_(layer_sq.index_add_(0, self.layer_of, sq).sqrt())
+
+    @staticmethod
+    def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().sum()
+
+    @torch.no_grad()
+    def after_step(self, periodic: bool) -> None:
+        """Runs after optimizer.step(), at step_end, only on periodic steps."""
+        if not periodic:
+            return
+        v = self.capture.view
+        dst = v("params.expert_fro")
+        if dst is not None:
+            off = 0
+            for site in self.sites:
+                dst[off:off + site.n_experts].copy_(_expert_sq(site.expert_weights).sqrt())
+                off += site.n_experts
+        ratio = v("params.update_ratio")
+        if ratio is not None and self._snapshot_valid:
+            torch._foreach_sub_(self._snapshot, [p.detach() for p in self.all_params])
+            delta_sq = self._sum_sq(self._snapshot)            # snapshot now holds -delta
+            ratio.copy_((delta_sq / self._old_sq).sqrt().reshape(1))
+            self._snapshot_valid = False
+
+    def release(self) -> None:
+        """Free the snapshot (one copy of the parameters)."""
+        self._snapshot = None
+        self._old_sq = None
+        self._snapshot_valid = False
+

@@ -1,0 +1,340 @@
+"""`Monitor`: the object a training loop holds. `NullMonitor`: the same calls, doing nothing.
+
+    mon = Monitor(model, optimizer, target="collector:7070", run="exp42")
+    for step in ...:
+        mon.step_begin(step)                     # applies staged clip updates, resets stats
+        loss = ...; loss.backward()
+        mon.before_optimizer(step, grad_norm)    # grads final: grad norms (+ param snapshot)
+        optimizer.step()
+        mon.step_end(step, loss=loss, mtp_losses=[...], lr=lr, tokens=n)
+    mon.close()
+
+Construction validates everything and raises a clear error (that is the user's code). After
+that, every call point is wrapped: a telemetry failure is logged (a few times) and counted in
+`stats()`, never raised into the training loop.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import math
+import os
+import re
+import threading
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from hooks import frames
+from hooks.adapter import MoEAdapter, StepFlashAdapter
+from hooks.config import MonitorConfig
+from hooks.gradstats import GradCapture
+from hooks.layout import HOST_SLOTS, PERIODIC_SCHEMA_ID, STEP_SCHEMA_ID, ModelShape, build_layout
+from hooks.sender import Sender, StepItem
+from hooks.stats import Capture
+
+log = logging.getLogger("stepwatch.hooks")
+RUN_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+TARGET_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
+OFF_TARGETS = (None, "", "off", "none")
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed when initialised, else $RANK/$WORLD_SIZE, else
+    0/1."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        auto_rank, auto_ws = dist.get_rank(), dist.get_world_size()
+    else:
+        try:
+            auto_rank = int(os.environ.get("RANK", "0"))
+            auto_ws = int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise ValueError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE="
+                             f"{os.environ.get('WORLD_SIZE')!r} must be integers") from None
+    rank = auto_rank if rank is None else rank
+    world_size = auto_ws if world_size is None else world_size
+    if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, "
+                         f"world_size={world_size!r}")
+    return rank, world_size
+
+
+def _guarded(fn):
+    """Call-point wrapper: telemetry errors are logged and counted, never raised."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self._error(fn.__name__, exc)
+            return None
+    return wrapper
+
+
+class Monitor:
+    def __init__(self, model: nn.Module | None = None, optimizer: Any = None, *,
+                 target: str, run: str, rank: int | None = None, world_size: int | None = None,
+                 token: str | None = None, config: MonitorConfig | None = None,
+                 adapter: MoEAdapter | None = None, run_config: dict | None = None,
+                 credentials: Any = None) -> None:
+        if not isinstance(target, str) or not (TARGET_RE.match(target) or
+                                               target.startswith("unix:")):
+            raise ValueError(f"target must be 'HOST:PORT' (or 'unix:PATH'), got {target!r}")
+        port = TARGET_RE.match(target)
+        if port and not 0 < int(port.group(1)) < 65536:
+            raise ValueError(f"target port out of range in {target!r}")
+        if not isinstance(run, str) or not RUN_RE.match(run):
+            raise ValueError(f"run name {run!r} must match {RUN_RE.pattern}")
+        if token is not None and (not isinstance(token, str) or not token or "\n" in token):
+            raise ValueError("token must be a non-empty single-line string (or None)")
+        if config is not None and not isinstance(config, MonitorConfig):
+            raise TypeError(f"config must be a MonitorConfig, got {type(config).__name__}")
+        self.target, self.run, self.token = target, run, token
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.config = config or MonitorConfig()
+        self.run_config = dict(run_config or {})
+        self._adapter_arg, self._credentials = adapter, credentials
+        self.model: nn.Module | None = None
+        self.optimizer = optimizer
+        self._counters: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self._staged: list[tuple[int, list[tuple[int, str, float]], str]] = []
+        self._clip_version, self._clip_step = 0, -1
+        self._step: int | None = None
+        self._t0: float | None = None
+        self._periodic = False
+        self.sender: Sender | None = None
+        self._closed = False
+        if model is not None:
+            self._attach(model, optimizer)      # bad models fail here, loudly
+
+    @classmethod
+    def create(cls, model: nn.Module | None = None, optimizer: Any = None, *,
+               target: str | None = None, run: str = "run", **kwargs) -> "Monitor | NullMonitor":
+        """A Monitor, or a NullMonitor when target is None/""/"off"/"none"."""
+        if target is None or str(target).lower() in OFF_TARGETS:
+            return NullMonitor()
+        return cls(model, optimizer, target=target, run=run, **kwargs)
+
+    # ------------------------------------------------------------------ attach
+    @_guarded
+    def attach(self, model: nn.Module, optimizer: Any = None) -> None:
+        """Idempotent: the loop may call it on a Monitor that attached at construction."""
+        self._attach(model, optimizer)
+
+    def _attach(self, model: nn.Module, optimizer: Any) -> None:
+        if optimizer is not None:
+            self.optimizer = optimizer
+        if self.model is not None:
+            if model is not self.model:
+                raise ValueError("Monitor is already attached to another model; create one "
+                                 "Monitor per model")
+            return
+        adapter = self._adapter_arg or StepFlashAdapter(model)
+        n_mtp = self.config.n_mtp_losses
+        shape = ModelShape(
+            n_layers=len(adapter.residual_blocks()),
+            moe=[(s.layer, s.n_experts) for s in adapter.moe_sites()],
+            shared=[s.layer for s in adapter.moe_sites() if s.shared_probe is not None],
+            attn=[(s.layer, s.n_heads) for s in adapter.attention_sites()],
+            has_output_head=adapter.output_head() is not None,
+            n_mtp=adapter.n_mtp() if n_mtp is None else n_mtp)
+        self.layout = build_layout(shape, self.config.groups)
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        self.capture = Capture(adapter, self.layout, device, on_error=self._error)
+        self.grads = GradCapture(model, adapter, self.capture)
+        self.adapter, self.model = adapter, model
+        self.capture.install()
+        host = self.layout["train.host"] if "train.host" in self.layout else None
+        self._host_idx = (np.arange(host.start, host.stop) if host is not None
+                          else np.zeros(0, np.int64))
+        schemas = [(sid, specs) for sid, specs in ((STEP_SCHEMA_ID, self.layout.step_specs),
+                                                   (PERIODIC_SCHEMA_ID, self.layout.periodic_specs))
+                   if specs]
+        hello_config = {**self.run_config, "model": adapter.describe(),
+                        "monitor": {"param_norm_every": self.config.param_norm_every,
+                                    "groups": sorted(self.config.groups),
+                                    "n_step_metrics": self.layout.n_step,
+                                    "n_periodic_metrics": self.layout.n_periodic}}
+        self.sender = Sender(self.target, frames.Identity(self.run, self.rank, self.world_size),
+                             schemas, self.config, token=self.token, run_config=hello_config,
+                             on_clip=self._stage_clip, credentials=self._credentials)
+
+    # ------------------------------------------------------------------ loop call points
+    @_guarded
+    def step_begin(self, step: int) -> None:
+        if self.model is None:
+            raise RuntimeError("step_begin before attach(model)")
+        self._apply_clips(step)
+        self.capture.reset()
+        self._step, self._t0 = step, time.perf_counter()
+        self._periodic = ("params" in self.config.groups
+                          and step % self.config.param_norm_every == 0)
+        self.capture.capturing = True
+
+    @_guarded
+    def before_optimizer(self, step: int, grad_norm: torch.Tensor | float | None = None) -> None:
+        if self.model is None:
+            return
+        self._check_step(step)
+        self.grads.before_optimizer(grad_norm, self._periodic)
+
+    @_guarded
+    def step_end(self, step: int, loss: torch.Tensor | float | None = None,
+                 mtp_losses: Iterable[torch.Tensor | float] | None = None,
+                 lr: float | None = None, tokens: int | None = None) -> None:
+        if self.model is None:
+            return
+        self.capture.capturing = False
+        self._check_step(step)
+        step_time = time.perf_counter() - self._t0 if self._t0 is not None else math.nan
+        periodic = self._periodic and self._step == step
+        self.grads.after_step(periodic)
+        self.capture.finalize()
+        mtp = list(mtp_losses or ())
+        n_mtp = self.layout["train.mtp"].size if "train.mtp" in self.layout else 0
+        if len(mtp) > n_mtp:
+            self._bump("mtp_losses_ignored", len(mtp) - n_mtp)
+        self.capture.write_loop_values(loss, mtp)
+        n = self.layout.n_step + (self.layout.n_periodic if periodic else 0)
+        vector = self.capture.to_host(n)
+        if lr is None and self.optimizer is not None:
+            lr = self.optimizer.param_groups[0].get("lr")
+        lr = math.nan if lr is None else float(lr)
+        tok = math.nan if tokens is None else float(tokens)
+        host = {"lr": lr, "step_time": step_time, "tokens": tok,
+                "tokens_per_s": tok / step_time if step_time > 0 else math.nan}
+        schemas = [(STEP_SCHEMA_ID, self.layout.n_step)] if self.layout.n_step else []
+        if periodic and self.layout.n_periodic:
+            schemas.append((PERIODIC_SCHEMA_ID, self.layout.n_periodic))
+        self.sender.submit(StepItem(
+            step=step, vector=vector, schemas=schemas, wall_time=time.time(),
+            patch_idx=self._host_idx,
+            patch_vals=np.array([host[k] for k in HOST_SLOTS][:len(self._host_idx)],
+                                dtype=np.float32)))
+        self._bump("steps")
+        self._t0 = None
+
+    def _check_step(self, step: int) -> None:
+        if step != self._step:
+            self._bump("step_mismatch")
+            if self._counters["step_mismatch"] == 1:
+                log.warning("stepwatch: step %s does not match step_begin(%s)", step, self._step)
+
+    @_guarded
+    def close(self, timeout: float | None = None) -> None:
+        """Remove the hooks and flush buffered steps for up to `timeout` seconds (default
+        config.close_timeout_s). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.model is not None:
+            self.capture.remove()
+            self.grads.release()
+        if self.sender is not None:
+            self.sender.close(self.config.close_timeout_s if timeout is None else timeout)
+
+    def stats(self) -> dict:
+        """Counters: the sender's (steps sent, drops, reconnects...), errors per call point,
+        clip updates applied, device-to-host copies."""
+        with self._lock:
+            out = dict(self._counters)
+        if self.sender is not None:
+            out.update(self.sender.stats())
+        if self.model is not None:
+            out["host_copies"] = self.capture.host_copies
+        out["clip_version"] = self._clip_version
+        return out
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ clip updates
+    def _stage_clip(self, update) -> None:
+        """Reader thread: keep the update until the next step boundary."""
+        settings = [(int(s.layer), str(s.site), float(s.limit)) for s in update.settings]
+        with self._lock:
+            self._staged.append((int(update.version), settings, update.reason))
+            self._counters["clip_updates_staged"] += 1
+
+    def _apply_clips(self, step: int) -> None:
+        with self._lock:
+            staged, self._staged = sorted(self._staged, key=lambda u: u[0]), []
+        for version, settings, reason in staged:
+            if version == self._clip_version:          # re-sent after a reconnect: re-ack
+                self.sender.submit_clip_ack(self._clip_step, version)
+                continue
+            if version < self._clip_version:
+                self._bump("clip_updates_stale")
+                continue
+            for layer, site, limit in settings:
+                off = not limit > 0 or math.isinf(limit) or math.isnan(limit)
+                try:
+                    self.adapter.set_clamp(layer, site, None if off else limit)
+                except Exception as exc:  # noqa: BLE001 - one bad setting spoils no other
+                    self._error("clip_setting", exc)
+            self._clip_version, self._clip_step = version, step
+            self._bump("clip_updates_applied")
+            log.info("stepwatch: clip update v%d (%s) applied at step %d", version, reason, step)
+            self.sender.submit_clip_ack(step, version)
+
+    # ------------------------------------------------------------------ errors
+    def _bump(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counters[key] += n
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        with self._lock:
+            self._counters[f"errors_{where}"] += 1
+            self._counters["errors"] += 1
+            count = self._counters[f"errors_{where}"]
+        if count <= self.config.max_logged_errors:
+            log.error("stepwatch: telemetry error in %s (training continues)", where,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+
+
+class NullMonitor:
+    """The monitor when telemetry is off: the same calls, no work, no threads."""
+
+    create = Monitor.create
+
+    def attach(self, model: nn.Module, optimizer: Any = None) -> None:
+        pass
+
+    def step_begin(self, step: int) -> None:
+        pass
+
+    def before_optimizer(self, step: int, grad_norm: torch.Tensor | float | None = None) -> None:
+        pass
+
+    def step_end(self, step: int, loss: torch.Tensor | float | None = None,
+                 mtp_losses: Iterable[torch.Tensor | float] | None = None,
+                 lr: float | None = None, tokens: int | None = None) -> None:
+        pass
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def __enter__(self) -> "NullMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def create_monitor(model: nn.Module | None = None, optimizer: Any = None, *,
+                   target: str | None = None, run: str = "run", **kwargs) -> Monitor | NullMonitor:
+    """Factory: a Monitor, or a NullMonitor when target is None/off."""
+    return Monitor.create(model, optimizer, target=target, run=run, **kwargs)

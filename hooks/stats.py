@@ -1,0 +1,292 @@
+"""Forward-side capture: hooks that write device-side statistics into one flat buffer.
+
+Every hook runs under no_grad, touches only precomputed views of `Capture.buf`, and never
+synchronises with the host: no .item(), .cpu(), .tolist(), data-dependent shapes or collectives.
+Sums go through `index_add_`, maxima through `scatter_reduce_(amax)` / `torch.maximum(out=)`,
+so several forwards in one step (gradient accumulation) simply accumulate; `reset()` at
+step_begin restores every slot to its initial value with one copy, `finalize()` at step_end turns
+the running sums in the scratch part into means with a few vectorised ops, and `to_host()` is the
+single device-to-host copy of the step (pinned + non_blocking + event on CUDA).
+
+Definitions (per rank, per step):
+  act_rms     sqrt(mean over the expert's rows and hidden units of h^2); 0 if it got no tokens
+  act_maxabs  max |h| over the expert's rows (0 if none)
+  out_norm    sqrt(mean over the expert's rows of ||out_row||^2): RMS of the row L2 norms
+  confidence  mean over tokens of sum(top-k unbiased scores) / sum(all scores)
+  logit_std   mean over tokens of the std (over experts) of the router logits
+  z_loss      mean over tokens of logsumexp(logits)^2
+  load_max_over_mean  max_e tokens_e / mean_e tokens_e
+"""
+from __future__ import annotations
+
+import collections
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from hooks.adapter import MoEAdapter
+from hooks.layout import Layout
+
+INF = math.inf
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: activation checkpointing re-runs forwards
+    there, and counting them again would double every sum."""
+    return _graph_task_id() != -1
+
+
+def _rowsq(x: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of squares in float32, without materialising a float32 copy first."""
+    return torch.linalg.vector_norm(x, 2, dim=1, dtype=torch.float32).square()
+
+
+def _maxabs(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, INF, dim=dim, dtype=torch.float32)
+
+
+class HostVector:
+    """A step's packed vector on its way to the host. `materialize()` (sender thread) waits
+    for the copy's event, takes a numpy copy and returns the staging buffer to its pool."""
+
+    def __init__(self, host: torch.Tensor, event, release: Callable[[torch.Tensor], None]):
+        self._host, self._event, self._release = host, event, release
+        self._array: np.ndarray | None = None
+
+    def materialize(self) -> np.ndarray:
+        if self._array is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._array = self._host.numpy().copy()
+            self._release(self._host)
+            self._host = None
+        return self._array
+
+
+class Capture:
+    """Owns the flat buffer and the forward hooks. Not thread-safe: training thread only."""
+
+    def __init__(self, adapter: MoEAdapter, layout: Layout, device: torch.device,
+                 on_error: Callable[[str, BaseException], None] | None = None) -> None:
+        self.adapter, self.layout, self.device = adapter, layout, torch.device(device)
+        self.on_error = on_error          # a hook must never raise into the forward pass
+        self.buf = torch.zeros(layout.n_total, dtype=torch.float32, device=self.device)
+        self._init = torch.from_numpy(layout.init_vector()).to(self.device)
+        self.capturing = False            # True between step_begin and step_end
+        self._handles: list = []
+        self._pinned = self.device.type == "cuda"
+        self._pool: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self.host_copies = 0              # device-to-host copies issued (one per step)
+        self.moe_sites = list(adapter.moe_sites())
+        self._expert_off = np.cumsum([0] + [s.n_experts for s in self.moe_sites]).tolist()
+        self._uniform_e = len({s.n_experts for s in self.moe_sites}) <= 1
+
+    def view(self, key: str) -> torch.Tensor | None:
+        """The buffer slice of a region, or None when its stat group is off."""
+        if key not in self.layout:
+            return None
+        region = self.layout[key]
+        return self.buf[region.start:region.stop]
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        """Register every hook the enabled groups need (activating the model's probes)."""
+        v = self.view
+        shared_i = 0
+        for i, site in enumerate(self.moe_sites):
+            a, b = self._expert_off[i], self._expert_off[i + 1]
+            tokens = v("moe.tokens") if v("moe.tokens") is not None else v("router.load")
+            if tokens is not None:
+                self._hook(site.router, self._router_hook(i, a, b, tokens))
+            if v("moe.act_rms") is not None and site.expert_probe is not None:
+                self._hook(site.expert_probe, self._expert_hook(a, b))
+            if v("shared.act_rms") is not None and site.shared_probe is not None:
+                self._hook(site.shared_probe, self._shared_hook(shared_i))
+                shared_i += 1
+        if v("attn.max_logit") is not None:
+            off = 0
+            for site in self.adapter.attention_sites():
+                self._hook(site.probe, self._max_hook(v("attn.max_logit")[off:off + site.n_heads],
+                                                      lambda args, out: args[0]))
+                off += site.n_heads
+        head = self.adapter.output_head()
+        if v("output.logit_max") is not None and head is not None:
+            self._hook(head, self._max_hook(v("output.logit_max"), lambda args, out: out))
+        if v("resid.rms") is not None:
+            for layer, block in enumerate(self.adapter.residual_blocks()):
+                self._hook(block, self._resid_hook(layer))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, module: nn.Module, fn: Callable) -> None:
+        def hook(mod, args, out):
+            if self.capturing and not _in_backward():
+                try:
+                    with torch.no_grad():
+                        fn(args, out)
+                except Exception as exc:  # noqa: BLE001 - telemetry never breaks training
+                    if self.on_error is None:
+                        raise
+                    self.on_error("hook", exc)
+        self._handles.append(module.register_forward_hook(hook))
+
+    # ------------------------------------------------------------------ hooks
+    def _router_hook(self, i: int, a: int, b: int, tokens: torch.Tensor) -> Callable:
+        tokens_E, gate_E = tokens[a:b], self._slice("moe.gate_mass", a, b)
+        router = self.view("router.confidence") is not None
+        conf, std, lse2, n = (self._slice(k, i, i + 1) for k in (
+            "router.conf_sum", "router.std_sum", "router.lse2_sum", "router.n_tokens"))
+        logit_max = self._slice("router.logit_max", i, i + 1)
+
+        def fn(args, out) -> None:
+            r = self.adapter.decode_router(out)
+            idx_N = r.topk_idx_TK.reshape(-1)
+            tokens_E.index_add_(0, idx_N, torch.ones(idx_N.shape, device=idx_N.device))
+            if gate_E is not None:
+                gate_E.index_add_(0, idx_N, r.topk_weight_TK.reshape(-1).float())
+            if router:
+                scores_TE, logits_TE = r.scores_TE.float(), r.logits_TE.float()
+                chosen_T = scores_TE.gather(1, r.topk_idx_TK).sum(1)
+                conf.add_((chosen_T / scores_TE.sum(1)).sum())
+                std.add_(logits_TE.std(dim=1, correction=0).sum())
+                lse2.add_(torch.logsumexp(logits_TE, dim=1).square().sum())
+                n.add_(logits_TE.shape[0])                       # python int: no sync
+                torch.maximum(logit_max, logits_TE.amax(), out=logit_max)
+        return fn
+
+    def _expert_hook(self, a: int, b: int) -> Callable:
+        sumsq_E, rows_E, out_E, maxabs_E = (self._slice(k, a, b) for k in (
+            "moe.act_sumsq", "moe.rows", "moe.out_sumsq", "moe.act_maxabs"))
+
+        def fn(args, out) -> None:
+            h_NH, out_ND, idx_N = args[:3]
+            sumsq_E.index_add_(0, idx_N, _rowsq(h_NH) / h_NH.shape[1])   # mean over hidden
+            rows_E.index_add_(0, idx_N, torch.ones(idx_N.shape, device=idx_N.device))
+            out_E.index_add_(0, idx_N, _rowsq(out_ND))
+            maxabs_E.scatter_reduce_(0, idx_N, _maxabs(h_NH, 1), "amax", include_self=True)
+        return fn
+
+    def _shared_hook(self, j: int) -> Callable:
+        sumsq, numel, out_sq, rows, maxabs = (self._slice(k, j, j + 1) for k in (
+            "shared.act_sumsq", "shared.act_numel", "shared.out_sumsq", "shared.rows",
+            "shared.act_maxabs"))
+
+        def fn(args, out) -> None:
+            h_TH, out_TD = args[:2]
+            sumsq.add_(torch.linalg.vector_norm(h_TH, dtype=torch.float32).square())
+            numel.add_(h_TH.numel())
+            out_sq.add_(torch.linalg.vector_norm(out_TD, dtype=torch.float32).square())
+            rows.add_(out_TD.shape[0])
+            torch.maximum(maxabs, _maxabs(h_TH), out=maxabs)
+        return fn
+
+    def _max_hook(self, dst: torch.Tensor, pick: Callable) -> Callable:
+        def fn(args, out) -> None:
+            x = pick(args, out)
+            m = x.amax() if dst.numel() == 1 else x.reshape(dst.shape)
+            torch.maximum(dst, m.float(), out=dst)
+        return fn
+
+    def _resid_hook(self, layer: int) -> Callable:
+        sumsq, numel, maxabs = (self._slice(k, layer, layer + 1) for k in (
+            "resid.sumsq", "resid.numel", "resid.maxabs"))
+
+        def fn(args, out) -> None:
+            x = out[0] if isinstance(out, (tuple, list)) else out
+            sumsq.add_(torch.linalg.vector_norm(x, dtype=torch.float32).square())
+            numel.add_(x.numel())
+            torch.maximum(maxabs, _maxabs(x), out=maxabs)
+        return fn
+
+    def _slice(self, key: str, a: int, b: int) -> torch.Tensor | None:
+        region = self.view(key)
+        return None if region is None else region[a:b]
+
+    # ------------------------------------------------------------------ step boundaries
+    def reset(self) -> None:
+        self.buf.copy_(self._init)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Turn this step's running sums into the metrics (device ops only)."""
+        v = self.view
+        if v("moe.act_rms") is not None:
+            rows = v("moe.rows").clamp(min=1)          # no tokens -> 0, documented above
+            torch.div(v("moe.act_sumsq"), rows, out=v("moe.act_rms")).sqrt_()
+            torch.div(v("moe.out_sumsq"), rows, out=v("moe.out_norm")).sqrt_()
+        if v("shared.act_rms") is not None:
+            torch.div(v("shared.act_sumsq"), v("shared.act_numel").clamp(min=1),
+                      out=v("shared.act_rms")).sqrt_()
+            torch.div(v("shared.out_sumsq"), v("shared.rows").clamp(min=1),
+                      out=v("shared.out_norm")).sqrt_()
+        if v("router.confidence") is not None:
+            n = v("router.n_tokens")                   # 0 tokens -> NaN: nothing was routed
+            torch.div(v("router.conf_sum"), n, out=v("router.confidence"))
+            torch.div(v("router.std_sum"), n, out=v("router.logit_std"))
+            torch.div(v("router.lse2_sum"), n, out=v("router.z_loss"))
+            self._load_ratio(v("moe.tokens") if v("moe.tokens") is not None
+                             else v("router.load"), v("router.load_max_over_mean"))
+            biased = [(i, s.expert_bias) for i, s in enumerate(self.moe_sites)
+                      if s.expert_bias is not None]
+            if biased:
+                norms = torch._foreach_norm([b for _, b in biased], INF, dtype=torch.float32)
+                dst = v("router.bias_absmax")
+                if len(biased) == len(self.moe_sites):
+                    dst.copy_(torch.stack(norms))
+                else:
+                    for (i, _), norm in zip(biased, norms):
+                        dst[i].copy_(norm)
+        if v("resid.rms") is not None:
+            torch.div(v("resid.sumsq"), v("resid.numel"), out=v("resid.rms")).sqrt_()
+
+    def _load_ratio(self, tokens: torch.Tensor, dst: torch.Tensor) -> None:
+        if self._uniform_e:
+            t_LE = tokens.view(len(self.moe_sites), -1)
+            torch.div(t_LE.amax(1), t_LE.mean(1), out=dst)
+        else:
+            for i in range(len(self.moe_sites)):
+                t_E = tokens[self._expert_off[i]:self._expert_off[i + 1]]
+                torch.div(t_E.amax(), t_E.mean(), out=dst[i])
+
+    def write_loop_values(self, loss, mtp_losses) -> None:
+        """Copy the step's loss tensors into their slots on the device (no sync; the float32
+        value sent is bit-identical to float(loss) for float32/bf16/fp16 losses)."""
+        for key, values in (("train.loss", [loss]), ("train.mtp", list(mtp_losses or ()))):
+            dst = self.view(key)
+            if dst is None:
+                continue
+            for d, value in enumerate(values[:dst.numel()]):
+                if value is None:
+                    continue
+                if isinstance(value, torch.Tensor):
+                    dst[d].copy_(value.detach().reshape(()))
+                else:
+                    dst[d].fill_(float(value))
+
+    def to_host(self, n: int) -> HostVector:
+        """The step's single device-to-host copy of buf[:n] (the schemas' prefix)."""
+        pool = self._pool[n]
+        try:
+            host = pool.pop()
+        except IndexError:
+            host = torch.empty(n, dtype=torch.float32, pin_memory=self._pinned)
+        host.copy_(self.buf[:n], non_blocking=self._pinned)
+        event = None
+        if self._pinned:
+            event = torch.cuda.Event()
+            event.record()
+        self.host_copies += 1
+
+        def release(t: torch.Tensor) -> None:
+            if len(pool) < 4:        # a few staging buffers; the rest go back to the allocator
+                pool.append(t)
+        return HostVector(host, event, release)

@@ -1,0 +1,130 @@
+"""A minimal collector for the client tests: a real gRPC server on loopback that records frames.
+
+Not the project's collector (collector/ is built separately): just enough of the wire contract
+to exercise the client. Per connection: check the token, read Hello, answer Welcome with the
+durable seq, then record every frame and acknowledge cumulatively while `acking` is set. Knobs
+let a test stop acking, drop the current stream, or push ClipUpdates down.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from proto.v1 import telemetry_pb2 as pb
+from proto.v1 import telemetry_pb2_grpc as pbg
+
+
+def header_of(frame: pb.ClientFrame) -> pb.FrameHeader:
+    return getattr(frame, frame.WhichOneof("kind")).header
+
+
+class RecordingServicer(pbg.TelemetryServicer):
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+        self.lock = threading.Condition()
+        self.connections: list[list[pb.ClientFrame]] = []   # frames per connection, Hello first
+        self.durable = 0                 # highest contiguous seq received while acking
+        self.acking = True
+        self.outboxes: list[queue.Queue] = []
+        self.rejected = 0
+
+    # -------------------------------------------------------------- test helpers
+    def frames(self, kind: str | None = None) -> list[pb.ClientFrame]:
+        with self.lock:
+            out = [f for conn in self.connections for f in conn[1:]]
+        return [f for f in out if kind is None or f.WhichOneof("kind") == kind]
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        with self.lock:
+            return self.lock.wait_for(lambda: predicate(self), timeout=timeout)
+
+    def drop_current(self) -> None:
+        """End the newest stream with UNAVAILABLE, as a collector crash would."""
+        with self.lock:
+            box = self.outboxes[-1]
+        box.put(None)
+
+    def push_clip(self, version: int, settings: list[tuple[int, str, float]],
+                  reason: str = "test") -> None:
+        update = pb.ClipUpdate(version=version, reason=reason, settings=[
+            pb.ClipSetting(layer=l, site=s, limit=v) for l, s, v in settings])
+        with self.lock:
+            box = self.outboxes[-1]
+        box.put(pb.ServerFrame(clip=update))
+
+    def step_vectors(self, schema_id: int = 1) -> dict[int, np.ndarray]:
+        """step -> reassembled packed vector of one schema (last copy wins)."""
+        parts: dict[int, dict[int, bytes]] = {}
+        totals: dict[int, int] = {}
+        for f in self.frames("chunk"):
+            c = f.chunk
+            if c.schema_id == schema_id:
+                parts.setdefault(c.header.step, {})[c.offset] = c.values
+                totals[c.header.step] = c.total
+        out = {}
+        for step, chunks in parts.items():
+            vec = np.concatenate([np.frombuffer(chunks[o], "<f4") for o in sorted(chunks)])
+            assert len(vec) == totals[step]
+            out[step] = vec
+        return out
+
+    # -------------------------------------------------------------- the rpc
+    def Stream(self, request_iterator, context):
+        metadata = dict(context.invocation_metadata())
+        if self.token is not None and metadata.get("authorization") != f"Bearer {self.token}":
+            with self.lock:
+                self.rejected += 1
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
+        hello = next(request_iterator)
+        outbox: queue.Queue = queue.Queue()
+        with self.lock:
+            frames = [hello]
+            self.connections.append(frames)
+            self.outboxes.append(outbox)
+            self.lock.notify_all()
+            durable = self.durable
+        yield pb.ServerFrame(welcome=pb.Welcome(acked_seq=durable, protocol_version=1))
+
+        def read() -> None:
+            try:
+                for frame in request_iterator:
+                    with self.lock:
+                        frames.append(frame)
+                        seq = header_of(frame).seq
+                        if self.acking and seq == self.durable + 1:
+                            self.durable = seq
+                            outbox.put(pb.ServerFrame(ack=pb.Ack(seq=seq,
+                                                                 step=header_of(frame).step)))
+                        self.lock.notify_all()
+            except grpc.RpcError:
+                pass
+            finally:
+                outbox.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        while True:
+            item = outbox.get()
+            if item is None:
+                break
+            yield item
+        if context.is_active():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "test server dropped the stream")
+
+
+class TestServer:
+    """The servicer on 127.0.0.1:<free port>; `stop()` / `restart()` keep the same port."""
+
+    def __init__(self, servicer: RecordingServicer, port: int = 0) -> None:
+        self.servicer = servicer
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        pbg.add_TelemetryServicer_to_server(servicer, self._server)
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        self._server.start()
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._server.stop(grace=None).wait()
