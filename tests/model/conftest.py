@@ -22,3 +22,13 @@ def tiny_batch(tiny_cfg):
     g = torch.Generator().manual_seed(1)
     seq_BT = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.max_seq_len + 1), generator=g)
     return seq_BT[:, :-1].contiguous(), seq_BT[:, 1:].contiguous()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: intra-op threads only add spin-wait overhead on a shared 2-core
+    machine (measured ~5x slower per step under load). Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
