@@ -2,6 +2,8 @@
 
     open_store("memory:")            private in-memory store (tests)
     open_store("parquet:DIR")        Parquet files under DIR ("parquet:///abs/dir" also works)
+    open_store("clickhouse://U:P@HOST:PORT/DB")  ClickHouse (store/clickhouse_config.py: TLS,
+                                     and what the environment fills in)
 
 Backends are imported inside open_store so nobody pays for one they don't use.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 from store.base import (REDUCE_OPS, RUN_NAME_RE, InvalidInput, MetricDict, NotFound, RunInfo,
                         StepStatus, Store, StoreError, ValueBatch, check_run_name)
 
-SUPPORTED_URLS = ("memory:", "parquet:DIR")
+SUPPORTED_URLS = ("memory:", "parquet:DIR", "clickhouse://USER:PASS@HOST:PORT/DB")
 
 __all__ = ["REDUCE_OPS", "RUN_NAME_RE", "InvalidInput", "MetricDict", "NotFound", "RunInfo",
            "StepStatus", "Store", "StoreError", "ValueBatch", "check_run_name", "open_store",
@@ -25,6 +27,9 @@ def open_store(url: str) -> Store:
     if sep and scheme == "memory" and rest in ("", "//"):
         from store.memory import MemoryStore
         return MemoryStore()
+    if sep and scheme in ("clickhouse", "clickhouses"):
+        from store.clickhouse import ClickHouseStore   # clickhouse-driver only when asked for
+        return ClickHouseStore(url)
     if rest.startswith("///"):                       # parquet:///abs/dir -> /abs/dir
         rest = rest[2:]
     if sep and scheme == "parquet" and rest:
