@@ -30,6 +30,7 @@ from proto.v1 import telemetry_pb2_grpc as pbg
 from store.base import Store
 
 log = logging.getLogger("collector")
+GOODBYE_CONFIRM_S = 0.1
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -113,6 +114,10 @@ class TelemetryServicer(pbg.TelemetryServicer):
             log.exception("stream from %s failed", conn.peer)
             conn.fail(exc)
             return
+        # grpc.aio reports a client's cancellation as end-of-stream too; the cancellation
+        # itself lands a moment later and cancels this task. Only a stream that is still alive
+        # after GOODBYE_CONFIRM_S said goodbye (which may finish the run).
+        await asyncio.sleep(GOODBYE_CONFIRM_S)
         if not (context.done() or context.cancelled()):
             self.ingest.half_close(conn)
 

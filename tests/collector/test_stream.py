@@ -1,0 +1,199 @@
+"""End to end over loopback into the memory store: reductions read back, acks only after a
+flush, reconnect + resend without double counting, stragglers, goodbye."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from proto.v1 import telemetry_pb2 as pb
+from store.memory import MemoryStore
+
+from .conftest import WAIT_S, mdef
+
+OPS = {pb.REDUCE_SUM: np.sum, pb.REDUCE_MEAN: np.mean, pb.REDUCE_MAX: np.max,
+       pb.REDUCE_MIN: np.min}
+
+
+def wait_for(predicate, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def reduced(store, run: str, step: int) -> dict[str, float]:
+    df = store.at_step(run, step)
+    return dict(zip(df["name"].to_list(), df["value"].to_list()))
+
+
+def test_two_ranks_values_read_back_equal_independent_reductions(start_collector,
+                                                                 client_factory):
+    _, addr, store = start_collector()
+    rng = np.random.default_rng(1)
+    names = [f"moe/layer{i // 4:02d}/expert{i % 4:03d}/act_rms" for i in range(10)]
+    ops = [list(OPS)[i % 4] for i in range(10)]
+    every = [mdef(n, op, layer=i // 4, expert=i % 4) for i, (n, op) in enumerate(zip(names, ops))]
+    sparse = [mdef("param_norm/total", pb.REDUCE_MAX)]
+    c0 = client_factory(addr, "e2e", 0, 2)
+    c1 = client_factory(addr, "e2e", 1, 2)
+    order1 = rng.permutation(10)              # rank 1 declares the same metrics in another order
+    c0.schema(1, every)
+    c0.schema(2, sparse)
+    c1.schema(4, [every[i] for i in order1])
+    c1.schema(2, sparse)
+    sent = {}                                  # (step, rank) -> {name: value}
+    for step in range(3):
+        v0, v1 = rng.normal(size=10).astype(np.float32), rng.normal(size=10).astype(np.float32)
+        c0.chunk(step, 1, v0[:6], offset=0, total=10)       # chunked, out of order
+        c0.chunk(step, 1, v0[6:], offset=6, total=10)
+        c1.chunk(step, 4, v1[order1][5:], offset=5, total=10)
+        c1.chunk(step, 4, v1[order1][:5], offset=0, total=10)
+        n0 = n1 = 10
+        sent[step, 0] = dict(zip(names, v0.tolist()))
+        sent[step, 1] = dict(zip(names, v1.tolist()))
+        if step % 2 == 0:                                   # every other step only
+            c0.chunk(step, 2, [float(step)])
+            c1.chunk(step, 2, [float(step) + 0.5])
+            n0, n1 = n0 + 1, n1 + 1
+            sent[step, 0]["param_norm/total"] = float(step)
+            sent[step, 1]["param_norm/total"] = step + 0.5
+        c0.end_of_step(step, n0)
+        c1.end_of_step(step, n1)
+    c0.wait_ack()
+    c1.wait_ack()
+
+    op_of = dict(zip(names, ops)) | {"param_norm/total": pb.REDUCE_MAX}
+    for step in range(3):
+        got = reduced(store, "e2e", step)
+        assert set(got) == set(sent[step, 0])
+        for name, value in got.items():
+            expect = OPS[op_of[name]](np.array([sent[step, 0][name], sent[step, 1][name]],
+                                               dtype=np.float64))
+            assert value == pytest.approx(expect, rel=1e-6, abs=1e-6), (step, name)
+        for rank in (0, 1):
+            raw = store.at_step("e2e", step, rank=rank)
+            assert dict(zip(raw["name"].to_list(), raw["value"].to_list())) == pytest.approx(
+                sent[step, rank])
+    steps = store.steps("e2e")
+    assert steps["step"].to_list() == [0, 1, 2] and steps["complete"].all()
+    md = store.metrics("e2e")
+    assert md.height == 11 and md["metric_id"].to_list() == list(range(11))   # dense, shared
+    assert store.series("e2e", names[3])["step"].to_list() == [0, 1, 2]
+
+
+class GatedStore(MemoryStore):
+    """A flush that carries step values waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def flush(self) -> None:
+        if self._pending:                     # value rows buffered (not just run/metric rows)
+            self.gate.wait(WAIT_S)
+        super().flush()
+
+
+def test_acks_are_cumulative_and_only_after_the_flush(start_collector, client_factory):
+    store = GatedStore()
+    collector, addr, _ = start_collector(store=store)
+    c = client_factory(addr, "acks", 0, 1)
+    assert c.expect("welcome").acked_seq == 0
+    c.schema(1, [mdef("loss", pb.REDUCE_MEAN)])
+    c.step(0, 1, [2.5])                                   # seqs 2 (chunk) and 3 (end)
+    wait_for(lambda: collector.stats()["values_written"] >= 1, "the step to be written")
+    with pytest.raises(TimeoutError):
+        c.expect("ack", timeout=0.5)                      # written, not flushed: no ack
+    store.gate.set()
+    ack = c.wait_ack()
+    assert (ack.seq, ack.step) == (3, 0)                  # one ack covers all three frames
+    assert store.series("acks", "loss")["value"].to_list() == [2.5]   # durable before the ack
+    for step in (1, 2, 3):
+        c.step(step, 1, [float(step)])
+    assert c.wait_ack().seq == 9
+    seqs = [a.seq for a in c.acks]
+    assert seqs == sorted(seqs) and c.acks[-1].step == 3
+
+
+def test_reconnect_and_resend_keeps_exactly_one_copy(start_collector, client_factory):
+    collector, addr, store = start_collector()
+    ms = [mdef("tokens", pb.REDUCE_SUM), mdef("max_logit", pb.REDUCE_MAX)]
+    c0 = client_factory(addr, "resend", 0, 2)
+    c1 = client_factory(addr, "resend", 1, 2)
+    c0.schema(1, ms)
+    c1.schema(1, ms)
+    c0.step(0, 1, [10, 1])
+    c1.step(0, 1, [20, 2])
+    acked = c0.wait_ack().seq                             # 3
+    c0.chunk(1, 1, [100], offset=0, total=2)              # half of step 1 ...
+    wait_for(lambda: collector.stats()["frames"] >= 9, "the half step to arrive")
+    c0.cancel()                                           # ... and the connection drops
+    wait_for(lambda: collector.stats()["streams_closed"] >= 1, "the server to see the drop")
+    assert collector.ingest.runs["resend"].said_goodbye == set()   # a drop is no goodbye
+
+    again = client_factory(addr, "resend", 0, 2, seq=c0.seq)
+    assert again.expect("welcome").acked_seq == acked
+    dup_before = collector.stats()["frames_duplicate"]
+    for frame in c0.sent:                                 # resend everything it still had,
+        again.send(frame)                                 # even what was already acked
+    again.chunk(1, 1, [5], offset=1, total=2)
+    again.end_of_step(1, 2)
+    c1.step(1, 1, [200, 3])
+    again.wait_ack()
+    c1.wait_ack()
+
+    assert collector.stats()["frames_duplicate"] - dup_before == 3   # schema + step 0 frames
+    assert reduced(store, "resend", 0) == {"tokens": 30, "max_logit": 2}
+    assert reduced(store, "resend", 1) == {"tokens": 300, "max_logit": 5}
+    raw = store.at_step("resend", 1, rank=0)
+    assert raw.height == 2 and raw["value"].to_list() == [100, 5]
+    assert store.steps("resend")["complete"].to_list() == [True, True]
+
+
+def test_straggler_is_left_out_and_recorded_late(start_collector, client_factory):
+    collector, addr, store = start_collector(straggler_timeout_s=0.3)
+    c0 = client_factory(addr, "strag", 0, 2)
+    c1 = client_factory(addr, "strag", 1, 2)
+    c0.schema(1, [mdef("grad_norm", pb.REDUCE_MAX)])
+    c1.schema(1, [mdef("grad_norm", pb.REDUCE_MAX)])
+    c0.step(0, 1, [1.0])
+    assert c0.wait_ack().step == 0                        # reduced without rank 1
+    st = store.steps("strag").row(0, named=True)
+    assert (st["n_ranks"], st["missing_ranks"], st["complete"]) == (1, [1], False)
+    assert reduced(store, "strag", 0) == {"grad_norm": 1.0}
+
+    c1.step(0, 1, [50.0])                                 # rank 1 wakes up: late
+    c1.wait_ack()
+    assert reduced(store, "strag", 0) == {"grad_norm": 1.0}            # reduction stands
+    assert store.at_step("strag", 0, rank=1)["value"].to_list() == [50.0]   # but recorded
+    c0.step(1, 1, [2.0])
+    c1.step(1, 1, [3.0])
+    c0.wait_ack()
+    c1.wait_ack()
+    assert reduced(store, "strag", 1) == {"grad_norm": 3.0}
+    assert store.steps("strag")["complete"].to_list() == [False, True]
+    s = collector.stats()
+    assert (s["steps_incomplete"], s["stragglers"], s["late_values"]) == (1, 1, 1)
+
+
+def test_goodbye_ends_streams_after_their_acks_and_finishes_the_run(start_collector,
+                                                                    client_factory):
+    _, addr, store = start_collector()
+    c0 = client_factory(addr, "bye", 0, 2)
+    c1 = client_factory(addr, "bye", 1, 2)
+    c0.schema(1, [mdef("x")])
+    c1.schema(1, [mdef("x")])
+    c0.step(0, 1, [1.0])
+    c1.step(0, 1, [2.0])
+    c0.step(1, 1, [4.0])                                  # rank 1 never ends step 1
+    assert c1.close().code.name == "OK"
+    end = c0.close()                                      # last goodbye: step 1 is reduced
+    assert end.code.name == "OK" and c0.acks[-1].seq == c0.seq
+    assert store.runs().row(0, named=True)["status"] == "finished"
+    st = store.steps("bye")
+    assert st["complete"].to_list() == [True, False] and st["missing_ranks"][1].to_list() == [1]
+    assert reduced(store, "bye", 1) == {"x": 4.0}
