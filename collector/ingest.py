@@ -44,6 +44,7 @@ class Run:
     conns: dict[int, set[Conn]] = field(default_factory=dict)
     said_goodbye: set[int] = field(default_factory=set)   # ranks that half-closed
     finished: bool = False
+    finish_job: int | None = None      # writer job that marks the run finished
 
 
 class Ingest:
@@ -57,6 +58,7 @@ class Ingest:
         self.counters = counters
         self.clock = clock
         self.runs: dict[str, Run] = {}
+        self._durable_job = 0              # every writer job <= this has been flushed
 
     # ---- frames ---------------------------------------------------------------------------
     def receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
@@ -106,7 +108,7 @@ class Ingest:
             raise InvalidArgument(f"run {name!r} is live with world_size {run.world_size}; a "
                                   f"Hello with world_size {world} cannot join it")
         elif run.finished:                                # a rank came back: live again
-            run.finished = False
+            run.finished, run.finish_job = False, None
             self.writer.submit(OpenRun(run.info))
         conn.run, conn.rank = name, rank
         run.conns.setdefault(rank, set()).add(conn)
@@ -214,17 +216,29 @@ class Ingest:
     # ---- acks and control down ------------------------------------------------------------
     def on_flushed(self, through_job: int, failed: set[int]) -> None:
         """The writer made jobs <= through_job durable (except `failed`)."""
+        self._durable_job = through_job
         for run in self.runs.values():
             for rank, acks in run.acks.items():
                 if acks.flushed(through_job, failed):
                     self._send_ack(run, rank)
+                self._settle(run, rank)
 
     def _send_ack(self, run: Run, rank: int) -> None:
         acks = run.acks[rank]
         for conn in run.conns.get(rank, ()):
             conn.send_ack(acks.acked, acks.durable_step)
             self.counters.add("acks_sent")
-            if conn.half_closed and acks.settled:
+
+    def _settle(self, run: Run, rank: int) -> None:
+        """End the half-closed streams of a rank once all it sent is acked and, if the run
+        is finishing, its finished status is durable too: a client whose close() returned OK
+        can read everything back."""
+        if not run.acks[rank].settled:
+            return
+        if run.finish_job is not None and run.finish_job > self._durable_job:
+            return
+        for conn in run.conns.get(rank, ()):
+            if conn.half_closed:
                 conn.finish()
 
     def broadcast_clip(self, run: str, update: pb.ClipUpdate) -> None:
@@ -242,11 +256,10 @@ class Ingest:
         if run is None:
             conn.finish()
             return
-        if run.acks[conn.rank].settled:
-            conn.finish()
         run.said_goodbye.add(conn.rank)
         if len(run.said_goodbye) == run.world_size:
             self._finish_run(run)
+        self._settle(run, conn.rank)
 
     def detach(self, conn: Conn) -> None:
         run = self.runs.get(conn.run) if conn.run else None
@@ -262,7 +275,7 @@ class Ingest:
             return
         for ready in run.barrier.drain():
             self._submit_step(run, ready)
-        self.writer.submit(FinishRun(run.name))
+        run.finish_job = self.writer.submit(FinishRun(run.name))
         run.finished = True
 
     def finish_all(self) -> None:
