@@ -282,9 +282,13 @@ class Sender:
                     self._cond.notify_all()
         except grpc.RpcError as exc:
             if not self._stop and exc.code() != grpc.StatusCode.CANCELLED:
+                key = f"status_{exc.code().name}"
                 self._count("stream_errors")
-                self._count(f"status_{exc.code().name}")
-                log.info("stepwatch: stream to %s ended: %s", self.target, exc.code().name)
+                self._count(key)
+                first = self.counters[key] == 1            # warn once per status, then quietly
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "stepwatch: stream to %s ended: %s %s (reconnecting with backoff)",
+                        self.target, exc.code().name, exc.details() or "")
         except Exception:  # noqa: BLE001 - the stream is reopened
             self._count("reader_errors")
             log.exception("stepwatch: reader error")

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:           # importlib mode: make `tests.hooks.*` importable
     sys.path.insert(0, str(ROOT))
 
-from tests.hooks.servicer import RecordingServicer, TestServer  # noqa: E402
+from tests.hooks.servicer import RecordingServicer, LoopbackServer  # noqa: E402
 from tests.hooks.standin import StandIn  # noqa: E402
 
 
@@ -22,7 +22,7 @@ def servicer():
 
 @pytest.fixture
 def server(servicer):
-    srv = TestServer(servicer)
+    srv = LoopbackServer(servicer)
     yield srv
     srv.stop()
 

@@ -28,7 +28,8 @@ class RecordingServicer(pbg.TelemetryServicer):
         self.lock = threading.Condition()
         self.connections: list[list[pb.ClientFrame]] = []   # frames per connection, Hello first
         self.durable = 0                 # highest contiguous seq received while acking
-        self.acking = True
+        self.acking = True               # advance durable on receipt
+        self.send_acks = True            # tell the client (False: durable, but the ack is lost)
         self.outboxes: list[queue.Queue] = []
         self.rejected = 0
 
@@ -78,6 +79,7 @@ class RecordingServicer(pbg.TelemetryServicer):
         if self.token is not None and metadata.get("authorization") != f"Bearer {self.token}":
             with self.lock:
                 self.rejected += 1
+                self.lock.notify_all()
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
         hello = next(request_iterator)
         outbox: queue.Queue = queue.Queue()
@@ -97,8 +99,9 @@ class RecordingServicer(pbg.TelemetryServicer):
                         seq = header_of(frame).seq
                         if self.acking and seq == self.durable + 1:
                             self.durable = seq
-                            outbox.put(pb.ServerFrame(ack=pb.Ack(seq=seq,
-                                                                 step=header_of(frame).step)))
+                            if self.send_acks:
+                                outbox.put(pb.ServerFrame(ack=pb.Ack(seq=seq,
+                                                                     step=header_of(frame).step)))
                         self.lock.notify_all()
             except grpc.RpcError:
                 pass
@@ -115,7 +118,7 @@ class RecordingServicer(pbg.TelemetryServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "test server dropped the stream")
 
 
-class TestServer:
+class LoopbackServer:
     """The servicer on 127.0.0.1:<free port>; `stop()` / `restart()` keep the same port."""
 
     def __init__(self, servicer: RecordingServicer, port: int = 0) -> None:

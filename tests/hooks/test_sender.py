@@ -1,0 +1,207 @@
+"""The sender against a real gRPC server on loopback (tests/hooks/servicer.py): frame order,
+chunking, reconnect with exact resend, buffer-full policies, auth, seq continuation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hooks.config import MonitorConfig
+from hooks.frames import Identity
+from hooks.layout import MetricSpec
+from hooks.sender import Sender, StepItem
+from tests.hooks.servicer import RecordingServicer, LoopbackServer, header_of
+
+pytestmark = pytest.mark.timeout(60)
+IDENT = Identity("sendtest", 1, 2)
+
+
+class ArrayVector:
+    """Stands in for hooks.stats.HostVector: the step's values, already on the host."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+    def materialize(self) -> np.ndarray:
+        return self.values.copy()
+
+
+def specs(n: int, prefix: str) -> list[MetricSpec]:
+    return [MetricSpec(f"{prefix}/m{i:03d}", "mean", "m", layer=i) for i in range(n)]
+
+
+def vector(step: int, n: int) -> np.ndarray:
+    return (np.arange(n, dtype=np.float32) + 1000 * step).astype(np.float32)
+
+
+def item(step: int, n1: int = 5, n2: int = 0) -> StepItem:
+    schemas = [(1, n1)] + ([(2, n2)] if n2 else [])
+    return StepItem(step=step, vector=ArrayVector(vector(step, n1 + n2)), schemas=schemas,
+                    wall_time=1e9 + step)
+
+
+def make_sender(target: str, n1: int = 5, n2: int = 3, token: str | None = None,
+                **config) -> Sender:
+    cfg = MonitorConfig(**{"backoff_initial_s": 0.05, "backoff_max_s": 0.2, **config})
+    return Sender(target, IDENT, [(1, specs(n1, "a")), (2, specs(n2, "b"))], cfg, token=token,
+                  run_config={"preset": "test"})
+
+
+def data_seqs(frames) -> list[int]:
+    return [header_of(f).seq for f in frames if f.WhichOneof("kind") not in ("hello", "schema")]
+
+
+def test_frames_in_order_and_values_round_trip(server, servicer):
+    sender = make_sender(server.target)
+    step0 = item(0, 5, 3)
+    step0.patch_idx, step0.patch_vals = np.array([4]), np.array([-7.5], np.float32)
+    assert sender.submit(step0) and sender.submit(item(1))
+    sender.submit_clip_ack(step=2, version=9)
+    assert sender.close(timeout=10)
+    (conn,) = servicer.connections
+    kinds = [f.WhichOneof("kind") for f in conn]
+    assert kinds == ["hello", "schema", "schema", "chunk", "chunk", "end_of_step", "chunk",
+                     "end_of_step", "clip_ack"]
+    hello = conn[0].hello
+    assert (hello.header.run, hello.header.rank, hello.world_size) == ("sendtest", 1, 2)
+    assert hello.protocol_version == 1 and json.loads(hello.config_json) == {"preset": "test"}
+    assert [header_of(f).seq for f in conn[1:]] == list(range(1, 9))    # contiguous from 1
+    assert [f.schema.schema_id for f in conn[1:3]] == [1, 2]
+    assert [m.name for m in conn[1].schema.metrics] == [f"a/m{i:03d}" for i in range(5)]
+    assert [header_of(f).step for f in conn[3:]] == [0, 0, 0, 1, 1, 2]
+    assert conn[5].end_of_step.n_values == 8 and conn[7].end_of_step.n_values == 5
+    assert conn[5].end_of_step.wall_time == 1e9
+    assert conn[8].clip_ack.version == 9
+    want = vector(0, 8)
+    want[4] = -7.5
+    np.testing.assert_array_equal(servicer.step_vectors(1)[0], want[:5])
+    np.testing.assert_array_equal(servicer.step_vectors(2)[0], want[5:])
+    np.testing.assert_array_equal(servicer.step_vectors(1)[1], vector(1, 5))
+    assert sender.stats()["acked_seq"] == 8
+
+
+def test_a_vector_bigger_than_the_chunk_size_is_split(server, servicer):
+    sender = make_sender(server.target, n1=10, chunk_values=4)
+    sender.submit(item(0, 10))
+    assert sender.close(timeout=10)
+    chunks = [f.chunk for f in servicer.frames("chunk")]
+    assert [(c.offset, c.total, len(c.values) // 4) for c in chunks] == [
+        (0, 10, 4), (4, 10, 4), (8, 10, 2)]
+    np.testing.assert_array_equal(servicer.step_vectors(1)[0], vector(0, 10))
+    assert servicer.frames("end_of_step")[0].end_of_step.n_values == 10
+
+
+def test_reconnect_resends_exactly_the_unacked_frames(server, servicer):
+    sender = make_sender(server.target)
+    for step in range(2):
+        sender.submit(item(step))
+    assert servicer.wait_for(lambda s: s.durable == 2 + 2 * 2)       # schemas + 2 steps acked
+    servicer.acking = False
+    for step in range(2, 4):
+        sender.submit(item(step))
+    assert servicer.wait_for(lambda s: len(s.frames("end_of_step")) == 4)
+    unacked = data_seqs(servicer.connections[0])[4:]
+    assert unacked == [7, 8, 9, 10]
+    servicer.acking = True
+    servicer.drop_current()
+    assert servicer.wait_for(lambda s: len(s.connections) == 2 and s.durable == 10)
+    sender.submit(item(4))
+    assert sender.close(timeout=10)
+    second = servicer.connections[1]
+    assert [f.WhichOneof("kind") for f in second[:3]] == ["hello", "schema", "schema"]
+    assert [header_of(f).seq for f in second[1:3]] == [1, 2]        # schemas keep their seq
+    assert data_seqs(second) == [7, 8, 9, 10, 11, 12]               # resend, then new
+    assert [header_of(f).step for f in second[3:]] == [2, 2, 3, 3, 4, 4]
+    stats = sender.stats()
+    assert stats["frames_resent"] == 4 and stats["connects"] == 2
+    assert set(servicer.step_vectors(1)) == {0, 1, 2, 3, 4}
+
+
+def test_frames_acked_only_by_welcome_are_not_resent(server, servicer):
+    """The collector made frames durable but the stream broke before their Ack arrived: the
+    next Welcome.acked_seq covers them, and the client must drop, not resend, them."""
+    sender = make_sender(server.target)
+    sender.submit(item(0))
+    assert servicer.wait_for(lambda s: s.durable == 4)
+    servicer.send_acks = False
+    sender.submit(item(1))
+    assert servicer.wait_for(lambda s: s.durable == 6)
+    assert sender.stats()["acked_seq"] == 4
+    servicer.send_acks = True
+    servicer.drop_current()
+    assert servicer.wait_for(lambda s: len(s.connections) == 2)
+    sender.submit(item(2))
+    assert sender.close(timeout=10)
+    assert data_seqs(servicer.connections[1]) == [7, 8]
+    assert sender.stats()["frames_resent"] == 0
+
+
+def test_drop_oldest_while_the_collector_is_down_then_deliver(servicer):
+    probe = LoopbackServer(servicer)
+    port = probe.port
+    probe.stop()                                       # a free port nobody listens on
+    sender = make_sender(f"127.0.0.1:{port}", buffer_steps=3)
+    for step in range(5):
+        assert sender.submit(item(step))
+    stats = sender.stats()
+    assert stats["dropped_steps"] == 2 and stats["buffered_steps"] == 3
+    server = LoopbackServer(servicer, port=port)
+    try:
+        assert sender.close(timeout=20)
+    finally:
+        server.stop()
+    assert sorted(servicer.step_vectors(1)) == [2, 3, 4]          # the oldest two dropped
+    assert data_seqs(servicer.connections[-1]) == list(range(3, 9))  # no seq gap
+
+
+def test_drop_oldest_when_every_step_is_in_flight(server, servicer):
+    servicer.acking = False
+    sender = make_sender(server.target, buffer_steps=2)
+    sender.submit(item(0))
+    sender.submit(item(1))
+    assert servicer.wait_for(lambda s: len(s.frames("end_of_step")) == 2)
+    assert sender.submit(item(2))
+    stats = sender.stats()
+    assert stats["dropped_steps"] == 1 and stats["dropped_unacked"] == 1
+    assert stats["buffered_steps"] == 2
+    sender.close(timeout=0.2)
+
+
+def test_block_policy_waits_then_drops_the_new_step(servicer):
+    probe = LoopbackServer(servicer)
+    target = probe.target
+    probe.stop()
+    sender = make_sender(target, buffer_steps=2, full_policy="block", block_timeout_s=0.2)
+    assert sender.submit(item(0)) and sender.submit(item(1))
+    assert sender.submit(item(2)) is False
+    stats = sender.stats()
+    assert stats["dropped_block_timeout"] == 1 and stats["blocked_submits"] == 1
+    assert stats["buffered_steps"] == 2
+    assert sender.close(timeout=0.2) is False and sender.stats()["lost_at_close"] == 2
+
+
+def test_seq_continues_after_what_the_collector_already_holds(server, servicer):
+    servicer.durable = 100                        # a restarted trainer: the run has history
+    sender = make_sender(server.target)
+    sender.submit(item(0))
+    assert sender.close(timeout=10)
+    assert [header_of(f).seq for f in servicer.connections[0][1:]] == [101, 102, 103, 104]
+
+
+def test_token_in_metadata():
+    servicer = RecordingServicer(token="s3cret")
+    server = LoopbackServer(servicer)
+    try:
+        good = make_sender(server.target, token="s3cret")
+        good.submit(item(0))
+        assert good.close(timeout=10)
+        assert len(servicer.frames("end_of_step")) == 1
+        bad = make_sender(server.target, token="wrong")
+        bad.submit(item(1))
+        assert servicer.wait_for(lambda s: s.rejected >= 2)
+        assert bad.close(timeout=0.2) is False
+        assert bad.stats()["status_UNAUTHENTICATED"] >= 1
+        assert len(servicer.frames("end_of_step")) == 1
+    finally:
+        server.stop()
