@@ -29,7 +29,7 @@ proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
 
 demo: $(STAMP)
-	$(PY) -m model.demo
+	$(PY) scripts/demo.py
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests

@@ -57,12 +57,12 @@ def main() -> int:
         metrics = store.metrics(args.run)
         steps = store.steps(args.run)
         loss = store.series(args.run, "train/loss")
-        first = store.at_step(args.run, int(steps["step"].max()))
-    every_step = first.height
+    periodic = int(metrics["name"].str.starts_with("params/").sum())  # every K steps
+    every_step = metrics.height - periodic
     print(f"[demo] trained {args.steps} steps in {time.time() - t0:.0f} s")
     print(f"[demo] data: {store_dir}")
-    print(f"[demo] {metrics.height} metrics in the dictionary; {every_step} metrics stored per "
-          f"step (plus periodic parameter norms); {steps.height} steps stored")
+    print(f"[demo] {every_step} metrics stored per step (+{periodic} parameter norms every few "
+          f"steps), {steps.height} steps, for run '{args.run}'")
     print(f"[demo] stored loss: first {loss['value'][0]:.3f} -> last {loss['value'][-1]:.3f}")
     print(f"[demo] inspect: .venv/bin/python -m store series --store {store_url} "
           f"--run {args.run} --metric train/loss")
