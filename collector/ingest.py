@@ -23,7 +23,7 @@ from collector.barrier import ByteBudget, ReadyStep, StepBarrier
 from collector.config import CollectorConfig
 from collector.conn import Conn
 from collector.control import ClipBoard
-from collector.errors import InvalidArgument, ResourceExhausted
+from collector.errors import InvalidArgument, ResourceExhausted, Unavailable
 from collector.registry import RunMetrics, check_hello
 from collector.stats import Counters
 from collector.writer import FinishRun, OpenRun, Writer, WriteMetrics, WriteRaw, WriteStep
@@ -59,12 +59,15 @@ class Ingest:
         self.clock = clock
         self.runs: dict[str, Run] = {}
         self._durable_job = 0              # every writer job <= this has been flushed
+        self.stopping = False              # shutdown: frames are refused, UNAVAILABLE
 
     # ---- frames ---------------------------------------------------------------------------
     def receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
         """Apply one frame; raises a CollectorError (translated to a status by the caller)."""
         kind = frame.WhichOneof("kind")
         self.counters.add("frames")
+        if self.stopping:
+            raise Unavailable("collector shutting down; reconnect and resend what is not acked")
         if conn.run is None:
             if kind != "hello":
                 raise InvalidArgument(f"the first frame of a stream must be Hello, got "
@@ -277,6 +280,13 @@ class Ingest:
             self._submit_step(run, ready)
         run.finish_job = self.writer.submit(FinishRun(run.name))
         run.finished = True
+
+    def end_streams(self, exc: BaseException) -> None:
+        """Shutdown: every open stream ends with `exc`'s status after its pending acks."""
+        for run in self.runs.values():
+            for conns in run.conns.values():
+                for conn in conns:
+                    conn.fail(exc)
 
     def finish_all(self) -> None:
         """Shutdown: reduce whatever is pending (incomplete) and mark every run finished."""

@@ -21,7 +21,7 @@ from collector.barrier import ByteBudget
 from collector.config import CollectorConfig
 from collector.conn import Conn
 from collector.control import ClipAckRecord, ClipBoard
-from collector.errors import CollectorError, Unauthenticated, status_of
+from collector.errors import CollectorError, Unauthenticated, Unavailable, status_of
 from collector.ingest import Ingest
 from collector.stats import Counters
 from collector.writer import Writer
@@ -196,28 +196,38 @@ class Collector:
                 log.exception("periodic %s failed", getattr(fn, "__name__", fn))
 
     def stop(self) -> None:
-        """Stop accepting, cancel streams after the grace period, reduce what is pending,
-        flush, mark runs finished. The store stays open (its owner closes it)."""
+        """Stop accepting streams, reduce what is pending (incomplete), flush, mark runs
+        finished, send the last acks, then end open streams with UNAVAILABLE so their clients
+        reconnect (to the next collector). The store stays open (its owner closes it)."""
         loop = self._loop
         if loop is None or not self._thread:
             return
+        timeout = self.config.stop_grace_s + 30
         if loop.is_running():
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(
-                    timeout=self.config.stop_grace_s + 30)
-        self.writer.close()                          # drains, flushes, acks nobody listens to
+                asyncio.run_coroutine_threadsafe(self._begin_shutdown(), loop).result(timeout)
+        self.writer.close()                # applies every job, flushes; acks queue on the loop
+        if loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._end_shutdown(), loop).result(timeout)
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout=10)
         loop.close()
         self._loop = None
         self._log_stats()
 
-    async def _shutdown(self) -> None:
+    async def _begin_shutdown(self) -> None:
         for t in self._tasks:
             t.cancel()
-        if self._server is not None:
-            await self._server.stop(self.config.stop_grace_s)
+        if self._server is not None:       # refuses new RPCs at once; waits for open ones
+            self._tasks = [asyncio.create_task(self._server.stop(self.config.stop_grace_s))]
+        self.ingest.stopping = True
         self.ingest.finish_all()
+
+    async def _end_shutdown(self) -> None:
+        self.ingest.end_streams(Unavailable("collector shutting down; reconnect and resend "
+                                            "what is not acked"))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _flushed(self, through_job: int, failed: set[int]) -> None:
         """Writer thread -> event loop: acks are computed and sent on the loop."""

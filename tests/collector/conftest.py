@@ -36,11 +36,13 @@ class RawClient:
 
     def __init__(self, address: str, run: str, rank: int, world_size: int, *,
                  token: str | None = None, seq: int = 0, hello: bool = True,
-                 protocol_version: int = 1) -> None:
+                 protocol_version: int = 1,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.run, self.rank, self.world_size = run, rank, world_size
         self.seq = seq
         self.sent: list[pb.ClientFrame] = []        # data frames, for resending
-        self.channel = grpc.insecure_channel(address)
+        self.channel = (grpc.secure_channel(address, credentials) if credentials
+                        else grpc.insecure_channel(address))
         md = [("authorization", f"Bearer {token}")] if token else []
         self._up: queue.Queue = queue.Queue()
         self.call = pbg.TelemetryStub(self.channel).Stream(iter(self._up.get, None), metadata=md)

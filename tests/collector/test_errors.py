@@ -64,6 +64,7 @@ def test_bad_input_gets_its_status_and_others_are_unharmed(case, start_collector
     kwargs, send, code, fragment = CASES[case]
     collector, addr, store = start_collector(max_pending_steps=4, max_pending_bytes=4000)
     good = client_factory(addr, "good", 0, 1)
+    good.expect("welcome")                                   # run "good" exists, world 1
     good.schema(1, [mdef("loss", pb.REDUCE_MEAN), mdef("tokens", pb.REDUCE_SUM)])
     good.step(0, 1, [1.5, 100])
     other = client_factory(addr, "shared", 0, 2)             # owns "shared/m" (sum)
