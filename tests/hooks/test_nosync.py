@@ -78,7 +78,7 @@ def py_syncs(monkeypatch):
 def test_no_sync_in_hooks_and_one_host_copy_per_step(which, py_syncs):
     torch.manual_seed(0)
     model, vocab = (StandIn(), 32) if which == "standin" else (tiny_model(), 256)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     mon = Monitor(model, opt, target="127.0.0.1:9", run="nosync",
                   config=MonitorConfig(param_norm_every=2))
     mon.sender.close(0.1)
