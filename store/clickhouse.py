@@ -152,13 +152,16 @@ class ClickHouseStore(BufferedStore):
                 values: dict[tuple[str, str], pl.DataFrame]) -> None:
         ver = self._next_ver()
         for (run, name), frame in values.items():
+            table = VALUE_TABLES[name]
+            # BufferedStore's dedup leaves rows in hash order; the server sorts every new part
+            # by the key anyway and does that ~25% faster on input that is already sorted.
+            frame = frame.sort([k for k in table.key if k != "run"])
             if name in NUMPY_TABLES:
                 cols = {c: frame[c].to_numpy() for c in frame.columns}   # zero-copy, no nulls
             else:
                 frame = frame.with_columns(pl.col("complete").cast(pl.UInt8))
                 cols = {c: frame[c].to_list() for c in frame.columns}
-            self._insert_rows(VALUE_TABLES[name], cols, ver, run=run,
-                              numpy=name in NUMPY_TABLES)
+            self._insert_rows(table, cols, ver, run=run, numpy=name in NUMPY_TABLES)
         for run, frame in metrics.items():
             self._insert_rows(METRICS, frame.to_dict(as_series=False), ver, run=run)
         if runs:
