@@ -8,6 +8,7 @@ sees the same code for the same mistake wherever it is caught.
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from store.base import InvalidInput as StoreInvalidInput
 
@@ -45,10 +46,15 @@ class Unavailable(CollectorError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+REJECTED = (CollectorError, DecodeError)    # bad input, as opposed to a collector bug
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(status code, message) for any exception; unknown ones are INTERNAL and say so."""
     if isinstance(exc, CollectorError):
         return exc.code, str(exc)
     if isinstance(exc, StoreInvalidInput):          # a store-side validation of our input
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, DecodeError):                # bytes that are not a ClientFrame
+        return grpc.StatusCode.INVALID_ARGUMENT, f"undecodable frame: {exc}"
     return grpc.StatusCode.INTERNAL, f"internal collector error: {type(exc).__name__}: {exc}"

@@ -21,7 +21,8 @@ from collector.barrier import ByteBudget
 from collector.config import CollectorConfig
 from collector.conn import Conn
 from collector.control import ClipAckRecord, ClipBoard
-from collector.errors import CollectorError, Unauthenticated, Unavailable, status_of
+from collector.errors import (REJECTED, CollectorError, Unauthenticated, Unavailable,
+                              status_of)
 from collector.ingest import Ingest
 from collector.stats import Counters
 from collector.writer import Writer
@@ -101,7 +102,7 @@ class TelemetryServicer(pbg.TelemetryServicer):
                 self.ingest.receive(conn, frame)
         except asyncio.CancelledError:
             raise
-        except CollectorError as exc:
+        except REJECTED as exc:
             self.counters.add("frames_rejected")
             log.info("rejected a frame from %s (run=%s rank=%s): %s", conn.peer, conn.run,
                      conn.rank, exc)

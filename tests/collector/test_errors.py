@@ -88,6 +88,22 @@ def test_bad_input_gets_its_status_and_others_are_unharmed(case, start_collector
     assert collector.stats()["frames_rejected"] == (1 if fragment else 0)
 
 
+def test_undecodable_bytes_are_invalid_argument(start_collector, client_factory):
+    collector, addr, store = start_collector()
+    channel = grpc.insecure_channel(addr)
+    raw = channel.stream_stream("/stepwatch.v1.Telemetry/Stream")      # bytes in, bytes out
+    with pytest.raises(grpc.RpcError) as err:
+        list(raw(iter([b"\xff\xff\xff\xff not a ClientFrame"])))
+    channel.close()
+    assert err.value.code() == INVALID and "undecodable frame" in err.value.details()
+    good = client_factory(addr, "good", 0, 1)
+    good.schema(1, [mdef("x")])
+    good.step(0, 1, [1.0])
+    good.wait_ack()
+    assert store.series("good", "x")["value"].to_list() == [1.0]
+    assert collector.stats()["frames_rejected"] == 1
+
+
 def test_error_frame_precedes_the_status(start_collector, client_factory):
     _, addr, _ = start_collector()
     bad = client_factory(addr, "bad", 0, 1)

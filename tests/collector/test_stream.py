@@ -197,3 +197,22 @@ def test_goodbye_ends_streams_after_their_acks_and_finishes_the_run(start_collec
     st = store.steps("bye")
     assert st["complete"].to_list() == [True, False] and st["missing_ranks"][1].to_list() == [1]
     assert reduced(store, "bye", 1) == {"x": 4.0}
+
+
+def test_many_concurrent_streams_of_one_run(start_collector, client_factory):
+    _, addr, store = start_collector()
+    world = 32
+    clients = [client_factory(addr, "wide", r, world) for r in range(world)]
+    for c in clients:
+        c.schema(1, [mdef("tokens", pb.REDUCE_SUM), mdef("act_max", pb.REDUCE_MAX),
+                     mdef("act_min", pb.REDUCE_MIN)])
+    for step in range(3):
+        for r, c in enumerate(clients):
+            c.step(step, 1, [r, r * (step + 1), -r])
+    for c in clients:
+        c.wait_ack()
+    for step in range(3):
+        assert reduced(store, "wide", step) == {
+            "tokens": sum(range(world)), "act_max": (world - 1) * (step + 1),
+            "act_min": -(world - 1)}
+    assert store.steps("wide")["n_ranks"].to_list() == [world] * 3
