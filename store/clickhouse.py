@@ -60,9 +60,13 @@ class ClickHouseStore(BufferedStore):
         self.config = ClickHouseConfig.from_url(url, env)
         self._last_ver = 0
         self._client = self._connect()
-        self.server_version: str = self._execute("SELECT version()")[0][0]
-        self.caps = Capabilities.for_version(self.server_version)
-        self._migrate()
+        try:
+            self.server_version: str = self._execute("SELECT version()")[0][0]
+            self.caps = Capabilities.for_version(self.server_version)
+            self._migrate()
+        except BaseException:
+            self._client.disconnect()
+            raise
         log.info("clickhouse store %s, server %s, %s", self.config.display_url,
                  self.server_version, self.caps)
 
@@ -123,6 +127,10 @@ class ClickHouseStore(BufferedStore):
         if current > LATEST_VERSION:
             raise StoreError(f"database {self.config.database} has schema v{current}, newer "
                              f"than this code's v{LATEST_VERSION}; upgrade stepwatch")
+        if self.config.options.raw_ttl_days and not self.caps.ttl:
+            log.warning("ClickHouse %s has no TTL (needs 19.6+): raw_ttl_days=%d is ignored, "
+                        "raw values are kept", self.server_version,
+                        self.config.options.raw_ttl_days)
         for m in pending_migrations(current):
             for sql in m.statements(self.config.database, self.caps, self.config.options):
                 self._execute(sql)

@@ -89,7 +89,8 @@ def _options(query: str) -> StoreOptions:
     values = {}
     for key, raw in parse_qsl(query, keep_blank_values=True):
         if key not in _OPTIONS:
-            raise InvalidInput(f"unknown ClickHouse store option {key!r}; known: {sorted(_OPTIONS)}")
+            raise InvalidInput(f"unknown ClickHouse store option {key!r}; "
+                               f"known: {sorted(_OPTIONS)}")
         try:
             values[key] = int(raw)
         except ValueError:

@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from store.base import InvalidInput, MetricDict, NotFound, RunInfo, StepStatus, StoreError, ValueBatch
+from store.base import (InvalidInput, MetricDict, NotFound, RunInfo, StepStatus, StoreError,
+                        ValueBatch)
 from store.clickhouse import ClickHouseStore
 from store.memory import MemoryStore
 
@@ -195,7 +196,8 @@ def test_metric_names_and_patterns_with_sql_are_only_data(store, clickhouse_serv
     store.open_run(RunInfo(RUN, world_size=1))
     store.write_metrics(RUN, metric_dict(["loss", *EVIL]))
     store.write_reduced(RUN, ValueBatch(step=np.zeros(3, np.int64), metric_id=np.arange(3),
-                                        value=np.array([1.0, 2.0, 3.0]), n_ranks=np.ones(3, np.int32)))
+                                        value=np.array([1.0, 2.0, 3.0]),
+                                        n_ranks=np.ones(3, np.int32)))
     store.flush()
     assert store.metrics(RUN)["name"].to_list() == ["loss", *EVIL]
     assert store.series(RUN, EVIL[0])["value"].to_list() == [2.0]
