@@ -46,6 +46,10 @@ class CollectorConfig:
     max_metrics_per_run: int = 1 << 24
     """Distinct metric names per run (dense ids 0..n-1)."""
 
+    keepalive_s: float = 2.0
+    """A rank with frames held but not yet durable (waiting for the barrier) gets its current
+    Ack again this often, so its client can tell a waiting collector from a dead stream."""
+
     max_streams: int = 8192
     """Concurrent RPCs the gRPC server admits (one stream per rank)."""
 
@@ -59,7 +63,7 @@ class CollectorConfig:
         if self.token is not None and (not isinstance(self.token, str) or not self.token):
             raise ValueError("token must be a non-empty string or None")
         for name in ("straggler_timeout_s", "flush_interval_s", "stop_grace_s",
-                     "stats_log_interval_s"):
+                     "stats_log_interval_s", "keepalive_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")

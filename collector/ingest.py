@@ -244,6 +244,14 @@ class Ingest:
             if conn.half_closed:
                 conn.finish()
 
+    def keepalive(self) -> None:
+        """Repeat the current Ack to ranks whose frames wait (for a slow rank, a flush): the
+        seq does not move, but the client sees the collector alive and holding its data."""
+        for run in self.runs.values():
+            for rank, acks in run.acks.items():
+                if acks.max_seq > acks.acked and rank in run.conns:
+                    self._send_ack(run, rank)
+
     def broadcast_clip(self, run: str, update: pb.ClipUpdate) -> None:
         r = self.runs.get(run)
         for conns in (r.conns.values() if r else ()):

@@ -170,19 +170,23 @@ class Collector:
         self._server = aio.server(
             interceptors=interceptors, maximum_concurrent_rpcs=self.config.max_streams,
             options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", limit)])
+                     ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)])     # a taken port is an error, not shared
         pbg.add_TelemetryServicer_to_server(TelemetryServicer(self.ingest, self.counters),
                                             self._server)
         address = f"{host}:{port}"
-        if tls:
-            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
-            bound = self._server.add_secure_port(address, creds)
-        else:
-            bound = self._server.add_insecure_port(address)
-        if not bound:
-            raise OSError(f"could not listen on {address}")
+        try:
+            if tls:
+                creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+                bound = self._server.add_secure_port(address, creds)
+            else:
+                bound = self._server.add_insecure_port(address)
+        except RuntimeError as exc:                 # grpc's "Failed to bind"
+            raise OSError(f"could not listen on {address} (port taken?): {exc}") from None
         await self._server.start()
         self._tasks = [asyncio.create_task(self._every(self.config.tick_s, self.ingest.tick)),
+                       asyncio.create_task(self._every(self.config.keepalive_s,
+                                                       self.ingest.keepalive)),
                        asyncio.create_task(self._every(self.config.stats_log_interval_s,
                                                        self._log_stats))]
         return bound

@@ -66,6 +66,13 @@ def test_serve_rejects_a_bad_store_url():
     assert out.returncode == 2 and "unsupported store URL" in out.stderr
 
 
+def test_a_taken_port_is_an_error_not_shared(start_collector):
+    _, addr, _ = start_collector()
+    other = Collector(open_store("memory:"))
+    with pytest.raises(OSError, match="could not listen"):
+        other.start("127.0.0.1", int(addr.rsplit(":", 1)[1]))
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 def test_tls(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"

@@ -180,6 +180,17 @@ def test_straggler_is_left_out_and_recorded_late(start_collector, client_factory
     assert (s["steps_incomplete"], s["stragglers"], s["late_values"]) == (1, 1, 1)
 
 
+def test_keepalive_acks_repeat_the_seq_while_the_barrier_waits(start_collector,
+                                                               client_factory):
+    _, addr, _ = start_collector(straggler_timeout_s=60, keepalive_s=0.05)
+    c0 = client_factory(addr, "alive", 0, 2)
+    c0.schema(1, [mdef("x")])
+    assert c0.wait_ack().seq == 1
+    c0.step(0, 1, [1.0])                                  # rank 1 never comes
+    for _ in range(3):
+        assert c0.expect("ack").seq == 1                  # same seq: the step is not durable
+
+
 def test_goodbye_ends_streams_after_their_acks_and_finishes_the_run(start_collector,
                                                                     client_factory):
     _, addr, store = start_collector()
