@@ -239,3 +239,65 @@ def test_connection_errors_are_store_errors_without_the_password(clickhouse_serv
         port = sock.getsockname()[1]
     with pytest.raises(StoreError, match="connect failed"):
         ClickHouseStore(f"clickhouse://127.0.0.1:{port}/t_nobody")
+
+
+def rank_stream(address: str, token: str, steps: int, names: list[str]) -> np.ndarray:
+    """One rank (world_size 1) streaming `steps` vectors over the real wire protocol; returns
+    the values sent, shape (steps, metrics), once the collector has acknowledged them all."""
+    import queue
+
+    import grpc
+
+    from proto.v1 import telemetry_pb2 as pb
+    from proto.v1 import telemetry_pb2_grpc as pbg
+    values = np.random.default_rng(7).standard_normal((steps, len(names))).astype(np.float32)
+    seq = iter(range(1, 10_000))
+
+    def hdr(step: int) -> pb.FrameHeader:
+        return pb.FrameHeader(run=RUN, rank=0, step=step, seq=next(seq))
+
+    frames = [pb.ClientFrame(hello=pb.Hello(header=hdr(-1), world_size=1, protocol_version=1)),
+              pb.ClientFrame(schema=pb.Schema(header=hdr(-1), schema_id=1, metrics=[
+                  pb.MetricDef(name=n, layer=-1, expert=-1, head=-1, stat="s",
+                               reduce=pb.REDUCE_MEAN) for n in names]))]
+    for step in range(steps):
+        frames.append(pb.ClientFrame(chunk=pb.StepChunk(
+            header=hdr(step), schema_id=1, offset=0, total=len(names),
+            values=values[step].astype("<f4").tobytes())))
+        frames.append(pb.ClientFrame(end_of_step=pb.EndOfStep(
+            header=hdr(step), n_values=len(names), wall_time=float(step))))
+    last_seq = frames[-1].end_of_step.header.seq
+    outbox: queue.Queue = queue.Queue()
+    for f in frames:
+        outbox.put(f)
+    with grpc.insecure_channel(address) as channel:
+        responses = pbg.TelemetryStub(channel).Stream(
+            iter(outbox.get, None), metadata=[("authorization", f"Bearer {token}")], timeout=60)
+        for frame in responses:                         # the stream stays open until acked
+            assert frame.WhichOneof("kind") != "error", frame
+            if frame.WhichOneof("kind") == "ack" and frame.ack.seq >= last_seq:
+                break
+        outbox.put(None)
+        responses.cancel()
+    return values
+
+
+def test_collector_process_writes_a_run_into_clickhouse(clickhouse_server, clickhouse_url):
+    """`python -m collector serve --store clickhouse://...` (docker-compose's command), fed over
+    the wire protocol: what it acknowledged is in ClickHouse, read back by a second store."""
+    import signal
+
+    from collector.process import start_collector
+    proc, address = start_collector(clickhouse_url, "--token", "t0ken", "--flush-interval", "0.1")
+    try:
+        names = ["loss", "moe/layer00/expert000/act_rms", "attn/layer00/head00/max_logit"]
+        sent = rank_stream(address, "t0ken", steps=5, names=names)
+        with ClickHouseStore(clickhouse_url) as reader:     # acked = durable in ClickHouse
+            for i, name in enumerate(names):
+                got = reader.series(RUN, name)
+                assert got["step"].to_list() == list(range(5))
+                assert got["value"].to_list() == sent[:, i].tolist()
+            assert reader.steps(RUN)["complete"].to_list() == [True] * 5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
