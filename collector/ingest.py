@@ -144,7 +144,7 @@ class Ingest:
     def _schema(self, run: Run, rank: int, s: pb.Schema, acks: RankAcks) -> None:
         known = run.metrics.has_schema(rank, s.schema_id)
         new_rows = run.metrics.register(rank, s.schema_id, s.metrics)
-        self.counters.add("schemas_registered", not known)
+        self.counters.add("schemas_registered", int(not known))
         if new_rows is None:
             acks.received(s.header.seq)
             return

@@ -12,7 +12,7 @@ import contextlib
 import hmac
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 from grpc import aio
@@ -192,7 +192,7 @@ class Collector:
         return bound
 
     @staticmethod
-    async def _every(period: float, fn) -> None:
+    async def _every(period: float, fn: Callable[[], None]) -> None:
         while True:
             await asyncio.sleep(period)
             try:
@@ -207,19 +207,26 @@ class Collector:
         loop = self._loop
         if loop is None or not self._thread:
             return
-        timeout = self.config.stop_grace_s + 30
-        if loop.is_running():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._begin_shutdown(), loop).result(timeout)
-        self.writer.close()                # applies every job, flushes; acks queue on the loop
-        if loop.is_running():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._end_shutdown(), loop).result(timeout)
+        self._on_loop(self._begin_shutdown)
+        try:
+            self.writer.close()            # applies every job, flushes; acks queue on the loop
+        except Exception:
+            log.exception("collector stop: the writer failed to close")
+        self._on_loop(self._end_shutdown)
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout=10)
         loop.close()
         self._loop = None
         self._log_stats()
+
+    def _on_loop(self, coro_fn) -> None:
+        """Run a shutdown phase on the loop; log (never raise) so the flush still happens."""
+        try:
+            if self._loop is not None and self._loop.is_running():
+                asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(
+                    self.config.stop_grace_s + 30)
+        except Exception:
+            log.exception("collector stop: %s failed", coro_fn.__name__)
 
     async def _begin_shutdown(self) -> None:
         for t in self._tasks:
