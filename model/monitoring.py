@@ -1,8 +1,9 @@
 """How the training loop talks to an optional monitor without ever depending on it.
 
 `SafeMonitor` is the loop's only view of a monitor: a null object when there is none, and an
-error fence when there is one — a monitor exception is logged and counted, never raised into
-training. `DeferredMonitor` builds the real monitor at `attach` time, when the model and the
+error fence when there is one — an exception from a per-step call point (or close) is logged and
+counted, never raised into training. `attach` is the exception: it runs before step 0, and a
+monitor that cannot attach is a configuration error the user should see at once. `DeferredMonitor` builds the real monitor at `attach` time, when the model and the
 optimizer exist (the CLI's `--monitor` uses it; the loop itself never imports hooks).
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ class SafeMonitor:
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> None:
         if self.monitor is None:
+            return
+        if name == "attach":
+            self.monitor.attach(*args, **kwargs)
             return
         try:
             getattr(self.monitor, name)(*args, **kwargs)

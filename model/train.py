@@ -22,8 +22,9 @@ Monitor call points (an optional `monitor` object; telemetry builds against thes
                                                processed this step
     monitor.close()                            at the end, also when training raises
 
-`step` counts optimizer steps from 0 and continues across resumes. Monitor exceptions are
-logged and counted (TrainResult.monitor_errors), never raised into training. A step whose
+`step` counts optimizer steps from 0 and continues across resumes. Exceptions from the per-step
+call points and close are logged and counted (TrainResult.monitor_errors), never raised into
+training; an exception from attach (before step 0) is a configuration error and is raised. A step whose
 gradient norm is not finite is skipped (no optimizer update) and listed in skipped_steps.
 """
 from __future__ import annotations
@@ -307,8 +308,12 @@ def main(argv: list[str] | None = None) -> TrainResult:
     p.add_argument("--resume", metavar="PATH")
     p.add_argument("--out", metavar="DIR")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads; 1 avoids spin-wait thrash on a busy 2-core box")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.run and not args.monitor:
         p.error("--run only makes sense with --monitor")
     try:

@@ -1,5 +1,7 @@
 """The training loop: learning, monitor call points, LR schedule, bit-identical resume."""
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -75,6 +77,17 @@ def test_monitor_errors_never_reach_training():
     assert len(result.losses) == 2 and result.monitor_errors == 2
 
 
+def test_monitor_that_cannot_attach_stops_before_training():
+    class NoAttach(RecordingMonitor):
+        def attach(self, model, optimizer):
+            raise ConnectionError("bad target")
+
+    mon = NoAttach()
+    with pytest.raises(ConnectionError):
+        train(TrainConfig(steps=2, **FAST), monitor=mon)
+    assert mon.calls == [("close",)]  # closed, and no step ran
+
+
 def test_monitor_without_call_points_is_rejected():
     with pytest.raises(TypeError, match="step_end"):
         train(TrainConfig(steps=1, **FAST), monitor=object())
@@ -131,3 +144,26 @@ def test_cli_writes_metrics(tmp_path, capsys):
 def test_cli_monitor_requires_run():
     with pytest.raises(SystemExit):
         main(["--steps", "1", "--monitor", "127.0.0.1:1"])
+
+
+def test_cli_monitor_without_hooks_package_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "hooks", None)  # makes `from hooks import ...` fail
+    with pytest.raises(SystemExit):
+        main(["--steps", "1", "--monitor", "127.0.0.1:1", "--run", "r"])
+    assert "hooks" in capsys.readouterr().err
+
+
+def test_cli_monitor_builds_hooks_monitor_at_attach(monkeypatch):
+    built = []
+
+    class FakeMonitor(RecordingMonitor):
+        def __init__(self, model, optimizer, target, run):
+            super().__init__()
+            built.append((model, optimizer, target, run))
+
+    monkeypatch.setitem(sys.modules, "hooks", types.SimpleNamespace(Monitor=FakeMonitor))
+    result = main(["--steps", "2", "--batch-size", "2", "--log-every", "0",
+                   "--monitor", "127.0.0.1:5555", "--run", "cli-run"])
+    (model, optimizer, target, run), = built
+    assert model is result.model and isinstance(optimizer, torch.optim.AdamW)
+    assert (target, run) == ("127.0.0.1:5555", "cli-run") and result.monitor_errors == 0
