@@ -8,6 +8,7 @@ import sys
 
 from collector.config import CollectorConfig
 from collector.server import serve
+from store import StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description="stepwatch collector: gRPC telemetry server")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="listen for rank streams and write to a store")
-    s.add_argument("--store", required=True, help='"memory:" or "parquet:DIR"')
+    s.add_argument("--store", required=True,
+                   help='"memory:", "parquet:DIR" or "clickhouse://user:pass@host:port/db"')
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     s.add_argument("--token", default=os.environ.get("STEPWATCH_TOKEN") or None,
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                                  flush_interval_s=args.flush_interval)
         return serve(args.store, host=args.host, port=args.port, config=config,
                      tls_cert=args.tls_cert, tls_key=args.tls_key)
-    except (ValueError, OSError) as exc:       # bad flags, bad store URL, port taken
+    except (ValueError, OSError, StoreError) as exc:  # bad flags/store URL, port taken, store down
         print(f"collector: {exc}", file=sys.stderr)
         return 2
 
