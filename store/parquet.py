@@ -14,16 +14,20 @@ One writer per run at a time: a second instance writing the same run gets StoreE
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store import columns as C
 from store.base import RUN_NAME_RE, StoreError
 from store.buffered import BufferedStore
 from store.segments import SegmentLog, remove_temp_files, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 class ParquetStore(BufferedStore):
@@ -49,8 +53,12 @@ class ParquetStore(BufferedStore):
         """Take the run's writer lock; then leftovers of a crashed writer are safe to remove."""
         if run in self._locks:
             return
-        os.makedirs(self._run_dir(run), exist_ok=True)
-        fd = os.open(os.path.join(self._run_dir(run), ".writer.lock"), os.O_RDWR | os.O_CREAT)
+        try:
+            os.makedirs(self._run_dir(run), exist_ok=True)
+            fd = os.open(os.path.join(self._run_dir(run), ".writer.lock"),
+                         os.O_RDWR | os.O_CREAT)
+        except OSError as e:
+            raise StoreError(f"cannot write run {run!r} under {self.root}: {e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -60,7 +68,11 @@ class ParquetStore(BufferedStore):
         self._locks[run] = fd
         remove_temp_files(self._run_dir(run))
         for table in C.TABLES:
-            self._log(run, table).drop_subsumed()
+            try:
+                self._log(run, table).drop_subsumed()
+            except OSError:                          # harmless to reads; retried at compaction
+                log.warning("could not clean up %s/%s", self._run_dir(run), table,
+                            exc_info=True)
 
     def _commit(self, runs, metrics, values) -> None:
         # Dictionary first, run row last: a reader that finds a value can name it, and a run
@@ -84,10 +96,13 @@ class ParquetStore(BufferedStore):
 
     # ---- reader side -----------------------------------------------------------------------
     def _committed_run(self, run: str) -> dict[str, Any] | None:
+        path = os.path.join(self._run_dir(run), "run.parquet")
         try:
-            df = pl.from_arrow(pq.read_table(os.path.join(self._run_dir(run), "run.parquet")))
+            df = pl.from_arrow(pq.read_table(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(f"cannot read {path}: {e}") from e
         return df.cast(C.RUNS_SCHEMA).row(0, named=True)
 
     def _committed_metrics(self, run: str) -> pl.DataFrame:
@@ -102,6 +117,8 @@ class ParquetStore(BufferedStore):
                 df = pl.from_arrow(pq.read_table(f)).cast(C.METRICS_SCHEMA)
         except FileNotFoundError:
             return C.empty(C.METRICS_SCHEMA)
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(f"cannot read {path}: {e}") from e
         self._dict_cache[run] = (key, df)
         return df
 

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -184,9 +185,9 @@ class SegmentLog:
             segs = [s for s in self.list() if s.overlaps(start, stop)]
             try:
                 return self._scan(segs, expr)
-            except (FileNotFoundError, OSError):
-                if all(os.path.exists(s.path) for s in segs):
-                    raise                            # a real I/O error, not a compaction race
+            except (OSError, pa.ArrowException) as e:
+                if all(os.path.exists(s.path) for s in segs):   # not a compaction race
+                    raise StoreError(f"cannot read {self.dir}: {e}") from e
         raise StoreError(f"{self.dir} kept changing under {SCAN_RETRIES} consecutive reads")
 
     def _scan(self, segs: list[Segment], expr) -> pl.DataFrame:

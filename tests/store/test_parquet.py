@@ -59,14 +59,17 @@ def test_compaction_bounds_files_and_keeps_last_writes(tmp_path, monkeypatch):
     st, expect, rng = new_store(tmp_path), {}, random.Random(0)
     overwrite_history(st, expect, rng, 60)
     segs = live_segments(tmp_path)
-    assert max(s.level for s in segs) >= 3              # several levels of merges happened
-    assert len(segs) <= 2 * 4 + 1                       # (FANOUT - 1) per level, ~log3(60)
+    assert [s.level for s in segs] == [3, 3, 1, 1]      # 60 flushes = 2020 in base FANOUT
     assert [s.lo for s in segs[1:]] == [s.hi + 1 for s in segs[:-1]]   # disjoint, contiguous
     reader = ParquetStore(str(tmp_path))
     assert dict(reader.series("r1", "m0").rows()) == expect
     assert dict(reader.series("r1", "m0", start=10, stop=20).rows()) == {
         k: v for k, v in expect.items() if 10 <= k < 20}
     st.close()
+
+
+def overlapping(segs) -> bool:
+    return any(o is not s and o.lo <= s.hi and s.lo <= o.hi for s in segs for o in segs)
 
 
 def test_merge_interrupted_before_deleting_inputs(tmp_path, monkeypatch):
@@ -80,18 +83,23 @@ def test_merge_interrupted_before_deleting_inputs(tmp_path, monkeypatch):
             raise OSError("simulated crash before deleting merge inputs")
         return real_unlink(path, *a, **kw)
 
-    monkeypatch.setattr(segments.os, "unlink", failing_unlink)
-    overwrite_history(st, expect, rng, 10, start=10)
-    segs = live_segments(tmp_path)
-    assert any(o is not s and o.lo <= s.lo and s.hi <= o.hi for s in segs for o in segs)
-    assert dict(ParquetStore(str(tmp_path)).series("r1", "m0").rows()) == expect
-    monkeypatch.setattr(segments.os, "unlink", real_unlink)
-    st.close()
+    def interrupted_merges(st, start):
+        monkeypatch.setattr(segments.os, "unlink", failing_unlink)
+        overwrite_history(st, expect, rng, 10, start=start)
+        monkeypatch.setattr(segments.os, "unlink", real_unlink)
+        assert overlapping(live_segments(tmp_path))     # merge results next to their inputs
+        assert dict(ParquetStore(str(tmp_path)).series("r1", "m0").rows()) == expect
 
-    st = ParquetStore(str(tmp_path), fsync=False)       # the next writer cleans up
-    overwrite_history(st, expect, rng, 10, start=20)
-    segs = live_segments(tmp_path)
-    assert not any(o is not s and o.lo <= s.hi and s.lo <= o.hi for s in segs for o in segs)
+    interrupted_merges(st, 10)
+    overwrite_history(st, expect, rng, 1, start=20)     # the same writer's next compaction
+    assert not overlapping(live_segments(tmp_path))     # cleans up
+    interrupted_merges(st, 21)
+    st.close()
+    st = ParquetStore(str(tmp_path), fsync=False)       # as does the next writer
+    put(st, 0, [-100.0])
+    expect[0] = -100.0
+    assert not overlapping(live_segments(tmp_path))     # at its first write, before a flush
+    overwrite_history(st, expect, rng, 10, start=31)
     assert dict(st.series("r1", "m0").rows()) == expect
     st.close()
 
@@ -175,8 +183,25 @@ def test_series_opens_only_segments_overlapping_its_range(tmp_path):
         f.write(b"not parquet")
     assert st.series("r1", "m0", start=10, stop=35)["step"].to_list() == list(range(10, 35))
     assert st.at_step("r1", 20)["value"].to_list() == [20.0]
-    with pytest.raises(Exception):
+    with pytest.raises(StoreError, match="cannot read"):
         st.series("r1", "m0", start=5)
+    last = live_segments(tmp_path)[-1]
+    assert (last.step_min, last.step_max) == (30, 39)
+    with open(last.path, "wb") as f:
+        f.write(b"not parquet")
+    assert st.series("r1", "m0", start=10, stop=30)["step"].to_list() == list(range(10, 30))
+    st.close()
+
+
+def test_each_flush_writes_only_what_is_new(tmp_path):
+    st = new_store(tmp_path)
+    put(st, np.arange(5), np.arange(5))
+    st.flush()
+    put(st, 7, [7.0])
+    st.flush()
+    st.flush()                                          # nothing pending: no new file
+    assert [(s.rows, s.step_min, s.step_max) for s in live_segments(tmp_path)] == [
+        (5, 0, 4), (1, 7, 7)]
     st.close()
 
 
@@ -227,3 +252,14 @@ def test_reads_never_create_files(tmp_path):
         st.series("r1", "m0")
     st.close()
     assert not root.exists()
+
+
+def test_a_corrupt_file_is_a_store_error_naming_it(tmp_path):
+    st = new_store(tmp_path)
+    st.flush()
+    st.close()
+    path = os.path.join(tmp_path, "r1", "run.parquet")
+    with open(path, "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(StoreError, match="run.parquet"):
+        ParquetStore(str(tmp_path)).runs()
