@@ -9,6 +9,7 @@ and output schemas cannot drift between backends.
 from __future__ import annotations
 
 import abc
+import math
 import threading
 import time
 from typing import Any
@@ -94,10 +95,13 @@ class BufferedStore(Store):
         if not isinstance(info, RunInfo):
             raise InvalidInput(f"expected RunInfo, got {type(info).__name__}")
         check_run_name(info.run)
-        if not isinstance(info.world_size, int) or not 1 <= info.world_size <= 2**31 - 1:
-            raise InvalidInput(f"world_size must be a positive integer, got {info.world_size!r}")
+        ws = info.world_size
+        if not isinstance(ws, (int, np.integer)) or isinstance(ws, bool) or not 1 <= ws < 2**31:
+            raise InvalidInput(f"world_size must be a positive integer, got {ws!r}")
         if not isinstance(info.config_json, str):
             raise InvalidInput("config_json must be a string")
+        if not isinstance(info.started_at, (int, float)) or not math.isfinite(info.started_at):
+            raise InvalidInput(f"started_at must be unix seconds, got {info.started_at!r}")
         with self._lock:
             self._check_open()
             try:
@@ -105,7 +109,7 @@ class BufferedStore(Store):
             except NotFound:
                 self._claim(info.run)
                 row = self._run_rows[info.run] = {"started_at": 0.0, "last_step": None}
-            row.update(run=info.run, world_size=info.world_size, config_json=info.config_json,
+            row.update(run=info.run, world_size=int(ws), config_json=info.config_json,
                        status="live")
             now = time.time()
             if info.started_at:

@@ -303,6 +303,10 @@ def test_malformed_writes_are_invalid_input(store):
             store.write_metrics("r1", MetricDict(**{**md.__dict__, field: v}))
     with pytest.raises(InvalidInput):
         store.series("r1", "loss", start=1.5)
+    for info in (RunInfo("r2", 0), RunInfo("r2", 2.0), RunInfo("r2", 2, None),
+                 RunInfo("r2", 2, "{}", float("nan"))):
+        with pytest.raises(InvalidInput):
+            store.open_run(info)
     store.flush()                                       # nothing bad was buffered
     assert store.series("r1", "loss").height == 0 and store.steps("r1").height == 0
 
