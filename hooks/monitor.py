@@ -34,7 +34,9 @@ from hooks.adapter import MoEAdapter, StepFlashAdapter
 from hooks.config import MonitorConfig
 from hooks.gradstats import GradCapture
 from hooks.layout import HOST_SLOTS, PERIODIC_SCHEMA_ID, STEP_SCHEMA_ID, ModelShape, build_layout
-from hooks.sender import Sender, StepItem
+from hooks.buffer import StepItem
+from hooks.clips import ClipStager
+from hooks.sender import Sender
 from hooks.stats import Capture
 
 log = logging.getLogger("stepwatch.hooks")
@@ -103,8 +105,7 @@ class Monitor:
         self.optimizer = optimizer
         self._counters: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
-        self._staged: list[tuple[int, list[tuple[int, str, float]], str]] = []
-        self._clip_version, self._clip_step = 0, -1
+        self.clips: ClipStager | None = None
         self._step: int | None = None
         self._t0: float | None = None
         self._periodic = False
@@ -162,16 +163,20 @@ class Monitor:
                                     "groups": sorted(self.config.groups),
                                     "n_step_metrics": self.layout.n_step,
                                     "n_periodic_metrics": self.layout.n_periodic}}
+        self.clips = ClipStager(adapter, self._send_clip_ack, self._error)
         self.sender = Sender(self.target, frames.Identity(self.run, self.rank, self.world_size),
                              schemas, self.config, token=self.token, run_config=hello_config,
-                             on_clip=self._stage_clip, credentials=self._credentials)
+                             on_clip=self.clips.stage, credentials=self._credentials)
+
+    def _send_clip_ack(self, step: int, version: int) -> None:
+        self.sender.submit_clip_ack(step, version)
 
     # ------------------------------------------------------------------ loop call points
     @_guarded
     def step_begin(self, step: int) -> None:
         if self.model is None:
             raise RuntimeError("step_begin before attach(model)")
-        self._apply_clips(step)
+        self.clips.apply(step)                 # staged updates take effect for this step
         self.capture.reset()
         self._step, self._t0 = step, time.perf_counter()
         self._periodic = ("params" in self.config.groups
@@ -249,7 +254,7 @@ class Monitor:
             out.update(self.sender.stats())
         if self.model is not None:
             out["host_copies"] = self.capture.host_copies
-        out["clip_version"] = self._clip_version
+            out.update(self.clips.stats())
         return out
 
     def __enter__(self) -> "Monitor":
@@ -257,35 +262,6 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # ------------------------------------------------------------------ clip updates
-    def _stage_clip(self, update) -> None:
-        """Reader thread: keep the update until the next step boundary."""
-        settings = [(int(s.layer), str(s.site), float(s.limit)) for s in update.settings]
-        with self._lock:
-            self._staged.append((int(update.version), settings, update.reason))
-            self._counters["clip_updates_staged"] += 1
-
-    def _apply_clips(self, step: int) -> None:
-        with self._lock:
-            staged, self._staged = sorted(self._staged, key=lambda u: u[0]), []
-        for version, settings, reason in staged:
-            if version == self._clip_version:          # re-sent after a reconnect: re-ack
-                self.sender.submit_clip_ack(self._clip_step, version)
-                continue
-            if version < self._clip_version:
-                self._bump("clip_updates_stale")
-                continue
-            for layer, site, limit in settings:
-                off = not limit > 0 or math.isinf(limit) or math.isnan(limit)
-                try:
-                    self.adapter.set_clamp(layer, site, None if off else limit)
-                except Exception as exc:  # noqa: BLE001 - one bad setting spoils no other
-                    self._error("clip_setting", exc)
-            self._clip_version, self._clip_step = version, step
-            self._bump("clip_updates_applied")
-            log.info("stepwatch: clip update v%d (%s) applied at step %d", version, reason, step)
-            self.sender.submit_clip_ack(step, version)
 
     # ------------------------------------------------------------------ errors
     def _bump(self, key: str, n: int = 1) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -16,6 +17,16 @@ import numpy as np
 
 from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll a condition another thread makes true (the client's own view of acks, etc.)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def header_of(frame: pb.ClientFrame) -> pb.FrameHeader:

@@ -10,6 +10,7 @@ import torch
 from hooks import Monitor, MonitorConfig, NullMonitor
 from tests.hooks.conftest import tiny_model
 from tests.hooks.loop import train_step
+from tests.hooks.servicer import wait_until
 from tests.hooks.standin import StandIn
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,7 +53,7 @@ def test_clip_update_is_staged_applied_at_next_step_begin_and_acked(server, serv
     moe1 = dict(model.moe_layers())[1]
     moe1.set_clamp("shared", 3.0)
     servicer.push_clip(5, [(1, "routed", 7.0), (1, "shared", 0.0), (2, "routed", 9.5)])
-    assert _wait(lambda: mon.stats().get("clip_updates_staged") == 1)
+    assert wait_until(lambda: mon.stats().get("clip_updates_staged") == 1)
     assert moe1.clamp_limit("routed") is None          # staged, not applied mid-step
     mon.step_begin(1)
     assert moe1.clamp_limit("routed") == 7.0
@@ -61,7 +62,7 @@ def test_clip_update_is_staged_applied_at_next_step_begin_and_acked(server, serv
     mon.step_end(1, loss=torch.tensor(1.0))
     servicer.push_clip(5, [(1, "routed", 7.0)])        # the same version again: re-acked only
     servicer.push_clip(6, [(99, "routed", 1.0), (2, "routed", 4.0)])   # one bad setting
-    assert _wait(lambda: mon.stats().get("clip_updates_staged") == 3)
+    assert wait_until(lambda: mon.stats().get("clip_updates_staged") == 3)
     mon.step_begin(2)
     assert dict(model.moe_layers())[2].clamp_limit("routed") == 4.0
     mon.step_end(2, loss=torch.tensor(1.0))
@@ -71,16 +72,6 @@ def test_clip_update_is_staged_applied_at_next_step_begin_and_acked(server, serv
     stats = mon.stats()
     assert stats["clip_version"] == 6 and stats["clip_updates_applied"] == 2
     assert stats["errors_clip_setting"] == 1
-
-
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_dead_collector_and_broken_telemetry_never_reach_the_loop(servicer):

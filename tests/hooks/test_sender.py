@@ -10,8 +10,9 @@ import pytest
 from hooks.config import MonitorConfig
 from hooks.frames import Identity
 from hooks.layout import MetricSpec
-from hooks.sender import Sender, StepItem
-from tests.hooks.servicer import RecordingServicer, LoopbackServer, header_of
+from hooks.buffer import StepItem
+from hooks.sender import Sender
+from tests.hooks.servicer import LoopbackServer, RecordingServicer, header_of, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 IDENT = Identity("sendtest", 1, 2)
@@ -123,7 +124,7 @@ def test_frames_acked_only_by_welcome_are_not_resent(server, servicer):
     next Welcome.acked_seq covers them, and the client must drop, not resend, them."""
     sender = make_sender(server.target)
     sender.submit(item(0))
-    assert servicer.wait_for(lambda s: s.durable == 4)
+    assert wait_until(lambda: sender.stats().get("acked_seq") == 4)
     servicer.send_acks = False
     sender.submit(item(1))
     assert servicer.wait_for(lambda s: s.durable == 6)
