@@ -102,6 +102,10 @@ class StepFlashAdapter:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        for wrapped in ("module", "_orig_mod"):       # DDP / FSDP wrapper, torch.compile
+            inner = getattr(model, wrapped, None)
+            if not hasattr(model, "moe_layers") and isinstance(inner, nn.Module):
+                model = inner
         _need(model, "model", ("layers", "moe_layers", "lm_head"))
         self.model = model
         self._moe = {}

@@ -197,8 +197,13 @@ class Monitor:
         if self.model is None:
             return
         self.capture.capturing = False
+        t0, self._t0 = self._t0, None
+        if t0 is None:                # no step_begin: the buffer holds the previous step
+            self._bump("step_end_without_begin")
+            log.warning("stepwatch: step_end(%s) without step_begin; step not sent", step)
+            return
         self._check_step(step)
-        step_time = time.perf_counter() - self._t0 if self._t0 is not None else math.nan
+        step_time = time.perf_counter() - t0
         periodic = self._periodic and self._step == step
         self.grads.after_step(periodic)
         self.capture.finalize()
@@ -224,7 +229,6 @@ class Monitor:
             patch_vals=np.array([host[k] for k in HOST_SLOTS][:len(self._host_idx)],
                                 dtype=np.float32)))
         self._bump("steps")
-        self._t0 = None
 
     def _check_step(self, step: int) -> None:
         if step != self._step:

@@ -73,6 +73,16 @@ def test_step_flash_adapter_finds_the_surface():
         adapter.set_clamp(1, "attention", 7.0)
 
 
+def test_step_flash_adapter_unwraps_a_wrapper():
+    class Wrapper(nn.Module):            # the shape of DDP / FSDP: the model under .module
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+    model = StandIn()
+    assert StepFlashAdapter(Wrapper(model)).model is model
+
+
 def public_api(cls) -> dict[str, inspect.Signature]:
     return {name: inspect.signature(getattr(cls, name)) for name in dir(cls)
             if not name.startswith("_") and callable(getattr(cls, name))}

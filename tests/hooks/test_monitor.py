@@ -85,14 +85,17 @@ def test_dead_collector_and_broken_telemetry_never_reach_the_loop(servicer):
         train_step(mon, model, opt, step=step)
     mon.adapter.decode_router = lambda out: 1 / 0           # every router hook now fails
     train_step(mon, model, opt, step=4)
+    mon.step_begin(5)
+    mon.before_optimizer(5, grad_norm=object())
     mon.step_end(5, loss="not a tensor", mtp_losses=[object()], lr="x", tokens=None)
-    mon.before_optimizer(6, grad_norm=object())
+    mon.step_end(6, loss=torch.tensor(1.0))                 # no step_begin(6): not sent
     mon.close()
     mon.close()                                             # twice is fine
     stats = mon.stats()
     assert stats["steps"] == 5 and stats["dropped_steps"] == 3
     assert stats["errors_hook"] == 2 and stats["errors_step_end"] == 1
     assert stats["errors_before_optimizer"] == 1 and stats["lost_at_close"] == 2
+    assert stats["step_end_without_begin"] == 1
     assert stats["connect_failures"] >= 1
 
 
