@@ -1,0 +1,93 @@
+"""Altair (Vega-Lite) chart builders: pure functions from frames to charts, no Streamlit.
+
+Every chart carries `usermeta={"stepwatch": {"chart": ID, ...}}` in its spec, so tests (and
+anyone reading the page's Vega specs) can tell which chart is which and at which step it was
+drawn without scraping pixels.
+"""
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+
+SEVERITY_COLORS = {"critical": "#b00020", "warning": "#e08000", "info": "#1f77b4"}
+DEAD_COLOR = "#d62728"
+NO_DATA_COLOR = "#e6e6e6"
+CURVE_HEIGHT = 220
+HEATMAP_CELL_PX = 22
+
+
+def _meta(chart_id: str, **extra) -> dict:
+    return {"stepwatch": {"chart": chart_id, **extra}}
+
+
+def _event_rules(events: pl.DataFrame) -> alt.Chart:
+    """Vertical rules at event steps, colored by severity."""
+    sev = list(SEVERITY_COLORS)
+    return alt.Chart(events.select("step", "kind", "site", "severity", "value")).mark_rule(
+        strokeWidth=1.5, opacity=0.8).encode(
+        x="step:Q",
+        color=alt.Color("severity:N", scale=alt.Scale(domain=sev,
+                                                      range=[SEVERITY_COLORS[s] for s in sev]),
+                        legend=alt.Legend(title="event")),
+        tooltip=["step:Q", "kind:N", "site:N", "severity:N", "value:Q"])
+
+
+def line_chart(long: pl.DataFrame, *, chart_id: str, title: str, color: str = "series",
+               step_now: int | None = None, events: pl.DataFrame | None = None,
+               x_domain: tuple[int, int] | None = None, log_y: bool = False,
+               interpolate: str = "linear", **meta) -> alt.LayerChart:
+    """Lines of `long` (step, value, <color>) with an optional rule at the replay step and
+    event rules. x_domain pins the axis (replay keeps the whole run's range while scrubbing)."""
+    x_scale = alt.Scale(domain=list(x_domain)) if x_domain else alt.Undefined
+    y_scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
+    base = alt.Chart(long.select("step", "value", color)).mark_line(
+        interpolate=interpolate, clip=True).encode(
+        x=alt.X("step:Q", title="step", scale=x_scale),
+        y=alt.Y("value:Q", title=None, scale=y_scale),
+        color=alt.Color(f"{color}:N", legend=alt.Legend(title=None, orient="bottom")),
+        tooltip=[f"{color}:N", "step:Q", alt.Tooltip("value:Q", format=".5g")])
+    layers: list[alt.Chart] = [base]
+    if events is not None and events.height:
+        layers.append(_event_rules(events))
+    if step_now is not None:
+        layers.append(alt.Chart(pl.DataFrame({"step": [step_now]})).mark_rule(
+            color="#555", strokeDash=[4, 3]).encode(x="step:Q"))
+    chart = alt.layer(*layers).resolve_scale(color="independent")
+    return chart.properties(title=title, height=CURVE_HEIGHT,
+                            usermeta=_meta(chart_id, step=step_now, **meta))
+
+
+def heatmap_chart(cells: pl.DataFrame, *, chart_id: str, title: str, value_title: str,
+                  step: int | None = None, window: tuple[int, int] | None = None
+                  ) -> alt.LayerChart:
+    """Layer (rows) x expert (columns) cells colored by `value`; dead experts outlined in red
+    and marked with a cross; cells without data (e.g. no tokens for a ratio) drawn grey."""
+    df = cells.select("layer", "expert", "value", "share", "tokens", "dead")
+    n_layers = max(df["layer"].n_unique(), 1)
+    n_experts = max(df["expert"].n_unique(), 1)
+    enc = dict(x=alt.X("expert:O", title="expert"),
+               y=alt.Y("layer:O", title="layer", sort="descending"))
+    rect = alt.Chart(df).mark_rect().encode(
+        **enc,
+        color=alt.condition("isValid(datum.value)",
+                            alt.Color("value:Q", title=value_title,
+                                      scale=alt.Scale(scheme="viridis")),
+                            alt.value(NO_DATA_COLOR)),
+        stroke=alt.condition("datum.dead", alt.value(DEAD_COLOR), alt.value(None)),
+        strokeWidth=alt.condition("datum.dead", alt.value(2.5), alt.value(0)),
+        tooltip=["layer:O", "expert:O", alt.Tooltip("value:Q", format=".4g"),
+                 alt.Tooltip("share:Q", format=".3f"), "tokens:Q", "dead:N"])
+    cross = alt.Chart(df.filter(pl.col("dead"))).mark_text(
+        text="✕", color=DEAD_COLOR, fontSize=13, fontWeight="bold").encode(**enc)
+    return alt.layer(rect, cross).properties(
+        title=title, width=min(900, HEATMAP_CELL_PX * n_experts + 60),
+        height=HEATMAP_CELL_PX * n_layers + 20,
+        usermeta=_meta(chart_id, step=step, window=list(window) if window else None))
+
+
+def clip_chart(timeline: pl.DataFrame, *, step_now: int | None,
+               x_domain: tuple[int, int] | None) -> alt.LayerChart:
+    """Clip limit per site over steps; a limit holds until the next update (step-after)."""
+    return line_chart(timeline.select("site", "step", pl.col("limit").alias("value")),
+                      chart_id="clips", title="clip thresholds (L) per site", color="site",
+                      step_now=step_now, x_domain=x_domain, interpolate="step-after")

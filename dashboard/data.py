@@ -1,0 +1,208 @@
+"""Pure data shaping for the dashboard: no Streamlit, no store, polars frames in and out.
+
+Everything the panels draw passes through here, so it is unit-tested without a browser:
+min/max downsampling (a spike is never averaged away), layer x expert heatmap frames, run
+alignment for comparisons, and the normalization of optional event / clip tables.
+
+Expert-death and blow-up cues here are *visual* thresholds; the detectors in analytics/ own the
+real rules (N consecutive steps, trends). When analytics exports its defaults, use those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from store.columns import glob_to_regex
+
+MAX_POINTS = 2000          # points per drawn series: two per bucket, ~one per screen pixel
+DEAD_SHARE = 0.1           # token share below 10% of uniform (1/E) draws an expert as dead
+EXPERT_PREFIX = "moe/"     # grad/ and params/ also carry expert labels; heatmaps are moe/ only
+HEATMAP_PATTERN = "moe/*/expert*/*"
+VIEWS = ("token share", "activation RMS", "max-to-median ratio")
+VIEW_STATS = {"token share": "tokens", "activation RMS": "act_rms",
+              "max-to-median ratio": "out_norm"}   # Step 3.5 Flash Fig. 4: per-expert out norms
+EVENT_COLUMNS = {"step": pl.Int64, "kind": pl.Utf8, "site": pl.Utf8, "severity": pl.Utf8,
+                 "value": pl.Float64, "threshold": pl.Float64, "onset_step": pl.Int64,
+                 "detail": pl.Utf8}
+CLIP_COLUMNS = {"version": pl.Int64, "step": pl.Int64, "layer": pl.Int32, "site": pl.Utf8,
+                "limit": pl.Float32, "reason": pl.Utf8, "acked_step": pl.Int64}
+
+
+# ---- downsampling ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Downsampled:
+    frame: pl.DataFrame    # the rows to draw, sorted by step, a subset of the input rows
+    n_in: int              # rows before downsampling
+    width: int             # steps per bucket; 1 = nothing was dropped
+
+    @property
+    def downsampled(self) -> bool:
+        return self.width > 1
+
+    def caption(self) -> str:
+        if not self.downsampled:
+            return f"{self.n_in:,} points (all shown)"
+        return (f"downsampled for display: {self.n_in:,} points → {self.frame.height:,} "
+                f"(min and max of every {self.width:,} steps, so spikes stay visible)")
+
+
+def bucket_width(lo: int, hi: int, max_points: int = MAX_POINTS) -> int:
+    """Steps per bucket so that [lo, hi] fits in max_points // 2 buckets (two points each)."""
+    buckets = max(1, max_points // 2)
+    return max(1, -(-(hi - lo + 1) // buckets))      # ceil division
+
+
+def downsample_minmax(df: pl.DataFrame, max_points: int = MAX_POINTS, *, x: str = "step",
+                      y: str = "value", lo: int | None = None,
+                      width: int | None = None) -> Downsampled:
+    """Keep, per bucket of `width` steps starting at `lo`, the row with the minimum and the row
+    with the maximum `y` (an inf is a maximum); NaN rows are always kept, since a non-finite
+    value is the most important point of a curve. Passing the same lo/width for several series
+    puts their buckets on one grid (compare mode). Other columns ride along."""
+    if max_points < 2:
+        raise ValueError(f"max_points must be at least 2, got {max_points}")
+    df = df.sort(x)
+    n = df.height
+    if n == 0:
+        return Downsampled(df, 0, 1)
+    if n <= max_points:
+        return Downsampled(df, n, 1)
+    lo = int(df[x][0]) if lo is None else lo
+    width = bucket_width(lo, int(df[x][-1]), max_points) if width is None else width
+    idx = df.with_row_index("_i")
+    nan = pl.col(y).is_nan()
+    picks = (idx.filter(~nan)
+             .group_by((pl.col(x) - lo) // width)
+             .agg(pl.col("_i").get(pl.col(y).arg_min()).alias("a"),
+                  pl.col("_i").get(pl.col(y).arg_max()).alias("b")))
+    keep = pl.concat([picks["a"], picks["b"], idx.filter(nan)["_i"]]).unique()
+    out = idx.filter(pl.col("_i").is_in(keep.implode())).drop("_i")
+    return Downsampled(out, n, width)
+
+
+# ---- layer x expert heatmaps -------------------------------------------------------------
+def expert_stats(long: pl.DataFrame) -> pl.DataFrame:
+    """at_step-shaped rows (name, layer, expert, stat, value[, step]) -> one row per
+    ([step,] layer, expert) with one column per stat. Only moe/ expert metrics count."""
+    index = ["step", "layer", "expert"] if "step" in long.columns else ["layer", "expert"]
+    rows = long.filter(pl.col("name").str.starts_with(EXPERT_PREFIX), pl.col("expert") >= 0,
+                       pl.col("layer") >= 0)
+    if rows.height == 0:
+        return pl.DataFrame(schema={k: pl.Int64 if k == "step" else pl.Int32 for k in index})
+    return (rows.select(*index, "stat", pl.col("value").cast(pl.Float64))
+            .pivot(on="stat", index=index, values="value", aggregate_function="first")
+            .sort(index))
+
+
+def _per_step_cells(wide: pl.DataFrame, view: str) -> pl.DataFrame:
+    """Per (step, layer, expert): share of the layer's tokens and the view's value."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown heatmap view {view!r}; choose one of {VIEWS}")
+    group = ["step", "layer"] if "step" in wide.columns else ["layer"]
+    need = {"tokens", VIEW_STATS[view]}
+    missing = need - set(wide.columns)
+    if missing:
+        raise KeyError(f"heatmap {view!r} needs stats {sorted(missing)} that the run lacks")
+    total = pl.col("tokens").sum().over(group)
+    share = pl.when(total > 0).then(pl.col("tokens") / total).otherwise(None)
+    if view == "token share":
+        value = share
+    elif view == "activation RMS":
+        value = pl.col("act_rms")
+    else:                        # ratio to the median of experts that got tokens this step
+        active = pl.when(pl.col("tokens") > 0).then(pl.col("out_norm")).otherwise(None)
+        median = active.median().over(group)
+        value = (pl.when((pl.col("tokens") > 0) & (median > 0))
+                 .then(pl.col("out_norm") / median).otherwise(None))
+    return wide.with_columns(share=share, value=value,
+                             n_experts=pl.len().over(group).cast(pl.Float64))
+
+
+def heatmap_at(wide: pl.DataFrame, view: str, dead_share: float = DEAD_SHARE) -> pl.DataFrame:
+    """One step's cells: layer, expert, value, share, tokens, dead (share < dead_share / E).
+    A layer that routed no tokens at all has null share and no dead experts."""
+    if "step" in wide.columns and wide["step"].n_unique() > 1:
+        raise ValueError("heatmap_at takes one step; use heatmap_window for several")
+    cells = _per_step_cells(wide.drop("step", strict=False), view)
+    return (cells.with_columns(dead=(pl.col("share") < dead_share / pl.col("n_experts"))
+                               .fill_null(False))
+            .select("layer", "expert", "value", "share", "tokens", "dead").sort("layer", "expert"))
+
+
+def heatmap_window(wide: pl.DataFrame, view: str,
+                   dead_share: float = DEAD_SHARE) -> pl.DataFrame:
+    """Cells over several steps: token share = the expert's tokens over the layer's tokens in
+    the window; other views = mean of the per-step values (steps without tokens are skipped)."""
+    if "step" not in wide.columns:
+        raise ValueError("heatmap_window needs a step column")
+    cells = _per_step_cells(wide, view)
+    agg = (cells.group_by("layer", "expert")
+           .agg(pl.col("tokens").sum(),
+                pl.col("value").filter(pl.col("tokens") > 0).mean().alias("value_mean"),
+                pl.col("n_experts").first(), pl.col("step").n_unique().alias("steps"))
+           .with_columns(share=pl.when(pl.col("tokens").sum().over("layer") > 0)
+                         .then(pl.col("tokens") / pl.col("tokens").sum().over("layer"))
+                         .otherwise(None)))
+    value = pl.col("share") if view == "token share" else pl.col("value_mean")
+    return (agg.with_columns(value=value,
+                             dead=(pl.col("share") < dead_share / pl.col("n_experts"))
+                             .fill_null(False))
+            .select("layer", "expert", "value", "share", "tokens", "dead", "steps")
+            .sort("layer", "expert"))
+
+
+# ---- several runs, metric search -----------------------------------------------------------
+def align_runs(series: dict[str, pl.DataFrame], max_points: int = MAX_POINTS
+               ) -> tuple[pl.DataFrame, list[Downsampled]]:
+    """Long frame (run, step, value) of several runs on one step axis, each run downsampled on
+    a shared bucket grid so that bucket k means the same steps for every run."""
+    frames = {r: df for r, df in series.items() if df.height}
+    if not frames:
+        return pl.DataFrame(schema={"run": pl.Utf8, "step": pl.Int64, "value": pl.Float32}), []
+    lo = min(int(df["step"].min()) for df in frames.values())
+    hi = max(int(df["step"].max()) for df in frames.values())
+    width = bucket_width(lo, hi, max_points)
+    parts, notes = [], []
+    for run, df in frames.items():
+        ds = downsample_minmax(df, max_points, lo=lo, width=width)
+        notes.append(ds)
+        parts.append(ds.frame.select(pl.lit(run).alias("run"), "step", "value"))
+    return pl.concat(parts), notes
+
+
+def filter_metrics(dictionary: pl.DataFrame, pattern: str, *, layers=(), experts=(), heads=(),
+                   stats=()) -> pl.DataFrame:
+    """Dictionary rows whose name matches the glob `pattern` (the store's glob semantics) and
+    whose labels are in the given sets (an empty set does not filter). Never builds a query."""
+    df = dictionary.filter(pl.col("name").str.contains(glob_to_regex(pattern or "*")))
+    for col, allowed in (("layer", layers), ("expert", experts), ("head", heads),
+                         ("stat", stats)):
+        if allowed:
+            df = df.filter(pl.col(col).is_in(list(allowed)))
+    return df.sort("name")
+
+
+# ---- optional tables (events, clip updates) --------------------------------------------------
+def _conform(df: pl.DataFrame | None, schema: dict) -> pl.DataFrame:
+    """Any frame (or None) -> exactly `schema`'s columns; missing ones become nulls."""
+    if df is None or df.height == 0:
+        return pl.DataFrame(schema=schema)
+    return df.select([pl.col(c).cast(t, strict=False) if c in df.columns
+                      else pl.lit(None, dtype=t).alias(c) for c, t in schema.items()])
+
+
+def normalize_events(df: pl.DataFrame | None) -> pl.DataFrame:
+    return _conform(df, EVENT_COLUMNS).sort("step", "kind", "site", nulls_last=True)
+
+
+def clip_timeline(df: pl.DataFrame | None) -> pl.DataFrame:
+    """Clip updates -> (site, step, limit): one row per update at the step it took effect
+    (acked_step when a rank acknowledged it, else the step it was issued), per layer/site."""
+    df = _conform(df, CLIP_COLUMNS)
+    effective = pl.when(pl.col("acked_step") >= 0).then(pl.col("acked_step")) \
+        .otherwise(pl.col("step"))
+    return (df.with_columns(
+        site=pl.format("layer{}/{}", pl.col("layer").cast(pl.Utf8).str.zfill(2), pl.col("site")),
+        step=effective)
+        .select("site", "step", "limit", "version", "reason").sort("site", "step", "version"))

@@ -1,0 +1,1 @@
+"""One module per area of the page; each draws into the current Streamlit container."""

@@ -1,0 +1,58 @@
+"""Detector events (with a jump of the replay to an event's step) and clip thresholds per site.
+
+Both tables come from the store's optional `events(run)` / `clips(run)` reads; a store without
+them, or a run without rows, shows "no events recorded" / "no clip updates recorded".
+"""
+from __future__ import annotations
+
+import polars as pl
+import streamlit as st
+
+from dashboard import charts
+
+EVENT_TABLE_COLUMNS = ("step", "severity", "kind", "site", "value", "threshold", "onset_step")
+
+
+def event_label(row: dict) -> str:
+    return f"step {row['step']} · {row['severity'] or '?'} · {row['kind']} · {row['site'] or '—'}"
+
+
+def _jump(events: pl.DataFrame, lo: int, hi: int) -> None:
+    """on_click of "Jump": runs before the rerun, so the slider is created at the new step."""
+    ss = st.session_state
+    pick = ss.get("event_pick")
+    if pick is None or not 0 <= pick < events.height:
+        return
+    ss.step = ss.replay_step = min(max(int(events["step"][pick]), lo), hi)
+    ss.playing = False
+
+
+def events_table(events: pl.DataFrame, lo: int, hi: int) -> None:
+    st.subheader("Events")
+    if events.height == 0:
+        st.info("no events recorded")
+        return
+    st.dataframe(events.select(EVENT_TABLE_COLUMNS), hide_index=True, key="events_table",
+                 height=min(400, 38 + 35 * events.height))
+    cols = st.columns([6, 1], vertical_alignment="bottom")
+    labels = [event_label(r) for r in events.iter_rows(named=True)]
+    cols[0].selectbox("event", range(events.height), format_func=labels.__getitem__,
+                      key="event_pick")
+    cols[1].button("Jump to step", key="event_jump", on_click=_jump, args=(events, lo, hi))
+
+
+def clip_panel(timeline: pl.DataFrame, step: int, lo: int, hi: int) -> None:
+    st.subheader("Clip thresholds")
+    if timeline.height == 0:
+        st.info("no clip updates recorded")
+        return
+    shown = timeline.filter(pl.col("step") <= step)
+    if shown.height == 0:
+        st.caption(f"no clip in effect yet at step {step} "
+                   f"(first update at step {int(timeline['step'].min())})")
+        return
+    st.altair_chart(charts.clip_chart(shown, step_now=step, x_domain=(lo, hi)),
+                    width="stretch")
+    now = shown.group_by("site").agg(pl.col("limit").last(), pl.col("step").last(),
+                                     pl.col("reason").last()).sort("site")
+    st.dataframe(now, hide_index=True, key="clips_now")

@@ -1,0 +1,70 @@
+"""Layer x expert heatmaps at the replay step and over a window of steps ending there.
+
+Views (data.VIEWS): token share of the layer's routed tokens; SwiGLU activation RMS; each
+expert's output norm over the layer median of experts that got tokens ("max-to-median": a row's
+maximum is the layer's max-to-median ratio, Step 3.5 Flash Fig. 4). Experts whose token share
+falls below data.DEAD_SHARE of uniform are outlined in red and crossed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+import streamlit as st
+
+from dashboard import charts, data, reads
+
+WINDOW_MAX = 256
+VALUE_TITLES = {"token share": "share", "activation RMS": "RMS",
+                "max-to-median ratio": "÷ median"}
+
+
+def dead_list(cells: pl.DataFrame) -> str:
+    dead = cells.filter(pl.col("dead"))
+    return ", ".join(f"layer{r['layer']:02d}/expert{r['expert']:03d}"
+                     for r in dead.iter_rows(named=True))
+
+
+def _draw(cells: pl.DataFrame, *, chart_id: str, title: str, view: str, step: int,
+          window: tuple[int, int] | None = None) -> None:
+    if cells.height == 0:
+        st.info("no per-expert statistics at this step (no MoE layers recorded?)")
+        return
+    st.altair_chart(charts.heatmap_chart(cells, chart_id=chart_id, title=title,
+                                         value_title=VALUE_TITLES[view], step=step,
+                                         window=window), width="content")
+    dead = dead_list(cells)
+    st.caption(f"dead (share < {data.DEAD_SHARE:g} × uniform): {dead}" if dead
+               else "no dead experts")
+
+
+def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int) -> None:
+    st.subheader("Experts: layer × expert")
+    cols = st.columns([3, 1])
+    view = cols[0].radio("view", data.VIEWS, key="hm_view", horizontal=True)
+    window = int(cols[1].number_input("window (steps)", 1, WINDOW_MAX, value=16,
+                                      key="hm_window"))
+    left, right = st.columns(2)
+    with left, st.container(key="heatmap-step"):
+        st.caption(f"Heatmap at step {step}")
+        wide = data.expert_stats(reads.at_step(url, run, step, data.HEATMAP_PATTERN, row))
+        try:
+            cells = data.heatmap_at(wide, view) if wide.height else wide
+        except KeyError as e:
+            st.warning(str(e.args[0]))
+        else:
+            _draw(cells, chart_id="heatmap_step", title=f"{view} at step {step}", view=view,
+                  step=step)
+    first = max(lo, step - window + 1)
+    with right, st.container(key="heatmap-window"):
+        st.caption(f"Heatmap over steps {first}–{step}")
+        wide_w = reads.expert_window(url, run, first, step, row)
+        try:
+            cells_w = data.heatmap_window(wide_w, view) if wide_w.height else wide_w
+        except KeyError as e:
+            st.warning(str(e.args[0]))
+        else:
+            how = "share of window tokens" if view == "token share" else "mean"
+            _draw(cells_w, chart_id="heatmap_window",
+                  title=f"{view} ({how}), steps {first}–{step}", view=view, step=step,
+                  window=(first, step))

@@ -1,0 +1,62 @@
+"""The runs list (status, start, steps, world size) and the live header of the replayed run."""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import polars as pl
+import streamlit as st
+
+
+def age_text(seconds: float) -> str:
+    """'4 s', '3 min', '2.5 h' - how long ago, for humans."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def label(row: dict[str, Any]) -> str:
+    """How a run appears in pickers: 'name · live · 1,234 steps'."""
+    steps = "no steps" if row["last_step"] is None else f"{row['last_step'] + 1:,} steps"
+    return f"{row['run']} · {row['status']} · {steps}"
+
+
+def table(runs: pl.DataFrame, now: float | None = None) -> pl.DataFrame:
+    """The runs frame as shown: one row per run, newest first."""
+    now = time.time() if now is None else now
+    return runs.sort("started_at", descending=True).select(
+        "run", "status",
+        pl.from_epoch(pl.col("started_at"), time_unit="s").dt.replace_time_zone("UTC")
+        .dt.strftime("%Y-%m-%d %H:%M:%S UTC").alias("started"),
+        (pl.col("last_step") + 1).alias("steps"),
+        pl.col("world_size").alias("world size"),
+        (now - pl.col("updated_at")).map_elements(age_text, return_dtype=pl.Utf8)
+        .alias("last update"))
+
+
+def runs_list(runs: pl.DataFrame) -> None:
+    with st.expander(f"Runs in this store ({runs.height})", expanded=False):
+        if runs.height == 0:
+            st.info("no runs recorded yet")
+            return
+        st.dataframe(table(runs), hide_index=True, key="runs_table")
+
+
+def header(row: dict[str, Any]) -> None:
+    """Run name, status, and for a live run how long ago its last step arrived."""
+    age = time.time() - row["updated_at"]
+    started = datetime.fromtimestamp(row["started_at"], timezone.utc).strftime("%Y-%m-%d %H:%M")
+    last = "—" if row["last_step"] is None else f"{row['last_step']:,}"
+    cols = st.columns([3, 1, 1, 1, 2])
+    cols[0].subheader(row["run"])
+    cols[1].metric("status", row["status"])
+    cols[2].metric("last step", last)
+    cols[3].metric("world size", row["world_size"])
+    if row["status"] == "live":
+        cols[4].metric("last step received", f"{age_text(age)} ago")
+    else:
+        cols[4].metric("started", started)

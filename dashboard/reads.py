@@ -1,0 +1,117 @@
+"""Every store read the dashboard makes, cached per (store URL, run, arguments).
+
+One Store per URL per server process (st.cache_resource; the backends are safe to share across
+sessions: ClickHouse serializes its connection, Parquet re-lists files on every read). Results
+go through st.cache_data, keyed by the URL, the run, the arguments and the run's *version*
+(last_step, updated_at, status from the runs table): a live run that moves on gets fresh reads at
+once, a finished run is read once per TTL however often the page reruns. The runs table itself
+is the only read with no version, so it carries the shortest TTL.
+
+Reads of a step behind the run's head are final (a step's reduced rows are committed together;
+late ranks only add raw rows), so they are keyed without the version and survive live refreshes:
+replaying a live run re-reads one heatmap step per step moved, not the whole window per flush.
+
+The app builds no queries: names and globs go to the store's read API as arguments.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+import streamlit as st
+
+from dashboard import data
+from store import NotFound, Store, open_store
+
+RUNS_TTL_S = 2.0           # how stale the runs list (status, last step) may be in live mode
+DATA_TTL_S = 30.0          # everything else is keyed by the run's version as well
+MAX_ENTRIES = 512          # per cached function: bounds the server's memory
+FINAL = "final"            # version key of reads that can no longer change
+
+Version = tuple[Any, ...]
+
+
+@st.cache_resource(show_spinner=False)
+def store(url: str) -> Store:
+    """The shared Store for `url` (opened once per server process)."""
+    return open_store(url)
+
+
+@st.cache_data(ttl=RUNS_TTL_S, max_entries=64, show_spinner=False)
+def runs(url: str) -> pl.DataFrame:
+    return store(url).runs()
+
+
+def run_row(url: str, run: str) -> dict[str, Any] | None:
+    hit = runs(url).filter(pl.col("run") == run)
+    return hit.row(0, named=True) if hit.height else None
+
+
+def version_of(row: dict[str, Any] | None) -> Version:
+    """What changes whenever the run's data may have changed."""
+    if row is None:
+        return ("missing",)
+    return (row["last_step"], row["updated_at"], row["status"])
+
+
+@st.cache_data(ttl=DATA_TTL_S, max_entries=MAX_ENTRIES, show_spinner=False)
+def metrics(url: str, run: str, version: Version) -> pl.DataFrame:
+    return store(url).metrics(run)
+
+
+@st.cache_data(ttl=DATA_TTL_S, max_entries=MAX_ENTRIES, show_spinner=False)
+def series(url: str, run: str, metric: str, version: Version, start: int | None = None,
+           stop: int | None = None) -> pl.DataFrame:
+    """One metric's reduced values; an empty frame when the run lacks the metric."""
+    try:
+        return store(url).series(run, metric, start=start, stop=stop)
+    except NotFound:
+        return pl.DataFrame(schema={"step": pl.Int64, "value": pl.Float32})
+
+
+@st.cache_data(ttl=DATA_TTL_S, max_entries=MAX_ENTRIES, show_spinner=False)
+def _at_step(url: str, run: str, step: int, pattern: str, version: Version) -> pl.DataFrame:
+    return store(url).at_step(run, step, pattern)
+
+
+def at_step(url: str, run: str, step: int, pattern: str, row: dict[str, Any] | None
+            ) -> pl.DataFrame:
+    """Metrics matching the glob at one step; final (version-free key) behind the head."""
+    last = None if row is None else row["last_step"]
+    final = last is not None and step < last
+    return _at_step(url, run, int(step), pattern, (FINAL,) if final else version_of(row))
+
+
+def expert_window(url: str, run: str, lo: int, hi: int, row: dict[str, Any] | None
+                  ) -> pl.DataFrame:
+    """Wide per-(step, layer, expert) stats for steps lo..hi inclusive: one cached at_step per
+    step, so sliding the window by one step costs one read."""
+    frames = [at_step(url, run, s, data.HEATMAP_PATTERN, row).with_columns(step=pl.lit(s, pl.Int64))
+              for s in range(lo, hi + 1)]
+    frames = [f for f in frames if f.height]
+    return data.expert_stats(pl.concat(frames)) if frames else data.expert_stats(
+        pl.DataFrame(schema={"name": pl.Utf8, "layer": pl.Int32, "expert": pl.Int32,
+                             "stat": pl.Utf8, "value": pl.Float32, "step": pl.Int64}))
+
+
+def _optional(url: str, method: str, run: str) -> pl.DataFrame | None:
+    """Call a read the store may not have yet (events, clips arrive with the detectors)."""
+    fn = getattr(store(url), method, None)
+    if fn is None:
+        return None
+    try:
+        return fn(run)
+    except (NotImplementedError, NotFound):
+        return None
+
+
+@st.cache_data(ttl=DATA_TTL_S, max_entries=MAX_ENTRIES, show_spinner=False)
+def events(url: str, run: str, version: Version) -> pl.DataFrame:
+    """Detector events (data.EVENT_COLUMNS), empty when the store records none."""
+    return data.normalize_events(_optional(url, "events", run))
+
+
+@st.cache_data(ttl=DATA_TTL_S, max_entries=MAX_ENTRIES, show_spinner=False)
+def clips(url: str, run: str, version: Version) -> pl.DataFrame:
+    """Clip-threshold timeline (site, step, limit, version, reason), empty when none."""
+    return data.clip_timeline(_optional(url, "clips", run))
