@@ -5,7 +5,8 @@
 
 Modules: config (MonitorConfig), adapter (where things are in a model), layout (the metric
 catalogue and buffer map), stats / gradstats (device-side capture), frames (protobuf encoding),
-sender (background gRPC stream), monitor (the call points). Imports proto only, of ours.
+buffer (bounded step buffer and its full policy), sender (background gRPC stream), clips (clip
+updates staged to step boundaries), monitor (the call points). Imports proto only, of ours.
 """
 from hooks.adapter import AttentionSite, MoEAdapter, MoESite, RouterView, StepFlashAdapter
 from hooks.config import STAT_GROUPS, MonitorConfig

@@ -45,7 +45,6 @@ def assert_matches(got: dict[str, float], want: dict[str, float]) -> None:
                                rtol=2e-5, atol=1e-6, err_msg=str(names))
 
 
-
 @pytest.mark.parametrize("which", ["standin", "tiny"])
 def test_every_stat_matches_recomputation_with_grad_accumulation(which):
     torch.manual_seed(0)
