@@ -109,7 +109,8 @@ class Recorder:
         if self.grads:
             for i in range(L):
                 g = [v for n, v in self.grads.items() if n.startswith(f"layers.{i}.")]
-                out[f"grad/layer{i:0{lw}d}/norm"] = float(torch.cat([t.reshape(-1) for t in g]).norm())
+                flat = torch.cat([t.reshape(-1) for t in g])
+                out[f"grad/layer{i:0{lw}d}/norm"] = float(flat.norm())
             for l, moe in self.moe:
                 pre = f"layers.{l}.ffn.experts."
                 for e in range(moe.n_experts):
