@@ -5,6 +5,8 @@
     python -m store series  --store URL --run NAME --metric NAME [--rank R] [--start S --stop S]
     python -m store steps   --store URL --run NAME
     python -m store at-step --store URL --run NAME --step S [--pattern GLOB] [--rank R]
+    python -m store events  --store URL --run NAME
+    python -m store clips   --store URL --run NAME
 
 An unknown run or metric, or malformed input, prints one line on stderr and exits 2.
 """
@@ -41,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--step", type=int, required=True)
     a.add_argument("--pattern", default="*", help="glob over metric names (default *)")
     a.add_argument("--rank", type=int)
+    cmd("events", "detector events (detail is JSON text)")
+    cmd("clips", "clip-threshold updates and the step they took effect (-1: not yet)")
     return p
 
 
@@ -55,6 +59,10 @@ def _query(args: argparse.Namespace) -> pl.DataFrame:
                              rank=args.rank)
         if args.command == "at-step":
             return st.at_step(args.run, args.step, args.pattern, rank=args.rank)
+        if args.command == "events":
+            return st.events(args.run)
+        if args.command == "clips":
+            return st.clips(args.run)
         df = st.steps(args.run)                      # CSV has no lists: "3;7" for ranks 3, 7
         return df.with_columns(pl.col("missing_ranks").cast(pl.List(pl.Utf8)).list.join(";"))
 

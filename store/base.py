@@ -13,6 +13,10 @@ frames. Every write is idempotent on its natural key, so a resent frame never do
 | reduced    | (run, step, metric_id)         | run, step, metric_id, value (float32), n_ranks           |
 | steps      | (run, step)                    | run, step, n_ranks, missing_ranks (list[int]), complete, |
 |            |                                | wall_time                                                |
+| events     | (run, step, kind, site)        | run, step, kind, site, value, threshold, severity,       |
+|            |                                | onset_step, detail (JSON text)                           |
+| clips      | (run, version, layer, site)    | run, version, step, layer, site, limit (float32, inf =   |
+|            |                                | off), reason, acked_step (-1 until acknowledged)         |
 
 A later write of the same key replaces the earlier one (last write wins); reads never show two
 rows for one key. This module imports nothing of ours (DESIGN.md).
@@ -82,6 +86,38 @@ class ValueBatch:
 
 
 @dataclass(frozen=True)
+class EventRecord:
+    """One detector event as stored (analytics/ owns the detectors; the store only keeps rows)."""
+
+    step: int                        # the step whose values raised it (>= 0)
+    kind: str                        # e.g. "expert_death", "blowup", "nonfinite"
+    site: str                        # where: a metric-name prefix, e.g. "moe/layer04/expert003"
+    value: float                     # the statistic that crossed the threshold
+    threshold: float
+    severity: str                    # one of SEVERITIES
+    onset_step: int                  # first step of the anomaly (<= step)
+    detail: str = "{}"               # JSON object text: evidence, labels
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One (layer, site) setting of a versioned clip update, and when it took effect.
+    Writing the same (version, layer, site) again replaces the row: that is how an
+    acknowledgement fills in acked_step."""
+
+    version: int                     # ClipUpdate.version (>= 1)
+    step: int                        # the run's step when it was decided (the event's step)
+    layer: int
+    site: str                        # "routed" | "shared"
+    limit: float                     # SwiGLU clamp L; inf = off
+    reason: str                      # the event that caused it, or "operator ..."
+    acked_step: int = -1             # first step trained with it on every acking rank; -1 = not yet
+
+
+SEVERITIES = ("info", "warning", "critical")
+
+
+@dataclass(frozen=True)
 class StepStatus:
     step: int
     n_ranks: int                     # ranks whose values went into the reduction
@@ -119,6 +155,15 @@ class Store(abc.ABC):
         """Per-step barrier outcome (which ranks made it, stragglers)."""
 
     @abc.abstractmethod
+    def write_events(self, run: str, events: list[EventRecord]) -> None:
+        """Detector events; one row per (step, kind, site), a rewrite replaces it."""
+
+    @abc.abstractmethod
+    def write_clips(self, run: str, clips: list[ClipRecord]) -> None:
+        """Clip-update settings; one row per (version, layer, site), a rewrite replaces it
+        (an acknowledgement rewrites the row with acked_step set)."""
+
+    @abc.abstractmethod
     def flush(self) -> None:
         """Make everything written so far durable; acks are sent only after this returns."""
 
@@ -152,6 +197,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def steps(self, run: str) -> pl.DataFrame:
         """Barrier outcomes: step, n_ranks, missing_ranks, complete, wall_time; sorted."""
+
+    @abc.abstractmethod
+    def events(self, run: str) -> pl.DataFrame:
+        """Detector events: step, kind, site, value, threshold, severity, onset_step, detail;
+        sorted by (step, kind, site)."""
+
+    @abc.abstractmethod
+    def clips(self, run: str) -> pl.DataFrame:
+        """Clip updates: version, step, layer, site, limit, reason, acked_step; sorted by
+        (version, layer, site)."""
 
     # context manager sugar
     def __enter__(self) -> "Store":

@@ -18,8 +18,8 @@ import numpy as np
 import polars as pl
 
 from store import columns as C
-from store.base import (InvalidInput, MetricDict, NotFound, RunInfo, StepStatus, Store,
-                        StoreError, ValueBatch, check_run_name)
+from store.base import (ClipRecord, EventRecord, InvalidInput, MetricDict, NotFound, RunInfo,
+                        StepStatus, Store, StoreError, ValueBatch, check_run_name)
 
 
 def _check_step(name: str, v: int | None) -> int | None:
@@ -136,14 +136,17 @@ class BufferedStore(Store):
             self._pending_metrics[run] = C.merge_metrics(old, new)
             self._touch(run, row)
 
-    def _write_values(self, run: str, table: str, frame: pl.DataFrame) -> None:
+    def _write_values(self, run: str, table: str, frame: pl.DataFrame, *,
+                      advances: bool = True) -> None:
+        """Buffer rows of a value table; `advances`: their steps count toward last_step
+        (events and clip updates describe steps already written, so they do not)."""
         with self._lock:
             self._check_open()
             row = self._row(run)
             if frame.height == 0:
                 return
             self._pending.setdefault((run, table), []).append(frame)
-            self._touch(run, row, int(frame["step"].max()))
+            self._touch(run, row, int(frame["step"].max()) if advances else None)
 
     def write_raw(self, run: str, batch: ValueBatch) -> None:
         self._write_values(run, "raw", C.values_frame(batch, "raw"))
@@ -153,6 +156,12 @@ class BufferedStore(Store):
 
     def write_steps(self, run: str, steps: list[StepStatus]) -> None:
         self._write_values(run, "steps", C.steps_frame(steps))
+
+    def write_events(self, run: str, events: list[EventRecord]) -> None:
+        self._write_values(run, "events", C.events_frame(events), advances=False)
+
+    def write_clips(self, run: str, clips: list[ClipRecord]) -> None:
+        self._write_values(run, "clips", C.clips_frame(clips), advances=False)
 
     def flush(self) -> None:
         with self._lock:
@@ -225,6 +234,17 @@ class BufferedStore(Store):
         return df.select(list(C.AT_STEP_SCHEMA)).cast(C.AT_STEP_SCHEMA).sort("metric_id")
 
     def steps(self, run: str) -> pl.DataFrame:
+        return self._whole_table(run, "steps")
+
+    def events(self, run: str) -> pl.DataFrame:
+        return self._whole_table(run, "events")
+
+    def clips(self, run: str) -> pl.DataFrame:
+        return self._whole_table(run, "clips")
+
+    def _whole_table(self, run: str, table: str) -> pl.DataFrame:
+        """A whole small table of one run, in its schema, sorted by its natural key."""
         self._known_run(run)
-        df = self._read_values(run, "steps")
-        return df.select(list(C.STEPS_SCHEMA)).cast(C.STEPS_SCHEMA).sort("step")
+        schema, keys = C.TABLES[table]
+        df = self._read_values(run, table)
+        return df.select(list(schema)).cast(schema).sort(list(keys))

@@ -42,14 +42,15 @@ from store import columns as C
 from store.base import StoreError
 from store.buffered import BufferedStore
 from store.clickhouse_config import ClickHouseConfig
-from store.clickhouse_schema import (LATEST_VERSION, METRICS, RAW, REDUCED, RUNS, SCHEMA_VERSION,
-                                     STEPS, Capabilities, Table, create_table_sql,
-                                     pending_migrations, quote)
+from store.clickhouse_schema import (CLIP_UPDATES, EVENTS, LATEST_VERSION, METRICS, RAW, REDUCED,
+                                     RUNS, SCHEMA_VERSION, STEPS, Capabilities, Table,
+                                     create_table_sql, pending_migrations, quote)
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_DATABASE = 81                       # ClickHouse error code
-VALUE_TABLES = {"raw": RAW, "reduced": REDUCED, "steps": STEPS}
+VALUE_TABLES = {"raw": RAW, "reduced": REDUCED, "steps": STEPS, "events": EVENTS,
+                "clips": CLIP_UPDATES}
 NUMPY_TABLES = {"raw", "reduced"}           # bulk tables: numpy columns straight to the driver
 NO_STEP = -1                                # runs.last_step before any step was written
 
@@ -167,7 +168,8 @@ class ClickHouseStore(BufferedStore):
             if name in NUMPY_TABLES:
                 cols = {c: frame[c].to_numpy() for c in frame.columns}   # zero-copy, no nulls
             else:
-                frame = frame.with_columns(pl.col("complete").cast(pl.UInt8))
+                if "complete" in frame.columns:                     # Bool travels as UInt8
+                    frame = frame.with_columns(pl.col("complete").cast(pl.UInt8))
                 cols = {c: frame[c].to_list() for c in frame.columns}
             self._insert_rows(table, cols, ver, run=run, numpy=name in NUMPY_TABLES)
         for run, frame in metrics.items():

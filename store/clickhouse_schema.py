@@ -119,7 +119,7 @@ STEPS = Table("steps", (
     Column("missing_ranks", "Array(Int32)"), Column("complete", "UInt8"),
     Column("wall_time", "Float64"), VER), key=("run", "step"))
 
-# For the next issue (detector events and the clip-control log); no Store methods use them yet.
+# Detector events and the clip-control log (Store.write_events / write_clips).
 EVENTS = Table("events", (
     RUN, Column("step", "Int64", "DoubleDelta, ZSTD(1)"), _lc("kind"), _lc("site"),
     Column("value", "Float64"), Column("threshold", "Float64"), _lc("severity"),

@@ -7,12 +7,14 @@ an Int32 from another.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import polars as pl
 
-from store.base import REDUCE_OPS, InvalidInput, MetricDict, StepStatus, ValueBatch
+from store.base import (REDUCE_OPS, SEVERITIES, ClipRecord, EventRecord, InvalidInput, MetricDict,
+                        StepStatus, ValueBatch)
 
 # ---- read-frame schemas ------------------------------------------------------------------
 RUNS_SCHEMA = {"run": pl.Utf8, "world_size": pl.Int32, "config_json": pl.Utf8,
@@ -27,6 +29,11 @@ REDUCED_SCHEMA = {"step": pl.Int64, "metric_id": pl.Int32, "value": pl.Float32,
                   "n_ranks": pl.Int32}
 STEPS_SCHEMA = {"step": pl.Int64, "n_ranks": pl.Int32, "missing_ranks": pl.List(pl.Int32),
                 "complete": pl.Boolean, "wall_time": pl.Float64}
+EVENTS_SCHEMA = {"step": pl.Int64, "kind": pl.Utf8, "site": pl.Utf8, "value": pl.Float64,
+                 "threshold": pl.Float64, "severity": pl.Utf8, "onset_step": pl.Int64,
+                 "detail": pl.Utf8}
+CLIPS_SCHEMA = {"version": pl.Int64, "step": pl.Int64, "layer": pl.Int32, "site": pl.Utf8,
+                "limit": pl.Float32, "reason": pl.Utf8, "acked_step": pl.Int64}
 SERIES_SCHEMA = {"step": pl.Int64, "value": pl.Float32}
 AT_STEP_SCHEMA = {"metric_id": pl.Int32, "name": pl.Utf8, "layer": pl.Int32,
                   "expert": pl.Int32, "head": pl.Int32, "stat": pl.Utf8, "value": pl.Float32}
@@ -37,6 +44,8 @@ TABLES = {
     "raw": (RAW_SCHEMA, ("metric_id", "rank", "step")),
     "reduced": (REDUCED_SCHEMA, ("metric_id", "step")),
     "steps": (STEPS_SCHEMA, ("step",)),
+    "events": (EVENTS_SCHEMA, ("step", "kind", "site")),
+    "clips": (CLIPS_SCHEMA, ("version", "layer", "site")),
 }
 
 _I32_MAX = 2**31 - 1
@@ -157,6 +166,73 @@ def steps_frame(steps: list[StepStatus]) -> pl.DataFrame:
         rows["complete"].append(bool(s.complete))
         rows["wall_time"].append(float(s.wall_time))
     return pl.DataFrame(rows, schema=STEPS_SCHEMA)
+
+
+def _int_field(what: str, v, low: int, top: int = 2**63 - 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not low <= v <= top:
+        raise InvalidInput(f"{what} must be an integer in [{low}, {top}], got {v!r}")
+    return int(v)
+
+
+def _text_field(what: str, v, *, empty: bool = False) -> str:
+    if not isinstance(v, str) or (not empty and not v):
+        raise InvalidInput(f"{what} must be a {'' if empty else 'non-empty '}string, got {v!r}")
+    return v
+
+
+def _float_field(what: str, v, *, nan: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise InvalidInput(f"{what} must be a number, got {v!r}")
+    if not nan and math.isnan(v):
+        raise InvalidInput(f"{what} must not be NaN")
+    return float(v)
+
+
+def events_frame(events: list[EventRecord]) -> pl.DataFrame:
+    """EventRecord list -> frame (EVENTS_SCHEMA). Values may be non-finite (a NaN loss is
+    exactly what a non-finite event reports); detail must be JSON object text."""
+    rows = {k: [] for k in EVENTS_SCHEMA}
+    for e in ([events] if isinstance(events, EventRecord) else events):
+        if not isinstance(e, EventRecord):
+            raise InvalidInput(f"expected EventRecord, got {type(e).__name__}")
+        step = _int_field("event step", e.step, 0)
+        onset = _int_field("event onset_step", e.onset_step, 0)
+        if onset > step:
+            raise InvalidInput(f"event onset_step {onset} lies after its step {step}")
+        if e.severity not in SEVERITIES:
+            raise InvalidInput(f"event severity must be one of {SEVERITIES}, got {e.severity!r}")
+        detail = _text_field("event detail", e.detail)
+        try:
+            ok = isinstance(json.loads(detail), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InvalidInput(f"event detail must be a JSON object, got {detail[:80]!r}")
+        rows["step"].append(step)
+        rows["kind"].append(_text_field("event kind", e.kind))
+        rows["site"].append(_text_field("event site", e.site, empty=True))
+        rows["value"].append(_float_field("event value", e.value, nan=True))
+        rows["threshold"].append(_float_field("event threshold", e.threshold, nan=True))
+        rows["severity"].append(e.severity)
+        rows["onset_step"].append(onset)
+        rows["detail"].append(detail)
+    return pl.DataFrame(rows, schema=EVENTS_SCHEMA)
+
+
+def clips_frame(clips: list[ClipRecord]) -> pl.DataFrame:
+    """ClipRecord list -> frame (CLIPS_SCHEMA). limit inf means "off"; NaN is refused."""
+    rows = {k: [] for k in CLIPS_SCHEMA}
+    for c in ([clips] if isinstance(clips, ClipRecord) else clips):
+        if not isinstance(c, ClipRecord):
+            raise InvalidInput(f"expected ClipRecord, got {type(c).__name__}")
+        rows["version"].append(_int_field("clip version", c.version, 1))
+        rows["step"].append(_int_field("clip step", c.step, 0))
+        rows["layer"].append(_int_field("clip layer", c.layer, 0, _I32_MAX))
+        rows["site"].append(_text_field("clip site", c.site))
+        rows["limit"].append(_float_field("clip limit", c.limit, nan=False))
+        rows["reason"].append(_text_field("clip reason", c.reason, empty=True))
+        rows["acked_step"].append(_int_field("clip acked_step", c.acked_step, -1))
+    return pl.DataFrame(rows, schema=CLIPS_SCHEMA)
 
 
 def _check_rank(r) -> int:

@@ -1,6 +1,7 @@
 """The store contract (store/base.py), run against every backend in conftest.store_factory."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -11,8 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from store import (InvalidInput, MetricDict, NotFound, RunInfo, StepStatus, StoreError,
-                   ValueBatch)
+from store import (ClipRecord, EventRecord, InvalidInput, MetricDict, NotFound, RunInfo,
+                   StepStatus, StoreError, ValueBatch)
 from store import columns as C
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -459,3 +460,89 @@ def test_leftovers_of_an_interrupted_flush_are_ignored(store_factory):
         st.write_reduced("r1", reduced([3], range(7)))  # and a new writer works past it
         st.flush()
         assert st.series("r1", "loss")["step"].to_list() == [0, 1, 2, 3]
+
+
+# ---- detector events and clip updates ----------------------------------------------------
+def event(step, kind="blowup", site="moe/layer01/expert000", value=3.5, onset=None,
+          severity="warning", detail='{"layer": 1}'):
+    return EventRecord(step=step, kind=kind, site=site, value=value, threshold=2.0,
+                       severity=severity, onset_step=step if onset is None else onset,
+                       detail=detail)
+
+
+def clip(version, layer=1, site="routed", limit=2.5, acked=-1, step=7, reason="blowup@7"):
+    return ClipRecord(version=version, step=step, layer=layer, site=site, limit=limit,
+                      reason=reason, acked_step=acked)
+
+
+def test_events_round_trip_sorted_last_wins_and_leave_last_step(store):
+    new_run(store)
+    store.flush()
+    store.write_reduced("r1", reduced(range(3), [0]))
+    store.write_events("r1", [event(9, onset=4), event(2, kind="nonfinite", site="train/loss",
+                                                      value=math.nan, severity="critical"),
+                              event(2, kind="blowup")])
+    assert store.events("r1").height == 0                    # invisible before flush
+    store.flush()
+    ev = store.events("r1")
+    assert schema_of(ev) == C.EVENTS_SCHEMA
+    assert ev.select("step", "kind", "onset_step").rows() == [
+        (2, "blowup", 2), (2, "nonfinite", 2), (9, "blowup", 4)]
+    assert math.isnan(ev["value"][1]) and ev["severity"][1] == "critical"
+    assert json.loads(ev["detail"][2]) == {"layer": 1}
+    assert store.runs()["last_step"].to_list() == [2]         # events do not advance a run
+    store.write_events("r1", [event(9, onset=4, value=7.0, detail='{"again": true}')])
+    store.flush()
+    ev = store.events("r1")
+    assert ev.height == 3 and ev.filter(step=9)["value"].to_list() == [7.0]
+    assert json.loads(ev.filter(step=9)["detail"][0]) == {"again": True}
+
+
+def test_clip_updates_round_trip_and_an_ack_rewrites_its_row(store):
+    new_run(store)
+    store.write_clips("r1", [clip(2, layer=3, limit=math.inf), clip(1, layer=2),
+                             clip(1, layer=1, site="shared", limit=1.25)])
+    store.flush()
+    cl = store.clips("r1")
+    assert schema_of(cl) == C.CLIPS_SCHEMA
+    assert cl.select("version", "layer", "site", "limit", "acked_step").rows() == [
+        (1, 1, "shared", 1.25, -1), (1, 2, "routed", 2.5, -1), (2, 3, "routed", math.inf, -1)]
+    store.write_clips("r1", [clip(1, layer=2, acked=9)])     # the acknowledgement
+    store.flush()
+    cl = store.clips("r1")
+    assert cl.height == 3
+    assert cl.filter(version=1, layer=2)["acked_step"].to_list() == [9]
+    assert cl["reason"].to_list() == ["blowup@7"] * 3
+
+
+def test_malformed_events_and_clips_are_invalid_input(store):
+    new_run(store)
+    bad_events = [event(3, severity="fatal"), event(3, detail="not json"),
+                  event(3, detail="[1, 2]"), event(3, onset=4), event(-1),
+                  event(3, kind=""), event(3, value="big"), "an event"]
+    for bad in bad_events:
+        with pytest.raises(InvalidInput):
+            store.write_events("r1", [event(1), bad])
+    for bad in (clip(0), clip(1, limit=math.nan), clip(1, site=""), clip(1, layer=-1),
+                clip(1, acked=-2), clip(1, step=-1), clip(True)):
+        with pytest.raises(InvalidInput):
+            store.write_clips("r1", [clip(5), bad])
+    with pytest.raises(NotFound):
+        store.write_events("nope", [event(1)])
+    with pytest.raises(NotFound):
+        store.clips("nope")
+    store.flush()                                       # nothing of a refused call was kept
+    assert store.events("r1").height == 0 and store.clips("r1").height == 0
+
+
+def test_events_and_clips_survive_reopen(store_factory):
+    needs_shared(store_factory)
+    with store_factory.open() as w:
+        new_run(w)
+        w.write_events("r1", [event(4)])
+        w.write_clips("r1", [clip(1)])
+    with store_factory.open() as r:
+        assert r.events("r1")["step"].to_list() == [4]
+        r.write_clips("r1", [clip(1, acked=5)])
+        r.flush()
+        assert r.clips("r1")["acked_step"].to_list() == [5]
