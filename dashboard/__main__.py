@@ -18,6 +18,8 @@ from pathlib import Path
 from store import StoreError, open_store
 
 APP = Path(__file__).resolve().with_name("app.py")
+DEFAULTS = (("--browser.gatherUsageStats", "false"),   # no calls out of the machine
+            ("--client.toolbarMode", "viewer"))        # no "Deploy" button on a monitoring page
 
 
 def parse(argv: list[str]) -> tuple[str, list[str]]:
@@ -26,8 +28,9 @@ def parse(argv: list[str]) -> tuple[str, list[str]]:
     p.add_argument("--store", required=True,
                    help="store URL: parquet:DIR or clickhouse://USER@HOST:PORT/DB")
     args, streamlit_args = p.parse_known_args(argv)
-    if not any(a.startswith("--browser.gatherUsageStats") for a in streamlit_args):
-        streamlit_args += ["--browser.gatherUsageStats", "false"]
+    for option, value in DEFAULTS:
+        if not any(a.startswith(option) for a in streamlit_args):
+            streamlit_args += [option, value]
     return args.store, streamlit_args
 
 

@@ -32,15 +32,6 @@ def store_url() -> str:
     return args.store or os.environ.get("STEPWATCH_STORE", "")
 
 
-def display_url(url: str) -> str:
-    """The URL without a password (clickhouse://user:pass@host -> clickhouse://user@host)."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        cred, _, host = rest.rpartition("@")
-        return f"{scheme}://{cred.split(':', 1)[0]}@{host}"
-    return url
-
-
 st.set_page_config(page_title="stepwatch", page_icon="📈", layout="wide")
 URL = store_url()
 if not URL:
@@ -53,12 +44,12 @@ ss = st.session_state
 try:
     all_runs = reads.runs(URL)
 except StoreError as e:
-    st.error(f"cannot read the store {display_url(URL)}: {e}")
+    st.error(f"cannot read the store {reads.display_url(URL)}: {e}")
     st.stop()
 rows = {r["run"]: r for r in all_runs.iter_rows(named=True)}
 with st.sidebar:
     st.title("stepwatch")
-    st.caption(f"store: `{display_url(URL)}`")
+    st.caption(f"store: `{reads.display_url(URL)}`")
     names = list(reversed(list(rows)))                 # newest first
     if "runs" not in ss:
         ss.runs = names[:1]

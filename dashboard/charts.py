@@ -12,8 +12,8 @@ import polars as pl
 SEVERITY_COLORS = {"critical": "#b00020", "warning": "#e08000", "info": "#1f77b4"}
 DEAD_COLOR = "#d62728"
 NO_DATA_COLOR = "#e6e6e6"
-CURVE_HEIGHT = 220
-HEATMAP_CELL_PX = 22
+CURVE_HEIGHT = 300          # the whole chart (title, axes, legend): Streamlit autosizes to fit
+HEATMAP_CELL_PX = 24
 
 
 def _meta(chart_id: str, **extra) -> dict:
@@ -42,9 +42,10 @@ def line_chart(long: pl.DataFrame, *, chart_id: str, title: str, color: str = "s
     y_scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
     base = alt.Chart(long.select("step", "value", color)).mark_line(
         interpolate=interpolate, clip=True).encode(
-        x=alt.X("step:Q", title="step", scale=x_scale),
+        x=alt.X("step:Q", title="step", scale=x_scale,
+                axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("value:Q", title=None, scale=y_scale),
-        color=alt.Color(f"{color}:N", legend=alt.Legend(title=None, orient="bottom")),
+        color=alt.Color(f"{color}:N", legend=alt.Legend(title=None, orient="top", direction="horizontal")),
         tooltip=[f"{color}:N", "step:Q", alt.Tooltip("value:Q", format=".5g")])
     layers: list[alt.Chart] = [base]
     if events is not None and events.height:
@@ -63,8 +64,6 @@ def heatmap_chart(cells: pl.DataFrame, *, chart_id: str, title: str, value_title
     """Layer (rows) x expert (columns) cells colored by `value`; dead experts outlined in red
     and marked with a cross; cells without data (e.g. no tokens for a ratio) drawn grey."""
     df = cells.select("layer", "expert", "value", "share", "tokens", "dead")
-    n_layers = max(df["layer"].n_unique(), 1)
-    n_experts = max(df["expert"].n_unique(), 1)
     enc = dict(x=alt.X("expert:O", title="expert"),
                y=alt.Y("layer:O", title="layer", sort="descending"))
     rect = alt.Chart(df).mark_rect().encode(
@@ -80,8 +79,7 @@ def heatmap_chart(cells: pl.DataFrame, *, chart_id: str, title: str, value_title
     cross = alt.Chart(df.filter(pl.col("dead"))).mark_text(
         text="✕", color=DEAD_COLOR, fontSize=13, fontWeight="bold").encode(**enc)
     return alt.layer(rect, cross).properties(
-        title=title, width=min(900, HEATMAP_CELL_PX * n_experts + 60),
-        height=HEATMAP_CELL_PX * n_layers + 20,
+        title=title, width=alt.Step(HEATMAP_CELL_PX), height=alt.Step(HEATMAP_CELL_PX),
         usermeta=_meta(chart_id, step=step, window=list(window) if window else None))
 
 

@@ -86,6 +86,8 @@ def expert_stats(long: pl.DataFrame) -> pl.DataFrame:
     """at_step-shaped rows (name, layer, expert, stat, value[, step]) -> one row per
     ([step,] layer, expert) with one column per stat. Only moe/ expert metrics count."""
     index = ["step", "layer", "expert"] if "step" in long.columns else ["layer", "expert"]
+    if long.height == 0:
+        return pl.DataFrame(schema={k: pl.Int64 if k == "step" else pl.Int32 for k in index})
     rows = long.filter(pl.col("name").str.starts_with(EXPERT_PREFIX), pl.col("expert") >= 0,
                        pl.col("layer") >= 0)
     if rows.height == 0:
@@ -197,12 +199,16 @@ def normalize_events(df: pl.DataFrame | None) -> pl.DataFrame:
 
 
 def clip_timeline(df: pl.DataFrame | None) -> pl.DataFrame:
-    """Clip updates -> (site, step, limit): one row per update at the step it took effect
-    (acked_step when a rank acknowledged it, else the step it was issued), per layer/site."""
+    """Clip updates -> one row per (layer/site, update) at the step it took effect (acked_step
+    once acknowledged, else the step it was decided), with `acked`. A limit of inf or <= 0
+    means "off" (the proto's convention): limit becomes null, so the drawn line has a gap."""
     df = _conform(df, CLIP_COLUMNS)
-    effective = pl.when(pl.col("acked_step") >= 0).then(pl.col("acked_step")) \
-        .otherwise(pl.col("step"))
+    acked = pl.col("acked_step") >= 0
+    on = pl.col("limit").is_finite() & (pl.col("limit") > 0)
     return (df.with_columns(
         site=pl.format("layer{}/{}", pl.col("layer").cast(pl.Utf8).str.zfill(2), pl.col("site")),
-        step=effective)
-        .select("site", "step", "limit", "version", "reason").sort("site", "step", "version"))
+        step=pl.when(acked).then(pl.col("acked_step")).otherwise(pl.col("step")),
+        limit=pl.when(on).then(pl.col("limit")).otherwise(None),
+        acked=acked.fill_null(False))
+        .select("site", "step", "limit", "acked", "version", "reason")
+        .sort("site", "step", "version"))

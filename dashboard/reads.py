@@ -24,11 +24,21 @@ from dashboard import data
 from store import NotFound, Store, open_store
 
 RUNS_TTL_S = 2.0           # how stale the runs list (status, last step) may be in live mode
-DATA_TTL_S = 30.0          # everything else is keyed by the run's version as well
+DATA_TTL_S = 60.0          # everything else is keyed by the run's version as well
 MAX_ENTRIES = 512          # per cached function: bounds the server's memory
 FINAL = "final"            # version key of reads that can no longer change
+COLUMN_BUDGET = 128        # expert metrics a finished run may have and still be read whole
 
 Version = tuple[Any, ...]
+
+
+def display_url(url: str) -> str:
+    """The URL without a password (clickhouse://user:pass@host -> clickhouse://user@host)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        cred, _, host = rest.rpartition("@")
+        return f"{scheme}://{cred.split(':', 1)[0]}@{host}"
+    return url
 
 
 @st.cache_resource(show_spinner=False)
@@ -82,16 +92,44 @@ def at_step(url: str, run: str, step: int, pattern: str, row: dict[str, Any] | N
     return _at_step(url, run, int(step), pattern, (FINAL,) if final else version_of(row))
 
 
-def expert_window(url: str, run: str, lo: int, hi: int, row: dict[str, Any] | None
-                  ) -> pl.DataFrame:
-    """Wide per-(step, layer, expert) stats for steps lo..hi inclusive: one cached at_step per
-    step, so sliding the window by one step costs one read."""
-    frames = [at_step(url, run, s, data.HEATMAP_PATTERN, row).with_columns(step=pl.lit(s, pl.Int64))
+def expert_wide(url: str, run: str, lo: int, hi: int, stats: tuple[str, ...],
+                row: dict[str, Any] | None) -> pl.DataFrame:
+    """Per-(step, layer, expert) columns of `stats` for steps lo..hi inclusive.
+
+    A finished run with at most COLUMN_BUDGET such metrics is read as whole series once
+    (cached), so replaying it afterwards slices memory: no store read per step. Otherwise
+    (live runs, or models too wide for that) one cached at_step per step: sliding the window
+    by one step costs one read."""
+    version = version_of(row)
+    if row is not None and row["status"] == "finished":
+        names = expert_metric_names(url, run, stats, version)
+        if 0 < len(names) <= COLUMN_BUDGET:
+            wide = _expert_columns(url, run, tuple(names), version)
+            return wide.filter(pl.col("step").is_between(lo, hi))
+    frames = [at_step(url, run, s, data.HEATMAP_PATTERN, row)
+              .filter(pl.col("stat").is_in(list(stats))).with_columns(step=pl.lit(s, pl.Int64))
               for s in range(lo, hi + 1)]
-    frames = [f for f in frames if f.height]
-    return data.expert_stats(pl.concat(frames)) if frames else data.expert_stats(
-        pl.DataFrame(schema={"name": pl.Utf8, "layer": pl.Int32, "expert": pl.Int32,
-                             "stat": pl.Utf8, "value": pl.Float32, "step": pl.Int64}))
+    return data.expert_stats(pl.concat(frames) if frames else pl.DataFrame())
+
+
+def expert_metric_names(url: str, run: str, stats: tuple[str, ...], version: Version
+                        ) -> list[str]:
+    d = metrics(url, run, version)
+    return d.filter(pl.col("name").str.starts_with(data.EXPERT_PREFIX), pl.col("expert") >= 0,
+                    pl.col("layer") >= 0, pl.col("stat").is_in(list(stats)))["name"].to_list()
+
+
+@st.cache_data(ttl=DATA_TTL_S, max_entries=16, show_spinner=False)
+def _expert_columns(url: str, run: str, names: tuple[str, ...], version: Version
+                    ) -> pl.DataFrame:
+    labels = metrics(url, run, version).filter(pl.col("name").is_in(list(names)))
+    parts = []
+    for r in labels.iter_rows(named=True):
+        s = series(url, run, r["name"], version)      # per-metric cache: shared by views
+        parts.append(s.with_columns(name=pl.lit(r["name"]), layer=pl.lit(r["layer"], pl.Int32),
+                                    expert=pl.lit(r["expert"], pl.Int32),
+                                    stat=pl.lit(r["stat"])))
+    return data.expert_stats(pl.concat(parts))
 
 
 def _optional(url: str, method: str, run: str) -> pl.DataFrame | None:

@@ -44,10 +44,11 @@ def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int) -> Non
     view = cols[0].radio("view", data.VIEWS, key="hm_view", horizontal=True)
     window = int(cols[1].number_input("window (steps)", 1, WINDOW_MAX, value=16,
                                       key="hm_window"))
+    stats = tuple(sorted({"tokens", data.VIEW_STATS[view]}))
     left, right = st.columns(2)
     with left, st.container(key="heatmap-step"):
         st.caption(f"Heatmap at step {step}")
-        wide = data.expert_stats(reads.at_step(url, run, step, data.HEATMAP_PATTERN, row))
+        wide = reads.expert_wide(url, run, step, step, stats, row)
         try:
             cells = data.heatmap_at(wide, view) if wide.height else wide
         except KeyError as e:
@@ -58,7 +59,7 @@ def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int) -> Non
     first = max(lo, step - window + 1)
     with right, st.container(key="heatmap-window"):
         st.caption(f"Heatmap over steps {first}–{step}")
-        wide_w = reads.expert_window(url, run, first, step, row)
+        wide_w = reads.expert_wide(url, run, first, step, stats, row)
         try:
             cells_w = data.heatmap_window(wide_w, view) if wide_w.height else wide_w
         except KeyError as e:

@@ -48,15 +48,14 @@ def runs_list(runs: pl.DataFrame) -> None:
 
 def header(row: dict[str, Any]) -> None:
     """Run name, status, and for a live run how long ago its last step arrived."""
-    age = time.time() - row["updated_at"]
-    started = datetime.fromtimestamp(row["started_at"], timezone.utc).strftime("%Y-%m-%d %H:%M")
-    last = "—" if row["last_step"] is None else f"{row['last_step']:,}"
-    cols = st.columns([3, 1, 1, 1, 2])
-    cols[0].subheader(row["run"])
-    cols[1].metric("status", row["status"])
-    cols[2].metric("last step", last)
-    cols[3].metric("world size", row["world_size"])
+    started = datetime.fromtimestamp(row["started_at"], timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC")
+    last = "no step yet" if row["last_step"] is None else f"last step {row['last_step']:,}"
+    parts = [f"**{row['status']}**", last, f"world size {row['world_size']}",
+             f"started {started}"]
     if row["status"] == "live":
-        cols[4].metric("last step received", f"{age_text(age)} ago")
-    else:
-        cols[4].metric("started", started)
+        age = age_text(time.time() - row["updated_at"])
+        parts.insert(2, f"last step received **{age} ago**")
+    with st.container(key="run-header"):
+        st.subheader(row["run"])
+        st.markdown(" · ".join(parts))

@@ -17,10 +17,12 @@ DEAD = (4, 3)             # (layer, expert) the real run kills with model/'s dea
 DEAD_FROM = 3             # ... from this step on
 
 
-def record_tiny_run(store_dir: Path, run: str = "tiny", steps: int = 8, seed: int = 0,
-                    injects: tuple[str, ...] = (f"dead-expert@{DEAD_FROM}:layer={DEAD[0]},"
-                                                f"expert={DEAD[1]}",)) -> str:
-    """Train the tiny preset for `steps` steps through a real collector; return the store URL."""
+DEAD_INJECT = f"dead-expert@{DEAD_FROM}:layer={DEAD[0]},expert={DEAD[1]}"
+
+
+def record_tiny_runs(store_dir: Path, runs: dict[str, dict]) -> str:
+    """Train the tiny preset once per entry of `runs` (name -> TrainConfig overrides, e.g.
+    steps, seed, injects) through one real collector; returns the store URL."""
     from collector.process import start_collector
     from hooks import Monitor
     from model.monitoring import DeferredMonitor
@@ -28,15 +30,15 @@ def record_tiny_run(store_dir: Path, run: str = "tiny", steps: int = 8, seed: in
 
     url = f"parquet:{store_dir}"
     proc, address = start_collector(url, "--flush-interval", "0.1",
-                                    log_path=Path(store_dir).parent / f"collector-{run}.log")
+                                    log_path=Path(store_dir).parent / "collector.log")
     try:
-        cfg = TrainConfig(preset="tiny", steps=steps, batch_size=4, seed=seed,
-                          injects=list(injects))
-        result = train(cfg, monitor=DeferredMonitor(
-            lambda m, o: Monitor(m, o, target=address, run=run)))
-        assert result.monitor_errors == 0
+        for run, overrides in runs.items():
+            cfg = TrainConfig(**{"preset": "tiny", "batch_size": 4, **overrides})
+            result = train(cfg, monitor=DeferredMonitor(
+                lambda m, o, run=run: Monitor(m, o, target=address, run=run)))
+            assert result.monitor_errors == 0
     finally:
-        proc.send_signal(signal.SIGTERM)           # flushes the store and finishes the run
+        proc.send_signal(signal.SIGTERM)           # flushes the store and finishes the runs
         code = proc.wait(timeout=60)
     assert code == 0, f"collector exited with {code}"
     return url
@@ -67,27 +69,35 @@ def synthetic_values(steps: np.ndarray, n_metrics: int, seed: int = 0) -> np.nda
     return v
 
 
-def write_synthetic_run(url: str, run: str, steps: int, *, layers: tuple[int, ...] = (1, 2),
-                        experts: int = 4, chunk: int = 10_000, finished: bool = True,
+def _open_for_writing(url: str):
+    """Parquet without fsync (a test's temp dir need not survive power loss; 10x faster)."""
+    if url.startswith("parquet:"):
+        from store.parquet import ParquetStore
+        return ParquetStore(url.removeprefix("parquet:"), fsync=False)
+    return open_store(url)
+
+
+def write_synthetic_run(url: str, run: str, steps: int, *, start: int = 0,
+                        layers: tuple[int, ...] = (1, 2), experts: int = 4,
+                        chunk: int = 10_000, finished: bool = True,
                         spike: tuple[int, float] | None = None, seed: int = 0) -> np.ndarray:
-    """Write `steps` steps of a synthetic run in chunks of `chunk` steps (one flush each, like a
-    collector would); returns the [steps, n_metrics] values written. `spike=(step, value)`
-    overwrites the loss at one step."""
+    """Write steps [start, steps) of a synthetic run in chunks of `chunk` steps (one flush
+    each, as a collector would); returns the [steps, n_metrics] values of the whole run (the
+    same for every call with the same seed). `spike=(step, value)` sets the loss at one step."""
     md = synthetic_dict(layers, experts)
     n = md.metric_id.size
     all_steps = np.arange(steps, dtype=np.int64)
     values = synthetic_values(all_steps, n, seed)
     if spike is not None:
         values[spike[0], 0] = spike[1]
-    with open_store(url) as store:
+    with _open_for_writing(url) as store:
         store.open_run(RunInfo(run=run, world_size=2, started_at=1_700_000_000.0))
         store.write_metrics(run, md)
-        for lo in range(0, steps, chunk):
-            s = all_steps[lo:lo + chunk]
+        for lo in range(start, steps, chunk):
+            s = all_steps[lo:min(lo + chunk, steps)]
             store.write_reduced(run, ValueBatch(
                 step=np.repeat(s, n), metric_id=np.tile(md.metric_id, s.size),
-                value=values[lo:lo + chunk].reshape(-1),
-                n_ranks=np.full(s.size * n, 2, np.int32)))
+                value=values[s].reshape(-1), n_ranks=np.full(s.size * n, 2, np.int32)))
             store.write_steps(run, [StepStatus(step=int(i), n_ranks=2) for i in s])
             store.flush()
         if finished:

@@ -1,0 +1,210 @@
+"""The dashboard's pure data functions: downsampling, heatmap cells, alignment, optional tables."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from dashboard import data
+from store import InvalidInput
+
+
+def series(values, steps=None) -> pl.DataFrame:
+    values = np.asarray(values, dtype=np.float32)
+    steps = np.arange(values.size) if steps is None else np.asarray(steps)
+    return pl.DataFrame({"step": steps.astype(np.int64), "value": values})
+
+
+# ---- downsampling ------------------------------------------------------------------------
+def test_downsampling_keeps_min_and_max_of_every_bucket():
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal(50_000).astype(np.float32)
+    ds = data.downsample_minmax(series(v), max_points=500)
+    assert ds.downsampled and ds.width == 200 and ds.n_in == 50_000
+    assert ds.frame.height <= 500
+    out = dict(zip(ds.frame["step"].to_list(), ds.frame["value"].to_list()))
+    for b in range(50_000 // ds.width):
+        chunk = v[b * ds.width:(b + 1) * ds.width]
+        lo_step = b * ds.width + int(chunk.argmin())
+        hi_step = b * ds.width + int(chunk.argmax())
+        assert out[lo_step] == chunk.min() and out[hi_step] == chunk.max()
+    # every kept row is an input row, at its own step
+    np.testing.assert_array_equal(ds.frame["value"].to_numpy(),
+                                  v[ds.frame["step"].to_numpy()])
+    assert ds.frame["step"].is_sorted()
+
+
+def test_a_spike_a_nan_and_an_inf_survive():
+    v = np.sin(np.arange(100_000) / 500.0).astype(np.float32)
+    v[31_337] = 25.0
+    v[70_001] = np.nan
+    v[90_000] = -np.inf
+    ds = data.downsample_minmax(series(v), max_points=200)
+    f = ds.frame
+    assert f.filter(pl.col("step") == 31_337)["value"].to_list() == [25.0]
+    assert f.filter(pl.col("value").is_nan())["step"].to_list() == [70_001]
+    assert f.filter(pl.col("value").is_infinite())["step"].to_list() == [90_000]
+    assert f["value"].max() == 25.0
+
+
+def test_short_series_are_not_touched_and_the_caption_says_so():
+    s = series([3.0, 1.0, 2.0], steps=[5, 6, 9])
+    ds = data.downsample_minmax(s, max_points=10)
+    assert not ds.downsampled and ds.frame.equals(s)
+    assert ds.caption() == "3 points (all shown)"
+    big = data.downsample_minmax(series(np.zeros(1000)), max_points=100)
+    assert "1,000 points →" in big.caption() and "every 20 steps" in big.caption()
+    with pytest.raises(ValueError):
+        data.downsample_minmax(s, max_points=1)
+
+
+def test_buckets_follow_steps_not_rows_so_gaps_stay_gaps():
+    steps = np.concatenate([np.arange(0, 1000), np.arange(9000, 10_000)])
+    ds = data.downsample_minmax(series(np.arange(2000), steps), max_points=100)
+    assert ds.width == 200
+    kept = ds.frame["step"].to_numpy()
+    assert not ((kept >= 1000) & (kept < 9000)).any()
+    assert {0, 999, 9000, 9999} <= set(kept.tolist())   # monotone data: ends of each bucket
+
+
+def test_align_runs_puts_every_run_on_one_bucket_grid():
+    a = series(np.random.default_rng(0).standard_normal(20_000))
+    b = series(np.random.default_rng(1).standard_normal(5_000), steps=np.arange(5_000, 10_000))
+    long, notes = data.align_runs({"a": a, "b": b, "empty": series([])}, max_points=400)
+    assert set(long["run"].unique().to_list()) == {"a", "b"}
+    assert notes[0].width == notes[1].width == 100     # 20,000 steps / 200 buckets
+    # bucket k covers the same steps in both runs: b's kept points sit in a's bucket grid
+    bk = long.filter(run="b")
+    for bucket in range(50, 100):
+        rows = bk.filter((pl.col("step") // 100) == bucket)
+        chunk = b["value"].to_numpy()[(bucket - 50) * 100:(bucket - 49) * 100]
+        assert sorted(rows["value"].to_list()) == sorted({float(chunk.min()),
+                                                          float(chunk.max())})
+
+
+# ---- heatmaps -------------------------------------------------------------------------------
+def long_rows(cells: dict[tuple[int, int], dict[str, float]], step: int | None = None
+              ) -> pl.DataFrame:
+    rows = [{"name": f"moe/layer{lay:02d}/expert{e:03d}/{k}", "layer": lay, "expert": e,
+             "stat": k, "value": v} for (lay, e), stats in cells.items() for k, v in stats.items()]
+    rows.append({"name": "grad/layer01/expert000/norm", "layer": 1, "expert": 0, "stat": "norm",
+                 "value": 99.0})                              # not a moe/ metric: ignored
+    rows.append({"name": "moe/layer01/router/z_loss", "layer": 1, "expert": -1,
+                 "stat": "z_loss", "value": 5.0})             # not an expert: ignored
+    df = pl.DataFrame(rows, schema={"name": pl.Utf8, "layer": pl.Int32, "expert": pl.Int32,
+                                    "stat": pl.Utf8, "value": pl.Float32})
+    return df if step is None else df.with_columns(step=pl.lit(step, pl.Int64))
+
+
+CELLS = {  # layer 1: expert 3 starved; layer 2: no tokens at all
+    (1, 0): {"tokens": 40, "act_rms": 1.0, "out_norm": 2.0},
+    (1, 1): {"tokens": 30, "act_rms": 2.0, "out_norm": 4.0},
+    (1, 2): {"tokens": 29, "act_rms": 3.0, "out_norm": 12.0},
+    (1, 3): {"tokens": 1, "act_rms": 0.5, "out_norm": 1.0},
+    (2, 0): {"tokens": 0, "act_rms": 0.0, "out_norm": 0.0},
+    (2, 1): {"tokens": 0, "act_rms": 0.0, "out_norm": 0.0},
+}
+
+
+def test_expert_stats_pivots_moe_expert_metrics_only():
+    wide = data.expert_stats(long_rows(CELLS))
+    assert wide.columns == ["layer", "expert", "tokens", "act_rms", "out_norm"]
+    assert wide.height == len(CELLS)
+    assert data.expert_stats(long_rows({}).head(0)).height == 0
+
+
+def test_heatmap_views_equal_the_values_they_come_from():
+    wide = data.expert_stats(long_rows(CELLS))
+    share = data.heatmap_at(wide, "token share")
+    assert share.columns == ["layer", "expert", "value", "share", "tokens", "dead"]
+    l1 = share.filter(layer=1)
+    np.testing.assert_allclose(l1["value"].to_numpy(), [0.4, 0.3, 0.29, 0.01])
+    assert l1["dead"].to_list() == [False, False, False, True]   # 0.01 < 0.1 x 1/4
+    l2 = share.filter(layer=2)                   # a layer without tokens: no share, no deaths
+    assert l2["value"].is_null().all() and not l2["dead"].any()
+
+    rms = data.heatmap_at(wide, "activation RMS")
+    assert rms["value"].to_list() == [CELLS[k]["act_rms"] for k in sorted(CELLS)]
+
+    ratio = data.heatmap_at(wide, "max-to-median ratio").filter(layer=1)
+    # median of out norms over experts that got tokens (all four here): median(1,2,4,12) = 3
+    np.testing.assert_allclose(ratio["value"].to_numpy(), [2 / 3, 4 / 3, 4.0, 1 / 3])
+    assert data.heatmap_at(wide, "max-to-median ratio").filter(layer=2)["value"].is_null().all()
+
+
+def test_heatmap_rejects_unknown_views_missing_stats_and_several_steps():
+    wide = data.expert_stats(long_rows(CELLS))
+    with pytest.raises(ValueError, match="unknown heatmap view"):
+        data.heatmap_at(wide, "entropy")
+    with pytest.raises(KeyError, match="act_rms"):
+        data.heatmap_at(wide.drop("act_rms"), "activation RMS")
+    two = data.expert_stats(pl.concat([long_rows(CELLS, 0), long_rows(CELLS, 1)]))
+    with pytest.raises(ValueError, match="one step"):
+        data.heatmap_at(two, "token share")
+
+
+def test_heatmap_window_sums_tokens_and_skips_steps_without_tokens():
+    later = {k: dict(v) for k, v in CELLS.items()}
+    later[(1, 3)] = {"tokens": 0, "act_rms": 0.0, "out_norm": 0.0}   # starved entirely
+    later[(1, 0)]["act_rms"] = 3.0
+    wide = data.expert_stats(pl.concat([long_rows(CELLS, 10), long_rows(later, 11)]))
+    share = data.heatmap_window(wide, "token share").filter(layer=1)
+    np.testing.assert_allclose(share["value"].to_numpy(),
+                               np.array([80, 60, 58, 1]) / 199.0)
+    assert share["steps"].to_list() == [2, 2, 2, 2]
+    rms = data.heatmap_window(wide, "activation RMS").filter(layer=1)
+    # expert 0: mean(1, 3); expert 3: only step 10 had tokens, so its 0.0 at step 11 is skipped
+    np.testing.assert_allclose(rms["value"].to_numpy(), [2.0, 2.0, 3.0, 0.5])
+    assert rms["dead"].to_list() == [False, False, False, True]
+    with pytest.raises(ValueError, match="step column"):
+        data.heatmap_window(wide.drop("step"), "token share")
+
+
+# ---- metric search, optional tables -------------------------------------------------------
+DICT = pl.DataFrame({
+    "metric_id": [0, 1, 2, 3, 4],
+    "name": ["train/loss", "moe/layer01/expert000/act_rms", "moe/layer01/expert001/act_rms",
+             "moe/layer02/expert000/tokens", "attn/layer03/head05/max_logit"],
+    "layer": [-1, 1, 1, 2, 3], "expert": [-1, 0, 1, 0, -1], "head": [-1, -1, -1, -1, 5],
+    "stat": ["loss", "act_rms", "act_rms", "tokens", "max_logit"]})
+
+
+def test_filter_metrics_by_glob_and_labels():
+    names = lambda df: df["name"].to_list()   # noqa: E731
+    assert names(data.filter_metrics(DICT, "moe/*/act_rms")) == [
+        "moe/layer01/expert000/act_rms", "moe/layer01/expert001/act_rms"]
+    assert names(data.filter_metrics(DICT, "moe/*", experts=[0])) == [
+        "moe/layer01/expert000/act_rms", "moe/layer02/expert000/tokens"]
+    assert names(data.filter_metrics(DICT, "*", heads=[5])) == ["attn/layer03/head05/max_logit"]
+    assert names(data.filter_metrics(DICT, "moe/layer0[2-9]/*", stats=["tokens"])) == [
+        "moe/layer02/expert000/tokens"]
+    assert data.filter_metrics(DICT, "train/?oss").height == 1
+    assert data.filter_metrics(DICT, "").height == 5            # empty pattern = everything
+    assert data.filter_metrics(DICT, "(.*)").height == 0        # a glob, not a regex
+    with pytest.raises(InvalidInput):
+        data.filter_metrics(DICT, 3)
+
+
+def test_events_are_conformed_whatever_the_store_returns():
+    assert data.normalize_events(None).columns == list(data.EVENT_COLUMNS)
+    partial = pl.DataFrame({"step": [9, 2], "kind": ["blowup", "loss_spike"],
+                            "extra": ["x", "y"]})
+    ev = data.normalize_events(partial)
+    assert ev.columns == list(data.EVENT_COLUMNS) and ev["step"].to_list() == [2, 9]
+    assert ev["severity"].is_null().all()
+
+
+def test_clip_timeline_uses_the_acknowledged_step_and_treats_inf_as_off():
+    clips = pl.DataFrame({"version": [1, 1, 2, 3], "step": [10, 10, 30, 50],
+                          "layer": [4, 4, 4, 4], "site": ["routed", "shared", "routed", "routed"],
+                          "limit": [7.0, 9.0, 5.0, math.inf], "reason": ["blowup"] * 4,
+                          "acked_step": [12, -1, 31, 52]})
+    t = data.clip_timeline(clips)
+    routed = t.filter(site="layer04/routed")
+    assert routed["step"].to_list() == [12, 31, 52]
+    assert routed["limit"].to_list() == [7.0, 5.0, None]
+    shared = t.filter(site="layer04/shared").row(0, named=True)
+    assert shared["step"] == 10 and shared["acked"] is False
+    assert data.clip_timeline(None).height == 0
