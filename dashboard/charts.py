@@ -14,6 +14,7 @@ DEAD_COLOR = "#d62728"
 NO_DATA_COLOR = "#e6e6e6"
 CURVE_HEIGHT = 300          # the whole chart (title, axes, legend): Streamlit autosizes to fit
 HEATMAP_CELL_PX = 24
+FEW_POINTS = 60             # per series: below this each point is drawn too (one step shows)
 
 
 def _meta(chart_id: str, **extra) -> dict:
@@ -38,10 +39,11 @@ def line_chart(long: pl.DataFrame, *, chart_id: str, title: str, color: str = "s
                interpolate: str = "linear", **meta) -> alt.LayerChart:
     """Lines of `long` (step, value, <color>) with an optional rule at the replay step and
     event rules. x_domain pins the axis (replay keeps the whole run's range while scrubbing)."""
-    x_scale = alt.Scale(domain=list(x_domain)) if x_domain else alt.Undefined
+    x_scale = alt.Scale(domain=list(x_domain), nice=False) if x_domain else alt.Undefined
+    few = long.height <= FEW_POINTS * max(long[color].n_unique(), 1)
     y_scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
     base = alt.Chart(long.select("step", "value", color)).mark_line(
-        interpolate=interpolate, clip=True).encode(
+        interpolate=interpolate, clip=True, point=few).encode(
         x=alt.X("step:Q", title="step", scale=x_scale,
                 axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("value:Q", title=None, scale=y_scale),

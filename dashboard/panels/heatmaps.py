@@ -58,14 +58,14 @@ def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int) -> Non
                   step=step)
     first = max(lo, step - window + 1)
     with right, st.container(key="heatmap-window"):
-        st.caption(f"Heatmap over steps {first}–{step}")
+        how = ("each expert's share of the window's tokens" if view == "token share"
+               else "mean over the window's steps in which the expert got tokens")
+        st.caption(f"Heatmap over steps {first}–{step}: {how}")
         wide_w = reads.expert_wide(url, run, first, step, stats, row)
         try:
             cells_w = data.heatmap_window(wide_w, view) if wide_w.height else wide_w
         except KeyError as e:
             st.warning(str(e.args[0]))
         else:
-            how = "share of window tokens" if view == "token share" else "mean"
-            _draw(cells_w, chart_id="heatmap_window",
-                  title=f"{view} ({how}), steps {first}–{step}", view=view, step=step,
-                  window=(first, step))
+            _draw(cells_w, chart_id="heatmap_window", title=f"{view}, steps {first}–{step}",
+                  view=view, step=step, window=(first, step))

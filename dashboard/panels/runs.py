@@ -20,9 +20,9 @@ def age_text(seconds: float) -> str:
 
 
 def label(row: dict[str, Any]) -> str:
-    """How a run appears in pickers: 'name · live · 1,234 steps'."""
-    steps = "no steps" if row["last_step"] is None else f"{row['last_step'] + 1:,} steps"
-    return f"{row['run']} · {row['status']} · {steps}"
+    """How a run appears in the sidebar picker: 'name (live)'. Nothing that changes every
+    step: the sidebar is redrawn only on full reruns, the page body shows live numbers."""
+    return f"{row['run']} ({row['status']})"
 
 
 def table(runs: pl.DataFrame, now: float | None = None) -> pl.DataFrame:
