@@ -1,4 +1,18 @@
-"""`python -m collector serve --store URL --port N ...`: the collector as a process."""
+"""The collector as a process, and its operator commands.
+
+    python -m collector serve --store URL [--port N] [--observe-only] [--no-detect] ...
+    python -m collector clip list     --target HOST:PORT --run NAME
+    python -m collector clip set      --target HOST:PORT --run NAME --layer L --site S --limit X
+    python -m collector clip clear    --target HOST:PORT --run NAME --layer L --site S
+    python -m collector clip freeze   --target HOST:PORT --run NAME --layer L --site S
+    python -m collector clip unfreeze --target HOST:PORT --run NAME --layer L --site S
+
+`clip` talks to the running collector over gRPC and prints the run's clip table as CSV
+(layer,site,limit,frozen; limit inf = off) after a `# version N` line. set pins the limit
+(the clip policy leaves the site alone until clear); clear switches the clamp off and hands
+the site back to the policy; freeze/unfreeze only stop/resume the policy on that site.
+--layer may repeat. Refused commands exit 2 with the collector's message.
+"""
 from __future__ import annotations
 
 import argparse
@@ -28,19 +42,55 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="SECONDS", help="flush the store (and ack) at most this often")
     s.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
+    s.add_argument("--observe-only", action="store_true",
+                   help="run the detectors and store events, never push the clip policy's updates")
+    s.add_argument("--no-detect", action="store_true", help="no online detectors at all")
     s.add_argument("--log-level", default="INFO")
+    c = sub.add_parser("clip", help="show or change a running collector's clip thresholds")
+    c.add_argument("op", choices=("list", "set", "clear", "freeze", "unfreeze"))
+    c.add_argument("--target", default="127.0.0.1:50051", help="the collector, HOST:PORT")
+    c.add_argument("--run", required=True)
+    c.add_argument("--layer", type=int, action="append", default=[])
+    c.add_argument("--site", choices=("routed", "shared"), default="routed")
+    c.add_argument("--limit", type=float, help="L for set (> 0)")
+    c.add_argument("--token", default=os.environ.get("STEPWATCH_TOKEN") or None)
+    c.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
     args = ap.parse_args(argv)
+    if args.command == "clip":
+        return _clip(ap, args)
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = CollectorConfig(token=args.token, straggler_timeout_s=args.straggler_timeout,
-                                 flush_interval_s=args.flush_interval)
+                                 flush_interval_s=args.flush_interval,
+                                 detect=not args.no_detect, observe_only=args.observe_only)
         return serve(args.store, host=args.host, port=args.port, config=config,
                      tls_cert=args.tls_cert, tls_key=args.tls_key)
     except (ValueError, OSError, StoreError) as exc:  # bad flags/store URL, port taken, store down
         print(f"collector: {exc}", file=sys.stderr)
         return 2
+
+
+def _clip(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from collector.operator import OperatorError, operate
+
+    if args.op != "list" and not args.layer:
+        ap.error(f"clip {args.op} needs --layer")
+    if args.op == "set" and args.limit is None:
+        ap.error("clip set needs --limit")
+    items = [[layer, args.site, args.limit] if args.op == "set" else [layer, args.site]
+             for layer in args.layer]
+    try:
+        table = operate(args.target, args.run, args.op, items, token=args.token,
+                        timeout_s=args.timeout)
+    except OperatorError as exc:
+        print(f"collector clip: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(f"# version {table.version}"
+                     f"{' (observe-only collector)' if table.observe_only else ''}\n")
+    sys.stdout.write(table.csv())
+    return 0
 
 
 if __name__ == "__main__":

@@ -59,6 +59,13 @@ class CollectorConfig:
     stats_log_interval_s: float = 30.0
     """Counters are logged this often (and once at stop)."""
 
+    detect: bool = True
+    """Run the online detectors (analytics/) on every reduced step and store their events."""
+
+    observe_only: bool = False
+    """Detect and store events, but never push a clip update of the clip policy (operators'
+    commands still apply)."""
+
     def __post_init__(self) -> None:
         if self.token is not None and (not isinstance(self.token, str) or not self.token):
             raise ValueError("token must be a non-empty string or None")

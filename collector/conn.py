@@ -35,6 +35,11 @@ class Conn:
             self._clip, self._clip_version = update, update.version
             self.wake.set()
 
+    def reply(self, update: pb.ClipUpdate) -> None:
+        """An operator stream's answer: the clip table whatever its version (0 included)."""
+        self._clip, self._clip_version = update, update.version
+        self.wake.set()
+
     def send_ack(self, seq: int, step: int) -> None:
         self._ack = pb.Ack(seq=seq, step=step)
         self.wake.set()

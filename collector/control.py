@@ -6,11 +6,17 @@ earlier versions (it reconnected, or joined late and receives only the latest) i
 never left with stale limits: any single update is enough. A limit <= 0 or inf turns a site
 off and stays in the table, so ranks that had it on switch it off.
 
+Each version also remembers what it changed (settings, reason, the run's step when it was
+decided), so the writer can store it (store.ClipRecord rows) and rewrite those rows with the
+step every rank acknowledged. Operator commands (set / clear / freeze / unfreeze / list) arrive
+on an operator stream (OPERATOR_CLIENT, see ingest.py) and are parsed here.
+
 Thread-safe (one lock): operators and the clip policy push from any thread, the event loop
 records acks.
 """
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Iterable
@@ -22,6 +28,8 @@ from store.base import RUN_NAME_RE
 
 SITES = ("routed", "shared")
 KEEP_VERSIONS = 64        # acks are kept for this many most recent versions per run
+OPERATOR_CLIENT = "stepwatch-operator/1"   # Hello.client_version of an operator stream
+OPERATOR_OPS = ("list", "set", "clear", "freeze", "unfreeze")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class _RunClips:
     table: dict[tuple[int, str], float] = field(default_factory=dict)
     latest: pb.ClipUpdate | None = None
     acks: dict[tuple[int, int], int] = field(default_factory=dict)   # (rank, version) -> step
+    changes: dict[int, tuple[list, str, int]] = field(default_factory=dict)  # version -> what
 
 
 def _check_setting(s) -> tuple[int, str, float]:
@@ -58,8 +67,9 @@ class ClipBoard:
         self._lock = threading.Lock()
         self._runs: dict[str, _RunClips] = {}
 
-    def push(self, run: str, settings: Iterable, reason: str) -> pb.ClipUpdate:
-        """Merge settings into the run's table; returns the update to send (its version)."""
+    def push(self, run: str, settings: Iterable, reason: str, step: int = 0) -> pb.ClipUpdate:
+        """Merge settings into the run's table; returns the update to send (its version).
+        `step`: the run's step the update was decided at (the causing event's step)."""
         if not isinstance(run, str) or not RUN_NAME_RE.match(run):
             raise InvalidArgument(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
         if not isinstance(reason, str):
@@ -78,6 +88,8 @@ class ClipBoard:
                           for (layer, site), limit in sorted(rc.table.items())])
             oldest = rc.version - KEEP_VERSIONS
             rc.acks = {k: v for k, v in rc.acks.items() if k[1] > oldest}
+            rc.changes[rc.version] = (checked, reason, max(0, int(step)))
+            rc.changes = {v: c for v, c in rc.changes.items() if v > oldest}
             return rc.latest
 
     def latest(self, run: str) -> pb.ClipUpdate | None:
@@ -95,9 +107,57 @@ class ClipBoard:
             if version > rc.version - KEEP_VERSIONS:
                 rc.acks[(rank, version)] = step       # a resent ack replaces, never adds
 
+    def change(self, run: str, version: int) -> tuple[list, str, int, int] | None:
+        """(settings, reason, step, acked_step) of one version; acked_step is the latest step
+        any rank acknowledged it with (-1: none yet). None once the version is forgotten."""
+        with self._lock:
+            rc = self._runs.get(run)
+            ch = rc.changes.get(version) if rc else None
+            if ch is None:
+                return None
+            acked = [s for (_, v), s in rc.acks.items() if v == version]
+            return ch[0], ch[1], ch[2], max(acked, default=-1)
+
+    def table(self, run: str) -> tuple[int, dict[tuple[int, str], float]]:
+        """(version, current table) of a run; (0, {}) before any push."""
+        with self._lock:
+            rc = self._runs.get(run)
+            return (rc.version, dict(rc.table)) if rc else (0, {})
+
     def acks(self, run: str) -> list[ClipAckRecord]:
         """Every recorded ack of the run, by version then rank."""
         with self._lock:
             rc = self._runs.get(run)
             items = sorted(rc.acks.items(), key=lambda kv: (kv[0][1], kv[0][0])) if rc else []
         return [ClipAckRecord(rank=r, version=v, step=s) for (r, v), s in items]
+
+
+def parse_operator_command(config_json: str) -> tuple[str, list]:
+    """An operator stream's command (its Hello.config_json) -> (op, items):
+
+        {"op": "list"}
+        {"op": "set",      "settings": [[layer, "routed"|"shared", limit], ...]}
+        {"op": "clear" | "freeze" | "unfreeze", "sites": [[layer, "routed"|"shared"], ...]}
+    """
+    try:
+        cmd = json.loads(config_json or "{}")
+    except ValueError as exc:
+        raise InvalidArgument(f"operator command is not JSON: {exc}") from None
+    op = cmd.get("op") if isinstance(cmd, dict) else None
+    if op not in OPERATOR_OPS:
+        raise InvalidArgument(f"operator op must be one of {OPERATOR_OPS}, got {op!r}")
+    if op == "list":
+        return op, []
+    if op == "set":
+        items = [_check_setting(tuple(s) if isinstance(s, list) else s)
+                 for s in cmd.get("settings") or ()]
+        for layer, site, limit in items:
+            if not (limit > 0 and math.isfinite(limit)):
+                raise InvalidArgument(f"operator set needs a finite limit > 0 for layer "
+                                      f"{layer} {site} (use clear to switch a clamp off)")
+    else:
+        items = [_check_setting((*s, math.inf) if isinstance(s, (list, tuple)) else s)[:2]
+                 for s in cmd.get("sites") or ()]
+    if not items:
+        raise InvalidArgument(f"operator {op} needs at least one site")
+    return op, items

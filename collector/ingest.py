@@ -4,7 +4,11 @@
     Schema      -> metric ids (registry.py); new dictionary rows go to the writer
     StepChunk   -> the run's barrier (barrier.py), or raw rows if the step is already reduced
     EndOfStep   -> barrier; ready steps go to the writer, which reduces, stores and flushes
-    ClipAck     -> control.py
+    ClipAck     -> control.py (and `on_clip_ack`, which stores the acknowledged step)
+
+A stream whose Hello carries client_version OPERATOR_CLIENT is an operator's: its
+config_json is one clip command (control.parse_operator_command), answered with the run's
+clip table and the end of the stream; it never joins the run.
 
 Per-(run, rank) seq bookkeeping lives in acks.py: a frame with seq <= acked is ignored and
 acked again; acks go out only after the writer reports a flush. Every check runs before any
@@ -22,7 +26,7 @@ from collector.acks import RankAcks
 from collector.barrier import ByteBudget, ReadyStep, StepBarrier
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.control import ClipBoard
+from collector.control import OPERATOR_CLIENT, ClipBoard
 from collector.errors import InvalidArgument, ResourceExhausted, Unavailable
 from collector.registry import RunMetrics, check_hello
 from collector.stats import Counters
@@ -50,13 +54,17 @@ class Run:
 class Ingest:
     def __init__(self, config: CollectorConfig, writer: Writer, budget: ByteBudget,
                  clips: ClipBoard, counters: Counters,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_clip_ack: Callable[[str, int], None] | None = None,
+                 operator: Callable[[pb.Hello], pb.ClipUpdate] | None = None) -> None:
         self.config = config
         self.writer = writer
         self.budget = budget
         self.clips = clips
         self.counters = counters
         self.clock = clock
+        self.on_clip_ack = on_clip_ack      # (run, version): an ack was recorded
+        self.operator = operator            # answers an operator stream's command
         self.runs: dict[str, Run] = {}
         self._durable_job = 0              # every writer job <= this has been flushed
         self.stopping = False              # shutdown: frames are refused, UNAVAILABLE
@@ -72,6 +80,10 @@ class Ingest:
             if kind != "hello":
                 raise InvalidArgument(f"the first frame of a stream must be Hello, got "
                                       f"{kind or 'an empty frame'}")
+            if frame.hello.client_version == OPERATOR_CLIENT and self.operator is not None:
+                conn.reply(self.operator(frame.hello))         # the answer, then goodbye
+                conn.finish()
+                return None
             return self._hello(conn, frame.hello)
         if kind is None or kind == "hello":
             raise InvalidArgument("Hello only opens a stream" if kind else "empty ClientFrame")
@@ -99,6 +111,8 @@ class Ingest:
             self.clips.record_ack(run.name, conn.rank, msg.version, h.step)
             self.counters.add("clip_acks")
             acks.received(h.seq)
+            if self.on_clip_ack is not None:
+                self.on_clip_ack(run.name, msg.version)
         if acks.advance():
             self._send_ack(run, conn.rank)
 
@@ -207,7 +221,8 @@ class Ingest:
 
     def _submit_step(self, run: Run, ready: ReadyStep) -> None:
         id_maps = [run.metrics.schema(rank, sid) for rank, sid, _, _ in ready.parts]
-        job = self.writer.submit(WriteStep(run.name, ready, id_maps, run.metrics.ops))
+        job = self.writer.submit(WriteStep(run.name, ready, id_maps, run.metrics.ops,
+                                           ready_at=self.clock()))
         for acks in run.acks.values():
             acks.step_submitted(ready.step, job)
         missing = len(ready.status.missing_ranks)

@@ -2,16 +2,24 @@
 
 grpc.aio on one event-loop thread: each rank's stream is two coroutines (read frames up, send
 acks and clip updates down), so hundreds of streams cost no threads and cannot deadlock on a
-pool. All ingest state is touched only on that loop; the store only on the writer thread;
-`push_clip`, `clip_acks` and `stats` are safe from any thread.
+pool. All ingest state is touched only on that loop; the store only on the writer thread,
+where the online detectors (detect.py) also run; `push_clip`, `clip_acks`, `events` and
+`stats` are safe from any thread.
+
+The closed loop: a reduced step -> detectors -> clip policy -> push_clip -> every rank's stream;
+the latency from the step leaving the barrier (its last frame arrived) to the update being
+written to a stream is measured per version (`clip_latency_ms`).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -20,15 +28,16 @@ from grpc import aio
 from collector.barrier import ByteBudget
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.control import ClipAckRecord, ClipBoard
-from collector.errors import (REJECTED, CollectorError, Unauthenticated, Unavailable,
-                              status_of)
+from collector.control import ClipAckRecord, ClipBoard, parse_operator_command
+from collector.detect import Detect
+from collector.errors import (REJECTED, CollectorError, InvalidArgument, Unauthenticated,
+                              Unavailable, status_of)
 from collector.ingest import Ingest
 from collector.stats import Counters
-from collector.writer import Writer
+from collector.writer import WriteClips, Writer
 from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
-from store.base import Store
+from store.base import RUN_NAME_RE, ClipRecord, Store
 
 log = logging.getLogger("collector")
 GOODBYE_CONFIRM_S = 0.1
@@ -71,9 +80,11 @@ class _TokenAuth(aio.ServerInterceptor):
 
 # ---- the servicer ----------------------------------------------------------------------------
 class TelemetryServicer(pbg.TelemetryServicer):
-    def __init__(self, ingest: Ingest, counters: Counters) -> None:
+    def __init__(self, ingest: Ingest, counters: Counters,
+                 on_clip_sent: Callable[[str, int], None] | None = None) -> None:
         self.ingest = ingest
         self.counters = counters
+        self.on_clip_sent = on_clip_sent
 
     async def Stream(self, request_iterator, context):
         conn = Conn(context.peer())
@@ -83,6 +94,8 @@ class TelemetryServicer(pbg.TelemetryServicer):
             while True:
                 for frame in conn.take():
                     yield frame
+                    if self.on_clip_sent is not None and conn.run and frame.HasField("clip"):
+                        self.on_clip_sent(conn.run, frame.clip.version)
                 if conn.error is not None:
                     code, message = status_of(conn.error)
                     yield pb.ServerFrame(error=pb.Error(code=code.name, message=message))
@@ -133,6 +146,12 @@ class Collector:
         self.counters = Counters()
         self.clips = ClipBoard()
         self.budget = ByteBudget(self.config.max_pending_bytes)
+        self.detect = (Detect(store, self._push, self.counters,
+                              observe_only=self.config.observe_only)
+                       if self.config.detect else None)
+        self._latency_lock = threading.Lock()
+        self._clip_origin: dict[tuple[str, int], float] = {}     # (run, version) -> t0
+        self._clip_latency: dict[tuple[str, int], float] = {}    # (run, version) -> ms
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: aio.Server | None = None
@@ -140,8 +159,9 @@ class Collector:
         self.writer = Writer(store, flush_interval_s=self.config.flush_interval_s,
                              flush_every_steps=self.config.flush_every_steps,
                              on_flushed=self._flushed, release=self.budget.release,
-                             counters=self.counters)
-        self.ingest = Ingest(self.config, self.writer, self.budget, self.clips, self.counters)
+                             counters=self.counters, observer=self.detect)
+        self.ingest = Ingest(self.config, self.writer, self.budget, self.clips, self.counters,
+                             on_clip_ack=self._clip_acked, operator=self._operator)
         self.port = 0
 
     # lifecycle
@@ -172,8 +192,9 @@ class Collector:
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])     # a taken port is an error, not shared
-        pbg.add_TelemetryServicer_to_server(TelemetryServicer(self.ingest, self.counters),
-                                            self._server)
+        pbg.add_TelemetryServicer_to_server(
+            TelemetryServicer(self.ingest, self.counters, on_clip_sent=self._clip_sent),
+            self._server)
         address = f"{host}:{port}"
         try:
             if tls:
@@ -259,16 +280,89 @@ class Collector:
                   reason: str = "operator") -> int:
         """Merge (layer, site, limit) settings into the run's clip table and send the new
         version down every connected rank's stream (ranks connecting later get it on Hello).
-        Returns the version."""
-        update = self.clips.push(run, settings, reason)
+        The update is stored (store.clips) with its reason. Returns the version."""
+        return self._push(run, list(settings), reason, 0, None)
+
+    def _push(self, run: str, settings: list, reason: str, step: int,
+              origin: float | None) -> int:
+        update = self.clips.push(run, settings, reason, step)
         self.counters.add("clip_updates")
+        if origin is not None:
+            with self._latency_lock:
+                self._clip_origin[(run, update.version)] = origin
+        self.writer.submit(WriteClips(run, self._clip_records(run, update.version)))
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(self.ingest.broadcast_clip, run, update)
         return update.version
 
+    def _clip_records(self, run: str, version: int) -> list[ClipRecord]:
+        change = self.clips.change(run, version)
+        if change is None:
+            return []
+        settings, reason, step, acked = change
+        return [ClipRecord(version=version, step=step, layer=layer, site=site, limit=limit,
+                           reason=reason, acked_step=acked) for layer, site, limit in settings]
+
+    def _clip_acked(self, run: str, version: int) -> None:
+        """Event loop: a rank acknowledged; the version's rows are stored again with the
+        step it took effect (the latest over ranks)."""
+        records = self._clip_records(run, version)
+        if records:
+            self.writer.submit(WriteClips(run, records))
+
+    def _clip_sent(self, run: str, version: int) -> None:
+        """Event loop: a ClipUpdate was written to a stream; the first one of a version that
+        a detector caused closes its latency measurement."""
+        now = time.monotonic()
+        with self._latency_lock:
+            t0 = self._clip_origin.pop((run, version), None)
+            if t0 is None:
+                return
+            ms = (now - t0) * 1000.0
+            self._clip_latency[(run, version)] = ms
+        log.info("run %s: clip update v%d on the wire %.1f ms after its step's last frame "
+                 "arrived", run, version, ms)
+
+    def clip_latency_ms(self, run: str) -> dict[int, float]:
+        """version -> ms from the step that caused it leaving the barrier (its last frame
+        arrived) to the update being written to the first rank's stream."""
+        with self._latency_lock:
+            return {v: ms for (r, v), ms in self._clip_latency.items() if r == run}
+
+    def _operator(self, hello: pb.Hello) -> pb.ClipUpdate:
+        """An operator stream's command (event loop): apply it, answer with the run's table.
+        set/clear push a new version to the run's ranks; freeze/unfreeze only steer the
+        clip policy. The reply's reason is JSON: frozen sites, observe-only, the op."""
+        run = hello.header.run
+        if not RUN_NAME_RE.match(run):
+            raise InvalidArgument(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
+        op, items = parse_operator_command(hello.config_json)
+        if op == "set":
+            self._push(run, items, "operator set", self._last_step(run), None)
+        elif op == "clear":
+            self._push(run, [(l, s, math.inf) for l, s in items], "operator clear",
+                       self._last_step(run), None)
+        frozen = self.detect.operator(run, op, items) if self.detect else []
+        self.counters.add("operator_commands")
+        log.info("operator %s on run %s: %s", op, run, items)
+        version, table = self.clips.table(run)
+        return pb.ClipUpdate(version=version, reason=json.dumps(
+            {"op": op, "frozen": [list(k) for k in frozen],
+             "observe_only": self.config.observe_only}),
+            settings=[pb.ClipSetting(layer=l, site=s, limit=v)
+                      for (l, s), v in sorted(table.items())])
+
+    def _last_step(self, run: str) -> int:
+        r = self.ingest.runs.get(run)
+        return max(0, r.barrier.reduced_through) if r is not None else 0
+
     def clip_acks(self, run: str) -> list[ClipAckRecord]:
         return self.clips.acks(run)
+
+    def events(self, run: str) -> list:
+        """The online detectors' events of a run (analytics.events.Event), oldest first."""
+        return self.detect.events(run) if self.detect else []
 
     def stats(self) -> dict[str, int]:
         out = self.counters.snapshot()

@@ -20,6 +20,10 @@ COUNTERS = (
     "values_written", "flushes", "acks_sent",
     "store_errors",                           # store writes or flushes that raised
     "clip_updates", "clip_acks",
+    "events",                                 # detector events raised online
+    "clip_decisions_observed",                # clip decisions not sent (observe-only)
+    "clip_push_errors", "observer_errors",    # detection/control failures (logged)
+    "operator_commands",                      # operator clip commands applied
 )
 
 

@@ -9,6 +9,10 @@ returns does it report "durable through job J" to `on_flushed`, which turns into
 Store failures never escape: a job that keeps failing is reported as failed (its frames are
 never acked), a failing flush is retried at the next interval (nothing is acked meanwhile).
 Memory is bounded upstream: step bytes stay reserved in the ByteBudget until written here.
+
+An optional observer (detect.py: the online detectors) sees every new metric-dictionary row
+and every reduced step, once each, in job order, right after the job was applied; its errors
+are logged and never fail the job.
 """
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from collector.barrier import ReadyStep
-from collector.reduction import reduce_step
+from collector.reduction import StepRows, reduce_step
 from collector.stats import Counters
-from store.base import MetricDict, RunInfo, Store, ValueBatch
+from store.base import ClipRecord, MetricDict, NotFound, RunInfo, Store, ValueBatch
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3             # a job is tried this often before it is reported failed
@@ -62,6 +66,9 @@ class WriteMetrics:
         store.write_metrics(self.run, self.metrics)
         return 0
 
+    def notify(self, observer) -> None:
+        observer.on_metrics(self.run, self.metrics)
+
 
 @dataclass
 class WriteRaw:
@@ -84,15 +91,20 @@ class WriteStep:
     ready: ReadyStep
     id_maps: list[np.ndarray]      # per ready.parts entry: schema position -> metric id
     ops_M: np.ndarray              # op code per metric id, as registered when it was ready
+    ready_at: float = 0.0          # monotonic clock when the barrier released the step
+    rows: StepRows | None = None   # the reduction, computed once (retries reuse it)
 
     @property
     def nbytes(self) -> int:
         return self.ready.nbytes
 
     def apply(self, store: Store) -> int:
-        parts = [(rank, ids, v, h) for (rank, _, v, h), ids in zip(self.ready.parts, self.id_maps)]
-        rows = reduce_step(self.ready.step, parts, self.ready.included, self.ops_M,
-                           self.ready.status)
+        if self.rows is None:
+            parts = [(rank, ids, v, h)
+                     for (rank, _, v, h), ids in zip(self.ready.parts, self.id_maps)]
+            self.rows = reduce_step(self.ready.step, parts, self.ready.included, self.ops_M,
+                                    self.ready.status)
+        rows = self.rows
         if rows.raw.value.size:
             store.write_raw(self.run, rows.raw)
         if rows.reduced.value.size:
@@ -100,13 +112,35 @@ class WriteStep:
         store.write_steps(self.run, [rows.status])
         return int(rows.raw.value.size)
 
+    def notify(self, observer) -> None:
+        if self.rows is not None:
+            observer.on_step(self.run, self.rows, self.ready.included, self.ready_at)
+
+
+@dataclass
+class WriteClips:
+    """Clip-update rows (a new version, or a version's rows again with the acked step)."""
+
+    run: str
+    records: list[ClipRecord]
+    nbytes = 0
+
+    def apply(self, store: Store) -> int:
+        try:
+            store.write_clips(self.run, self.records)
+        except NotFound:      # an operator's update for a run the store has not seen: sent,
+            log.warning("clip update for run %r not stored: the store has no such run",
+                        self.run)                  # not recorded (retrying cannot help)
+        return 0
+
 
 # ---- the stage -------------------------------------------------------------------------------
 class Writer:
     def __init__(self, store: Store, *, flush_interval_s: float, flush_every_steps: int,
                  on_flushed: Callable[[int, set[int]], None], release: Callable[[int], None],
-                 counters: Counters) -> None:
+                 counters: Counters, observer=None) -> None:
         self.store = store
+        self.observer = observer
         self.flush_interval_s = flush_interval_s
         self.flush_every_steps = flush_every_steps
         self._on_flushed = on_flushed
@@ -175,12 +209,23 @@ class Writer:
                         time.sleep(0.05 * 2 ** attempt)
             else:
                 self._failed.add(job_id)
+            self._notify(job)
         finally:
             if job.nbytes:
                 self._release(job.nbytes)
         self._applied = job_id
         self._dirty = True
         self._steps += isinstance(job, WriteStep)
+
+    def _notify(self, job) -> None:
+        notify = getattr(job, "notify", None)
+        if self.observer is None or notify is None:
+            return
+        try:
+            notify(self.observer)
+        except Exception:                             # detection never fails a write
+            self._counters.add("observer_errors")
+            log.exception("observer failed on %s", type(job).__name__)
 
     def _flush(self) -> None:
         self._last_flush = time.monotonic()

@@ -1,0 +1,186 @@
+"""ClipPolicy: turns blow-up and spike events into SwiGLU clamp settings, and relaxes them.
+
+The remedy of Step 3.5 Flash (StepFun, 2026, section 4.1 and appendix B) for localized
+activation blow-ups is activation clipping inside the expert SwiGLU:
+
+    h = min(silu(x W_gate^T), L) * clamp(x W_up^T, -L, L)        (model/moe.py, per layer and
+                                                                   site "routed" | "shared")
+
+with L = 7 published for routed experts of the full-size model. A clamp at L bounds |h| by
+L^2 (silu is >= -0.28), whatever the weights do. We derive L from the site's healthy scale
+instead of a constant, so it fits any model size: with B the largest healthy max|h| among the
+layer's experts (detectors report it as `layer_baseline_maxabs`),
+
+    L = max(floor, sqrt(margin * B))      =>  the clamp's bound L^2 sits `margin` x above B.
+
+Healthy experts of the layer are thus left (almost) alone while the blown-up one is held
+below margin x its layer's healthy maximum. A site is one (layer, "routed"|"shared") clamp.
+
+Relaxing: when every site that triggered a clamp has recovered (a `blowup_recovered` event)
+and `relax_after` more steps pass without a new trigger, the clamp is switched off (limit
+inf). A site that blows up again is clamped again. While a clamp is in force, a trigger from a
+site it already answered is ignored (two detectors see one blow-up); a trigger from another
+expert of the same layer halves the limit (down to the floor). Operators may freeze a site
+(the policy leaves it alone) or set/clear it (collector/control plane); the policy only
+advises: `step()` returns decisions, the caller sends them (observe-only: just logs them).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from analytics.events import BLOWUP_RECOVERED, CLIP_TRIGGERS, Event
+
+SITES = ("routed", "shared")
+Key = tuple[int, str]
+
+
+@dataclass(frozen=True)
+class ClipDecision:
+    layer: int
+    site: str                       # "routed" | "shared"
+    limit: float                    # L; inf = off
+    step: int                       # the step it was decided at (the event's step)
+    reason: str                     # the event that caused it, or the relaxation
+    event: Event | None = None
+
+
+@dataclass
+class ClipPolicy:
+    margin: float = 4.0
+    """The clamp's hard bound on |h| (L^2) is this many times the layer's healthy max|h|."""
+
+    floor: float = 1.0
+    """Never clamp below this L (a degenerate baseline must not switch an expert off)."""
+
+    relax_after: int = 100
+    """Steps after the last triggering site recovered before the clamp is removed."""
+
+    _limits: dict[Key, float] = field(default_factory=dict, repr=False)
+    _alarms: dict[Key, list[str]] = field(default_factory=dict, repr=False)
+    _calm_since: dict[Key, int] = field(default_factory=dict, repr=False)
+    _frozen: set[Key] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("margin", "floor"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"ClipPolicy.{name} must be a positive number, got {v!r}")
+        if not isinstance(self.relax_after, int) or self.relax_after < 1:
+            raise ValueError(f"ClipPolicy.relax_after must be an int >= 1, got "
+                             f"{self.relax_after!r}")
+
+    # ---- the policy ---------------------------------------------------------------------
+    def limit_for(self, event: Event) -> float:
+        base = event.detail.get("layer_baseline_maxabs")
+        if not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+            base = event.detail.get("baseline_maxabs")
+        if not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+            return self.floor
+        return max(self.floor, math.sqrt(self.margin * base))
+
+    def step(self, step: int, events: list[Event]) -> list[ClipDecision]:
+        """Decisions for one step's events (at most one per site), then due relaxations."""
+        out: dict[Key, ClipDecision] = {}
+        for ev in events:
+            key = _key(ev)
+            if key is None:
+                continue
+            if ev.kind in CLIP_TRIGGERS:
+                alarms = self._alarms.setdefault(key, [])
+                known = ev.site in alarms           # a second detector on the same site
+                if not known:
+                    alarms.append(ev.site)
+                self._calm_since.pop(key, None)
+                if key in self._frozen or key in out:
+                    continue
+                want = self.limit_for(ev)
+                current = self._limits.get(key, math.inf)
+                if current < math.inf:
+                    if known:                       # already answered by this clamp
+                        continue
+                    want = max(self.floor, min(want, current / 2))  # another site blows up
+                                                                    # under the clamp
+                if want < current:
+                    out[key] = ClipDecision(key[0], key[1], want, step,
+                                            f"{ev.kind}@{ev.step} {ev.site}", ev)
+            elif ev.kind == BLOWUP_RECOVERED and key in self._alarms:
+                alarms = self._alarms[key]
+                if ev.site in alarms:
+                    alarms.remove(ev.site)
+                if not alarms:
+                    self._calm_since[key] = step
+        for key, d in out.items():
+            self._limits[key] = d.limit
+        for key, since in list(self._calm_since.items()):
+            if step - since >= self.relax_after and key not in out:
+                del self._calm_since[key]
+                self._alarms.pop(key, None)
+                if key in self._limits and key not in self._frozen:
+                    del self._limits[key]
+                    out[key] = ClipDecision(key[0], key[1], math.inf, step,
+                                            f"relax: {key[1]} clamp of layer {key[0]} healthy "
+                                            f"since step {since}")
+        return list(out.values())
+
+    # ---- operators -------------------------------------------------------------------------
+    def freeze(self, layer: int, site: str) -> None:
+        """The policy no longer changes this site (whatever its limit is now)."""
+        self._frozen.add(_check(layer, site))
+
+    def unfreeze(self, layer: int, site: str) -> None:
+        self._frozen.discard(_check(layer, site))
+
+    def operator_set(self, layer: int, site: str, limit: float | None) -> None:
+        """An operator's limit (None/inf = off): recorded and frozen."""
+        key = _check(layer, site)
+        if limit is None or not math.isfinite(limit) or limit <= 0:
+            self._limits.pop(key, None)
+        else:
+            self._limits[key] = float(limit)
+        self._frozen.add(key)
+
+    def operator_clear(self, layer: int, site: str) -> None:
+        """An operator switched the site off and handed it back to the policy."""
+        key = _check(layer, site)
+        self._limits.pop(key, None)
+        self._frozen.discard(key)
+        self._alarms.pop(key, None)
+        self._calm_since.pop(key, None)
+
+    @property
+    def frozen(self) -> list[Key]:
+        return sorted(self._frozen)
+
+    def limits(self) -> dict[Key, float]:
+        return dict(self._limits)
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"limits": [[l, s, v] for (l, s), v in sorted(self._limits.items())],
+                "alarms": [[l, s, list(v)] for (l, s), v in sorted(self._alarms.items())],
+                "calm_since": [[l, s, v] for (l, s), v in sorted(self._calm_since.items())],
+                "frozen": [list(k) for k in sorted(self._frozen)]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._limits = {(int(l), s): float(v) for l, s, v in state["limits"]}
+        self._alarms = {(int(l), s): list(v) for l, s, v in state["alarms"]}
+        self._calm_since = {(int(l), s): int(v) for l, s, v in state["calm_since"]}
+        self._frozen = {(int(l), s) for l, s in state["frozen"]}
+
+
+def _key(ev: Event) -> Key | None:
+    site = ev.detail.get("clip_site")
+    layer = ev.detail.get("layer")
+    if site not in SITES or not isinstance(layer, int) or layer < 0:
+        return None
+    return (layer, site)
+
+
+def _check(layer: int, site: str) -> Key:
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"clip layer must be an integer >= 0, got {layer!r}")
+    if site not in SITES:
+        raise ValueError(f"clip site must be one of {SITES}, got {site!r}")
+    return (layer, site)

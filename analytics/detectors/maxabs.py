@@ -1,0 +1,162 @@
+"""Per-site max |activation| spikes against a rolling robust baseline (localized blow-up).
+
+Step 3.5 Flash (StepFun, 2026, Fig. 4 and appendix B) traces its loss spikes to a few routed
+experts in the deep layers whose SwiGLU activations grow by orders of magnitude while the rest
+of the layer stays put. A site is one routed expert (or a layer's shared expert); its
+statistic is act_maxabs (max |h| of the SwiGLU intermediate, the clamp site's input).
+
+Training moves every expert's scale together, so a routed expert is first normalised by its
+layer (max|h|_e / median over the layer's fed experts), then compared with the rolling median
+of that ratio over its own last `window` fed steps (a robust baseline: a few outliers do not
+move it). The site is in alarm when the ratio reaches `factor` x baseline; experts fed less
+than `min_share` of the uniform share are not judged (a handful of tokens gives a noisy max).
+Shared experts see every token: their raw max|h| against its own median, `shared_factor`.
+
+Why `factor` = 8: over clean runs of the tiny and demo presets (3 seeds each, 100-150 steps)
+the statistic reached 6.1 at most; 8 leaves a margin. That margin sets the detection floor: a
+blow-up growing by r per step is seen after about ln(8)/ln(r) steps (r ~ 1.2 for the injected
+`blowup` fault, i.e. 9-12 steps). Steps in alarm stay out of the baseline, so a clamped but
+still elevated site stays in alarm; it recovers (a `blowup_recovered` event, which lets the
+clip policy relax) after `clear_steps` consecutive steps below `clear_factor` x baseline.
+The event's onset is the first step of the unbroken run above `clear_factor` x baseline that
+led to it: where the growth became visible, not where it crossed the alarm threshold.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analytics.catalog import MetricIndex, site_of
+from analytics.detectors.base import Detector, check_positive, fit_state
+from analytics.detectors.expert_death import layer_shares
+from analytics.events import BLOWUP_RECOVERED, MAXABS_SPIKE, Event, make_event
+from analytics.frame import StepFrame
+from analytics.rolling import Rolling
+
+
+def _nanmedian(x: np.ndarray, axis: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(x, axis=axis)
+
+
+@dataclass
+class MaxAbsSpike(Detector):
+    factor: float = 8.0
+    """Alarm when a routed expert's layer-relative max|h| reaches this x its rolling median."""
+
+    shared_factor: float = 16.0
+    """Alarm when a shared expert's max|h| reaches this x its rolling median."""
+
+    window: int = 40
+    """Fed steps in the rolling baseline."""
+
+    min_history: int = 10
+    """Fed steps needed before a site is judged."""
+
+    min_share: float = 0.25
+    """Routed experts fed less than this fraction of the uniform share are not judged."""
+
+    clear_factor: float = 2.0
+    """A site in alarm recovers below this x baseline ..."""
+
+    clear_steps: int = 10
+    """... held for this many consecutive judged steps."""
+
+    _rel: Rolling | None = field(default=None, repr=False)      # layer-relative, routed
+    _abs: Rolling | None = field(default=None, repr=False)      # absolute max|h|, routed
+    _shared: Rolling | None = field(default=None, repr=False)   # absolute max|h|, shared
+    _alarm: np.ndarray | None = field(default=None, repr=False)    # onset step or -1
+    _calm: np.ndarray | None = field(default=None, repr=False)     # steps below clear
+    _rising: np.ndarray | None = field(default=None, repr=False)   # first step >= clear
+    kind = MAXABS_SPIKE
+
+    def __post_init__(self) -> None:
+        check_positive(self, "factor", "shared_factor", "min_share", "clear_factor")
+        check_positive(self, "window", "min_history", "clear_steps", integer=True)
+        if self.clear_factor >= self.factor:
+            raise ValueError("MaxAbsSpike.clear_factor must be below factor")
+
+    def observe(self, frame: StepFrame, index: MetricIndex) -> list[Event]:
+        ids = index.expert_grid("moe/", "act_maxabs")
+        if ids.size == 0:
+            return []
+        L, E = ids.shape
+        shared_ids = index.shared_ids("act_maxabs")
+        if self._rel is None or self._rel.shape != (L, E):
+            self._rel, self._abs = Rolling((L, E), self.window), Rolling((L, E), self.window)
+        if self._shared is None or self._shared.shape != (L,):
+            self._shared = Rolling((L,), self.window)
+        self._alarm = fit_state(self._alarm, (L, E + 1), -1, np.int64)   # column E = shared
+        self._calm = fit_state(self._calm, (L, E + 1), 0, np.int64)
+        self._rising = fit_state(self._rising, (L, E + 1), -1, np.int64)
+
+        x = frame.take(ids)
+        tok = index.expert_grid("moe/", "tokens")
+        share = layer_shares(frame.take(tok)) if tok.shape == ids.shape else np.ones((L, E))
+        fed = np.isfinite(x) & (share >= self.min_share)
+        med_layer = _nanmedian(np.where(fed, x, np.nan), axis=1)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = np.where(fed & (med_layer > 0), x / med_layer, np.nan)
+        xs = frame.take(shared_ids)
+
+        base_rel, base_abs = self._rel.median(), self._abs.median()
+        base_sh = self._shared.median()
+        judged = np.concatenate([fed & (self._rel.count() >= self.min_history),
+                                 (np.isfinite(xs) & (self._shared.count() >= self.min_history)
+                                  )[:, None]], axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.concatenate([rel / base_rel, (xs / base_sh)[:, None]], axis=1)
+        limit = np.concatenate([np.full((L, E), self.factor),
+                                np.full((L, 1), self.shared_factor)], axis=1)
+        # onset: the first step of the unbroken run above clear_factor that led here
+        above = judged & (ratio >= self.clear_factor)
+        self._rising = np.where(above, np.where(self._rising < 0, frame.step, self._rising),
+                                np.where(judged, -1, self._rising))
+        fire = judged & (ratio >= limit) & (self._alarm < 0)
+        calm = judged & (ratio < self.clear_factor)
+        in_alarm = self._alarm >= 0
+        self._calm = np.where(in_alarm & calm, self._calm + 1,
+                              np.where(in_alarm & judged, 0, self._calm))
+        done = in_alarm & (self._calm >= self.clear_steps)
+
+        events = []
+        layers = index.moe_layers
+        for r, c in zip(*np.nonzero(fire)):
+            shared = c == E
+            i = int(shared_ids[r]) if shared else int(ids[r, c])
+            # healthy scale of the layer: the largest rolling-median max|h| of its experts
+            # not in alarm (what a clamp must leave alone), for the clip policy's threshold
+            ok = (self._alarm[r, :E] < 0) & np.isfinite(base_abs[r])
+            if not shared:
+                ok[c] = False                            # not the site itself
+            layer_base = float(np.max(base_abs[r][ok])) if ok.any() else float("nan")
+            own = base_sh[r] if shared else base_abs[r, c]
+            events.append(make_event(
+                MAXABS_SPIKE, frame.run, frame.step, site_of(index.names[i]),
+                value=xs[r] if shared else x[r, c], threshold=limit[r, c] * (
+                    base_sh[r] if shared else base_rel[r, c] * med_layer[r, 0]),
+                severity="warning", onset_step=self._rising[r, c], layer=layers[r],
+                expert=-1 if shared else int(c), clip_site="shared" if shared else "routed",
+                ratio=ratio[r, c], factor=limit[r, c], baseline_maxabs=own,
+                layer_baseline_maxabs=base_sh[r] if shared else layer_base))
+        for r, c in zip(*np.nonzero(done)):
+            shared = c == E
+            i = int(shared_ids[r]) if shared else int(ids[r, c])
+            events.append(make_event(
+                BLOWUP_RECOVERED, frame.run, frame.step, site_of(index.names[i]),
+                value=ratio[r, c], threshold=self.clear_factor, severity="info",
+                onset_step=int(self._alarm[r, c]), layer=layers[r],
+                expert=-1 if shared else int(c), clip_site="shared" if shared else "routed",
+                calm_steps=self.clear_steps))
+        self._alarm = np.where(fire, frame.step, np.where(done, -1, self._alarm))
+        self._calm = np.where(fire | done, 0, self._calm)
+
+        # baselines learn only from healthy, fed steps
+        healthy = self._alarm < 0
+        self._rel.push(rel, healthy[:, :E])
+        self._abs.push(np.where(fed, x, np.nan), healthy[:, :E])
+        self._shared.push(xs, healthy[:, E])
+        return events

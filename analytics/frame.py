@@ -1,0 +1,78 @@
+"""StepFrame: one reduced step as detectors see it, built the same way online and offline.
+
+`values` is a float64 vector over the run's metric ids (the reduced float32 values, widened),
+`present` says which ids the step actually carried: a NaN that was *sent* is a finding, a
+metric that was not sent this step (parameter norms arrive every K steps) is not. Per-rank
+values are optional and lazy (`rank_values()`), because only a detector that has already found
+something asks which ranks it came from.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class StepFrame:
+    run: str
+    step: int
+    values: np.ndarray                  # float64 [size]; NaN where absent
+    present: np.ndarray                 # bool [size]
+    ranks: tuple[int, ...] = ()         # ranks included in the reduction
+    _rank_loader: Callable[[], dict[int, np.ndarray]] | None = field(default=None, repr=False)
+    _rank_cache: dict[int, np.ndarray] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_rows(cls, run: str, step: int, metric_id: np.ndarray, value: np.ndarray,
+                  size: int, ranks: tuple[int, ...] = (),
+                  rank_loader: Callable[[], dict[int, np.ndarray]] | None = None
+                  ) -> "StepFrame":
+        """From (metric_id, value) rows of one step; ids >= size are ignored (a metric the
+        index does not know yet cannot be judged)."""
+        ids = np.asarray(metric_id, dtype=np.int64)
+        vals = np.asarray(value, dtype=np.float32).astype(np.float64)
+        keep = (ids >= 0) & (ids < size)
+        out = np.full(size, np.nan)
+        present = np.zeros(size, dtype=bool)
+        out[ids[keep]] = vals[keep]
+        present[ids[keep]] = True
+        return cls(run, int(step), out, present, tuple(ranks), rank_loader)
+
+    @property
+    def size(self) -> int:
+        return int(self.values.size)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Values at an index array of any shape; NaN where the id is -1 or not present."""
+        ids = np.asarray(ids, dtype=np.int64)
+        ok = (ids >= 0) & (ids < self.size)
+        out = np.full(ids.shape, np.nan)
+        sel = ids[ok]
+        out[ok] = np.where(self.present[sel], self.values[sel], np.nan)
+        return out
+
+    def scalar(self, mid: int) -> float:
+        return float(self.take(np.array([mid]))[0]) if mid >= 0 else float("nan")
+
+    def rank_values(self) -> dict[int, np.ndarray]:
+        """rank -> float64 [size] of that rank's raw values (NaN absent); {} when unknown."""
+        if self._rank_cache is None:
+            self._rank_cache = self._rank_loader() if self._rank_loader else {}
+        return self._rank_cache
+
+
+def rank_vectors(metric_id: np.ndarray, rank: np.ndarray, value: np.ndarray, size: int,
+                 ranks: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Raw (metric_id, rank, value) rows -> one dense float64 vector per rank in `ranks`."""
+    out = {}
+    ids = np.asarray(metric_id, dtype=np.int64)
+    rk = np.asarray(rank)
+    vals = np.asarray(value, dtype=np.float32).astype(np.float64)
+    for r in ranks:
+        sel = (rk == r) & (ids >= 0) & (ids < size)
+        vec = np.full(size, np.nan)
+        vec[ids[sel]] = vals[sel]
+        out[int(r)] = vec
+    return out

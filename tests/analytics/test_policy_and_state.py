@@ -1,0 +1,105 @@
+"""The clip policy's thresholds, relaxation and operator overrides; detectors and policy
+survive a restart through state_dict (same events as an uninterrupted run)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from analytics.clip_policy import ClipPolicy
+from analytics.detectors import DetectorSet
+from analytics.events import BLOWUP_RECOVERED, MAXABS_SPIKE, make_event
+from tests.analytics.synthetic import SyntheticRun, blowup, death
+
+
+def trigger(step, layer=3, site="routed", base=4.0, name="moe/layer03/expert001", kind=None):
+    return make_event(kind or MAXABS_SPIKE, "r", step, name, 50.0, 20.0, "warning", step,
+                      layer=layer, clip_site=site, layer_baseline_maxabs=base)
+
+
+def recovered(step, layer=3, site="routed", name="moe/layer03/expert001"):
+    return make_event(BLOWUP_RECOVERED, "r", step, name, 1.0, 2.0, "info", max(0, step - 10),
+                      layer=layer, clip_site=site)
+
+
+def test_limit_sits_margin_above_the_healthy_scale_with_a_floor():
+    p = ClipPolicy(margin=4.0, floor=1.0)
+    (d,) = p.step(10, [trigger(10, base=9.0)])
+    assert (d.layer, d.site, d.limit, d.step) == (3, "routed", 6.0, 10)   # sqrt(4 * 9)
+    assert d.reason == "maxabs_spike@10 moe/layer03/expert001" and d.event.step == 10
+    (d,) = ClipPolicy(floor=1.0).step(10, [trigger(10, base=0.01)])
+    assert d.limit == 1.0                                                   # the floor
+    (d,) = ClipPolicy().step(10, [trigger(10, base=float("nan"))])
+    assert d.limit == 1.0                                                   # no baseline
+
+
+def test_one_decision_per_site_and_a_second_trigger_tightens():
+    p = ClipPolicy()
+    ds = p.step(5, [trigger(5), trigger(5, name="moe/layer03/expert002"),
+                    trigger(5, site="shared", name="moe/layer03/shared")])
+    assert sorted((d.layer, d.site) for d in ds) == [(3, "routed"), (3, "shared")]
+    assert p.step(6, [trigger(6)]) == []          # the same site again while clamped at 4.0?
+    (d,) = p.step(7, [trigger(7, name="moe/layer03/expert005")])
+    assert d.limit == pytest.approx(2.0)          # still blowing up under the clamp: halve
+
+
+def test_relax_after_every_trigger_recovered_and_the_window_passed():
+    p = ClipPolicy(relax_after=20)
+    p.step(10, [trigger(10), trigger(10, name="moe/layer03/expert002")])
+    assert p.step(30, [recovered(30)]) == []              # expert002 still in alarm
+    assert p.step(35, [recovered(35, name="moe/layer03/expert002")]) == []
+    assert p.step(54, []) == []
+    (d,) = p.step(55, [])
+    assert d.limit == math.inf and d.reason.startswith("relax:") and p.limits() == {}
+
+
+def test_frozen_and_operator_set_sites_are_left_alone():
+    p = ClipPolicy(relax_after=5)
+    p.freeze(3, "routed")
+    assert p.step(1, [trigger(1)]) == []
+    p.unfreeze(3, "routed")
+    assert len(p.step(2, [trigger(2, name="moe/layer03/expert009")])) == 1
+    p.operator_set(4, "shared", 2.5)
+    assert p.step(3, [trigger(3, layer=4, site="shared")]) == []
+    assert p.limits()[(4, "shared")] == 2.5 and (4, "shared") in p.frozen
+    p.step(4, [recovered(4, layer=4, site="shared")])
+    assert p.step(20, []) == [] or all(d.layer != 4 for d in p.step(21, []))
+    p.operator_clear(4, "shared")
+    assert (4, "shared") not in p.limits() and (4, "shared") not in p.frozen
+    with pytest.raises(ValueError):
+        p.freeze(-1, "routed")
+    with pytest.raises(ValueError):
+        p.operator_set(1, "dense", 1.0)
+    with pytest.raises(ValueError):
+        ClipPolicy(margin=0)
+
+
+def test_policy_state_round_trip():
+    p = ClipPolicy(relax_after=10)
+    p.step(1, [trigger(1)])
+    p.freeze(2, "shared")
+    p.step(5, [recovered(5)])
+    q = ClipPolicy(relax_after=10)
+    q.load_state_dict(copy.deepcopy(p.state_dict()))
+    assert q.step(15, []) == p.step(15, []) and q.state_dict() == p.state_dict()
+
+
+def test_detectors_resume_from_state_with_identical_events():
+    def run_faulty():
+        syn = SyntheticRun(seed=4)
+        syn.faults += [blowup(2, 1, start=40), death(1, 6, start=30)]
+        return syn
+
+    full = DetectorSet()
+    syn = run_faulty()
+    straight = [e for s in range(90) for e in full.observe(syn.frame(s), syn.index)]
+    assert {e.kind for e in straight} >= {"maxabs_spike", "expert_death"}
+
+    first, syn = DetectorSet(), run_faulty()
+    events = [e for s in range(45) for e in first.observe(syn.frame(s), syn.index)]
+    resumed = DetectorSet()
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))   # "after a restart"
+    events += [e for s in range(45, 90) for e in resumed.observe(syn.frame(s), syn.index)]
+    assert events == straight
+    assert resumed.observe(syn.frame(10), syn.index) == []         # an old step: judged once
