@@ -51,8 +51,8 @@ with st.sidebar:
     st.title("stepwatch")
     st.caption(f"store: `{reads.display_url(URL)}`")
     names = list(reversed(list(rows)))                 # newest first
-    if "runs" not in ss:
-        ss.runs = names[:1]
+    if "runs" not in ss:                               # ?run=a&run=b links pick runs
+        ss.runs = [r for r in st.query_params.get_all("run") if r in rows] or names[:1]
     ss.runs = [r for r in ss.runs if r in rows]
     st.multiselect("runs", names, key="runs",
                    format_func=lambda r: runs_panel.label(rows[r]))

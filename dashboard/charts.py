@@ -36,18 +36,19 @@ def _event_rules(events: pl.DataFrame) -> alt.Chart:
 def line_chart(long: pl.DataFrame, *, chart_id: str, title: str, color: str = "series",
                step_now: int | None = None, events: pl.DataFrame | None = None,
                x_domain: tuple[int, int] | None = None, log_y: bool = False,
-               interpolate: str = "linear", **meta) -> alt.LayerChart:
+               legend: str = "top", **meta) -> alt.LayerChart:
     """Lines of `long` (step, value, <color>) with an optional rule at the replay step and
     event rules. x_domain pins the axis (replay keeps the whole run's range while scrubbing)."""
-    x_scale = alt.Scale(domain=list(x_domain), nice=False) if x_domain else alt.Undefined
+    x_scale = alt.Scale(domain=list(x_domain), nice=False) if x_domain else alt.Scale(nice=False)
     few = long.height <= FEW_POINTS * max(long[color].n_unique(), 1)
     y_scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
     base = alt.Chart(long.select("step", "value", color)).mark_line(
-        interpolate=interpolate, clip=True, point=few).encode(
+        clip=True, point=few).encode(
         x=alt.X("step:Q", title="step", scale=x_scale,
                 axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("value:Q", title=None, scale=y_scale),
-        color=alt.Color(f"{color}:N", legend=alt.Legend(title=None, orient="top", direction="horizontal")),
+        color=alt.Color(f"{color}:N", legend=alt.Legend(title=None, orient=legend,
+                                                        labelLimit=320)),
         tooltip=[f"{color}:N", "step:Q", alt.Tooltip("value:Q", format=".5g")])
     layers: list[alt.Chart] = [base]
     if events is not None and events.height:
@@ -85,9 +86,21 @@ def heatmap_chart(cells: pl.DataFrame, *, chart_id: str, title: str, value_title
         usermeta=_meta(chart_id, step=step, window=list(window) if window else None))
 
 
-def clip_chart(timeline: pl.DataFrame, *, step_now: int | None,
+def clip_chart(segments: pl.DataFrame, *, step_now: int | None,
                x_domain: tuple[int, int] | None) -> alt.LayerChart:
-    """Clip limit per site over steps; a limit holds until the next update (step-after)."""
-    return line_chart(timeline.select("site", "step", pl.col("limit").alias("value")),
-                      chart_id="clips", title="clip thresholds (L) per site", color="site",
-                      step_now=step_now, x_domain=x_domain, interpolate="step-after")
+    """Clip limit L per site as horizontal segments (data.clip_segments): a limit holds from
+    the step it took effect until the next update; gaps are periods with the clip off."""
+    x_scale = alt.Scale(domain=list(x_domain), nice=False) if x_domain else alt.Undefined
+    lines = alt.Chart(segments).mark_line(point=True, strokeWidth=2.5).encode(
+        x=alt.X("step:Q", title="step", scale=x_scale, axis=alt.Axis(format="d")),
+        y=alt.Y("limit:Q", title="L", scale=alt.Scale(zero=False),
+                axis=alt.Axis(format=".3~g")),
+        color=alt.Color("site:N", legend=alt.Legend(title=None, orient="top")),
+        detail="segment:N", tooltip=["site:N", "step:Q", "limit:Q"])
+    layers = [lines]
+    if step_now is not None:
+        layers.append(alt.Chart(pl.DataFrame({"step": [step_now]})).mark_rule(
+            color="#555", strokeDash=[4, 3]).encode(x="step:Q"))
+    return alt.layer(*layers).properties(title="clip thresholds (L) per site",
+                                         height=CURVE_HEIGHT,
+                                         usermeta=_meta("clips", step=step_now))

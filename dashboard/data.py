@@ -212,3 +212,22 @@ def clip_timeline(df: pl.DataFrame | None) -> pl.DataFrame:
         acked=acked.fill_null(False))
         .select("site", "step", "limit", "acked", "version", "reason")
         .sort("site", "step", "version"))
+
+
+def clip_segments(timeline: pl.DataFrame, until: int) -> pl.DataFrame:
+    """clip_timeline rows -> one horizontal segment per limit, from the step it took effect to
+    the site's next update (or `until`, the replay step): columns site, segment, step, limit,
+    two rows per segment. Periods with the clip off draw nothing; updates after `until` are
+    not shown yet. Clip updates are rare, so a plain loop is fine here."""
+    rows: list[tuple[str, str, int, float]] = []
+    for (site,), g in timeline.sort("site", "step", "version").group_by("site",
+                                                                          maintain_order=True):
+        steps, limits = g["step"].to_list(), g["limit"].to_list()
+        for i, (step, limit) in enumerate(zip(steps, limits)):
+            if step > until:
+                break
+            end = min(steps[i + 1], until) if i + 1 < len(steps) else until
+            if limit is not None and end >= step:
+                rows += [(site, f"{site}#{i}", step, limit), (site, f"{site}#{i}", end, limit)]
+    return pl.DataFrame(rows, schema={"site": pl.Utf8, "segment": pl.Utf8, "step": pl.Int64,
+                                      "limit": pl.Float32}, orient="row")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboard import charts
+from dashboard import charts, data
 
 EVENT_TABLE_COLUMNS = ("step", "severity", "kind", "site", "value", "threshold", "onset_step")
 
@@ -34,7 +34,7 @@ def events_table(events: pl.DataFrame, lo: int, hi: int) -> None:
         return
     st.dataframe(events.select(EVENT_TABLE_COLUMNS), hide_index=True, key="events_table",
                  height=min(400, 38 + 35 * events.height))
-    cols = st.columns([6, 1], vertical_alignment="bottom")
+    cols = st.columns([3, 1], vertical_alignment="bottom")
     labels = [event_label(r) for r in events.iter_rows(named=True)]
     cols[0].selectbox("event", range(events.height), format_func=labels.__getitem__,
                       key="event_pick")
@@ -51,8 +51,10 @@ def clip_panel(timeline: pl.DataFrame, step: int, lo: int, hi: int) -> None:
         st.caption(f"no clip in effect yet at step {step} "
                    f"(first update at step {int(timeline['step'].min())})")
         return
-    st.altair_chart(charts.clip_chart(shown, step_now=step, x_domain=(lo, hi)),
-                    width="stretch")
-    now = shown.group_by("site").agg(pl.col("limit").last(), pl.col("step").last(),
-                                     pl.col("reason").last()).sort("site")
+    st.altair_chart(charts.clip_chart(data.clip_segments(shown, step), step_now=step,
+                                      x_domain=(lo, hi)), width="stretch")
+    now = (shown.group_by("site", maintain_order=True)
+           .agg(pl.col("limit").last(), pl.col("step").last().alias("since step"),
+                pl.col("acked").last(), pl.col("reason").last())
+           .with_columns(pl.col("limit").round(4).cast(pl.Utf8).fill_null("off")).sort("site"))
     st.dataframe(now, hide_index=True, key="clips_now")

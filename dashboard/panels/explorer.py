@@ -62,7 +62,8 @@ def explorer(url: str, run: str, row: dict[str, Any], step: int | None) -> None:
         log_y = False
     with st.container(key="explorer-chart"):
         st.altair_chart(charts.line_chart(long, chart_id="explorer", title=pattern,
-                                          step_now=step, log_y=log_y, names=shown),
+                                          step_now=step, log_y=log_y, legend="right",
+                                          names=shown),
                         width="stretch")
     for name, ds in notes:
         if ds.downsampled:

@@ -122,7 +122,8 @@ def test_events_table_jumps_the_replay_and_clips_are_drawn(recorded, monkeypatch
     assert table["kind"].tolist() == ["loss_spike", "expert_death"]
     assert sorted(charts(at)["loss"].layer(1)["step"].to_list()) == [2, 5]   # markers
     clips = charts(at)["clips"].layer(0)
-    assert clips.select("site", "step", "value").rows() == [("layer04/routed", 6, 7.0)]
+    assert clips.select("site", "step", "limit").rows() == [("layer04/routed", 6, 7.0),
+                                                            ("layer04/routed", 7, 7.0)]
 
     check(at.selectbox(key="event_pick").set_value(0).run())
     check(at.button(key="event_jump").click().run())
@@ -188,3 +189,14 @@ def test_an_empty_store_and_a_missing_url(tmp_path, monkeypatch):
     monkeypatch.delenv("STEPWATCH_STORE")
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert "no store given" in at.error[0].value
+
+
+def test_a_link_with_run_parameters_picks_those_runs(recorded, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    from tests.dashboard.conftest import APP
+    monkeypatch.setenv("STEPWATCH_STORE", recorded.url)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["run"] = ["tiny-a", "no-such-run", "tiny-b"]
+    check(at.run())
+    assert at.multiselect(key="runs").value == ["tiny-a", "tiny-b"]
+    assert at.selectbox(key="replay_run").value == "tiny-a"

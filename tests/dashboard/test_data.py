@@ -208,3 +208,20 @@ def test_clip_timeline_uses_the_acknowledged_step_and_treats_inf_as_off():
     shared = t.filter(site="layer04/shared").row(0, named=True)
     assert shared["step"] == 10 and shared["acked"] is False
     assert data.clip_timeline(None).height == 0
+
+
+def test_clip_segments_hold_each_limit_until_the_next_update():
+    t = data.clip_timeline(pl.DataFrame({
+        "version": [1, 2, 3, 1], "step": [10, 20, 30, 15], "layer": [4, 4, 4, 2],
+        "site": ["routed"] * 3 + ["shared"], "limit": [7.0, math.inf, 5.0, 9.0],
+        "reason": ["x"] * 4, "acked_step": [11, 21, 31, -1]}))
+    seg = data.clip_segments(t, until=40)
+    routed = seg.filter(site="layer04/routed")
+    # 7 from 11 to 21, off from 21 to 31 (nothing drawn), 5 from 31 to the replay step
+    assert routed.select("step", "limit").rows() == [(11, 7.0), (21, 7.0), (31, 5.0), (40, 5.0)]
+    assert routed["segment"].n_unique() == 2
+    assert seg.filter(site="layer02/shared").select("step", "limit").rows() == [
+        (15, 9.0), (40, 9.0)]
+    early = data.clip_segments(t, until=25)          # the replay has not reached 31 yet
+    assert early.filter(site="layer04/routed")["step"].to_list() == [11, 21]
+    assert data.clip_segments(data.clip_timeline(None), until=5).height == 0

@@ -132,6 +132,12 @@ def test_charts_render_and_the_slider_moves_the_heatmap(browser, recorded, tmp_p
         assert thumb.input_value() == "0"                         # an <input type=range>
         assert page.locator(HEATMAP).screenshot() != before       # and it looks different
         save_screenshot(page, tmp_path, "dashboard-step0.png")
+
+        page.get_by_role("button", name="Play").click()           # the fragment timer plays
+        page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}").wait_for(
+            timeout=WAIT_MS)
+        page.get_by_role("button", name="Play").wait_for(timeout=WAIT_MS)   # stopped at the end
+        assert thumb.input_value() == str(STEPS - 1)
     finally:
         page.close()
         app.stop()
