@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboard import data  # noqa: E402
+from dashboard import data, experts  # noqa: E402
 from store import open_store  # noqa: E402
 from tests.dashboard.runs import write_synthetic_run  # noqa: E402  (one writer for both)
 
@@ -60,8 +60,8 @@ def loss_curve(store) -> int:
 
 
 def heatmap(store, step: int) -> int:
-    wide = data.expert_stats(store.at_step(RUN, step, data.HEATMAP_PATTERN))
-    return data.heatmap_at(wide, "token share").height
+    wide = experts.expert_stats(store.at_step(RUN, step, experts.HEATMAP_PATTERN))
+    return experts.heatmap_at(wide, "token share").height
 
 
 def expert_columns(store) -> int:

@@ -88,7 +88,7 @@ def replay_view(run: str) -> None:
     step = replay.controls(run, lo, hi, live=row["status"] == "live")
     evs = reads.events(URL, run, reads.version_of(row))
     replay.curves(URL, run, row, lo, hi, step, evs)
-    heatmaps.heatmaps(URL, run, row, lo, step)
+    heatmaps.heatmaps(URL, run, row, lo, step, evs)
     left, right = st.columns(2)
     with left:
         events.events_table(evs, lo, hi)

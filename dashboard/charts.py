@@ -11,6 +11,7 @@ import polars as pl
 
 SEVERITY_COLORS = {"critical": "#b00020", "warning": "#e08000", "info": "#1f77b4"}
 DEAD_COLOR = "#d62728"
+STARVED_COLOR = "#ff9f1c"
 NO_DATA_COLOR = "#e6e6e6"
 CURVE_HEIGHT = 300          # the whole chart (title, axes, legend): Streamlit autosizes to fit
 HEATMAP_CELL_PX = 24
@@ -64,9 +65,12 @@ def line_chart(long: pl.DataFrame, *, chart_id: str, title: str, color: str = "s
 def heatmap_chart(cells: pl.DataFrame, *, chart_id: str, title: str, value_title: str,
                   step: int | None = None, window: tuple[int, int] | None = None
                   ) -> alt.LayerChart:
-    """Layer (rows) x expert (columns) cells colored by `value`; dead experts outlined in red
-    and marked with a cross; cells without data (e.g. no tokens for a ratio) drawn grey."""
-    df = cells.select("layer", "expert", "value", "share", "tokens", "dead")
+    """Layer (rows) x expert (columns) cells colored by `value` (experts.CELL_COLUMNS):
+    detector-declared dead experts outlined red and crossed, starved ones outlined orange;
+    cells without data (e.g. no tokens for a ratio) drawn grey."""
+    df = cells.select("layer", "expert", "value", "share", "tokens", "starved", "dead",
+                      outline=pl.when(pl.col("dead")).then(pl.lit(DEAD_COLOR))
+                      .when(pl.col("starved")).then(pl.lit(STARVED_COLOR)).otherwise(None))
     enc = dict(x=alt.X("expert:O", title="expert"),
                y=alt.Y("layer:O", title="layer", sort="descending"))
     rect = alt.Chart(df).mark_rect().encode(
@@ -75,10 +79,10 @@ def heatmap_chart(cells: pl.DataFrame, *, chart_id: str, title: str, value_title
                             alt.Color("value:Q", title=value_title,
                                       scale=alt.Scale(scheme="viridis")),
                             alt.value(NO_DATA_COLOR)),
-        stroke=alt.condition("datum.dead", alt.value(DEAD_COLOR), alt.value(None)),
-        strokeWidth=alt.condition("datum.dead", alt.value(2.5), alt.value(0)),
+        stroke=alt.Stroke("outline:N", scale=None),                  # the colors themselves
+        strokeWidth=alt.condition("isValid(datum.outline)", alt.value(2.5), alt.value(0)),
         tooltip=["layer:O", "expert:O", alt.Tooltip("value:Q", format=".4g"),
-                 alt.Tooltip("share:Q", format=".3f"), "tokens:Q", "dead:N"])
+                 alt.Tooltip("share:Q", format=".3f"), "tokens:Q", "starved:N", "dead:N"])
     cross = alt.Chart(df.filter(pl.col("dead"))).mark_text(
         text="✕", color=DEAD_COLOR, fontSize=13, fontWeight="bold").encode(**enc)
     return alt.layer(rect, cross).properties(

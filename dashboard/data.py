@@ -1,11 +1,8 @@
-"""Pure data shaping for the dashboard: no Streamlit, no store, polars frames in and out.
+"""Pure data shaping for the dashboard's curves and tables: no Streamlit, no store.
 
-Everything the panels draw passes through here, so it is unit-tested without a browser:
-min/max downsampling (a spike is never averaged away), layer x expert heatmap frames, run
-alignment for comparisons, and the normalization of optional event / clip tables.
-
-Expert-death and blow-up cues here are *visual* thresholds; the detectors in analytics/ own the
-real rules (N consecutive steps, trends). When analytics exports its defaults, use those.
+Unit-tested without a browser: min/max downsampling (a spike is never averaged away), run
+alignment for comparisons, metric search by glob and labels, and the normalization of the
+event and clip-update tables. Heatmap cells live in experts.py.
 """
 from __future__ import annotations
 
@@ -16,12 +13,6 @@ import polars as pl
 from store.columns import glob_to_regex
 
 MAX_POINTS = 2000          # points per drawn series: two per bucket, ~one per screen pixel
-DEAD_SHARE = 0.1           # token share below 10% of uniform (1/E) draws an expert as dead
-EXPERT_PREFIX = "moe/"     # grad/ and params/ also carry expert labels; heatmaps are moe/ only
-HEATMAP_PATTERN = "moe/*/expert*/*"
-VIEWS = ("token share", "activation RMS", "max-to-median ratio")
-VIEW_STATS = {"token share": "tokens", "activation RMS": "act_rms",
-              "max-to-median ratio": "out_norm"}   # Step 3.5 Flash Fig. 4: per-expert out norms
 EVENT_COLUMNS = {"step": pl.Int64, "kind": pl.Utf8, "site": pl.Utf8, "severity": pl.Utf8,
                  "value": pl.Float64, "threshold": pl.Float64, "onset_step": pl.Int64,
                  "detail": pl.Utf8}
@@ -79,79 +70,6 @@ def downsample_minmax(df: pl.DataFrame, max_points: int = MAX_POINTS, *, x: str 
     keep = pl.concat([picks["a"], picks["b"], idx.filter(nan)["_i"]]).unique()
     out = idx.filter(pl.col("_i").is_in(keep.implode())).drop("_i")
     return Downsampled(out, n, width)
-
-
-# ---- layer x expert heatmaps -------------------------------------------------------------
-def expert_stats(long: pl.DataFrame) -> pl.DataFrame:
-    """at_step-shaped rows (name, layer, expert, stat, value[, step]) -> one row per
-    ([step,] layer, expert) with one column per stat. Only moe/ expert metrics count."""
-    index = ["step", "layer", "expert"] if "step" in long.columns else ["layer", "expert"]
-    if long.height == 0:
-        return pl.DataFrame(schema={k: pl.Int64 if k == "step" else pl.Int32 for k in index})
-    rows = long.filter(pl.col("name").str.starts_with(EXPERT_PREFIX), pl.col("expert") >= 0,
-                       pl.col("layer") >= 0)
-    if rows.height == 0:
-        return pl.DataFrame(schema={k: pl.Int64 if k == "step" else pl.Int32 for k in index})
-    return (rows.select(*index, "stat", pl.col("value").cast(pl.Float64))
-            .pivot(on="stat", index=index, values="value", aggregate_function="first")
-            .sort(index))
-
-
-def _per_step_cells(wide: pl.DataFrame, view: str) -> pl.DataFrame:
-    """Per (step, layer, expert): share of the layer's tokens and the view's value."""
-    if view not in VIEWS:
-        raise ValueError(f"unknown heatmap view {view!r}; choose one of {VIEWS}")
-    group = ["step", "layer"] if "step" in wide.columns else ["layer"]
-    need = {"tokens", VIEW_STATS[view]}
-    missing = need - set(wide.columns)
-    if missing:
-        raise KeyError(f"heatmap {view!r} needs stats {sorted(missing)} that the run lacks")
-    total = pl.col("tokens").sum().over(group)
-    share = pl.when(total > 0).then(pl.col("tokens") / total).otherwise(None)
-    if view == "token share":
-        value = share
-    elif view == "activation RMS":
-        value = pl.col("act_rms")
-    else:                        # ratio to the median of experts that got tokens this step
-        active = pl.when(pl.col("tokens") > 0).then(pl.col("out_norm")).otherwise(None)
-        median = active.median().over(group)
-        value = (pl.when((pl.col("tokens") > 0) & (median > 0))
-                 .then(pl.col("out_norm") / median).otherwise(None))
-    return wide.with_columns(share=share, value=value,
-                             n_experts=pl.len().over(group).cast(pl.Float64))
-
-
-def heatmap_at(wide: pl.DataFrame, view: str, dead_share: float = DEAD_SHARE) -> pl.DataFrame:
-    """One step's cells: layer, expert, value, share, tokens, dead (share < dead_share / E).
-    A layer that routed no tokens at all has null share and no dead experts."""
-    if "step" in wide.columns and wide["step"].n_unique() > 1:
-        raise ValueError("heatmap_at takes one step; use heatmap_window for several")
-    cells = _per_step_cells(wide.drop("step", strict=False), view)
-    return (cells.with_columns(dead=(pl.col("share") < dead_share / pl.col("n_experts"))
-                               .fill_null(False))
-            .select("layer", "expert", "value", "share", "tokens", "dead").sort("layer", "expert"))
-
-
-def heatmap_window(wide: pl.DataFrame, view: str,
-                   dead_share: float = DEAD_SHARE) -> pl.DataFrame:
-    """Cells over several steps: token share = the expert's tokens over the layer's tokens in
-    the window; other views = mean of the per-step values (steps without tokens are skipped)."""
-    if "step" not in wide.columns:
-        raise ValueError("heatmap_window needs a step column")
-    cells = _per_step_cells(wide, view)
-    agg = (cells.group_by("layer", "expert")
-           .agg(pl.col("tokens").sum(),
-                pl.col("value").filter(pl.col("tokens") > 0).mean().alias("value_mean"),
-                pl.col("n_experts").first(), pl.col("step").n_unique().alias("steps"))
-           .with_columns(share=pl.when(pl.col("tokens").sum().over("layer") > 0)
-                         .then(pl.col("tokens") / pl.col("tokens").sum().over("layer"))
-                         .otherwise(None)))
-    value = pl.col("share") if view == "token share" else pl.col("value_mean")
-    return (agg.with_columns(value=value,
-                             dead=(pl.col("share") < dead_share / pl.col("n_experts"))
-                             .fill_null(False))
-            .select("layer", "expert", "value", "share", "tokens", "dead", "steps")
-            .sort("layer", "expert"))
 
 
 # ---- several runs, metric search -----------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 import streamlit as st
 
-from dashboard import data
+from dashboard import data, experts
 from store import NotFound, Store, open_store
 
 RUNS_TTL_S = 2.0           # how stale the runs list (status, last step) may be in live mode
@@ -106,16 +106,16 @@ def expert_wide(url: str, run: str, lo: int, hi: int, stats: tuple[str, ...],
         if 0 < len(names) <= COLUMN_BUDGET:
             wide = _expert_columns(url, run, tuple(names), version)
             return wide.filter(pl.col("step").is_between(lo, hi))
-    frames = [at_step(url, run, s, data.HEATMAP_PATTERN, row)
+    frames = [at_step(url, run, s, experts.HEATMAP_PATTERN, row)
               .filter(pl.col("stat").is_in(list(stats))).with_columns(step=pl.lit(s, pl.Int64))
               for s in range(lo, hi + 1)]
-    return data.expert_stats(pl.concat(frames) if frames else pl.DataFrame())
+    return experts.expert_stats(pl.concat(frames) if frames else pl.DataFrame())
 
 
 def expert_metric_names(url: str, run: str, stats: tuple[str, ...], version: Version
                         ) -> list[str]:
     d = metrics(url, run, version)
-    return d.filter(pl.col("name").str.starts_with(data.EXPERT_PREFIX), pl.col("expert") >= 0,
+    return d.filter(pl.col("name").str.starts_with(experts.EXPERT_PREFIX), pl.col("expert") >= 0,
                     pl.col("layer") >= 0, pl.col("stat").is_in(list(stats)))["name"].to_list()
 
 
@@ -129,7 +129,7 @@ def _expert_columns(url: str, run: str, names: tuple[str, ...], version: Version
         parts.append(s.with_columns(name=pl.lit(r["name"]), layer=pl.lit(r["layer"], pl.Int32),
                                     expert=pl.lit(r["expert"], pl.Int32),
                                     stat=pl.lit(r["stat"])))
-    return data.expert_stats(pl.concat(parts))
+    return experts.expert_stats(pl.concat(parts))
 
 
 def _optional(url: str, method: str, run: str) -> pl.DataFrame | None:

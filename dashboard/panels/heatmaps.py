@@ -1,9 +1,9 @@
 """Layer x expert heatmaps at the replay step and over a window of steps ending there.
 
-Views (data.VIEWS): token share of the layer's routed tokens; SwiGLU activation RMS; each
+Views (experts.VIEWS): token share of the layer's routed tokens; SwiGLU activation RMS; each
 expert's output norm over the layer median of experts that got tokens ("max-to-median": a row's
-maximum is the layer's max-to-median ratio, Step 3.5 Flash Fig. 4). Experts whose token share
-falls below data.DEAD_SHARE of uniform are outlined in red and crossed.
+maximum is the layer's max-to-median ratio, Step 3.5 Flash Fig. 4). Experts the detector has
+declared dead are crossed out in red; starved ones (below its thresholds) outlined in orange.
 """
 from __future__ import annotations
 
@@ -12,45 +12,45 @@ from typing import Any
 import polars as pl
 import streamlit as st
 
-from dashboard import charts, data, reads
+from dashboard import charts, experts, reads
 
 WINDOW_MAX = 256
 VALUE_TITLES = {"token share": "share", "activation RMS": "RMS",
                 "max-to-median ratio": "÷ median"}
 
 
-def dead_list(cells: pl.DataFrame) -> str:
-    dead = cells.filter(pl.col("dead"))
-    return ", ".join(f"layer{r['layer']:02d}/expert{r['expert']:03d}"
-                     for r in dead.iter_rows(named=True))
-
-
 def _draw(cells: pl.DataFrame, *, chart_id: str, title: str, view: str, step: int,
           window: tuple[int, int] | None = None) -> None:
     if cells.height == 0:
-        st.info("no per-expert statistics at this step (no MoE layers recorded?)")
+        st.info("no per-expert statistics here (no MoE layers recorded?)")
         return
     st.altair_chart(charts.heatmap_chart(cells, chart_id=chart_id, title=title,
                                          value_title=VALUE_TITLES[view], step=step,
                                          window=window), width="content")
-    dead = dead_list(cells)
-    st.caption(f"dead (share < {data.DEAD_SHARE:g} × uniform): {dead}" if dead
-               else "no dead experts")
+    starved = experts.cell_names(cells.filter(~pl.col("dead")), "starved")
+    when = "at this step" if window is None else "on every step of the window"
+    st.caption(f"starved {when} (share < {experts.SHARE_THRESHOLD:g} × uniform or RMS < "
+               f"{experts.RMS_THRESHOLD:g} × layer median): {starved or 'none'}")
 
 
-def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int) -> None:
+def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int,
+             events: pl.DataFrame) -> None:
     st.subheader("Experts: layer × expert")
     cols = st.columns([3, 1])
-    view = cols[0].radio("view", data.VIEWS, key="hm_view", horizontal=True)
+    view = cols[0].radio("view", experts.VIEWS, key="hm_view", horizontal=True)
     window = int(cols[1].number_input("window (steps)", 1, WINDOW_MAX, value=16,
                                       key="hm_window"))
-    stats = tuple(sorted({"tokens", data.VIEW_STATS[view]}))
+    stats = experts.stats_for(view)
+    dead = experts.dead_experts(events, step)
+    names = ", ".join(f"layer{lay:02d}/expert{e:03d}" for lay, e in sorted(dead))
+    st.caption(f"declared dead by the detector by step {step}: {names}" if dead else
+               f"no expert declared dead by step {step} (expert_death events)")
     left, right = st.columns(2)
     with left, st.container(key="heatmap-step"):
         st.caption(f"Heatmap at step {step}")
         wide = reads.expert_wide(url, run, step, step, stats, row)
         try:
-            cells = data.heatmap_at(wide, view) if wide.height else wide
+            cells = experts.heatmap_at(wide, view, dead) if wide.height else wide
         except KeyError as e:
             st.warning(str(e.args[0]))
         else:
@@ -63,7 +63,7 @@ def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int) -> Non
         st.caption(f"Heatmap over steps {first}–{step}: {how}")
         wide_w = reads.expert_wide(url, run, first, step, stats, row)
         try:
-            cells_w = data.heatmap_window(wide_w, view) if wide_w.height else wide_w
+            cells_w = experts.heatmap_window(wide_w, view, dead) if wide_w.height else wide_w
         except KeyError as e:
             st.warning(str(e.args[0]))
         else:

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dashboard import data
+from dashboard.charts import STARVED_COLOR
 from store import Store, open_store
 from tests.dashboard.conftest import STEPS, charts, check, run_app, table_with, texts
 from tests.dashboard.runs import DEAD, DEAD_FROM
@@ -74,19 +74,23 @@ def test_moving_the_slider_moves_the_heatmaps_and_the_curves(recorded, monkeypat
     assert at.slider(key="step").value == 1                      # the view change kept it
 
 
-def test_the_killed_expert_is_drawn_dead(recorded, monkeypatch):
+def test_the_killed_expert_is_drawn_starved_until_the_detector_says_dead(recorded,
+                                                                           monkeypatch):
     at = run_app(recorded.url, monkeypatch, runs=["tiny-a"])
     cells = charts(at)["heatmap_step"].layer(0)
     killed = cells.filter(layer=DEAD[0], expert=DEAD[1]).row(0, named=True)
-    assert killed["tokens"] == 0 and killed["dead"] is True
-    crosses = charts(at)["heatmap_step"].layer(1)                # the ✕ marks: dead cells only
-    assert (DEAD[0], DEAD[1]) in set(zip(crosses["layer"], crosses["expert"]))
-    assert crosses.height == cells["dead"].sum()
+    assert killed["tokens"] == 0 and killed["starved"] is True
+    assert killed["dead"] is False                  # 8 steps: no expert_death event yet
+    assert killed["outline"] == STARVED_COLOR                  # drawn orange, not crossed
+    assert (DEAD[0], DEAD[1]) not in charts(at)["heatmap_step"].layer(1)[["layer", "expert"]] \
+        .rows()
+    assert any(t.startswith("starved at this step") for t in texts(at))
+    assert any(t.startswith("no expert declared dead by step 7") for t in texts(at))
     # the window ending before the fault saw the expert route tokens
     check(at.slider(key="step").set_value(DEAD_FROM - 1).run())
     window = charts(at)["heatmap_window"].layer(0)
     before = window.filter(layer=DEAD[0], expert=DEAD[1]).row(0, named=True)
-    assert before["tokens"] > 0
+    assert before["tokens"] > 0 and before["starved"] is False
 
 
 def test_play_advances_the_step_and_stops_at_the_end(recorded, monkeypatch):
@@ -121,6 +125,9 @@ def test_events_table_jumps_the_replay_and_clips_are_drawn(recorded, monkeypatch
     assert table["step"].tolist() == [2, 5]
     assert table["kind"].tolist() == ["loss_spike", "expert_death"]
     assert sorted(charts(at)["loss"].layer(1)["step"].to_list()) == [2, 5]   # markers
+    heat = charts(at)["heatmap_step"]                            # the event's verdict ...
+    assert heat.layer(0).filter(pl.col("dead"))[["layer", "expert"]].rows() == [DEAD]
+    assert heat.layer(1)[["layer", "expert"]].rows() == [DEAD]   # ... drawn as a cross
     clips = charts(at)["clips"].layer(0)
     assert clips.select("site", "step", "limit").rows() == [("layer04/routed", 6, 7.0),
                                                             ("layer04/routed", 7, 7.0)]
@@ -131,6 +138,7 @@ def test_events_table_jumps_the_replay_and_clips_are_drawn(recorded, monkeypatch
     c = charts(at)
     assert c["heatmap_step"].meta["step"] == 2 and c["loss"].meta["step"] == 2
     assert c["loss"].layer(1)["step"].to_list() == [2]           # later events not yet drawn
+    assert not c["heatmap_step"].layer(0)["dead"].any()          # nor later deaths
     assert "clips" not in c
     assert any("no clip in effect yet at step 2" in t for t in texts(at))
 

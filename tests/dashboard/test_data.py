@@ -1,4 +1,4 @@
-"""The dashboard's pure data functions: downsampling, heatmap cells, alignment, optional tables."""
+"""The dashboard's pure data functions: downsampling, alignment, metric search, optional tables."""
 from __future__ import annotations
 
 import math
@@ -82,84 +82,6 @@ def test_align_runs_puts_every_run_on_one_bucket_grid():
         chunk = b["value"].to_numpy()[(bucket - 50) * 100:(bucket - 49) * 100]
         assert sorted(rows["value"].to_list()) == sorted({float(chunk.min()),
                                                           float(chunk.max())})
-
-
-# ---- heatmaps -------------------------------------------------------------------------------
-def long_rows(cells: dict[tuple[int, int], dict[str, float]], step: int | None = None
-              ) -> pl.DataFrame:
-    rows = [{"name": f"moe/layer{lay:02d}/expert{e:03d}/{k}", "layer": lay, "expert": e,
-             "stat": k, "value": v} for (lay, e), stats in cells.items() for k, v in stats.items()]
-    rows.append({"name": "grad/layer01/expert000/norm", "layer": 1, "expert": 0, "stat": "norm",
-                 "value": 99.0})                              # not a moe/ metric: ignored
-    rows.append({"name": "moe/layer01/router/z_loss", "layer": 1, "expert": -1,
-                 "stat": "z_loss", "value": 5.0})             # not an expert: ignored
-    df = pl.DataFrame(rows, schema={"name": pl.Utf8, "layer": pl.Int32, "expert": pl.Int32,
-                                    "stat": pl.Utf8, "value": pl.Float32})
-    return df if step is None else df.with_columns(step=pl.lit(step, pl.Int64))
-
-
-CELLS = {  # layer 1: expert 3 starved; layer 2: no tokens at all
-    (1, 0): {"tokens": 40, "act_rms": 1.0, "out_norm": 2.0},
-    (1, 1): {"tokens": 30, "act_rms": 2.0, "out_norm": 4.0},
-    (1, 2): {"tokens": 29, "act_rms": 3.0, "out_norm": 12.0},
-    (1, 3): {"tokens": 1, "act_rms": 0.5, "out_norm": 1.0},
-    (2, 0): {"tokens": 0, "act_rms": 0.0, "out_norm": 0.0},
-    (2, 1): {"tokens": 0, "act_rms": 0.0, "out_norm": 0.0},
-}
-
-
-def test_expert_stats_pivots_moe_expert_metrics_only():
-    wide = data.expert_stats(long_rows(CELLS))
-    assert wide.columns == ["layer", "expert", "tokens", "act_rms", "out_norm"]
-    assert wide.height == len(CELLS)
-    assert data.expert_stats(long_rows({}).head(0)).height == 0
-
-
-def test_heatmap_views_equal_the_values_they_come_from():
-    wide = data.expert_stats(long_rows(CELLS))
-    share = data.heatmap_at(wide, "token share")
-    assert share.columns == ["layer", "expert", "value", "share", "tokens", "dead"]
-    l1 = share.filter(layer=1)
-    np.testing.assert_allclose(l1["value"].to_numpy(), [0.4, 0.3, 0.29, 0.01])
-    assert l1["dead"].to_list() == [False, False, False, True]   # 0.01 < 0.1 x 1/4
-    l2 = share.filter(layer=2)                   # a layer without tokens: no share, no deaths
-    assert l2["value"].is_null().all() and not l2["dead"].any()
-
-    rms = data.heatmap_at(wide, "activation RMS")
-    assert rms["value"].to_list() == [CELLS[k]["act_rms"] for k in sorted(CELLS)]
-
-    ratio = data.heatmap_at(wide, "max-to-median ratio").filter(layer=1)
-    # median of out norms over experts that got tokens (all four here): median(1,2,4,12) = 3
-    np.testing.assert_allclose(ratio["value"].to_numpy(), [2 / 3, 4 / 3, 4.0, 1 / 3])
-    assert data.heatmap_at(wide, "max-to-median ratio").filter(layer=2)["value"].is_null().all()
-
-
-def test_heatmap_rejects_unknown_views_missing_stats_and_several_steps():
-    wide = data.expert_stats(long_rows(CELLS))
-    with pytest.raises(ValueError, match="unknown heatmap view"):
-        data.heatmap_at(wide, "entropy")
-    with pytest.raises(KeyError, match="act_rms"):
-        data.heatmap_at(wide.drop("act_rms"), "activation RMS")
-    two = data.expert_stats(pl.concat([long_rows(CELLS, 0), long_rows(CELLS, 1)]))
-    with pytest.raises(ValueError, match="one step"):
-        data.heatmap_at(two, "token share")
-
-
-def test_heatmap_window_sums_tokens_and_skips_steps_without_tokens():
-    later = {k: dict(v) for k, v in CELLS.items()}
-    later[(1, 3)] = {"tokens": 0, "act_rms": 0.0, "out_norm": 0.0}   # starved entirely
-    later[(1, 0)]["act_rms"] = 3.0
-    wide = data.expert_stats(pl.concat([long_rows(CELLS, 10), long_rows(later, 11)]))
-    share = data.heatmap_window(wide, "token share").filter(layer=1)
-    np.testing.assert_allclose(share["value"].to_numpy(),
-                               np.array([80, 60, 58, 1]) / 199.0)
-    assert share["steps"].to_list() == [2, 2, 2, 2]
-    rms = data.heatmap_window(wide, "activation RMS").filter(layer=1)
-    # expert 0: mean(1, 3); expert 3: only step 10 had tokens, so its 0.0 at step 11 is skipped
-    np.testing.assert_allclose(rms["value"].to_numpy(), [2.0, 2.0, 3.0, 0.5])
-    assert rms["dead"].to_list() == [False, False, False, True]
-    with pytest.raises(ValueError, match="step column"):
-        data.heatmap_window(wide.drop("step"), "token share")
 
 
 # ---- metric search, optional tables -------------------------------------------------------
