@@ -69,7 +69,11 @@ def wanted_interval() -> float | None:
     """How often the body should refresh itself now: playing > live > never."""
     if ss.get("playing") and ss.get("view") == "Replay":
         return PLAY_TICK_S
-    live = reads.runs(URL).filter(pl.col("run").is_in(selected), pl.col("status") == "live")
+    try:
+        runs = reads.runs(URL)
+    except StoreError:                     # shown by the body; keep refreshing to recover
+        return LIVE_REFRESH_S
+    live = runs.filter(pl.col("run").is_in(selected), pl.col("status") == "live")
     return LIVE_REFRESH_S if live.height else None
 
 

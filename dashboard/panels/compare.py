@@ -1,7 +1,6 @@
 """Compare runs: curves of two or more runs overlaid on one step axis."""
 from __future__ import annotations
 
-import polars as pl
 import streamlit as st
 
 from dashboard import charts, data, reads

@@ -14,7 +14,8 @@ EVENT_TABLE_COLUMNS = ("step", "severity", "kind", "site", "value", "threshold",
 
 
 def event_label(row: dict) -> str:
-    return f"step {row['step']} · {row['severity'] or '?'} · {row['kind']} · {row['site'] or '—'}"
+    severity, site = row["severity"] or "?", row["site"] or "—"
+    return f"step {row['step']} · {severity} · {row['kind']} · {site}"
 
 
 def _jump(events: pl.DataFrame, lo: int, hi: int) -> None:
