@@ -9,7 +9,7 @@ climbs for many steps while the median stays flat. We compute, per layer and ste
 and raise a `blowup` event when r >= `ratio_threshold` AND r is trending up: the same expert
 has held the maximum for the last `trend_steps` steps and r rose by `min_rise` over them. The site is that
 expert. Clean runs of the tiny and demo presets reach r = 15 at most (transient peaks, never
-a sustained climb of one expert), hence 16. The per-site detector (maxabs.py) usually fires
+a sustained climb of one expert), hence 20. The per-site detector (maxabs.py) usually fires
 first; this one names the layer-level picture and covers layers whose experts are all new.
 The layer recovers (`blowup_recovered`) after `clear_steps` steps below half the threshold.
 The onset is the first step of the unbroken run at or above half the threshold.
@@ -30,7 +30,7 @@ from analytics.frame import StepFrame
 
 @dataclass
 class LocalizedBlowup(Detector):
-    ratio_threshold: float = 16.0
+    ratio_threshold: float = 20.0
     """Max-to-median ratio of expert output norms at which a layer is blowing up."""
 
     trend_steps: int = 3
