@@ -115,6 +115,13 @@ def test_report_cli_and_unknown_run(stored, tmp_path):
                         text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert out.exists() and out.with_suffix(".json").exists() and "origin" in ok.stdout
+    ev = subprocess.run([sys.executable, "-m", "analytics", "events", "--store", url, "--run",
+                         "faulty"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0, ev.stderr
+    lines = ev.stdout.splitlines()
+    assert lines[0] == "step,kind,site,value,threshold,severity,onset_step,detail"
+    with open_store(url) as st:
+        assert len(lines) - 1 == len(detect_offline(st, "faulty"))
     bad = subprocess.run([sys.executable, "-m", "analytics", "report", "--store", url,
                           "--run", "nope", "--out", str(out)], cwd=root, capture_output=True,
                          text=True, timeout=120)
