@@ -191,9 +191,14 @@ def train(cfg: TrainConfig, monitor=None) -> TrainResult:
             metrics_file.close()
         if owns_dist:
             dist.destroy_process_group()
-    if cfg.out_dir and rank == 0:
-        summary = {k: v for k, v in asdict(result).items() if k != "model"}
-        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    if cfg.out_dir:
+        # every rank's own losses: what telemetry's per-rank rows are checked against
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"losses.rank{rank}.json").write_text(json.dumps(result.losses))
+        if rank == 0:
+            summary = {k: v for k, v in asdict(result).items() if k != "model"}
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return result
 
 

@@ -125,10 +125,11 @@ def test_torchrun_two_ranks_raw_and_reduced(collector, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port=0", "-m", "model.train", "--preset", "tiny", "--steps", str(STEPS),
+         "--standalone", "-m", "model.train", "--",  # torchrun would eat --monitor
+         "--preset", "tiny", "--steps", str(STEPS),
          "--batch-size", str(BATCH), "--monitor", address, "--run", "ddp", "--out", str(out),
-         "--per-rank-losses"],
-        cwd=ROOT, env=env, check=True, timeout=600)
+         "--threads", "1"],
+        cwd=ROOT, env=env, check=True, timeout=300)
     stop(proc)
     losses = {r: json.loads((out / f"losses.rank{r}.json").read_text()) for r in (0, 1)}
 
