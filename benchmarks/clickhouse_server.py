@@ -1,0 +1,176 @@
+"""A throwaway ClickHouse server as an ordinary child process, for tests and benchmarks.
+
+No root daemon, no systemd, no Docker: a generated minimal config in a directory of the
+caller's, free loopback ports, and `--config-file`. Debian's 18.16 runs as root and as any
+other user as long as that user can write the data dir; the dir is created here by whoever
+runs us, so both work (newer servers refuse only when the data dir's owner differs from the
+process user). tests/conftest.py wraps it in the session fixture `clickhouse_server`;
+benchmarks/suite.py starts one for `make bench`.
+
+    server = ClickHouseServer(server_command(), Path(tmp)); server.start(); ...; server.stop()
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
+
+START_TIMEOUT_S = 60.0
+EXTRA_USER, EXTRA_PASSWORD = "stepwatch", "sw 'pa:ss@/"   # URL-hostile on purpose
+
+CONFIG_XML = """<?xml version="1.0"?>
+<yandex>
+  <logger><level>information</level><log>{d}/server.log</log>
+    <errorlog>{d}/server.err.log</errorlog><size>20M</size><count>1</count></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <tcp_port>{tcp_port}</tcp_port>
+  <http_port>{http_port}</http_port>
+  <path>{d}/data/</path>
+  <tmp_path>{d}/tmp/</tmp_path>
+  <user_files_path>{d}/user_files/</user_files_path>
+  <format_schema_path>{d}/format_schemas/</format_schema_path>
+  <users_config>{d}/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>268435456</mark_cache_size>
+  <uncompressed_cache_size>268435456</uncompressed_cache_size>
+  <max_concurrent_queries>50</max_concurrent_queries>
+  <mlock_executable>false</mlock_executable>
+  <timezone>UTC</timezone>
+</yandex>
+"""
+
+USERS_XML = """<?xml version="1.0"?>
+<yandex>
+  <profiles><default><max_memory_usage>4000000000</max_memory_usage>
+    <max_threads>2</max_threads></default></profiles>
+  <users>
+    <default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>default</profile><quota>default</quota></default>
+    <{user}><password>{password}</password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>default</profile><quota>default</quota></{user}>
+  </users>
+  <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
+    <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time>
+  </interval></default></quotas>
+</yandex>
+"""
+
+
+def server_command() -> list[str] | None:
+    for name in ("clickhouse-server",):
+        for found in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
+            if found and os.access(found, os.X_OK):
+                return [found]
+    single = shutil.which("clickhouse")            # the upstream single binary
+    return [single, "server"] if single else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Child side of fork: the server gets SIGTERM if pytest dies without tearing down."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ClickHouseServer:
+    """One running server; `url(db)` for the store, `client(sql)` for an independent check."""
+
+    def __init__(self, command: list[str], root: Path) -> None:
+        self.command, self.root = command, root
+        self.host = "127.0.0.1"
+        self.credentials = (EXTRA_USER, EXTRA_PASSWORD)  # a second user with a password
+        self.proc: subprocess.Popen | None = None
+        self.tcp_port = self.http_port = 0
+        self.version = ""
+
+    def url(self, database: str, *, user: str = "default", password: str = "") -> str:
+        from urllib.parse import quote
+        cred = user + (":" + quote(password, safe="") if password else "")
+        return f"clickhouse://{cred}@{self.host}:{self.tcp_port}/{database}"
+
+    def client(self, sql: str, *, user: str = "default", password: str = "") -> str:
+        """Runs `clickhouse-client --query` (a second, independent client) and returns stdout."""
+        cmd = [shutil.which("clickhouse-client") or "clickhouse-client", "--host", self.host,
+               "--port", str(self.tcp_port), "--user", user, "--query", sql]
+        if password:
+            cmd[-2:-2] = ["--password", password]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise AssertionError(f"clickhouse-client failed ({out.returncode}): {out.stderr}")
+        return out.stdout
+
+    def log_tail(self, lines: int = 40) -> str:
+        chunks = []
+        for name in ("stdout.log", "server.err.log", "server.log"):
+            p = self.root / name
+            if p.exists():
+                tail = p.read_text(errors="replace").splitlines()[-lines:]
+                chunks.append(f"--- {name}\n" + "\n".join(tail))
+        return "\n".join(chunks) or "(no server log written)"
+
+    def start(self) -> None:
+        last_error = ""
+        for _attempt in range(3):                       # a picked port may be taken meanwhile
+            self.tcp_port, self.http_port = _free_port(), _free_port()
+            for sub in ("data", "tmp", "user_files", "format_schemas"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            (self.root / "config.xml").write_text(CONFIG_XML.format(
+                d=self.root, tcp_port=self.tcp_port, http_port=self.http_port))
+            (self.root / "users.xml").write_text(USERS_XML.format(
+                user=EXTRA_USER, password=xml_escape(EXTRA_PASSWORD)))
+            with open(self.root / "stdout.log", "ab") as out:
+                self.proc = subprocess.Popen(
+                    [*self.command, f"--config-file={self.root / 'config.xml'}"],
+                    cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            last_error = self._wait_ready()
+            if not last_error:
+                return
+            self.stop()
+            if "Address already in use" not in self.log_tail(200):
+                break
+        raise RuntimeError(f"ClickHouse server did not start: {last_error}\n{self.log_tail()}")
+
+    def _wait_ready(self) -> str:
+        """'' once `SELECT 1` answers; else why not (exited, or still silent at the deadline)."""
+        from clickhouse_driver import Client
+        deadline = time.monotonic() + START_TIMEOUT_S
+        error = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return f"exited with code {self.proc.returncode}"
+            client = Client(self.host, port=self.tcp_port, connect_timeout=1,
+                            send_receive_timeout=5)
+            try:
+                self.version = client.execute("SELECT version()")[0][0]
+                return ""
+            except Exception as e:                     # not listening yet
+                error = f"{type(e).__name__}: {e}"
+            finally:
+                client.disconnect()
+            time.sleep(0.1)
+        return f"no answer to SELECT 1 within {START_TIMEOUT_S:.0f} s ({error})"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
