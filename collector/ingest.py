@@ -16,6 +16,7 @@ state changes, so a rejected frame leaves nothing half-applied for the other cli
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from collector.writer import FinishRun, OpenRun, Writer, WriteMetrics, WriteRaw,
 from proto.v1 import telemetry_pb2 as pb
 from store.base import RunInfo, ValueBatch
 
+log = logging.getLogger(__name__)
 RAW_ROW_BYTES = 20       # step i64 + metric_id i32 + rank i32 + value f32
 
 
@@ -68,10 +70,19 @@ class Ingest:
         self.runs: dict[str, Run] = {}
         self._durable_job = 0              # every writer job <= this has been flushed
         self.stopping = False              # shutdown: frames are refused, UNAVAILABLE
+        self.busy_s = 0.0                  # event-loop seconds spent in receive()
 
     # ---- frames ---------------------------------------------------------------------------
     def receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
-        """Apply one frame; raises a CollectorError (translated to a status by the caller)."""
+        """Apply one frame; raises a CollectorError (translated to a status by the caller).
+        Its time is summed in busy_s (logged at shutdown, read by benchmarks/ingest.py)."""
+        t0 = time.perf_counter()
+        try:
+            return self._receive(conn, frame)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+
+    def _receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
         kind = frame.WhichOneof("kind")
         self.counters.add("frames")
         if self.stopping:
@@ -313,5 +324,6 @@ class Ingest:
 
     def finish_all(self) -> None:
         """Shutdown: reduce whatever is pending (incomplete) and mark every run finished."""
+        log.info("ingest seconds: receive=%.3f", self.busy_s)
         for run in self.runs.values():
             self._finish_run(run)

@@ -6,6 +6,9 @@ ready steps here, off the loop), and flushes the store when `flush_interval_s` h
 the last flush or `flush_every_steps` steps wait, whichever comes first. Only after a flush
 returns does it report "durable through job J" to `on_flushed`, which turns into acks.
 
+Time spent per stage (reduce, store writes, observer, flush) is summed in `stage_s` and
+logged when the writer closes (`writer stage seconds: ...`; benchmarks/ingest.py reads it).
+
 Store failures never escape: a job that keeps failing is reported as failed (its frames are
 never acked), a failing flush is retried at the next interval (nothing is acked meanwhile).
 Memory is bounded upstream: step bytes stay reserved in the ByteBudget until written here.
@@ -98,13 +101,16 @@ class WriteStep:
     def nbytes(self) -> int:
         return self.ready.nbytes
 
-    def apply(self, store: Store) -> int:
+    def reduce(self) -> StepRows:
         if self.rows is None:
             parts = [(rank, ids, v, h)
                      for (rank, _, v, h), ids in zip(self.ready.parts, self.id_maps)]
             self.rows = reduce_step(self.ready.step, parts, self.ready.included, self.ops_M,
                                     self.ready.status)
-        rows = self.rows
+        return self.rows
+
+    def apply(self, store: Store) -> int:
+        rows = self.reduce()
         if rows.raw.value.size:
             store.write_raw(self.run, rows.raw)
         if rows.reduced.value.size:
@@ -155,6 +161,7 @@ class Writer:
         self._dirty = False
         self._steps = 0               # step jobs applied since the last flush
         self._last_flush = float("-inf")
+        self.stage_s = dict.fromkeys(("reduce", "write", "detect", "flush"), 0.0)
 
     def start(self) -> None:
         self._thread.start()
@@ -171,6 +178,8 @@ class Writer:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
+        log.info("writer stage seconds: %s",
+                 " ".join(f"{k}={v:.3f}" for k, v in self.stage_s.items()))
 
     @property
     def backlog(self) -> int:
@@ -198,7 +207,13 @@ class Writer:
         try:
             for attempt in range(ATTEMPTS):
                 try:
+                    t0 = time.perf_counter()
+                    if isinstance(job, WriteStep):
+                        job.reduce()
+                    t1 = time.perf_counter()
                     n = job.apply(self.store)
+                    self.stage_s["reduce"] += t1 - t0
+                    self.stage_s["write"] += time.perf_counter() - t1
                     self._counters.add("values_written", n)
                     break
                 except Exception:                     # never let the store kill the stage
@@ -209,7 +224,9 @@ class Writer:
                         time.sleep(0.05 * 2 ** attempt)
             else:
                 self._failed.add(job_id)
+            t0 = time.perf_counter()
             self._notify(job)
+            self.stage_s["detect"] += time.perf_counter() - t0
         finally:
             if job.nbytes:
                 self._release(job.nbytes)
@@ -232,7 +249,9 @@ class Writer:
         if not self._dirty:
             return
         try:
+            t0 = time.perf_counter()
             self.store.flush()
+            self.stage_s["flush"] += time.perf_counter() - t0
         except Exception:
             self._counters.add("store_errors")
             log.exception("store flush failed; retrying in %.2fs, nothing is acked meanwhile",

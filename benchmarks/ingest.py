@@ -1,0 +1,333 @@
+"""Ingest end to end: R simulated ranks -> real collector -> store, against the raw ceiling.
+
+    python -m benchmarks.ingest --store URL [--metrics-per-step 6000000] [--steps 12]
+                                [--ranks 4096] [--procs 2] [--warmup 2]
+
+P load-generator processes (benchmarks/loadgen.py) play R ranks, each rank with the real hooks
+Sender and its own gRPC stream, sending benchmarks/workload.py's per-(layer, expert, stat)
+vectors; the collector is the real one (`collector.process.start_collector`: barrier,
+reduction, online detectors, store writes, acks after flush). Sustained rate: steps after the
+warm-up (which pays for connections and schema registration) over the time until the last of
+them is acknowledged, i.e. durable.
+
+Measured in the same run, after the pipeline: the raw ceiling, the same raw + reduced rows of
+the same number of steps written straight to the backend - one clickhouse-driver columnar numpy
+INSERT per step into tables of the same DDL, or one pyarrow Parquet file per step (zstd). Every
+rate is printed absolute and as a ratio to it. The store is then checked to hold exactly the
+expected rows (distinct natural keys). Last line:
+
+    metrics/s=<float> ratio_to_raw=<float>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.workload import Values, Workload
+from collector.process import start_collector
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = "bench-ingest"
+STAGE_RE = re.compile(r"writer stage seconds: (.*)")
+RECEIVE_RE = re.compile(r"ingest seconds: receive=([\d.]+)")
+CLIP_RE = re.compile(r"clip update v1 on the wire ([\d.]+) ms")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                     if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = cpu
+    return f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def proc_mem_cpu(pid: int) -> tuple[float, float]:
+    """(peak RSS in MiB, CPU seconds) of a live process, from /proc."""
+    hwm = 0.0
+    for ln in open(f"/proc/{pid}/status"):
+        if ln.startswith("VmHWM:"):
+            hwm = int(ln.split()[1]) / 1024
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return hwm, cpu
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+def play(url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: float,
+         tmp: Path) -> dict:
+    log_path = tmp / "collector.log"
+    collector, address = start_collector(url, "--flush-interval", str(flush_s),
+                                         log_path=log_path)
+    gens: list[subprocess.Popen] = []
+    try:
+        bounds = np.linspace(0, w.world, procs + 1).astype(int)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            args = dict(target=address, run=RUN, world=w.world, metrics_per_rank=w.metrics_per_rank,
+                        n_layers=w.n_layers, n_experts=w.n_experts, spike_step=w.spike_step,
+                        death_step=w.death_step, rank_lo=int(lo), rank_hi=int(hi), steps=steps,
+                        depth=depth, connect_timeout_s=600)
+            gens.append(subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.loadgen", json.dumps(args)], cwd=ROOT,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        t0 = time.perf_counter()
+        for g in gens:
+            line = json.loads(g.stdout.readline() or '{"error": "load generator died"}')
+            if "ready" not in line:
+                raise RuntimeError(f"load generator: {line}")
+        connect_s = time.perf_counter() - t0
+        for g in gens:
+            g.stdin.write("go\n")
+            g.stdin.flush()
+        results = []
+        for g in gens:
+            line = json.loads(g.stdout.readline() or '{"error": "load generator died"}')
+            if "result" not in line:
+                raise RuntimeError(f"load generator: {line}")
+            results.append(line["result"])
+            g.wait(timeout=120)
+        rss_mib, cpu_s = proc_mem_cpu(collector.pid)
+    finally:
+        for g in gens:
+            if g.poll() is None:
+                g.kill()
+        collector.send_signal(signal.SIGTERM)
+        collector.wait(timeout=300)
+    text = log_path.read_text()
+    stages = dict((k, float(v)) for k, v in
+                  (kv.split("=") for kv in STAGE_RE.findall(text)[-1].split()))
+    stages["receive"] = float(RECEIVE_RE.findall(text)[-1])
+    return {"results": results, "collector_rss_mib": rss_mib, "collector_cpu_s": cpu_s,
+            "stages": stages, "connect_s": connect_s,
+            "clip_wire_ms": [float(x) for x in CLIP_RE.findall(text)]}
+
+
+# ---- what the store holds --------------------------------------------------------------------
+def clickhouse_client(url: str, database: str | None = None):
+    from clickhouse_driver import Client
+
+    from store.clickhouse_config import ClickHouseConfig
+    c = ClickHouseConfig.from_url(url)
+    return Client(c.host, port=c.port, user=c.user, password=c.password,
+                  database=database or c.database, secure=c.secure, send_receive_timeout=600), c
+
+
+def stored(url: str, tmp: Path) -> dict:
+    """Distinct natural keys in raw and reduced, and bytes on disk per stored value."""
+    if url.startswith("clickhouse"):
+        client, c = clickhouse_client(url)
+        out = {}
+        for table, keys in (("raw", "rank, step, metric_id"), ("reduced", "step, metric_id")):
+            out[table] = client.execute(
+                f"SELECT count() FROM (SELECT {keys} FROM `{c.database}`.`{table}` "
+                f"WHERE run = %(r)s GROUP BY {keys})", {"r": RUN})[0][0]
+        nbytes = client.execute("SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND "
+                                "database = %(d)s AND table IN ('raw', 'reduced')",
+                                {"d": c.database})[0][0]
+        client.disconnect()
+    else:
+        import polars as pl
+        root = Path(url.split(":", 1)[1]) / RUN
+        out, nbytes = {}, 0
+        for table, keys in (("raw", ["rank", "step", "metric_id"]),
+                            ("reduced", ["step", "metric_id"])):
+            files = sorted((root / table).glob("*.parquet"))
+            nbytes += sum(f.stat().st_size for f in files)
+            out[table] = (pl.scan_parquet([str(f) for f in files]).unique(subset=keys)
+                          .select(pl.len()).collect().item()) if files else 0
+    out["bytes_per_value"] = nbytes / max(1, out["raw"] + out["reduced"])
+    return out
+
+
+# ---- the raw ceiling ----------------------------------------------------------------------------
+def step_rows(w: Workload, values: Values, s: int) -> tuple[dict, dict]:
+    """The raw and reduced rows of step s as the store gets them (ids by workload order)."""
+    ids = [w.global_ids(r) for r in range(w.world)]
+    n = sum(i.size for i in ids)
+    raw = {"rank": np.repeat(np.arange(w.world, dtype=np.int32), [i.size for i in ids]),
+           "step": np.full(n, s, np.int64),
+           "metric_id": np.concatenate(ids).astype(np.int32),
+           "value": np.concatenate([values.step(r, s) for r in range(w.world)])}
+    uniq = np.unique(raw["metric_id"])
+    red = {"step": np.full(uniq.size, s, np.int64), "metric_id": uniq,
+           "value": np.ones(uniq.size, np.float32),
+           "n_ranks": np.ones(uniq.size, np.int32)}
+    return raw, red
+
+
+def ceiling(url: str, w: Workload, steps: int, tmp: Path) -> float:
+    """Seconds to write `steps` steps of rows straight to the backend."""
+    values, elapsed = Values(w), 0.0
+    if url.startswith("clickhouse"):
+        from store.clickhouse import ClickHouseStore
+        _, c = clickhouse_client(url)
+        db = f"{c.database}_ceiling_{uuid.uuid4().hex[:6]}"
+        ClickHouseStore(url.rsplit("/", 1)[0] + "/" + db).close()   # same DDL, fresh tables
+        client, _ = clickhouse_client(url, db)
+        try:
+            for s in range(steps):
+                for table, cols in zip(("raw", "reduced"), step_rows(w, values, s)):
+                    n = cols["step"].size
+                    cols = {**cols, "run": np.full(n, RUN, object),
+                            "ver": np.full(n, time.time_ns(), np.uint64)}
+                    names = list(cols)
+                    t0 = time.perf_counter()
+                    client.execute(f"INSERT INTO `{db}`.`{table}` ({', '.join(names)}) VALUES",
+                                   [cols[k] for k in names], columnar=True,
+                                   settings={"use_numpy": True})
+                    elapsed += time.perf_counter() - t0
+        finally:
+            client.execute(f"DROP DATABASE IF EXISTS `{db}`")
+            client.disconnect()
+        return elapsed
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    out = tmp / "ceiling"
+    out.mkdir()
+    for s in range(steps):
+        for table, cols in zip(("raw", "reduced"), step_rows(w, values, s)):
+            t0 = time.perf_counter()
+            pq.write_table(pa.table(cols), out / f"{table}-{s}.parquet", compression="zstd",
+                           row_group_size=65_536)
+            elapsed += time.perf_counter() - t0
+    return elapsed
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+def run(url: str, total: int, steps: int, ranks: int, procs: int = 2, warmup: int = 2,
+        depth: int = 4, flush_s: float = 0.5, ceiling_steps: int | None = None) -> dict:
+    if steps <= warmup:
+        raise SystemExit(f"--steps ({steps}) must exceed --warmup ({warmup})")
+    spike = 12 if steps >= 16 else 10**9                     # MaxAbsSpike needs 10 of history
+    w = Workload.for_total(total, ranks, spike_step=spike, death_step=steps // 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if url.startswith("parquet:") and not url[8:]:
+            url = f"parquet:{tmp / 'store'}"
+        p = play(url, w, steps, min(procs, ranks), depth, flush_s, tmp)
+        held = stored(url, tmp)
+        c_steps = ceiling_steps or min(steps, 5)
+        ceil_s = ceiling(url, w, c_steps, tmp)
+    res = p["results"]
+    per_step = w.values_per_rank * w.world
+    t_w = min(r["submitted_at"][warmup] for r in res)
+    t_end = max(r["t_end"] for r in res)
+    sps = (steps - warmup) / (t_end - t_w)
+    ceil_mps = c_steps * per_step / ceil_s
+    rank_steps = steps * w.world
+    client_cpu = sum(r["cpu_s"] - r["gen_s"] for r in res) / rank_steps
+    out = {
+        "store": url.split(":", 1)[0], "metrics_per_step": per_step, "ranks": w.world,
+        "metrics_per_rank": w.values_per_rank, "reduced_per_step": w.distinct_metrics(),
+        "steps": steps, "warmup": warmup, "procs": len(res), "steps_per_s": sps,
+        "metrics_per_s": sps * per_step, "ceiling_metrics_per_s": ceil_mps,
+        "ratio_to_raw": sps * per_step / ceil_mps, "ceiling_steps_per_s": ceil_mps / per_step,
+        "collector_rss_mib": p["collector_rss_mib"], "collector_cpu_s": p["collector_cpu_s"],
+        "stages_s": p["stages"], "connect_s": p["connect_s"],
+        "client_submit_us": sum(r["submit_s"] for r in res) / rank_steps * 1e6,
+        "client_serialize_us": sum(r["serialize_s"] for r in res) / rank_steps * 1e6,
+        "client_telemetry_cpu_us": client_cpu * 1e6,
+        "client_telemetry_share_of_1s_step": client_cpu,
+        "dropped_steps": sum(r["dropped_steps"] for r in res),
+        "stored": held, "expected_raw": steps * per_step,
+        "expected_reduced": steps * w.distinct_metrics(),
+        "clip_wire_ms": p["clip_wire_ms"], "machine": machine(),
+    }
+    clips = sorted(c for r in res for c in r["clips"])
+    if clips and spike < steps:
+        arrival, at_step, _ = clips[0]
+        t_spike = min(r["submitted_at"][spike] for r in res)
+        out["detect_steps"] = at_step + 1 - spike      # staged, applied at the next boundary
+        out["detect_ms"] = (arrival - t_spike) * 1e3
+    return out
+
+
+def report(r: dict) -> str:
+    """Markdown rows for one store (RESULTS.md and stdout)."""
+    st, ceil = r["stages_s"], r["ceiling_metrics_per_s"]
+    n = r["steps"]
+    per = lambda k: st.get(k, 0.0) / n * 1e3                         # noqa: E731  ms/step
+    other = r["collector_cpu_s"] / n * 1e3 - sum(per(k) for k in st)
+    lines = [
+        f"| {r['store']} | sustained | {r['steps_per_s']:.3f} steps/s, "
+        f"{r['metrics_per_s']:,.0f} metrics/s | ratio {r['ratio_to_raw']:.3f} |",
+        f"| {r['store']} | raw ceiling (same rows, direct write) | "
+        f"{r['ceiling_steps_per_s']:.3f} steps/s, {ceil:,.0f} metrics/s | 1.000 |",
+    ]
+    for key, label in (("receive", "event loop: checks + barrier copy"),
+                       ("reduce", "writer: reduce across ranks"),
+                       ("write", "writer: validate + buffer rows"),
+                       ("detect", "writer: online detectors"),
+                       ("flush", "writer: store flush (dedup + commit)")):
+        lines.append(f"| {r['store']} | {label} | {per(key):.1f} ms/step | "
+                     f"{per(key) / 1e3 * r['steps_per_s']:.3f} of wall |")
+    lines += [
+        f"| {r['store']} | collector CPU outside those (gRPC, decode, acks) | "
+        f"{max(other, 0):.1f} ms/step | |",
+        f"| {r['store']} | collector peak RSS | {r['collector_rss_mib']:.0f} MiB | "
+        f"{r['collector_rss_mib'] / 2048:.3f} of 2 GiB |",
+        f"| {r['store']} | client telemetry CPU per rank-step (serialize "
+        f"{r['client_serialize_us']:.0f} us, submit {r['client_submit_us']:.1f} us) | "
+        f"{r['client_telemetry_cpu_us']:.0f} us | "
+        f"{r['client_telemetry_share_of_1s_step']:.4f} of a 1 s step |",
+        f"| {r['store']} | bytes per stored value | {r['stored']['bytes_per_value']:.2f} B | "
+        f"{r['stored']['bytes_per_value'] / 4:.2f} of a float32 |",
+    ]
+    if "detect_ms" in r:
+        lines.append(f"| {r['store']} | injected max-abs spike to clip applied | "
+                     f"{r['detect_steps']} steps, {r['detect_ms']:.0f} ms | "
+                     f"collector: {', '.join(f'{x:.1f}' for x in r['clip_wire_ms'])} ms "
+                     f"barrier to wire |")
+    return "\n".join(lines)
+
+
+HEADER = "| store | stage | absolute | ratio |\n|---|---|---|---|"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ingest",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--store", required=True,
+                    help='"parquet:DIR" ("parquet:" = a temp dir) or clickhouse://...')
+    ap.add_argument("--metrics-per-step", type=int, default=6_000_000)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--ranks", type=int, default=4096)
+    ap.add_argument("--procs", type=int, default=2, help="load-generator processes")
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rate")
+    ap.add_argument("--depth", type=int, default=4, help="client buffer, steps (block policy)")
+    ap.add_argument("--flush-interval", type=float, default=0.5)
+    ap.add_argument("--json", help="also write the full result here")
+    a = ap.parse_args(argv)
+    r = run(a.store, a.metrics_per_step, a.steps, a.ranks, a.procs, a.warmup, a.depth,
+            a.flush_interval)
+    print(f"{r['metrics_per_step']:,} metrics/step = {r['ranks']:,} ranks x "
+          f"{r['metrics_per_rank']:,} ({r['reduced_per_step']:,} reduced), {r['steps']} steps "
+          f"({r['warmup']} warm-up), {r['procs']} load-generator processes; {r['machine']}")
+    print(HEADER)
+    print(report(r))
+    ok = (r["stored"]["raw"] == r["expected_raw"]
+          and r["stored"]["reduced"] == r["expected_reduced"])
+    print(f"stored raw={r['stored']['raw']} (expected {r['expected_raw']}) "
+          f"reduced={r['stored']['reduced']} (expected {r['expected_reduced']})"
+          f"{'' if ok else ' MISMATCH'}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1))
+    print(f"metrics/s={r['metrics_per_s']:.1f} ratio_to_raw={r['ratio_to_raw']:.4f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
