@@ -38,7 +38,7 @@ test-fast: $(STAMP) sysdeps
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.hook_overhead
+	$(PY) -m benchmarks.suite
 
 clean:
 	rm -rf $(VENV) runs artifacts .pytest_cache

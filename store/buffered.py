@@ -51,7 +51,7 @@ class BufferedStore(Store):
     @abc.abstractmethod
     def _commit(self, runs: dict[str, dict[str, Any]], metrics: dict[str, pl.DataFrame],
                 values: dict[tuple[str, str], pl.DataFrame]) -> None:
-        """Make these durable and visible; values are deduplicated and carry TABLES schemas.
+        """Make these durable and visible; values come from `_combine` with TABLES schemas.
         May raise: everything stays pending and the next flush commits it again (idempotent)."""
 
     @abc.abstractmethod
@@ -168,13 +168,19 @@ class BufferedStore(Store):
             self._check_open()
             if not (self._dirty_runs or self._pending):
                 return
-            values = {(run, table): C.last_wins(pl.concat(chunks), C.TABLES[table][1])
+            values = {(run, table): self._combine(table, chunks)
                       for (run, table), chunks in self._pending.items()}
             runs = {run: dict(self._run_rows[run]) for run in self._dirty_runs}
             self._commit(runs, dict(self._pending_metrics), values)
             self._pending.clear()
             self._pending_metrics.clear()
             self._dirty_runs.clear()
+
+    def _combine(self, table: str, chunks: list[pl.DataFrame]) -> pl.DataFrame:
+        """One flush's rows of a table for `_commit`, in write order, one per key (last write
+        wins). A backend whose reads resolve repeated keys itself may keep them all, in write
+        order, and skip this pass (ClickHouse: per-row versions, argMax on read)."""
+        return C.last_wins(pl.concat(chunks), C.TABLES[table][1])
 
     def close(self) -> None:
         with self._lock:

@@ -190,6 +190,15 @@ class SegmentLog:
                     raise StoreError(f"cannot read {self.dir}: {e}") from e
         raise StoreError(f"{self.dir} kept changing under {SCAN_RETRIES} consecutive reads")
 
+    def _may_repeat(self, segs: list[Segment]) -> bool:
+        """Keys repeat only across segments; when the key holds the step and the segments'
+        step ranges are disjoint (the usual append-only run), no key can, so the
+        last-write-wins pass is skipped."""
+        if "step" not in self.keys:
+            return True
+        spans = sorted((s.step_min, s.step_max) for s in segs)
+        return any(nxt[0] <= cur[1] for cur, nxt in zip(spans, spans[1:]))
+
     def _scan(self, segs: list[Segment], expr) -> pl.DataFrame:
         if not segs:
             return C.empty(self.schema)
@@ -205,6 +214,6 @@ class SegmentLog:
         if not frames:
             return C.empty(self.schema)
         df = pl.concat(frames)
-        if df["_rank"].n_unique() > 1:               # keys may repeat across segments only
+        if df["_rank"].n_unique() > 1 and self._may_repeat(segs):
             df = C.last_wins(df.sort("_rank", maintain_order=True), self.keys)
         return df.drop("_rank")
