@@ -19,6 +19,10 @@ def test_demo_script_reports_what_was_stored(tmp_path):
     assert m, text
     assert int(m.group(1)) > 200 and int(m.group(2)) > 0
     assert "3 steps" in text
+    assert re.search(r"\[demo\] \d+ detector events, \d+ clip updates", text), text
+    report = tmp_path / "demo-report.html"
+    assert report.exists() and report.with_suffix(".json").exists()
+    assert "<svg" in report.read_text()
     # the store it names really holds the run
     series = subprocess.run(
         [sys.executable, "-m", "store", "series", "--store", f"parquet:{tmp_path / 'store'}",
