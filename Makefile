@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := proto/v1/telemetry.proto
 PROTO_GEN := proto/v1/telemetry_pb2.py proto/v1/telemetry_pb2_grpc.py proto/v1/telemetry_pb2.pyi
 
-.PHONY: all venv sysdeps proto demo test test-fast bench clean
+.PHONY: all venv sysdeps proto demo dashboard test test-fast bench clean
 
 all: venv
 
@@ -28,8 +28,16 @@ sysdeps:
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
 
+# The demo run injects an activation blow-up into one expert of the deepest MoE layer at step
+# 150: the collector's detectors flag it and clamp it on the fly; the report explains it.
+DEMO_FAULT ?= blowup@150:layer=8,expert=0
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py --inject $(DEMO_FAULT)
+
+# The live dashboard on a store (default: the demo's).
+STORE ?= parquet:runs/demo-store
+dashboard: $(STAMP)
+	$(PY) -m dashboard --store $(STORE) --server.headless true
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests
