@@ -32,7 +32,7 @@ proto: $(STAMP)
 # 150: the collector's detectors flag it and clamp it on the fly; the report explains it.
 DEMO_FAULT ?= blowup@150:layer=8,expert=0
 demo: $(STAMP)
-	$(PY) scripts/demo.py --inject $(DEMO_FAULT)
+	$(PY) scripts/demo.py $(if $(DEMO_FAULT),--inject $(DEMO_FAULT))
 
 # The live dashboard on a store (default: the demo's).
 STORE ?= parquet:runs/demo-store
