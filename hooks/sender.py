@@ -80,6 +80,7 @@ class Sender:
         self._next_seq = 0                       # set from the first Welcome
         self._conn: _Conn | None = None
         self._stop = False
+        self._goodbye = False     # close() half-closed the stream: never reconnect after it
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"stepwatch-sender-{ident.run}-r{ident.rank}")
         self._thread.start()
@@ -110,6 +111,18 @@ class Sender:
             self._cond.notify_all()
             flushed = self._cond.wait_for(
                 lambda: self.buffer.drained() or not self._thread.is_alive(), timeout=timeout)
+            conn = self._conn
+            self._goodbye = flushed and conn is not None and not conn.dead
+        if self._goodbye:
+            # Half-close the stream: the collector answers OK once everything of this rank is
+            # durable, and finishes the run when every rank has said goodbye. A cancel (below)
+            # would leave the run "live" until the collector stops.
+            conn.out_q.put(None)
+            with self._cond:
+                if not self._cond.wait_for(lambda: conn.dead,
+                                           timeout=max(0.05, deadline - time.monotonic())):
+                    self.buffer.counters["goodbye_timeouts"] += 1
+        with self._cond:
             self._stop = True
             lost = self.buffer.buffered()
             self.buffer.counters["lost_at_close"] += lost
@@ -126,7 +139,7 @@ class Sender:
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
         backoff = self.config.backoff_initial_s
-        while not self._stop:
+        while not (self._stop or self._goodbye):
             conn = self._connect()
             if conn is not None:
                 backoff = self.config.backoff_initial_s
@@ -143,7 +156,7 @@ class Sender:
                 self.buffer.count("worker_errors")
                 log.exception("stepwatch: could not copy a step to the host")
             with self._cond:
-                if not self._stop:
+                if not (self._stop or self._goodbye):
                     self._cond.wait(timeout=backoff)
             backoff = min(backoff * 2, self.config.backoff_max_s)
 

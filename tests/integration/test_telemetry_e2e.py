@@ -78,6 +78,9 @@ def test_tiny_run_lands_in_parquet_exactly(collector):
     cfg = TrainConfig(preset="tiny", steps=STEPS, batch_size=BATCH, seed=3)
     result = train(cfg, monitor=DeferredMonitor(make))
     assert result.monitor_errors == 0
+    # Monitor.close() said goodbye: the run is finished while the collector keeps serving
+    with open_store(url) as live_reader:
+        assert live_reader.runs().filter(run="e2e")["status"].to_list() == ["finished"]
     stop(proc)
 
     with open_store(url) as store:
