@@ -30,7 +30,7 @@ proto: $(STAMP)
 
 # The demo run injects an activation blow-up into one expert of the deepest MoE layer at step
 # 150: the collector's detectors flag it and clamp it on the fly; the report explains it.
-DEMO_FAULT ?= blowup@150:layer=8,expert=0
+DEMO_FAULT ?= blowup@150:layer=8,expert=1
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(DEMO_FAULT),--inject $(DEMO_FAULT))
 
