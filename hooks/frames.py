@@ -16,6 +16,11 @@ from proto.v1 import telemetry_pb2 as pb
 
 PROTOCOL_VERSION = 1
 CLIENT_VERSION = "stepwatch-hooks/0.1"
+# A Schema message is not chunked: at ~50 bytes per MetricDef, 16,384 definitions stay far under
+# the collector's message limit. A bigger logical schema (a flash-sized model has ~10^5 metrics
+# per rank) travels as several wire schemas: part 0 keeps the logical id, part k >= 1 gets
+# (id << 16) | k. Values keep their order, so the packed vector is simply cut at the same places.
+MAX_SCHEMA_METRICS = 16_384
 REDUCE = {"sum": pb.REDUCE_SUM, "mean": pb.REDUCE_MEAN, "max": pb.REDUCE_MAX,
           "min": pb.REDUCE_MIN}
 
@@ -49,6 +54,29 @@ def hello(ident: Identity, config: dict) -> pb.ClientFrame:
         protocol_version=PROTOCOL_VERSION, client_version=CLIENT_VERSION))
 
 
+def _part_id(schema_id: int, k: int) -> int:
+    return schema_id if k == 0 else (schema_id << 16) | k
+
+
+def wire_schemas(schemas: Sequence[tuple[int, Sequence[MetricSpec]]]
+                 ) -> list[tuple[int, Sequence[MetricSpec]]]:
+    """Logical (schema_id, specs) -> wire schemas of at most MAX_SCHEMA_METRICS specs each."""
+    out = []
+    for schema_id, specs in schemas:
+        for k, start in enumerate(range(0, max(len(specs), 1), MAX_SCHEMA_METRICS)):
+            out.append((_part_id(schema_id, k), specs[start:start + MAX_SCHEMA_METRICS]))
+    return out
+
+
+def wire_layout(schemas: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Logical (schema_id, n_values) in vector order -> the same cut into wire schemas."""
+    out = []
+    for schema_id, n in schemas:
+        for k, start in enumerate(range(0, max(n, 1), MAX_SCHEMA_METRICS)):
+            out.append((_part_id(schema_id, k), min(MAX_SCHEMA_METRICS, n - start)))
+    return out
+
+
 def schema(ident: Identity, seq: int, schema_id: int, specs: Sequence[MetricSpec]
            ) -> pb.ClientFrame:
     metrics = [pb.MetricDef(name=s.name, layer=s.layer, expert=s.expert, head=s.head,
@@ -63,7 +91,7 @@ def step_frames(ident: Identity, payload: StepPayload, chunk_values: int,
     EndOfStep. Values go little-endian float32, as the contract says."""
     frames, start, total_sent = [], 0, 0
     values = np.ascontiguousarray(payload.values, dtype="<f4")
-    for schema_id, n in payload.schemas:
+    for schema_id, n in wire_layout(payload.schemas):
         vec = values[start:start + n]
         for off in range(0, n, chunk_values):
             part = vec[off:off + chunk_values]

@@ -70,7 +70,7 @@ class Sender:
                  on_clip: Callable[[pb.ClipUpdate], None] | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target, self.ident, self.config = target, ident, config
-        self._schemas = list(schemas)
+        self._schemas = frames.wire_schemas(schemas)   # split where a Schema would be too big
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._hello = frames.hello(ident, run_config or {})
         self._on_clip, self._credentials = on_clip, credentials

@@ -223,3 +223,32 @@ def test_straggler_is_reduced_without_and_marked(tmp_path):
         assert raw1["step"].to_list() == [0, 1, 2, 3]
         np.testing.assert_array_equal(raw1["value"].to_numpy(),
                                       np.asarray(losses[1], dtype=np.float32))
+
+
+def test_large_schema_travels_as_several_wire_schemas(collector, monkeypatch):
+    """A flash-sized rank has ~10^5 metrics; one Schema message of that size would be refused.
+    With the cut lowered to 50 metrics, the tiny model's ~280 travel as 6 wire schemas and
+    every value still lands under its own name."""
+    import hooks.frames
+    monkeypatch.setattr(hooks.frames, "MAX_SCHEMA_METRICS", 50)
+    address, url, proc = collector
+    probe = {}
+
+    def make(model, optimizer):
+        mon = Monitor(model, optimizer, target=address, run="split")
+        probe["names"] = [s.name for s in mon.layout.step_specs]
+        return mon
+
+    result = train(TrainConfig(preset="tiny", steps=3, batch_size=BATCH, seed=1),
+                   monitor=DeferredMonitor(make))
+    assert result.monitor_errors == 0
+    stop(proc)
+    assert len(probe["names"]) > 5 * 50          # really split into several parts
+    with open_store(url) as store:
+        stored = store.at_step("split", 2)
+        assert set(probe["names"]) <= set(stored["name"].to_list())
+        loss = store.series("split", "train/loss")["value"].to_numpy()
+        np.testing.assert_array_equal(loss, np.asarray(result.losses, dtype=np.float32))
+        lr = store.series("split", "train/lr")["value"].to_numpy()
+        np.testing.assert_allclose(lr, [TrainConfig(preset="tiny", steps=3).lr_at(s)
+                                        for s in range(3)], rtol=1e-6)
