@@ -18,7 +18,12 @@ below margin x its layer's healthy maximum. A site is one (layer, "routed"|"shar
 
 Relaxing: when every site that triggered a clamp has recovered (a `blowup_recovered` event)
 and `relax_after` more steps pass without a new trigger, the clamp is switched off (limit
-inf). A site that blows up again is clamped again. While a clamp is in force, a trigger from a
+inf). A clamp that is still binding is not relaxed: "recovered" under a clamp can mean only that
+the clamp is doing its job while the weights underneath keep growing (the injected blow-up of
+model/ does exactly that), and switching it off then releases the whole growth at once. So while
+the site's max|h| (after the clamp) is at least `binding_fraction` of the bound L^2, the calm
+window restarts (the caller passes that max as `site_maxabs`). A site that blows up again is
+clamped again. While a clamp is in force, a trigger from a
 site it already answered is ignored (two detectors see one blow-up); a trigger from another
 expert of the same layer halves the limit (down to the floor). Operators may freeze a site
 (the policy leaves it alone) or set/clear it (collector/control plane); the policy only
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from analytics.events import BLOWUP_RECOVERED, CLIP_TRIGGERS, Event
 
@@ -57,13 +62,17 @@ class ClipPolicy:
     relax_after: int = 100
     """Steps after the last triggering site recovered before the clamp is removed."""
 
+    binding_fraction: float = 0.5
+    """A clamped site whose max|h| reaches this fraction of the clamp's bound L^2 is still held
+    by the clamp: its calm window restarts, so it is never relaxed while binding."""
+
     _limits: dict[Key, float] = field(default_factory=dict, repr=False)
     _alarms: dict[Key, list[str]] = field(default_factory=dict, repr=False)
     _calm_since: dict[Key, int] = field(default_factory=dict, repr=False)
     _frozen: set[Key] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("margin", "floor"):
+        for name in ("margin", "floor", "binding_fraction"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"ClipPolicy.{name} must be a positive number, got {v!r}")
@@ -80,8 +89,11 @@ class ClipPolicy:
             return self.floor
         return max(self.floor, math.sqrt(self.margin * base))
 
-    def step(self, step: int, events: list[Event]) -> list[ClipDecision]:
-        """Decisions for one step's events (at most one per site), then due relaxations."""
+    def step(self, step: int, events: list[Event],
+             site_maxabs: Mapping[Key, float] | None = None) -> list[ClipDecision]:
+        """Decisions for one step's events (at most one per site), then due relaxations.
+        site_maxabs: this step's max|h| of clamped sites (see `clamped()`); NaN counts as
+        binding. Without it, relaxation goes by the recovery events alone."""
         out: dict[Key, ClipDecision] = {}
         for ev in events:
             key = _key(ev)
@@ -113,6 +125,11 @@ class ClipPolicy:
                     self._calm_since[key] = step
         for key, d in out.items():
             self._limits[key] = d.limit
+        for key, m in (site_maxabs or {}).items():
+            limit = self._limits.get(key, math.inf)
+            if key in self._calm_since and limit < math.inf and \
+                    not m < self.binding_fraction * limit * limit:
+                self._calm_since[key] = step          # still binding: the window restarts
         for key, since in list(self._calm_since.items()):
             if step - since >= self.relax_after and key not in out:
                 del self._calm_since[key]
@@ -148,6 +165,10 @@ class ClipPolicy:
         self._frozen.discard(key)
         self._alarms.pop(key, None)
         self._calm_since.pop(key, None)
+
+    def clamped(self) -> list[Key]:
+        """Sites with a clamp in force: the ones whose max|h| `step()` wants to hear about."""
+        return sorted(k for k, v in self._limits.items() if v < math.inf)
 
     @property
     def frozen(self) -> list[Key]:

@@ -23,6 +23,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from analytics.catalog import MetricIndex
 from analytics.clip_policy import ClipPolicy
 from analytics.detectors import DetectorSet
@@ -84,9 +86,11 @@ class Detect:
             run, step, rows.reduced.metric_id, rows.reduced.value, size, ranks,
             lambda: rank_vectors(raw.metric_id, raw.rank, raw.value, size, ranks))
         events = rd.detectors.observe(frame, rd.index)
+        with self._lock:
+            held = _site_maxabs(frame, rd.index, rd.policy.clamped())
         if not events:
             with self._lock:
-                decisions = rd.policy.step(step, [])
+                decisions = rd.policy.step(step, [], held)
         else:
             self.counters.add("events", len(events))
             for ev in events:
@@ -97,7 +101,7 @@ class Detect:
             with self._lock:
                 rd.events += events
                 del rd.events[:-KEEP_EVENTS]
-                decisions = rd.policy.step(step, events)
+                decisions = rd.policy.step(step, events, held)
         for d in decisions:
             setting = [(d.layer, d.site, d.limit)]
             if self.observe_only:
@@ -132,3 +136,23 @@ class Detect:
         with self._lock:
             rd = self._runs.get(run)
             return list(rd.events) if rd else []
+
+
+def _site_maxabs(frame: StepFrame, index: MetricIndex, sites: list[tuple[int, str]]
+                 ) -> dict[tuple[int, str], float]:
+    """This step's max|h| (after the clamp) of each clamped site: over the layer's routed
+    experts, or its shared expert. NaN propagates (a non-finite site counts as binding)."""
+    out: dict[tuple[int, str], float] = {}
+    if not sites:
+        return out
+    row = {layer: r for r, layer in enumerate(index.moe_layers)}
+    for layer, site in sites:
+        r = row.get(layer)
+        if r is None:
+            continue
+        ids = (index.expert_grid("moe/", "act_maxabs")[r] if site == "routed"
+               else index.shared_ids("act_maxabs")[r:r + 1])
+        ids = ids[ids >= 0]
+        if ids.size:
+            out[(layer, site)] = float(np.max(frame.take(ids)))
+    return out

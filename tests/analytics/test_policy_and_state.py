@@ -103,3 +103,27 @@ def test_detectors_resume_from_state_with_identical_events():
     events += [e for s in range(45, 90) for e in resumed.observe(syn.frame(s), syn.index)]
     assert events == straight
     assert resumed.observe(syn.frame(10), syn.index) == []         # an old step: judged once
+
+
+def test_a_clamp_that_still_binds_is_not_relaxed():
+    """'Recovered' under a clamp may only mean the clamp holds a still-growing expert: while the
+    site's max|h| sits at the clamp's bound L^2 the calm window restarts."""
+    p = ClipPolicy(relax_after=20)
+    (d,) = p.step(10, [trigger(10)])
+    key, bound = (3, "routed"), d.limit ** 2
+    assert p.clamped() == [key]
+    p.step(30, [recovered(30)], {key: bound})            # held at the bound
+    for s in range(31, 80):
+        assert p.step(s, [], {key: 0.99 * bound}) == [], f"relaxed at {s} while binding"
+    for s in range(80, 99):                                # the expert really calmed down
+        assert p.step(s, [], {key: 0.1 * bound}) == []
+    (d,) = p.step(99, [], {key: 0.1 * bound})              # 20 calm steps after the last bind
+    assert d.limit == math.inf and p.clamped() == []
+
+
+def test_a_non_finite_clamped_site_counts_as_binding():
+    p = ClipPolicy(relax_after=5)
+    p.step(1, [trigger(1)])
+    p.step(2, [recovered(2)])
+    for s in range(3, 30):
+        assert p.step(s, [], {(3, "routed"): math.nan}) == []
