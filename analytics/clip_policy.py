@@ -22,7 +22,11 @@ inf). A clamp that is still binding is not relaxed: "recovered" under a clamp ca
 the clamp is doing its job while the weights underneath keep growing (the injected blow-up of
 model/ does exactly that), and switching it off then releases the whole growth at once. So while
 the site's max|h| (after the clamp) is at least `binding_fraction` of the bound L^2, the calm
-window restarts (the caller passes that max as `site_maxabs`). A site that blows up again is
+window restarts (the caller passes that max as `site_maxabs`). A clamp on `up` alone does not
+show in max|h| (silu(gate) x L stays small while W_up keeps growing), so the weights are watched
+too: when the largest expert parameter norm of the site (`site_param_norm`, measured every K
+steps) has grown by more than `param_growth` since the calm window (re)started, it restarts
+again. A site that blows up again is
 clamped again. While a clamp is in force, a trigger from a
 site it already answered is ignored (two detectors see one blow-up); a trigger from another
 expert of the same layer halves the limit (down to the floor). Operators may freeze a site
@@ -66,13 +70,18 @@ class ClipPolicy:
     """A clamped site whose max|h| reaches this fraction of the clamp's bound L^2 is still held
     by the clamp: its calm window restarts, so it is never relaxed while binding."""
 
+    param_growth: float = 0.25
+    """Relative growth of the site's largest expert parameter norm, since the calm window
+    (re)started, that restarts it: weights still growing under the clamp are not calm."""
+
     _limits: dict[Key, float] = field(default_factory=dict, repr=False)
     _alarms: dict[Key, list[str]] = field(default_factory=dict, repr=False)
     _calm_since: dict[Key, int] = field(default_factory=dict, repr=False)
     _frozen: set[Key] = field(default_factory=set, repr=False)
+    _norm_ref: dict[Key, float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("margin", "floor", "binding_fraction"):
+        for name in ("margin", "floor", "binding_fraction", "param_growth"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"ClipPolicy.{name} must be a positive number, got {v!r}")
@@ -90,10 +99,12 @@ class ClipPolicy:
         return max(self.floor, math.sqrt(self.margin * base))
 
     def step(self, step: int, events: list[Event],
-             site_maxabs: Mapping[Key, float] | None = None) -> list[ClipDecision]:
+             site_maxabs: Mapping[Key, float] | None = None,
+             site_param_norm: Mapping[Key, float] | None = None) -> list[ClipDecision]:
         """Decisions for one step's events (at most one per site), then due relaxations.
         site_maxabs: this step's max|h| of clamped sites (see `clamped()`); NaN counts as
-        binding. Without it, relaxation goes by the recovery events alone."""
+        binding. site_param_norm: the largest expert parameter norm of clamped sites, on the
+        steps it was measured. Without them, relaxation goes by the recovery events alone."""
         out: dict[Key, ClipDecision] = {}
         for ev in events:
             key = _key(ev)
@@ -130,9 +141,19 @@ class ClipPolicy:
             if key in self._calm_since and limit < math.inf and \
                     not m < self.binding_fraction * limit * limit:
                 self._calm_since[key] = step          # still binding: the window restarts
+        for key, norm in (site_param_norm or {}).items():
+            if key not in self._calm_since or not math.isfinite(norm):
+                continue
+            ref = self._norm_ref.get(key)
+            if ref is None or norm <= ref * (1 + self.param_growth):
+                self._norm_ref.setdefault(key, norm)
+            else:                                     # weights still growing: not calm
+                self._calm_since[key] = step
+                self._norm_ref[key] = norm
         for key, since in list(self._calm_since.items()):
             if step - since >= self.relax_after and key not in out:
                 del self._calm_since[key]
+                self._norm_ref.pop(key, None)
                 self._alarms.pop(key, None)
                 if key in self._limits and key not in self._frozen:
                     del self._limits[key]
@@ -182,13 +203,15 @@ class ClipPolicy:
         return {"limits": [[l, s, v] for (l, s), v in sorted(self._limits.items())],
                 "alarms": [[l, s, list(v)] for (l, s), v in sorted(self._alarms.items())],
                 "calm_since": [[l, s, v] for (l, s), v in sorted(self._calm_since.items())],
-                "frozen": [list(k) for k in sorted(self._frozen)]}
+                "frozen": [list(k) for k in sorted(self._frozen)],
+                "norm_ref": [[l, s, v] for (l, s), v in sorted(self._norm_ref.items())]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._limits = {(int(l), s): float(v) for l, s, v in state["limits"]}
         self._alarms = {(int(l), s): list(v) for l, s, v in state["alarms"]}
         self._calm_since = {(int(l), s): int(v) for l, s, v in state["calm_since"]}
         self._frozen = {(int(l), s) for l, s in state["frozen"]}
+        self._norm_ref = {(int(l), s): float(v) for l, s, v in state.get("norm_ref", [])}
 
 
 def _key(ev: Event) -> Key | None:

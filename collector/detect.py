@@ -87,10 +87,12 @@ class Detect:
             lambda: rank_vectors(raw.metric_id, raw.rank, raw.value, size, ranks))
         events = rd.detectors.observe(frame, rd.index)
         with self._lock:
-            held = _site_maxabs(frame, rd.index, rd.policy.clamped())
+            clamped = rd.policy.clamped()
+        held = _site_max(frame, rd.index, clamped, "moe/", "act_maxabs")
+        norms = _site_max(frame, rd.index, clamped, "params/", "fro_norm")
         if not events:
             with self._lock:
-                decisions = rd.policy.step(step, [], held)
+                decisions = rd.policy.step(step, [], held, norms)
         else:
             self.counters.add("events", len(events))
             for ev in events:
@@ -101,7 +103,7 @@ class Detect:
             with self._lock:
                 rd.events += events
                 del rd.events[:-KEEP_EVENTS]
-                decisions = rd.policy.step(step, events, held)
+                decisions = rd.policy.step(step, events, held, norms)
         for d in decisions:
             setting = [(d.layer, d.site, d.limit)]
             if self.observe_only:
@@ -138,10 +140,11 @@ class Detect:
             return list(rd.events) if rd else []
 
 
-def _site_maxabs(frame: StepFrame, index: MetricIndex, sites: list[tuple[int, str]]
-                 ) -> dict[tuple[int, str], float]:
-    """This step's max|h| (after the clamp) of each clamped site: over the layer's routed
-    experts, or its shared expert. NaN propagates (a non-finite site counts as binding)."""
+def _site_max(frame: StepFrame, index: MetricIndex, sites: list[tuple[int, str]], prefix: str,
+              stat: str) -> dict[tuple[int, str], float]:
+    """This step's max of `prefix*` `stat` over each clamped site: the layer's routed experts,
+    or its shared expert. NaN propagates (a non-finite max|h| counts as binding); a site whose
+    metric was not measured this step (parameter norms: every K steps) is left out."""
     out: dict[tuple[int, str], float] = {}
     if not sites:
         return out
@@ -150,9 +153,10 @@ def _site_maxabs(frame: StepFrame, index: MetricIndex, sites: list[tuple[int, st
         r = row.get(layer)
         if r is None:
             continue
-        ids = (index.expert_grid("moe/", "act_maxabs")[r] if site == "routed"
-               else index.shared_ids("act_maxabs")[r:r + 1])
-        ids = ids[ids >= 0]
+        ids = (index.expert_grid(prefix, stat)[r] if site == "routed"
+               else index.shared_ids(stat)[r:r + 1] if prefix == "moe/" else np.empty(0, int))
+        ids = ids[(ids >= 0) & (ids < frame.size)]
+        ids = ids[frame.present[ids]]
         if ids.size:
             out[(layer, site)] = float(np.max(frame.take(ids)))
     return out

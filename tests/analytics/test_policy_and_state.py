@@ -127,3 +127,24 @@ def test_a_non_finite_clamped_site_counts_as_binding():
     p.step(2, [recovered(2)])
     for s in range(3, 30):
         assert p.step(s, [], {(3, "routed"): math.nan}) == []
+
+
+def test_weights_still_growing_under_the_clamp_block_relaxation():
+    """A clamp on `up` alone leaves max|h| small while W_up keeps growing: the site's expert
+    parameter norm (every K steps) growing past param_growth restarts the calm window."""
+    p = ClipPolicy(relax_after=20, param_growth=0.25)
+    p.step(10, [trigger(10)])
+    key = (3, "routed")
+    p.step(30, [recovered(30)], {key: 0.01}, {key: 10.0})       # reference norm 10
+    norm = 10.0
+    for s in range(31, 111):
+        if s % 10 == 0:
+            norm *= 1.5                                          # weights keep growing
+        norms = {key: norm} if s % 10 == 0 else None
+        assert p.step(s, [], {key: 0.01}, norms) == [], f"relaxed at {s} while growing"
+    for s in range(111, 130):                   # growth stopped: last restart at step 110
+        assert p.step(s, [], {key: 0.01}, {key: norm} if s % 10 == 0 else None) == []
+    (d,) = p.step(130, [], {key: 0.01})
+    assert d.limit == math.inf
+    state = p.state_dict()
+    assert "norm_ref" in state
