@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import signal
 import statistics
 import tempfile
 import time
 
 import torch
 
-from collector.process import start_collector
+from collector.process import start_collector, stop_collector
 from hooks import Monitor
 from model.config import get_preset
 from model.data import get_batch, load_corpus
@@ -79,8 +78,7 @@ def run(preset: str, steps: int, warmup: int, batch: int, device: str) -> dict:
             mon.close()
             stats = mon.stats()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            stop_collector(proc)
     plain_ms = statistics.median(times["plain"]) * 1e3
     mon_ms = statistics.median(times["monitored"]) * 1e3
     return {"preset": preset, "device": device, "steps": steps, "batch": batch,

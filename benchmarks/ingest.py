@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.workload import Values, Workload
-from collector.process import start_collector
+from collector.process import start_collector, stop_collector
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "bench-ingest"
@@ -104,8 +103,7 @@ def play(url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: flo
         for g in gens:
             if g.poll() is None:
                 g.kill()
-        collector.send_signal(signal.SIGTERM)
-        collector.wait(timeout=300)
+        stop_collector(collector, timeout_s=300)
     text = log_path.read_text()
     stages = dict((k, float(v)) for k, v in
                   (kv.split("=") for kv in STAGE_RE.findall(text)[-1].split()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ def start_collector(store_url: str, *extra_args: str, host: str = "127.0.0.1",
                     log_path: str | Path | None = None, timeout_s: float = 60.0,
                     env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """Returns (process, "HOST:PORT"). The process's output after the ready line goes to
-    log_path (or is discarded); stop it with SIGTERM, which flushes the store."""
+    log_path (or is discarded); stop it with `stop_collector`."""
     cmd = [sys.executable, "-m", "collector", "serve", "--store", store_url, "--host", host,
            "--port", "0", *extra_args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -61,3 +62,11 @@ def start_collector(store_url: str, *extra_args: str, host: str = "127.0.0.1",
                 f"collector did not become ready (exit={proc.poll()}): {''.join(lines)[-2000:]}")
         time.sleep(0.05)
     return proc, found[0]
+
+
+def stop_collector(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
+    """SIGTERM (the collector flushes the store and finishes its runs), then wait; returns the
+    exit status (0 = clean). A process that already exited is only reaped."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout_s)

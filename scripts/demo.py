@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from collector.process import start_collector  # noqa: E402
+from collector.process import start_collector, stop_collector  # noqa: E402
 from store import open_store  # noqa: E402
 
 
@@ -53,8 +52,7 @@ def main() -> int:
             + [f"--inject={fault}" for fault in args.inject],
             cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     finally:
-        collector.send_signal(signal.SIGTERM)      # flushes the store, finishes the run
-        collector.wait(timeout=60)
+        stop_collector(collector)                  # flushes the store, finishes the run
     if rc != 0:
         print(f"[demo] training exited with status {rc}", file=sys.stderr)
         return rc

@@ -6,7 +6,6 @@ shapes a real run on 2 cores cannot reach (100k steps) and for exact expected va
 """
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ DEAD_INJECT = f"dead-expert@{DEAD_FROM}:layer={DEAD[0]},expert={DEAD[1]}"
 def record_tiny_runs(store_dir: Path, runs: dict[str, dict]) -> str:
     """Train the tiny preset once per entry of `runs` (name -> TrainConfig overrides, e.g.
     steps, seed, injects) through one real collector; returns the store URL."""
-    from collector.process import start_collector
+    from collector.process import start_collector, stop_collector
     from hooks import Monitor
     from model.monitoring import DeferredMonitor
     from model.train import TrainConfig, train
@@ -38,8 +37,7 @@ def record_tiny_runs(store_dir: Path, runs: dict[str, dict]) -> str:
                 lambda m, o, run=run: Monitor(m, o, target=address, run=run)))
             assert result.monitor_errors == 0
     finally:
-        proc.send_signal(signal.SIGTERM)           # flushes the store and finishes the runs
-        code = proc.wait(timeout=60)
+        code = stop_collector(proc)                # flushes the store and finishes the runs
     assert code == 0, f"collector exited with {code}"
     return url
 

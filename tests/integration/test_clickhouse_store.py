@@ -285,9 +285,8 @@ def rank_stream(address: str, token: str, steps: int, names: list[str]) -> np.nd
 def test_collector_process_writes_a_run_into_clickhouse(clickhouse_server, clickhouse_url):
     """`python -m collector serve --store clickhouse://...` (docker-compose's command), fed over
     the wire protocol: what it acknowledged is in ClickHouse, read back by a second store."""
-    import signal
 
-    from collector.process import start_collector
+    from collector.process import start_collector, stop_collector
     proc, address = start_collector(clickhouse_url, "--token", "t0ken", "--flush-interval", "0.1")
     try:
         names = ["loss", "moe/layer00/expert000/act_rms", "attn/layer00/head00/max_logit"]
@@ -299,5 +298,4 @@ def test_collector_process_writes_a_run_into_clickhouse(clickhouse_server, click
                 assert got["value"].to_list() == sent[:, i].tolist()
             assert reader.steps(RUN)["complete"].to_list() == [True] * 5
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        assert stop_collector(proc) == 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ if str(ROOT) not in sys.path:
 from analytics.events import CLIP_TRIGGERS, from_frame  # noqa: E402
 from analytics.offline import detect_offline  # noqa: E402
 from collector import Collector, CollectorConfig  # noqa: E402
-from collector.process import start_collector  # noqa: E402
+from collector.process import start_collector, stop_collector  # noqa: E402
 from hooks import Monitor  # noqa: E402
 from model.monitoring import DeferredMonitor  # noqa: E402
 from model.train import TrainConfig, train  # noqa: E402
@@ -65,8 +64,7 @@ def run_training(address: str, run: str, injects: list[str], steps: int, *, seed
 
 
 def stop(proc) -> None:
-    proc.send_signal(signal.SIGTERM)           # flushes the store, finishes the run
-    assert proc.wait(timeout=60) == 0
+    assert stop_collector(proc) == 0           # flushes the store, finishes the run
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import polars as pl
 import pytest
 import torch
 
-from collector.process import start_collector
+from collector.process import start_collector, stop_collector
 from hooks import Monitor
 from model.monitoring import DeferredMonitor
 from model.train import TrainConfig, train
@@ -35,14 +34,11 @@ def collector(tmp_path):
     proc, address = start_collector(url, "--flush-interval", "0.1",
                                     log_path=tmp_path / "collector.log")
     yield address, url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+    stop_collector(proc)
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)           # flushes the store and finishes the run
-    assert proc.wait(timeout=60) == 0
+    assert stop_collector(proc) == 0           # flushes the store and finishes the run
 
 
 class ExpertRecorder:
