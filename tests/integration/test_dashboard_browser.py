@@ -129,7 +129,8 @@ def test_charts_render_and_the_slider_moves_the_heatmap(browser, recorded, tmp_p
         page.keyboard.press("Home")                               # to the first step
         heat.get_by_text("Heatmap at step 0").wait_for(timeout=WAIT_MS)
         page.locator(HEATMAP).get_by_text("token share at step 0").wait_for(timeout=WAIT_MS)
-        assert thumb.input_value() == "0"                         # an <input type=range>
+        expect(thumb).to_have_value("0", timeout=WAIT_MS)         # an <input type=range>; the
+        # widget re-renders after the heatmap's delta on a busy machine, so wait, never sample
         assert page.locator(HEATMAP).screenshot() != before       # and it looks different
         save_screenshot(page, tmp_path, "dashboard-step0.png")
 
@@ -137,7 +138,12 @@ def test_charts_render_and_the_slider_moves_the_heatmap(browser, recorded, tmp_p
         page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}").wait_for(
             timeout=WAIT_MS)
         page.get_by_role("button", name="Play").wait_for(timeout=WAIT_MS)   # stopped at the end
+        expect(thumb).to_have_value(str(STEPS - 1), timeout=WAIT_MS)
+        # and stays there: the last tick must not be undone by a stale widget value
+        page.wait_for_timeout(1500)
         assert thumb.input_value() == str(STEPS - 1)
+        page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}").wait_for(
+            timeout=WAIT_MS)
     finally:
         page.close()
         app.stop()
