@@ -10,13 +10,14 @@ Backends are imported inside open_store so nobody pays for one they don't use.
 from __future__ import annotations
 
 from store.base import (REDUCE_OPS, RUN_NAME_RE, SEVERITIES, ClipRecord, EventRecord, InvalidInput,
-                        MetricDict, NotFound, RunInfo, StepStatus, Store, StoreError, ValueBatch,
-                        check_run_name)
+                        MetricDict, NotFound, RawBlock, RunInfo, StepStatus, Store, StoreError,
+                        ValueBatch, check_run_name)
 
 SUPPORTED_URLS = ("memory:", "parquet:DIR", "clickhouse://USER:PASS@HOST:PORT/DB")
 
 __all__ = ["REDUCE_OPS", "RUN_NAME_RE", "SEVERITIES", "ClipRecord", "EventRecord", "InvalidInput",
-           "MetricDict", "NotFound", "RunInfo", "StepStatus", "Store", "StoreError", "ValueBatch",
+           "MetricDict", "NotFound", "RawBlock", "RunInfo", "StepStatus", "Store", "StoreError",
+           "ValueBatch",
            "check_run_name", "open_store", "SUPPORTED_URLS"]
 
 

@@ -10,6 +10,8 @@ frames. Every write is idempotent on its natural key, so a resent frame never do
 | metrics    | (run, metric_id)               | run, metric_id, name, layer, expert, head, stat, unit,   |
 |            |                                | reduce ("sum" / "mean" / "max" / "min")                  |
 | raw        | (run, rank, step, metric_id)   | run, rank, step, metric_id, value (float32)              |
+|            |                                | (written as ValueBatch rows or as RawBlocks: per-rank    |
+|            |                                | vectors, the way the collector receives them)            |
 | reduced    | (run, step, metric_id)         | run, step, metric_id, value (float32), n_ranks           |
 | steps      | (run, step)                    | run, step, n_ranks, missing_ranks (list[int]), complete, |
 |            |                                | wall_time                                                |
@@ -85,6 +87,20 @@ class ValueBatch:
     n_ranks: np.ndarray | None = None  # int32 (reduced values only)
 
 
+@dataclass
+class RawBlock:
+    """Per-rank values of one step as a dense matrix: row i is rank[i]'s value of every metric
+    in `metric_id` (the same columns for every row: ranks that registered the same schema).
+    The logical rows are the R x M (rank, step, metric_id, value) of the raw table; a backend
+    may keep them as one stored row per rank (a vector), which is what makes six million
+    values per step affordable. Natural key and last-write-wins rule as for ValueBatch rows."""
+
+    step: int                        # >= 0
+    rank: np.ndarray                 # int32 [R], distinct
+    metric_id: np.ndarray            # int32 [M], distinct
+    value: np.ndarray                # float32 [R, M], C-contiguous
+
+
 @dataclass(frozen=True)
 class EventRecord:
     """One detector event as stored (analytics/ owns the detectors; the store only keeps rows)."""
@@ -145,6 +161,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def write_raw(self, run: str, batch: ValueBatch) -> None:
         """Per-rank values (batch.rank set)."""
+
+    def write_raw_block(self, run: str, block: RawBlock) -> None:
+        """Per-rank values as a dense block; same rows as write_raw of its R x M cells.
+        Backends override this to store the vectors as they are (this default expands them)."""
+        r = np.asarray(block.rank)
+        m = np.asarray(block.metric_id)
+        v = np.asarray(block.value)
+        if r.ndim != 1 or m.ndim != 1 or v.shape != (r.size, m.size):
+            raise InvalidInput(f"RawBlock value must have shape (len(rank), len(metric_id)) = "
+                               f"({r.size}, {m.size}), got {v.shape}")
+        self.write_raw(run, ValueBatch(step=np.full(v.size, block.step, dtype=np.int64),
+                                       metric_id=np.tile(m, r.size), value=v.reshape(-1),
+                                       rank=np.repeat(r, m.size)))
 
     @abc.abstractmethod
     def write_reduced(self, run: str, batch: ValueBatch) -> None:
