@@ -1,65 +1,95 @@
-"""Fixed-size rolling windows over vectors, for baselines that must survive a restart.
+"""Fixed-size rolling windows over vectors, for baselines that must survive a restart, and the
+NaN-ignoring median they (and the per-layer statistics of the detectors) are judged by.
 
-`Rolling(shape, size)` keeps the last `size` accepted rows of shape `shape` (NaN rows count as
-"not observed"), per element, so one window serves every expert of every layer at once. The
-statistics are numpy reductions over the window axis that ignore NaN: a site that had no
-tokens on some steps simply has fewer observations. State is plain arrays (`state_dict`).
+`Rolling(shape, size)` keeps the last `size` pushed rows of shape `shape`, per element, so one
+window serves every expert of every layer at once. An element that was not accepted on a push
+(or not finite) records NaN for that step and does not count: a site that had no tokens on
+some steps simply has fewer observations. The window is one float32 ring buffer laid out
+[element, slot], so the per-element median is a single contiguous sort along the window axis
+(numpy's vectorised float32 sort) instead of numpy's nanmedian, which falls back to a Python
+loop per element once NaN are present (~120 ms per step at 13,000 sites; ~2-5 ms this way).
+The number of observations per element is kept up to date on each push. State is plain
+arrays (`state_dict`).
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
+
+
+def nanmedian(x: np.ndarray, axis: int = -1, count: np.ndarray | None = None) -> np.ndarray:
+    """np.nanmedian(x, axis) - NaN ignored, NaN where a slice has no value, no warning - by
+    one sort (NaN sort last) and two gathers. `count`: the non-NaN values per slice, when the
+    caller already knows them (shape of the result)."""
+    x = np.asarray(x)
+    axis = axis % x.ndim
+    out_shape = x.shape[:axis] + x.shape[axis + 1:]
+    if x.shape[axis] == 0:
+        return np.full(out_shape, np.nan)
+    s = np.sort(x, axis=axis)
+    n = (np.count_nonzero(~np.isnan(s), axis=axis) if count is None
+         else np.asarray(count).reshape(out_shape))
+    n = np.expand_dims(n, axis)
+    lo = np.take_along_axis(s, np.maximum(n - 1, 0) // 2, axis).astype(np.float64)
+    hi = np.take_along_axis(s, np.minimum(n // 2, x.shape[axis] - 1), axis)
+    return ((lo + hi) / 2).squeeze(axis)          # n == 0: both are NaN (sorted last)
 
 
 class Rolling:
     def __init__(self, shape: tuple[int, ...], size: int) -> None:
         if size < 1:
             raise ValueError(f"a rolling window needs size >= 1, got {size}")
+        self._shape = tuple(int(n) for n in shape)
         self.size = size
-        self.buf = np.full((size, *shape), np.nan)
-        self.pos = 0                              # next row to overwrite
+        n = int(np.prod(self._shape, dtype=np.int64))
+        self.buf = np.full((n, size), np.nan, np.float32)    # [element, slot]
+        self.pos = 0                                           # next slot to overwrite
+        self._count = np.zeros(n, np.int64)                    # non-NaN slots per element
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.buf.shape[1:]
+        return self._shape
 
     def push(self, row: np.ndarray, accept: np.ndarray | None = None) -> None:
         """Append one observation per element; elements where accept is False (or the value
-        is not finite) record NaN and so do not count."""
+        is not finite, also after narrowing to float32) record NaN and so do not count."""
         row = np.asarray(row, dtype=np.float64)
-        ok = np.isfinite(row) if accept is None else (np.isfinite(row) & accept)
-        self.buf[self.pos] = np.where(ok, row, np.nan)
+        if row.shape != self._shape:
+            raise ValueError(f"rolling window of shape {self._shape} got a row of shape "
+                             f"{row.shape}")
+        with np.errstate(over="ignore"):                 # > 3.4e38 narrows to inf: not counted
+            new = row.astype(np.float32).reshape(-1)
+        ok = np.isfinite(new) if accept is None else (
+            np.isfinite(new) & np.asarray(accept, dtype=bool).reshape(-1))
+        new[~ok] = np.nan
+        self._count += ok.astype(np.int64) - ~np.isnan(self.buf[:, self.pos])
+        self.buf[:, self.pos] = new
         self.pos = (self.pos + 1) % self.size
 
     def count(self) -> np.ndarray:
-        return np.isfinite(self.buf).sum(axis=0)
-
-    def _nan_reduce(self, fn, *args) -> np.ndarray:
-        with warnings.catch_warnings():           # all-NaN columns give NaN, quietly
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return fn(self.buf, *args, axis=0)
+        return self._count.reshape(self._shape).copy()
 
     def median(self) -> np.ndarray:
-        return self._nan_reduce(np.nanmedian)
+        """Per element, the median of its observations in the window (NaN: none)."""
+        return nanmedian(self.buf, axis=1, count=self._count).reshape(self._shape)
 
-    def mad(self) -> np.ndarray:
-        """Median absolute deviation, scaled by 1.4826 to estimate sigma under normality."""
-        dev = np.abs(self.buf - self.median())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return 1.4826 * np.nanmedian(dev, axis=0)
-
-    def ordered(self) -> np.ndarray:
-        """The window oldest first (for trend fits)."""
-        return np.roll(self.buf, -self.pos, axis=0)
+    def oldest(self) -> np.ndarray:
+        """The row pushed `size` pushes ago (NaN everywhere until the window is full)."""
+        return self.buf[:, self.pos].astype(np.float64).reshape(self._shape)
 
     def state_dict(self) -> dict:
-        return {"buf": self.buf.copy(), "pos": self.pos}
+        """{"buf": float32 [size, *shape] in slot order, "pos": next slot to overwrite}."""
+        return {"buf": self.buf.T.reshape(self.size, *self._shape).copy(), "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
-        buf = np.asarray(state["buf"], dtype=np.float64)
-        if buf.shape != self.buf.shape:
+        buf = np.asarray(state["buf"])
+        if buf.shape != (self.size, *self._shape):
             raise ValueError(f"rolling window state has shape {buf.shape}, expected "
-                             f"{self.buf.shape}")
-        self.buf, self.pos = buf.copy(), int(state["pos"])
+                             f"{(self.size, *self._shape)}")
+        pos = int(state["pos"])
+        if not 0 <= pos < self.size:
+            raise ValueError(f"rolling window state has pos {pos}, outside [0, {self.size})")
+        with np.errstate(over="ignore"):
+            flat = buf.reshape(self.size, -1).T.astype(np.float32)
+        flat[~np.isfinite(flat)] = np.nan
+        self.buf, self.pos = np.ascontiguousarray(flat), pos
+        self._count = np.count_nonzero(~np.isnan(self.buf), axis=1).astype(np.int64)

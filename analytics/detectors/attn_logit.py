@@ -46,14 +46,15 @@ class AttnLogitGrowth(Detector):
             self._past = Rolling(ids.shape, self.growth_steps)
         events = []
         over = np.isfinite(x) & (x > self.tau)
-        for j in np.flatnonzero(over & ~self._above).tolist():
+        new = np.flatnonzero(over & ~self._above)
+        before = self._past.oldest() if new.size else None
+        for j in new.tolist():
             i = int(ids[j])
-            before = self._past.ordered()[0, j]
             events.append(make_event(
                 ATTN_LOGIT, frame.run, frame.step, site_of(index.names[i]), value=x[j],
                 threshold=self.tau, severity="warning", onset_step=frame.step,
                 layer=int(index.layer[i]), head=int(index.head[i]),
-                value_before=before, steps_before=self.growth_steps))
+                value_before=before[j], steps_before=self.growth_steps))
         self._above = np.where(np.isfinite(x), over, self._above)
         self._past.push(x)
         return events

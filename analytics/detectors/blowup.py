@@ -26,6 +26,7 @@ from analytics.detectors.base import Detector, check_positive, fit_state
 from analytics.detectors.expert_death import layer_shares
 from analytics.events import BLOWUP, BLOWUP_RECOVERED, Event, make_event
 from analytics.frame import StepFrame
+from analytics.rolling import nanmedian
 
 
 @dataclass
@@ -74,14 +75,13 @@ class LocalizedBlowup(Detector):
         out = frame.take(ids)
         fed = np.isfinite(out) & (layer_shares(frame.take(tok)) >= self.min_share)
         x = np.where(fed, out, np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(x, axis=1)
-            top = np.nanmax(x, axis=1)
+        med = nanmedian(x, axis=1)
+        masked = np.where(fed, out, -np.inf)
+        top = masked.max(axis=1)                  # -inf where no expert is fed (not judged)
         enough = fed.sum(axis=1) >= 2
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.where(enough & (med > 0), top / med, np.nan)
-        arg = np.where(enough, np.argmax(np.where(fed, out, -np.inf), axis=1), -1)
+        arg = np.where(enough, np.argmax(masked, axis=1), -1)
         self._hist_r = np.concatenate([self._hist_r[1:], r[None]])
         self._hist_e = np.concatenate([self._hist_e[1:], arg[None]])
 

@@ -26,7 +26,6 @@ an `expert_revival` event.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +34,7 @@ from analytics.catalog import MetricIndex, site_of
 from analytics.detectors.base import Detector, check_positive, fit_state
 from analytics.events import EXPERT_DEATH, EXPERT_REVIVAL, Event, make_event
 from analytics.frame import StepFrame
+from analytics.rolling import nanmedian
 
 
 def layer_shares(tokens_LE: np.ndarray) -> np.ndarray:
@@ -47,9 +47,7 @@ def layer_shares(tokens_LE: np.ndarray) -> np.ndarray:
 
 def layer_relative(x_LE: np.ndarray) -> np.ndarray:
     """x / median over the layer's experts; NaN where the median is 0 or unknown."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(x_LE, axis=1, keepdims=True)
+    med = nanmedian(x_LE, axis=1)[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(med > 0, x_LE / med, np.nan)
 

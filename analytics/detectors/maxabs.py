@@ -25,7 +25,6 @@ led to it: where the growth became visible, not where it crossed the alarm thres
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,13 +34,7 @@ from analytics.detectors.base import Detector, check_positive, fit_state
 from analytics.detectors.expert_death import layer_shares
 from analytics.events import BLOWUP_RECOVERED, MAXABS_SPIKE, Event, make_event
 from analytics.frame import StepFrame
-from analytics.rolling import Rolling
-
-
-def _nanmedian(x: np.ndarray, axis: int) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(x, axis=axis)
+from analytics.rolling import Rolling, nanmedian
 
 
 @dataclass
@@ -99,13 +92,12 @@ class MaxAbsSpike(Detector):
         tok = index.expert_grid("moe/", "tokens")
         share = layer_shares(frame.take(tok)) if tok.shape == ids.shape else np.ones((L, E))
         fed = np.isfinite(x) & (share >= self.min_share)
-        med_layer = _nanmedian(np.where(fed, x, np.nan), axis=1)[:, None]
+        med_layer = nanmedian(np.where(fed, x, np.nan), axis=1)[:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             rel = np.where(fed & (med_layer > 0), x / med_layer, np.nan)
         xs = frame.take(shared_ids)
 
-        base_rel, base_abs = self._rel.median(), self._abs.median()
-        base_sh = self._shared.median()
+        base_rel, base_sh = self._rel.median(), self._shared.median()
         judged = np.concatenate([fed & (self._rel.count() >= self.min_history),
                                  (np.isfinite(xs) & (self._shared.count() >= self.min_history)
                                   )[:, None]], axis=1)
@@ -126,6 +118,8 @@ class MaxAbsSpike(Detector):
 
         events = []
         layers = index.moe_layers
+        # the absolute baseline is evidence for the clip policy only: sorted when something fired
+        base_abs = self._abs.median() if fire.any() else None
         for r, c in zip(*np.nonzero(fire)):
             shared = c == E
             i = int(shared_ids[r]) if shared else int(ids[r, c])
