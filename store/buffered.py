@@ -3,8 +3,12 @@
 Writes are validated into polars frames (columns.py) and buffered until `flush()`, which hands
 everything to the backend's `_commit` at once; nothing written is visible to reads before that,
 in every backend, so a collector test on the memory store catches a missing flush. Reads are
-implemented once on top of four small hooks, so name lookup, NotFound, glob matching, sorting
+implemented once on top of a few small hooks, so name lookup, NotFound, glob matching, sorting
 and output schemas cannot drift between backends.
+
+Raw per-rank values, whether written as RawBlocks or as flat ValueBatch rows, are buffered as
+vectors (columns.py: one row per (rank, step, layout)) plus the layouts they use, and reads of
+them decode vectors back into cells (`_read_raw`).
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ import numpy as np
 import polars as pl
 
 from store import columns as C
-from store.base import (ClipRecord, EventRecord, InvalidInput, MetricDict, NotFound, RunInfo,
-                        StepStatus, Store, StoreError, ValueBatch, check_run_name)
+from store.base import (ClipRecord, EventRecord, InvalidInput, MetricDict, NotFound, RawBlock,
+                        RunInfo, StepStatus, Store, StoreError, ValueBatch, check_run_name)
 
 
 def _check_step(name: str, v: int | None) -> int | None:
@@ -38,6 +42,7 @@ class BufferedStore(Store):
         self._dirty_runs: set[str] = set()
         self._pending_metrics: dict[str, pl.DataFrame] = {}  # whole merged dictionary per run
         self._pending: dict[tuple[str, str], list[pl.DataFrame]] = {}  # (run, table) chunks
+        self._pending_layouts: dict[str, dict[int, np.ndarray]] = {}   # run -> {hash: ids}
 
     # ---- backend hooks -------------------------------------------------------------------
     @abc.abstractmethod
@@ -50,8 +55,11 @@ class BufferedStore(Store):
 
     @abc.abstractmethod
     def _commit(self, runs: dict[str, dict[str, Any]], metrics: dict[str, pl.DataFrame],
-                values: dict[tuple[str, str], pl.DataFrame]) -> None:
-        """Make these durable and visible; values come from `_combine` with TABLES schemas.
+                values: dict[tuple[str, str], pl.DataFrame],
+                layouts: dict[str, dict[int, np.ndarray]]) -> None:
+        """Make these durable and visible; values come from `_combine` with TABLES schemas
+        ("raw_vectors" without `ver`: the backend numbers its rows, increasing in frame order,
+        above every earlier commit's), layouts are the ids of every layout those vectors use.
         May raise: everything stays pending and the next flush commits it again (idempotent)."""
 
     @abc.abstractmethod
@@ -64,6 +72,21 @@ class BufferedStore(Store):
                      stop: int | None = None) -> pl.DataFrame:
         """Committed rows of one value table (TABLES schema), one per natural key (last write
         wins), filtered by the given equalities and start <= step < stop; any order."""
+
+    @abc.abstractmethod
+    def _read_vectors(self, run: str, *, rank: int | None, start: int | None,
+                      stop: int | None, metric_id: int | None = None,
+                      ) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
+        """Committed raw vectors (RAW_VECTORS_SCHEMA) of `rank` with start <= step < stop and,
+        given metric_id, at least those whose layout holds it; with the ids of their layouts.
+        Repeated keys may be left in: `columns.vector_cells` resolves them by ver."""
+
+    def _read_raw(self, run: str, *, rank: int | None, start: int | None, stop: int | None,
+                  metric_id: int | None = None) -> pl.DataFrame:
+        """Logical raw rows (RAW_SCHEMA), one per (rank, step, metric_id), last write wins."""
+        vec, layouts = self._read_vectors(run, rank=rank, start=start, stop=stop,
+                                          metric_id=metric_id)
+        return C.vector_cells(vec, layouts, metric_id)
 
     def _claim(self, run: str) -> None:
         """Called once per run before this store first writes to it (e.g. take a lock)."""
@@ -149,7 +172,17 @@ class BufferedStore(Store):
             self._touch(run, row, int(frame["step"].max()) if advances else None)
 
     def write_raw(self, run: str, batch: ValueBatch) -> None:
-        self._write_values(run, "raw", C.values_frame(batch, "raw"))
+        self._write_vectors(run, *C.batch_vectors(batch))
+
+    def write_raw_block(self, run: str, block: RawBlock) -> None:
+        self._write_vectors(run, *C.block_vectors(block))
+
+    def _write_vectors(self, run: str, frame: pl.DataFrame,
+                       layouts: dict[int, np.ndarray]) -> None:
+        with self._lock:
+            self._write_values(run, "raw_vectors", frame)
+            if frame.height:
+                self._pending_layouts.setdefault(run, {}).update(layouts)
 
     def write_reduced(self, run: str, batch: ValueBatch) -> None:
         self._write_values(run, "reduced", C.values_frame(batch, "reduced"))
@@ -171,16 +204,19 @@ class BufferedStore(Store):
             values = {(run, table): self._combine(table, chunks)
                       for (run, table), chunks in self._pending.items()}
             runs = {run: dict(self._run_rows[run]) for run in self._dirty_runs}
-            self._commit(runs, dict(self._pending_metrics), values)
+            self._commit(runs, dict(self._pending_metrics), values, dict(self._pending_layouts))
             self._pending.clear()
             self._pending_metrics.clear()
+            self._pending_layouts.clear()
             self._dirty_runs.clear()
 
     def _combine(self, table: str, chunks: list[pl.DataFrame]) -> pl.DataFrame:
         """One flush's rows of a table for `_commit`, in write order, one per key (last write
         wins). A backend whose reads resolve repeated keys itself may keep them all, in write
-        order, and skip this pass (ClickHouse: per-row versions, argMax on read)."""
-        return C.last_wins(pl.concat(chunks), C.TABLES[table][1])
+        order, and skip this pass (ClickHouse: per-row versions, argMax on read). Raw vectors
+        keep write order: it becomes their ver, which decides cells across layouts."""
+        return C.last_wins(pl.concat(chunks), C.TABLES[table][1],
+                           maintain_order=table == "raw_vectors")
 
     def close(self) -> None:
         with self._lock:
@@ -221,9 +257,11 @@ class BufferedStore(Store):
         hit = self._committed_metrics(run).filter(pl.col("name") == metric)
         if hit.height == 0:
             raise NotFound(f"no metric named {metric!r} in run {run!r}")
-        table = "reduced" if rank is None else "raw"
-        df = self._read_values(run, table, metric_id=int(hit["metric_id"][0]), rank=rank,
-                               start=start, stop=stop)
+        mid = int(hit["metric_id"][0])
+        if rank is None:
+            df = self._read_values(run, "reduced", metric_id=mid, start=start, stop=stop)
+        else:
+            df = self._read_raw(run, rank=rank, metric_id=mid, start=start, stop=stop)
         return df.select(list(C.SERIES_SCHEMA)).cast(C.SERIES_SCHEMA).sort("step")
 
     def at_step(self, run: str, step: int, pattern: str = "*", *,
@@ -234,8 +272,10 @@ class BufferedStore(Store):
         regex = C.glob_to_regex(pattern)
         self._known_run(run)
         names = self._committed_metrics(run).filter(pl.col("name").str.contains(regex))
-        table = "reduced" if rank is None else "raw"
-        vals = self._read_values(run, table, rank=rank, start=step, stop=step + 1)
+        if rank is None:
+            vals = self._read_values(run, "reduced", start=step, stop=step + 1)
+        else:
+            vals = self._read_raw(run, rank=rank, start=step, stop=step + 1)
         df = names.join(vals.select("metric_id", "value"), on="metric_id", how="inner")
         return df.select(list(C.AT_STEP_SCHEMA)).cast(C.AT_STEP_SCHEMA).sort("metric_id")
 

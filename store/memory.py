@@ -2,12 +2,14 @@
 
 Each `open_store("memory:")` is a fresh, private store: nothing is shared between instances or
 survives close(). Everything else (validation, invisibility until flush, last-write-wins,
-NotFound, schemas) comes from BufferedStore, exactly as for the Parquet backend.
+NotFound, schemas, raw values as vectors) comes from BufferedStore, exactly as for the Parquet
+backend.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from store import columns as C
@@ -19,6 +21,8 @@ class MemoryStore(BufferedStore):
         super().__init__()
         self._runs: dict[str, dict[str, Any]] = {}
         self._dicts: dict[str, pl.DataFrame] = {}
+        self._layouts: dict[str, dict[int, np.ndarray]] = {}
+        self._commits = 0                            # raw vectors' ver = commit << 32 | row
         # Committed chunks per (run, table), merged lazily on read so a flush stays O(batch).
         self._chunks: dict[tuple[str, str], list[pl.DataFrame]] = {}
 
@@ -29,18 +33,25 @@ class MemoryStore(BufferedStore):
     def _committed_metrics(self, run: str) -> pl.DataFrame:
         return self._dicts.get(run, C.empty(C.METRICS_SCHEMA))
 
-    def _commit(self, runs, metrics, values) -> None:
+    def _commit(self, runs, metrics, values, layouts) -> None:
+        self._commits += 1
         self._runs.update({run: dict(row) for run, row in runs.items()})
         self._dicts.update(metrics)
+        for run, known in layouts.items():
+            self._layouts.setdefault(run, {}).update(known)
         for key, frame in values.items():
+            if key[1] == "raw_vectors":
+                frame = frame.with_columns(ver=pl.int_range(frame.height, dtype=pl.UInt64)
+                                           + (self._commits << 32))
             self._chunks.setdefault(key, []).append(frame)
 
     def _read_runs(self) -> pl.DataFrame:
         return pl.DataFrame(list(self._runs.values()) or None, schema=C.RUNS_SCHEMA)
 
     def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
-                     rank: int | None = None, start: int | None = None,
-                     stop: int | None = None) -> pl.DataFrame:
+                     start: int | None = None, stop: int | None = None,
+                     rank: int | None = None, layouts: list[int] | None = None) -> pl.DataFrame:
+        """(rank and layouts: raw vectors only, the latter a list of layout hashes)"""
         schema, keys = C.TABLES[table]
         with self._lock:
             chunks = self._chunks.get((run, table), [])
@@ -52,8 +63,18 @@ class MemoryStore(BufferedStore):
             preds.append(pl.col("metric_id") == metric_id)
         if rank is not None:
             preds.append(pl.col("rank") == rank)
+        if layouts is not None:
+            preds.append(pl.col("layout").is_in(pl.Series(layouts, dtype=pl.UInt64).implode()))
         if start is not None:
             preds.append(pl.col("step") >= start)
         if stop is not None:
             preds.append(pl.col("step") < stop)
         return df.filter(*preds) if preds else df
+
+    def _read_vectors(self, run, *, rank, start, stop, metric_id=None):
+        known = self._layouts.get(run, {})
+        holding = None if metric_id is None else [
+            h for h, ids in known.items() if (ids == metric_id).any()]
+        df = self._read_values(run, "raw_vectors", rank=rank, layouts=holding, start=start,
+                               stop=stop)
+        return df, known

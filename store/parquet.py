@@ -2,22 +2,34 @@
 
     DIR/<run>/run.parquet        the run row (one row, rewritten atomically per flush)
     DIR/<run>/metrics.parquet    the metric dictionary (rewritten atomically when it changes)
-    DIR/<run>/raw/               per-rank values   } segment files, one per flush, compacted
+    DIR/<run>/raw_vectors/       per-rank vectors  } segment files, one per flush, compacted
     DIR/<run>/reduced/           reduced values    } (segments.py): a series read touches a
     DIR/<run>/steps/             barrier outcomes  } few files and skips most row groups
+    DIR/<run>/layouts/           the metric ids of each raw-vector layout, one file per flush
+                                 that brought new layouts (columns.py: layout_hash -> ids)
     DIR/<run>/.writer.lock       flock held by the one store instance writing the run
 
 Any number of readers, in any process, see exactly what was flushed: every read lists the
-directory afresh (the only cache, the metric dictionary, is keyed by the file's identity).
+directory afresh (the caches, the metric dictionary keyed by the file's identity and layout
+files by name, hold only what cannot change).
 One writer per run at a time: a second instance writing the same run gets StoreError.
+
+Raw values are vectors (one row per rank, step and layout, all of a rank's values in one
+binary cell), sorted by (rank, step) in row groups of about a MiB. The trade-off: writing a
+step is one row per rank instead of one per value (what makes 6 M values per step
+affordable), while a per-rank series read decodes whole vectors - it reads only that rank's
+row groups and only vectors whose layout holds the metric, but each such vector is read
+entirely (thousands of values for one). at_step(rank=) reads exactly the vectors it needs.
 """
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
+import re
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,6 +40,8 @@ from store.buffered import BufferedStore
 from store.segments import SegmentLog, remove_temp_files, write_atomic
 
 log = logging.getLogger(__name__)
+LAYOUT_FILE_RE = re.compile(r"^(\d{12})\.parquet$")
+LAYOUTS_SCHEMA = {"layout": pl.UInt64, "ids": pl.Binary}     # ids: int32 little-endian
 
 
 class ParquetStore(BufferedStore):
@@ -41,6 +55,8 @@ class ParquetStore(BufferedStore):
         self.fsync = fsync
         self._locks: dict[str, int] = {}             # run -> fd holding its writer flock
         self._dict_cache: dict[str, tuple[tuple[int, int, int], pl.DataFrame]] = {}
+        # run -> (layout files read, {hash: ids}); files are written once and never change.
+        self._layout_cache: dict[str, tuple[set[str], dict[int, np.ndarray]]] = {}
 
     def _run_dir(self, run: str) -> str:
         return os.path.join(self.root, run)
@@ -74,13 +90,15 @@ class ParquetStore(BufferedStore):
                 log.warning("could not clean up %s/%s", self._run_dir(run), table,
                             exc_info=True)
 
-    def _commit(self, runs, metrics, values) -> None:
-        # Dictionary first, run row last: a reader that finds a value can name it, and a run
-        # row's last_step never runs ahead of the values it announces.
+    def _commit(self, runs, metrics, values, layouts) -> None:
+        # Dictionary and layouts first, run row last: a reader that finds a value can name and
+        # decode it, and a run row's last_step never runs ahead of the values it announces.
         try:
             for run, df in metrics.items():
                 write_atomic(os.path.join(self._run_dir(run), "metrics.parquet"), df,
                              fsync=self.fsync)
+            for run, new in layouts.items():
+                self._write_layouts(run, new)
             for (run, table), df in values.items():
                 self._log(run, table).append(df)
             for run, row in runs.items():
@@ -88,6 +106,21 @@ class ParquetStore(BufferedStore):
                              pl.DataFrame([row], schema=C.RUNS_SCHEMA), fsync=self.fsync)
         except OSError as e:
             raise StoreError(f"flush to {self.root} failed: {e}") from e
+
+    def _write_layouts(self, run: str, new: dict[int, np.ndarray]) -> None:
+        """Append the layouts this run's files do not hold yet as one more layout file."""
+        known = self._layouts(run)
+        fresh = {h: ids for h, ids in new.items() if h not in known}
+        if not fresh:
+            return
+        d = os.path.join(self._run_dir(run), "layouts")
+        os.makedirs(d, exist_ok=True)
+        n = max((int(m.group(1)) for f in os.listdir(d) if (m := LAYOUT_FILE_RE.match(f))),
+                default=0) + 1
+        df = pl.DataFrame({"layout": list(fresh), "ids": [ids.astype("<i4").tobytes()
+                                                          for ids in fresh.values()]},
+                          schema=LAYOUTS_SCHEMA)
+        write_atomic(os.path.join(d, f"{n:012d}.parquet"), df, fsync=self.fsync)
 
     def _release(self) -> None:
         for fd in self._locks.values():
@@ -132,7 +165,35 @@ class ParquetStore(BufferedStore):
         return pl.DataFrame(rows or None, schema=C.RUNS_SCHEMA)
 
     def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
-                     rank: int | None = None, start: int | None = None,
-                     stop: int | None = None) -> pl.DataFrame:
-        return self._log(run, table).scan(metric_id=metric_id, rank=rank, start=start,
-                                          stop=stop)
+                     start: int | None = None, stop: int | None = None) -> pl.DataFrame:
+        return self._log(run, table).scan(metric_id=metric_id, start=start, stop=stop)
+
+    def _layouts(self, run: str) -> dict[int, np.ndarray]:
+        """Every committed layout of the run: hash -> ids (files not seen before are read)."""
+        d = os.path.join(self._run_dir(run), "layouts")
+        seen, known = self._layout_cache.setdefault(run, (set(), {}))
+        try:
+            names = sorted(f for f in os.listdir(d) if LAYOUT_FILE_RE.match(f))
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if name in seen:
+                continue
+            try:
+                df = pl.from_arrow(pq.read_table(os.path.join(d, name)))
+            except (OSError, pa.ArrowException) as e:
+                raise StoreError(f"cannot read {os.path.join(d, name)}: {e}") from e
+            for h, ids in zip(df["layout"].to_list(), df["ids"].to_list()):
+                known[h] = np.frombuffer(ids, "<i4").astype(np.int32)
+            seen.add(name)
+        return known
+
+    def _read_vectors(self, run, *, rank, start, stop, metric_id=None):
+        known = self._layouts(run)
+        holding = None if metric_id is None else [
+            h for h, ids in known.items() if (ids == metric_id).any()]
+        if holding == []:
+            return C.empty(C.RAW_VECTORS_SCHEMA), known
+        vec = self._log(run, "raw_vectors").scan(rank=rank, layout=holding, start=start,
+                                                 stop=stop)
+        return vec, known

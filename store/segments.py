@@ -2,12 +2,15 @@
 tiered compaction. Used by the Parquet backend only.
 
 A flush writes one segment: rows deduplicated and sorted by the table's key (metric_id first),
-zstd, small row groups with statistics, so a filtered scan skips most of each file. Its name
+zstd, small row groups with statistics, so a filtered scan skips most of each file (groups are
+bounded in bytes too: a raw vector row holds thousands of values). Its name
 carries everything a reader needs to plan without opening it:
 
     {lo:012d}-{hi:012d}.L{level}.s{step_min}-{step_max}.n{rows}.parquet
 
-lo..hi is the range of flush sequence numbers folded into the segment. Segments hold disjoint
+lo..hi is the range of flush sequence numbers folded into the segment. A table with a `ver`
+column (raw vectors: which of several rows covering one cell was written last) gets
+ver = lo << 32 | row index at append, so ver follows write order across flushes and merges. Segments hold disjoint
 ranges, so "later hi wins" is "later write wins"; a merge only ever folds a contiguous run of
 segments, writes the result under its own name, then deletes the inputs. A reader that lists
 in between sees inputs and result together and still resolves every key the same way: the
@@ -36,7 +39,9 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^(\d{12})-(\d{12})\.L(\d+)\.s(\d+)-(\d+)\.n(\d+)\.parquet$")
 FANOUT = 8                   # merge the newest FANOUT segments of one level into one
 MERGE_MAX_ROWS = 4_000_000   # bound on a merge's memory; bigger segments just stay as they are
+MERGE_MAX_BYTES = 64 << 20   # the same on disk: a flush of full-size raw vectors is never merged
 ROW_GROUP_ROWS = 65_536      # small enough that one metric's rows skip most of a big file
+ROW_GROUP_BYTES = 1 << 20    # and one rank's vectors skip most of a big raw-vector file
 SCAN_RETRIES = 5             # a compaction may delete files between our listing and our read
 
 
@@ -63,9 +68,11 @@ def write_atomic(path: str, df: pl.DataFrame, *, fsync: bool) -> None:
     """Write `df` as Parquet to a temp name in the same directory, then rename over `path`."""
     d, name = os.path.split(path)
     tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    row_bytes = df.estimated_size() // max(1, df.height)
     try:
-        pq.write_table(df.to_arrow(), tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
-                       write_statistics=True)
+        pq.write_table(df.to_arrow(), tmp, compression="zstd", write_statistics=True,
+                       row_group_size=max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes
+                                                 if row_bytes else ROW_GROUP_ROWS)))
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -135,6 +142,8 @@ class SegmentLog:
         os.makedirs(self.dir, exist_ok=True)
         segs = self.list()
         seq = max((s.hi for s in segs), default=0) + 1
+        if "ver" in self.schema:
+            df = df.with_columns(ver=pl.int_range(df.height, dtype=pl.UInt64) + (seq << 32))
         self._write(df.select(list(self.schema)), seq, seq, 0)
         try:
             self.compact()
@@ -161,7 +170,8 @@ class SegmentLog:
         segs = self.drop_subsumed()
         while len(segs) >= FANOUT:
             tail = segs[-FANOUT:]
-            if len({s.level for s in tail}) != 1 or sum(s.rows for s in tail) > MERGE_MAX_ROWS:
+            if (len({s.level for s in tail}) != 1 or sum(s.rows for s in tail) > MERGE_MAX_ROWS
+                    or sum(os.path.getsize(s.path) for s in tail) > MERGE_MAX_BYTES):
                 return
             frames = [pl.from_arrow(pq.read_table(s.path)) for s in tail]   # oldest first
             merged = C.last_wins(pl.concat(frames), self.keys)
@@ -171,16 +181,18 @@ class SegmentLog:
             segs = segs[:-FANOUT] + [out]
 
     # ---- reads (any process) -----------------------------------------------------------
-    def scan(self, *, metric_id: int | None = None, rank: int | None = None,
-             start: int | None = None, stop: int | None = None) -> pl.DataFrame:
-        """Rows matching the filters, one per key (the highest-ranked segment's), any order."""
+    def scan(self, *, start: int | None = None, stop: int | None = None,
+             **equal: int | list[int] | None) -> pl.DataFrame:
+        """Rows with start <= step < stop and each `equal` column equal to its value (or in
+        it, for a list; None: no condition), one per key (the highest-ranked segment's)."""
         expr = None
-        for col, op, v in (("metric_id", "==", metric_id), ("rank", "==", rank),
-                           ("step", ">=", start), ("step", "<", stop)):
-            if v is not None:
-                e = ds.field(col) == v if op == "==" else (
-                    ds.field(col) >= v if op == ">=" else ds.field(col) < v)
-                expr = e if expr is None else expr & e
+        conds = [ds.field(col).isin(pa.array(v, self._arrow_type(col)))
+                 if isinstance(v, list) else ds.field(col) == v
+                 for col, v in equal.items() if v is not None]
+        conds += [ds.field("step") >= start] if start is not None else []
+        conds += [ds.field("step") < stop] if stop is not None else []
+        for e in conds:
+            expr = e if expr is None else expr & e
         for _ in range(SCAN_RETRIES):
             segs = [s for s in self.list() if s.overlaps(start, stop)]
             try:
@@ -189,6 +201,9 @@ class SegmentLog:
                 if all(os.path.exists(s.path) for s in segs):   # not a compaction race
                     raise StoreError(f"cannot read {self.dir}: {e}") from e
         raise StoreError(f"{self.dir} kept changing under {SCAN_RETRIES} consecutive reads")
+
+    def _arrow_type(self, col: str) -> pa.DataType:
+        return pl.Series([], dtype=self.schema[col]).to_arrow().type
 
     def _may_repeat(self, segs: list[Segment]) -> bool:
         """Keys repeat only across segments; when the key holds the step and the segments'
