@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,7 @@ from analytics.catalog import MetricIndex
 from analytics.clip_policy import ClipPolicy
 from analytics.detectors import DetectorSet
 from analytics.events import Event, to_records
-from analytics.frame import StepFrame, rank_vectors
+from analytics.frame import StepFrame
 from collector.reduction import StepRows
 from collector.stats import Counters
 from store.base import MetricDict, Store
@@ -84,7 +84,7 @@ class Detect:
         raw = rows.raw
         frame = StepFrame.from_rows(
             run, step, rows.reduced.metric_id, rows.reduced.value, size, ranks,
-            lambda: rank_vectors(raw.metric_id, raw.rank, raw.value, size, ranks))
+            lambda: RankVectors(raw.metric_id, raw.rank, raw.value, size, ranks))
         events = rd.detectors.observe(frame, rd.index)
         with self._lock:
             clamped = rd.policy.clamped()
@@ -138,6 +138,42 @@ class Detect:
         with self._lock:
             rd = self._runs.get(run)
             return list(rd.events) if rd else []
+
+
+class RankVectors(Mapping):
+    """rank -> that rank's raw values of the step as a dense float64 vector (NaN: not sent),
+    as analytics.frame.rank_vectors gives them, but built one rank at a time on access.
+
+    A detector asks for per-rank values only once it has found something (NonFinite names the
+    ranks a NaN came from). At 4,096 ranks the eager dict would be 4,096 dense vectors at
+    once (~2 GB at 65,000 metrics) and 4,096 passes over the step's millions of raw rows; here
+    the rows are grouped by rank with one sort, and each vector is one slice and scatter."""
+
+    def __init__(self, metric_id: np.ndarray, rank: np.ndarray, value: np.ndarray, size: int,
+                 ranks: tuple[int, ...]) -> None:
+        ids = np.asarray(metric_id)
+        keep = (ids >= 0) & (ids < size)
+        rk = np.asarray(rank, dtype=np.int32)[keep]
+        order = np.argsort(rk, kind="stable")       # stable: a repeated row's last write wins
+        self._rank, self._ids = rk[order], ids[keep].astype(np.int32)[order]
+        self._value = np.asarray(value, dtype=np.float32)[keep][order]
+        self._ranks = tuple(int(r) for r in ranks)
+        self._known = set(self._ranks)
+        self._size = size
+
+    def __getitem__(self, rank: int) -> np.ndarray:
+        if rank not in self._known:
+            raise KeyError(rank)
+        lo, hi = np.searchsorted(self._rank, [rank, rank + 1])
+        vec = np.full(self._size, np.nan)
+        vec[self._ids[lo:hi]] = self._value[lo:hi]
+        return vec
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ranks)
+
+    def __len__(self) -> int:
+        return len(self._ranks)
 
 
 def _site_max(frame: StepFrame, index: MetricIndex, sites: list[tuple[int, str]], prefix: str,

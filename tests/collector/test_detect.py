@@ -171,3 +171,25 @@ def test_operator_errors(start_collector):
     out = clip_cli(addr, "list", "--run", "r", token="s3cret")
     assert out.returncode == 0 and out.stdout == "# version 0\nlayer,site,limit,frozen\n"
     assert collector.stats()["operator_commands"] == 1
+
+
+def test_rank_vectors_are_built_on_access_and_equal_the_eager_ones():
+    from analytics.frame import rank_vectors
+    from collector.detect import RankVectors
+
+    rng = np.random.default_rng(0)
+    n, size = 400, 30
+    ids = rng.integers(-2, size + 3, n)              # out-of-range ids are ignored
+    rank = rng.choice([7, 3, 11, 5], n)
+    value = rng.normal(size=n).astype(np.float32)
+    value[::17] = np.nan
+    ids[-1], rank[-1] = ids[0], rank[0]              # a repeated (rank, id): the last one wins
+    ranks = (3, 5, 7, 11, 12)                        # 12 sent nothing: all NaN
+    eager = rank_vectors(ids, rank, value, size, ranks)
+    lazy = RankVectors(ids, rank, value, size, ranks)
+    assert list(lazy) == list(ranks) and len(lazy) == 5
+    for r in ranks:
+        np.testing.assert_array_equal(lazy[r], eager[r])
+    assert np.isnan(lazy[12]).all()
+    with pytest.raises(KeyError):
+        lazy[4]
