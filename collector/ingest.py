@@ -49,6 +49,10 @@ class Run:
     acks: dict[int, RankAcks] = field(default_factory=dict)
     conns: dict[int, set[Conn]] = field(default_factory=dict)
     said_goodbye: set[int] = field(default_factory=set)   # ranks that half-closed
+    # (rank, schema_id) -> its id map, one array object per distinct content (a "layout":
+    # the ranks of one EP group share it), so the reduction can group parts by identity
+    id_maps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    layouts: dict[bytes, np.ndarray] = field(default_factory=dict)
     finished: bool = False
     finish_job: int | None = None      # writer job that marks the run finished
 
@@ -169,6 +173,9 @@ class Ingest:
     def _schema(self, run: Run, rank: int, s: pb.Schema, acks: RankAcks) -> None:
         known = run.metrics.has_schema(rank, s.schema_id)
         new_rows = run.metrics.register(rank, s.schema_id, s.metrics)
+        if not known:
+            ids = run.metrics.schema(rank, s.schema_id)
+            run.id_maps[(rank, s.schema_id)] = run.layouts.setdefault(ids.tobytes(), ids)
         self.counters.add("schemas_registered", int(not known))
         if new_rows is None:
             acks.received(s.header.seq)
@@ -231,7 +238,7 @@ class Ingest:
             self._submit_step(run, ready)
 
     def _submit_step(self, run: Run, ready: ReadyStep) -> None:
-        id_maps = [run.metrics.schema(rank, sid) for rank, sid, _, _ in ready.parts]
+        id_maps = [run.id_maps[rank, sid] for rank, sid, _, _ in ready.parts]
         job = self.writer.submit(WriteStep(run.name, ready, id_maps, run.metrics.ops,
                                            ready_at=self.clock()))
         for acks in run.acks.values():

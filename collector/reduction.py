@@ -1,29 +1,41 @@
 """Cross-rank reduction of one step: pure numpy, no per-metric Python.
 
 A step arrives as one float32 vector per (rank, schema) plus a "have" mask (which positions the
-rank actually sent) and, per schema, the array mapping schema position -> metric id. Rows are
-gathered into flat columns (metric_id, rank, value), then reduced per metric id by the op the
-metric declared, with dense scatter kernels over the run's id space:
+rank actually sent) and, per schema, the array mapping schema position -> metric id. Ranks of
+one expert-parallel group register the same schema, so a step of thousands of ranks has only
+tens of distinct id maps ("layouts"). The ingest hands identical id maps over as one array
+object; parts are grouped by that object:
 
-    sum, mean  np.bincount(ids, weights=float64 values)   (mean = sum / count)
-    max, min   np.maximum.at / np.minimum.at into a -inf / +inf filled float64 accumulator
+    whole vectors (have all True) of one layout  -> stacked into an R x M float32 matrix (the
+        one copy of the step's values), reduced along axis 0: sum in float64, max, min; the
+        same matrix is the RawBlock the store writes
+    partial vectors (a straggler's, or gaps)     -> flat (metric_id, rank, value) rows, reduced
+        with scatter kernels: np.bincount(ids, weights=float64), np.maximum.at/np.minimum.at
+
+Both feed one run-wide accumulator per metric id (float64 sum, count of ranks, max, min), since
+the same id (the loss, a layer's router stats) appears in many layouts; each id then takes the
+result of the op it declared, mean = sum / count over the ranks that sent it.
 
 Accumulation is float64 and the result is cast to float32, so a sum of many float32 values
 does not lose precision on the way. Non-finite values propagate on purpose: a NaN on any rank
-gives NaN for sum, mean, max and min alike (np.maximum/np.minimum propagate NaN, unlike
-fmax/fmin), and +inf + -inf is NaN. A blow-up on one rank must never be averaged away.
+gives NaN for sum, mean, max and min alike (np.maximum/np.minimum and ndarray.max/min propagate
+NaN, unlike fmax/fmin), and +inf + -inf is NaN. A blow-up on one rank must never be averaged
+away. Only ranks in `included` (they ended the step) are reduced; every part is stored raw.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
-from store.base import StepStatus, ValueBatch
+from store.base import RawBlock, StepStatus, ValueBatch
 
 # Op codes: the same numbers as proto's ReduceOp, so the registry can store them directly.
 OP_SUM, OP_MEAN, OP_MAX, OP_MIN = 1, 2, 3, 4
 OP_NAMES = {OP_SUM: "sum", OP_MEAN: "mean", OP_MAX: "max", OP_MIN: "min"}
+
+Part = tuple[int, np.ndarray, np.ndarray, np.ndarray]   # rank, ids_S, values_S, have_S
 
 
 @dataclass
@@ -37,14 +49,32 @@ class Rows:
 
 @dataclass
 class StepRows:
-    """What the writer stores for one reduced step."""
+    """What the writer stores for one reduced step: the raw values as one RawBlock per layout
+    (whole vectors) plus flat rows (partial vectors), the reduced values and the status."""
 
-    raw: ValueBatch
+    blocks: list[RawBlock]
+    rest: ValueBatch               # raw rows of partial vectors (rank set)
     reduced: ValueBatch
     status: StepStatus
+    n_raw: int = field(init=False)  # raw values over blocks and rest
+
+    def __post_init__(self) -> None:
+        self.n_raw = sum(b.value.size for b in self.blocks) + int(self.rest.value.size)
+
+    @cached_property
+    def raw(self) -> ValueBatch:
+        """Every raw value as flat rows (blocks expanded, then rest). Built on first use only:
+        at millions of values per step the expansion costs more than the reduction."""
+        step = np.full(self.n_raw, self.status.step, dtype=np.int64)
+        ids = [np.tile(b.metric_id, b.rank.size) for b in self.blocks] + [self.rest.metric_id]
+        ranks = [np.repeat(b.rank, b.metric_id.size) for b in self.blocks] + [self.rest.rank]
+        vals = [b.value.reshape(-1) for b in self.blocks] + [self.rest.value]
+        return ValueBatch(step=step, metric_id=np.concatenate(ids).astype(np.int32, copy=False),
+                          value=np.concatenate(vals).astype(np.float32, copy=False),
+                          rank=np.concatenate(ranks).astype(np.int32, copy=False))
 
 
-def gather(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> Rows:
+def gather(parts: list[Part]) -> Rows:
     """parts: (rank, ids_of_schema, values, have) -> rows of every position that was sent."""
     ids, ranks, vals = [], [], []
     for rank, ids_S, values_S, have_S in parts:
@@ -58,48 +88,108 @@ def gather(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> Rows:
                 np.concatenate(ranks), np.concatenate(vals).astype(np.float32, copy=False))
 
 
+class Accumulator:
+    """Per metric id of the run: float64 sum, count of ranks, max and min of what was added,
+    as rows or as whole layout matrices; `result` applies each id's op."""
+
+    def __init__(self, ops_M: np.ndarray) -> None:
+        self.ops_M = ops_M
+        M = int(ops_M.size)
+        self.sum_M = np.zeros(M, dtype=np.float64)
+        self.count_M = np.zeros(M, dtype=np.int64)
+        self.max_M = np.full(M, -np.inf, dtype=np.float64)
+        self.min_M = np.full(M, np.inf, dtype=np.float64)
+
+    def _check(self, metric_id: np.ndarray) -> None:
+        if metric_id.size and int(metric_id.max()) >= self.ops_M.size:
+            raise ValueError(f"metric id {int(metric_id.max())} outside the run's "
+                             f"{self.ops_M.size} metrics")
+
+    def add_rows(self, metric_id: np.ndarray, value: np.ndarray) -> None:
+        """Rows (metric_id[i], value[i]), ids may repeat (one row per rank)."""
+        self._check(metric_id)
+        M = self.ops_M.size
+        op_R = self.ops_M[metric_id]
+        v64 = value.astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf propagate on purpose
+            self.count_M += np.bincount(metric_id, minlength=M)
+            add = (op_R == OP_SUM) | (op_R == OP_MEAN)
+            if add.any():
+                self.sum_M += np.bincount(metric_id[add], weights=v64[add], minlength=M)
+            for op, kernel, acc in ((OP_MAX, np.maximum, self.max_M),
+                                    (OP_MIN, np.minimum, self.min_M)):
+                sel = op_R == op
+                if sel.any():
+                    kernel.at(acc, metric_id[sel], v64[sel])
+
+    def add_matrix(self, ids_S: np.ndarray, value_RS: np.ndarray) -> None:
+        """value_RS[r, j]: rank r's value of metric ids_S[j]; ids_S distinct (one schema)."""
+        self._check(ids_S)
+        if value_RS.shape[0] == 0:
+            return
+        ops_S = self.ops_M[ids_S]
+        with np.errstate(invalid="ignore", over="ignore"):
+            self.count_M[ids_S] += value_RS.shape[0]
+            if ((ops_S == OP_SUM) | (ops_S == OP_MEAN)).any():   # every column: cheaper than
+                self.sum_M[ids_S] += np.add.reduce(value_RS, axis=0,  # gathering the few
+                                                   dtype=np.float64)  # of one op
+            if (ops_S == OP_MAX).any():
+                self.max_M[ids_S] = np.maximum(self.max_M[ids_S], value_RS.max(axis=0))
+            if (ops_S == OP_MIN).any():
+                self.min_M[ids_S] = np.minimum(self.min_M[ids_S], value_RS.min(axis=0))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, values f32, n_ranks i32) of every id that had a value, sorted by id."""
+        present = np.flatnonzero(self.count_M)
+        ops = self.ops_M[present]
+        count = self.count_M[present]
+        with np.errstate(invalid="ignore", over="ignore"):
+            out = self.sum_M[present]
+            out = np.where(ops == OP_MEAN, out / np.maximum(count, 1), out)
+            out = np.where(ops == OP_MAX, self.max_M[present], out)
+            out = np.where(ops == OP_MIN, self.min_M[present], out)
+            vals = out.astype(np.float32)                   # beyond float32 range becomes inf
+        return present.astype(np.int32), vals, count.astype(np.int32)
+
+
 def reduce_rows(metric_id: np.ndarray, value: np.ndarray, ops_M: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reduce rows per metric id by ops_M[id]. Returns (ids, values f32, n_ranks i32) for every
     id that had at least one row, sorted by id. ops_M: int8 op code per metric id of the run."""
-    M = int(ops_M.size)
-    if metric_id.size and int(metric_id.max()) >= M:
-        raise ValueError(f"metric id {int(metric_id.max())} outside the run's {M} metrics")
-    with np.errstate(invalid="ignore", over="ignore"):   # NaN/inf propagate on purpose
-        count_M = np.bincount(metric_id, minlength=M)
-        present = np.flatnonzero(count_M)
-        out_M = np.zeros(M, dtype=np.float64)
-        op_R = ops_M[metric_id]
-        v64 = value.astype(np.float64)
-
-        additive = (op_R == OP_SUM) | (op_R == OP_MEAN)
-        if additive.any():
-            out_M += np.bincount(metric_id[additive], weights=v64[additive], minlength=M)
-        for op, fill, kernel in ((OP_MAX, -np.inf, np.maximum), (OP_MIN, np.inf, np.minimum)):
-            sel = op_R == op
-            if sel.any():
-                acc_M = np.full(M, fill, dtype=np.float64)
-                kernel.at(acc_M, metric_id[sel], v64[sel])
-                is_op = ops_M == op
-                out_M[is_op] = acc_M[is_op]
-        is_mean = ops_M == OP_MEAN
-        out_M[is_mean] /= np.maximum(count_M[is_mean], 1)
-        vals = out_M[present].astype(np.float32)           # beyond float32 range becomes inf
-    return present.astype(np.int32), vals, count_M[present].astype(np.int32)
+    acc = Accumulator(ops_M)
+    acc.add_rows(metric_id, value)
+    return acc.result()
 
 
-def reduce_step(step: int, parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
-                included: set[int], ops_M: np.ndarray, status: StepStatus) -> StepRows:
-    """Raw rows of every part; reduced rows over the ranks in `included` only (ranks that
-    ended the step: a straggler's partial vector is stored raw but never reduced)."""
-    rows = gather(parts)
-    if {p[0] for p in parts} <= included:
-        keep = slice(None)
+def reduce_step(step: int, parts: list[Part], included: set[int], ops_M: np.ndarray,
+                status: StepStatus) -> StepRows:
+    """Raw values of every part; reduced values over the ranks in `included` only (ranks that
+    ended the step: a straggler's vector is stored raw but never reduced). Whole vectors are
+    grouped by their id-map object (see the module docstring), partial ones go flat."""
+    layouts: dict[int, list[Part]] = {}
+    partial: list[Part] = []
+    for part in parts:
+        if part[3].all():
+            layouts.setdefault(id(part[1]), []).append(part)
+        else:
+            partial.append(part)
+    acc = Accumulator(ops_M)
+    blocks = []
+    for group in layouts.values():
+        ranks = np.array([p[0] for p in group], dtype=np.int32)
+        value_RS = np.stack([p[2] for p in group])       # the one copy of these values
+        blocks.append(RawBlock(step=step, rank=ranks, metric_id=group[0][1], value=value_RS))
+        keep = np.array([r in included for r in ranks.tolist()])
+        acc.add_matrix(group[0][1], value_RS if keep.all() else value_RS[keep])
+    rows = gather(partial)
+    if {p[0] for p in partial} <= included:
+        acc.add_rows(rows.metric_id, rows.value)
     else:
         keep = np.isin(rows.rank, np.fromiter(included, dtype=np.int32, count=len(included)))
-    ids, vals, n = reduce_rows(rows.metric_id[keep], rows.value[keep], ops_M)
-    raw = ValueBatch(step=np.full(rows.value.size, step, dtype=np.int64),
-                     metric_id=rows.metric_id, value=rows.value, rank=rows.rank)
+        acc.add_rows(rows.metric_id[keep], rows.value[keep])
+    ids, vals, n = acc.result()
+    rest = ValueBatch(step=np.full(rows.value.size, step, dtype=np.int64),
+                      metric_id=rows.metric_id, value=rows.value, rank=rows.rank)
     reduced = ValueBatch(step=np.full(ids.size, step, dtype=np.int64), metric_id=ids,
                          value=vals, n_ranks=n)
-    return StepRows(raw=raw, reduced=reduced, status=status)
+    return StepRows(blocks=blocks, rest=rest, reduced=reduced, status=status)

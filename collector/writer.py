@@ -88,7 +88,8 @@ class WriteRaw:
 
 @dataclass
 class WriteStep:
-    """A step out of the barrier: reduce it, then write raw rows, reduced rows and status."""
+    """A step out of the barrier: reduce it, then write its raw values (one RawBlock per
+    layout of whole vectors, flat rows for partial ones), the reduced rows and the status."""
 
     run: str
     ready: ReadyStep
@@ -107,16 +108,19 @@ class WriteStep:
                      for (rank, _, v, h), ids in zip(self.ready.parts, self.id_maps)]
             self.rows = reduce_step(self.ready.step, parts, self.ready.included, self.ops_M,
                                     self.ready.status)
+            self.ready.parts, self.id_maps = [], []   # copied into rows: free the vectors now
         return self.rows
 
     def apply(self, store: Store) -> int:
         rows = self.reduce()
-        if rows.raw.value.size:
-            store.write_raw(self.run, rows.raw)
+        for block in rows.blocks:
+            store.write_raw_block(self.run, block)
+        if rows.rest.value.size:
+            store.write_raw(self.run, rows.rest)
         if rows.reduced.value.size:
             store.write_reduced(self.run, rows.reduced)
         store.write_steps(self.run, [rows.status])
-        return int(rows.raw.value.size)
+        return rows.n_raw
 
     def notify(self, observer) -> None:
         if self.rows is not None:

@@ -86,3 +86,143 @@ def test_reduce_step_keeps_stragglers_raw_but_out_of_the_reduction():
 def test_gather_of_nothing_is_empty():
     rows = gather([])
     assert rows.value.size == 0 and rows.metric_id.dtype == np.int32
+
+
+# ---- the matrix path against the flat reference ----------------------------------------------
+def flat_reference(parts, included, ops_M):
+    """Per metric id, the op over the values of included ranks, one Python loop per id."""
+    rows = gather([p for p in parts if p[0] in included])
+    out = {}
+    for mid in np.unique(rows.metric_id):
+        v = rows.value[rows.metric_id == mid].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            out[int(mid)] = (OPS[ops_M[mid]](v), v.size)
+    return out
+
+
+def random_step(rng, *, n_layouts=5, ranks=40, M=300, S=60):
+    """Layouts drawn from one id space: every layout holds the shared ids 0..9 (the loss...),
+    plus a random subset of the rest, so ids overlap across layouts. NaN/inf sprinkled in.
+    Some ranks straggle (partial vector, not included), some are included with a gap, some
+    sent a whole vector but never ended the step."""
+    ops_M = rng.choice(list(OPS), size=M).astype(np.int8)
+    layouts = [np.concatenate([np.arange(10), rng.choice(np.arange(10, M), S - 10,
+                                                         replace=False)]).astype(np.int32)
+               for _ in range(n_layouts)]
+    for ids in layouts:
+        rng.shuffle(ids)
+    parts, included = [], set()
+    for rank in range(ranks):
+        ids = layouts[rank % n_layouts]
+        v = rng.normal(size=S).astype(np.float32)
+        bad = rng.random(S) < 0.01
+        v[bad] = rng.choice([np.nan, np.inf, -np.inf], size=int(bad.sum()))
+        have = np.ones(S, bool)
+        kind = rank % 7
+        if kind in (1, 2):                         # partial: straggler (1) or a gap (2)
+            have[rng.choice(S, S // 3, replace=False)] = False
+        if kind not in (1, 3):                     # 3: whole vector, never ended the step
+            included.add(rank)
+        parts.append((rank, ids, v, have))
+    return parts, included, ops_M
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matrix_reduction_equals_the_flat_reference(seed):
+    rng = np.random.default_rng(seed)
+    parts, included, ops_M = random_step(rng)
+    status = StepStatus(step=3, n_ranks=len(included))
+    rows = reduce_step(3, parts, included, ops_M, status)
+
+    expect = flat_reference(parts, included, ops_M)
+    np.testing.assert_array_equal(rows.reduced.metric_id, sorted(expect))
+    np.testing.assert_array_equal(rows.reduced.n_ranks, [expect[m][1] for m in sorted(expect)])
+    np.testing.assert_allclose(rows.reduced.value, [expect[m][0] for m in sorted(expect)],
+                               rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert np.isnan(rows.reduced.value).any() and np.isinf(rows.reduced.value).any()
+    assert rows.reduced.value.dtype == np.float32 and rows.reduced.n_ranks.dtype == np.int32
+    # shared ids are reduced over every layout's ranks at once, not per layout
+    loss = int(np.flatnonzero(rows.reduced.metric_id == 0)[0])
+    assert rows.reduced.n_ranks[loss] == sum(1 for r, _, _, h in parts
+                                             if r in included and h[list(parts[r][1]).index(0)])
+
+
+def sorted_rows(batch):
+    order = np.lexsort((batch.metric_id, batch.rank))
+    return batch.rank[order], batch.metric_id[order], batch.value[order]
+
+
+def test_whole_vectors_become_one_block_per_layout_and_raw_keeps_every_value():
+    rng = np.random.default_rng(7)
+    parts, included, ops_M = random_step(rng, n_layouts=3, ranks=21)
+    rows = reduce_step(5, parts, included, ops_M, StepStatus(step=5, n_ranks=len(included)))
+
+    whole = [p for p in parts if p[3].all()]
+    assert len(rows.blocks) == 3
+    for block in rows.blocks:
+        assert block.step == 5 and block.value.dtype == np.float32
+        assert block.value.flags.c_contiguous
+        for i, rank in enumerate(block.rank.tolist()):
+            r, ids, v, _ = parts[rank]
+            assert ids is block.metric_id
+            np.testing.assert_array_equal(block.value[i], v)
+    assert sum(b.rank.size for b in rows.blocks) == len(whole)   # stragglers' whole vectors too
+    assert set(rows.rest.rank.tolist()) == {p[0] for p in parts if not p[3].all()}
+    assert rows.n_raw == sum(int(p[3].sum()) for p in parts)
+    # the flat view is exactly what every rank sent, stragglers included
+    ref = gather(parts)
+    for got, want in zip(sorted_rows(rows.raw), sorted_rows(ref)):
+        np.testing.assert_array_equal(got, want)
+    assert (rows.raw.step == 5).all()
+
+
+def test_equal_id_maps_that_are_distinct_objects_still_reduce_correctly():
+    ids = np.array([0, 1], np.int32)
+    ops_M = np.array([OP_MEAN, OP_MAX], np.int8)
+    full = np.ones(2, bool)
+    parts = [(0, ids, np.array([1, 5], np.float32), full),
+             (1, ids.copy(), np.array([3, 2], np.float32), full)]     # same content, new array
+    rows = reduce_step(0, parts, {0, 1}, ops_M, StepStatus(step=0, n_ranks=2))
+    assert len(rows.blocks) == 2
+    np.testing.assert_array_equal(rows.reduced.value, [2, 5])
+    np.testing.assert_array_equal(rows.reduced.n_ranks, [2, 2])
+
+
+def test_a_layout_whose_ranks_are_all_excluded_is_stored_but_not_reduced():
+    a, b = np.array([0, 1], np.int32), np.array([1, 2], np.int32)
+    ops_M = np.array([OP_SUM, OP_SUM, OP_MIN], np.int8)
+    full = np.ones(2, bool)
+    parts = [(0, a, np.array([1, 2], np.float32), full),
+             (1, b, np.array([30, 40], np.float32), full)]             # rank 1 never ended
+    rows = reduce_step(0, parts, {0}, ops_M, StepStatus(step=0, n_ranks=1))
+    np.testing.assert_array_equal(rows.reduced.metric_id, [0, 1])
+    np.testing.assert_array_equal(rows.reduced.value, [1, 2])
+    assert rows.n_raw == 4 and len(rows.blocks) == 2
+
+
+def test_matrix_ids_outside_the_run_are_refused():
+    ids = np.array([0, 5], np.int32)
+    parts = [(0, ids, np.zeros(2, np.float32), np.ones(2, bool))]
+    with pytest.raises(ValueError, match="metric id 5 outside the run's 2 metrics"):
+        reduce_step(0, parts, {0}, np.array([OP_SUM, OP_SUM], np.int8),
+                    StepStatus(step=0, n_ranks=1))
+
+
+def test_a_resent_chunk_through_the_barrier_is_reduced_once():
+    from collector.barrier import ByteBudget, StepBarrier
+    b = StepBarrier(2, straggler_timeout_s=10.0, max_pending_steps=4, budget=ByteBudget(1 << 20))
+    ids = np.array([2, 0, 1], np.int32)
+    ops_M = np.array([OP_SUM, OP_MEAN, OP_MAX], np.int8)
+    b.add_chunk(0, 0, 1, 0, 3, np.array([1, 2, 3], np.float32))
+    b.add_chunk(0, 0, 1, 0, 3, np.array([1, 2, 3], np.float32))      # resent after reconnect
+    b.add_chunk(1, 0, 1, 0, 3, np.array([10, 20], np.float32))
+    b.add_chunk(1, 0, 1, 2, 3, np.array([30], np.float32))
+    b.add_chunk(1, 0, 1, 0, 3, np.array([11, 21], np.float32))       # replaced, not added
+    b.end_of_step(0, 0, 3, 0.0, now=0.0)
+    b.end_of_step(1, 0, 3, 0.0, now=0.0)
+    [ready] = b.poll(now=0.0)
+    parts = [(r, ids, v, h) for r, _, v, h in ready.parts]
+    rows = reduce_step(0, parts, ready.included, ops_M, ready.status)
+    np.testing.assert_array_equal(rows.reduced.value, [2 + 21, (3 + 30) / 2, max(1, 11)])
+    np.testing.assert_array_equal(rows.reduced.n_ranks, [2, 2, 2])
+    assert len(rows.blocks) == 1 and rows.n_raw == 6

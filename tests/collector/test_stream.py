@@ -227,3 +227,50 @@ def test_many_concurrent_streams_of_one_run(start_collector, client_factory):
             "tokens": sum(range(world)), "act_max": (world - 1) * (step + 1),
             "act_min": -(world - 1)}
     assert store.steps("wide")["n_ranks"].to_list() == [world] * 3
+
+
+class RecordingStore(MemoryStore):
+    """Records the shape of every raw write (then stores it as the memory store does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks: list[tuple[int, list[int], int]] = []      # (step, ranks, n metrics)
+        self.raw_rows: list[tuple[int, list[int]]] = []          # (rows, ranks)
+
+    def write_raw_block(self, run, block) -> None:
+        self.blocks.append((block.step, block.rank.tolist(), block.metric_id.size))
+        super().write_raw_block(run, block)
+
+    def write_raw(self, run, batch) -> None:
+        self.raw_rows.append((batch.value.size, sorted(set(batch.rank.tolist()))))
+        super().write_raw(run, batch)
+
+
+def test_ranks_sharing_a_schema_are_written_as_one_block(start_collector, client_factory):
+    """Ranks 0-2 register the same metrics (one layout), rank 3 others; rank 2 sends half its
+    vector and straggles. One block per layout, the straggler's half as rows, all readable."""
+    store = RecordingStore()
+    _, addr, _ = start_collector(store=store, straggler_timeout_s=0.3)
+    shared = [mdef("loss", pb.REDUCE_MEAN)] + [mdef(f"moe/layer00/expert{e:03d}/tokens",
+                                                    pb.REDUCE_SUM, layer=0, expert=e)
+                                               for e in range(4)]
+    other = [mdef("loss", pb.REDUCE_MEAN), mdef("moe/layer00/expert009/tokens", pb.REDUCE_SUM,
+                                                layer=0, expert=9)]
+    clients = [client_factory(addr, "blk", r, 4) for r in range(4)]
+    for r, c in enumerate(clients):
+        c.schema(7 + r, other if r == 3 else shared)       # schema ids differ, content not
+    vals = {r: np.arange(5, dtype=np.float32) + 10 * r for r in range(3)}
+    vals[3] = np.array([100.0, 5.0], np.float32)
+    for r in (0, 1, 3):
+        clients[r].step(0, 7 + r, vals[r])
+    clients[2].chunk(0, 9, vals[2][:2], offset=0, total=5)         # never ends the step
+    clients[0].wait_ack()
+
+    assert sorted(store.blocks) == [(0, [0, 1], 5), (0, [3], 2)]
+    assert store.raw_rows == [(2, [2])]
+    got = reduced(store, "blk", 0)
+    assert got["loss"] == pytest.approx((0 + 10 + 100) / 3)
+    assert got["moe/layer00/expert003/tokens"] == 4 + 14           # position 4
+    for r in (0, 1, 2):
+        n = 2 if r == 2 else 5
+        assert store.at_step("blk", 0, rank=r)["value"].to_list() == vals[r][:n].tolist()
