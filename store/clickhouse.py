@@ -21,8 +21,18 @@ new parts are committed (visible, crash-consistent; fsynced only if the server's
 fsync_after_insert is set). Values go in before the dictionary and the run row, so a commit that
 fails half-way leaves the run as it was and the next flush resends everything.
 
-Speed. Raw and reduced values go to the driver as numpy columns (`use_numpy`, columnar INSERT,
-no per-row Python); the small tables (runs, dictionary, steps) go as Python lists.
+Speed. Raw values go as per-rank vectors (`raw_vectors`: one row per rank, step and layout,
+the values as one String of float32 bytes; layouts once per run in `raw_layouts`), so a step of
+4,096 ranks x 1,465 metrics is 4,096 rows, not six million. They and the reduced values go to
+the driver as numpy columns (`use_numpy`, columnar INSERT, no per-row Python); the small tables
+(runs, dictionary, steps, layouts) go as Python lists.
+
+Reads of raw values, the trade-off. series(rank=) is computed on the server: only that rank's
+rows (the table is ordered by run, rank, step) joined with the layouts that hold the metric,
+4 bytes cut out of each vector (substring + reinterpretAsFloat32), argMax over ver per step -
+but the server still reads and decompresses each of those rows' whole vectors, thousands of
+values for one. at_step(rank=) fetches the few vectors of that rank and step and decodes them
+here (columns.vector_cells), with layouts cached by hash (they never change).
 
 Safety. Values always travel as query parameters or as INSERT data, never inside SQL text;
 identifiers are validated (clickhouse_schema.check_identifier) before interpolation.
@@ -44,16 +54,17 @@ from store import columns as C
 from store.base import StoreError
 from store.buffered import BufferedStore
 from store.clickhouse_config import ClickHouseConfig
-from store.clickhouse_schema import (CLIP_UPDATES, EVENTS, LATEST_VERSION, METRICS, RAW, REDUCED,
-                                     RUNS, SCHEMA_VERSION, STEPS, Capabilities, Table,
-                                     create_table_sql, pending_migrations, quote)
+from store.clickhouse_schema import (CLIP_UPDATES, EVENTS, LATEST_VERSION, METRICS, RAW_LAYOUTS,
+                                     RAW_VECTORS, REDUCED, RUNS, SCHEMA_VERSION, STEPS,
+                                     Capabilities, Table, create_table_sql, pending_migrations,
+                                     quote)
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_DATABASE = 81                       # ClickHouse error code
-VALUE_TABLES = {"raw": RAW, "reduced": REDUCED, "steps": STEPS, "events": EVENTS,
+VALUE_TABLES = {"raw_vectors": RAW_VECTORS, "reduced": REDUCED, "steps": STEPS, "events": EVENTS,
                 "clips": CLIP_UPDATES}
-NUMPY_TABLES = {"raw", "reduced"}           # bulk tables: numpy columns straight to the driver
+NUMPY_TABLES = {"raw_vectors", "reduced"}   # bulk tables: numpy columns straight to the driver
 NO_STEP = -1                                # runs.last_step before any step was written
 
 
@@ -62,6 +73,7 @@ class ClickHouseStore(BufferedStore):
         super().__init__()
         self.config = ClickHouseConfig.from_url(url, env)
         self._last_ver = 0
+        self._layouts: dict[str, dict[int, np.ndarray]] = {}   # run -> committed {hash: ids}
         self._client = self._connect()
         try:
             self.server_version: str = self._execute("SELECT version()")[0][0]
@@ -164,8 +176,15 @@ class ClickHouseStore(BufferedStore):
                       settings={"use_numpy": True} if numpy else None)
 
     def _commit(self, runs: dict[str, dict[str, Any]], metrics: dict[str, pl.DataFrame],
-                values: dict[tuple[str, str], pl.DataFrame]) -> None:
+                values: dict[tuple[str, str], pl.DataFrame],
+                layouts: dict[str, dict[int, np.ndarray]]) -> None:
         ver = self._next_ver()
+        for run, new in layouts.items():              # before the vectors that use them
+            known = self._layouts.setdefault(run, {})
+            fresh = {h: ids for h, ids in new.items() if h not in known}
+            self._insert_rows(RAW_LAYOUTS, {"layout": list(fresh), "ids": [
+                ids.tolist() for ids in fresh.values()]}, ver, run=run)
+            known.update(fresh)
         for (run, name), frame in values.items():
             table = VALUE_TABLES[name]
             # Rows arrive in write order, repeated keys included (_combine): row i gets version
@@ -205,14 +224,9 @@ class ClickHouseStore(BufferedStore):
         rest = [c for c in table.column_names if c not in table.key and c != "ver"]
         select = [quote(k) for k in table.key] + [
             f"argMax({quote(c)}, {quote('ver')}) AS {quote(c + '__last')}" for c in rest]
-        conds, params = [], {}
-        for i, (col, cond) in enumerate(where):
-            op, value = cond if isinstance(cond, tuple) else ("=", cond)
-            assert op in ("=", ">=", "<"), op                 # fixed operators, never input
-            conds.append(f"{quote(col)} {op} %(p{i})s")
-            params[f"p{i}"] = value
+        conds, params = self._where(where)
         sql = (f"SELECT {', '.join(select)} FROM {self._table(table)}"
-               f" WHERE {' AND '.join(conds) or '1'}"
+               f" WHERE {conds}"
                f" GROUP BY {', '.join(quote(k) for k in table.key)}")
         with self._lock, self._server(f"read {table.name}"):
             arrow = self._client.query_arrow(sql, params)
@@ -238,12 +252,67 @@ class ClickHouseStore(BufferedStore):
                                .then(pl.col("last_step")).otherwise(None).alias("last_step"))
 
     def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
-                     rank: int | None = None, start: int | None = None,
-                     stop: int | None = None) -> pl.DataFrame:
+                     start: int | None = None, stop: int | None = None) -> pl.DataFrame:
         where: list[tuple[str, Any]] = [("run", run)]
-        where += [(c, v) for c, v in (("metric_id", metric_id), ("rank", rank)) if v is not None]
-        if start is not None:
-            where.append(("step", (">=", start)))
-        if stop is not None:
-            where.append(("step", ("<", stop)))
-        return self._latest(VALUE_TABLES[table], where, C.TABLES[table][0])
+        if metric_id is not None:
+            where.append(("metric_id", metric_id))
+        return self._latest(VALUE_TABLES[table], where + _steps(start, stop), C.TABLES[table][0])
+
+    def _where(self, conds: list[tuple[str, Any]]) -> tuple[str, dict[str, Any]]:
+        """`col op %(pN)s AND ...` over (column, value) or (column, (op, value)) pairs."""
+        sql, params = [], {}
+        for i, (col, cond) in enumerate(conds):
+            op, value = cond if isinstance(cond, tuple) else ("=", cond)
+            assert op in ("=", ">=", "<", "IN"), op           # fixed operators, never input
+            sql.append(f"{quote(col)} {op} %(p{i})s")
+            params[f"p{i}"] = value
+        return " AND ".join(sql) or "1", params
+
+    def _read_raw(self, run, *, rank, start, stop, metric_id=None):
+        """One metric's cells are cut out of the vectors on the server (module docstring)."""
+        if metric_id is None:
+            return super()._read_raw(run, rank=rank, start=start, stop=stop)
+        where, params = self._where([("run", run)] + ([] if rank is None else [("rank", rank)])
+                                    + _steps(start, stop))
+        params.update(run=run, m=metric_id)
+        v, ids, ver = quote("values"), quote("ids"), quote("ver")
+        sql = (f"SELECT rank, step, argMax(value, {ver}) AS value FROM ("
+               f" SELECT rank, step, {ver},"
+               f" reinterpretAsFloat32(substring({v}, pos * 4 - 3, 4)) AS value"
+               f" FROM (SELECT rank, step, layout, {v}, {ver} FROM {self._table(RAW_VECTORS)}"
+               f" WHERE {where})"
+               f" ANY INNER JOIN (SELECT layout, indexOf(any({ids}), %(m)s) AS pos"
+               f" FROM {self._table(RAW_LAYOUTS)} WHERE run = %(run)s"
+               f" GROUP BY layout HAVING pos > 0) USING layout"
+               f") GROUP BY rank, step")
+        with self._lock, self._server("read raw_vectors"):
+            arrow = self._client.query_arrow(sql, params)
+        if arrow.num_columns == 0:
+            return C.empty(C.RAW_SCHEMA)
+        return (pl.from_arrow(arrow).with_columns(metric_id=pl.lit(metric_id, pl.Int32))
+                .select(list(C.RAW_SCHEMA)).cast(C.RAW_SCHEMA))
+
+    def _read_vectors(self, run, *, rank, start, stop, metric_id=None):
+        """The vectors as stored (repeated keys left for vector_cells), layouts by hash."""
+        where, params = self._where([("run", run)] + ([] if rank is None else [("rank", rank)])
+                                    + _steps(start, stop))
+        cols = list(C.RAW_VECTORS_SCHEMA)
+        rows = self._execute(f"SELECT {', '.join(map(quote, cols))} FROM "
+                             f"{self._table(RAW_VECTORS)} WHERE {where}", params,
+                             columnar=True, settings={"strings_as_bytes": True})
+        vec = pl.DataFrame(dict(zip(cols, rows)) if rows else None, schema=C.RAW_VECTORS_SCHEMA)
+        known = self._layouts.setdefault(run, {})
+        missing = sorted(set(vec["layout"].to_list()) - set(known))
+        if missing:
+            for h, ids in self._execute(
+                    f"SELECT layout, any({quote('ids')}) FROM {self._table(RAW_LAYOUTS)} "
+                    "WHERE run = %(run)s AND layout IN %(h)s GROUP BY layout",
+                    {"run": run, "h": tuple(missing)}):
+                known[h] = np.asarray(ids, np.int32)
+        return vec, known
+
+
+def _steps(start: int | None, stop: int | None) -> list[tuple[str, Any]]:
+    """start <= step < stop as `_where` conditions."""
+    return ([] if start is None else [("step", (">=", start))]) + (
+        [] if stop is None else [("step", ("<", stop))])

@@ -15,6 +15,12 @@ Every table is a ReplacingMergeTree ordered by its natural key with `ver` (UInt6
 version column: the last write of a key wins once parts merge, and readers aggregate with
 argMax(col, ver) grouped by the key so they are exact before merges too (store/clickhouse.py).
 
+Raw per-rank values live in `raw_vectors` (schema v2): one row per (run, rank, step, layout)
+whose `values` String holds the rank's float32 values, little-endian, in the order of the
+layout's ids (`raw_layouts`, one row per layout hash, written once per run). A cell is read on
+the server as reinterpretAsFloat32(substring(values, 4 * (indexOf(ids, metric) - 1) + 1, 4)),
+which 18.16 already runs. The v1 `raw` table (one row per value) is no longer written or read.
+
 Identifiers (database, table, column names) cannot be query parameters, so they are interpolated
 only after `check_identifier`; they come from config or from this module, never from run names
 or metric names. This module imports nothing of ours but store/base.py (DESIGN.md).
@@ -105,10 +111,19 @@ _VALUE_COLUMNS = (
     Column("step", "Int64", "DoubleDelta, ZSTD(1)"),    # +1 strides within a metric
 )
 
-RAW = Table("raw", (
+RAW = Table("raw", (                                    # v1 only: see raw_vectors
     RUN, *_VALUE_COLUMNS, Column("rank", "Int32", "ZSTD(1)"),
     Column("value", "Float32", "Gorilla, ZSTD(1)"), VER),
     key=("run", "metric_id", "step", "rank"), ttl_days_option="raw_ttl_days")
+
+RAW_VECTORS = Table("raw_vectors", (
+    RUN, Column("rank", "Int32", "ZSTD(1)"), Column("step", "Int64", "DoubleDelta, ZSTD(1)"),
+    Column("layout", "UInt64"), Column("values", "String", "ZSTD(1)"), VER),
+    key=("run", "rank", "step", "layout"), ttl_days_option="raw_ttl_days")
+
+RAW_LAYOUTS = Table("raw_layouts", (                     # no TTL: vectors outlive a layout's
+    RUN, Column("layout", "UInt64"), Column("ids", "Array(Int32)"), VER),   # first insert
+    key=("run", "layout"))
 
 REDUCED = Table("reduced", (
     RUN, *_VALUE_COLUMNS, Column("value", "Float32", "Gorilla, ZSTD(1)"),
@@ -137,7 +152,8 @@ SCHEMA_VERSION = Table("schema_version", (
     Column("server_version", "String"), Column("applied_at", "Float64"),
     Column("ver", "UInt64")), key=("version",))
 
-ALL_TABLES = (RUNS, METRICS, RAW, REDUCED, STEPS, EVENTS, CLIP_UPDATES)
+V1_TABLES = (RUNS, METRICS, RAW, REDUCED, STEPS, EVENTS, CLIP_UPDATES)
+ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS)
 
 
 @dataclass(frozen=True)
@@ -181,16 +197,34 @@ class Migration:
 
 
 def _v1(database: str, caps: Capabilities, options: StoreOptions) -> list[str]:
-    return [create_table_sql(database, t, caps, options) for t in ALL_TABLES]
+    return [create_table_sql(database, t, caps, options) for t in V1_TABLES]
+
+
+def _v2(database: str, caps: Capabilities, options: StoreOptions) -> list[str]:
+    return [create_table_sql(database, t, caps, options) for t in (RAW_VECTORS, RAW_LAYOUTS)]
 
 
 # Append only; never edit an applied migration. Each statement must be idempotent (IF NOT
 # EXISTS) because two processes may open a fresh database at the same moment.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, metrics, raw, reduced, steps, events, clip_updates", _v1),
+    Migration(2, "raw values as per-rank vectors: raw_vectors, raw_layouts", _v2),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
 
 def pending_migrations(current: int) -> list[Migration]:
     return [m for m in MIGRATIONS if m.version > current]
+
+
+def raw_cells_sql(database: str) -> str:
+    """The logical raw table for other clients (clickhouse-client, benchmarks): a SELECT of
+    run, rank, step, metric_id, value, ver with one row per cell of every stored vector.
+    Repeated cells are all there; the stored value of one is argMax(value, ver)."""
+    db = quote(database)
+    return ("SELECT run, rank, step, ids[i] AS metric_id,"
+            " reinterpretAsFloat32(substring(`values`, i * 4 - 3, 4)) AS value, ver FROM ("
+            f"SELECT run, rank, step, `values`, ver, ids FROM {db}.{quote(RAW_VECTORS.name)}"
+            " ANY INNER JOIN (SELECT run, layout, any(ids) AS ids"
+            f" FROM {db}.{quote(RAW_LAYOUTS.name)} GROUP BY run, layout) USING (run, layout))"
+            " ARRAY JOIN arrayEnumerate(ids) AS i")

@@ -14,6 +14,7 @@ from polars.testing import assert_frame_equal
 from store.base import (InvalidInput, MetricDict, NotFound, RunInfo, StepStatus, StoreError,
                         ValueBatch)
 from store.clickhouse import ClickHouseStore
+from store.clickhouse_schema import raw_cells_sql
 from store.memory import MemoryStore
 
 RUN = "moe-7b.run_01"
@@ -108,7 +109,9 @@ def test_nothing_is_visible_before_flush(store, clickhouse_server, clickhouse_ur
     store.write_metrics(RUN, metric_dict(["loss"]))
     store.write_raw(RUN, grid([0], [0], [0], seed=3))
     assert store.metrics(RUN).height == 0
-    assert clickhouse_server.client(f"SELECT count() FROM {db_of(clickhouse_url)}.raw") == "0\n"
+    for table in ("raw_vectors", "raw_layouts"):
+        assert clickhouse_server.client(
+            f"SELECT count() FROM {db_of(clickhouse_url)}.{table}") == "0\n"
 
 
 def test_resent_rows_leave_exactly_one_copy(store, clickhouse_server, clickhouse_url):
@@ -116,9 +119,9 @@ def test_resent_rows_leave_exactly_one_copy(store, clickhouse_server, clickhouse
     store.open_run(RunInfo(RUN, world_size=4))
     store.write_metrics(RUN, metric_dict([f"m{i:03d}" for i in range(100)]))
     store.flush()
-    q(f"SYSTEM STOP MERGES {db}.raw")      # keep every insert's part apart until we look
+    q(f"SYSTEM STOP MERGES {db}.raw_vectors")   # keep every insert's part apart until we look
     batch = grid(np.arange(10), np.arange(100), np.arange(4), seed=4)
-    n = batch.step.size
+    n = 10 * 4                             # vectors: one per (step, rank), 100 values each
     store.write_raw(RUN, batch)
     store.flush()
     store.write_raw(RUN, batch)            # the resend after a reconnect: a second INSERT
@@ -126,9 +129,10 @@ def test_resent_rows_leave_exactly_one_copy(store, clickhouse_server, clickhouse
     changed = grid(np.arange(5), np.arange(10), np.arange(4), seed=5)   # then a correction
     store.write_raw(RUN, changed)
     store.flush()
-    assert q(f"SELECT count() FROM system.parts WHERE database = '{db}' AND table = 'raw' "
-             "AND active") == "3\n"
-    assert int(q(f"SELECT count() FROM {db}.raw")) == 2 * n + changed.step.size  # on disk
+    assert q(f"SELECT count() FROM system.parts WHERE database = '{db}' "
+             "AND table = 'raw_vectors' AND active") == "3\n"
+    assert int(q(f"SELECT count() FROM {db}.raw_vectors")) == 2 * n + 5 * 4      # on disk
+    assert q(f"SELECT count(), uniqExact(layout) FROM {db}.raw_layouts FORMAT TSV") == "2\t2\n"
     expected = pl.DataFrame({"step": batch.step, "metric_id": batch.metric_id,
                              "rank": batch.rank, "value": batch.value})
     fix = pl.DataFrame({"step": changed.step, "metric_id": changed.metric_id,
@@ -145,15 +149,17 @@ def test_resent_rows_leave_exactly_one_copy(store, clickhouse_server, clickhouse
     sample = expected.filter(pl.col("metric_id").is_in([0, 7, 55, 99]))
     assert_frame_equal(through_the_store(), sample, check_dtypes=False)
     assert_frame_equal(second_client_view(q, db), expected, check_dtypes=False)
-    q(f"SYSTEM START MERGES {db}.raw")
-    q(f"OPTIMIZE TABLE {db}.raw FINAL")    # the merge keeps the highest ver: the same rows
-    assert int(q(f"SELECT count() FROM {db}.raw")) == n
+    q(f"SYSTEM START MERGES {db}.raw_vectors")
+    q(f"OPTIMIZE TABLE {db}.raw_vectors FINAL")  # keeps the highest ver of each vector key:
+    assert int(q(f"SELECT count() FROM {db}.raw_vectors")) == n + 5 * 4   # the correction's
+    assert_frame_equal(second_client_view(q, db), expected, check_dtypes=False)  # own layout
     assert_frame_equal(through_the_store(), sample, check_dtypes=False)
 
 
 def second_client_view(q, db: str) -> pl.DataFrame:
-    """The raw table as clickhouse-client sees it, last write per key, parsed from TSV."""
-    out = q(f"SELECT step, metric_id, rank, argMax(value, ver) FROM {db}.raw "
+    """The logical raw table as clickhouse-client sees it (raw_cells_sql), last write per
+    key, parsed from TSV."""
+    out = q(f"SELECT step, metric_id, rank, argMax(value, ver) FROM ({raw_cells_sql(db)}) "
             "GROUP BY step, metric_id, rank ORDER BY metric_id, rank, step FORMAT TSV")
     rows = [line.split("\t") for line in out.splitlines()]
     return pl.DataFrame({"step": [int(r[0]) for r in rows], "metric_id": [int(r[1]) for r in rows],
@@ -170,7 +176,9 @@ def test_second_client_counts_and_values_match_what_was_written(store, clickhous
     store.write_reduced(RUN, ValueBatch(step=batch.step[::2], metric_id=batch.metric_id[::2],
                                         value=batch.value[::2], n_ranks=np.full(2000, 2)))
     store.flush()
-    assert q(f"SELECT count(), countDistinct(run) FROM {db}.raw FORMAT TSV") == "4000\t1\n"
+    assert q(f"SELECT count(), countDistinct(run) FROM ({raw_cells_sql(db)}) "
+             "FORMAT TSV") == "4000\t1\n"
+    assert q(f"SELECT count() FROM {db}.raw_vectors") == "100\n"        # 50 steps x 2 ranks
     assert q(f"SELECT count() FROM {db}.reduced WHERE run = '{RUN}'") == "2000\n"
     view = second_client_view(q, db)
     want = pl.DataFrame({"step": batch.step, "metric_id": batch.metric_id, "rank": batch.rank,
@@ -207,7 +215,7 @@ def test_metric_names_and_patterns_with_sql_are_only_data(store, clickhouse_serv
         assert store.at_step(RUN, 0, pattern).height == 0
     with pytest.raises(NotFound):
         store.series(RUN, "nothing' OR '1'='1")
-    assert int(q(f"SELECT count() FROM system.tables WHERE database = '{db}'")) == 8
+    assert int(q(f"SELECT count() FROM system.tables WHERE database = '{db}'")) == 10
     assert q(f"SELECT count() FROM {db}.reduced") == "3\n"
 
 
