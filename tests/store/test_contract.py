@@ -12,8 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from store import (ClipRecord, EventRecord, InvalidInput, MetricDict, NotFound, RunInfo,
-                   StepStatus, StoreError, ValueBatch)
+from store import (ClipRecord, EventRecord, InvalidInput, MetricDict, NotFound, RawBlock,
+                   RunInfo, StepStatus, StoreError, ValueBatch)
 from store import columns as C
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -370,6 +370,137 @@ def test_a_million_values_in_one_call(store):
     assert snap["value"].to_list() == [i * 0.5 + 3 for i in range(50)]
 
 
+# ---- raw values written as RawBlocks (per-rank vectors) --------------------------------------
+def block(step, ranks, mids, values=None) -> RawBlock:
+    r, m = np.asarray(ranks, np.int32), np.asarray(mids, np.int32)
+    v = (value(step, m[None, :], r[:, None]) if values is None
+         else np.asarray(values, np.float32).reshape(r.size, m.size))
+    return RawBlock(step, r, m, np.ascontiguousarray(v, np.float32))
+
+
+def cells(store, step, rank) -> dict[int, float]:
+    return dict(store.at_step("r1", step, rank=rank).select("metric_id", "value").rows())
+
+
+def test_block_round_trip_per_rank(store):
+    new_run(store)
+    store.flush()
+    mids = [6, 0, 3, 2]                                 # any order: the layout keeps it
+    for step in range(3):
+        store.write_raw_block("r1", block(step, [3, 1, 0], mids))
+    assert store.series("r1", "loss", rank=1).height == 0      # nothing before flush
+    assert store.at_step("r1", 0, rank=1).height == 0
+    store.flush()
+    for rk in (0, 1, 3):
+        for m in mids:
+            s = store.series("r1", NAMES[m], rank=rk)
+            assert schema_of(s) == C.SERIES_SCHEMA
+            assert s.rows() == [(i, value(i, m, rk)) for i in range(3)]
+        assert store.series("r1", NAMES[m], rank=rk, start=1, stop=2)["step"].to_list() == [1]
+        df = store.at_step("r1", 2, "moe/*", rank=rk)
+        assert schema_of(df) == C.AT_STEP_SCHEMA
+        assert df.select("metric_id", "value").rows() == [(m, value(2, m, rk)) for m in (2, 3)]
+        assert cells(store, 1, rk) == {m: value(1, m, rk) for m in mids}
+    assert store.series("r1", "loss", rank=2).height == 0    # no such rank in the block
+    assert store.series("r1", "grad_norm", rank=0).height == 0   # metric not in the layout
+    assert store.series("r1", "loss").height == 0            # raw values are not reduced ones
+    assert store.runs()["last_step"].to_list() == [2]
+
+
+def test_block_then_flat_overwrite_and_the_reverse(store):
+    new_run(store)
+    store.write_raw_block("r1", block(0, [0, 1], range(7)))
+    store.write_raw("r1", ValueBatch(np.array([0, 0]), np.array([3, 5]), np.array([-3.0, -5.0]),
+                                     rank=np.array([1, 1])))          # same flush, after
+    store.flush()
+    store.write_raw("r1", raw([1], [2, 4], [0]))                     # flat first ...
+    store.flush()
+    store.write_raw_block("r1", block(1, [0], [4, 6], [[-4.0, -6.0]]))   # ... then a block
+    store.write_raw("r1", ValueBatch(np.array([1]), np.array([6]), np.array([-66.0]),
+                                     rank=np.array([0])))             # then flat again
+    store.flush()
+    want = {m: value(0, m, 1) for m in range(7)} | {3: -3.0, 5: -5.0}
+    assert cells(store, 0, 1) == want
+    assert cells(store, 0, 0) == {m: value(0, m, 0) for m in range(7)}
+    assert cells(store, 1, 0) == {2: value(1, 2, 0), 4: -4.0, 6: -66.0}
+    assert store.series("r1", NAMES[3], rank=1).rows() == [(0, -3.0)]
+    assert store.series("r1", NAMES[4], rank=0).rows() == [(0, value(0, 4, 0)), (1, -4.0)]
+    assert store.series("r1", NAMES[6], rank=0).rows() == [(0, value(0, 6, 0)), (1, -66.0)]
+
+
+def test_overlapping_layouts_of_one_rank_and_step(store):
+    new_run(store)
+    store.write_raw_block("r1", block(5, [2], [0, 1, 2, 3], [[1, 2, 3, 4]]))
+    store.write_raw_block("r1", block(5, [2], [3, 4, 1], [[40, 50, 20]]))     # same flush
+    store.flush()
+    assert cells(store, 5, 2) == {0: 1.0, 1: 20.0, 2: 3.0, 3: 40.0, 4: 50.0}
+    store.write_raw_block("r1", block(5, [2], [2, 0], [[300, 100]]))           # later flush
+    store.write_raw_block("r1", block(5, [2], [0, 1, 2, 3], [[7, 7, 7, 7]]))   # old layout
+    store.write_raw_block("r1", block(5, [2], [2], [[9]]))                     # again later
+    store.flush()
+    assert cells(store, 5, 2) == {0: 7.0, 1: 7.0, 2: 9.0, 3: 7.0, 4: 50.0}
+    assert [store.series("r1", NAMES[m], rank=2)["value"].to_list() for m in range(5)] == [
+        [7.0], [7.0], [9.0], [7.0], [50.0]]
+    store.write_raw_block("r1", block(5, [2], [0, 1, 2, 3], [[8, 8, 8, 8]]))   # resend of a
+    store.flush()                                                               # layout wins
+    assert cells(store, 5, 2) == {0: 8.0, 1: 8.0, 2: 8.0, 3: 8.0, 4: 50.0}
+
+
+_r, _m = np.array([0, 1]), np.array([0, 1, 2])
+BAD_BLOCKS = {
+    "shape": (RawBlock(0, _r, _m, np.zeros((3, 2), np.float32)), r"shape.*\(2, 3\).*\(3, 2\)"),
+    "1-D value": (RawBlock(0, _r, _m, np.zeros(6, np.float32)), "shape"),
+    "dtype": (RawBlock(0, _r, _m, np.full((2, 3), "x")), "dtype"),
+    "complex": (RawBlock(0, _r, _m, np.zeros((2, 3), complex)), "dtype"),
+    "repeated rank": (RawBlock(0, np.array([1, 1]), _m, np.zeros((2, 3))), "rank.*distinct"),
+    "repeated metric": (RawBlock(0, _r, np.array([0, 2, 0]), np.zeros((2, 3))),
+                        "metric_id.*distinct"),
+    "negative rank": (RawBlock(0, np.array([-1, 0]), _m, np.zeros((2, 3))), "rank"),
+    "float ids": (RawBlock(0, _r, np.array([0.0, 1.0, 2.0]), np.zeros((2, 3))), "metric_id"),
+    "negative step": (RawBlock(-1, _r, _m, np.zeros((2, 3))), "step"),
+    "float step": (RawBlock(1.5, _r, _m, np.zeros((2, 3))), "step"),
+    "not a block": (ValueBatch(_r, _r, _r, rank=_r), "RawBlock"),
+}
+
+
+@pytest.mark.parametrize("why", list(BAD_BLOCKS))
+def test_malformed_block_is_invalid_input_naming_the_problem(store, why):
+    new_run(store)
+    bad, match = BAD_BLOCKS[why]
+    with pytest.raises(InvalidInput, match=match):
+        store.write_raw_block("r1", bad)
+    store.flush()                                       # nothing of it was buffered
+    assert store.at_step("r1", 0, rank=0).height == 0
+    assert store.runs()["last_step"].to_list() == [None]
+
+
+def test_block_values_bit_exact_and_empty_blocks(store):
+    new_run(store)
+    v = np.array([[np.nan, np.inf, -np.inf, 1e38, -0.0, 1.5, 2**-149]], np.float32)
+    store.write_raw_block("r1", block(0, [0], range(7), v))
+    for empty in (block(1, [], range(7), np.zeros((0, 7))), block(1, [0, 1], [], np.zeros((2, 0)))):
+        store.write_raw_block("r1", empty)
+    store.flush()
+    got = store.at_step("r1", 0, rank=0)["value"].to_numpy()
+    assert got.view(np.uint32).tolist() == v[0].view(np.uint32).tolist()   # NaN, -0.0 kept
+    for m in range(7):
+        s = store.series("r1", NAMES[m], rank=0)["value"].to_numpy()
+        assert s.view(np.uint32).tolist() == [v[0, m].view(np.uint32)]
+    assert store.at_step("r1", 1, rank=0).height == 0
+    assert store.runs()["last_step"].to_list() == [0]  # empty blocks do not advance the run
+
+
+def test_caller_may_reuse_its_block_after_write(store):
+    new_run(store)
+    b = block(0, [0, 1], range(7))
+    store.write_raw_block("r1", b)
+    b.value[:] = -1
+    b.rank[:] = 5
+    b.metric_id[:] = np.arange(7)[::-1]
+    store.flush()
+    assert cells(store, 0, 1) == {m: value(0, m, 1) for m in range(7)}
+
+
 # ---- several instances, processes, crashes (backends with shared storage) ----------------
 def needs_shared(backend):
     if not backend.shared:
@@ -422,16 +553,20 @@ def test_killed_writer_loses_only_unflushed_data(store_factory, tmp_path):
     needs_shared(store_factory)
     script = textwrap.dedent(f"""
         import os, numpy as np
-        from store import open_store, RunInfo, MetricDict, ValueBatch
+        from store import open_store, RunInfo, MetricDict, RawBlock, ValueBatch
         st = open_store({store_factory.url!r})
         st.open_run(RunInfo("r1", 2))
         st.write_metrics("r1", MetricDict(np.array([0]), ["loss"], np.array([-1]),
                          np.array([-1]), np.array([-1]), [""], [""], ["mean"]))
         st.write_reduced("r1", ValueBatch(np.array([0, 1]), np.array([0, 0]),
                          np.array([1.0, 2.0]), n_ranks=np.array([2, 2])))
+        st.write_raw_block("r1", RawBlock(1, np.array([0, 1]), np.array([0]),
+                           np.array([[5.0], [6.0]], np.float32)))
         st.flush()
         st.write_reduced("r1", ValueBatch(np.array([1, 2]), np.array([0, 0]),
                          np.array([9.0, 9.0]), n_ranks=np.array([2, 2])))
+        st.write_raw_block("r1", RawBlock(1, np.array([0, 1]), np.array([0]),
+                           np.array([[9.0], [9.0]], np.float32)))
         os._exit(9)                                     # killed: no flush, no close
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -439,6 +574,8 @@ def test_killed_writer_loses_only_unflushed_data(store_factory, tmp_path):
     assert proc.returncode == 9, proc.stderr
     with store_factory.open() as st:
         assert st.series("r1", "loss").rows() == [(0, 1.0), (1, 2.0)]
+        assert [st.series("r1", "loss", rank=r).rows() for r in (0, 1)] == [[(1, 5.0)],
+                                                                            [(1, 6.0)]]
         st.write_reduced("r1", reduced([2], [0], values=[3.0]))   # a new writer takes over
         st.flush()
         assert st.series("r1", "loss")["value"].to_list() == [1.0, 2.0, 3.0]
