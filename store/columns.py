@@ -215,26 +215,38 @@ def block_vectors(block: RawBlock) -> tuple[pl.DataFrame, dict[int, np.ndarray]]
 
 
 def batch_vectors(batch: ValueBatch) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
-    """Flat raw rows -> one pending vector per (step, rank), ids in first-write order, the
-    last of repeated (step, rank, metric_id) rows kept; + {layout: ids}. Only sorts what is
-    not already grouped (the collector writes each rank's values contiguously)."""
+    """Flat raw rows -> one pending vector per (step, rank), ids in write order, the last of
+    repeated (step, rank, metric_id) rows kept; + {layout: ids}. Numpy only, and only sorts
+    what is not already grouped (the collector writes each rank's values contiguously)."""
     df = values_frame(batch, "raw")
     if df.height == 0:
         return block_vectors(RawBlock(0, np.empty(0, np.int32), np.empty(0, np.int32),
                                       np.empty((0, 0), np.float32)))
-    if df.select(pl.struct("step", "rank", "metric_id").is_duplicated().any()).item():
-        df = last_wins(df, ["step", "rank", "metric_id"], maintain_order=True)
     step, rank = df["step"].to_numpy(), df["rank"].to_numpy()
     mid, val = df["metric_id"].to_numpy(), df["value"].to_numpy()
-    new_group = np.empty(step.size, bool)
-    new_group[0] = True
-    np.logical_or(step[1:] != step[:-1], rank[1:] != rank[:-1], out=new_group[1:])
-    starts = np.flatnonzero(new_group)
-    if df.select(pl.struct("step", "rank").n_unique()).item() != starts.size:   # not grouped
+    starts = _group_starts(step, rank)
+    ranks = int(rank.max()) + 1
+    grouped = (int(step.max()) - int(step.min())) * ranks < 2**62 and np.unique(
+        (step[starts] - step.min()) * ranks + rank[starts]).size == starts.size
+    if not grouped:                                   # some (step, rank) in several runs
         order = np.lexsort((rank, step))              # stable: write order within a group
         step, rank, mid, val = step[order], rank[order], mid[order], val[order]
-        new_group[1:] = (step[1:] != step[:-1]) | (rank[1:] != rank[:-1])
-        starts = np.flatnonzero(new_group)
+        starts = _group_starts(step, rank)
+    group = np.zeros(step.size, np.int64)
+    group[starts[1:]] = 1
+    key = np.cumsum(group) * (int(mid.max()) + 1) + mid      # (group, metric_id), < 2^62
+    if int(key.max()) < 8 * key.size + 1024:          # dense: count instead of sorting
+        repeated = np.bincount(key).max() > 1
+    else:
+        k = np.sort(key)
+        repeated = bool((k[1:] == k[:-1]).any())
+    if repeated:                                      # keep the last write of each cell
+        by_key = np.argsort(key, kind="stable")
+        ks = key[by_key]
+        last = np.append(ks[1:] != ks[:-1], True)
+        keep = np.sort(by_key[last])
+        step, rank, mid, val = step[keep], rank[keep], mid[keep], val[keep]
+        starts = _group_starts(step, rank)
     bounds = np.append(starts, step.size)
     layouts: dict[int, np.ndarray] = {}
     keys = np.empty(starts.size, np.uint64)
@@ -246,6 +258,14 @@ def batch_vectors(batch: ValueBatch) -> tuple[pl.DataFrame, dict[int, np.ndarray
             layouts.setdefault(last_h, ids.copy())
         keys[i] = last_h
     return _vectors(step[starts], rank[starts], keys, val, bounds), layouts
+
+
+def _group_starts(step: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Indices where a run of equal (step, rank) begins."""
+    change = np.empty(step.size, bool)
+    change[0] = True
+    np.logical_or(step[1:] != step[:-1], rank[1:] != rank[:-1], out=change[1:])
+    return np.flatnonzero(change)
 
 
 def _blob_buffer(values: pl.Series) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from store import InvalidInput, MetricDict, open_store
+from store import InvalidInput, MetricDict, ValueBatch, open_store
 from store import columns as C
 from store.memory import MemoryStore
 from store.parquet import ParquetStore
@@ -58,3 +58,32 @@ def test_open_store_urls(tmp_path):
             open_store(bad)
     with pytest.raises(InvalidInput):
         open_store(None)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flat_rows_grouped_into_vectors_keep_the_last_write_of_every_cell(seed):
+    """batch_vectors (write_raw) against a dict model: shuffled or grouped input, repeated
+    cells, huge steps and sparse ids (the sort-based paths); one vector per (step, rank)."""
+    rng = np.random.default_rng(seed)
+    for trial in range(100):
+        n = int(rng.integers(1, 60))
+        step = rng.integers(0, 3, n) * (10**15 if trial % 7 == 0 else 1)
+        rank = rng.integers(0, 3, n)
+        mid = rng.integers(0, 5, n) * (10**8 if trial % 5 == 0 else 1)
+        if trial % 3 == 0:                                   # already grouped, as the collector
+            o = np.lexsort((rank, step))
+            step, rank, mid = step[o], rank[o], mid[o]
+        val = rng.standard_normal(n).astype(np.float32)
+        model = {(int(r), int(s), int(m)): v for s, r, m, v in zip(step, rank, mid, val)}
+        frame, layouts = C.batch_vectors(ValueBatch(step, mid, val, rank=rank))
+        assert frame.select(pl.struct("step", "rank").n_unique()).item() == frame.height
+        frame = frame.with_columns(ver=pl.int_range(frame.height, dtype=pl.UInt64))
+        got = {(r, s, m): v for s, m, r, v in C.vector_cells(frame, layouts).rows()}
+        assert got == model
+
+
+def test_layout_hash_is_stable_across_processes_and_versions():
+    """Stored layout keys must never change meaning: pinned values."""
+    assert C.layout_hash(np.array([0, 1, 2], np.int32)) == C.layout_hash([0, 1, 2])
+    assert C.layout_hash(np.array([0, 1, 2])) != C.layout_hash(np.array([0, 2, 1]))
+    assert C.layout_hash(np.array([0, 1, 2], np.int32)) == 0x6d8e69976182a599
