@@ -97,29 +97,40 @@ class MaxAbsSpike(Detector):
             rel = np.where(fed & (med_layer > 0), x / med_layer, np.nan)
         xs = frame.take(shared_ids)
 
-        base_rel, base_sh = self._rel.median(), self._shared.median()
-        judged = np.concatenate([fed & (self._rel.count() >= self.min_history),
-                                 (np.isfinite(xs) & (self._shared.count() >= self.min_history)
-                                  )[:, None]], axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        judged_r = fed & (self._rel.count() >= self.min_history)
+        in_alarm = self._alarm >= 0
+        # A routed site below clear_factor x the smallest value of its window is below
+        # clear_factor x its median too: calm, neither rising nor firing. Only the others
+        # (and sites in alarm, whose ratio is evidence) need the median, which costs a sort.
+        lo = self._rel.min()
+        with np.errstate(invalid="ignore"):
+            quiet_r = judged_r & (lo > 0) & (rel < self.clear_factor * lo)
+        base_rel = self._rel.median((judged_r & ~quiet_r) | in_alarm[:, :E])
+        base_sh = self._shared.median()
+        judged = np.concatenate([judged_r, (np.isfinite(xs) & (self._shared.count() >=
+                                                               self.min_history))[:, None]],
+                                axis=1)
+        quiet = np.concatenate([quiet_r, np.zeros((L, 1), bool)], axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):   # NaN where quiet: not needed
             ratio = np.concatenate([rel / base_rel, (xs / base_sh)[:, None]], axis=1)
         limit = np.concatenate([np.full((L, E), self.factor),
                                 np.full((L, 1), self.shared_factor)], axis=1)
         # onset: the first step of the unbroken run above clear_factor that led here
-        above = judged & (ratio >= self.clear_factor)
+        above = judged & ~quiet & (ratio >= self.clear_factor)
         self._rising = np.where(above, np.where(self._rising < 0, frame.step, self._rising),
                                 np.where(judged, -1, self._rising))
-        fire = judged & (ratio >= limit) & (self._alarm < 0)
-        calm = judged & (ratio < self.clear_factor)
-        in_alarm = self._alarm >= 0
+        fire = judged & ~quiet & (ratio >= limit) & ~in_alarm
+        calm = judged & (quiet | (ratio < self.clear_factor))
         self._calm = np.where(in_alarm & calm, self._calm + 1,
                               np.where(in_alarm & judged, 0, self._calm))
         done = in_alarm & (self._calm >= self.clear_steps)
 
         events = []
         layers = index.moe_layers
-        # the absolute baseline is evidence for the clip policy only: sorted when something fired
-        base_abs = self._abs.median() if fire.any() else None
+        # the absolute baseline is evidence for the clip policy only: sorted for fired layers
+        fired = fire.any(axis=1)
+        base_abs = self._abs.median(np.repeat(fired[:, None], E, axis=1)) if fired.any() \
+            else None
         for r, c in zip(*np.nonzero(fire)):
             shared = c == E
             i = int(shared_ids[r]) if shared else int(ids[r, c])
