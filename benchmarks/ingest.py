@@ -124,42 +124,58 @@ def clickhouse_client(url: str, database: str | None = None):
 
 
 def stored(url: str, tmp: Path) -> dict:
-    """Distinct natural keys in raw and reduced, and bytes on disk per stored value."""
+    """Distinct natural keys in raw (cells: (rank, step, metric_id) over every stored vector
+    and its layout) and reduced, and bytes on disk per stored value."""
     if url.startswith("clickhouse"):
         client, c = clickhouse_client(url)
-        out = {}
-        for table, keys in (("raw", "rank, step, metric_id"), ("reduced", "step, metric_id")):
-            out[table] = client.execute(
-                f"SELECT count() FROM (SELECT {keys} FROM `{c.database}`.`{table}` "
-                f"WHERE run = %(r)s GROUP BY {keys})", {"r": RUN})[0][0]
+        db = f"`{c.database}`"
+        out = {"raw": client.execute(           # distinct ids over the layouts of a rank-step
+            f"SELECT sum(n) FROM (SELECT uniqExactArray(ids) AS n FROM (SELECT DISTINCT run, "
+            f"rank, step, layout FROM {db}.raw_vectors WHERE run = %(r)s) ANY INNER JOIN "
+            f"(SELECT run, layout, any(ids) AS ids FROM {db}.raw_layouts GROUP BY run, layout) "
+            f"USING (run, layout) GROUP BY rank, step)", {"r": RUN})[0][0] or 0,
+            "reduced": client.execute(
+                f"SELECT count() FROM (SELECT step, metric_id FROM {db}.reduced "
+                f"WHERE run = %(r)s GROUP BY step, metric_id)", {"r": RUN})[0][0]}
         nbytes = client.execute("SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND "
-                                "database = %(d)s AND table IN ('raw', 'reduced')",
-                                {"d": c.database})[0][0]
+                                "database = %(d)s AND table IN ('raw_vectors', 'raw_layouts', "
+                                "'reduced')", {"d": c.database})[0][0]
         client.disconnect()
     else:
         import polars as pl
         root = Path(url.split(":", 1)[1]) / RUN
-        out, nbytes = {}, 0
-        for table, keys in (("raw", ["rank", "step", "metric_id"]),
-                            ("reduced", ["step", "metric_id"])):
-            files = sorted((root / table).glob("*.parquet"))
-            nbytes += sum(f.stat().st_size for f in files)
-            out[table] = (pl.scan_parquet([str(f) for f in files]).unique(subset=keys)
-                          .select(pl.len()).collect().item()) if files else 0
+        files = {t: [str(f) for f in sorted((root / t).glob("*.parquet"))]
+                 for t in ("raw_vectors", "layouts", "reduced")}
+        nbytes = sum(os.path.getsize(f) for fs in files.values() for f in fs)
+        out = {"reduced": (pl.scan_parquet(files["reduced"]).unique(["step", "metric_id"])
+                           .select(pl.len()).collect().item()) if files["reduced"] else 0,
+               "raw": 0}
+        if files["raw_vectors"]:
+            ids = {h: np.frombuffer(b, "<i4") for f in files["layouts"]
+                   for h, b in pl.read_parquet(f).select("layout", "ids").iter_rows()}
+            keys = (pl.scan_parquet(files["raw_vectors"]).select("rank", "step", "layout")
+                    .unique().collect())
+            per = keys.group_by("rank", "step").agg(pl.col("layout"))
+            out["raw"] = sum(len(set(np.concatenate([ids[h] for h in hs]).tolist()))
+                             if len(hs) > 1 else ids[hs[0]].size for hs in per["layout"])
     out["bytes_per_value"] = nbytes / max(1, out["raw"] + out["reduced"])
     return out
 
 
 # ---- the raw ceiling ----------------------------------------------------------------------------
 def step_rows(w: Workload, values: Values, s: int) -> tuple[dict, dict]:
-    """The raw and reduced rows of step s as the store gets them (ids by workload order)."""
-    ids = [w.global_ids(r) for r in range(w.world)]
-    n = sum(i.size for i in ids)
-    raw = {"rank": np.repeat(np.arange(w.world, dtype=np.int32), [i.size for i in ids]),
-           "step": np.full(n, s, np.int64),
-           "metric_id": np.concatenate(ids).astype(np.int32),
-           "value": np.concatenate([values.step(r, s) for r in range(w.world)])}
-    uniq = np.unique(raw["metric_id"])
+    """The raw and reduced rows of step s as the store keeps them (ids by workload order): one
+    raw vector row per rank (float32 bytes, layout = hash of the rank's ids; the layouts
+    themselves are written once per run, so they are not part of a step's rows)."""
+    from store.columns import layout_hash
+    ids = [w.global_ids(r).astype(np.int32) for r in range(w.world)]
+    blobs = np.empty(w.world, object)
+    blobs[:] = [values.step(r, s).astype("<f4").tobytes() for r in range(w.world)]
+    raw = {"rank": np.arange(w.world, dtype=np.int32),
+           "step": np.full(w.world, s, np.int64),
+           "layout": np.array([layout_hash(i) for i in ids], np.uint64),
+           "values": blobs}
+    uniq = np.unique(np.concatenate(ids))
     red = {"step": np.full(uniq.size, s, np.int64), "metric_id": uniq,
            "value": np.ones(uniq.size, np.float32),
            "n_ranks": np.ones(uniq.size, np.int32)}
@@ -167,7 +183,8 @@ def step_rows(w: Workload, values: Values, s: int) -> tuple[dict, dict]:
 
 
 def ceiling(url: str, w: Workload, steps: int, tmp: Path) -> float:
-    """Seconds to write `steps` steps of rows straight to the backend."""
+    """Seconds to write `steps` steps of rows straight to the backend: one columnar numpy
+    INSERT per table and step into tables of the store's DDL, or one zstd Parquet file."""
     values, elapsed = Values(w), 0.0
     if url.startswith("clickhouse"):
         from store.clickhouse import ClickHouseStore
@@ -177,13 +194,14 @@ def ceiling(url: str, w: Workload, steps: int, tmp: Path) -> float:
         client, _ = clickhouse_client(url, db)
         try:
             for s in range(steps):
-                for table, cols in zip(("raw", "reduced"), step_rows(w, values, s)):
+                for table, cols in zip(("raw_vectors", "reduced"), step_rows(w, values, s)):
                     n = cols["step"].size
                     cols = {**cols, "run": np.full(n, RUN, object),
                             "ver": np.full(n, time.time_ns(), np.uint64)}
                     names = list(cols)
                     t0 = time.perf_counter()
-                    client.execute(f"INSERT INTO `{db}`.`{table}` ({', '.join(names)}) VALUES",
+                    client.execute(f"INSERT INTO `{db}`.`{table}` "
+                                   f"({', '.join(f'`{k}`' for k in names)}) VALUES",
                                    [cols[k] for k in names], columnar=True,
                                    settings={"use_numpy": True})
                     elapsed += time.perf_counter() - t0
@@ -196,7 +214,7 @@ def ceiling(url: str, w: Workload, steps: int, tmp: Path) -> float:
     out = tmp / "ceiling"
     out.mkdir()
     for s in range(steps):
-        for table, cols in zip(("raw", "reduced"), step_rows(w, values, s)):
+        for table, cols in zip(("raw_vectors", "reduced"), step_rows(w, values, s)):
             t0 = time.perf_counter()
             pq.write_table(pa.table(cols), out / f"{table}-{s}.parquet", compression="zstd",
                            row_group_size=65_536)
