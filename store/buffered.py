@@ -68,10 +68,9 @@ class BufferedStore(Store):
 
     @abc.abstractmethod
     def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
-                     rank: int | None = None, start: int | None = None,
-                     stop: int | None = None) -> pl.DataFrame:
+                     start: int | None = None, stop: int | None = None) -> pl.DataFrame:
         """Committed rows of one value table (TABLES schema), one per natural key (last write
-        wins), filtered by the given equalities and start <= step < stop; any order."""
+        wins), filtered by metric_id (when given) and start <= step < stop; any order."""
 
     @abc.abstractmethod
     def _read_vectors(self, run: str, *, rank: int | None, start: int | None,

@@ -51,7 +51,7 @@ class MemoryStore(BufferedStore):
     def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
                      start: int | None = None, stop: int | None = None,
                      rank: int | None = None, layouts: list[int] | None = None) -> pl.DataFrame:
-        """(rank and layouts: raw vectors only, the latter a list of layout hashes)"""
+        """As BufferedStore's, plus the raw-vector filters rank and layouts (hashes)."""
         schema, keys = C.TABLES[table]
         with self._lock:
             chunks = self._chunks.get((run, table), [])
