@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks.workload import Values, Workload
 from store import open_store
+from store.clickhouse_schema import raw_cells_sql
 
 ROOT = Path(__file__).resolve().parents[2]
 LAST_LINE = re.compile(r"^metrics/s=(\d+(?:\.\d+)?) ratio_to_raw=(\d+(?:\.\d+)?)$")
@@ -77,8 +78,8 @@ def test_ingest_smoke_clickhouse(clickhouse_server, clickhouse_url):
     check_store(clickhouse_url, w)
     db = clickhouse_url.rsplit("/", 1)[1]
     raw = clickhouse_server.client(
-        f"SELECT count() FROM (SELECT rank, step, metric_id FROM {db}.raw GROUP BY rank, step, "
-        f"metric_id)")
+        f"SELECT count() FROM (SELECT rank, step, metric_id FROM ({raw_cells_sql(db)}) "
+        f"GROUP BY rank, step, metric_id)")
     assert int(raw) == STEPS * RANKS * w.values_per_rank
     leftovers = clickhouse_server.client("SELECT count() FROM system.databases WHERE name "
                                          f"LIKE '{db}_ceiling%'")
