@@ -12,7 +12,8 @@ Values have the structure the detectors look for, not noise: per-layer scales, e
 a slow drift of activation RMS, a small per-rank jitter, one expert dying (its token share and
 RMS decay from `death_step`) and one localized blow-up (one routed expert's max|h| x 40 from
 `spike_step`, which the collector's MaxAbsSpike detector must answer with a clip update).
-Everything is numpy on precomputed per-group arrays: one step of one rank is three vector ops.
+Everything is numpy on precomputed per-group arrays: one step of one rank is three vector ops,
+and `Values.steps` makes the vectors of a whole group of ranks in a few matrix ops.
 """
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ class Workload:
 
 
 class Values:
-    """Per-group base vectors and drifts; `step(rank, s)` returns a rank's float32 vector."""
+    """Per-group base vectors and drifts; `step(rank, s)` returns a rank's float32 vector and
+    `steps(ranks, s)` those of many ranks at once, equal to `step` row for row."""
 
     def __init__(self, w: Workload, seed: int = 0) -> None:
         self.w = w
@@ -123,6 +125,7 @@ class Values:
         rng = np.random.default_rng(seed)
         self._jitter = (1 + 0.01 * rng.standard_normal((16, w.values_per_rank))
                         ).astype(np.float32)
+        self._blocks: dict[tuple[int, ...], tuple[np.ndarray, ...]] = {}
 
     def _group(self, g: int) -> tuple[np.ndarray, ...]:
         if g in self._base:
@@ -162,4 +165,33 @@ class Values:
         if s >= self.w.spike_step and spike.any():
             v[spike] *= np.float32(40.0)
         v[is_loss] = 2.5 + 8.0 / math.sqrt(s + 1)
+        return v
+
+    def _block(self, ranks: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        """For a set of ranks: the groups they use, each rank's row among them, and where the
+        dying expert and the spike sit in the [R, M] matrix (flat indices)."""
+        if ranks not in self._blocks:
+            groups = sorted({self.w.group(r) for r in ranks})
+            row = np.array([groups.index(self.w.group(r)) for r in ranks])
+            per = [self._group(g) for g in groups]
+            base, drift = (np.stack([p[i] for p in per]) for i in (0, 1))
+            dead, spike = (np.flatnonzero(np.stack([p[i] for p in per])[row]) for i in (2, 3))
+            is_loss = per[0][4]                   # common metrics first: same slot in every group
+            self._blocks[ranks] = (base, drift, row, dead, spike, is_loss)
+        return self._blocks[ranks]
+
+    def steps(self, ranks: range | list[int], s: int) -> np.ndarray:
+        """float32 [len(ranks), values_per_rank]: row i is `step(ranks[i], s)`, bit for bit."""
+        ranks = tuple(ranks)
+        if not ranks:
+            raise ValueError("Values.steps needs at least one rank")
+        base, drift, row, dead, spike, is_loss = self._block(ranks)
+        scaled = base * (1 + drift * s)          # per group, in step()'s order of operations
+        v = scaled[row] * self._jitter[(s + np.asarray(ranks)) % 16]
+        flat = v.reshape(-1)
+        if s >= self.w.death_step and dead.size:
+            flat[dead] *= np.float32(0.7 ** (s - self.w.death_step))
+        if s >= self.w.spike_step and spike.size:
+            flat[spike] *= np.float32(40.0)
+        v[:, is_loss] = 2.5 + 8.0 / math.sqrt(s + 1)
         return v

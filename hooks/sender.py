@@ -11,6 +11,14 @@ Threads
                    `on_clip`), Error; its end marks the connection dead;
   gRPC's own thread consumes the request iterator fed from the worker's queue.
 
+Channel mode (`channel=` a grpc.aio.Channel, created on its event loop): no thread at all. The
+worker and reader are two tasks on that loop and the stream is written with `call.write`, so
+thousands of senders share one channel and one thread (the ingest benchmark's load generator).
+The protocol (seq, buffer, resend, acks, backoff, staleness) is the same code as the threaded
+driver's; only the waiting differs. On the loop, `await wait_space()` before `submit()` (a full
+buffer under the "block" policy would block the loop that delivers the acks) and `await
+aclose()` instead of `close()`.
+
 Sequence numbers start at Welcome.acked_seq + 1 on the client's first connection (1 for a new
 run; a restarted trainer continues after what the collector already holds). Schemas keep the seq
 they first had and are re-sent on every connection. A stream that leaves frames unacknowledged
@@ -18,6 +26,7 @@ for net_timeout_s is declared dead and reopened. Nothing here raises into the ca
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -40,8 +49,8 @@ __all__ = ["Sender", "StepItem", "AckItem"]
 
 @dataclass(eq=False)
 class _Conn:
-    channel: grpc.Channel
-    out_q: queue.Queue
+    channel: grpc.Channel | grpc.aio.Channel
+    out_q: queue.Queue | None = None           # threaded driver only
     call: Any = None
     welcomed: bool = False
     acked: int = 0
@@ -68,7 +77,8 @@ class Sender:
                  schemas: Sequence[tuple[int, Sequence[MetricSpec]]], config: MonitorConfig,
                  token: str | None = None, run_config: dict | None = None,
                  on_clip: Callable[[pb.ClipUpdate], None] | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 channel: grpc.aio.Channel | None = None) -> None:
         self.target, self.ident, self.config = target, ident, config
         self._schemas = frames.wire_schemas(schemas)   # split where a Schema would be too big
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -81,17 +91,38 @@ class Sender:
         self._conn: _Conn | None = None
         self._stop = False
         self._goodbye = False     # close() half-closed the stream: never reconnect after it
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"stepwatch-sender-{ident.run}-r{ident.rank}")
-        self._thread.start()
+        self._channel = channel
+        if channel is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"stepwatch-sender-{ident.run}-r{ident.rank}")
+            self._thread.start()
+            return
+        if not isinstance(channel, grpc.aio.Channel):
+            raise TypeError(f"Sender(channel=...) takes a grpc.aio.Channel, got "
+                            f"{type(channel).__name__}")
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("Sender(channel=...) must be created on the event loop that "
+                               "runs the channel") from None
+        self._loop_thread = threading.get_ident()
+        self._changed = asyncio.Event()          # set on anything a waiter may be waiting for
+        self._stub = pbg.TelemetryStub(channel)
+        self._task = self._loop.create_task(self._run_async(),
+                                            name=f"stepwatch-sender-r{ident.rank}")
 
     # ------------------------------------------------------------------ training thread
     def submit(self, item: StepItem) -> bool:
         """Buffer one step; False when the full policy dropped it (counted)."""
-        return self.buffer.submit(item)
+        ok = self.buffer.submit(item)
+        if self._channel is not None:
+            self._wake()
+        return ok
 
     def submit_clip_ack(self, step: int, version: int) -> None:
         self.buffer.submit_control(AckItem(step, version))
+        if self._channel is not None:
+            self._wake()
 
     def stats(self) -> dict:
         with self._cond:
@@ -105,6 +136,8 @@ class Sender:
     def close(self, timeout: float) -> bool:
         """Flush: wait up to `timeout` for every buffered step to be acknowledged, then stop.
         Returns True when nothing was left behind."""
+        if self._channel is not None:
+            raise RuntimeError("a Sender in channel mode closes with `await aclose(timeout)`")
         deadline = time.monotonic() + timeout
         with self._cond:
             self.buffer.closing = True
@@ -149,16 +182,20 @@ class Sender:
                     self.buffer.count("worker_errors")
                     log.exception("stepwatch: sender error")
                 self._drop_conn(conn)
-            try:   # while away, let finished device copies go back to their pinned pool
-                for item in self.buffer.waiting_steps():
-                    item.values()
-            except Exception:  # noqa: BLE001
-                self.buffer.count("worker_errors")
-                log.exception("stepwatch: could not copy a step to the host")
+            self._release_waiting()
             with self._cond:
                 if not (self._stop or self._goodbye):
                     self._cond.wait(timeout=backoff)
             backoff = min(backoff * 2, self.config.backoff_max_s)
+
+    def _release_waiting(self) -> None:
+        """While away, let finished device copies go back to their pinned pool."""
+        try:
+            for item in self.buffer.waiting_steps():
+                item.values()
+        except Exception:  # noqa: BLE001
+            self.buffer.count("worker_errors")
+            log.exception("stepwatch: could not copy a step to the host")
 
     def _connect(self) -> _Conn | None:
         options = [("grpc.max_send_message_length", 8 << 20)]
@@ -196,7 +233,8 @@ class Sender:
         conn.out_q.put(None)
         conn.channel.close()
 
-    def _serve(self, conn: _Conn) -> None:
+    def _resume(self, conn: _Conn) -> list[pb.ClientFrame]:
+        """After Welcome: the schemas and every unacknowledged frame, to send first."""
         with self._cond:
             if self._schema_frames is None:       # first connection of this client
                 self._next_seq = conn.acked
@@ -205,20 +243,29 @@ class Sender:
             self.buffer.ack(conn.acked)            # durable already: never resent
             resend = self.buffer.unacked_frames()
             conn.last_progress = time.monotonic()
-        for frame in self._schema_frames + resend:
-            conn.out_q.put(frame)
         self.buffer.count("frames_resent", len(resend))
+        return self._schema_frames + resend
+
+    def _stale(self, conn: _Conn) -> bool:
+        """Frames unacknowledged for net_timeout_s: the stream is declared dead (caller holds
+        the lock)."""
+        timeout = self.config.net_timeout_s
+        if self.buffer.has_unacked() and time.monotonic() - conn.last_progress > timeout:
+            self.buffer.counters["stale_streams"] += 1
+            log.warning("stepwatch: no ack from %s for %.1f s; reconnecting",
+                        self.target, timeout)
+            return True
+        return False
+
+    def _serve(self, conn: _Conn) -> None:
+        for frame in self._resume(conn):
+            conn.out_q.put(frame)
         timeout = self.config.net_timeout_s
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self.buffer.has_pending() or conn.dead or self._stop,
                                     timeout=min(0.5, timeout))
-                if conn.dead or self._stop:
-                    return
-                if self.buffer.has_unacked() and time.monotonic() - conn.last_progress > timeout:
-                    self.buffer.counters["stale_streams"] += 1
-                    log.warning("stepwatch: no ack from %s for %.1f s; reconnecting",
-                                self.target, timeout)
+                if conn.dead or self._stop or self._stale(conn):
                     return
                 item = self.buffer.pop()
             if item is not None:
@@ -229,7 +276,11 @@ class Sender:
         return self._next_seq
 
     def _transmit(self, conn: _Conn, item: StepItem | AckItem) -> None:
-        """Encode outside the lock (only this thread allocates seqs), then record and queue."""
+        for frame in self._encode(conn, item):
+            conn.out_q.put(frame)
+
+    def _encode(self, conn: _Conn, item: StepItem | AckItem) -> list[pb.ClientFrame]:
+        """Encode outside the lock (only the worker allocates seqs), then record as sent."""
         is_step = isinstance(item, StepItem)
         if is_step:
             payload = frames.StepPayload(item.step, item.values(), item.schemas, item.wall_time)
@@ -243,39 +294,15 @@ class Sender:
             self.buffer.record_sent(out, is_step)
             self.buffer.counters["steps_sent" if is_step else "clip_acks_sent"] += 1
             self.buffer.counters["frames_sent"] += len(out)
-        for frame in out:
-            conn.out_q.put(frame)
+        return out
 
     # ------------------------------------------------------------------ reader
     def _read(self, conn: _Conn) -> None:
         try:
             for resp in conn.call:
-                kind = resp.WhichOneof("kind")
-                if kind == "clip":
-                    self.buffer.count("clip_updates")
-                    self._deliver_clip(resp.clip)
-                    continue
-                with self._cond:
-                    if kind == "welcome":
-                        conn.acked, conn.welcomed = resp.welcome.acked_seq, True
-                    elif kind == "ack":
-                        self.buffer.ack(resp.ack.seq)
-                        conn.last_progress = time.monotonic()
-                    elif kind == "error":
-                        self.buffer.counters["server_errors"] += 1
-                        log.warning("stepwatch: collector error %s: %s", resp.error.code,
-                                    resp.error.message)
-                    self._cond.notify_all()
+                self._receive(conn, resp)
         except grpc.RpcError as exc:
-            if not self._stop and exc.code() != grpc.StatusCode.CANCELLED:
-                key = f"status_{exc.code().name}"
-                with self._cond:
-                    self.buffer.counters["stream_errors"] += 1
-                    self.buffer.counters[key] += 1
-                    first = self.buffer.counters[key] == 1   # warn once per status, then quietly
-                log.log(logging.WARNING if first else logging.DEBUG,
-                        "stepwatch: stream to %s ended: %s %s (reconnecting with backoff)",
-                        self.target, exc.code().name, exc.details() or "")
+            self._stream_error(exc)
         except Exception:  # noqa: BLE001 - the stream is reopened
             self.buffer.count("reader_errors")
             log.exception("stepwatch: reader error")
@@ -283,6 +310,35 @@ class Sender:
             with self._cond:
                 conn.dead = True
                 self._cond.notify_all()
+
+    def _receive(self, conn: _Conn, resp: pb.ServerFrame) -> None:
+        kind = resp.WhichOneof("kind")
+        if kind == "clip":
+            self.buffer.count("clip_updates")
+            self._deliver_clip(resp.clip)
+            return
+        with self._cond:
+            if kind == "welcome":
+                conn.acked, conn.welcomed = resp.welcome.acked_seq, True
+            elif kind == "ack":
+                self.buffer.ack(resp.ack.seq)
+                conn.last_progress = time.monotonic()
+            elif kind == "error":
+                self.buffer.counters["server_errors"] += 1
+                log.warning("stepwatch: collector error %s: %s", resp.error.code,
+                            resp.error.message)
+            self._cond.notify_all()
+
+    def _stream_error(self, exc: grpc.RpcError) -> None:
+        if not self._stop and exc.code() != grpc.StatusCode.CANCELLED:
+            key = f"status_{exc.code().name}"
+            with self._cond:
+                self.buffer.counters["stream_errors"] += 1
+                self.buffer.counters[key] += 1
+                first = self.buffer.counters[key] == 1   # warn once per status, then quietly
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "stepwatch: stream to %s ended: %s %s (reconnecting with backoff)",
+                    self.target, exc.code().name, exc.details() or "")
 
     def _deliver_clip(self, update: pb.ClipUpdate) -> None:
         if self._on_clip is None:
@@ -292,3 +348,154 @@ class Sender:
         except Exception:  # noqa: BLE001 - a bad update must not end the stream
             self.buffer.count("clip_errors")
             log.exception("stepwatch: could not stage clip update %d", update.version)
+
+    # ------------------------------------------------------------------ channel mode (asyncio)
+    def _wake(self) -> None:
+        """Wake the tasks waiting on this sender, from the loop's thread or any other."""
+        if threading.get_ident() == self._loop_thread:
+            self._changed.set()
+        else:
+            self._loop.call_soon_threadsafe(self._changed.set)
+
+    async def _until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """The loop's wait_for: True once `predicate()` holds, False after `timeout` seconds."""
+        deadline = None if timeout is None else self._loop.time() + timeout
+        while not predicate():
+            self._changed.clear()
+            if deadline is None:
+                await self._changed.wait()
+                continue
+            left = deadline - self._loop.time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return predicate()
+        return True
+
+    async def wait_space(self, below: int | None = None, timeout: float | None = None) -> bool:
+        """Wait until fewer than `below` (default: the capacity) steps are buffered, so that a
+        `submit` on the loop never waits; False after `timeout` seconds or once closing."""
+        below = self.buffer.capacity if below is None else below
+        return await self._until(lambda: self.buffer.buffered() < below or self.buffer.closing,
+                                 timeout) and not self.buffer.closing
+
+    async def aclose(self, timeout: float) -> bool:
+        """`close()` for channel mode: flush, half-close, stop. The channel stays open."""
+        deadline = self._loop.time() + timeout
+        with self._cond:
+            self.buffer.closing = True
+        self._changed.set()
+        flushed = await self._until(lambda: self.buffer.drained() or self._task.done(), timeout)
+        conn = self._conn
+        self._goodbye = flushed and conn is not None and not conn.dead
+        if self._goodbye:     # the collector finishes the run once every rank said goodbye
+            try:
+                await conn.call.done_writing()
+            except Exception:  # noqa: BLE001 - the stream ended meanwhile: nothing to close
+                pass
+            if not await self._until(lambda: conn.dead,
+                                     max(0.05, deadline - self._loop.time())):
+                self.buffer.count("goodbye_timeouts")
+        with self._cond:
+            self._stop = True
+            lost = self.buffer.buffered()
+            self.buffer.counters["lost_at_close"] += lost
+            conn = self._conn
+        self._changed.set()
+        if conn is not None and conn.call is not None:
+            conn.call.cancel()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task),
+                                   max(0.1, deadline - self._loop.time()) + 1.0)
+        except asyncio.TimeoutError:
+            self._task.cancel()
+        if lost:
+            log.warning("stepwatch: closed with %d step(s) not acknowledged by %s",
+                        lost, self.target)
+        return flushed and lost == 0
+
+    async def _run_async(self) -> None:
+        backoff = self.config.backoff_initial_s
+        while not (self._stop or self._goodbye):
+            conn = await self._connect_async()
+            if conn is not None:
+                backoff = self.config.backoff_initial_s
+                try:
+                    await self._serve_async(conn)
+                except Exception:  # noqa: BLE001 - the worker must survive anything
+                    self.buffer.count("worker_errors")
+                    log.exception("stepwatch: sender error")
+                self._drop_conn_async(conn)
+            self._release_waiting()
+            await self._until(lambda: self._stop or self._goodbye, backoff)
+            backoff = min(backoff * 2, self.config.backoff_max_s)
+
+    async def _connect_async(self) -> _Conn | None:
+        conn = _Conn(self._channel)
+        self.buffer.count("connect_attempts")
+        try:
+            conn.call = self._stub.Stream(metadata=self._metadata)
+            with self._cond:
+                self._conn = conn
+            self._loop.create_task(self._read_async(conn), name="stepwatch-reader")
+            await conn.call.write(self._hello)
+            await self._until(lambda: conn.welcomed or conn.dead or self._stop,
+                              self.config.net_timeout_s)
+        except Exception:  # noqa: BLE001 - counted as a failed connect, retried with backoff
+            log.debug("stepwatch: connect to %s failed", self.target, exc_info=True)
+        with self._cond:
+            if conn.welcomed and not conn.dead:
+                self.buffer.counters["connects"] += 1
+                return conn
+        self.buffer.count("connect_failures")
+        self._drop_conn_async(conn)
+        return None
+
+    def _drop_conn_async(self, conn: _Conn) -> None:
+        """As `_drop_conn`, but the shared channel stays open."""
+        with self._cond:
+            conn.dead = True
+            if self._conn is conn:
+                self._conn = None
+        if conn.call is not None:
+            conn.call.cancel()
+        self._changed.set()
+
+    async def _serve_async(self, conn: _Conn) -> None:
+        for frame in self._resume(conn):
+            await conn.call.write(frame)
+        ready = lambda: self.buffer.has_pending() or conn.dead or self._stop  # noqa: E731
+        while True:
+            timeout = None       # no polling: wake on submit/ack, or when the ack is overdue
+            if self.buffer.has_unacked():
+                timeout = max(0.0, self.config.net_timeout_s
+                              - (time.monotonic() - conn.last_progress)) + 0.01
+            await self._until(ready, timeout)
+            with self._cond:
+                if conn.dead or self._stop or self._stale(conn):
+                    return
+                item = self.buffer.pop()
+            if item is not None:
+                for frame in self._encode(conn, item):
+                    await conn.call.write(frame)
+
+    async def _read_async(self, conn: _Conn) -> None:
+        try:
+            async for resp in conn.call:
+                self._receive(conn, resp)
+                self._changed.set()
+        except grpc.RpcError as exc:
+            self._stream_error(exc)
+        except asyncio.CancelledError:
+            if not (conn.dead or self._stop):      # not our own cancel of the call
+                raise
+        except Exception:  # noqa: BLE001 - the stream is reopened
+            self.buffer.count("reader_errors")
+            log.exception("stepwatch: reader error")
+        finally:
+            with self._cond:
+                conn.dead = True
+                self._cond.notify_all()
+            self._changed.set()
