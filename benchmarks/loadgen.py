@@ -38,6 +38,7 @@ from hooks.buffer import StepItem
 from hooks.config import MonitorConfig
 from hooks.sender import Sender
 
+CONNECT_BATCH = 256           # ranks that open their streams together
 _serialize_s = [0.0]          # every sender runs on this process's one event-loop thread
 _step_frames = frames.step_frames
 
@@ -93,6 +94,7 @@ async def play(a: dict) -> int:
 
     senders: list[Sender] = []
     schemas_by_group: dict[int, list] = {}
+    deadline = time.monotonic() + a["connect_timeout_s"]
     for i, r in enumerate(ranks):
         g = w.group(r)
         if g not in schemas_by_group:                   # one list per EP group
@@ -100,13 +102,14 @@ async def play(a: dict) -> int:
         senders.append(Sender(a["target"], frames.Identity(a["run"], r, w.world),
                               schemas_by_group[g], cfg, run_config={"bench": "ingest"},
                               on_clip=on_clip(r), channel=chans[i // per_channel]))
+        if len(senders) % CONNECT_BATCH == 0 or len(senders) == len(ranks):
+            # a few hundred streams opening at once is fine; thousands get INTERNAL errors
+            while not all(s.stats()["connected"] for s in senders[-CONNECT_BATCH:]):
+                if time.monotonic() > deadline:
+                    emit({"error": f"ranks not connected after {a['connect_timeout_s']} s"})
+                    return 1
+                await asyncio.sleep(0.02)
     layout = [[(sid, len(sp)) for sid, sp in schemas_by_group[w.group(r)]] for r in ranks]
-    deadline = time.monotonic() + a["connect_timeout_s"]
-    while not all(s.stats()["connected"] for s in senders):
-        if time.monotonic() > deadline:
-            emit({"error": f"ranks not connected after {a['connect_timeout_s']} s"})
-            return 1
-        await asyncio.sleep(0.05)
     emit({"ready": len(senders)})
     go = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     if go.strip() != "go":

@@ -111,8 +111,10 @@ class Workload:
 
     @property
     def spike_site(self) -> MetricSpec:
-        """The expert whose max|h| blows up: the first one rank 0 hosts."""
-        return self.experts[int(self.expert_slice(0)[0])]
+        """The metric that blows up: max|h| (act_maxabs) of the first expert rank 0 hosts
+        (slices hold whole experts, so that expert's stats all sit in rank 0's vector)."""
+        stat = [name for name, _, _ in EXPERT_STATS].index("act_maxabs")
+        return self.experts[int(self.expert_slice(0)[0]) + stat]
 
 
 class Values:
@@ -151,7 +153,7 @@ class Values:
         d_layer, d_expert = w.n_layers // 2, w.n_experts - 1
         dead[(layer == d_layer) & (expert == d_expert) & np.isin(stat, ["tokens", "act_rms",
                                                                           "gate_mass"])] = True
-        spike = np.array([s == w.spike_site for s in specs]) & (stat == "act_maxabs")
+        spike = np.array([s == w.spike_site for s in specs])
         is_loss = stat == "loss"
         self._base[g] = tuple(np.asarray(a, dtype=np.float32) if a.dtype.kind == "f" else a
                               for a in (base, drift, dead, spike, is_loss))

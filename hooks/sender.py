@@ -106,7 +106,8 @@ class Sender:
             raise RuntimeError("Sender(channel=...) must be created on the event loop that "
                                "runs the channel") from None
         self._loop_thread = threading.get_ident()
-        self._changed = asyncio.Event()          # set on anything a waiter may be waiting for
+        self._work = asyncio.Event()      # the worker: a step to send, a dead stream, stop
+        self._progress = asyncio.Event()  # the others: Welcome, acks, closing, a dead stream
         self._stub = pbg.TelemetryStub(channel)
         self._task = self._loop.create_task(self._run_async(),
                                             name=f"stepwatch-sender-r{ident.rank}")
@@ -351,43 +352,52 @@ class Sender:
 
     # ------------------------------------------------------------------ channel mode (asyncio)
     def _wake(self) -> None:
-        """Wake the tasks waiting on this sender, from the loop's thread or any other."""
+        """Wake the worker after a submit, from the loop's thread or any other."""
         if threading.get_ident() == self._loop_thread:
-            self._changed.set()
+            self._work.set()
         else:
-            self._loop.call_soon_threadsafe(self._changed.set)
+            self._loop.call_soon_threadsafe(self._work.set)
 
-    async def _until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
-        """The loop's wait_for: True once `predicate()` holds, False after `timeout` seconds."""
+    def _wake_all(self) -> None:
+        self._work.set()
+        self._progress.set()
+
+    async def _until(self, event: asyncio.Event, predicate: Callable[[], bool],
+                     timeout: float | None = None) -> bool:
+        """The loop's wait_for on one of the two events: True once `predicate()` holds, False
+        after `timeout` seconds. The deadline is a timer that sets the event (cheaper than
+        asyncio.wait_for's task per wait; other waiters on it just re-check)."""
+        if predicate():
+            return True
         deadline = None if timeout is None else self._loop.time() + timeout
-        while not predicate():
-            self._changed.clear()
-            if deadline is None:
-                await self._changed.wait()
-                continue
-            left = deadline - self._loop.time()
-            if left <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
-                return predicate()
-        return True
+        timer = None if deadline is None else self._loop.call_at(deadline, event.set)
+        try:
+            while not predicate():
+                if deadline is not None and self._loop.time() >= deadline:
+                    return False
+                event.clear()
+                await event.wait()
+            return True
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def wait_space(self, below: int | None = None, timeout: float | None = None) -> bool:
         """Wait until fewer than `below` (default: the capacity) steps are buffered, so that a
         `submit` on the loop never waits; False after `timeout` seconds or once closing."""
         below = self.buffer.capacity if below is None else below
-        return await self._until(lambda: self.buffer.buffered() < below or self.buffer.closing,
-                                 timeout) and not self.buffer.closing
+        return await self._until(
+            self._progress, lambda: self.buffer.buffered() < below or self.buffer.closing,
+            timeout) and not self.buffer.closing
 
     async def aclose(self, timeout: float) -> bool:
         """`close()` for channel mode: flush, half-close, stop. The channel stays open."""
         deadline = self._loop.time() + timeout
         with self._cond:
             self.buffer.closing = True
-        self._changed.set()
-        flushed = await self._until(lambda: self.buffer.drained() or self._task.done(), timeout)
+        self._wake_all()
+        flushed = await self._until(self._progress,
+                                    lambda: self.buffer.drained() or self._task.done(), timeout)
         conn = self._conn
         self._goodbye = flushed and conn is not None and not conn.dead
         if self._goodbye:     # the collector finishes the run once every rank said goodbye
@@ -395,7 +405,7 @@ class Sender:
                 await conn.call.done_writing()
             except Exception:  # noqa: BLE001 - the stream ended meanwhile: nothing to close
                 pass
-            if not await self._until(lambda: conn.dead,
+            if not await self._until(self._progress, lambda: conn.dead,
                                      max(0.05, deadline - self._loop.time())):
                 self.buffer.count("goodbye_timeouts")
         with self._cond:
@@ -403,7 +413,7 @@ class Sender:
             lost = self.buffer.buffered()
             self.buffer.counters["lost_at_close"] += lost
             conn = self._conn
-        self._changed.set()
+        self._wake_all()
         if conn is not None and conn.call is not None:
             conn.call.cancel()
         try:
@@ -418,19 +428,22 @@ class Sender:
 
     async def _run_async(self) -> None:
         backoff = self.config.backoff_initial_s
-        while not (self._stop or self._goodbye):
-            conn = await self._connect_async()
-            if conn is not None:
-                backoff = self.config.backoff_initial_s
-                try:
-                    await self._serve_async(conn)
-                except Exception:  # noqa: BLE001 - the worker must survive anything
-                    self.buffer.count("worker_errors")
-                    log.exception("stepwatch: sender error")
-                self._drop_conn_async(conn)
-            self._release_waiting()
-            await self._until(lambda: self._stop or self._goodbye, backoff)
-            backoff = min(backoff * 2, self.config.backoff_max_s)
+        try:
+            while not (self._stop or self._goodbye):
+                conn = await self._connect_async()
+                if conn is not None:
+                    backoff = self.config.backoff_initial_s
+                    try:
+                        await self._serve_async(conn)
+                    except Exception:  # noqa: BLE001 - the worker must survive anything
+                        self.buffer.count("worker_errors")
+                        log.exception("stepwatch: sender error")
+                    self._drop_conn_async(conn)
+                self._release_waiting()
+                await self._until(self._work, lambda: self._stop or self._goodbye, backoff)
+                backoff = min(backoff * 2, self.config.backoff_max_s)
+        finally:
+            self._progress.set()             # aclose() waits for this task too
 
     async def _connect_async(self) -> _Conn | None:
         conn = _Conn(self._channel)
@@ -441,7 +454,7 @@ class Sender:
                 self._conn = conn
             self._loop.create_task(self._read_async(conn), name="stepwatch-reader")
             await conn.call.write(self._hello)
-            await self._until(lambda: conn.welcomed or conn.dead or self._stop,
+            await self._until(self._progress, lambda: conn.welcomed or conn.dead or self._stop,
                               self.config.net_timeout_s)
         except Exception:  # noqa: BLE001 - counted as a failed connect, retried with backoff
             log.debug("stepwatch: connect to %s failed", self.target, exc_info=True)
@@ -461,18 +474,18 @@ class Sender:
                 self._conn = None
         if conn.call is not None:
             conn.call.cancel()
-        self._changed.set()
+        self._wake_all()
 
     async def _serve_async(self, conn: _Conn) -> None:
         for frame in self._resume(conn):
             await conn.call.write(frame)
         ready = lambda: self.buffer.has_pending() or conn.dead or self._stop  # noqa: E731
         while True:
-            timeout = None       # no polling: wake on submit/ack, or when the ack is overdue
+            timeout = None       # no polling: wake on submit, or once the ack is overdue
             if self.buffer.has_unacked():
                 timeout = max(0.0, self.config.net_timeout_s
                               - (time.monotonic() - conn.last_progress)) + 0.01
-            await self._until(ready, timeout)
+            await self._until(self._work, ready, timeout)
             with self._cond:
                 if conn.dead or self._stop or self._stale(conn):
                     return
@@ -485,7 +498,7 @@ class Sender:
         try:
             async for resp in conn.call:
                 self._receive(conn, resp)
-                self._changed.set()
+                self._progress.set()
         except grpc.RpcError as exc:
             self._stream_error(exc)
         except asyncio.CancelledError:
@@ -498,4 +511,4 @@ class Sender:
             with self._cond:
                 conn.dead = True
                 self._cond.notify_all()
-            self._changed.set()
+            self._wake_all()
