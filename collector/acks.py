@@ -22,6 +22,7 @@ class RankAcks:
     acked: int = 0                 # last cumulative ack computed (and sent)
     max_seq: int = 0               # highest data-frame seq received
     durable_step: int = -1         # highest step of this rank made durable
+    sent_at: float = float("-inf")  # clock reading when an Ack last went to this rank
     _open: dict[int, int] = field(default_factory=dict)   # step in barrier -> lowest seq
     _waiting: list[tuple[int, int, int]] = field(default_factory=list)  # (job, seq, step)
     _failed: int | None = None     # lowest seq whose write failed: the ack never passes it
