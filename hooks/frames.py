@@ -5,6 +5,7 @@ sender hands it sequence numbers, and neither sees a message type.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -77,12 +78,21 @@ def wire_layout(schemas: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _metric_defs(specs: tuple[MetricSpec, ...]) -> bytes:
+    """The MetricDefs of a schema, encoded once: ranks of one EP group (a load generator
+    plays thousands in one process) register the same names."""
+    return pb.Schema(metrics=[
+        pb.MetricDef(name=s.name, layer=s.layer, expert=s.expert, head=s.head, stat=s.stat,
+                     unit=s.unit, reduce=REDUCE[s.reduce]) for s in specs]).SerializeToString()
+
+
 def schema(ident: Identity, seq: int, schema_id: int, specs: Sequence[MetricSpec]
            ) -> pb.ClientFrame:
-    metrics = [pb.MetricDef(name=s.name, layer=s.layer, expert=s.expert, head=s.head,
-                            stat=s.stat, unit=s.unit, reduce=REDUCE[s.reduce]) for s in specs]
-    return pb.ClientFrame(schema=pb.Schema(header=ident.header(-1, seq), schema_id=schema_id,
-                                           metrics=metrics))
+    msg = pb.Schema.FromString(_metric_defs(tuple(specs)))
+    msg.header.CopyFrom(ident.header(-1, seq))
+    msg.schema_id = schema_id
+    return pb.ClientFrame(schema=msg)
 
 
 def step_frames(ident: Identity, payload: StepPayload, chunk_values: int,
