@@ -28,7 +28,9 @@ class CollectorConfig:
 
     max_pending_bytes: int = 1 << 30
     """Bytes of step vectors held by all runs, from the first chunk until the writer has
-    handed them to the store; beyond it new vectors are RESOURCE_EXHAUSTED."""
+    handed them to the store; beyond it new vectors are RESOURCE_EXHAUSTED. A step of 6
+    million values holds 30 MB (float32 + have flag), so the default admits ~35 such steps in
+    flight and, with the writer's one stacked copy per step, keeps the collector under 2 GB."""
 
     max_chunk_bytes: int = MIB
     """Largest StepChunk.values (the wire contract says 1 MiB); gRPC's receive limit is set
