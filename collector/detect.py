@@ -81,10 +81,13 @@ class Detect:
         step = rows.status.step
         ranks = tuple(sorted(included))
         size = rd.index.size
-        raw = rows.raw
-        frame = StepFrame.from_rows(
-            run, step, rows.reduced.metric_id, rows.reduced.value, size, ranks,
-            lambda: RankVectors(raw.metric_id, raw.rank, raw.value, size, ranks))
+
+        def rank_vectors() -> RankVectors:
+            raw = rows.raw      # flat rows (~140 ms at 6M values): built only when asked for
+            return RankVectors(raw.metric_id, raw.rank, raw.value, size, ranks)
+
+        frame = StepFrame.from_rows(run, step, rows.reduced.metric_id, rows.reduced.value, size,
+                                    ranks, rank_vectors)
         events = rd.detectors.observe(frame, rd.index)
         with self._lock:
             clamped = rd.policy.clamped()
