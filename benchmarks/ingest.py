@@ -10,11 +10,14 @@ reduction, online detectors, store writes, acks after flush). Sustained rate: st
 warm-up (which pays for connections and schema registration) over the time until the last of
 them is acknowledged, i.e. durable.
 
-Measured in the same run, after the pipeline: the raw ceiling, the same raw + reduced rows of
-the same number of steps written straight to the backend - one clickhouse-driver columnar numpy
-INSERT per step into tables of the same DDL, or one pyarrow Parquet file per step (zstd). Every
-rate is printed absolute and as a ratio to it. The store is then checked to hold exactly the
-expected rows (distinct natural keys). Last line:
+Measured in the same run, after the pipeline: the raw ceiling, the same rows the store keeps for
+the same number of steps (one float32 vector per rank and step, plus the reduced rows) written
+straight to the backend - one clickhouse-driver columnar numpy INSERT per table and step into
+tables of the same DDL, or one pyarrow Parquet file per step (zstd). Every rate is printed
+absolute and as a ratio to it. As a reference, one step is also written as one row per value
+(rank, step, metric_id, value), the layout of per-key trackers (`--no-flat` skips it). The
+collector's CPU is split into connect (streams opened, schemas registered: once per run) and
+per step after that. The store is then checked to hold exactly the expected rows (distinct natural keys). Last line:
 
     metrics/s=<float> ratio_to_raw=<float>
 """
@@ -41,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = "bench-ingest"
 STAGE_RE = re.compile(r"writer stage seconds: (.*)")
 RECEIVE_RE = re.compile(r"ingest seconds: receive=([\d.]+)")
+SCHEMAS_RE = re.compile(r"ingest seconds: receive=[\d.]+ schemas=([\d.]+)")
 CLIP_RE = re.compile(r"clip update v1 on the wire ([\d.]+) ms")
 
 
@@ -88,6 +92,7 @@ def play(url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: flo
             if "ready" not in line:
                 raise RuntimeError(f"load generator: {line}")
         connect_s = time.perf_counter() - t0
+        _, connect_cpu_s = proc_mem_cpu(collector.pid)      # schema registration, streams
         for g in gens:
             g.stdin.write("go\n")
             g.stdin.flush()
@@ -108,7 +113,10 @@ def play(url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: flo
     stages = dict((k, float(v)) for k, v in
                   (kv.split("=") for kv in STAGE_RE.findall(text)[-1].split()))
     stages["receive"] = float(RECEIVE_RE.findall(text)[-1])
+    schemas = SCHEMAS_RE.findall(text)
+    stages["schemas"] = float(schemas[-1]) if schemas else 0.0
     return {"results": results, "collector_rss_mib": rss_mib, "collector_cpu_s": cpu_s,
+            "collector_connect_cpu_s": connect_cpu_s,
             "stages": stages, "connect_s": connect_s,
             "clip_wire_ms": [float(x) for x in CLIP_RE.findall(text)]}
 
@@ -222,9 +230,44 @@ def ceiling(url: str, w: Workload, steps: int, tmp: Path) -> float:
     return elapsed
 
 
+def flat_ceiling(url: str, w: Workload, tmp: Path) -> float:
+    """Seconds to write ONE step as one row per value (rank, step, metric_id, value): the
+    layout of per-key trackers and of this store before raw values became vectors. A
+    reference for what the vector layout buys, printed beside the real ceiling."""
+    values = Values(w)
+    ids = np.concatenate([w.global_ids(r).astype(np.int32) for r in range(w.world)])
+    vals = values.steps(np.arange(w.world), 0).astype(np.float32).reshape(-1)
+    ranks = np.repeat(np.arange(w.world, dtype=np.int32), w.values_per_rank)
+    cols = {"step": np.zeros(ids.size, np.int64), "metric_id": ids, "rank": ranks, "value": vals}
+    if url.startswith("clickhouse"):
+        from store.clickhouse import ClickHouseStore
+        _, c = clickhouse_client(url)
+        db = f"{c.database}_flat_{uuid.uuid4().hex[:6]}"
+        ClickHouseStore(url.rsplit("/", 1)[0] + "/" + db).close()   # its v1 `raw` table
+        client, _ = clickhouse_client(url, db)
+        try:
+            cols = {"run": np.full(ids.size, RUN, object), **cols,
+                    "ver": np.full(ids.size, time.time_ns(), np.uint64)}
+            t0 = time.perf_counter()
+            client.execute(f"INSERT INTO `{db}`.`raw` ({', '.join(f'`{k}`' for k in cols)}) "
+                           f"VALUES", list(cols.values()), columnar=True,
+                           settings={"use_numpy": True})
+            return time.perf_counter() - t0
+        finally:
+            client.execute(f"DROP DATABASE IF EXISTS `{db}`")
+            client.disconnect()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    t0 = time.perf_counter()
+    pq.write_table(pa.table(cols), tmp / "flat.parquet", compression="zstd",
+                   row_group_size=1 << 20)
+    return time.perf_counter() - t0
+
+
 # ---- the benchmark ------------------------------------------------------------------------------
 def run(url: str, total: int, steps: int, ranks: int, procs: int = 2, warmup: int = 2,
-        depth: int = 4, flush_s: float = 0.5, ceiling_steps: int | None = None) -> dict:
+        depth: int = 4, flush_s: float = 0.5, ceiling_steps: int | None = None,
+        flat: bool = True) -> dict:
     if steps <= warmup:
         raise SystemExit(f"--steps ({steps}) must exceed --warmup ({warmup})")
     spike = 12 if steps >= 16 else 10**9                     # MaxAbsSpike needs 10 of history
@@ -237,6 +280,7 @@ def run(url: str, total: int, steps: int, ranks: int, procs: int = 2, warmup: in
         held = stored(url, tmp)
         c_steps = ceiling_steps or min(steps, 5)
         ceil_s = ceiling(url, w, c_steps, tmp)
+        flat_s = flat_ceiling(url, w, tmp) if flat else None
     res = p["results"]
     per_step = w.values_per_rank * w.world
     t_w = min(r["submitted_at"][warmup] for r in res)
@@ -245,6 +289,7 @@ def run(url: str, total: int, steps: int, ranks: int, procs: int = 2, warmup: in
     ceil_mps = c_steps * per_step / ceil_s
     rank_steps = steps * w.world
     client_cpu = sum(r["cpu_s"] - r["gen_s"] for r in res) / rank_steps
+    steady_cpu = p["collector_cpu_s"] - p["collector_connect_cpu_s"]
     out = {
         "store": url.split(":", 1)[0], "metrics_per_step": per_step, "ranks": w.world,
         "metrics_per_rank": w.values_per_rank, "reduced_per_step": w.distinct_metrics(),
@@ -252,6 +297,9 @@ def run(url: str, total: int, steps: int, ranks: int, procs: int = 2, warmup: in
         "metrics_per_s": sps * per_step, "ceiling_metrics_per_s": ceil_mps,
         "ratio_to_raw": sps * per_step / ceil_mps, "ceiling_steps_per_s": ceil_mps / per_step,
         "collector_rss_mib": p["collector_rss_mib"], "collector_cpu_s": p["collector_cpu_s"],
+        "collector_connect_cpu_s": p["collector_connect_cpu_s"],
+        "collector_step_cpu_ms": steady_cpu / steps * 1e3,
+        "flat_ceiling_metrics_per_s": per_step / flat_s if flat_s else None,
         "stages_s": p["stages"], "connect_s": p["connect_s"],
         "client_submit_us": sum(r["submit_s"] for r in res) / rank_steps * 1e6,
         "client_serialize_us": sum(r["serialize_s"] for r in res) / rank_steps * 1e6,
@@ -271,39 +319,55 @@ def run(url: str, total: int, steps: int, ranks: int, procs: int = 2, warmup: in
     return out
 
 
+ONCE = ("schemas", "dictionary")      # stages paid when ranks connect, not per step
+
+
 def report(r: dict) -> str:
     """Markdown rows for one store (RESULTS.md and stdout)."""
     st, ceil = r["stages_s"], r["ceiling_metrics_per_s"]
-    n = r["steps"]
+    n, name = r["steps"], r["store"]
     per = lambda k: st.get(k, 0.0) / n * 1e3                         # noqa: E731  ms/step
-    other = r["collector_cpu_s"] / n * 1e3 - sum(per(k) for k in st)
+    staged = sum(per(k) for k in st if k not in ONCE)
     lines = [
-        f"| {r['store']} | sustained | {r['steps_per_s']:.3f} steps/s, "
+        f"| {name} | sustained | {r['steps_per_s']:.3f} steps/s, "
         f"{r['metrics_per_s']:,.0f} metrics/s | ratio {r['ratio_to_raw']:.3f} |",
-        f"| {r['store']} | raw ceiling (same rows, direct write) | "
+        f"| {name} | raw ceiling (same rows: one vector per rank, direct write) | "
         f"{r['ceiling_steps_per_s']:.3f} steps/s, {ceil:,.0f} metrics/s | 1.000 |",
     ]
-    for key, label in (("receive", "event loop: checks + barrier copy"),
-                       ("reduce", "writer: reduce across ranks"),
-                       ("write", "writer: validate + buffer rows"),
+    flat = r.get("flat_ceiling_metrics_per_s")
+    if flat:
+        lines.append(f"| {name} | reference: one row per value, direct write (1 step) | "
+                     f"{flat / r['metrics_per_step']:.3f} steps/s, {flat:,.0f} metrics/s | "
+                     f"sustained = {r['metrics_per_s'] / flat:.2f} x this |")
+    for key, label in (("receive", "event loop: frame checks + barrier copy"),
+                       ("reduce", "writer: reduce across ranks (a matrix per layout)"),
+                       ("write", "writer: store writes (raw vectors + reduced rows)"),
                        ("detect", "writer: online detectors"),
-                       ("flush", "writer: store flush (dedup + commit)")):
-        lines.append(f"| {r['store']} | {label} | {per(key):.1f} ms/step | "
+                       ("flush", "writer: store flush (commit)")):
+        lines.append(f"| {name} | {label} | {per(key):.1f} ms/step | "
                      f"{per(key) / 1e3 * r['steps_per_s']:.3f} of wall |")
+    step_cpu = r["collector_step_cpu_ms"]
     lines += [
-        f"| {r['store']} | collector CPU outside those (gRPC, decode, acks) | "
-        f"{max(other, 0):.1f} ms/step | |",
-        f"| {r['store']} | collector peak RSS | {r['collector_rss_mib']:.0f} MiB | "
+        f"| {name} | collector CPU outside those (gRPC, protobuf, acks) | "
+        f"{max(step_cpu - staged, 0):.1f} ms/step | "
+        f"{max(step_cpu - staged, 0) / 1e3 * r['steps_per_s']:.3f} of wall |",
+        f"| {name} | collector CPU per step, all threads (after connect) | {step_cpu:.1f} ms | "
+        f"{step_cpu / 1e3 * r['steps_per_s']:.3f} cores |",
+        f"| {name} | connect: {r['ranks']:,} streams, schemas registered | "
+        f"{r['connect_s']:.1f} s wall, collector {r['collector_connect_cpu_s']:.1f} CPU-s "
+        f"(schemas {st.get('schemas', 0.0):.1f} s, dictionary writes "
+        f"{st.get('dictionary', 0.0):.1f} s) | once per run |",
+        f"| {name} | collector peak RSS | {r['collector_rss_mib']:.0f} MiB | "
         f"{r['collector_rss_mib'] / 2048:.3f} of 2 GiB |",
-        f"| {r['store']} | client telemetry CPU per rank-step (serialize "
+        f"| {name} | client telemetry CPU per rank-step (serialize "
         f"{r['client_serialize_us']:.0f} us, submit {r['client_submit_us']:.1f} us) | "
         f"{r['client_telemetry_cpu_us']:.0f} us | "
         f"{r['client_telemetry_share_of_1s_step']:.4f} of a 1 s step |",
-        f"| {r['store']} | bytes per stored value | {r['stored']['bytes_per_value']:.2f} B | "
+        f"| {name} | bytes per stored value | {r['stored']['bytes_per_value']:.2f} B | "
         f"{r['stored']['bytes_per_value'] / 4:.2f} of a float32 |",
     ]
     if "detect_ms" in r:
-        lines.append(f"| {r['store']} | injected max-abs spike to clip applied | "
+        lines.append(f"| {name} | injected max-abs spike to clip applied | "
                      f"{r['detect_steps']} steps, {r['detect_ms']:.0f} ms | "
                      f"collector: {', '.join(f'{x:.1f}' for x in r['clip_wire_ms'])} ms "
                      f"barrier to wire |")
@@ -326,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=4, help="client buffer, steps (block policy)")
     ap.add_argument("--flush-interval", type=float, default=0.5)
     ap.add_argument("--json", help="also write the full result here")
+    ap.add_argument("--no-flat", action="store_true",
+                    help="skip the one-row-per-value reference write (slow: ~1 M rows/s)")
     a = ap.parse_args(argv)
     r = run(a.store, a.metrics_per_step, a.steps, a.ranks, a.procs, a.warmup, a.depth,
-            a.flush_interval)
+            a.flush_interval, flat=not a.no_flat)
     print(f"{r['metrics_per_step']:,} metrics/step = {r['ranks']:,} ranks x "
           f"{r['metrics_per_rank']:,} ({r['reduced_per_step']:,} reduced), {r['steps']} steps "
           f"({r['warmup']} warm-up), {r['procs']} load-generator processes; {r['machine']}")

@@ -6,7 +6,8 @@ ready steps here, off the loop), and flushes the store when `flush_interval_s` h
 the last flush or `flush_every_steps` steps wait, whichever comes first. Only after a flush
 returns does it report "durable through job J" to `on_flushed`, which turns into acks.
 
-Time spent per stage (reduce, store writes, observer, flush) is summed in `stage_s` and
+CPU time of this thread per stage (reduce, step writes, dictionary writes, observer, flush;
+thread CPU, so waiting for the GIL or the disk is not counted) is summed in `stage_s` and
 logged when the writer closes (`writer stage seconds: ...`; benchmarks/ingest.py reads it).
 
 Store failures never escape: a job that keeps failing is reported as failed (its frames are
@@ -165,7 +166,7 @@ class Writer:
         self._dirty = False
         self._steps = 0               # step jobs applied since the last flush
         self._last_flush = float("-inf")
-        self.stage_s = dict.fromkeys(("reduce", "write", "detect", "flush"), 0.0)
+        self.stage_s = dict.fromkeys(("reduce", "write", "dictionary", "detect", "flush"), 0.0)
 
     def start(self) -> None:
         self._thread.start()
@@ -211,13 +212,14 @@ class Writer:
         try:
             for attempt in range(ATTEMPTS):
                 try:
-                    t0 = time.perf_counter()
+                    t0 = time.thread_time()
                     if isinstance(job, WriteStep):
                         job.reduce()
-                    t1 = time.perf_counter()
+                    t1 = time.thread_time()
                     n = job.apply(self.store)
                     self.stage_s["reduce"] += t1 - t0
-                    self.stage_s["write"] += time.perf_counter() - t1
+                    self.stage_s["write" if isinstance(job, (WriteStep, WriteRaw))
+                                 else "dictionary"] += time.thread_time() - t1
                     self._counters.add("values_written", n)
                     break
                 except Exception:                     # never let the store kill the stage
@@ -228,9 +230,9 @@ class Writer:
                         time.sleep(0.05 * 2 ** attempt)
             else:
                 self._failed.add(job_id)
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             self._notify(job)
-            self.stage_s["detect"] += time.perf_counter() - t0
+            self.stage_s["detect"] += time.thread_time() - t0
         finally:
             if job.nbytes:
                 self._release(job.nbytes)
@@ -253,9 +255,9 @@ class Writer:
         if not self._dirty:
             return
         try:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             self.store.flush()
-            self.stage_s["flush"] += time.perf_counter() - t0
+            self.stage_s["flush"] += time.thread_time() - t0
         except Exception:
             self._counters.add("store_errors")
             log.exception("store flush failed; retrying in %.2fs, nothing is acked meanwhile",
