@@ -4,12 +4,18 @@ Metric identity is the name. The first rank to register a name fixes its labels 
 expert, head, stat, unit) and reduce op and gets the next dense id; every other rank that
 registers the same name gets the same id, and must declare the same labels and op. Each
 (rank, schema_id) keeps one int32 array mapping schema position -> metric id, which is all the
-hot path needs (a chunk's ids are a slice of it). Registration runs once per schema, so it may
-loop over MetricDefs in Python; nothing per step does.
+hot path needs (a chunk's ids are a slice of it).
+
+Registration runs once per schema, but a 4,096-rank job sends 4,096 schemas of ~1,465
+MetricDefs at connect, and the ranks of one expert-parallel group send identical ones. So a
+schema is keyed by a digest of its serialized MetricDefs (hashed in C, no per-def Python): a
+digest the run has registered before maps to the same id array, and only the per-rank checks
+run. A first-time schema reads each def's fields once into columns and checks them in bulk.
 """
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,11 +53,13 @@ def check_hello(h: pb.Hello, max_world_size: int) -> tuple[str, int, int]:
 @dataclass(frozen=True)
 class Schema:
     ids: np.ndarray        # int32: schema position -> metric id (never mutated)
-    fingerprint: bytes     # digest of the MetricDefs, for idempotent re-registration
+    fingerprint: bytes     # digest of the serialized MetricDefs (_digest)
 
 
-def _labels(m: pb.MetricDef) -> Labels:
-    return (m.layer, m.expert, m.head, m.stat, m.unit, REDUCE_CODES[m.reduce])
+def _digest(defs: bytes) -> bytes:
+    """Identity of a schema's serialized MetricDefs (sha256: hardware-accelerated here,
+    ~65 us for 1,465 defs, and no client can craft two schemas that share a digest)."""
+    return hashlib.sha256(defs).digest()
 
 
 def _describe(name: str, lab: Labels) -> str:
@@ -73,7 +81,11 @@ class RunMetrics:
         # with whatever array it was handed.
         self.ops = np.zeros(0, dtype=np.int8)
         self._schemas: dict[tuple[int, int], Schema] = {}
+        self._n_schemas: dict[int, int] = {}          # schemas per rank
         self._rank_ids: dict[int, np.ndarray] = {}    # all ids in a rank's schemas
+        # digest of MetricDefs -> their id array. Sound because names and labels are never
+        # removed or changed: defs that resolved once resolve to the same ids forever.
+        self._layouts: dict[bytes, np.ndarray] = {}
 
     def has_schema(self, rank: int, schema_id: int) -> bool:
         return (rank, schema_id) in self._schemas
@@ -85,77 +97,127 @@ class RunMetrics:
                                   f"{self.run!r}: send its Schema frame first")
         return s.ids
 
+    def register_schema(self, rank: int, s: pb.Schema) -> MetricDict | None:
+        """register() for a Schema message as received: its MetricDefs are fingerprinted from
+        the message's own serialization (one C copy and encode, ~0.2 ms for 1,465 defs)
+        rather than by wrapping each def, which is most of the cost of registering a schema
+        the run has already seen."""
+        defs = pb.Schema()
+        defs.CopyFrom(s)
+        defs.ClearField("header")
+        defs.ClearField("schema_id")
+        return self._register(rank, s.schema_id, s.metrics, defs.SerializeToString())
+
     def register(self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef]
                  ) -> MetricDict | None:
         """Register a schema; returns the metric-dictionary rows it created (None if none).
-        Validates everything before changing anything."""
-        for i, m in enumerate(metrics):
-            if m.reduce not in REDUCE_CODES:
-                raise InvalidArgument(f"metric {i} ({m.name!r}) of schema {schema_id} has "
-                                      f"reduce op {m.reduce}: declare sum, mean, max or min")
-            if not m.name or len(m.name) > MAX_NAME_CHARS:
-                raise InvalidArgument(f"metric {i} of schema {schema_id}: name must have 1.."
-                                      f"{MAX_NAME_CHARS} characters")
-            if min(m.layer, m.expert, m.head) < -1:
-                raise InvalidArgument(f"metric {m.name!r}: layer/expert/head must be >= -1")
-        names = [m.name for m in metrics]
-        labels = [_labels(m) for m in metrics]
-        digest = hashlib.blake2b(repr((names, labels)).encode(), digest_size=16).digest()
+        Validates everything before changing anything. Identical MetricDefs (any rank, any
+        schema_id) get the same id array object."""
+        return self._register(rank, schema_id, metrics,
+                              pb.Schema(metrics=metrics).SerializeToString())
+
+    def _register(self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef],
+                  defs: bytes) -> MetricDict | None:
+        digest = _digest(defs)
         old = self._schemas.get((rank, schema_id))
+        if old is not None and old.fingerprint == digest:
+            return None                                   # a resend after reconnect
+        ids = self._layouts.get(digest)
+        cols = None if ids is not None else _columns(schema_id, metrics)
         if old is not None:
-            if old.fingerprint == digest:
-                return None                               # a resend after reconnect
             raise InvalidArgument(f"schema_id {schema_id} of rank {rank} was registered with "
                                   f"other metrics; schema ids are unique per (run, rank)")
-        if not metrics:
-            raise InvalidArgument(f"schema {schema_id} has no metrics")
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise InvalidArgument(f"metric {dup!r} appears twice in schema {schema_id}")
-        n_rank = sum(1 for (r, _) in self._schemas if r == rank)
+        n_rank = self._n_schemas.get(rank, 0)
         if n_rank >= self.max_schemas_per_rank:
             raise ResourceExhausted(f"rank {rank} already has {n_rank} schemas "
                                     f"(max_schemas_per_rank={self.max_schemas_per_rank})")
-
-        ids = np.full(len(names), -1, dtype=np.int32)
         new: list[int] = []
-        for i, (name, lab) in enumerate(zip(names, labels)):
-            mid = self.ids.get(name)
-            if mid is None:
-                new.append(i)
-            elif self._labels[mid] != lab:
-                raise InvalidArgument(f"metric {_describe(name, lab)} conflicts with its "
-                                      f"registration as {_describe(name, self._labels[mid])}")
-            else:
-                ids[i] = mid
-        if len(self.ids) + len(new) > self.max_metrics:
-            raise ResourceExhausted(f"run {self.run!r} would have {len(self.ids) + len(new)} "
-                                    f"metrics (max_metrics_per_run={self.max_metrics})")
-        known = ids[ids >= 0]
+        if cols is not None:
+            ids, new = self._resolve(cols)
         mine = self._rank_ids.get(rank)
-        if mine is not None and known.size:
-            clash = known[np.isin(known, mine)]
-            if clash.size:
-                name = names[int(np.flatnonzero(ids == clash[0])[0])]
+        if mine is not None:
+            clash = np.isin(ids, mine)
+            if clash.any():
+                name = metrics[int(np.flatnonzero(clash)[0])].name
                 raise InvalidArgument(f"metric {name!r} is already in another schema of rank "
                                       f"{rank}; a rank sends each metric once per step")
 
-        first = len(self._labels)                         # commit: nothing raises below
-        for k, i in enumerate(new):
-            self.ids[names[i]] = first + k
-            self._labels.append(labels[i])
-            ids[i] = first + k
-        self.ops = np.concatenate([self.ops, np.array([labels[i][5] for i in new], np.int8)])
+        rows = None if cols is None else self._add(cols, ids, new)  # commit: nothing raises
+        self._layouts.setdefault(digest, ids)
         self._schemas[(rank, schema_id)] = Schema(ids, digest)
+        self._n_schemas[rank] = n_rank + 1
         self._rank_ids[rank] = ids if mine is None else np.concatenate([mine, ids])
+        return rows
+
+    def _resolve(self, cols: _Columns) -> tuple[np.ndarray, list[int]]:
+        """Ids of a first-time schema's names (-1 where new) and the positions of new names;
+        rejects a name declared with other labels than its registration, and too many."""
+        got = list(map(self.ids.get, cols.names))
+        new = [i for i, mid in enumerate(got) if mid is None]
+        bad = next((i for i, mid in enumerate(got)
+                    if mid is not None and self._labels[mid] != cols.labels[i]), None)
+        if bad is not None:
+            mid = got[bad]
+            raise InvalidArgument(
+                f"metric {_describe(cols.names[bad], cols.labels[bad])} conflicts with its "
+                f"registration as {_describe(cols.names[bad], self._labels[mid])}")
+        if len(self.ids) + len(new) > self.max_metrics:
+            raise ResourceExhausted(f"run {self.run!r} would have {len(self.ids) + len(new)} "
+                                    f"metrics (max_metrics_per_run={self.max_metrics})")
+        ids = np.array([-1 if mid is None else mid for mid in got], dtype=np.int32)
+        return ids, new
+
+    def _add(self, cols: _Columns, ids: np.ndarray, new: list[int]) -> MetricDict | None:
+        """Give the new names of a validated schema the next dense ids (filling `ids` in)
+        and return their dictionary rows."""
         if not new:
             return None
-        lab = [labels[i] for i in new]
+        first = len(self._labels)
+        fresh = np.arange(first, first + len(new), dtype=np.int32)
+        ids[new] = fresh
+        names = [cols.names[i] for i in new]
+        lab = [cols.labels[i] for i in new]
+        self.ids.update(zip(names, fresh.tolist()))
+        self._labels.extend(lab)
+        layer, expert, head, stat, unit, op = zip(*lab)
+        self.ops = np.concatenate([self.ops, np.array(op, np.int8)])
         return MetricDict(
-            metric_id=np.arange(first, first + len(new), dtype=np.int32),
-            name=[names[i] for i in new],
-            layer=np.array([x[0] for x in lab], np.int32),
-            expert=np.array([x[1] for x in lab], np.int32),
-            head=np.array([x[2] for x in lab], np.int32),
-            stat=[x[3] for x in lab], unit=[x[4] for x in lab],
-            reduce=[OP_NAMES[x[5]] for x in lab])
+            metric_id=fresh, name=names, layer=np.array(layer, np.int32),
+            expert=np.array(expert, np.int32), head=np.array(head, np.int32),
+            stat=list(stat), unit=list(unit), reduce=[OP_NAMES[x] for x in op])
+
+
+@dataclass(frozen=True)
+class _Columns:
+    names: list[str]
+    labels: list[Labels]
+
+
+def _columns(schema_id: int, metrics: Sequence[pb.MetricDef]) -> _Columns:
+    """Each def's fields read once, checked in bulk; InvalidArgument naming the first bad def
+    (the checks of one def in the order: reduce op, name, layer/expert/head), an empty
+    schema, or a name that appears twice."""
+    if not metrics:
+        raise InvalidArgument(f"schema {schema_id} has no metrics")
+    rows = [(m.name, m.layer, m.expert, m.head, m.stat, m.unit, m.reduce) for m in metrics]
+    names, layer, expert, head, stat, unit, reduce = map(list, zip(*rows))
+    bad_op = np.isin(reduce, list(REDUCE_CODES), invert=True)
+    n_chars = np.fromiter(map(len, names), np.int64, len(names))
+    bad_name = (n_chars == 0) | (n_chars > MAX_NAME_CHARS)
+    bad_label = (np.array([layer, expert, head], np.int64) < -1).any(axis=0)
+    bad = np.flatnonzero(bad_op | bad_name | bad_label)
+    if bad.size:
+        i = int(bad[0])
+        if bad_op[i]:
+            raise InvalidArgument(f"metric {i} ({names[i]!r}) of schema {schema_id} has "
+                                  f"reduce op {reduce[i]}: declare sum, mean, max or min")
+        if bad_name[i]:
+            raise InvalidArgument(f"metric {i} of schema {schema_id}: name must have 1.."
+                                  f"{MAX_NAME_CHARS} characters")
+        raise InvalidArgument(f"metric {names[i]!r}: layer/expert/head must be >= -1")
+    if len(set(names)) != len(names):
+        count = Counter(names)
+        dup = next(n for n in names if count[n] > 1)
+        raise InvalidArgument(f"metric {dup!r} appears twice in schema {schema_id}")
+    # REDUCE_CODES maps proto codes to themselves (asserted above), so reduce is the op code
+    return _Columns(names, list(zip(layer, expert, head, stat, unit, reduce)))
