@@ -100,10 +100,7 @@ class StepBarrier:
         p = self._pending.get(step)
         part = p.ranks.get(rank) if p else None
         vec = part.vectors.get(schema_id) if part else None
-        if vec is not None:
-            newly = n - int(np.count_nonzero(vec[1][offset:offset + n]))
-        else:
-            newly = n
+        newly = self._newly(part, schema_id, offset, n)
         if part is not None and part.ended and newly:
             raise InvalidArgument(f"rank {rank} sent {newly} new values for step {step} after "
                                   f"its EndOfStep (only identical resends may follow it)")
@@ -123,6 +120,20 @@ class StepBarrier:
         have_S[offset:offset + n] = True
         part.n_values += newly
         return True
+
+    def values_with(self, rank: int, step: int, schema_id: int, offset: int, n: int) -> int:
+        """Values of the rank's step once [offset, offset + n) of schema_id has arrived (each
+        position counts once): what an EndOfStep right after that chunk must count. Changes
+        nothing, so a chunk that also ends the step is checked whole before either applies."""
+        p = self._pending.get(step)
+        part = p.ranks.get(rank) if p else None
+        return (part.n_values if part else 0) + self._newly(part, schema_id, offset, n)
+
+    @staticmethod
+    def _newly(part: _RankPart | None, schema_id: int, offset: int, n: int) -> int:
+        """Positions of [offset, offset + n) the rank has not sent yet for the step."""
+        vec = part.vectors.get(schema_id) if part else None
+        return n if vec is None else n - int(np.count_nonzero(vec[1][offset:offset + n]))
 
     def end_of_step(self, rank: int, step: int, n_values: int, wall_time: float,
                     now: float) -> bool:

@@ -27,7 +27,9 @@ class Conn:
         self._ack: pb.Ack | None = None
 
     def welcome(self, acked_seq: int) -> None:
-        self._welcome = pb.Welcome(acked_seq=acked_seq, protocol_version=PROTOCOL_VERSION)
+        """Ingest takes a step's last chunk with ends_step (ingest.py): say so."""
+        self._welcome = pb.Welcome(acked_seq=acked_seq, protocol_version=PROTOCOL_VERSION,
+                                   chunk_ends_step=True)
         self.wake.set()
 
     def send_clip(self, update: pb.ClipUpdate) -> None:

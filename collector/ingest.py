@@ -4,6 +4,8 @@
     Schema      -> metric ids (registry.py); new dictionary rows go to the writer
     StepChunk   -> the run's barrier (barrier.py), or raw rows if the step is already reduced
     EndOfStep   -> barrier; ready steps go to the writer, which reduces, stores and flushes
+    StepChunk with ends_step -> the chunk, then its EndOfStep, under the chunk's one seq
+                   (the Welcome says this collector takes it; both checked before either applies)
     ClipAck     -> control.py (and `on_clip_ack`, which stores the acknowledged step)
 
 A stream whose Hello carries client_version OPERATOR_CLIENT is an operator's: its
@@ -17,6 +19,7 @@ state changes, so a rejected frame leaves nothing half-applied for the other cli
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,7 +77,7 @@ class Ingest:
         self.runs: dict[str, Run] = {}
         self._durable_job = 0              # every writer job <= this has been flushed
         self.stopping = False              # shutdown: frames are refused, UNAVAILABLE
-        self.busy_s = 0.0                  # event-loop seconds spent in receive()
+        self.busy_s = 0.0                  # event-loop thread CPU seconds in receive()
         self.schema_s = 0.0                # ... of which registering schemas (once per run)
 
     # ---- frames ---------------------------------------------------------------------------
@@ -82,11 +85,11 @@ class Ingest:
         """Apply one frame; raises a CollectorError (translated to a status by the caller).
         Its time is summed in busy_s, schema registration also in schema_s (logged at
         shutdown as per-step receive time and once-per-run schema time; benchmarks read it)."""
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         try:
             return self._receive(conn, frame)
         finally:
-            self.busy_s += time.perf_counter() - t0
+            self.busy_s += time.thread_time() - t0
 
     def _receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
         kind = frame.WhichOneof("kind")
@@ -120,6 +123,8 @@ class Ingest:
         resend = acks.is_resend(h.seq)
         if kind == "schema":
             self._schema(run, conn.rank, msg, acks)
+        elif kind == "chunk" and msg.ends_step:
+            self._chunk_ending_step(run, conn.rank, msg, acks, resend)
         elif kind == "chunk":
             self._chunk(run, conn.rank, msg, acks, resend)
         elif kind == "end_of_step":
@@ -173,11 +178,11 @@ class Ingest:
         return run
 
     def _schema(self, run: Run, rank: int, s: pb.Schema, acks: RankAcks) -> None:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         try:
             self._register(run, rank, s, acks)
         finally:
-            self.schema_s += time.perf_counter() - t0
+            self.schema_s += time.thread_time() - t0
 
     def _register(self, run: Run, rank: int, s: pb.Schema, acks: RankAcks) -> None:
         known = run.metrics.has_schema(rank, s.schema_id)
@@ -193,7 +198,13 @@ class Ingest:
         acks.in_job(s.header.seq, self.writer.submit(WriteMetrics(run.name, new_rows)))
 
     def _chunk(self, run: Run, rank: int, c: pb.StepChunk, acks: RankAcks, resend: bool) -> None:
-        step, seq = c.header.step, c.header.seq
+        ids, values = self._check_chunk(run, rank, c)
+        self._apply_chunk(run, rank, c, ids, values, acks, resend)
+
+    def _check_chunk(self, run: Run, rank: int, c: pb.StepChunk
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Every check of a chunk against its schema; changes nothing. (id map, values)"""
+        step = c.header.step
         if step < 0:
             raise InvalidArgument(f"StepChunk step must be >= 0, got {step}")
         ids = run.metrics.schema(rank, c.schema_id)
@@ -211,8 +222,12 @@ class Ingest:
         if c.offset + n > ids.size:
             raise InvalidArgument(f"StepChunk [{c.offset}, {c.offset + n}) lies outside schema "
                                   f"{c.schema_id} of {ids.size} metrics")
-        values = np.frombuffer(c.values, dtype="<f4")
-        self.counters.add("bytes", nb)
+        return ids, np.frombuffer(c.values, dtype="<f4")
+
+    def _apply_chunk(self, run: Run, rank: int, c: pb.StepChunk, ids: np.ndarray,
+                     values: np.ndarray, acks: RankAcks, resend: bool) -> None:
+        step, seq, n = c.header.step, c.header.seq, values.size
+        self.counters.add("bytes", values.nbytes)
         if run.barrier.add_chunk(rank, step, c.schema_id, c.offset, ids.size, values):
             acks.in_step(seq, step)
         elif resend:                       # the first copy is already on its way to the store
@@ -225,6 +240,27 @@ class Ingest:
                                value=values.astype(np.float32), rank=np.full(n, rank, np.int32))
             acks.in_job(seq, self.writer.submit(WriteRaw(run.name, batch, nbytes)), step)
             self.counters.add("late_values", n)
+
+    def _chunk_ending_step(self, run: Run, rank: int, c: pb.StepChunk, acks: RankAcks,
+                           resend: bool) -> None:
+        """The chunk, then EndOfStep{step_values, wall_time}, under the chunk's one seq. The
+        end is checked against the barrier as it will be after the chunk, before either
+        applies, so a rejected frame changes nothing; a late step takes the chunk's late
+        path and its end changes nothing, as a late EndOfStep would."""
+        ids, values = self._check_chunk(run, rank, c)
+        step = c.header.step
+        if not run.barrier.is_late(step):
+            if not math.isfinite(c.wall_time):
+                raise InvalidArgument(f"StepChunk ending step {step} has wall_time "
+                                      f"{c.wall_time}; it must be finite")
+            got = run.barrier.values_with(rank, step, c.schema_id, c.offset, values.size)
+            if c.step_values != got:
+                raise InvalidArgument(f"StepChunk ending step {step} of rank {rank} counts "
+                                      f"{c.step_values} values but {got} arrived for that step, "
+                                      f"this chunk included")
+        self._apply_chunk(run, rank, c, ids, values, acks, resend)
+        if run.barrier.end_of_step(rank, step, c.step_values, c.wall_time, self.clock()):
+            self._poll(run)                # the chunk's in_step already holds its seq
 
     def _end_of_step(self, run: Run, rank: int, e: pb.EndOfStep, acks: RankAcks) -> None:
         step = e.header.step

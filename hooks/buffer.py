@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hooks.frames import ends_step, seq_of
 from proto.v1 import telemetry_pb2 as pb
 
 
@@ -102,9 +103,8 @@ class StepBuffer:
         kept, found = [], False            # every step is in flight: drop the oldest one
         while self._unacked and not found:
             seq, frame = self._unacked.popleft()
-            kind = frame.WhichOneof("kind")
-            found = kind == "end_of_step"
-            if kind == "clip_ack":
+            found = ends_step(frame)
+            if frame.WhichOneof("kind") == "clip_ack":
                 kept.append((seq, frame))
         self._unacked.extendleft(reversed(kept))
         self._unacked_steps -= 1
@@ -124,8 +124,7 @@ class StepBuffer:
     def record_sent(self, frames: list[pb.ClientFrame], is_step: bool) -> None:
         with self.cond:
             for frame in frames:
-                self._unacked.append((getattr(frame, frame.WhichOneof("kind")).header.seq,
-                                      frame))
+                self._unacked.append((seq_of(frame), frame))
             self._unacked_steps += int(is_step)
 
     def ack(self, seq: int) -> None:
@@ -133,7 +132,7 @@ class StepBuffer:
         with self.cond:
             while self._unacked and self._unacked[0][0] <= seq:
                 _, frame = self._unacked.popleft()
-                if frame.WhichOneof("kind") == "end_of_step":
+                if ends_step(frame):
                     self._unacked_steps -= 1
             self.counters["acked_seq"] = max(self.counters["acked_seq"], seq)
             self.cond.notify_all()
@@ -141,6 +140,12 @@ class StepBuffer:
     def unacked_frames(self) -> list[pb.ClientFrame]:
         with self.cond:
             return [frame for _, frame in self._unacked]
+
+    def replace_unacked(self, frames: list[pb.ClientFrame]) -> None:
+        """The unacknowledged frames, rewritten (same steps, e.g. renumbered for another
+        collector's protocol); the caller holds the lock across reading and replacing."""
+        with self.cond:
+            self._unacked = collections.deque((seq_of(f), f) for f in frames)
 
     def waiting_steps(self) -> list[StepItem]:
         with self.cond:

@@ -96,9 +96,12 @@ def schema(ident: Identity, seq: int, schema_id: int, specs: Sequence[MetricSpec
 
 
 def step_frames(ident: Identity, payload: StepPayload, chunk_values: int,
-                next_seq: Callable[[], int]) -> list[pb.ClientFrame]:
+                next_seq: Callable[[], int], chunk_ends_step: bool = False
+                ) -> list[pb.ClientFrame]:
     """StepChunks of every schema of the step (each slice <= chunk_values values), then
-    EndOfStep. Values go little-endian float32, as the contract says."""
+    EndOfStep. Values go little-endian float32, as the contract says. With chunk_ends_step
+    (the collector's Welcome said it takes that form) the last chunk carries the end of step
+    instead: one frame and one seq less per step. A step without values ends with EndOfStep."""
     frames, start, total_sent = [], 0, 0
     values = np.ascontiguousarray(payload.values, dtype="<f4")
     for schema_id, n in wire_layout(payload.schemas):
@@ -110,10 +113,54 @@ def step_frames(ident: Identity, payload: StepPayload, chunk_values: int,
                 offset=off, total=n, values=part.tobytes())))
         start += n
         total_sent += n
+    if chunk_ends_step and frames:
+        last = frames[-1].chunk
+        last.ends_step, last.step_values, last.wall_time = True, total_sent, payload.wall_time
+        return frames
     frames.append(pb.ClientFrame(end_of_step=pb.EndOfStep(
         header=ident.header(payload.step, next_seq()), n_values=total_sent,
         wall_time=payload.wall_time)))
     return frames
+
+
+def folds_end(frame: pb.ClientFrame) -> bool:
+    """A chunk that also ends its step (sent only to a collector that takes it)."""
+    return frame.WhichOneof("kind") == "chunk" and frame.chunk.ends_step
+
+
+def ends_step(frame: pb.ClientFrame) -> bool:
+    """Whether `frame` is the last of its step: an EndOfStep or a chunk that ends the step."""
+    return frame.WhichOneof("kind") == "end_of_step" or folds_end(frame)
+
+
+def seq_of(frame: pb.ClientFrame) -> int:
+    return getattr(frame, frame.WhichOneof("kind")).header.seq
+
+
+def split_ends_step(sent: Sequence[pb.ClientFrame]) -> list[pb.ClientFrame]:
+    """Frames sent to a collector that takes chunks ending a step, rewritten for one that
+    does not (a reconnect found an older collector): each such chunk becomes the plain chunk
+    and its EndOfStep, and the frames are renumbered from the first one's seq so that seqs
+    stay one per frame. Only unacknowledged frames are rewritten, and the collector that
+    answers without the capability is not the one that saw their old numbers."""
+    out, seq = [], seq_of(sent[0]) if sent else 0
+    for original in sent:
+        frame = pb.ClientFrame()
+        frame.CopyFrom(original)          # a sent frame may still be in a dead stream's queue
+        split = [frame]
+        if folds_end(frame):
+            c = frame.chunk
+            split.append(pb.ClientFrame(end_of_step=pb.EndOfStep(
+                header=pb.FrameHeader(run=c.header.run, rank=c.header.rank,
+                                      step=c.header.step),
+                n_values=c.step_values, wall_time=c.wall_time)))
+            for name in ("ends_step", "step_values", "wall_time"):
+                c.ClearField(name)
+        for f in split:
+            getattr(f, f.WhichOneof("kind")).header.seq = seq
+            seq += 1
+            out.append(f)
+    return out
 
 
 def clip_ack(ident: Identity, step: int, version: int, seq: int) -> pb.ClientFrame:

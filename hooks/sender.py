@@ -21,7 +21,11 @@ aclose()` instead of `close()`.
 
 Sequence numbers start at Welcome.acked_seq + 1 on the client's first connection (1 for a new
 run; a restarted trainer continues after what the collector already holds). Schemas keep the seq
-they first had and are re-sent on every connection. A stream that leaves frames unacknowledged
+they first had and are re-sent on every connection. A step's last chunk also ends the step
+(one frame less) on a connection whose Welcome says the collector takes that form; a frame is
+built once, for the connection it is first sent on, and resent as built, except that a
+reconnect to a collector without the capability splits such chunks back into chunk +
+EndOfStep (frames.split_ends_step, renumbering what is unacknowledged). A stream that leaves frames unacknowledged
 for net_timeout_s is declared dead and reopened. Nothing here raises into the caller.
 """
 from __future__ import annotations
@@ -54,6 +58,7 @@ class _Conn:
     call: Any = None
     welcomed: bool = False
     acked: int = 0
+    chunk_ends_step: bool = False              # Welcome: the last chunk may end the step
     dead: bool = False
     last_progress: float = field(default_factory=time.monotonic)
 
@@ -243,6 +248,11 @@ class Sender:
                                        for sid, specs in self._schemas]
             self.buffer.ack(conn.acked)            # durable already: never resent
             resend = self.buffer.unacked_frames()
+            if not conn.chunk_ends_step and any(map(frames.folds_end, resend)):
+                resend = frames.split_ends_step(resend)      # an older collector now
+                self.buffer.replace_unacked(resend)
+                self._next_seq = max(self._next_seq, frames.seq_of(resend[-1]))
+                self.buffer.counters["resends_split"] += 1
             conn.last_progress = time.monotonic()
         self.buffer.count("frames_resent", len(resend))
         return self._schema_frames + resend
@@ -286,7 +296,7 @@ class Sender:
         if is_step:
             payload = frames.StepPayload(item.step, item.values(), item.schemas, item.wall_time)
             out = frames.step_frames(self.ident, payload, self.config.chunk_values,
-                                     self._alloc_seq)
+                                     self._alloc_seq, chunk_ends_step=conn.chunk_ends_step)
         else:
             out = [frames.clip_ack(self.ident, item.step, item.version, self._alloc_seq())]
         with self._cond:
@@ -321,6 +331,7 @@ class Sender:
         with self._cond:
             if kind == "welcome":
                 conn.acked, conn.welcomed = resp.welcome.acked_seq, True
+                conn.chunk_ends_step = resp.welcome.chunk_ends_step
             elif kind == "ack":
                 self.buffer.ack(resp.ack.seq)
                 conn.last_progress = time.monotonic()

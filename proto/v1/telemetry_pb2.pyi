@@ -89,18 +89,24 @@ class Schema(_message.Message):
     def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., schema_id: _Optional[int] = ..., metrics: _Optional[_Iterable[_Union[MetricDef, _Mapping]]] = ...) -> None: ...
 
 class StepChunk(_message.Message):
-    __slots__ = ("header", "schema_id", "offset", "total", "values")
+    __slots__ = ("header", "schema_id", "offset", "total", "values", "ends_step", "step_values", "wall_time")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    ENDS_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_VALUES_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
     schema_id: int
     offset: int
     total: int
     values: bytes
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., schema_id: _Optional[int] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
+    ends_step: bool
+    step_values: int
+    wall_time: float
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., schema_id: _Optional[int] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., values: _Optional[bytes] = ..., ends_step: _Optional[bool] = ..., step_values: _Optional[int] = ..., wall_time: _Optional[float] = ...) -> None: ...
 
 class EndOfStep(_message.Message):
     __slots__ = ("header", "n_values", "wall_time")
@@ -133,12 +139,14 @@ class ServerFrame(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., clip: _Optional[_Union[ClipUpdate, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("acked_seq", "protocol_version")
+    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ENDS_STEP_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     protocol_version: int
-    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    chunk_ends_step: bool
+    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "step")

@@ -3,7 +3,8 @@
 Not the project's collector (collector/ is built separately): just enough of the wire contract
 to exercise the client. Per connection: check the token, read Hello, answer Welcome with the
 durable seq, then record every frame and acknowledge cumulatively while `acking` is set. Knobs
-let a test stop acking, drop the current stream, or push ClipUpdates down.
+let a test stop acking, drop the current stream, push ClipUpdates down, or say in the next
+Welcome that chunks may end a step (`chunk_ends_step`; off: an older collector).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class RecordingServicer(pbg.TelemetryServicer):
         self.durable = 0                 # highest contiguous seq received while acking
         self.acking = True               # advance durable on receipt
         self.send_acks = True            # tell the client (False: durable, but the ack is lost)
+        self.chunk_ends_step = False     # the Welcome's capability flag
         self.outboxes: list[queue.Queue] = []
         self.rejected = 0
 
@@ -67,6 +69,22 @@ class RecordingServicer(pbg.TelemetryServicer):
         with self.lock:
             box = self.outboxes[-1]
         box.put(pb.ServerFrame(clip=update))
+
+    def ended_steps(self, conn: int | None = None) -> list[tuple[int, int, float]]:
+        """(step, n_values, wall_time) of every end of step received (on connection `conn`),
+        in arrival order, whichever form it took: EndOfStep or a chunk with ends_step."""
+        with self.lock:
+            frames = [f for c in (self.connections if conn is None
+                                  else [self.connections[conn]]) for f in c[1:]]
+        out = []
+        for f in frames:
+            if f.WhichOneof("kind") == "end_of_step":
+                e = f.end_of_step
+                out.append((e.header.step, e.n_values, e.wall_time))
+            elif f.WhichOneof("kind") == "chunk" and f.chunk.ends_step:
+                c = f.chunk
+                out.append((c.header.step, c.step_values, c.wall_time))
+        return out
 
     def step_vectors(self, schema_id: int = 1) -> dict[int, np.ndarray]:
         """step -> reassembled packed vector of one schema (last copy wins)."""
@@ -99,8 +117,9 @@ class RecordingServicer(pbg.TelemetryServicer):
             self.connections.append(frames)
             self.outboxes.append(outbox)
             self.lock.notify_all()
-            durable = self.durable
-        yield pb.ServerFrame(welcome=pb.Welcome(acked_seq=durable, protocol_version=1))
+            durable, capable = self.durable, self.chunk_ends_step
+        yield pb.ServerFrame(welcome=pb.Welcome(acked_seq=durable, protocol_version=1,
+                                                chunk_ends_step=capable))
 
         def read() -> None:
             try:

@@ -206,3 +206,84 @@ def test_token_in_metadata():
         assert len(servicer.frames("end_of_step")) == 1
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- the step's end in its last chunk
+def test_a_capable_collector_gets_one_frame_per_rank_step(server, servicer):
+    servicer.chunk_ends_step = True
+    sender = make_sender(server.target, n1=6, chunk_values=4)
+    sender.submit(item(0, 6, 3))
+    sender.submit(item(1, 6))
+    sender.submit(StepItem(step=2, vector=ArrayVector(np.zeros(0, np.float32)), schemas=[],
+                           wall_time=5.0))
+    assert sender.close(timeout=10)
+    (conn,) = servicer.connections
+    assert [f.WhichOneof("kind") for f in conn[3:]] == ["chunk"] * 5 + ["end_of_step"]
+    assert data_seqs(conn) == list(range(3, 9))                     # one seq per frame
+    assert [f.chunk.ends_step for f in conn[3:8]] == [False, False, True, False, True]
+    assert servicer.ended_steps() == [(0, 9, 1e9), (1, 6, 1e9 + 1), (2, 0, 5.0)]
+    np.testing.assert_array_equal(servicer.step_vectors(1)[0], vector(0, 9)[:6])
+    np.testing.assert_array_equal(servicer.step_vectors(2)[0], vector(0, 9)[6:])
+    assert sender.stats()["acked_seq"] == 8 and sender.stats()["buffered_steps"] == 0
+
+
+def test_an_older_collector_keeps_endofstep_frames(server, servicer):
+    sender = make_sender(server.target)
+    sender.submit(item(0))
+    assert sender.close(timeout=10)
+    assert not any(f.chunk.ends_step for f in servicer.frames("chunk"))
+    assert servicer.ended_steps() == [(0, 5, 1e9)]
+
+
+def test_folded_frames_resent_to_an_older_collector_are_split_and_renumbered(server, servicer):
+    """Sent to a capable collector, unacked, then the stream breaks and the collector that
+    answers is an older one: each folded chunk goes again as chunk + EndOfStep, seqs stay one
+    per frame from the first unacked one, and steps built after follow on."""
+    servicer.chunk_ends_step = True
+    sender = make_sender(server.target)
+    sender.submit(item(0))
+    assert servicer.wait_for(lambda s: s.durable == 3)             # schemas + step 0 (1 frame)
+    servicer.acking = False
+    sender.submit(item(1))
+    sender.submit_clip_ack(step=2, version=4)
+    sender.submit(item(2))
+    assert servicer.wait_for(lambda s: len(s.ended_steps()) == 3)
+    assert data_seqs(servicer.connections[0]) == [3, 4, 5, 6]
+    servicer.chunk_ends_step, servicer.acking = False, True
+    servicer.drop_current()
+    assert servicer.wait_for(lambda s: len(s.connections) == 2)
+    sender.submit(item(3))
+    assert sender.close(timeout=10)
+    second = servicer.connections[1]
+    assert [f.WhichOneof("kind") for f in second[3:]] == [
+        "chunk", "end_of_step", "clip_ack", "chunk", "end_of_step", "chunk", "end_of_step"]
+    assert data_seqs(second) == list(range(4, 11))
+    assert not any(f.chunk.ends_step for f in second[3:] if f.WhichOneof("kind") == "chunk")
+    assert servicer.ended_steps(1) == [(1, 5, 1e9 + 1), (2, 5, 1e9 + 2), (3, 5, 1e9 + 3)]
+    assert set(servicer.step_vectors(1)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(servicer.step_vectors(1)[2], vector(2, 5))
+    stats = sender.stats()
+    assert stats["resends_split"] == 1 and stats["frames_resent"] == 5
+    assert stats["acked_seq"] == 10 and stats["buffered_steps"] == 0
+
+
+def test_plain_frames_resent_to_a_capable_collector_go_as_built(server, servicer):
+    """The other way round: frames built for an older collector are valid for a newer one and
+    go again unchanged; only the steps built after the upgrade fold their end."""
+    sender = make_sender(server.target)
+    sender.submit(item(0))
+    assert servicer.wait_for(lambda s: s.durable == 4)
+    servicer.acking = False
+    sender.submit(item(1))
+    assert servicer.wait_for(lambda s: len(s.ended_steps()) == 2)
+    servicer.chunk_ends_step, servicer.acking = True, True
+    servicer.drop_current()
+    assert servicer.wait_for(lambda s: len(s.connections) == 2)
+    sender.submit(item(2))
+    assert sender.close(timeout=10)
+    second = servicer.connections[1]
+    assert [f.WhichOneof("kind") for f in second[3:]] == ["chunk", "end_of_step", "chunk"]
+    assert data_seqs(second) == [5, 6, 7]
+    assert second[3] == servicer.connections[0][5]                 # the same frame again
+    assert servicer.ended_steps(1) == [(1, 5, 1e9 + 1), (2, 5, 1e9 + 2)]
+    assert sender.stats().get("resends_split", 0) == 0
