@@ -25,8 +25,9 @@ they first had and are re-sent on every connection. A step's last chunk also end
 (one frame less) on a connection whose Welcome says the collector takes that form; a frame is
 built once, for the connection it is first sent on, and resent as built, except that a
 reconnect to a collector without the capability splits such chunks back into chunk +
-EndOfStep (frames.split_ends_step, renumbering what is unacknowledged). A stream that leaves frames unacknowledged
-for net_timeout_s is declared dead and reopened. Nothing here raises into the caller.
+EndOfStep (frames.split_ends_step, renumbering what is unacknowledged). A stream that leaves
+frames unacknowledged for net_timeout_s is declared dead and reopened. Nothing here raises into
+the caller.
 """
 from __future__ import annotations
 

@@ -83,20 +83,28 @@ class RawClient:
             header=self.header(-1), schema_id=schema_id, metrics=metrics)))
 
     def chunk(self, step: int, schema_id: int, values, offset: int = 0, total: int | None = None,
-              raw: bytes | None = None) -> pb.ClientFrame:
+              raw: bytes | None = None, ends_step: int | None = None,
+              wall_time: float = 1.0e9) -> pb.ClientFrame:
+        """One StepChunk; with ends_step=N it also ends the step, counting N values."""
         data = raw if raw is not None else np.asarray(values, dtype="<f4").tobytes()
         n = len(data) // 4
+        end = {} if ends_step is None else dict(ends_step=True, step_values=ends_step,
+                                                wall_time=wall_time)
         return self.send(pb.ClientFrame(chunk=pb.StepChunk(
             header=self.header(step), schema_id=schema_id, offset=offset,
-            total=offset + n if total is None else total, values=data)))
+            total=offset + n if total is None else total, values=data, **end)))
 
     def end_of_step(self, step: int, n_values: int, wall_time: float = 1.0e9) -> pb.ClientFrame:
         return self.send(pb.ClientFrame(end_of_step=pb.EndOfStep(
             header=self.header(step), n_values=n_values, wall_time=wall_time)))
 
-    def step(self, step: int, schema_id: int, values) -> None:
-        """A whole step of one schema in one chunk, then EndOfStep."""
+    def step(self, step: int, schema_id: int, values, fold: bool = False) -> None:
+        """A whole step of one schema in one chunk, then EndOfStep (fold: one chunk that
+        ends the step, the form a collector whose Welcome says chunk_ends_step takes)."""
         values = np.asarray(values, dtype=np.float32)
+        if fold:
+            self.chunk(step, schema_id, values, ends_step=values.size)
+            return
         self.chunk(step, schema_id, values)
         self.end_of_step(step, values.size)
 

@@ -46,6 +46,12 @@ CASES = {
     "negative step": ({}, lambda c: c.end_of_step(-1, 0), INVALID, "step must be >= 0"),
     "n_values mismatch": ({}, lambda c: _schema_then(c, lambda c: (
         c.chunk(0, 1, [1.0], total=2), c.end_of_step(0, 2))), INVALID, "counts 2 values"),
+    "step_values mismatch in a chunk ending the step": ({}, lambda c: _schema_then(c, lambda c: (
+        c.chunk(0, 1, [1.0], total=2, ends_step=2))), INVALID,
+        "StepChunk ending step 0 of rank 0 counts 2 values but 1 arrived"),
+    "non-finite wall_time in a chunk ending the step": ({}, lambda c: _schema_then(
+        c, lambda c: c.chunk(0, 1, [1.0, 2.0], ends_step=2, wall_time=float("inf"))), INVALID,
+        "wall_time inf"),
     "clip ack of unknown version": ({}, lambda c: c.clip_ack(3, 0), INVALID, "version 3"),
     "chunk over 1 MiB": ({}, lambda c: _schema_then(c, lambda c: c.chunk(
         0, 1, None, raw=b"\0" * ((1 << 20) + 4), total=8), n=8), INVALID, "at most 1048576"),

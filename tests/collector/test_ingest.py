@@ -1,16 +1,21 @@
 """ingest.py without gRPC: frames applied straight to Ingest on a fake clock, with a writer that
-only records jobs. Layout interning (what the matrix reduction groups by) and keepalive pacing."""
+only records jobs. Layout interning (what the matrix reduction groups by), keepalive pacing, and
+chunks that also end their step (one frame per rank-step) next to the chunk + EndOfStep pair."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 
 from collector.barrier import ByteBudget
 from collector.config import CollectorConfig
 from collector.conn import Conn
 from collector.control import ClipBoard
+from collector.errors import InvalidArgument
 from collector.ingest import Ingest
 from collector.stats import Counters
-from collector.writer import WriteStep
+from collector.writer import WriteRaw, WriteStep
 from proto.v1 import telemetry_pb2 as pb
 
 from .conftest import mdef
@@ -93,3 +98,124 @@ def test_keepalive_skips_ranks_acked_within_keepalive_s():
     ingest.keepalive()                                # just repeated: not again
     assert conns[0].take() == []
     assert conns[1].take() == []                      # rank 1 holds nothing: never pinged
+
+
+# ---------------------------------------------------------------- chunks that end their step
+def schema(ingest, conn, rank: int, n: int = 2, seq: int = 1) -> None:
+    ingest.receive(conn, pb.ClientFrame(schema=pb.Schema(
+        header=header(rank, -1, seq), schema_id=1,
+        metrics=[mdef(f"m{i}") for i in range(n)])))
+
+
+def chunk(rank: int, step: int, seq: int, values, offset: int = 0, total: int = 2,
+          ends: int | None = None, wall_time: float = 1.0) -> pb.ClientFrame:
+    end = {} if ends is None else dict(ends_step=True, step_values=ends, wall_time=wall_time)
+    return pb.ClientFrame(chunk=pb.StepChunk(
+        header=header(rank, step, seq), schema_id=1, offset=offset, total=total,
+        values=np.asarray(values, "<f4").tobytes(), **end))
+
+
+def end(rank: int, step: int, seq: int, n: int, wall_time: float = 1.0) -> pb.ClientFrame:
+    return pb.ClientFrame(end_of_step=pb.EndOfStep(header=header(rank, step, seq), n_values=n,
+                                                   wall_time=wall_time))
+
+
+def steps_written(writer) -> list[WriteStep]:
+    return [j for j in writer.jobs if isinstance(j, WriteStep)]
+
+
+def reduced(job: WriteStep) -> dict[int, float]:
+    rows = job.reduce().reduced
+    return dict(zip(rows.metric_id.tolist(), rows.value.tolist()))
+
+
+def acks_of(conn) -> list[int]:
+    return [f.ack.seq for f in conn.take() if f.WhichOneof("kind") == "ack"]
+
+
+def test_the_welcome_says_chunks_may_end_a_step():
+    _, conns, _, _ = make(1)
+    (welcome,) = conns[0].take()
+    assert welcome.welcome.chunk_ends_step and welcome.welcome.acked_seq == 0
+
+
+def test_old_and_folded_ranks_end_one_step_together():
+    """Rank 0 sends chunk + EndOfStep, rank 1 a plain chunk then one that ends the step: the
+    step is reduced over both, each rank's last frame acked once the write is flushed."""
+    ingest, conns, writer, _ = make(2)
+    for rank, conn in enumerate(conns):
+        conn.take()
+        schema(ingest, conn, rank)
+    ingest.receive(conns[0], chunk(0, 0, 2, [1, 10]))
+    ingest.receive(conns[0], end(0, 0, 3, 2, wall_time=5.0))
+    ingest.receive(conns[1], chunk(1, 0, 2, [2], total=2))
+    assert steps_written(writer) == []
+    ingest.receive(conns[1], chunk(1, 0, 3, [20], offset=1, ends=2, wall_time=7.0))
+    (job,) = steps_written(writer)
+    assert job.ready.included == {0, 1} and job.ready.status.complete
+    assert job.ready.status.wall_time == 7.0
+    assert reduced(job) == {0: 3.0, 1: 30.0}
+    ingest.on_flushed(len(writer.jobs), set())
+    assert acks_of(conns[0]) == [3] and acks_of(conns[1]) == [3]
+    assert ingest.runs["r"].acks[1].settled
+
+
+@pytest.mark.parametrize("ends, wall_time, message", [
+    (3, 1.0, "counts 3 values but 2 arrived for that step, this chunk included"),
+    (1, 1.0, "counts 1 values but 2 arrived"),
+    (2, math.nan, "wall_time nan; it must be finite"),
+])
+def test_a_rejected_chunk_ending_the_step_changes_nothing(ends, wall_time, message):
+    ingest, conns, writer, _ = make(2)
+    schema(ingest, conns[0], 0)
+    ingest.receive(conns[0], chunk(0, 0, 2, [1], total=2))
+    run, budget = ingest.runs["r"], ingest.budget
+    before = (budget.used, run.acks[0].max_seq, len(writer.jobs), run.barrier.pending_steps)
+    with pytest.raises(InvalidArgument, match=message):
+        ingest.receive(conns[0], chunk(0, 0, 3, [10], offset=1, ends=ends, wall_time=wall_time))
+    assert (budget.used, run.acks[0].max_seq, len(writer.jobs),
+            run.barrier.pending_steps) == before
+    assert run.barrier.values_with(0, 0, 1, 0, 0) == 1             # the chunk is not in
+    # the same seq, corrected, is new to the collector, and the step completes as usual
+    ingest.receive(conns[0], chunk(0, 0, 3, [10], offset=1, ends=2))
+    schema(ingest, conns[1], 1)
+    ingest.receive(conns[1], chunk(1, 0, 2, [2, 20], ends=2))
+    (job,) = steps_written(writer)
+    assert reduced(job) == {0: 3.0, 1: 30.0}
+
+
+def test_a_resent_chunk_ending_the_step_counts_once():
+    ingest, conns, writer, _ = make(2)
+    for rank, conn in enumerate(conns):
+        conn.take()
+        schema(ingest, conn, rank)
+    frame = chunk(0, 0, 2, [1, 10], ends=2)
+    ingest.receive(conns[0], frame)
+    ingest.receive(conns[0], frame)               # resent before it was acked: no new values
+    assert ingest.counters["frames_duplicate"] == 0
+    ingest.receive(conns[1], chunk(1, 0, 2, [2, 20], ends=2))
+    (job,) = steps_written(writer)
+    assert reduced(job) == {0: 3.0, 1: 30.0}
+    ingest.on_flushed(len(writer.jobs), set())
+    assert acks_of(conns[0]) == [2]
+    ingest.receive(conns[0], frame)               # resent after the ack: a duplicate, acked
+    assert ingest.counters["frames_duplicate"] == 1 and acks_of(conns[0]) == [2]
+    assert len(steps_written(writer)) == 1
+
+
+def test_a_chunk_ending_an_already_reduced_step_is_stored_raw():
+    ingest, conns, writer, clock = make(2, straggler_timeout_s=1.0)
+    for rank, conn in enumerate(conns):
+        conn.take()
+        schema(ingest, conn, rank)
+    ingest.receive(conns[0], chunk(0, 0, 2, [1, 10], ends=2))
+    clock.t += 2.0
+    ingest.tick()
+    (job,) = steps_written(writer)
+    assert job.ready.included == {0}
+    ingest.receive(conns[1], chunk(1, 0, 2, [2, 20], ends=2))      # the straggler
+    (late,) = [j for j in writer.jobs if isinstance(j, WriteRaw)]
+    assert late.batch.value.tolist() == [2.0, 20.0] and late.batch.rank.tolist() == [1, 1]
+    assert ingest.counters["late_values"] == 2
+    ingest.on_flushed(len(writer.jobs), set())
+    assert acks_of(conns[1]) == [2]

@@ -274,3 +274,36 @@ def test_ranks_sharing_a_schema_are_written_as_one_block(start_collector, client
     for r in (0, 1, 2):
         n = 2 if r == 2 else 5
         assert store.at_step("blk", 0, rank=r)["value"].to_list() == vals[r][:n].tolist()
+
+
+def test_mixed_plain_and_folded_clients_and_a_folded_resend(start_collector, client_factory):
+    """Rank 0 speaks the older form (chunk + EndOfStep), rank 1 ends each step in its last
+    chunk; rank 1's stream drops after an unacked folded frame and it resends it: every step is
+    reduced once over both ranks, and each folded frame is acked by its own seq."""
+    collector, addr, store = start_collector()
+    ms = [mdef("tokens", pb.REDUCE_SUM), mdef("max_logit", pb.REDUCE_MAX)]
+    old = client_factory(addr, "mixed", 0, 2)
+    new = client_factory(addr, "mixed", 1, 2)
+    assert new.expect("welcome").chunk_ends_step
+    old.schema(1, ms)
+    new.schema(1, ms)
+    old.step(0, 1, [10, 1])
+    new.chunk(0, 1, [20], offset=0, total=2)
+    new.chunk(0, 1, [2], offset=1, total=2, ends_step=2)              # seq 3 ends step 0
+    assert new.wait_ack().seq == 3 and old.wait_ack().seq == 3
+    new.step(1, 1, [30, 4], fold=True)                                # seq 4, step 1 waits
+    wait_for(lambda: collector.stats()["frames"] >= 8, "the folded frame to arrive")
+    new.cancel()
+    wait_for(lambda: collector.stats()["streams_closed"] >= 1, "the server to see the drop")
+    again = client_factory(addr, "mixed", 1, 2, seq=new.seq)
+    assert again.expect("welcome").acked_seq == 3
+    for frame in new.sent:
+        again.send(frame)                     # schema and step 0 are duplicates, seq 4 a resend
+    old.step(1, 1, [40, 3])
+    assert again.wait_ack().seq == 4 and old.wait_ack().seq == 5
+    assert collector.stats()["frames_duplicate"] == 3
+    assert reduced(store, "mixed", 0) == {"tokens": 30, "max_logit": 2}
+    assert reduced(store, "mixed", 1) == {"tokens": 70, "max_logit": 4}
+    raw = store.at_step("mixed", 1, rank=1)
+    assert raw["value"].to_list() == [30, 4]                          # one copy
+    assert store.steps("mixed")["complete"].to_list() == [True, True]

@@ -27,3 +27,17 @@ def test_every_client_frame_kind_carries_a_header():
         msg = field.message_type
         assert "header" in msg.fields_by_name, f"{msg.name} lacks FrameHeader"
         assert msg.fields_by_name["header"].message_type.name == "FrameHeader"
+
+
+def test_a_chunk_ends_its_step_only_when_it_says_so():
+    """The end-of-step fields are additive: a StepChunk from an older client parses as a plain
+    chunk, an older collector's Welcome as one without the capability."""
+    from proto.v1 import telemetry_pb2 as pb
+    old_chunk = pb.StepChunk(header=pb.FrameHeader(run="r", rank=0, step=3, seq=4), schema_id=1,
+                             offset=0, total=1, values=b"\0\0\x80?").SerializeToString()
+    chunk = pb.StepChunk.FromString(old_chunk)
+    assert not chunk.ends_step and chunk.step_values == 0 and chunk.wall_time == 0.0
+    assert not pb.Welcome.FromString(pb.Welcome(acked_seq=7).SerializeToString()).chunk_ends_step
+    fields = pb.StepChunk.DESCRIPTOR.fields_by_name
+    assert [fields[n].number for n in ("ends_step", "step_values", "wall_time")] == [6, 7, 8]
+    assert pb.Welcome.DESCRIPTOR.fields_by_name["chunk_ends_step"].number == 3
