@@ -15,6 +15,7 @@ run. A first-time schema reads each def's fields once into columns and checks th
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,7 +113,8 @@ class RunMetrics:
                  ) -> MetricDict | None:
         """Register a schema; returns the metric-dictionary rows it created (None if none).
         Validates everything before changing anything. Identical MetricDefs (any rank, any
-        schema_id) get the same id array object."""
+        schema_id) get the same id array object. Fingerprinting copies each def into a new
+        message (~0.9 ms for 1,465 defs): for a received Schema use register_schema."""
         return self._register(rank, schema_id, metrics,
                               pb.Schema(metrics=metrics).SerializeToString())
 
@@ -194,30 +196,34 @@ class _Columns:
 
 
 def _columns(schema_id: int, metrics: Sequence[pb.MetricDef]) -> _Columns:
-    """Each def's fields read once, checked in bulk; InvalidArgument naming the first bad def
-    (the checks of one def in the order: reduce op, name, layer/expert/head), an empty
-    schema, or a name that appears twice."""
+    """Each def's fields read once and checked in bulk (builtin min/max over the columns);
+    InvalidArgument naming the first bad def, an empty schema, or a name that appears twice."""
     if not metrics:
         raise InvalidArgument(f"schema {schema_id} has no metrics")
-    rows = [(m.name, m.layer, m.expert, m.head, m.stat, m.unit, m.reduce) for m in metrics]
-    names, layer, expert, head, stat, unit, reduce = map(list, zip(*rows))
-    bad_op = np.isin(reduce, list(REDUCE_CODES), invert=True)
-    n_chars = np.fromiter(map(len, names), np.int64, len(names))
-    bad_name = (n_chars == 0) | (n_chars > MAX_NAME_CHARS)
-    bad_label = (np.array([layer, expert, head], np.int64) < -1).any(axis=0)
-    bad = np.flatnonzero(bad_op | bad_name | bad_label)
-    if bad.size:
-        i = int(bad[0])
-        if bad_op[i]:
-            raise InvalidArgument(f"metric {i} ({names[i]!r}) of schema {schema_id} has "
-                                  f"reduce op {reduce[i]}: declare sum, mean, max or min")
-        if bad_name[i]:
-            raise InvalidArgument(f"metric {i} of schema {schema_id}: name must have 1.."
-                                  f"{MAX_NAME_CHARS} characters")
-        raise InvalidArgument(f"metric {names[i]!r}: layer/expert/head must be >= -1")
+    names, layer, expert, head, stat, unit, reduce = zip(*map(_FIELDS, metrics))
+    n_chars = list(map(len, names))
+    if not (set(reduce) <= REDUCE_CODES.keys() and min(n_chars) >= 1
+            and max(n_chars) <= MAX_NAME_CHARS and min(*layer, *expert, *head) >= -1):
+        for i, m in enumerate(metrics):
+            _check_def(schema_id, i, m)
     if len(set(names)) != len(names):
         count = Counter(names)
         dup = next(n for n in names if count[n] > 1)
         raise InvalidArgument(f"metric {dup!r} appears twice in schema {schema_id}")
     # REDUCE_CODES maps proto codes to themselves (asserted above), so reduce is the op code
-    return _Columns(names, list(zip(layer, expert, head, stat, unit, reduce)))
+    return _Columns(list(names), list(zip(layer, expert, head, stat, unit, reduce)))
+
+
+_FIELDS = operator.attrgetter("name", "layer", "expert", "head", "stat", "unit", "reduce")
+
+
+def _check_def(schema_id: int, i: int, m: pb.MetricDef) -> None:
+    """InvalidArgument if def i is bad: the per-def checks, run once the bulk check failed."""
+    if m.reduce not in REDUCE_CODES:
+        raise InvalidArgument(f"metric {i} ({m.name!r}) of schema {schema_id} has "
+                              f"reduce op {m.reduce}: declare sum, mean, max or min")
+    if not m.name or len(m.name) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"metric {i} of schema {schema_id}: name must have 1.."
+                              f"{MAX_NAME_CHARS} characters")
+    if min(m.layer, m.expert, m.head) < -1:
+        raise InvalidArgument(f"metric {m.name!r}: layer/expert/head must be >= -1")

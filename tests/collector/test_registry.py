@@ -1,5 +1,5 @@
-"""registry.py and acks.py: metric identity by name across ranks, schema conflicts, Hello
-checks, and cumulative ack bookkeeping."""
+"""registry.py and acks.py: metric identity by name across ranks, schema conflicts, identical
+schemas registered once per run, Hello checks, and cumulative ack bookkeeping."""
 from __future__ import annotations
 
 import numpy as np
@@ -77,6 +77,94 @@ def test_bounds():
     r.register(0, 2, [m("c")])
     with pytest.raises(ResourceExhausted, match="max_schemas_per_rank"):
         r.register(0, 3, [m("a")])
+
+
+def msg(rank, schema_id, metrics, seq=1) -> pb.Schema:
+    return pb.Schema(header=pb.FrameHeader(run="run", rank=rank, seq=seq), schema_id=schema_id,
+                     metrics=metrics)
+
+
+# register() with a list of defs, register_schema() with the message as it arrives: the same
+# registry behind both, so every cache test runs through each.
+VIA = {"list": lambda r, rank, sid, ms, seq=1: r.register(rank, sid, ms),
+       "message": lambda r, rank, sid, ms, seq=1: r.register_schema(rank, msg(rank, sid, ms, seq))}
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_identical_defs_on_other_ranks_reuse_the_id_array_and_create_no_rows(via):
+    r, call = reg(), VIA[via]
+    defs = [m("a"), m("b", pb.REDUCE_MAX, layer=3)]
+    assert call(r, 0, 1, defs).name == ["a", "b"]
+    assert call(r, 1, 7, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None   # other rank, id
+    assert r.schema(1, 7) is r.schema(0, 1)
+    np.testing.assert_array_equal(r.schema(1, 7), [0, 1])
+    assert call(r, 2, 1, defs[::-1]) is None                  # other order: other layout
+    np.testing.assert_array_equal(r.schema(2, 1), [1, 0])
+    assert call(r, 3, 1, defs, seq=9) is None and r.schema(3, 1) is r.schema(0, 1)
+    assert r.ops.tolist() == [1, 3] and len(r.ids) == 2
+
+
+def test_a_list_and_a_message_with_the_same_defs_share_the_array():
+    r = reg()
+    r.register(0, 1, [m("a"), m("b")])
+    assert r.register_schema(1, msg(1, 4, [m("a"), m("b")])) is None
+    assert r.schema(1, 4) is r.schema(0, 1)
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_resend_ignores_the_header_and_other_defs_under_a_used_id_are_rejected(via):
+    r, call = reg(), VIA[via]
+    call(r, 0, 1, [m("a"), m("b")])
+    assert call(r, 0, 1, [m("a"), m("b")], seq=5) is None     # reconnect: new seq
+    with pytest.raises(InvalidArgument, match="unique per"):
+        call(r, 0, 1, [m("b"), m("a")])
+    with pytest.raises(InvalidArgument, match="unique per"):
+        call(r, 0, 1, [m("a"), m("b", unit="s")])
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_a_known_layout_still_gets_the_per_rank_checks(via):
+    r, call = reg(max_schemas=2), VIA[via]
+    call(r, 0, 1, [m("a"), m("b")])
+    call(r, 0, 2, [m("c")])
+    call(r, 1, 1, [m("c")])                                   # known layouts, rank 1
+    with pytest.raises(InvalidArgument, match="'c' is already in another schema of rank 1"):
+        call(r, 1, 2, [m("c")])
+    call(r, 1, 2, [m("a"), m("b")])
+    with pytest.raises(ResourceExhausted, match="max_schemas_per_rank"):
+        call(r, 1, 3, [m("a"), m("b")])
+    assert not r.has_schema(1, 3) and r.schema(1, 2) is r.schema(0, 1)
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_a_rejected_schema_leaves_no_names_and_no_layout_behind(via):
+    r, call = reg(), VIA[via]
+    call(r, 0, 1, [m("a")])
+    with pytest.raises(InvalidArgument, match="already in another schema"):
+        call(r, 0, 2, [m("c"), m("a")])                       # c resolved, then the clash
+    assert "c" not in r.ids and r.ops.tolist() == [1]
+    rows = call(r, 1, 1, [m("c"), m("a")])                    # the same defs are fine here
+    assert rows.name == ["c"] and rows.metric_id.tolist() == [1]
+    np.testing.assert_array_equal(r.schema(1, 1), [1, 0])
+    with pytest.raises(InvalidArgument, match="conflicts"):
+        call(r, 2, 1, [m("a", pb.REDUCE_MAX)])
+    with pytest.raises(InvalidArgument, match="conflicts"):   # not cached by the failure
+        call(r, 3, 1, [m("a", pb.REDUCE_MAX)])
+
+
+@pytest.mark.parametrize("metrics,match", [
+    ([m("a"), m("b", layer=-2), m("c", pb.REDUCE_UNSPECIFIED)], "'b': layer/expert/head"),
+    ([m("a"), m("b", pb.REDUCE_UNSPECIFIED), m("", layer=-2)], r"metric 1 \('b'\).*reduce op 0"),
+    ([m("a"), m("b", head=-5, reduce=7)], r"metric 1 \('b'\).*reduce op 7"),
+    ([m("a"), m("x" * 513)], "metric 1 of schema 1: name must have 1..512"),
+    ([m("b"), m("c"), m("a"), m("a"), m("c")], "'c' appears twice"),
+])
+def test_bad_schemas_name_the_first_bad_def(metrics, match):
+    for call in VIA.values():
+        r = reg()
+        with pytest.raises(InvalidArgument, match=match):
+            call(r, 0, 1, metrics)
+        assert not r.ids and not r.has_schema(0, 1)
 
 
 @pytest.mark.parametrize("kw,match", [
