@@ -186,7 +186,7 @@ class Ingest:
 
     def _register(self, run: Run, rank: int, s: pb.Schema, acks: RankAcks) -> None:
         known = run.metrics.has_schema(rank, s.schema_id)
-        new_rows = run.metrics.register(rank, s.schema_id, s.metrics)
+        new_rows = run.metrics.register_schema(rank, s)
         if not known:
             ids = run.metrics.schema(rank, s.schema_id)
             run.id_maps[(rank, s.schema_id)] = run.layouts.setdefault(ids.tobytes(), ids)
