@@ -1,7 +1,8 @@
 """Ingest end to end: R simulated ranks -> real collector -> store, against the raw ceiling.
 
-    python -m benchmarks.ingest --store URL [--metrics-per-step 6000000] [--steps 12]
-                                [--ranks 4096] [--procs 2] [--warmup 2]
+    python -m benchmarks.ingest --store URL [--metrics-per-step 6000000] [--steps 16]
+                                [--ranks 4096] [--procs 2] [--warmup 2] [--depth 8]
+                                [--flush-interval 2.0] [--no-flat]
 
 P load-generator processes (benchmarks/loadgen.py) play R ranks, each rank with the real hooks
 Sender and its own gRPC stream, sending benchmarks/workload.py's per-(layer, expert, stat)
@@ -266,7 +267,7 @@ def flat_ceiling(url: str, w: Workload, tmp: Path) -> float:
 
 # ---- the benchmark ------------------------------------------------------------------------------
 def run(url: str, total: int, steps: int, ranks: int, procs: int = 2, warmup: int = 2,
-        depth: int = 4, flush_s: float = 0.5, ceiling_steps: int | None = None,
+        depth: int = 8, flush_s: float = 2.0, ceiling_steps: int | None = None,
         flat: bool = True) -> dict:
     if steps <= warmup:
         raise SystemExit(f"--steps ({steps}) must exceed --warmup ({warmup})")
@@ -383,12 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", required=True,
                     help='"parquet:DIR" ("parquet:" = a temp dir) or clickhouse://...')
     ap.add_argument("--metrics-per-step", type=int, default=6_000_000)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=16, help=">= 16 injects the max-abs spike")
     ap.add_argument("--ranks", type=int, default=4096)
     ap.add_argument("--procs", type=int, default=2, help="load-generator processes")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rate")
-    ap.add_argument("--depth", type=int, default=4, help="client buffer, steps (block policy)")
-    ap.add_argument("--flush-interval", type=float, default=0.5)
+    ap.add_argument("--depth", type=int, default=8, help="client buffer, steps (block policy)")
+    ap.add_argument("--flush-interval", type=float, default=2.0,
+                    help="collector store flush (= ack) interval, s; every flush acks every "
+                         "rank, i.e. thousands of stream writes at thousands of ranks")
     ap.add_argument("--json", help="also write the full result here")
     ap.add_argument("--no-flat", action="store_true",
                     help="skip the one-row-per-value reference write (slow: ~1 M rows/s)")

@@ -25,11 +25,11 @@ TOTAL, RANKS, STEPS = 600, 4, 4          # 150 metrics per rank, 4 ranks in 2 pr
 RUN = "bench-ingest"
 
 
-def run_bench(url: str) -> str:
+def run_bench(url: str, steps: int = STEPS, *extra: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.ingest", "--store", url, "--metrics-per-step",
-         str(TOTAL), "--ranks", str(RANKS), "--steps", str(STEPS), "--warmup", "1",
-         "--flush-interval", "0.05"],
+         str(TOTAL), "--ranks", str(RANKS), "--steps", str(steps), "--warmup", "1",
+         "--flush-interval", "0.05", *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
@@ -84,3 +84,17 @@ def test_ingest_smoke_clickhouse(clickhouse_server, clickhouse_url):
     leftovers = clickhouse_server.client("SELECT count() FROM system.databases WHERE name "
                                          f"LIKE '{db}_ceiling%'")
     assert int(leftovers) == 0                           # the ceiling cleans up after itself
+
+
+def test_ingest_reports_spike_to_clip_latency(tmp_path):
+    """From 16 steps on, the workload's x40 max|h| spike (step 12, rank 0's first expert) must
+    come back as a clip update to the load generator, and the report says how fast."""
+    out = run_bench(f"parquet:{tmp_path / 'store'}", 18, "--no-flat")
+    line = next((ln for ln in out.splitlines() if "spike to clip applied" in ln), None)
+    assert line is not None, out[-3000:]
+    m = re.search(r"\| (\d+) steps, (\d+) ms \|", line)
+    assert m, line
+    # the load generator plays as fast as backpressure lets it, up to --depth (8) steps ahead
+    # of the acks, so the clip lands within that many steps; a real 1 s step sees 1-2
+    assert 1 <= int(m.group(1)) <= 8 + 2
+    assert int(m.group(2)) > 0
