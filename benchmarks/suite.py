@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             server = ClickHouseServer(command, tmp / "clickhouse")
             server.start()
         try:
-            stores = [f"parquet:{tmp / 'ingest'}"]
+            stores = ["parquet:{tmp}/ingest-{ranks}"]          # a fresh store per run
             if server is not None:
-                stores.append(server.url("bench_ingest"))
+                stores.append(server.url("bench_ingest_") + "{ranks}")
             ingest_rows, heads = [], []
             for ranks in [int(x) for x in a.ranks.split(",")]:
-                for url in stores:
+                for url in (u.format(tmp=tmp, ranks=ranks) for u in stores):
                     js = tmp / "ingest.json"
                     out = run_module(["benchmarks.ingest", "--store", url, "--metrics-per-step",
                                       str(a.metrics_per_step), "--ranks", str(ranks), "--steps",
