@@ -2,8 +2,8 @@
 
 A frame is durable when what it carried has been flushed to the store. Frames of a step still
 in the barrier wait for that step's write; frames written on their own (a schema's new metrics,
-a late rank's raw values) wait for their write job; frames that need no write (an EndOfStep of
-an already reduced step, a ClipAck) are durable once received. The ack is therefore
+a late rank's raw values, a ClipAck's acknowledged step) wait for their write job; frames that
+need no write (an EndOfStep of an already reduced step) are durable once received. The ack is therefore
 
     (lowest seq still waiting) - 1, or the highest seq received when nothing waits,
 

@@ -64,7 +64,7 @@ class Ingest:
     def __init__(self, config: CollectorConfig, writer: Writer, budget: ByteBudget,
                  clips: ClipBoard, counters: Counters,
                  clock: Callable[[], float] = time.monotonic,
-                 on_clip_ack: Callable[[str, int], None] | None = None,
+                 on_clip_ack: Callable[[str, int], int | None] | None = None,
                  operator: Callable[[pb.Hello], pb.ClipUpdate] | None = None) -> None:
         self.config = config
         self.writer = writer
@@ -72,7 +72,7 @@ class Ingest:
         self.clips = clips
         self.counters = counters
         self.clock = clock
-        self.on_clip_ack = on_clip_ack      # (run, version): an ack was recorded
+        self.on_clip_ack = on_clip_ack      # (run, version) -> writer job storing it, or None
         self.operator = operator            # answers an operator stream's command
         self.runs: dict[str, Run] = {}
         self._durable_job = 0              # every writer job <= this has been flushed
@@ -132,9 +132,11 @@ class Ingest:
         else:
             self.clips.record_ack(run.name, conn.rank, msg.version, h.step)
             self.counters.add("clip_acks")
-            acks.received(h.seq)
-            if self.on_clip_ack is not None:
-                self.on_clip_ack(run.name, msg.version)
+            job = self.on_clip_ack(run.name, msg.version) if self.on_clip_ack else None
+            if job is None:
+                acks.received(h.seq)
+            else:                                  # durable once its acked step is stored
+                acks.in_job(h.seq, job)
         if acks.advance():
             self._send_ack(run, conn.rank)
 

@@ -304,12 +304,12 @@ class Collector:
         return [ClipRecord(version=version, step=step, layer=layer, site=site, limit=limit,
                            reason=reason, acked_step=acked) for layer, site, limit in settings]
 
-    def _clip_acked(self, run: str, version: int) -> None:
+    def _clip_acked(self, run: str, version: int) -> int | None:
         """Event loop: a rank acknowledged; the version's rows are stored again with the
-        step it took effect (the latest over ranks)."""
+        step it took effect (the latest over ranks). Returns the writer job (the ClipAck
+        frame is acked once it is flushed), None when there is nothing to store."""
         records = self._clip_records(run, version)
-        if records:
-            self.writer.submit(WriteClips(run, records))
+        return self.writer.submit(WriteClips(run, records)) if records else None
 
     def _clip_sent(self, run: str, version: int) -> None:
         """Event loop: a ClipUpdate was written to a stream; the first one of a version that
