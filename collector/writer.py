@@ -1,14 +1,12 @@
-"""The writer stage: two threads between the event loop and the store.
+"""The writer stage: one thread between the event loop and the store.
 
 The loop submits jobs (open a run, new metric rows, a ready step, a late rank's raw values,
-finish a run) and gets back increasing job ids. A reduce thread takes them first, in order:
-it reduces ready steps and shows them to the observer (the online detectors, which decide clip
-updates), so detection never waits behind the store writes of earlier steps. The store thread
-then applies the jobs in the same order and flushes the store when `flush_interval_s` has passed
-since the last flush or `flush_every_steps` steps wait, whichever comes first. Only after a flush
+finish a run) and gets back increasing job ids. The thread applies them in order (reducing
+ready steps here, off the loop), and flushes the store when `flush_interval_s` has passed since
+the last flush or `flush_every_steps` steps wait, whichever comes first. Only after a flush
 returns does it report "durable through job J" to `on_flushed`, which turns into acks.
 
-CPU time of the threads per stage (reduce, observer, step writes, dictionary writes, flush;
+CPU time of this thread per stage (reduce, step writes, dictionary writes, observer, flush;
 thread CPU, so waiting for the GIL or the disk is not counted) is summed in `stage_s` and
 logged when the writer closes (`writer stage seconds: ...`; benchmarks/ingest.py reads it).
 
@@ -17,8 +15,8 @@ never acked), a failing flush is retried at the next interval (nothing is acked 
 Memory is bounded upstream: step bytes stay reserved in the ByteBudget until written here.
 
 An optional observer (detect.py: the online detectors) sees every new metric-dictionary row
-and every reduced step, once each, in job order, before the job is stored (a run is stored as
-opened before any of its steps is observed); its errors are logged and never fail the job.
+and every reduced step, once each, in job order, right after the job was applied; its errors
+are logged and never fail the job.
 """
 from __future__ import annotations
 
@@ -27,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,11 +42,7 @@ _STOP = object()
 # ---- jobs ------------------------------------------------------------------------------------
 @dataclass
 class OpenRun:
-    """Detectors store events for the run as soon as its steps are reduced, so the reduce
-    stage waits for `applied` (set by the store thread) before it passes on later jobs."""
-
     info: RunInfo
-    applied: threading.Event = field(default_factory=threading.Event, compare=False)
     nbytes = 0
 
     def apply(self, store: Store) -> int:
@@ -167,9 +161,6 @@ class Writer:
         self._next_id = 0
         self._id_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="collector-writer", daemon=True)
-        self._stage_q: queue.Queue = queue.Queue()   # jobs on their way to the reduce stage
-        self._reducer = threading.Thread(target=self._reduce_loop, name="collector-reduce",
-                                         daemon=True)
         self._applied = 0             # highest job id applied (writer thread only)
         self._failed: set[int] = set()
         self._dirty = False
@@ -178,56 +169,26 @@ class Writer:
         self.stage_s = dict.fromkeys(("reduce", "write", "dictionary", "detect", "flush"), 0.0)
 
     def start(self) -> None:
-        self._reducer.start()
         self._thread.start()
 
     def submit(self, job) -> int:
         with self._id_lock:
             self._next_id += 1
             job_id = self._next_id
-            self._stage_q.put((job_id, job))
+            self._queue.put((job_id, job))
         return job_id
 
     def close(self, timeout: float | None = None) -> None:
-        """Apply everything submitted, flush, stop both threads."""
-        if self._reducer.is_alive():
-            self._stage_q.put(_STOP)                 # the reduce stage forwards it when drained
-            self._reducer.join(timeout)
-        elif self._thread.is_alive():
-            self._queue.put(_STOP)
+        """Apply everything submitted, flush, stop the thread."""
         if self._thread.is_alive():
+            self._queue.put(_STOP)
             self._thread.join(timeout)
         log.info("writer stage seconds: %s",
                  " ".join(f"{k}={v:.3f}" for k, v in self.stage_s.items()))
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize() + self._stage_q.qsize()
-
-    def _reduce_loop(self) -> None:
-        """The reduce stage: reduce each ready step and show it to the observer (detectors,
-        clip decisions) as soon as it leaves the barrier, then hand every job on to the store
-        thread in submission order. Detection so never queues behind store writes of earlier
-        steps; a reduction that fails here is retried (and reported) by the store thread."""
-        while True:
-            item = self._stage_q.get()
-            if item is _STOP:
-                self._queue.put(_STOP)
-                return
-            _, job = item
-            t0 = time.thread_time()
-            if isinstance(job, WriteStep):
-                try:
-                    job.reduce()
-                except Exception:
-                    log.exception("reducing step %d of run %s failed", job.ready.step, job.run)
-            t1 = time.thread_time()
-            self._notify(job)
-            self.stage_s["reduce"] += t1 - t0
-            self.stage_s["detect"] += time.thread_time() - t1
-            self._queue.put(item)
-            if isinstance(job, OpenRun):
-                job.applied.wait()
+        return self._queue.qsize()
 
     def _run(self) -> None:
         while True:
@@ -251,8 +212,12 @@ class Writer:
         try:
             for attempt in range(ATTEMPTS):
                 try:
+                    t0 = time.thread_time()
+                    if isinstance(job, WriteStep):
+                        job.reduce()
                     t1 = time.thread_time()
-                    n = job.apply(self.store)            # a step reduced by the stage before
+                    n = job.apply(self.store)
+                    self.stage_s["reduce"] += t1 - t0
                     self.stage_s["write" if isinstance(job, (WriteStep, WriteRaw))
                                  else "dictionary"] += time.thread_time() - t1
                     self._counters.add("values_written", n)
@@ -265,11 +230,12 @@ class Writer:
                         time.sleep(0.05 * 2 ** attempt)
             else:
                 self._failed.add(job_id)
+            t0 = time.thread_time()
+            self._notify(job)
+            self.stage_s["detect"] += time.thread_time() - t0
         finally:
             if job.nbytes:
                 self._release(job.nbytes)
-            if isinstance(job, OpenRun):
-                job.applied.set()                    # tried, stored or not: stage goes on
         self._applied = job_id
         self._dirty = True
         self._steps += isinstance(job, WriteStep)
