@@ -223,20 +223,30 @@ class Sender:
         with self._cond:
             self._cond.wait_for(lambda: conn.welcomed or conn.dead or self._stop,
                                 timeout=self.config.net_timeout_s)
-            if conn.welcomed and not conn.dead:
-                self.buffer.counters["connects"] += 1
-                return conn
-        self.buffer.count("connect_failures")
+        if self._settle_connect(conn):
+            return conn
         self._drop_conn(conn)
         return None
 
-    def _drop_conn(self, conn: _Conn) -> None:
+    def _settle_connect(self, conn: _Conn) -> bool:
+        """After a connect attempt (either driver): True if it is live and welcomed; counted."""
+        with self._cond:
+            if conn.welcomed and not conn.dead:
+                self.buffer.counters["connects"] += 1
+                return True
+        self.buffer.count("connect_failures")
+        return False
+
+    def _mark_dead(self, conn: _Conn) -> None:
         with self._cond:
             conn.dead = True
             if self._conn is conn:
                 self._conn = None
         if conn.call is not None:
             conn.call.cancel()
+
+    def _drop_conn(self, conn: _Conn) -> None:
+        self._mark_dead(conn)
         conn.out_q.put(None)
         conn.channel.close()
 
@@ -470,22 +480,14 @@ class Sender:
                               self.config.net_timeout_s)
         except Exception:  # noqa: BLE001 - counted as a failed connect, retried with backoff
             log.debug("stepwatch: connect to %s failed", self.target, exc_info=True)
-        with self._cond:
-            if conn.welcomed and not conn.dead:
-                self.buffer.counters["connects"] += 1
-                return conn
-        self.buffer.count("connect_failures")
+        if self._settle_connect(conn):
+            return conn
         self._drop_conn_async(conn)
         return None
 
     def _drop_conn_async(self, conn: _Conn) -> None:
         """As `_drop_conn`, but the shared channel stays open."""
-        with self._cond:
-            conn.dead = True
-            if self._conn is conn:
-                self._conn = None
-        if conn.call is not None:
-            conn.call.cancel()
+        self._mark_dead(conn)
         self._wake_all()
 
     async def _serve_async(self, conn: _Conn) -> None:
