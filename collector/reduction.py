@@ -65,13 +65,13 @@ class StepRows:
     def raw(self) -> ValueBatch:
         """Every raw value as flat rows (blocks expanded, then rest). Built on first use only:
         at millions of values per step the expansion costs more than the reduction."""
-        step = np.full(self.n_raw, self.status.step, dtype=np.int64)
-        ids = [np.tile(b.metric_id, b.rank.size) for b in self.blocks] + [self.rest.metric_id]
-        ranks = [np.repeat(b.rank, b.metric_id.size) for b in self.blocks] + [self.rest.rank]
-        vals = [b.value.reshape(-1) for b in self.blocks] + [self.rest.value]
-        return ValueBatch(step=step, metric_id=np.concatenate(ids).astype(np.int32, copy=False),
-                          value=np.concatenate(vals).astype(np.float32, copy=False),
-                          rank=np.concatenate(ranks).astype(np.int32, copy=False))
+        parts = [b.cells() for b in self.blocks] + [self.rest]
+
+        def cat(key: str, dtype) -> np.ndarray:
+            return np.concatenate([getattr(p, key) for p in parts]).astype(dtype, copy=False)
+
+        return ValueBatch(step=cat("step", np.int64), metric_id=cat("metric_id", np.int32),
+                          value=cat("value", np.float32), rank=cat("rank", np.int32))
 
 
 def gather(parts: list[Part]) -> Rows:

@@ -100,6 +100,16 @@ class RawBlock:
     metric_id: np.ndarray            # int32 [M], distinct
     value: np.ndarray                # float32 [R, M], C-contiguous
 
+    def cells(self) -> ValueBatch:
+        """The block's R x M logical raw rows, rank-major (rank[0]'s metrics first)."""
+        r, m, v = np.asarray(self.rank), np.asarray(self.metric_id), np.asarray(self.value)
+        if r.ndim != 1 or m.ndim != 1 or v.shape != (r.size, m.size):
+            raise InvalidInput(f"RawBlock value must have shape (len(rank), len(metric_id)) = "
+                               f"({r.size}, {m.size}), got {v.shape}")
+        return ValueBatch(step=np.full(v.size, self.step, dtype=np.int64),
+                          metric_id=np.tile(m, r.size), value=v.reshape(-1),
+                          rank=np.repeat(r, m.size))
+
 
 @dataclass(frozen=True)
 class EventRecord:
@@ -165,15 +175,7 @@ class Store(abc.ABC):
     def write_raw_block(self, run: str, block: RawBlock) -> None:
         """Per-rank values as a dense block; same rows as write_raw of its R x M cells.
         Backends override this to store the vectors as they are (this default expands them)."""
-        r = np.asarray(block.rank)
-        m = np.asarray(block.metric_id)
-        v = np.asarray(block.value)
-        if r.ndim != 1 or m.ndim != 1 or v.shape != (r.size, m.size):
-            raise InvalidInput(f"RawBlock value must have shape (len(rank), len(metric_id)) = "
-                               f"({r.size}, {m.size}), got {v.shape}")
-        self.write_raw(run, ValueBatch(step=np.full(v.size, block.step, dtype=np.int64),
-                                       metric_id=np.tile(m, r.size), value=v.reshape(-1),
-                                       rank=np.repeat(r, m.size)))
+        self.write_raw(run, block.cells())
 
     @abc.abstractmethod
     def write_reduced(self, run: str, batch: ValueBatch) -> None:

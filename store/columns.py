@@ -316,6 +316,15 @@ def vector_cells(vec: pl.DataFrame, layouts: Mapping[int, np.ndarray],
     return out.select(list(RAW_SCHEMA)).cast(RAW_SCHEMA)
 
 
+def layouts_holding(layouts: Mapping[int, np.ndarray], metric_id: int | None
+                    ) -> list[int] | None:
+    """Hashes of the layouts whose ids include metric_id (None: no metric asked, every
+    layout); the vectors a per-rank series read has to decode."""
+    if metric_id is None:
+        return None
+    return [h for h, ids in layouts.items() if (ids == metric_id).any()]
+
+
 def _position(ids: np.ndarray, metric_id: int) -> int:
     hit = np.flatnonzero(ids == metric_id)
     return int(hit[0]) if hit.size else -1

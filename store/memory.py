@@ -73,8 +73,7 @@ class MemoryStore(BufferedStore):
 
     def _read_vectors(self, run, *, rank, start, stop, metric_id=None):
         known = self._layouts.get(run, {})
-        holding = None if metric_id is None else [
-            h for h, ids in known.items() if (ids == metric_id).any()]
+        holding = C.layouts_holding(known, metric_id)
         df = self._read_values(run, "raw_vectors", rank=rank, layouts=holding, start=start,
                                stop=stop)
         return df, known

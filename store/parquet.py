@@ -190,8 +190,7 @@ class ParquetStore(BufferedStore):
 
     def _read_vectors(self, run, *, rank, start, stop, metric_id=None):
         known = self._layouts(run)
-        holding = None if metric_id is None else [
-            h for h, ids in known.items() if (ids == metric_id).any()]
+        holding = C.layouts_holding(known, metric_id)
         if holding == []:
             return C.empty(C.RAW_VECTORS_SCHEMA), known
         vec = self._log(run, "raw_vectors").scan(rank=rank, layout=holding, start=start,
