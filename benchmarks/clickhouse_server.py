@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import escape as xml_escape
 
+from collector.process import terminate
+
 START_TIMEOUT_S = 60.0
 EXTRA_USER, EXTRA_PASSWORD = "stepwatch", "sw 'pa:ss@/"   # URL-hostile on purpose
 
@@ -166,11 +168,5 @@ class ClickHouseServer:
         return f"no answer to SELECT 1 within {START_TIMEOUT_S:.0f} s ({error})"
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            terminate(self.proc)

@@ -44,8 +44,7 @@ from collector.process import start_collector, stop_collector
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "bench-ingest"
 STAGE_RE = re.compile(r"writer stage seconds: (.*)")
-RECEIVE_RE = re.compile(r"ingest seconds: receive=([\d.]+)")
-SCHEMAS_RE = re.compile(r"ingest seconds: receive=[\d.]+ schemas=([\d.]+)")
+RECEIVE_RE = re.compile(r"ingest seconds: receive=([\d.]+)(?: schemas=([\d.]+))?")
 CLIP_RE = re.compile(r"clip update v1 on the wire ([\d.]+) ms")
 
 
@@ -113,9 +112,8 @@ def play(url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: flo
     text = log_path.read_text()
     stages = dict((k, float(v)) for k, v in
                   (kv.split("=") for kv in STAGE_RE.findall(text)[-1].split()))
-    stages["receive"] = float(RECEIVE_RE.findall(text)[-1])
-    schemas = SCHEMAS_RE.findall(text)
-    stages["schemas"] = float(schemas[-1]) if schemas else 0.0
+    receive, schemas = RECEIVE_RE.findall(text)[-1]
+    stages["receive"], stages["schemas"] = float(receive), float(schemas or 0.0)
     return {"results": results, "collector_rss_mib": rss_mib, "collector_cpu_s": cpu_s,
             "collector_connect_cpu_s": connect_cpu_s,
             "stages": stages, "connect_s": connect_s,

@@ -1,7 +1,7 @@
 """Start `python -m collector serve` as a child process and wait until it listens.
 
 One helper for everything that runs the collector beside something else: the demo, the
-integration tests, the benchmarks. The child prints `collector listening on HOST:PORT store=URL`
+integration tests, the benchmarks; and `terminate` for the other children they start. The child prints `collector listening on HOST:PORT store=URL`
 when ready; that line is the only handshake.
 """
 from __future__ import annotations
@@ -70,3 +70,16 @@ def stop_collector(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=timeout_s)
+
+
+def terminate(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Stop any child that needs no clean-shutdown check (a ClickHouse server, a dashboard):
+    SIGTERM, then SIGKILL if it is still running after grace_s; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -326,12 +326,19 @@ class Sender:
         except grpc.RpcError as exc:
             self._stream_error(exc)
         except Exception:  # noqa: BLE001 - the stream is reopened
-            self.buffer.count("reader_errors")
-            log.exception("stepwatch: reader error")
+            self._reader_error()
         finally:
-            with self._cond:
-                conn.dead = True
-                self._cond.notify_all()
+            self._reader_ended(conn)
+
+    def _reader_error(self) -> None:
+        self.buffer.count("reader_errors")
+        log.exception("stepwatch: reader error")
+
+    def _reader_ended(self, conn: _Conn) -> None:
+        """The stream's reader is gone (either driver): the connection is dead; wake waiters."""
+        with self._cond:
+            conn.dead = True
+            self._cond.notify_all()
 
     def _receive(self, conn: _Conn, resp: pb.ServerFrame) -> None:
         kind = resp.WhichOneof("kind")
@@ -519,10 +526,7 @@ class Sender:
             if not (conn.dead or self._stop):      # not our own cancel of the call
                 raise
         except Exception:  # noqa: BLE001 - the stream is reopened
-            self.buffer.count("reader_errors")
-            log.exception("stepwatch: reader error")
+            self._reader_error()
         finally:
-            with self._cond:
-                conn.dead = True
-                self._cond.notify_all()
+            self._reader_ended(conn)
             self._wake_all()

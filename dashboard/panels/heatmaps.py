@@ -7,6 +7,7 @@ declared dead are crossed out in red; starved ones (below its thresholds) outlin
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -33,6 +34,17 @@ def _draw(cells: pl.DataFrame, *, chart_id: str, title: str, view: str, step: in
                f"{experts.RMS_THRESHOLD:g} × layer median): {starved or 'none'}")
 
 
+def _cells(wide: pl.DataFrame, build: Callable[[pl.DataFrame], pl.DataFrame]
+           ) -> pl.DataFrame | None:
+    """The heatmap cells of an expert-wide read (empty stays empty), or None after showing
+    the warning when the run lacks what the view needs."""
+    try:
+        return build(wide) if wide.height else wide
+    except KeyError as e:
+        st.warning(str(e.args[0]))
+        return None
+
+
 def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int,
              events: pl.DataFrame) -> None:
     st.subheader("Experts: layer × expert")
@@ -48,12 +60,9 @@ def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int,
     left, right = st.columns(2)
     with left, st.container(key="heatmap-step"):
         st.caption(f"Heatmap at step {step}")
-        wide = reads.expert_wide(url, run, step, step, stats, row)
-        try:
-            cells = experts.heatmap_at(wide, view, dead) if wide.height else wide
-        except KeyError as e:
-            st.warning(str(e.args[0]))
-        else:
+        cells = _cells(reads.expert_wide(url, run, step, step, stats, row),
+                       lambda wide: experts.heatmap_at(wide, view, dead))
+        if cells is not None:
             _draw(cells, chart_id="heatmap_step", title=f"{view} at step {step}", view=view,
                   step=step)
     first = max(lo, step - window + 1)
@@ -61,11 +70,8 @@ def heatmaps(url: str, run: str, row: dict[str, Any], lo: int, step: int,
         how = ("each expert's share of the window's tokens" if view == "token share"
                else "mean over the window's steps in which the expert got tokens")
         st.caption(f"Heatmap over steps {first}–{step}: {how}")
-        wide_w = reads.expert_wide(url, run, first, step, stats, row)
-        try:
-            cells_w = experts.heatmap_window(wide_w, view, dead) if wide_w.height else wide_w
-        except KeyError as e:
-            st.warning(str(e.args[0]))
-        else:
-            _draw(cells_w, chart_id="heatmap_window", title=f"{view}, steps {first}–{step}",
+        cells = _cells(reads.expert_wide(url, run, first, step, stats, row),
+                       lambda wide: experts.heatmap_window(wide, view, dead))
+        if cells is not None:
+            _draw(cells, chart_id="heatmap_window", title=f"{view}, steps {first}–{step}",
                   view=view, step=step, window=(first, step))

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from collector.process import terminate  # noqa: E402
 from tests.dashboard.runs import DEAD_INJECT, record_tiny_runs, write_synthetic_run  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -68,13 +69,7 @@ class Dashboard:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,13 @@
 """`python -m store ...` as a user runs it: a subprocess on a Parquet store, CSV parsed back."""
 from __future__ import annotations
 
-import io
-import os
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
 import pytest
 
 from store import MetricDict, RunInfo, StepStatus, ValueBatch, open_store
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.store.cli_runner import cli, csv
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +29,6 @@ def url(tmp_path_factory) -> str:
         st.write_steps("run-a", [StepStatus(0, 2), StepStatus(1, 1, (0, 1), False, 2.5)])
         st.open_run(RunInfo("run-b", 1, "{}", 50.0))
     return url
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "store", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
-
-
-def csv(proc: subprocess.CompletedProcess) -> pl.DataFrame:
-    assert proc.returncode == 0, proc.stderr
-    return pl.read_csv(io.StringIO(proc.stdout))
 
 
 def test_runs_and_metrics(url):

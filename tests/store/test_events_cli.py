@@ -1,20 +1,18 @@
 """`python -m store events|clips` as a user runs them: a subprocess on a Parquet store, CSV back."""
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
-import subprocess
-import sys
+from functools import partial
 
 import numpy as np
-import polars as pl
 import pytest
 
 from store import ClipRecord, EventRecord, MetricDict, RunInfo, open_store
+from tests.store.cli_runner import cli
+from tests.store.cli_runner import csv as read_csv
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+csv = partial(read_csv, as_text=True)        # every column as the text the CLI printed
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +30,6 @@ def url(tmp_path_factory) -> str:
         st.write_clips("run-a", [ClipRecord(1, 12, 4, "routed", 1.5, "blowup@12", 14),
                                  ClipRecord(2, 60, 4, "routed", math.inf, "relax", -1)])
     return url
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "store", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
-
-
-def csv(proc: subprocess.CompletedProcess) -> pl.DataFrame:
-    assert proc.returncode == 0, proc.stderr
-    return pl.read_csv(io.StringIO(proc.stdout), infer_schema_length=0)   # all text
 
 
 def test_events_csv(url):
