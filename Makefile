@@ -8,14 +8,14 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := proto/v1/telemetry.proto
 PROTO_GEN := proto/v1/telemetry_pb2.py proto/v1/telemetry_pb2_grpc.py proto/v1/telemetry_pb2.pyi
 
-.PHONY: all venv sysdeps proto demo dashboard test test-fast bench clean
+.PHONY: all venv sysdeps proto demo dashboard check lint test test-fast bench clean
 
 all: venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[all,test,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -38,6 +38,17 @@ demo: $(STAMP)
 STORE ?= parquet:runs/demo-store
 dashboard: $(STAMP)
 	$(PY) -m dashboard --store $(STORE) --server.headless true
+
+# Lint, format and type gates (CI runs this before the tests; .pre-commit-config.yaml runs the same).
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Rewrite what ruff can fix and format the tree.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests

@@ -6,6 +6,7 @@
 The report is one self-contained HTML file (opens offline) with a JSON twin of its findings
 (default: the --out path with .json). An unknown run exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,25 @@ def main(argv: list[str] | None = None) -> int:
         with open_store(args.store) as store:
             if args.command == "report":
                 from analytics.report import write_report
+
                 found = write_report(store, args.run, args.out, args.json)
                 n = len(found["events"])
-                print(f"wrote {args.out} ({n} event(s); origin: "
-                      f"{found['origin']['explanation'] if found['origin'] else 'none'})")
+                print(
+                    f"wrote {args.out} ({n} event(s); origin: "
+                    f"{found['origin']['explanation'] if found['origin'] else 'none'})"
+                )
             else:
                 import polars as pl
 
                 from analytics.events import to_records
                 from analytics.offline import detect_offline
+
                 recs = to_records(detect_offline(store, args.run))
-                sys.stdout.write(pl.DataFrame([r.__dict__ for r in recs] or None,
-                                              schema=list(_COLUMNS)).write_csv())
+                sys.stdout.write(
+                    pl.DataFrame(
+                        [r.__dict__ for r in recs] or None, schema=list(_COLUMNS)
+                    ).write_csv()
+                )
     except (NotFound, InvalidInput) as exc:
         msg = exc.args[0] if isinstance(exc, NotFound) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)

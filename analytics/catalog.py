@@ -11,6 +11,7 @@ Forward order ("which site came first") follows the model's data flow: per layer
 router, routed experts, shared expert, residual; then the output head and the losses; then
 gradients; then parameter norms and everything else.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,12 +30,12 @@ def _forward_key(name: str, layer: int, expert: int, head: int, stat: str) -> tu
     for prefix, family in _FORWARD_FAMILIES:
         if name.startswith(prefix):
             return (_PHASE_FORWARD, layer, family, expert, head, name)
-    if name.startswith("model/"):                     # the output head: after every layer
+    if name.startswith("model/"):  # the output head: after every layer
         return (_PHASE_FORWARD, 1 << 30, 0, expert, head, name)
     if name.startswith("train/loss") or name.startswith("train/mtp_loss"):
         return (_PHASE_LOSS, 0, 0, 0, 0, name)
     if name.startswith("grad/"):
-        return (_PHASE_GRAD, -layer, 0, expert, head, name)   # backward runs deepest first
+        return (_PHASE_GRAD, -layer, 0, expert, head, name)  # backward runs deepest first
     return (_PHASE_OTHER, layer, 0, expert, head, name)
 
 
@@ -52,19 +53,30 @@ class MetricIndex:
         self._cache: dict[tuple, object] = {}
 
     @classmethod
-    def from_columns(cls, metric_id: Sequence[int], name: Sequence[str], layer: Sequence[int],
-                     expert: Sequence[int], head: Sequence[int], stat: Sequence[str]
-                     ) -> "MetricIndex":
+    def from_columns(
+        cls,
+        metric_id: Sequence[int],
+        name: Sequence[str],
+        layer: Sequence[int],
+        expert: Sequence[int],
+        head: Sequence[int],
+        stat: Sequence[str],
+    ) -> MetricIndex:
         ix = cls()
         ix.extend(metric_id, name, layer, expert, head, stat)
         return ix
 
     @classmethod
-    def from_frame(cls, df) -> "MetricIndex":
+    def from_frame(cls, df) -> MetricIndex:
         """From a polars frame with store's metrics columns."""
-        return cls.from_columns(df["metric_id"].to_list(), df["name"].to_list(),
-                                df["layer"].to_list(), df["expert"].to_list(),
-                                df["head"].to_list(), df["stat"].to_list())
+        return cls.from_columns(
+            df["metric_id"].to_list(),
+            df["name"].to_list(),
+            df["layer"].to_list(),
+            df["expert"].to_list(),
+            df["head"].to_list(),
+            df["stat"].to_list(),
+        )
 
     def extend(self, metric_id, name, layer, expert, head, stat) -> None:
         """Add dictionary rows (a re-registered id replaces its row)."""
@@ -94,16 +106,23 @@ class MetricIndex:
         return self._by_name.get(name, -1)
 
     def _select(self, prefix: str, stat: str) -> np.ndarray:
-        return np.array([i for i, (n, s) in enumerate(zip(self.names, self.stat))
-                         if s == stat and n.startswith(prefix)], dtype=np.int64)
+        return np.array(
+            [
+                i
+                for i, (n, s) in enumerate(zip(self.names, self.stat))
+                if s == stat and n.startswith(prefix)
+            ],
+            dtype=np.int64,
+        )
 
     @property
     def moe_layers(self) -> list[int]:
         """Layers that have per-expert metrics, ascending."""
         key = ("moe_layers",)
         if key not in self._cache:
-            sel = [i for i, n in enumerate(self.names) if n.startswith("moe/") and
-                   self.expert[i] >= 0]
+            sel = [
+                i for i, n in enumerate(self.names) if n.startswith("moe/") and self.expert[i] >= 0
+            ]
             self._cache[key] = sorted({int(self.layer[i]) for i in sel})
         return self._cache[key]
 
@@ -150,10 +169,13 @@ class MetricIndex:
         """Every id, sorted by where its value is produced in a training step."""
         key = ("order",)
         if key not in self._cache:
-            keys = [_forward_key(n, int(l), int(e), int(h), s) for n, l, e, h, s in
-                    zip(self.names, self.layer, self.expert, self.head, self.stat)]
-            self._cache[key] = np.array(sorted(range(self.size), key=keys.__getitem__),
-                                        dtype=np.int64)
+            keys = [
+                _forward_key(n, int(l), int(e), int(h), s)
+                for n, l, e, h, s in zip(self.names, self.layer, self.expert, self.head, self.stat)
+            ]
+            self._cache[key] = np.array(
+                sorted(range(self.size), key=keys.__getitem__), dtype=np.int64
+            )
         return self._cache[key]
 
 

@@ -33,11 +33,13 @@ expert of the same layer halves the limit (down to the floor). Operators may fre
 (the policy leaves it alone) or set/clear it (collector/control plane); the policy only
 advises: `step()` returns decisions, the caller sends them (observe-only: just logs them).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from analytics.events import BLOWUP_RECOVERED, CLIP_TRIGGERS, Event
 
@@ -48,10 +50,10 @@ Key = tuple[int, str]
 @dataclass(frozen=True)
 class ClipDecision:
     layer: int
-    site: str                       # "routed" | "shared"
-    limit: float                    # L; inf = off
-    step: int                       # the step it was decided at (the event's step)
-    reason: str                     # the event that caused it, or the relaxation
+    site: str  # "routed" | "shared"
+    limit: float  # L; inf = off
+    step: int  # the step it was decided at (the event's step)
+    reason: str  # the event that caused it, or the relaxation
     event: Event | None = None
 
 
@@ -86,8 +88,9 @@ class ClipPolicy:
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"ClipPolicy.{name} must be a positive number, got {v!r}")
         if not isinstance(self.relax_after, int) or self.relax_after < 1:
-            raise ValueError(f"ClipPolicy.relax_after must be an int >= 1, got "
-                             f"{self.relax_after!r}")
+            raise ValueError(
+                f"ClipPolicy.relax_after must be an int >= 1, got {self.relax_after!r}"
+            )
 
     # ---- the policy ---------------------------------------------------------------------
     def limit_for(self, event: Event) -> float:
@@ -98,9 +101,13 @@ class ClipPolicy:
             return self.floor
         return max(self.floor, math.sqrt(self.margin * base))
 
-    def step(self, step: int, events: list[Event],
-             site_maxabs: Mapping[Key, float] | None = None,
-             site_param_norm: Mapping[Key, float] | None = None) -> list[ClipDecision]:
+    def step(
+        self,
+        step: int,
+        events: list[Event],
+        site_maxabs: Mapping[Key, float] | None = None,
+        site_param_norm: Mapping[Key, float] | None = None,
+    ) -> list[ClipDecision]:
         """Decisions for one step's events (at most one per site), then due relaxations.
         site_maxabs: this step's max|h| of clamped sites (see `clamped()`); NaN counts as
         binding. site_param_norm: the largest expert parameter norm of clamped sites, on the
@@ -112,7 +119,7 @@ class ClipPolicy:
                 continue
             if ev.kind in CLIP_TRIGGERS:
                 alarms = self._alarms.setdefault(key, [])
-                known = ev.site in alarms           # a second detector on the same site
+                known = ev.site in alarms  # a second detector on the same site
                 if not known:
                     alarms.append(ev.site)
                 self._calm_since.pop(key, None)
@@ -121,13 +128,14 @@ class ClipPolicy:
                 want = self.limit_for(ev)
                 current = self._limits.get(key, math.inf)
                 if current < math.inf:
-                    if known:                       # already answered by this clamp
+                    if known:  # already answered by this clamp
                         continue
                     want = max(self.floor, min(want, current / 2))  # another site blows up
-                                                                    # under the clamp
+                    # under the clamp
                 if want < current:
-                    out[key] = ClipDecision(key[0], key[1], want, step,
-                                            f"{ev.kind}@{ev.step} {ev.site}", ev)
+                    out[key] = ClipDecision(
+                        key[0], key[1], want, step, f"{ev.kind}@{ev.step} {ev.site}", ev
+                    )
             elif ev.kind == BLOWUP_RECOVERED and key in self._alarms:
                 alarms = self._alarms[key]
                 if ev.site in alarms:
@@ -138,16 +146,19 @@ class ClipPolicy:
             self._limits[key] = d.limit
         for key, m in (site_maxabs or {}).items():
             limit = self._limits.get(key, math.inf)
-            if key in self._calm_since and limit < math.inf and \
-                    not m < self.binding_fraction * limit * limit:
-                self._calm_since[key] = step          # still binding: the window restarts
+            if (
+                key in self._calm_since
+                and limit < math.inf
+                and not m < self.binding_fraction * limit * limit
+            ):
+                self._calm_since[key] = step  # still binding: the window restarts
         for key, norm in (site_param_norm or {}).items():
             if key not in self._calm_since or not math.isfinite(norm):
                 continue
             ref = self._norm_ref.get(key)
             if ref is None or norm <= ref * (1 + self.param_growth):
                 self._norm_ref.setdefault(key, norm)
-            else:                                     # weights still growing: not calm
+            else:  # weights still growing: not calm
                 self._calm_since[key] = step
                 self._norm_ref[key] = norm
         for key, since in list(self._calm_since.items()):
@@ -157,9 +168,13 @@ class ClipPolicy:
                 self._alarms.pop(key, None)
                 if key in self._limits and key not in self._frozen:
                     del self._limits[key]
-                    out[key] = ClipDecision(key[0], key[1], math.inf, step,
-                                            f"relax: {key[1]} clamp of layer {key[0]} healthy "
-                                            f"since step {since}")
+                    out[key] = ClipDecision(
+                        key[0],
+                        key[1],
+                        math.inf,
+                        step,
+                        f"relax: {key[1]} clamp of layer {key[0]} healthy since step {since}",
+                    )
         return list(out.values())
 
     # ---- operators -------------------------------------------------------------------------
@@ -200,11 +215,13 @@ class ClipPolicy:
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"limits": [[l, s, v] for (l, s), v in sorted(self._limits.items())],
-                "alarms": [[l, s, list(v)] for (l, s), v in sorted(self._alarms.items())],
-                "calm_since": [[l, s, v] for (l, s), v in sorted(self._calm_since.items())],
-                "frozen": [list(k) for k in sorted(self._frozen)],
-                "norm_ref": [[l, s, v] for (l, s), v in sorted(self._norm_ref.items())]}
+        return {
+            "limits": [[l, s, v] for (l, s), v in sorted(self._limits.items())],
+            "alarms": [[l, s, list(v)] for (l, s), v in sorted(self._alarms.items())],
+            "calm_since": [[l, s, v] for (l, s), v in sorted(self._calm_since.items())],
+            "frozen": [list(k) for k in sorted(self._frozen)],
+            "norm_ref": [[l, s, v] for (l, s), v in sorted(self._norm_ref.items())],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._limits = {(int(l), s): float(v) for l, s, v in state["limits"]}

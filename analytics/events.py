@@ -9,28 +9,39 @@ for equality with `==`.
 
 Stored as store.EventRecord rows (detail as JSON text): `to_records` / `from_frame`.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 SEVERITIES = ("info", "warning", "critical")
 
 # kinds
-NONFINITE = "nonfinite"                 # any NaN/inf value: critical, immediate
-LOSS_SPIKE = "loss_spike"               # train/loss >= 7 sigma above its rolling trend
-GRAD_SPIKE = "grad_spike"               # grad/global_norm likewise (in log space)
-ATTN_LOGIT = "attn_logit_growth"        # a head's max logit above tau
-EXPERT_DEATH = "expert_death"           # starved (share/RMS low) for the window
-EXPERT_REVIVAL = "expert_revival"       # a dead expert is fed again
-BLOWUP = "blowup"                       # a layer's max/median expert output norm ratio
-MAXABS_SPIKE = "maxabs_spike"           # one site's max |activation| vs its rolling baseline
-BLOWUP_RECOVERED = "blowup_recovered"   # a blown-up site back within its baseline
+NONFINITE = "nonfinite"  # any NaN/inf value: critical, immediate
+LOSS_SPIKE = "loss_spike"  # train/loss >= 7 sigma above its rolling trend
+GRAD_SPIKE = "grad_spike"  # grad/global_norm likewise (in log space)
+ATTN_LOGIT = "attn_logit_growth"  # a head's max logit above tau
+EXPERT_DEATH = "expert_death"  # starved (share/RMS low) for the window
+EXPERT_REVIVAL = "expert_revival"  # a dead expert is fed again
+BLOWUP = "blowup"  # a layer's max/median expert output norm ratio
+MAXABS_SPIKE = "maxabs_spike"  # one site's max |activation| vs its rolling baseline
+BLOWUP_RECOVERED = "blowup_recovered"  # a blown-up site back within its baseline
 
-KINDS = (NONFINITE, LOSS_SPIKE, GRAD_SPIKE, ATTN_LOGIT, EXPERT_DEATH, EXPERT_REVIVAL, BLOWUP,
-         MAXABS_SPIKE, BLOWUP_RECOVERED)
+KINDS = (
+    NONFINITE,
+    LOSS_SPIKE,
+    GRAD_SPIKE,
+    ATTN_LOGIT,
+    EXPERT_DEATH,
+    EXPERT_REVIVAL,
+    BLOWUP,
+    MAXABS_SPIKE,
+    BLOWUP_RECOVERED,
+)
 CLIP_TRIGGERS = (BLOWUP, MAXABS_SPIKE)  # what the clip policy acts on
 
 
@@ -70,8 +81,10 @@ class Event:
         return (self.step, self.kind, self.site)
 
     def brief(self) -> str:
-        return (f"{self.kind}@{self.step} {self.site} value={_num(self.value)} "
-                f"threshold={_num(self.threshold)} onset={self.onset_step}")
+        return (
+            f"{self.kind}@{self.step} {self.site} value={_num(self.value)} "
+            f"threshold={_num(self.threshold)} onset={self.onset_step}"
+        )
 
 
 def _num(x: float) -> str:
@@ -91,29 +104,67 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def make_event(kind: str, run: str, step: int, site: str, value: float, threshold: float,
-               severity: str, onset_step: int, **detail: Any) -> Event:
+def make_event(
+    kind: str,
+    run: str,
+    step: int,
+    site: str,
+    value: float,
+    threshold: float,
+    severity: str,
+    onset_step: int,
+    **detail: Any,
+) -> Event:
     """An Event whose numbers are plain Python floats and whose detail is JSON-safe, so the
     event equals itself after a store round trip."""
-    return Event(kind=kind, run=run, step=int(step), site=site, value=float(value),
-                 threshold=float(threshold), severity=severity, onset_step=int(onset_step),
-                 detail=_json_safe(detail))
+    return Event(
+        kind=kind,
+        run=run,
+        step=int(step),
+        site=site,
+        value=float(value),
+        threshold=float(threshold),
+        severity=severity,
+        onset_step=int(onset_step),
+        detail=_json_safe(detail),
+    )
 
 
 def to_records(events: Iterable[Event]) -> list:
     """store.EventRecord rows (store is imported lazily: detectors never need it)."""
     from store import EventRecord
-    return [EventRecord(step=e.step, kind=e.kind, site=e.site, value=e.value,
-                        threshold=e.threshold, severity=e.severity, onset_step=e.onset_step,
-                        detail=json.dumps(e.detail, sort_keys=True)) for e in events]
+
+    return [
+        EventRecord(
+            step=e.step,
+            kind=e.kind,
+            site=e.site,
+            value=e.value,
+            threshold=e.threshold,
+            severity=e.severity,
+            onset_step=e.onset_step,
+            detail=json.dumps(e.detail, sort_keys=True),
+        )
+        for e in events
+    ]
 
 
 def from_frame(df, run: str) -> list[Event]:
     """Events back from a store.events(run) frame."""
-    return [Event(kind=r["kind"], run=run, step=int(r["step"]), site=r["site"],
-                  value=float(r["value"]), threshold=float(r["threshold"]),
-                  severity=r["severity"], onset_step=int(r["onset_step"]),
-                  detail=json.loads(r["detail"] or "{}")) for r in df.iter_rows(named=True)]
+    return [
+        Event(
+            kind=r["kind"],
+            run=run,
+            step=int(r["step"]),
+            site=r["site"],
+            value=float(r["value"]),
+            threshold=float(r["threshold"]),
+            severity=r["severity"],
+            onset_step=int(r["onset_step"]),
+            detail=json.loads(r["detail"] or "{}"),
+        )
+        for r in df.iter_rows(named=True)
+    ]
 
 
 def sort_events(events: Iterable[Event]) -> list[Event]:

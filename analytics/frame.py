@@ -6,6 +6,7 @@ metric that was not sent this step (parameter norms arrive every K steps) is not
 values are optional and lazy (`rank_values()`), because only a detector that has already found
 something asks which ranks it came from.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -18,17 +19,23 @@ import numpy as np
 class StepFrame:
     run: str
     step: int
-    values: np.ndarray                  # float64 [size]; NaN where absent
-    present: np.ndarray                 # bool [size]
-    ranks: tuple[int, ...] = ()         # ranks included in the reduction
+    values: np.ndarray  # float64 [size]; NaN where absent
+    present: np.ndarray  # bool [size]
+    ranks: tuple[int, ...] = ()  # ranks included in the reduction
     _rank_loader: Callable[[], dict[int, np.ndarray]] | None = field(default=None, repr=False)
     _rank_cache: dict[int, np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_rows(cls, run: str, step: int, metric_id: np.ndarray, value: np.ndarray,
-                  size: int, ranks: tuple[int, ...] = (),
-                  rank_loader: Callable[[], dict[int, np.ndarray]] | None = None
-                  ) -> "StepFrame":
+    def from_rows(
+        cls,
+        run: str,
+        step: int,
+        metric_id: np.ndarray,
+        value: np.ndarray,
+        size: int,
+        ranks: tuple[int, ...] = (),
+        rank_loader: Callable[[], dict[int, np.ndarray]] | None = None,
+    ) -> StepFrame:
         """From (metric_id, value) rows of one step; ids >= size are ignored (a metric the
         index does not know yet cannot be judged)."""
         ids = np.asarray(metric_id, dtype=np.int64)
@@ -63,8 +70,9 @@ class StepFrame:
         return self._rank_cache
 
 
-def rank_vectors(metric_id: np.ndarray, rank: np.ndarray, value: np.ndarray, size: int,
-                 ranks: tuple[int, ...]) -> dict[int, np.ndarray]:
+def rank_vectors(
+    metric_id: np.ndarray, rank: np.ndarray, value: np.ndarray, size: int, ranks: tuple[int, ...]
+) -> dict[int, np.ndarray]:
     """Raw (metric_id, rank, value) rows -> one dense float64 vector per rank in `ranks`."""
     out = {}
     ids = np.asarray(metric_id, dtype=np.int64)

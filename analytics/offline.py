@@ -7,6 +7,7 @@ dictionary from `store.metrics(run)`; per-rank values are read only when a detec
 the ranks that made the step's reduction (store.steps: world minus missing_ranks), which is
 exactly what the collector's online frame holds. Steps are replayed in ascending order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -40,8 +41,9 @@ def iter_frames(store, run: str, index: MetricIndex | None = None) -> Iterator[S
                 out[r] = vec
             return out
 
-        yield StepFrame.from_rows(run, step, df["metric_id"].to_numpy(),
-                                  df["value"].to_numpy(), index.size, ranks, load)
+        yield StepFrame.from_rows(
+            run, step, df["metric_id"].to_numpy(), df["value"].to_numpy(), index.size, ranks, load
+        )
 
 
 def detect_offline(store, run: str, detectors: DetectorSet | None = None) -> list[Event]:

@@ -13,6 +13,7 @@ for all of them this way). `min()` is a one-pass lower bound of the median, with
 MaxAbsSpike proves most sites calm without sorting their windows. State is plain arrays
 (`state_dict`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,16 +25,19 @@ def nanmedian(x: np.ndarray, axis: int = -1, count: np.ndarray | None = None) ->
     caller already knows them (shape of the result)."""
     x = np.asarray(x)
     axis = axis % x.ndim
-    out_shape = x.shape[:axis] + x.shape[axis + 1:]
+    out_shape = x.shape[:axis] + x.shape[axis + 1 :]
     if x.shape[axis] == 0:
         return np.full(out_shape, np.nan)
     s = np.sort(x, axis=axis)
-    n = (np.count_nonzero(~np.isnan(s), axis=axis) if count is None
-         else np.asarray(count).reshape(out_shape))
+    n = (
+        np.count_nonzero(~np.isnan(s), axis=axis)
+        if count is None
+        else np.asarray(count).reshape(out_shape)
+    )
     n = np.expand_dims(n, axis)
     lo = np.take_along_axis(s, np.maximum(n - 1, 0) // 2, axis).astype(np.float64)
     hi = np.take_along_axis(s, np.minimum(n // 2, x.shape[axis] - 1), axis)
-    return ((lo + hi) / 2).squeeze(axis)          # n == 0: both are NaN (sorted last)
+    return ((lo + hi) / 2).squeeze(axis)  # n == 0: both are NaN (sorted last)
 
 
 class Rolling:
@@ -43,9 +47,9 @@ class Rolling:
         self._shape = tuple(int(n) for n in shape)
         self.size = size
         n = int(np.prod(self._shape, dtype=np.int64))
-        self.buf = np.full((size, n), np.nan, np.float32)    # [slot, element]
-        self.pos = 0                                           # next slot to overwrite
-        self._count = np.zeros(n, np.int64)                    # non-NaN slots per element
+        self.buf = np.full((size, n), np.nan, np.float32)  # [slot, element]
+        self.pos = 0  # next slot to overwrite
+        self._count = np.zeros(n, np.int64)  # non-NaN slots per element
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -56,12 +60,16 @@ class Rolling:
         is not finite, also after narrowing to float32) record NaN and so do not count."""
         row = np.asarray(row, dtype=np.float64)
         if row.shape != self._shape:
-            raise ValueError(f"rolling window of shape {self._shape} got a row of shape "
-                             f"{row.shape}")
-        with np.errstate(over="ignore"):                 # > 3.4e38 narrows to inf: not counted
+            raise ValueError(
+                f"rolling window of shape {self._shape} got a row of shape {row.shape}"
+            )
+        with np.errstate(over="ignore"):  # > 3.4e38 narrows to inf: not counted
             new = row.astype(np.float32).reshape(-1)
-        ok = np.isfinite(new) if accept is None else (
-            np.isfinite(new) & np.asarray(accept, dtype=bool).reshape(-1))
+        ok = (
+            np.isfinite(new)
+            if accept is None
+            else (np.isfinite(new) & np.asarray(accept, dtype=bool).reshape(-1))
+        )
         new[~ok] = np.nan
         self._count += ok.astype(np.int64) - ~np.isnan(self.buf[self.pos])
         self.buf[self.pos] = new
@@ -85,7 +93,7 @@ class Rolling:
             cols = np.flatnonzero(np.broadcast_to(select, self._shape))
         out = np.full(self.buf.shape[1], np.nan)
         if cols.size:
-            window = np.ascontiguousarray(self.buf[:, cols].T)     # [element, slot]
+            window = np.ascontiguousarray(self.buf[:, cols].T)  # [element, slot]
             out[cols] = nanmedian(window, axis=1, count=self._count[cols])
         return out.reshape(self._shape)
 
@@ -100,8 +108,9 @@ class Rolling:
     def load_state_dict(self, state: dict) -> None:
         buf = np.asarray(state["buf"])
         if buf.shape != (self.size, *self._shape):
-            raise ValueError(f"rolling window state has shape {buf.shape}, expected "
-                             f"{(self.size, *self._shape)}")
+            raise ValueError(
+                f"rolling window state has shape {buf.shape}, expected {(self.size, *self._shape)}"
+            )
         pos = int(state["pos"])
         if not 0 <= pos < self.size:
             raise ValueError(f"rolling window state has pos {pos}, outside [0, {self.size})")

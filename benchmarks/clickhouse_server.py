@@ -9,6 +9,7 @@ benchmarks/suite.py starts one for `make bench`.
 
     server = ClickHouseServer(server_command(), Path(tmp)); server.start(); ...; server.stop()
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,7 +25,7 @@ from xml.sax.saxutils import escape as xml_escape
 from collector.process import terminate
 
 START_TIMEOUT_S = 60.0
-EXTRA_USER, EXTRA_PASSWORD = "stepwatch", "sw 'pa:ss@/"   # URL-hostile on purpose
+EXTRA_USER, EXTRA_PASSWORD = "stepwatch", "sw 'pa:ss@/"  # URL-hostile on purpose
 
 CONFIG_XML = """<?xml version="1.0"?>
 <yandex>
@@ -70,7 +71,7 @@ def server_command() -> list[str] | None:
         for found in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
             if found and os.access(found, os.X_OK):
                 return [found]
-    single = shutil.which("clickhouse")            # the upstream single binary
+    single = shutil.which("clickhouse")  # the upstream single binary
     return [single, "server"] if single else None
 
 
@@ -101,13 +102,23 @@ class ClickHouseServer:
 
     def url(self, database: str, *, user: str = "default", password: str = "") -> str:
         from urllib.parse import quote
+
         cred = user + (":" + quote(password, safe="") if password else "")
         return f"clickhouse://{cred}@{self.host}:{self.tcp_port}/{database}"
 
     def client(self, sql: str, *, user: str = "default", password: str = "") -> str:
         """Runs `clickhouse-client --query` (a second, independent client) and returns stdout."""
-        cmd = [shutil.which("clickhouse-client") or "clickhouse-client", "--host", self.host,
-               "--port", str(self.tcp_port), "--user", user, "--query", sql]
+        cmd = [
+            shutil.which("clickhouse-client") or "clickhouse-client",
+            "--host",
+            self.host,
+            "--port",
+            str(self.tcp_port),
+            "--user",
+            user,
+            "--query",
+            sql,
+        ]
         if password:
             cmd[-2:-2] = ["--password", password]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -126,19 +137,25 @@ class ClickHouseServer:
 
     def start(self) -> None:
         last_error = ""
-        for _attempt in range(3):                       # a picked port may be taken meanwhile
+        for _attempt in range(3):  # a picked port may be taken meanwhile
             self.tcp_port, self.http_port = _free_port(), _free_port()
             for sub in ("data", "tmp", "user_files", "format_schemas"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
-            (self.root / "config.xml").write_text(CONFIG_XML.format(
-                d=self.root, tcp_port=self.tcp_port, http_port=self.http_port))
-            (self.root / "users.xml").write_text(USERS_XML.format(
-                user=EXTRA_USER, password=xml_escape(EXTRA_PASSWORD)))
+            (self.root / "config.xml").write_text(
+                CONFIG_XML.format(d=self.root, tcp_port=self.tcp_port, http_port=self.http_port)
+            )
+            (self.root / "users.xml").write_text(
+                USERS_XML.format(user=EXTRA_USER, password=xml_escape(EXTRA_PASSWORD))
+            )
             with open(self.root / "stdout.log", "ab") as out:
                 self.proc = subprocess.Popen(
                     [*self.command, f"--config-file={self.root / 'config.xml'}"],
-                    cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                    cwd=self.root,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
+                )
             last_error = self._wait_ready()
             if not last_error:
                 return
@@ -150,17 +167,19 @@ class ClickHouseServer:
     def _wait_ready(self) -> str:
         """'' once `SELECT 1` answers; else why not (exited, or still silent at the deadline)."""
         from clickhouse_driver import Client
+
         deadline = time.monotonic() + START_TIMEOUT_S
         error = "no answer"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return f"exited with code {self.proc.returncode}"
-            client = Client(self.host, port=self.tcp_port, connect_timeout=1,
-                            send_receive_timeout=5)
+            client = Client(
+                self.host, port=self.tcp_port, connect_timeout=1, send_receive_timeout=5
+            )
             try:
                 self.version = client.execute("SELECT version()")[0][0]
                 return ""
-            except Exception as e:                     # not listening yet
+            except Exception as e:  # noqa: BLE001 - not listening yet: any error means retry
                 error = f"{type(e).__name__}: {e}"
             finally:
                 client.disconnect()

@@ -20,6 +20,7 @@ dashboard / baseline (medians over --reps).
 ($STEPWATCH_BENCH_CLICKHOUSE works as --clickhouse.) Prints a Markdown table, then one line per
 store: `store=NAME loss_curve_s=<float> heatmap_s=<float> loss_ratio=<> heatmap_ratio=<>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import pyarrow.dataset as ds
@@ -44,13 +45,15 @@ from store import open_store  # noqa: E402
 from tests.dashboard.runs import write_synthetic_run  # noqa: E402  (one writer for both)
 
 RUN = "bench"
-LOSS_ID = 0                  # tests/dashboard/runs.synthetic_dict puts train/loss first
+LOSS_ID = 0  # tests/dashboard/runs.synthetic_dict puts train/loss first
 
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, Python "
-            f"{platform.python_version()}, polars {pl.__version__}")
+    return (
+        f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, polars {pl.__version__}"
+    )
 
 
 # ---- the dashboard's read path (dashboard/reads.py minus the cache) ------------------------
@@ -66,8 +69,9 @@ def heatmap(store, step: int) -> int:
 
 def expert_columns(store) -> int:
     d = store.metrics(RUN)
-    names = d.filter(pl.col("stat").is_in(["tokens", "act_rms"]),
-                     pl.col("expert") >= 0)["name"].to_list()
+    names = d.filter(pl.col("stat").is_in(["tokens", "act_rms"]), pl.col("expert") >= 0)[
+        "name"
+    ].to_list()
     return sum(store.series(RUN, n).height for n in names)
 
 
@@ -77,12 +81,15 @@ def parquet_baselines(root: Path) -> tuple[Callable[[], int], Callable[[int], in
     dataset = ds.dataset(files, format="parquet")
 
     def loss() -> int:
-        return dataset.to_table(columns=["step", "value"],
-                                filter=ds.field("metric_id") == LOSS_ID).num_rows
+        return dataset.to_table(
+            columns=["step", "value"], filter=ds.field("metric_id") == LOSS_ID
+        ).num_rows
 
     def at(step: int) -> int:
-        return dataset.to_table(columns=["metric_id", "value"],
-                                filter=ds.field("step") == step).num_rows
+        return dataset.to_table(
+            columns=["metric_id", "value"], filter=ds.field("step") == step
+        ).num_rows
+
     return loss, at
 
 
@@ -90,18 +97,25 @@ def clickhouse_baselines(url: str) -> tuple[Callable[[], int], Callable[[int], i
     from clickhouse_driver import Client
 
     from store.clickhouse_config import ClickHouseConfig
+
     c = ClickHouseConfig.from_url(url)
-    client = Client(c.host, port=c.port, user=c.user, password=c.password, database=c.database,
-                    secure=c.secure)
-    table = f"`{c.database}`.`reduced`"          # fixed names, not user input
+    client = Client(
+        c.host, port=c.port, user=c.user, password=c.password, database=c.database, secure=c.secure
+    )
+    table = f"`{c.database}`.`reduced`"  # fixed names, not user input
 
     def loss() -> int:
-        return client.query_arrow(f"SELECT step, value FROM {table} WHERE run = %(r)s AND "
-                                  "metric_id = %(m)s", {"r": RUN, "m": LOSS_ID}).num_rows
+        return client.query_arrow(
+            f"SELECT step, value FROM {table} WHERE run = %(r)s AND metric_id = %(m)s",
+            {"r": RUN, "m": LOSS_ID},
+        ).num_rows
 
     def at(step: int) -> int:
-        return client.query_arrow(f"SELECT metric_id, value FROM {table} WHERE run = %(r)s "
-                                  "AND step = %(s)s", {"r": RUN, "s": step}).num_rows
+        return client.query_arrow(
+            f"SELECT metric_id, value FROM {table} WHERE run = %(r)s AND step = %(s)s",
+            {"r": RUN, "s": step},
+        ).num_rows
+
     return loss, at
 
 
@@ -117,15 +131,20 @@ def timed(fn: Callable[[], int]) -> float:
 
 def measure(url: str, baselines, steps: int, reps: int) -> dict[str, float]:
     base_loss, base_at = baselines
-    t: dict[str, list[float]] = {k: [] for k in ("loss", "heat", "base_loss", "base_heat",
-                                                 "columns")}
+    t: dict[str, list[float]] = {
+        k: [] for k in ("loss", "heat", "base_loss", "base_heat", "columns")
+    }
     with open_store(url) as store:
         loss_curve(store), heatmap(store, steps // 2), base_loss(), base_at(steps // 2)  # warm
         for rep in range(reps):
-            step = steps // 2 + 1 + rep                  # a step not read before
-            pairs = [("loss", lambda: loss_curve(store)), ("base_loss", base_loss),
-                     ("heat", lambda: heatmap(store, step)), ("base_heat", lambda: base_at(step))]
-            if rep % 2:                                  # alternate who goes first
+            step = steps // 2 + 1 + rep  # a step not read before
+            pairs = [
+                ("loss", lambda: loss_curve(store)),
+                ("base_loss", base_loss),
+                ("heat", lambda s=step: heatmap(store, s)),
+                ("base_heat", lambda s=step: base_at(s)),
+            ]
+            if rep % 2:  # alternate who goes first
                 pairs = [pairs[1], pairs[0], pairs[3], pairs[2]]
             for key, fn in pairs:
                 t[key].append(timed(fn))
@@ -137,12 +156,16 @@ def measure(url: str, baselines, steps: int, reps: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.dashboard_read",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.dashboard_read", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--clickhouse", default=os.environ.get("STEPWATCH_BENCH_CLICKHOUSE"),
-                    help="also measure a ClickHouse store at this URL (the run is written there)")
+    ap.add_argument(
+        "--clickhouse",
+        default=os.environ.get("STEPWATCH_BENCH_CLICKHOUSE"),
+        help="also measure a ClickHouse store at this URL (the run is written there)",
+    )
     args = ap.parse_args(argv)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,26 +173,35 @@ def main(argv: list[str] | None = None) -> int:
         url = f"parquet:{root}"
         t0 = time.perf_counter()
         write_synthetic_run(url, RUN, args.steps)
-        print(f"wrote {args.steps:,} steps to {url} in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)
+        print(
+            f"wrote {args.steps:,} steps to {url} in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
         results["parquet"] = measure(url, parquet_baselines(root), args.steps, args.reps)
     if args.clickhouse:
         write_synthetic_run(args.clickhouse, RUN, args.steps)
-        results["clickhouse"] = measure(args.clickhouse, clickhouse_baselines(args.clickhouse),
-                                        args.steps, args.reps)
+        results["clickhouse"] = measure(
+            args.clickhouse, clickhouse_baselines(args.clickhouse), args.steps, args.reps
+        )
 
     print(f"Dashboard reads, {args.steps:,}-step run, median of {args.reps} ({machine()})\n")
-    print("| store | loss curve s | raw read s | ratio | heatmap s | raw read s | ratio "
-          "| expert columns s |")
+    print(
+        "| store | loss curve s | raw read s | ratio | heatmap s | raw read s | ratio "
+        "| expert columns s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, m in results.items():
-        print(f"| {name} | {m['loss']:.4f} | {m['base_loss']:.4f} | {m['loss_ratio']:.2f} "
-              f"| {m['heat']:.4f} | {m['base_heat']:.4f} | {m['heat_ratio']:.2f} "
-              f"| {m['columns']:.3f} |")
+        print(
+            f"| {name} | {m['loss']:.4f} | {m['base_loss']:.4f} | {m['loss_ratio']:.2f} "
+            f"| {m['heat']:.4f} | {m['base_heat']:.4f} | {m['heat_ratio']:.2f} "
+            f"| {m['columns']:.3f} |"
+        )
     print()
     for name, m in results.items():
-        print(f"store={name} loss_curve_s={m['loss']:.6f} heatmap_s={m['heat']:.6f} "
-              f"loss_ratio={m['loss_ratio']:.3f} heatmap_ratio={m['heat_ratio']:.3f}")
+        print(
+            f"store={name} loss_curve_s={m['loss']:.6f} heatmap_s={m['heat']:.6f} "
+            f"loss_ratio={m['loss_ratio']:.3f} heatmap_ratio={m['heat_ratio']:.3f}"
+        )
     return 0
 
 

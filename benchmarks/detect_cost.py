@@ -22,6 +22,7 @@ window: hence 240 steps), and reports per step:
 `metrics=<n> detect_ms=<> frame_ms=<> ratio=<> first_ms=<> events=<kinds>`; the events show
 that the injected anomalies are still flagged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,14 @@ from benchmarks.workload import Values, Workload
 def run_index(w: Workload) -> MetricIndex:
     """The run's MetricIndex: every distinct metric, ids in Workload.global_ids order."""
     specs = w.common + w.experts
-    return MetricIndex.from_columns(range(len(specs)), [s.name for s in specs],
-                                    [s.layer for s in specs], [s.expert for s in specs],
-                                    [s.head for s in specs], [s.stat for s in specs])
+    return MetricIndex.from_columns(
+        range(len(specs)),
+        [s.name for s in specs],
+        [s.layer for s in specs],
+        [s.expert for s in specs],
+        [s.head for s in specs],
+        [s.stat for s in specs],
+    )
 
 
 def reduced_steps(w: Workload, index: MetricIndex, steps: int) -> Iterator[np.ndarray]:
@@ -54,8 +60,11 @@ def reduced_steps(w: Workload, index: MetricIndex, steps: int) -> Iterator[np.nd
     ids = [w.global_ids(g) for g in groups]
     # Workload.spike_site names the expert's first metric (`tokens`), which Values never
     # multiplies (it spikes act_maxabs only): apply the x40 to that expert's act_maxabs here
-    spike = -1 if w.spike_site.stat == "act_maxabs" else index.find(
-        site_of(w.spike_site.name) + "/act_maxabs")
+    spike = (
+        -1
+        if w.spike_site.stat == "act_maxabs"
+        else index.find(site_of(w.spike_site.name) + "/act_maxabs")
+    )
     for s in range(steps):
         vec = np.full(index.size, np.nan, np.float32)
         for g, gid in zip(groups, ids):
@@ -76,7 +85,7 @@ def measure(w: Workload, steps: int, warmup: int) -> dict:
         t1 = time.perf_counter()
         events += det.observe(frame, index)
         t2 = time.perf_counter()
-        if s == 0:                            # builds the index's id grids: once per run
+        if s == 0:  # builds the index's id grids: once per run
             first_ms = 1e3 * (t2 - t1)
         if s >= warmup:
             frame_ms.append(1e3 * (t1 - t0))
@@ -94,15 +103,21 @@ def measure(w: Workload, steps: int, warmup: int) -> dict:
             if s >= warmup:
                 per[name].append(1e3 * (time.perf_counter() - t0))
     f, d = statistics.median(frame_ms), statistics.median(detect_ms)
-    return {"metrics": index.size, "frame_ms": f, "detect_ms": d, "ratio": d / f,
-            "first_ms": first_ms,
-            "per_detector_ms": {n: statistics.median(v) for n, v in per.items()},
-            "events": sorted({(e.kind, e.site, e.step) for e in events})}
+    return {
+        "metrics": index.size,
+        "frame_ms": f,
+        "detect_ms": d,
+        "ratio": d / f,
+        "first_ms": first_ms,
+        "per_detector_ms": {n: statistics.median(v) for n, v in per.items()},
+        "events": sorted({(e.kind, e.site, e.step) for e in events}),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.detect_cost",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.detect_cost", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--experts", type=int, default=288)
     ap.add_argument("--layers", type=int, default=45)
     ap.add_argument("--ranks", type=int, default=4096)
@@ -111,19 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not 0 <= a.warmup < a.steps:
         ap.error(f"--warmup must lie in [0, --steps={a.steps}), got {a.warmup}")
-    seed = Workload.for_total(6_000_000, a.ranks)            # the seed's metrics per rank
+    seed = Workload.for_total(6_000_000, a.ranks)  # the seed's metrics per rank
     w = Workload(a.ranks, seed.metrics_per_rank, a.layers, a.experts)
     r = measure(w, a.steps, a.warmup)
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, numpy "
-          f"{np.__version__}; {a.layers} layers x {a.experts} experts, {a.steps} steps "
-          f"({a.warmup} warm-up)")
+    print(
+        f"# {platform.node()} {platform.processor() or platform.machine()}, numpy "
+        f"{np.__version__}; {a.layers} layers x {a.experts} experts, {a.steps} steps "
+        f"({a.warmup} warm-up)"
+    )
     for name, ms in r["per_detector_ms"].items():
         print(f"  {name:<14} {ms:8.2f} ms")
     for kind, site, step in r["events"]:
         print(f"  event {kind}@{step} {site}")
     kinds = ",".join(sorted({k for k, _, _ in r["events"]})) or "none"
-    print(f"metrics={r['metrics']} detect_ms={r['detect_ms']:.2f} frame_ms={r['frame_ms']:.2f} "
-          f"ratio={r['ratio']:.1f} first_ms={r['first_ms']:.0f} events={kinds}")
+    print(
+        f"metrics={r['metrics']} detect_ms={r['detect_ms']:.2f} frame_ms={r['frame_ms']:.2f} "
+        f"ratio={r['ratio']:.1f} first_ms={r['first_ms']:.0f} events={kinds}"
+    )
     return 0
 
 

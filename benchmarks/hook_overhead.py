@@ -8,6 +8,7 @@ to a real collector process on loopback (Parquet store in a temp dir), as in pro
 
 Last line: `overhead_ratio=<median monitored / median plain> plain_ms=<> monitored_ms=<>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,13 @@ def one_step(model, opt, x, y, monitor, step: int, lr: float) -> float:
     opt.step()
     opt.zero_grad(set_to_none=True)
     if monitor:
-        monitor.step_end(step, loss=out.main_loss.detach(), mtp_losses=[m.detach() for m in out.mtp_losses],
-                         lr=lr, tokens=x.numel())
+        monitor.step_end(
+            step,
+            loss=out.main_loss.detach(),
+            mtp_losses=[m.detach() for m in out.mtp_losses],
+            lr=lr,
+            tokens=x.numel(),
+        )
     sync()
     return time.perf_counter() - t0
 
@@ -81,13 +87,23 @@ def run(preset: str, steps: int, warmup: int, batch: int, device: str) -> dict:
             stop_collector(proc)
     plain_ms = statistics.median(times["plain"]) * 1e3
     mon_ms = statistics.median(times["monitored"]) * 1e3
-    return {"preset": preset, "device": device, "steps": steps, "batch": batch,
-            "plain_ms": plain_ms, "monitored_ms": mon_ms, "ratio": mon_ms / plain_ms,
-            "monitor_stats": stats, "machine": machine()}
+    return {
+        "preset": preset,
+        "device": device,
+        "steps": steps,
+        "batch": batch,
+        "plain_ms": plain_ms,
+        "monitored_ms": mon_ms,
+        "ratio": mon_ms / plain_ms,
+        "monitor_stats": stats,
+        "machine": machine(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
@@ -95,14 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     r = run(args.preset, args.steps, args.warmup, args.batch, args.device)
-    print(f"| preset | device | steps | plain step (ms) | monitored step (ms) | ratio |")
-    print(f"|---|---|---|---|---|---|")
-    print(f"| {r['preset']} | {r['device']} | {r['steps']} | {r['plain_ms']:.1f} | "
-          f"{r['monitored_ms']:.1f} | {r['ratio']:.3f} |")
+    print("| preset | device | steps | plain step (ms) | monitored step (ms) | ratio |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| {r['preset']} | {r['device']} | {r['steps']} | {r['plain_ms']:.1f} | "
+        f"{r['monitored_ms']:.1f} | {r['ratio']:.3f} |"
+    )
     print(f"machine: {r['machine']}; {time.strftime('%Y-%m-%d')}")
     print(f"monitor: {r['monitor_stats']}")
-    print(f"overhead_ratio={r['ratio']:.4f} plain_ms={r['plain_ms']:.2f} "
-          f"monitored_ms={r['monitored_ms']:.2f}")
+    print(
+        f"overhead_ratio={r['ratio']:.4f} plain_ms={r['plain_ms']:.2f} "
+        f"monitored_ms={r['monitored_ms']:.2f}"
+    )
     return 0
 
 

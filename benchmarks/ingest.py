@@ -22,6 +22,7 @@ per step after that. The store is then checked to hold exactly the expected rows
 
     metrics/s=<float> ratio_to_raw=<float>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,11 @@ CLIP_RE = re.compile(r"clip update v1 on the wire ([\d.]+) ms")
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                     if ln.startswith("model name"))
+        model = next(
+            ln.split(":", 1)[1].strip()
+            for ln in open("/proc/cpuinfo")
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         model = cpu
     return f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -70,29 +74,46 @@ def proc_mem_cpu(pid: int) -> tuple[float, float]:
 
 
 # ---- the pipeline ------------------------------------------------------------------------------
-def play(url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: float,
-         tmp: Path) -> dict:
+def play(
+    url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: float, tmp: Path
+) -> dict:
     log_path = tmp / "collector.log"
-    collector, address = start_collector(url, "--flush-interval", str(flush_s),
-                                         log_path=log_path)
+    collector, address = start_collector(url, "--flush-interval", str(flush_s), log_path=log_path)
     gens: list[subprocess.Popen] = []
     try:
         bounds = np.linspace(0, w.world, procs + 1).astype(int)
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            args = dict(target=address, run=RUN, world=w.world, metrics_per_rank=w.metrics_per_rank,
-                        n_layers=w.n_layers, n_experts=w.n_experts, spike_step=w.spike_step,
-                        death_step=w.death_step, rank_lo=int(lo), rank_hi=int(hi), steps=steps,
-                        depth=depth, connect_timeout_s=600)
-            gens.append(subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.loadgen", json.dumps(args)], cwd=ROOT,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            args = dict(
+                target=address,
+                run=RUN,
+                world=w.world,
+                metrics_per_rank=w.metrics_per_rank,
+                n_layers=w.n_layers,
+                n_experts=w.n_experts,
+                spike_step=w.spike_step,
+                death_step=w.death_step,
+                rank_lo=int(lo),
+                rank_hi=int(hi),
+                steps=steps,
+                depth=depth,
+                connect_timeout_s=600,
+            )
+            gens.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.loadgen", json.dumps(args)],
+                    cwd=ROOT,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
         t0 = time.perf_counter()
         for g in gens:
             line = json.loads(g.stdout.readline() or '{"error": "load generator died"}')
             if "ready" not in line:
                 raise RuntimeError(f"load generator: {line}")
         connect_s = time.perf_counter() - t0
-        _, connect_cpu_s = proc_mem_cpu(collector.pid)      # schema registration, streams
+        _, connect_cpu_s = proc_mem_cpu(collector.pid)  # schema registration, streams
         for g in gens:
             g.stdin.write("go\n")
             g.stdin.flush()
@@ -110,14 +131,20 @@ def play(url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: flo
                 g.kill()
         stop_collector(collector, timeout_s=300)
     text = log_path.read_text()
-    stages = dict((k, float(v)) for k, v in
-                  (kv.split("=") for kv in STAGE_RE.findall(text)[-1].split()))
+    stages = dict(
+        (k, float(v)) for k, v in (kv.split("=") for kv in STAGE_RE.findall(text)[-1].split())
+    )
     receive, schemas = RECEIVE_RE.findall(text)[-1]
     stages["receive"], stages["schemas"] = float(receive), float(schemas or 0.0)
-    return {"results": results, "collector_rss_mib": rss_mib, "collector_cpu_s": cpu_s,
-            "collector_connect_cpu_s": connect_cpu_s,
-            "stages": stages, "connect_s": connect_s,
-            "clip_wire_ms": [float(x) for x in CLIP_RE.findall(text)]}
+    return {
+        "results": results,
+        "collector_rss_mib": rss_mib,
+        "collector_cpu_s": cpu_s,
+        "collector_connect_cpu_s": connect_cpu_s,
+        "stages": stages,
+        "connect_s": connect_s,
+        "clip_wire_ms": [float(x) for x in CLIP_RE.findall(text)],
+    }
 
 
 # ---- what the store holds --------------------------------------------------------------------
@@ -125,9 +152,17 @@ def clickhouse_client(url: str, database: str | None = None):
     from clickhouse_driver import Client
 
     from store.clickhouse_config import ClickHouseConfig
+
     c = ClickHouseConfig.from_url(url)
-    return Client(c.host, port=c.port, user=c.user, password=c.password,
-                  database=database or c.database, secure=c.secure, send_receive_timeout=600), c
+    return Client(
+        c.host,
+        port=c.port,
+        user=c.user,
+        password=c.password,
+        database=database or c.database,
+        secure=c.secure,
+        send_receive_timeout=600,
+    ), c
 
 
 def stored(url: str, tmp: Path) -> dict:
@@ -136,35 +171,68 @@ def stored(url: str, tmp: Path) -> dict:
     if url.startswith("clickhouse"):
         client, c = clickhouse_client(url)
         db = f"`{c.database}`"
-        out = {"raw": client.execute(           # distinct ids over the layouts of a rank-step
-            f"SELECT sum(n) FROM (SELECT uniqExactArray(ids) AS n FROM (SELECT DISTINCT run, "
-            f"rank, step, layout FROM {db}.raw_vectors WHERE run = %(r)s) ANY INNER JOIN "
-            f"(SELECT run, layout, any(ids) AS ids FROM {db}.raw_layouts GROUP BY run, layout) "
-            f"USING (run, layout) GROUP BY rank, step)", {"r": RUN})[0][0] or 0,
+        out = {
+            "raw": client.execute(  # distinct ids over the layouts of a rank-step
+                f"SELECT sum(n) FROM (SELECT uniqExactArray(ids) AS n FROM (SELECT DISTINCT run, "
+                f"rank, step, layout FROM {db}.raw_vectors WHERE run = %(r)s) ANY INNER JOIN "
+                f"(SELECT run, layout, any(ids) AS ids FROM {db}.raw_layouts GROUP BY run, layout) "
+                f"USING (run, layout) GROUP BY rank, step)",
+                {"r": RUN},
+            )[0][0]
+            or 0,
             "reduced": client.execute(
                 f"SELECT count() FROM (SELECT step, metric_id FROM {db}.reduced "
-                f"WHERE run = %(r)s GROUP BY step, metric_id)", {"r": RUN})[0][0]}
-        nbytes = client.execute("SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND "
-                                "database = %(d)s AND table IN ('raw_vectors', 'raw_layouts', "
-                                "'reduced')", {"d": c.database})[0][0]
+                f"WHERE run = %(r)s GROUP BY step, metric_id)",
+                {"r": RUN},
+            )[0][0],
+        }
+        nbytes = client.execute(
+            "SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND "
+            "database = %(d)s AND table IN ('raw_vectors', 'raw_layouts', "
+            "'reduced')",
+            {"d": c.database},
+        )[0][0]
         client.disconnect()
     else:
         import polars as pl
+
         root = Path(url.split(":", 1)[1]) / RUN
-        files = {t: [str(f) for f in sorted((root / t).glob("*.parquet"))]
-                 for t in ("raw_vectors", "layouts", "reduced")}
+        files = {
+            t: [str(f) for f in sorted((root / t).glob("*.parquet"))]
+            for t in ("raw_vectors", "layouts", "reduced")
+        }
         nbytes = sum(os.path.getsize(f) for fs in files.values() for f in fs)
-        out = {"reduced": (pl.scan_parquet(files["reduced"]).unique(["step", "metric_id"])
-                           .select(pl.len()).collect().item()) if files["reduced"] else 0,
-               "raw": 0}
+        out = {
+            "reduced": (
+                pl.scan_parquet(files["reduced"])
+                .unique(["step", "metric_id"])
+                .select(pl.len())
+                .collect()
+                .item()
+            )
+            if files["reduced"]
+            else 0,
+            "raw": 0,
+        }
         if files["raw_vectors"]:
-            ids = {h: np.frombuffer(b, "<i4") for f in files["layouts"]
-                   for h, b in pl.read_parquet(f).select("layout", "ids").iter_rows()}
-            keys = (pl.scan_parquet(files["raw_vectors"]).select("rank", "step", "layout")
-                    .unique().collect())
+            ids = {
+                h: np.frombuffer(b, "<i4")
+                for f in files["layouts"]
+                for h, b in pl.read_parquet(f).select("layout", "ids").iter_rows()
+            }
+            keys = (
+                pl.scan_parquet(files["raw_vectors"])
+                .select("rank", "step", "layout")
+                .unique()
+                .collect()
+            )
             per = keys.group_by("rank", "step").agg(pl.col("layout"))
-            out["raw"] = sum(len(set(np.concatenate([ids[h] for h in hs]).tolist()))
-                             if len(hs) > 1 else ids[hs[0]].size for hs in per["layout"])
+            out["raw"] = sum(
+                len(set(np.concatenate([ids[h] for h in hs]).tolist()))
+                if len(hs) > 1
+                else ids[hs[0]].size
+                for hs in per["layout"]
+            )
     out["bytes_per_value"] = nbytes / max(1, out["raw"] + out["reduced"])
     return out
 
@@ -175,17 +243,23 @@ def step_rows(w: Workload, values: Values, s: int) -> tuple[dict, dict]:
     raw vector row per rank (float32 bytes, layout = hash of the rank's ids; the layouts
     themselves are written once per run, so they are not part of a step's rows)."""
     from store.columns import layout_hash
+
     ids = [w.global_ids(r).astype(np.int32) for r in range(w.world)]
     blobs = np.empty(w.world, object)
     blobs[:] = [values.step(r, s).astype("<f4").tobytes() for r in range(w.world)]
-    raw = {"rank": np.arange(w.world, dtype=np.int32),
-           "step": np.full(w.world, s, np.int64),
-           "layout": np.array([layout_hash(i) for i in ids], np.uint64),
-           "values": blobs}
+    raw = {
+        "rank": np.arange(w.world, dtype=np.int32),
+        "step": np.full(w.world, s, np.int64),
+        "layout": np.array([layout_hash(i) for i in ids], np.uint64),
+        "values": blobs,
+    }
     uniq = np.unique(np.concatenate(ids))
-    red = {"step": np.full(uniq.size, s, np.int64), "metric_id": uniq,
-           "value": np.ones(uniq.size, np.float32),
-           "n_ranks": np.ones(uniq.size, np.int32)}
+    red = {
+        "step": np.full(uniq.size, s, np.int64),
+        "metric_id": uniq,
+        "value": np.ones(uniq.size, np.float32),
+        "n_ranks": np.ones(uniq.size, np.int32),
+    }
     return raw, red
 
 
@@ -195,22 +269,29 @@ def ceiling(url: str, w: Workload, steps: int, tmp: Path) -> float:
     values, elapsed = Values(w), 0.0
     if url.startswith("clickhouse"):
         from store.clickhouse import ClickHouseStore
+
         _, c = clickhouse_client(url)
         db = f"{c.database}_ceiling_{uuid.uuid4().hex[:6]}"
-        ClickHouseStore(url.rsplit("/", 1)[0] + "/" + db).close()   # same DDL, fresh tables
+        ClickHouseStore(url.rsplit("/", 1)[0] + "/" + db).close()  # same DDL, fresh tables
         client, _ = clickhouse_client(url, db)
         try:
             for s in range(steps):
                 for table, cols in zip(("raw_vectors", "reduced"), step_rows(w, values, s)):
                     n = cols["step"].size
-                    cols = {**cols, "run": np.full(n, RUN, object),
-                            "ver": np.full(n, time.time_ns(), np.uint64)}
+                    cols = {
+                        **cols,
+                        "run": np.full(n, RUN, object),
+                        "ver": np.full(n, time.time_ns(), np.uint64),
+                    }
                     names = list(cols)
                     t0 = time.perf_counter()
-                    client.execute(f"INSERT INTO `{db}`.`{table}` "
-                                   f"({', '.join(f'`{k}`' for k in names)}) VALUES",
-                                   [cols[k] for k in names], columnar=True,
-                                   settings={"use_numpy": True})
+                    client.execute(
+                        f"INSERT INTO `{db}`.`{table}` "
+                        f"({', '.join(f'`{k}`' for k in names)}) VALUES",
+                        [cols[k] for k in names],
+                        columnar=True,
+                        settings={"use_numpy": True},
+                    )
                     elapsed += time.perf_counter() - t0
         finally:
             client.execute(f"DROP DATABASE IF EXISTS `{db}`")
@@ -218,13 +299,18 @@ def ceiling(url: str, w: Workload, steps: int, tmp: Path) -> float:
         return elapsed
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     out = tmp / "ceiling"
     out.mkdir()
     for s in range(steps):
         for table, cols in zip(("raw_vectors", "reduced"), step_rows(w, values, s)):
             t0 = time.perf_counter()
-            pq.write_table(pa.table(cols), out / f"{table}-{s}.parquet", compression="zstd",
-                           row_group_size=65_536)
+            pq.write_table(
+                pa.table(cols),
+                out / f"{table}-{s}.parquet",
+                compression="zstd",
+                row_group_size=65_536,
+            )
             elapsed += time.perf_counter() - t0
     return elapsed
 
@@ -240,36 +326,52 @@ def flat_ceiling(url: str, w: Workload, tmp: Path) -> float:
     cols = {"step": np.zeros(ids.size, np.int64), "metric_id": ids, "rank": ranks, "value": vals}
     if url.startswith("clickhouse"):
         from store.clickhouse import ClickHouseStore
+
         _, c = clickhouse_client(url)
         db = f"{c.database}_flat_{uuid.uuid4().hex[:6]}"
-        ClickHouseStore(url.rsplit("/", 1)[0] + "/" + db).close()   # its v1 `raw` table
+        ClickHouseStore(url.rsplit("/", 1)[0] + "/" + db).close()  # its v1 `raw` table
         client, _ = clickhouse_client(url, db)
         try:
-            cols = {"run": np.full(ids.size, RUN, object), **cols,
-                    "ver": np.full(ids.size, time.time_ns(), np.uint64)}
+            cols = {
+                "run": np.full(ids.size, RUN, object),
+                **cols,
+                "ver": np.full(ids.size, time.time_ns(), np.uint64),
+            }
             t0 = time.perf_counter()
-            client.execute(f"INSERT INTO `{db}`.`raw` ({', '.join(f'`{k}`' for k in cols)}) "
-                           f"VALUES", list(cols.values()), columnar=True,
-                           settings={"use_numpy": True})
+            client.execute(
+                f"INSERT INTO `{db}`.`raw` ({', '.join(f'`{k}`' for k in cols)}) VALUES",
+                list(cols.values()),
+                columnar=True,
+                settings={"use_numpy": True},
+            )
             return time.perf_counter() - t0
         finally:
             client.execute(f"DROP DATABASE IF EXISTS `{db}`")
             client.disconnect()
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     t0 = time.perf_counter()
-    pq.write_table(pa.table(cols), tmp / "flat.parquet", compression="zstd",
-                   row_group_size=1 << 20)
+    pq.write_table(pa.table(cols), tmp / "flat.parquet", compression="zstd", row_group_size=1 << 20)
     return time.perf_counter() - t0
 
 
 # ---- the benchmark ------------------------------------------------------------------------------
-def run(url: str, total: int, steps: int, ranks: int, procs: int = 2, warmup: int = 2,
-        depth: int = 8, flush_s: float = 2.0, ceiling_steps: int | None = None,
-        flat: bool = True) -> dict:
+def run(
+    url: str,
+    total: int,
+    steps: int,
+    ranks: int,
+    procs: int = 2,
+    warmup: int = 2,
+    depth: int = 8,
+    flush_s: float = 2.0,
+    ceiling_steps: int | None = None,
+    flat: bool = True,
+) -> dict:
     if steps <= warmup:
         raise SystemExit(f"--steps ({steps}) must exceed --warmup ({warmup})")
-    spike = 12 if steps >= 16 else 10**9                     # MaxAbsSpike needs 10 of history
+    spike = 12 if steps >= 16 else 10**9  # MaxAbsSpike needs 10 of history
     w = Workload.for_total(total, ranks, spike_step=spike, death_step=steps // 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -290,42 +392,54 @@ def run(url: str, total: int, steps: int, ranks: int, procs: int = 2, warmup: in
     client_cpu = sum(r["cpu_s"] - r["gen_s"] for r in res) / rank_steps
     steady_cpu = p["collector_cpu_s"] - p["collector_connect_cpu_s"]
     out = {
-        "store": url.split(":", 1)[0], "metrics_per_step": per_step, "ranks": w.world,
-        "metrics_per_rank": w.values_per_rank, "reduced_per_step": w.distinct_metrics(),
-        "steps": steps, "warmup": warmup, "procs": len(res), "steps_per_s": sps,
-        "metrics_per_s": sps * per_step, "ceiling_metrics_per_s": ceil_mps,
-        "ratio_to_raw": sps * per_step / ceil_mps, "ceiling_steps_per_s": ceil_mps / per_step,
-        "collector_rss_mib": p["collector_rss_mib"], "collector_cpu_s": p["collector_cpu_s"],
+        "store": url.split(":", 1)[0],
+        "metrics_per_step": per_step,
+        "ranks": w.world,
+        "metrics_per_rank": w.values_per_rank,
+        "reduced_per_step": w.distinct_metrics(),
+        "steps": steps,
+        "warmup": warmup,
+        "procs": len(res),
+        "steps_per_s": sps,
+        "metrics_per_s": sps * per_step,
+        "ceiling_metrics_per_s": ceil_mps,
+        "ratio_to_raw": sps * per_step / ceil_mps,
+        "ceiling_steps_per_s": ceil_mps / per_step,
+        "collector_rss_mib": p["collector_rss_mib"],
+        "collector_cpu_s": p["collector_cpu_s"],
         "collector_connect_cpu_s": p["collector_connect_cpu_s"],
         "collector_step_cpu_ms": steady_cpu / steps * 1e3,
         "flat_ceiling_metrics_per_s": per_step / flat_s if flat_s else None,
-        "stages_s": p["stages"], "connect_s": p["connect_s"],
+        "stages_s": p["stages"],
+        "connect_s": p["connect_s"],
         "client_submit_us": sum(r["submit_s"] for r in res) / rank_steps * 1e6,
         "client_serialize_us": sum(r["serialize_s"] for r in res) / rank_steps * 1e6,
         "client_telemetry_cpu_us": client_cpu * 1e6,
         "client_telemetry_share_of_1s_step": client_cpu,
         "dropped_steps": sum(r["dropped_steps"] for r in res),
-        "stored": held, "expected_raw": steps * per_step,
+        "stored": held,
+        "expected_raw": steps * per_step,
         "expected_reduced": steps * w.distinct_metrics(),
-        "clip_wire_ms": p["clip_wire_ms"], "machine": machine(),
+        "clip_wire_ms": p["clip_wire_ms"],
+        "machine": machine(),
     }
     clips = sorted(c for r in res for c in r["clips"])
     if clips and spike < steps:
         arrival, at_step, _ = clips[0]
         t_spike = min(r["submitted_at"][spike] for r in res)
-        out["detect_steps"] = at_step + 1 - spike      # staged, applied at the next boundary
+        out["detect_steps"] = at_step + 1 - spike  # staged, applied at the next boundary
         out["detect_ms"] = (arrival - t_spike) * 1e3
     return out
 
 
-ONCE = ("schemas", "dictionary")      # stages paid when ranks connect, not per step
+ONCE = ("schemas", "dictionary")  # stages paid when ranks connect, not per step
 
 
 def report(r: dict) -> str:
     """Markdown rows for one store (RESULTS.md and stdout)."""
     st, ceil = r["stages_s"], r["ceiling_metrics_per_s"]
     n, name = r["steps"], r["store"]
-    per = lambda k: st.get(k, 0.0) / n * 1e3                         # noqa: E731  ms/step
+    per = lambda k: st.get(k, 0.0) / n * 1e3
     staged = sum(per(k) for k in st if k not in ONCE)
     lines = [
         f"| {name} | sustained | {r['steps_per_s']:.3f} steps/s, "
@@ -335,16 +449,22 @@ def report(r: dict) -> str:
     ]
     flat = r.get("flat_ceiling_metrics_per_s")
     if flat:
-        lines.append(f"| {name} | reference: one row per value, direct write (1 step) | "
-                     f"{flat / r['metrics_per_step']:.3f} steps/s, {flat:,.0f} metrics/s | "
-                     f"sustained = {r['metrics_per_s'] / flat:.2f} x this |")
-    for key, label in (("receive", "event loop: frame checks + barrier copy"),
-                       ("reduce", "writer: reduce across ranks (a matrix per layout)"),
-                       ("write", "writer: store writes (raw vectors + reduced rows)"),
-                       ("detect", "writer: online detectors"),
-                       ("flush", "writer: store flush (commit)")):
-        lines.append(f"| {name} | {label} | {per(key):.1f} ms/step | "
-                     f"{per(key) / 1e3 * r['steps_per_s']:.3f} of wall |")
+        lines.append(
+            f"| {name} | reference: one row per value, direct write (1 step) | "
+            f"{flat / r['metrics_per_step']:.3f} steps/s, {flat:,.0f} metrics/s | "
+            f"sustained = {r['metrics_per_s'] / flat:.2f} x this |"
+        )
+    for key, label in (
+        ("receive", "event loop: frame checks + barrier copy"),
+        ("reduce", "writer: reduce across ranks (a matrix per layout)"),
+        ("write", "writer: store writes (raw vectors + reduced rows)"),
+        ("detect", "writer: online detectors"),
+        ("flush", "writer: store flush (commit)"),
+    ):
+        lines.append(
+            f"| {name} | {label} | {per(key):.1f} ms/step | "
+            f"{per(key) / 1e3 * r['steps_per_s']:.3f} of wall |"
+        )
     step_cpu = r["collector_step_cpu_ms"]
     lines += [
         f"| {name} | collector CPU outside those (gRPC, protobuf, acks) | "
@@ -366,10 +486,12 @@ def report(r: dict) -> str:
         f"{r['stored']['bytes_per_value'] / 4:.2f} of a float32 |",
     ]
     if "detect_ms" in r:
-        lines.append(f"| {name} | injected max-abs spike to clip applied | "
-                     f"{r['detect_steps']} steps, {r['detect_ms']:.0f} ms | "
-                     f"collector: {', '.join(f'{x:.1f}' for x in r['clip_wire_ms'])} ms "
-                     f"barrier to wire |")
+        lines.append(
+            f"| {name} | injected max-abs spike to clip applied | "
+            f"{r['detect_steps']} steps, {r['detect_ms']:.0f} ms | "
+            f"collector: {', '.join(f'{x:.1f}' for x in r['clip_wire_ms'])} ms "
+            f"barrier to wire |"
+        )
     return "\n".join(lines)
 
 
@@ -377,35 +499,56 @@ HEADER = "| store | stage | absolute | ratio |\n|---|---|---|---|"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.ingest",
-                                 description=__doc__.splitlines()[0])
-    ap.add_argument("--store", required=True,
-                    help='"parquet:DIR" ("parquet:" = a temp dir) or clickhouse://...')
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.ingest", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument(
+        "--store", required=True, help='"parquet:DIR" ("parquet:" = a temp dir) or clickhouse://...'
+    )
     ap.add_argument("--metrics-per-step", type=int, default=6_000_000)
     ap.add_argument("--steps", type=int, default=16, help=">= 16 injects the max-abs spike")
     ap.add_argument("--ranks", type=int, default=4096)
     ap.add_argument("--procs", type=int, default=2, help="load-generator processes")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rate")
     ap.add_argument("--depth", type=int, default=8, help="client buffer, steps (block policy)")
-    ap.add_argument("--flush-interval", type=float, default=2.0,
-                    help="collector store flush (= ack) interval, s; every flush acks every "
-                         "rank, i.e. thousands of stream writes at thousands of ranks")
+    ap.add_argument(
+        "--flush-interval",
+        type=float,
+        default=2.0,
+        help="collector store flush (= ack) interval, s; every flush acks every "
+        "rank, i.e. thousands of stream writes at thousands of ranks",
+    )
     ap.add_argument("--json", help="also write the full result here")
-    ap.add_argument("--no-flat", action="store_true",
-                    help="skip the one-row-per-value reference write (slow: ~1 M rows/s)")
+    ap.add_argument(
+        "--no-flat",
+        action="store_true",
+        help="skip the one-row-per-value reference write (slow: ~1 M rows/s)",
+    )
     a = ap.parse_args(argv)
-    r = run(a.store, a.metrics_per_step, a.steps, a.ranks, a.procs, a.warmup, a.depth,
-            a.flush_interval, flat=not a.no_flat)
-    print(f"{r['metrics_per_step']:,} metrics/step = {r['ranks']:,} ranks x "
-          f"{r['metrics_per_rank']:,} ({r['reduced_per_step']:,} reduced), {r['steps']} steps "
-          f"({r['warmup']} warm-up), {r['procs']} load-generator processes; {r['machine']}")
+    r = run(
+        a.store,
+        a.metrics_per_step,
+        a.steps,
+        a.ranks,
+        a.procs,
+        a.warmup,
+        a.depth,
+        a.flush_interval,
+        flat=not a.no_flat,
+    )
+    print(
+        f"{r['metrics_per_step']:,} metrics/step = {r['ranks']:,} ranks x "
+        f"{r['metrics_per_rank']:,} ({r['reduced_per_step']:,} reduced), {r['steps']} steps "
+        f"({r['warmup']} warm-up), {r['procs']} load-generator processes; {r['machine']}"
+    )
     print(HEADER)
     print(report(r))
-    ok = (r["stored"]["raw"] == r["expected_raw"]
-          and r["stored"]["reduced"] == r["expected_reduced"])
-    print(f"stored raw={r['stored']['raw']} (expected {r['expected_raw']}) "
-          f"reduced={r['stored']['reduced']} (expected {r['expected_reduced']})"
-          f"{'' if ok else ' MISMATCH'}")
+    ok = r["stored"]["raw"] == r["expected_raw"] and r["stored"]["reduced"] == r["expected_reduced"]
+    print(
+        f"stored raw={r['stored']['raw']} (expected {r['expected_raw']}) "
+        f"reduced={r['stored']['reduced']} (expected {r['expected_reduced']})"
+        f"{'' if ok else ' MISMATCH'}"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1))
     print(f"metrics/s={r['metrics_per_s']:.1f} ratio_to_raw={r['ratio_to_raw']:.4f}")

@@ -20,6 +20,7 @@ telemetry), the time inside `Sender.submit`, serialization (`frames.step_frames`
 this process's CPU time (every thread, gRPC's included) minus generation: the whole client-side
 telemetry cost, which a real rank spends on its background thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,8 @@ from hooks.buffer import StepItem
 from hooks.config import MonitorConfig
 from hooks.sender import Sender
 
-CONNECT_BATCH = 256           # ranks that open their streams together
-_serialize_s = [0.0]          # every sender runs on this process's one event-loop thread
+CONNECT_BATCH = 256  # ranks that open their streams together
+_serialize_s = [0.0]  # every sender runs on this process's one event-loop thread
 _step_frames = frames.step_frames
 
 
@@ -51,11 +52,12 @@ def _timed_step_frames(*args, **kw):
         _serialize_s[0] += time.thread_time() - t0
 
 
-frames.step_frames = _timed_step_frames     # the sender calls frames.step_frames(...)
+frames.step_frames = _timed_step_frames  # the sender calls frames.step_frames(...)
 
 
 class _Ready:
     """Stands in for hooks.stats.HostVector: the values are already on the host."""
+
     __slots__ = ("_v",)
 
     def __init__(self, v: np.ndarray) -> None:
@@ -78,15 +80,26 @@ def channels(target: str, n: int) -> list[grpc.aio.Channel]:
 
 
 async def play(a: dict) -> int:
-    w = Workload(a["world"], a["metrics_per_rank"], a["n_layers"], a["n_experts"],
-                 spike_step=a["spike_step"], death_step=a["death_step"])
+    w = Workload(
+        a["world"],
+        a["metrics_per_rank"],
+        a["n_layers"],
+        a["n_experts"],
+        spike_step=a["spike_step"],
+        death_step=a["death_step"],
+    )
     values = Values(w)
     ranks = range(a["rank_lo"], a["rank_hi"])
-    cfg = MonitorConfig(buffer_steps=a["depth"] + 1, full_policy="block", block_timeout_s=600.0,
-                        net_timeout_s=120.0, close_timeout_s=600.0)
+    cfg = MonitorConfig(
+        buffer_steps=a["depth"] + 1,
+        full_policy="block",
+        block_timeout_s=600.0,
+        net_timeout_s=120.0,
+        close_timeout_s=600.0,
+    )
     per_channel = a.get("ranks_per_channel", 512)
     chans = channels(a["target"], -(-len(ranks) // per_channel))
-    clips: list[tuple[float, int, int]] = []          # (arrival wall time, current step, rank)
+    clips: list[tuple[float, int, int]] = []  # (arrival wall time, current step, rank)
     current = [-1]
 
     def on_clip(rank: int):
@@ -97,11 +110,19 @@ async def play(a: dict) -> int:
     deadline = time.monotonic() + a["connect_timeout_s"]
     for i, r in enumerate(ranks):
         g = w.group(r)
-        if g not in schemas_by_group:                   # one list per EP group
+        if g not in schemas_by_group:  # one list per EP group
             schemas_by_group[g] = w.schemas(w.specs(r))
-        senders.append(Sender(a["target"], frames.Identity(a["run"], r, w.world),
-                              schemas_by_group[g], cfg, run_config={"bench": "ingest"},
-                              on_clip=on_clip(r), channel=chans[i // per_channel]))
+        senders.append(
+            Sender(
+                a["target"],
+                frames.Identity(a["run"], r, w.world),
+                schemas_by_group[g],
+                cfg,
+                run_config={"bench": "ingest"},
+                on_clip=on_clip(r),
+                channel=chans[i // per_channel],
+            )
+        )
         if len(senders) % CONNECT_BATCH == 0 or len(senders) == len(ranks):
             # a few hundred streams opening at once is fine; thousands get INTERNAL errors
             while not all(s.stats()["connected"] for s in senders[-CONNECT_BATCH:]):
@@ -120,12 +141,12 @@ async def play(a: dict) -> int:
     cpu0, t_start = time.process_time(), time.time()
     for s in range(a["steps"]):
         current[0] = s
-        t0 = time.perf_counter()        # flow control: at most `depth` steps unacknowledged,
-        for sender in senders:          # so submit never blocks and measures only its own cost
+        t0 = time.perf_counter()  # flow control: at most `depth` steps unacknowledged,
+        for sender in senders:  # so submit never blocks and measures only its own cost
             await sender.wait_space(a["depth"])
         wait_s += time.perf_counter() - t0
         submitted_at.append(time.time())
-        t0 = time.thread_time()         # CPU: the other processes share the cores
+        t0 = time.thread_time()  # CPU: the other processes share the cores
         block = values.steps(ranks, s)
         t1 = time.thread_time()
         now = time.time()
@@ -133,7 +154,7 @@ async def play(a: dict) -> int:
             sender.submit(StepItem(s, _Ready(block[i]), layout[i], wall_time=now))
         gen_s += t1 - t0
         submit_s += time.thread_time() - t1
-        await asyncio.sleep(0)          # let the senders' tasks send while the next step waits
+        await asyncio.sleep(0)  # let the senders' tasks send while the next step waits
     current[0] = a["steps"]
     flushed = all(await asyncio.gather(*(s.aclose(cfg.close_timeout_s) for s in senders)))
     t_end = time.time()
@@ -142,15 +163,30 @@ async def play(a: dict) -> int:
         await c.close()
     stats = collections.Counter()
     for s in senders:
-        stats.update({k: v for k, v in s.stats().items() if isinstance(v, int)
-                      and not isinstance(v, bool)})
-    emit({"result": {
-        "ranks": len(senders), "steps": a["steps"], "flushed": flushed,
-        "t_start": t_start, "t_end": t_end, "submitted_at": submitted_at,
-        "gen_s": gen_s, "submit_s": submit_s, "wait_s": wait_s, "serialize_s": _serialize_s[0],
-        "cpu_s": cpu, "clips": clips,
-        "dropped_steps": stats["dropped_steps"], "frames_resent": stats["frames_resent"],
-        "stream_errors": stats["stream_errors"]}})
+        stats.update(
+            {k: v for k, v in s.stats().items() if isinstance(v, int) and not isinstance(v, bool)}
+        )
+    emit(
+        {
+            "result": {
+                "ranks": len(senders),
+                "steps": a["steps"],
+                "flushed": flushed,
+                "t_start": t_start,
+                "t_end": t_end,
+                "submitted_at": submitted_at,
+                "gen_s": gen_s,
+                "submit_s": submit_s,
+                "wait_s": wait_s,
+                "serialize_s": _serialize_s[0],
+                "cpu_s": cpu,
+                "clips": clips,
+                "dropped_steps": stats["dropped_steps"],
+                "frames_resent": stats["frames_resent"],
+                "stream_errors": stats["stream_errors"],
+            }
+        }
+    )
     return 0
 
 

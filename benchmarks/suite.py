@@ -13,6 +13,7 @@ binary the ClickHouse rows are skipped and say so), then runs, each as its own p
 and writes the tables with the date and the machine. Every figure is a ratio to a baseline
 measured in the same run as well as absolute.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,16 @@ INGEST_NOTE = (
     "detectors) -> store, until acknowledged durable. The raw ceiling is the same stored rows "
     "(one float32 vector per rank and step) written straight to the backend; the reference row "
     "writes one row per value, the layout of per-key trackers. Stage rows are CPU time of the "
-    "collector's threads per step; the collector flushes (and acks every rank) every 2 s.")
+    "collector's threads per step; the collector flushes (and acks every rank) every 2 s."
+)
 
 
 def run_module(args: list[str], timeout: float) -> str:
     print("$ python -m " + " ".join(args), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     print(f"  ({time.perf_counter() - t0:.0f} s, exit {out.returncode})", file=sys.stderr)
     if out.returncode != 0:
         raise RuntimeError(f"{args[0]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
@@ -55,8 +58,9 @@ def table_lines(stdout: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.suite",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.suite", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--metrics-per-step", type=int, default=6_000_000)
     ap.add_argument("--ranks", default="4096,512", help="comma-separated rank counts")
     ap.add_argument("--steps", type=int, default=16)
@@ -74,54 +78,86 @@ def main(argv: list[str] | None = None) -> int:
             server = ClickHouseServer(command, tmp / "clickhouse")
             server.start()
         try:
-            stores = ["parquet:{tmp}/ingest-{ranks}"]          # a fresh store per run
+            stores = ["parquet:{tmp}/ingest-{ranks}"]  # a fresh store per run
             if server is not None:
                 stores.append(server.url("bench_ingest_") + "{ranks}")
             ingest_rows, heads = [], []
             for ranks in [int(x) for x in a.ranks.split(",")]:
                 for url in (u.format(tmp=tmp, ranks=ranks) for u in stores):
                     js = tmp / "ingest.json"
-                    out = run_module(["benchmarks.ingest", "--store", url, "--metrics-per-step",
-                                      str(a.metrics_per_step), "--ranks", str(ranks), "--steps",
-                                      str(a.steps), "--json", str(js)], timeout=1200)
+                    out = run_module(
+                        [
+                            "benchmarks.ingest",
+                            "--store",
+                            url,
+                            "--metrics-per-step",
+                            str(a.metrics_per_step),
+                            "--ranks",
+                            str(ranks),
+                            "--steps",
+                            str(a.steps),
+                            "--json",
+                            str(js),
+                        ],
+                        timeout=1200,
+                    )
                     r = json.loads(js.read_text())
                     if out.splitlines()[0] not in heads:
                         heads.append(out.splitlines()[0])
-                    ingest_rows.append(ingest.report(r).replace(
-                        f"| {r['store']} |", f"| {r['store']}, {ranks:,} ranks |"))
+                    ingest_rows.append(
+                        ingest.report(r).replace(
+                            f"| {r['store']} |", f"| {r['store']}, {ranks:,} ranks |"
+                        )
+                    )
                     ingest_rows.append(
                         f"| {r['store']}, {ranks:,} ranks | stored rows (exact) | raw "
                         f"{r['stored']['raw']:,}, reduced {r['stored']['reduced']:,} | "
-                        f"expected {r['expected_raw']:,}, {r['expected_reduced']:,} |")
-            sections.append("## Ingest end to end\n\n" + "\n".join(f"- {h}" for h in heads)
-                            + "\n\n" + INGEST_NOTE + "\n\n" + ingest.HEADER + "\n"
-                            + "\n".join(ingest_rows)
-                            + ("" if server else "\n\n(ClickHouse skipped: no server binary)"))
+                        f"expected {r['expected_raw']:,}, {r['expected_reduced']:,} |"
+                    )
+            sections.append(
+                "## Ingest end to end\n\n"
+                + "\n".join(f"- {h}" for h in heads)
+                + "\n\n"
+                + INGEST_NOTE
+                + "\n\n"
+                + ingest.HEADER
+                + "\n"
+                + "\n".join(ingest_rows)
+                + ("" if server else "\n\n(ClickHouse skipped: no server binary)")
+            )
             hook = []
             devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
             for dev in devices:
-                out = run_module(["benchmarks.hook_overhead", "--device", dev, "--steps",
-                                  str(a.hook_steps)], timeout=900)
+                out = run_module(
+                    ["benchmarks.hook_overhead", "--device", dev, "--steps", str(a.hook_steps)],
+                    timeout=900,
+                )
                 hook.append(out)
             rows = [ln for out in hook for ln in table_lines(out)[2:]]
-            sections.append("## Hook overhead (demo model, interleaved, median)\n\n"
-                            + "\n".join(table_lines(hook[0])[:2] + rows)
-                            + ("" if "cuda" in devices else "\n\n(CUDA: no GPU here, skipped)"))
+            sections.append(
+                "## Hook overhead (demo model, interleaved, median)\n\n"
+                + "\n".join(table_lines(hook[0])[:2] + rows)
+                + ("" if "cuda" in devices else "\n\n(CUDA: no GPU here, skipped)")
+            )
 
             dash = ["benchmarks.dashboard_read", "--steps", str(a.dashboard_steps)]
             if server is not None:
                 dash += ["--clickhouse", server.url("bench_dashboard")]
             out = run_module(dash, timeout=900)
-            sections.append("## Dashboard reads (cold, no Streamlit cache)\n\n"
-                            + "\n".join(table_lines(out)))
+            sections.append(
+                "## Dashboard reads (cold, no Streamlit cache)\n\n" + "\n".join(table_lines(out))
+            )
         finally:
             if server is not None:
                 server.stop()
     ch = f", ClickHouse {server.version}" if server is not None else ""
-    text = (f"# Benchmark results\n\n{time.strftime('%Y-%m-%d %H:%M')} on {ingest.machine()}"
-            f"{ch}; `make bench` took {time.perf_counter() - t_start:.0f} s. Collector, "
-            f"ClickHouse server and load generators share the machine.\n\n"
-            + "\n\n".join(sections) + "\n")
+    text = (
+        f"# Benchmark results\n\n{time.strftime('%Y-%m-%d %H:%M')} on {ingest.machine()}"
+        f"{ch}; `make bench` took {time.perf_counter() - t_start:.0f} s. Collector, "
+        f"ClickHouse server and load generators share the machine.\n\n"
+        + "\n\n".join(sections)
+        + "\n"
+    )
     Path(a.out).write_text(text)
     print(text)
     return 0

@@ -2,10 +2,19 @@
 durable acks, online detectors (analytics/, detect.py) and the clip control loop (control.py,
 operator commands via `python -m collector clip`). Start it with `python -m collector serve`
 or embed `Collector(store, CollectorConfig(...)).start()`."""
+
 from collector.config import CollectorConfig
 from collector.control import ClipAckRecord
 from collector.errors import CollectorError, InvalidArgument, ResourceExhausted, Unauthenticated
 from collector.server import Collector, serve
 
-__all__ = ["ClipAckRecord", "Collector", "CollectorConfig", "CollectorError", "InvalidArgument",
-           "ResourceExhausted", "Unauthenticated", "serve"]
+__all__ = [
+    "ClipAckRecord",
+    "Collector",
+    "CollectorConfig",
+    "CollectorError",
+    "InvalidArgument",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "serve",
+]

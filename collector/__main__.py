@@ -13,6 +13,7 @@
 the site back to the policy; freeze/unfreeze only stop/resume the policy on that site.
 --layer may repeat. Refused commands exit 2 with the collector's message.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,24 +27,44 @@ from store import StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m collector",
-                                 description="stepwatch collector: gRPC telemetry server")
+    ap = argparse.ArgumentParser(
+        prog="python -m collector", description="stepwatch collector: gRPC telemetry server"
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="listen for rank streams and write to a store")
-    s.add_argument("--store", required=True,
-                   help='"memory:", "parquet:DIR" or "clickhouse://user:pass@host:port/db"')
+    s.add_argument(
+        "--store",
+        required=True,
+        help='"memory:", "parquet:DIR" or "clickhouse://user:pass@host:port/db"',
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    s.add_argument("--token", default=os.environ.get("STEPWATCH_TOKEN") or None,
-                   help="bearer token every RPC must carry (default: $STEPWATCH_TOKEN)")
-    s.add_argument("--straggler-timeout", type=float, default=CollectorConfig.straggler_timeout_s,
-                   metavar="SECONDS", help="reduce a step without ranks this late")
-    s.add_argument("--flush-interval", type=float, default=CollectorConfig.flush_interval_s,
-                   metavar="SECONDS", help="flush the store (and ack) at most this often")
+    s.add_argument(
+        "--token",
+        default=os.environ.get("STEPWATCH_TOKEN") or None,
+        help="bearer token every RPC must carry (default: $STEPWATCH_TOKEN)",
+    )
+    s.add_argument(
+        "--straggler-timeout",
+        type=float,
+        default=CollectorConfig.straggler_timeout_s,
+        metavar="SECONDS",
+        help="reduce a step without ranks this late",
+    )
+    s.add_argument(
+        "--flush-interval",
+        type=float,
+        default=CollectorConfig.flush_interval_s,
+        metavar="SECONDS",
+        help="flush the store (and ack) at most this often",
+    )
     s.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
-    s.add_argument("--observe-only", action="store_true",
-                   help="run the detectors and store events, never push the clip policy's updates")
+    s.add_argument(
+        "--observe-only",
+        action="store_true",
+        help="run the detectors and store events, never push the clip policy's updates",
+    )
     s.add_argument("--no-detect", action="store_true", help="no online detectors at all")
     s.add_argument("--log-level", default="INFO")
     c = sub.add_parser("clip", help="show or change a running collector's clip thresholds")
@@ -59,14 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "clip":
         return _clip(ap, args)
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
-        config = CollectorConfig(token=args.token, straggler_timeout_s=args.straggler_timeout,
-                                 flush_interval_s=args.flush_interval,
-                                 detect=not args.no_detect, observe_only=args.observe_only)
-        return serve(args.store, host=args.host, port=args.port, config=config,
-                     tls_cert=args.tls_cert, tls_key=args.tls_key)
+        config = CollectorConfig(
+            token=args.token,
+            straggler_timeout_s=args.straggler_timeout,
+            flush_interval_s=args.flush_interval,
+            detect=not args.no_detect,
+            observe_only=args.observe_only,
+        )
+        return serve(
+            args.store,
+            host=args.host,
+            port=args.port,
+            config=config,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
     except (ValueError, OSError, StoreError) as exc:  # bad flags/store URL, port taken, store down
         print(f"collector: {exc}", file=sys.stderr)
         return 2
@@ -79,16 +113,20 @@ def _clip(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         ap.error(f"clip {args.op} needs --layer")
     if args.op == "set" and args.limit is None:
         ap.error("clip set needs --limit")
-    items = [[layer, args.site, args.limit] if args.op == "set" else [layer, args.site]
-             for layer in args.layer]
+    items = [
+        [layer, args.site, args.limit] if args.op == "set" else [layer, args.site]
+        for layer in args.layer
+    ]
     try:
-        table = operate(args.target, args.run, args.op, items, token=args.token,
-                        timeout_s=args.timeout)
+        table = operate(
+            args.target, args.run, args.op, items, token=args.token, timeout_s=args.timeout
+        )
     except OperatorError as exc:
         print(f"collector clip: {exc}", file=sys.stderr)
         return 2
-    sys.stdout.write(f"# version {table.version}"
-                     f"{' (observe-only collector)' if table.observe_only else ''}\n")
+    sys.stdout.write(
+        f"# version {table.version}{' (observe-only collector)' if table.observe_only else ''}\n"
+    )
     sys.stdout.write(table.csv())
     return 0
 

@@ -12,6 +12,7 @@ which only grows. Writer jobs carry increasing ids; the writer reports "flushed 
 Hello frames are not tracked: a reconnecting client must be able to resend frames whose seqs
 are lower than its new Hello's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,13 +20,13 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RankAcks:
-    acked: int = 0                 # last cumulative ack computed (and sent)
-    max_seq: int = 0               # highest data-frame seq received
-    durable_step: int = -1         # highest step of this rank made durable
+    acked: int = 0  # last cumulative ack computed (and sent)
+    max_seq: int = 0  # highest data-frame seq received
+    durable_step: int = -1  # highest step of this rank made durable
     sent_at: float = float("-inf")  # clock reading when an Ack last went to this rank
-    _open: dict[int, int] = field(default_factory=dict)   # step in barrier -> lowest seq
+    _open: dict[int, int] = field(default_factory=dict)  # step in barrier -> lowest seq
     _waiting: list[tuple[int, int, int]] = field(default_factory=list)  # (job, seq, step)
-    _failed: int | None = None     # lowest seq whose write failed: the ack never passes it
+    _failed: int | None = None  # lowest seq whose write failed: the ack never passes it
 
     def is_duplicate(self, seq: int) -> bool:
         """seq <= acked: already durable, ignore the frame (and ack again)."""

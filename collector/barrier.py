@@ -12,6 +12,7 @@ barrier as ReadyStep; the reduction itself (reduction.py) runs on the writer thr
 an already reduced step are "late": add_chunk/end_of_step return False and the caller stores
 them raw without touching the reduction.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ import numpy as np
 from collector.errors import InvalidArgument, ResourceExhausted
 from store.base import StepStatus
 
-BYTES_PER_VALUE = 5        # float32 value + bool "have" flag
+BYTES_PER_VALUE = 5  # float32 value + bool "have" flag
 
 
 class ByteBudget:
@@ -40,7 +41,8 @@ class ByteBudget:
             if self.used + n > self.limit:
                 raise ResourceExhausted(
                     f"{what} needs {n} bytes but {self.used} of max_pending_bytes={self.limit} "
-                    f"are held by steps not yet stored; retry after the acks catch up")
+                    f"are held by steps not yet stored; retry after the acks catch up"
+                )
             self.used += n
 
     def release(self, n: int) -> None:
@@ -51,7 +53,7 @@ class ByteBudget:
 @dataclass
 class _RankPart:
     vectors: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    n_values: int = 0              # positions received over all schemas (have.sum())
+    n_values: int = 0  # positions received over all schemas (have.sum())
     ended: bool = False
     wall_time: float = 0.0
 
@@ -60,7 +62,7 @@ class _RankPart:
 class _Pending:
     step: int
     ranks: dict[int, _RankPart] = field(default_factory=dict)
-    first_end: float | None = None     # clock reading when the first rank ended the step
+    first_end: float | None = None  # clock reading when the first rank ended the step
     n_ended: int = 0
     nbytes: int = 0
 
@@ -71,27 +73,34 @@ class ReadyStep:
 
     step: int
     parts: list[tuple[int, int, np.ndarray, np.ndarray]]
-    included: set[int]             # ranks that ended the step: the reduction is over these
+    included: set[int]  # ranks that ended the step: the reduction is over these
     status: StepStatus
-    nbytes: int                    # to release from the ByteBudget once stored
+    nbytes: int  # to release from the ByteBudget once stored
 
 
 class StepBarrier:
-    def __init__(self, world_size: int, *, straggler_timeout_s: float, max_pending_steps: int,
-                 budget: ByteBudget) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        *,
+        straggler_timeout_s: float,
+        max_pending_steps: int,
+        budget: ByteBudget,
+    ) -> None:
         self.world_size = world_size
         self.straggler_timeout_s = straggler_timeout_s
         self.max_pending_steps = max_pending_steps
         self.budget = budget
-        self.reduced_through = -1      # highest step reduced so far
+        self.reduced_through = -1  # highest step reduced so far
         self._pending: dict[int, _Pending] = {}
 
     # ---- ingest ---------------------------------------------------------------------------
     def is_late(self, step: int) -> bool:
         return step not in self._pending and step <= self.reduced_through
 
-    def add_chunk(self, rank: int, step: int, schema_id: int, offset: int, total: int,
-                  values: np.ndarray) -> bool:
+    def add_chunk(
+        self, rank: int, step: int, schema_id: int, offset: int, total: int, values: np.ndarray
+    ) -> bool:
         """Copy `values` to [offset, offset + len) of the rank's vector for (step, schema).
         The caller has checked offset/total against the schema. False: step already reduced."""
         if self.is_late(step):
@@ -102,8 +111,10 @@ class StepBarrier:
         vec = part.vectors.get(schema_id) if part else None
         newly = self._newly(part, schema_id, offset, n)
         if part is not None and part.ended and newly:
-            raise InvalidArgument(f"rank {rank} sent {newly} new values for step {step} after "
-                                  f"its EndOfStep (only identical resends may follow it)")
+            raise InvalidArgument(
+                f"rank {rank} sent {newly} new values for step {step} after "
+                f"its EndOfStep (only identical resends may follow it)"
+            )
         if vec is None:
             nbytes = total * BYTES_PER_VALUE
             if p is None:
@@ -112,12 +123,14 @@ class StepBarrier:
             if p is None:
                 p = self._pending[step] = _Pending(step)
             part = p.ranks.setdefault(rank, _RankPart())
-            vec = part.vectors[schema_id] = (np.empty(total, dtype=np.float32),
-                                             np.zeros(total, dtype=bool))
+            vec = part.vectors[schema_id] = (
+                np.empty(total, dtype=np.float32),
+                np.zeros(total, dtype=bool),
+            )
             p.nbytes += nbytes
         values_S, have_S = vec
-        values_S[offset:offset + n] = values
-        have_S[offset:offset + n] = True
+        values_S[offset : offset + n] = values
+        have_S[offset : offset + n] = True
         part.n_values += newly
         return True
 
@@ -133,10 +146,11 @@ class StepBarrier:
     def _newly(part: _RankPart | None, schema_id: int, offset: int, n: int) -> int:
         """Positions of [offset, offset + n) the rank has not sent yet for the step."""
         vec = part.vectors.get(schema_id) if part else None
-        return n if vec is None else n - int(np.count_nonzero(vec[1][offset:offset + n]))
+        return n if vec is None else n - int(np.count_nonzero(vec[1][offset : offset + n]))
 
-    def end_of_step(self, rank: int, step: int, n_values: int, wall_time: float,
-                    now: float) -> bool:
+    def end_of_step(
+        self, rank: int, step: int, n_values: int, wall_time: float, now: float
+    ) -> bool:
         """Mark the rank done with the step. n_values must equal what arrived for it.
         False: the step was already reduced (a late rank); nothing changes."""
         if self.is_late(step):
@@ -147,10 +161,12 @@ class StepBarrier:
         part = p.ranks.get(rank) if p else None
         got = part.n_values if part else 0
         if n_values != got:
-            raise InvalidArgument(f"EndOfStep of rank {rank} step {step} counts {n_values} "
-                                  f"values but {got} arrived for that step")
+            raise InvalidArgument(
+                f"EndOfStep of rank {rank} step {step} counts {n_values} "
+                f"values but {got} arrived for that step"
+            )
         if part is not None and part.ended:
-            return True                                # a resend: already counted
+            return True  # a resend: already counted
         if p is None:
             self._check_room(rank, step)
             p = self._pending[step] = _Pending(step)
@@ -166,7 +182,8 @@ class StepBarrier:
             raise ResourceExhausted(
                 f"rank {rank} is too far ahead at step {step}: {len(self._pending)} steps "
                 f"(oldest {min(self._pending)}) already wait for the barrier "
-                f"(max_pending_steps={self.max_pending_steps})")
+                f"(max_pending_steps={self.max_pending_steps})"
+            )
 
     # ---- readiness ------------------------------------------------------------------------
     def poll(self, now: float) -> list[ReadyStep]:
@@ -176,9 +193,10 @@ class StepBarrier:
         for i, s in enumerate(order):
             p = self._pending[s]
             if p.n_ended >= self.world_size or (
-                    p.first_end is not None and now - p.first_end >= self.straggler_timeout_s):
+                p.first_end is not None and now - p.first_end >= self.straggler_timeout_s
+            ):
                 last = i
-        return [self._finish(self._pending.pop(s)) for s in order[:last + 1]]
+        return [self._finish(self._pending.pop(s)) for s in order[: last + 1]]
 
     def drain(self) -> list[ReadyStep]:
         """Everything still pending, oldest first (shutdown, or every rank closed its stream)."""
@@ -197,9 +215,17 @@ class StepBarrier:
         ended = {r for r, part in p.ranks.items() if part.ended}
         missing = tuple(sorted(set(range(self.world_size)) - ended))
         wall = max((p.ranks[r].wall_time for r in ended), default=0.0)
-        parts = [(r, sid, v, h) for r, part in sorted(p.ranks.items())
-                 for sid, (v, h) in sorted(part.vectors.items())]
-        status = StepStatus(step=p.step, n_ranks=len(ended), missing_ranks=missing,
-                            complete=not missing, wall_time=wall)
+        parts = [
+            (r, sid, v, h)
+            for r, part in sorted(p.ranks.items())
+            for sid, (v, h) in sorted(part.vectors.items())
+        ]
+        status = StepStatus(
+            step=p.step,
+            n_ranks=len(ended),
+            missing_ranks=missing,
+            complete=not missing,
+            wall_time=wall,
+        )
         self.reduced_through = max(self.reduced_through, p.step)
         return ReadyStep(p.step, parts, ended, status, p.nbytes)

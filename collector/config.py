@@ -1,4 +1,5 @@
 """CollectorConfig: every bound and timing of the collector, validated once, documented here."""
+
 from __future__ import annotations
 
 import math
@@ -71,14 +72,27 @@ class CollectorConfig:
     def __post_init__(self) -> None:
         if self.token is not None and (not isinstance(self.token, str) or not self.token):
             raise ValueError("token must be a non-empty string or None")
-        for name in ("straggler_timeout_s", "flush_interval_s", "stop_grace_s",
-                     "stats_log_interval_s", "keepalive_s"):
+        for name in (
+            "straggler_timeout_s",
+            "flush_interval_s",
+            "stop_grace_s",
+            "stats_log_interval_s",
+            "keepalive_s",
+        ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
-        for name in ("flush_every_steps", "max_pending_steps", "max_pending_bytes",
-                     "max_chunk_bytes", "max_runs", "max_world_size", "max_schemas_per_rank",
-                     "max_metrics_per_run", "max_streams"):
+        for name in (
+            "flush_every_steps",
+            "max_pending_steps",
+            "max_pending_bytes",
+            "max_chunk_bytes",
+            "max_runs",
+            "max_world_size",
+            "max_schemas_per_rank",
+            "max_metrics_per_run",
+            "max_streams",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")

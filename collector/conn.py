@@ -4,6 +4,7 @@ Nothing here can grow: an Ack slot holds only the latest cumulative ack, a clip 
 latest update (each carries the whole table, control.py), and an error ends the stream. A client
 that stops reading costs a few objects, never a queue. Event-loop thread only.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,10 +16,10 @@ from proto.v1 import telemetry_pb2 as pb
 class Conn:
     def __init__(self, peer: str) -> None:
         self.peer = peer
-        self.run: str | None = None        # set by Hello
+        self.run: str | None = None  # set by Hello
         self.rank = -1
-        self.half_closed = False           # the client finished sending
-        self.done = False                  # the servicer should end the RPC with OK
+        self.half_closed = False  # the client finished sending
+        self.done = False  # the servicer should end the RPC with OK
         self.error: BaseException | None = None
         self.wake = asyncio.Event()
         self._welcome: pb.Welcome | None = None
@@ -28,12 +29,13 @@ class Conn:
 
     def welcome(self, acked_seq: int) -> None:
         """Ingest takes a step's last chunk with ends_step (ingest.py): say so."""
-        self._welcome = pb.Welcome(acked_seq=acked_seq, protocol_version=PROTOCOL_VERSION,
-                                   chunk_ends_step=True)
+        self._welcome = pb.Welcome(
+            acked_seq=acked_seq, protocol_version=PROTOCOL_VERSION, chunk_ends_step=True
+        )
         self.wake.set()
 
     def send_clip(self, update: pb.ClipUpdate) -> None:
-        if update.version > self._clip_version:    # never step back to an older table
+        if update.version > self._clip_version:  # never step back to an older table
             self._clip, self._clip_version = update, update.version
             self.wake.set()
 

@@ -14,6 +14,7 @@ on an operator stream (OPERATOR_CLIENT, see ingest.py) and are parsed here.
 Thread-safe (one lock): operators and the clip policy push from any thread, the event loop
 records acks.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ from proto.v1 import telemetry_pb2 as pb
 from store.base import RUN_NAME_RE
 
 SITES = ("routed", "shared")
-KEEP_VERSIONS = 64        # acks are kept for this many most recent versions per run
-OPERATOR_CLIENT = "stepwatch-operator/1"   # Hello.client_version of an operator stream
+KEEP_VERSIONS = 64  # acks are kept for this many most recent versions per run
+OPERATOR_CLIENT = "stepwatch-operator/1"  # Hello.client_version of an operator stream
 OPERATOR_OPS = ("list", "set", "clear", "freeze", "unfreeze")
 
 
@@ -36,7 +37,7 @@ OPERATOR_OPS = ("list", "set", "clear", "freeze", "unfreeze")
 class ClipAckRecord:
     rank: int
     version: int
-    step: int             # first step the rank trained with this version
+    step: int  # first step the rank trained with this version
 
 
 @dataclass
@@ -44,7 +45,7 @@ class _RunClips:
     version: int = 0
     table: dict[tuple[int, str], float] = field(default_factory=dict)
     latest: pb.ClipUpdate | None = None
-    acks: dict[tuple[int, int], int] = field(default_factory=dict)   # (rank, version) -> step
+    acks: dict[tuple[int, int], int] = field(default_factory=dict)  # (rank, version) -> step
     changes: dict[int, tuple[list, str, int]] = field(default_factory=dict)  # version -> what
 
 
@@ -83,9 +84,13 @@ class ClipBoard:
                 rc.table[(layer, site)] = limit
             rc.version += 1
             rc.latest = pb.ClipUpdate(
-                version=rc.version, reason=reason,
-                settings=[pb.ClipSetting(layer=layer, site=site, limit=limit)
-                          for (layer, site), limit in sorted(rc.table.items())])
+                version=rc.version,
+                reason=reason,
+                settings=[
+                    pb.ClipSetting(layer=layer, site=site, limit=limit)
+                    for (layer, site), limit in sorted(rc.table.items())
+                ],
+            )
             oldest = rc.version - KEEP_VERSIONS
             rc.acks = {k: v for k, v in rc.acks.items() if k[1] > oldest}
             rc.changes[rc.version] = (checked, reason, max(0, int(step)))
@@ -102,10 +107,11 @@ class ClipBoard:
             rc = self._runs.get(run)
             top = rc.version if rc else 0
             if not 1 <= version <= top:
-                raise InvalidArgument(f"ClipAck for version {version}, but run {run!r} has "
-                                      f"clip versions 1..{top}")
+                raise InvalidArgument(
+                    f"ClipAck for version {version}, but run {run!r} has clip versions 1..{top}"
+                )
             if version > rc.version - KEEP_VERSIONS:
-                rc.acks[(rank, version)] = step       # a resent ack replaces, never adds
+                rc.acks[(rank, version)] = step  # a resent ack replaces, never adds
 
     def change(self, run: str, version: int) -> tuple[list, str, int, int] | None:
         """(settings, reason, step, acked_step) of one version; acked_step is the latest step
@@ -135,9 +141,9 @@ class ClipBoard:
 def parse_operator_command(config_json: str) -> tuple[str, list]:
     """An operator stream's command (its Hello.config_json) -> (op, items):
 
-        {"op": "list"}
-        {"op": "set",      "settings": [[layer, "routed"|"shared", limit], ...]}
-        {"op": "clear" | "freeze" | "unfreeze", "sites": [[layer, "routed"|"shared"], ...]}
+    {"op": "list"}
+    {"op": "set",      "settings": [[layer, "routed"|"shared", limit], ...]}
+    {"op": "clear" | "freeze" | "unfreeze", "sites": [[layer, "routed"|"shared"], ...]}
     """
     try:
         cmd = json.loads(config_json or "{}")
@@ -149,15 +155,21 @@ def parse_operator_command(config_json: str) -> tuple[str, list]:
     if op == "list":
         return op, []
     if op == "set":
-        items = [_check_setting(tuple(s) if isinstance(s, list) else s)
-                 for s in cmd.get("settings") or ()]
+        items = [
+            _check_setting(tuple(s) if isinstance(s, list) else s)
+            for s in cmd.get("settings") or ()
+        ]
         for layer, site, limit in items:
             if not (limit > 0 and math.isfinite(limit)):
-                raise InvalidArgument(f"operator set needs a finite limit > 0 for layer "
-                                      f"{layer} {site} (use clear to switch a clamp off)")
+                raise InvalidArgument(
+                    f"operator set needs a finite limit > 0 for layer "
+                    f"{layer} {site} (use clear to switch a clamp off)"
+                )
     else:
-        items = [_check_setting((*s, math.inf) if isinstance(s, (list, tuple)) else s)[:2]
-                 for s in cmd.get("sites") or ()]
+        items = [
+            _check_setting((*s, math.inf) if isinstance(s, (list, tuple)) else s)[:2]
+            for s in cmd.get("sites") or ()
+        ]
     if not items:
         raise InvalidArgument(f"operator {op} needs at least one site")
     return op, items

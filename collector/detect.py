@@ -16,6 +16,7 @@ Operators act on the same per-run ClipPolicy (freeze, set, clear) from the event
 lock orders them with the writer thread. Nothing here raises into the writer: the writer
 logs an observer error and goes on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,7 @@ from collector.stats import Counters
 from store.base import MetricDict, Store
 
 log = logging.getLogger("collector.detect")
-KEEP_EVENTS = 10_000        # online events remembered per run (for tests and introspection)
+KEEP_EVENTS = 10_000  # online events remembered per run (for tests and introspection)
 
 # push(run, settings, reason, step, origin_monotonic) -> version
 PushFn = Callable[[str, list, str, int, float | None], int]
@@ -50,10 +51,16 @@ class RunDetect:
 
 
 class Detect:
-    def __init__(self, store: Store, push: PushFn, counters: Counters, *,
-                 observe_only: bool = False,
-                 make_detectors: Callable[[], DetectorSet] = DetectorSet,
-                 make_policy: Callable[[], ClipPolicy] = ClipPolicy) -> None:
+    def __init__(
+        self,
+        store: Store,
+        push: PushFn,
+        counters: Counters,
+        *,
+        observe_only: bool = False,
+        make_detectors: Callable[[], DetectorSet] = DetectorSet,
+        make_policy: Callable[[], ClipPolicy] = ClipPolicy,
+    ) -> None:
         self.store = store
         self.push = push
         self.counters = counters
@@ -65,15 +72,17 @@ class Detect:
     def _run(self, run: str) -> RunDetect:
         rd = self._runs.get(run)
         if rd is None:
-            rd = self._runs[run] = RunDetect(detectors=self._make_detectors(),
-                                             policy=self._make_policy())
+            rd = self._runs[run] = RunDetect(
+                detectors=self._make_detectors(), policy=self._make_policy()
+            )
         return rd
 
     # ---- writer thread ------------------------------------------------------------------
     def on_metrics(self, run: str, md: MetricDict) -> None:
         with self._lock:
-            self._run(run).index.extend(md.metric_id, md.name, md.layer, md.expert, md.head,
-                                        md.stat)
+            self._run(run).index.extend(
+                md.metric_id, md.name, md.layer, md.expert, md.head, md.stat
+            )
 
     def on_step(self, run: str, rows: StepRows, included: set[int], ready_at: float) -> None:
         with self._lock:
@@ -83,11 +92,12 @@ class Detect:
         size = rd.index.size
 
         def rank_vectors() -> RankVectors:
-            raw = rows.raw      # flat rows (~140 ms at 6M values): built only when asked for
+            raw = rows.raw  # flat rows (~140 ms at 6M values): built only when asked for
             return RankVectors(raw.metric_id, raw.rank, raw.value, size, ranks)
 
-        frame = StepFrame.from_rows(run, step, rows.reduced.metric_id, rows.reduced.value, size,
-                                    ranks, rank_vectors)
+        frame = StepFrame.from_rows(
+            run, step, rows.reduced.metric_id, rows.reduced.value, size, ranks, rank_vectors
+        )
         events = rd.detectors.observe(frame, rd.index)
         with self._lock:
             clamped = rd.policy.clamped()
@@ -99,9 +109,16 @@ class Detect:
         else:
             self.counters.add("events", len(events))
             for ev in events:
-                log.log(logging.ERROR if ev.severity == "critical" else logging.WARNING
-                        if ev.severity == "warning" else logging.INFO,
-                        "run %s: %s", run, ev.brief())
+                log.log(
+                    logging.ERROR
+                    if ev.severity == "critical"
+                    else logging.WARNING
+                    if ev.severity == "warning"
+                    else logging.INFO,
+                    "run %s: %s",
+                    run,
+                    ev.brief(),
+                )
             self.store.write_events(run, to_records(events))
             with self._lock:
                 rd.events += events
@@ -111,8 +128,14 @@ class Detect:
             setting = [(d.layer, d.site, d.limit)]
             if self.observe_only:
                 self.counters.add("clip_decisions_observed")
-                log.warning("run %s (observe-only): would set %s clamp of layer %d to %s (%s)",
-                            run, d.site, d.layer, d.limit, d.reason)
+                log.warning(
+                    "run %s (observe-only): would set %s clamp of layer %d to %s (%s)",
+                    run,
+                    d.site,
+                    d.layer,
+                    d.limit,
+                    d.reason,
+                )
                 continue
             try:
                 self.push(run, setting, d.reason, d.step, ready_at)
@@ -152,12 +175,18 @@ class RankVectors(Mapping):
     once (~2 GB at 65,000 metrics) and 4,096 passes over the step's millions of raw rows; here
     the rows are grouped by rank with one sort, and each vector is one slice and scatter."""
 
-    def __init__(self, metric_id: np.ndarray, rank: np.ndarray, value: np.ndarray, size: int,
-                 ranks: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        metric_id: np.ndarray,
+        rank: np.ndarray,
+        value: np.ndarray,
+        size: int,
+        ranks: tuple[int, ...],
+    ) -> None:
         ids = np.asarray(metric_id)
         keep = (ids >= 0) & (ids < size)
         rk = np.asarray(rank, dtype=np.int32)[keep]
-        order = np.argsort(rk, kind="stable")       # stable: a repeated row's last write wins
+        order = np.argsort(rk, kind="stable")  # stable: a repeated row's last write wins
         self._rank, self._ids = rk[order], ids[keep].astype(np.int32)[order]
         self._value = np.asarray(value, dtype=np.float32)[keep][order]
         self._ranks = tuple(int(r) for r in ranks)
@@ -179,8 +208,9 @@ class RankVectors(Mapping):
         return len(self._ranks)
 
 
-def _site_max(frame: StepFrame, index: MetricIndex, sites: list[tuple[int, str]], prefix: str,
-              stat: str) -> dict[tuple[int, str], float]:
+def _site_max(
+    frame: StepFrame, index: MetricIndex, sites: list[tuple[int, str]], prefix: str, stat: str
+) -> dict[tuple[int, str], float]:
     """This step's max of `prefix*` `stat` over each clamped site: the layer's routed experts,
     or its shared expert. NaN propagates (a non-finite max|h| counts as binding); a site whose
     metric was not measured this step (parameter norms: every K steps) is left out."""
@@ -192,8 +222,13 @@ def _site_max(frame: StepFrame, index: MetricIndex, sites: list[tuple[int, str]]
         r = row.get(layer)
         if r is None:
             continue
-        ids = (index.expert_grid(prefix, stat)[r] if site == "routed"
-               else index.shared_ids(stat)[r:r + 1] if prefix == "moe/" else np.empty(0, int))
+        ids = (
+            index.expert_grid(prefix, stat)[r]
+            if site == "routed"
+            else index.shared_ids(stat)[r : r + 1]
+            if prefix == "moe/"
+            else np.empty(0, int)
+        )
         ids = ids[(ids >= 0) & (ids < frame.size)]
         ids = ids[frame.present[ids]]
         if ids.size:

@@ -5,6 +5,7 @@ what was wrong and what was expected. `status_of` is the only place that turns a
 into a `grpc.StatusCode`; the servicer and the auth interceptor both go through it, so a client
 sees the same code for the same mistake wherever it is caught.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -46,15 +47,15 @@ class Unavailable(CollectorError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-REJECTED = (CollectorError, DecodeError)    # bad input, as opposed to a collector bug
+REJECTED = (CollectorError, DecodeError)  # bad input, as opposed to a collector bug
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(status code, message) for any exception; unknown ones are INTERNAL and say so."""
     if isinstance(exc, CollectorError):
         return exc.code, str(exc)
-    if isinstance(exc, StoreInvalidInput):          # a store-side validation of our input
+    if isinstance(exc, StoreInvalidInput):  # a store-side validation of our input
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, DecodeError):                # bytes that are not a ClientFrame
+    if isinstance(exc, DecodeError):  # bytes that are not a ClientFrame
         return grpc.StatusCode.INVALID_ARGUMENT, f"undecodable frame: {exc}"
     return grpc.StatusCode.INTERNAL, f"internal collector error: {type(exc).__name__}: {exc}"

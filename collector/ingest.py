@@ -16,6 +16,7 @@ Per-(run, rank) seq bookkeeping lives in acks.py: a frame with seq <= acked is i
 acked again; acks go out only after the writer reports a flush. Every check runs before any
 state changes, so a rejected frame leaves nothing half-applied for the other clients.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,12 +35,12 @@ from collector.control import OPERATOR_CLIENT, ClipBoard
 from collector.errors import InvalidArgument, ResourceExhausted, Unavailable
 from collector.registry import RunMetrics, check_hello
 from collector.stats import Counters
-from collector.writer import FinishRun, OpenRun, Writer, WriteMetrics, WriteRaw, WriteStep
+from collector.writer import FinishRun, OpenRun, WriteMetrics, Writer, WriteRaw, WriteStep
 from proto.v1 import telemetry_pb2 as pb
 from store.base import RunInfo, ValueBatch
 
 log = logging.getLogger(__name__)
-RAW_ROW_BYTES = 20       # step i64 + metric_id i32 + rank i32 + value f32
+RAW_ROW_BYTES = 20  # step i64 + metric_id i32 + rank i32 + value f32
 
 
 @dataclass
@@ -51,34 +52,40 @@ class Run:
     barrier: StepBarrier
     acks: dict[int, RankAcks] = field(default_factory=dict)
     conns: dict[int, set[Conn]] = field(default_factory=dict)
-    said_goodbye: set[int] = field(default_factory=set)   # ranks that half-closed
+    said_goodbye: set[int] = field(default_factory=set)  # ranks that half-closed
     # (rank, schema_id) -> its id map, one array object per distinct content (a "layout":
     # the ranks of one EP group share it), so the reduction can group parts by identity
     id_maps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     layouts: dict[bytes, np.ndarray] = field(default_factory=dict)
     finished: bool = False
-    finish_job: int | None = None      # writer job that marks the run finished
+    finish_job: int | None = None  # writer job that marks the run finished
 
 
 class Ingest:
-    def __init__(self, config: CollectorConfig, writer: Writer, budget: ByteBudget,
-                 clips: ClipBoard, counters: Counters,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_clip_ack: Callable[[str, int], int | None] | None = None,
-                 operator: Callable[[pb.Hello], pb.ClipUpdate] | None = None) -> None:
+    def __init__(
+        self,
+        config: CollectorConfig,
+        writer: Writer,
+        budget: ByteBudget,
+        clips: ClipBoard,
+        counters: Counters,
+        clock: Callable[[], float] = time.monotonic,
+        on_clip_ack: Callable[[str, int], int | None] | None = None,
+        operator: Callable[[pb.Hello], pb.ClipUpdate] | None = None,
+    ) -> None:
         self.config = config
         self.writer = writer
         self.budget = budget
         self.clips = clips
         self.counters = counters
         self.clock = clock
-        self.on_clip_ack = on_clip_ack      # (run, version) -> writer job storing it, or None
-        self.operator = operator            # answers an operator stream's command
+        self.on_clip_ack = on_clip_ack  # (run, version) -> writer job storing it, or None
+        self.operator = operator  # answers an operator stream's command
         self.runs: dict[str, Run] = {}
-        self._durable_job = 0              # every writer job <= this has been flushed
-        self.stopping = False              # shutdown: frames are refused, UNAVAILABLE
-        self.busy_s = 0.0                  # event-loop thread CPU seconds in receive()
-        self.schema_s = 0.0                # ... of which registering schemas (once per run)
+        self._durable_job = 0  # every writer job <= this has been flushed
+        self.stopping = False  # shutdown: frames are refused, UNAVAILABLE
+        self.busy_s = 0.0  # event-loop thread CPU seconds in receive()
+        self.schema_s = 0.0  # ... of which registering schemas (once per run)
 
     # ---- frames ---------------------------------------------------------------------------
     def receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
@@ -98,10 +105,11 @@ class Ingest:
             raise Unavailable("collector shutting down; reconnect and resend what is not acked")
         if conn.run is None:
             if kind != "hello":
-                raise InvalidArgument(f"the first frame of a stream must be Hello, got "
-                                      f"{kind or 'an empty frame'}")
+                raise InvalidArgument(
+                    f"the first frame of a stream must be Hello, got {kind or 'an empty frame'}"
+                )
             if frame.hello.client_version == OPERATOR_CLIENT and self.operator is not None:
-                conn.reply(self.operator(frame.hello))         # the answer, then goodbye
+                conn.reply(self.operator(frame.hello))  # the answer, then goodbye
                 conn.finish()
                 return None
             return self._hello(conn, frame.hello)
@@ -110,8 +118,10 @@ class Ingest:
         msg = getattr(frame, kind)
         h = msg.header
         if h.run != conn.run or h.rank != conn.rank:
-            raise InvalidArgument(f"{kind} header names run {h.run!r} rank {h.rank}, but this "
-                                  f"stream said Hello as run {conn.run!r} rank {conn.rank}")
+            raise InvalidArgument(
+                f"{kind} header names run {h.run!r} rank {h.rank}, but this "
+                f"stream said Hello as run {conn.run!r} rank {conn.rank}"
+            )
         if h.seq == 0:
             raise InvalidArgument(f"{kind} has seq 0; seq counts frames from 1")
         run = self.runs[conn.run]
@@ -135,7 +145,7 @@ class Ingest:
             job = self.on_clip_ack(run.name, msg.version) if self.on_clip_ack else None
             if job is None:
                 acks.received(h.seq)
-            else:                                  # durable once its acked step is stored
+            else:  # durable once its acked step is stored
                 acks.in_job(h.seq, job)
         if acks.advance():
             self._send_ack(run, conn.rank)
@@ -146,9 +156,11 @@ class Ingest:
         if run is None:
             run = self._new_run(name, world, hello.config_json)
         elif run.world_size != world:
-            raise InvalidArgument(f"run {name!r} is live with world_size {run.world_size}; a "
-                                  f"Hello with world_size {world} cannot join it")
-        elif run.finished:                                # a rank came back: live again
+            raise InvalidArgument(
+                f"run {name!r} is live with world_size {run.world_size}; a "
+                f"Hello with world_size {world} cannot join it"
+            )
+        elif run.finished:  # a rank came back: live again
             run.finished, run.finish_job = False, None
             self.writer.submit(OpenRun(run.info))
         conn.run, conn.rank = name, rank
@@ -164,18 +176,29 @@ class Ingest:
         if len(self.runs) >= self.config.max_runs:
             idle = [r for r in self.runs.values() if r.finished and not r.conns]
             if not idle:
-                raise ResourceExhausted(f"the collector already tracks {len(self.runs)} live "
-                                        f"runs (max_runs={self.config.max_runs})")
+                raise ResourceExhausted(
+                    f"the collector already tracks {len(self.runs)} live "
+                    f"runs (max_runs={self.config.max_runs})"
+                )
             del self.runs[min(idle, key=lambda r: r.info.started_at).name]
         cfg = self.config
-        info = RunInfo(run=name, world_size=world, config_json=config_json,
-                       started_at=time.time())
+        info = RunInfo(run=name, world_size=world, config_json=config_json, started_at=time.time())
         run = self.runs[name] = Run(
-            name=name, world_size=world, info=info,
-            metrics=RunMetrics(name, max_metrics=cfg.max_metrics_per_run,
-                               max_schemas_per_rank=cfg.max_schemas_per_rank),
-            barrier=StepBarrier(world, straggler_timeout_s=cfg.straggler_timeout_s,
-                                max_pending_steps=cfg.max_pending_steps, budget=self.budget))
+            name=name,
+            world_size=world,
+            info=info,
+            metrics=RunMetrics(
+                name,
+                max_metrics=cfg.max_metrics_per_run,
+                max_schemas_per_rank=cfg.max_schemas_per_rank,
+            ),
+            barrier=StepBarrier(
+                world,
+                straggler_timeout_s=cfg.straggler_timeout_s,
+                max_pending_steps=cfg.max_pending_steps,
+                budget=self.budget,
+            ),
+        )
         self.writer.submit(OpenRun(info))
         return run
 
@@ -203,8 +226,7 @@ class Ingest:
         ids, values = self._check_chunk(run, rank, c)
         self._apply_chunk(run, rank, c, ids, values, acks, resend)
 
-    def _check_chunk(self, run: Run, rank: int, c: pb.StepChunk
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _check_chunk(self, run: Run, rank: int, c: pb.StepChunk) -> tuple[np.ndarray, np.ndarray]:
         """Every check of a chunk against its schema; changes nothing. (id map, values)"""
         step = c.header.step
         if step < 0:
@@ -212,39 +234,57 @@ class Ingest:
         ids = run.metrics.schema(rank, c.schema_id)
         nb = len(c.values)
         if nb % 4:
-            raise InvalidArgument(f"StepChunk values hold {nb} bytes, not a multiple of 4 "
-                                  f"(little-endian float32)")
+            raise InvalidArgument(
+                f"StepChunk values hold {nb} bytes, not a multiple of 4 (little-endian float32)"
+            )
         if nb > self.config.max_chunk_bytes:
-            raise InvalidArgument(f"StepChunk values hold {nb} bytes; at most "
-                                  f"{self.config.max_chunk_bytes} per chunk")
+            raise InvalidArgument(
+                f"StepChunk values hold {nb} bytes; at most {self.config.max_chunk_bytes} per chunk"
+            )
         n = nb // 4
         if c.total != ids.size:
-            raise InvalidArgument(f"StepChunk total {c.total} differs from the {ids.size} "
-                                  f"metrics of schema {c.schema_id}")
+            raise InvalidArgument(
+                f"StepChunk total {c.total} differs from the {ids.size} "
+                f"metrics of schema {c.schema_id}"
+            )
         if c.offset + n > ids.size:
-            raise InvalidArgument(f"StepChunk [{c.offset}, {c.offset + n}) lies outside schema "
-                                  f"{c.schema_id} of {ids.size} metrics")
+            raise InvalidArgument(
+                f"StepChunk [{c.offset}, {c.offset + n}) lies outside schema "
+                f"{c.schema_id} of {ids.size} metrics"
+            )
         return ids, np.frombuffer(c.values, dtype="<f4")
 
-    def _apply_chunk(self, run: Run, rank: int, c: pb.StepChunk, ids: np.ndarray,
-                     values: np.ndarray, acks: RankAcks, resend: bool) -> None:
+    def _apply_chunk(
+        self,
+        run: Run,
+        rank: int,
+        c: pb.StepChunk,
+        ids: np.ndarray,
+        values: np.ndarray,
+        acks: RankAcks,
+        resend: bool,
+    ) -> None:
         step, seq, n = c.header.step, c.header.seq, values.size
         self.counters.add("bytes", values.nbytes)
         if run.barrier.add_chunk(rank, step, c.schema_id, c.offset, ids.size, values):
             acks.in_step(seq, step)
-        elif resend:                       # the first copy is already on its way to the store
+        elif resend:  # the first copy is already on its way to the store
             acks.received(seq)
-        else:                              # a late rank: recorded raw, the reduction stands
+        else:  # a late rank: recorded raw, the reduction stands
             nbytes = n * RAW_ROW_BYTES
             self.budget.reserve(nbytes, f"late values of rank {rank} step {step}")
-            batch = ValueBatch(step=np.full(n, step, np.int64),
-                               metric_id=ids[c.offset:c.offset + n].copy(),
-                               value=values.astype(np.float32), rank=np.full(n, rank, np.int32))
+            batch = ValueBatch(
+                step=np.full(n, step, np.int64),
+                metric_id=ids[c.offset : c.offset + n].copy(),
+                value=values.astype(np.float32),
+                rank=np.full(n, rank, np.int32),
+            )
             acks.in_job(seq, self.writer.submit(WriteRaw(run.name, batch, nbytes)), step)
             self.counters.add("late_values", n)
 
-    def _chunk_ending_step(self, run: Run, rank: int, c: pb.StepChunk, acks: RankAcks,
-                           resend: bool) -> None:
+    def _chunk_ending_step(
+        self, run: Run, rank: int, c: pb.StepChunk, acks: RankAcks, resend: bool
+    ) -> None:
         """The chunk, then EndOfStep{step_values, wall_time}, under the chunk's one seq. The
         end is checked against the barrier as it will be after the chunk, before either
         applies, so a rejected frame changes nothing; a late step takes the chunk's late
@@ -253,16 +293,19 @@ class Ingest:
         step = c.header.step
         if not run.barrier.is_late(step):
             if not math.isfinite(c.wall_time):
-                raise InvalidArgument(f"StepChunk ending step {step} has wall_time "
-                                      f"{c.wall_time}; it must be finite")
+                raise InvalidArgument(
+                    f"StepChunk ending step {step} has wall_time {c.wall_time}; it must be finite"
+                )
             got = run.barrier.values_with(rank, step, c.schema_id, c.offset, values.size)
             if c.step_values != got:
-                raise InvalidArgument(f"StepChunk ending step {step} of rank {rank} counts "
-                                      f"{c.step_values} values but {got} arrived for that step, "
-                                      f"this chunk included")
+                raise InvalidArgument(
+                    f"StepChunk ending step {step} of rank {rank} counts "
+                    f"{c.step_values} values but {got} arrived for that step, "
+                    f"this chunk included"
+                )
         self._apply_chunk(run, rank, c, ids, values, acks, resend)
         if run.barrier.end_of_step(rank, step, c.step_values, c.wall_time, self.clock()):
-            self._poll(run)                # the chunk's in_step already holds its seq
+            self._poll(run)  # the chunk's in_step already holds its seq
 
     def _end_of_step(self, run: Run, rank: int, e: pb.EndOfStep, acks: RankAcks) -> None:
         step = e.header.step
@@ -286,8 +329,9 @@ class Ingest:
 
     def _submit_step(self, run: Run, ready: ReadyStep) -> None:
         id_maps = [run.id_maps[rank, sid] for rank, sid, _, _ in ready.parts]
-        job = self.writer.submit(WriteStep(run.name, ready, id_maps, run.metrics.ops,
-                                           ready_at=self.clock()))
+        job = self.writer.submit(
+            WriteStep(run.name, ready, id_maps, run.metrics.ops, ready_at=self.clock())
+        )
         for acks in run.acks.values():
             acks.step_submitted(ready.step, job)
         missing = len(ready.status.missing_ranks)
@@ -334,13 +378,16 @@ class Ingest:
         now = self.clock()
         for run in self.runs.values():
             for rank, acks in run.acks.items():
-                if (acks.max_seq > acks.acked and rank in run.conns
-                        and now - acks.sent_at >= self.config.keepalive_s):
+                if (
+                    acks.max_seq > acks.acked
+                    and rank in run.conns
+                    and now - acks.sent_at >= self.config.keepalive_s
+                ):
                     self._send_ack(run, rank)
 
     def broadcast_clip(self, run: str, update: pb.ClipUpdate) -> None:
         r = self.runs.get(run)
-        for conns in (r.conns.values() if r else ()):
+        for conns in r.conns.values() if r else ():
             for conn in conns:
                 conn.send_clip(update)
 
@@ -384,7 +431,8 @@ class Ingest:
 
     def finish_all(self) -> None:
         """Shutdown: reduce whatever is pending (incomplete) and mark every run finished."""
-        log.info("ingest seconds: receive=%.3f schemas=%.3f", self.busy_s - self.schema_s,
-                 self.schema_s)
+        log.info(
+            "ingest seconds: receive=%.3f schemas=%.3f", self.busy_s - self.schema_s, self.schema_s
+        )
         for run in self.runs.values():
             self._finish_run(run)

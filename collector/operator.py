@@ -6,6 +6,7 @@ config_json (collector/control.parse_operator_command). The collector applies it
 with one ClipUpdate - the run's clip table after the command, its version, and in `reason` a
 JSON object with the frozen sites - then ends the stream. No proto change was needed.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ class OperatorError(RuntimeError):
 @dataclass
 class ClipTable:
     version: int
-    limits: dict[tuple[int, str], float]        # inf = off
+    limits: dict[tuple[int, str], float]  # inf = off
     frozen: list[tuple[int, str]]
     observe_only: bool
 
@@ -39,20 +40,33 @@ class ClipTable:
         return "\n".join(lines) + "\n"
 
 
-def operate(target: str, run: str, op: str, items: list | None = None, *,
-            token: str | None = None, timeout_s: float = 10.0,
-            credentials: grpc.ChannelCredentials | None = None) -> ClipTable:
+def operate(
+    target: str,
+    run: str,
+    op: str,
+    items: list | None = None,
+    *,
+    token: str | None = None,
+    timeout_s: float = 10.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> ClipTable:
     """Send one command; items are [layer, site, limit] for "set", [layer, site] otherwise."""
     key = "settings" if op == "set" else "sites"
-    hello = pb.Hello(header=pb.FrameHeader(run=run, rank=0, step=-1, seq=0), world_size=1,
-                     protocol_version=1, client_version=OPERATOR_CLIENT,
-                     config_json=json.dumps({"op": op, key: [list(i) for i in items or ()]}))
-    channel = (grpc.secure_channel(target, credentials) if credentials
-               else grpc.insecure_channel(target))
+    hello = pb.Hello(
+        header=pb.FrameHeader(run=run, rank=0, step=-1, seq=0),
+        world_size=1,
+        protocol_version=1,
+        client_version=OPERATOR_CLIENT,
+        config_json=json.dumps({"op": op, key: [list(i) for i in items or ()]}),
+    )
+    channel = (
+        grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    )
     md = [("authorization", f"Bearer {token}")] if token else []
     try:
-        call = pbg.TelemetryStub(channel).Stream(iter([pb.ClientFrame(hello=hello)]),
-                                                 metadata=md, timeout=timeout_s)
+        call = pbg.TelemetryStub(channel).Stream(
+            iter([pb.ClientFrame(hello=hello)]), metadata=md, timeout=timeout_s
+        )
         for frame in call:
             if frame.HasField("clip"):
                 return _table(frame.clip)
@@ -67,7 +81,9 @@ def operate(target: str, run: str, op: str, items: list | None = None, *,
 
 def _table(update: pb.ClipUpdate) -> ClipTable:
     info = json.loads(update.reason or "{}")
-    return ClipTable(version=update.version,
-                     limits={(s.layer, s.site): s.limit for s in update.settings},
-                     frozen=[(int(l), s) for l, s in info.get("frozen", [])],
-                     observe_only=bool(info.get("observe_only", False)))
+    return ClipTable(
+        version=update.version,
+        limits={(s.layer, s.site): s.limit for s in update.settings},
+        frozen=[(int(l), s) for l, s in info.get("frozen", [])],
+        observe_only=bool(info.get("observe_only", False)),
+    )

@@ -4,6 +4,7 @@ One helper for everything that runs the collector beside something else: the dem
 integration tests, the benchmarks; and `terminate` for the other children they start. The child prints `collector listening on HOST:PORT store=URL`
 when ready; that line is the only handshake.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,19 +24,41 @@ class CollectorStartError(RuntimeError):
     pass
 
 
-def start_collector(store_url: str, *extra_args: str, host: str = "127.0.0.1",
-                    log_path: str | Path | None = None, timeout_s: float = 60.0,
-                    env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start_collector(
+    store_url: str,
+    *extra_args: str,
+    host: str = "127.0.0.1",
+    log_path: str | Path | None = None,
+    timeout_s: float = 60.0,
+    env: dict | None = None,
+) -> tuple[subprocess.Popen, str]:
     """Returns (process, "HOST:PORT"). The process's output after the ready line goes to
     log_path (or is discarded); stop it with `stop_collector`."""
-    cmd = [sys.executable, "-m", "collector", "serve", "--store", store_url, "--host", host,
-           "--port", "0", *extra_args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    cmd = [
+        sys.executable,
+        "-m",
+        "collector",
+        "serve",
+        "--store",
+        store_url,
+        "--host",
+        host,
+        "--port",
+        "0",
+        *extra_args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
     lines: list[str] = []
     found: list[str] = []
 
-    def pump() -> None:   # keep reading so the child never blocks on a full pipe
+    def pump() -> None:  # keep reading so the child never blocks on a full pipe
         sink = open(log_path, "a") if log_path else None
         try:
             for line in proc.stdout:
@@ -59,7 +82,8 @@ def start_collector(store_url: str, *extra_args: str, host: str = "127.0.0.1",
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise CollectorStartError(
-                f"collector did not become ready (exit={proc.poll()}): {''.join(lines)[-2000:]}")
+                f"collector did not become ready (exit={proc.poll()}): {''.join(lines)[-2000:]}"
+            )
         time.sleep(0.05)
     return proc, found[0]
 

@@ -22,6 +22,7 @@ gives NaN for sum, mean, max and min alike (np.maximum/np.minimum and ndarray.ma
 NaN, unlike fmax/fmin), and +inf + -inf is NaN. A blow-up on one rank must never be averaged
 away. Only ranks in `included` (they ended the step) are reduced; every part is stored raw.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,16 +36,16 @@ from store.base import RawBlock, StepStatus, ValueBatch
 OP_SUM, OP_MEAN, OP_MAX, OP_MIN = 1, 2, 3, 4
 OP_NAMES = {OP_SUM: "sum", OP_MEAN: "mean", OP_MAX: "max", OP_MIN: "min"}
 
-Part = tuple[int, np.ndarray, np.ndarray, np.ndarray]   # rank, ids_S, values_S, have_S
+Part = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # rank, ids_S, values_S, have_S
 
 
 @dataclass
 class Rows:
     """Flat per-rank rows of one step."""
 
-    metric_id: np.ndarray   # int32
-    rank: np.ndarray        # int32
-    value: np.ndarray       # float32
+    metric_id: np.ndarray  # int32
+    rank: np.ndarray  # int32
+    value: np.ndarray  # float32
 
 
 @dataclass
@@ -53,7 +54,7 @@ class StepRows:
     (whole vectors) plus flat rows (partial vectors), the reduced values and the status."""
 
     blocks: list[RawBlock]
-    rest: ValueBatch               # raw rows of partial vectors (rank set)
+    rest: ValueBatch  # raw rows of partial vectors (rank set)
     reduced: ValueBatch
     status: StepStatus
     n_raw: int = field(init=False)  # raw values over blocks and rest
@@ -70,8 +71,12 @@ class StepRows:
         def cat(key: str, dtype) -> np.ndarray:
             return np.concatenate([getattr(p, key) for p in parts]).astype(dtype, copy=False)
 
-        return ValueBatch(step=cat("step", np.int64), metric_id=cat("metric_id", np.int32),
-                          value=cat("value", np.float32), rank=cat("rank", np.int32))
+        return ValueBatch(
+            step=cat("step", np.int64),
+            metric_id=cat("metric_id", np.int32),
+            value=cat("value", np.float32),
+            rank=cat("rank", np.int32),
+        )
 
 
 def gather(parts: list[Part]) -> Rows:
@@ -84,8 +89,11 @@ def gather(parts: list[Part]) -> Rows:
         ranks.append(np.full(sel.size, rank, dtype=np.int32))
     if not ids:
         return Rows(np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.float32))
-    return Rows(np.concatenate(ids).astype(np.int32, copy=False),
-                np.concatenate(ranks), np.concatenate(vals).astype(np.float32, copy=False))
+    return Rows(
+        np.concatenate(ids).astype(np.int32, copy=False),
+        np.concatenate(ranks),
+        np.concatenate(vals).astype(np.float32, copy=False),
+    )
 
 
 class Accumulator:
@@ -102,8 +110,9 @@ class Accumulator:
 
     def _check(self, metric_id: np.ndarray) -> None:
         if metric_id.size and int(metric_id.max()) >= self.ops_M.size:
-            raise ValueError(f"metric id {int(metric_id.max())} outside the run's "
-                             f"{self.ops_M.size} metrics")
+            raise ValueError(
+                f"metric id {int(metric_id.max())} outside the run's {self.ops_M.size} metrics"
+            )
 
     def add_rows(self, metric_id: np.ndarray, value: np.ndarray) -> None:
         """Rows (metric_id[i], value[i]), ids may repeat (one row per rank)."""
@@ -116,8 +125,10 @@ class Accumulator:
             add = (op_R == OP_SUM) | (op_R == OP_MEAN)
             if add.any():
                 self.sum_M += np.bincount(metric_id[add], weights=v64[add], minlength=M)
-            for op, kernel, acc in ((OP_MAX, np.maximum, self.max_M),
-                                    (OP_MIN, np.minimum, self.min_M)):
+            for op, kernel, acc in (
+                (OP_MAX, np.maximum, self.max_M),
+                (OP_MIN, np.minimum, self.min_M),
+            ):
                 sel = op_R == op
                 if sel.any():
                     kernel.at(acc, metric_id[sel], v64[sel])
@@ -130,9 +141,12 @@ class Accumulator:
         ops_S = self.ops_M[ids_S]
         with np.errstate(invalid="ignore", over="ignore"):
             self.count_M[ids_S] += value_RS.shape[0]
-            if ((ops_S == OP_SUM) | (ops_S == OP_MEAN)).any():   # every column: cheaper than
-                self.sum_M[ids_S] += np.add.reduce(value_RS, axis=0,  # gathering the few
-                                                   dtype=np.float64)  # of one op
+            if ((ops_S == OP_SUM) | (ops_S == OP_MEAN)).any():  # every column: cheaper than
+                self.sum_M[ids_S] += np.add.reduce(
+                    value_RS,
+                    axis=0,  # gathering the few
+                    dtype=np.float64,
+                )  # of one op
             if (ops_S == OP_MAX).any():
                 self.max_M[ids_S] = np.maximum(self.max_M[ids_S], value_RS.max(axis=0))
             if (ops_S == OP_MIN).any():
@@ -148,12 +162,13 @@ class Accumulator:
             out = np.where(ops == OP_MEAN, out / np.maximum(count, 1), out)
             out = np.where(ops == OP_MAX, self.max_M[present], out)
             out = np.where(ops == OP_MIN, self.min_M[present], out)
-            vals = out.astype(np.float32)                   # beyond float32 range becomes inf
+            vals = out.astype(np.float32)  # beyond float32 range becomes inf
         return present.astype(np.int32), vals, count.astype(np.int32)
 
 
-def reduce_rows(metric_id: np.ndarray, value: np.ndarray, ops_M: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reduce_rows(
+    metric_id: np.ndarray, value: np.ndarray, ops_M: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reduce rows per metric id by ops_M[id]. Returns (ids, values f32, n_ranks i32) for every
     id that had at least one row, sorted by id. ops_M: int8 op code per metric id of the run."""
     acc = Accumulator(ops_M)
@@ -161,8 +176,9 @@ def reduce_rows(metric_id: np.ndarray, value: np.ndarray, ops_M: np.ndarray
     return acc.result()
 
 
-def reduce_step(step: int, parts: list[Part], included: set[int], ops_M: np.ndarray,
-                status: StepStatus) -> StepRows:
+def reduce_step(
+    step: int, parts: list[Part], included: set[int], ops_M: np.ndarray, status: StepStatus
+) -> StepRows:
     """Raw values of every part; reduced values over the ranks in `included` only (ranks that
     ended the step: a straggler's vector is stored raw but never reduced). Whole vectors are
     grouped by their id-map object (see the module docstring), partial ones go flat."""
@@ -177,7 +193,7 @@ def reduce_step(step: int, parts: list[Part], included: set[int], ops_M: np.ndar
     blocks = []
     for group in layouts.values():
         ranks = np.array([p[0] for p in group], dtype=np.int32)
-        value_RS = np.stack([p[2] for p in group])       # the one copy of these values
+        value_RS = np.stack([p[2] for p in group])  # the one copy of these values
         blocks.append(RawBlock(step=step, rank=ranks, metric_id=group[0][1], value=value_RS))
         keep = np.array([r in included for r in ranks.tolist()])
         acc.add_matrix(group[0][1], value_RS if keep.all() else value_RS[keep])
@@ -188,8 +204,13 @@ def reduce_step(step: int, parts: list[Part], included: set[int], ops_M: np.ndar
         keep = np.isin(rows.rank, np.fromiter(included, dtype=np.int32, count=len(included)))
         acc.add_rows(rows.metric_id[keep], rows.value[keep])
     ids, vals, n = acc.result()
-    rest = ValueBatch(step=np.full(rows.value.size, step, dtype=np.int64),
-                      metric_id=rows.metric_id, value=rows.value, rank=rows.rank)
-    reduced = ValueBatch(step=np.full(ids.size, step, dtype=np.int64), metric_id=ids,
-                         value=vals, n_ranks=n)
+    rest = ValueBatch(
+        step=np.full(rows.value.size, step, dtype=np.int64),
+        metric_id=rows.metric_id,
+        value=rows.value,
+        rank=rows.rank,
+    )
+    reduced = ValueBatch(
+        step=np.full(ids.size, step, dtype=np.int64), metric_id=ids, value=vals, n_ranks=n
+    )
     return StepRows(blocks=blocks, rest=rest, reduced=reduced, status=status)

@@ -12,6 +12,7 @@ schema is keyed by a digest of its serialized MetricDefs (hashed in C, no per-de
 digest the run has registered before maps to the same id array, and only the per-rank checks
 run. A first-time schema reads each def's fields once into columns and checks them in bulk.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,11 +30,15 @@ from store.base import RUN_NAME_RE, MetricDict
 
 PROTOCOL_VERSION = 1
 MAX_NAME_CHARS = 512
-REDUCE_CODES = {pb.REDUCE_SUM: OP_SUM, pb.REDUCE_MEAN: OP_MEAN, pb.REDUCE_MAX: OP_MAX,
-                pb.REDUCE_MIN: OP_MIN}
+REDUCE_CODES = {
+    pb.REDUCE_SUM: OP_SUM,
+    pb.REDUCE_MEAN: OP_MEAN,
+    pb.REDUCE_MAX: OP_MAX,
+    pb.REDUCE_MIN: OP_MIN,
+}
 assert all(k == v for k, v in REDUCE_CODES.items()), "reduction op codes mirror proto ReduceOp"
 
-Labels = tuple[int, int, int, str, str, int]      # layer, expert, head, stat, unit, op
+Labels = tuple[int, int, int, str, str, int]  # layer, expert, head, stat, unit, op
 
 
 def check_hello(h: pb.Hello, max_world_size: int) -> tuple[str, int, int]:
@@ -42,8 +47,10 @@ def check_hello(h: pb.Hello, max_world_size: int) -> tuple[str, int, int]:
     if not RUN_NAME_RE.match(run):
         raise InvalidArgument(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
     if h.protocol_version != PROTOCOL_VERSION:
-        raise InvalidArgument(f"protocol_version {h.protocol_version} is not supported; this "
-                              f"collector speaks {PROTOCOL_VERSION}")
+        raise InvalidArgument(
+            f"protocol_version {h.protocol_version} is not supported; this "
+            f"collector speaks {PROTOCOL_VERSION}"
+        )
     if not 1 <= h.world_size <= max_world_size:
         raise InvalidArgument(f"world_size must be in [1, {max_world_size}], got {h.world_size}")
     if not 0 <= rank < h.world_size:
@@ -53,8 +60,8 @@ def check_hello(h: pb.Hello, max_world_size: int) -> tuple[str, int, int]:
 
 @dataclass(frozen=True)
 class Schema:
-    ids: np.ndarray        # int32: schema position -> metric id (never mutated)
-    fingerprint: bytes     # digest of the serialized MetricDefs (_digest)
+    ids: np.ndarray  # int32: schema position -> metric id (never mutated)
+    fingerprint: bytes  # digest of the serialized MetricDefs (_digest)
 
 
 def _digest(defs: bytes) -> bytes:
@@ -65,8 +72,10 @@ def _digest(defs: bytes) -> bytes:
 
 def _describe(name: str, lab: Labels) -> str:
     layer, expert, head, stat, unit, op = lab
-    return (f"{name!r} (layer={layer}, expert={expert}, head={head}, stat={stat!r}, "
-            f"unit={unit!r}, reduce={OP_NAMES[op]})")
+    return (
+        f"{name!r} (layer={layer}, expert={expert}, head={head}, stat={stat!r}, "
+        f"unit={unit!r}, reduce={OP_NAMES[op]})"
+    )
 
 
 class RunMetrics:
@@ -82,8 +91,8 @@ class RunMetrics:
         # with whatever array it was handed.
         self.ops = np.zeros(0, dtype=np.int8)
         self._schemas: dict[tuple[int, int], Schema] = {}
-        self._n_schemas: dict[int, int] = {}          # schemas per rank
-        self._rank_ids: dict[int, np.ndarray] = {}    # all ids in a rank's schemas
+        self._n_schemas: dict[int, int] = {}  # schemas per rank
+        self._rank_ids: dict[int, np.ndarray] = {}  # all ids in a rank's schemas
         # digest of MetricDefs -> their id array. Sound because names and labels are never
         # removed or changed: defs that resolved once resolve to the same ids forever.
         self._layouts: dict[bytes, np.ndarray] = {}
@@ -94,8 +103,10 @@ class RunMetrics:
     def schema(self, rank: int, schema_id: int) -> np.ndarray:
         s = self._schemas.get((rank, schema_id))
         if s is None:
-            raise InvalidArgument(f"unknown schema_id {schema_id} for rank {rank} of run "
-                                  f"{self.run!r}: send its Schema frame first")
+            raise InvalidArgument(
+                f"unknown schema_id {schema_id} for rank {rank} of run "
+                f"{self.run!r}: send its Schema frame first"
+            )
         return s.ids
 
     def register_schema(self, rank: int, s: pb.Schema) -> MetricDict | None:
@@ -109,30 +120,37 @@ class RunMetrics:
         defs.ClearField("schema_id")
         return self._register(rank, s.schema_id, s.metrics, defs.SerializeToString())
 
-    def register(self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef]
-                 ) -> MetricDict | None:
+    def register(
+        self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef]
+    ) -> MetricDict | None:
         """Register a schema; returns the metric-dictionary rows it created (None if none).
         Validates everything before changing anything. Identical MetricDefs (any rank, any
         schema_id) get the same id array object. Fingerprinting copies each def into a new
         message (~0.9 ms for 1,465 defs): for a received Schema use register_schema."""
-        return self._register(rank, schema_id, metrics,
-                              pb.Schema(metrics=metrics).SerializeToString())
+        return self._register(
+            rank, schema_id, metrics, pb.Schema(metrics=metrics).SerializeToString()
+        )
 
-    def _register(self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef],
-                  defs: bytes) -> MetricDict | None:
+    def _register(
+        self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef], defs: bytes
+    ) -> MetricDict | None:
         digest = _digest(defs)
         old = self._schemas.get((rank, schema_id))
         if old is not None and old.fingerprint == digest:
-            return None                                   # a resend after reconnect
+            return None  # a resend after reconnect
         ids = self._layouts.get(digest)
         cols = None if ids is not None else _columns(schema_id, metrics)
         if old is not None:
-            raise InvalidArgument(f"schema_id {schema_id} of rank {rank} was registered with "
-                                  f"other metrics; schema ids are unique per (run, rank)")
+            raise InvalidArgument(
+                f"schema_id {schema_id} of rank {rank} was registered with "
+                f"other metrics; schema ids are unique per (run, rank)"
+            )
         n_rank = self._n_schemas.get(rank, 0)
         if n_rank >= self.max_schemas_per_rank:
-            raise ResourceExhausted(f"rank {rank} already has {n_rank} schemas "
-                                    f"(max_schemas_per_rank={self.max_schemas_per_rank})")
+            raise ResourceExhausted(
+                f"rank {rank} already has {n_rank} schemas "
+                f"(max_schemas_per_rank={self.max_schemas_per_rank})"
+            )
         new: list[int] = []
         if cols is not None:
             ids, new = self._resolve(cols)
@@ -141,8 +159,10 @@ class RunMetrics:
             clash = np.isin(ids, mine)
             if clash.any():
                 name = metrics[int(np.flatnonzero(clash)[0])].name
-                raise InvalidArgument(f"metric {name!r} is already in another schema of rank "
-                                      f"{rank}; a rank sends each metric once per step")
+                raise InvalidArgument(
+                    f"metric {name!r} is already in another schema of rank "
+                    f"{rank}; a rank sends each metric once per step"
+                )
 
         rows = None if cols is None else self._add(cols, ids, new)  # commit: nothing raises
         self._layouts.setdefault(digest, ids)
@@ -156,16 +176,25 @@ class RunMetrics:
         rejects a name declared with other labels than its registration, and too many."""
         got = list(map(self.ids.get, cols.names))
         new = [i for i, mid in enumerate(got) if mid is None]
-        bad = next((i for i, mid in enumerate(got)
-                    if mid is not None and self._labels[mid] != cols.labels[i]), None)
+        bad = next(
+            (
+                i
+                for i, mid in enumerate(got)
+                if mid is not None and self._labels[mid] != cols.labels[i]
+            ),
+            None,
+        )
         if bad is not None:
             mid = got[bad]
             raise InvalidArgument(
                 f"metric {_describe(cols.names[bad], cols.labels[bad])} conflicts with its "
-                f"registration as {_describe(cols.names[bad], self._labels[mid])}")
+                f"registration as {_describe(cols.names[bad], self._labels[mid])}"
+            )
         if len(self.ids) + len(new) > self.max_metrics:
-            raise ResourceExhausted(f"run {self.run!r} would have {len(self.ids) + len(new)} "
-                                    f"metrics (max_metrics_per_run={self.max_metrics})")
+            raise ResourceExhausted(
+                f"run {self.run!r} would have {len(self.ids) + len(new)} "
+                f"metrics (max_metrics_per_run={self.max_metrics})"
+            )
         ids = np.array([-1 if mid is None else mid for mid in got], dtype=np.int32)
         return ids, new
 
@@ -184,9 +213,15 @@ class RunMetrics:
         layer, expert, head, stat, unit, op = zip(*lab)
         self.ops = np.concatenate([self.ops, np.array(op, np.int8)])
         return MetricDict(
-            metric_id=fresh, name=names, layer=np.array(layer, np.int32),
-            expert=np.array(expert, np.int32), head=np.array(head, np.int32),
-            stat=list(stat), unit=list(unit), reduce=[OP_NAMES[x] for x in op])
+            metric_id=fresh,
+            name=names,
+            layer=np.array(layer, np.int32),
+            expert=np.array(expert, np.int32),
+            head=np.array(head, np.int32),
+            stat=list(stat),
+            unit=list(unit),
+            reduce=[OP_NAMES[x] for x in op],
+        )
 
 
 @dataclass(frozen=True)
@@ -202,8 +237,12 @@ def _columns(schema_id: int, metrics: Sequence[pb.MetricDef]) -> _Columns:
         raise InvalidArgument(f"schema {schema_id} has no metrics")
     names, layer, expert, head, stat, unit, reduce = zip(*map(_FIELDS, metrics))
     n_chars = list(map(len, names))
-    if not (set(reduce) <= REDUCE_CODES.keys() and min(n_chars) >= 1
-            and max(n_chars) <= MAX_NAME_CHARS and min(*layer, *expert, *head) >= -1):
+    if not (
+        set(reduce) <= REDUCE_CODES.keys()
+        and min(n_chars) >= 1
+        and max(n_chars) <= MAX_NAME_CHARS
+        and min(*layer, *expert, *head) >= -1
+    ):
         for i, m in enumerate(metrics):
             _check_def(schema_id, i, m)
     if len(set(names)) != len(names):
@@ -220,10 +259,13 @@ _FIELDS = operator.attrgetter("name", "layer", "expert", "head", "stat", "unit",
 def _check_def(schema_id: int, i: int, m: pb.MetricDef) -> None:
     """InvalidArgument if def i is bad: the per-def checks, run once the bulk check failed."""
     if m.reduce not in REDUCE_CODES:
-        raise InvalidArgument(f"metric {i} ({m.name!r}) of schema {schema_id} has "
-                              f"reduce op {m.reduce}: declare sum, mean, max or min")
+        raise InvalidArgument(
+            f"metric {i} ({m.name!r}) of schema {schema_id} has "
+            f"reduce op {m.reduce}: declare sum, mean, max or min"
+        )
     if not m.name or len(m.name) > MAX_NAME_CHARS:
-        raise InvalidArgument(f"metric {i} of schema {schema_id}: name must have 1.."
-                              f"{MAX_NAME_CHARS} characters")
+        raise InvalidArgument(
+            f"metric {i} of schema {schema_id}: name must have 1..{MAX_NAME_CHARS} characters"
+        )
     if min(m.layer, m.expert, m.head) < -1:
         raise InvalidArgument(f"metric {m.name!r}: layer/expert/head must be >= -1")

@@ -10,6 +10,7 @@ The closed loop: a reduced step -> detectors -> clip policy -> push_clip -> ever
 the latency from the step leaving the barrier (its last frame arrived) to the update being
 written to a stream is measured per version (`clip_latency_ms`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,14 @@ from collector.config import CollectorConfig
 from collector.conn import Conn
 from collector.control import ClipAckRecord, ClipBoard, parse_operator_command
 from collector.detect import Detect
-from collector.errors import (REJECTED, CollectorError, InvalidArgument, Unauthenticated,
-                              Unavailable, status_of)
+from collector.errors import (
+    REJECTED,
+    CollectorError,
+    InvalidArgument,
+    Unauthenticated,
+    Unavailable,
+    status_of,
+)
 from collector.ingest import Ingest
 from collector.stats import Counters
 from collector.writer import WriteClips, Writer
@@ -51,10 +58,12 @@ def _deny_like(handler: grpc.RpcMethodHandler, exc: CollectorError) -> grpc.RpcM
     async def deny(request, context):
         await context.abort(code, message)
 
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
-             (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler,
-             (True, True): grpc.stream_stream_rpc_method_handler}
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     return kinds[(handler.request_streaming, handler.response_streaming)](deny)
 
 
@@ -74,14 +83,22 @@ class _TokenAuth(aio.ServerInterceptor):
         if hmac.compare_digest(got, self._expected):
             return handler
         self._counters.add("auth_failures")
-        return _deny_like(handler, Unauthenticated(
-            "missing or wrong token: send metadata 'authorization: Bearer <token>'"))
+        return _deny_like(
+            handler,
+            Unauthenticated(
+                "missing or wrong token: send metadata 'authorization: Bearer <token>'"
+            ),
+        )
 
 
 # ---- the servicer ----------------------------------------------------------------------------
 class TelemetryServicer(pbg.TelemetryServicer):
-    def __init__(self, ingest: Ingest, counters: Counters,
-                 on_clip_sent: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        ingest: Ingest,
+        counters: Counters,
+        on_clip_sent: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.ingest = ingest
         self.counters = counters
         self.on_clip_sent = on_clip_sent
@@ -117,11 +134,12 @@ class TelemetryServicer(pbg.TelemetryServicer):
             raise
         except REJECTED as exc:
             self.counters.add("frames_rejected")
-            log.info("rejected a frame from %s (run=%s rank=%s): %s", conn.peer, conn.run,
-                     conn.rank, exc)
+            log.info(
+                "rejected a frame from %s (run=%s rank=%s): %s", conn.peer, conn.run, conn.rank, exc
+            )
             conn.fail(exc)
             return
-        except Exception as exc:       # a bug or a broken transport: this stream only
+        except Exception as exc:  # a bug or a broken transport: this stream only
             if context.done() or context.cancelled():
                 return
             self.counters.add("frames_rejected")
@@ -146,33 +164,49 @@ class Collector:
         self.counters = Counters()
         self.clips = ClipBoard()
         self.budget = ByteBudget(self.config.max_pending_bytes)
-        self.detect = (Detect(store, self._push, self.counters,
-                              observe_only=self.config.observe_only)
-                       if self.config.detect else None)
+        self.detect = (
+            Detect(store, self._push, self.counters, observe_only=self.config.observe_only)
+            if self.config.detect
+            else None
+        )
         self._latency_lock = threading.Lock()
-        self._clip_origin: dict[tuple[str, int], float] = {}     # (run, version) -> t0
-        self._clip_latency: dict[tuple[str, int], float] = {}    # (run, version) -> ms
+        self._clip_origin: dict[tuple[str, int], float] = {}  # (run, version) -> t0
+        self._clip_latency: dict[tuple[str, int], float] = {}  # (run, version) -> ms
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
-        self.writer = Writer(store, flush_interval_s=self.config.flush_interval_s,
-                             flush_every_steps=self.config.flush_every_steps,
-                             on_flushed=self._flushed, release=self.budget.release,
-                             counters=self.counters, observer=self.detect)
-        self.ingest = Ingest(self.config, self.writer, self.budget, self.clips, self.counters,
-                             on_clip_ack=self._clip_acked, operator=self._operator)
+        self.writer = Writer(
+            store,
+            flush_interval_s=self.config.flush_interval_s,
+            flush_every_steps=self.config.flush_every_steps,
+            on_flushed=self._flushed,
+            release=self.budget.release,
+            counters=self.counters,
+            observer=self.detect,
+        )
+        self.ingest = Ingest(
+            self.config,
+            self.writer,
+            self.budget,
+            self.clips,
+            self.counters,
+            on_clip_ack=self._clip_acked,
+            operator=self._operator,
+        )
         self.port = 0
 
     # lifecycle
-    def start(self, host: str = "127.0.0.1", port: int = 0,
-              tls: tuple[bytes, bytes] | None = None) -> int:
+    def start(
+        self, host: str = "127.0.0.1", port: int = 0, tls: tuple[bytes, bytes] | None = None
+    ) -> int:
         """Listen on host:port (0 = any free port); tls = (cert_pem, key_pem)."""
         if self._loop is not None:
             raise RuntimeError("collector already started")
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="collector-loop",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="collector-loop", daemon=True
+        )
         self._thread.start()
         self.writer.start()
         fut = asyncio.run_coroutine_threadsafe(self._serve(host, port, tls), self._loop)
@@ -188,13 +222,18 @@ class Collector:
         interceptors = [_TokenAuth(self.config.token, self.counters)] if self.config.token else []
         limit = self.config.max_message_bytes
         self._server = aio.server(
-            interceptors=interceptors, maximum_concurrent_rpcs=self.config.max_streams,
-            options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", limit),
-                     ("grpc.so_reuseport", 0)])     # a taken port is an error, not shared
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=self.config.max_streams,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )  # a taken port is an error, not shared
         pbg.add_TelemetryServicer_to_server(
             TelemetryServicer(self.ingest, self.counters, on_clip_sent=self._clip_sent),
-            self._server)
+            self._server,
+        )
         address = f"{host}:{port}"
         try:
             if tls:
@@ -202,14 +241,14 @@ class Collector:
                 bound = self._server.add_secure_port(address, creds)
             else:
                 bound = self._server.add_insecure_port(address)
-        except RuntimeError as exc:                 # grpc's "Failed to bind"
+        except RuntimeError as exc:  # grpc's "Failed to bind"
             raise OSError(f"could not listen on {address} (port taken?): {exc}") from None
         await self._server.start()
-        self._tasks = [asyncio.create_task(self._every(self.config.tick_s, self.ingest.tick)),
-                       asyncio.create_task(self._every(self.config.keepalive_s,
-                                                       self.ingest.keepalive)),
-                       asyncio.create_task(self._every(self.config.stats_log_interval_s,
-                                                       self._log_stats))]
+        self._tasks = [
+            asyncio.create_task(self._every(self.config.tick_s, self.ingest.tick)),
+            asyncio.create_task(self._every(self.config.keepalive_s, self.ingest.keepalive)),
+            asyncio.create_task(self._every(self.config.stats_log_interval_s, self._log_stats)),
+        ]
         return bound
 
     @staticmethod
@@ -218,7 +257,7 @@ class Collector:
             await asyncio.sleep(period)
             try:
                 fn()
-            except Exception:                       # never let a periodic job die silently
+            except Exception:  # never let a periodic job die silently
                 log.exception("periodic %s failed", getattr(fn, "__name__", fn))
 
     def stop(self) -> None:
@@ -230,7 +269,7 @@ class Collector:
             return
         self._on_loop(self._begin_shutdown)
         try:
-            self.writer.close()            # applies every job, flushes; acks queue on the loop
+            self.writer.close()  # applies every job, flushes; acks queue on the loop
         except Exception:
             log.exception("collector stop: the writer failed to close")
         self._on_loop(self._end_shutdown)
@@ -245,21 +284,23 @@ class Collector:
         try:
             if self._loop is not None and self._loop.is_running():
                 asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(
-                    self.config.stop_grace_s + 30)
+                    self.config.stop_grace_s + 30
+                )
         except Exception:
             log.exception("collector stop: %s failed", coro_fn.__name__)
 
     async def _begin_shutdown(self) -> None:
         for t in self._tasks:
             t.cancel()
-        if self._server is not None:       # refuses new RPCs at once; waits for open ones
+        if self._server is not None:  # refuses new RPCs at once; waits for open ones
             self._tasks = [asyncio.create_task(self._server.stop(self.config.stop_grace_s))]
         self.ingest.stopping = True
         self.ingest.finish_all()
 
     async def _end_shutdown(self) -> None:
-        self.ingest.end_streams(Unavailable("collector shutting down; reconnect and resend "
-                                            "what is not acked"))
+        self.ingest.end_streams(
+            Unavailable("collector shutting down; reconnect and resend what is not acked")
+        )
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _flushed(self, through_job: int, failed: set[int]) -> None:
@@ -269,22 +310,22 @@ class Collector:
             with contextlib.suppress(RuntimeError):  # loop closing during shutdown
                 loop.call_soon_threadsafe(self.ingest.on_flushed, through_job, failed)
 
-    def __enter__(self) -> "Collector":
+    def __enter__(self) -> Collector:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     # control plane and introspection (any thread)
-    def push_clip(self, run: str, settings: Iterable[tuple[int, str, float]],
-                  reason: str = "operator") -> int:
+    def push_clip(
+        self, run: str, settings: Iterable[tuple[int, str, float]], reason: str = "operator"
+    ) -> int:
         """Merge (layer, site, limit) settings into the run's clip table and send the new
         version down every connected rank's stream (ranks connecting later get it on Hello).
         The update is stored (store.clips) with its reason. Returns the version."""
         return self._push(run, list(settings), reason, 0, None)
 
-    def _push(self, run: str, settings: list, reason: str, step: int,
-              origin: float | None) -> int:
+    def _push(self, run: str, settings: list, reason: str, step: int, origin: float | None) -> int:
         update = self.clips.push(run, settings, reason, step)
         self.counters.add("clip_updates")
         if origin is not None:
@@ -301,8 +342,18 @@ class Collector:
         if change is None:
             return []
         settings, reason, step, acked = change
-        return [ClipRecord(version=version, step=step, layer=layer, site=site, limit=limit,
-                           reason=reason, acked_step=acked) for layer, site, limit in settings]
+        return [
+            ClipRecord(
+                version=version,
+                step=step,
+                layer=layer,
+                site=site,
+                limit=limit,
+                reason=reason,
+                acked_step=acked,
+            )
+            for layer, site, limit in settings
+        ]
 
     def _clip_acked(self, run: str, version: int) -> int | None:
         """Event loop: a rank acknowledged; the version's rows are stored again with the
@@ -321,8 +372,12 @@ class Collector:
                 return
             ms = (now - t0) * 1000.0
             self._clip_latency[(run, version)] = ms
-        log.info("run %s: clip update v%d on the wire %.1f ms after its step's last frame "
-                 "arrived", run, version, ms)
+        log.info(
+            "run %s: clip update v%d on the wire %.1f ms after its step's last frame arrived",
+            run,
+            version,
+            ms,
+        )
 
     def clip_latency_ms(self, run: str) -> dict[int, float]:
         """version -> ms from the step that caused it leaving the barrier (its last frame
@@ -341,17 +396,30 @@ class Collector:
         if op == "set":
             self._push(run, items, "operator set", self._last_step(run), None)
         elif op == "clear":
-            self._push(run, [(l, s, math.inf) for l, s in items], "operator clear",
-                       self._last_step(run), None)
+            self._push(
+                run,
+                [(l, s, math.inf) for l, s in items],
+                "operator clear",
+                self._last_step(run),
+                None,
+            )
         frozen = self.detect.operator(run, op, items) if self.detect else []
         self.counters.add("operator_commands")
         log.info("operator %s on run %s: %s", op, run, items)
         version, table = self.clips.table(run)
-        return pb.ClipUpdate(version=version, reason=json.dumps(
-            {"op": op, "frozen": [list(k) for k in frozen],
-             "observe_only": self.config.observe_only}),
-            settings=[pb.ClipSetting(layer=l, site=s, limit=v)
-                      for (l, s), v in sorted(table.items())])
+        return pb.ClipUpdate(
+            version=version,
+            reason=json.dumps(
+                {
+                    "op": op,
+                    "frozen": [list(k) for k in frozen],
+                    "observe_only": self.config.observe_only,
+                }
+            ),
+            settings=[
+                pb.ClipSetting(layer=l, site=s, limit=v) for (l, s), v in sorted(table.items())
+            ],
+        )
 
     def _last_step(self, run: str) -> int:
         r = self.ingest.runs.get(run)
@@ -375,9 +443,15 @@ class Collector:
 
 
 # ---- serve -----------------------------------------------------------------------------------
-def serve(store_url: str, *, host: str = "127.0.0.1", port: int = 0,
-          config: CollectorConfig | None = None, tls_cert: str | None = None,
-          tls_key: str | None = None) -> int:
+def serve(
+    store_url: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    config: CollectorConfig | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT; prints `collector listening on HOST:PORT store=URL` (flushed)
     once ready. Returns the exit status: 0 after a clean stop with everything flushed."""
     import signal

@@ -3,27 +3,36 @@
 Several threads bump them (the event loop ingests, the writer thread writes); one lock keeps
 the increments exact. A counter is a name in COUNTERS so a typo fails loudly in tests.
 """
+
 from __future__ import annotations
 
 import threading
 
 COUNTERS = (
-    "streams_opened", "streams_closed",
-    "frames", "bytes",                        # every frame received, and its value bytes
-    "frames_duplicate",                       # seq <= acked: ignored and acked again
-    "frames_rejected",                        # refused with a gRPC status
-    "auth_failures",                          # RPCs refused UNAUTHENTICATED
-    "schemas_registered", "metrics_registered",
-    "steps_reduced", "steps_incomplete",      # incomplete = reduced without every rank
-    "stragglers",                             # (step, rank) pairs left out of a reduction
-    "late_values",                            # values of already reduced steps, raw only
-    "values_written", "flushes", "acks_sent",
-    "store_errors",                           # store writes or flushes that raised
-    "clip_updates", "clip_acks",
-    "events",                                 # detector events raised online
-    "clip_decisions_observed",                # clip decisions not sent (observe-only)
-    "clip_push_errors", "observer_errors",    # detection/control failures (logged)
-    "operator_commands",                      # operator clip commands applied
+    "streams_opened",
+    "streams_closed",
+    "frames",
+    "bytes",  # every frame received, and its value bytes
+    "frames_duplicate",  # seq <= acked: ignored and acked again
+    "frames_rejected",  # refused with a gRPC status
+    "auth_failures",  # RPCs refused UNAUTHENTICATED
+    "schemas_registered",
+    "metrics_registered",
+    "steps_reduced",
+    "steps_incomplete",  # incomplete = reduced without every rank
+    "stragglers",  # (step, rank) pairs left out of a reduction
+    "late_values",  # values of already reduced steps, raw only
+    "values_written",
+    "flushes",
+    "acks_sent",
+    "store_errors",  # store writes or flushes that raised
+    "clip_updates",
+    "clip_acks",
+    "events",  # detector events raised online
+    "clip_decisions_observed",  # clip decisions not sent (observe-only)
+    "clip_push_errors",
+    "observer_errors",  # detection/control failures (logged)
+    "operator_commands",  # operator clip commands applied
 )
 
 

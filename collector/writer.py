@@ -18,6 +18,7 @@ An optional observer (detect.py: the online detectors) sees every new metric-dic
 and every reduced step, once each, in job order, right after the job was applied; its errors
 are logged and never fail the job.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,7 @@ from collector.stats import Counters
 from store.base import ClipRecord, MetricDict, NotFound, RunInfo, Store, ValueBatch
 
 log = logging.getLogger(__name__)
-ATTEMPTS = 3             # a job is tried this often before it is reported failed
+ATTEMPTS = 3  # a job is tried this often before it is reported failed
 _STOP = object()
 
 
@@ -94,10 +95,10 @@ class WriteStep:
 
     run: str
     ready: ReadyStep
-    id_maps: list[np.ndarray]      # per ready.parts entry: schema position -> metric id
-    ops_M: np.ndarray              # op code per metric id, as registered when it was ready
-    ready_at: float = 0.0          # monotonic clock when the barrier released the step
-    rows: StepRows | None = None   # the reduction, computed once (retries reuse it)
+    id_maps: list[np.ndarray]  # per ready.parts entry: schema position -> metric id
+    ops_M: np.ndarray  # op code per metric id, as registered when it was ready
+    ready_at: float = 0.0  # monotonic clock when the barrier released the step
+    rows: StepRows | None = None  # the reduction, computed once (retries reuse it)
 
     @property
     def nbytes(self) -> int:
@@ -105,11 +106,13 @@ class WriteStep:
 
     def reduce(self) -> StepRows:
         if self.rows is None:
-            parts = [(rank, ids, v, h)
-                     for (rank, _, v, h), ids in zip(self.ready.parts, self.id_maps)]
-            self.rows = reduce_step(self.ready.step, parts, self.ready.included, self.ops_M,
-                                    self.ready.status)
-            self.ready.parts, self.id_maps = [], []   # copied into rows: free the vectors now
+            parts = [
+                (rank, ids, v, h) for (rank, _, v, h), ids in zip(self.ready.parts, self.id_maps)
+            ]
+            self.rows = reduce_step(
+                self.ready.step, parts, self.ready.included, self.ops_M, self.ready.status
+            )
+            self.ready.parts, self.id_maps = [], []  # copied into rows: free the vectors now
         return self.rows
 
     def apply(self, store: Store) -> int:
@@ -139,17 +142,26 @@ class WriteClips:
     def apply(self, store: Store) -> int:
         try:
             store.write_clips(self.run, self.records)
-        except NotFound:      # an operator's update for a run the store has not seen: sent,
-            log.warning("clip update for run %r not stored: the store has no such run",
-                        self.run)                  # not recorded (retrying cannot help)
+        except NotFound:  # an operator's update for a run the store has not seen: sent,
+            log.warning(
+                "clip update for run %r not stored: the store has no such run", self.run
+            )  # not recorded (retrying cannot help)
         return 0
 
 
 # ---- the stage -------------------------------------------------------------------------------
 class Writer:
-    def __init__(self, store: Store, *, flush_interval_s: float, flush_every_steps: int,
-                 on_flushed: Callable[[int, set[int]], None], release: Callable[[int], None],
-                 counters: Counters, observer=None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        flush_interval_s: float,
+        flush_every_steps: int,
+        on_flushed: Callable[[int, set[int]], None],
+        release: Callable[[int], None],
+        counters: Counters,
+        observer=None,
+    ) -> None:
         self.store = store
         self.observer = observer
         self.flush_interval_s = flush_interval_s
@@ -157,14 +169,14 @@ class Writer:
         self._on_flushed = on_flushed
         self._release = release
         self._counters = counters
-        self._queue: queue.Queue = queue.Queue()     # bounded by the ByteBudget, not by count
+        self._queue: queue.Queue = queue.Queue()  # bounded by the ByteBudget, not by count
         self._next_id = 0
         self._id_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="collector-writer", daemon=True)
-        self._applied = 0             # highest job id applied (writer thread only)
+        self._applied = 0  # highest job id applied (writer thread only)
         self._failed: set[int] = set()
         self._dirty = False
-        self._steps = 0               # step jobs applied since the last flush
+        self._steps = 0  # step jobs applied since the last flush
         self._last_flush = float("-inf")
         self.stage_s = dict.fromkeys(("reduce", "write", "dictionary", "detect", "flush"), 0.0)
 
@@ -183,8 +195,9 @@ class Writer:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
-        log.info("writer stage seconds: %s",
-                 " ".join(f"{k}={v:.3f}" for k, v in self.stage_s.items()))
+        log.info(
+            "writer stage seconds: %s", " ".join(f"{k}={v:.3f}" for k, v in self.stage_s.items())
+        )
 
     @property
     def backlog(self) -> int:
@@ -218,16 +231,21 @@ class Writer:
                     t1 = time.thread_time()
                     n = job.apply(self.store)
                     self.stage_s["reduce"] += t1 - t0
-                    self.stage_s["write" if isinstance(job, (WriteStep, WriteRaw))
-                                 else "dictionary"] += time.thread_time() - t1
+                    self.stage_s[
+                        "write" if isinstance(job, (WriteStep, WriteRaw)) else "dictionary"
+                    ] += time.thread_time() - t1
                     self._counters.add("values_written", n)
                     break
-                except Exception:                     # never let the store kill the stage
+                except Exception:  # never let the store kill the stage
                     self._counters.add("store_errors")
-                    log.exception("store write failed: %s (attempt %d/%d)",
-                                  type(job).__name__, attempt + 1, ATTEMPTS)
+                    log.exception(
+                        "store write failed: %s (attempt %d/%d)",
+                        type(job).__name__,
+                        attempt + 1,
+                        ATTEMPTS,
+                    )
                     if attempt + 1 < ATTEMPTS:
-                        time.sleep(0.05 * 2 ** attempt)
+                        time.sleep(0.05 * 2**attempt)
             else:
                 self._failed.add(job_id)
             t0 = time.thread_time()
@@ -246,7 +264,7 @@ class Writer:
             return
         try:
             notify(self.observer)
-        except Exception:                             # detection never fails a write
+        except Exception:  # detection never fails a write
             self._counters.add("observer_errors")
             log.exception("observer failed on %s", type(job).__name__)
 
@@ -260,8 +278,10 @@ class Writer:
             self.stage_s["flush"] += time.thread_time() - t0
         except Exception:
             self._counters.add("store_errors")
-            log.exception("store flush failed; retrying in %.2fs, nothing is acked meanwhile",
-                          self.flush_interval_s)
+            log.exception(
+                "store flush failed; retrying in %.2fs, nothing is acked meanwhile",
+                self.flush_interval_s,
+            )
             return
         self._counters.add("flushes")
         through, failed = self._applied, self._failed

@@ -4,6 +4,7 @@ Reads top to bottom: store URL, sidebar (runs, view), then the page body as one 
 re-runs by itself while a selected run is live (or replay is playing) - the sidebar, the user's
 run selection and every widget's state stay as they are; only the body redraws.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ from dashboard.panels import compare, events, explorer, heatmaps, replay
 from dashboard.panels import runs as runs_panel
 from store import StoreError
 
-LIVE_REFRESH_S = 2.0       # body refresh while a selected run is live
-PLAY_TICK_S = 0.5          # one replay step (of `speed` steps) per tick while playing
+LIVE_REFRESH_S = 2.0  # body refresh while a selected run is live
+PLAY_TICK_S = 0.5  # one replay step (of `speed` steps) per tick while playing
 VIEWS = ("Replay", "Compare", "Explorer")
 
 
@@ -35,8 +36,10 @@ def store_url() -> str:
 st.set_page_config(page_title="stepwatch", page_icon="📈", layout="wide")
 URL = store_url()
 if not URL:
-    st.error("no store given: run `python -m dashboard --store URL` "
-             "(parquet:DIR or clickhouse://...) or set STEPWATCH_STORE")
+    st.error(
+        "no store given: run `python -m dashboard --store URL` "
+        "(parquet:DIR or clickhouse://...) or set STEPWATCH_STORE"
+    )
     st.stop()
 
 # ---------------------------------------------------------------- sidebar
@@ -50,12 +53,11 @@ rows = {r["run"]: r for r in all_runs.iter_rows(named=True)}
 with st.sidebar:
     st.title("stepwatch")
     st.caption(f"store: `{reads.display_url(URL)}`")
-    names = list(reversed(list(rows)))                 # newest first
-    if "runs" not in ss:                               # ?run=a&run=b links pick runs
+    names = list(reversed(list(rows)))  # newest first
+    if "runs" not in ss:  # ?run=a&run=b links pick runs
         ss.runs = [r for r in st.query_params.get_all("run") if r in rows] or names[:1]
     ss.runs = [r for r in ss.runs if r in rows]
-    st.multiselect("runs", names, key="runs",
-                   format_func=lambda r: runs_panel.label(rows[r]))
+    st.multiselect("runs", names, key="runs", format_func=lambda r: runs_panel.label(rows[r]))
     st.radio("view", VIEWS, key="view")
     st.button("↻ refresh runs list", key="refresh")
     selected: list[str] = list(ss.runs)
@@ -71,7 +73,7 @@ def wanted_interval() -> float | None:
         return PLAY_TICK_S
     try:
         runs = reads.runs(URL)
-    except StoreError:                     # shown by the body; keep refreshing to recover
+    except StoreError:  # shown by the body; keep refreshing to recover
         return LIVE_REFRESH_S
     live = runs.filter(pl.col("run").is_in(selected), pl.col("status") == "live")
     return LIVE_REFRESH_S if live.height else None
@@ -116,7 +118,7 @@ def body() -> None:
                 explorer.explorer(URL, run, row, ss.get("replay_step"))
     except StoreError as e:
         st.error(f"store error: {e}")
-    if wanted_interval() != RUN_EVERY:    # live started/ended, play toggled: re-arm the timer
+    if wanted_interval() != RUN_EVERY:  # live started/ended, play toggled: re-arm the timer
         st.rerun()
 
 

@@ -4,6 +4,7 @@ Unit-tested without a browser: min/max downsampling (a spike is never averaged a
 alignment for comparisons, metric search by glob and labels, and the normalization of the
 event and clip-update tables. Heatmap cells live in experts.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,20 +13,34 @@ import polars as pl
 
 from store.columns import glob_to_regex
 
-MAX_POINTS = 2000          # points per drawn series: two per bucket, ~one per screen pixel
-EVENT_COLUMNS = {"step": pl.Int64, "kind": pl.Utf8, "site": pl.Utf8, "severity": pl.Utf8,
-                 "value": pl.Float64, "threshold": pl.Float64, "onset_step": pl.Int64,
-                 "detail": pl.Utf8}
-CLIP_COLUMNS = {"version": pl.Int64, "step": pl.Int64, "layer": pl.Int32, "site": pl.Utf8,
-                "limit": pl.Float32, "reason": pl.Utf8, "acked_step": pl.Int64}
+MAX_POINTS = 2000  # points per drawn series: two per bucket, ~one per screen pixel
+EVENT_COLUMNS = {
+    "step": pl.Int64,
+    "kind": pl.Utf8,
+    "site": pl.Utf8,
+    "severity": pl.Utf8,
+    "value": pl.Float64,
+    "threshold": pl.Float64,
+    "onset_step": pl.Int64,
+    "detail": pl.Utf8,
+}
+CLIP_COLUMNS = {
+    "version": pl.Int64,
+    "step": pl.Int64,
+    "layer": pl.Int32,
+    "site": pl.Utf8,
+    "limit": pl.Float32,
+    "reason": pl.Utf8,
+    "acked_step": pl.Int64,
+}
 
 
 # ---- downsampling ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Downsampled:
-    frame: pl.DataFrame    # the rows to draw, sorted by step, a subset of the input rows
-    n_in: int              # rows before downsampling
-    width: int             # steps per bucket; 1 = nothing was dropped
+    frame: pl.DataFrame  # the rows to draw, sorted by step, a subset of the input rows
+    n_in: int  # rows before downsampling
+    width: int  # steps per bucket; 1 = nothing was dropped
 
     @property
     def downsampled(self) -> bool:
@@ -34,19 +49,27 @@ class Downsampled:
     def caption(self) -> str:
         if not self.downsampled:
             return f"{self.n_in:,} points (all shown)"
-        return (f"downsampled for display: {self.n_in:,} points → {self.frame.height:,} "
-                f"(min and max of every {self.width:,} steps, so spikes stay visible)")
+        return (
+            f"downsampled for display: {self.n_in:,} points → {self.frame.height:,} "
+            f"(min and max of every {self.width:,} steps, so spikes stay visible)"
+        )
 
 
 def bucket_width(lo: int, hi: int, max_points: int = MAX_POINTS) -> int:
     """Steps per bucket so that [lo, hi] fits in max_points // 2 buckets (two points each)."""
     buckets = max(1, max_points // 2)
-    return max(1, -(-(hi - lo + 1) // buckets))      # ceil division
+    return max(1, -(-(hi - lo + 1) // buckets))  # ceil division
 
 
-def downsample_minmax(df: pl.DataFrame, max_points: int = MAX_POINTS, *, x: str = "step",
-                      y: str = "value", lo: int | None = None,
-                      width: int | None = None) -> Downsampled:
+def downsample_minmax(
+    df: pl.DataFrame,
+    max_points: int = MAX_POINTS,
+    *,
+    x: str = "step",
+    y: str = "value",
+    lo: int | None = None,
+    width: int | None = None,
+) -> Downsampled:
     """Keep, per bucket of `width` steps starting at `lo`, the row with the minimum and the row
     with the maximum `y` (an inf is a maximum); NaN rows are always kept, since a non-finite
     value is the most important point of a curve. Passing the same lo/width for several series
@@ -63,18 +86,23 @@ def downsample_minmax(df: pl.DataFrame, max_points: int = MAX_POINTS, *, x: str 
     width = bucket_width(lo, int(df[x][-1]), max_points) if width is None else width
     idx = df.with_row_index("_i")
     nan = pl.col(y).is_nan()
-    picks = (idx.filter(~nan)
-             .group_by((pl.col(x) - lo) // width)
-             .agg(pl.col("_i").get(pl.col(y).arg_min()).alias("a"),
-                  pl.col("_i").get(pl.col(y).arg_max()).alias("b")))
+    picks = (
+        idx.filter(~nan)
+        .group_by((pl.col(x) - lo) // width)
+        .agg(
+            pl.col("_i").get(pl.col(y).arg_min()).alias("a"),
+            pl.col("_i").get(pl.col(y).arg_max()).alias("b"),
+        )
+    )
     keep = pl.concat([picks["a"], picks["b"], idx.filter(nan)["_i"]]).unique()
     out = idx.filter(pl.col("_i").is_in(keep.implode())).drop("_i")
     return Downsampled(out, n, width)
 
 
 # ---- several runs, metric search -----------------------------------------------------------
-def align_runs(series: dict[str, pl.DataFrame], max_points: int = MAX_POINTS
-               ) -> tuple[pl.DataFrame, list[Downsampled]]:
+def align_runs(
+    series: dict[str, pl.DataFrame], max_points: int = MAX_POINTS
+) -> tuple[pl.DataFrame, list[Downsampled]]:
     """Long frame (run, step, value) of several runs on one step axis, each run downsampled on
     a shared bucket grid so that bucket k means the same steps for every run."""
     frames = {r: df for r, df in series.items() if df.height}
@@ -91,13 +119,13 @@ def align_runs(series: dict[str, pl.DataFrame], max_points: int = MAX_POINTS
     return pl.concat(parts), notes
 
 
-def filter_metrics(dictionary: pl.DataFrame, pattern: str, *, layers=(), experts=(), heads=(),
-                   stats=()) -> pl.DataFrame:
+def filter_metrics(
+    dictionary: pl.DataFrame, pattern: str, *, layers=(), experts=(), heads=(), stats=()
+) -> pl.DataFrame:
     """Dictionary rows whose name matches the glob `pattern` (the store's glob semantics) and
     whose labels are in the given sets (an empty set does not filter). Never builds a query."""
     df = dictionary.filter(pl.col("name").str.contains(glob_to_regex(pattern or "*")))
-    for col, allowed in (("layer", layers), ("expert", experts), ("head", heads),
-                         ("stat", stats)):
+    for col, allowed in (("layer", layers), ("expert", experts), ("head", heads), ("stat", stats)):
         if allowed:
             df = df.filter(pl.col(col).is_in(list(allowed)))
     return df.sort("name")
@@ -108,8 +136,12 @@ def _conform(df: pl.DataFrame | None, schema: dict) -> pl.DataFrame:
     """Any frame (or None) -> exactly `schema`'s columns; missing ones become nulls."""
     if df is None or df.height == 0:
         return pl.DataFrame(schema=schema)
-    return df.select([pl.col(c).cast(t, strict=False) if c in df.columns
-                      else pl.lit(None, dtype=t).alias(c) for c, t in schema.items()])
+    return df.select(
+        [
+            pl.col(c).cast(t, strict=False) if c in df.columns else pl.lit(None, dtype=t).alias(c)
+            for c, t in schema.items()
+        ]
+    )
 
 
 def normalize_events(df: pl.DataFrame | None) -> pl.DataFrame:
@@ -123,13 +155,18 @@ def clip_timeline(df: pl.DataFrame | None) -> pl.DataFrame:
     df = _conform(df, CLIP_COLUMNS)
     acked = pl.col("acked_step") >= 0
     on = pl.col("limit").is_finite() & (pl.col("limit") > 0)
-    return (df.with_columns(
-        site=pl.format("layer{}/{}", pl.col("layer").cast(pl.Utf8).str.zfill(2), pl.col("site")),
-        step=pl.when(acked).then(pl.col("acked_step")).otherwise(pl.col("step")),
-        limit=pl.when(on).then(pl.col("limit")).otherwise(None),
-        acked=acked.fill_null(False))
+    return (
+        df.with_columns(
+            site=pl.format(
+                "layer{}/{}", pl.col("layer").cast(pl.Utf8).str.zfill(2), pl.col("site")
+            ),
+            step=pl.when(acked).then(pl.col("acked_step")).otherwise(pl.col("step")),
+            limit=pl.when(on).then(pl.col("limit")).otherwise(None),
+            acked=acked.fill_null(False),
+        )
         .select("site", "step", "limit", "acked", "version", "reason")
-        .sort("site", "step", "version"))
+        .sort("site", "step", "version")
+    )
 
 
 def clip_segments(timeline: pl.DataFrame, until: int) -> pl.DataFrame:
@@ -138,8 +175,9 @@ def clip_segments(timeline: pl.DataFrame, until: int) -> pl.DataFrame:
     two rows per segment. Periods with the clip off draw nothing; updates after `until` are
     not shown yet. Clip updates are rare, so a plain loop is fine here."""
     rows: list[tuple[str, str, int, float]] = []
-    for (site,), g in timeline.sort("site", "step", "version").group_by("site",
-                                                                          maintain_order=True):
+    for (site,), g in timeline.sort("site", "step", "version").group_by(
+        "site", maintain_order=True
+    ):
         steps, limits = g["step"].to_list(), g["limit"].to_list()
         for i, (step, limit) in enumerate(zip(steps, limits)):
             if step > until:
@@ -147,5 +185,8 @@ def clip_segments(timeline: pl.DataFrame, until: int) -> pl.DataFrame:
             end = min(steps[i + 1], until) if i + 1 < len(steps) else until
             if limit is not None and end >= step:
                 rows += [(site, f"{site}#{i}", step, limit), (site, f"{site}#{i}", end, limit)]
-    return pl.DataFrame(rows, schema={"site": pl.Utf8, "segment": pl.Utf8, "step": pl.Int64,
-                                      "limit": pl.Float32}, orient="row")
+    return pl.DataFrame(
+        rows,
+        schema={"site": pl.Utf8, "segment": pl.Utf8, "step": pl.Int64, "limit": pl.Float32},
+        orient="row",
+    )

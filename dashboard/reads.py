@@ -13,6 +13,7 @@ replaying a live run re-reads one heatmap step per step moved, not the whole win
 
 The app builds no queries: names and globs go to the store's read API as arguments.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,11 +24,11 @@ import streamlit as st
 from dashboard import data, experts
 from store import NotFound, Store, open_store
 
-RUNS_TTL_S = 2.0           # how stale the runs list (status, last step) may be in live mode
-DATA_TTL_S = 60.0          # everything else is keyed by the run's version as well
-MAX_ENTRIES = 512          # per cached function: bounds the server's memory
-FINAL = "final"            # version key of reads that can no longer change
-COLUMN_BUDGET = 128        # expert metrics a finished run may have and still be read whole
+RUNS_TTL_S = 2.0  # how stale the runs list (status, last step) may be in live mode
+DATA_TTL_S = 60.0  # everything else is keyed by the run's version as well
+MAX_ENTRIES = 512  # per cached function: bounds the server's memory
+FINAL = "final"  # version key of reads that can no longer change
+COLUMN_BUDGET = 128  # expert metrics a finished run may have and still be read whole
 
 Version = tuple[Any, ...]
 
@@ -70,8 +71,14 @@ def metrics(url: str, run: str, version: Version) -> pl.DataFrame:
 
 
 @st.cache_data(ttl=DATA_TTL_S, max_entries=MAX_ENTRIES, show_spinner=False)
-def series(url: str, run: str, metric: str, version: Version, start: int | None = None,
-           stop: int | None = None) -> pl.DataFrame:
+def series(
+    url: str,
+    run: str,
+    metric: str,
+    version: Version,
+    start: int | None = None,
+    stop: int | None = None,
+) -> pl.DataFrame:
     """One metric's reduced values; an empty frame when the run lacks the metric."""
     try:
         return store(url).series(run, metric, start=start, stop=stop)
@@ -84,16 +91,18 @@ def _at_step(url: str, run: str, step: int, pattern: str, version: Version) -> p
     return store(url).at_step(run, step, pattern)
 
 
-def at_step(url: str, run: str, step: int, pattern: str, row: dict[str, Any] | None
-            ) -> pl.DataFrame:
+def at_step(
+    url: str, run: str, step: int, pattern: str, row: dict[str, Any] | None
+) -> pl.DataFrame:
     """Metrics matching the glob at one step; final (version-free key) behind the head."""
     last = None if row is None else row["last_step"]
     final = last is not None and step < last
     return _at_step(url, run, int(step), pattern, (FINAL,) if final else version_of(row))
 
 
-def expert_wide(url: str, run: str, lo: int, hi: int, stats: tuple[str, ...],
-                row: dict[str, Any] | None) -> pl.DataFrame:
+def expert_wide(
+    url: str, run: str, lo: int, hi: int, stats: tuple[str, ...], row: dict[str, Any] | None
+) -> pl.DataFrame:
     """Per-(step, layer, expert) columns of `stats` for steps lo..hi inclusive.
 
     A finished run with at most COLUMN_BUDGET such metrics is read as whole series once
@@ -106,29 +115,39 @@ def expert_wide(url: str, run: str, lo: int, hi: int, stats: tuple[str, ...],
         if 0 < len(names) <= COLUMN_BUDGET:
             wide = _expert_columns(url, run, tuple(names), version)
             return wide.filter(pl.col("step").is_between(lo, hi))
-    frames = [at_step(url, run, s, experts.HEATMAP_PATTERN, row)
-              .filter(pl.col("stat").is_in(list(stats))).with_columns(step=pl.lit(s, pl.Int64))
-              for s in range(lo, hi + 1)]
+    frames = [
+        at_step(url, run, s, experts.HEATMAP_PATTERN, row)
+        .filter(pl.col("stat").is_in(list(stats)))
+        .with_columns(step=pl.lit(s, pl.Int64))
+        for s in range(lo, hi + 1)
+    ]
     return experts.expert_stats(pl.concat(frames) if frames else pl.DataFrame())
 
 
-def expert_metric_names(url: str, run: str, stats: tuple[str, ...], version: Version
-                        ) -> list[str]:
+def expert_metric_names(url: str, run: str, stats: tuple[str, ...], version: Version) -> list[str]:
     d = metrics(url, run, version)
-    return d.filter(pl.col("name").str.starts_with(experts.EXPERT_PREFIX), pl.col("expert") >= 0,
-                    pl.col("layer") >= 0, pl.col("stat").is_in(list(stats)))["name"].to_list()
+    return d.filter(
+        pl.col("name").str.starts_with(experts.EXPERT_PREFIX),
+        pl.col("expert") >= 0,
+        pl.col("layer") >= 0,
+        pl.col("stat").is_in(list(stats)),
+    )["name"].to_list()
 
 
 @st.cache_data(ttl=DATA_TTL_S, max_entries=16, show_spinner=False)
-def _expert_columns(url: str, run: str, names: tuple[str, ...], version: Version
-                    ) -> pl.DataFrame:
+def _expert_columns(url: str, run: str, names: tuple[str, ...], version: Version) -> pl.DataFrame:
     labels = metrics(url, run, version).filter(pl.col("name").is_in(list(names)))
     parts = []
     for r in labels.iter_rows(named=True):
-        s = series(url, run, r["name"], version)      # per-metric cache: shared by views
-        parts.append(s.with_columns(name=pl.lit(r["name"]), layer=pl.lit(r["layer"], pl.Int32),
-                                    expert=pl.lit(r["expert"], pl.Int32),
-                                    stat=pl.lit(r["stat"])))
+        s = series(url, run, r["name"], version)  # per-metric cache: shared by views
+        parts.append(
+            s.with_columns(
+                name=pl.lit(r["name"]),
+                layer=pl.lit(r["layer"], pl.Int32),
+                expert=pl.lit(r["expert"], pl.Int32),
+                stat=pl.lit(r["stat"]),
+            )
+        )
     return experts.expert_stats(pl.concat(parts))
 
 

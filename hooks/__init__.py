@@ -8,9 +8,20 @@ catalogue and buffer map), stats / gradstats (device-side capture), frames (prot
 buffer (bounded step buffer and its full policy), sender (background gRPC stream), clips (clip
 updates staged to step boundaries), monitor (the call points). Imports proto only, of ours.
 """
+
 from hooks.adapter import AttentionSite, MoEAdapter, MoESite, RouterView, StepFlashAdapter
 from hooks.config import STAT_GROUPS, MonitorConfig
 from hooks.monitor import Monitor, NullMonitor, create_monitor
 
-__all__ = ["Monitor", "NullMonitor", "create_monitor", "MonitorConfig", "STAT_GROUPS",
-           "MoEAdapter", "MoESite", "AttentionSite", "RouterView", "StepFlashAdapter"]
+__all__ = [
+    "Monitor",
+    "NullMonitor",
+    "create_monitor",
+    "MonitorConfig",
+    "STAT_GROUPS",
+    "MoEAdapter",
+    "MoESite",
+    "AttentionSite",
+    "RouterView",
+    "StepFlashAdapter",
+]

@@ -10,11 +10,13 @@ Probe convention (model/probe.py): a probe is an nn.Module the model calls with 
 only when it has a forward hook, so registering the monitor's hook is what turns the
 measurement on; the hook receives the tensors as positional args.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -24,19 +26,21 @@ CLAMP_SITES = ("routed", "shared")
 
 class RouterView(NamedTuple):
     """The router's output for one forward, in the shape the monitor reads."""
-    topk_idx_TK: torch.Tensor     # long [T, K]: experts chosen per token
+
+    topk_idx_TK: torch.Tensor  # long [T, K]: experts chosen per token
     topk_weight_TK: torch.Tensor  # [T, K]: normalized gate weights
-    scores_TE: torch.Tensor       # unbiased per-expert probabilities (sigmoid or softmax)
-    logits_TE: torch.Tensor       # pre-activation router logits
+    scores_TE: torch.Tensor  # unbiased per-expert probabilities (sigmoid or softmax)
+    logits_TE: torch.Tensor  # pre-activation router logits
 
 
 @dataclass(frozen=True)
 class MoESite:
     """One MoE layer as the monitor sees it."""
-    layer: int                     # index of the residual block holding this MoE
+
+    layer: int  # index of the residual block holding this MoE
     n_experts: int
     top_k: int
-    router: nn.Module              # forward-hooked; output decoded by MoEAdapter.decode_router
+    router: nn.Module  # forward-hooked; output decoded by MoEAdapter.decode_router
     expert_probe: nn.Module | None  # called (h_NH, out_ND, expert_idx_N) per routed assignment
     shared_probe: nn.Module | None  # called (h_TH, out_TD); None when there is no shared expert
     expert_weights: tuple[torch.Tensor, ...]  # batched routed params, expert on dim 0
@@ -46,7 +50,7 @@ class MoESite:
 @dataclass(frozen=True)
 class AttentionSite:
     layer: int
-    probe: nn.Module               # called (max_logit_H,): per-head max pre-softmax logit
+    probe: nn.Module  # called (max_logit_H,): per-head max pre-softmax logit
     n_heads: int
 
 
@@ -87,8 +91,10 @@ class MoEAdapter(Protocol):
 def _need(obj: object, what: str, attrs: Sequence[str]) -> None:
     missing = [a for a in attrs if not hasattr(obj, a)]
     if missing:
-        raise TypeError(f"StepFlashAdapter: {what} ({type(obj).__name__}) lacks {missing}; pass "
-                        f"Monitor(adapter=...) to describe a different MoE implementation")
+        raise TypeError(
+            f"StepFlashAdapter: {what} ({type(obj).__name__}) lacks {missing}; pass "
+            f"Monitor(adapter=...) to describe a different MoE implementation"
+        )
 
 
 class StepFlashAdapter:
@@ -102,7 +108,7 @@ class StepFlashAdapter:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        for wrapped in ("module", "_orig_mod"):       # DDP / FSDP wrapper, torch.compile
+        for wrapped in ("module", "_orig_mod"):  # DDP / FSDP wrapper, torch.compile
             inner = getattr(model, wrapped, None)
             if not hasattr(model, "moe_layers") and isinstance(inner, nn.Module):
                 model = inner
@@ -110,8 +116,19 @@ class StepFlashAdapter:
         self.model = model
         self._moe = {}
         for layer, moe in model.moe_layers():
-            _need(moe, f"MoE of layer {layer}", ("router", "n_experts", "top_k", "experts",
-                                                 "probe_experts", "set_clamp", "clamp_limit"))
+            _need(
+                moe,
+                f"MoE of layer {layer}",
+                (
+                    "router",
+                    "n_experts",
+                    "top_k",
+                    "experts",
+                    "probe_experts",
+                    "set_clamp",
+                    "clamp_limit",
+                ),
+            )
             _need(moe.experts, f"experts of layer {layer}", ("w_gate", "w_up", "w_down"))
             self._moe[int(layer)] = moe
 
@@ -127,22 +144,29 @@ class StepFlashAdapter:
         return sites
 
     def moe_sites(self) -> list[MoESite]:
-        return [MoESite(layer=layer, n_experts=int(moe.n_experts), top_k=int(moe.top_k),
-                        router=moe.router, expert_probe=moe.probe_experts,
-                        shared_probe=getattr(moe, "probe_shared", None),
-                        expert_weights=(moe.experts.w_gate, moe.experts.w_up,
-                                        moe.experts.w_down),
-                        expert_bias=getattr(moe, "expert_bias", None))
-                for layer, moe in sorted(self._moe.items())]
+        return [
+            MoESite(
+                layer=layer,
+                n_experts=int(moe.n_experts),
+                top_k=int(moe.top_k),
+                router=moe.router,
+                expert_probe=moe.probe_experts,
+                shared_probe=getattr(moe, "probe_shared", None),
+                expert_weights=(moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down),
+                expert_bias=getattr(moe, "expert_bias", None),
+            )
+            for layer, moe in sorted(self._moe.items())
+        ]
 
     def output_head(self) -> nn.Module | None:
         return self.model.lm_head
 
     def decode_router(self, output: Any) -> RouterView:
         if hasattr(output, "topk_idx_TK"):
-            return RouterView(output.topk_idx_TK, output.topk_weight_TK, output.scores_TE,
-                              output.logits_TE)
-        return RouterView(*output[:4])   # a plain 4-tuple in the same order
+            return RouterView(
+                output.topk_idx_TK, output.topk_weight_TK, output.scores_TE, output.logits_TE
+            )
+        return RouterView(*output[:4])  # a plain 4-tuple in the same order
 
     def _config(self) -> Any:
         return getattr(self.model, "config", None) or getattr(self.model, "cfg", None)
@@ -154,8 +178,9 @@ class StepFlashAdapter:
         try:
             return self._moe[int(layer)]
         except KeyError:
-            raise ValueError(f"layer {layer} is not an MoE layer (MoE layers: "
-                             f"{sorted(self._moe)})") from None
+            raise ValueError(
+                f"layer {layer} is not an MoE layer (MoE layers: {sorted(self._moe)})"
+            ) from None
 
     def set_clamp(self, layer: int, site: str, limit: float | None) -> None:
         if site not in CLAMP_SITES:
@@ -167,11 +192,17 @@ class StepFlashAdapter:
 
     def describe(self) -> dict:
         config = self._config()
-        out: dict = {"adapter": type(self).__name__, "model": type(self.model).__name__,
-                     "moe_layers": sorted(self._moe)}
+        out: dict = {
+            "adapter": type(self).__name__,
+            "model": type(self.model).__name__,
+            "moe_layers": sorted(self._moe),
+        }
         to_dict = getattr(config, "to_dict", None)
         if callable(to_dict):
-            out["model_config"] = {k: v for k, v in to_dict().items()
-                                   if isinstance(v, (int, float, str, bool)) and
-                                   not (isinstance(v, float) and not math.isfinite(v))}
+            out["model_config"] = {
+                k: v
+                for k, v in to_dict().items()
+                if isinstance(v, (int, float, str, bool))
+                and not (isinstance(v, float) and not math.isfinite(v))
+            }
         return out

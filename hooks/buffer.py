@@ -11,12 +11,14 @@ Control items (ClipAcks) are tiny and never dropped.
 One re-entrant condition guards everything; the sender waits on it too, and every thread
 (training, sender worker, stream reader) bumps `counters` only while holding it.
 """
+
 from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,9 +29,10 @@ from proto.v1 import telemetry_pb2 as pb
 @dataclass
 class StepItem:
     """One step as the training thread hands it over; encoded by the sender worker."""
+
     step: int
-    vector: Any                       # has materialize() -> np.ndarray (hooks.stats.HostVector)
-    schemas: Sequence[tuple[int, int]]   # (schema_id, n_values) in vector order
+    vector: Any  # has materialize() -> np.ndarray (hooks.stats.HostVector)
+    schemas: Sequence[tuple[int, int]]  # (schema_id, n_values) in vector order
     wall_time: float
     patch_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     patch_vals: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
@@ -48,6 +51,7 @@ class StepItem:
 @dataclass
 class AckItem:
     """A ClipAck to send: `version` took effect at `step`."""
+
     step: int
     version: int
 
@@ -57,9 +61,9 @@ class StepBuffer:
         self.capacity, self.policy, self.block_timeout_s = capacity, policy, block_timeout_s
         self.cond = threading.Condition(threading.RLock())
         self.counters: collections.Counter = collections.Counter()
-        self._pending: collections.deque = collections.deque()    # StepItem | AckItem
+        self._pending: collections.deque = collections.deque()  # StepItem | AckItem
         self._pending_steps = 0
-        self._unacked: collections.deque = collections.deque()    # (seq, ClientFrame)
+        self._unacked: collections.deque = collections.deque()  # (seq, ClientFrame)
         self._unacked_steps = 0
         self.closing = False
 
@@ -77,7 +81,8 @@ class StepBuffer:
                     self.counters["blocked_submits"] += 1
                     space = self.cond.wait_for(
                         lambda: self.buffered() < self.capacity or self.closing,
-                        timeout=self.block_timeout_s)
+                        timeout=self.block_timeout_s,
+                    )
                     if not space or self.closing:
                         self.counters["dropped_steps"] += 1
                         self.counters["dropped_block_timeout"] += 1
@@ -100,7 +105,7 @@ class StepBuffer:
                 del self._pending[i]
                 self._pending_steps -= 1
                 return
-        kept, found = [], False            # every step is in flight: drop the oldest one
+        kept, found = [], False  # every step is in flight: drop the oldest one
         while self._unacked and not found:
             seq, frame = self._unacked.popleft()
             found = ends_step(frame)

@@ -9,13 +9,14 @@ may repeat it) is acknowledged again with its original step.
 
 Limit semantics follow the wire contract: limit <= 0, inf or NaN switches the clamp off.
 """
+
 from __future__ import annotations
 
 import collections
 import logging
 import math
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from hooks.adapter import MoEAdapter
 
@@ -23,12 +24,16 @@ log = logging.getLogger("stepwatch.hooks")
 
 
 class ClipStager:
-    def __init__(self, adapter: MoEAdapter, send_ack: Callable[[int, int], None],
-                 on_error: Callable[[str, BaseException], None]) -> None:
+    def __init__(
+        self,
+        adapter: MoEAdapter,
+        send_ack: Callable[[int, int], None],
+        on_error: Callable[[str, BaseException], None],
+    ) -> None:
         self.adapter, self.send_ack, self.on_error = adapter, send_ack, on_error
         self._lock = threading.Lock()
         self._staged: list[tuple[int, list[tuple[int, str, float]], str]] = []
-        self.version, self.step = 0, -1          # in force, and the step it took effect
+        self.version, self.step = 0, -1  # in force, and the step it took effect
         self.counters: collections.Counter = collections.Counter()
 
     def stage(self, update) -> None:
@@ -50,7 +55,7 @@ class ClipStager:
                 self._bump("clip_updates_stale")
                 continue
             for layer, site, limit in settings:
-                off = not limit > 0 or math.isinf(limit)       # NaN compares False: off
+                off = not limit > 0 or math.isinf(limit)  # NaN compares False: off
                 try:
                     self.adapter.set_clamp(layer, site, None if off else limit)
                 except Exception as exc:  # noqa: BLE001 - one bad setting spoils no other

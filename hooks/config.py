@@ -3,14 +3,23 @@
 A bad value is the user's code, not the training loop, so it raises a clear `ValueError` here,
 before the first step, rather than being logged and ignored later.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
 
-STAT_GROUPS: tuple[str, ...] = ("moe", "router", "attn", "resid", "output", "grad", "params",
-                                "train")
+STAT_GROUPS: tuple[str, ...] = (
+    "moe",
+    "router",
+    "attn",
+    "resid",
+    "output",
+    "grad",
+    "params",
+    "train",
+)
 """Stat groups that can be switched off one by one (`MonitorConfig.groups`):
 moe     per-expert and shared-expert activation stats (tokens, gate mass, act rms/maxabs, out norm)
 router  per-MoE-layer router confidence, logit max/std, z-loss, load imbalance, bias max
@@ -22,7 +31,7 @@ params  every `param_norm_every` steps: per-expert parameter norms and the updat
 train   loss, MTP losses, lr, step time, tokens, tokens/s (host values, no device work)"""
 
 FULL_POLICIES = ("block", "drop_oldest")
-MAX_CHUNK_VALUES = 262_144   # 1 MiB of float32: the wire contract's per-chunk ceiling
+MAX_CHUNK_VALUES = 262_144  # 1 MiB of float32: the wire contract's per-chunk ceiling
 
 
 @dataclass(frozen=True)
@@ -78,38 +87,55 @@ class MonitorConfig:
         object.__setattr__(self, "groups", frozenset(self.groups))
         unknown = self.groups - set(STAT_GROUPS)
         if unknown:
-            raise ValueError(f"MonitorConfig.groups: unknown stat group(s) {sorted(unknown)}; "
-                             f"choose from {list(STAT_GROUPS)}")
+            raise ValueError(
+                f"MonitorConfig.groups: unknown stat group(s) {sorted(unknown)}; "
+                f"choose from {list(STAT_GROUPS)}"
+            )
         for name in ("param_norm_every", "buffer_steps", "chunk_values"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MonitorConfig.{name} must be an int >= 1, got {value!r}")
         if self.chunk_values > MAX_CHUNK_VALUES:
-            raise ValueError(f"MonitorConfig.chunk_values must be <= {MAX_CHUNK_VALUES} "
-                             f"(1 MiB of float32 per chunk), got {self.chunk_values}")
+            raise ValueError(
+                f"MonitorConfig.chunk_values must be <= {MAX_CHUNK_VALUES} "
+                f"(1 MiB of float32 per chunk), got {self.chunk_values}"
+            )
         if self.full_policy not in FULL_POLICIES:
-            raise ValueError(f"MonitorConfig.full_policy must be one of {FULL_POLICIES}, "
-                             f"got {self.full_policy!r}")
-        for name in ("block_timeout_s", "backoff_initial_s", "backoff_max_s", "net_timeout_s",
-                     "close_timeout_s"):
+            raise ValueError(
+                f"MonitorConfig.full_policy must be one of {FULL_POLICIES}, "
+                f"got {self.full_policy!r}"
+            )
+        for name in (
+            "block_timeout_s",
+            "backoff_initial_s",
+            "backoff_max_s",
+            "net_timeout_s",
+            "close_timeout_s",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"MonitorConfig.{name} must be a finite number > 0, "
-                                 f"got {value!r}")
+                raise ValueError(f"MonitorConfig.{name} must be a finite number > 0, got {value!r}")
         if self.backoff_max_s < self.backoff_initial_s:
-            raise ValueError(f"MonitorConfig.backoff_max_s ({self.backoff_max_s}) must be >= "
-                             f"backoff_initial_s ({self.backoff_initial_s})")
-        if self.n_mtp_losses is not None and (not isinstance(self.n_mtp_losses, int)
-                                              or not 0 <= self.n_mtp_losses <= 16):
-            raise ValueError(f"MonitorConfig.n_mtp_losses must be None or an int in 0..16, "
-                             f"got {self.n_mtp_losses!r}")
+            raise ValueError(
+                f"MonitorConfig.backoff_max_s ({self.backoff_max_s}) must be >= "
+                f"backoff_initial_s ({self.backoff_initial_s})"
+            )
+        if self.n_mtp_losses is not None and (
+            not isinstance(self.n_mtp_losses, int) or not 0 <= self.n_mtp_losses <= 16
+        ):
+            raise ValueError(
+                f"MonitorConfig.n_mtp_losses must be None or an int in 0..16, "
+                f"got {self.n_mtp_losses!r}"
+            )
         if not isinstance(self.max_logged_errors, int) or self.max_logged_errors < 0:
-            raise ValueError(f"MonitorConfig.max_logged_errors must be an int >= 0, "
-                             f"got {self.max_logged_errors!r}")
+            raise ValueError(
+                f"MonitorConfig.max_logged_errors must be an int >= 0, "
+                f"got {self.max_logged_errors!r}"
+            )
 
     def enabled(self, group: str) -> bool:
         return group in self.groups
 
-    def replace(self, **changes) -> "MonitorConfig":
+    def replace(self, **changes) -> MonitorConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -9,6 +9,7 @@ Called at two loop points, never from inside autograd:
                     optim/update_ratio = ||theta_after - theta_before|| / ||theta_before||.
 No host sync anywhere: norms stay tensors until the step's single host copy.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ def _expert_sq(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Per-expert sum of squares over several batched [E, ...] tensors -> [E] float32."""
     total = None
     for t in tensors:
-        sq = torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.dim())),
-                                      dtype=torch.float32).square()
+        sq = torch.linalg.vector_norm(
+            t, 2, dim=tuple(range(1, t.dim())), dtype=torch.float32
+        ).square()
         total = sq if total is None else total + sq
     return total
 
@@ -66,11 +68,11 @@ class GradCapture:
                 for site in self.sites:
                     grads = tuple(w.grad for w in site.expert_weights if w.grad is not None)
                     if grads:
-                        dst[off:off + site.n_experts].copy_(_expert_sq(grads).sqrt())
+                        dst[off : off + site.n_experts].copy_(_expert_sq(grads).sqrt())
                     off += site.n_experts
         self._snapshot_valid = False
         if periodic and v("params.update_ratio") is not None and self.all_params:
-            if self._snapshot is None:   # allocated once, on the first periodic step
+            if self._snapshot is None:  # allocated once, on the first periodic step
                 self._snapshot = [torch.empty_like(p) for p in self.all_params]
             torch._foreach_copy_(self._snapshot, [p.detach() for p in self.all_params])
             self._old_sq = self._sum_sq(self._snapshot)
@@ -81,7 +83,7 @@ class GradCapture:
         if not grads:
             return
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        if len(grads) != len(self.params):      # some params got no grad: they count as 0
+        if len(grads) != len(self.params):  # some params got no grad: they count as 0
             it = iter(norms)
             zero = torch.zeros((), dtype=torch.float32, device=dst.device)
             norms = [next(it) if p.grad is not None else zero for p in self.params]
@@ -103,12 +105,12 @@ class GradCapture:
         if dst is not None:
             off = 0
             for site in self.sites:
-                dst[off:off + site.n_experts].copy_(_expert_sq(site.expert_weights).sqrt())
+                dst[off : off + site.n_experts].copy_(_expert_sq(site.expert_weights).sqrt())
                 off += site.n_experts
         ratio = v("params.update_ratio")
         if ratio is not None and self._snapshot_valid:
             torch._foreach_sub_(self._snapshot, [p.detach() for p in self.all_params])
-            delta_sq = self._sum_sq(self._snapshot)            # snapshot now holds -delta
+            delta_sq = self._sum_sq(self._snapshot)  # snapshot now holds -delta
             ratio.copy_((delta_sq / self._old_sq).sqrt().reshape(1))
             self._snapshot_valid = False
 
@@ -117,4 +119,3 @@ class GradCapture:
         self._snapshot = None
         self._old_sq = None
         self._snapshot_valid = False
-

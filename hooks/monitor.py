@@ -13,6 +13,7 @@ Construction validates everything and raises a clear error (that is the user's c
 that, every call point is wrapped: a telemetry failure is logged (a few times) and counted in
 `stats()`, never raised into the training loop.
 """
+
 from __future__ import annotations
 
 import collections
@@ -23,7 +24,8 @@ import os
 import re
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,11 +33,11 @@ from torch import nn
 
 from hooks import frames
 from hooks.adapter import MoEAdapter, StepFlashAdapter
+from hooks.buffer import StepItem
+from hooks.clips import ClipStager
 from hooks.config import MonitorConfig
 from hooks.gradstats import GradCapture
 from hooks.layout import HOST_SLOTS, PERIODIC_SCHEMA_ID, STEP_SCHEMA_ID, ModelShape, build_layout
-from hooks.buffer import StepItem
-from hooks.clips import ClipStager
 from hooks.sender import Sender
 from hooks.stats import Capture
 
@@ -56,18 +58,22 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
             auto_rank = int(os.environ.get("RANK", "0"))
             auto_ws = int(os.environ.get("WORLD_SIZE", "1"))
         except ValueError:
-            raise ValueError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE="
-                             f"{os.environ.get('WORLD_SIZE')!r} must be integers") from None
+            raise ValueError(
+                f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE="
+                f"{os.environ.get('WORLD_SIZE')!r} must be integers"
+            ) from None
     rank = auto_rank if rank is None else rank
     world_size = auto_ws if world_size is None else world_size
     if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, "
-                         f"world_size={world_size!r}")
+        raise ValueError(
+            f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}"
+        )
     return rank, world_size
 
 
 def _guarded(fn):
     """Call-point wrapper: telemetry errors are logged and counted, never raised."""
+
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         try:
@@ -75,17 +81,29 @@ def _guarded(fn):
         except Exception as exc:  # noqa: BLE001
             self._error(fn.__name__, exc)
             return None
+
     return wrapper
 
 
 class Monitor:
-    def __init__(self, model: nn.Module | None = None, optimizer: Any = None, *,
-                 target: str, run: str, rank: int | None = None, world_size: int | None = None,
-                 token: str | None = None, config: MonitorConfig | None = None,
-                 adapter: MoEAdapter | None = None, run_config: dict | None = None,
-                 credentials: Any = None) -> None:
-        if not isinstance(target, str) or not (TARGET_RE.match(target) or
-                                               target.startswith("unix:")):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        *,
+        target: str,
+        run: str,
+        rank: int | None = None,
+        world_size: int | None = None,
+        token: str | None = None,
+        config: MonitorConfig | None = None,
+        adapter: MoEAdapter | None = None,
+        run_config: dict | None = None,
+        credentials: Any = None,
+    ) -> None:
+        if not isinstance(target, str) or not (
+            TARGET_RE.match(target) or target.startswith("unix:")
+        ):
             raise ValueError(f"target must be 'HOST:PORT' (or 'unix:PATH'), got {target!r}")
         port = TARGET_RE.match(target)
         if port and not 0 < int(port.group(1)) < 65536:
@@ -112,11 +130,18 @@ class Monitor:
         self.sender: Sender | None = None
         self._closed = False
         if model is not None:
-            self._attach(model, optimizer)      # bad models fail here, loudly
+            self._attach(model, optimizer)  # bad models fail here, loudly
 
     @classmethod
-    def create(cls, model: nn.Module | None = None, optimizer: Any = None, *,
-               target: str | None = None, run: str = "run", **kwargs) -> "Monitor | NullMonitor":
+    def create(
+        cls,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        *,
+        target: str | None = None,
+        run: str = "run",
+        **kwargs,
+    ) -> Monitor | NullMonitor:
         """A Monitor, or a NullMonitor when target is None/""/"off"/"none"."""
         if target is None or str(target).lower() in OFF_TARGETS:
             return NullMonitor()
@@ -133,8 +158,9 @@ class Monitor:
             self.optimizer = optimizer
         if self.model is not None:
             if model is not self.model:
-                raise ValueError("Monitor is already attached to another model; create one "
-                                 "Monitor per model")
+                raise ValueError(
+                    "Monitor is already attached to another model; create one Monitor per model"
+                )
             return
         adapter = self._adapter_arg or StepFlashAdapter(model)
         n_mtp = self.config.n_mtp_losses
@@ -144,7 +170,8 @@ class Monitor:
             shared=[s.layer for s in adapter.moe_sites() if s.shared_probe is not None],
             attn=[(s.layer, s.n_heads) for s in adapter.attention_sites()],
             has_output_head=adapter.output_head() is not None,
-            n_mtp=adapter.n_mtp() if n_mtp is None else n_mtp)
+            n_mtp=adapter.n_mtp() if n_mtp is None else n_mtp,
+        )
         self.layout = build_layout(shape, self.config.groups)
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -153,20 +180,38 @@ class Monitor:
         self.adapter, self.model = adapter, model
         self.capture.install()
         host = self.layout["train.host"] if "train.host" in self.layout else None
-        self._host_idx = (np.arange(host.start, host.stop) if host is not None
-                          else np.zeros(0, np.int64))
-        schemas = [(sid, specs) for sid, specs in ((STEP_SCHEMA_ID, self.layout.step_specs),
-                                                   (PERIODIC_SCHEMA_ID, self.layout.periodic_specs))
-                   if specs]
-        hello_config = {**self.run_config, "model": adapter.describe(),
-                        "monitor": {"param_norm_every": self.config.param_norm_every,
-                                    "groups": sorted(self.config.groups),
-                                    "n_step_metrics": self.layout.n_step,
-                                    "n_periodic_metrics": self.layout.n_periodic}}
+        self._host_idx = (
+            np.arange(host.start, host.stop) if host is not None else np.zeros(0, np.int64)
+        )
+        schemas = [
+            (sid, specs)
+            for sid, specs in (
+                (STEP_SCHEMA_ID, self.layout.step_specs),
+                (PERIODIC_SCHEMA_ID, self.layout.periodic_specs),
+            )
+            if specs
+        ]
+        hello_config = {
+            **self.run_config,
+            "model": adapter.describe(),
+            "monitor": {
+                "param_norm_every": self.config.param_norm_every,
+                "groups": sorted(self.config.groups),
+                "n_step_metrics": self.layout.n_step,
+                "n_periodic_metrics": self.layout.n_periodic,
+            },
+        }
         self.clips = ClipStager(adapter, self._send_clip_ack, self._error)
-        self.sender = Sender(self.target, frames.Identity(self.run, self.rank, self.world_size),
-                             schemas, self.config, token=self.token, run_config=hello_config,
-                             on_clip=self.clips.stage, credentials=self._credentials)
+        self.sender = Sender(
+            self.target,
+            frames.Identity(self.run, self.rank, self.world_size),
+            schemas,
+            self.config,
+            token=self.token,
+            run_config=hello_config,
+            on_clip=self.clips.stage,
+            credentials=self._credentials,
+        )
 
     def _send_clip_ack(self, step: int, version: int) -> None:
         self.sender.submit_clip_ack(step, version)
@@ -176,11 +221,10 @@ class Monitor:
     def step_begin(self, step: int) -> None:
         if self.model is None:
             raise RuntimeError("step_begin before attach(model)")
-        self.clips.apply(step)                 # staged updates take effect for this step
+        self.clips.apply(step)  # staged updates take effect for this step
         self.capture.reset()
         self._step, self._t0 = step, time.perf_counter()
-        self._periodic = ("params" in self.config.groups
-                          and step % self.config.param_norm_every == 0)
+        self._periodic = "params" in self.config.groups and step % self.config.param_norm_every == 0
         self.capture.capturing = True
 
     @_guarded
@@ -191,14 +235,19 @@ class Monitor:
         self.grads.before_optimizer(grad_norm, self._periodic)
 
     @_guarded
-    def step_end(self, step: int, loss: torch.Tensor | float | None = None,
-                 mtp_losses: Iterable[torch.Tensor | float] | None = None,
-                 lr: float | None = None, tokens: int | None = None) -> None:
+    def step_end(
+        self,
+        step: int,
+        loss: torch.Tensor | float | None = None,
+        mtp_losses: Iterable[torch.Tensor | float] | None = None,
+        lr: float | None = None,
+        tokens: int | None = None,
+    ) -> None:
         if self.model is None:
             return
         self.capture.capturing = False
         t0, self._t0 = self._t0, None
-        if t0 is None:                # no step_begin: the buffer holds the previous step
+        if t0 is None:  # no step_begin: the buffer holds the previous step
             self._bump("step_end_without_begin")
             log.warning("stepwatch: step_end(%s) without step_begin; step not sent", step)
             return
@@ -218,16 +267,27 @@ class Monitor:
             lr = self.optimizer.param_groups[0].get("lr")
         lr = math.nan if lr is None else float(lr)
         tok = math.nan if tokens is None else float(tokens)
-        host = {"lr": lr, "step_time": step_time, "tokens": tok,
-                "tokens_per_s": tok / step_time if step_time > 0 else math.nan}
+        host = {
+            "lr": lr,
+            "step_time": step_time,
+            "tokens": tok,
+            "tokens_per_s": tok / step_time if step_time > 0 else math.nan,
+        }
         schemas = [(STEP_SCHEMA_ID, self.layout.n_step)] if self.layout.n_step else []
         if periodic and self.layout.n_periodic:
             schemas.append((PERIODIC_SCHEMA_ID, self.layout.n_periodic))
-        self.sender.submit(StepItem(
-            step=step, vector=vector, schemas=schemas, wall_time=time.time(),
-            patch_idx=self._host_idx,
-            patch_vals=np.array([host[k] for k in HOST_SLOTS][:len(self._host_idx)],
-                                dtype=np.float32)))
+        self.sender.submit(
+            StepItem(
+                step=step,
+                vector=vector,
+                schemas=schemas,
+                wall_time=time.time(),
+                patch_idx=self._host_idx,
+                patch_vals=np.array(
+                    [host[k] for k in HOST_SLOTS][: len(self._host_idx)], dtype=np.float32
+                ),
+            )
+        )
         self._bump("steps")
 
     def _check_step(self, step: int) -> None:
@@ -261,7 +321,7 @@ class Monitor:
             out.update(self.clips.stats())
         return out
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -278,8 +338,11 @@ class Monitor:
             self._counters["errors"] += 1
             count = self._counters[f"errors_{where}"]
         if count <= self.config.max_logged_errors:
-            log.error("stepwatch: telemetry error in %s (training continues)", where,
-                      exc_info=(type(exc), exc, exc.__traceback__))
+            log.error(
+                "stepwatch: telemetry error in %s (training continues)",
+                where,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
 
 
 class NullMonitor:
@@ -296,9 +359,14 @@ class NullMonitor:
     def before_optimizer(self, step: int, grad_norm: torch.Tensor | float | None = None) -> None:
         pass
 
-    def step_end(self, step: int, loss: torch.Tensor | float | None = None,
-                 mtp_losses: Iterable[torch.Tensor | float] | None = None,
-                 lr: float | None = None, tokens: int | None = None) -> None:
+    def step_end(
+        self,
+        step: int,
+        loss: torch.Tensor | float | None = None,
+        mtp_losses: Iterable[torch.Tensor | float] | None = None,
+        lr: float | None = None,
+        tokens: int | None = None,
+    ) -> None:
         pass
 
     def close(self, timeout: float | None = None) -> None:
@@ -307,14 +375,20 @@ class NullMonitor:
     def stats(self) -> dict:
         return {}
 
-    def __enter__(self) -> "NullMonitor":
+    def __enter__(self) -> NullMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
         pass
 
 
-def create_monitor(model: nn.Module | None = None, optimizer: Any = None, *,
-                   target: str | None = None, run: str = "run", **kwargs) -> Monitor | NullMonitor:
+def create_monitor(
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    *,
+    target: str | None = None,
+    run: str = "run",
+    **kwargs,
+) -> Monitor | NullMonitor:
     """Factory: a Monitor, or a NullMonitor when target is None/off."""
     return Monitor.create(model, optimizer, target=target, run=run, **kwargs)

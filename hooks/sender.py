@@ -29,6 +29,7 @@ EndOfStep (frames.split_ends_step, renumbering what is unacknowledged). A stream
 frames unacknowledged for net_timeout_s is declared dead and reopened. Nothing here raises into
 the caller.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,8 +37,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -55,11 +57,11 @@ __all__ = ["Sender", "StepItem", "AckItem"]
 @dataclass(eq=False)
 class _Conn:
     channel: grpc.Channel | grpc.aio.Channel
-    out_q: queue.Queue | None = None           # threaded driver only
+    out_q: queue.Queue | None = None  # threaded driver only
     call: Any = None
     welcomed: bool = False
     acked: int = 0
-    chunk_ends_step: bool = False              # Welcome: the last chunk may end the step
+    chunk_ends_step: bool = False  # Welcome: the last chunk may end the step
     dead: bool = False
     last_progress: float = field(default_factory=time.monotonic)
 
@@ -79,44 +81,54 @@ def _requests(conn: _Conn):
 
 
 class Sender:
-    def __init__(self, target: str, ident: frames.Identity,
-                 schemas: Sequence[tuple[int, Sequence[MetricSpec]]], config: MonitorConfig,
-                 token: str | None = None, run_config: dict | None = None,
-                 on_clip: Callable[[pb.ClipUpdate], None] | None = None,
-                 credentials: grpc.ChannelCredentials | None = None,
-                 channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        ident: frames.Identity,
+        schemas: Sequence[tuple[int, Sequence[MetricSpec]]],
+        config: MonitorConfig,
+        token: str | None = None,
+        run_config: dict | None = None,
+        on_clip: Callable[[pb.ClipUpdate], None] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
         self.target, self.ident, self.config = target, ident, config
-        self._schemas = frames.wire_schemas(schemas)   # split where a Schema would be too big
+        self._schemas = frames.wire_schemas(schemas)  # split where a Schema would be too big
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._hello = frames.hello(ident, run_config or {})
         self._on_clip, self._credentials = on_clip, credentials
         self.buffer = StepBuffer(config.buffer_steps, config.full_policy, config.block_timeout_s)
         self._cond = self.buffer.cond
         self._schema_frames: list[pb.ClientFrame] | None = None
-        self._next_seq = 0                       # set from the first Welcome
+        self._next_seq = 0  # set from the first Welcome
         self._conn: _Conn | None = None
         self._stop = False
-        self._goodbye = False     # close() half-closed the stream: never reconnect after it
+        self._goodbye = False  # close() half-closed the stream: never reconnect after it
         self._channel = channel
         if channel is None:
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name=f"stepwatch-sender-{ident.run}-r{ident.rank}")
+            self._thread = threading.Thread(
+                target=self._run, daemon=True, name=f"stepwatch-sender-{ident.run}-r{ident.rank}"
+            )
             self._thread.start()
             return
         if not isinstance(channel, grpc.aio.Channel):
-            raise TypeError(f"Sender(channel=...) takes a grpc.aio.Channel, got "
-                            f"{type(channel).__name__}")
+            raise TypeError(
+                f"Sender(channel=...) takes a grpc.aio.Channel, got {type(channel).__name__}"
+            )
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
-            raise RuntimeError("Sender(channel=...) must be created on the event loop that "
-                               "runs the channel") from None
+            raise RuntimeError(
+                "Sender(channel=...) must be created on the event loop that runs the channel"
+            ) from None
         self._loop_thread = threading.get_ident()
-        self._work = asyncio.Event()      # the worker: a step to send, a dead stream, stop
+        self._work = asyncio.Event()  # the worker: a step to send, a dead stream, stop
         self._progress = asyncio.Event()  # the others: Welcome, acks, closing, a dead stream
         self._stub = pbg.TelemetryStub(channel)
-        self._task = self._loop.create_task(self._run_async(),
-                                            name=f"stepwatch-sender-r{ident.rank}")
+        self._task = self._loop.create_task(
+            self._run_async(), name=f"stepwatch-sender-r{ident.rank}"
+        )
 
     # ------------------------------------------------------------------ training thread
     def submit(self, item: StepItem) -> bool:
@@ -135,9 +147,11 @@ class Sender:
         with self._cond:
             out = dict(self.buffer.counters)
             conn = self._conn
-            out.update(buffered_steps=self.buffer.buffered(),
-                       unacked_frames=len(self.buffer.unacked_frames()),
-                       connected=bool(conn and conn.welcomed and not conn.dead))
+            out.update(
+                buffered_steps=self.buffer.buffered(),
+                unacked_frames=len(self.buffer.unacked_frames()),
+                connected=bool(conn and conn.welcomed and not conn.dead),
+            )
             return out
 
     def close(self, timeout: float) -> bool:
@@ -150,7 +164,8 @@ class Sender:
             self.buffer.closing = True
             self._cond.notify_all()
             flushed = self._cond.wait_for(
-                lambda: self.buffer.drained() or not self._thread.is_alive(), timeout=timeout)
+                lambda: self.buffer.drained() or not self._thread.is_alive(), timeout=timeout
+            )
             conn = self._conn
             self._goodbye = flushed and conn is not None and not conn.dead
         if self._goodbye:
@@ -159,8 +174,9 @@ class Sender:
             # would leave the run "live" until the collector stops.
             conn.out_q.put(None)
             with self._cond:
-                if not self._cond.wait_for(lambda: conn.dead,
-                                           timeout=max(0.05, deadline - time.monotonic())):
+                if not self._cond.wait_for(
+                    lambda: conn.dead, timeout=max(0.05, deadline - time.monotonic())
+                ):
                     self.buffer.counters["goodbye_timeouts"] += 1
         with self._cond:
             self._stop = True
@@ -172,8 +188,9 @@ class Sender:
             conn.call.cancel()
         self._thread.join(timeout=max(0.1, deadline - time.monotonic()) + 1.0)
         if lost:
-            log.warning("stepwatch: closed with %d step(s) not acknowledged by %s",
-                        lost, self.target)
+            log.warning(
+                "stepwatch: closed with %d step(s) not acknowledged by %s", lost, self.target
+            )
         return flushed and lost == 0
 
     # ------------------------------------------------------------------ worker
@@ -185,7 +202,7 @@ class Sender:
                 backoff = self.config.backoff_initial_s
                 try:
                     self._serve(conn)
-                except Exception:  # noqa: BLE001 - the worker must survive anything
+                except Exception:
                     self.buffer.count("worker_errors")
                     log.exception("stepwatch: sender error")
                 self._drop_conn(conn)
@@ -200,14 +217,17 @@ class Sender:
         try:
             for item in self.buffer.waiting_steps():
                 item.values()
-        except Exception:  # noqa: BLE001
+        except Exception:
             self.buffer.count("worker_errors")
             log.exception("stepwatch: could not copy a step to the host")
 
     def _connect(self) -> _Conn | None:
         options = [("grpc.max_send_message_length", 8 << 20)]
-        channel = (grpc.secure_channel(self.target, self._credentials, options=options)
-                   if self._credentials else grpc.insecure_channel(self.target, options=options))
+        channel = (
+            grpc.secure_channel(self.target, self._credentials, options=options)
+            if self._credentials
+            else grpc.insecure_channel(self.target, options=options)
+        )
         conn = _Conn(channel, queue.Queue())
         conn.out_q.put(self._hello)
         self.buffer.count("connect_attempts")
@@ -218,11 +238,13 @@ class Sender:
             return None
         with self._cond:
             self._conn = conn
-        threading.Thread(target=self._read, args=(conn,), daemon=True,
-                         name="stepwatch-reader").start()
+        threading.Thread(
+            target=self._read, args=(conn,), daemon=True, name="stepwatch-reader"
+        ).start()
         with self._cond:
-            self._cond.wait_for(lambda: conn.welcomed or conn.dead or self._stop,
-                                timeout=self.config.net_timeout_s)
+            self._cond.wait_for(
+                lambda: conn.welcomed or conn.dead or self._stop, timeout=self.config.net_timeout_s
+            )
         if self._settle_connect(conn):
             return conn
         self._drop_conn(conn)
@@ -253,14 +275,16 @@ class Sender:
     def _resume(self, conn: _Conn) -> list[pb.ClientFrame]:
         """After Welcome: the schemas and every unacknowledged frame, to send first."""
         with self._cond:
-            if self._schema_frames is None:       # first connection of this client
+            if self._schema_frames is None:  # first connection of this client
                 self._next_seq = conn.acked
-                self._schema_frames = [frames.schema(self.ident, self._alloc_seq(), sid, specs)
-                                       for sid, specs in self._schemas]
-            self.buffer.ack(conn.acked)            # durable already: never resent
+                self._schema_frames = [
+                    frames.schema(self.ident, self._alloc_seq(), sid, specs)
+                    for sid, specs in self._schemas
+                ]
+            self.buffer.ack(conn.acked)  # durable already: never resent
             resend = self.buffer.unacked_frames()
             if not conn.chunk_ends_step and any(map(frames.folds_end, resend)):
-                resend = frames.split_ends_step(resend)      # an older collector now
+                resend = frames.split_ends_step(resend)  # an older collector now
                 self.buffer.replace_unacked(resend)
                 self._next_seq = max(self._next_seq, frames.seq_of(resend[-1]))
                 self.buffer.counters["resends_split"] += 1
@@ -274,8 +298,7 @@ class Sender:
         timeout = self.config.net_timeout_s
         if self.buffer.has_unacked() and time.monotonic() - conn.last_progress > timeout:
             self.buffer.counters["stale_streams"] += 1
-            log.warning("stepwatch: no ack from %s for %.1f s; reconnecting",
-                        self.target, timeout)
+            log.warning("stepwatch: no ack from %s for %.1f s; reconnecting", self.target, timeout)
             return True
         return False
 
@@ -285,8 +308,10 @@ class Sender:
         timeout = self.config.net_timeout_s
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self.buffer.has_pending() or conn.dead or self._stop,
-                                    timeout=min(0.5, timeout))
+                self._cond.wait_for(
+                    lambda: self.buffer.has_pending() or conn.dead or self._stop,
+                    timeout=min(0.5, timeout),
+                )
                 if conn.dead or self._stop or self._stale(conn):
                     return
                 item = self.buffer.pop()
@@ -306,13 +331,18 @@ class Sender:
         is_step = isinstance(item, StepItem)
         if is_step:
             payload = frames.StepPayload(item.step, item.values(), item.schemas, item.wall_time)
-            out = frames.step_frames(self.ident, payload, self.config.chunk_values,
-                                     self._alloc_seq, chunk_ends_step=conn.chunk_ends_step)
+            out = frames.step_frames(
+                self.ident,
+                payload,
+                self.config.chunk_values,
+                self._alloc_seq,
+                chunk_ends_step=conn.chunk_ends_step,
+            )
         else:
             out = [frames.clip_ack(self.ident, item.step, item.version, self._alloc_seq())]
         with self._cond:
             if not self.buffer.has_unacked():
-                conn.last_progress = time.monotonic()   # the ack clock starts now
+                conn.last_progress = time.monotonic()  # the ack clock starts now
             self.buffer.record_sent(out, is_step)
             self.buffer.counters["steps_sent" if is_step else "clip_acks_sent"] += 1
             self.buffer.counters["frames_sent"] += len(out)
@@ -355,8 +385,9 @@ class Sender:
                 conn.last_progress = time.monotonic()
             elif kind == "error":
                 self.buffer.counters["server_errors"] += 1
-                log.warning("stepwatch: collector error %s: %s", resp.error.code,
-                            resp.error.message)
+                log.warning(
+                    "stepwatch: collector error %s: %s", resp.error.code, resp.error.message
+                )
             self._cond.notify_all()
 
     def _stream_error(self, exc: grpc.RpcError) -> None:
@@ -365,17 +396,21 @@ class Sender:
             with self._cond:
                 self.buffer.counters["stream_errors"] += 1
                 self.buffer.counters[key] += 1
-                first = self.buffer.counters[key] == 1   # warn once per status, then quietly
-            log.log(logging.WARNING if first else logging.DEBUG,
-                    "stepwatch: stream to %s ended: %s %s (reconnecting with backoff)",
-                    self.target, exc.code().name, exc.details() or "")
+                first = self.buffer.counters[key] == 1  # warn once per status, then quietly
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "stepwatch: stream to %s ended: %s %s (reconnecting with backoff)",
+                self.target,
+                exc.code().name,
+                exc.details() or "",
+            )
 
     def _deliver_clip(self, update: pb.ClipUpdate) -> None:
         if self._on_clip is None:
             return
         try:
             self._on_clip(update)
-        except Exception:  # noqa: BLE001 - a bad update must not end the stream
+        except Exception:
             self.buffer.count("clip_errors")
             log.exception("stepwatch: could not stage clip update %d", update.version)
 
@@ -391,8 +426,9 @@ class Sender:
         self._work.set()
         self._progress.set()
 
-    async def _until(self, event: asyncio.Event, predicate: Callable[[], bool],
-                     timeout: float | None = None) -> bool:
+    async def _until(
+        self, event: asyncio.Event, predicate: Callable[[], bool], timeout: float | None = None
+    ) -> bool:
         """The loop's wait_for on one of the two events: True once `predicate()` holds, False
         after `timeout` seconds. The deadline is a timer that sets the event (cheaper than
         asyncio.wait_for's task per wait; other waiters on it just re-check)."""
@@ -415,9 +451,14 @@ class Sender:
         """Wait until fewer than `below` (default: the capacity) steps are buffered, so that a
         `submit` on the loop never waits; False after `timeout` seconds or once closing."""
         below = self.buffer.capacity if below is None else below
-        return await self._until(
-            self._progress, lambda: self.buffer.buffered() < below or self.buffer.closing,
-            timeout) and not self.buffer.closing
+        return (
+            await self._until(
+                self._progress,
+                lambda: self.buffer.buffered() < below or self.buffer.closing,
+                timeout,
+            )
+            and not self.buffer.closing
+        )
 
     async def aclose(self, timeout: float) -> bool:
         """`close()` for channel mode: flush, half-close, stop. The channel stays open."""
@@ -425,17 +466,19 @@ class Sender:
         with self._cond:
             self.buffer.closing = True
         self._wake_all()
-        flushed = await self._until(self._progress,
-                                    lambda: self.buffer.drained() or self._task.done(), timeout)
+        flushed = await self._until(
+            self._progress, lambda: self.buffer.drained() or self._task.done(), timeout
+        )
         conn = self._conn
         self._goodbye = flushed and conn is not None and not conn.dead
-        if self._goodbye:     # the collector finishes the run once every rank said goodbye
+        if self._goodbye:  # the collector finishes the run once every rank said goodbye
             try:
                 await conn.call.done_writing()
             except Exception:  # noqa: BLE001 - the stream ended meanwhile: nothing to close
                 pass
-            if not await self._until(self._progress, lambda: conn.dead,
-                                     max(0.05, deadline - self._loop.time())):
+            if not await self._until(
+                self._progress, lambda: conn.dead, max(0.05, deadline - self._loop.time())
+            ):
                 self.buffer.count("goodbye_timeouts")
         with self._cond:
             self._stop = True
@@ -446,13 +489,15 @@ class Sender:
         if conn is not None and conn.call is not None:
             conn.call.cancel()
         try:
-            await asyncio.wait_for(asyncio.shield(self._task),
-                                   max(0.1, deadline - self._loop.time()) + 1.0)
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(
+                asyncio.shield(self._task), max(0.1, deadline - self._loop.time()) + 1.0
+            )
+        except TimeoutError:
             self._task.cancel()
         if lost:
-            log.warning("stepwatch: closed with %d step(s) not acknowledged by %s",
-                        lost, self.target)
+            log.warning(
+                "stepwatch: closed with %d step(s) not acknowledged by %s", lost, self.target
+            )
         return flushed and lost == 0
 
     async def _run_async(self) -> None:
@@ -464,7 +509,7 @@ class Sender:
                     backoff = self.config.backoff_initial_s
                     try:
                         await self._serve_async(conn)
-                    except Exception:  # noqa: BLE001 - the worker must survive anything
+                    except Exception:
                         self.buffer.count("worker_errors")
                         log.exception("stepwatch: sender error")
                     self._drop_conn_async(conn)
@@ -472,7 +517,7 @@ class Sender:
                 await self._until(self._work, lambda: self._stop or self._goodbye, backoff)
                 backoff = min(backoff * 2, self.config.backoff_max_s)
         finally:
-            self._progress.set()             # aclose() waits for this task too
+            self._progress.set()  # aclose() waits for this task too
 
     async def _connect_async(self) -> _Conn | None:
         conn = _Conn(self._channel)
@@ -483,9 +528,12 @@ class Sender:
                 self._conn = conn
             self._loop.create_task(self._read_async(conn), name="stepwatch-reader")
             await conn.call.write(self._hello)
-            await self._until(self._progress, lambda: conn.welcomed or conn.dead or self._stop,
-                              self.config.net_timeout_s)
-        except Exception:  # noqa: BLE001 - counted as a failed connect, retried with backoff
+            await self._until(
+                self._progress,
+                lambda: conn.welcomed or conn.dead or self._stop,
+                self.config.net_timeout_s,
+            )
+        except Exception:
             log.debug("stepwatch: connect to %s failed", self.target, exc_info=True)
         if self._settle_connect(conn):
             return conn
@@ -500,12 +548,14 @@ class Sender:
     async def _serve_async(self, conn: _Conn) -> None:
         for frame in self._resume(conn):
             await conn.call.write(frame)
-        ready = lambda: self.buffer.has_pending() or conn.dead or self._stop  # noqa: E731
+        ready = lambda: self.buffer.has_pending() or conn.dead or self._stop
         while True:
-            timeout = None       # no polling: wake on submit, or once the ack is overdue
+            timeout = None  # no polling: wake on submit, or once the ack is overdue
             if self.buffer.has_unacked():
-                timeout = max(0.0, self.config.net_timeout_s
-                              - (time.monotonic() - conn.last_progress)) + 0.01
+                timeout = (
+                    max(0.0, self.config.net_timeout_s - (time.monotonic() - conn.last_progress))
+                    + 0.01
+                )
             await self._until(self._work, ready, timeout)
             with self._cond:
                 if conn.dead or self._stop or self._stale(conn):
@@ -523,7 +573,7 @@ class Sender:
         except grpc.RpcError as exc:
             self._stream_error(exc)
         except asyncio.CancelledError:
-            if not (conn.dead or self._stop):      # not our own cancel of the call
+            if not (conn.dead or self._stop):  # not our own cancel of the call
                 raise
         except Exception:  # noqa: BLE001 - the stream is reopened
             self._reader_error()

@@ -17,11 +17,12 @@ Definitions (per rank, per step):
   z_loss      mean over tokens of logsumexp(logits)^2
   load_max_over_mean  max_e tokens_e / mean_e tokens_e
 """
+
 from __future__ import annotations
 
 import collections
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -72,17 +73,22 @@ class HostVector:
 class Capture:
     """Owns the flat buffer and the forward hooks. Not thread-safe: training thread only."""
 
-    def __init__(self, adapter: MoEAdapter, layout: Layout, device: torch.device,
-                 on_error: Callable[[str, BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        adapter: MoEAdapter,
+        layout: Layout,
+        device: torch.device,
+        on_error: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
         self.adapter, self.layout, self.device = adapter, layout, torch.device(device)
-        self.on_error = on_error          # a hook must never raise into the forward pass
+        self.on_error = on_error  # a hook must never raise into the forward pass
         self.buf = torch.zeros(layout.n_total, dtype=torch.float32, device=self.device)
         self._init = torch.from_numpy(layout.init_vector()).to(self.device)
-        self.capturing = False            # True between step_begin and step_end
+        self.capturing = False  # True between step_begin and step_end
         self._handles: list = []
         self._pinned = self.device.type == "cuda"
         self._pool: dict[int, collections.deque] = collections.defaultdict(collections.deque)
-        self.host_copies = 0              # device-to-host copies issued (one per step)
+        self.host_copies = 0  # device-to-host copies issued (one per step)
         self.moe_sites = list(adapter.moe_sites())
         self._expert_off = np.cumsum([0] + [s.n_experts for s in self.moe_sites]).tolist()
         self._uniform_e = len({s.n_experts for s in self.moe_sites}) <= 1
@@ -92,7 +98,7 @@ class Capture:
         if key not in self.layout:
             return None
         region = self.layout[key]
-        return self.buf[region.start:region.stop]
+        return self.buf[region.start : region.stop]
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -112,8 +118,12 @@ class Capture:
         if v("attn.max_logit") is not None:
             off = 0
             for site in self.adapter.attention_sites():
-                self._hook(site.probe, self._max_hook(v("attn.max_logit")[off:off + site.n_heads],
-                                                      lambda args, out: args[0]))
+                self._hook(
+                    site.probe,
+                    self._max_hook(
+                        v("attn.max_logit")[off : off + site.n_heads], lambda args, out: args[0]
+                    ),
+                )
                 off += site.n_heads
         head = self.adapter.output_head()
         if v("output.logit_max") is not None and head is not None:
@@ -133,18 +143,21 @@ class Capture:
                 try:
                     with torch.no_grad():
                         fn(args, out)
-                except Exception as exc:  # noqa: BLE001 - telemetry never breaks training
+                except Exception as exc:
                     if self.on_error is None:
                         raise
                     self.on_error("hook", exc)
+
         self._handles.append(module.register_forward_hook(hook))
 
     # ------------------------------------------------------------------ hooks
     def _router_hook(self, i: int, a: int, b: int, tokens: torch.Tensor) -> Callable:
         tokens_E, gate_E = tokens[a:b], self._slice("moe.gate_mass", a, b)
         router = self.view("router.confidence") is not None
-        conf, std, lse2, n = (self._slice(k, i, i + 1) for k in (
-            "router.conf_sum", "router.std_sum", "router.lse2_sum", "router.n_tokens"))
+        conf, std, lse2, n = (
+            self._slice(k, i, i + 1)
+            for k in ("router.conf_sum", "router.std_sum", "router.lse2_sum", "router.n_tokens")
+        )
         logit_max = self._slice("router.logit_max", i, i + 1)
 
         def fn(args, out) -> None:
@@ -159,26 +172,37 @@ class Capture:
                 conf.add_((chosen_T / scores_TE.sum(1)).sum())
                 std.add_(logits_TE.std(dim=1, correction=0).sum())
                 lse2.add_(torch.logsumexp(logits_TE, dim=1).square().sum())
-                n.add_(logits_TE.shape[0])                       # python int: no sync
+                n.add_(logits_TE.shape[0])  # python int: no sync
                 torch.maximum(logit_max, logits_TE.amax(), out=logit_max)
+
         return fn
 
     def _expert_hook(self, a: int, b: int) -> Callable:
-        sumsq_E, rows_E, out_E, maxabs_E = (self._slice(k, a, b) for k in (
-            "moe.act_sumsq", "moe.rows", "moe.out_sumsq", "moe.act_maxabs"))
+        sumsq_E, rows_E, out_E, maxabs_E = (
+            self._slice(k, a, b)
+            for k in ("moe.act_sumsq", "moe.rows", "moe.out_sumsq", "moe.act_maxabs")
+        )
 
         def fn(args, out) -> None:
             h_NH, out_ND, idx_N = args[:3]
-            sumsq_E.index_add_(0, idx_N, _rowsq(h_NH) / h_NH.shape[1])   # mean over hidden
+            sumsq_E.index_add_(0, idx_N, _rowsq(h_NH) / h_NH.shape[1])  # mean over hidden
             rows_E.index_add_(0, idx_N, torch.ones(idx_N.shape, device=idx_N.device))
             out_E.index_add_(0, idx_N, _rowsq(out_ND))
             maxabs_E.scatter_reduce_(0, idx_N, _maxabs(h_NH, 1), "amax", include_self=True)
+
         return fn
 
     def _shared_hook(self, j: int) -> Callable:
-        sumsq, numel, out_sq, rows, maxabs = (self._slice(k, j, j + 1) for k in (
-            "shared.act_sumsq", "shared.act_numel", "shared.out_sumsq", "shared.rows",
-            "shared.act_maxabs"))
+        sumsq, numel, out_sq, rows, maxabs = (
+            self._slice(k, j, j + 1)
+            for k in (
+                "shared.act_sumsq",
+                "shared.act_numel",
+                "shared.out_sumsq",
+                "shared.rows",
+                "shared.act_maxabs",
+            )
+        )
 
         def fn(args, out) -> None:
             h_TH, out_TD = args[:2]
@@ -187,6 +211,7 @@ class Capture:
             out_sq.add_(torch.linalg.vector_norm(out_TD, dtype=torch.float32).square())
             rows.add_(out_TD.shape[0])
             torch.maximum(maxabs, _maxabs(h_TH), out=maxabs)
+
         return fn
 
     def _max_hook(self, dst: torch.Tensor, pick: Callable) -> Callable:
@@ -194,17 +219,20 @@ class Capture:
             x = pick(args, out)
             m = x.amax() if dst.numel() == 1 else x.reshape(dst.shape)
             torch.maximum(dst, m.float(), out=dst)
+
         return fn
 
     def _resid_hook(self, layer: int) -> Callable:
-        sumsq, numel, maxabs = (self._slice(k, layer, layer + 1) for k in (
-            "resid.sumsq", "resid.numel", "resid.maxabs"))
+        sumsq, numel, maxabs = (
+            self._slice(k, layer, layer + 1) for k in ("resid.sumsq", "resid.numel", "resid.maxabs")
+        )
 
         def fn(args, out) -> None:
             x = out[0] if isinstance(out, (tuple, list)) else out
             sumsq.add_(torch.linalg.vector_norm(x, dtype=torch.float32).square())
             numel.add_(x.numel())
             torch.maximum(maxabs, _maxabs(x), out=maxabs)
+
         return fn
 
     def _slice(self, key: str, a: int, b: int) -> torch.Tensor | None:
@@ -220,23 +248,30 @@ class Capture:
         """Turn this step's running sums into the metrics (device ops only)."""
         v = self.view
         if v("moe.act_rms") is not None:
-            rows = v("moe.rows").clamp(min=1)          # no tokens -> 0, documented above
+            rows = v("moe.rows").clamp(min=1)  # no tokens -> 0, documented above
             torch.div(v("moe.act_sumsq"), rows, out=v("moe.act_rms")).sqrt_()
             torch.div(v("moe.out_sumsq"), rows, out=v("moe.out_norm")).sqrt_()
         if v("shared.act_rms") is not None:
-            torch.div(v("shared.act_sumsq"), v("shared.act_numel").clamp(min=1),
-                      out=v("shared.act_rms")).sqrt_()
-            torch.div(v("shared.out_sumsq"), v("shared.rows").clamp(min=1),
-                      out=v("shared.out_norm")).sqrt_()
+            torch.div(
+                v("shared.act_sumsq"), v("shared.act_numel").clamp(min=1), out=v("shared.act_rms")
+            ).sqrt_()
+            torch.div(
+                v("shared.out_sumsq"), v("shared.rows").clamp(min=1), out=v("shared.out_norm")
+            ).sqrt_()
         if v("router.confidence") is not None:
-            n = v("router.n_tokens")                   # 0 tokens -> NaN: nothing was routed
+            n = v("router.n_tokens")  # 0 tokens -> NaN: nothing was routed
             torch.div(v("router.conf_sum"), n, out=v("router.confidence"))
             torch.div(v("router.std_sum"), n, out=v("router.logit_std"))
             torch.div(v("router.lse2_sum"), n, out=v("router.z_loss"))
-            self._load_ratio(v("moe.tokens") if v("moe.tokens") is not None
-                             else v("router.load"), v("router.load_max_over_mean"))
-            biased = [(i, s.expert_bias) for i, s in enumerate(self.moe_sites)
-                      if s.expert_bias is not None]
+            self._load_ratio(
+                v("moe.tokens") if v("moe.tokens") is not None else v("router.load"),
+                v("router.load_max_over_mean"),
+            )
+            biased = [
+                (i, s.expert_bias)
+                for i, s in enumerate(self.moe_sites)
+                if s.expert_bias is not None
+            ]
             if biased:
                 norms = torch._foreach_norm([b for _, b in biased], INF, dtype=torch.float32)
                 dst = v("router.bias_absmax")
@@ -254,7 +289,7 @@ class Capture:
             torch.div(t_LE.amax(1), t_LE.mean(1), out=dst)
         else:
             for i in range(len(self.moe_sites)):
-                t_E = tokens[self._expert_off[i]:self._expert_off[i + 1]]
+                t_E = tokens[self._expert_off[i] : self._expert_off[i + 1]]
                 torch.div(t_E.amax(), t_E.mean(), out=dst[i])
 
     def write_loop_values(self, loss, mtp_losses) -> None:
@@ -264,7 +299,7 @@ class Capture:
             dst = self.view(key)
             if dst is None:
                 continue
-            for d, value in enumerate(values[:dst.numel()]):
+            for d, value in enumerate(values[: dst.numel()]):
                 if value is None:
                     continue
                 if isinstance(value, torch.Tensor):
@@ -287,6 +322,7 @@ class Capture:
         self.host_copies += 1
 
         def release(t: torch.Tensor) -> None:
-            if len(pool) < 4:        # a few staging buffers; the rest go back to the allocator
+            if len(pool) < 4:  # a few staging buffers; the rest go back to the allocator
                 pool.append(t)
+
         return HostVector(host, event, release)

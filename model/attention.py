@@ -5,6 +5,7 @@ mask and (by configuration) uses more query heads. Details follow Step 3.5 Flash
 grouped-query attention, RMSNorm on queries and keys per head (QK-norm, before RoPE), and a
 head-wise sigmoid output gate o_i = sigmoid(w_i . x) * y_i applied before the output projection.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,18 @@ class Attention(nn.Module):
     it is active: computing it costs an extra QK^T product.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, kind: str,
-                 window: int, max_seq_len: int, rope_theta: float, norm_eps: float) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        kind: str,
+        window: int,
+        max_seq_len: int,
+        rope_theta: float,
+        norm_eps: float,
+    ) -> None:
         super().__init__()
         if kind not in ("full", "swa"):
             raise ValueError(f"attention kind must be 'full' or 'swa', got {kind!r}")

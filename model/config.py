@@ -9,6 +9,7 @@ Presets:
   demo   `python -m model.demo`: a clearly falling loss within a few hundred CPU steps.
   flash  the published Step 3.5 Flash shape; only ever built on the meta device (param counts).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,9 +87,21 @@ class ModelConfig:
     """Std of the normal init; output projections are further scaled by 1/sqrt(2 * n_layers)."""
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "d_model", "n_layers", "window", "n_heads_full", "n_heads_swa",
-                    "n_kv_heads", "head_dim", "max_seq_len", "dense_hidden", "n_experts",
-                    "top_k", "expert_hidden")
+        positive = (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "window",
+            "n_heads_full",
+            "n_heads_swa",
+            "n_kv_heads",
+            "head_dim",
+            "max_seq_len",
+            "dense_hidden",
+            "n_experts",
+            "top_k",
+            "expert_hidden",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -97,13 +110,17 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.swa_per_full must be >= 0, got {self.swa_per_full}")
         for name in ("n_heads_full", "n_heads_swa"):
             if getattr(self, name) % self.n_kv_heads:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be a multiple "
-                                 f"of n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+                raise ValueError(
+                    f"ModelConfig.{name}={getattr(self, name)} must be a multiple "
+                    f"of n_kv_heads={self.n_kv_heads} (grouped-query attention)"
+                )
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if not 0 <= self.n_dense_layers <= self.n_layers:
-            raise ValueError(f"ModelConfig.n_dense_layers must be in [0, n_layers="
-                             f"{self.n_layers}], got {self.n_dense_layers}")
+            raise ValueError(
+                f"ModelConfig.n_dense_layers must be in [0, n_layers="
+                f"{self.n_layers}], got {self.n_dense_layers}"
+            )
         if self.top_k > self.n_experts:
             raise ValueError(f"ModelConfig.top_k={self.top_k} exceeds n_experts={self.n_experts}")
         if not 0 <= self.mtp_depth <= 3:
@@ -126,7 +143,7 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.n_dense_layers
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -139,16 +156,39 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
     # [F]+[S,S,S,F]*2, 8 MoE layers of 16 experts top-4; ~2.7M parameters.
     "demo": ModelConfig(
-        d_model=128, n_layers=9, window=32, n_heads_full=4, n_heads_swa=6, n_kv_heads=2,
-        head_dim=32, max_seq_len=128, n_dense_layers=1, dense_hidden=256, n_experts=16,
-        top_k=4, expert_hidden=64, mtp_depth=1,
+        d_model=128,
+        n_layers=9,
+        window=32,
+        n_heads_full=4,
+        n_heads_swa=6,
+        n_kv_heads=2,
+        head_dim=32,
+        max_seq_len=128,
+        n_dense_layers=1,
+        dense_hidden=256,
+        n_experts=16,
+        top_k=4,
+        expert_hidden=64,
+        mtp_depth=1,
     ),
     # Published Step 3.5 Flash shape: [F]+[S,S,S,F]*11 = 45 layers. The dense prefix (3 layers,
     # hidden 11264) is our estimate; `python -m model.params` checks the published totals.
     "flash": ModelConfig(
-        vocab_size=128_896, d_model=4096, n_layers=45, window=512, n_heads_full=64,
-        n_heads_swa=96, n_kv_heads=8, head_dim=128, max_seq_len=4096, n_dense_layers=3,
-        dense_hidden=11264, n_experts=288, top_k=8, expert_hidden=1280, mtp_depth=3,
+        vocab_size=128_896,
+        d_model=4096,
+        n_layers=45,
+        window=512,
+        n_heads_full=64,
+        n_heads_swa=96,
+        n_kv_heads=8,
+        head_dim=128,
+        max_seq_len=4096,
+        n_dense_layers=3,
+        dense_hidden=11264,
+        n_experts=288,
+        top_k=8,
+        expert_hidden=1280,
+        mtp_depth=3,
     ),
 }
 

@@ -10,6 +10,7 @@ generator seeded with that triple. That makes the data position trivially checkp
 the step number) and identical on every rank; under DDP each rank takes its own disjoint slice
 of the global batch rows.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,7 +29,7 @@ _STREAMS = {"train": 0, "val": 1}
 @dataclass(frozen=True)
 class ByteCorpus:
     train: torch.Tensor  # uint8 [N_train]
-    val: torch.Tensor    # uint8 [N_val]
+    val: torch.Tensor  # uint8 [N_val]
     n_train_files: int
     n_val_files: int
 
@@ -54,8 +55,9 @@ def load_corpus(root: str | None = None) -> ByteCorpus:
     def to_tensor(chunks: list[bytes]) -> torch.Tensor:
         return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
 
-    return ByteCorpus(to_tensor(parts["train"]), to_tensor(parts["val"]),
-                      len(parts["train"]), len(parts["val"]))
+    return ByteCorpus(
+        to_tensor(parts["train"]), to_tensor(parts["val"]), len(parts["train"]), len(parts["val"])
+    )
 
 
 def _generator(seed: int, split: str, step: int) -> torch.Generator:
@@ -64,9 +66,17 @@ def _generator(seed: int, split: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, *, seed: int, step: int,
-              split: str = "train", rank: int = 0, world_size: int = 1
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    data: torch.Tensor,
+    batch_size: int,
+    seq_len: int,
+    *,
+    seed: int,
+    step: int,
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [rank*b, (rank+1)*b) of the global batch for `step`, b = batch_size / world_size.
 
     Returns (idx_BT, targets_BT) as long tensors; targets are the inputs shifted by one byte.
@@ -77,16 +87,20 @@ def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, *, seed: int, s
         raise ValueError(f"rank {rank} outside world of size {world_size}")
     if len(data) < seq_len + 2:
         raise ValueError(f"data of {len(data)} bytes too short for seq_len={seq_len}")
-    starts_B = torch.randint(0, len(data) - seq_len - 1, (batch_size,),
-                             generator=_generator(seed, split, step))
+    starts_B = torch.randint(
+        0, len(data) - seq_len - 1, (batch_size,), generator=_generator(seed, split, step)
+    )
     per_rank = batch_size // world_size
-    starts_b = starts_B[rank * per_rank:(rank + 1) * per_rank]
+    starts_b = starts_B[rank * per_rank : (rank + 1) * per_rank]
     window_bT = data[starts_b[:, None] + torch.arange(seq_len + 1)].long()
     return window_bT[:, :-1].contiguous(), window_bT[:, 1:].contiguous()
 
 
-def val_batches(corpus: ByteCorpus, n_batches: int, batch_size: int, seq_len: int, seed: int
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def val_batches(
+    corpus: ByteCorpus, n_batches: int, batch_size: int, seq_len: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed validation set: the same windows for every evaluation of a run."""
-    return [get_batch(corpus.val, batch_size, seq_len, seed=seed, step=i, split="val")
-            for i in range(n_batches)]
+    return [
+        get_batch(corpus.val, batch_size, seq_len, seed=seed, step=i, split="val")
+        for i in range(n_batches)
+    ]

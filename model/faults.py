@@ -19,6 +19,7 @@ layer / expert default to the deepest MoE layer and expert 0 (dead-expert, blowu
 Faults are applied by the training loop on every rank identically, under no_grad, right
 before the forward of a step (after monitor.step_begin).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -49,12 +50,15 @@ class Fault:
             raise ValueError(f"{self.kind}: the model has no MoE layer")
         layer = max(moe_layers) if self.layer is None else self.layer
         if layer not in moe_layers:
-            raise ValueError(f"{self.kind}: layer {layer} is not an MoE layer "
-                             f"(MoE layers: {sorted(moe_layers)})")
+            raise ValueError(
+                f"{self.kind}: layer {layer} is not an MoE layer (MoE layers: {sorted(moe_layers)})"
+            )
         moe = moe_layers[layer]
         if self.expert >= moe.n_experts:
-            raise ValueError(f"{self.kind}: expert {self.expert} out of range "
-                             f"(layer {layer} has {moe.n_experts} experts)")
+            raise ValueError(
+                f"{self.kind}: expert {self.expert} out of range "
+                f"(layer {layer} has {moe.n_experts} experts)"
+            )
         return layer, moe
 
     def before_step(self, step: int, model: nn.Module) -> None:
@@ -105,8 +109,9 @@ class LrSpike(Fault):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.factor <= 0 or self.steps < 1:
-            raise ValueError(f"lr-spike: need factor > 0 and steps >= 1, got {self.factor}, "
-                             f"{self.steps}")
+            raise ValueError(
+                f"lr-spike: need factor > 0 and steps >= 1, got {self.factor}, {self.steps}"
+            )
 
     def lr_multiplier(self, step: int) -> float:
         return self.factor if self.step <= step < self.step + self.steps else 1.0
@@ -140,7 +145,9 @@ class NanFault(Fault):
             self._handle = None
             routed_TD, counts_E = output
             hit_T1 = (args[1] == expert).any(dim=-1, keepdim=True)
-            return torch.where(hit_T1, torch.full_like(routed_TD, float("nan")), routed_TD), counts_E
+            return torch.where(
+                hit_T1, torch.full_like(routed_TD, float("nan")), routed_TD
+            ), counts_E
 
         self._handle = moe.experts.register_forward_hook(poison)
 
@@ -165,8 +172,10 @@ def parse_fault(spec: str) -> Fault:
     for item in filter(None, opts.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in allowed:
-            raise ValueError(f"fault {spec!r}: bad option {item!r}; {kind} accepts "
-                             f"{sorted(allowed)} as key=value")
+            raise ValueError(
+                f"fault {spec!r}: bad option {item!r}; {kind} accepts "
+                f"{sorted(allowed)} as key=value"
+            )
         kwargs[key] = _convert(spec, key, value)
     return cls(step=int(step_text), **kwargs)
 

@@ -6,6 +6,7 @@ with one limit L per (layer, routed|shared), stored as a 0-dim float32 buffer (i
 controller can change it between steps with `fill_` — no recompilation, no reallocation — and
 min(x, inf) is exactly x, so "off" is bit-identical to no clamp at all.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ from model.probe import Probe
 CLAMP_SITES = ("routed", "shared")
 
 
-def swiglu_hidden(x_ND: torch.Tensor, w_gate_HD: torch.Tensor, w_up_HD: torch.Tensor,
-                  limit: torch.Tensor) -> torch.Tensor:
+def swiglu_hidden(
+    x_ND: torch.Tensor, w_gate_HD: torch.Tensor, w_up_HD: torch.Tensor, limit: torch.Tensor
+) -> torch.Tensor:
     """SwiGLU intermediate with the clamp site applied: the input of the down projection."""
     gate_NH = torch.minimum(F.silu(x_ND @ w_gate_HD.T), limit)
     up_NH = torch.minimum(torch.maximum(x_ND @ w_up_HD.T, -limit), limit)
@@ -54,10 +56,10 @@ class DenseFFN(SwiGLU):
 
 
 class RouterOutput(NamedTuple):
-    topk_idx_TK: torch.Tensor     # long [T, K], chosen by scores + expert_bias
+    topk_idx_TK: torch.Tensor  # long [T, K], chosen by scores + expert_bias
     topk_weight_TK: torch.Tensor  # [T, K], unbiased scores of the chosen experts, normalized
-    scores_TE: torch.Tensor       # sigmoid(logits), no bias
-    logits_TE: torch.Tensor       # pre-sigmoid router logits
+    scores_TE: torch.Tensor  # sigmoid(logits), no bias
+    logits_TE: torch.Tensor  # pre-sigmoid router logits
 
 
 class Router(nn.Module):
@@ -99,9 +101,13 @@ class RoutedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.register_buffer("limit", _limit_buffer())
 
-    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
-                topk_weight_TK: torch.Tensor, probe: Probe | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        topk_idx_TK: torch.Tensor,
+        topk_weight_TK: torch.Tensor,
+        probe: Probe | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (routed output [T, D], assignments per expert [E] long)."""
         K = topk_idx_TK.shape[1]
         flat_idx_N = topk_idx_TK.reshape(-1)
@@ -113,7 +119,7 @@ class RoutedExperts(nn.Module):
         for e, n in enumerate(counts_E.tolist()):  # one host sync per layer; fine at this size
             if n == 0:
                 continue
-            h_nH = swiglu_hidden(x_ND[start:start + n], self.w_gate[e], self.w_up[e], self.limit)
+            h_nH = swiglu_hidden(x_ND[start : start + n], self.w_gate[e], self.w_up[e], self.limit)
             h_parts.append(h_nH)
             out_parts.append(h_nH @ self.w_down[e].T)
             start += n
@@ -134,8 +140,15 @@ class MoE(nn.Module):
     balance loss of the last forward (None when its weight is 0 or in eval mode).
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int,
-                 bias_update_rate: float = 1e-3, balance_loss_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        hidden: int,
+        bias_update_rate: float = 1e-3,
+        balance_loss_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.bias_update_rate = bias_update_rate
@@ -145,8 +158,9 @@ class MoE(nn.Module):
         self.shared = SwiGLU(d_model, hidden)
         self.probe_experts = Probe()
         self.probe_shared = Probe()
-        self.register_buffer("tokens_per_expert_E", torch.zeros(n_experts, dtype=torch.long),
-                             persistent=False)  # step-local: zero at every step boundary
+        self.register_buffer(
+            "tokens_per_expert_E", torch.zeros(n_experts, dtype=torch.long), persistent=False
+        )  # step-local: zero at every step boundary
         self.aux_loss: torch.Tensor | None = None
 
     @property
@@ -183,8 +197,9 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         route = self.router(x_TD)
-        routed_TD, counts_E = self.experts(x_TD, route.topk_idx_TK, route.topk_weight_TK,
-                                           self.probe_experts)
+        routed_TD, counts_E = self.experts(
+            x_TD, route.topk_idx_TK, route.topk_weight_TK, self.probe_experts
+        )
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert_E.add_(counts_E)
@@ -204,8 +219,9 @@ class MoE(nn.Module):
         E, K = self.n_experts, self.top_k
         with torch.no_grad():
             counts_BE = torch.zeros(B, E, device=route.scores_TE.device)
-            counts_BE.scatter_add_(1, route.topk_idx_TK.view(B, T * K),
-                                   torch.ones(B, T * K, device=counts_BE.device))
+            counts_BE.scatter_add_(
+                1, route.topk_idx_TK.view(B, T * K), torch.ones(B, T * K, device=counts_BE.device)
+            )
             f_BE = counts_BE * (E / (K * T))
         probs_BTE = route.scores_TE / route.scores_TE.sum(dim=-1, keepdim=True)
         P_BE = probs_BTE.view(B, T, E).mean(dim=1)
@@ -216,6 +232,7 @@ class MoE(nn.Module):
         """Sign rule: bias_e += rate * sign(mean_load - load_e); then reset the step counts."""
         load_E = self.tokens_per_expert_E.float()
         if self.bias_update_rate > 0:  # no counts -> sign(0) = 0 -> no change; no host sync
-            self.router.expert_bias.add_(torch.sign(load_E.mean() - load_E),
-                                         alpha=self.bias_update_rate)
+            self.router.expert_bias.add_(
+                torch.sign(load_E.mean() - load_E), alpha=self.bias_update_rate
+            )
         self.tokens_per_expert_E.zero_()

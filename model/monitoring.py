@@ -6,10 +6,12 @@ counted, never raised into training. `attach` is the exception: it runs before s
 monitor that cannot attach is a configuration error the user should see at once. `DeferredMonitor` builds the real monitor at `attach` time, when the model and the
 optimizer exist (the CLI's `--monitor` uses it; the loop itself never imports hooks).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("model.monitor")
 

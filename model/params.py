@@ -11,6 +11,7 @@ Embedding + output head and the MTP heads are printed separately, with the total
 them, so any other convention can be read off. The model is built on the meta device: no memory
 is allocated, so the 196B-parameter preset counts in about a second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,17 +23,19 @@ from model.config import PRESETS, ModelConfig, get_preset
 from model.transformer import MoETransformer
 
 PUBLISHED = {"flash": {"total": 196e9, "active": 11e9}}  # Step 3.5 Flash report, without MTP
-CONVENTION = ("non-embedding count: token embedding, output head and MTP heads excluded; "
-              "active = top_k of n_experts routed experts per MoE layer + everything else")
+CONVENTION = (
+    "non-embedding count: token embedding, output head and MTP heads excluded; "
+    "active = top_k of n_experts routed experts per MoE layer + everything else"
+)
 
 
 @dataclass(frozen=True)
 class ParamCount:
-    total: int            # trunk without embedding / output head / MTP (see module docstring)
-    active: int           # per-token active share of `total`
-    embedding: int        # token embedding + output head
-    mtp: int              # all MTP heads together
-    routed_experts: int   # routed expert parameters over all MoE layers (part of `total`)
+    total: int  # trunk without embedding / output head / MTP (see module docstring)
+    active: int  # per-token active share of `total`
+    embedding: int  # token embedding + output head
+    mtp: int  # all MTP heads together
+    routed_experts: int  # routed expert parameters over all MoE layers (part of `total`)
 
     @property
     def total_with_embedding(self) -> int:
@@ -90,7 +93,9 @@ def report(name: str, cfg: ModelConfig, counts: ParamCount) -> str:
     if name in PUBLISHED:
         for key in ("total", "active"):
             ours, ref = getattr(counts, key), PUBLISHED[name][key]
-            lines.append(f"  {key:6s} vs published {ref / 1e9:.0f}B: {100 * (ours - ref) / ref:+.2f}%")
+            lines.append(
+                f"  {key:6s} vs published {ref / 1e9:.0f}B: {100 * (ours - ref) / ref:+.2f}%"
+            )
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ True iff the probe has forward hooks (or forward pre-hooks) registered. An obser
 and receives the tensors as the hook's positional `args`. The probe returns None, so hooks
 cannot change the computation by accident.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 class Probe(nn.Module):
     """Observation point. `forward(*tensors) -> None`; see module docstring."""
 
-    def forward(self, *tensors: torch.Tensor) -> None:  # noqa: D401 - nothing to compute
+    def forward(self, *tensors: torch.Tensor) -> None:
         return None
 
     @property

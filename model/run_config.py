@@ -5,6 +5,7 @@ field carries its docstring, validation happens in __post_init__ (bad fault spec
 before any training), and the LR schedule is a pure function of the step — which is what makes
 checkpoints resume bit-identically without a scheduler state.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,23 +87,37 @@ class TrainConfig:
 
     def trajectory(self) -> dict:
         """Settings a resumed run must share with the checkpoint."""
-        keep = ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
-                "weight_decay", "betas", "grad_clip", "injects")
-        return {k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in asdict(self).items() if k in keep}
+        keep = (
+            "seed",
+            "steps",
+            "batch_size",
+            "seq_len",
+            "lr",
+            "min_lr_ratio",
+            "warmup_steps",
+            "weight_decay",
+            "betas",
+            "grad_clip",
+            "injects",
+        )
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(self).items()
+            if k in keep
+        }
 
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)        # main loss per step run here
+    losses: list[float] = field(default_factory=list)  # main loss per step run here
     mtp_losses: list[list[float]] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (after step, loss)
-    skipped_steps: list[int] = field(default_factory=list)   # non-finite gradient norm
+    skipped_steps: list[int] = field(default_factory=list)  # non-finite gradient norm
     start_step: int = 0
     rank: int = 0
     world_size: int = 1
-    tokens: int = 0                                           # tokens this rank processed
+    tokens: int = 0  # tokens this rank processed
     monitor_errors: int = 0
     model: MoETransformer | None = None

@@ -27,6 +27,7 @@ call points and close are logged and counted (TrainResult.monitor_errors), never
 training; an exception from attach (before step 0) is a configuration error and is raised. A step whose
 gradient norm is not finite is skipped (no optimizer update) and listed in skipped_steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ log = logging.getLogger("model.train")
 
 # ---------------------------------------------------------------------------- helpers
 
+
 def _setup_distributed() -> tuple[int, int, bool]:
     """(rank, world_size, we_initialized_it). torchrun sets WORLD_SIZE/RANK/MASTER_*."""
     if dist.is_available() and dist.is_initialized():
@@ -68,8 +70,10 @@ def _setup_distributed() -> tuple[int, int, bool]:
 def _make_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
 
 
@@ -97,6 +101,7 @@ def _all_reduce_expert_counts(model: MoETransformer) -> None:
 
 # ---------------------------------------------------------------------------- the loop
 
+
 def train(cfg: TrainConfig, monitor=None) -> TrainResult:
     """Run (or continue) training as configured; see the module docstring for monitor calls."""
     rank, world, owns_dist = _setup_distributed()
@@ -114,8 +119,13 @@ def train(cfg: TrainConfig, monitor=None) -> TrainResult:
     optimizer = _make_optimizer(model, cfg)
     start = 0
     if cfg.resume:
-        start = load_checkpoint(cfg.resume, model=model, optimizer=optimizer,
-                                model_config=mcfg.to_dict(), trajectory=cfg.trajectory())
+        start = load_checkpoint(
+            cfg.resume,
+            model=model,
+            optimizer=optimizer,
+            model_config=mcfg.to_dict(),
+            trajectory=cfg.trajectory(),
+        )
     # Buffers are synced at init (identical anyway) but not on every forward: the expert counts
     # are rank-local until _all_reduce_expert_counts sums them.
     ddp = DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else model
@@ -130,8 +140,14 @@ def train(cfg: TrainConfig, monitor=None) -> TrainResult:
 
     def checkpoint(next_step: int) -> None:
         if rank == 0:
-            save_checkpoint(cfg.checkpoint, model=model, optimizer=optimizer, next_step=next_step,
-                            model_config=mcfg.to_dict(), trajectory=cfg.trajectory())
+            save_checkpoint(
+                cfg.checkpoint,
+                model=model,
+                optimizer=optimizer,
+                next_step=next_step,
+                model_config=mcfg.to_dict(),
+                trajectory=cfg.trajectory(),
+            )
         if world > 1:
             dist.barrier()
 
@@ -144,11 +160,20 @@ def train(cfg: TrainConfig, monitor=None) -> TrainResult:
             lr = cfg.lr_at(step) * lr_multiplier(cfg.faults, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx, targets = get_batch(corpus.train, cfg.batch_size, seq_len, seed=cfg.seed,
-                                     step=step, rank=rank, world_size=world)
+            idx, targets = get_batch(
+                corpus.train,
+                cfg.batch_size,
+                seq_len,
+                seed=cfg.seed,
+                step=step,
+                rank=rank,
+                world_size=world,
+            )
             out = ddp(idx, targets)
             out.loss.backward()  # DDP all-reduces (averages) gradients here
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in params if p.grad is not None]
+            )
             mon.call("before_optimizer", step, grad_norm)
             if torch.isfinite(grad_norm):  # host sync; the loop reads the loss every step anyway
                 if cfg.grad_clip > 0:
@@ -172,14 +197,24 @@ def train(cfg: TrainConfig, monitor=None) -> TrainResult:
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == stop:
                 result.val_losses.append((step, evaluate(model, val)))
             if metrics_file is not None:
-                row = {"step": step, "loss": result.losses[-1], "mtp": result.mtp_losses[-1],
-                       "lr": lr, "grad_norm": result.grad_norms[-1]}
+                row = {
+                    "step": step,
+                    "loss": result.losses[-1],
+                    "mtp": result.mtp_losses[-1],
+                    "lr": lr,
+                    "grad_norm": result.grad_norms[-1],
+                }
                 if result.val_losses and result.val_losses[-1][0] == step:
                     row["val_loss"] = result.val_losses[-1][1]
                 metrics_file.write(json.dumps(row) + "\n")
             if cfg.log_every and rank == 0 and (step % cfg.log_every == 0 or step + 1 == stop):
-                log.info("step %5d  loss %.4f  lr %.2e  grad_norm %.3f", step,
-                         result.losses[-1], lr, result.grad_norms[-1])
+                log.info(
+                    "step %5d  loss %.4f  lr %.2e  grad_norm %.3f",
+                    step,
+                    result.losses[-1],
+                    lr,
+                    result.grad_norms[-1],
+                )
             if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 checkpoint(step + 1)
         if cfg.checkpoint:
@@ -204,6 +239,7 @@ def train(cfg: TrainConfig, monitor=None) -> TrainResult:
 
 # ---------------------------------------------------------------------------- CLI
 
+
 def main(argv: list[str] | None = None) -> TrainResult:
     p = argparse.ArgumentParser(description="Train the MoE transformer on stdlib bytes.")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
@@ -222,8 +258,12 @@ def main(argv: list[str] | None = None) -> TrainResult:
     p.add_argument("--resume", metavar="PATH")
     p.add_argument("--out", metavar="DIR")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads; 1 avoids spin-wait thrash on a busy 2-core box")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads; 1 avoids spin-wait thrash on a busy 2-core box",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -231,11 +271,22 @@ def main(argv: list[str] | None = None) -> TrainResult:
     if args.run and not args.monitor:
         p.error("--run only makes sense with --monitor")
     try:
-        cfg = TrainConfig(preset=args.preset, steps=args.steps, stop_at=args.stop_at,
-                          seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
-                          lr=args.lr, eval_every=args.eval_every, injects=args.inject,
-                          checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                          resume=args.resume, out_dir=args.out, log_every=args.log_every)
+        cfg = TrainConfig(
+            preset=args.preset,
+            steps=args.steps,
+            stop_at=args.stop_at,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            lr=args.lr,
+            eval_every=args.eval_every,
+            injects=args.inject,
+            checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            out_dir=args.out,
+            log_every=args.log_every,
+        )
     except ValueError as exc:
         p.error(str(exc))
     monitor = None
@@ -245,10 +296,13 @@ def main(argv: list[str] | None = None) -> TrainResult:
         try:
             from hooks import Monitor  # lazy: only --monitor pays for (and needs) the client
         except ImportError as exc:
-            p.error(f"--monitor needs the stepwatch hooks package (hooks/), which failed to "
-                    f"import: {exc}")
-        monitor = DeferredMonitor(lambda model, optimizer: Monitor(
-            model, optimizer, target=args.monitor, run=args.run))
+            p.error(
+                f"--monitor needs the stepwatch hooks package (hooks/), which failed to "
+                f"import: {exc}"
+            )
+        monitor = DeferredMonitor(
+            lambda model, optimizer: Monitor(model, optimizer, target=args.monitor, run=args.run)
+        )
     result = train(cfg, monitor=monitor)
     if result.val_losses and result.rank == 0:
         log.info("final validation loss %.4f", result.val_losses[-1][1])

@@ -8,6 +8,7 @@ against targets[:, d:T]. The heads share the embedding and output matrix with th
 call the output matrix functionally so that a forward hook on `lm_head` sees only the main
 logits.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,13 +31,28 @@ class Block(nn.Module):
         self.kind = kind
         n_heads = cfg.n_heads_full if kind == "full" else cfg.n_heads_swa
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, n_heads, cfg.n_kv_heads, cfg.head_dim, kind,
-                              cfg.window, cfg.max_seq_len, cfg.rope_theta, cfg.norm_eps)
+        self.attn = Attention(
+            cfg.d_model,
+            n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            kind,
+            cfg.window,
+            cfg.max_seq_len,
+            cfg.rope_theta,
+            cfg.norm_eps,
+        )
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn: MoE | DenseFFN
         if moe:
-            self.ffn = MoE(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden,
-                           cfg.bias_update_rate, cfg.balance_loss_weight)
+            self.ffn = MoE(
+                cfg.d_model,
+                cfg.n_experts,
+                cfg.top_k,
+                cfg.expert_hidden,
+                cfg.bias_update_rate,
+                cfg.balance_loss_weight,
+            )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_hidden)
 
@@ -62,11 +78,11 @@ class MTPHead(nn.Module):
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor                # [B, T, V] main-head logits
-    loss: torch.Tensor | None           # main + mtp_loss_weight * mean(mtp) + aux
-    main_loss: torch.Tensor | None      # next-token cross-entropy (nats / token)
-    mtp_losses: list[torch.Tensor]      # one per MTP depth, d = 1..mtp_depth
-    aux_loss: torch.Tensor | None       # sum of the MoE balance losses (0 when off)
+    logits: torch.Tensor  # [B, T, V] main-head logits
+    loss: torch.Tensor | None  # main + mtp_loss_weight * mean(mtp) + aux
+    main_loss: torch.Tensor | None  # next-token cross-entropy (nats / token)
+    mtp_losses: list[torch.Tensor]  # one per MTP depth, d = 1..mtp_depth
+    aux_loss: torch.Tensor | None  # sum of the MoE balance losses (0 when off)
 
 
 class MoETransformer(nn.Module):
@@ -78,7 +94,8 @@ class MoETransformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(
-            Block(cfg, cfg.layer_kind(i), moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+            Block(cfg, cfg.layer_kind(i), moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers)
+        )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_depth))
@@ -110,11 +127,13 @@ class MoETransformer(nn.Module):
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> ModelOutput:
         if idx_BT.dim() != 2 or idx_BT.dtype != torch.long:
-            raise ValueError(f"idx_BT must be a 2-D long tensor, got {tuple(idx_BT.shape)} "
-                             f"{idx_BT.dtype}")
+            raise ValueError(
+                f"idx_BT must be a 2-D long tensor, got {tuple(idx_BT.shape)} {idx_BT.dtype}"
+            )
         if targets_BT is not None and targets_BT.shape != idx_BT.shape:
-            raise ValueError(f"targets_BT shape {tuple(targets_BT.shape)} != idx_BT shape "
-                             f"{tuple(idx_BT.shape)}")
+            raise ValueError(
+                f"targets_BT shape {tuple(targets_BT.shape)} != idx_BT shape {tuple(idx_BT.shape)}"
+            )
         x_BTD = self.embed(idx_BT)
         for block in self.layers:
             x_BTD = block(x_BTD)
@@ -129,11 +148,12 @@ class MoETransformer(nn.Module):
         for d, head in enumerate(self.mtp, start=1):
             if T - d <= 0:
                 break
-            emb_BTD = self.embed(targets_BT[:, d - 1:T - 1])
-            h_BTD = head(h_BTD[:, :T - d], emb_BTD)
+            emb_BTD = self.embed(targets_BT[:, d - 1 : T - 1])
+            h_BTD = head(h_BTD[:, : T - d], emb_BTD)
             mtp_logits = F.linear(head.norm_out(h_BTD), self.lm_head.weight)  # no lm_head hook
-            mtp_losses.append(F.cross_entropy(mtp_logits.reshape(-1, V),
-                                              targets_BT[:, d:].reshape(-1)))
+            mtp_losses.append(
+                F.cross_entropy(mtp_logits.reshape(-1, V), targets_BT[:, d:].reshape(-1))
+            )
         aux_terms = [moe.aux_loss for _, moe in self.moe_layers() if moe.aux_loss is not None]
         aux_loss = torch.stack(aux_terms).sum() if aux_terms else main_loss.new_zeros(())
         loss = main_loss + aux_loss

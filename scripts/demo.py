@@ -5,6 +5,7 @@ serve` on a free loopback port (online detectors and clip policy on), `python -m
 --monitor HOST:PORT` against it (optionally with injected faults), then reads the stored run back
 through store/'s read API and writes the offline anomaly report with `python -m analytics report`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,14 +29,23 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--run", default="demo")
     ap.add_argument("--store-dir", default=str(ROOT / "runs" / "demo-store"))
-    ap.add_argument("--inject", action="append", default=[], metavar="KIND@STEP[:k=v,...]",
-                    help="fault for model.train, e.g. blowup@150:layer=8,expert=3")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for training; 1 leaves the other core to the collector")
+    ap.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="KIND@STEP[:k=v,...]",
+        help="fault for model.train, e.g. blowup@150:layer=8,expert=3",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for training; 1 leaves the other core to the collector",
+    )
     args = ap.parse_args()
 
     store_dir = Path(args.store_dir)
-    shutil.rmtree(store_dir, ignore_errors=True)   # the demo starts from an empty store
+    shutil.rmtree(store_dir, ignore_errors=True)  # the demo starts from an empty store
     store_url = f"parquet:{store_dir}"
 
     # ---------------------------------------------------------------- collector
@@ -46,13 +56,29 @@ def main() -> int:
     t0 = time.time()
     try:
         rc = subprocess.call(
-            [sys.executable, "-m", "model.train", "--preset", args.preset, "--steps",
-             str(args.steps), "--monitor", address, "--run", args.run, "--threads",
-             str(args.threads), "--log-every", "25"]
+            [
+                sys.executable,
+                "-m",
+                "model.train",
+                "--preset",
+                args.preset,
+                "--steps",
+                str(args.steps),
+                "--monitor",
+                address,
+                "--run",
+                args.run,
+                "--threads",
+                str(args.threads),
+                "--log-every",
+                "25",
+            ]
             + [f"--inject={fault}" for fault in args.inject],
-            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     finally:
-        stop_collector(collector)                  # flushes the store, finishes the run
+        stop_collector(collector)  # flushes the store, finishes the run
     if rc != 0:
         print(f"[demo] training exited with status {rc}", file=sys.stderr)
         return rc
@@ -68,24 +94,46 @@ def main() -> int:
     every_step = metrics.height - periodic
     print(f"[demo] trained {args.steps} steps in {time.time() - t0:.0f} s")
     print(f"[demo] data: {store_dir}")
-    print(f"[demo] {every_step} metrics stored per step (+{periodic} parameter norms every few "
-          f"steps), {steps.height} steps, for run '{args.run}'")
+    print(
+        f"[demo] {every_step} metrics stored per step (+{periodic} parameter norms every few "
+        f"steps), {steps.height} steps, for run '{args.run}'"
+    )
     print(f"[demo] stored loss: first {loss['value'][0]:.3f} -> last {loss['value'][-1]:.3f}")
     print(f"[demo] {events.height} detector events, {clips.height} clip updates")
     for row in events.head(8).iter_rows(named=True):
-        print(f"[demo]   event step {row['step']:>4} {row['kind']:<20} {row['site']:<32} "
-              f"value {row['value']:.3g} (threshold {row['threshold']:.3g}, {row['severity']})")
+        print(
+            f"[demo]   event step {row['step']:>4} {row['kind']:<20} {row['site']:<32} "
+            f"value {row['value']:.3g} (threshold {row['threshold']:.3g}, {row['severity']})"
+        )
     for row in clips.head(4).iter_rows(named=True):
-        print(f"[demo]   clip v{row['version']} layer {row['layer']} {row['site']} limit "
-              f"{row['limit']:.3g} from step {row['acked_step']} ({row['reason']})")
+        print(
+            f"[demo]   clip v{row['version']} layer {row['layer']} {row['site']} limit "
+            f"{row['limit']:.3g} from step {row['acked_step']} ({row['reason']})"
+        )
 
     # ---------------------------------------------------------------- offline report
     report = store_dir.parent / f"{args.run}-report.html"
-    subprocess.run([sys.executable, "-m", "analytics", "report", "--store", store_url, "--run",
-                    args.run, "--out", str(report)], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analytics",
+            "report",
+            "--store",
+            store_url,
+            "--run",
+            args.run,
+            "--out",
+            str(report),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     print(f"[demo] anomaly report: {report} (+ {report.with_suffix('.json').name})")
-    print(f"[demo] inspect: .venv/bin/python -m store series --store {store_url} "
-          f"--run {args.run} --metric train/loss")
+    print(
+        f"[demo] inspect: .venv/bin/python -m store series --store {store_url} "
+        f"--run {args.run} --metric train/loss"
+    )
     print(f"[demo] dashboard: make dashboard STORE={store_url}")
     return 0
 

@@ -10,6 +10,7 @@
 
 An unknown run or metric, or malformed input, prints one line on stderr and exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,24 +56,25 @@ def _query(args: argparse.Namespace) -> pl.DataFrame:
         if args.command == "metrics":
             return st.metrics(args.run)
         if args.command == "series":
-            return st.series(args.run, args.metric, start=args.start, stop=args.stop,
-                             rank=args.rank)
+            return st.series(
+                args.run, args.metric, start=args.start, stop=args.stop, rank=args.rank
+            )
         if args.command == "at-step":
             return st.at_step(args.run, args.step, args.pattern, rank=args.rank)
         if args.command == "events":
             return st.events(args.run)
         if args.command == "clips":
             return st.clips(args.run)
-        df = st.steps(args.run)                      # CSV has no lists: "3;7" for ranks 3, 7
+        df = st.steps(args.run)  # CSV has no lists: "3;7" for ranks 3, 7
         return df.with_columns(pl.col("missing_ranks").cast(pl.List(pl.Utf8)).list.join(";"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)                # usage errors exit 2 via argparse
+    args = _parser().parse_args(argv)  # usage errors exit 2 via argparse
     try:
         df = _query(args)
     except (NotFound, InvalidInput) as e:
-        msg = e.args[0] if isinstance(e, NotFound) and e.args else e   # KeyError quotes str()
+        msg = e.args[0] if isinstance(e, NotFound) and e.args else e  # KeyError quotes str()
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except StoreError as e:

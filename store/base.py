@@ -23,6 +23,7 @@ frames. Every write is idempotent on its natural key, so a resent frame never do
 A later write of the same key replaces the earlier one (last write wins); reads never show two
 rows for one key. This module imports nothing of ours (DESIGN.md).
 """
+
 from __future__ import annotations
 
 import abc
@@ -59,31 +60,31 @@ class RunInfo:
     run: str
     world_size: int
     config_json: str = "{}"
-    started_at: float = 0.0          # unix seconds
+    started_at: float = 0.0  # unix seconds
 
 
 @dataclass
 class MetricDict:
     """Columns of metric-dictionary rows for one run (equal lengths)."""
 
-    metric_id: np.ndarray            # int32, dense per run
+    metric_id: np.ndarray  # int32, dense per run
     name: list[str]
-    layer: np.ndarray                # int32, -1 = none
-    expert: np.ndarray               # int32, -1 = none
-    head: np.ndarray                 # int32, -1 = none
+    layer: np.ndarray  # int32, -1 = none
+    expert: np.ndarray  # int32, -1 = none
+    head: np.ndarray  # int32, -1 = none
     stat: list[str]
     unit: list[str]
-    reduce: list[str]                # each in REDUCE_OPS
+    reduce: list[str]  # each in REDUCE_OPS
 
 
 @dataclass
 class ValueBatch:
     """Columns of value rows (equal lengths). rank is None for reduced values."""
 
-    step: np.ndarray                 # int64
-    metric_id: np.ndarray            # int32
-    value: np.ndarray                # float32
-    rank: np.ndarray | None = None   # int32 (raw values only)
+    step: np.ndarray  # int64
+    metric_id: np.ndarray  # int32
+    value: np.ndarray  # float32
+    rank: np.ndarray | None = None  # int32 (raw values only)
     n_ranks: np.ndarray | None = None  # int32 (reduced values only)
 
 
@@ -95,34 +96,39 @@ class RawBlock:
     may keep them as one stored row per rank (a vector), which is what makes six million
     values per step affordable. Natural key and last-write-wins rule as for ValueBatch rows."""
 
-    step: int                        # >= 0
-    rank: np.ndarray                 # int32 [R], distinct
-    metric_id: np.ndarray            # int32 [M], distinct
-    value: np.ndarray                # float32 [R, M], C-contiguous
+    step: int  # >= 0
+    rank: np.ndarray  # int32 [R], distinct
+    metric_id: np.ndarray  # int32 [M], distinct
+    value: np.ndarray  # float32 [R, M], C-contiguous
 
     def cells(self) -> ValueBatch:
         """The block's R x M logical raw rows, rank-major (rank[0]'s metrics first)."""
         r, m, v = np.asarray(self.rank), np.asarray(self.metric_id), np.asarray(self.value)
         if r.ndim != 1 or m.ndim != 1 or v.shape != (r.size, m.size):
-            raise InvalidInput(f"RawBlock value must have shape (len(rank), len(metric_id)) = "
-                               f"({r.size}, {m.size}), got {v.shape}")
-        return ValueBatch(step=np.full(v.size, self.step, dtype=np.int64),
-                          metric_id=np.tile(m, r.size), value=v.reshape(-1),
-                          rank=np.repeat(r, m.size))
+            raise InvalidInput(
+                f"RawBlock value must have shape (len(rank), len(metric_id)) = "
+                f"({r.size}, {m.size}), got {v.shape}"
+            )
+        return ValueBatch(
+            step=np.full(v.size, self.step, dtype=np.int64),
+            metric_id=np.tile(m, r.size),
+            value=v.reshape(-1),
+            rank=np.repeat(r, m.size),
+        )
 
 
 @dataclass(frozen=True)
 class EventRecord:
     """One detector event as stored (analytics/ owns the detectors; the store only keeps rows)."""
 
-    step: int                        # the step whose values raised it (>= 0)
-    kind: str                        # e.g. "expert_death", "blowup", "nonfinite"
-    site: str                        # where: a metric-name prefix, e.g. "moe/layer04/expert003"
-    value: float                     # the statistic that crossed the threshold
+    step: int  # the step whose values raised it (>= 0)
+    kind: str  # e.g. "expert_death", "blowup", "nonfinite"
+    site: str  # where: a metric-name prefix, e.g. "moe/layer04/expert003"
+    value: float  # the statistic that crossed the threshold
     threshold: float
-    severity: str                    # one of SEVERITIES
-    onset_step: int                  # first step of the anomaly (<= step)
-    detail: str = "{}"               # JSON object text: evidence, labels
+    severity: str  # one of SEVERITIES
+    onset_step: int  # first step of the anomaly (<= step)
+    detail: str = "{}"  # JSON object text: evidence, labels
 
 
 @dataclass(frozen=True)
@@ -131,13 +137,13 @@ class ClipRecord:
     Writing the same (version, layer, site) again replaces the row: that is how an
     acknowledgement fills in acked_step."""
 
-    version: int                     # ClipUpdate.version (>= 1)
-    step: int                        # the run's step when it was decided (the event's step)
+    version: int  # ClipUpdate.version (>= 1)
+    step: int  # the run's step when it was decided (the event's step)
     layer: int
-    site: str                        # "routed" | "shared"
-    limit: float                     # SwiGLU clamp L; inf = off
-    reason: str                      # the event that caused it, or "operator ..."
-    acked_step: int = -1             # first step trained with it on every acking rank; -1 = not yet
+    site: str  # "routed" | "shared"
+    limit: float  # SwiGLU clamp L; inf = off
+    reason: str  # the event that caused it, or "operator ..."
+    acked_step: int = -1  # first step trained with it on every acking rank; -1 = not yet
 
 
 SEVERITIES = ("info", "warning", "critical")
@@ -146,9 +152,9 @@ SEVERITIES = ("info", "warning", "critical")
 @dataclass(frozen=True)
 class StepStatus:
     step: int
-    n_ranks: int                     # ranks whose values went into the reduction
+    n_ranks: int  # ranks whose values went into the reduction
     missing_ranks: tuple[int, ...] = field(default_factory=tuple)  # stragglers
-    complete: bool = True            # False when reduced without every rank
+    complete: bool = True  # False when reduced without every rank
     wall_time: float = 0.0
 
 
@@ -213,15 +219,23 @@ class Store(abc.ABC):
         """The run's metric dictionary, sorted by metric_id."""
 
     @abc.abstractmethod
-    def series(self, run: str, metric: str, *, start: int | None = None,
-               stop: int | None = None, rank: int | None = None) -> pl.DataFrame:
+    def series(
+        self,
+        run: str,
+        metric: str,
+        *,
+        start: int | None = None,
+        stop: int | None = None,
+        rank: int | None = None,
+    ) -> pl.DataFrame:
         """One metric by name over steps [start, stop): columns step (i64), value (f32), sorted
         by step. Reduced values when rank is None, else that rank's raw values.
         Raises NotFound for an unknown run or metric name."""
 
     @abc.abstractmethod
-    def at_step(self, run: str, step: int, pattern: str = "*", *,
-                rank: int | None = None) -> pl.DataFrame:
+    def at_step(
+        self, run: str, step: int, pattern: str = "*", *, rank: int | None = None
+    ) -> pl.DataFrame:
         """All metrics whose name matches the glob `pattern` at one step: columns metric_id,
         name, layer, expert, head, stat, value; sorted by metric_id."""
 
@@ -240,7 +254,7 @@ class Store(abc.ABC):
         (version, layer, site)."""
 
     # context manager sugar
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:

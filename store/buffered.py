@@ -10,6 +10,7 @@ Raw per-rank values, whether written as RawBlocks or as flat ValueBatch rows, ar
 vectors (columns.py: one row per (rank, step, layout)) plus the layouts they use, and reads of
 them decode vectors back into cells (`_read_raw`).
 """
+
 from __future__ import annotations
 
 import abc
@@ -22,8 +23,20 @@ import numpy as np
 import polars as pl
 
 from store import columns as C
-from store.base import (ClipRecord, EventRecord, InvalidInput, MetricDict, NotFound, RawBlock,
-                        RunInfo, StepStatus, Store, StoreError, ValueBatch, check_run_name)
+from store.base import (
+    ClipRecord,
+    EventRecord,
+    InvalidInput,
+    MetricDict,
+    NotFound,
+    RawBlock,
+    RunInfo,
+    StepStatus,
+    Store,
+    StoreError,
+    ValueBatch,
+    check_run_name,
+)
 
 
 def _check_step(name: str, v: int | None) -> int | None:
@@ -36,13 +49,13 @@ class BufferedStore(Store):
     """Validation, write buffering, the closed state and every read; subclasses store rows."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()               # the collector may flush from a thread
+        self._lock = threading.RLock()  # the collector may flush from a thread
         self._closed = False
-        self._run_rows: dict[str, dict[str, Any]] = {}   # runs this writer has touched
+        self._run_rows: dict[str, dict[str, Any]] = {}  # runs this writer has touched
         self._dirty_runs: set[str] = set()
         self._pending_metrics: dict[str, pl.DataFrame] = {}  # whole merged dictionary per run
         self._pending: dict[tuple[str, str], list[pl.DataFrame]] = {}  # (run, table) chunks
-        self._pending_layouts: dict[str, dict[int, np.ndarray]] = {}   # run -> {hash: ids}
+        self._pending_layouts: dict[str, dict[int, np.ndarray]] = {}  # run -> {hash: ids}
 
     # ---- backend hooks -------------------------------------------------------------------
     @abc.abstractmethod
@@ -54,9 +67,13 @@ class BufferedStore(Store):
         """The committed dictionary (METRICS_SCHEMA), empty when none; run known to exist."""
 
     @abc.abstractmethod
-    def _commit(self, runs: dict[str, dict[str, Any]], metrics: dict[str, pl.DataFrame],
-                values: dict[tuple[str, str], pl.DataFrame],
-                layouts: dict[str, dict[int, np.ndarray]]) -> None:
+    def _commit(
+        self,
+        runs: dict[str, dict[str, Any]],
+        metrics: dict[str, pl.DataFrame],
+        values: dict[tuple[str, str], pl.DataFrame],
+        layouts: dict[str, dict[int, np.ndarray]],
+    ) -> None:
         """Make these durable and visible; values come from `_combine` with TABLES schemas
         ("raw_vectors" without `ver`: the backend numbers its rows, increasing in frame order,
         above every earlier commit's), layouts are the ids of every layout those vectors use.
@@ -67,24 +84,45 @@ class BufferedStore(Store):
         """Every committed run row (RUNS_SCHEMA), any order."""
 
     @abc.abstractmethod
-    def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
-                     start: int | None = None, stop: int | None = None) -> pl.DataFrame:
+    def _read_values(
+        self,
+        run: str,
+        table: str,
+        *,
+        metric_id: int | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+    ) -> pl.DataFrame:
         """Committed rows of one value table (TABLES schema), one per natural key (last write
         wins), filtered by metric_id (when given) and start <= step < stop; any order."""
 
     @abc.abstractmethod
-    def _read_vectors(self, run: str, *, rank: int | None, start: int | None,
-                      stop: int | None, metric_id: int | None = None,
-                      ) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
+    def _read_vectors(
+        self,
+        run: str,
+        *,
+        rank: int | None,
+        start: int | None,
+        stop: int | None,
+        metric_id: int | None = None,
+    ) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
         """Committed raw vectors (RAW_VECTORS_SCHEMA) of `rank` with start <= step < stop and,
         given metric_id, at least those whose layout holds it; with the ids of their layouts.
         Repeated keys may be left in: `columns.vector_cells` resolves them by ver."""
 
-    def _read_raw(self, run: str, *, rank: int | None, start: int | None, stop: int | None,
-                  metric_id: int | None = None) -> pl.DataFrame:
+    def _read_raw(
+        self,
+        run: str,
+        *,
+        rank: int | None,
+        start: int | None,
+        stop: int | None,
+        metric_id: int | None = None,
+    ) -> pl.DataFrame:
         """Logical raw rows (RAW_SCHEMA), one per (rank, step, metric_id), last write wins."""
-        vec, layouts = self._read_vectors(run, rank=rank, start=start, stop=stop,
-                                          metric_id=metric_id)
+        vec, layouts = self._read_vectors(
+            run, rank=rank, start=start, stop=stop, metric_id=metric_id
+        )
         return C.vector_cells(vec, layouts, metric_id)
 
     def _claim(self, run: str) -> None:
@@ -131,12 +169,13 @@ class BufferedStore(Store):
             except NotFound:
                 self._claim(info.run)
                 row = self._run_rows[info.run] = {"started_at": 0.0, "last_step": None}
-            row.update(run=info.run, world_size=int(ws), config_json=info.config_json,
-                       status="live")
+            row.update(
+                run=info.run, world_size=int(ws), config_json=info.config_json, status="live"
+            )
             now = time.time()
             if info.started_at:
                 row["started_at"] = float(info.started_at)
-            elif not row["started_at"]:                  # reopening keeps the first start
+            elif not row["started_at"]:  # reopening keeps the first start
                 row["started_at"] = now
             self._touch(info.run, row)
 
@@ -158,8 +197,9 @@ class BufferedStore(Store):
             self._pending_metrics[run] = C.merge_metrics(old, new)
             self._touch(run, row)
 
-    def _write_values(self, run: str, table: str, frame: pl.DataFrame, *,
-                      advances: bool = True) -> None:
+    def _write_values(
+        self, run: str, table: str, frame: pl.DataFrame, *, advances: bool = True
+    ) -> None:
         """Buffer rows of a value table; `advances`: their steps count toward last_step
         (events and clip updates describe steps already written, so they do not)."""
         with self._lock:
@@ -176,8 +216,7 @@ class BufferedStore(Store):
     def write_raw_block(self, run: str, block: RawBlock) -> None:
         self._write_vectors(run, *C.block_vectors(block))
 
-    def _write_vectors(self, run: str, frame: pl.DataFrame,
-                       layouts: dict[int, np.ndarray]) -> None:
+    def _write_vectors(self, run: str, frame: pl.DataFrame, layouts: dict[int, np.ndarray]) -> None:
         with self._lock:
             self._write_values(run, "raw_vectors", frame)
             if frame.height:
@@ -200,8 +239,10 @@ class BufferedStore(Store):
             self._check_open()
             if not (self._dirty_runs or self._pending):
                 return
-            values = {(run, table): self._combine(table, chunks)
-                      for (run, table), chunks in self._pending.items()}
+            values = {
+                (run, table): self._combine(table, chunks)
+                for (run, table), chunks in self._pending.items()
+            }
             runs = {run: dict(self._run_rows[run]) for run in self._dirty_runs}
             self._commit(runs, dict(self._pending_metrics), values, dict(self._pending_layouts))
             self._pending.clear()
@@ -214,8 +255,9 @@ class BufferedStore(Store):
         wins). A backend whose reads resolve repeated keys itself may keep them all, in write
         order, and skip this pass (ClickHouse: per-row versions, argMax on read). Raw vectors
         keep write order: it becomes their ver, which decides cells across layouts."""
-        return C.last_wins(pl.concat(chunks), C.TABLES[table][1],
-                           maintain_order=table == "raw_vectors")
+        return C.last_wins(
+            pl.concat(chunks), C.TABLES[table][1], maintain_order=table == "raw_vectors"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -246,10 +288,18 @@ class BufferedStore(Store):
         self._known_run(run)
         return self._committed_metrics(run).cast(C.METRICS_SCHEMA).sort("metric_id")
 
-    def series(self, run: str, metric: str, *, start: int | None = None,
-               stop: int | None = None, rank: int | None = None) -> pl.DataFrame:
-        start, stop, rank = (_check_step(k, v) for k, v in
-                             (("start", start), ("stop", stop), ("rank", rank)))
+    def series(
+        self,
+        run: str,
+        metric: str,
+        *,
+        start: int | None = None,
+        stop: int | None = None,
+        rank: int | None = None,
+    ) -> pl.DataFrame:
+        start, stop, rank = (
+            _check_step(k, v) for k, v in (("start", start), ("stop", stop), ("rank", rank))
+        )
         if not isinstance(metric, str):
             raise InvalidInput(f"metric must be a name (str), got {metric!r}")
         self._known_run(run)
@@ -263,8 +313,9 @@ class BufferedStore(Store):
             df = self._read_raw(run, rank=rank, metric_id=mid, start=start, stop=stop)
         return df.select(list(C.SERIES_SCHEMA)).cast(C.SERIES_SCHEMA).sort("step")
 
-    def at_step(self, run: str, step: int, pattern: str = "*", *,
-                rank: int | None = None) -> pl.DataFrame:
+    def at_step(
+        self, run: str, step: int, pattern: str = "*", *, rank: int | None = None
+    ) -> pl.DataFrame:
         step, rank = _check_step("step", step), _check_step("rank", rank)
         if step is None:
             raise InvalidInput("step must be an integer")

@@ -7,21 +7,32 @@ _USER, _PASSWORD, _DB); else the defaults below. A bare "clickhouse:" or "clickh
 tries STEPWATCH_CLICKHOUSE_URL. So a deployment can keep the password out of command lines
 (docker-compose passes CLICKHOUSE_PASSWORD) while the URL names host and database.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from store.base import InvalidInput
 from store.clickhouse_schema import StoreOptions, check_identifier
 
 URL_ENV = "STEPWATCH_CLICKHOUSE_URL"
-DEFAULTS = {"host": "localhost", "port": 9000, "user": "default", "password": "",
-            "database": "stepwatch"}
-FIELD_ENV = {"host": "CLICKHOUSE_HOST", "port": "CLICKHOUSE_PORT", "user": "CLICKHOUSE_USER",
-             "password": "CLICKHOUSE_PASSWORD", "database": "CLICKHOUSE_DB"}
+DEFAULTS = {
+    "host": "localhost",
+    "port": 9000,
+    "user": "default",
+    "password": "",
+    "database": "stepwatch",
+}
+FIELD_ENV = {
+    "host": "CLICKHOUSE_HOST",
+    "port": "CLICKHOUSE_PORT",
+    "user": "CLICKHOUSE_USER",
+    "password": "CLICKHOUSE_PASSWORD",
+    "database": "CLICKHOUSE_DB",
+}
 _OPTIONS = {f.name for f in fields(StoreOptions)}
 
 
@@ -30,7 +41,7 @@ class ClickHouseConfig:
     host: str = DEFAULTS["host"]
     port: int = DEFAULTS["port"]
     user: str = DEFAULTS["user"]
-    password: str = field(default="", repr=False)    # never in logs or error messages
+    password: str = field(default="", repr=False)  # never in logs or error messages
     database: str = DEFAULTS["database"]
     secure: bool = False
     connect_timeout_s: float = 10.0
@@ -49,8 +60,9 @@ class ClickHouseConfig:
         return f"{scheme}://{self.user}@{self.host}:{self.port}/{self.database}"
 
     @classmethod
-    def from_url(cls, url: str | None = None,
-                 env: Mapping[str, str] | None = None) -> "ClickHouseConfig":
+    def from_url(
+        cls, url: str | None = None, env: Mapping[str, str] | None = None
+    ) -> ClickHouseConfig:
         env = os.environ if env is None else env
         url = url or "clickhouse://"
         if not isinstance(url, str):
@@ -61,16 +73,21 @@ class ClickHouseConfig:
             return cls.from_url(env[URL_ENV], env)
         parts = urlsplit(url)
         if parts.scheme not in ("clickhouse", "clickhouses"):
-            raise InvalidInput(f"not a ClickHouse URL: {_redact(url)!r} "
-                               "(expected clickhouse://user:pass@host:port/db)")
+            raise InvalidInput(
+                f"not a ClickHouse URL: {_redact(url)!r} "
+                "(expected clickhouse://user:pass@host:port/db)"
+            )
         try:
             url_port = parts.port
         except ValueError:
             raise InvalidInput(f"bad port in ClickHouse URL {_redact(url)!r}") from None
-        given = {"host": parts.hostname, "port": url_port,
-                 "user": unquote(parts.username) if parts.username else None,
-                 "password": unquote(parts.password) if parts.password is not None else None,
-                 "database": unquote(parts.path.strip("/")) or None}
+        given = {
+            "host": parts.hostname,
+            "port": url_port,
+            "user": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password is not None else None,
+            "database": unquote(parts.path.strip("/")) or None,
+        }
         resolved = {}
         for key, value in given.items():
             if value is None:
@@ -79,18 +96,19 @@ class ClickHouseConfig:
         try:
             resolved["port"] = int(resolved["port"])
         except ValueError:
-            raise InvalidInput(f"{FIELD_ENV['port']} must be an integer, "
-                               f"got {resolved['port']!r}") from None
-        return cls(**resolved, secure=parts.scheme == "clickhouses",
-                   options=_options(parts.query))
+            raise InvalidInput(
+                f"{FIELD_ENV['port']} must be an integer, got {resolved['port']!r}"
+            ) from None
+        return cls(**resolved, secure=parts.scheme == "clickhouses", options=_options(parts.query))
 
 
 def _options(query: str) -> StoreOptions:
     values = {}
     for key, raw in parse_qsl(query, keep_blank_values=True):
         if key not in _OPTIONS:
-            raise InvalidInput(f"unknown ClickHouse store option {key!r}; "
-                               f"known: {sorted(_OPTIONS)}")
+            raise InvalidInput(
+                f"unknown ClickHouse store option {key!r}; known: {sorted(_OPTIONS)}"
+            )
         try:
             values[key] = int(raw)
         except ValueError:

@@ -14,45 +14,98 @@ recovered by `vector_cells`: a cell (rank, step, metric_id) is the value from th
 vector (highest `ver`, i.e. last written) whose layout holds the metric, so last write wins
 per cell across both write paths and across overlapping layouts.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from store.base import (REDUCE_OPS, SEVERITIES, ClipRecord, EventRecord, InvalidInput, MetricDict,
-                        RawBlock, StepStatus, StoreError, ValueBatch)
+from store.base import (
+    REDUCE_OPS,
+    SEVERITIES,
+    ClipRecord,
+    EventRecord,
+    InvalidInput,
+    MetricDict,
+    RawBlock,
+    StepStatus,
+    StoreError,
+    ValueBatch,
+)
 
 # ---- read-frame schemas ------------------------------------------------------------------
-RUNS_SCHEMA = {"run": pl.Utf8, "world_size": pl.Int32, "config_json": pl.Utf8,
-               "started_at": pl.Float64, "updated_at": pl.Float64,
-               "last_step": pl.Int64,      # null until a step was written
-               "status": pl.Utf8}
-METRICS_SCHEMA = {"metric_id": pl.Int32, "name": pl.Utf8, "layer": pl.Int32,
-                  "expert": pl.Int32, "head": pl.Int32, "stat": pl.Utf8, "unit": pl.Utf8,
-                  "reduce": pl.Utf8}
+RUNS_SCHEMA = {
+    "run": pl.Utf8,
+    "world_size": pl.Int32,
+    "config_json": pl.Utf8,
+    "started_at": pl.Float64,
+    "updated_at": pl.Float64,
+    "last_step": pl.Int64,  # null until a step was written
+    "status": pl.Utf8,
+}
+METRICS_SCHEMA = {
+    "metric_id": pl.Int32,
+    "name": pl.Utf8,
+    "layer": pl.Int32,
+    "expert": pl.Int32,
+    "head": pl.Int32,
+    "stat": pl.Utf8,
+    "unit": pl.Utf8,
+    "reduce": pl.Utf8,
+}
 RAW_SCHEMA = {"step": pl.Int64, "metric_id": pl.Int32, "rank": pl.Int32, "value": pl.Float32}
-REDUCED_SCHEMA = {"step": pl.Int64, "metric_id": pl.Int32, "value": pl.Float32,
-                  "n_ranks": pl.Int32}
-STEPS_SCHEMA = {"step": pl.Int64, "n_ranks": pl.Int32, "missing_ranks": pl.List(pl.Int32),
-                "complete": pl.Boolean, "wall_time": pl.Float64}
-EVENTS_SCHEMA = {"step": pl.Int64, "kind": pl.Utf8, "site": pl.Utf8, "value": pl.Float64,
-                 "threshold": pl.Float64, "severity": pl.Utf8, "onset_step": pl.Int64,
-                 "detail": pl.Utf8}
-CLIPS_SCHEMA = {"version": pl.Int64, "step": pl.Int64, "layer": pl.Int32, "site": pl.Utf8,
-                "limit": pl.Float32, "reason": pl.Utf8, "acked_step": pl.Int64}
+REDUCED_SCHEMA = {"step": pl.Int64, "metric_id": pl.Int32, "value": pl.Float32, "n_ranks": pl.Int32}
+STEPS_SCHEMA = {
+    "step": pl.Int64,
+    "n_ranks": pl.Int32,
+    "missing_ranks": pl.List(pl.Int32),
+    "complete": pl.Boolean,
+    "wall_time": pl.Float64,
+}
+EVENTS_SCHEMA = {
+    "step": pl.Int64,
+    "kind": pl.Utf8,
+    "site": pl.Utf8,
+    "value": pl.Float64,
+    "threshold": pl.Float64,
+    "severity": pl.Utf8,
+    "onset_step": pl.Int64,
+    "detail": pl.Utf8,
+}
+CLIPS_SCHEMA = {
+    "version": pl.Int64,
+    "step": pl.Int64,
+    "layer": pl.Int32,
+    "site": pl.Utf8,
+    "limit": pl.Float32,
+    "reason": pl.Utf8,
+    "acked_step": pl.Int64,
+}
 # Stored raw vectors: `values` is float32 little-endian bytes, one per id of the layout; `ver`
 # (set by the backend at commit, increasing in write order) decides which vector wins a cell.
-RAW_VECTORS_SCHEMA = {"step": pl.Int64, "rank": pl.Int32, "layout": pl.UInt64,
-                      "values": pl.Binary, "ver": pl.UInt64}
+RAW_VECTORS_SCHEMA = {
+    "step": pl.Int64,
+    "rank": pl.Int32,
+    "layout": pl.UInt64,
+    "values": pl.Binary,
+    "ver": pl.UInt64,
+}
 SERIES_SCHEMA = {"step": pl.Int64, "value": pl.Float32}
-AT_STEP_SCHEMA = {"metric_id": pl.Int32, "name": pl.Utf8, "layer": pl.Int32,
-                  "expert": pl.Int32, "head": pl.Int32, "stat": pl.Utf8, "value": pl.Float32}
+AT_STEP_SCHEMA = {
+    "metric_id": pl.Int32,
+    "name": pl.Utf8,
+    "layer": pl.Int32,
+    "expert": pl.Int32,
+    "head": pl.Int32,
+    "stat": pl.Utf8,
+    "value": pl.Float32,
+}
 
 # Per value table: schema, natural key within a run, and the on-disk sort order (series reads
 # filter on metric_id first, so rows of one metric sit together; raw vectors are read per rank).
@@ -71,8 +124,9 @@ def empty(schema: dict) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
 
-def last_wins(df: pl.DataFrame, keys: tuple[str, ...] | list[str], *,
-              maintain_order: bool = False) -> pl.DataFrame:
+def last_wins(
+    df: pl.DataFrame, keys: tuple[str, ...] | list[str], *, maintain_order: bool = False
+) -> pl.DataFrame:
     """Keep the last row (in frame order) of every natural key: the idempotency rule.
     maintain_order keeps the survivors in frame order (raw vectors: order is write order)."""
     if df.height <= 1:
@@ -93,7 +147,7 @@ def _int_column(name: str, x, dtype, *, low: int) -> np.ndarray:
     top = _I32_MAX if dtype == np.int32 else 2**63 - 1
     if lo < low or hi > top:
         raise InvalidInput(f"{name} values must lie in [{low}, {top}], got [{lo}, {hi}]")
-    return np.array(arr, dtype=dtype, copy=True)     # copy: the caller may reuse its buffer
+    return np.array(arr, dtype=dtype, copy=True)  # copy: the caller may reuse its buffer
 
 
 def _str_column(name: str, x, n: int) -> list[str]:
@@ -115,8 +169,9 @@ def metrics_frame(md: MetricDict) -> pl.DataFrame:
     for key in ("layer", "expert", "head"):
         col = _int_column(key, getattr(md, key), np.int32, low=-1)
         if col.size != n:
-            raise InvalidInput(f"ragged metric dictionary: {key} has {col.size} rows, "
-                               f"metric_id has {n}")
+            raise InvalidInput(
+                f"ragged metric dictionary: {key} has {col.size} rows, metric_id has {n}"
+            )
         cols[key] = col
     for key in ("name", "stat", "unit", "reduce"):
         cols[key] = _str_column(key, getattr(md, key), n)
@@ -148,13 +203,15 @@ def values_frame(batch: ValueBatch, table: str) -> pl.DataFrame:
         raise InvalidInput(f"{table} values need batch.{per_row}")
     if getattr(batch, other) is not None:
         raise InvalidInput(f"{table} values take batch.{per_row}, not batch.{other}")
-    cols = {"step": _int_column("step", batch.step, np.int64, low=0),
-            "metric_id": _int_column("metric_id", batch.metric_id, np.int32, low=0),
-            per_row: _int_column(per_row, getattr(batch, per_row), np.int32, low=0)}
+    cols = {
+        "step": _int_column("step", batch.step, np.int64, low=0),
+        "metric_id": _int_column("metric_id", batch.metric_id, np.int32, low=0),
+        per_row: _int_column(per_row, getattr(batch, per_row), np.int32, low=0),
+    }
     value = np.asarray(batch.value)
     if value.ndim != 1 or (value.size and value.dtype.kind not in "fiu"):
         raise InvalidInput(f"value must be a 1-D numeric array, got {value.dtype} {value.shape}")
-    with np.errstate(over="ignore"):                  # f64 beyond f32 range becomes inf, kept
+    with np.errstate(over="ignore"):  # f64 beyond f32 range becomes inf, kept
         cols["value"] = np.array(value, dtype=np.float32, copy=True)
     lengths = {k: v.size for k, v in cols.items()}
     if len(set(lengths.values())) != 1:
@@ -172,18 +229,21 @@ def layout_hash(ids: np.ndarray) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
-def _vectors(step: np.ndarray, rank: np.ndarray, layout: np.ndarray, flat: np.ndarray,
-             offsets: np.ndarray) -> pl.DataFrame:
+def _vectors(
+    step: np.ndarray, rank: np.ndarray, layout: np.ndarray, flat: np.ndarray, offsets: np.ndarray
+) -> pl.DataFrame:
     """Pending vector rows (RAW_VECTORS_SCHEMA less ver): row i's values are
     flat[offsets[i]:offsets[i + 1]], passed to Arrow as one buffer (no Python per row)."""
     data = np.ascontiguousarray(flat, dtype="<f4")
     blobs = pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(), rank.size,
-        [None, pa.py_buffer(offsets.astype(np.int64) * 4), pa.py_buffer(data)])
-    return pl.DataFrame({"step": step, "rank": rank, "layout": layout,
-                         "values": pl.Series("values", blobs)},
-                        schema={k: RAW_VECTORS_SCHEMA[k] for k in
-                                ("step", "rank", "layout", "values")})
+        pa.large_binary(),
+        rank.size,
+        [None, pa.py_buffer(offsets.astype(np.int64) * 4), pa.py_buffer(data)],
+    )
+    return pl.DataFrame(
+        {"step": step, "rank": rank, "layout": layout, "values": pl.Series("values", blobs)},
+        schema={k: RAW_VECTORS_SCHEMA[k] for k in ("step", "rank", "layout", "values")},
+    )
 
 
 def block_vectors(block: RawBlock) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
@@ -198,19 +258,30 @@ def block_vectors(block: RawBlock) -> tuple[pl.DataFrame, dict[int, np.ndarray]]
             raise InvalidInput(f"RawBlock {name} must hold distinct values")
     value = np.asarray(block.value)
     if value.shape != (rank.size, ids.size):
-        raise InvalidInput(f"RawBlock value must have shape (len(rank), len(metric_id)) = "
-                           f"({rank.size}, {ids.size}), got {value.shape}")
+        raise InvalidInput(
+            f"RawBlock value must have shape (len(rank), len(metric_id)) = "
+            f"({rank.size}, {ids.size}), got {value.shape}"
+        )
     if value.dtype.kind not in "fiu":
-        raise InvalidInput(f"RawBlock value must be float32 (or another real number type), "
-                           f"got dtype {value.dtype}")
+        raise InvalidInput(
+            f"RawBlock value must be float32 (or another real number type), got dtype {value.dtype}"
+        )
     if value.size == 0:
-        return _vectors(*(np.empty(0, t) for t in (np.int64, np.int32, np.uint64)),
-                        np.empty(0, np.float32), np.zeros(1, np.int64)), {}
-    with np.errstate(over="ignore"):                  # f64 beyond f32 range becomes inf, kept
+        return _vectors(
+            *(np.empty(0, t) for t in (np.int64, np.int32, np.uint64)),
+            np.empty(0, np.float32),
+            np.zeros(1, np.int64),
+        ), {}
+    with np.errstate(over="ignore"):  # f64 beyond f32 range becomes inf, kept
         flat = np.array(value, dtype="<f4", order="C", copy=True)  # the caller may reuse it
     h = layout_hash(ids)
-    frame = _vectors(np.full(rank.size, step, np.int64), rank, np.full(rank.size, h, np.uint64),
-                     flat.reshape(-1), np.arange(rank.size + 1, dtype=np.int64) * ids.size)
+    frame = _vectors(
+        np.full(rank.size, step, np.int64),
+        rank,
+        np.full(rank.size, h, np.uint64),
+        flat.reshape(-1),
+        np.arange(rank.size + 1, dtype=np.int64) * ids.size,
+    )
     return frame, {h: ids}
 
 
@@ -220,27 +291,29 @@ def batch_vectors(batch: ValueBatch) -> tuple[pl.DataFrame, dict[int, np.ndarray
     what is not already grouped (the collector writes each rank's values contiguously)."""
     df = values_frame(batch, "raw")
     if df.height == 0:
-        return block_vectors(RawBlock(0, np.empty(0, np.int32), np.empty(0, np.int32),
-                                      np.empty((0, 0), np.float32)))
+        return block_vectors(
+            RawBlock(0, np.empty(0, np.int32), np.empty(0, np.int32), np.empty((0, 0), np.float32))
+        )
     step, rank = df["step"].to_numpy(), df["rank"].to_numpy()
     mid, val = df["metric_id"].to_numpy(), df["value"].to_numpy()
     starts = _group_starts(step, rank)
     ranks = int(rank.max()) + 1
     grouped = (int(step.max()) - int(step.min())) * ranks < 2**62 and np.unique(
-        (step[starts] - step.min()) * ranks + rank[starts]).size == starts.size
-    if not grouped:                                   # some (step, rank) in several runs
-        order = np.lexsort((rank, step))              # stable: write order within a group
+        (step[starts] - step.min()) * ranks + rank[starts]
+    ).size == starts.size
+    if not grouped:  # some (step, rank) in several runs
+        order = np.lexsort((rank, step))  # stable: write order within a group
         step, rank, mid, val = step[order], rank[order], mid[order], val[order]
         starts = _group_starts(step, rank)
     group = np.zeros(step.size, np.int64)
     group[starts[1:]] = 1
-    key = np.cumsum(group) * (int(mid.max()) + 1) + mid      # (group, metric_id), < 2^62
-    if int(key.max()) < 8 * key.size + 1024:          # dense: count instead of sorting
+    key = np.cumsum(group) * (int(mid.max()) + 1) + mid  # (group, metric_id), < 2^62
+    if int(key.max()) < 8 * key.size + 1024:  # dense: count instead of sorting
         repeated = np.bincount(key).max() > 1
     else:
         k = np.sort(key)
         repeated = bool((k[1:] == k[:-1]).any())
-    if repeated:                                      # keep the last write of each cell
+    if repeated:  # keep the last write of each cell
         by_key = np.argsort(key, kind="stable")
         ks = key[by_key]
         last = np.append(ks[1:] != ks[:-1], True)
@@ -253,7 +326,7 @@ def batch_vectors(batch: ValueBatch) -> tuple[pl.DataFrame, dict[int, np.ndarray
     last_ids, last_h = None, 0
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         ids = mid[a:b]
-        if last_ids is None or not np.array_equal(ids, last_ids):   # runs of equal layouts
+        if last_ids is None or not np.array_equal(ids, last_ids):  # runs of equal layouts
             last_ids, last_h = ids, layout_hash(ids)
             layouts.setdefault(last_h, ids.copy())
         keys[i] = last_h
@@ -275,13 +348,13 @@ def _blob_buffer(values: pl.Series) -> tuple[np.ndarray, np.ndarray]:
         arr = pa.concat_arrays(arr.chunks) if arr.num_chunks else pa.array([], pa.large_binary())
     arr = arr.cast(pa.large_binary())
     _, offs, data = arr.buffers()
-    offsets = np.frombuffer(offs, np.int64)[arr.offset:arr.offset + len(arr) + 1]
-    return offsets, (np.frombuffer(data, np.uint8) if data is not None
-                     else np.empty(0, np.uint8))
+    offsets = np.frombuffer(offs, np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    return offsets, (np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8))
 
 
-def vector_cells(vec: pl.DataFrame, layouts: Mapping[int, np.ndarray],
-                 metric_id: int | None = None) -> pl.DataFrame:
+def vector_cells(
+    vec: pl.DataFrame, layouts: Mapping[int, np.ndarray], metric_id: int | None = None
+) -> pl.DataFrame:
     """Stored vectors (RAW_VECTORS_SCHEMA) -> logical raw rows (RAW_SCHEMA), one per
     (rank, step, metric_id): the value of the highest-ver vector holding the metric. With
     metric_id, only that metric's cells are decoded (4 bytes of each vector)."""
@@ -290,8 +363,10 @@ def vector_cells(vec: pl.DataFrame, layouts: Mapping[int, np.ndarray],
     hashes = vec["layout"].to_numpy()
     missing = set(np.unique(hashes).tolist()) - set(layouts)
     if missing:
-        raise StoreError(f"raw vectors refer to {len(missing)} unknown layout(s), e.g. "
-                         f"{min(missing):#x}: the layout table is incomplete")
+        raise StoreError(
+            f"raw vectors refer to {len(missing)} unknown layout(s), e.g. "
+            f"{min(missing):#x}: the layout table is incomplete"
+        )
     offsets, data = _blob_buffer(vec["values"])
     uniq, inverse = np.unique(hashes, return_inverse=True)
     sizes = np.array([layouts[int(h)].size for h in uniq], np.int64)
@@ -302,22 +377,31 @@ def vector_cells(vec: pl.DataFrame, layouts: Mapping[int, np.ndarray],
         keep = pos >= 0
         start = offsets[:-1][keep] + 4 * pos[keep]
         cells = data[start[:, None] + np.arange(4)].reshape(-1).view("<f4")
-        out = vec.filter(pl.Series(keep)).select("step", "rank", "ver").with_columns(
-            metric_id=pl.lit(metric_id, pl.Int32), value=pl.Series(cells, dtype=pl.Float32))
+        out = (
+            vec.filter(pl.Series(keep))
+            .select("step", "rank", "ver")
+            .with_columns(
+                metric_id=pl.lit(metric_id, pl.Int32), value=pl.Series(cells, dtype=pl.Float32)
+            )
+        )
     else:
         n = sizes[inverse]
         ids = np.concatenate([layouts[int(h)] for h in hashes]).astype(np.int32)
-        cells = np.frombuffer(data[offsets[0]:offsets[-1]].tobytes(), "<f4")
-        out = pl.DataFrame({"step": np.repeat(vec["step"].to_numpy(), n),
-                            "rank": np.repeat(vec["rank"].to_numpy(), n),
-                            "ver": np.repeat(vec["ver"].to_numpy(), n),
-                            "metric_id": ids, "value": cells})
+        cells = np.frombuffer(data[offsets[0] : offsets[-1]].tobytes(), "<f4")
+        out = pl.DataFrame(
+            {
+                "step": np.repeat(vec["step"].to_numpy(), n),
+                "rank": np.repeat(vec["rank"].to_numpy(), n),
+                "ver": np.repeat(vec["ver"].to_numpy(), n),
+                "metric_id": ids,
+                "value": cells,
+            }
+        )
     out = last_wins(out.sort("ver"), ["rank", "step", "metric_id"])
     return out.select(list(RAW_SCHEMA)).cast(RAW_SCHEMA)
 
 
-def layouts_holding(layouts: Mapping[int, np.ndarray], metric_id: int | None
-                    ) -> list[int] | None:
+def layouts_holding(layouts: Mapping[int, np.ndarray], metric_id: int | None) -> list[int] | None:
     """Hashes of the layouts whose ids include metric_id (None: no metric asked, every
     layout); the vectors a per-rank series read has to decode."""
     if metric_id is None:
@@ -377,7 +461,7 @@ def events_frame(events: list[EventRecord]) -> pl.DataFrame:
     """EventRecord list -> frame (EVENTS_SCHEMA). Values may be non-finite (a NaN loss is
     exactly what a non-finite event reports); detail must be JSON object text."""
     rows = {k: [] for k in EVENTS_SCHEMA}
-    for e in ([events] if isinstance(events, EventRecord) else events):
+    for e in [events] if isinstance(events, EventRecord) else events:
         if not isinstance(e, EventRecord):
             raise InvalidInput(f"expected EventRecord, got {type(e).__name__}")
         step = _int_field("event step", e.step, 0)
@@ -407,7 +491,7 @@ def events_frame(events: list[EventRecord]) -> pl.DataFrame:
 def clips_frame(clips: list[ClipRecord]) -> pl.DataFrame:
     """ClipRecord list -> frame (CLIPS_SCHEMA). limit inf means "off"; NaN is refused."""
     rows = {k: [] for k in CLIPS_SCHEMA}
-    for c in ([clips] if isinstance(clips, ClipRecord) else clips):
+    for c in [clips] if isinstance(clips, ClipRecord) else clips:
         if not isinstance(c, ClipRecord):
             raise InvalidInput(f"expected ClipRecord, got {type(c).__name__}")
         rows["version"].append(_int_field("clip version", c.version, 1))
@@ -447,10 +531,10 @@ def glob_to_regex(pattern: str) -> str:
             out.append(".")
         elif c == "[":
             j = i + (i < n and pattern[i] == "!")
-            j += j < n and pattern[j] == "]"                  # a leading "]" is literal
+            j += j < n and pattern[j] == "]"  # a leading "]" is literal
             while j < n and pattern[j] != "]":
                 j += 1
-            if j >= n:                                        # no closing bracket: literal "["
+            if j >= n:  # no closing bracket: literal "["
                 out.append(_lit("["))
                 continue
             body, i = pattern[i:j], j + 1
@@ -459,7 +543,7 @@ def glob_to_regex(pattern: str) -> str:
             items, k = [], 0
             while k < len(body):
                 if k + 2 < len(body) and body[k + 1] == "-":
-                    if body[k] <= body[k + 2]:                 # fnmatch drops reversed ranges
+                    if body[k] <= body[k + 2]:  # fnmatch drops reversed ranges
                         items.append(f"{_lit(body[k])}-{_lit(body[k + 2])}")
                     k += 3
                 else:
@@ -467,7 +551,7 @@ def glob_to_regex(pattern: str) -> str:
                     k += 1
             if items:
                 out.append(("[^" if negate else "[") + "".join(items) + "]")
-            else:                                             # empty class: matches nothing,
+            else:  # empty class: matches nothing,
                 out.append("(?s:.)" if negate else r"[^\x{0}-\x{10FFFF}]")  # or any char
         else:
             out.append(_lit(c))

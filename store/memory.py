@@ -5,6 +5,7 @@ survives close(). Everything else (validation, invisibility until flush, last-wr
 NotFound, schemas, raw values as vectors) comes from BufferedStore, exactly as for the Parquet
 backend.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,7 +23,7 @@ class MemoryStore(BufferedStore):
         self._runs: dict[str, dict[str, Any]] = {}
         self._dicts: dict[str, pl.DataFrame] = {}
         self._layouts: dict[str, dict[int, np.ndarray]] = {}
-        self._commits = 0                            # raw vectors' ver = commit << 32 | row
+        self._commits = 0  # raw vectors' ver = commit << 32 | row
         # Committed chunks per (run, table), merged lazily on read so a flush stays O(batch).
         self._chunks: dict[tuple[str, str], list[pl.DataFrame]] = {}
 
@@ -41,21 +42,30 @@ class MemoryStore(BufferedStore):
             self._layouts.setdefault(run, {}).update(known)
         for key, frame in values.items():
             if key[1] == "raw_vectors":
-                frame = frame.with_columns(ver=pl.int_range(frame.height, dtype=pl.UInt64)
-                                           + (self._commits << 32))
+                frame = frame.with_columns(
+                    ver=pl.int_range(frame.height, dtype=pl.UInt64) + (self._commits << 32)
+                )
             self._chunks.setdefault(key, []).append(frame)
 
     def _read_runs(self) -> pl.DataFrame:
         return pl.DataFrame(list(self._runs.values()) or None, schema=C.RUNS_SCHEMA)
 
-    def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
-                     start: int | None = None, stop: int | None = None,
-                     rank: int | None = None, layouts: list[int] | None = None) -> pl.DataFrame:
+    def _read_values(
+        self,
+        run: str,
+        table: str,
+        *,
+        metric_id: int | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+        rank: int | None = None,
+        layouts: list[int] | None = None,
+    ) -> pl.DataFrame:
         """As BufferedStore's, plus the raw-vector filters rank and layouts (hashes)."""
         schema, keys = C.TABLES[table]
         with self._lock:
             chunks = self._chunks.get((run, table), [])
-            if len(chunks) > 1:                      # later chunks are later writes: last wins
+            if len(chunks) > 1:  # later chunks are later writes: last wins
                 chunks[:] = [C.last_wins(pl.concat(chunks), keys)]
             df = chunks[0] if chunks else C.empty(schema)
         preds = []
@@ -74,6 +84,7 @@ class MemoryStore(BufferedStore):
     def _read_vectors(self, run, *, rank, start, stop, metric_id=None):
         known = self._layouts.get(run, {})
         holding = C.layouts_holding(known, metric_id)
-        df = self._read_values(run, "raw_vectors", rank=rank, layouts=holding, start=start,
-                               stop=stop)
+        df = self._read_values(
+            run, "raw_vectors", rank=rank, layouts=holding, start=start, stop=stop
+        )
         return df, known

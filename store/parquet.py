@@ -21,6 +21,7 @@ affordable), while a per-rank series read decodes whole vectors - it reads only 
 row groups and only vectors whose layout holds the metric, but each such vector is read
 entirely (thousands of values for one). at_step(rank=) reads exactly the vectors it needs.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -41,7 +42,7 @@ from store.segments import SegmentLog, remove_temp_files, write_atomic
 
 log = logging.getLogger(__name__)
 LAYOUT_FILE_RE = re.compile(r"^(\d{12})\.parquet$")
-LAYOUTS_SCHEMA = {"layout": pl.UInt64, "ids": pl.Binary}     # ids: int32 little-endian
+LAYOUTS_SCHEMA = {"layout": pl.UInt64, "ids": pl.Binary}  # ids: int32 little-endian
 
 
 class ParquetStore(BufferedStore):
@@ -53,7 +54,7 @@ class ParquetStore(BufferedStore):
             raise StoreError(f"ParquetStore needs a directory, got {root!r}")
         self.root = os.path.abspath(os.fspath(root))
         self.fsync = fsync
-        self._locks: dict[str, int] = {}             # run -> fd holding its writer flock
+        self._locks: dict[str, int] = {}  # run -> fd holding its writer flock
         self._dict_cache: dict[str, tuple[tuple[int, int, int], pl.DataFrame]] = {}
         # run -> (layout files read, {hash: ids}); files are written once and never change.
         self._layout_cache: dict[str, tuple[set[str], dict[int, np.ndarray]]] = {}
@@ -71,39 +72,43 @@ class ParquetStore(BufferedStore):
             return
         try:
             os.makedirs(self._run_dir(run), exist_ok=True)
-            fd = os.open(os.path.join(self._run_dir(run), ".writer.lock"),
-                         os.O_RDWR | os.O_CREAT)
+            fd = os.open(os.path.join(self._run_dir(run), ".writer.lock"), os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise StoreError(f"cannot write run {run!r} under {self.root}: {e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreError(f"run {run!r} in {self.root} is being written by another store "
-                             "instance (one writer per run)") from None
+            raise StoreError(
+                f"run {run!r} in {self.root} is being written by another store "
+                "instance (one writer per run)"
+            ) from None
         self._locks[run] = fd
         remove_temp_files(self._run_dir(run))
         for table in C.TABLES:
             try:
                 self._log(run, table).drop_subsumed()
-            except OSError:                          # harmless to reads; retried at compaction
-                log.warning("could not clean up %s/%s", self._run_dir(run), table,
-                            exc_info=True)
+            except OSError:  # harmless to reads; retried at compaction
+                log.warning("could not clean up %s/%s", self._run_dir(run), table, exc_info=True)
 
     def _commit(self, runs, metrics, values, layouts) -> None:
         # Dictionary and layouts first, run row last: a reader that finds a value can name and
         # decode it, and a run row's last_step never runs ahead of the values it announces.
         try:
             for run, df in metrics.items():
-                write_atomic(os.path.join(self._run_dir(run), "metrics.parquet"), df,
-                             fsync=self.fsync)
+                write_atomic(
+                    os.path.join(self._run_dir(run), "metrics.parquet"), df, fsync=self.fsync
+                )
             for run, new in layouts.items():
                 self._write_layouts(run, new)
             for (run, table), df in values.items():
                 self._log(run, table).append(df)
             for run, row in runs.items():
-                write_atomic(os.path.join(self._run_dir(run), "run.parquet"),
-                             pl.DataFrame([row], schema=C.RUNS_SCHEMA), fsync=self.fsync)
+                write_atomic(
+                    os.path.join(self._run_dir(run), "run.parquet"),
+                    pl.DataFrame([row], schema=C.RUNS_SCHEMA),
+                    fsync=self.fsync,
+                )
         except OSError as e:
             raise StoreError(f"flush to {self.root} failed: {e}") from e
 
@@ -115,16 +120,22 @@ class ParquetStore(BufferedStore):
             return
         d = os.path.join(self._run_dir(run), "layouts")
         os.makedirs(d, exist_ok=True)
-        n = max((int(m.group(1)) for f in os.listdir(d) if (m := LAYOUT_FILE_RE.match(f))),
-                default=0) + 1
-        df = pl.DataFrame({"layout": list(fresh), "ids": [ids.astype("<i4").tobytes()
-                                                          for ids in fresh.values()]},
-                          schema=LAYOUTS_SCHEMA)
+        n = (
+            max(
+                (int(m.group(1)) for f in os.listdir(d) if (m := LAYOUT_FILE_RE.match(f))),
+                default=0,
+            )
+            + 1
+        )
+        df = pl.DataFrame(
+            {"layout": list(fresh), "ids": [ids.astype("<i4").tobytes() for ids in fresh.values()]},
+            schema=LAYOUTS_SCHEMA,
+        )
         write_atomic(os.path.join(d, f"{n:012d}.parquet"), df, fsync=self.fsync)
 
     def _release(self) -> None:
         for fd in self._locks.values():
-            os.close(fd)                             # closing the fd drops the flock
+            os.close(fd)  # closing the fd drops the flock
         self._locks.clear()
 
     # ---- reader side -----------------------------------------------------------------------
@@ -141,7 +152,7 @@ class ParquetStore(BufferedStore):
     def _committed_metrics(self, run: str) -> pl.DataFrame:
         path = os.path.join(self._run_dir(run), "metrics.parquet")
         try:
-            with open(path, "rb") as f:              # stat and read the same inode
+            with open(path, "rb") as f:  # stat and read the same inode
                 st = os.fstat(f.fileno())
                 key = (st.st_ino, st.st_mtime_ns, st.st_size)
                 hit = self._dict_cache.get(run)
@@ -160,12 +171,22 @@ class ParquetStore(BufferedStore):
             names = sorted(os.listdir(self.root))
         except FileNotFoundError:
             names = []
-        rows = [row for n in names if RUN_NAME_RE.match(n)
-                and (row := self._committed_run(n)) is not None]
+        rows = [
+            row
+            for n in names
+            if RUN_NAME_RE.match(n) and (row := self._committed_run(n)) is not None
+        ]
         return pl.DataFrame(rows or None, schema=C.RUNS_SCHEMA)
 
-    def _read_values(self, run: str, table: str, *, metric_id: int | None = None,
-                     start: int | None = None, stop: int | None = None) -> pl.DataFrame:
+    def _read_values(
+        self,
+        run: str,
+        table: str,
+        *,
+        metric_id: int | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+    ) -> pl.DataFrame:
         return self._log(run, table).scan(metric_id=metric_id, start=start, stop=stop)
 
     def _layouts(self, run: str) -> dict[int, np.ndarray]:
@@ -193,6 +214,5 @@ class ParquetStore(BufferedStore):
         holding = C.layouts_holding(known, metric_id)
         if holding == []:
             return C.empty(C.RAW_VECTORS_SCHEMA), known
-        vec = self._log(run, "raw_vectors").scan(rank=rank, layout=holding, start=start,
-                                                 stop=stop)
+        vec = self._log(run, "raw_vectors").scan(rank=rank, layout=holding, start=start, stop=stop)
         return vec, known

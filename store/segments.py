@@ -18,6 +18,7 @@ result's (hi, level) ranks above each input, and it holds exactly their last-win
 between those two steps leaves inputs that the next writer removes (`drop_subsumed`). Files
 being written are dot-named `*.tmp` and renamed into place; nothing else is ever read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,12 +38,12 @@ from store.base import StoreError
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^(\d{12})-(\d{12})\.L(\d+)\.s(\d+)-(\d+)\.n(\d+)\.parquet$")
-FANOUT = 8                   # merge the newest FANOUT segments of one level into one
-MERGE_MAX_ROWS = 4_000_000   # bound on a merge's memory; bigger segments just stay as they are
-MERGE_MAX_BYTES = 64 << 20   # the same on disk: a flush of full-size raw vectors is never merged
-ROW_GROUP_ROWS = 65_536      # small enough that one metric's rows skip most of a big file
-ROW_GROUP_BYTES = 1 << 20    # and one rank's vectors skip most of a big raw-vector file
-SCAN_RETRIES = 5             # a compaction may delete files between our listing and our read
+FANOUT = 8  # merge the newest FANOUT segments of one level into one
+MERGE_MAX_ROWS = 4_000_000  # bound on a merge's memory; bigger segments just stay as they are
+MERGE_MAX_BYTES = 64 << 20  # the same on disk: a flush of full-size raw vectors is never merged
+ROW_GROUP_ROWS = 65_536  # small enough that one metric's rows skip most of a big file
+ROW_GROUP_BYTES = 1 << 20  # and one rank's vectors skip most of a big raw-vector file
+SCAN_RETRIES = 5  # a compaction may delete files between our listing and our read
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,16 @@ def write_atomic(path: str, df: pl.DataFrame, *, fsync: bool) -> None:
     tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
     row_bytes = df.estimated_size() // max(1, df.height)
     try:
-        pq.write_table(df.to_arrow(), tmp, compression="zstd", write_statistics=True,
-                       row_group_size=max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes
-                                                 if row_bytes else ROW_GROUP_ROWS)))
+        pq.write_table(
+            df.to_arrow(),
+            tmp,
+            compression="zstd",
+            write_statistics=True,
+            row_group_size=max(
+                1,
+                min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes if row_bytes else ROW_GROUP_ROWS),
+            ),
+        )
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -86,7 +94,7 @@ def write_atomic(path: str, df: pl.DataFrame, *, fsync: bool) -> None:
         except OSError:
             pass
         raise
-    if fsync:                                        # make the rename itself durable
+    if fsync:  # make the rename itself durable
         fd = os.open(d, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -147,17 +155,19 @@ class SegmentLog:
         self._write(df.select(list(self.schema)), seq, seq, 0)
         try:
             self.compact()
-        except Exception:                            # the flush itself is durable already
-            log.warning("compaction of %s failed; will retry on a later flush", self.dir,
-                        exc_info=True)
+        except Exception:  # the flush itself is durable already
+            log.warning(
+                "compaction of %s failed; will retry on a later flush", self.dir, exc_info=True
+            )
 
     def drop_subsumed(self) -> list[Segment]:
         """Delete segments whose range a merge result covers (a crash between a merge's write
         and its deletes leaves them); return the live segments, oldest first."""
         segs, live = self.list(), []
         for s in segs:
-            covered = any(o is not s and o.lo <= s.lo and s.hi <= o.hi and o.rank > s.rank
-                          for o in segs)
+            covered = any(
+                o is not s and o.lo <= s.lo and s.hi <= o.hi and o.rank > s.rank for o in segs
+            )
             if covered:
                 os.unlink(s.path)
             else:
@@ -170,10 +180,13 @@ class SegmentLog:
         segs = self.drop_subsumed()
         while len(segs) >= FANOUT:
             tail = segs[-FANOUT:]
-            if (len({s.level for s in tail}) != 1 or sum(s.rows for s in tail) > MERGE_MAX_ROWS
-                    or sum(os.path.getsize(s.path) for s in tail) > MERGE_MAX_BYTES):
+            if (
+                len({s.level for s in tail}) != 1
+                or sum(s.rows for s in tail) > MERGE_MAX_ROWS
+                or sum(os.path.getsize(s.path) for s in tail) > MERGE_MAX_BYTES
+            ):
                 return
-            frames = [pl.from_arrow(pq.read_table(s.path)) for s in tail]   # oldest first
+            frames = [pl.from_arrow(pq.read_table(s.path)) for s in tail]  # oldest first
             merged = C.last_wins(pl.concat(frames), self.keys)
             out = self._write(merged, tail[0].lo, tail[-1].hi, tail[0].level + 1)
             for s in tail:
@@ -181,14 +194,19 @@ class SegmentLog:
             segs = segs[:-FANOUT] + [out]
 
     # ---- reads (any process) -----------------------------------------------------------
-    def scan(self, *, start: int | None = None, stop: int | None = None,
-             **equal: int | list[int] | None) -> pl.DataFrame:
+    def scan(
+        self, *, start: int | None = None, stop: int | None = None, **equal: int | list[int] | None
+    ) -> pl.DataFrame:
         """Rows with start <= step < stop and each `equal` column equal to its value (or in
         it, for a list; None: no condition), one per key (the highest-ranked segment's)."""
         expr = None
-        conds = [ds.field(col).isin(pa.array(v, self._arrow_type(col)))
-                 if isinstance(v, list) else ds.field(col) == v
-                 for col, v in equal.items() if v is not None]
+        conds = [
+            ds.field(col).isin(pa.array(v, self._arrow_type(col)))
+            if isinstance(v, list)
+            else ds.field(col) == v
+            for col, v in equal.items()
+            if v is not None
+        ]
         conds += [ds.field("step") >= start] if start is not None else []
         conds += [ds.field("step") < stop] if stop is not None else []
         for e in conds:
@@ -198,7 +216,7 @@ class SegmentLog:
             try:
                 return self._scan(segs, expr)
             except (OSError, pa.ArrowException) as e:
-                if all(os.path.exists(s.path) for s in segs):   # not a compaction race
+                if all(os.path.exists(s.path) for s in segs):  # not a compaction race
                     raise StoreError(f"cannot read {self.dir}: {e}") from e
         raise StoreError(f"{self.dir} kept changing under {SCAN_RETRIES} consecutive reads")
 
@@ -223,9 +241,13 @@ class SegmentLog:
         for tagged in dataset.scanner(columns=list(self.schema), filter=expr).scan_batches():
             batch = tagged.record_batch
             if batch.num_rows:
-                frames.append(pl.from_arrow(batch).with_columns(
-                    _rank=pl.lit(rank_of[os.path.basename(tagged.fragment.path)],
-                                 dtype=pl.Int32)))
+                frames.append(
+                    pl.from_arrow(batch).with_columns(
+                        _rank=pl.lit(
+                            rank_of[os.path.basename(tagged.fragment.path)], dtype=pl.Int32
+                        )
+                    )
+                )
         if not frames:
             return C.empty(self.schema)
         df = pl.concat(frames)

@@ -7,11 +7,12 @@ param), tests/integration and tests/benchmarks.
 
 Without the binary the ClickHouse tests skip, unless CI is set: then a missing server fails.
 """
+
 from __future__ import annotations
 
 import os
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -1,4 +1,5 @@
 """DESIGN.md's import rules between top-level packages, checked on the source (AST)."""
+
 import ast
 from pathlib import Path
 

@@ -10,6 +10,7 @@
 The same DetectorSet runs online in the collector (one per run, fed each reduced step) and
 offline over a store (analytics/offline.py), and produces the same events.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,16 +26,32 @@ from analytics.detectors.spike import ScalarSpike, grad_spike, loss_spike
 from analytics.events import Event
 from analytics.frame import StepFrame
 
-__all__ = ["AttnLogitGrowth", "Detector", "DetectorSet", "ExpertDeath", "LocalizedBlowup",
-           "MaxAbsSpike", "NonFinite", "ScalarSpike", "default_detectors", "grad_spike",
-           "loss_spike"]
+__all__ = [
+    "AttnLogitGrowth",
+    "Detector",
+    "DetectorSet",
+    "ExpertDeath",
+    "LocalizedBlowup",
+    "MaxAbsSpike",
+    "NonFinite",
+    "ScalarSpike",
+    "default_detectors",
+    "grad_spike",
+    "loss_spike",
+]
 
 
 def default_detectors() -> dict[str, Detector]:
     """Every detector at its literature-grounded defaults, by name."""
-    return {"nonfinite": NonFinite(), "loss_spike": loss_spike(), "grad_spike": grad_spike(),
-            "attn_logit": AttnLogitGrowth(), "expert_death": ExpertDeath(),
-            "maxabs": MaxAbsSpike(), "blowup": LocalizedBlowup()}
+    return {
+        "nonfinite": NonFinite(),
+        "loss_spike": loss_spike(),
+        "grad_spike": grad_spike(),
+        "attn_logit": AttnLogitGrowth(),
+        "expert_death": ExpertDeath(),
+        "maxabs": MaxAbsSpike(),
+        "blowup": LocalizedBlowup(),
+    }
 
 
 class DetectorSet:
@@ -47,25 +64,31 @@ class DetectorSet:
         self.last_step = -1
 
     def observe(self, frame: StepFrame, index: MetricIndex) -> list[Event]:
-        if frame.step <= self.last_step:      # a step is judged once, in order
+        if frame.step <= self.last_step:  # a step is judged once, in order
             return []
         self.last_step = frame.step
         events: list[Event] = []
         for name, det in self.detectors.items():
             try:
                 events += det.observe(frame, index)
-            except Exception as exc:          # noqa: BLE001 - recorded, surfaced by callers
+            except Exception as exc:
                 self.errors[name] = self.errors.get(name, 0) + 1
                 if self.errors[name] == 1:
                     import logging
+
                     logging.getLogger("analytics").exception(
-                        "detector %s failed at step %d (%s); it keeps running", name,
-                        frame.step, exc)
+                        "detector %s failed at step %d (%s); it keeps running",
+                        name,
+                        frame.step,
+                        exc,
+                    )
         return events
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step,
-                "detectors": {n: d.state_dict() for n, d in self.detectors.items()}}
+        return {
+            "last_step": self.last_step,
+            "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.detectors) - set(state["detectors"])

@@ -7,6 +7,7 @@ after QK-norm, RoPE and 1/sqrt(d) scaling, reduced by max across ranks) and rais
 head when it crosses tau, re-armed once the head is back below tau. The event carries the
 head's recent growth (its value `growth_steps` steps earlier) as evidence.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,11 +51,22 @@ class AttnLogitGrowth(Detector):
         before = self._past.oldest() if new.size else None
         for j in new.tolist():
             i = int(ids[j])
-            events.append(make_event(
-                ATTN_LOGIT, frame.run, frame.step, site_of(index.names[i]), value=x[j],
-                threshold=self.tau, severity="warning", onset_step=frame.step,
-                layer=int(index.layer[i]), head=int(index.head[i]),
-                value_before=before[j], steps_before=self.growth_steps))
+            events.append(
+                make_event(
+                    ATTN_LOGIT,
+                    frame.run,
+                    frame.step,
+                    site_of(index.names[i]),
+                    value=x[j],
+                    threshold=self.tau,
+                    severity="warning",
+                    onset_step=frame.step,
+                    layer=int(index.layer[i]),
+                    head=int(index.head[i]),
+                    value_before=before[j],
+                    steps_before=self.growth_steps,
+                )
+            )
         self._above = np.where(np.isfinite(x), over, self._above)
         self._past.push(x)
         return events

@@ -7,6 +7,7 @@ it runs online in the collector or offline over a store, so it may depend on not
 frames it is shown, in step order. `state_dict()` / `load_state_dict()` carry the private state
 (numpy arrays, rolling windows, scalars) across a restart.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,11 @@ class Detector:
 
     def config(self) -> dict[str, Any]:
         """The thresholds (public fields)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if not f.name.startswith("_")}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if not f.name.startswith("_")
+        }
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -44,8 +48,9 @@ class Detector:
             elif isinstance(v, np.ndarray):
                 out[f.name] = v.copy()
             elif isinstance(v, dict):
-                out[f.name] = {k: (x.copy() if isinstance(x, np.ndarray) else x)
-                               for k, x in v.items()}
+                out[f.name] = {
+                    k: (x.copy() if isinstance(x, np.ndarray) else x) for k, x in v.items()
+                }
             else:
                 out[f.name] = v
         return out
@@ -69,15 +74,18 @@ def check_positive(obj: Any, *names: str, integer: bool = False) -> None:
     """__post_init__ helper: clear errors for thresholds that make no sense."""
     for name in names:
         v = getattr(obj, name)
-        bad = (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or
-               (integer and not isinstance(v, int)))
+        bad = (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not v > 0
+            or (integer and not isinstance(v, int))
+        )
         if bad:
             kind = "a positive integer" if integer else "a positive number"
             raise ValueError(f"{type(obj).__name__}.{name} must be {kind}, got {v!r}")
 
 
-def fit_state(arr: np.ndarray | None, shape: tuple[int, ...], fill: Any, dtype=float
-              ) -> np.ndarray:
+def fit_state(arr: np.ndarray | None, shape: tuple[int, ...], fill: Any, dtype=float) -> np.ndarray:
     """A state array of `shape`: the old one if it already fits, else a fresh one (the
     dictionary grew, e.g. a layer appeared: its history starts now)."""
     if arr is not None and arr.shape == shape:

@@ -14,6 +14,7 @@ first; this one names the layer-level picture and covers layers whose experts ar
 The layer recovers (`blowup_recovered`) after `clear_steps` steps below half the threshold.
 The onset is the first step of the unbroken run at or above half the threshold.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -46,12 +47,12 @@ class LocalizedBlowup(Detector):
     clear_steps: int = 10
     """Steps below ratio_threshold / 2 after which the layer has recovered."""
 
-    _hist_r: np.ndarray | None = field(default=None, repr=False)    # [trend_steps + 1, L]
-    _hist_e: np.ndarray | None = field(default=None, repr=False)    # argmax experts
-    _alarm: np.ndarray | None = field(default=None, repr=False)     # [L] onset or -1
+    _hist_r: np.ndarray | None = field(default=None, repr=False)  # [trend_steps + 1, L]
+    _hist_e: np.ndarray | None = field(default=None, repr=False)  # argmax experts
+    _alarm: np.ndarray | None = field(default=None, repr=False)  # [L] onset or -1
     _alarm_e: np.ndarray | None = field(default=None, repr=False)
     _calm: np.ndarray | None = field(default=None, repr=False)
-    _rising: np.ndarray | None = field(default=None, repr=False)   # first step >= half
+    _rising: np.ndarray | None = field(default=None, repr=False)  # first step >= half
     kind = BLOWUP
 
     def __post_init__(self) -> None:
@@ -77,7 +78,7 @@ class LocalizedBlowup(Detector):
         x = np.where(fed, out, np.nan)
         med = nanmedian(x, axis=1)
         masked = np.where(fed, out, -np.inf)
-        top = masked.max(axis=1)                  # -inf where no expert is fed (not judged)
+        top = masked.max(axis=1)  # -inf where no expert is fed (not judged)
         enough = fed.sum(axis=1) >= 2
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.where(enough & (med > 0), top / med, np.nan)
@@ -85,16 +86,20 @@ class LocalizedBlowup(Detector):
         self._hist_r = np.concatenate([self._hist_r[1:], r[None]])
         self._hist_e = np.concatenate([self._hist_e[1:], arg[None]])
 
-        half = np.isfinite(r) & (r >= self.ratio_threshold / 2)   # onset: start of the climb
-        self._rising = np.where(half, np.where(self._rising < 0, frame.step, self._rising),
-                                np.where(np.isfinite(r), -1, self._rising))
+        half = np.isfinite(r) & (r >= self.ratio_threshold / 2)  # onset: start of the climb
+        self._rising = np.where(
+            half,
+            np.where(self._rising < 0, frame.step, self._rising),
+            np.where(np.isfinite(r), -1, self._rising),
+        )
         same = (self._hist_e[1:] == arg[None]).all(axis=0) & (arg >= 0)
         rising = np.isfinite(self._hist_r[0]) & (r >= self.min_rise * self._hist_r[0])
         fire = (self._alarm < 0) & np.isfinite(r) & (r >= self.ratio_threshold) & same & rising
         in_alarm = self._alarm >= 0
         calm = np.isfinite(r) & (r < self.ratio_threshold / 2)
-        self._calm = np.where(in_alarm & calm, self._calm + 1,
-                              np.where(in_alarm & np.isfinite(r), 0, self._calm))
+        self._calm = np.where(
+            in_alarm & calm, self._calm + 1, np.where(in_alarm & np.isfinite(r), 0, self._calm)
+        )
         done = in_alarm & (self._calm >= self.clear_steps)
 
         events = []
@@ -107,21 +112,43 @@ class LocalizedBlowup(Detector):
             others[e] = np.nan
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                layer_base = float(np.nanmax(others)) if np.isfinite(others).any() else \
-                    float("nan")
-            events.append(make_event(
-                BLOWUP, frame.run, frame.step, site_of(index.names[int(ids[l, e])]),
-                value=r[l], threshold=self.ratio_threshold, severity="warning",
-                onset_step=self._rising[l], layer=layers[l], expert=e, clip_site="routed",
-                ratios=[float(v) for v in self._hist_r[:, l]], median_out_norm=med[l],
-                layer_baseline_maxabs=layer_base))
+                layer_base = float(np.nanmax(others)) if np.isfinite(others).any() else float("nan")
+            events.append(
+                make_event(
+                    BLOWUP,
+                    frame.run,
+                    frame.step,
+                    site_of(index.names[int(ids[l, e])]),
+                    value=r[l],
+                    threshold=self.ratio_threshold,
+                    severity="warning",
+                    onset_step=self._rising[l],
+                    layer=layers[l],
+                    expert=e,
+                    clip_site="routed",
+                    ratios=[float(v) for v in self._hist_r[:, l]],
+                    median_out_norm=med[l],
+                    layer_baseline_maxabs=layer_base,
+                )
+            )
         for l in np.flatnonzero(done).tolist():
             e = int(self._alarm_e[l])
-            events.append(make_event(
-                BLOWUP_RECOVERED, frame.run, frame.step, site_of(index.names[int(ids[l, e])]),
-                value=r[l], threshold=self.ratio_threshold / 2, severity="info",
-                onset_step=int(self._alarm[l]), layer=layers[l], expert=e, clip_site="routed",
-                calm_steps=self.clear_steps))
+            events.append(
+                make_event(
+                    BLOWUP_RECOVERED,
+                    frame.run,
+                    frame.step,
+                    site_of(index.names[int(ids[l, e])]),
+                    value=r[l],
+                    threshold=self.ratio_threshold / 2,
+                    severity="info",
+                    onset_step=int(self._alarm[l]),
+                    layer=layers[l],
+                    expert=e,
+                    clip_site="routed",
+                    calm_steps=self.clear_steps,
+                )
+            )
         self._alarm_e = np.where(fire, arg, self._alarm_e)
         self._alarm = np.where(fire, frame.step, np.where(done, -1, self._alarm))
         self._calm = np.where(fire | done, 0, self._calm)

@@ -24,6 +24,7 @@ death is therefore reported between `window - 1` and `long_window - 1` steps aft
 A dead expert fed again (share >= revive_share for revive_steps consecutive steps) raises
 an `expert_revival` event.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -75,11 +76,11 @@ class ExpertDeath(Detector):
     revive_steps: int = 5
     """... for this many consecutive steps has revived."""
 
-    _starved: np.ndarray | None = field(default=None, repr=False)     # consecutive steps
+    _starved: np.ndarray | None = field(default=None, repr=False)  # consecutive steps
     _onset: np.ndarray | None = field(default=None, repr=False)
     _dead: np.ndarray | None = field(default=None, repr=False)
-    _fed: np.ndarray | None = field(default=None, repr=False)         # revival streak
-    _norm_ref: np.ndarray | None = field(default=None, repr=False)    # last healthy fro_norm
+    _fed: np.ndarray | None = field(default=None, repr=False)  # revival streak
+    _norm_ref: np.ndarray | None = field(default=None, repr=False)  # last healthy fro_norm
     _norm_now: np.ndarray | None = field(default=None, repr=False)
     _norm_step: np.ndarray | None = field(default=None, repr=False)
     kind = EXPERT_DEATH
@@ -105,11 +106,15 @@ class ExpertDeath(Detector):
 
         share = layer_shares(frame.take(tok_ids))
         rms_ids = index.expert_grid("moe/", "act_rms")
-        rel_rms = layer_relative(frame.take(rms_ids)) if rms_ids.shape == shape else \
-            np.full(shape, np.nan)
+        rel_rms = (
+            layer_relative(frame.take(rms_ids))
+            if rms_ids.shape == shape
+            else np.full(shape, np.nan)
+        )
         seen = np.isfinite(share)
-        starved = seen & ((share < self.share_threshold) |
-                          (np.isfinite(rel_rms) & (rel_rms < self.rms_threshold)))
+        starved = seen & (
+            (share < self.share_threshold) | (np.isfinite(rel_rms) & (rel_rms < self.rms_threshold))
+        )
 
         # parameter norms arrive every K steps; the reference is the last one before starving
         norm_ids = index.expert_grid("params/", "fro_norm")
@@ -124,8 +129,9 @@ class ExpertDeath(Detector):
         alive = ~self._dead
         newly = alive & starved & (self._starved == 0)
         self._onset = np.where(newly, frame.step, self._onset)
-        self._starved = np.where(alive & starved, self._starved + 1,
-                                 np.where(alive & seen, 0, self._starved))
+        self._starved = np.where(
+            alive & starved, self._starved + 1, np.where(alive & seen, 0, self._starved)
+        )
         with np.errstate(invalid="ignore", divide="ignore"):
             decay = np.where(self._norm_ref > 0, self._norm_now / self._norm_ref, np.nan)
         measured_since = self._norm_step >= self._onset
@@ -138,12 +144,26 @@ class ExpertDeath(Detector):
         for r, e in zip(*np.nonzero(die)):
             layer, expert = layers[r], int(e)
             path = "parameter-decay" if fast[r, e] else "starvation"
-            events.append(make_event(
-                EXPERT_DEATH, frame.run, frame.step, site_of(index.names[int(tok_ids[r, e])]),
-                value=share[r, e], threshold=self.share_threshold, severity="warning",
-                onset_step=self._onset[r, e], layer=layer, expert=expert, path=path,
-                starved_steps=self._starved[r, e], share=share[r, e], rms_ratio=rel_rms[r, e],
-                param_norm_ratio=decay[r, e], param_norm_step=self._norm_step[r, e]))
+            events.append(
+                make_event(
+                    EXPERT_DEATH,
+                    frame.run,
+                    frame.step,
+                    site_of(index.names[int(tok_ids[r, e])]),
+                    value=share[r, e],
+                    threshold=self.share_threshold,
+                    severity="warning",
+                    onset_step=self._onset[r, e],
+                    layer=layer,
+                    expert=expert,
+                    path=path,
+                    starved_steps=self._starved[r, e],
+                    share=share[r, e],
+                    rms_ratio=rel_rms[r, e],
+                    param_norm_ratio=decay[r, e],
+                    param_norm_step=self._norm_step[r, e],
+                )
+            )
         self._dead = self._dead | die
         self._fed = np.where(die, 0, self._fed)
 
@@ -153,11 +173,21 @@ class ExpertDeath(Detector):
         back = self._dead & (self._fed >= self.revive_steps)
         for r, e in zip(*np.nonzero(back)):
             layer, expert = layers[r], int(e)
-            events.append(make_event(
-                EXPERT_REVIVAL, frame.run, frame.step, site_of(index.names[int(tok_ids[r, e])]),
-                value=share[r, e], threshold=self.revive_share, severity="info",
-                onset_step=frame.step - self.revive_steps + 1, layer=layer, expert=expert,
-                share=share[r, e]))
+            events.append(
+                make_event(
+                    EXPERT_REVIVAL,
+                    frame.run,
+                    frame.step,
+                    site_of(index.names[int(tok_ids[r, e])]),
+                    value=share[r, e],
+                    threshold=self.revive_share,
+                    severity="info",
+                    onset_step=frame.step - self.revive_steps + 1,
+                    layer=layer,
+                    expert=expert,
+                    share=share[r, e],
+                )
+            )
         self._dead = self._dead & ~back
         self._starved = np.where(back, 0, self._starved)
         self._fed = np.where(back, 0, self._fed)

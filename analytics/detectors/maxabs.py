@@ -23,6 +23,7 @@ clip policy relax) after `clear_steps` consecutive steps below `clear_factor` x 
 The event's onset is the first step of the unbroken run above `clear_factor` x baseline that
 led to it: where the growth became visible, not where it crossed the alarm threshold.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,12 +61,12 @@ class MaxAbsSpike(Detector):
     clear_steps: int = 10
     """... held for this many consecutive judged steps."""
 
-    _rel: Rolling | None = field(default=None, repr=False)      # layer-relative, routed
-    _abs: Rolling | None = field(default=None, repr=False)      # absolute max|h|, routed
-    _shared: Rolling | None = field(default=None, repr=False)   # absolute max|h|, shared
-    _alarm: np.ndarray | None = field(default=None, repr=False)    # onset step or -1
-    _calm: np.ndarray | None = field(default=None, repr=False)     # steps below clear
-    _rising: np.ndarray | None = field(default=None, repr=False)   # first step >= clear
+    _rel: Rolling | None = field(default=None, repr=False)  # layer-relative, routed
+    _abs: Rolling | None = field(default=None, repr=False)  # absolute max|h|, routed
+    _shared: Rolling | None = field(default=None, repr=False)  # absolute max|h|, shared
+    _alarm: np.ndarray | None = field(default=None, repr=False)  # onset step or -1
+    _calm: np.ndarray | None = field(default=None, repr=False)  # steps below clear
+    _rising: np.ndarray | None = field(default=None, repr=False)  # first step >= clear
     kind = MAXABS_SPIKE
 
     def __post_init__(self) -> None:
@@ -84,7 +85,7 @@ class MaxAbsSpike(Detector):
             self._rel, self._abs = Rolling((L, E), self.window), Rolling((L, E), self.window)
         if self._shared is None or self._shared.shape != (L,):
             self._shared = Rolling((L,), self.window)
-        self._alarm = fit_state(self._alarm, (L, E + 1), -1, np.int64)   # column E = shared
+        self._alarm = fit_state(self._alarm, (L, E + 1), -1, np.int64)  # column E = shared
         self._calm = fit_state(self._calm, (L, E + 1), 0, np.int64)
         self._rising = fit_state(self._rising, (L, E + 1), -1, np.int64)
 
@@ -107,30 +108,35 @@ class MaxAbsSpike(Detector):
             quiet_r = judged_r & (lo > 0) & (rel < self.clear_factor * lo)
         base_rel = self._rel.median((judged_r & ~quiet_r) | in_alarm[:, :E])
         base_sh = self._shared.median()
-        judged = np.concatenate([judged_r, (np.isfinite(xs) & (self._shared.count() >=
-                                                               self.min_history))[:, None]],
-                                axis=1)
+        judged = np.concatenate(
+            [judged_r, (np.isfinite(xs) & (self._shared.count() >= self.min_history))[:, None]],
+            axis=1,
+        )
         quiet = np.concatenate([quiet_r, np.zeros((L, 1), bool)], axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):   # NaN where quiet: not needed
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN where quiet: not needed
             ratio = np.concatenate([rel / base_rel, (xs / base_sh)[:, None]], axis=1)
-        limit = np.concatenate([np.full((L, E), self.factor),
-                                np.full((L, 1), self.shared_factor)], axis=1)
+        limit = np.concatenate(
+            [np.full((L, E), self.factor), np.full((L, 1), self.shared_factor)], axis=1
+        )
         # onset: the first step of the unbroken run above clear_factor that led here
         above = judged & ~quiet & (ratio >= self.clear_factor)
-        self._rising = np.where(above, np.where(self._rising < 0, frame.step, self._rising),
-                                np.where(judged, -1, self._rising))
+        self._rising = np.where(
+            above,
+            np.where(self._rising < 0, frame.step, self._rising),
+            np.where(judged, -1, self._rising),
+        )
         fire = judged & ~quiet & (ratio >= limit) & ~in_alarm
         calm = judged & (quiet | (ratio < self.clear_factor))
-        self._calm = np.where(in_alarm & calm, self._calm + 1,
-                              np.where(in_alarm & judged, 0, self._calm))
+        self._calm = np.where(
+            in_alarm & calm, self._calm + 1, np.where(in_alarm & judged, 0, self._calm)
+        )
         done = in_alarm & (self._calm >= self.clear_steps)
 
         events = []
         layers = index.moe_layers
         # the absolute baseline is evidence for the clip policy only: sorted for fired layers
         fired = fire.any(axis=1)
-        base_abs = self._abs.median(np.repeat(fired[:, None], E, axis=1)) if fired.any() \
-            else None
+        base_abs = self._abs.median(np.repeat(fired[:, None], E, axis=1)) if fired.any() else None
         for r, c in zip(*np.nonzero(fire)):
             shared = c == E
             i = int(shared_ids[r]) if shared else int(ids[r, c])
@@ -138,26 +144,48 @@ class MaxAbsSpike(Detector):
             # not in alarm (what a clamp must leave alone), for the clip policy's threshold
             ok = (self._alarm[r, :E] < 0) & np.isfinite(base_abs[r])
             if not shared:
-                ok[c] = False                            # not the site itself
+                ok[c] = False  # not the site itself
             layer_base = float(np.max(base_abs[r][ok])) if ok.any() else float("nan")
             own = base_sh[r] if shared else base_abs[r, c]
-            events.append(make_event(
-                MAXABS_SPIKE, frame.run, frame.step, site_of(index.names[i]),
-                value=xs[r] if shared else x[r, c], threshold=limit[r, c] * (
-                    base_sh[r] if shared else base_rel[r, c] * med_layer[r, 0]),
-                severity="warning", onset_step=self._rising[r, c], layer=layers[r],
-                expert=-1 if shared else int(c), clip_site="shared" if shared else "routed",
-                ratio=ratio[r, c], factor=limit[r, c], baseline_maxabs=own,
-                layer_baseline_maxabs=base_sh[r] if shared else layer_base))
+            events.append(
+                make_event(
+                    MAXABS_SPIKE,
+                    frame.run,
+                    frame.step,
+                    site_of(index.names[i]),
+                    value=xs[r] if shared else x[r, c],
+                    threshold=limit[r, c]
+                    * (base_sh[r] if shared else base_rel[r, c] * med_layer[r, 0]),
+                    severity="warning",
+                    onset_step=self._rising[r, c],
+                    layer=layers[r],
+                    expert=-1 if shared else int(c),
+                    clip_site="shared" if shared else "routed",
+                    ratio=ratio[r, c],
+                    factor=limit[r, c],
+                    baseline_maxabs=own,
+                    layer_baseline_maxabs=base_sh[r] if shared else layer_base,
+                )
+            )
         for r, c in zip(*np.nonzero(done)):
             shared = c == E
             i = int(shared_ids[r]) if shared else int(ids[r, c])
-            events.append(make_event(
-                BLOWUP_RECOVERED, frame.run, frame.step, site_of(index.names[i]),
-                value=ratio[r, c], threshold=self.clear_factor, severity="info",
-                onset_step=int(self._alarm[r, c]), layer=layers[r],
-                expert=-1 if shared else int(c), clip_site="shared" if shared else "routed",
-                calm_steps=self.clear_steps))
+            events.append(
+                make_event(
+                    BLOWUP_RECOVERED,
+                    frame.run,
+                    frame.step,
+                    site_of(index.names[i]),
+                    value=ratio[r, c],
+                    threshold=self.clear_factor,
+                    severity="info",
+                    onset_step=int(self._alarm[r, c]),
+                    layer=layers[r],
+                    expert=-1 if shared else int(c),
+                    clip_site="shared" if shared else "routed",
+                    calm_steps=self.clear_steps,
+                )
+            )
         self._alarm = np.where(fire, frame.step, np.where(done, -1, self._alarm))
         self._calm = np.where(fire | done, 0, self._calm)
 

@@ -10,6 +10,7 @@ born in layer 3's MoE output shows up in every later layer, the loss and every g
 earliest of them points at the origin. One event per episode: a run whose weights became NaN
 is reported once, not on every following step, and re-armed by the first clean step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -43,12 +44,27 @@ class NonFinite(Detector):
         hits = order[bad[order]]
         first = int(hits[0])
         name = index.names[first]
-        ranks = sorted(r for r, vec in frame.rank_values().items()      # NaN or inf there
-                       if first < vec.size and not np.isfinite(vec[first]))
-        return [make_event(
-            NONFINITE, frame.run, frame.step, site_of(name), value=int(bad.sum()), threshold=0,
-            severity="critical", onset_step=frame.step, metric=name,
-            first_value=str(frame.values[first]), layer=int(index.layer[first]),
-            expert=int(index.expert[first]), head=int(index.head[first]),
-            metrics=[index.names[i] for i in hits[:self.max_listed].tolist()],
-            ranks=ranks)]
+        ranks = sorted(
+            r
+            for r, vec in frame.rank_values().items()  # NaN or inf there
+            if first < vec.size and not np.isfinite(vec[first])
+        )
+        return [
+            make_event(
+                NONFINITE,
+                frame.run,
+                frame.step,
+                site_of(name),
+                value=int(bad.sum()),
+                threshold=0,
+                severity="critical",
+                onset_step=frame.step,
+                metric=name,
+                first_value=str(frame.values[first]),
+                layer=int(index.layer[first]),
+                expert=int(index.expert[first]),
+                head=int(index.head[first]),
+                metrics=[index.names[i] for i in hits[: self.max_listed].tolist()],
+                ranks=ranks,
+            )
+        ]

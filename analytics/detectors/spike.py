@@ -12,6 +12,7 @@ A spike raises one event; values inside it stay out of the baseline, so a long s
 teach the detector that it is normal. If the level itself moved (the alarm lasts `window`
 steps) the new level is accepted as the baseline.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,13 +66,15 @@ class ScalarSpike(Detector):
         check_positive(self, "sigmas")
         check_positive(self, "window", "min_history", integer=True)
         if self.min_history < 3 or self.min_history > self.window:
-            raise ValueError(f"ScalarSpike.min_history must be in [3, window={self.window}], "
-                             f"got {self.min_history}")
+            raise ValueError(
+                f"ScalarSpike.min_history must be in [3, window={self.window}], "
+                f"got {self.min_history}"
+            )
 
     def observe(self, frame: StepFrame, index: MetricIndex) -> list[Event]:
         x = frame.scalar(index.find(self.metric))
         if not math.isfinite(x) or (self.log and x <= 0):
-            return []                                  # NonFinite reports it, not us
+            return []  # NonFinite reports it, not us
         y = math.log(x) if self.log else x
         events = []
         if len(self._hist) >= self.min_history:
@@ -80,16 +83,27 @@ class ScalarSpike(Detector):
                 if self._alarm_since < 0:
                     self._alarm_since = frame.step
                     level = pred + self.sigmas * sigma
-                    events.append(make_event(
-                        self.kind, frame.run, frame.step, self.metric, value=x,
-                        threshold=math.exp(level) if self.log else level, severity="warning",
-                        onset_step=frame.step, z=round(z, 3), expected=math.exp(pred)
-                        if self.log else pred, window=len(self._hist), log=self.log))
+                    events.append(
+                        make_event(
+                            self.kind,
+                            frame.run,
+                            frame.step,
+                            self.metric,
+                            value=x,
+                            threshold=math.exp(level) if self.log else level,
+                            severity="warning",
+                            onset_step=frame.step,
+                            z=round(z, 3),
+                            expected=math.exp(pred) if self.log else pred,
+                            window=len(self._hist),
+                            log=self.log,
+                        )
+                    )
                 if frame.step - self._alarm_since < self.window:
-                    return events                      # keep the spike out of the baseline
+                    return events  # keep the spike out of the baseline
             self._alarm_since = -1 if z < self.sigmas else self._alarm_since
         self._hist.append(y)
-        del self._hist[:-self.window]
+        del self._hist[: -self.window]
         return events
 
     def state_dict(self) -> dict:

@@ -1,9 +1,10 @@
 """The offline anomaly report: `python -m analytics report --store URL --run NAME --out F`.
 
-    findings.py   read a stored run, replay the detectors, derive the findings (data)
-    svg.py        hand-written SVG line charts and PNG heatmaps (no plotting dependency)
-    html.py       the self-contained page; the findings also go to a JSON twin
+findings.py   read a stored run, replay the detectors, derive the findings (data)
+svg.py        hand-written SVG line charts and PNG heatmaps (no plotting dependency)
+html.py       the self-contained page; the findings also go to a JSON twin
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,7 @@ from analytics.report.findings import collect, findings
 from analytics.report.html import render
 
 
-def write_report(store, run: str, out: str | Path, json_out: str | Path | None = None
-                 ) -> dict:
+def write_report(store, run: str, out: str | Path, json_out: str | Path | None = None) -> dict:
     """Write the HTML report (and its JSON twin, default: out with .json); returns findings."""
     data = collect(store, run)
     found = findings(data)

@@ -7,6 +7,7 @@ machine-readable answer the HTML page renders and the JSON twin carries: run sum
 experts with onset and evidence, blow-ups with the clip thresholds applied and their effect,
 and where an anomaly started when several sites fire.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,18 @@ import numpy as np
 
 from analytics.catalog import MetricIndex
 from analytics.detectors import DetectorSet
-from analytics.events import (BLOWUP_RECOVERED, CLIP_TRIGGERS, EXPERT_DEATH, EXPERT_REVIVAL,
-                              Event, from_frame, sort_events)
+from analytics.events import (
+    BLOWUP_RECOVERED,
+    CLIP_TRIGGERS,
+    EXPERT_DEATH,
+    EXPERT_REVIVAL,
+    Event,
+    from_frame,
+    sort_events,
+)
 from analytics.offline import iter_frames
 
-ORIGIN_WINDOW = 20      # events whose onset lies this close after the first belong to it
+ORIGIN_WINDOW = 20  # events whose onset lies this close after the first belong to it
 
 
 @dataclass
@@ -28,8 +36,8 @@ class RunData:
     run: str
     info: dict
     index: MetricIndex
-    steps: np.ndarray                   # int64 [S]
-    values: np.ndarray                  # float64 [S, M], NaN where absent
+    steps: np.ndarray  # int64 [S]
+    values: np.ndarray  # float64 [S, M], NaN where absent
     step_status: list[dict]
     stored_events: list[Event]
     offline_events: list[Event]
@@ -55,10 +63,17 @@ def collect(store, run: str) -> RunData:
         rows.append(np.where(frame.present, frame.values, np.nan))
     info = store.runs().filter(run=run).row(0, named=True)
     values = np.vstack(rows) if rows else np.zeros((0, index.size))
-    return RunData(run=run, info=info, index=index, steps=np.asarray(steps, np.int64),
-                   values=values, step_status=store.steps(run).to_dicts(),
-                   stored_events=sort_events(from_frame(store.events(run), run)),
-                   offline_events=sort_events(offline), clips=store.clips(run).to_dicts())
+    return RunData(
+        run=run,
+        info=info,
+        index=index,
+        steps=np.asarray(steps, np.int64),
+        values=values,
+        step_status=store.steps(run).to_dicts(),
+        stored_events=sort_events(from_frame(store.events(run), run)),
+        offline_events=sort_events(offline),
+        clips=store.clips(run).to_dicts(),
+    )
 
 
 def _num(v) -> float | str | None:
@@ -69,9 +84,17 @@ def _num(v) -> float | str | None:
 
 
 def event_dict(e: Event) -> dict:
-    return {"kind": e.kind, "step": e.step, "onset_step": e.onset_step, "delay": e.delay,
-            "site": e.site, "value": _num(e.value), "threshold": _num(e.threshold),
-            "severity": e.severity, "detail": e.detail}
+    return {
+        "kind": e.kind,
+        "step": e.step,
+        "onset_step": e.onset_step,
+        "delay": e.delay,
+        "site": e.site,
+        "value": _num(e.value),
+        "threshold": _num(e.threshold),
+        "severity": e.severity,
+        "detail": e.detail,
+    }
 
 
 def summary(d: RunData) -> dict:
@@ -80,22 +103,30 @@ def summary(d: RunData) -> dict:
     kinds: dict[str, int] = {}
     for e in d.events:
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
-    return {"run": d.run, "world_size": d.info["world_size"], "status": d.info["status"],
-            "steps": int(d.steps.size),
-            "first_step": int(d.steps[0]) if d.steps.size else None,
-            "last_step": int(d.steps[-1]) if d.steps.size else None,
-            "incomplete_steps": sum(1 for s in d.step_status if not s["complete"]),
-            "metrics": d.index.size, "moe_layers": d.index.moe_layers,
-            "loss_first": _num(finite[0]) if finite.size else None,
-            "loss_last": _num(finite[-1]) if finite.size else None,
-            "loss_min": _num(finite.min()) if finite.size else None,
-            "nonfinite_loss_steps": [int(s) for s in d.steps[~np.isfinite(loss)]]
-            if d.index.find("train/loss") >= 0 else [],
-            "events_by_kind": kinds,
-            "event_source": "online (stored by the collector)" if d.stored_events
-            else "offline (replayed from the store)",
-            "offline_matches_online": (d.offline_events == d.stored_events)
-            if d.stored_events else None}
+    return {
+        "run": d.run,
+        "world_size": d.info["world_size"],
+        "status": d.info["status"],
+        "steps": int(d.steps.size),
+        "first_step": int(d.steps[0]) if d.steps.size else None,
+        "last_step": int(d.steps[-1]) if d.steps.size else None,
+        "incomplete_steps": sum(1 for s in d.step_status if not s["complete"]),
+        "metrics": d.index.size,
+        "moe_layers": d.index.moe_layers,
+        "loss_first": _num(finite[0]) if finite.size else None,
+        "loss_last": _num(finite[-1]) if finite.size else None,
+        "loss_min": _num(finite.min()) if finite.size else None,
+        "nonfinite_loss_steps": [int(s) for s in d.steps[~np.isfinite(loss)]]
+        if d.index.find("train/loss") >= 0
+        else [],
+        "events_by_kind": kinds,
+        "event_source": "online (stored by the collector)"
+        if d.stored_events
+        else "offline (replayed from the store)",
+        "offline_matches_online": (d.offline_events == d.stored_events)
+        if d.stored_events
+        else None,
+    }
 
 
 def dead_experts(d: RunData) -> list[dict]:
@@ -103,14 +134,36 @@ def dead_experts(d: RunData) -> list[dict]:
     for e in d.events:
         if e.kind != EXPERT_DEATH:
             continue
-        revived = next((r.step for r in d.events if r.kind == EXPERT_REVIVAL and
-                        r.site == e.site and r.step > e.step), None)
-        out.append({"site": e.site, "layer": e.layer, "expert": e.expert,
-                    "onset_step": e.onset_step, "detected_step": e.step, "delay": e.delay,
-                    "evidence": {k: e.detail.get(k) for k in
-                                 ("path", "starved_steps", "share", "rms_ratio",
-                                  "param_norm_ratio", "param_norm_step")},
-                    "revived_step": revived})
+        revived = next(
+            (
+                r.step
+                for r in d.events
+                if r.kind == EXPERT_REVIVAL and r.site == e.site and r.step > e.step
+            ),
+            None,
+        )
+        out.append(
+            {
+                "site": e.site,
+                "layer": e.layer,
+                "expert": e.expert,
+                "onset_step": e.onset_step,
+                "detected_step": e.step,
+                "delay": e.delay,
+                "evidence": {
+                    k: e.detail.get(k)
+                    for k in (
+                        "path",
+                        "starved_steps",
+                        "share",
+                        "rms_ratio",
+                        "param_norm_ratio",
+                        "param_norm_step",
+                    )
+                },
+                "revived_step": revived,
+            }
+        )
     return out
 
 
@@ -123,20 +176,40 @@ def blowups(d: RunData) -> list[dict]:
             continue
         seen.add(e.site)
         layer, clip_site = e.detail.get("layer"), e.detail.get("clip_site")
-        clips = [c for c in d.clips if c["layer"] == layer and c["site"] == clip_site
-                 and c["step"] >= e.step]
+        clips = [
+            c
+            for c in d.clips
+            if c["layer"] == layer and c["site"] == clip_site and c["step"] >= e.step
+        ]
         maxabs = d.series(f"{e.site}/act_maxabs")
-        entry = {"site": e.site, "kind": e.kind, "layer": layer, "clip_site": clip_site,
-                 "onset_step": e.onset_step, "detected_step": e.step,
-                 "value_at_detection": _num(e.value), "threshold": _num(e.threshold),
-                 "recovered_step": next((r.step for r in d.events if r.kind ==
-                                         BLOWUP_RECOVERED and r.site == e.site
-                                         and r.step > e.step), None),
-                 "clips": [{"version": c["version"], "limit": _num(c["limit"]),
-                            "bound_maxabs": _num(c["limit"] ** 2)
-                            if math.isfinite(c["limit"]) else "inf",
-                            "acked_step": c["acked_step"], "reason": c["reason"]}
-                           for c in clips]}
+        entry = {
+            "site": e.site,
+            "kind": e.kind,
+            "layer": layer,
+            "clip_site": clip_site,
+            "onset_step": e.onset_step,
+            "detected_step": e.step,
+            "value_at_detection": _num(e.value),
+            "threshold": _num(e.threshold),
+            "recovered_step": next(
+                (
+                    r.step
+                    for r in d.events
+                    if r.kind == BLOWUP_RECOVERED and r.site == e.site and r.step > e.step
+                ),
+                None,
+            ),
+            "clips": [
+                {
+                    "version": c["version"],
+                    "limit": _num(c["limit"]),
+                    "bound_maxabs": _num(c["limit"] ** 2) if math.isfinite(c["limit"]) else "inf",
+                    "acked_step": c["acked_step"],
+                    "reason": c["reason"],
+                }
+                for c in clips
+            ],
+        }
         first = next((c for c in clips if math.isfinite(c["limit"])), None)
         after_from = first["acked_step"] if first and first["acked_step"] >= 0 else None
         if after_from is not None:
@@ -148,7 +221,8 @@ def blowups(d: RunData) -> list[dict]:
                 "max_after_clip": _num(after.max()) if after.size else None,
                 "bound": _num(bound),
                 "bounded": bool(after.size and after.max() <= bound * (1 + 1e-5)),
-                "last_value": _num(after[-1]) if after.size else None}
+                "last_value": _num(after[-1]) if after.size else None,
+            }
         else:
             later = maxabs[d.steps >= e.step]
             later = later[np.isfinite(later)]
@@ -156,9 +230,11 @@ def blowups(d: RunData) -> list[dict]:
                 "clip_in_effect_from": None,
                 "max_after_detection": _num(later.max()) if later.size else None,
                 "growth_since_detection": _num(later[-1] / later[0])
-                if later.size and later[0] > 0 else None,
+                if later.size and later[0] > 0
+                else None,
                 "note": "no clip applied (observe-only, frozen, or the collector did not "
-                        "detect online)"}
+                "detect online)",
+            }
         out.append(entry)
     return out
 
@@ -179,19 +255,34 @@ def origin(d: RunData) -> dict | None:
     anomalies.sort(key=lambda e: (e.onset_step, _forward_rank(d, e.site), e.step))
     first = anomalies[0]
     related = [e for e in anomalies[1:] if e.onset_step <= first.onset_step + ORIGIN_WINDOW]
-    return {"step": first.onset_step, "site": first.site, "kind": first.kind,
-            "layer": first.detail.get("layer", -1), "expert": first.detail.get("expert", -1),
-            "detected_step": first.step,
-            "followed_by": [{"site": e.site, "kind": e.kind, "onset_step": e.onset_step}
-                            for e in related],
-            "explanation": (f"{first.kind} at {first.site} began at step {first.onset_step}, "
-                            f"the earliest onset of {len(anomalies)} anomaly events"
-                            + (f"; {len(related)} other site(s) fired within "
-                               f"{ORIGIN_WINDOW} steps after it" if related else ""))}
+    return {
+        "step": first.onset_step,
+        "site": first.site,
+        "kind": first.kind,
+        "layer": first.detail.get("layer", -1),
+        "expert": first.detail.get("expert", -1),
+        "detected_step": first.step,
+        "followed_by": [
+            {"site": e.site, "kind": e.kind, "onset_step": e.onset_step} for e in related
+        ],
+        "explanation": (
+            f"{first.kind} at {first.site} began at step {first.onset_step}, "
+            f"the earliest onset of {len(anomalies)} anomaly events"
+            + (
+                f"; {len(related)} other site(s) fired within {ORIGIN_WINDOW} steps after it"
+                if related
+                else ""
+            )
+        ),
+    }
 
 
 def findings(d: RunData) -> dict:
-    return {"summary": summary(d), "origin": origin(d), "dead_experts": dead_experts(d),
-            "blowups": blowups(d), "events": [event_dict(e) for e in d.events],
-            "clips": [{k: _num(v) if k == "limit" else v for k, v in c.items()}
-                      for c in d.clips]}
+    return {
+        "summary": summary(d),
+        "origin": origin(d),
+        "dead_experts": dead_experts(d),
+        "blowups": blowups(d),
+        "events": [event_dict(e) for e in d.events],
+        "clips": [{k: _num(v) if k == "limit" else v for k, v in c.items()} for c in d.clips],
+    }

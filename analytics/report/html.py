@@ -3,6 +3,7 @@ network) plus its JSON twin.
 
     render(data, found) -> str       data: findings.RunData, found: findings.findings(data)
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,14 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     body = []
     for r in rows:
         cls = r.get("severity", "")
-        body.append("<tr>" + "".join(
-            f'<td class="{esc(cls) if c == "severity" else ""}">{esc(_cell(r.get(c)))}</td>'
-            for c in cols) + "</tr>")
+        body.append(
+            "<tr>"
+            + "".join(
+                f'<td class="{esc(cls) if c == "severity" else ""}">{esc(_cell(r.get(c)))}</td>'
+                for c in cols
+            )
+            + "</tr>"
+        )
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
@@ -70,29 +76,45 @@ def _log2_ratio(x: np.ndarray, denom: np.ndarray) -> np.ndarray:
 
 def render(d: RunData, found: dict) -> str:
     s = found["summary"]
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<title>stepwatch report: {esc(d.run)}</title><style>{CSS}</style></head><body>",
-             f"<h1>Anomaly report: run <code>{esc(d.run)}</code></h1>"]
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>stepwatch report: {esc(d.run)}</title><style>{CSS}</style></head><body>",
+        f"<h1>Anomaly report: run <code>{esc(d.run)}</code></h1>",
+    ]
     # ---- summary
-    parts.append("<h2 id=\"summary\">Run summary</h2>")
+    parts.append('<h2 id="summary">Run summary</h2>')
     parts.append(_table([{"field": k, "value": v} for k, v in s.items()], ["field", "value"]))
     o = found["origin"]
-    parts.append("<h2 id=\"origin\">Where it started</h2>")
-    parts.append(f"<p>{esc(o['explanation'])}.</p>" if o else
-                 '<p class="note">No anomaly events.</p>')
+    parts.append('<h2 id="origin">Where it started</h2>')
+    parts.append(
+        f"<p>{esc(o['explanation'])}.</p>" if o else '<p class="note">No anomaly events.</p>'
+    )
     if o and o["followed_by"]:
         parts.append(_table(o["followed_by"], ["onset_step", "kind", "site"]))
 
     # ---- loss and grad norm with event markers
-    markers = [(e.step, SEVERITY_COLOR[e.severity], e.brief()) for e in d.events
-               if e.kind != EXPERT_REVIVAL]
-    parts.append("<h2 id=\"loss\">Loss and gradient norm</h2><figure>")
-    parts.append(line_chart("train/loss (vertical lines: events; hover for details)",
-                            [("train/loss", d.steps, d.series("train/loss"))],
-                            markers=markers, y_label="nats"))
-    parts.append(line_chart("grad/global_norm", [("grad/global_norm", d.steps,
-                                                   d.series("grad/global_norm"))],
-                            log_y=True, markers=markers))
+    markers = [
+        (e.step, SEVERITY_COLOR[e.severity], e.brief())
+        for e in d.events
+        if e.kind != EXPERT_REVIVAL
+    ]
+    parts.append('<h2 id="loss">Loss and gradient norm</h2><figure>')
+    parts.append(
+        line_chart(
+            "train/loss (vertical lines: events; hover for details)",
+            [("train/loss", d.steps, d.series("train/loss"))],
+            markers=markers,
+            y_label="nats",
+        )
+    )
+    parts.append(
+        line_chart(
+            "grad/global_norm",
+            [("grad/global_norm", d.steps, d.series("grad/global_norm"))],
+            log_y=True,
+            markers=markers,
+        )
+    )
     parts.append("</figure>")
 
     # ---- heatmaps
@@ -102,53 +124,111 @@ def render(d: RunData, found: dict) -> str:
         n_e = np.isfinite(tok).sum(axis=1, keepdims=True)
         share = _log2_ratio(tok * n_e, total)
         rms, _, _ = _grids(d, "act_rms")
-        rms = np.where(rms > 0, rms, np.nan)          # no tokens: no activation (grey)
+        rms = np.where(rms > 0, rms, np.nan)  # no tokens: no activation (grey)
         with np.errstate(all="ignore"):
             med = np.nanmedian(np.where(rms > 0, rms, np.nan), axis=1, keepdims=True)
         rel = _log2_ratio(rms, np.broadcast_to(med, rms.shape))
         rows = share.shape[0] * share.shape[1]
-        parts.append("<h2 id=\"heatmaps\">Experts over steps</h2><figure>")
-        parts.append(heatmap("token share (layer x expert, over steps)",
-                             share.reshape(rows, -1), labels, d.steps, lo=-4, hi=2,
-                             row_groups=groups, legend="log2(tokens / uniform share): blue = "
-                             "starved, white = fair share, red = overloaded, grey = none"))
-        parts.append(heatmap("activation RMS relative to the layer median",
-                             rel.reshape(rows, -1), labels, d.steps, lo=-4, hi=4,
-                             row_groups=groups, legend="log2(act_rms / layer median): blue = "
-                             "silent (dying), red = large (blowing up), grey = no tokens"))
+        parts.append('<h2 id="heatmaps">Experts over steps</h2><figure>')
+        parts.append(
+            heatmap(
+                "token share (layer x expert, over steps)",
+                share.reshape(rows, -1),
+                labels,
+                d.steps,
+                lo=-4,
+                hi=2,
+                row_groups=groups,
+                legend="log2(tokens / uniform share): blue = "
+                "starved, white = fair share, red = overloaded, grey = none",
+            )
+        )
+        parts.append(
+            heatmap(
+                "activation RMS relative to the layer median",
+                rel.reshape(rows, -1),
+                labels,
+                d.steps,
+                lo=-4,
+                hi=4,
+                row_groups=groups,
+                legend="log2(act_rms / layer median): blue = "
+                "silent (dying), red = large (blowing up), grey = no tokens",
+            )
+        )
         parts.append("</figure>")
 
     # ---- dead experts
-    parts.append("<h2 id=\"dead\">Dead experts</h2>")
-    parts.append(_table(found["dead_experts"], ["site", "onset_step", "detected_step", "delay",
-                                                "evidence", "revived_step"]))
+    parts.append('<h2 id="dead">Dead experts</h2>')
+    parts.append(
+        _table(
+            found["dead_experts"],
+            ["site", "onset_step", "detected_step", "delay", "evidence", "revived_step"],
+        )
+    )
 
     # ---- blow-ups
-    parts.append("<h2 id=\"blowups\">Blow-ups, clip thresholds and their effect</h2>")
-    parts.append(_table(found["blowups"], ["site", "kind", "onset_step", "detected_step",
-                                           "value_at_detection", "clips", "effect"]))
+    parts.append('<h2 id="blowups">Blow-ups, clip thresholds and their effect</h2>')
+    parts.append(
+        _table(
+            found["blowups"],
+            [
+                "site",
+                "kind",
+                "onset_step",
+                "detected_step",
+                "value_at_detection",
+                "clips",
+                "effect",
+            ],
+        )
+    )
     for b in found["blowups"]:
         x = d.series(f"{b['site']}/act_maxabs")
-        marks = [(b["detected_step"], SEVERITY_COLOR["warning"],
-                  f"detected at step {b['detected_step']}")]
+        marks = [
+            (
+                b["detected_step"],
+                SEVERITY_COLOR["warning"],
+                f"detected at step {b['detected_step']}",
+            )
+        ]
         hl = []
         for c in b["clips"]:
             if c["acked_step"] >= 0:
-                marks.append((c["acked_step"], SEVERITY_COLOR["info"],
-                              f"clip v{c['version']} L={c['limit']} in effect from step "
-                              f"{c['acked_step']}"))
+                marks.append(
+                    (
+                        c["acked_step"],
+                        SEVERITY_COLOR["info"],
+                        f"clip v{c['version']} L={c['limit']} in effect from step "
+                        f"{c['acked_step']}",
+                    )
+                )
             if isinstance(c["bound_maxabs"], float) and math.isfinite(c["bound_maxabs"]):
                 hl.append((c["bound_maxabs"], "#2e7d32", f"L^2 = {c['bound_maxabs']:.3g}"))
-        parts.append(line_chart(f"{b['site']}/act_maxabs", [("max |h|", d.steps, x)],
-                                log_y=True, markers=marks, hlines=hl))
+        parts.append(
+            line_chart(
+                f"{b['site']}/act_maxabs",
+                [("max |h|", d.steps, x)],
+                log_y=True,
+                markers=marks,
+                hlines=hl,
+            )
+        )
 
     # ---- all events and clip updates
-    parts.append("<h2 id=\"events\">Events</h2>")
-    parts.append(_table(found["events"], ["step", "onset_step", "kind", "severity", "site",
-                                          "value", "threshold"]))
-    parts.append("<h2 id=\"clips\">Clip updates</h2>")
-    parts.append(_table(found["clips"], ["version", "step", "layer", "site", "limit",
-                                         "acked_step", "reason"]))
+    parts.append('<h2 id="events">Events</h2>')
+    parts.append(
+        _table(
+            found["events"],
+            ["step", "onset_step", "kind", "severity", "site", "value", "threshold"],
+        )
+    )
+    parts.append('<h2 id="clips">Clip updates</h2>')
+    parts.append(
+        _table(
+            found["clips"], ["version", "step", "layer", "site", "limit", "acked_step", "reason"]
+        )
+    )
     twin = json.dumps(found, sort_keys=True).replace("</", "<\\/")
     parts.append(f'<script type="application/json" id="findings">{twin}</script>')
     parts.append("</body></html>")

@@ -5,6 +5,7 @@ Line charts take plain numpy arrays; non-finite points break the line (a NaN los
 marked by the caller with an event marker). Heatmaps are encoded as PNG with zlib, one pixel
 per (row, step), scaled up by the browser with `image-rendering: pixelated`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -41,10 +42,17 @@ def _fmt(v: float) -> str:
     return f"{v:.0e}" if a >= 1e5 or a < 1e-3 else f"{v:g}"
 
 
-def line_chart(title: str, series: list[tuple[str, np.ndarray, np.ndarray]], *,
-               log_y: bool = False, markers: list[tuple[float, str, str]] = (),
-               hlines: list[tuple[float, str, str]] = (), width: int = 760,
-               height: int = 260, y_label: str = "") -> str:
+def line_chart(
+    title: str,
+    series: list[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    log_y: bool = False,
+    markers: list[tuple[float, str, str]] = (),
+    hlines: list[tuple[float, str, str]] = (),
+    width: int = 760,
+    height: int = 260,
+    y_label: str = "",
+) -> str:
     """series: (name, x, y); markers: (x, colour, tooltip) vertical lines; hlines: (y, colour,
     label). Returns an <svg> element."""
     ml, mr, mt, mb = 62, 16, 28, 34
@@ -72,39 +80,50 @@ def line_chart(title: str, series: list[tuple[str, np.ndarray, np.ndarray]], *,
     def py(y):
         return mt + ph - (np.asarray(y, float) - y0) / (y1 - y0) * ph
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" '
-           f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="{esc(title)}">',
-           f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{ml}" y="18" font-size="13" font-weight="bold">{esc(title)}</text>',
-           f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{esc(title)}">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{ml}" y="18" font-size="13" font-weight="bold">{esc(title)}</text>',
+        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+    ]
     if log_y:
         yt = [float(v) for v in range(math.floor(y0), math.ceil(y1) + 1) if y0 <= v <= y1]
-        labels = [_fmt(10 ** v) for v in yt]
+        labels = [_fmt(10**v) for v in yt]
     else:
         yt = nice_ticks(y0, y1)
         labels = [_fmt(v) for v in yt]
     for v, lab in zip(yt, labels):
         y = float(py(v))
-        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
-                   f'<text x="{ml - 4}" y="{y + 4:.1f}" font-size="10" '
-                   f'text-anchor="end">{lab}</text>')
+        out.append(
+            f'<line x1="{ml}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
+            f'<text x="{ml - 4}" y="{y + 4:.1f}" font-size="10" '
+            f'text-anchor="end">{lab}</text>'
+        )
     for v in nice_ticks(x0, x1, 8):
         x = float(px(v))
-        out.append(f'<text x="{x:.1f}" y="{mt + ph + 14}" font-size="10" '
-                   f'text-anchor="middle">{_fmt(v)}</text>')
-    out.append(f'<text x="{ml + pw / 2}" y="{height - 4}" font-size="10" '
-               f'text-anchor="middle">step</text>')
+        out.append(
+            f'<text x="{x:.1f}" y="{mt + ph + 14}" font-size="10" '
+            f'text-anchor="middle">{_fmt(v)}</text>'
+        )
+    out.append(
+        f'<text x="{ml + pw / 2}" y="{height - 4}" font-size="10" text-anchor="middle">step</text>'
+    )
     if y_label:
-        out.append(f'<text x="12" y="{mt + ph / 2}" font-size="10" text-anchor="middle" '
-                   f'transform="rotate(-90 12 {mt + ph / 2})">{esc(y_label)}</text>')
+        out.append(
+            f'<text x="12" y="{mt + ph / 2}" font-size="10" text-anchor="middle" '
+            f'transform="rotate(-90 12 {mt + ph / 2})">{esc(y_label)}</text>'
+        )
     for h, colour, label in hlines:
         if math.isfinite(h) and (h > 0 or not log_y):
             y = float(py(tr(h)))
-            out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" '
-                       f'stroke="{colour}" stroke-dasharray="5 3"/>'
-                       f'<text x="{ml + pw - 2}" y="{y - 3:.1f}" font-size="10" fill="{colour}" '
-                       f'text-anchor="end">{esc(label)}</text>')
+            out.append(
+                f'<line x1="{ml}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" '
+                f'stroke="{colour}" stroke-dasharray="5 3"/>'
+                f'<text x="{ml + pw - 2}" y="{y - 3:.1f}" font-size="10" fill="{colour}" '
+                f'text-anchor="end">{esc(label)}</text>'
+            )
     for i, (name, x, y) in enumerate(series):
         colour = PALETTE[i % len(PALETTE)]
         x, y = np.asarray(x, float), np.asarray(y, float)
@@ -113,19 +132,24 @@ def line_chart(title: str, series: list[tuple[str, np.ndarray, np.ndarray]], *,
         runs = np.split(np.arange(y.size), np.flatnonzero(np.diff(good.astype(int)) != 0) + 1)
         for idx in runs:
             if idx.size and good[idx[0]]:
-                pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in
-                               zip(px(x[idx]), py(tr(y[idx]))))
-                out.append(f'<polyline class="series" fill="none" stroke="{colour}" '
-                           f'stroke-width="1.5" points="{pts}"><title>{esc(name)}</title>'
-                           f'</polyline>')
-        out.append(f'<text x="{ml + 8 + 150 * i}" y="{mt + 12}" font-size="10" '
-                   f'fill="{colour}">{esc(name)}</text>')
+                pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px(x[idx]), py(tr(y[idx]))))
+                out.append(
+                    f'<polyline class="series" fill="none" stroke="{colour}" '
+                    f'stroke-width="1.5" points="{pts}"><title>{esc(name)}</title>'
+                    f"</polyline>"
+                )
+        out.append(
+            f'<text x="{ml + 8 + 150 * i}" y="{mt + 12}" font-size="10" '
+            f'fill="{colour}">{esc(name)}</text>'
+        )
     for x, colour, tip in markers:
         if x0 <= x <= x1:
             xx = float(px(x))
-            out.append(f'<line class="marker" x1="{xx:.1f}" x2="{xx:.1f}" y1="{mt}" '
-                       f'y2="{mt + ph}" stroke="{colour}" stroke-width="1.5" opacity="0.8">'
-                       f'<title>{esc(tip)}</title></line>')
+            out.append(
+                f'<line class="marker" x1="{xx:.1f}" x2="{xx:.1f}" y1="{mt}" '
+                f'y2="{mt + ph}" stroke="{colour}" stroke-width="1.5" opacity="0.8">'
+                f"<title>{esc(tip)}</title></line>"
+            )
     out.append("</svg>")
     return "".join(out)
 
@@ -137,10 +161,19 @@ def encode_png(rgb: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + tag + data +
-                struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+        return (
+            struct.pack(">I", len(data))
+            + tag
+            + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def diverging(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -149,7 +182,7 @@ def diverging(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     v = np.asarray(v, float)
     t = np.clip(np.where(v < 0, v / -lo if lo else 0, v / hi if hi else 0), -1, 1)
     out = np.empty(v.shape + (3,))
-    white, blue, red = np.array([1, 1, 1.]), np.array([0.13, 0.3, 0.75]), np.array([0.8, .1, .1])
+    white, blue, red = np.array([1, 1, 1.0]), np.array([0.13, 0.3, 0.75]), np.array([0.8, 0.1, 0.1])
     neg = np.clip(-t, 0, 1)[..., None]
     pos = np.clip(t, 0, 1)[..., None]
     out = white * (1 - neg - pos) + blue * neg + red * pos
@@ -157,9 +190,18 @@ def diverging(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (out * 255).round().astype(np.uint8)
 
 
-def heatmap(title: str, values_RS: np.ndarray, row_labels: list[str], steps: np.ndarray, *,
-            lo: float, hi: float, legend: str, row_groups: list[tuple[int, str]] = (),
-            width: int = 760) -> str:
+def heatmap(
+    title: str,
+    values_RS: np.ndarray,
+    row_labels: list[str],
+    steps: np.ndarray,
+    *,
+    lo: float,
+    hi: float,
+    legend: str,
+    row_groups: list[tuple[int, str]] = (),
+    width: int = 760,
+) -> str:
     """values [rows, steps] of log2 ratios -> an SVG holding the PNG, axes and labels.
     row_groups: (first row, label) of each group (e.g. a layer)."""
     R, S = values_RS.shape
@@ -170,25 +212,31 @@ def heatmap(title: str, values_RS: np.ndarray, row_labels: list[str], steps: np.
     row_h = max(2, min(8, 480 // max(R, 1)))
     ph = row_h * R
     height = mt + ph + mb
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="heatmap" width="{width}" '
-           f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="{esc(title)}">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{ml}" y="16" font-size="13" font-weight="bold">{esc(title)}</text>',
-           f'<image x="{ml}" y="{mt}" width="{pw}" height="{ph}" preserveAspectRatio="none" '
-           f'style="image-rendering:pixelated" href="data:image/png;base64,{data}"/>',
-           f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="heatmap" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{esc(title)}">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{ml}" y="16" font-size="13" font-weight="bold">{esc(title)}</text>',
+        f'<image x="{ml}" y="{mt}" width="{pw}" height="{ph}" preserveAspectRatio="none" '
+        f'style="image-rendering:pixelated" href="data:image/png;base64,{data}"/>',
+        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+    ]
     for first, label in row_groups:
         y = mt + first * row_h
-        out.append(f'<line x1="{ml - 6}" x2="{ml + pw}" y1="{y}" y2="{y}" stroke="#333" '
-                   f'stroke-width="0.6"/><text x="{ml - 8}" y="{y + 10}" font-size="10" '
-                   f'text-anchor="end">{esc(label)}</text>')
+        out.append(
+            f'<line x1="{ml - 6}" x2="{ml + pw}" y1="{y}" y2="{y}" stroke="#333" '
+            f'stroke-width="0.6"/><text x="{ml - 8}" y="{y + 10}" font-size="10" '
+            f'text-anchor="end">{esc(label)}</text>'
+        )
     if S:
         s0, s1 = float(steps[0]), float(steps[-1])
         for v in nice_ticks(s0, s1, 8):
             x = ml + (v - s0 + 0.5) / max(s1 - s0 + 1, 1) * pw
-            out.append(f'<text x="{x:.1f}" y="{mt + ph + 13}" font-size="10" '
-                       f'text-anchor="middle">{_fmt(v)}</text>')
+            out.append(
+                f'<text x="{x:.1f}" y="{mt + ph + 13}" font-size="10" '
+                f'text-anchor="middle">{_fmt(v)}</text>'
+            )
     out.append(f'<text x="{ml}" y="{mt + ph + 30}" font-size="10">{esc(legend)}</text>')
     out.append("</svg>")
     return "".join(out)

@@ -1,4 +1,5 @@
 """Compare runs: curves of two or more runs overlaid on one step axis."""
+
 from __future__ import annotations
 
 import streamlit as st
@@ -23,15 +24,22 @@ def compare(url: str, runs: list[str]) -> None:
     if not common:
         st.warning("these runs share no metric names")
         return
-    st.multiselect("metrics (recorded by every selected run)", common,
-                   default=[m for m in DEFAULT_METRICS if m in common] or common[:1],
-                   key="cmp_metrics")
+    st.multiselect(
+        "metrics (recorded by every selected run)",
+        common,
+        default=[m for m in DEFAULT_METRICS if m in common] or common[:1],
+        key="cmp_metrics",
+    )
     for metric in st.session_state.cmp_metrics:
         series = {r: reads.series(url, r, metric, reads.version_of(rows[r])) for r in runs}
         long, notes = data.align_runs(series)
         with st.container(key=f"compare-{metric.replace('/', '-')}"):
-            st.altair_chart(charts.line_chart(long, chart_id=f"compare:{metric}", title=metric,
-                                              color="run", runs=runs), width="stretch")
+            st.altair_chart(
+                charts.line_chart(
+                    long, chart_id=f"compare:{metric}", title=metric, color="run", runs=runs
+                ),
+                width="stretch",
+            )
             for run, ds in zip([r for r in runs if series[r].height], notes):
                 if ds.downsampled:
                     st.caption(f"{run}: {ds.caption()}")

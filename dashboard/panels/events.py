@@ -3,6 +3,7 @@
 Both tables come from the store's optional `events(run)` / `clips(run)` reads; a store without
 them, or a run without rows, shows "no events recorded" / "no clip updates recorded".
 """
+
 from __future__ import annotations
 
 import polars as pl
@@ -33,12 +34,17 @@ def events_table(events: pl.DataFrame, lo: int, hi: int) -> None:
     if events.height == 0:
         st.info("no events recorded")
         return
-    st.dataframe(events.select(EVENT_TABLE_COLUMNS), hide_index=True, key="events_table",
-                 height=min(400, 38 + 35 * events.height))
+    st.dataframe(
+        events.select(EVENT_TABLE_COLUMNS),
+        hide_index=True,
+        key="events_table",
+        height=min(400, 38 + 35 * events.height),
+    )
     cols = st.columns([3, 1], vertical_alignment="bottom")
     labels = [event_label(r) for r in events.iter_rows(named=True)]
-    cols[0].selectbox("event", range(events.height), format_func=labels.__getitem__,
-                      key="event_pick")
+    cols[0].selectbox(
+        "event", range(events.height), format_func=labels.__getitem__, key="event_pick"
+    )
     cols[1].button("Jump to step", key="event_jump", on_click=_jump, args=(events, lo, hi))
 
 
@@ -49,13 +55,24 @@ def clip_panel(timeline: pl.DataFrame, step: int, lo: int, hi: int) -> None:
         return
     shown = timeline.filter(pl.col("step") <= step)
     if shown.height == 0:
-        st.caption(f"no clip in effect yet at step {step} "
-                   f"(first update at step {int(timeline['step'].min())})")
+        st.caption(
+            f"no clip in effect yet at step {step} "
+            f"(first update at step {int(timeline['step'].min())})"
+        )
         return
-    st.altair_chart(charts.clip_chart(data.clip_segments(shown, step), step_now=step,
-                                      x_domain=(lo, hi)), width="stretch")
-    now = (shown.group_by("site", maintain_order=True)
-           .agg(pl.col("limit").last(), pl.col("step").last().alias("since step"),
-                pl.col("acked").last(), pl.col("reason").last())
-           .with_columns(pl.col("limit").round(4).cast(pl.Utf8).fill_null("off")).sort("site"))
+    st.altair_chart(
+        charts.clip_chart(data.clip_segments(shown, step), step_now=step, x_domain=(lo, hi)),
+        width="stretch",
+    )
+    now = (
+        shown.group_by("site", maintain_order=True)
+        .agg(
+            pl.col("limit").last(),
+            pl.col("step").last().alias("since step"),
+            pl.col("acked").last(),
+            pl.col("reason").last(),
+        )
+        .with_columns(pl.col("limit").round(4).cast(pl.Utf8).fill_null("off"))
+        .sort("site")
+    )
     st.dataframe(now, hide_index=True, key="clips_now")

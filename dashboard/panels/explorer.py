@@ -3,6 +3,7 @@
 Each series is min/max downsampled (data.downsample_minmax) and the page says so; when more
 metrics match than the chart takes, the page says how many were left out and why.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,9 @@ def explorer(url: str, run: str, row: dict[str, Any], step: int | None) -> None:
     version = reads.version_of(row)
     dictionary = reads.metrics(url, run, version)
     cols = st.columns([3, 1, 1], vertical_alignment="bottom")
-    pattern = cols[0].text_input("name pattern (glob: * ? [abc])", DEFAULT_PATTERN,
-                                 key="ex_pattern")
+    pattern = cols[0].text_input(
+        "name pattern (glob: * ? [abc])", DEFAULT_PATTERN, key="ex_pattern"
+    )
     limit = int(cols[1].number_input("max series", 1, 100, DEFAULT_LIMIT, key="ex_limit"))
     log_y = cols[2].checkbox("log y", key="ex_log")
     try:
@@ -36,19 +38,31 @@ def explorer(url: str, run: str, row: dict[str, Any], step: int | None) -> None:
         st.error(f"bad pattern: {e}")
         return
     fcols = st.columns(4)
-    picks = {col: fcols[i].multiselect(col, _labels(matched, col), key=f"ex_{col}")
-             for i, col in enumerate(("layer", "expert", "head", "stat"))}
-    matched = data.filter_metrics(matched, "*", layers=picks["layer"], experts=picks["expert"],
-                                  heads=picks["head"], stats=picks["stat"])
+    picks = {
+        col: fcols[i].multiselect(col, _labels(matched, col), key=f"ex_{col}")
+        for i, col in enumerate(("layer", "expert", "head", "stat"))
+    }
+    matched = data.filter_metrics(
+        matched,
+        "*",
+        layers=picks["layer"],
+        experts=picks["expert"],
+        heads=picks["head"],
+        stats=picks["stat"],
+    )
     if matched.height == 0:
-        st.info(f"no metric of {run} matches {pattern!r} and the label filters "
-                f"({dictionary.height} metrics recorded)")
+        st.info(
+            f"no metric of {run} matches {pattern!r} and the label filters "
+            f"({dictionary.height} metrics recorded)"
+        )
         return
     names = matched["name"].to_list()
     shown = names[:limit]
     if len(names) > limit:
-        st.warning(f"{len(names)} metrics match; plotting the first {limit} by name — "
-                   "narrow the pattern or labels, or raise 'max series'")
+        st.warning(
+            f"{len(names)} metrics match; plotting the first {limit} by name — "
+            "narrow the pattern or labels, or raise 'max series'"
+        )
     else:
         st.caption(f"{len(names)} metric{'s' if len(names) != 1 else ''} match")
     parts, notes = [], []
@@ -61,10 +75,18 @@ def explorer(url: str, run: str, row: dict[str, Any], step: int | None) -> None:
         st.caption("log scale off: some values are ≤ 0")
         log_y = False
     with st.container(key="explorer-chart"):
-        st.altair_chart(charts.line_chart(long, chart_id="explorer", title=pattern,
-                                          step_now=step, log_y=log_y, legend="right",
-                                          names=shown),
-                        width="stretch")
+        st.altair_chart(
+            charts.line_chart(
+                long,
+                chart_id="explorer",
+                title=pattern,
+                step_now=step,
+                log_y=log_y,
+                legend="right",
+                names=shown,
+            ),
+            width="stretch",
+        )
     for name, ds in notes:
         if ds.downsampled:
             st.caption(f"{name}: {ds.caption()}")

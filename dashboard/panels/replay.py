@@ -5,6 +5,7 @@ it, so the heatmaps and the event table stay in sync with the curves. Play advan
 `speed` steps per tick of the page's fragment timer (app.py). While a run is live and the user
 sits at its last step, the step follows the new head; once they scrub back it stays put.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,7 +42,7 @@ def _default_speed(lo: int, hi: int) -> int:
 def _toggle_play(lo: int) -> None:
     ss = st.session_state
     ss.playing = not ss.get("playing", False)
-    if ss.playing and ss.get("step", lo) >= ss.get("head", lo):   # at the end: start over
+    if ss.playing and ss.get("step", lo) >= ss.get("head", lo):  # at the end: start over
         ss.step = lo
 
 
@@ -49,16 +50,16 @@ def sync_step(run: str, lo: int, hi: int, live: bool) -> None:
     """Settle st.session_state.step for this rerun, before the slider exists: first view of a
     run starts at its last step, a live head is followed, play advances, bounds hold."""
     ss = st.session_state
-    if "step" not in ss and "replay_step" in ss:       # widget state is dropped while the
-        ss.step = ss.replay_step                       # slider is not shown (other views)
+    if "step" not in ss and "replay_step" in ss:  # widget state is dropped while the
+        ss.step = ss.replay_step  # slider is not shown (other views)
     if ss.get("step_run") != run or "step" not in ss:
         ss.step_run, ss.step, ss.playing = run, hi, False
     elif live and ss.step == ss.get("head"):
-        ss.step = hi                                   # following the live head
+        ss.step = hi  # following the live head
     elif ss.get("playing"):
         ss.step = ss.step + int(ss.get("speed", 1))
         if ss.step >= hi and not live:
-            ss.playing = False                         # the end of a finished run
+            ss.playing = False  # the end of a finished run
     ss.step = ss.replay_step = min(max(int(ss.step), lo), hi)
     ss.head = hi
 
@@ -75,8 +76,13 @@ def controls(run: str, lo: int, hi: int, live: bool) -> int:
             st.slider("step", lo, hi, key="step")
         else:
             st.caption(f"step {hi} (the only step so far)")
-    cols[1].button("⏸ Pause" if ss.get("playing") else "▶ Play", key="play",
-                   on_click=_toggle_play, args=(lo,), disabled=hi <= lo)
+    cols[1].button(
+        "⏸ Pause" if ss.get("playing") else "▶ Play",
+        key="play",
+        on_click=_toggle_play,
+        args=(lo,),
+        disabled=hi <= lo,
+    )
     cols[2].selectbox("speed (steps per tick)", SPEEDS, key="speed")
     return int(ss.step)
 
@@ -91,8 +97,9 @@ def _names(dictionary: pl.DataFrame, wanted: tuple[str, ...]) -> list[str]:
     return out
 
 
-def curve_frames(url: str, run: str, names: list[str], version: reads.Version, lo: int,
-                 hi: int, step: int) -> tuple[pl.DataFrame, list[data.Downsampled]]:
+def curve_frames(
+    url: str, run: str, names: list[str], version: reads.Version, lo: int, hi: int, step: int
+) -> tuple[pl.DataFrame, list[data.Downsampled]]:
     """Each metric up to `step`, downsampled on the grid of the whole run [lo, hi] so the
     buckets stay put while the user scrubs (no wobble between neighbouring steps)."""
     width = data.bucket_width(lo, hi)
@@ -103,13 +110,15 @@ def curve_frames(url: str, run: str, names: list[str], version: reads.Version, l
         notes.append(ds)
         parts.append(ds.frame.with_columns(series=pl.lit(name)))
     if not parts:
-        return pl.DataFrame(schema={"step": pl.Int64, "value": pl.Float32,
-                                    "series": pl.Utf8}), notes
+        return pl.DataFrame(
+            schema={"step": pl.Int64, "value": pl.Float32, "series": pl.Utf8}
+        ), notes
     return pl.concat(parts), notes
 
 
-def curves(url: str, run: str, row: dict[str, Any], lo: int, hi: int, step: int,
-           events: pl.DataFrame) -> None:
+def curves(
+    url: str, run: str, row: dict[str, Any], lo: int, hi: int, step: int, events: pl.DataFrame
+) -> None:
     """Loss (+ MTP), grad norm and LR up to the replay step, event markers up to it too."""
     version = reads.version_of(row)
     dictionary = reads.metrics(url, run, version)
@@ -122,9 +131,18 @@ def curves(url: str, run: str, row: dict[str, Any], lo: int, hi: int, step: int,
                 st.caption(f"{title}: not recorded in this run")
                 continue
             long, notes = curve_frames(url, run, names, version, lo, hi, step)
-            st.altair_chart(charts.line_chart(
-                long, chart_id=chart_id, title=title, step_now=step, events=shown,
-                x_domain=(lo, hi), run=run), width="stretch")
+            st.altair_chart(
+                charts.line_chart(
+                    long,
+                    chart_id=chart_id,
+                    title=title,
+                    step_now=step,
+                    events=shown,
+                    x_domain=(lo, hi),
+                    run=run,
+                ),
+                width="stretch",
+            )
             dropped = [n for n in notes if n.downsampled]
             if dropped:
                 st.caption(dropped[0].caption())

@@ -1,8 +1,9 @@
 """The runs list (status, start, steps, world size) and the live header of the replayed run."""
+
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
@@ -29,13 +30,18 @@ def table(runs: pl.DataFrame, now: float | None = None) -> pl.DataFrame:
     """The runs frame as shown: one row per run, newest first."""
     now = time.time() if now is None else now
     return runs.sort("started_at", descending=True).select(
-        "run", "status",
-        pl.from_epoch(pl.col("started_at"), time_unit="s").dt.replace_time_zone("UTC")
-        .dt.strftime("%Y-%m-%d %H:%M:%S UTC").alias("started"),
+        "run",
+        "status",
+        pl.from_epoch(pl.col("started_at"), time_unit="s")
+        .dt.replace_time_zone("UTC")
+        .dt.strftime("%Y-%m-%d %H:%M:%S UTC")
+        .alias("started"),
         (pl.col("last_step") + 1).alias("steps"),
         pl.col("world_size").alias("world size"),
-        (now - pl.col("updated_at")).map_elements(age_text, return_dtype=pl.Utf8)
-        .alias("last update"))
+        (now - pl.col("updated_at"))
+        .map_elements(age_text, return_dtype=pl.Utf8)
+        .alias("last update"),
+    )
 
 
 def runs_list(runs: pl.DataFrame) -> None:
@@ -48,11 +54,9 @@ def runs_list(runs: pl.DataFrame) -> None:
 
 def header(row: dict[str, Any]) -> None:
     """Run name, status, and for a live run how long ago its last step arrived."""
-    started = datetime.fromtimestamp(row["started_at"], timezone.utc).strftime(
-        "%Y-%m-%d %H:%M UTC")
+    started = datetime.fromtimestamp(row["started_at"], UTC).strftime("%Y-%m-%d %H:%M UTC")
     last = "no step yet" if row["last_step"] is None else f"last step {row['last_step']:,}"
-    parts = [f"**{row['status']}**", last, f"world size {row['world_size']}",
-             f"started {started}"]
+    parts = [f"**{row['status']}**", last, f"world size {row['world_size']}", f"started {started}"]
     if row["status"] == "live":
         age = age_text(time.time() - row["updated_at"])
         parts.insert(2, f"last step received **{age} ago**")

@@ -1,4 +1,5 @@
 """Fixtures of the analytics tests: a seeded synthetic run (tests/analytics/synthetic.py)."""
+
 from __future__ import annotations
 
 import sys
@@ -6,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))     # `tests.` imports
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` imports
 
-from tests.analytics.synthetic import SyntheticRun  # noqa: E402
+from tests.analytics.synthetic import SyntheticRun
 
 
 @pytest.fixture

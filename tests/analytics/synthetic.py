@@ -1,5 +1,6 @@
 """A synthetic run for detector tests: healthy values with seeded noise, plus injectable
 faults, as dense per-step frames over a metric dictionary shaped like the hooks' catalogue."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,24 +18,38 @@ def catalogue() -> list[tuple[str, int, int, int, str]]:
     """(name, layer, expert, head, stat) in the order the hooks register them."""
     rows = []
     for stat in ("tokens", "act_rms", "act_maxabs", "out_norm"):
-        rows += [(f"moe/layer{l:02d}/expert{e:03d}/{stat}", l, e, -1, stat)
-                 for l in LAYERS for e in range(EXPERTS)]
+        rows += [
+            (f"moe/layer{l:02d}/expert{e:03d}/{stat}", l, e, -1, stat)
+            for l in LAYERS
+            for e in range(EXPERTS)
+        ]
     rows += [(f"moe/layer{l:02d}/shared/act_maxabs", l, -1, -1, "act_maxabs") for l in LAYERS]
-    rows += [(f"attn/layer{l:02d}/head{h:02d}/max_logit", l, -1, h, "max_logit")
-             for l in (0, *LAYERS) for h in range(HEADS)]
+    rows += [
+        (f"attn/layer{l:02d}/head{h:02d}/max_logit", l, -1, h, "max_logit")
+        for l in (0, *LAYERS)
+        for h in range(HEADS)
+    ]
     rows += [(f"resid/layer{l:02d}/rms", l, -1, -1, "rms") for l in (0, *LAYERS)]
     rows += [("train/loss", -1, -1, -1, "loss"), ("grad/global_norm", -1, -1, -1, "norm")]
     rows += [(f"grad/layer{l:02d}/norm", l, -1, -1, "norm") for l in (0, *LAYERS)]
-    rows += [(f"params/layer{l:02d}/expert{e:03d}/fro_norm", l, e, -1, "fro_norm")
-             for l in LAYERS for e in range(EXPERTS)]
+    rows += [
+        (f"params/layer{l:02d}/expert{e:03d}/fro_norm", l, e, -1, "fro_norm")
+        for l in LAYERS
+        for e in range(EXPERTS)
+    ]
     return rows
 
 
 def make_index() -> MetricIndex:
     rows = catalogue()
-    return MetricIndex.from_columns(range(len(rows)), [r[0] for r in rows],
-                                    [r[1] for r in rows], [r[2] for r in rows],
-                                    [r[3] for r in rows], [r[4] for r in rows])
+    return MetricIndex.from_columns(
+        range(len(rows)),
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        [r[4] for r in rows],
+    )
 
 
 class SyntheticRun:
@@ -59,7 +74,7 @@ class SyntheticRun:
                 v[f"moe/layer{l:02d}/expert{e:03d}/act_maxabs"] = 4 * base * r.lognormal(0, 0.2)
                 v[f"moe/layer{l:02d}/expert{e:03d}/out_norm"] = base * r.lognormal(0, 0.1)
                 if step % PARAM_EVERY == 0:
-                    v[f"params/layer{l:02d}/expert{e:03d}/fro_norm"] = 3.0 * r.lognormal(0, .01)
+                    v[f"params/layer{l:02d}/expert{e:03d}/fro_norm"] = 3.0 * r.lognormal(0, 0.01)
             v[f"moe/layer{l:02d}/shared/act_maxabs"] = 3.0 * r.lognormal(0, 0.2)
         for l in (0, *LAYERS):
             for h in range(HEADS):
@@ -78,18 +93,19 @@ class SyntheticRun:
             v[name] = float("nan")
         return v
 
-    def frame(self, step: int, rank_values: dict[int, dict[str, float]] | None = None
-              ) -> StepFrame:
+    def frame(self, step: int, rank_values: dict[int, dict[str, float]] | None = None) -> StepFrame:
         v = self.values(step)
         return self.frame_of(step, v, rank_values)
 
-    def frame_of(self, step: int, v: dict[str, float],
-                 rank_values: dict[int, dict[str, float]] | None = None) -> StepFrame:
+    def frame_of(
+        self, step: int, v: dict[str, float], rank_values: dict[int, dict[str, float]] | None = None
+    ) -> StepFrame:
         ix = self.index
         ids = np.array([ix.find(n) for n in v], np.int64)
         vals = np.array(list(v.values()), np.float32)
         loader = None
         if rank_values is not None:
+
             def loader():
                 out = {}
                 for rank, rv in rank_values.items():
@@ -98,8 +114,10 @@ class SyntheticRun:
                         vec[ix.find(n)] = x
                     out[rank] = vec
                 return out
-        return StepFrame.from_rows(self.run, step, ids, vals, ix.size,
-                                   tuple(rank_values or (0,)), loader)
+
+        return StepFrame.from_rows(
+            self.run, step, ids, vals, ix.size, tuple(rank_values or (0,)), loader
+        )
 
 
 # ---- faults -------------------------------------------------------------------------------
@@ -109,6 +127,7 @@ def blowup(layer: int, expert: int, start: int, rate: float = 1.25):
             g = rate ** (step - start + 1)
             for stat in ("act_rms", "act_maxabs", "out_norm"):
                 v[f"moe/layer{layer:02d}/expert{expert:03d}/{stat}"] *= g
+
     return f
 
 
@@ -121,16 +140,19 @@ def death(layer: int, expert: int, start: int, decay: float = 0.5):
             name = f"params/layer{layer:02d}/expert{expert:03d}/fro_norm"
             if name in v:
                 v[name] *= decay ** (step - start + 1)
+
     return f
 
 
 def starve(layer: int, expert: int, start: int, stop: int = 1 << 30):
     """Tokens vanish but parameters stay (what balancing usually recovers from)."""
+
     def f(step, v):
         if start <= step < stop:
             key = f"moe/layer{layer:02d}/expert{expert:03d}"
             v[f"{key}/tokens"] = 0.0
             v[f"{key}/act_rms"] = v[f"{key}/act_maxabs"] = v[f"{key}/out_norm"] = 0.0
+
     return f
 
 

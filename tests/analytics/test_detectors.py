@@ -1,5 +1,6 @@
 """Each detector on a synthetic run: it fires on its fault, at the step and site the fault
 implies, and stays silent on healthy noise; thresholds are validated."""
+
 from __future__ import annotations
 
 import math
@@ -7,12 +8,28 @@ import math
 import pytest
 
 from analytics.catalog import site_of
-from analytics.detectors import (AttnLogitGrowth, DetectorSet, ExpertDeath, LocalizedBlowup,
-                                 MaxAbsSpike, NonFinite, grad_spike, loss_spike)
-from analytics.events import (ATTN_LOGIT, BLOWUP, BLOWUP_RECOVERED, EXPERT_DEATH,
-                              EXPERT_REVIVAL, GRAD_SPIKE, LOSS_SPIKE, MAXABS_SPIKE, NONFINITE)
-from tests.analytics.synthetic import (SyntheticRun, blowup, death, run_detector,
-                                       starve)
+from analytics.detectors import (
+    AttnLogitGrowth,
+    DetectorSet,
+    ExpertDeath,
+    LocalizedBlowup,
+    MaxAbsSpike,
+    NonFinite,
+    grad_spike,
+    loss_spike,
+)
+from analytics.events import (
+    ATTN_LOGIT,
+    BLOWUP,
+    BLOWUP_RECOVERED,
+    EXPERT_DEATH,
+    EXPERT_REVIVAL,
+    GRAD_SPIKE,
+    LOSS_SPIKE,
+    MAXABS_SPIKE,
+    NONFINITE,
+)
+from tests.analytics.synthetic import SyntheticRun, blowup, death, run_detector, starve
 
 STEPS = range(120)
 
@@ -34,22 +51,24 @@ def test_nonfinite_names_the_first_site_in_forward_order_and_the_ranks(syn):
     v = syn.values(5)
     for n in bad:
         v[n] = float("nan")
-    v["attn/layer02/head01/max_logit"] = float("inf")          # later in layer 2? no: earlier
-    ranks = {0: {"attn/layer02/head01/max_logit": 8.0}, 1: {"attn/layer02/head01/max_logit":
-                                                            float("inf")}}
+    v["attn/layer02/head01/max_logit"] = float("inf")  # later in layer 2? no: earlier
+    ranks = {
+        0: {"attn/layer02/head01/max_logit": 8.0},
+        1: {"attn/layer02/head01/max_logit": float("inf")},
+    }
     (ev,) = det.observe(syn.frame_of(5, v, ranks), syn.index)
     assert ev.kind == NONFINITE and ev.severity == "critical" and ev.step == ev.onset_step == 5
     assert ev.site == "attn/layer02/head01" and ev.detail["metric"].endswith("max_logit")
     assert ev.value == 5 and ev.detail["ranks"] == [1] and ev.detail["layer"] == 2
     assert ev.detail["metrics"][:2] == ["attn/layer02/head01/max_logit", "resid/layer02/rms"]
-    assert det.observe(syn.frame_of(6, v), syn.index) == []           # same episode
-    assert det.observe(syn.frame(7), syn.index) == []                 # clean: re-armed
+    assert det.observe(syn.frame_of(6, v), syn.index) == []  # same episode
+    assert det.observe(syn.frame(7), syn.index) == []  # clean: re-armed
     assert len(det.observe(syn.frame_of(8, v), syn.index)) == 1
 
 
 def test_nonfinite_ignores_metrics_that_were_not_sent(syn):
     det = NonFinite()
-    frame = syn.frame(3)                 # params are absent on step 3: NaN, not present
+    frame = syn.frame(3)  # params are absent on step 3: NaN, not present
     assert not frame.present[syn.index.find("params/layer01/expert000/fro_norm")]
     assert det.observe(frame, syn.index) == []
 
@@ -58,7 +77,8 @@ def test_nonfinite_ignores_metrics_that_were_not_sent(syn):
 def test_loss_spike_is_seven_sigma_above_the_trend(syn):
     def spike(step, v):
         if step == 60:
-            v["train/loss"] += 0.5                       # ~16 sigma of 0.03 noise
+            v["train/loss"] += 0.5  # ~16 sigma of 0.03 noise
+
     syn.faults.append(spike)
     det = loss_spike()
     events = run_detector(det, syn, range(80))
@@ -69,6 +89,7 @@ def test_loss_spike_is_seven_sigma_above_the_trend(syn):
 def test_a_falling_loss_is_no_spike_and_early_steps_are_not_judged(syn):
     def fall(step, v):
         v["train/loss"] = 5.5 * math.exp(-step / 15) + 2 + 0.03 * math.sin(step)
+
     syn.faults.append(fall)
     assert run_detector(loss_spike(), syn, range(100)) == []
 
@@ -76,22 +97,25 @@ def test_a_falling_loss_is_no_spike_and_early_steps_are_not_judged(syn):
 def test_grad_spike_in_log_space_and_a_level_shift_is_learned(syn):
     def shift(step, v):
         if step >= 50:
-            v["grad/global_norm"] *= 20                   # jumps and stays
+            v["grad/global_norm"] *= 20  # jumps and stays
+
     syn.faults.append(shift)
     det = grad_spike()
     events = run_detector(det, syn, range(130))
     assert [(e.kind, e.step) for e in events] == [(GRAD_SPIKE, 50)]
-    assert det._alarm_since == -1                          # the new level became the baseline
+    assert det._alarm_since == -1  # the new level became the baseline
 
 
 # ---- attention logits --------------------------------------------------------------------
 def test_attn_logit_above_tau_once_per_head(syn):
     def grow(step, v):
         v["attn/layer01/head01/max_logit"] = 60 + 5 * max(0, step - 20)
+
     syn.faults.append(grow)
     events = run_detector(AttnLogitGrowth(), syn, range(40))
     assert [(e.kind, e.step, e.site) for e in events] == [
-        (ATTN_LOGIT, 29, "attn/layer01/head01")]            # 60 + 5 * 9 = 105 > 100
+        (ATTN_LOGIT, 29, "attn/layer01/head01")
+    ]  # 60 + 5 * 9 = 105 > 100
     assert events[0].detail["value_before"] < 100 and events[0].threshold == 100
 
 
@@ -107,14 +131,16 @@ def test_expert_death_with_parameter_decay_within_the_window(syn):
 
 
 def test_starvation_without_decay_is_death_only_after_the_long_window(syn):
-    syn.faults.append(starve(1, 3, start=10, stop=70))       # 60 steps: balancing's business
+    syn.faults.append(starve(1, 3, start=10, stop=70))  # 60 steps: balancing's business
     assert run_detector(ExpertDeath(), syn, range(120)) == []
     syn2 = SyntheticRun(seed=1)
     syn2.faults.append(starve(1, 3, start=10, stop=140))
     det = ExpertDeath(long_window=100)
     events = run_detector(det, syn2, range(150))
     assert [(e.kind, e.step, e.onset_step) for e in events] == [
-        (EXPERT_DEATH, 109, 10), (EXPERT_REVIVAL, 144, 140)]     # fed 5 steps: revived
+        (EXPERT_DEATH, 109, 10),
+        (EXPERT_REVIVAL, 144, 140),
+    ]  # fed 5 steps: revived
     assert events[0].site == events[1].site == "moe/layer01/expert003"
     assert events[0].detail["path"] == "starvation"
 
@@ -130,24 +156,27 @@ def test_maxabs_spike_names_the_site_with_onset_and_baselines(syn):
     # 1.25^k reaches factor 12 at k ~ 11.1: the floor set by the threshold
     assert 50 + 9 <= ev.step <= 50 + 13 and 50 <= ev.onset_step <= 54
     base = ev.detail["layer_baseline_maxabs"]
-    assert 2.0 < base < 6.0 and 2.0 < ev.detail["baseline_maxabs"] < 6.0   # ~4 x 0.8
+    assert 2.0 < base < 6.0 and 2.0 < ev.detail["baseline_maxabs"] < 6.0  # ~4 x 0.8
 
 
 def test_maxabs_recovers_when_the_site_returns_to_its_baseline(syn):
     def transient(step, v):
         if 40 <= step < 45:
             v["moe/layer01/expert002/act_maxabs"] *= 30
+
     syn.faults.append(transient)
     events = run_detector(MaxAbsSpike(), syn, range(80))
     assert [(e.kind, e.step, e.site) for e in events] == [
         (MAXABS_SPIKE, 40, "moe/layer01/expert002"),
-        (BLOWUP_RECOVERED, 54, "moe/layer01/expert002")]
+        (BLOWUP_RECOVERED, 54, "moe/layer01/expert002"),
+    ]
 
 
 def test_shared_expert_spike(syn):
     def shared(step, v):
         if step >= 30:
             v["moe/layer01/shared/act_maxabs"] *= 40
+
     syn.faults.append(shared)
     (ev,) = run_detector(MaxAbsSpike(), syn, range(40))
     assert ev.site == "moe/layer01/shared" and ev.detail["clip_site"] == "shared"
@@ -161,18 +190,26 @@ def test_layer_ratio_blowup_needs_a_rising_trend(syn):
     assert ev.value >= 20 and ev.detail["ratios"][-1] == pytest.approx(ev.value)
     syn2 = SyntheticRun(seed=0)
 
-    def flat_high(step, v):                      # high but not climbing: no event
+    def flat_high(step, v):  # high but not climbing: no event
         v["moe/layer01/expert004/out_norm"] = 20.0
+
     syn2.faults.append(flat_high)
     assert run_detector(LocalizedBlowup(), syn2, range(60)) == []
 
 
 # ---- configuration -------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [
-    lambda: ExpertDeath(window=0), lambda: ExpertDeath(window=30, long_window=20),
-    lambda: MaxAbsSpike(factor=-1), lambda: MaxAbsSpike(clear_factor=13),
-    lambda: AttnLogitGrowth(tau=0), lambda: loss_spike(min_history=2),
-    lambda: LocalizedBlowup(trend_steps=1.5)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ExpertDeath(window=0),
+        lambda: ExpertDeath(window=30, long_window=20),
+        lambda: MaxAbsSpike(factor=-1),
+        lambda: MaxAbsSpike(clear_factor=13),
+        lambda: AttnLogitGrowth(tau=0),
+        lambda: loss_spike(min_history=2),
+        lambda: LocalizedBlowup(trend_steps=1.5),
+    ],
+)
 def test_bad_thresholds_are_refused(make):
     with pytest.raises(ValueError):
         make()

@@ -1,5 +1,6 @@
 """Offline replay over a real store equals the detectors fed directly; per-rank values name
 the rank of a NaN; the report is one self-contained HTML page with a matching JSON twin."""
+
 from __future__ import annotations
 
 import json
@@ -28,21 +29,32 @@ def faulty() -> SyntheticRun:
 def store_run(store, syn: SyntheticRun, steps: int, world: int = 2) -> None:
     rows = catalogue()
     store.open_run(RunInfo(syn.run, world, "{}", 1.0))
-    store.write_metrics(syn.run, MetricDict(
-        np.arange(len(rows), dtype=np.int32), [r[0] for r in rows],
-        np.array([r[1] for r in rows], np.int32), np.array([r[2] for r in rows], np.int32),
-        np.array([r[3] for r in rows], np.int32), [r[4] for r in rows], [""] * len(rows),
-        ["mean"] * len(rows)))
+    store.write_metrics(
+        syn.run,
+        MetricDict(
+            np.arange(len(rows), dtype=np.int32),
+            [r[0] for r in rows],
+            np.array([r[1] for r in rows], np.int32),
+            np.array([r[2] for r in rows], np.int32),
+            np.array([r[3] for r in rows], np.int32),
+            [r[4] for r in rows],
+            [""] * len(rows),
+            ["mean"] * len(rows),
+        ),
+    )
     for s in range(steps):
         v = syn.values(s)
         ids = np.array([syn.index.find(n) for n in v], np.int32)
         vals = np.array(list(v.values()), np.float32)
-        store.write_reduced(syn.run, ValueBatch(np.full(ids.size, s), ids, vals,
-                                                n_ranks=np.full(ids.size, world)))
-        for r in range(world):          # rank 1 carries the NaNs, rank 0 stays finite
+        store.write_reduced(
+            syn.run, ValueBatch(np.full(ids.size, s), ids, vals, n_ranks=np.full(ids.size, world))
+        )
+        for r in range(world):  # rank 1 carries the NaNs, rank 0 stays finite
             rv = np.where(np.isnan(vals) & (r == 0), 1.0, vals).astype(np.float32)
-            store.write_raw(syn.run, ValueBatch(np.full(ids.size, s), ids, rv,
-                                                rank=np.full(ids.size, r, np.int32)))
+            store.write_raw(
+                syn.run,
+                ValueBatch(np.full(ids.size, s), ids, rv, rank=np.full(ids.size, r, np.int32)),
+            )
         store.write_steps(syn.run, [StepStatus(s, world)])
     store.flush()
 
@@ -65,8 +77,9 @@ def test_offline_equals_direct_and_names_the_nan_rank(stored):
     nan = next(e for e in offline if e.kind == "nonfinite")
     assert nan.site == "resid/layer02" and nan.step == 70 and nan.detail["ranks"] == [1]
     strip = [e for e in offline if e.kind != "nonfinite"]
-    assert strip == sorted((e for e in direct if e.kind != "nonfinite"),
-                           key=lambda e: (e.step, e.kind, e.site))
+    assert strip == sorted(
+        (e for e in direct if e.kind != "nonfinite"), key=lambda e: (e.step, e.kind, e.site)
+    )
 
 
 def test_report_is_self_contained_with_a_json_twin(stored, tmp_path):
@@ -74,17 +87,29 @@ def test_report_is_self_contained_with_a_json_twin(stored, tmp_path):
     blow = next(e for e in events if e.kind == "maxabs_spike")
     # what the collector would have stored: the events and a clip that took effect
     stored.write_events("faulty", to_records(events))
-    stored.write_clips("faulty", [ClipRecord(1, blow.step, 2, "routed", 3.0,
-                                             f"{blow.kind}@{blow.step} {blow.site}",
-                                             blow.step + 1)])
+    stored.write_clips(
+        "faulty",
+        [
+            ClipRecord(
+                1,
+                blow.step,
+                2,
+                "routed",
+                3.0,
+                f"{blow.kind}@{blow.step} {blow.site}",
+                blow.step + 1,
+            )
+        ],
+    )
     stored.flush()
     out = tmp_path / "r" / "report.html"
     found = write_report(stored, "faulty", out)
     page = out.read_text()
     twin = json.loads(out.with_suffix(".json").read_text())
     assert twin == json.loads(json.dumps(found))
-    embedded = re.search(r'<script type="application/json" id="findings">(.*?)</script>',
-                         page, re.S).group(1)
+    embedded = re.search(
+        r'<script type="application/json" id="findings">(.*?)</script>', page, re.S
+    ).group(1)
     assert json.loads(embedded.replace("<\\/", "</")) == twin
     # nothing is fetched: no external src/href, no stylesheet or script links
     assert not re.search(r'(src|href)="(https?:)?//', page)
@@ -96,9 +121,10 @@ def test_report_is_self_contained_with_a_json_twin(stored, tmp_path):
     (dead,) = found["dead_experts"]
     assert (dead["site"], dead["onset_step"]) == ("moe/layer01/expert006", 30)
     b = next(b for b in found["blowups"] if b["site"] == blow.site)
-    assert b["clips"][0]["bound_maxabs"] == 9.0 and b["effect"]["clip_in_effect_from"] == \
-        blow.step + 1
-    assert b["effect"]["bounded"] is False        # synthetic data ignores the clamp: said so
+    assert (
+        b["clips"][0]["bound_maxabs"] == 9.0 and b["effect"]["clip_in_effect_from"] == blow.step + 1
+    )
+    assert b["effect"]["bounded"] is False  # synthetic data ignores the clamp: said so
     assert found["origin"]["step"] == 30 and found["origin"]["site"] == dead["site"]
 
 
@@ -106,23 +132,59 @@ def test_report_cli_and_unknown_run(stored, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[2]
     url = f"parquet:{tmp_path / 'st'}"
     stored.close()
     out = tmp_path / "cli.html"
-    ok = subprocess.run([sys.executable, "-m", "analytics", "report", "--store", url, "--run",
-                         "faulty", "--out", str(out)], cwd=root, capture_output=True,
-                        text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analytics",
+            "report",
+            "--store",
+            url,
+            "--run",
+            "faulty",
+            "--out",
+            str(out),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert out.exists() and out.with_suffix(".json").exists() and "origin" in ok.stdout
-    ev = subprocess.run([sys.executable, "-m", "analytics", "events", "--store", url, "--run",
-                         "faulty"], cwd=root, capture_output=True, text=True, timeout=120)
+    ev = subprocess.run(
+        [sys.executable, "-m", "analytics", "events", "--store", url, "--run", "faulty"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ev.returncode == 0, ev.stderr
     lines = ev.stdout.splitlines()
     assert lines[0] == "step,kind,site,value,threshold,severity,onset_step,detail"
     with open_store(url) as st:
         assert len(lines) - 1 == len(detect_offline(st, "faulty"))
-    bad = subprocess.run([sys.executable, "-m", "analytics", "report", "--store", url,
-                          "--run", "nope", "--out", str(out)], cwd=root, capture_output=True,
-                         text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analytics",
+            "report",
+            "--store",
+            url,
+            "--run",
+            "nope",
+            "--out",
+            str(out),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "nope" in bad.stderr

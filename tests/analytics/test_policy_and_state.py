@@ -1,5 +1,6 @@
 """The clip policy's thresholds, relaxation and operator overrides; detectors and policy
 survive a restart through state_dict (same events as an uninterrupted run)."""
+
 from __future__ import annotations
 
 import copy
@@ -14,40 +15,67 @@ from tests.analytics.synthetic import SyntheticRun, blowup, death
 
 
 def trigger(step, layer=3, site="routed", base=4.0, name="moe/layer03/expert001", kind=None):
-    return make_event(kind or MAXABS_SPIKE, "r", step, name, 50.0, 20.0, "warning", step,
-                      layer=layer, clip_site=site, layer_baseline_maxabs=base)
+    return make_event(
+        kind or MAXABS_SPIKE,
+        "r",
+        step,
+        name,
+        50.0,
+        20.0,
+        "warning",
+        step,
+        layer=layer,
+        clip_site=site,
+        layer_baseline_maxabs=base,
+    )
 
 
 def recovered(step, layer=3, site="routed", name="moe/layer03/expert001"):
-    return make_event(BLOWUP_RECOVERED, "r", step, name, 1.0, 2.0, "info", max(0, step - 10),
-                      layer=layer, clip_site=site)
+    return make_event(
+        BLOWUP_RECOVERED,
+        "r",
+        step,
+        name,
+        1.0,
+        2.0,
+        "info",
+        max(0, step - 10),
+        layer=layer,
+        clip_site=site,
+    )
 
 
 def test_limit_sits_margin_above_the_healthy_scale_with_a_floor():
     p = ClipPolicy(margin=4.0, floor=1.0)
     (d,) = p.step(10, [trigger(10, base=9.0)])
-    assert (d.layer, d.site, d.limit, d.step) == (3, "routed", 6.0, 10)   # sqrt(4 * 9)
+    assert (d.layer, d.site, d.limit, d.step) == (3, "routed", 6.0, 10)  # sqrt(4 * 9)
     assert d.reason == "maxabs_spike@10 moe/layer03/expert001" and d.event.step == 10
     (d,) = ClipPolicy(floor=1.0).step(10, [trigger(10, base=0.01)])
-    assert d.limit == 1.0                                                   # the floor
+    assert d.limit == 1.0  # the floor
     (d,) = ClipPolicy().step(10, [trigger(10, base=float("nan"))])
-    assert d.limit == 1.0                                                   # no baseline
+    assert d.limit == 1.0  # no baseline
 
 
 def test_one_decision_per_site_and_a_second_trigger_tightens():
     p = ClipPolicy()
-    ds = p.step(5, [trigger(5), trigger(5, name="moe/layer03/expert002"),
-                    trigger(5, site="shared", name="moe/layer03/shared")])
+    ds = p.step(
+        5,
+        [
+            trigger(5),
+            trigger(5, name="moe/layer03/expert002"),
+            trigger(5, site="shared", name="moe/layer03/shared"),
+        ],
+    )
     assert sorted((d.layer, d.site) for d in ds) == [(3, "routed"), (3, "shared")]
-    assert p.step(6, [trigger(6)]) == []          # the same site again while clamped at 4.0?
+    assert p.step(6, [trigger(6)]) == []  # the same site again while clamped at 4.0?
     (d,) = p.step(7, [trigger(7, name="moe/layer03/expert005")])
-    assert d.limit == pytest.approx(2.0)          # still blowing up under the clamp: halve
+    assert d.limit == pytest.approx(2.0)  # still blowing up under the clamp: halve
 
 
 def test_relax_after_every_trigger_recovered_and_the_window_passed():
     p = ClipPolicy(relax_after=20)
     p.step(10, [trigger(10), trigger(10, name="moe/layer03/expert002")])
-    assert p.step(30, [recovered(30)]) == []              # expert002 still in alarm
+    assert p.step(30, [recovered(30)]) == []  # expert002 still in alarm
     assert p.step(35, [recovered(35, name="moe/layer03/expert002")]) == []
     assert p.step(54, []) == []
     (d,) = p.step(55, [])
@@ -99,10 +127,10 @@ def test_detectors_resume_from_state_with_identical_events():
     first, syn = DetectorSet(), run_faulty()
     events = [e for s in range(45) for e in first.observe(syn.frame(s), syn.index)]
     resumed = DetectorSet()
-    resumed.load_state_dict(copy.deepcopy(first.state_dict()))   # "after a restart"
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))  # "after a restart"
     events += [e for s in range(45, 90) for e in resumed.observe(syn.frame(s), syn.index)]
     assert events == straight
-    assert resumed.observe(syn.frame(10), syn.index) == []         # an old step: judged once
+    assert resumed.observe(syn.frame(10), syn.index) == []  # an old step: judged once
 
 
 def test_a_clamp_that_still_binds_is_not_relaxed():
@@ -110,14 +138,14 @@ def test_a_clamp_that_still_binds_is_not_relaxed():
     site's max|h| sits at the clamp's bound L^2 the calm window restarts."""
     p = ClipPolicy(relax_after=20)
     (d,) = p.step(10, [trigger(10)])
-    key, bound = (3, "routed"), d.limit ** 2
+    key, bound = (3, "routed"), d.limit**2
     assert p.clamped() == [key]
-    p.step(30, [recovered(30)], {key: bound})            # held at the bound
+    p.step(30, [recovered(30)], {key: bound})  # held at the bound
     for s in range(31, 80):
         assert p.step(s, [], {key: 0.99 * bound}) == [], f"relaxed at {s} while binding"
-    for s in range(80, 99):                                # the expert really calmed down
+    for s in range(80, 99):  # the expert really calmed down
         assert p.step(s, [], {key: 0.1 * bound}) == []
-    (d,) = p.step(99, [], {key: 0.1 * bound})              # 20 calm steps after the last bind
+    (d,) = p.step(99, [], {key: 0.1 * bound})  # 20 calm steps after the last bind
     assert d.limit == math.inf and p.clamped() == []
 
 
@@ -135,14 +163,14 @@ def test_weights_still_growing_under_the_clamp_block_relaxation():
     p = ClipPolicy(relax_after=20, param_growth=0.25)
     p.step(10, [trigger(10)])
     key = (3, "routed")
-    p.step(30, [recovered(30)], {key: 0.01}, {key: 10.0})       # reference norm 10
+    p.step(30, [recovered(30)], {key: 0.01}, {key: 10.0})  # reference norm 10
     norm = 10.0
     for s in range(31, 111):
         if s % 10 == 0:
-            norm *= 1.5                                          # weights keep growing
+            norm *= 1.5  # weights keep growing
         norms = {key: norm} if s % 10 == 0 else None
         assert p.step(s, [], {key: 0.01}, norms) == [], f"relaxed at {s} while growing"
-    for s in range(111, 130):                   # growth stopped: last restart at step 110
+    for s in range(111, 130):  # growth stopped: last restart at step 110
         assert p.step(s, [], {key: 0.01}, {key: norm} if s % 10 == 0 else None) == []
     (d,) = p.step(130, [], {key: 0.01})
     assert d.limit == math.inf

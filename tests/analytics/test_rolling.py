@@ -1,6 +1,7 @@
 """The rolling window and the sort-based NaN median that baselines are judged by: the same
 numbers as numpy's nanmedian over the last `size` pushes, through NaN, rejected values,
 wrap-around and a restart; and the benchmark workload's injected anomalies are still flagged."""
+
 from __future__ import annotations
 
 import copy
@@ -29,39 +30,39 @@ def test_nanmedian_is_numpys_through_nan_inf_and_empty_slices(axis):
     rng = np.random.default_rng(0)
     x = rng.lognormal(0, 1, (7, 9))
     x[rng.random(x.shape) < 0.3] = np.nan
-    x[0] = np.nan                                    # an all-NaN row
-    x[:, 0] = np.nan                                 # an all-NaN column
-    x[2, 3], x[4, 5], x[4, 6] = np.inf, -np.inf, np.inf   # inf is a value, not a gap
+    x[0] = np.nan  # an all-NaN row
+    x[:, 0] = np.nan  # an all-NaN column
+    x[2, 3], x[4, 5], x[4, 6] = np.inf, -np.inf, np.inf  # inf is a value, not a gap
     np.testing.assert_array_equal(nanmedian(x, axis), reference_median(x, axis))
     even = np.array([[1.0, 4.0, np.nan, 2.0, 8.0]])  # 4 values: mean of the middle two
     assert nanmedian(even, 1)[0] == 3.0
-    assert nanmedian(np.empty((3, 0)), 1).shape == (3,) and np.isnan(nanmedian(
-        np.empty((3, 0)), 1)).all()
+    assert (
+        nanmedian(np.empty((3, 0)), 1).shape == (3,)
+        and np.isnan(nanmedian(np.empty((3, 0)), 1)).all()
+    )
 
 
 def test_rolling_matches_nanmedian_over_the_last_size_pushes():
     rng = np.random.default_rng(1)
     size, shape = 5, (3, 4)
     roll = Rolling(shape, size)
-    pushed = []                                      # what the window should hold, float64
-    for step in range(17):                           # wraps around three times
+    pushed = []  # what the window should hold, float64
+    for _ in range(17):  # wraps around three times
         row = rng.normal(10, 3, shape)
         accept = rng.random(shape) < 0.8
-        row[rng.random(shape) < 0.1] = np.inf        # not finite: never counts
+        row[rng.random(shape) < 0.1] = np.inf  # not finite: never counts
         kept = np.where(accept & np.isfinite(row), row.astype(np.float32), np.nan)
         roll.push(row, accept)
         pushed.append(kept)
         window = np.stack(pushed[-size:])
         np.testing.assert_array_equal(roll.count(), np.isfinite(window).sum(axis=0))
         np.testing.assert_allclose(roll.median(), reference_median(window, 0), rtol=1e-6)
-        np.testing.assert_array_equal(np.isnan(roll.median()),
-                                      ~np.isfinite(window).any(axis=0))
+        np.testing.assert_array_equal(np.isnan(roll.median()), ~np.isfinite(window).any(axis=0))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             np.testing.assert_array_equal(roll.min(), np.nanmin(window, axis=0))
         select = rng.random(shape) < 0.5
-        np.testing.assert_array_equal(roll.median(select),
-                                      np.where(select, roll.median(), np.nan))
+        np.testing.assert_array_equal(roll.median(select), np.where(select, roll.median(), np.nan))
     assert np.array_equal(roll.oldest(), pushed[-size], equal_nan=True)
 
 
@@ -78,7 +79,7 @@ def test_rolling_state_round_trip_and_bad_input():
     for r in (roll, back):
         r.push(np.full((2, 3), 100.0))
     np.testing.assert_array_equal(back.median(), roll.median())
-    assert back.median()[0, 0] == 4.5 and back.median()[0, 1] == 100.0   # {3,4,5,100}; {100}
+    assert back.median()[0, 0] == 4.5 and back.median()[0, 1] == 100.0  # {3,4,5,100}; {100}
     with pytest.raises(ValueError, match=r"shape \(2, 3\).*\(3, 2\)"):
         roll.push(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="expected"):
@@ -104,7 +105,9 @@ def test_the_benchmark_workloads_injected_anomalies_are_flagged():
     spike_site = w.spike_site.name.rsplit("/", 1)[0]
     dying = f"moe/layer{w.n_layers // 2:02d}/expert{w.n_experts - 1:03d}"
     assert [(e.kind, e.site, e.step) for e in events] == [
-        (MAXABS_SPIKE, spike_site, w.spike_step), (EXPERT_DEATH, dying, events[1].step)]
+        (MAXABS_SPIKE, spike_site, w.spike_step),
+        (EXPERT_DEATH, dying, events[1].step),
+    ]
     death = events[1]
     assert death.detail["path"] == "starvation" and death.delay == 199
     assert w.death_step < death.onset_step <= w.death_step + 10
@@ -114,15 +117,17 @@ def test_maxabs_lower_bound_shortcut_changes_nothing(monkeypatch):
     """MaxAbsSpike sorts only the windows of sites not proven calm by the window minimum: on
     a noisy run with excursions near and above the thresholds it gives the same events and
     state as with every window sorted."""
+
     def noisy_run():
         syn = SyntheticRun(seed=5)
         rng = np.random.default_rng(5)
 
         def noise(step, v):
-            for e in range(8):                       # heavy tails: ratios of 2-10 are common
+            for e in range(8):  # heavy tails: ratios of 2-10 are common
                 v[f"moe/layer01/expert{e:03d}/act_maxabs"] *= rng.lognormal(0, 0.6)
-            if step % 37 == 5:                       # transients that fire and recover
+            if step % 37 == 5:  # transients that fire and recover
                 v["moe/layer02/expert003/act_maxabs"] *= 30
+
         syn.faults += [noise, blowup(2, 6, start=120, rate=1.2)]
         return syn
 

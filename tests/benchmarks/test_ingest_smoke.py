@@ -5,6 +5,7 @@ Sender, a collector process, the store), its last line has the documented format
 holds exactly the rows the workload implies - checked here independently of the benchmark's own
 count, through the store API and (ClickHouse) a second client. No wall-clock assertion.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,16 +22,35 @@ from store.clickhouse_schema import raw_cells_sql
 
 ROOT = Path(__file__).resolve().parents[2]
 LAST_LINE = re.compile(r"^metrics/s=(\d+(?:\.\d+)?) ratio_to_raw=(\d+(?:\.\d+)?)$")
-TOTAL, RANKS, STEPS = 600, 4, 4          # 150 metrics per rank, 4 ranks in 2 processes
+TOTAL, RANKS, STEPS = 600, 4, 4  # 150 metrics per rank, 4 ranks in 2 processes
 RUN = "bench-ingest"
 
 
 def run_bench(url: str, steps: int = STEPS, *extra: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ingest", "--store", url, "--metrics-per-step",
-         str(TOTAL), "--ranks", str(RANKS), "--steps", str(steps), "--warmup", "1",
-         "--flush-interval", "0.05", *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.ingest",
+            "--store",
+            url,
+            "--metrics-per-step",
+            str(TOTAL),
+            "--ranks",
+            str(RANKS),
+            "--steps",
+            str(steps),
+            "--warmup",
+            "1",
+            "--flush-interval",
+            "0.05",
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -61,7 +81,7 @@ def check_store(url: str, w: Workload) -> None:
         expected = Values(w).step(2, 3)
         got = np.array([by_name[s.name] for s in w.specs(2)], dtype=np.float32)
         np.testing.assert_array_equal(got, expected)
-        tokens = st.series(RUN, "train/tokens")             # sum over every rank
+        tokens = st.series(RUN, "train/tokens")  # sum over every rank
         want = sum(Values(w).step(r, 0)[len(w.common) - 2] for r in range(RANKS))
         assert tokens.height == STEPS
         assert tokens["value"][0] == pytest.approx(want, rel=1e-6)
@@ -79,11 +99,13 @@ def test_ingest_smoke_clickhouse(clickhouse_server, clickhouse_url):
     db = clickhouse_url.rsplit("/", 1)[1]
     raw = clickhouse_server.client(
         f"SELECT count() FROM (SELECT rank, step, metric_id FROM ({raw_cells_sql(db)}) "
-        f"GROUP BY rank, step, metric_id)")
+        f"GROUP BY rank, step, metric_id)"
+    )
     assert int(raw) == STEPS * RANKS * w.values_per_rank
-    leftovers = clickhouse_server.client("SELECT count() FROM system.databases WHERE name "
-                                         f"LIKE '{db}_ceiling%'")
-    assert int(leftovers) == 0                           # the ceiling cleans up after itself
+    leftovers = clickhouse_server.client(
+        f"SELECT count() FROM system.databases WHERE name LIKE '{db}_ceiling%'"
+    )
+    assert int(leftovers) == 0  # the ceiling cleans up after itself
 
 
 def test_ingest_reports_spike_to_clip_latency(tmp_path):

@@ -5,6 +5,7 @@ thread per rank), against the client tests' recording server on loopback.
 The channel-mode tests mirror tests/hooks/test_sender.py's threaded ones: same frame order and
 seqs, exact resend after a dropped stream, the buffer bound, misuse refused with a clear error.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:           # importlib mode: make `tests.hooks.*` importable
+if str(ROOT) not in sys.path:  # importlib mode: make `tests.hooks.*` importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.workload import Values, Workload  # noqa: E402
@@ -52,7 +53,7 @@ def test_steps_keep_the_spike_on_rank_0s_first_expert():
     values = Values(w)
     site = [s.name for s in w.specs(0)].index(w.spike_site.name)
     before, after = values.steps(range(4), 2), values.steps(range(4), 3)
-    assert after[0, site] / before[0, site] > 30              # x40, less the drift and jitter
+    assert after[0, site] / before[0, site] > 30  # x40, less the drift and jitter
     others = np.ones(after.shape, bool)
     others[0, site] = False
     assert (after[others] / before[others]).max() < 1.1
@@ -76,8 +77,9 @@ class _Vec:
 
 
 def item(step: int, n: int = 5) -> StepItem:
-    return StepItem(step, _Vec(np.arange(n, dtype=np.float32) + 1000 * step), [(1, n)],
-                    wall_time=1e9 + step)
+    return StepItem(
+        step, _Vec(np.arange(n, dtype=np.float32) + 1000 * step), [(1, n)], wall_time=1e9 + step
+    )
 
 
 def specs(n: int) -> list[MetricSpec]:
@@ -136,8 +138,16 @@ def test_senders_share_one_channel_and_no_thread():
 
     async def play() -> list[Sender]:
         async with grpc.aio.insecure_channel(server.target) as channel:
-            senders = [Sender(server.target, Identity("aiotest", r, 3), [(1, specs(5))],
-                              config(), channel=channel) for r in range(3)]
+            senders = [
+                Sender(
+                    server.target,
+                    Identity("aiotest", r, 3),
+                    [(1, specs(5))],
+                    config(),
+                    channel=channel,
+                )
+                for r in range(3)
+            ]
             names = {t.name for t in threading.enumerate()}
             assert not any(n.startswith("stepwatch") for n in names)
             for step in range(3):
@@ -152,7 +162,7 @@ def test_senders_share_one_channel_and_no_thread():
     finally:
         server.stop()
     assert len(servicer.connections) == 3
-    for conn in servicer.connections:                 # one stream per rank, in order
+    for conn in servicer.connections:  # one stream per rank, in order
         kinds = [f.WhichOneof("kind") for f in conn]
         assert kinds == ["hello", "schema"] + ["chunk", "end_of_step"] * 3
         assert [header_of(f).seq for f in conn[1:]] == list(range(1, 8))
@@ -189,8 +199,8 @@ def test_channel_mode_resends_exactly_the_unacked_frames():
         server.stop()
     first, second = servicer.connections
     assert data_seqs(first) == [2, 3, 4, 5, 6, 7, 8, 9]
-    assert [header_of(f).seq for f in second[1:2]] == [1]             # the schema keeps its seq
-    assert data_seqs(second) == [6, 7, 8, 9, 10, 11]                  # resend, then new
+    assert [header_of(f).seq for f in second[1:2]] == [1]  # the schema keeps its seq
+    assert data_seqs(second) == [6, 7, 8, 9, 10, 11]  # resend, then new
     stats = sender.stats()
     assert stats["frames_resent"] == 4 and stats["connects"] == 2
     assert set(servicer.step_vectors(1)) == {0, 1, 2, 3, 4}
@@ -205,8 +215,13 @@ def test_wait_space_bounds_the_buffer():
 
     async def play() -> Sender:
         async with grpc.aio.insecure_channel(server.target) as channel:
-            sender = Sender(server.target, IDENT, [(1, specs(5))],
-                            config(buffer_steps=2, full_policy="block"), channel=channel)
+            sender = Sender(
+                server.target,
+                IDENT,
+                [(1, specs(5))],
+                config(buffer_steps=2, full_policy="block"),
+                channel=channel,
+            )
             for step in range(2):
                 assert await sender.wait_space(timeout=10)
                 assert sender.submit(item(step))
@@ -225,8 +240,13 @@ def test_wait_space_bounds_the_buffer():
 
 def test_channel_mode_refuses_misuse():
     with pytest.raises(TypeError, match="grpc.aio.Channel"):
-        Sender("127.0.0.1:1", IDENT, [(1, specs(5))], config(),
-               channel=grpc.insecure_channel("127.0.0.1:1"))
+        Sender(
+            "127.0.0.1:1",
+            IDENT,
+            [(1, specs(5))],
+            config(),
+            channel=grpc.insecure_channel("127.0.0.1:1"),
+        )
 
     async def outside_then_close() -> None:
         channel = grpc.aio.insecure_channel("127.0.0.1:1")

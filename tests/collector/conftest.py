@@ -1,5 +1,6 @@
 """Shared pieces of the collector tests: a raw client built from the generated stubs (one rank's
 stream, driven frame by frame), and a fixture that runs a real Collector on loopback."""
+
 from __future__ import annotations
 
 import queue
@@ -14,7 +15,7 @@ from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
 from store import open_store
 
-WAIT_S = 20.0            # fail-safe for waits that normally end in milliseconds
+WAIT_S = 20.0  # fail-safe for waits that normally end in milliseconds
 
 
 def mdef(name: str, reduce: int = pb.REDUCE_SUM, **labels) -> pb.MetricDef:
@@ -34,15 +35,27 @@ class Ended(Exception):
 class RawClient:
     """One rank's stream. Frames carry consecutive seqs unless a seq is given explicitly."""
 
-    def __init__(self, address: str, run: str, rank: int, world_size: int, *,
-                 token: str | None = None, seq: int = 0, hello: bool = True,
-                 protocol_version: int = 1,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        run: str,
+        rank: int,
+        world_size: int,
+        *,
+        token: str | None = None,
+        seq: int = 0,
+        hello: bool = True,
+        protocol_version: int = 1,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.run, self.rank, self.world_size = run, rank, world_size
         self.seq = seq
-        self.sent: list[pb.ClientFrame] = []        # data frames, for resending
-        self.channel = (grpc.secure_channel(address, credentials) if credentials
-                        else grpc.insecure_channel(address))
+        self.sent: list[pb.ClientFrame] = []  # data frames, for resending
+        self.channel = (
+            grpc.secure_channel(address, credentials)
+            if credentials
+            else grpc.insecure_channel(address)
+        )
         md = [("authorization", f"Bearer {token}")] if token else []
         self._up: queue.Queue = queue.Queue()
         self.call = pbg.TelemetryStub(self.channel).Stream(iter(self._up.get, None), metadata=md)
@@ -53,9 +66,16 @@ class RawClient:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if hello:
-            self.send(pb.ClientFrame(hello=pb.Hello(
-                header=self.header(step=-1, seq=0), world_size=world_size,
-                config_json='{"test": true}', protocol_version=protocol_version)))
+            self.send(
+                pb.ClientFrame(
+                    hello=pb.Hello(
+                        header=self.header(step=-1, seq=0),
+                        world_size=world_size,
+                        config_json='{"test": true}',
+                        protocol_version=protocol_version,
+                    )
+                )
+            )
 
     def _read(self) -> None:
         try:
@@ -79,24 +99,52 @@ class RawClient:
         return frame
 
     def schema(self, schema_id: int, metrics: list[pb.MetricDef]) -> pb.ClientFrame:
-        return self.send(pb.ClientFrame(schema=pb.Schema(
-            header=self.header(-1), schema_id=schema_id, metrics=metrics)))
+        return self.send(
+            pb.ClientFrame(
+                schema=pb.Schema(header=self.header(-1), schema_id=schema_id, metrics=metrics)
+            )
+        )
 
-    def chunk(self, step: int, schema_id: int, values, offset: int = 0, total: int | None = None,
-              raw: bytes | None = None, ends_step: int | None = None,
-              wall_time: float = 1.0e9) -> pb.ClientFrame:
+    def chunk(
+        self,
+        step: int,
+        schema_id: int,
+        values,
+        offset: int = 0,
+        total: int | None = None,
+        raw: bytes | None = None,
+        ends_step: int | None = None,
+        wall_time: float = 1.0e9,
+    ) -> pb.ClientFrame:
         """One StepChunk; with ends_step=N it also ends the step, counting N values."""
         data = raw if raw is not None else np.asarray(values, dtype="<f4").tobytes()
         n = len(data) // 4
-        end = {} if ends_step is None else dict(ends_step=True, step_values=ends_step,
-                                                wall_time=wall_time)
-        return self.send(pb.ClientFrame(chunk=pb.StepChunk(
-            header=self.header(step), schema_id=schema_id, offset=offset,
-            total=offset + n if total is None else total, values=data, **end)))
+        end = (
+            {}
+            if ends_step is None
+            else dict(ends_step=True, step_values=ends_step, wall_time=wall_time)
+        )
+        return self.send(
+            pb.ClientFrame(
+                chunk=pb.StepChunk(
+                    header=self.header(step),
+                    schema_id=schema_id,
+                    offset=offset,
+                    total=offset + n if total is None else total,
+                    values=data,
+                    **end,
+                )
+            )
+        )
 
     def end_of_step(self, step: int, n_values: int, wall_time: float = 1.0e9) -> pb.ClientFrame:
-        return self.send(pb.ClientFrame(end_of_step=pb.EndOfStep(
-            header=self.header(step), n_values=n_values, wall_time=wall_time)))
+        return self.send(
+            pb.ClientFrame(
+                end_of_step=pb.EndOfStep(
+                    header=self.header(step), n_values=n_values, wall_time=wall_time
+                )
+            )
+        )
 
     def step(self, step: int, schema_id: int, values, fold: bool = False) -> None:
         """A whole step of one schema in one chunk, then EndOfStep (fold: one chunk that
@@ -109,8 +157,9 @@ class RawClient:
         self.end_of_step(step, values.size)
 
     def clip_ack(self, version: int, step: int) -> pb.ClientFrame:
-        return self.send(pb.ClientFrame(clip_ack=pb.ClipAck(header=self.header(step),
-                                                            version=version)))
+        return self.send(
+            pb.ClientFrame(clip_ack=pb.ClipAck(header=self.header(step), version=version))
+        )
 
     def half_close(self) -> None:
         self._up.put(None)

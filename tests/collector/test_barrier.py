@@ -1,5 +1,6 @@
 """barrier.py without gRPC: chunk reassembly, replace-not-add, several schemas, readiness in
 order, straggler timeout on a fake clock, late ranks, and the memory bounds."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,9 @@ def f32(*xs) -> np.ndarray:
 
 
 def barrier(world=2, timeout=10.0, max_pending=8, budget=1 << 20) -> StepBarrier:
-    return StepBarrier(world, straggler_timeout_s=timeout, max_pending_steps=max_pending,
-                       budget=ByteBudget(budget))
+    return StepBarrier(
+        world, straggler_timeout_s=timeout, max_pending_steps=max_pending, budget=ByteBudget(budget)
+    )
 
 
 def vectors(ready) -> dict[tuple[int, int], np.ndarray]:
@@ -36,12 +38,12 @@ def test_chunks_reassemble_by_offset_in_any_order():
 def test_a_resent_chunk_replaces_and_is_not_counted_twice():
     b = barrier(world=1)
     b.add_chunk(0, 3, 1, 0, 4, f32(1, 2))
-    b.add_chunk(0, 3, 1, 0, 4, f32(7, 8))            # resend (new values win)
+    b.add_chunk(0, 3, 1, 0, 4, f32(7, 8))  # resend (new values win)
     b.add_chunk(0, 3, 1, 2, 4, f32(3, 4))
     with pytest.raises(InvalidArgument, match="counts 6 values but 4 arrived"):
         b.end_of_step(0, 3, 6, 0.0, now=0.0)
     b.end_of_step(0, 3, 4, 0.0, now=0.0)
-    b.end_of_step(0, 3, 4, 0.0, now=0.0)             # a resent EndOfStep is harmless
+    b.end_of_step(0, 3, 4, 0.0, now=0.0)  # a resent EndOfStep is harmless
     [ready] = b.poll(0.0)
     np.testing.assert_array_equal(vectors(ready)[(0, 1)], f32(7, 8, 3, 4))
 
@@ -51,7 +53,7 @@ def test_several_schemas_and_ranks_wait_for_every_rank():
     b.add_chunk(0, 0, 1, 0, 2, f32(1, 2))
     b.add_chunk(0, 0, 2, 0, 3, f32(3, 4, 5))
     b.end_of_step(0, 0, 5, 0.0, now=0.0)
-    assert b.poll(now=1.0) == []                       # rank 1 has not ended the step
+    assert b.poll(now=1.0) == []  # rank 1 has not ended the step
     b.add_chunk(1, 0, 9, 0, 1, f32(6))
     b.end_of_step(1, 0, 1, 0.0, now=1.0)
     [ready] = b.poll(now=1.0)
@@ -64,13 +66,13 @@ def test_straggler_timeout_on_a_fake_clock_and_late_values():
     b = barrier(world=3, timeout=10.0)
     for rank in (0, 2):
         b.add_chunk(rank, 5, 1, 0, 1, f32(rank))
-        b.end_of_step(rank, 5, 1, 0.0, now=100.0 + rank)   # first end at t=100
-    b.add_chunk(1, 5, 1, 0, 1, f32(-1))                     # rank 1 is mid-step
+        b.end_of_step(rank, 5, 1, 0.0, now=100.0 + rank)  # first end at t=100
+    b.add_chunk(1, 5, 1, 0, 1, f32(-1))  # rank 1 is mid-step
     assert b.poll(now=109.9) == []
     [ready] = b.poll(now=110.0)
     assert ready.status.missing_ranks == (1,) and not ready.status.complete
     assert ready.status.n_ranks == 2 and ready.included == {0, 2}
-    assert (1, 1) in vectors(ready)                   # its partial vector travels (raw only)
+    assert (1, 1) in vectors(ready)  # its partial vector travels (raw only)
     # rank 1 catches up: the step is gone, its values are late, nothing changes
     assert b.is_late(5)
     assert b.add_chunk(1, 5, 1, 0, 1, f32(1)) is False
@@ -80,9 +82,9 @@ def test_straggler_timeout_on_a_fake_clock_and_late_values():
 
 def test_steps_are_reduced_in_order():
     b = barrier(world=2, timeout=10.0)
-    b.end_of_step(0, 1, 0, 0.0, now=0.0)              # step 1 waits for rank 1
+    b.end_of_step(0, 1, 0, 0.0, now=0.0)  # step 1 waits for rank 1
     b.end_of_step(0, 2, 0, 0.0, now=1.0)
-    b.end_of_step(1, 2, 0, 0.0, now=2.0)              # step 2 complete first
+    b.end_of_step(1, 2, 0, 0.0, now=2.0)  # step 2 complete first
     ready = b.poll(now=2.0)
     # rank 1 ended step 2, so it gave up on step 1: both go, 1 first and incomplete
     assert [r.step for r in ready] == [1, 2]
@@ -92,7 +94,7 @@ def test_steps_are_reduced_in_order():
 
 def test_a_timed_out_later_step_does_not_overtake_a_step_without_any_end():
     b = barrier(world=2, timeout=10.0)
-    b.add_chunk(0, 1, 1, 0, 1, f32(1))                # step 1: data, nobody ended it
+    b.add_chunk(0, 1, 1, 0, 1, f32(1))  # step 1: data, nobody ended it
     b.end_of_step(0, 2, 0, 0.0, now=0.0)
     assert b.poll(now=5.0) == []
     assert [r.step for r in b.poll(now=10.0)] == [1, 2]
@@ -107,9 +109,9 @@ def test_too_far_ahead_is_resource_exhausted():
         b.add_chunk(0, 2, 1, 0, 1, f32(1))
     with pytest.raises(ResourceExhausted):
         b.end_of_step(0, 2, 0, 0.0, now=0.0)
-    b.end_of_step(1, 0, 0, 0.0, now=0.0)              # the slow rank may still catch up
+    b.end_of_step(1, 0, 0, 0.0, now=0.0)  # the slow rank may still catch up
     assert [r.step for r in b.poll(0.0)] == [0]
-    b.end_of_step(0, 2, 0, 0.0, now=0.0)              # room again
+    b.end_of_step(0, 2, 0, 0.0, now=0.0)  # room again
 
 
 def test_byte_budget_bounds_memory_until_released():
@@ -118,8 +120,8 @@ def test_byte_budget_bounds_memory_until_released():
     b.add_chunk(0, 0, 1, 0, 8, f32(1))
     with pytest.raises(ResourceExhausted, match="max_pending_bytes"):
         b.add_chunk(0, 1, 1, 0, 8, f32(1))
-    assert b.pending_steps == [0]                     # the refused chunk left nothing behind
-    b.add_chunk(0, 0, 1, 1, 8, f32(2))                # same vector: no new bytes
+    assert b.pending_steps == [0]  # the refused chunk left nothing behind
+    b.add_chunk(0, 0, 1, 1, 8, f32(2))  # same vector: no new bytes
     b.end_of_step(0, 0, 2, 0.0, now=0.0)
     [ready] = b.poll(0.0)
     budget.release(ready.nbytes)

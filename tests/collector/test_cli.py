@@ -1,5 +1,6 @@
 """`python -m collector serve` as a process: ready line, a run over loopback, SIGTERM exits 0
 with everything flushed into a Parquet store; TLS."""
+
 from __future__ import annotations
 
 import shutil
@@ -20,9 +21,14 @@ from .conftest import WAIT_S, RawClient, mdef
 
 def test_serve_process_ready_line_run_and_sigterm_flush(tmp_path):
     data = tmp_path / "store"
-    proc, address = spawn_collector(f"parquet:{data}", "--token", "tok",
-                                    "--straggler-timeout", "60",
-                                    log_path=tmp_path / "collector.log")
+    proc, address = spawn_collector(
+        f"parquet:{data}",
+        "--token",
+        "tok",
+        "--straggler-timeout",
+        "60",
+        log_path=tmp_path / "collector.log",
+    )
     try:
         assert address.startswith("127.0.0.1:") and not address.endswith(":0")
         c = RawClient(address, "cli-run", 0, 2, token="tok")
@@ -32,14 +38,14 @@ def test_serve_process_ready_line_run_and_sigterm_flush(tmp_path):
         c.step(0, 1, [2.0])
         c1.step(0, 1, [4.0])
         c.wait_ack()
-        c.step(1, 1, [8.0])                 # still pending at SIGTERM (rank 1 never ends it)
+        c.step(1, 1, [8.0])  # still pending at SIGTERM (rank 1 never ends it)
         n_acks = len(c.acks)
-        c.send(c.sent[0])                   # an acked frame again: acked again, which proves
-        while len(c.acks) == n_acks:        # the server has read everything before it
+        c.send(c.sent[0])  # an acked frame again: acked again, which proves
+        while len(c.acks) == n_acks:  # the server has read everything before it
             c.expect("ack")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=WAIT_S) == 0
-        end = c.wait_end()                  # flushed, acked, then told to go elsewhere
+        end = c.wait_end()  # flushed, acked, then told to go elsewhere
         assert end.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in end.details
         assert c.acks[-1].seq == c.seq and c.acks[-1].step == 1
         c.channel.close()
@@ -54,15 +60,19 @@ def test_serve_process_ready_line_run_and_sigterm_flush(tmp_path):
     try:
         assert store.series("cli-run", "loss")["value"].to_list() == [3.0, 8.0]
         steps = store.steps("cli-run")
-        assert steps["complete"].to_list() == [True, False]   # flushed as incomplete at stop
+        assert steps["complete"].to_list() == [True, False]  # flushed as incomplete at stop
         assert store.runs().row(0, named=True)["status"] == "finished"
     finally:
         store.close()
 
 
 def test_serve_rejects_a_bad_store_url():
-    out = subprocess.run([sys.executable, "-m", "collector", "serve", "--store", "nowhere:x",
-                          "--port", "0"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "collector", "serve", "--store", "nowhere:x", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "unsupported store URL" in out.stderr
 
 
@@ -76,11 +86,31 @@ def test_a_taken_port_is_an_error_not_shared(start_collector):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 def test_tls(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     store = open_store("memory:")
     collector = Collector(store, CollectorConfig(flush_interval_s=0.05))
     port = collector.start("127.0.0.1", 0, tls=(cert.read_bytes(), key.read_bytes()))
@@ -91,7 +121,7 @@ def test_tls(tmp_path):
         c.step(0, 1, [1.0])
         c.wait_ack()
         assert c.close().code == grpc.StatusCode.OK
-        plain = RawClient(f"127.0.0.1:{port}", "tls-run", 0, 1)     # no TLS: refused
+        plain = RawClient(f"127.0.0.1:{port}", "tls-run", 0, 1)  # no TLS: refused
         assert plain.wait_end().code == grpc.StatusCode.UNAVAILABLE
         plain.channel.close()
     finally:

@@ -2,6 +2,7 @@
 over gRPC: events are stored, a blow-up pushes a versioned clip to the rank, its ack is stored
 with the step, observe-only detects without acting, and operators set/freeze/clear thresholds
 with `python -m collector clip` against the running collector."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,10 @@ PARAM_ROWS = [r for r in ROWS if r[0].startswith("params/")]
 
 
 def defs(rows):
-    return [mdef(n, REDUCE.get(s, pb.REDUCE_MEAN), layer=l, expert=e, head=h, stat=s)
-            for n, l, e, h, s in rows]
+    return [
+        mdef(n, REDUCE.get(s, pb.REDUCE_MEAN), layer=l, expert=e, head=h, stat=s)
+        for n, l, e, h, s in rows
+    ]
 
 
 def stream_steps(client, syn: SyntheticRun, steps, *, until_clip: bool = False):
@@ -76,25 +79,28 @@ def test_events_are_stored_and_a_blowup_is_clipped_and_acked(start_collector, cl
     assert update is not None, "no clip update reached the rank"
     events = collector.events("loop")
     nan = events[0]
-    assert (nan.kind, nan.step, nan.site, nan.severity) == ("nonfinite", 25, "resid/layer01",
-                                                            "critical")
+    assert (nan.kind, nan.step, nan.site, nan.severity) == (
+        "nonfinite",
+        25,
+        "resid/layer01",
+        "critical",
+    )
     trigger = next(e for e in events if e.kind in ("maxabs_spike", "blowup"))
     assert trigger.site == "moe/layer02/expert003" and 40 <= trigger.onset_step <= trigger.step
-    assert update.version == 1 and update.reason == f"{trigger.kind}@{trigger.step} " \
-                                                     f"{trigger.site}"
+    assert update.version == 1 and update.reason == f"{trigger.kind}@{trigger.step} {trigger.site}"
     (setting,) = update.settings
     assert (setting.layer, setting.site) == (2, "routed") and setting.limit >= 1.0
     assert c.seq and collector.clip_latency_ms("loop")[1] >= 0.0
-    c.clip_ack(update.version, step=trigger.step + 1)     # the hooks' ClipAck
+    c.clip_ack(update.version, step=trigger.step + 1)  # the hooks' ClipAck
     c.wait_ack()
     store.flush()
     clips = store.clips("loop")
     assert clips.select("version", "step", "layer", "site", "acked_step").rows() == [
-        (1, trigger.step, 2, "routed", trigger.step + 1)]
+        (1, trigger.step, 2, "routed", trigger.step + 1)
+    ]
     assert clips["limit"][0] == pytest.approx(setting.limit)
     stored = store.events("loop")
-    assert stored.select("step", "kind", "site").rows()[:1] == [(25, "nonfinite",
-                                                                 "resid/layer01")]
+    assert stored.select("step", "kind", "site").rows()[:1] == [(25, "nonfinite", "resid/layer01")]
     assert stored.height == len(collector.events("loop"))
     assert collector.stats()["events"] == stored.height
 
@@ -127,15 +133,32 @@ def test_operator_set_freeze_clear_over_the_wire(start_collector, client_factory
     syn = blowing_run("ops")
     stream_steps(c, syn, range(5))
 
-    out = clip_cli(addr, "set", "--run", "ops", "--layer", "2", "--layer", "3", "--site",
-                   "routed", "--limit", "2.5")
+    out = clip_cli(
+        addr,
+        "set",
+        "--run",
+        "ops",
+        "--layer",
+        "2",
+        "--layer",
+        "3",
+        "--site",
+        "routed",
+        "--limit",
+        "2.5",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "# version 1"
-    assert table(out.stdout) == ["layer,site,limit,frozen", "2,routed,2.5,true",
-                                 "3,routed,2.5,true"]
-    update = c.expect("clip")                       # the rank got it on its stream
-    assert update.reason == "operator set" and {(s.layer, s.limit) for s in update.settings} \
-        == {(2, 2.5), (3, 2.5)}
+    assert table(out.stdout) == [
+        "layer,site,limit,frozen",
+        "2,routed,2.5,true",
+        "3,routed,2.5,true",
+    ]
+    update = c.expect("clip")  # the rank got it on its stream
+    assert update.reason == "operator set" and {(s.layer, s.limit) for s in update.settings} == {
+        (2, 2.5),
+        (3, 2.5),
+    }
 
     # frozen: the blow-up in layer 2 is detected, but the policy leaves layer 2 alone
     stream_steps(c, syn, range(5, 70))
@@ -154,8 +177,10 @@ def test_operator_set_freeze_clear_over_the_wire(start_collector, client_factory
     assert out.returncode == 0 and out.stdout.startswith("# version 2")
     store.flush()
     assert store.clips("ops").select("version", "layer", "limit", "reason").rows() == [
-        (1, 2, 2.5, "operator set"), (1, 3, 2.5, "operator set"),
-        (2, 3, math.inf, "operator clear")]
+        (1, 2, 2.5, "operator set"),
+        (1, 3, 2.5, "operator set"),
+        (2, 3, math.inf, "operator clear"),
+    ]
 
 
 def test_operator_errors(start_collector):
@@ -165,7 +190,7 @@ def test_operator_errors(start_collector):
     out = clip_cli(addr, "list", "--run", "r")
     assert out.returncode == 2 and "UNAUTHENTICATED" in out.stderr
     out = clip_cli(addr, "set", "--run", "r", "--layer", "1", token="s3cret")
-    assert out.returncode == 2 and "--limit" in out.stderr          # argparse: usage error
+    assert out.returncode == 2 and "--limit" in out.stderr  # argparse: usage error
     out = clip_cli(addr, "list", "--run", "bad name!", token="s3cret")
     assert out.returncode == 2 and "run name" in out.stderr
     out = clip_cli(addr, "list", "--run", "r", token="s3cret")
@@ -179,12 +204,12 @@ def test_rank_vectors_are_built_on_access_and_equal_the_eager_ones():
 
     rng = np.random.default_rng(0)
     n, size = 400, 30
-    ids = rng.integers(-2, size + 3, n)              # out-of-range ids are ignored
+    ids = rng.integers(-2, size + 3, n)  # out-of-range ids are ignored
     rank = rng.choice([7, 3, 11, 5], n)
     value = rng.normal(size=n).astype(np.float32)
     value[::17] = np.nan
-    ids[-1], rank[-1] = ids[0], rank[0]              # a repeated (rank, id): the last one wins
-    ranks = (3, 5, 7, 11, 12)                        # 12 sent nothing: all NaN
+    ids[-1], rank[-1] = ids[0], rank[0]  # a repeated (rank, id): the last one wins
+    ranks = (3, 5, 7, 11, 12)  # 12 sent nothing: all NaN
     eager = rank_vectors(ids, rank, value, size, ranks)
     lazy = RankVectors(ids, rank, value, size, ranks)
     assert list(lazy) == list(ranks) and len(lazy) == 5

@@ -1,6 +1,7 @@
 """ingest.py without gRPC: frames applied straight to Ingest on a fake clock, with a writer that
 only records jobs. Layout interning (what the matrix reduction groups by), keepalive pacing, and
 chunks that also end their step (one frame per rank-step) next to the chunk + EndOfStep pair."""
+
 from __future__ import annotations
 
 import math
@@ -41,14 +42,22 @@ class Clock:
 def make(world: int, **config):
     clock, writer = Clock(), RecordingWriter()
     cfg = CollectorConfig(**config)
-    ingest = Ingest(cfg, writer, ByteBudget(cfg.max_pending_bytes), ClipBoard(), Counters(),
-                    clock=clock)
+    ingest = Ingest(
+        cfg, writer, ByteBudget(cfg.max_pending_bytes), ClipBoard(), Counters(), clock=clock
+    )
     conns = []
     for rank in range(world):
         conn = Conn(f"peer{rank}")
-        ingest.receive(conn, pb.ClientFrame(hello=pb.Hello(
-            header=pb.FrameHeader(run="r", rank=rank, step=-1, seq=0), world_size=world,
-            protocol_version=1)))
+        ingest.receive(
+            conn,
+            pb.ClientFrame(
+                hello=pb.Hello(
+                    header=pb.FrameHeader(run="r", rank=rank, step=-1, seq=0),
+                    world_size=world,
+                    protocol_version=1,
+                )
+            ),
+        )
         conns.append(conn)
     return ingest, conns, writer, clock
 
@@ -62,62 +71,108 @@ def test_ranks_with_the_same_metrics_share_one_id_map_object():
     a = [mdef("loss", pb.REDUCE_MEAN), mdef("x")]
     b = [mdef("loss", pb.REDUCE_MEAN), mdef("y")]
     for rank, (sid, metrics) in enumerate([(1, a), (5, a), (1, b)]):
-        ingest.receive(conns[rank], pb.ClientFrame(schema=pb.Schema(
-            header=header(rank, -1, 1), schema_id=sid, metrics=metrics)))
+        ingest.receive(
+            conns[rank],
+            pb.ClientFrame(
+                schema=pb.Schema(header=header(rank, -1, 1), schema_id=sid, metrics=metrics)
+            ),
+        )
         v = np.array([rank, 10 + rank], "<f4").tobytes()
-        ingest.receive(conns[rank], pb.ClientFrame(chunk=pb.StepChunk(
-            header=header(rank, 0, 2), schema_id=sid, offset=0, total=2, values=v)))
-        ingest.receive(conns[rank], pb.ClientFrame(end_of_step=pb.EndOfStep(
-            header=header(rank, 0, 3), n_values=2, wall_time=1.0)))
+        ingest.receive(
+            conns[rank],
+            pb.ClientFrame(
+                chunk=pb.StepChunk(
+                    header=header(rank, 0, 2), schema_id=sid, offset=0, total=2, values=v
+                )
+            ),
+        )
+        ingest.receive(
+            conns[rank],
+            pb.ClientFrame(
+                end_of_step=pb.EndOfStep(header=header(rank, 0, 3), n_values=2, wall_time=1.0)
+            ),
+        )
     [job] = [j for j in writer.jobs if isinstance(j, WriteStep)]
     maps = job.id_maps
     assert maps[0] is maps[1] and maps[2] is not maps[0]
     rows = job.reduce()
     assert sorted(b.rank.tolist() for b in rows.blocks) == [[0, 1], [2]]
     assert dict(zip(rows.reduced.metric_id.tolist(), rows.reduced.value.tolist())) == {
-        0: 1.0, 1: 10 + 11, 2: 12}
+        0: 1.0,
+        1: 10 + 11,
+        2: 12,
+    }
 
 
 def test_keepalive_skips_ranks_acked_within_keepalive_s():
     ingest, conns, writer, clock = make(2, keepalive_s=2.0)
     run = ingest.runs["r"]
-    ingest.receive(conns[0], pb.ClientFrame(schema=pb.Schema(
-        header=header(0, -1, 1), schema_id=1, metrics=[mdef("x")])))
-    ingest.on_flushed(len(writer.jobs), set())        # the schema's rows are durable: acked
+    ingest.receive(
+        conns[0],
+        pb.ClientFrame(schema=pb.Schema(header=header(0, -1, 1), schema_id=1, metrics=[mdef("x")])),
+    )
+    ingest.on_flushed(len(writer.jobs), set())  # the schema's rows are durable: acked
     assert conns[0].take()[-1].ack.seq == 1
-    conns[1].take()                                   # its Welcome
-    ingest.receive(conns[0], pb.ClientFrame(chunk=pb.StepChunk(
-        header=header(0, 0, 2), schema_id=1, offset=0, total=1, values=b"\0\0\0\0")))
-    assert run.acks[0].max_seq > run.acks[0].acked    # waits for rank 1: keepalive applies
+    conns[1].take()  # its Welcome
+    ingest.receive(
+        conns[0],
+        pb.ClientFrame(
+            chunk=pb.StepChunk(
+                header=header(0, 0, 2), schema_id=1, offset=0, total=1, values=b"\0\0\0\0"
+            )
+        ),
+    )
+    assert run.acks[0].max_seq > run.acks[0].acked  # waits for rank 1: keepalive applies
     clock.t += 1.0
     ingest.keepalive()
-    assert conns[0].take() == []                      # acked 1 s ago: no repeat yet
+    assert conns[0].take() == []  # acked 1 s ago: no repeat yet
     clock.t += 1.0
     ingest.keepalive()
     assert [f.ack.seq for f in conns[0].take()] == [1]
-    ingest.keepalive()                                # just repeated: not again
+    ingest.keepalive()  # just repeated: not again
     assert conns[0].take() == []
-    assert conns[1].take() == []                      # rank 1 holds nothing: never pinged
+    assert conns[1].take() == []  # rank 1 holds nothing: never pinged
 
 
 # ---------------------------------------------------------------- chunks that end their step
 def schema(ingest, conn, rank: int, n: int = 2, seq: int = 1) -> None:
-    ingest.receive(conn, pb.ClientFrame(schema=pb.Schema(
-        header=header(rank, -1, seq), schema_id=1,
-        metrics=[mdef(f"m{i}") for i in range(n)])))
+    ingest.receive(
+        conn,
+        pb.ClientFrame(
+            schema=pb.Schema(
+                header=header(rank, -1, seq), schema_id=1, metrics=[mdef(f"m{i}") for i in range(n)]
+            )
+        ),
+    )
 
 
-def chunk(rank: int, step: int, seq: int, values, offset: int = 0, total: int = 2,
-          ends: int | None = None, wall_time: float = 1.0) -> pb.ClientFrame:
+def chunk(
+    rank: int,
+    step: int,
+    seq: int,
+    values,
+    offset: int = 0,
+    total: int = 2,
+    ends: int | None = None,
+    wall_time: float = 1.0,
+) -> pb.ClientFrame:
     end = {} if ends is None else dict(ends_step=True, step_values=ends, wall_time=wall_time)
-    return pb.ClientFrame(chunk=pb.StepChunk(
-        header=header(rank, step, seq), schema_id=1, offset=offset, total=total,
-        values=np.asarray(values, "<f4").tobytes(), **end))
+    return pb.ClientFrame(
+        chunk=pb.StepChunk(
+            header=header(rank, step, seq),
+            schema_id=1,
+            offset=offset,
+            total=total,
+            values=np.asarray(values, "<f4").tobytes(),
+            **end,
+        )
+    )
 
 
 def end(rank: int, step: int, seq: int, n: int, wall_time: float = 1.0) -> pb.ClientFrame:
-    return pb.ClientFrame(end_of_step=pb.EndOfStep(header=header(rank, step, seq), n_values=n,
-                                                   wall_time=wall_time))
+    return pb.ClientFrame(
+        end_of_step=pb.EndOfStep(header=header(rank, step, seq), n_values=n, wall_time=wall_time)
+    )
 
 
 def steps_written(writer) -> list[WriteStep]:
@@ -160,11 +215,14 @@ def test_old_and_folded_ranks_end_one_step_together():
     assert ingest.runs["r"].acks[1].settled
 
 
-@pytest.mark.parametrize("ends, wall_time, message", [
-    (3, 1.0, "counts 3 values but 2 arrived for that step, this chunk included"),
-    (1, 1.0, "counts 1 values but 2 arrived"),
-    (2, math.nan, "wall_time nan; it must be finite"),
-])
+@pytest.mark.parametrize(
+    "ends, wall_time, message",
+    [
+        (3, 1.0, "counts 3 values but 2 arrived for that step, this chunk included"),
+        (1, 1.0, "counts 1 values but 2 arrived"),
+        (2, math.nan, "wall_time nan; it must be finite"),
+    ],
+)
 def test_a_rejected_chunk_ending_the_step_changes_nothing(ends, wall_time, message):
     ingest, conns, writer, _ = make(2)
     schema(ingest, conns[0], 0)
@@ -173,9 +231,8 @@ def test_a_rejected_chunk_ending_the_step_changes_nothing(ends, wall_time, messa
     before = (budget.used, run.acks[0].max_seq, len(writer.jobs), run.barrier.pending_steps)
     with pytest.raises(InvalidArgument, match=message):
         ingest.receive(conns[0], chunk(0, 0, 3, [10], offset=1, ends=ends, wall_time=wall_time))
-    assert (budget.used, run.acks[0].max_seq, len(writer.jobs),
-            run.barrier.pending_steps) == before
-    assert run.barrier.values_with(0, 0, 1, 0, 0) == 1             # the chunk is not in
+    assert (budget.used, run.acks[0].max_seq, len(writer.jobs), run.barrier.pending_steps) == before
+    assert run.barrier.values_with(0, 0, 1, 0, 0) == 1  # the chunk is not in
     # the same seq, corrected, is new to the collector, and the step completes as usual
     ingest.receive(conns[0], chunk(0, 0, 3, [10], offset=1, ends=2))
     schema(ingest, conns[1], 1)
@@ -191,14 +248,14 @@ def test_a_resent_chunk_ending_the_step_counts_once():
         schema(ingest, conn, rank)
     frame = chunk(0, 0, 2, [1, 10], ends=2)
     ingest.receive(conns[0], frame)
-    ingest.receive(conns[0], frame)               # resent before it was acked: no new values
+    ingest.receive(conns[0], frame)  # resent before it was acked: no new values
     assert ingest.counters["frames_duplicate"] == 0
     ingest.receive(conns[1], chunk(1, 0, 2, [2, 20], ends=2))
     (job,) = steps_written(writer)
     assert reduced(job) == {0: 3.0, 1: 30.0}
     ingest.on_flushed(len(writer.jobs), set())
     assert acks_of(conns[0]) == [2]
-    ingest.receive(conns[0], frame)               # resent after the ack: a duplicate, acked
+    ingest.receive(conns[0], frame)  # resent after the ack: a duplicate, acked
     assert ingest.counters["frames_duplicate"] == 1 and acks_of(conns[0]) == [2]
     assert len(steps_written(writer)) == 1
 
@@ -213,7 +270,7 @@ def test_a_chunk_ending_an_already_reduced_step_is_stored_raw():
     ingest.tick()
     (job,) = steps_written(writer)
     assert job.ready.included == {0}
-    ingest.receive(conns[1], chunk(1, 0, 2, [2, 20], ends=2))      # the straggler
+    ingest.receive(conns[1], chunk(1, 0, 2, [2, 20], ends=2))  # the straggler
     (late,) = [j for j in writer.jobs if isinstance(j, WriteRaw)]
     assert late.batch.value.tolist() == [2.0, 20.0] and late.batch.rank.tolist() == [1, 1]
     assert ingest.counters["late_values"] == 2

@@ -1,12 +1,12 @@
 """reduction.py: each op against an independent per-metric computation, NaN/inf propagation,
 n_ranks per metric, and that only the included ranks are reduced."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from collector.reduction import (OP_MAX, OP_MEAN, OP_MIN, OP_SUM, gather, reduce_rows,
-                                 reduce_step)
+from collector.reduction import OP_MAX, OP_MEAN, OP_MIN, OP_SUM, gather, reduce_rows, reduce_step
 from store.base import StepStatus
 
 OPS = {OP_SUM: np.sum, OP_MEAN: np.mean, OP_MAX: np.max, OP_MIN: np.min}
@@ -42,7 +42,7 @@ def test_nan_on_any_rank_gives_nan(op):
     metric_id = np.array([0, 0, 0, 1, 1], np.int32)
     value = np.array([1.0, np.nan, 3.0, 2.0, 5.0], np.float32)
     _, vals, _ = reduce_rows(metric_id, value, ops_M)
-    assert np.isnan(vals[0])                       # max/min must not skip the NaN (fmax would)
+    assert np.isnan(vals[0])  # max/min must not skip the NaN (fmax would)
     assert vals[1] == OPS[op](np.array([2.0, 5.0]))
 
 
@@ -63,19 +63,21 @@ def test_sum_accumulates_in_float64():
 
 
 def test_reduce_step_keeps_stragglers_raw_but_out_of_the_reduction():
-    ids_S = np.array([2, 0, 1], np.int32)                 # schema position -> metric id
+    ids_S = np.array([2, 0, 1], np.int32)  # schema position -> metric id
     ops_M = np.array([OP_SUM, OP_MAX, OP_MEAN], np.int8)
     full = np.ones(3, bool)
     partial = np.array([True, False, True])
-    parts = [(0, ids_S, np.array([1, 2, 3], np.float32), full),
-             (1, ids_S, np.array([10, 20, 30], np.float32), full),
-             (2, ids_S, np.array([100, 999, 300], np.float32), partial)]   # rank 2 straggles
+    parts = [
+        (0, ids_S, np.array([1, 2, 3], np.float32), full),
+        (1, ids_S, np.array([10, 20, 30], np.float32), full),
+        (2, ids_S, np.array([100, 999, 300], np.float32), partial),
+    ]  # rank 2 straggles
     status = StepStatus(step=7, n_ranks=2, missing_ranks=(2,), complete=False)
     rows = reduce_step(7, parts, {0, 1}, ops_M, status)
 
-    assert rows.raw.value.size == 8                        # 3 + 3 + the 2 values rank 2 sent
+    assert rows.raw.value.size == 8  # 3 + 3 + the 2 values rank 2 sent
     assert set(rows.raw.rank.tolist()) == {0, 1, 2}
-    assert 999 not in rows.raw.value                       # not sent (have=False): not stored
+    assert 999 not in rows.raw.value  # not sent (have=False): not stored
     np.testing.assert_array_equal(rows.reduced.metric_id, [0, 1, 2])
     np.testing.assert_array_equal(rows.reduced.value, [2 + 20, max(3, 30), (1 + 10) / 2])
     np.testing.assert_array_equal(rows.reduced.n_ranks, [2, 2, 2])
@@ -106,9 +108,12 @@ def random_step(rng, *, n_layouts=5, ranks=40, M=300, S=60):
     Some ranks straggle (partial vector, not included), some are included with a gap, some
     sent a whole vector but never ended the step."""
     ops_M = rng.choice(list(OPS), size=M).astype(np.int8)
-    layouts = [np.concatenate([np.arange(10), rng.choice(np.arange(10, M), S - 10,
-                                                         replace=False)]).astype(np.int32)
-               for _ in range(n_layouts)]
+    layouts = [
+        np.concatenate([np.arange(10), rng.choice(np.arange(10, M), S - 10, replace=False)]).astype(
+            np.int32
+        )
+        for _ in range(n_layouts)
+    ]
     for ids in layouts:
         rng.shuffle(ids)
     parts, included = [], set()
@@ -119,9 +124,9 @@ def random_step(rng, *, n_layouts=5, ranks=40, M=300, S=60):
         v[bad] = rng.choice([np.nan, np.inf, -np.inf], size=int(bad.sum()))
         have = np.ones(S, bool)
         kind = rank % 7
-        if kind in (1, 2):                         # partial: straggler (1) or a gap (2)
+        if kind in (1, 2):  # partial: straggler (1) or a gap (2)
             have[rng.choice(S, S // 3, replace=False)] = False
-        if kind not in (1, 3):                     # 3: whole vector, never ended the step
+        if kind not in (1, 3):  # 3: whole vector, never ended the step
             included.add(rank)
         parts.append((rank, ids, v, have))
     return parts, included, ops_M
@@ -137,14 +142,20 @@ def test_matrix_reduction_equals_the_flat_reference(seed):
     expect = flat_reference(parts, included, ops_M)
     np.testing.assert_array_equal(rows.reduced.metric_id, sorted(expect))
     np.testing.assert_array_equal(rows.reduced.n_ranks, [expect[m][1] for m in sorted(expect)])
-    np.testing.assert_allclose(rows.reduced.value, [expect[m][0] for m in sorted(expect)],
-                               rtol=1e-6, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(
+        rows.reduced.value,
+        [expect[m][0] for m in sorted(expect)],
+        rtol=1e-6,
+        atol=1e-6,
+        equal_nan=True,
+    )
     assert np.isnan(rows.reduced.value).any() and np.isinf(rows.reduced.value).any()
     assert rows.reduced.value.dtype == np.float32 and rows.reduced.n_ranks.dtype == np.int32
     # shared ids are reduced over every layout's ranks at once, not per layout
     loss = int(np.flatnonzero(rows.reduced.metric_id == 0)[0])
-    assert rows.reduced.n_ranks[loss] == sum(1 for r, _, _, h in parts
-                                             if r in included and h[list(parts[r][1]).index(0)])
+    assert rows.reduced.n_ranks[loss] == sum(
+        1 for r, _, _, h in parts if r in included and h[list(parts[r][1]).index(0)]
+    )
 
 
 def sorted_rows(batch):
@@ -166,7 +177,7 @@ def test_whole_vectors_become_one_block_per_layout_and_raw_keeps_every_value():
             r, ids, v, _ = parts[rank]
             assert ids is block.metric_id
             np.testing.assert_array_equal(block.value[i], v)
-    assert sum(b.rank.size for b in rows.blocks) == len(whole)   # stragglers' whole vectors too
+    assert sum(b.rank.size for b in rows.blocks) == len(whole)  # stragglers' whole vectors too
     assert set(rows.rest.rank.tolist()) == {p[0] for p in parts if not p[3].all()}
     assert rows.n_raw == sum(int(p[3].sum()) for p in parts)
     # the flat view is exactly what every rank sent, stragglers included
@@ -180,8 +191,10 @@ def test_equal_id_maps_that_are_distinct_objects_still_reduce_correctly():
     ids = np.array([0, 1], np.int32)
     ops_M = np.array([OP_MEAN, OP_MAX], np.int8)
     full = np.ones(2, bool)
-    parts = [(0, ids, np.array([1, 5], np.float32), full),
-             (1, ids.copy(), np.array([3, 2], np.float32), full)]     # same content, new array
+    parts = [
+        (0, ids, np.array([1, 5], np.float32), full),
+        (1, ids.copy(), np.array([3, 2], np.float32), full),
+    ]  # same content, new array
     rows = reduce_step(0, parts, {0, 1}, ops_M, StepStatus(step=0, n_ranks=2))
     assert len(rows.blocks) == 2
     np.testing.assert_array_equal(rows.reduced.value, [2, 5])
@@ -192,8 +205,10 @@ def test_a_layout_whose_ranks_are_all_excluded_is_stored_but_not_reduced():
     a, b = np.array([0, 1], np.int32), np.array([1, 2], np.int32)
     ops_M = np.array([OP_SUM, OP_SUM, OP_MIN], np.int8)
     full = np.ones(2, bool)
-    parts = [(0, a, np.array([1, 2], np.float32), full),
-             (1, b, np.array([30, 40], np.float32), full)]             # rank 1 never ended
+    parts = [
+        (0, a, np.array([1, 2], np.float32), full),
+        (1, b, np.array([30, 40], np.float32), full),
+    ]  # rank 1 never ended
     rows = reduce_step(0, parts, {0}, ops_M, StepStatus(step=0, n_ranks=1))
     np.testing.assert_array_equal(rows.reduced.metric_id, [0, 1])
     np.testing.assert_array_equal(rows.reduced.value, [1, 2])
@@ -204,20 +219,22 @@ def test_matrix_ids_outside_the_run_are_refused():
     ids = np.array([0, 5], np.int32)
     parts = [(0, ids, np.zeros(2, np.float32), np.ones(2, bool))]
     with pytest.raises(ValueError, match="metric id 5 outside the run's 2 metrics"):
-        reduce_step(0, parts, {0}, np.array([OP_SUM, OP_SUM], np.int8),
-                    StepStatus(step=0, n_ranks=1))
+        reduce_step(
+            0, parts, {0}, np.array([OP_SUM, OP_SUM], np.int8), StepStatus(step=0, n_ranks=1)
+        )
 
 
 def test_a_resent_chunk_through_the_barrier_is_reduced_once():
     from collector.barrier import ByteBudget, StepBarrier
+
     b = StepBarrier(2, straggler_timeout_s=10.0, max_pending_steps=4, budget=ByteBudget(1 << 20))
     ids = np.array([2, 0, 1], np.int32)
     ops_M = np.array([OP_SUM, OP_MEAN, OP_MAX], np.int8)
     b.add_chunk(0, 0, 1, 0, 3, np.array([1, 2, 3], np.float32))
-    b.add_chunk(0, 0, 1, 0, 3, np.array([1, 2, 3], np.float32))      # resent after reconnect
+    b.add_chunk(0, 0, 1, 0, 3, np.array([1, 2, 3], np.float32))  # resent after reconnect
     b.add_chunk(1, 0, 1, 0, 3, np.array([10, 20], np.float32))
     b.add_chunk(1, 0, 1, 2, 3, np.array([30], np.float32))
-    b.add_chunk(1, 0, 1, 0, 3, np.array([11, 21], np.float32))       # replaced, not added
+    b.add_chunk(1, 0, 1, 0, 3, np.array([11, 21], np.float32))  # replaced, not added
     b.end_of_step(0, 0, 3, 0.0, now=0.0)
     b.end_of_step(1, 0, 3, 0.0, now=0.0)
     [ready] = b.poll(now=0.0)

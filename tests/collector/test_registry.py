@@ -1,5 +1,6 @@
 """registry.py and acks.py: metric identity by name across ranks, schema conflicts, identical
 schemas registered once per run, Hello checks, and cumulative ack bookkeeping."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,11 @@ from proto.v1 import telemetry_pb2 as pb
 
 
 def reg(**kw) -> RunMetrics:
-    return RunMetrics("run", max_metrics=kw.get("max_metrics", 1000),
-                      max_schemas_per_rank=kw.get("max_schemas", 8))
+    return RunMetrics(
+        "run",
+        max_metrics=kw.get("max_metrics", 1000),
+        max_schemas_per_rank=kw.get("max_schemas", 8),
+    )
 
 
 def m(name, reduce=pb.REDUCE_SUM, **labels) -> pb.MetricDef:
@@ -31,11 +35,20 @@ def test_same_name_same_id_across_ranks_and_dictionary_rows_once():
     assert rows0.name == ["a", "b"] and rows0.reduce == ["sum", "max"]
     assert rows1.name == ["c"] and rows1.metric_id.tolist() == [2]
     assert r.ops.tolist() == [1, 3, 4]
-    assert r.register(0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None   # resend
+    assert r.register(0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None  # resend
 
 
-@pytest.mark.parametrize("change", [dict(reduce=pb.REDUCE_MEAN), dict(layer=4), dict(unit="s"),
-                                    dict(stat="y"), dict(expert=2), dict(head=1)])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(reduce=pb.REDUCE_MEAN),
+        dict(layer=4),
+        dict(unit="s"),
+        dict(stat="y"),
+        dict(expert=2),
+        dict(head=1),
+    ],
+)
 def test_a_name_with_other_labels_or_op_is_rejected_and_changes_nothing(change):
     r = reg()
     r.register(0, 1, [m("a", pb.REDUCE_SUM, layer=3)])
@@ -46,13 +59,16 @@ def test_a_name_with_other_labels_or_op_is_rejected_and_changes_nothing(change):
     assert "new" not in r.ids and not r.has_schema(1, 1)
 
 
-@pytest.mark.parametrize("metrics,match", [
-    ([m("a", pb.REDUCE_UNSPECIFIED)], "reduce op"),
-    ([m("a"), m("a")], "twice"),
-    ([], "no metrics"),
-    ([m("")], "name"),
-    ([m("a", layer=-2)], ">= -1"),
-])
+@pytest.mark.parametrize(
+    "metrics,match",
+    [
+        ([m("a", pb.REDUCE_UNSPECIFIED)], "reduce op"),
+        ([m("a"), m("a")], "twice"),
+        ([], "no metrics"),
+        ([m("")], "name"),
+        ([m("a", layer=-2)], ">= -1"),
+    ],
+)
 def test_bad_schemas(metrics, match):
     with pytest.raises(InvalidArgument, match=match):
         reg().register(0, 1, metrics)
@@ -80,14 +96,17 @@ def test_bounds():
 
 
 def msg(rank, schema_id, metrics, seq=1) -> pb.Schema:
-    return pb.Schema(header=pb.FrameHeader(run="run", rank=rank, seq=seq), schema_id=schema_id,
-                     metrics=metrics)
+    return pb.Schema(
+        header=pb.FrameHeader(run="run", rank=rank, seq=seq), schema_id=schema_id, metrics=metrics
+    )
 
 
 # register() with a list of defs, register_schema() with the message as it arrives: the same
 # registry behind both, so every cache test runs through each.
-VIA = {"list": lambda r, rank, sid, ms, seq=1: r.register(rank, sid, ms),
-       "message": lambda r, rank, sid, ms, seq=1: r.register_schema(rank, msg(rank, sid, ms, seq))}
+VIA = {
+    "list": lambda r, rank, sid, ms, seq=1: r.register(rank, sid, ms),
+    "message": lambda r, rank, sid, ms, seq=1: r.register_schema(rank, msg(rank, sid, ms, seq)),
+}
 
 
 @pytest.mark.parametrize("via", VIA)
@@ -95,10 +114,10 @@ def test_identical_defs_on_other_ranks_reuse_the_id_array_and_create_no_rows(via
     r, call = reg(), VIA[via]
     defs = [m("a"), m("b", pb.REDUCE_MAX, layer=3)]
     assert call(r, 0, 1, defs).name == ["a", "b"]
-    assert call(r, 1, 7, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None   # other rank, id
+    assert call(r, 1, 7, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None  # other rank, id
     assert r.schema(1, 7) is r.schema(0, 1)
     np.testing.assert_array_equal(r.schema(1, 7), [0, 1])
-    assert call(r, 2, 1, defs[::-1]) is None                  # other order: other layout
+    assert call(r, 2, 1, defs[::-1]) is None  # other order: other layout
     np.testing.assert_array_equal(r.schema(2, 1), [1, 0])
     assert call(r, 3, 1, defs, seq=9) is None and r.schema(3, 1) is r.schema(0, 1)
     assert r.ops.tolist() == [1, 3] and len(r.ids) == 2
@@ -115,7 +134,7 @@ def test_a_list_and_a_message_with_the_same_defs_share_the_array():
 def test_resend_ignores_the_header_and_other_defs_under_a_used_id_are_rejected(via):
     r, call = reg(), VIA[via]
     call(r, 0, 1, [m("a"), m("b")])
-    assert call(r, 0, 1, [m("a"), m("b")], seq=5) is None     # reconnect: new seq
+    assert call(r, 0, 1, [m("a"), m("b")], seq=5) is None  # reconnect: new seq
     with pytest.raises(InvalidArgument, match="unique per"):
         call(r, 0, 1, [m("b"), m("a")])
     with pytest.raises(InvalidArgument, match="unique per"):
@@ -127,7 +146,7 @@ def test_a_known_layout_still_gets_the_per_rank_checks(via):
     r, call = reg(max_schemas=2), VIA[via]
     call(r, 0, 1, [m("a"), m("b")])
     call(r, 0, 2, [m("c")])
-    call(r, 1, 1, [m("c")])                                   # known layouts, rank 1
+    call(r, 1, 1, [m("c")])  # known layouts, rank 1
     with pytest.raises(InvalidArgument, match="'c' is already in another schema of rank 1"):
         call(r, 1, 2, [m("c")])
     call(r, 1, 2, [m("a"), m("b")])
@@ -141,24 +160,30 @@ def test_a_rejected_schema_leaves_no_names_and_no_layout_behind(via):
     r, call = reg(), VIA[via]
     call(r, 0, 1, [m("a")])
     with pytest.raises(InvalidArgument, match="already in another schema"):
-        call(r, 0, 2, [m("c"), m("a")])                       # c resolved, then the clash
+        call(r, 0, 2, [m("c"), m("a")])  # c resolved, then the clash
     assert "c" not in r.ids and r.ops.tolist() == [1]
-    rows = call(r, 1, 1, [m("c"), m("a")])                    # the same defs are fine here
+    rows = call(r, 1, 1, [m("c"), m("a")])  # the same defs are fine here
     assert rows.name == ["c"] and rows.metric_id.tolist() == [1]
     np.testing.assert_array_equal(r.schema(1, 1), [1, 0])
     with pytest.raises(InvalidArgument, match="conflicts"):
         call(r, 2, 1, [m("a", pb.REDUCE_MAX)])
-    with pytest.raises(InvalidArgument, match="conflicts"):   # not cached by the failure
+    with pytest.raises(InvalidArgument, match="conflicts"):  # not cached by the failure
         call(r, 3, 1, [m("a", pb.REDUCE_MAX)])
 
 
-@pytest.mark.parametrize("metrics,match", [
-    ([m("a"), m("b", layer=-2), m("c", pb.REDUCE_UNSPECIFIED)], "'b': layer/expert/head"),
-    ([m("a"), m("b", pb.REDUCE_UNSPECIFIED), m("", layer=-2)], r"metric 1 \('b'\).*reduce op 0"),
-    ([m("a"), m("b", head=-5, reduce=7)], r"metric 1 \('b'\).*reduce op 7"),
-    ([m("a"), m("x" * 513)], "metric 1 of schema 1: name must have 1..512"),
-    ([m("b"), m("c"), m("a"), m("a"), m("c")], "'c' appears twice"),
-])
+@pytest.mark.parametrize(
+    "metrics,match",
+    [
+        ([m("a"), m("b", layer=-2), m("c", pb.REDUCE_UNSPECIFIED)], "'b': layer/expert/head"),
+        (
+            [m("a"), m("b", pb.REDUCE_UNSPECIFIED), m("", layer=-2)],
+            r"metric 1 \('b'\).*reduce op 0",
+        ),
+        ([m("a"), m("b", head=-5, reduce=7)], r"metric 1 \('b'\).*reduce op 7"),
+        ([m("a"), m("x" * 513)], "metric 1 of schema 1: name must have 1..512"),
+        ([m("b"), m("c"), m("a"), m("a"), m("c")], "'c' appears twice"),
+    ],
+)
 def test_bad_schemas_name_the_first_bad_def(metrics, match):
     for call in VIA.values():
         r = reg()
@@ -167,33 +192,42 @@ def test_bad_schemas_name_the_first_bad_def(metrics, match):
         assert not r.ids and not r.has_schema(0, 1)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(run="bad name"), "run name"), (dict(run=""), "run name"),
-    (dict(rank=2), "outside"), (dict(rank=-1), "outside"),
-    (dict(world_size=0), "world_size"), (dict(protocol_version=0), "protocol_version"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(run="bad name"), "run name"),
+        (dict(run=""), "run name"),
+        (dict(rank=2), "outside"),
+        (dict(rank=-1), "outside"),
+        (dict(world_size=0), "world_size"),
+        (dict(protocol_version=0), "protocol_version"),
+    ],
+)
 def test_hello_checks(kw, match):
     args = dict(run="ok-run_1.x", rank=0, world_size=2, protocol_version=1)
     args.update(kw)
-    h = pb.Hello(header=pb.FrameHeader(run=args["run"], rank=args["rank"]),
-                 world_size=args["world_size"], protocol_version=args["protocol_version"])
+    h = pb.Hello(
+        header=pb.FrameHeader(run=args["run"], rank=args["rank"]),
+        world_size=args["world_size"],
+        protocol_version=args["protocol_version"],
+    )
     with pytest.raises(InvalidArgument, match=match):
         check_hello(h, max_world_size=1024)
 
 
 def test_acks_are_cumulative_and_wait_for_the_lowest_pending_seq():
     a = RankAcks()
-    a.in_job(1, job=1)                  # schema -> metrics write
+    a.in_job(1, job=1)  # schema -> metrics write
     a.in_step(2, step=0)
     a.in_step(3, step=0)
     a.in_step(4, step=1)
     assert not a.advance() and a.acked == 0
-    assert a.flushed(1, set()) and a.acked == 1        # only the schema is durable
+    assert a.flushed(1, set()) and a.acked == 1  # only the schema is durable
     a.step_submitted(0, job=2)
-    assert not a.flushed(1, set())                     # job 2 not flushed yet
+    assert not a.flushed(1, set())  # job 2 not flushed yet
     assert a.flushed(2, set()) and a.acked == 3 and a.durable_step == 0
-    a.received(5)                                      # e.g. a ClipAck: needs no write
-    assert not a.advance()                             # step 1 (seq 4) still pending
+    a.received(5)  # e.g. a ClipAck: needs no write
+    assert not a.advance()  # step 1 (seq 4) still pending
     a.step_submitted(1, job=3)
     assert a.flushed(3, set()) and a.acked == 5 and a.settled
     assert a.is_duplicate(5) and not a.is_duplicate(6)

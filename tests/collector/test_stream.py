@@ -1,5 +1,6 @@
 """End to end over loopback into the memory store: reductions read back, acks only after a
 flush, reconnect + resend without double counting, stragglers, goodbye."""
+
 from __future__ import annotations
 
 import threading
@@ -13,8 +14,7 @@ from store.memory import MemoryStore
 
 from .conftest import WAIT_S, mdef
 
-OPS = {pb.REDUCE_SUM: np.sum, pb.REDUCE_MEAN: np.mean, pb.REDUCE_MAX: np.max,
-       pb.REDUCE_MIN: np.min}
+OPS = {pb.REDUCE_SUM: np.sum, pb.REDUCE_MEAN: np.mean, pb.REDUCE_MAX: np.max, pb.REDUCE_MIN: np.min}
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT_S):
@@ -30,8 +30,7 @@ def reduced(store, run: str, step: int) -> dict[str, float]:
     return dict(zip(df["name"].to_list(), df["value"].to_list()))
 
 
-def test_two_ranks_values_read_back_equal_independent_reductions(start_collector,
-                                                                 client_factory):
+def test_two_ranks_values_read_back_equal_independent_reductions(start_collector, client_factory):
     _, addr, store = start_collector()
     rng = np.random.default_rng(1)
     names = [f"moe/layer{i // 4:02d}/expert{i % 4:03d}/act_rms" for i in range(10)]
@@ -40,22 +39,22 @@ def test_two_ranks_values_read_back_equal_independent_reductions(start_collector
     sparse = [mdef("param_norm/total", pb.REDUCE_MAX)]
     c0 = client_factory(addr, "e2e", 0, 2)
     c1 = client_factory(addr, "e2e", 1, 2)
-    order1 = rng.permutation(10)              # rank 1 declares the same metrics in another order
+    order1 = rng.permutation(10)  # rank 1 declares the same metrics in another order
     c0.schema(1, every)
     c0.schema(2, sparse)
     c1.schema(4, [every[i] for i in order1])
     c1.schema(2, sparse)
-    sent = {}                                  # (step, rank) -> {name: value}
+    sent = {}  # (step, rank) -> {name: value}
     for step in range(3):
         v0, v1 = rng.normal(size=10).astype(np.float32), rng.normal(size=10).astype(np.float32)
-        c0.chunk(step, 1, v0[:6], offset=0, total=10)       # chunked, out of order
+        c0.chunk(step, 1, v0[:6], offset=0, total=10)  # chunked, out of order
         c0.chunk(step, 1, v0[6:], offset=6, total=10)
         c1.chunk(step, 4, v1[order1][5:], offset=5, total=10)
         c1.chunk(step, 4, v1[order1][:5], offset=0, total=10)
         n0 = n1 = 10
         sent[step, 0] = dict(zip(names, v0.tolist()))
         sent[step, 1] = dict(zip(names, v1.tolist()))
-        if step % 2 == 0:                                   # every other step only
+        if step % 2 == 0:  # every other step only
             c0.chunk(step, 2, [float(step)])
             c1.chunk(step, 2, [float(step) + 0.5])
             n0, n1 = n0 + 1, n1 + 1
@@ -71,17 +70,19 @@ def test_two_ranks_values_read_back_equal_independent_reductions(start_collector
         got = reduced(store, "e2e", step)
         assert set(got) == set(sent[step, 0])
         for name, value in got.items():
-            expect = OPS[op_of[name]](np.array([sent[step, 0][name], sent[step, 1][name]],
-                                               dtype=np.float64))
+            expect = OPS[op_of[name]](
+                np.array([sent[step, 0][name], sent[step, 1][name]], dtype=np.float64)
+            )
             assert value == pytest.approx(expect, rel=1e-6, abs=1e-6), (step, name)
         for rank in (0, 1):
             raw = store.at_step("e2e", step, rank=rank)
             assert dict(zip(raw["name"].to_list(), raw["value"].to_list())) == pytest.approx(
-                sent[step, rank])
+                sent[step, rank]
+            )
     steps = store.steps("e2e")
     assert steps["step"].to_list() == [0, 1, 2] and steps["complete"].all()
     md = store.metrics("e2e")
-    assert md.height == 11 and md["metric_id"].to_list() == list(range(11))   # dense, shared
+    assert md.height == 11 and md["metric_id"].to_list() == list(range(11))  # dense, shared
     assert store.series("e2e", names[3])["step"].to_list() == [0, 1, 2]
 
 
@@ -93,7 +94,7 @@ class GatedStore(MemoryStore):
         self.gate = threading.Event()
 
     def flush(self) -> None:
-        if self._pending:                     # value rows buffered (not just run/metric rows)
+        if self._pending:  # value rows buffered (not just run/metric rows)
             self.gate.wait(WAIT_S)
         super().flush()
 
@@ -104,14 +105,14 @@ def test_acks_are_cumulative_and_only_after_the_flush(start_collector, client_fa
     c = client_factory(addr, "acks", 0, 1)
     assert c.expect("welcome").acked_seq == 0
     c.schema(1, [mdef("loss", pb.REDUCE_MEAN)])
-    c.step(0, 1, [2.5])                                   # seqs 2 (chunk) and 3 (end)
+    c.step(0, 1, [2.5])  # seqs 2 (chunk) and 3 (end)
     wait_for(lambda: collector.stats()["values_written"] >= 1, "the step to be written")
     with pytest.raises(TimeoutError):
-        c.expect("ack", timeout=0.5)                      # written, not flushed: no ack
+        c.expect("ack", timeout=0.5)  # written, not flushed: no ack
     store.gate.set()
     ack = c.wait_ack()
-    assert (ack.seq, ack.step) == (3, 0)                  # one ack covers all three frames
-    assert store.series("acks", "loss")["value"].to_list() == [2.5]   # durable before the ack
+    assert (ack.seq, ack.step) == (3, 0)  # one ack covers all three frames
+    assert store.series("acks", "loss")["value"].to_list() == [2.5]  # durable before the ack
     for step in (1, 2, 3):
         c.step(step, 1, [float(step)])
     assert c.wait_ack().seq == 9
@@ -128,25 +129,25 @@ def test_reconnect_and_resend_keeps_exactly_one_copy(start_collector, client_fac
     c1.schema(1, ms)
     c0.step(0, 1, [10, 1])
     c1.step(0, 1, [20, 2])
-    acked = c0.wait_ack().seq                             # 3
-    c0.chunk(1, 1, [100], offset=0, total=2)              # half of step 1 ...
+    acked = c0.wait_ack().seq  # 3
+    c0.chunk(1, 1, [100], offset=0, total=2)  # half of step 1 ...
     wait_for(lambda: collector.stats()["frames"] >= 9, "the half step to arrive")
-    c0.cancel()                                           # ... and the connection drops
+    c0.cancel()  # ... and the connection drops
     wait_for(lambda: collector.stats()["streams_closed"] >= 1, "the server to see the drop")
-    assert collector.ingest.runs["resend"].said_goodbye == set()   # a drop is no goodbye
+    assert collector.ingest.runs["resend"].said_goodbye == set()  # a drop is no goodbye
 
     again = client_factory(addr, "resend", 0, 2, seq=c0.seq)
     assert again.expect("welcome").acked_seq == acked
     dup_before = collector.stats()["frames_duplicate"]
-    for frame in c0.sent:                                 # resend everything it still had,
-        again.send(frame)                                 # even what was already acked
+    for frame in c0.sent:  # resend everything it still had,
+        again.send(frame)  # even what was already acked
     again.chunk(1, 1, [5], offset=1, total=2)
     again.end_of_step(1, 2)
     c1.step(1, 1, [200, 3])
     again.wait_ack()
     c1.wait_ack()
 
-    assert collector.stats()["frames_duplicate"] - dup_before == 3   # schema + step 0 frames
+    assert collector.stats()["frames_duplicate"] - dup_before == 3  # schema + step 0 frames
     assert reduced(store, "resend", 0) == {"tokens": 30, "max_logit": 2}
     assert reduced(store, "resend", 1) == {"tokens": 300, "max_logit": 5}
     raw = store.at_step("resend", 1, rank=0)
@@ -161,15 +162,15 @@ def test_straggler_is_left_out_and_recorded_late(start_collector, client_factory
     c0.schema(1, [mdef("grad_norm", pb.REDUCE_MAX)])
     c1.schema(1, [mdef("grad_norm", pb.REDUCE_MAX)])
     c0.step(0, 1, [1.0])
-    assert c0.wait_ack().step == 0                        # reduced without rank 1
+    assert c0.wait_ack().step == 0  # reduced without rank 1
     st = store.steps("strag").row(0, named=True)
     assert (st["n_ranks"], st["missing_ranks"], st["complete"]) == (1, [1], False)
     assert reduced(store, "strag", 0) == {"grad_norm": 1.0}
 
-    c1.step(0, 1, [50.0])                                 # rank 1 wakes up: late
+    c1.step(0, 1, [50.0])  # rank 1 wakes up: late
     c1.wait_ack()
-    assert reduced(store, "strag", 0) == {"grad_norm": 1.0}            # reduction stands
-    assert store.at_step("strag", 0, rank=1)["value"].to_list() == [50.0]   # but recorded
+    assert reduced(store, "strag", 0) == {"grad_norm": 1.0}  # reduction stands
+    assert store.at_step("strag", 0, rank=1)["value"].to_list() == [50.0]  # but recorded
     c0.step(1, 1, [2.0])
     c1.step(1, 1, [3.0])
     c0.wait_ack()
@@ -180,19 +181,19 @@ def test_straggler_is_left_out_and_recorded_late(start_collector, client_factory
     assert (s["steps_incomplete"], s["stragglers"], s["late_values"]) == (1, 1, 1)
 
 
-def test_keepalive_acks_repeat_the_seq_while_the_barrier_waits(start_collector,
-                                                               client_factory):
+def test_keepalive_acks_repeat_the_seq_while_the_barrier_waits(start_collector, client_factory):
     _, addr, _ = start_collector(straggler_timeout_s=60, keepalive_s=0.05)
     c0 = client_factory(addr, "alive", 0, 2)
     c0.schema(1, [mdef("x")])
     assert c0.wait_ack().seq == 1
-    c0.step(0, 1, [1.0])                                  # rank 1 never comes
+    c0.step(0, 1, [1.0])  # rank 1 never comes
     for _ in range(3):
-        assert c0.expect("ack").seq == 1                  # same seq: the step is not durable
+        assert c0.expect("ack").seq == 1  # same seq: the step is not durable
 
 
-def test_goodbye_ends_streams_after_their_acks_and_finishes_the_run(start_collector,
-                                                                    client_factory):
+def test_goodbye_ends_streams_after_their_acks_and_finishes_the_run(
+    start_collector, client_factory
+):
     _, addr, store = start_collector()
     c0 = client_factory(addr, "bye", 0, 2)
     c1 = client_factory(addr, "bye", 1, 2)
@@ -200,9 +201,9 @@ def test_goodbye_ends_streams_after_their_acks_and_finishes_the_run(start_collec
     c1.schema(1, [mdef("x")])
     c0.step(0, 1, [1.0])
     c1.step(0, 1, [2.0])
-    c0.step(1, 1, [4.0])                                  # rank 1 never ends step 1
+    c0.step(1, 1, [4.0])  # rank 1 never ends step 1
     assert c1.close().code.name == "OK"
-    end = c0.close()                                      # last goodbye: step 1 is reduced
+    end = c0.close()  # last goodbye: step 1 is reduced
     assert end.code.name == "OK" and c0.acks[-1].seq == c0.seq
     assert store.runs().row(0, named=True)["status"] == "finished"
     st = store.steps("bye")
@@ -215,8 +216,14 @@ def test_many_concurrent_streams_of_one_run(start_collector, client_factory):
     world = 32
     clients = [client_factory(addr, "wide", r, world) for r in range(world)]
     for c in clients:
-        c.schema(1, [mdef("tokens", pb.REDUCE_SUM), mdef("act_max", pb.REDUCE_MAX),
-                     mdef("act_min", pb.REDUCE_MIN)])
+        c.schema(
+            1,
+            [
+                mdef("tokens", pb.REDUCE_SUM),
+                mdef("act_max", pb.REDUCE_MAX),
+                mdef("act_min", pb.REDUCE_MIN),
+            ],
+        )
     for step in range(3):
         for r, c in enumerate(clients):
             c.step(step, 1, [r, r * (step + 1), -r])
@@ -224,8 +231,10 @@ def test_many_concurrent_streams_of_one_run(start_collector, client_factory):
         c.wait_ack()
     for step in range(3):
         assert reduced(store, "wide", step) == {
-            "tokens": sum(range(world)), "act_max": (world - 1) * (step + 1),
-            "act_min": -(world - 1)}
+            "tokens": sum(range(world)),
+            "act_max": (world - 1) * (step + 1),
+            "act_min": -(world - 1),
+        }
     assert store.steps("wide")["n_ranks"].to_list() == [world] * 3
 
 
@@ -234,8 +243,8 @@ class RecordingStore(MemoryStore):
 
     def __init__(self) -> None:
         super().__init__()
-        self.blocks: list[tuple[int, list[int], int]] = []      # (step, ranks, n metrics)
-        self.raw_rows: list[tuple[int, list[int]]] = []          # (rows, ranks)
+        self.blocks: list[tuple[int, list[int], int]] = []  # (step, ranks, n metrics)
+        self.raw_rows: list[tuple[int, list[int]]] = []  # (rows, ranks)
 
     def write_raw_block(self, run, block) -> None:
         self.blocks.append((block.step, block.rank.tolist(), block.metric_id.size))
@@ -251,26 +260,29 @@ def test_ranks_sharing_a_schema_are_written_as_one_block(start_collector, client
     vector and straggles. One block per layout, the straggler's half as rows, all readable."""
     store = RecordingStore()
     _, addr, _ = start_collector(store=store, straggler_timeout_s=0.3)
-    shared = [mdef("loss", pb.REDUCE_MEAN)] + [mdef(f"moe/layer00/expert{e:03d}/tokens",
-                                                    pb.REDUCE_SUM, layer=0, expert=e)
-                                               for e in range(4)]
-    other = [mdef("loss", pb.REDUCE_MEAN), mdef("moe/layer00/expert009/tokens", pb.REDUCE_SUM,
-                                                layer=0, expert=9)]
+    shared = [mdef("loss", pb.REDUCE_MEAN)] + [
+        mdef(f"moe/layer00/expert{e:03d}/tokens", pb.REDUCE_SUM, layer=0, expert=e)
+        for e in range(4)
+    ]
+    other = [
+        mdef("loss", pb.REDUCE_MEAN),
+        mdef("moe/layer00/expert009/tokens", pb.REDUCE_SUM, layer=0, expert=9),
+    ]
     clients = [client_factory(addr, "blk", r, 4) for r in range(4)]
     for r, c in enumerate(clients):
-        c.schema(7 + r, other if r == 3 else shared)       # schema ids differ, content not
+        c.schema(7 + r, other if r == 3 else shared)  # schema ids differ, content not
     vals = {r: np.arange(5, dtype=np.float32) + 10 * r for r in range(3)}
     vals[3] = np.array([100.0, 5.0], np.float32)
     for r in (0, 1, 3):
         clients[r].step(0, 7 + r, vals[r])
-    clients[2].chunk(0, 9, vals[2][:2], offset=0, total=5)         # never ends the step
+    clients[2].chunk(0, 9, vals[2][:2], offset=0, total=5)  # never ends the step
     clients[0].wait_ack()
 
     assert sorted(store.blocks) == [(0, [0, 1], 5), (0, [3], 2)]
     assert store.raw_rows == [(2, [2])]
     got = reduced(store, "blk", 0)
     assert got["loss"] == pytest.approx((0 + 10 + 100) / 3)
-    assert got["moe/layer00/expert003/tokens"] == 4 + 14           # position 4
+    assert got["moe/layer00/expert003/tokens"] == 4 + 14  # position 4
     for r in (0, 1, 2):
         n = 2 if r == 2 else 5
         assert store.at_step("blk", 0, rank=r)["value"].to_list() == vals[r][:n].tolist()
@@ -289,21 +301,21 @@ def test_mixed_plain_and_folded_clients_and_a_folded_resend(start_collector, cli
     new.schema(1, ms)
     old.step(0, 1, [10, 1])
     new.chunk(0, 1, [20], offset=0, total=2)
-    new.chunk(0, 1, [2], offset=1, total=2, ends_step=2)              # seq 3 ends step 0
+    new.chunk(0, 1, [2], offset=1, total=2, ends_step=2)  # seq 3 ends step 0
     assert new.wait_ack().seq == 3 and old.wait_ack().seq == 3
-    new.step(1, 1, [30, 4], fold=True)                                # seq 4, step 1 waits
+    new.step(1, 1, [30, 4], fold=True)  # seq 4, step 1 waits
     wait_for(lambda: collector.stats()["frames"] >= 8, "the folded frame to arrive")
     new.cancel()
     wait_for(lambda: collector.stats()["streams_closed"] >= 1, "the server to see the drop")
     again = client_factory(addr, "mixed", 1, 2, seq=new.seq)
     assert again.expect("welcome").acked_seq == 3
     for frame in new.sent:
-        again.send(frame)                     # schema and step 0 are duplicates, seq 4 a resend
+        again.send(frame)  # schema and step 0 are duplicates, seq 4 a resend
     old.step(1, 1, [40, 3])
     assert again.wait_ack().seq == 4 and old.wait_ack().seq == 5
     assert collector.stats()["frames_duplicate"] == 3
     assert reduced(store, "mixed", 0) == {"tokens": 30, "max_logit": 2}
     assert reduced(store, "mixed", 1) == {"tokens": 70, "max_logit": 4}
     raw = store.at_step("mixed", 1, rank=1)
-    assert raw["value"].to_list() == [30, 4]                          # one copy
+    assert raw["value"].to_list() == [30, 4]  # one copy
     assert store.steps("mixed")["complete"].to_list() == [True, True]

@@ -4,6 +4,7 @@
 Parquet store); `write_synthetic_run` writes rows straight through the store's write API, for
 shapes a real run on 2 cores cannot reach (100k steps) and for exact expected values.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,8 @@ import numpy as np
 
 from store import MetricDict, RunInfo, StepStatus, ValueBatch, open_store
 
-DEAD = (4, 3)             # (layer, expert) the real run kills with model/'s dead-expert fault
-DEAD_FROM = 3             # ... from this step on
+DEAD = (4, 3)  # (layer, expert) the real run kills with model/'s dead-expert fault
+DEAD_FROM = 3  # ... from this step on
 
 
 DEAD_INJECT = f"dead-expert@{DEAD_FROM}:layer={DEAD[0]},expert={DEAD[1]}"
@@ -28,41 +29,56 @@ def record_tiny_runs(store_dir: Path, runs: dict[str, dict]) -> str:
     from model.train import TrainConfig, train
 
     url = f"parquet:{store_dir}"
-    proc, address = start_collector(url, "--flush-interval", "0.1",
-                                    log_path=Path(store_dir).parent / "collector.log")
+    proc, address = start_collector(
+        url, "--flush-interval", "0.1", log_path=Path(store_dir).parent / "collector.log"
+    )
     try:
         for run, overrides in runs.items():
             cfg = TrainConfig(**{"preset": "tiny", "batch_size": 4, **overrides})
-            result = train(cfg, monitor=DeferredMonitor(
-                lambda m, o, run=run: Monitor(m, o, target=address, run=run)))
+            result = train(
+                cfg,
+                monitor=DeferredMonitor(
+                    lambda m, o, run=run: Monitor(m, o, target=address, run=run)
+                ),
+            )
             assert result.monitor_errors == 0
     finally:
-        code = stop_collector(proc)                # flushes the store and finishes the runs
+        code = stop_collector(proc)  # flushes the store and finishes the runs
     assert code == 0, f"collector exited with {code}"
     return url
 
 
 def synthetic_dict(layers: tuple[int, ...], experts: int) -> MetricDict:
     """train/loss, train/lr, grad/global_norm, and tokens/act_rms/out_norm per (layer, expert)."""
-    names, layer, expert, stat = ["train/loss", "train/lr", "grad/global_norm"], [-1] * 3, \
-        [-1] * 3, ["loss", "lr", "global_norm"]
+    names, layer, expert, stat = (
+        ["train/loss", "train/lr", "grad/global_norm"],
+        [-1] * 3,
+        [-1] * 3,
+        ["loss", "lr", "global_norm"],
+    )
     for lay in layers:
         for e in range(experts):
             for s in ("tokens", "act_rms", "out_norm"):
                 names.append(f"moe/layer{lay:02d}/expert{e:03d}/{s}")
                 layer.append(lay), expert.append(e), stat.append(s)
     n = len(names)
-    return MetricDict(metric_id=np.arange(n, dtype=np.int32), name=names,
-                      layer=np.asarray(layer, np.int32), expert=np.asarray(expert, np.int32),
-                      head=np.full(n, -1, np.int32), stat=stat, unit=[""] * n,
-                      reduce=["mean"] * n)
+    return MetricDict(
+        metric_id=np.arange(n, dtype=np.int32),
+        name=names,
+        layer=np.asarray(layer, np.int32),
+        expert=np.asarray(expert, np.int32),
+        head=np.full(n, -1, np.int32),
+        stat=stat,
+        unit=[""] * n,
+        reduce=["mean"] * n,
+    )
 
 
 def synthetic_values(steps: np.ndarray, n_metrics: int, seed: int = 0) -> np.ndarray:
     """[len(steps), n_metrics] float32: a decaying loss with noise, positive stats elsewhere."""
     rng = np.random.default_rng(seed)
     v = rng.uniform(0.5, 1.5, size=(steps.size, n_metrics)).astype(np.float32)
-    v[:, 0] = (3.0 * np.exp(-steps / 20_000.0) + 0.05 * rng.standard_normal(steps.size))
+    v[:, 0] = 3.0 * np.exp(-steps / 20_000.0) + 0.05 * rng.standard_normal(steps.size)
     v[:, 1] = 1e-3
     return v
 
@@ -71,14 +87,24 @@ def _open_for_writing(url: str):
     """Parquet without fsync (a test's temp dir need not survive power loss; 10x faster)."""
     if url.startswith("parquet:"):
         from store.parquet import ParquetStore
+
         return ParquetStore(url.removeprefix("parquet:"), fsync=False)
     return open_store(url)
 
 
-def write_synthetic_run(url: str, run: str, steps: int, *, start: int = 0,
-                        layers: tuple[int, ...] = (1, 2), experts: int = 4,
-                        chunk: int = 10_000, finished: bool = True,
-                        spike: tuple[int, float] | None = None, seed: int = 0) -> np.ndarray:
+def write_synthetic_run(
+    url: str,
+    run: str,
+    steps: int,
+    *,
+    start: int = 0,
+    layers: tuple[int, ...] = (1, 2),
+    experts: int = 4,
+    chunk: int = 10_000,
+    finished: bool = True,
+    spike: tuple[int, float] | None = None,
+    seed: int = 0,
+) -> np.ndarray:
     """Write steps [start, steps) of a synthetic run in chunks of `chunk` steps (one flush
     each, as a collector would); returns the [steps, n_metrics] values of the whole run (the
     same for every call with the same seed). `spike=(step, value)` sets the loss at one step."""
@@ -92,10 +118,16 @@ def write_synthetic_run(url: str, run: str, steps: int, *, start: int = 0,
         store.open_run(RunInfo(run=run, world_size=2, started_at=1_700_000_000.0))
         store.write_metrics(run, md)
         for lo in range(start, steps, chunk):
-            s = all_steps[lo:min(lo + chunk, steps)]
-            store.write_reduced(run, ValueBatch(
-                step=np.repeat(s, n), metric_id=np.tile(md.metric_id, s.size),
-                value=values[s].reshape(-1), n_ranks=np.full(s.size * n, 2, np.int32)))
+            s = all_steps[lo : min(lo + chunk, steps)]
+            store.write_reduced(
+                run,
+                ValueBatch(
+                    step=np.repeat(s, n),
+                    metric_id=np.tile(md.metric_id, s.size),
+                    value=values[s].reshape(-1),
+                    n_ranks=np.full(s.size * n, 2, np.int32),
+                ),
+            )
             store.write_steps(run, [StepStatus(step=int(i), n_ranks=2) for i in s])
             store.flush()
         if finished:

@@ -1,4 +1,5 @@
 """`python -m dashboard`: options pass through to Streamlit, a bad store is one line and exit 2."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,11 +11,18 @@ from tests.dashboard.conftest import ROOT
 
 
 def test_streamlit_options_pass_through_and_defaults_fill_in():
-    url, rest = parse(["--store", "parquet:/x", "--server.port", "8501",
-                       "--browser.gatherUsageStats", "true"])
+    url, rest = parse(
+        ["--store", "parquet:/x", "--server.port", "8501", "--browser.gatherUsageStats", "true"]
+    )
     assert url == "parquet:/x"
-    assert rest == ["--server.port", "8501", "--browser.gatherUsageStats", "true",
-                    "--client.toolbarMode", "viewer"]
+    assert rest == [
+        "--server.port",
+        "8501",
+        "--browser.gatherUsageStats",
+        "true",
+        "--client.toolbarMode",
+        "viewer",
+    ]
     _, rest = parse(["--store", "parquet:/x"])
     assert rest == ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
 
@@ -26,8 +34,9 @@ def test_a_bad_store_url_is_one_line_and_exit_2(capsys):
 
 
 def test_missing_store_is_a_usage_error():
-    out = subprocess.run([sys.executable, "-m", "dashboard"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "dashboard"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and "--store" in out.stderr
 
 

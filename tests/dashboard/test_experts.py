@@ -1,5 +1,6 @@
 """Heatmap cells: views equal the values they come from, starvation agrees with the detector's
 own formulas (analytics), and deaths are what the detector's events say."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,16 +11,48 @@ from analytics.detectors.expert_death import layer_relative, layer_shares
 from dashboard import experts
 
 
-def long_rows(cells: dict[tuple[int, int], dict[str, float]], step: int | None = None
-              ) -> pl.DataFrame:
-    rows = [{"name": f"moe/layer{lay:02d}/expert{e:03d}/{k}", "layer": lay, "expert": e,
-             "stat": k, "value": v} for (lay, e), stats in cells.items() for k, v in stats.items()]
-    rows.append({"name": "grad/layer01/expert000/norm", "layer": 1, "expert": 0, "stat": "norm",
-                 "value": 99.0})                              # not a moe/ metric: ignored
-    rows.append({"name": "moe/layer01/router/z_loss", "layer": 1, "expert": -1,
-                 "stat": "z_loss", "value": 5.0})             # not an expert: ignored
-    df = pl.DataFrame(rows, schema={"name": pl.Utf8, "layer": pl.Int32, "expert": pl.Int32,
-                                    "stat": pl.Utf8, "value": pl.Float32})
+def long_rows(
+    cells: dict[tuple[int, int], dict[str, float]], step: int | None = None
+) -> pl.DataFrame:
+    rows = [
+        {
+            "name": f"moe/layer{lay:02d}/expert{e:03d}/{k}",
+            "layer": lay,
+            "expert": e,
+            "stat": k,
+            "value": v,
+        }
+        for (lay, e), stats in cells.items()
+        for k, v in stats.items()
+    ]
+    rows.append(
+        {
+            "name": "grad/layer01/expert000/norm",
+            "layer": 1,
+            "expert": 0,
+            "stat": "norm",
+            "value": 99.0,
+        }
+    )  # not a moe/ metric: ignored
+    rows.append(
+        {
+            "name": "moe/layer01/router/z_loss",
+            "layer": 1,
+            "expert": -1,
+            "stat": "z_loss",
+            "value": 5.0,
+        }
+    )  # not an expert: ignored
+    df = pl.DataFrame(
+        rows,
+        schema={
+            "name": pl.Utf8,
+            "layer": pl.Int32,
+            "expert": pl.Int32,
+            "stat": pl.Utf8,
+            "value": pl.Float32,
+        },
+    )
     return df if step is None else df.with_columns(step=pl.lit(step, pl.Int64))
 
 
@@ -52,9 +85,9 @@ def test_heatmap_views_equal_the_values_they_come_from():
     np.testing.assert_allclose(l1["value"].to_numpy(), [0.4, 0.3, 0.29, 0.01])
     # expert 3: 0.01 < 0.1 x 1/4 of the tokens; expert 1: RMS 0.05 < 0.1 x median 0.75
     assert l1["starved"].to_list() == [False, True, False, True]
-    l2 = share.filter(layer=2)                   # a layer without tokens: no share, no verdict
+    l2 = share.filter(layer=2)  # a layer without tokens: no share, no verdict
     assert l2["value"].is_null().all() and not l2["starved"].any()
-    assert not share["dead"].any()               # deaths come from events only
+    assert not share["dead"].any()  # deaths come from events only
 
     rms = experts.heatmap_at(wide, "activation RMS")
     assert rms["value"].to_list() == pytest.approx([CELLS[k]["act_rms"] for k in sorted(CELLS)])
@@ -62,25 +95,28 @@ def test_heatmap_views_equal_the_values_they_come_from():
     ratio = experts.heatmap_at(wide, "max-to-median ratio").filter(layer=1)
     # median of out norms over experts that got tokens (all four here): median(1,2,4,12) = 3
     np.testing.assert_allclose(ratio["value"].to_numpy(), [2 / 3, 4 / 3, 4.0, 1 / 3])
-    assert experts.heatmap_at(wide, "max-to-median ratio").filter(layer=2)["value"] \
-        .is_null().all()
+    assert experts.heatmap_at(wide, "max-to-median ratio").filter(layer=2)["value"].is_null().all()
 
 
 def test_starvation_agrees_with_the_detectors_formulas():
     rng = np.random.default_rng(7)
     tokens = rng.integers(0, 60, size=(5, 8)).astype(float)
-    tokens[1] = 0                                       # a layer without tokens
+    tokens[1] = 0  # a layer without tokens
     tokens[2, :3] = 0
     rms = rng.uniform(0.0, 2.0, size=(5, 8))
     rms[3, 4] = 0.01
-    cells = {(lay, e): {"tokens": tokens[lay, e], "act_rms": rms[lay, e], "out_norm": 1.0}
-             for lay in range(5) for e in range(8)}
+    cells = {
+        (lay, e): {"tokens": tokens[lay, e], "act_rms": rms[lay, e], "out_norm": 1.0}
+        for lay in range(5)
+        for e in range(8)
+    }
     got = experts.heatmap_at(wide_of(cells), "token share").sort("layer", "expert")
     share, rel = layer_shares(tokens), layer_relative(rms)
-    want = np.isfinite(share) & ((share < experts.SHARE_THRESHOLD) |
-                                 (np.isfinite(rel) & (rel < experts.RMS_THRESHOLD)))
+    want = np.isfinite(share) & (
+        (share < experts.SHARE_THRESHOLD) | (np.isfinite(rel) & (rel < experts.RMS_THRESHOLD))
+    )
     assert got["starved"].to_list() == want.reshape(-1).tolist()
-    assert want.any() and not want.all()               # the case is not trivial
+    assert want.any() and not want.all()  # the case is not trivial
 
 
 def test_heatmap_rejects_unknown_views_missing_stats_and_several_steps():
@@ -96,14 +132,14 @@ def test_heatmap_rejects_unknown_views_missing_stats_and_several_steps():
 
 def test_heatmap_window_sums_tokens_and_skips_steps_without_tokens():
     later = {k: dict(v) for k, v in CELLS.items()}
-    later[(1, 3)] = {"tokens": 0, "act_rms": 0.0, "out_norm": 0.0}   # starved entirely
+    later[(1, 3)] = {"tokens": 0, "act_rms": 0.0, "out_norm": 0.0}  # starved entirely
     later[(1, 0)]["act_rms"] = 3.0
-    later[(1, 1)]["act_rms"] = 2.0                                     # fed again
+    later[(1, 1)]["act_rms"] = 2.0  # fed again
     wide = experts.expert_stats(pl.concat([long_rows(CELLS, 10), long_rows(later, 11)]))
     share = experts.heatmap_window(wide, "token share").filter(layer=1)
     np.testing.assert_allclose(share["value"].to_numpy(), np.array([80, 60, 58, 1]) / 199.0)
     assert share["steps"].to_list() == [2, 2, 2, 2]
-    assert share["starved"].to_list() == [False, False, False, True]   # every step, or not
+    assert share["starved"].to_list() == [False, False, False, True]  # every step, or not
     rms = experts.heatmap_window(wide, "activation RMS").filter(layer=1)
     # expert 0: mean(1, 3); expert 3: only step 10 had tokens, so its 0.0 at step 11 is skipped
     np.testing.assert_allclose(rms["value"].to_numpy(), [2.0, 1.025, 3.0, 0.5])
@@ -112,12 +148,25 @@ def test_heatmap_window_sums_tokens_and_skips_steps_without_tokens():
 
 
 def test_deaths_are_the_detectors_events_replayed_to_the_step():
-    events = pl.DataFrame({
-        "step": [20, 25, 40, 41, 50],
-        "kind": ["expert_death", "expert_death", "expert_revival", "loss_spike",
-                 "expert_death"],
-        "site": ["moe/layer04/expert003", "moe/layer02/expert000", "moe/layer04/expert003",
-                 "train/loss", "moe/layer04/expert003"]})
+    events = pl.DataFrame(
+        {
+            "step": [20, 25, 40, 41, 50],
+            "kind": [
+                "expert_death",
+                "expert_death",
+                "expert_revival",
+                "loss_spike",
+                "expert_death",
+            ],
+            "site": [
+                "moe/layer04/expert003",
+                "moe/layer02/expert000",
+                "moe/layer04/expert003",
+                "train/loss",
+                "moe/layer04/expert003",
+            ],
+        }
+    )
     assert experts.dead_experts(events, 19) == frozenset()
     assert experts.dead_experts(events, 30) == {(4, 3), (2, 0)}
     assert experts.dead_experts(events, 45) == {(2, 0)}
@@ -128,6 +177,8 @@ def test_deaths_are_the_detectors_events_replayed_to_the_step():
 
 def test_cell_names_are_capped():
     cells = pl.DataFrame({"layer": [1] * 5, "expert": list(range(5)), "starved": [True] * 5})
-    assert experts.cell_names(cells, "starved", limit=2) == \
-        "layer01/expert000, layer01/expert001 and 3 more"
+    assert (
+        experts.cell_names(cells, "starved", limit=2)
+        == "layer01/expert000, layer01/expert001 and 3 more"
+    )
     assert experts.cell_names(cells.head(0), "starved") == ""

@@ -1,5 +1,6 @@
 """Replay at scale and live: a 100k-step run scrubs without touching the store again, and a live
 run's page follows new steps (or stays where the user put it) with one read per step moved."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -29,6 +30,7 @@ class CountingStore:
         def counted(*args, **kwargs):
             self.calls[name] += 1
             return attr(*args, **kwargs)
+
         return counted
 
 
@@ -48,11 +50,11 @@ def test_a_100k_step_run_opens_and_scrubs_from_memory(tmp_path, monkeypatch):
     check(at.radio(key="hm_view").set_value("activation RMS").run())
     check(at.radio(key="hm_view").set_value("token share").run())
     loss = charts(at)["loss"].layer(0)
-    assert loss.height <= data.MAX_POINTS + 1                    # bounded, whatever the length
+    assert loss.height <= data.MAX_POINTS + 1  # bounded, whatever the length
     assert loss.filter(step=SPIKE[0])["value"].to_list() == [SPIKE[1]]
     assert any("downsampled for display: 100,000 points" in t for t in texts(at))
     opened = dict(store.calls)
-    assert opened["series"] == 3 + 2 * 8        # 3 curves; tokens and act_rms of 8 experts
+    assert opened["series"] == 3 + 2 * 8  # 3 curves; tokens and act_rms of 8 experts
 
     for step in (60_000, SPIKE[0], SPIKE[0] - 1, 30_000, 99_998):
         check(at.slider(key="step").set_value(step).run())
@@ -61,13 +63,19 @@ def test_a_100k_step_run_opens_and_scrubs_from_memory(tmp_path, monkeypatch):
         assert loss["step"].max() <= step and loss.height <= data.MAX_POINTS + 1
         assert (SPIKE[0] in loss["step"].to_list()) == (step >= SPIKE[0])
         cells = c["heatmap_step"].layer(0).sort("layer", "expert")
-        tokens = np.array([values[step, md.name.index(
-            f"moe/layer{r['layer']:02d}/expert{r['expert']:03d}/tokens")]
-            for r in cells.iter_rows(named=True)], dtype=np.float64)
+        tokens = np.array(
+            [
+                values[
+                    step, md.name.index(f"moe/layer{r['layer']:02d}/expert{r['expert']:03d}/tokens")
+                ]
+                for r in cells.iter_rows(named=True)
+            ],
+            dtype=np.float64,
+        )
         share = tokens / np.repeat(tokens.reshape(2, 4).sum(axis=1), 4)
         np.testing.assert_allclose(cells["value"].to_numpy(), share, rtol=1e-6)
         assert c["heatmap_window"].meta["window"] == [step - 15, step]
-    assert dict(store.calls) == opened                           # scrubbing read nothing
+    assert dict(store.calls) == opened  # scrubbing read nothing
 
 
 def test_a_live_run_is_followed_unless_the_user_scrubbed_back(tmp_path, monkeypatch):
@@ -79,21 +87,21 @@ def test_a_live_run_is_followed_unless_the_user_scrubbed_back(tmp_path, monkeypa
     assert at.slider(key="step").value == 49
 
     write_synthetic_run(url, "live", 60, start=50, finished=False, layers=(1,), experts=4)
-    reads.runs.clear()                                           # as if the 2 s TTL ran out
-    check(at.run())                                              # a refresh tick
+    reads.runs.clear()  # as if the 2 s TTL ran out
+    check(at.run())  # a refresh tick
     assert at.slider(key="step").value == 59 and at.slider(key="step").max == 59
     assert charts(at)["loss"].layer(0)["step"].max() == 59
 
-    check(at.slider(key="step").set_value(20).run())            # the user looks back ...
+    check(at.slider(key="step").set_value(20).run())  # the user looks back ...
     write_synthetic_run(url, "live", 70, start=60, finished=False, layers=(1,), experts=4)
     reads.runs.clear()
     check(at.run())
-    assert at.slider(key="step").value == 20                     # ... and stays there
+    assert at.slider(key="step").value == 20  # ... and stays there
     assert at.slider(key="step").max == 69
     assert charts(at)["heatmap_step"].meta["step"] == 20
 
     before = store.calls["at_step"]
-    check(at.slider(key="step").set_value(21).run())            # window 6..21: one new step
+    check(at.slider(key="step").set_value(21).run())  # window 6..21: one new step
     assert store.calls["at_step"] == before + 1
 
     write_synthetic_run(url, "live", 70, start=70, finished=True, layers=(1,), experts=4)

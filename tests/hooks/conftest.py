@@ -1,4 +1,5 @@
 """Fixtures for the client tests: a recording gRPC server on loopback, small models, a loop."""
+
 from __future__ import annotations
 
 import sys
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:           # importlib mode: make `tests.hooks.*` importable
+if str(ROOT) not in sys.path:  # importlib mode: make `tests.hooks.*` importable
     sys.path.insert(0, str(ROOT))
 
-from tests.hooks.servicer import RecordingServicer, LoopbackServer  # noqa: E402
+from tests.hooks.servicer import LoopbackServer, RecordingServicer  # noqa: E402
 from tests.hooks.standin import StandIn  # noqa: E402
 
 

@@ -5,6 +5,7 @@ every tensor of one step, and `expected()` recomputes each metric with plain flo
 the most direct way, so a wrong reduction, offset or accumulation in hooks/ shows up as a
 mismatch.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,22 +25,36 @@ class Recorder:
         self.resid: dict[int, list] = {i: [] for i in range(len(model.layers))}
         self.head: list = []
         self.grads: dict[str, torch.Tensor] = {}
-        keep = lambda store: (lambda m, a, o: store.append(                       # noqa: E731
-            tuple(t.detach().clone().double() for t in a)))
+        keep = lambda store: (
+            lambda m, a, o: store.append(tuple(t.detach().clone().double() for t in a))
+        )
         for l, moe in self.moe:
-            self.handles.append(moe.router.register_forward_hook(
-                lambda m, a, o, l=l: self.router[l].append(tuple(t.detach().clone() for t in o))))
-            self.handles.append(moe.probe_experts.register_forward_hook(
-                lambda m, a, o, l=l: self.experts[l].append(
-                    (a[0].detach().double(), a[1].detach().double(), a[2].clone()))))
+            self.handles.append(
+                moe.router.register_forward_hook(
+                    lambda m, a, o, l=l: self.router[l].append(tuple(t.detach().clone() for t in o))
+                )
+            )
+            self.handles.append(
+                moe.probe_experts.register_forward_hook(
+                    lambda m, a, o, l=l: self.experts[l].append(
+                        (a[0].detach().double(), a[1].detach().double(), a[2].clone())
+                    )
+                )
+            )
             if getattr(moe, "probe_shared", None) is not None:
                 self.handles.append(moe.probe_shared.register_forward_hook(keep(self.shared[l])))
         for i, block in enumerate(model.layers):
             self.handles.append(block.attn.probe_logits.register_forward_hook(keep(self.attn[i])))
-            self.handles.append(block.register_forward_hook(
-                lambda m, a, o, i=i: self.resid[i].append(o.detach().double())))
-        self.handles.append(model.lm_head.register_forward_hook(
-            lambda m, a, o: self.head.append(o.detach().double())))
+            self.handles.append(
+                block.register_forward_hook(
+                    lambda m, a, o, i=i: self.resid[i].append(o.detach().double())
+                )
+            )
+        self.handles.append(
+            model.lm_head.register_forward_hook(
+                lambda m, a, o: self.head.append(o.detach().double())
+            )
+        )
 
     def clear(self) -> None:
         for store in (self.router, self.experts, self.shared, self.attn, self.resid):
@@ -49,8 +64,11 @@ class Recorder:
         self.grads.clear()
 
     def snapshot_grads(self) -> None:
-        self.grads = {n: p.grad.detach().clone().double()
-                      for n, p in self.model.named_parameters() if p.grad is not None}
+        self.grads = {
+            n: p.grad.detach().clone().double()
+            for n, p in self.model.named_parameters()
+            if p.grad is not None
+        }
 
     def remove(self) -> None:
         for h in self.handles:
@@ -114,8 +132,8 @@ class Recorder:
             for l, moe in self.moe:
                 pre = f"layers.{l}.ffn.experts."
                 for e in range(moe.n_experts):
-                    g = torch.cat([self.grads[pre + k][e].reshape(-1)
-                                   for k in ("w_gate", "w_up", "w_down")])
-                    out[f"grad/layer{l:0{lw}d}/expert{e:0{ew}d}/norm"] = float(
-                        torch.linalg.norm(g))
+                    g = torch.cat(
+                        [self.grads[pre + k][e].reshape(-1) for k in ("w_gate", "w_up", "w_down")]
+                    )
+                    out[f"grad/layer{l:0{lw}d}/expert{e:0{ew}d}/norm"] = float(torch.linalg.norm(g))
         return out

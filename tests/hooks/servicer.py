@@ -6,6 +6,7 @@ durable seq, then record every frame and acknowledge cumulatively while `acking`
 let a test stop acking, drop the current stream, push ClipUpdates down, or say in the next
 Welcome that chunks may end a step (`chunk_ends_step`; off: an older collector).
 """
+
 from __future__ import annotations
 
 import queue
@@ -38,11 +39,11 @@ class RecordingServicer(pbg.TelemetryServicer):
     def __init__(self, token: str | None = None) -> None:
         self.token = token
         self.lock = threading.Condition()
-        self.connections: list[list[pb.ClientFrame]] = []   # frames per connection, Hello first
-        self.durable = 0                 # highest contiguous seq received while acking
-        self.acking = True               # advance durable on receipt
-        self.send_acks = True            # tell the client (False: durable, but the ack is lost)
-        self.chunk_ends_step = False     # the Welcome's capability flag
+        self.connections: list[list[pb.ClientFrame]] = []  # frames per connection, Hello first
+        self.durable = 0  # highest contiguous seq received while acking
+        self.acking = True  # advance durable on receipt
+        self.send_acks = True  # tell the client (False: durable, but the ack is lost)
+        self.chunk_ends_step = False  # the Welcome's capability flag
         self.outboxes: list[queue.Queue] = []
         self.rejected = 0
 
@@ -62,10 +63,14 @@ class RecordingServicer(pbg.TelemetryServicer):
             box = self.outboxes[-1]
         box.put(None)
 
-    def push_clip(self, version: int, settings: list[tuple[int, str, float]],
-                  reason: str = "test") -> None:
-        update = pb.ClipUpdate(version=version, reason=reason, settings=[
-            pb.ClipSetting(layer=l, site=s, limit=v) for l, s, v in settings])
+    def push_clip(
+        self, version: int, settings: list[tuple[int, str, float]], reason: str = "test"
+    ) -> None:
+        update = pb.ClipUpdate(
+            version=version,
+            reason=reason,
+            settings=[pb.ClipSetting(layer=l, site=s, limit=v) for l, s, v in settings],
+        )
         with self.lock:
             box = self.outboxes[-1]
         box.put(pb.ServerFrame(clip=update))
@@ -74,8 +79,11 @@ class RecordingServicer(pbg.TelemetryServicer):
         """(step, n_values, wall_time) of every end of step received (on connection `conn`),
         in arrival order, whichever form it took: EndOfStep or a chunk with ends_step."""
         with self.lock:
-            frames = [f for c in (self.connections if conn is None
-                                  else [self.connections[conn]]) for f in c[1:]]
+            frames = [
+                f
+                for c in (self.connections if conn is None else [self.connections[conn]])
+                for f in c[1:]
+            ]
         out = []
         for f in frames:
             if f.WhichOneof("kind") == "end_of_step":
@@ -118,8 +126,9 @@ class RecordingServicer(pbg.TelemetryServicer):
             self.outboxes.append(outbox)
             self.lock.notify_all()
             durable, capable = self.durable, self.chunk_ends_step
-        yield pb.ServerFrame(welcome=pb.Welcome(acked_seq=durable, protocol_version=1,
-                                                chunk_ends_step=capable))
+        yield pb.ServerFrame(
+            welcome=pb.Welcome(acked_seq=durable, protocol_version=1, chunk_ends_step=capable)
+        )
 
         def read() -> None:
             try:
@@ -130,8 +139,9 @@ class RecordingServicer(pbg.TelemetryServicer):
                         if self.acking and seq == self.durable + 1:
                             self.durable = seq
                             if self.send_acks:
-                                outbox.put(pb.ServerFrame(ack=pb.Ack(seq=seq,
-                                                                     step=header_of(frame).step)))
+                                outbox.put(
+                                    pb.ServerFrame(ack=pb.Ack(seq=seq, step=header_of(frame).step))
+                                )
                         self.lock.notify_all()
             except grpc.RpcError:
                 pass

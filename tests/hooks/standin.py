@@ -6,6 +6,7 @@ where the contract allows: the first MoE layer has no shared expert (probe_share
 the head count alternates between layers, experts are gathered per assignment rather than
 sorted, and `checkpoint=True` recomputes every block in backward (activation checkpointing).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,9 +64,17 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = n_experts, top_k
         self.router = Router(d, n_experts, top_k)
         self.experts = Experts(n_experts, d, h)
-        self.shared = nn.ModuleDict({"gate": nn.Linear(d, h, bias=False),
-                                     "up": nn.Linear(d, h, bias=False),
-                                     "down": nn.Linear(h, d, bias=False)}) if shared else None
+        self.shared = (
+            nn.ModuleDict(
+                {
+                    "gate": nn.Linear(d, h, bias=False),
+                    "up": nn.Linear(d, h, bias=False),
+                    "down": nn.Linear(h, d, bias=False),
+                }
+            )
+            if shared
+            else None
+        )
         self.probe_experts = Probe()
         self.probe_shared = Probe() if shared else None
         self.limits = {"routed": math.inf, "shared": math.inf}
@@ -149,17 +158,27 @@ class Block(nn.Module):
 class StandIn(nn.Module):
     """Layer 0 dense, layers 1.. MoE; layer 1's MoE has no shared expert; heads vary."""
 
-    def __init__(self, vocab: int = 32, d: int = 16, n_layers: int = 3, n_experts: int = 4,
-                 top_k: int = 2, hidden: int = 12, mtp_depth: int = 0,
-                 checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        vocab: int = 32,
+        d: int = 16,
+        n_layers: int = 3,
+        n_experts: int = 4,
+        top_k: int = 2,
+        hidden: int = 12,
+        mtp_depth: int = 0,
+        checkpoint: bool = False,
+    ) -> None:
         super().__init__()
         self.checkpoint = checkpoint
         self.config = SimpleNamespace(mtp_depth=mtp_depth)
         self.embed = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList(
-            Block(d, 2 if i % 2 else 4,
-                  MoE(d, n_experts, top_k, hidden, shared=i > 1) if i else None)
-            for i in range(n_layers))
+            Block(
+                d, 2 if i % 2 else 4, MoE(d, n_experts, top_k, hidden, shared=i > 1) if i else None
+            )
+            for i in range(n_layers)
+        )
         self.lm_head = nn.Linear(d, vocab, bias=False)
 
     def moe_layers(self) -> list[tuple[int, MoE]]:

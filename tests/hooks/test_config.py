@@ -1,5 +1,6 @@
 """Construction: bad configuration fails loudly with a clear message; NullMonitor mirrors
 Monitor; rank and world size come from torch.distributed, the environment, or defaults."""
+
 from __future__ import annotations
 
 import inspect
@@ -15,18 +16,21 @@ from tests.hooks.standin import StandIn
 QUIET = MonitorConfig(close_timeout_s=0.1)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("param_norm_every", 0, "param_norm_every"),
-    ("buffer_steps", -1, "buffer_steps"),
-    ("buffer_steps", True, "buffer_steps"),
-    ("full_policy", "drop_newest", "full_policy"),
-    ("chunk_values", 262_145, "1 MiB"),
-    ("block_timeout_s", 0, "block_timeout_s"),
-    ("net_timeout_s", float("inf"), "net_timeout_s"),
-    ("backoff_max_s", 0.01, "backoff_max_s"),
-    ("groups", {"moe", "experts"}, "experts"),
-    ("n_mtp_losses", -1, "n_mtp_losses"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("param_norm_every", 0, "param_norm_every"),
+        ("buffer_steps", -1, "buffer_steps"),
+        ("buffer_steps", True, "buffer_steps"),
+        ("full_policy", "drop_newest", "full_policy"),
+        ("chunk_values", 262_145, "1 MiB"),
+        ("block_timeout_s", 0, "block_timeout_s"),
+        ("net_timeout_s", float("inf"), "net_timeout_s"),
+        ("backoff_max_s", 0.01, "backoff_max_s"),
+        ("groups", {"moe", "experts"}, "experts"),
+        ("n_mtp_losses", -1, "n_mtp_losses"),
+    ],
+)
 def test_bad_config_values_raise_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         MonitorConfig(**{field: value})
@@ -40,14 +44,17 @@ def test_config_defaults_and_groups_normalised():
         cfg.replace(buffer_steps=0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(target="localhost"), "HOST:PORT"),
-    (dict(target="localhost:99999"), "port"),
-    (dict(run="has space"), "run name"),
-    (dict(rank=2, world_size=2), "rank"),
-    (dict(token=""), "token"),
-    (dict(config={"param_norm_every": 3}), "MonitorConfig"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target="localhost"), "HOST:PORT"),
+        (dict(target="localhost:99999"), "port"),
+        (dict(run="has space"), "run name"),
+        (dict(rank=2, world_size=2), "rank"),
+        (dict(token=""), "token"),
+        (dict(config={"param_norm_every": 3}), "MonitorConfig"),
+    ],
+)
 def test_bad_monitor_arguments_raise(kwargs, message):
     args = dict(target="127.0.0.1:9", run="ok", config=QUIET) | kwargs
     with pytest.raises((ValueError, TypeError), match=message):
@@ -74,7 +81,7 @@ def test_step_flash_adapter_finds_the_surface():
 
 
 def test_step_flash_adapter_unwraps_a_wrapper():
-    class Wrapper(nn.Module):            # the shape of DDP / FSDP: the model under .module
+    class Wrapper(nn.Module):  # the shape of DDP / FSDP: the model under .module
         def __init__(self, inner: nn.Module) -> None:
             super().__init__()
             self.module = inner
@@ -84,8 +91,11 @@ def test_step_flash_adapter_unwraps_a_wrapper():
 
 
 def public_api(cls) -> dict[str, inspect.Signature]:
-    return {name: inspect.signature(getattr(cls, name)) for name in dir(cls)
-            if not name.startswith("_") and callable(getattr(cls, name))}
+    return {
+        name: inspect.signature(getattr(cls, name))
+        for name in dir(cls)
+        if not name.startswith("_") and callable(getattr(cls, name))
+    }
 
 
 def test_null_monitor_has_the_same_public_methods():
@@ -130,8 +140,7 @@ def test_rank_from_torch_distributed_wins_over_environment(monkeypatch, tmp_path
         pytest.skip("needs torch.distributed and no process group yet")
     monkeypatch.setenv("RANK", "5")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         assert resolve_rank(None, None) == (0, 1)
     finally:

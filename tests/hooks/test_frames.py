@@ -1,5 +1,6 @@
 """Step encoding with and without the end of step folded into the last chunk, the split back
 for an older collector, and the buffer's step accounting over both forms."""
+
 from __future__ import annotations
 
 import itertools
@@ -14,13 +15,14 @@ IDENT = frames.Identity("frametest", 3, 4)
 
 
 def payload(step: int, n1: int = 5, n2: int = 0) -> frames.StepPayload:
-    values = (np.arange(n1 + n2, dtype=np.float32) + 100 * step)
+    values = np.arange(n1 + n2, dtype=np.float32) + 100 * step
     schemas = [(1, n1)] + ([(2, n2)] if n2 else [])
     return frames.StepPayload(step, values, schemas, wall_time=1e9 + step)
 
 
-def encode(p: frames.StepPayload, fold: bool, first_seq: int = 1,
-           chunk_values: int = 4) -> list[pb.ClientFrame]:
+def encode(
+    p: frames.StepPayload, fold: bool, first_seq: int = 1, chunk_values: int = 4
+) -> list[pb.ClientFrame]:
     seqs = itertools.count(first_seq)
     return frames.step_frames(IDENT, p, chunk_values, lambda: next(seqs), chunk_ends_step=fold)
 
@@ -36,13 +38,13 @@ def kinds(fs: list[pb.ClientFrame]) -> list[str]:
 
 
 def test_folded_step_is_the_same_chunks_with_the_end_on_the_last():
-    p = payload(7, 6, 3)                       # chunks: schema 1 [0,4) [4,6), schema 2 [0,3)
+    p = payload(7, 6, 3)  # chunks: schema 1 [0,4) [4,6), schema 2 [0,3)
     plain, folded = encode(p, False), encode(p, True)
     assert kinds(plain) == ["chunk"] * 3 + ["end_of_step"]
     assert kinds(folded) == ["chunk"] * 3
-    assert [frames.seq_of(f) for f in folded] == [1, 2, 3]      # one seq less per step
+    assert [frames.seq_of(f) for f in folded] == [1, 2, 3]  # one seq less per step
     for a, b in zip(plain[:2], folded[:2]):
-        assert a == b and not b.chunk.ends_step                 # only the last one changes
+        assert a == b and not b.chunk.ends_step  # only the last one changes
     last = folded[-1].chunk
     assert (last.schema_id, last.offset, last.total) == (2, 0, 3)
     assert last.ends_step and last.step_values == 9 and last.wall_time == 1e9 + 7
@@ -61,18 +63,20 @@ def test_a_step_without_values_still_ends_with_endofstep():
 
 
 def test_split_rewrites_folded_frames_for_an_older_collector():
-    sent = encode(payload(1, 6), True, first_seq=10)                 # seqs 10, 11
+    sent = encode(payload(1, 6), True, first_seq=10)  # seqs 10, 11
     sent += [frames.clip_ack(IDENT, step=2, version=3, seq=12)]
-    sent += encode(payload(2, 3), True, first_seq=13)                # seq 13
+    sent += encode(payload(2, 3), True, first_seq=13)  # seq 13
     before = [f.SerializeToString() for f in sent]
     out = frames.split_ends_step(sent)
     assert kinds(out) == ["chunk", "chunk", "end_of_step", "clip_ack", "chunk", "end_of_step"]
-    assert [frames.seq_of(f) for f in out] == list(range(10, 16))   # one seq per frame again
-    assert [f.SerializeToString() for f in sent] == before           # the sent ones untouched
+    assert [frames.seq_of(f) for f in out] == list(range(10, 16))  # one seq per frame again
+    assert [f.SerializeToString() for f in sent] == before  # the sent ones untouched
     assert not any(frames.folds_end(f) for f in out)
     ends = [f.end_of_step for f in out if f.WhichOneof("kind") == "end_of_step"]
     assert [(e.header.step, e.n_values, e.wall_time) for e in ends] == [
-        (1, 6, 1e9 + 1), (2, 3, 1e9 + 2)]
+        (1, 6, 1e9 + 1),
+        (2, 3, 1e9 + 2),
+    ]
     assert all((e.header.run, e.header.rank) == ("frametest", 3) for e in ends)
     # what an older collector gets is exactly what the plain encoding gives, renumbered
     plain = encode(payload(1, 6), False, first_seq=10)
@@ -82,11 +86,11 @@ def test_split_rewrites_folded_frames_for_an_older_collector():
 
 def test_buffer_counts_a_folded_step_until_its_last_chunk_is_acked():
     buf = StepBuffer(capacity=4, policy="drop_oldest", block_timeout_s=0.1)
-    buf.record_sent(encode(payload(0, 6), True, first_seq=1), is_step=True)    # seqs 1, 2
-    buf.record_sent(encode(payload(1, 6), False, first_seq=3), is_step=True)   # seqs 3, 4, 5
+    buf.record_sent(encode(payload(0, 6), True, first_seq=1), is_step=True)  # seqs 1, 2
+    buf.record_sent(encode(payload(1, 6), False, first_seq=3), is_step=True)  # seqs 3, 4, 5
     assert buf.buffered() == 2
     buf.ack(1)
-    assert buf.buffered() == 2                   # step 0's end is in seq 2
+    assert buf.buffered() == 2  # step 0's end is in seq 2
     buf.ack(2)
     assert buf.buffered() == 1
     buf.ack(5)
@@ -95,8 +99,8 @@ def test_buffer_counts_a_folded_step_until_its_last_chunk_is_acked():
 
 def test_drop_oldest_in_flight_drops_exactly_one_folded_step():
     buf = StepBuffer(capacity=2, policy="drop_oldest", block_timeout_s=0.1)
-    buf.record_sent(encode(payload(0, 6), True, first_seq=1), is_step=True)    # seqs 1, 2
-    buf.record_sent(encode(payload(1, 6), True, first_seq=3), is_step=True)    # seqs 3, 4
-    buf.submit(StepItem(2, None, [], 0.0))        # full: every step in flight, drop step 0
+    buf.record_sent(encode(payload(0, 6), True, first_seq=1), is_step=True)  # seqs 1, 2
+    buf.record_sent(encode(payload(1, 6), True, first_seq=3), is_step=True)  # seqs 3, 4
+    buf.submit(StepItem(2, None, [], 0.0))  # full: every step in flight, drop step 0
     assert [frames.seq_of(f) for f in buf.unacked_frames()] == [3, 4]
     assert buf.counters["dropped_unacked"] == 1 and buf.buffered() == 2

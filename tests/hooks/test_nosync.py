@@ -6,6 +6,7 @@ torch.Tensor. Only calls made with a hooks/ frame on the Python stack count (mod
 its own syncs). A copy whose source is the capture buffer and whose destination is outside it
 is a device-to-host transfer of statistics: exactly one per step.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,9 +24,22 @@ from tests.hooks.loop import train_step
 from tests.hooks.standin import StandIn
 
 HOOKS_DIR = str(Path(__file__).resolve().parents[2] / "hooks")
-SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique",
-            "_unique2", "unique_dim", "unique_consecutive", "bincount", "repeat_interleave",
-            "equal", "is_nonzero", "allclose"}
+SYNC_OPS = {
+    "_local_scalar_dense",
+    "item",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "bincount",
+    "repeat_interleave",
+    "equal",
+    "is_nonzero",
+    "allclose",
+}
 PY_SYNCS = ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
 
@@ -70,6 +84,7 @@ def py_syncs(monkeypatch):
             if threading.get_ident() == me and from_hooks():
                 calls.append(_name)
             return _orig(self, *a, **k)
+
         monkeypatch.setattr(torch.Tensor, name, wrapper)
     return calls
 
@@ -79,14 +94,15 @@ def test_no_sync_in_hooks_and_one_host_copy_per_step(which, py_syncs):
     torch.manual_seed(0)
     model, vocab = (StandIn(), 32) if which == "standin" else (tiny_model(), 256)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    mon = Monitor(model, opt, target="127.0.0.1:9", run="nosync",
-                  config=MonitorConfig(param_norm_every=2))
+    mon = Monitor(
+        model, opt, target="127.0.0.1:9", run="nosync", config=MonitorConfig(param_norm_every=2)
+    )
     mon.sender.close(0.1)
     items: list = []
     mon.sender.submit = items.append
     watch = SyncWatch(mon.capture.buf)
     with watch:
-        for step in range(3):             # steps 0 and 2 are periodic: param norms too
+        for step in range(3):  # steps 0 and 2 are periodic: param norms too
             train_step(mon, model, opt, step=step, micro=2, vocab=vocab)
     assert py_syncs == [] and watch.syncs == []
     assert watch.host_copies == 3

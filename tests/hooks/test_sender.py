@@ -1,5 +1,6 @@
 """The sender against a real gRPC server on loopback (tests/hooks/servicer.py): frame order,
 chunking, reconnect with exact resend, buffer-full policies, auth, seq continuation."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from hooks.buffer import StepItem
 from hooks.config import MonitorConfig
 from hooks.frames import Identity
 from hooks.layout import MetricSpec
-from hooks.buffer import StepItem
 from hooks.sender import Sender
 from tests.hooks.servicer import LoopbackServer, RecordingServicer, header_of, wait_until
 
@@ -38,15 +39,23 @@ def vector(step: int, n: int) -> np.ndarray:
 
 def item(step: int, n1: int = 5, n2: int = 0) -> StepItem:
     schemas = [(1, n1)] + ([(2, n2)] if n2 else [])
-    return StepItem(step=step, vector=ArrayVector(vector(step, n1 + n2)), schemas=schemas,
-                    wall_time=1e9 + step)
+    return StepItem(
+        step=step, vector=ArrayVector(vector(step, n1 + n2)), schemas=schemas, wall_time=1e9 + step
+    )
 
 
-def make_sender(target: str, n1: int = 5, n2: int = 3, token: str | None = None,
-                **config) -> Sender:
+def make_sender(
+    target: str, n1: int = 5, n2: int = 3, token: str | None = None, **config
+) -> Sender:
     cfg = MonitorConfig(**{"backoff_initial_s": 0.05, "backoff_max_s": 0.2, **config})
-    return Sender(target, IDENT, [(1, specs(n1, "a")), (2, specs(n2, "b"))], cfg, token=token,
-                  run_config={"preset": "test"})
+    return Sender(
+        target,
+        IDENT,
+        [(1, specs(n1, "a")), (2, specs(n2, "b"))],
+        cfg,
+        token=token,
+        run_config={"preset": "test"},
+    )
 
 
 def data_seqs(frames) -> list[int]:
@@ -62,12 +71,21 @@ def test_frames_in_order_and_values_round_trip(server, servicer):
     assert sender.close(timeout=10)
     (conn,) = servicer.connections
     kinds = [f.WhichOneof("kind") for f in conn]
-    assert kinds == ["hello", "schema", "schema", "chunk", "chunk", "end_of_step", "chunk",
-                     "end_of_step", "clip_ack"]
+    assert kinds == [
+        "hello",
+        "schema",
+        "schema",
+        "chunk",
+        "chunk",
+        "end_of_step",
+        "chunk",
+        "end_of_step",
+        "clip_ack",
+    ]
     hello = conn[0].hello
     assert (hello.header.run, hello.header.rank, hello.world_size) == ("sendtest", 1, 2)
     assert hello.protocol_version == 1 and json.loads(hello.config_json) == {"preset": "test"}
-    assert [header_of(f).seq for f in conn[1:]] == list(range(1, 9))    # contiguous from 1
+    assert [header_of(f).seq for f in conn[1:]] == list(range(1, 9))  # contiguous from 1
     assert [f.schema.schema_id for f in conn[1:3]] == [1, 2]
     assert [m.name for m in conn[1].schema.metrics] == [f"a/m{i:03d}" for i in range(5)]
     assert [header_of(f).step for f in conn[3:]] == [0, 0, 0, 1, 1, 2]
@@ -88,7 +106,10 @@ def test_a_vector_bigger_than_the_chunk_size_is_split(server, servicer):
     assert sender.close(timeout=10)
     chunks = [f.chunk for f in servicer.frames("chunk")]
     assert [(c.offset, c.total, len(c.values) // 4) for c in chunks] == [
-        (0, 10, 4), (4, 10, 4), (8, 10, 2)]
+        (0, 10, 4),
+        (4, 10, 4),
+        (8, 10, 2),
+    ]
     np.testing.assert_array_equal(servicer.step_vectors(1)[0], vector(0, 10))
     assert servicer.frames("end_of_step")[0].end_of_step.n_values == 10
 
@@ -97,7 +118,7 @@ def test_reconnect_resends_exactly_the_unacked_frames(server, servicer):
     sender = make_sender(server.target)
     for step in range(2):
         sender.submit(item(step))
-    assert servicer.wait_for(lambda s: s.durable == 2 + 2 * 2)       # schemas + 2 steps acked
+    assert servicer.wait_for(lambda s: s.durable == 2 + 2 * 2)  # schemas + 2 steps acked
     servicer.acking = False
     for step in range(2, 4):
         sender.submit(item(step))
@@ -111,8 +132,8 @@ def test_reconnect_resends_exactly_the_unacked_frames(server, servicer):
     assert sender.close(timeout=10)
     second = servicer.connections[1]
     assert [f.WhichOneof("kind") for f in second[:3]] == ["hello", "schema", "schema"]
-    assert [header_of(f).seq for f in second[1:3]] == [1, 2]        # schemas keep their seq
-    assert data_seqs(second) == [7, 8, 9, 10, 11, 12]               # resend, then new
+    assert [header_of(f).seq for f in second[1:3]] == [1, 2]  # schemas keep their seq
+    assert data_seqs(second) == [7, 8, 9, 10, 11, 12]  # resend, then new
     assert [header_of(f).step for f in second[3:]] == [2, 2, 3, 3, 4, 4]
     stats = sender.stats()
     assert stats["frames_resent"] == 4 and stats["connects"] == 2
@@ -141,7 +162,7 @@ def test_frames_acked_only_by_welcome_are_not_resent(server, servicer):
 def test_drop_oldest_while_the_collector_is_down_then_deliver(servicer):
     probe = LoopbackServer(servicer)
     port = probe.port
-    probe.stop()                                       # a free port nobody listens on
+    probe.stop()  # a free port nobody listens on
     sender = make_sender(f"127.0.0.1:{port}", buffer_steps=3)
     for step in range(5):
         assert sender.submit(item(step))
@@ -152,7 +173,7 @@ def test_drop_oldest_while_the_collector_is_down_then_deliver(servicer):
         assert sender.close(timeout=20)
     finally:
         server.stop()
-    assert sorted(servicer.step_vectors(1)) == [2, 3, 4]          # the oldest two dropped
+    assert sorted(servicer.step_vectors(1)) == [2, 3, 4]  # the oldest two dropped
     assert data_seqs(servicer.connections[-1]) == list(range(3, 9))  # no seq gap
 
 
@@ -183,7 +204,7 @@ def test_block_policy_waits_then_drops_the_new_step(servicer):
 
 
 def test_seq_continues_after_what_the_collector_already_holds(server, servicer):
-    servicer.durable = 100                        # a restarted trainer: the run has history
+    servicer.durable = 100  # a restarted trainer: the run has history
     sender = make_sender(server.target)
     sender.submit(item(0))
     assert sender.close(timeout=10)
@@ -214,12 +235,13 @@ def test_a_capable_collector_gets_one_frame_per_rank_step(server, servicer):
     sender = make_sender(server.target, n1=6, chunk_values=4)
     sender.submit(item(0, 6, 3))
     sender.submit(item(1, 6))
-    sender.submit(StepItem(step=2, vector=ArrayVector(np.zeros(0, np.float32)), schemas=[],
-                           wall_time=5.0))
+    sender.submit(
+        StepItem(step=2, vector=ArrayVector(np.zeros(0, np.float32)), schemas=[], wall_time=5.0)
+    )
     assert sender.close(timeout=10)
     (conn,) = servicer.connections
     assert [f.WhichOneof("kind") for f in conn[3:]] == ["chunk"] * 5 + ["end_of_step"]
-    assert data_seqs(conn) == list(range(3, 9))                     # one seq per frame
+    assert data_seqs(conn) == list(range(3, 9))  # one seq per frame
     assert [f.chunk.ends_step for f in conn[3:8]] == [False, False, True, False, True]
     assert servicer.ended_steps() == [(0, 9, 1e9), (1, 6, 1e9 + 1), (2, 0, 5.0)]
     np.testing.assert_array_equal(servicer.step_vectors(1)[0], vector(0, 9)[:6])
@@ -242,7 +264,7 @@ def test_folded_frames_resent_to_an_older_collector_are_split_and_renumbered(ser
     servicer.chunk_ends_step = True
     sender = make_sender(server.target)
     sender.submit(item(0))
-    assert servicer.wait_for(lambda s: s.durable == 3)             # schemas + step 0 (1 frame)
+    assert servicer.wait_for(lambda s: s.durable == 3)  # schemas + step 0 (1 frame)
     servicer.acking = False
     sender.submit(item(1))
     sender.submit_clip_ack(step=2, version=4)
@@ -256,7 +278,14 @@ def test_folded_frames_resent_to_an_older_collector_are_split_and_renumbered(ser
     assert sender.close(timeout=10)
     second = servicer.connections[1]
     assert [f.WhichOneof("kind") for f in second[3:]] == [
-        "chunk", "end_of_step", "clip_ack", "chunk", "end_of_step", "chunk", "end_of_step"]
+        "chunk",
+        "end_of_step",
+        "clip_ack",
+        "chunk",
+        "end_of_step",
+        "chunk",
+        "end_of_step",
+    ]
     assert data_seqs(second) == list(range(4, 11))
     assert not any(f.chunk.ends_step for f in second[3:] if f.WhichOneof("kind") == "chunk")
     assert servicer.ended_steps(1) == [(1, 5, 1e9 + 1), (2, 5, 1e9 + 2), (3, 5, 1e9 + 3)]
@@ -284,6 +313,6 @@ def test_plain_frames_resent_to_a_capable_collector_go_as_built(server, servicer
     second = servicer.connections[1]
     assert [f.WhichOneof("kind") for f in second[3:]] == ["chunk", "end_of_step", "chunk"]
     assert data_seqs(second) == [5, 6, 7]
-    assert second[3] == servicer.connections[0][5]                 # the same frame again
+    assert second[3] == servicer.connections[0][5]  # the same frame again
     assert servicer.ended_steps(1) == [(1, 5, 1e9 + 1), (2, 5, 1e9 + 2)]
     assert sender.stats().get("resends_split", 0) == 0

@@ -1,6 +1,7 @@
 """The statistics are right: every metric against an independent recomputation (recompute.py)
 on the stand-in and on model/'s tiny preset, including gradient accumulation, activation
 checkpointing, step reset, periodic parameter norms and the update ratio."""
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ from tests.hooks.loop import train_step
 from tests.hooks.recompute import Recorder
 from tests.hooks.standin import StandIn
 
-DEAD = "127.0.0.1:9"   # nothing listens: these tests read the step vectors before the sender
+DEAD = "127.0.0.1:9"  # nothing listens: these tests read the step vectors before the sender
 
 
 def offline_monitor(model, opt, **config) -> tuple[Monitor, list]:
@@ -41,15 +42,16 @@ def assert_matches(got: dict[str, float], want: dict[str, float]) -> None:
     missing = sorted(set(want) - set(got))
     assert not missing, f"metrics not sent: {missing[:5]}"
     names = sorted(want)
-    np.testing.assert_allclose([got[n] for n in names], [want[n] for n in names],
-                               rtol=2e-5, atol=1e-6, err_msg=str(names))
+    np.testing.assert_allclose(
+        [got[n] for n in names], [want[n] for n in names], rtol=2e-5, atol=1e-6, err_msg=str(names)
+    )
 
 
 @pytest.mark.parametrize("which", ["standin", "tiny"])
 def test_every_stat_matches_recomputation_with_grad_accumulation(which):
     torch.manual_seed(0)
     model, vocab = (StandIn(), 32) if which == "standin" else (tiny_model(), 256)
-    for _, moe in model.moe_layers():                 # a nonzero bias to measure
+    for _, moe in model.moe_layers():  # a nonzero bias to measure
         moe.expert_bias.copy_(torch.linspace(-0.3, 0.2, moe.n_experts))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     mon, items = offline_monitor(model, opt)
@@ -59,14 +61,15 @@ def test_every_stat_matches_recomputation_with_grad_accumulation(which):
     want = rec.expected()
     want["grad/global_norm"] = float(out.grad_norm)
     assert_matches(got, want)
-    for l, moe in model.moe_layers():                  # every assignment counted exactly once
+    for l, moe in model.moe_layers():  # every assignment counted exactly once
         total = sum(got[f"moe/layer{l:02d}/expert{e:03d}/tokens"] for e in range(moe.n_experts))
         assert total == 3 * 2 * 8 * moe.top_k
     # train/loss is the float32 of the loss tensor, bit for bit; host values as given
     assert np.float32(got["train/loss"]).tobytes() == np.float32(float(out.loss)).tobytes()
     assert got["train/lr"] == pytest.approx(0.01) and got["train/tokens"] == 48
     assert got["train/step_time"] > 0 and got["train/tokens_per_s"] == pytest.approx(
-        48 / got["train/step_time"], rel=1e-5)
+        48 / got["train/step_time"], rel=1e-5
+    )
     for d, m in enumerate(out.mtp, start=1):
         assert got[f"train/mtp_loss/{d}"] == np.float32(float(m))
     mon.close()
@@ -79,7 +82,7 @@ def test_step_reset_and_window():
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     mon, items = offline_monitor(model, opt)
     train_step(mon, model, opt, step=0, micro=2)
-    model(torch.randint(0, 32, (4, 8)))               # an eval forward between steps
+    model(torch.randint(0, 32, (4, 8)))  # an eval forward between steps
     rec = Recorder(model)
     train_step(mon, model, opt, step=1, before_step=rec.snapshot_grads)
     got = by_name(mon, items[1])
@@ -97,7 +100,7 @@ def test_activation_checkpointing_does_not_double_count():
     train_step(mon, model, opt, step=0)
     got = by_name(mon, items[0])
     assert sum(got[f"moe/layer02/expert{e:03d}/tokens"] for e in range(4)) == 2 * 8 * 2
-    rec.router = {l: v[: len(v) // 2] for l, v in rec.router.items()}   # recorder saw both
+    rec.router = {l: v[: len(v) // 2] for l, v in rec.router.items()}  # recorder saw both
     rec.experts = {l: v[: len(v) // 2] for l, v in rec.experts.items()}
     want = {k: v for k, v in rec.expected().items() if k.startswith("moe/") and "shared" not in k}
     assert_matches(got, want)
@@ -110,14 +113,15 @@ def test_periodic_param_norms_and_update_ratio():
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     mon, items = offline_monitor(model, opt, param_norm_every=2)
     before = {}
-    snap = lambda: before.update({n: p.detach().clone().double()       # noqa: E731
-                                  for n, p in model.named_parameters()})
+    snap = lambda: before.update(
+        {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    )
     for step in range(3):
         train_step(mon, model, opt, step=step, lr=0.05, before_step=snap)
         if step == 2:
             after = {n: p.detach().double() for n, p in model.named_parameters()}
     assert [sid for sid, _ in items[0].schemas] == [1, 2]
-    assert [sid for sid, _ in items[1].schemas] == [1]        # not a multiple of K
+    assert [sid for sid, _ in items[1].schemas] == [1]  # not a multiple of K
     assert len(items[1].values()) == mon.layout.n_step
     got = by_name(mon, items[2])
     delta = math.sqrt(sum(float((after[n] - before[n]).pow(2).sum()) for n in before))
@@ -127,10 +131,14 @@ def test_periodic_param_norms_and_update_ratio():
     for l, moe in model.moe_layers():
         w = moe.experts
         for e in range(moe.n_experts):
-            want = math.sqrt(sum(float(t[e].detach().double().pow(2).sum())
-                                 for t in (w.w_gate, w.w_up, w.w_down)))
-            assert got[f"params/layer{l:02d}/expert{e:03d}/fro_norm"] == pytest.approx(want,
-                                                                                      rel=1e-5)
+            want = math.sqrt(
+                sum(
+                    float(t[e].detach().double().pow(2).sum()) for t in (w.w_gate, w.w_up, w.w_down)
+                )
+            )
+            assert got[f"params/layer{l:02d}/expert{e:03d}/fro_norm"] == pytest.approx(
+                want, rel=1e-5
+            )
     mon.close()
 
 
@@ -142,7 +150,7 @@ def test_disabled_groups_install_nothing_and_send_nothing():
     names = {s.name for s in mon.layout.step_specs + mon.layout.periodic_specs}
     assert names and all(n.startswith(("train/", "grad/")) for n in names)
     mon.close()
-    assert not model.lm_head._forward_hooks             # close removes every hook
+    assert not model.lm_head._forward_hooks  # close removes every hook
 
 
 def test_non_finite_values_reach_the_vector():

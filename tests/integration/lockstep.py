@@ -7,11 +7,12 @@ collector). Real steps last far longer than the loop; lockstep reproduces that r
 model whose steps take milliseconds, which makes "in effect from the step after the event" a
 deterministic check instead of a race.
 """
+
 from __future__ import annotations
 
 import time
 
-WAIT_S = 30.0            # fail-safe bound on one wait; normally about one flush interval
+WAIT_S = 30.0  # fail-safe bound on one wait; normally about one flush interval
 
 
 class Lockstep:

@@ -1,6 +1,7 @@
 """docker-compose.yml as docker-compose itself resolves it (`docker-compose config`): pinned
 images, a real healthcheck, every setting from the environment, and a collector command made of
 the flags the collector's own CLI and the tests' launcher use."""
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def yaml_to_data(text: str, compose: str) -> dict:
     that runs docker-compose (Debian's is Python and needs PyYAML itself)."""
     try:
         import yaml
+
         return yaml.safe_load(text)
     except ImportError:
         pass
@@ -40,16 +42,23 @@ def yaml_to_data(text: str, compose: str) -> dict:
     if not shebang.startswith("#!") or "python" not in shebang:
         pytest.skip("no YAML parser: install PyYAML")
     code = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
-    out = subprocess.run([shebang[2:].strip(), "-c", code], input=text, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [shebang[2:].strip(), "-c", code], input=text, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
 def compose_config(**env: str) -> subprocess.CompletedProcess:
     compose = compose_binary()
     clean = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    return subprocess.run([compose, "-f", "docker-compose.yml", "config"], cwd=ROOT,
-                          env={**clean, **env}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [compose, "-f", "docker-compose.yml", "config"],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def resolved(**env: str) -> dict:
@@ -74,14 +83,19 @@ def test_services_images_pinned_and_clickhouse_healthchecked(config):
         assert not svc["image"].endswith(":latest") and ":" in svc["image"], name
     health = services["clickhouse"]["healthcheck"]
     assert health["test"][0] == "CMD" and "/ping" in health["test"][-1]
-    assert any(v.startswith("clickhouse-data:/var/lib/clickhouse") for v in
-               services["clickhouse"]["volumes"])
+    assert any(
+        v.startswith("clickhouse-data:/var/lib/clickhouse")
+        for v in services["clickhouse"]["volumes"]
+    )
     assert "clickhouse-data" in config["volumes"]
     for app in ("collector", "dashboard"):
         assert services[app]["depends_on"] == {"clickhouse": {"condition": "service_healthy"}}
         assert services[app]["build"]["dockerfile"] == "deploy/Dockerfile"
-    for rel in ("deploy/Dockerfile", "deploy/clickhouse/config.d/stepwatch.xml",
-                "deploy/clickhouse/users.d/stepwatch.xml"):
+    for rel in (
+        "deploy/Dockerfile",
+        "deploy/clickhouse/config.d/stepwatch.xml",
+        "deploy/clickhouse/users.d/stepwatch.xml",
+    ):
         assert (ROOT / rel).is_file(), rel
 
 
@@ -114,6 +128,7 @@ def test_collector_command_parses_with_the_real_cli(config, monkeypatch):
     flags = {a for a in cmd if a.startswith("--")}
     assert launcher_flags() <= flags, "compose must use the flags the tests' launcher uses"
     import collector.__main__ as cli
+
     seen = {}
 
     def fake_serve(store_url, *, host, port, config, **_kw):
@@ -130,7 +145,10 @@ def test_collector_command_parses_with_the_real_cli(config, monkeypatch):
     store = ClickHouseConfig.from_url(seen["store"], env=svc["environment"])
     assert (store.host, store.port) == ("clickhouse", 9000)
     assert (store.user, store.password, store.database) == (
-        ch_env["CLICKHOUSE_USER"], ch_env["CLICKHOUSE_PASSWORD"], ch_env["CLICKHOUSE_DB"])
+        ch_env["CLICKHOUSE_USER"],
+        ch_env["CLICKHOUSE_PASSWORD"],
+        ch_env["CLICKHOUSE_DB"],
+    )
 
 
 def test_dashboard_placeholder_reads_the_same_store(config):
@@ -142,13 +160,18 @@ def test_dashboard_placeholder_reads_the_same_store(config):
 
 
 def test_settings_come_from_the_environment():
-    cfg = resolved(STEPWATCH_TOKEN="t2", CLICKHOUSE_DB="other_db", CLICKHOUSE_USER="u2",
-                   CLICKHOUSE_PASSWORD="pw2", STEPWATCH_COLLECTOR_PORT="6000")
+    cfg = resolved(
+        STEPWATCH_TOKEN="t2",
+        CLICKHOUSE_DB="other_db",
+        CLICKHOUSE_USER="u2",
+        CLICKHOUSE_PASSWORD="pw2",
+        STEPWATCH_COLLECTOR_PORT="6000",
+    )
     ch, coll = cfg["services"]["clickhouse"], cfg["services"]["collector"]
     assert ch["environment"]["CLICKHOUSE_DB"] == "other_db"
     assert "clickhouse://u2@clickhouse:9000/other_db" in coll["command"]
     assert coll["environment"]["CLICKHOUSE_PASSWORD"] == "pw2"
-    assert "pw2" not in " ".join(coll["command"])           # never on a command line
+    assert "pw2" not in " ".join(coll["command"])  # never on a command line
     assert coll["environment"]["STEPWATCH_TOKEN"] == "t2"
     assert any(str(p.get("published")) == "6000" for p in coll["ports"])
 
@@ -156,4 +179,3 @@ def test_settings_come_from_the_environment():
 def test_no_default_token():
     out = compose_config()
     assert out.returncode != 0 and "STEPWATCH_TOKEN" in out.stderr
-

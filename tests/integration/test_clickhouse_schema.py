@@ -1,4 +1,5 @@
 """The version-gated DDL generator and the migrations, on paper and on the real server."""
+
 from __future__ import annotations
 
 import re
@@ -6,29 +7,46 @@ import re
 import pytest
 
 from store.base import InvalidInput, StoreError
-from store.clickhouse_schema import (ALL_TABLES, LATEST_VERSION, MIGRATIONS, RAW, RAW_VECTORS, RUNS,
-                                     STEPS, Capabilities, StoreOptions, check_identifier,
-                                     create_table_sql, pending_migrations, quote)
+from store.clickhouse_schema import (
+    ALL_TABLES,
+    LATEST_VERSION,
+    MIGRATIONS,
+    RAW,
+    RAW_VECTORS,
+    RUNS,
+    STEPS,
+    Capabilities,
+    StoreOptions,
+    check_identifier,
+    create_table_sql,
+    pending_migrations,
+    quote,
+)
 
 OLD, NEW = "18.16.1", "24.8.4.13"
 
 
 def column_lines(sql: str) -> dict[str, str]:
     """`name` -> the rest of its line in a CREATE TABLE statement."""
-    return {m.group(1): m.group(2).rstrip(",") for m in
-            re.finditer(r"^\s+`(\w+)` (.+)$", sql, flags=re.M)}
+    return {
+        m.group(1): m.group(2).rstrip(",")
+        for m in re.finditer(r"^\s+`(\w+)` (.+)$", sql, flags=re.M)
+    }
 
 
-@pytest.mark.parametrize("version, lc, ttl, codecs", [
-    ("18.16.1", False, False, False),
-    ("19.1.6", False, False, False),
-    ("19.3.4", True, False, False),
-    ("19.6.2.11", True, True, False),
-    ("19.9.5.36", True, True, False),
-    ("19.10.1.5", True, True, True),
-    ("24.8.4.13", True, True, True),
-    ("25.3.2.39-lts", True, True, True),
-])
+@pytest.mark.parametrize(
+    "version, lc, ttl, codecs",
+    [
+        ("18.16.1", False, False, False),
+        ("19.1.6", False, False, False),
+        ("19.3.4", True, False, False),
+        ("19.6.2.11", True, True, False),
+        ("19.9.5.36", True, True, False),
+        ("19.10.1.5", True, True, True),
+        ("24.8.4.13", True, True, True),
+        ("25.3.2.39-lts", True, True, True),
+    ],
+)
 def test_capabilities_follow_the_release_that_introduced_each_feature(version, lc, ttl, codecs):
     caps = Capabilities.for_version(version)
     assert (caps.low_cardinality, caps.ttl, caps.codecs) == (lc, ttl, codecs)
@@ -45,8 +63,14 @@ def test_old_server_gets_plain_types_only():
     for word in ("CODEC", "LowCardinality", "TTL", "Gorilla", "DoubleDelta"):
         assert word not in sql
     cols = column_lines(sql)
-    assert cols == {"run": "String", "metric_id": "Int32", "step": "Int64", "rank": "Int32",
-                    "value": "Float32", "ver": "UInt64"}
+    assert cols == {
+        "run": "String",
+        "metric_id": "Int32",
+        "step": "Int64",
+        "rank": "Int32",
+        "value": "Float32",
+        "ver": "UInt64",
+    }
     assert "ENGINE = ReplacingMergeTree(`ver`)" in sql
     assert "ORDER BY (`run`, `metric_id`, `step`, `rank`)" in sql
     assert sql.startswith("CREATE TABLE IF NOT EXISTS `sw`.`raw` (")
@@ -59,8 +83,7 @@ def test_new_server_gets_codecs_low_cardinality_and_ttl():
     assert cols["step"] == "Int64 CODEC(DoubleDelta, ZSTD(1))"
     assert cols["metric_id"] == "Int32 CODEC(Delta, ZSTD(1))"
     assert cols["value"] == "Float32 CODEC(Gorilla, ZSTD(1))"
-    assert sql.rstrip().endswith(
-        "TTL toDateTime(intDiv(`ver`, 1000000000)) + toIntervalDay(30)")
+    assert sql.rstrip().endswith("TTL toDateTime(intDiv(`ver`, 1000000000)) + toIntervalDay(30)")
     # the key and engine do not depend on the version: a store moves between servers
     assert "ORDER BY (`run`, `metric_id`, `step`, `rank`)" in sql
 
@@ -77,7 +100,8 @@ def test_array_and_keyword_columns_render():
     sql = create_table_sql("sw", STEPS, Capabilities.for_version(NEW))
     assert column_lines(sql)["missing_ranks"] == "Array(Int32)"
     assert "`status` LowCardinality(String)" in create_table_sql(
-        "sw", RUNS, Capabilities.for_version(NEW))
+        "sw", RUNS, Capabilities.for_version(NEW)
+    )
 
 
 @pytest.mark.parametrize("bad", ["", "a;b", "x`y", "1abc", "db name", "a" * 64, "é"])
@@ -97,21 +121,27 @@ def test_quote_and_migration_list():
 
 # ---------------------------------------------------------------- on the real server
 
+
 def test_migration_creates_every_table_once(clickhouse_server, clickhouse_url):
     from store.clickhouse import ClickHouseStore
+
     db = clickhouse_url.rsplit("/", 1)[1]
-    for _ in range(2):                                    # the second open applies nothing
+    for _ in range(2):  # the second open applies nothing
         ClickHouseStore(clickhouse_url).close()
     tables = clickhouse_server.client(
-        f"SELECT name, engine FROM system.tables WHERE database = '{db}' ORDER BY name")
+        f"SELECT name, engine FROM system.tables WHERE database = '{db}' ORDER BY name"
+    )
     expected = sorted([t.name for t in ALL_TABLES] + ["schema_version"])
     assert tables.splitlines() == [f"{name}\tReplacingMergeTree" for name in expected]
     assert clickhouse_server.client(
         f"SELECT version, server_version FROM {db}.schema_version ORDER BY version FORMAT TSV"
     ).splitlines() == [f"{m.version}\t{clickhouse_server.version}" for m in MIGRATIONS]
-    types = dict(line.split("\t") for line in clickhouse_server.client(
-        f"SELECT name, type FROM system.columns WHERE database = '{db}' AND table = 'clip_updates'"
-    ).splitlines())
+    types = dict(
+        line.split("\t")
+        for line in clickhouse_server.client(
+            f"SELECT name, type FROM system.columns WHERE database = '{db}' AND table = 'clip_updates'"
+        ).splitlines()
+    )
     want = Capabilities.for_version(clickhouse_server.version)
     assert types["run"] == ("LowCardinality(String)" if want.low_cardinality else "String")
     assert types["limit"] == "Float32" and types["acked_step"] == "Int64"
@@ -119,9 +149,11 @@ def test_migration_creates_every_table_once(clickhouse_server, clickhouse_url):
 
 def test_a_newer_schema_than_the_code_is_refused(clickhouse_server, clickhouse_url):
     from store.clickhouse import ClickHouseStore
+
     db = clickhouse_url.rsplit("/", 1)[1]
     ClickHouseStore(clickhouse_url).close()
     clickhouse_server.client(
-        f"INSERT INTO {db}.schema_version VALUES ({LATEST_VERSION + 1}, 'future', '', 0, 1)")
+        f"INSERT INTO {db}.schema_version VALUES ({LATEST_VERSION + 1}, 'future', '', 0, 1)"
+    )
     with pytest.raises(StoreError, match=f"schema v{LATEST_VERSION + 1}, newer"):
         ClickHouseStore(clickhouse_url)

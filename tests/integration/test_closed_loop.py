@@ -9,6 +9,7 @@ collector acknowledged the previous step - the regime of a real run, whose steps
 longer than the loop (whose latency is measured in ms and printed here) - so "in effect from
 the step after the event" is a deterministic check, not a race.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,7 @@ from model.train import TrainConfig, train  # noqa: E402
 from store import open_store  # noqa: E402
 from tests.integration.lockstep import WAIT_S, Lockstep  # noqa: E402
 
-BLOWUP_AT, SITE = 30, "moe/layer01/expert005"     # an expert that is fed at step 30 (seed 0)
+BLOWUP_AT, SITE = 30, "moe/layer01/expert005"  # an expert that is fed at step 30 (seed 0)
 BLOWUP = f"blowup@{BLOWUP_AT}:layer=1,expert=5"
 STEPS = 58
 LATENCY_RE = re.compile(r"clip update v(\d+) on the wire ([0-9.]+) ms")
@@ -52,11 +53,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run_training(address: str, run: str, injects: list[str], steps: int, *, seed: int = 0,
-                 preset: str = "tiny", lockstep: bool = True):
+def run_training(
+    address: str,
+    run: str,
+    injects: list[str],
+    steps: int,
+    *,
+    seed: int = 0,
+    preset: str = "tiny",
+    lockstep: bool = True,
+):
     def make(model, optimizer):
         mon = Monitor(model, optimizer, target=address, run=run)
         return Lockstep(mon) if lockstep else mon
+
     cfg = TrainConfig(preset=preset, steps=steps, batch_size=8, seed=seed, injects=injects)
     result = train(cfg, monitor=DeferredMonitor(make))
     assert result.monitor_errors == 0
@@ -64,7 +74,7 @@ def run_training(address: str, run: str, injects: list[str], steps: int, *, seed
 
 
 def stop(proc) -> None:
-    assert stop_collector(proc) == 0           # flushes the store, finishes the run
+    assert stop_collector(proc) == 0  # flushes the store, finishes the run
 
 
 @pytest.fixture(scope="module")
@@ -97,23 +107,25 @@ def test_blowup_is_clipped_from_the_next_step_and_observe_only_keeps_growing(blo
         clips = st.clips("act")
         x = st.series("act", f"{SITE}/act_maxabs")
     delay = ev.step - BLOWUP_AT
-    print(f"\nblow-up injected at step {BLOWUP_AT}: {ev.kind} raised at step {ev.step} "
-          f"(delay {delay} steps, onset estimate {ev.onset_step}); clip latency "
-          f"{latencies} ms from the step's last frame to the update on the wire")
-    assert BLOWUP_AT <= ev.onset_step <= ev.step <= BLOWUP_AT + 16     # ~ln(12)/ln(1.2) = 13.6
+    print(
+        f"\nblow-up injected at step {BLOWUP_AT}: {ev.kind} raised at step {ev.step} "
+        f"(delay {delay} steps, onset estimate {ev.onset_step}); clip latency "
+        f"{latencies} ms from the step's last frame to the update on the wire"
+    )
+    assert BLOWUP_AT <= ev.onset_step <= ev.step <= BLOWUP_AT + 16  # ~ln(12)/ln(1.2) = 13.6
     assert latencies and all(ms >= 0 for ms in latencies)
 
     first = clips.row(0, named=True)
     assert (first["version"], first["layer"], first["site"]) == (1, 1, "routed")
     assert first["step"] == ev.step and first["reason"] == f"{ev.kind}@{ev.step} {ev.site}"
-    assert first["acked_step"] == ev.step + 1          # in effect from the step after
+    assert first["acked_step"] == ev.step + 1  # in effect from the step after
     assert 1.0 <= first["limit"] < 10
     bound = first["limit"] ** 2
     steps, vals = x["step"].to_numpy(), x["value"].to_numpy()
     at_event = vals[steps == ev.step][0]
     after = vals[steps >= first["acked_step"]]
     assert after.size >= 10 and after.max() <= bound * (1 + 1e-5)
-    assert after.max() < at_event                       # bounded, and below where it was
+    assert after.max() < at_event  # bounded, and below where it was
 
     wurl, wlat = blowup_runs["watch"]
     with open_store(wurl) as st:
@@ -125,7 +137,7 @@ def test_blowup_is_clipped_from_the_next_step_and_observe_only_keeps_growing(blo
     wvals = w["value"].to_numpy()
     assert wvals[-1] > 5 * at_event and wvals[-1] > 20 * bound
     grown = wvals[w["step"].to_numpy() >= ev.step]
-    assert (np.diff(np.log(grown)) > 0).mean() > 0.7   # it keeps climbing
+    assert (np.diff(np.log(grown)) > 0).mean() > 0.7  # it keeps climbing
 
 
 def test_online_events_equal_offline_events(blowup_runs):
@@ -142,6 +154,7 @@ def test_report_of_the_run_renders_in_headless_chromium(blowup_runs, tmp_path):
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("Debian's chromium is not installed (scripts/system-deps.sh)")
     from analytics.report import write_report
+
     url, _ = blowup_runs["act"]
     out = tmp_path / "report.html"
     with open_store(url) as st:
@@ -153,8 +166,15 @@ def test_report_of_the_run_renders_in_headless_chromium(blowup_runs, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path="/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1150, "height": 900})
             page.on("request", lambda r: requests.append(r.url))
@@ -164,7 +184,8 @@ def test_report_of_the_run_renders_in_headless_chromium(blowup_runs, tmp_path):
             n_lines = page.locator("svg.chart polyline.series").count()
             heat_w = page.evaluate(
                 "() => [...document.querySelectorAll('svg.heatmap image')]"
-                ".map(i => i.getBBox().width)")
+                ".map(i => i.getBBox().width)"
+            )
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
@@ -184,24 +205,27 @@ def observer():
     collector.stop()
 
 
-@pytest.mark.parametrize("name,inject,steps,check", [
-    ("death", "dead-expert@40:layer=1,expert=7", 62, "death"),
-    ("lr", "lr-spike@30", 40, "lr"),
-    ("nan", "nan@40:layer=1,expert=5", 44, "nan"),
-])
+@pytest.mark.parametrize(
+    "name,inject,steps,check",
+    [
+        ("death", "dead-expert@40:layer=1,expert=7", 62, "death"),
+        ("lr", "lr-spike@30", 40, "lr"),
+        ("nan", "nan@40:layer=1,expert=5", 44, "nan"),
+    ],
+)
 def test_injected_faults_are_detected(observer, name, inject, steps, check):
     collector, address, _ = observer
     run_training(address, name, [inject], steps, lockstep=False)
     events = collector.events(name)
     deadline = time.monotonic() + WAIT_S
-    while not events and time.monotonic() < deadline:     # the last steps may still be in
-        time.sleep(0.05)                                   # the writer's queue
+    while not events and time.monotonic() < deadline:  # the last steps may still be in
+        time.sleep(0.05)  # the writer's queue
         events = collector.events(name)
     print(f"\n{inject}: " + "; ".join(e.brief() for e in events))
     if check == "death":
         ev = next(e for e in events if e.kind == "expert_death")
         assert ev.site == "moe/layer01/expert007" and (ev.layer, ev.expert) == (1, 7)
-        assert ev.onset_step == 40 and ev.step - ev.onset_step < 20    # the default window
+        assert ev.onset_step == 40 and ev.step - ev.onset_step < 20  # the default window
         assert ev.detail["path"] == "parameter-decay"
     elif check == "lr":
         ev = next(e for e in events if e.kind in ("loss_spike", "grad_spike"))
@@ -210,7 +234,7 @@ def test_injected_faults_are_detected(observer, name, inject, steps, check):
         ev = next(e for e in events if e.kind == "nonfinite")
         assert (ev.step, ev.severity, ev.site) == (40, "critical", "resid/layer01")
         assert ev.layer == 1 and ev.detail["ranks"] == [0]
-        assert [e for e in events if e.kind == "nonfinite"] == [ev]   # once per episode
+        assert [e for e in events if e.kind == "nonfinite"] == [ev]  # once per episode
 
 
 @pytest.mark.slow
@@ -220,7 +244,7 @@ def test_clean_demo_runs_raise_no_events(observer):
     for seed in range(3):
         run = f"clean{seed}"
         run_training(address, run, [], 60, seed=seed, preset="demo", lockstep=False)
-        time.sleep(0.5)                           # let the last steps through the writer
+        time.sleep(0.5)  # let the last steps through the writer
         assert collector.events(run) == [], [e.brief() for e in collector.events(run)]
 
 
@@ -236,16 +260,28 @@ def test_two_ranks_apply_the_clip_at_the_same_step(tmp_path):
     port = collector.start()
     try:
         out = subprocess.run(
-            [torchrun, "--standalone", "--nproc_per_node=2",
-             str(ROOT / "tests" / "integration" / "closed_loop_worker.py"),
-             f"127.0.0.1:{port}", "ddp", "46", BLOWUP],
-            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-            text=True, timeout=600)
+            [
+                torchrun,
+                "--standalone",
+                "--nproc_per_node=2",
+                str(ROOT / "tests" / "integration" / "closed_loop_worker.py"),
+                f"127.0.0.1:{port}",
+                "ddp",
+                "46",
+                BLOWUP,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         ev = first_trigger(collector.events("ddp"))
         acks = [a for a in collector.clip_acks("ddp") if a.version == 1]
-        print(f"\n2 ranks: {ev.brief()}; acks {acks}; latency "
-              f"{collector.clip_latency_ms('ddp')} ms")
+        print(
+            f"\n2 ranks: {ev.brief()}; acks {acks}; latency {collector.clip_latency_ms('ddp')} ms"
+        )
         assert sorted(a.rank for a in acks) == [0, 1]
         assert {a.step for a in acks} == {ev.step + 1}
     finally:

@@ -2,6 +2,7 @@
 through playwright: charts render, the slider moves the heatmap, a live run refreshes in place.
 
 Never downloads a browser: /usr/bin/chromium or a skip (a failure when CI is set)."""
+
 from __future__ import annotations
 
 import os
@@ -26,11 +27,17 @@ from collector.process import terminate  # noqa: E402
 from tests.dashboard.runs import DEAD_INJECT, record_tiny_runs, write_synthetic_run  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-WAIT_MS = 90_000            # an upper bound on 2 busy cores, never an expectation
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WAIT_MS = 90_000  # an upper bound on 2 busy cores, never an expectation
 STEPS = 6
-CHART = "[data-testid='stVegaLiteChart'] :is(svg.marks, canvas)"   # vega-embed's drawing
+CHART = "[data-testid='stVegaLiteChart'] :is(svg.marks, canvas)"  # vega-embed's drawing
 LOSS = f".st-key-chart-loss {CHART}"
 HEATMAP = f".st-key-heatmap-step {CHART}"
 
@@ -48,13 +55,28 @@ class Dashboard:
         self.port = _free_port()
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dashboard", "--store", url, "--server.port", str(self.port),
-             "--server.address", "127.0.0.1", "--server.headless", "true",
-             "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "dashboard",
+                "--store",
+                url,
+                "--server.port",
+                str(self.port),
+                "--server.address",
+                "127.0.0.1",
+                "--server.headless",
+                "true",
+                "--browser.gatherUsageStats",
+                "false",
+            ],
+            cwd=ROOT,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         self.address = f"http://127.0.0.1:{self.port}/"
         deadline = time.monotonic() + WAIT_MS / 1000
-        while True:                                      # Streamlit's own health endpoint
+        while True:  # Streamlit's own health endpoint
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dashboard exited {self.proc.returncode}: {log.read_text()}")
             try:
@@ -88,8 +110,9 @@ def browser():
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("dash-browser")
-    return record_tiny_runs(d / "store", {"browser": dict(steps=STEPS, seed=0,
-                                                          injects=[DEAD_INJECT])})
+    return record_tiny_runs(
+        d / "store", {"browser": dict(steps=STEPS, seed=0, injects=[DEAD_INJECT])}
+    )
 
 
 def save_screenshot(page, tmp_path: Path, name: str) -> Path:
@@ -107,7 +130,7 @@ def test_charts_render_and_the_slider_moves_the_heatmap(browser, recorded, tmp_p
     page = browser.new_page(viewport={"width": 1400, "height": 1700})
     try:
         page.goto(app.address)
-        page.wait_for_selector(LOSS, timeout=WAIT_MS)            # the chart elements themselves
+        page.wait_for_selector(LOSS, timeout=WAIT_MS)  # the chart elements themselves
         page.wait_for_selector(HEATMAP, timeout=WAIT_MS)
         heat = page.locator(".st-key-heatmap-step")
         heat.get_by_text(f"Heatmap at step {STEPS - 1}").wait_for(timeout=WAIT_MS)
@@ -115,30 +138,33 @@ def test_charts_render_and_the_slider_moves_the_heatmap(browser, recorded, tmp_p
         assert page.locator(HEATMAP).bounding_box()["height"] > 60
         # the Vega SVG itself says which step it drew (its title is a text mark)
         page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}").wait_for(
-            timeout=WAIT_MS)
+            timeout=WAIT_MS
+        )
         before = page.locator(HEATMAP).screenshot()
         save_screenshot(page, tmp_path, "dashboard.png")
 
         thumb = page.get_by_role("slider")
         thumb.focus()
-        page.keyboard.press("Home")                               # to the first step
+        page.keyboard.press("Home")  # to the first step
         heat.get_by_text("Heatmap at step 0").wait_for(timeout=WAIT_MS)
         page.locator(HEATMAP).get_by_text("token share at step 0").wait_for(timeout=WAIT_MS)
-        expect(thumb).to_have_value("0", timeout=WAIT_MS)         # an <input type=range>; the
+        expect(thumb).to_have_value("0", timeout=WAIT_MS)  # an <input type=range>; the
         # widget re-renders after the heatmap's delta on a busy machine, so wait, never sample
-        assert page.locator(HEATMAP).screenshot() != before       # and it looks different
+        assert page.locator(HEATMAP).screenshot() != before  # and it looks different
         save_screenshot(page, tmp_path, "dashboard-step0.png")
 
-        page.get_by_role("button", name="Play").click()           # the fragment timer plays
+        page.get_by_role("button", name="Play").click()  # the fragment timer plays
         page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}").wait_for(
-            timeout=WAIT_MS)
-        page.get_by_role("button", name="Play").wait_for(timeout=WAIT_MS)   # stopped at the end
+            timeout=WAIT_MS
+        )
+        page.get_by_role("button", name="Play").wait_for(timeout=WAIT_MS)  # stopped at the end
         expect(thumb).to_have_value(str(STEPS - 1), timeout=WAIT_MS)
         # and stays there: the last tick must not be undone by a stale widget value
         page.wait_for_timeout(1500)
         assert thumb.input_value() == str(STEPS - 1)
         page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}").wait_for(
-            timeout=WAIT_MS)
+            timeout=WAIT_MS
+        )
     finally:
         page.close()
         app.stop()
@@ -156,21 +182,22 @@ def test_a_live_run_refreshes_in_place_keeping_the_users_step(browser, tmp_path)
         header.get_by_text("last step 39").wait_for(timeout=WAIT_MS)
         assert "last step received" in header.inner_text()
         page.get_by_role("slider").focus()
-        page.keyboard.press("Home")                               # the user scrubs back
+        page.keyboard.press("Home")  # the user scrubs back
         page.locator(".st-key-heatmap-step").get_by_text("Heatmap at step 0").wait_for(
-            timeout=WAIT_MS)
-        page.evaluate("window.__stepwatch_marker = 1")            # gone if the page reloads
+            timeout=WAIT_MS
+        )
+        page.evaluate("window.__stepwatch_marker = 1")  # gone if the page reloads
 
-        write_synthetic_run(url, "live", 60, start=40, finished=False, layers=(1, 2),
-                            experts=4)
-        header.get_by_text("last step 59").wait_for(timeout=WAIT_MS)   # no reload, no click
+        write_synthetic_run(url, "live", 60, start=40, finished=False, layers=(1, 2), experts=4)
+        header.get_by_text("last step 59").wait_for(timeout=WAIT_MS)  # no reload, no click
         assert page.evaluate("window.__stepwatch_marker") == 1
         slider = page.get_by_role("slider")
-        expect(slider).to_have_count(1, timeout=WAIT_MS)          # the 0..39 one is replaced
+        expect(slider).to_have_count(1, timeout=WAIT_MS)  # the 0..39 one is replaced
         expect(slider).to_have_attribute("max", "59", timeout=WAIT_MS)
         assert slider.input_value() == "0"
         page.locator(".st-key-heatmap-step").get_by_text("Heatmap at step 0").wait_for(
-            timeout=WAIT_MS)
+            timeout=WAIT_MS
+        )
         save_screenshot(page, tmp_path, "dashboard-live.png")
     finally:
         page.close()

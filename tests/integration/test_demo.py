@@ -1,4 +1,5 @@
 """`make demo`'s script, shortened: collector + monitored training + summary of what was stored."""
+
 import re
 import subprocess
 import sys
@@ -9,9 +10,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_demo_script_reports_what_was_stored(tmp_path):
     out = subprocess.run(
-        [sys.executable, "scripts/demo.py", "--preset", "tiny", "--steps", "3",
-         "--store-dir", str(tmp_path / "store")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "scripts/demo.py",
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--store-dir",
+            str(tmp_path / "store"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     assert f"[demo] data: {tmp_path / 'store'}" in text
@@ -25,7 +38,22 @@ def test_demo_script_reports_what_was_stored(tmp_path):
     assert "<svg" in report.read_text()
     # the store it names really holds the run
     series = subprocess.run(
-        [sys.executable, "-m", "store", "series", "--store", f"parquet:{tmp_path / 'store'}",
-         "--run", "demo", "--metric", "train/loss"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+        [
+            sys.executable,
+            "-m",
+            "store",
+            "series",
+            "--store",
+            f"parquet:{tmp_path / 'store'}",
+            "--run",
+            "demo",
+            "--metric",
+            "train/loss",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
     assert series[0] == "step,value" and len(series) == 4

@@ -1,6 +1,7 @@
 """The Telemetry path end to end: the tiny model trains with a Monitor attached, through a real
 collector process on loopback, into the Parquet store; what is read back equals values computed
 independently in the test."""
+
 from __future__ import annotations
 
 import json
@@ -31,14 +32,15 @@ BATCH = 4
 def collector(tmp_path):
     """A real `python -m collector serve` on a free loopback port, Parquet store in tmp."""
     url = f"parquet:{tmp_path / 'store'}"
-    proc, address = start_collector(url, "--flush-interval", "0.1",
-                                    log_path=tmp_path / "collector.log")
+    proc, address = start_collector(
+        url, "--flush-interval", "0.1", log_path=tmp_path / "collector.log"
+    )
     yield address, url, proc
     stop_collector(proc)
 
 
 def stop(proc: subprocess.Popen) -> None:
-    assert stop_collector(proc) == 0           # flushes the store and finishes the run
+    assert stop_collector(proc) == 0  # flushes the store and finishes the run
 
 
 class ExpertRecorder:
@@ -51,7 +53,7 @@ class ExpertRecorder:
         moe = dict(model.moe_layers())[self.layer]
 
         def hook(mod, args, out):
-            if not torch.is_grad_enabled():      # validation forwards are not training steps
+            if not torch.is_grad_enabled():  # validation forwards are not training steps
                 return
             h_NH, _out_ND, idx_N = args
             rows = h_NH[idx_N == self.expert].double()
@@ -89,8 +91,9 @@ def test_tiny_run_lands_in_parquet_exactly(collector):
         # the loss series equals the loop's own losses bit for bit (both float32)
         loss = store.series("e2e", "train/loss")
         assert loss["step"].to_list() == list(range(STEPS))
-        np.testing.assert_array_equal(loss["value"].to_numpy(),
-                                      np.asarray(result.losses, dtype=np.float32))
+        np.testing.assert_array_equal(
+            loss["value"].to_numpy(), np.asarray(result.losses, dtype=np.float32)
+        )
         raw = store.series("e2e", "train/loss", rank=0)
         np.testing.assert_array_equal(raw["value"].to_numpy(), loss["value"].to_numpy())
 
@@ -113,8 +116,9 @@ def test_tiny_run_lands_in_parquet_exactly(collector):
         lr = store.series("e2e", "train/lr")["value"].to_numpy()
         np.testing.assert_allclose(lr, [cfg.lr_at(s) for s in range(STEPS)], rtol=1e-6)
         gnorm = store.series("e2e", "grad/global_norm")["value"].to_numpy()
-        np.testing.assert_allclose(gnorm, np.asarray(result.grad_norms, dtype=np.float32),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            gnorm, np.asarray(result.grad_norms, dtype=np.float32), rtol=1e-6
+        )
 
 
 @pytest.mark.slow
@@ -123,12 +127,35 @@ def test_torchrun_two_ranks_raw_and_reduced(collector, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--standalone", "-m", "model.train", "--",  # torchrun would eat --monitor
-         "--preset", "tiny", "--steps", str(STEPS),
-         "--batch-size", str(BATCH), "--monitor", address, "--run", "ddp", "--out", str(out),
-         "--threads", "1"],
-        cwd=ROOT, env=env, check=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            "-m",
+            "model.train",
+            "--",  # torchrun would eat --monitor
+            "--preset",
+            "tiny",
+            "--steps",
+            str(STEPS),
+            "--batch-size",
+            str(BATCH),
+            "--monitor",
+            address,
+            "--run",
+            "ddp",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+    )
     stop(proc)
     losses = {r: json.loads((out / f"losses.rank{r}.json").read_text()) for r in (0, 1)}
 
@@ -146,12 +173,14 @@ def test_torchrun_two_ranks_raw_and_reduced(collector, tmp_path):
         # tokens reduce by sum: each rank routes its half of the batch
         seq_len = 64
         tok = store.at_step("ddp", STEPS - 1, "moe/*/expert*/tokens")
-        per_rank = [store.at_step("ddp", STEPS - 1, "moe/*/expert*/tokens", rank=r)
-                    for r in (0, 1)]
+        per_rank = [store.at_step("ddp", STEPS - 1, "moe/*/expert*/tokens", rank=r) for r in (0, 1)]
         np.testing.assert_array_equal(
-            tok["value"].to_numpy(), per_rank[0]["value"].to_numpy() + per_rank[1]["value"].to_numpy())
+            tok["value"].to_numpy(),
+            per_rank[0]["value"].to_numpy() + per_rank[1]["value"].to_numpy(),
+        )
         assert tok.group_by("layer").agg(pl.col("value").sum())["value"].unique().to_list() == [
-            BATCH * seq_len * 2]   # tiny: top-2
+            BATCH * seq_len * 2
+        ]  # tiny: top-2
 
         # max-reduced metrics are the max over ranks
         mx = store.at_step("ddp", 2, "resid/*/maxabs")
@@ -160,8 +189,9 @@ def test_torchrun_two_ranks_raw_and_reduced(collector, tmp_path):
         np.testing.assert_array_equal(mx["value"].to_numpy(), np.maximum(r0, r1))
 
 
-def _run_rank(rank: int, address: str, steps: int, stall_at: int | None, stall_s: float,
-              losses: dict) -> None:
+def _run_rank(
+    rank: int, address: str, steps: int, stall_at: int | None, stall_s: float, losses: dict
+) -> None:
     """One simulated rank of a 2-rank run: a real tiny model, a real Monitor, a plain loop."""
     from model.config import get_preset
     from model.transformer import MoETransformer
@@ -182,7 +212,7 @@ def _run_rank(rank: int, address: str, steps: int, stall_at: int | None, stall_s
         opt.step()
         opt.zero_grad()
         if step == stall_at:
-            time.sleep(stall_s)                   # this rank stalls past the straggler timeout
+            time.sleep(stall_s)  # this rank stalls past the straggler timeout
         loss = out.main_loss.detach()
         losses[rank].append(float(loss))
         mon.step_end(step, loss=loss, mtp_losses=[], lr=1e-3, tokens=x.numel())
@@ -191,12 +221,20 @@ def _run_rank(rank: int, address: str, steps: int, stall_at: int | None, stall_s
 
 def test_straggler_is_reduced_without_and_marked(tmp_path):
     url = f"parquet:{tmp_path / 'store'}"
-    proc, address = start_collector(url, "--straggler-timeout", "2.0", "--flush-interval", "0.1",
-                                    log_path=tmp_path / "collector.log")
+    proc, address = start_collector(
+        url,
+        "--straggler-timeout",
+        "2.0",
+        "--flush-interval",
+        "0.1",
+        log_path=tmp_path / "collector.log",
+    )
     losses: dict = {}
     try:
-        threads = [threading.Thread(target=_run_rank, args=(r, address, 4, 2 if r else None,
-                                                             6.0, losses)) for r in (0, 1)]
+        threads = [
+            threading.Thread(target=_run_rank, args=(r, address, 4, 2 if r else None, 6.0, losses))
+            for r in (0, 1)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -217,8 +255,9 @@ def test_straggler_is_reduced_without_and_marked(tmp_path):
         # ... and the late rank's values are still recorded as raw rows
         raw1 = store.series("strag", "train/loss", rank=1)
         assert raw1["step"].to_list() == [0, 1, 2, 3]
-        np.testing.assert_array_equal(raw1["value"].to_numpy(),
-                                      np.asarray(losses[1], dtype=np.float32))
+        np.testing.assert_array_equal(
+            raw1["value"].to_numpy(), np.asarray(losses[1], dtype=np.float32)
+        )
 
 
 def test_large_schema_travels_as_several_wire_schemas(collector, monkeypatch):
@@ -226,6 +265,7 @@ def test_large_schema_travels_as_several_wire_schemas(collector, monkeypatch):
     With the cut lowered to 50 metrics, the tiny model's ~280 travel as 6 wire schemas and
     every value still lands under its own name."""
     import hooks.frames
+
     monkeypatch.setattr(hooks.frames, "MAX_SCHEMA_METRICS", 50)
     address, url, proc = collector
     probe = {}
@@ -235,16 +275,18 @@ def test_large_schema_travels_as_several_wire_schemas(collector, monkeypatch):
         probe["names"] = [s.name for s in mon.layout.step_specs]
         return mon
 
-    result = train(TrainConfig(preset="tiny", steps=3, batch_size=BATCH, seed=1),
-                   monitor=DeferredMonitor(make))
+    result = train(
+        TrainConfig(preset="tiny", steps=3, batch_size=BATCH, seed=1), monitor=DeferredMonitor(make)
+    )
     assert result.monitor_errors == 0
     stop(proc)
-    assert len(probe["names"]) > 5 * 50          # really split into several parts
+    assert len(probe["names"]) > 5 * 50  # really split into several parts
     with open_store(url) as store:
         stored = store.at_step("split", 2)
         assert set(probe["names"]) <= set(stored["name"].to_list())
         loss = store.series("split", "train/loss")["value"].to_numpy()
         np.testing.assert_array_equal(loss, np.asarray(result.losses, dtype=np.float32))
         lr = store.series("split", "train/lr")["value"].to_numpy()
-        np.testing.assert_allclose(lr, [TrainConfig(preset="tiny", steps=3).lr_at(s)
-                                        for s in range(3)], rtol=1e-6)
+        np.testing.assert_allclose(
+            lr, [TrainConfig(preset="tiny", steps=3).lr_at(s) for s in range(3)], rtol=1e-6
+        )

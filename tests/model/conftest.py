@@ -1,4 +1,5 @@
 """Shared fixtures for the model tests: the tiny preset, built deterministically."""
+
 import pytest
 import torch
 

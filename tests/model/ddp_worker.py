@@ -1,6 +1,7 @@
 """Run by test_ddp.py under torchrun: one training step of the tiny model on this rank's half
 of the global batch; dumps the all-reduced gradients (as the monitor sees them), the loss and
 the expert biases after the step."""
+
 import os
 import sys
 
@@ -44,6 +45,13 @@ def run() -> GradDump:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dump = run()
-    torch.save({"grads": dump.grads, "losses": dump.losses, "bias": dump.bias,
-                "grad_norm": dump.grad_norm, "world_size": dump.world_size},
-               os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+    torch.save(
+        {
+            "grads": dump.grads,
+            "losses": dump.losses,
+            "bias": dump.bias,
+            "grad_norm": dump.grad_norm,
+            "world_size": dump.world_size,
+        },
+        os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"),
+    )

@@ -1,4 +1,5 @@
 """Attention masks and the per-head max-logit probe."""
+
 import math
 
 import pytest
@@ -67,5 +68,8 @@ def test_probe_reports_masked_max_logit_per_head(kind):
             for i in range(T):
                 for j in range(T):
                     if j <= i and (kind == "full" or i - j < window):
-                        best = max(best, float(q[b, h, i] @ k[b, h // (n_heads // n_kv), j]) / math.sqrt(hd))
+                        best = max(
+                            best,
+                            float(q[b, h, i] @ k[b, h // (n_heads // n_kv), j]) / math.sqrt(hd),
+                        )
         assert max_logit_H[h].item() == pytest.approx(best, rel=1e-5, abs=1e-5)

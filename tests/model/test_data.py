@@ -1,4 +1,5 @@
 """Byte corpus from the stdlib: deterministic split, shifted targets, disjoint rank slices."""
+
 import sysconfig
 from pathlib import Path
 

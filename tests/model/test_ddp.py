@@ -1,4 +1,5 @@
 """DDP with two gloo processes (real torchrun) agrees with one process on the same global batch."""
+
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ ROOT = HERE.parents[1]
 
 def load_worker():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("ddp_worker", HERE / "ddp_worker.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -31,10 +33,20 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # --standalone: a private rendezvous on a free loopback port
     proc = subprocess.Popen(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(HERE / "ddp_worker.py"),
-         str(tmp_path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)  # own process group: a hang is cleaned up with its workers
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(HERE / "ddp_worker.py"),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # own process group: a hang is cleaned up with its workers
     try:
         output, _ = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:
@@ -57,4 +69,6 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert not torch.equal(ranks[0]["losses"][0], ranks[1]["losses"][0])  # really disjoint data
     # expert counts are summed over ranks before the sign rule: same biases everywhere
     for layer, bias in single.bias.items():
-        assert torch.equal(ranks[0]["bias"][layer], bias) and torch.equal(ranks[1]["bias"][layer], bias)
+        assert torch.equal(ranks[0]["bias"][layer], bias) and torch.equal(
+            ranks[1]["bias"][layer], bias
+        )

@@ -1,4 +1,5 @@
 """Each fault switch has its measurable effect on a real (tiny) training run."""
+
 import math
 
 import pytest
@@ -56,9 +57,20 @@ def test_parse_defaults_and_options():
     assert isinstance(parse_fault("nan@2:site=weight"), NanFault)
 
 
-@pytest.mark.parametrize("spec", ["meltdown@3", "blowup", "blowup@-1", "blowup@x",
-                                  "blowup@3:factor=0.5", "blowup@3:speed=2", "lr-spike@3:expert=1",
-                                  "nan@1:site=router", "dead-expert@1:expert=abc"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "meltdown@3",
+        "blowup",
+        "blowup@-1",
+        "blowup@x",
+        "blowup@3:factor=0.5",
+        "blowup@3:speed=2",
+        "lr-spike@3:expert=1",
+        "nan@1:site=router",
+        "dead-expert@1:expert=abc",
+    ],
+)
 def test_parse_rejects_bad_specs(spec):
     with pytest.raises(ValueError):
         parse_fault(spec)
@@ -83,8 +95,9 @@ def test_dead_expert_receives_no_tokens():
 
 def test_blowup_grows_the_expert_activation_rms():
     obs = ExpertObserver(layer=2, expert=3)
-    train(TrainConfig(steps=8, injects=["blowup@2:layer=2,expert=3,factor=1.5"], **FAST),
-          monitor=obs)
+    train(
+        TrainConfig(steps=8, injects=["blowup@2:layer=2,expert=3,factor=1.5"], **FAST), monitor=obs
+    )
     first, last = obs.act_rms[1], obs.act_rms[max(obs.act_rms)]
     assert max(obs.act_rms) >= 6 and last > 4 * first
     steps = sorted(s for s in obs.act_rms if s >= 2)

@@ -1,4 +1,5 @@
 """Routing, dispatch, aux-loss-free balancing and the clamp site of the MoE layer."""
+
 import math
 
 import pytest
@@ -22,7 +23,9 @@ def test_topk_uses_biased_scores_but_weights_use_unbiased_scores():
     moe.router.expert_bias.copy_(torch.tensor([0.3, -0.3, 0.2, 0.0, -0.2, 0.1, 0.05, -0.1]))
     out = moe.router(x)
     scores = torch.sigmoid(x @ moe.router.gate.weight.T)
-    assert torch.allclose(out.scores_TE, scores) and torch.allclose(out.logits_TE, x @ moe.router.gate.weight.T)
+    assert torch.allclose(out.scores_TE, scores) and torch.allclose(
+        out.logits_TE, x @ moe.router.gate.weight.T
+    )
     biased = scores + moe.router.expert_bias
     differs = 0
     for t in range(50):
@@ -92,13 +95,15 @@ def test_sign_rule_step_is_exactly_rate_times_sign():
     moe = make_moe(rate=0.01)
     moe.tokens_per_expert_E.copy_(torch.tensor([5, 1, 3, 3, 0, 9, 3, 0]))  # mean 3
     moe.update_expert_bias()
-    assert torch.allclose(moe.expert_bias, 0.01 * torch.tensor([-1., 1, 0, 0, 1, -1, 0, 1]))
+    assert torch.allclose(moe.expert_bias, 0.01 * torch.tensor([-1.0, 1, 0, 0, 1, -1, 0, 1]))
 
 
 def capture_experts(moe, x):
     seen = {}
-    hooks = [moe.probe_experts.register_forward_hook(lambda m, a, o: seen.__setitem__("routed", a)),
-             moe.probe_shared.register_forward_hook(lambda m, a, o: seen.__setitem__("shared", a))]
+    hooks = [
+        moe.probe_experts.register_forward_hook(lambda m, a, o: seen.__setitem__("routed", a)),
+        moe.probe_shared.register_forward_hook(lambda m, a, o: seen.__setitem__("shared", a)),
+    ]
     y = moe(x)
     for h in hooks:
         h.remove()
@@ -147,8 +152,9 @@ def test_clamp_off_is_bit_identical_and_never_reallocates():
     assert moe.experts.limit.data_ptr() == ptr and moe.experts.limit.dtype == torch.float32
 
 
-@pytest.mark.parametrize("site,limit", [("routed", 0.0), ("routed", -1.0), ("shared", math.nan),
-                                         ("dense", 1.0)])
+@pytest.mark.parametrize(
+    "site,limit", [("routed", 0.0), ("routed", -1.0), ("shared", math.nan), ("dense", 1.0)]
+)
 def test_set_clamp_rejects_bad_input(site, limit):
     with pytest.raises(ValueError):
         make_moe().set_clamp(site, limit)

@@ -1,4 +1,5 @@
 """The training loop: learning, monitor call points, LR schedule, bit-identical resume."""
+
 import math
 import sys
 import types
@@ -27,8 +28,9 @@ class RecordingMonitor:
 
     def before_optimizer(self, step, grad_norm):
         # grads must be present (after backward) and not yet clipped
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
-                                              if p.grad is not None])
+        norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in self.model.parameters() if p.grad is not None]
+        )
         self.calls.append(("before_optimizer", step, grad_norm, norm))
 
     def step_end(self, step, loss, mtp_losses, lr, tokens):
@@ -41,8 +43,9 @@ class RecordingMonitor:
 def test_training_lowers_validation_loss():
     cfg = TrainConfig(steps=30, **FAST)
     torch.manual_seed(cfg.seed)
-    untrained = evaluate(MoETransformer(cfg.model_config()),
-                         val_batches(load_corpus(), 2, 4, 64, cfg.seed))
+    untrained = evaluate(
+        MoETransformer(cfg.model_config()), val_batches(load_corpus(), 2, 4, 64, cfg.seed)
+    )
     assert untrained == pytest.approx(math.log(256), abs=0.1)  # uniform over bytes at init
     result = train(cfg)
     assert result.val_losses[-1][1] < untrained - 1.0
@@ -126,16 +129,36 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         train(TrainConfig(steps=2, resume=str(tmp_path / "missing.pt"), **FAST))
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(stop_at=5, steps=2), dict(lr=0),
-                                 dict(injects=["meltdown@3"]), dict(preset="nope")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(steps=0),
+        dict(stop_at=5, steps=2),
+        dict(lr=0),
+        dict(injects=["meltdown@3"]),
+        dict(preset="nope"),
+    ],
+)
 def test_bad_train_config(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
 
 
 def test_cli_writes_metrics(tmp_path, capsys):
-    result = main(["--preset", "tiny", "--steps", "2", "--batch-size", "2", "--out", str(tmp_path),
-                   "--log-every", "0"])
+    result = main(
+        [
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--log-every",
+            "0",
+        ]
+    )
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"val_loss"' in lines[-1]
     assert (tmp_path / "summary.json").exists() and len(result.losses) == 2
@@ -162,8 +185,20 @@ def test_cli_monitor_builds_hooks_monitor_at_attach(monkeypatch):
             built.append((model, optimizer, target, run))
 
     monkeypatch.setitem(sys.modules, "hooks", types.SimpleNamespace(Monitor=FakeMonitor))
-    result = main(["--steps", "2", "--batch-size", "2", "--log-every", "0",
-                   "--monitor", "127.0.0.1:5555", "--run", "cli-run"])
-    (model, optimizer, target, run), = built
+    result = main(
+        [
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--log-every",
+            "0",
+            "--monitor",
+            "127.0.0.1:5555",
+            "--run",
+            "cli-run",
+        ]
+    )
+    ((model, optimizer, target, run),) = built
     assert model is result.model and isinstance(optimizer, torch.optim.AdamW)
     assert (target, run) == ("127.0.0.1:5555", "cli-run") and result.monitor_errors == 0

@@ -1,4 +1,5 @@
 """The full model: MTP targets, the probe contract the hooks build against, determinism."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,14 +31,15 @@ def test_mtp_losses_use_the_right_shifted_targets(tiny_cfg, tiny_batch):
     T = idx.shape[1]
     W = model.lm_head.weight
     with torch.no_grad():
-        main = F.cross_entropy(model.lm_head(model.norm(trunk["h"])).flatten(0, 1),
-                               seq[:, 1:T + 1].flatten())
+        main = F.cross_entropy(
+            model.lm_head(model.norm(trunk["h"])).flatten(0, 1), seq[:, 1 : T + 1].flatten()
+        )
         h = trunk["h"]
         expected = []
         for d, head in enumerate(model.mtp, start=1):
-            h = head(h[:, :T - d], model.embed(seq[:, d:T]))
+            h = head(h[:, : T - d], model.embed(seq[:, d:T]))
             logits = head.norm_out(h) @ W.T
-            expected.append(F.cross_entropy(logits.flatten(0, 1), seq[:, d + 1:T + 1].flatten()))
+            expected.append(F.cross_entropy(logits.flatten(0, 1), seq[:, d + 1 : T + 1].flatten()))
     assert len(out.mtp_losses) == 3
     for got, want in zip(out.mtp_losses, expected):
         assert torch.allclose(got, want, rtol=1e-5)
@@ -72,8 +74,13 @@ def test_same_seed_same_model_same_output(tiny_cfg, tiny_batch):
 def test_probe_contract_shapes(tiny_model, tiny_cfg, tiny_batch):
     idx, targets = tiny_batch
     B, T = idx.shape
-    D, E, K, H, V = (tiny_cfg.d_model, tiny_cfg.n_experts, tiny_cfg.top_k,
-                     tiny_cfg.expert_hidden, tiny_cfg.vocab_size)
+    D, E, K, H, V = (
+        tiny_cfg.d_model,
+        tiny_cfg.n_experts,
+        tiny_cfg.top_k,
+        tiny_cfg.expert_hidden,
+        tiny_cfg.vocab_size,
+    )
     seen: dict[str, list] = {}
 
     def record(key):
@@ -112,8 +119,10 @@ def test_probe_contract_shapes(tiny_model, tiny_cfg, tiny_batch):
         (h_NH, out_ND, expert_N), _ = seen[f"experts{i}"][0]
         assert h_NH.shape == (B * T * K, H) and out_ND.shape == (B * T * K, D)
         assert expert_N.shape == (B * T * K,) and expert_N.dtype == torch.long
-        assert torch.equal(torch.bincount(expert_N, minlength=E),
-                           torch.bincount(route.topk_idx_TK.flatten(), minlength=E))
+        assert torch.equal(
+            torch.bincount(expert_N, minlength=E),
+            torch.bincount(route.topk_idx_TK.flatten(), minlength=E),
+        )
         (h_TH, shared_TD), _ = seen[f"shared{i}"][0]
         assert h_TH.shape == (B * T, H) and shared_TD.shape == (B * T, D)
         # The probes see exactly what the layer sums: gate-weighted expert rows + shared output.
@@ -126,7 +135,7 @@ def test_probe_contract_shapes(tiny_model, tiny_cfg, tiny_batch):
 
 def test_probes_do_not_change_the_result(tiny_model, tiny_batch):
     plain = tiny_model(*tiny_batch).loss
-    for i, moe in tiny_model.moe_layers():
+    for _, moe in tiny_model.moe_layers():
         moe.probe_experts.register_forward_hook(lambda *a: None)
         moe.probe_shared.register_forward_hook(lambda *a: None)
     for block in tiny_model.layers:

@@ -1,5 +1,6 @@
 """Run `python -m store ...` as a user does (a subprocess from the repository root) and parse
 its CSV output; shared by the CLI test modules."""
+
 from __future__ import annotations
 
 import io
@@ -13,8 +14,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "store", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "store", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def csv(proc: subprocess.CompletedProcess, *, as_text: bool = False) -> pl.DataFrame:

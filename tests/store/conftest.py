@@ -4,11 +4,12 @@ A backend enters the suite as a `Backend`: a URL plus capability flags. Tests ne
 the backend's name, only on capabilities (`shared`, `litter`), so the ClickHouse issue adds a
 param here and nothing else.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import pytest
 
@@ -35,10 +36,14 @@ def _parquet_litter(root: str) -> Callable[[str], None]:
             d = os.path.join(root, run, sub)
             os.makedirs(d, exist_ok=True)
             # Named the way the writer names its temp files, and also plain names ending .tmp.
-            for name in (".000000009999-000000009999.L0.s0-99.n5.parquet.abc123.tmp",
-                         "run.parquet.tmp", "x.tmp"):
+            for name in (
+                ".000000009999-000000009999.L0.s0-99.n5.parquet.abc123.tmp",
+                "run.parquet.tmp",
+                "x.tmp",
+            ):
                 with open(os.path.join(d, name), "wb") as f:
                     f.write(junk)
+
     return litter
 
 
@@ -46,8 +51,8 @@ def _parquet_litter(root: str) -> Callable[[str], None]:
 def store_factory(request, tmp_path) -> Backend:
     if request.param == "memory":
         return Backend("memory", "memory:", shared=False)
-    if request.param == "clickhouse":     # tests/conftest.py: one real server per session,
-        url = request.getfixturevalue("clickhouse_url")   # a fresh database per test
+    if request.param == "clickhouse":  # tests/conftest.py: one real server per session,
+        url = request.getfixturevalue("clickhouse_url")  # a fresh database per test
         return Backend("clickhouse", url, shared=True)
     root = str(tmp_path / "pq")
     return Backend("parquet", f"parquet:{root}", shared=True, litter=_parquet_litter(root))

@@ -1,4 +1,5 @@
 """Backend-independent pieces: glob semantics, dictionary merging, store URLs."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -12,15 +13,73 @@ from store import columns as C
 from store.memory import MemoryStore
 from store.parquet import ParquetStore
 
-NAMES = ["moe/layer07/expert013/act_rms", "moe/layer07/expert013/act_max", "loss",
-         "grad_norm", "attn/layer00/head03/max_logit", "a.b", "a+b", "a[1]", "a]b", "x-y",
-         "x!y", "^start", "dollar$", "back\\slash", "tab\there", "new\nline", "(paren)",
-         "ünïcode/é", "a*b", "a?b", "", "-", "]", "[", "!"]
+NAMES = [
+    "moe/layer07/expert013/act_rms",
+    "moe/layer07/expert013/act_max",
+    "loss",
+    "grad_norm",
+    "attn/layer00/head03/max_logit",
+    "a.b",
+    "a+b",
+    "a[1]",
+    "a]b",
+    "x-y",
+    "x!y",
+    "^start",
+    "dollar$",
+    "back\\slash",
+    "tab\there",
+    "new\nline",
+    "(paren)",
+    "ünïcode/é",
+    "a*b",
+    "a?b",
+    "",
+    "-",
+    "]",
+    "[",
+    "!",
+]
 
-PATTERNS = ["*", "", "loss", "l?ss", "moe/*", "*/act_*", "moe/layer0[0-7]/*", "*[!a-z]",
-            "[!m]*", "a[.+]b", "a[]]b", "a[!]]b", "a[]", "a[1]", "a[[]1]", "[a-]*", "x[!-]y",
-            "*\\*", "dollar$", "^*", "(*)", "*é", "[z-a]", "[!z-a]", "a[b-b]", "tab?here",
-            "new?line", "*.*", "a?b", "a*b", "?", "[]-]", "[!]-]", "[", "]", "[!", "!"]
+PATTERNS = [
+    "*",
+    "",
+    "loss",
+    "l?ss",
+    "moe/*",
+    "*/act_*",
+    "moe/layer0[0-7]/*",
+    "*[!a-z]",
+    "[!m]*",
+    "a[.+]b",
+    "a[]]b",
+    "a[!]]b",
+    "a[]",
+    "a[1]",
+    "a[[]1]",
+    "[a-]*",
+    "x[!-]y",
+    "*\\*",
+    "dollar$",
+    "^*",
+    "(*)",
+    "*é",
+    "[z-a]",
+    "[!z-a]",
+    "a[b-b]",
+    "tab?here",
+    "new?line",
+    "*.*",
+    "a?b",
+    "a*b",
+    "?",
+    "[]-]",
+    "[!]-]",
+    "[",
+    "]",
+    "[!",
+    "!",
+]
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -41,8 +100,16 @@ def test_last_wins_keeps_the_last_row_of_each_key():
 
 
 def test_metrics_frame_last_row_wins_within_one_dictionary():
-    md = MetricDict(np.array([0, 1, 0]), ["a", "b", "c"], np.full(3, -1), np.full(3, -1),
-                    np.full(3, -1), ["", "", ""], ["", "", ""], ["sum", "max", "min"])
+    md = MetricDict(
+        np.array([0, 1, 0]),
+        ["a", "b", "c"],
+        np.full(3, -1),
+        np.full(3, -1),
+        np.full(3, -1),
+        ["", "", ""],
+        ["", "", ""],
+        ["sum", "max", "min"],
+    )
     df = C.metrics_frame(md).sort("metric_id")
     assert df.select("metric_id", "name", "reduce").rows() == [(0, "c", "min"), (1, "b", "max")]
 
@@ -52,7 +119,7 @@ def test_open_store_urls(tmp_path):
     st = open_store(f"parquet:{tmp_path}/a")
     assert isinstance(st, ParquetStore) and st.root == f"{tmp_path}/a"
     assert open_store(f"parquet://{tmp_path}/b").root == f"{tmp_path}/b"
-    assert not (tmp_path / "a").exists()                # opening alone creates nothing
+    assert not (tmp_path / "a").exists()  # opening alone creates nothing
     for bad in ("parquet:", "sqlite:x", "", "memory:x", "clickhouse+http://h/db"):
         with pytest.raises(InvalidInput, match="memory:, parquet:DIR"):
             open_store(bad)
@@ -70,7 +137,7 @@ def test_flat_rows_grouped_into_vectors_keep_the_last_write_of_every_cell(seed):
         step = rng.integers(0, 3, n) * (10**15 if trial % 7 == 0 else 1)
         rank = rng.integers(0, 3, n)
         mid = rng.integers(0, 5, n) * (10**8 if trial % 5 == 0 else 1)
-        if trial % 3 == 0:                                   # already grouped, as the collector
+        if trial % 3 == 0:  # already grouped, as the collector
             o = np.lexsort((rank, step))
             step, rank, mid = step[o], rank[o], mid[o]
         val = rng.standard_normal(n).astype(np.float32)
@@ -86,4 +153,4 @@ def test_layout_hash_is_stable_across_processes_and_versions():
     """Stored layout keys must never change meaning: pinned values."""
     assert C.layout_hash(np.array([0, 1, 2], np.int32)) == C.layout_hash([0, 1, 2])
     assert C.layout_hash(np.array([0, 1, 2])) != C.layout_hash(np.array([0, 2, 1]))
-    assert C.layout_hash(np.array([0, 1, 2], np.int32)) == 0x6d8e69976182a599
+    assert C.layout_hash(np.array([0, 1, 2], np.int32)) == 0x6D8E69976182A599

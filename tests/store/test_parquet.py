@@ -1,4 +1,5 @@
 """What only the Parquet backend has: segment files, compaction, writer lock, file layout."""
+
 from __future__ import annotations
 
 import os
@@ -11,27 +12,43 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from store import MetricDict, NotFound, RunInfo, StoreError, ValueBatch
-from store import segments
+from store import MetricDict, NotFound, RunInfo, StoreError, ValueBatch, segments
 from store.parquet import ParquetStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-M = 3                                                   # metrics per run in these tests
+M = 3  # metrics per run in these tests
 
 
 def new_store(root, run="r1") -> ParquetStore:
     st = ParquetStore(str(root), fsync=False)
     st.open_run(RunInfo(run, 2))
-    st.write_metrics(run, MetricDict(np.arange(M), [f"m{i}" for i in range(M)],
-                                     np.full(M, -1), np.full(M, -1), np.full(M, -1),
-                                     [""] * M, [""] * M, ["mean"] * M))
+    st.write_metrics(
+        run,
+        MetricDict(
+            np.arange(M),
+            [f"m{i}" for i in range(M)],
+            np.full(M, -1),
+            np.full(M, -1),
+            np.full(M, -1),
+            [""] * M,
+            [""] * M,
+            ["mean"] * M,
+        ),
+    )
     return st
 
 
 def put(st, steps, values, run="r1", mid=0):
     steps = np.atleast_1d(steps)
-    st.write_reduced(run, ValueBatch(steps, np.full(steps.size, mid), np.asarray(values, float),
-                                     n_ranks=np.full(steps.size, 2)))
+    st.write_reduced(
+        run,
+        ValueBatch(
+            steps,
+            np.full(steps.size, mid),
+            np.asarray(values, float),
+            n_ranks=np.full(steps.size, 2),
+        ),
+    )
 
 
 def seg_dir(root, table="reduced", run="r1"):
@@ -59,12 +76,13 @@ def test_compaction_bounds_files_and_keeps_last_writes(tmp_path, monkeypatch):
     st, expect, rng = new_store(tmp_path), {}, random.Random(0)
     overwrite_history(st, expect, rng, 60)
     segs = live_segments(tmp_path)
-    assert [s.level for s in segs] == [3, 3, 1, 1]      # 60 flushes = 2020 in base FANOUT
-    assert [s.lo for s in segs[1:]] == [s.hi + 1 for s in segs[:-1]]   # disjoint, contiguous
+    assert [s.level for s in segs] == [3, 3, 1, 1]  # 60 flushes = 2020 in base FANOUT
+    assert [s.lo for s in segs[1:]] == [s.hi + 1 for s in segs[:-1]]  # disjoint, contiguous
     reader = ParquetStore(str(tmp_path))
     assert dict(reader.series("r1", "m0").rows()) == expect
     assert dict(reader.series("r1", "m0", start=10, stop=20).rows()) == {
-        k: v for k, v in expect.items() if 10 <= k < 20}
+        k: v for k, v in expect.items() if 10 <= k < 20
+    }
     st.close()
 
 
@@ -78,7 +96,7 @@ def test_merge_interrupted_before_deleting_inputs(tmp_path, monkeypatch):
     overwrite_history(st, expect, rng, 10)
     real_unlink = os.unlink
 
-    def failing_unlink(path, *a, **kw):                 # a crash right after a merge's write
+    def failing_unlink(path, *a, **kw):  # a crash right after a merge's write
         if path.endswith(".parquet"):
             raise OSError("simulated crash before deleting merge inputs")
         return real_unlink(path, *a, **kw)
@@ -87,18 +105,18 @@ def test_merge_interrupted_before_deleting_inputs(tmp_path, monkeypatch):
         monkeypatch.setattr(segments.os, "unlink", failing_unlink)
         overwrite_history(st, expect, rng, 10, start=start)
         monkeypatch.setattr(segments.os, "unlink", real_unlink)
-        assert overlapping(live_segments(tmp_path))     # merge results next to their inputs
+        assert overlapping(live_segments(tmp_path))  # merge results next to their inputs
         assert dict(ParquetStore(str(tmp_path)).series("r1", "m0").rows()) == expect
 
     interrupted_merges(st, 10)
-    overwrite_history(st, expect, rng, 1, start=20)     # the same writer's next compaction
-    assert not overlapping(live_segments(tmp_path))     # cleans up
+    overwrite_history(st, expect, rng, 1, start=20)  # the same writer's next compaction
+    assert not overlapping(live_segments(tmp_path))  # cleans up
     interrupted_merges(st, 21)
     st.close()
-    st = ParquetStore(str(tmp_path), fsync=False)       # as does the next writer
+    st = ParquetStore(str(tmp_path), fsync=False)  # as does the next writer
     put(st, 0, [-100.0])
     expect[0] = -100.0
-    assert not overlapping(live_segments(tmp_path))     # at its first write, before a flush
+    assert not overlapping(live_segments(tmp_path))  # at its first write, before a flush
     overwrite_history(st, expect, rng, 10, start=31)
     assert dict(st.series("r1", "m0").rows()) == expect
     st.close()
@@ -109,7 +127,7 @@ def test_reader_retries_when_compaction_deletes_what_it_listed(tmp_path, monkeyp
     st, expect, rng = new_store(tmp_path), {}, random.Random(2)
     overwrite_history(st, expect, rng, 2)
     stale = live_segments(tmp_path)
-    overwrite_history(st, expect, rng, 1, start=2)      # merges (and deletes) those files
+    overwrite_history(st, expect, rng, 1, start=2)  # merges (and deletes) those files
     assert not all(os.path.exists(s.path) for s in stale)
     calls, real_list = [], segments.SegmentLog.list
 
@@ -135,14 +153,15 @@ def test_killed_mid_flush_leaves_a_temp_file_that_nobody_reads(tmp_path):
         os.replace = lambda *a: os._exit(9)             # die between temp write and rename
         st.flush()
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert proc.returncode == 9, proc.stderr
     tmps = [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
     assert tmps, "the simulated crash should have left a temp file"
     reader = ParquetStore(str(tmp_path))
     assert reader.series("r1", "m0").rows() == [(0, 1.0), (1, 2.0)]
-    st = ParquetStore(str(tmp_path), fsync=False)       # the dead writer's lock is gone
+    st = ParquetStore(str(tmp_path), fsync=False)  # the dead writer's lock is gone
     put(st, 2, [3.0])
     st.flush()
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
@@ -164,9 +183,9 @@ def test_failed_flush_raises_keeps_buffer_and_retries(tmp_path, monkeypatch):
         st.flush()
     monkeypatch.undo()
     reader = ParquetStore(str(tmp_path))
-    assert reader.series("r1", "m0")["step"].to_list() == [0]    # nothing half-visible
+    assert reader.series("r1", "m0")["step"].to_list() == [0]  # nothing half-visible
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
-    put(st, [1], [5.0])                                 # a newer write of the same key
+    put(st, [1], [5.0])  # a newer write of the same key
     st.flush()
     assert reader.series("r1", "m0").rows() == [(0, 1.0), (1, 5.0)]
     st.close()
@@ -174,12 +193,12 @@ def test_failed_flush_raises_keeps_buffer_and_retries(tmp_path, monkeypatch):
 
 def test_series_opens_only_segments_overlapping_its_range(tmp_path):
     st = new_store(tmp_path)
-    for lo in range(0, 40, 10):                         # four flushes, steps 0-9 ... 30-39
+    for lo in range(0, 40, 10):  # four flushes, steps 0-9 ... 30-39
         put(st, np.arange(lo, lo + 10), np.arange(lo, lo + 10))
         st.flush()
     first = live_segments(tmp_path)[0]
     assert (first.step_min, first.step_max) == (0, 9)
-    with open(first.path, "wb") as f:                   # any read of it would now fail
+    with open(first.path, "wb") as f:  # any read of it would now fail
         f.write(b"not parquet")
     assert st.series("r1", "m0", start=10, stop=35)["step"].to_list() == list(range(10, 35))
     assert st.at_step("r1", 20)["value"].to_list() == [20.0]
@@ -199,16 +218,18 @@ def test_each_flush_writes_only_what_is_new(tmp_path):
     st.flush()
     put(st, 7, [7.0])
     st.flush()
-    st.flush()                                          # nothing pending: no new file
+    st.flush()  # nothing pending: no new file
     assert [(s.rows, s.step_min, s.step_max) for s in live_segments(tmp_path)] == [
-        (5, 0, 4), (1, 7, 7)]
+        (5, 0, 4),
+        (1, 7, 7),
+    ]
     st.close()
 
 
 def test_segments_sorted_zstd_with_row_group_statistics(tmp_path, monkeypatch):
     monkeypatch.setattr(segments, "ROW_GROUP_ROWS", 100)
     st = new_store(tmp_path)
-    order = np.random.default_rng(0).permutation(M * 100)   # written shuffled
+    order = np.random.default_rng(0).permutation(M * 100)  # written shuffled
     steps, mids = order % 100, order // 100
     st.write_reduced("r1", ValueBatch(steps, mids, steps * 1.0, n_ranks=np.full(order.size, 2)))
     st.flush()
@@ -220,10 +241,10 @@ def test_segments_sorted_zstd_with_row_group_statistics(tmp_path, monkeypatch):
         rg = meta.row_group(g)
         mid = rg.column(cols.index("metric_id"))
         assert mid.compression == "ZSTD"
-        assert (mid.statistics.min, mid.statistics.max) == (g, g)   # one metric per group
+        assert (mid.statistics.min, mid.statistics.max) == (g, g)  # one metric per group
     t = pq.read_table(seg.path)
     key = np.array(t["metric_id"]) * 1000 + np.array(t["step"])
-    assert (np.diff(key) > 0).all()                     # sorted by (metric_id, step), unique
+    assert (np.diff(key) > 0).all()  # sorted by (metric_id, step), unique
     st.close()
 
 
@@ -235,10 +256,10 @@ def test_one_writer_per_run(tmp_path):
         w2.open_run(RunInfo("r1", 2))
     with pytest.raises(StoreError):
         put(w2, 0, [1.0])
-    w2.open_run(RunInfo("r2", 2))                       # other runs are free
-    assert w2.metrics("r1").height == M                 # and reading is always allowed
+    w2.open_run(RunInfo("r2", 2))  # other runs are free
+    assert w2.metrics("r1").height == M  # and reading is always allowed
     w1.close()
-    put(w2, 0, [1.0])                                   # released on close
+    put(w2, 0, [1.0])  # released on close
     w2.flush()
     assert w2.series("r1", "m0").rows() == [(0, 1.0)]
     w2.close()
