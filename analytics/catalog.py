@@ -15,6 +15,7 @@ gradients; then parameter norms and everything else.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class MetricIndex:
         self.head = np.zeros(0, np.int64)
         self.stat: list[str] = []
         self._by_name: dict[str, int] = {}
-        self._cache: dict[tuple, object] = {}
+        self._cache: dict[tuple, Any] = {}  # values: list[int] | int64 arrays, by key
 
     @classmethod
     def from_columns(

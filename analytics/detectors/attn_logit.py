@@ -48,7 +48,7 @@ class AttnLogitGrowth(Detector):
         events = []
         over = np.isfinite(x) & (x > self.tau)
         new = np.flatnonzero(over & ~self._above)
-        before = self._past.oldest() if new.size else None
+        before = self._past.oldest() if new.size else np.empty(0)
         for j in new.tolist():
             i = int(ids[j])
             events.append(

@@ -21,6 +21,11 @@ from analytics.frame import StepFrame
 from analytics.rolling import Rolling
 
 
+def _fields(detector: Any) -> tuple[dataclasses.Field, ...]:
+    """The dataclass fields of a detector (its subclasses are dataclasses; this base is not)."""
+    return dataclasses.fields(detector)
+
+
 class Detector:
     """Base of the detector dataclasses (not itself a dataclass)."""
 
@@ -31,15 +36,11 @@ class Detector:
 
     def config(self) -> dict[str, Any]:
         """The thresholds (public fields)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if not f.name.startswith("_")
-        }
+        return {f.name: getattr(self, f.name) for f in _fields(self) if not f.name.startswith("_")}
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
+        for f in _fields(self):
             if not f.name.startswith("_"):
                 continue
             v = getattr(self, f.name)
@@ -56,7 +57,7 @@ class Detector:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        names = {f.name for f in dataclasses.fields(self) if f.name.startswith("_")}
+        names = {f.name for f in _fields(self) if f.name.startswith("_")}
         unknown = set(state) - names
         if unknown:
             raise ValueError(f"{type(self).__name__} state has unknown entries {sorted(unknown)}")

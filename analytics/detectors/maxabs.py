@@ -88,6 +88,7 @@ class MaxAbsSpike(Detector):
         self._alarm = fit_state(self._alarm, (L, E + 1), -1, np.int64)  # column E = shared
         self._calm = fit_state(self._calm, (L, E + 1), 0, np.int64)
         self._rising = fit_state(self._rising, (L, E + 1), -1, np.int64)
+        assert self._rel is not None and self._abs is not None and self._shared is not None
 
         x = frame.take(ids)
         tok = index.expert_grid("moe/", "tokens")
@@ -136,7 +137,11 @@ class MaxAbsSpike(Detector):
         layers = index.moe_layers
         # the absolute baseline is evidence for the clip policy only: sorted for fired layers
         fired = fire.any(axis=1)
-        base_abs = self._abs.median(np.repeat(fired[:, None], E, axis=1)) if fired.any() else None
+        base_abs = (
+            self._abs.median(np.repeat(fired[:, None], E, axis=1))
+            if fired.any()
+            else np.empty((L, E))  # never read: nothing fired
+        )
         for r, c in zip(*np.nonzero(fire)):
             shared = c == E
             i = int(shared_ids[r]) if shared else int(ids[r, c])

@@ -212,7 +212,7 @@ def blowups(d: RunData) -> list[dict]:
         }
         first = next((c for c in clips if math.isfinite(c["limit"])), None)
         after_from = first["acked_step"] if first and first["acked_step"] >= 0 else None
-        if after_from is not None:
+        if first is not None and after_from is not None:
             after = maxabs[d.steps >= after_from]
             after = after[np.isfinite(after)]
             bound = first["limit"] ** 2

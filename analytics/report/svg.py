@@ -13,6 +13,7 @@ import html
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,8 +48,8 @@ def line_chart(
     series: list[tuple[str, np.ndarray, np.ndarray]],
     *,
     log_y: bool = False,
-    markers: list[tuple[float, str, str]] = (),
-    hlines: list[tuple[float, str, str]] = (),
+    markers: Sequence[tuple[float, str, str]] = (),
+    hlines: Sequence[tuple[float, str, str]] = (),
     width: int = 760,
     height: int = 260,
     y_label: str = "",
@@ -124,15 +125,15 @@ def line_chart(
                 f'<text x="{ml + pw - 2}" y="{y - 3:.1f}" font-size="10" fill="{colour}" '
                 f'text-anchor="end">{esc(label)}</text>'
             )
-    for i, (name, x, y) in enumerate(series):
+    for i, (name, sx, sy) in enumerate(series):
         colour = PALETTE[i % len(PALETTE)]
-        x, y = np.asarray(x, float), np.asarray(y, float)
-        good = np.isfinite(y) & ((y > 0) if log_y else True)
+        x_S, y_S = np.asarray(sx, float), np.asarray(sy, float)
+        good = np.isfinite(y_S) & ((y_S > 0) if log_y else True)
         # one polyline per run of finite points
-        runs = np.split(np.arange(y.size), np.flatnonzero(np.diff(good.astype(int)) != 0) + 1)
+        runs = np.split(np.arange(y_S.size), np.flatnonzero(np.diff(good.astype(int)) != 0) + 1)
         for idx in runs:
             if idx.size and good[idx[0]]:
-                pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px(x[idx]), py(tr(y[idx]))))
+                pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px(x_S[idx]), py(tr(y_S[idx]))))
                 out.append(
                     f'<polyline class="series" fill="none" stroke="{colour}" '
                     f'stroke-width="1.5" points="{pts}"><title>{esc(name)}</title>'
@@ -199,7 +200,7 @@ def heatmap(
     lo: float,
     hi: float,
     legend: str,
-    row_groups: list[tuple[int, str]] = (),
+    row_groups: Sequence[tuple[int, str]] = (),
     width: int = 760,
 ) -> str:
     """values [rows, steps] of log2 ratios -> an SVG holding the PNG, axes and labels.
