@@ -32,7 +32,7 @@ rows (the table is ordered by run, rank, step) joined with the layouts that hold
 4 bytes cut out of each vector (substring + reinterpretAsFloat32), argMax over ver per step -
 but the server still reads and decompresses each of those rows' whole vectors, thousands of
 values for one. at_step(rank=) fetches the few vectors of that rank and step and decodes them
-here (columns.vector_cells), with layouts cached by hash (they never change).
+here (vectors.vector_cells), with layouts cached by hash (they never change).
 
 Safety. Values always travel as query parameters or as INSERT data, never inside SQL text;
 identifiers are validated (clickhouse_schema.check_identifier) before interpolation.
@@ -51,7 +51,6 @@ import polars as pl
 from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
 
-from store import columns as C
 from store.base import StoreError
 from store.buffered import BufferedStore
 from store.clickhouse_config import ClickHouseConfig
@@ -72,6 +71,7 @@ from store.clickhouse_schema import (
     pending_migrations,
     quote,
 )
+from store.frames import METRICS_SCHEMA, RAW_SCHEMA, RAW_VECTORS_SCHEMA, RUNS_SCHEMA, TABLES, empty
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class ClickHouseStore(BufferedStore):
                 {**r, "last_step": NO_STEP if r["last_step"] is None else r["last_step"]}
                 for r in runs.values()
             ]
-            self._insert_rows(RUNS, {c: [r[c] for r in rows] for c in C.RUNS_SCHEMA}, ver)
+            self._insert_rows(RUNS, {c: [r[c] for r in rows] for c in RUNS_SCHEMA}, ver)
 
     def _combine(self, table: str, chunks: list[pl.DataFrame]) -> pl.DataFrame:
         """No last-write-wins pass (~0.4 s per million rows): per-row versions do its job."""
@@ -300,12 +300,12 @@ class ClickHouseStore(BufferedStore):
         with self._lock, self._server(f"read {table.name}"):
             arrow = self._client.query_arrow(sql, params)
         if arrow.num_columns == 0:  # no rows: no schema either
-            return C.empty(schema)
+            return empty(schema)
         df = pl.from_arrow(arrow).rename({c + "__last": c for c in rest})
         return df.select(list(schema)).cast(schema)
 
     def _committed_run(self, run: str) -> dict[str, Any] | None:
-        df = self._latest(RUNS, [("run", run)], C.RUNS_SCHEMA)
+        df = self._latest(RUNS, [("run", run)], RUNS_SCHEMA)
         if df.height == 0:
             return None
         row = df.row(0, named=True)
@@ -313,10 +313,10 @@ class ClickHouseStore(BufferedStore):
         return row
 
     def _committed_metrics(self, run: str) -> pl.DataFrame:
-        return self._latest(METRICS, [("run", run)], C.METRICS_SCHEMA)
+        return self._latest(METRICS, [("run", run)], METRICS_SCHEMA)
 
     def _read_runs(self) -> pl.DataFrame:
-        df = self._latest(RUNS, [], C.RUNS_SCHEMA)
+        df = self._latest(RUNS, [], RUNS_SCHEMA)
         return df.with_columns(
             pl.when(pl.col("last_step") != NO_STEP)
             .then(pl.col("last_step"))
@@ -336,7 +336,7 @@ class ClickHouseStore(BufferedStore):
         where: list[tuple[str, Any]] = [("run", run)]
         if metric_id is not None:
             where.append(("metric_id", metric_id))
-        return self._latest(VALUE_TABLES[table], where + _steps(start, stop), C.TABLES[table][0])
+        return self._latest(VALUE_TABLES[table], where + _steps(start, stop), TABLES[table][0])
 
     def _where(self, conds: list[tuple[str, Any]]) -> tuple[str, dict[str, Any]]:
         """`col op %(pN)s AND ...` over (column, value) or (column, (op, value)) pairs."""
@@ -371,12 +371,12 @@ class ClickHouseStore(BufferedStore):
         with self._lock, self._server("read raw_vectors"):
             arrow = self._client.query_arrow(sql, params)
         if arrow.num_columns == 0:
-            return C.empty(C.RAW_SCHEMA)
+            return empty(RAW_SCHEMA)
         return (
             pl.from_arrow(arrow)
             .with_columns(metric_id=pl.lit(metric_id, pl.Int32))
-            .select(list(C.RAW_SCHEMA))
-            .cast(C.RAW_SCHEMA)
+            .select(list(RAW_SCHEMA))
+            .cast(RAW_SCHEMA)
         )
 
     def _read_vectors(self, run, *, rank, start, stop, metric_id=None):
@@ -384,14 +384,14 @@ class ClickHouseStore(BufferedStore):
         where, params = self._where(
             [("run", run)] + ([] if rank is None else [("rank", rank)]) + _steps(start, stop)
         )
-        cols = list(C.RAW_VECTORS_SCHEMA)
+        cols = list(RAW_VECTORS_SCHEMA)
         rows = self._execute(
             f"SELECT {', '.join(map(quote, cols))} FROM {self._table(RAW_VECTORS)} WHERE {where}",
             params,
             columnar=True,
             settings={"strings_as_bytes": True},
         )
-        vec = pl.DataFrame(dict(zip(cols, rows)) if rows else None, schema=C.RAW_VECTORS_SCHEMA)
+        vec = pl.DataFrame(dict(zip(cols, rows)) if rows else None, schema=RAW_VECTORS_SCHEMA)
         known = self._layouts.setdefault(run, {})
         missing = sorted(set(vec["layout"].to_list()) - set(known))
         if missing:

@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from store import columns as C
 from store.base import StoreError
+from store.frames import TABLES, empty, last_wins
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,11 @@ def remove_temp_files(directory: str) -> None:
 
 
 class SegmentLog:
-    """One table's directory of segments; `table` is a key of columns.TABLES."""
+    """One table's directory of segments; `table` is a key of frames.TABLES."""
 
     def __init__(self, directory: str, table: str, *, fsync: bool = True) -> None:
         self.dir = directory
-        self.schema, self.keys = C.TABLES[table]
+        self.schema, self.keys = TABLES[table]
         self.fsync = fsync
 
     def list(self) -> list[Segment]:
@@ -187,7 +187,7 @@ class SegmentLog:
             ):
                 return
             frames = [pl.from_arrow(pq.read_table(s.path)) for s in tail]  # oldest first
-            merged = C.last_wins(pl.concat(frames), self.keys)
+            merged = last_wins(pl.concat(frames), self.keys)
             out = self._write(merged, tail[0].lo, tail[-1].hi, tail[0].level + 1)
             for s in tail:
                 os.unlink(s.path)
@@ -234,7 +234,7 @@ class SegmentLog:
 
     def _scan(self, segs: list[Segment], expr) -> pl.DataFrame:
         if not segs:
-            return C.empty(self.schema)
+            return empty(self.schema)
         rank_of = {os.path.basename(s.path): i for i, s in enumerate(segs)}
         dataset = ds.dataset([s.path for s in segs], format="parquet")
         frames = []
@@ -249,8 +249,8 @@ class SegmentLog:
                     )
                 )
         if not frames:
-            return C.empty(self.schema)
+            return empty(self.schema)
         df = pl.concat(frames)
         if df["_rank"].n_unique() > 1 and self._may_repeat(segs):
-            df = C.last_wins(df.sort("_rank", maintain_order=True), self.keys)
+            df = last_wins(df.sort("_rank", maintain_order=True), self.keys)
         return df.drop("_rank")
