@@ -151,7 +151,7 @@ def play(
 def clickhouse_client(url: str, database: str | None = None):
     from clickhouse_driver import Client
 
-    from store.clickhouse_config import ClickHouseConfig
+    from store.clickhouse.config import ClickHouseConfig
 
     c = ClickHouseConfig.from_url(url)
     return Client(

@@ -9,6 +9,7 @@ is what the idempotency rule (`last_wins`) and every backend's sort order are bu
 from __future__ import annotations
 
 import polars as pl
+import pyarrow as pa
 
 # ---- read-frame schemas ------------------------------------------------------------------
 RUNS_SCHEMA = pl.Schema(
@@ -110,6 +111,15 @@ TABLES: dict[str, tuple[pl.Schema, tuple[str, ...]]] = {
 
 def empty(schema: pl.Schema) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
+
+
+def from_arrow(table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
+    """pl.from_arrow of a table or record batch, which is always a DataFrame (polars' own
+    annotation also allows a Series, for arrays)."""
+    df = pl.from_arrow(table)
+    if not isinstance(df, pl.DataFrame):
+        raise TypeError(f"expected an Arrow table, got {type(table).__name__}")
+    return df
 
 
 def last_wins(

@@ -7,19 +7,15 @@ import re
 import pytest
 
 from store.base import InvalidInput, StoreError
-from store.clickhouse_schema import (
+from store.clickhouse.config import Capabilities, StoreOptions
+from store.clickhouse.schema import LATEST_VERSION, MIGRATIONS, create_table_sql, pending_migrations
+from store.clickhouse.tables import (
     ALL_TABLES,
-    LATEST_VERSION,
-    MIGRATIONS,
     RAW,
     RAW_VECTORS,
     RUNS,
     STEPS,
-    Capabilities,
-    StoreOptions,
     check_identifier,
-    create_table_sql,
-    pending_migrations,
     quote,
 )
 
