@@ -225,7 +225,7 @@ class BufferedStore(Store):
             if frame.height == 0:
                 return
             self._pending.setdefault((run, table), []).append(frame)
-            self._touch(run, row, int(frame["step"].max()) if advances else None)
+            self._touch(run, row, int(frame.select(pl.max("step")).item()) if advances else None)
 
     def write_raw(self, run: str, batch: ValueBatch) -> None:
         self._write_vectors(run, *batch_vectors(batch))
@@ -331,16 +331,16 @@ class BufferedStore(Store):
     def at_step(
         self, run: str, step: int, pattern: str = "*", *, rank: int | None = None
     ) -> pl.DataFrame:
-        step, rank = _check_step("step", step), _check_step("rank", rank)
-        if step is None:
+        at, rank = _check_step("step", step), _check_step("rank", rank)
+        if at is None:
             raise InvalidInput("step must be an integer")
         regex = glob_to_regex(pattern)
         self._known_run(run)
         names = self._committed_metrics(run).filter(pl.col("name").str.contains(regex))
         if rank is None:
-            vals = self._read_values(run, "reduced", start=step, stop=step + 1)
+            vals = self._read_values(run, "reduced", start=at, stop=at + 1)
         else:
-            vals = self._read_raw(run, rank=rank, start=step, stop=step + 1)
+            vals = self._read_raw(run, rank=rank, start=at, stop=at + 1)
         df = names.join(vals.select("metric_id", "value"), on="metric_id", how="inner")
         return df.select(list(AT_STEP_SCHEMA)).cast(AT_STEP_SCHEMA).sort("metric_id")
 

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from store.base import RUN_NAME_RE, StoreError
 from store.buffered import BufferedStore
-from store.frames import METRICS_SCHEMA, RAW_VECTORS_SCHEMA, RUNS_SCHEMA, TABLES, empty
+from store.frames import METRICS_SCHEMA, RAW_VECTORS_SCHEMA, RUNS_SCHEMA, TABLES, empty, from_arrow
 from store.segments import SegmentLog, remove_temp_files, write_atomic
 from store.vectors import layouts_holding
 
@@ -143,7 +143,7 @@ class ParquetStore(BufferedStore):
     def _committed_run(self, run: str) -> dict[str, Any] | None:
         path = os.path.join(self._run_dir(run), "run.parquet")
         try:
-            df = pl.from_arrow(pq.read_table(path))
+            df = from_arrow(pq.read_table(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, pa.ArrowException) as e:
@@ -159,7 +159,7 @@ class ParquetStore(BufferedStore):
                 hit = self._dict_cache.get(run)
                 if hit is not None and hit[0] == key:
                     return hit[1]
-                df = pl.from_arrow(pq.read_table(f)).cast(METRICS_SCHEMA)
+                df = from_arrow(pq.read_table(f)).cast(METRICS_SCHEMA)
         except FileNotFoundError:
             return empty(METRICS_SCHEMA)
         except (OSError, pa.ArrowException) as e:
@@ -202,7 +202,7 @@ class ParquetStore(BufferedStore):
             if name in seen:
                 continue
             try:
-                df = pl.from_arrow(pq.read_table(os.path.join(d, name)))
+                df = from_arrow(pq.read_table(os.path.join(d, name)))
             except (OSError, pa.ArrowException) as e:
                 raise StoreError(f"cannot read {os.path.join(d, name)}: {e}") from e
             for h, ids in zip(df["layout"].to_list(), df["ids"].to_list()):
