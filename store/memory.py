@@ -3,7 +3,10 @@
 Each `open_store("memory:")` is a fresh, private store: nothing is shared between instances or
 survives close(). Everything else (validation, invisibility until flush, last-write-wins,
 NotFound, schemas, raw values as vectors) comes from BufferedStore, exactly as for the Parquet
-backend.
+backend. It ships with the store rather than under tests/ (as OpenTelemetry's in-memory exporter
+does): "memory:" is a store URL that open_store and the collector and store CLIs accept (the
+integration tests run `python -m collector serve --store memory:` as a subprocess), and store/
+may not import tests/.
 """
 
 from __future__ import annotations

@@ -218,5 +218,5 @@ SCHEMA_VERSION = Table(
     key=("version",),
 )
 
+# Schema v1's tables; v2 (schema.py) adds RAW_VECTORS and RAW_LAYOUTS.
 V1_TABLES = (RUNS, METRICS, RAW, REDUCED, STEPS, EVENTS, CLIP_UPDATES)
-ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS)

@@ -10,16 +10,18 @@ from store.base import InvalidInput, StoreError
 from store.clickhouse.config import Capabilities, StoreOptions
 from store.clickhouse.schema import LATEST_VERSION, MIGRATIONS, create_table_sql, pending_migrations
 from store.clickhouse.tables import (
-    ALL_TABLES,
     RAW,
+    RAW_LAYOUTS,
     RAW_VECTORS,
     RUNS,
     STEPS,
+    V1_TABLES,
     check_identifier,
     quote,
 )
 
 OLD, NEW = "18.16.1", "24.8.4.13"
+ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS)  # what migrations v1 and v2 create
 
 
 def column_lines(sql: str) -> dict[str, str]:
