@@ -96,7 +96,7 @@ def parquet_baselines(root: Path) -> tuple[Callable[[], int], Callable[[int], in
 def clickhouse_baselines(url: str) -> tuple[Callable[[], int], Callable[[int], int]]:
     from clickhouse_driver import Client
 
-    from store.clickhouse_config import ClickHouseConfig
+    from store.clickhouse.config import ClickHouseConfig
 
     c = ClickHouseConfig.from_url(url)
     client = Client(

@@ -151,7 +151,7 @@ def play(
 def clickhouse_client(url: str, database: str | None = None):
     from clickhouse_driver import Client
 
-    from store.clickhouse_config import ClickHouseConfig
+    from store.clickhouse.config import ClickHouseConfig
 
     c = ClickHouseConfig.from_url(url)
     return Client(
@@ -242,7 +242,7 @@ def step_rows(w: Workload, values: Values, s: int) -> tuple[dict, dict]:
     """The raw and reduced rows of step s as the store keeps them (ids by workload order): one
     raw vector row per rank (float32 bytes, layout = hash of the rank's ids; the layouts
     themselves are written once per run, so they are not part of a step's rows)."""
-    from store.columns import layout_hash
+    from store.vectors import layout_hash
 
     ids = [w.global_ids(r).astype(np.int32) for r in range(w.world)]
     blobs = np.empty(w.world, object)

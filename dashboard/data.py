@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from store.columns import glob_to_regex
+from store.globs import glob_to_regex
 
 MAX_POINTS = 2000  # points per drawn series: two per bucket, ~one per screen pixel
 EVENT_COLUMNS = {

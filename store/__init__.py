@@ -2,7 +2,7 @@
 
     open_store("memory:")            private in-memory store (tests)
     open_store("parquet:DIR")        Parquet files under DIR ("parquet:///abs/dir" also works)
-    open_store("clickhouse://U:P@HOST:PORT/DB")  ClickHouse (store/clickhouse_config.py: TLS,
+    open_store("clickhouse://U:P@HOST:PORT/DB")  ClickHouse (store/clickhouse/config.py: TLS,
                                      and what the environment fills in)
 
 Backends are imported inside open_store so nobody pays for one they don't use.

@@ -1,13 +1,13 @@
 """The half of every backend that does not depend on where rows live.
 
-Writes are validated into polars frames (columns.py) and buffered until `flush()`, which hands
+Writes are validated into polars frames (validate.py) and buffered until `flush()`, which hands
 everything to the backend's `_commit` at once; nothing written is visible to reads before that,
 in every backend, so a collector test on the memory store catches a missing flush. Reads are
 implemented once on top of a few small hooks, so name lookup, NotFound, glob matching, sorting
 and output schemas cannot drift between backends.
 
 Raw per-rank values, whether written as RawBlocks or as flat ValueBatch rows, are buffered as
-vectors (columns.py: one row per (rank, step, layout)) plus the layouts they use, and reads of
+vectors (vectors.py: one row per (rank, step, layout)) plus the layouts they use, and reads of
 them decode vectors back into cells (`_read_raw`).
 """
 
@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from store import columns as C
 from store.base import (
     ClipRecord,
     EventRecord,
@@ -37,6 +36,24 @@ from store.base import (
     ValueBatch,
     check_run_name,
 )
+from store.frames import (
+    AT_STEP_SCHEMA,
+    METRICS_SCHEMA,
+    RUNS_SCHEMA,
+    SERIES_SCHEMA,
+    TABLES,
+    last_wins,
+)
+from store.globs import glob_to_regex
+from store.validate import (
+    clips_frame,
+    events_frame,
+    merge_metrics,
+    metrics_frame,
+    steps_frame,
+    values_frame,
+)
+from store.vectors import batch_vectors, block_vectors, vector_cells
 
 
 def _check_step(name: str, v: int | None) -> int | None:
@@ -108,7 +125,7 @@ class BufferedStore(Store):
     ) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
         """Committed raw vectors (RAW_VECTORS_SCHEMA) of `rank` with start <= step < stop and,
         given metric_id, at least those whose layout holds it; with the ids of their layouts.
-        Repeated keys may be left in: `columns.vector_cells` resolves them by ver."""
+        Repeated keys may be left in: `vectors.vector_cells` resolves them by ver."""
 
     def _read_raw(
         self,
@@ -123,7 +140,7 @@ class BufferedStore(Store):
         vec, layouts = self._read_vectors(
             run, rank=rank, start=start, stop=stop, metric_id=metric_id
         )
-        return C.vector_cells(vec, layouts, metric_id)
+        return vector_cells(vec, layouts, metric_id)
 
     def _claim(self, run: str) -> None:
         """Called once per run before this store first writes to it (e.g. take a lock)."""
@@ -187,14 +204,14 @@ class BufferedStore(Store):
             self._touch(run, row)
 
     def write_metrics(self, run: str, metrics: MetricDict) -> None:
-        new = C.metrics_frame(metrics)
+        new = metrics_frame(metrics)
         with self._lock:
             self._check_open()
             row = self._row(run)
             old = self._pending_metrics.get(run)
             if old is None:
                 old = self._committed_metrics(run)
-            self._pending_metrics[run] = C.merge_metrics(old, new)
+            self._pending_metrics[run] = merge_metrics(old, new)
             self._touch(run, row)
 
     def _write_values(
@@ -208,13 +225,13 @@ class BufferedStore(Store):
             if frame.height == 0:
                 return
             self._pending.setdefault((run, table), []).append(frame)
-            self._touch(run, row, int(frame["step"].max()) if advances else None)
+            self._touch(run, row, int(frame.select(pl.max("step")).item()) if advances else None)
 
     def write_raw(self, run: str, batch: ValueBatch) -> None:
-        self._write_vectors(run, *C.batch_vectors(batch))
+        self._write_vectors(run, *batch_vectors(batch))
 
     def write_raw_block(self, run: str, block: RawBlock) -> None:
-        self._write_vectors(run, *C.block_vectors(block))
+        self._write_vectors(run, *block_vectors(block))
 
     def _write_vectors(self, run: str, frame: pl.DataFrame, layouts: dict[int, np.ndarray]) -> None:
         with self._lock:
@@ -223,16 +240,16 @@ class BufferedStore(Store):
                 self._pending_layouts.setdefault(run, {}).update(layouts)
 
     def write_reduced(self, run: str, batch: ValueBatch) -> None:
-        self._write_values(run, "reduced", C.values_frame(batch, "reduced"))
+        self._write_values(run, "reduced", values_frame(batch, "reduced"))
 
     def write_steps(self, run: str, steps: list[StepStatus]) -> None:
-        self._write_values(run, "steps", C.steps_frame(steps))
+        self._write_values(run, "steps", steps_frame(steps))
 
     def write_events(self, run: str, events: list[EventRecord]) -> None:
-        self._write_values(run, "events", C.events_frame(events), advances=False)
+        self._write_values(run, "events", events_frame(events), advances=False)
 
     def write_clips(self, run: str, clips: list[ClipRecord]) -> None:
-        self._write_values(run, "clips", C.clips_frame(clips), advances=False)
+        self._write_values(run, "clips", clips_frame(clips), advances=False)
 
     def flush(self) -> None:
         with self._lock:
@@ -255,9 +272,7 @@ class BufferedStore(Store):
         wins). A backend whose reads resolve repeated keys itself may keep them all, in write
         order, and skip this pass (ClickHouse: per-row versions, argMax on read). Raw vectors
         keep write order: it becomes their ver, which decides cells across layouts."""
-        return C.last_wins(
-            pl.concat(chunks), C.TABLES[table][1], maintain_order=table == "raw_vectors"
-        )
+        return last_wins(pl.concat(chunks), TABLES[table][1], maintain_order=table == "raw_vectors")
 
     def close(self) -> None:
         with self._lock:
@@ -276,7 +291,7 @@ class BufferedStore(Store):
     def runs(self) -> pl.DataFrame:
         self._check_open()
         df = self._read_runs()
-        return df.select(list(C.RUNS_SCHEMA)).cast(C.RUNS_SCHEMA).sort(["started_at", "run"])
+        return df.select(list(RUNS_SCHEMA)).cast(RUNS_SCHEMA).sort(["started_at", "run"])
 
     def _known_run(self, run: str) -> None:
         check_run_name(run)
@@ -286,7 +301,7 @@ class BufferedStore(Store):
 
     def metrics(self, run: str) -> pl.DataFrame:
         self._known_run(run)
-        return self._committed_metrics(run).cast(C.METRICS_SCHEMA).sort("metric_id")
+        return self._committed_metrics(run).cast(METRICS_SCHEMA).sort("metric_id")
 
     def series(
         self,
@@ -311,23 +326,23 @@ class BufferedStore(Store):
             df = self._read_values(run, "reduced", metric_id=mid, start=start, stop=stop)
         else:
             df = self._read_raw(run, rank=rank, metric_id=mid, start=start, stop=stop)
-        return df.select(list(C.SERIES_SCHEMA)).cast(C.SERIES_SCHEMA).sort("step")
+        return df.select(list(SERIES_SCHEMA)).cast(SERIES_SCHEMA).sort("step")
 
     def at_step(
         self, run: str, step: int, pattern: str = "*", *, rank: int | None = None
     ) -> pl.DataFrame:
-        step, rank = _check_step("step", step), _check_step("rank", rank)
-        if step is None:
+        at, rank = _check_step("step", step), _check_step("rank", rank)
+        if at is None:
             raise InvalidInput("step must be an integer")
-        regex = C.glob_to_regex(pattern)
+        regex = glob_to_regex(pattern)
         self._known_run(run)
         names = self._committed_metrics(run).filter(pl.col("name").str.contains(regex))
         if rank is None:
-            vals = self._read_values(run, "reduced", start=step, stop=step + 1)
+            vals = self._read_values(run, "reduced", start=at, stop=at + 1)
         else:
-            vals = self._read_raw(run, rank=rank, start=step, stop=step + 1)
+            vals = self._read_raw(run, rank=rank, start=at, stop=at + 1)
         df = names.join(vals.select("metric_id", "value"), on="metric_id", how="inner")
-        return df.select(list(C.AT_STEP_SCHEMA)).cast(C.AT_STEP_SCHEMA).sort("metric_id")
+        return df.select(list(AT_STEP_SCHEMA)).cast(AT_STEP_SCHEMA).sort("metric_id")
 
     def steps(self, run: str) -> pl.DataFrame:
         return self._whole_table(run, "steps")
@@ -341,6 +356,6 @@ class BufferedStore(Store):
     def _whole_table(self, run: str, table: str) -> pl.DataFrame:
         """A whole small table of one run, in its schema, sorted by its natural key."""
         self._known_run(run)
-        schema, keys = C.TABLES[table]
+        schema, keys = TABLES[table]
         df = self._read_values(run, table)
         return df.select(list(schema)).cast(schema).sort(list(keys))

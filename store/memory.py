@@ -3,7 +3,10 @@
 Each `open_store("memory:")` is a fresh, private store: nothing is shared between instances or
 survives close(). Everything else (validation, invisibility until flush, last-write-wins,
 NotFound, schemas, raw values as vectors) comes from BufferedStore, exactly as for the Parquet
-backend.
+backend. It ships with the store rather than under tests/ (as OpenTelemetry's in-memory exporter
+does): "memory:" is a store URL that open_store and the collector and store CLIs accept (the
+integration tests run `python -m collector serve --store memory:` as a subprocess), and store/
+may not import tests/.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from store import columns as C
 from store.buffered import BufferedStore
+from store.frames import METRICS_SCHEMA, RUNS_SCHEMA, TABLES, empty, last_wins
+from store.vectors import layouts_holding
 
 
 class MemoryStore(BufferedStore):
@@ -32,7 +36,7 @@ class MemoryStore(BufferedStore):
         return None if row is None else dict(row)
 
     def _committed_metrics(self, run: str) -> pl.DataFrame:
-        return self._dicts.get(run, C.empty(C.METRICS_SCHEMA))
+        return self._dicts.get(run, empty(METRICS_SCHEMA))
 
     def _commit(self, runs, metrics, values, layouts) -> None:
         self._commits += 1
@@ -48,7 +52,7 @@ class MemoryStore(BufferedStore):
             self._chunks.setdefault(key, []).append(frame)
 
     def _read_runs(self) -> pl.DataFrame:
-        return pl.DataFrame(list(self._runs.values()) or None, schema=C.RUNS_SCHEMA)
+        return pl.DataFrame(list(self._runs.values()) or None, schema=RUNS_SCHEMA)
 
     def _read_values(
         self,
@@ -62,12 +66,12 @@ class MemoryStore(BufferedStore):
         layouts: list[int] | None = None,
     ) -> pl.DataFrame:
         """As BufferedStore's, plus the raw-vector filters rank and layouts (hashes)."""
-        schema, keys = C.TABLES[table]
+        schema, keys = TABLES[table]
         with self._lock:
             chunks = self._chunks.get((run, table), [])
             if len(chunks) > 1:  # later chunks are later writes: last wins
-                chunks[:] = [C.last_wins(pl.concat(chunks), keys)]
-            df = chunks[0] if chunks else C.empty(schema)
+                chunks[:] = [last_wins(pl.concat(chunks), keys)]
+            df = chunks[0] if chunks else empty(schema)
         preds = []
         if metric_id is not None:
             preds.append(pl.col("metric_id") == metric_id)
@@ -83,7 +87,7 @@ class MemoryStore(BufferedStore):
 
     def _read_vectors(self, run, *, rank, start, stop, metric_id=None):
         known = self._layouts.get(run, {})
-        holding = C.layouts_holding(known, metric_id)
+        holding = layouts_holding(known, metric_id)
         df = self._read_values(
             run, "raw_vectors", rank=rank, layouts=holding, start=start, stop=stop
         )

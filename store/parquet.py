@@ -6,7 +6,7 @@
     DIR/<run>/reduced/           reduced values    } (segments.py): a series read touches a
     DIR/<run>/steps/             barrier outcomes  } few files and skips most row groups
     DIR/<run>/layouts/           the metric ids of each raw-vector layout, one file per flush
-                                 that brought new layouts (columns.py: layout_hash -> ids)
+                                 that brought new layouts (vectors.py: layout_hash -> ids)
     DIR/<run>/.writer.lock       flock held by the one store instance writing the run
 
 Any number of readers, in any process, see exactly what was flushed: every read lists the
@@ -35,10 +35,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store import columns as C
 from store.base import RUN_NAME_RE, StoreError
 from store.buffered import BufferedStore
+from store.frames import METRICS_SCHEMA, RAW_VECTORS_SCHEMA, RUNS_SCHEMA, TABLES, empty, from_arrow
 from store.segments import SegmentLog, remove_temp_files, write_atomic
+from store.vectors import layouts_holding
 
 log = logging.getLogger(__name__)
 LAYOUT_FILE_RE = re.compile(r"^(\d{12})\.parquet$")
@@ -85,7 +86,7 @@ class ParquetStore(BufferedStore):
             ) from None
         self._locks[run] = fd
         remove_temp_files(self._run_dir(run))
-        for table in C.TABLES:
+        for table in TABLES:
             try:
                 self._log(run, table).drop_subsumed()
             except OSError:  # harmless to reads; retried at compaction
@@ -106,7 +107,7 @@ class ParquetStore(BufferedStore):
             for run, row in runs.items():
                 write_atomic(
                     os.path.join(self._run_dir(run), "run.parquet"),
-                    pl.DataFrame([row], schema=C.RUNS_SCHEMA),
+                    pl.DataFrame([row], schema=RUNS_SCHEMA),
                     fsync=self.fsync,
                 )
         except OSError as e:
@@ -142,12 +143,12 @@ class ParquetStore(BufferedStore):
     def _committed_run(self, run: str) -> dict[str, Any] | None:
         path = os.path.join(self._run_dir(run), "run.parquet")
         try:
-            df = pl.from_arrow(pq.read_table(path))
+            df = from_arrow(pq.read_table(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, pa.ArrowException) as e:
             raise StoreError(f"cannot read {path}: {e}") from e
-        return df.cast(C.RUNS_SCHEMA).row(0, named=True)
+        return df.cast(RUNS_SCHEMA).row(0, named=True)
 
     def _committed_metrics(self, run: str) -> pl.DataFrame:
         path = os.path.join(self._run_dir(run), "metrics.parquet")
@@ -158,9 +159,9 @@ class ParquetStore(BufferedStore):
                 hit = self._dict_cache.get(run)
                 if hit is not None and hit[0] == key:
                     return hit[1]
-                df = pl.from_arrow(pq.read_table(f)).cast(C.METRICS_SCHEMA)
+                df = from_arrow(pq.read_table(f)).cast(METRICS_SCHEMA)
         except FileNotFoundError:
-            return C.empty(C.METRICS_SCHEMA)
+            return empty(METRICS_SCHEMA)
         except (OSError, pa.ArrowException) as e:
             raise StoreError(f"cannot read {path}: {e}") from e
         self._dict_cache[run] = (key, df)
@@ -176,7 +177,7 @@ class ParquetStore(BufferedStore):
             for n in names
             if RUN_NAME_RE.match(n) and (row := self._committed_run(n)) is not None
         ]
-        return pl.DataFrame(rows or None, schema=C.RUNS_SCHEMA)
+        return pl.DataFrame(rows or None, schema=RUNS_SCHEMA)
 
     def _read_values(
         self,
@@ -201,7 +202,7 @@ class ParquetStore(BufferedStore):
             if name in seen:
                 continue
             try:
-                df = pl.from_arrow(pq.read_table(os.path.join(d, name)))
+                df = from_arrow(pq.read_table(os.path.join(d, name)))
             except (OSError, pa.ArrowException) as e:
                 raise StoreError(f"cannot read {os.path.join(d, name)}: {e}") from e
             for h, ids in zip(df["layout"].to_list(), df["ids"].to_list()):
@@ -211,8 +212,8 @@ class ParquetStore(BufferedStore):
 
     def _read_vectors(self, run, *, rank, start, stop, metric_id=None):
         known = self._layouts(run)
-        holding = C.layouts_holding(known, metric_id)
+        holding = layouts_holding(known, metric_id)
         if holding == []:
-            return C.empty(C.RAW_VECTORS_SCHEMA), known
+            return empty(RAW_VECTORS_SCHEMA), known
         vec = self._log(run, "raw_vectors").scan(rank=rank, layout=holding, start=start, stop=stop)
         return vec, known

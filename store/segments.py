@@ -21,6 +21,7 @@ being written are dot-named `*.tmp` and renamed into place; nothing else is ever
 
 from __future__ import annotations
 
+import builtins  # SegmentLog.list shadows list in the class body
 import logging
 import os
 import re
@@ -32,8 +33,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from store import columns as C
 from store.base import StoreError
+from store.frames import TABLES, empty, from_arrow, last_wins
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,14 @@ def remove_temp_files(directory: str) -> None:
 
 
 class SegmentLog:
-    """One table's directory of segments; `table` is a key of columns.TABLES."""
+    """One table's directory of segments; `table` is a key of frames.TABLES."""
 
     def __init__(self, directory: str, table: str, *, fsync: bool = True) -> None:
         self.dir = directory
-        self.schema, self.keys = C.TABLES[table]
+        self.schema, self.keys = TABLES[table]
         self.fsync = fsync
 
-    def list(self) -> list[Segment]:
+    def list(self) -> builtins.list[Segment]:
         """Segments on disk, oldest first; anything not named like one is ignored."""
         try:
             names = os.listdir(self.dir)
@@ -138,7 +139,8 @@ class SegmentLog:
     # ---- writes (the single writer of the run) -----------------------------------------
     def _write(self, df: pl.DataFrame, lo: int, hi: int, level: int) -> Segment:
         df = df.sort(list(self.keys))
-        smin, smax = int(df["step"].min()), int(df["step"].max())
+        lo_step, hi_step = df.select(pl.min("step"), pl.max("step").alias("hi")).row(0)
+        smin, smax = int(lo_step), int(hi_step)
         name = f"{lo:012d}-{hi:012d}.L{level}.s{smin}-{smax}.n{df.height}.parquet"
         write_atomic(os.path.join(self.dir, name), df, fsync=self.fsync)
         return Segment(os.path.join(self.dir, name), lo, hi, level, smin, smax, df.height)
@@ -160,7 +162,7 @@ class SegmentLog:
                 "compaction of %s failed; will retry on a later flush", self.dir, exc_info=True
             )
 
-    def drop_subsumed(self) -> list[Segment]:
+    def drop_subsumed(self) -> builtins.list[Segment]:
         """Delete segments whose range a merge result covers (a crash between a merge's write
         and its deletes leaves them); return the live segments, oldest first."""
         segs, live = self.list(), []
@@ -186,8 +188,8 @@ class SegmentLog:
                 or sum(os.path.getsize(s.path) for s in tail) > MERGE_MAX_BYTES
             ):
                 return
-            frames = [pl.from_arrow(pq.read_table(s.path)) for s in tail]  # oldest first
-            merged = C.last_wins(pl.concat(frames), self.keys)
+            frames = [from_arrow(pq.read_table(s.path)) for s in tail]  # oldest first
+            merged = last_wins(pl.concat(frames), self.keys)
             out = self._write(merged, tail[0].lo, tail[-1].hi, tail[0].level + 1)
             for s in tail:
                 os.unlink(s.path)
@@ -195,7 +197,11 @@ class SegmentLog:
 
     # ---- reads (any process) -----------------------------------------------------------
     def scan(
-        self, *, start: int | None = None, stop: int | None = None, **equal: int | list[int] | None
+        self,
+        *,
+        start: int | None = None,
+        stop: int | None = None,
+        **equal: int | builtins.list[int] | None,
     ) -> pl.DataFrame:
         """Rows with start <= step < stop and each `equal` column equal to its value (or in
         it, for a list; None: no condition), one per key (the highest-ranked segment's)."""
@@ -223,7 +229,7 @@ class SegmentLog:
     def _arrow_type(self, col: str) -> pa.DataType:
         return pl.Series([], dtype=self.schema[col]).to_arrow().type
 
-    def _may_repeat(self, segs: list[Segment]) -> bool:
+    def _may_repeat(self, segs: builtins.list[Segment]) -> bool:
         """Keys repeat only across segments; when the key holds the step and the segments'
         step ranges are disjoint (the usual append-only run), no key can, so the
         last-write-wins pass is skipped."""
@@ -232,9 +238,9 @@ class SegmentLog:
         spans = sorted((s.step_min, s.step_max) for s in segs)
         return any(nxt[0] <= cur[1] for cur, nxt in zip(spans, spans[1:]))
 
-    def _scan(self, segs: list[Segment], expr) -> pl.DataFrame:
+    def _scan(self, segs: builtins.list[Segment], expr) -> pl.DataFrame:
         if not segs:
-            return C.empty(self.schema)
+            return empty(self.schema)
         rank_of = {os.path.basename(s.path): i for i, s in enumerate(segs)}
         dataset = ds.dataset([s.path for s in segs], format="parquet")
         frames = []
@@ -242,15 +248,15 @@ class SegmentLog:
             batch = tagged.record_batch
             if batch.num_rows:
                 frames.append(
-                    pl.from_arrow(batch).with_columns(
+                    from_arrow(batch).with_columns(
                         _rank=pl.lit(
                             rank_of[os.path.basename(tagged.fragment.path)], dtype=pl.Int32
                         )
                     )
                 )
         if not frames:
-            return C.empty(self.schema)
+            return empty(self.schema)
         df = pl.concat(frames)
         if df["_rank"].n_unique() > 1 and self._may_repeat(segs):
-            df = C.last_wins(df.sort("_rank", maintain_order=True), self.keys)
+            df = last_wins(df.sort("_rank", maintain_order=True), self.keys)
         return df.drop("_rank")

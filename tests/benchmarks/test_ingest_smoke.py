@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.workload import Values, Workload
 from store import open_store
-from store.clickhouse_schema import raw_cells_sql
+from store.clickhouse.schema import raw_cells_sql
 
 ROOT = Path(__file__).resolve().parents[2]
 LAST_LINE = re.compile(r"^metrics/s=(\d+(?:\.\d+)?) ratio_to_raw=(\d+(?:\.\d+)?)$")

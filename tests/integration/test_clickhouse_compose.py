@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from store.clickhouse_config import ClickHouseConfig
+from store.clickhouse.config import ClickHouseConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "compose-test-token"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from store.base import InvalidInput
-from store.clickhouse_config import ClickHouseConfig
-from store.clickhouse_schema import StoreOptions
+from store.clickhouse.config import ClickHouseConfig, StoreOptions
 
 
 def test_full_url_wins_over_environment():

@@ -7,23 +7,21 @@ import re
 import pytest
 
 from store.base import InvalidInput, StoreError
-from store.clickhouse_schema import (
-    ALL_TABLES,
-    LATEST_VERSION,
-    MIGRATIONS,
+from store.clickhouse.config import Capabilities, StoreOptions
+from store.clickhouse.schema import LATEST_VERSION, MIGRATIONS, create_table_sql, pending_migrations
+from store.clickhouse.tables import (
     RAW,
+    RAW_LAYOUTS,
     RAW_VECTORS,
     RUNS,
     STEPS,
-    Capabilities,
-    StoreOptions,
+    V1_TABLES,
     check_identifier,
-    create_table_sql,
-    pending_migrations,
     quote,
 )
 
 OLD, NEW = "18.16.1", "24.8.4.13"
+ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS)  # what migrations v1 and v2 create
 
 
 def column_lines(sql: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from store.base import (
     ValueBatch,
 )
 from store.clickhouse import ClickHouseStore
-from store.clickhouse_schema import raw_cells_sql
+from store.clickhouse.schema import raw_cells_sql
 from store.memory import MemoryStore
 
 RUN = "moe-7b.run_01"

@@ -9,9 +9,12 @@ import polars as pl
 import pytest
 
 from store import InvalidInput, MetricDict, ValueBatch, open_store
-from store import columns as C
+from store.frames import last_wins
+from store.globs import glob_to_regex
 from store.memory import MemoryStore
 from store.parquet import ParquetStore
+from store.validate import metrics_frame
+from store.vectors import batch_vectors, layout_hash, vector_cells
 
 NAMES = [
     "moe/layer07/expert013/act_rms",
@@ -85,18 +88,18 @@ PATTERNS = [
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_glob_matches_exactly_what_fnmatchcase_matches(pattern):
     names = pl.Series(NAMES)
-    got = names.filter(names.str.contains(C.glob_to_regex(pattern))).to_list()
+    got = names.filter(names.str.contains(glob_to_regex(pattern))).to_list()
     assert got == [n for n in NAMES if fnmatch.fnmatchcase(n, pattern)]
 
 
 def test_glob_rejects_non_strings():
     with pytest.raises(InvalidInput):
-        C.glob_to_regex(None)
+        glob_to_regex(None)
 
 
 def test_last_wins_keeps_the_last_row_of_each_key():
     df = pl.DataFrame({"k": [1, 2, 1, 3, 1, 2], "v": [1, 2, 3, 4, 5, 6]})
-    assert C.last_wins(df, ["k"]).sort("k").rows() == [(1, 5), (2, 6), (3, 4)]
+    assert last_wins(df, ["k"]).sort("k").rows() == [(1, 5), (2, 6), (3, 4)]
 
 
 def test_metrics_frame_last_row_wins_within_one_dictionary():
@@ -110,7 +113,7 @@ def test_metrics_frame_last_row_wins_within_one_dictionary():
         ["", "", ""],
         ["sum", "max", "min"],
     )
-    df = C.metrics_frame(md).sort("metric_id")
+    df = metrics_frame(md).sort("metric_id")
     assert df.select("metric_id", "name", "reduce").rows() == [(0, "c", "min"), (1, "b", "max")]
 
 
@@ -142,15 +145,15 @@ def test_flat_rows_grouped_into_vectors_keep_the_last_write_of_every_cell(seed):
             step, rank, mid = step[o], rank[o], mid[o]
         val = rng.standard_normal(n).astype(np.float32)
         model = {(int(r), int(s), int(m)): v for s, r, m, v in zip(step, rank, mid, val)}
-        frame, layouts = C.batch_vectors(ValueBatch(step, mid, val, rank=rank))
+        frame, layouts = batch_vectors(ValueBatch(step, mid, val, rank=rank))
         assert frame.select(pl.struct("step", "rank").n_unique()).item() == frame.height
         frame = frame.with_columns(ver=pl.int_range(frame.height, dtype=pl.UInt64))
-        got = {(r, s, m): v for s, m, r, v in C.vector_cells(frame, layouts).rows()}
+        got = {(r, s, m): v for s, m, r, v in vector_cells(frame, layouts).rows()}
         assert got == model
 
 
 def test_layout_hash_is_stable_across_processes_and_versions():
     """Stored layout keys must never change meaning: pinned values."""
-    assert C.layout_hash(np.array([0, 1, 2], np.int32)) == C.layout_hash([0, 1, 2])
-    assert C.layout_hash(np.array([0, 1, 2])) != C.layout_hash(np.array([0, 2, 1]))
-    assert C.layout_hash(np.array([0, 1, 2], np.int32)) == 0x6D8E69976182A599
+    assert layout_hash(np.array([0, 1, 2], np.int32)) == layout_hash([0, 1, 2])
+    assert layout_hash(np.array([0, 1, 2])) != layout_hash(np.array([0, 2, 1]))
+    assert layout_hash(np.array([0, 1, 2], np.int32)) == 0x6D8E69976182A599

@@ -25,7 +25,15 @@ from store import (
     StoreError,
     ValueBatch,
 )
-from store import columns as C
+from store.frames import (
+    AT_STEP_SCHEMA,
+    CLIPS_SCHEMA,
+    EVENTS_SCHEMA,
+    METRICS_SCHEMA,
+    RUNS_SCHEMA,
+    SERIES_SCHEMA,
+    STEPS_SCHEMA,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMES = [
@@ -118,19 +126,19 @@ def test_round_trip_every_table(store):
     store.flush()
 
     runs = store.runs()
-    assert schema_of(runs) == C.RUNS_SCHEMA
+    assert schema_of(runs) == RUNS_SCHEMA
     assert runs.select(
         "run", "world_size", "config_json", "started_at", "last_step", "status"
     ).rows() == [("r1", 4, '{"lr": 0.001}', 1000.0, 4, "live")]
     assert runs["updated_at"][0] > 0
 
     md = store.metrics("r1")
-    assert schema_of(md) == C.METRICS_SCHEMA
+    assert schema_of(md) == METRICS_SCHEMA
     assert md["name"].to_list() == NAMES and md["metric_id"].to_list() == list(range(7))
     assert md["head"].to_list() == HEAD and md["reduce"].to_list() == ["mean"] * 7
 
     s = store.series("r1", "moe/layer00/expert001/act_rms")
-    assert schema_of(s) == C.SERIES_SCHEMA
+    assert schema_of(s) == SERIES_SCHEMA
     assert s["step"].to_list() == [0, 1, 2, 3, 4]
     assert s["value"].to_list() == [value(i, 3) for i in range(5)]
 
@@ -138,7 +146,7 @@ def test_round_trip_every_table(store):
     assert r["value"].to_list() == [value(i, 2, 3) for i in range(5)]
 
     st = store.steps("r1")
-    assert schema_of(st) == C.STEPS_SCHEMA
+    assert schema_of(st) == STEPS_SCHEMA
     assert st.rows() == [(0, 4, [], True, 0.0), (1, 3, [2], False, 12.5)]
 
 
@@ -186,7 +194,7 @@ def test_at_step_matches_glob_and_rank(store):
     store.write_raw("r1", raw([1], range(7), [0, 1]))
     store.flush()
     df = store.at_step("r1", 1, "moe/layer0?/expert001/*")
-    assert schema_of(df) == C.AT_STEP_SCHEMA
+    assert schema_of(df) == AT_STEP_SCHEMA
     assert df["name"].to_list() == [NAMES[3], NAMES[5]]
     assert df["value"].to_list() == [value(1, 3), value(1, 5)]
     assert df.select("layer", "expert", "head", "stat").rows() == [
@@ -204,7 +212,7 @@ def test_at_step_matches_glob_and_rank(store):
     assert r["value"].to_list() == [value(1, m, 1) for m in (2, 3, 4, 5)]
     assert store.at_step("r1", 0, "moe/*", rank=1).height == 0  # no raw values at step 0
     empty = store.at_step("r1", 1, "nothing*")
-    assert empty.height == 0 and schema_of(empty) == C.AT_STEP_SCHEMA
+    assert empty.height == 0 and schema_of(empty) == AT_STEP_SCHEMA
     assert store.at_step("r1", 99).height == 0
 
 
@@ -472,11 +480,11 @@ def test_block_round_trip_per_rank(store):
     for rk in (0, 1, 3):
         for m in mids:
             s = store.series("r1", NAMES[m], rank=rk)
-            assert schema_of(s) == C.SERIES_SCHEMA
+            assert schema_of(s) == SERIES_SCHEMA
             assert s.rows() == [(i, value(i, m, rk)) for i in range(3)]
         assert store.series("r1", NAMES[m], rank=rk, start=1, stop=2)["step"].to_list() == [1]
         df = store.at_step("r1", 2, "moe/*", rank=rk)
-        assert schema_of(df) == C.AT_STEP_SCHEMA
+        assert schema_of(df) == AT_STEP_SCHEMA
         assert df.select("metric_id", "value").rows() == [(m, value(2, m, rk)) for m in (2, 3)]
         assert cells(store, 1, rk) == {m: value(1, m, rk) for m in mids}
     assert store.series("r1", "loss", rank=2).height == 0  # no such rank in the block
@@ -737,7 +745,7 @@ def test_events_round_trip_sorted_last_wins_and_leave_last_step(store):
     assert store.events("r1").height == 0  # invisible before flush
     store.flush()
     ev = store.events("r1")
-    assert schema_of(ev) == C.EVENTS_SCHEMA
+    assert schema_of(ev) == EVENTS_SCHEMA
     assert ev.select("step", "kind", "onset_step").rows() == [
         (2, "blowup", 2),
         (2, "nonfinite", 2),
@@ -765,7 +773,7 @@ def test_clip_updates_round_trip_and_an_ack_rewrites_its_row(store):
     )
     store.flush()
     cl = store.clips("r1")
-    assert schema_of(cl) == C.CLIPS_SCHEMA
+    assert schema_of(cl) == CLIPS_SCHEMA
     assert cl.select("version", "layer", "site", "limit", "acked_step").rows() == [
         (1, 1, "shared", 1.25, -1),
         (1, 2, "routed", 2.5, -1),

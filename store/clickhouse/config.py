@@ -1,31 +1,48 @@
-"""Where the ClickHouse store connects: a URL, with environment variables as fallbacks.
+"""Where the ClickHouse store connects, and what the server there supports.
 
     clickhouse://USER:PASSWORD@HOST:PORT/DATABASE?raw_ttl_days=30    (clickhouses:// = TLS)
 
 Resolution, field by field: what the URL says; else the environment (CLICKHOUSE_HOST, _PORT,
 _USER, _PASSWORD, _DB); else the defaults below. A bare "clickhouse:" or "clickhouse://" first
 tries STEPWATCH_CLICKHOUSE_URL. So a deployment can keep the password out of command lines
-(docker-compose passes CLICKHOUSE_PASSWORD) while the URL names host and database.
+(docker-compose passes CLICKHOUSE_PASSWORD) while the URL names host and database. The query
+string carries table options (StoreOptions).
+
+The SQL must run on every server from Debian's 18.16 (the tests) to current releases
+(docker-compose), so the server version is read once (`SELECT version()`) and the DDL
+(schema.py) adds only what that server understands (Capabilities):
+
+| feature                        | first release | what 18.16 gets instead |
+|--------------------------------|---------------|-------------------------|
+| LowCardinality(String)         | 19.3          | String                  |
+| TTL on the raw values table    | 19.6          | no TTL (rows are kept)  |
+| CODEC(Delta/DoubleDelta/       | 19.10 (the    | the server's default    |
+|  Gorilla, ZSTD) per column     |  last two)    |  compression (LZ4)      |
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import TypedDict
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from store.base import InvalidInput
-from store.clickhouse_schema import StoreOptions, check_identifier
+from store.clickhouse.tables import check_identifier
+
+
+class _Fields(TypedDict):
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+
 
 URL_ENV = "STEPWATCH_CLICKHOUSE_URL"
-DEFAULTS = {
-    "host": "localhost",
-    "port": 9000,
-    "user": "default",
-    "password": "",
-    "database": "stepwatch",
-}
+DEFAULTS = _Fields(host="localhost", port=9000, user="default", password="", database="stepwatch")
 FIELD_ENV = {
     "host": "CLICKHOUSE_HOST",
     "port": "CLICKHOUSE_PORT",
@@ -33,6 +50,15 @@ FIELD_ENV = {
     "password": "CLICKHOUSE_PASSWORD",
     "database": "CLICKHOUSE_DB",
 }
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Table options from the store URL's query string (clickhouse://...?raw_ttl_days=30)."""
+
+    raw_ttl_days: int = 0  # delete raw per-rank values this many days after insert; 0 = keep
+
+
 _OPTIONS = {f.name for f in fields(StoreOptions)}
 
 
@@ -81,29 +107,37 @@ class ClickHouseConfig:
             url_port = parts.port
         except ValueError:
             raise InvalidInput(f"bad port in ClickHouse URL {_redact(url)!r}") from None
-        given = {
-            "host": parts.hostname,
-            "port": url_port,
-            "user": unquote(parts.username) if parts.username else None,
-            "password": unquote(parts.password) if parts.password is not None else None,
-            "database": unquote(parts.path.strip("/")) or None,
-        }
-        resolved = {}
-        for key, value in given.items():
-            if value is None:
-                value = env.get(FIELD_ENV[key]) or DEFAULTS[key]
-            resolved[key] = value
+
+        def pick(key: str, given: str | None, default: str) -> str:
+            """What the URL gave (None: nothing), else the environment's, else the default."""
+            return given if given is not None else (env.get(FIELD_ENV[key]) or default)
+
+        port: int | str = (
+            url_port if url_port is not None else env.get(FIELD_ENV["port"]) or DEFAULTS["port"]
+        )
         try:
-            resolved["port"] = int(resolved["port"])
+            port = int(port)
         except ValueError:
-            raise InvalidInput(
-                f"{FIELD_ENV['port']} must be an integer, got {resolved['port']!r}"
-            ) from None
-        return cls(**resolved, secure=parts.scheme == "clickhouses", options=_options(parts.query))
+            raise InvalidInput(f"{FIELD_ENV['port']} must be an integer, got {port!r}") from None
+        return cls(
+            host=pick("host", parts.hostname, DEFAULTS["host"]),
+            port=port,
+            user=pick(
+                "user", unquote(parts.username) if parts.username else None, DEFAULTS["user"]
+            ),
+            password=pick(
+                "password",
+                unquote(parts.password) if parts.password is not None else None,
+                DEFAULTS["password"],
+            ),
+            database=pick("database", unquote(parts.path.strip("/")) or None, DEFAULTS["database"]),
+            secure=parts.scheme == "clickhouses",
+            options=_options(parts.query),
+        )
 
 
 def _options(query: str) -> StoreOptions:
-    values = {}
+    values: dict[str, int] = {}
     for key, raw in parse_qsl(query, keep_blank_values=True):
         if key not in _OPTIONS:
             raise InvalidInput(
@@ -123,3 +157,21 @@ def _redact(url: str) -> str:
     if parts.password is None:
         return url
     return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the connected server's DDL may use; derived from `SELECT version()` only."""
+
+    version: tuple[int, int]
+    low_cardinality: bool  # LowCardinality(String) without the experimental setting
+    ttl: bool  # table TTL expressions
+    codecs: bool  # per-column CODEC(...) incl. DoubleDelta and Gorilla
+
+    @classmethod
+    def for_version(cls, version: str) -> Capabilities:
+        m = re.match(r"^\s*(\d+)\.(\d+)", version or "")
+        if not m:
+            raise InvalidInput(f"cannot parse ClickHouse server version {version!r}")
+        v = (int(m.group(1)), int(m.group(2)))
+        return cls(version=v, low_cardinality=v >= (19, 3), ttl=v >= (19, 6), codecs=v >= (19, 10))

@@ -1,0 +1,146 @@
+"""The SQL of every ClickHouse read, and the frames it comes back as.
+
+Merges eventually keep the highest `ver` of a key, but until then both copies exist on disk, so
+reads do not use FINAL (single-threaded and slow on old servers) but aggregate:
+`SELECT key..., argMax(col, ver) ... GROUP BY key` - exact before, during and after merges, on
+every server version (`latest`).
+
+Reads of raw values, the trade-off. series(rank=) is computed on the server (`raw_series`):
+only that rank's rows (the table is ordered by run, rank, step) joined with the layouts that
+hold the metric, 4 bytes cut out of each vector (substring + reinterpretAsFloat32), argMax over
+ver per step - but the server still reads and decompresses each of those rows' whole vectors,
+thousands of values for one. at_step(rank=) fetches the few vectors of that rank and step
+(`raw_vectors`) and decodes them in the store (vectors.vector_cells), with layouts cached by
+hash (they never change).
+
+Values always travel as query parameters (`%(pN)s`), never inside SQL text; operators are a
+fixed set and identifiers are quoted (tables.quote).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from store.clickhouse.tables import RAW_LAYOUTS, RAW_VECTORS, Table, qualified, quote
+from store.frames import RAW_SCHEMA, RAW_VECTORS_SCHEMA, empty, from_arrow
+
+if TYPE_CHECKING:  # the driver is imported only when a store is opened (connection.py)
+    from store.clickhouse.connection import Connection
+
+Conditions = list[tuple[str, Any]]  # (column, value) or (column, (op, value)) pairs
+
+
+def where(conds: Conditions) -> tuple[str, dict[str, Any]]:
+    """`col op %(pN)s AND ...` over (column, value) or (column, (op, value)) pairs."""
+    sql, params = [], {}
+    for i, (col, cond) in enumerate(conds):
+        op, value = cond if isinstance(cond, tuple) else ("=", cond)
+        assert op in ("=", ">=", "<", "IN"), op  # fixed operators, never input
+        sql.append(f"{quote(col)} {op} %(p{i})s")
+        params[f"p{i}"] = value
+    return " AND ".join(sql) or "1", params
+
+
+def steps_between(start: int | None, stop: int | None) -> Conditions:
+    """start <= step < stop as `where` conditions."""
+    return ([] if start is None else [("step", (">=", start))]) + (
+        [] if stop is None else [("step", ("<", stop))]
+    )
+
+
+def latest(
+    conn: Connection, database: str, table: Table, conds: Conditions, schema: pl.Schema
+) -> pl.DataFrame:
+    """The last-written row of every natural key matching `conds`, as a polars frame with
+    `schema`'s columns and dtypes."""
+    rest = [c for c in table.column_names if c not in table.key and c != "ver"]
+    select = [quote(k) for k in table.key] + [
+        f"argMax({quote(c)}, {quote('ver')}) AS {quote(c + '__last')}" for c in rest
+    ]
+    cond_sql, params = where(conds)
+    sql = (
+        f"SELECT {', '.join(select)} FROM {qualified(database, table)}"
+        f" WHERE {cond_sql}"
+        f" GROUP BY {', '.join(quote(k) for k in table.key)}"
+    )
+    arrow = conn.query_arrow(sql, params, f"read {table.name}")
+    if arrow.num_columns == 0:  # no rows: no schema either
+        return empty(schema)
+    df = from_arrow(arrow).rename({c + "__last": c for c in rest})
+    return df.select(list(schema)).cast(schema)
+
+
+def _rank_steps(run: str, rank: int | None, start: int | None, stop: int | None) -> Conditions:
+    return [("run", run)] + ([] if rank is None else [("rank", rank)]) + steps_between(start, stop)
+
+
+def raw_series(
+    conn: Connection,
+    database: str,
+    run: str,
+    metric_id: int,
+    *,
+    rank: int | None,
+    start: int | None,
+    stop: int | None,
+) -> pl.DataFrame:
+    """One metric's raw cells (RAW_SCHEMA), cut out of the vectors on the server."""
+    cond_sql, params = where(_rank_steps(run, rank, start, stop))
+    params.update(run=run, m=metric_id)
+    v, ids, ver = quote("values"), quote("ids"), quote("ver")
+    sql = (
+        f"SELECT rank, step, argMax(value, {ver}) AS value FROM ("
+        f" SELECT rank, step, {ver},"
+        f" reinterpretAsFloat32(substring({v}, pos * 4 - 3, 4)) AS value"
+        f" FROM (SELECT rank, step, layout, {v}, {ver} FROM {qualified(database, RAW_VECTORS)}"
+        f" WHERE {cond_sql})"
+        f" ANY INNER JOIN (SELECT layout, indexOf(any({ids}), %(m)s) AS pos"
+        f" FROM {qualified(database, RAW_LAYOUTS)} WHERE run = %(run)s"
+        f" GROUP BY layout HAVING pos > 0) USING layout"
+        f") GROUP BY rank, step"
+    )
+    arrow = conn.query_arrow(sql, params, "read raw_vectors")
+    if arrow.num_columns == 0:
+        return empty(RAW_SCHEMA)
+    return (
+        from_arrow(arrow)
+        .with_columns(metric_id=pl.lit(metric_id, pl.Int32))
+        .select(list(RAW_SCHEMA))
+        .cast(RAW_SCHEMA)
+    )
+
+
+def raw_vectors(
+    conn: Connection,
+    database: str,
+    run: str,
+    known: dict[int, np.ndarray],
+    *,
+    rank: int | None,
+    start: int | None,
+    stop: int | None,
+) -> pl.DataFrame:
+    """The vectors as stored (RAW_VECTORS_SCHEMA, repeated keys left for vector_cells); the
+    layouts they use that `known` (hash -> ids, the run's cache) lacks are fetched into it."""
+    cond_sql, params = where(_rank_steps(run, rank, start, stop))
+    cols = list(RAW_VECTORS_SCHEMA)
+    rows = conn.execute(
+        f"SELECT {', '.join(map(quote, cols))} FROM {qualified(database, RAW_VECTORS)}"
+        f" WHERE {cond_sql}",
+        params,
+        columnar=True,
+        settings={"strings_as_bytes": True},
+    )
+    vec = pl.DataFrame(dict(zip(cols, rows)) if rows else None, schema=RAW_VECTORS_SCHEMA)
+    missing = sorted(set(vec["layout"].to_list()) - set(known))
+    if missing:
+        for h, ids in conn.execute(
+            f"SELECT layout, any({quote('ids')}) FROM {qualified(database, RAW_LAYOUTS)} "
+            "WHERE run = %(run)s AND layout IN %(h)s GROUP BY layout",
+            {"run": run, "h": tuple(missing)},
+        ):
+            known[h] = np.asarray(ids, np.int32)
+    return vec

@@ -1,0 +1,132 @@
+"""The frames every backend shares: read-frame schemas, the value tables, last-write-wins.
+
+Writes leave validation (validate.py) as polars frames with the exact dtypes below; reads go
+out with the same schemas whatever the backend, so a dashboard never sees an Int64 from one
+store and an Int32 from another. TABLES names each value table's schema and natural key, which
+is what the idempotency rule (`last_wins`) and every backend's sort order are built on.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+
+# ---- read-frame schemas ------------------------------------------------------------------
+RUNS_SCHEMA = pl.Schema(
+    {
+        "run": pl.Utf8,
+        "world_size": pl.Int32,
+        "config_json": pl.Utf8,
+        "started_at": pl.Float64,
+        "updated_at": pl.Float64,
+        "last_step": pl.Int64,  # null until a step was written
+        "status": pl.Utf8,
+    }
+)
+METRICS_SCHEMA = pl.Schema(
+    {
+        "metric_id": pl.Int32,
+        "name": pl.Utf8,
+        "layer": pl.Int32,
+        "expert": pl.Int32,
+        "head": pl.Int32,
+        "stat": pl.Utf8,
+        "unit": pl.Utf8,
+        "reduce": pl.Utf8,
+    }
+)
+RAW_SCHEMA = pl.Schema(
+    {"step": pl.Int64, "metric_id": pl.Int32, "rank": pl.Int32, "value": pl.Float32}
+)
+REDUCED_SCHEMA = pl.Schema(
+    {"step": pl.Int64, "metric_id": pl.Int32, "value": pl.Float32, "n_ranks": pl.Int32}
+)
+STEPS_SCHEMA = pl.Schema(
+    {  # dtype instances throughout: a dict mixing classes with List(...) types as object
+        "step": pl.Int64(),
+        "n_ranks": pl.Int32(),
+        "missing_ranks": pl.List(pl.Int32),
+        "complete": pl.Boolean(),
+        "wall_time": pl.Float64(),
+    }
+)
+EVENTS_SCHEMA = pl.Schema(
+    {
+        "step": pl.Int64,
+        "kind": pl.Utf8,
+        "site": pl.Utf8,
+        "value": pl.Float64,
+        "threshold": pl.Float64,
+        "severity": pl.Utf8,
+        "onset_step": pl.Int64,
+        "detail": pl.Utf8,
+    }
+)
+CLIPS_SCHEMA = pl.Schema(
+    {
+        "version": pl.Int64,
+        "step": pl.Int64,
+        "layer": pl.Int32,
+        "site": pl.Utf8,
+        "limit": pl.Float32,
+        "reason": pl.Utf8,
+        "acked_step": pl.Int64,
+    }
+)
+# Stored raw vectors (vectors.py): `values` is float32 little-endian bytes, one per id of the
+# layout; `ver` (set by the backend at commit, increasing in write order) decides which vector
+# wins a cell.
+RAW_VECTORS_SCHEMA = pl.Schema(
+    {
+        "step": pl.Int64,
+        "rank": pl.Int32,
+        "layout": pl.UInt64,
+        "values": pl.Binary,
+        "ver": pl.UInt64,
+    }
+)
+SERIES_SCHEMA = pl.Schema({"step": pl.Int64, "value": pl.Float32})
+AT_STEP_SCHEMA = pl.Schema(
+    {
+        "metric_id": pl.Int32,
+        "name": pl.Utf8,
+        "layer": pl.Int32,
+        "expert": pl.Int32,
+        "head": pl.Int32,
+        "stat": pl.Utf8,
+        "value": pl.Float32,
+    }
+)
+
+# Per value table: schema, natural key within a run, and the on-disk sort order (series reads
+# filter on metric_id first, so rows of one metric sit together; raw vectors are read per rank).
+TABLES: dict[str, tuple[pl.Schema, tuple[str, ...]]] = {
+    "raw_vectors": (RAW_VECTORS_SCHEMA, ("rank", "step", "layout")),
+    "reduced": (REDUCED_SCHEMA, ("metric_id", "step")),
+    "steps": (STEPS_SCHEMA, ("step",)),
+    "events": (EVENTS_SCHEMA, ("step", "kind", "site")),
+    "clips": (CLIPS_SCHEMA, ("version", "layer", "site")),
+}
+
+
+def empty(schema: pl.Schema) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)
+
+
+def from_arrow(table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
+    """pl.from_arrow of a table or record batch, which is always a DataFrame (polars' own
+    annotation also allows a Series, for arrays)."""
+    df = pl.from_arrow(table)
+    if not isinstance(df, pl.DataFrame):
+        raise TypeError(f"expected an Arrow table, got {type(table).__name__}")
+    return df
+
+
+def last_wins(
+    df: pl.DataFrame, keys: tuple[str, ...] | list[str], *, maintain_order: bool = False
+) -> pl.DataFrame:
+    """Keep the last row (in frame order) of every natural key: the idempotency rule.
+    maintain_order keeps the survivors in frame order (raw vectors: order is write order)."""
+    if df.height <= 1:
+        return df
+    return df.unique(subset=list(keys), keep="last", maintain_order=maintain_order)
