@@ -5,7 +5,7 @@
 
 Modules: config (MonitorConfig), adapter (where things are in a model), layout (the metric
 catalogue and buffer map), stats / gradstats (device-side capture), frames (protobuf encoding),
-buffer (bounded step buffer and its full policy), sender (background gRPC stream), clips (clip
+buffer (bounded step buffer and its full policy), sender/ (background gRPC stream), clips (clip
 updates staged to step boundaries), monitor (the call points). Imports proto only, of ours.
 """
 
