@@ -12,6 +12,10 @@
 Construction validates everything and raises a clear error (that is the user's code). After
 that, every call point is wrapped: a telemetry failure is logged (a few times) and counted in
 `stats()`, never raised into the training loop.
+
+`create_monitor(...)` is the one factory: a NullMonitor when the target is off. Both classes have
+the call points of the loop's interface (model/monitoring.py `TrainingMonitor`) structurally:
+hooks/ never imports model/.
 """
 
 from __future__ import annotations
@@ -131,21 +135,6 @@ class Monitor:
         self._closed = False
         if model is not None:
             self._attach(model, optimizer)  # bad models fail here, loudly
-
-    @classmethod
-    def create(
-        cls,
-        model: nn.Module | None = None,
-        optimizer: Any = None,
-        *,
-        target: str | None = None,
-        run: str = "run",
-        **kwargs,
-    ) -> Monitor | NullMonitor:
-        """A Monitor, or a NullMonitor when target is None/""/"off"/"none"."""
-        if target is None or str(target).lower() in OFF_TARGETS:
-            return NullMonitor()
-        return cls(model, optimizer, target=target, run=run, **kwargs)
 
     # ------------------------------------------------------------------ attach
     @_guarded
@@ -348,8 +337,6 @@ class Monitor:
 class NullMonitor:
     """The monitor when telemetry is off: the same calls, no work, no threads."""
 
-    create = Monitor.create
-
     def attach(self, model: nn.Module, optimizer: Any = None) -> None:
         pass
 
@@ -390,5 +377,7 @@ def create_monitor(
     run: str = "run",
     **kwargs,
 ) -> Monitor | NullMonitor:
-    """Factory: a Monitor, or a NullMonitor when target is None/off."""
-    return Monitor.create(model, optimizer, target=target, run=run, **kwargs)
+    """The factory: a Monitor, or a NullMonitor when target is None/""/"off"/"none"."""
+    if target is None or str(target).lower() in OFF_TARGETS:
+        return NullMonitor()
+    return Monitor(model, optimizer, target=target, run=run, **kwargs)

@@ -112,7 +112,6 @@ def test_null_monitor_has_the_same_public_methods():
 @pytest.mark.parametrize("target", [None, "", "off", "OFF", "none"])
 def test_factory_returns_null_monitor_when_off(target):
     assert isinstance(create_monitor(StandIn(), target=target, run="x"), NullMonitor)
-    assert isinstance(Monitor.create(StandIn(), target=target, run="x"), NullMonitor)
 
 
 def test_factory_returns_a_monitor_when_on():
