@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hooks.adapter import MoEAdapter, MoESite
+from hooks.layout import RegionKey as R
 from hooks.stats import Capture
 
 
@@ -56,13 +57,13 @@ class GradCapture:
     @torch.no_grad()
     def before_optimizer(self, grad_norm, periodic: bool) -> None:
         v = self.capture.view
-        if v("grad.global") is not None:
+        if v(R.GRAD_GLOBAL) is not None:
             if isinstance(grad_norm, torch.Tensor):
-                v("grad.global").copy_(grad_norm.detach().reshape(1))
+                v(R.GRAD_GLOBAL).copy_(grad_norm.detach().reshape(1))
             elif grad_norm is not None:
-                v("grad.global").fill_(float(grad_norm))
-            self._layer_norms(v("grad.layer"))
-            dst = v("grad.expert")
+                v(R.GRAD_GLOBAL).fill_(float(grad_norm))
+            self._layer_norms(v(R.GRAD_LAYER))
+            dst = v(R.GRAD_EXPERT)
             if dst is not None:
                 off = 0
                 for site in self.sites:
@@ -71,7 +72,7 @@ class GradCapture:
                         dst[off : off + site.n_experts].copy_(_expert_sq(grads).sqrt())
                     off += site.n_experts
         self._snapshot_valid = False
-        if periodic and v("params.update_ratio") is not None and self.all_params:
+        if periodic and v(R.PARAMS_UPDATE_RATIO) is not None and self.all_params:
             if self._snapshot is None:  # allocated once, on the first periodic step
                 self._snapshot = [torch.empty_like(p) for p in self.all_params]
             torch._foreach_copy_(self._snapshot, [p.detach() for p in self.all_params])
@@ -101,13 +102,13 @@ class GradCapture:
         if not periodic:
             return
         v = self.capture.view
-        dst = v("params.expert_fro")
+        dst = v(R.PARAMS_EXPERT_FRO)
         if dst is not None:
             off = 0
             for site in self.sites:
                 dst[off : off + site.n_experts].copy_(_expert_sq(site.expert_weights).sqrt())
                 off += site.n_experts
-        ratio = v("params.update_ratio")
+        ratio = v(R.PARAMS_UPDATE_RATIO)
         if ratio is not None and self._snapshot_valid:
             torch._foreach_sub_(self._snapshot, [p.detach() for p in self.all_params])
             delta_sq = self._sum_sq(self._snapshot)  # snapshot now holds -delta

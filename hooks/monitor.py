@@ -41,7 +41,14 @@ from hooks.buffer import StepItem
 from hooks.clips import ClipStager
 from hooks.config import MonitorConfig
 from hooks.gradstats import GradCapture
-from hooks.layout import HOST_SLOTS, PERIODIC_SCHEMA_ID, STEP_SCHEMA_ID, ModelShape, build_layout
+from hooks.layout import (
+    HOST_SLOTS,
+    PERIODIC_SCHEMA_ID,
+    STEP_SCHEMA_ID,
+    ModelShape,
+    RegionKey,
+    build_layout,
+)
 from hooks.sender import Sender
 from hooks.stats import Capture
 
@@ -168,7 +175,7 @@ class Monitor:
         self.grads = GradCapture(model, adapter, self.capture)
         self.adapter, self.model = adapter, model
         self.capture.install()
-        host = self.layout["train.host"] if "train.host" in self.layout else None
+        host = self.layout.region(RegionKey.TRAIN_HOST)
         self._host_idx = (
             np.arange(host.start, host.stop) if host is not None else np.zeros(0, np.int64)
         )
@@ -246,7 +253,8 @@ class Monitor:
         self.grads.after_step(periodic)
         self.capture.finalize()
         mtp = list(mtp_losses or ())
-        n_mtp = self.layout["train.mtp"].size if "train.mtp" in self.layout else 0
+        mtp_slots = self.layout.region(RegionKey.TRAIN_MTP)
+        n_mtp = mtp_slots.size if mtp_slots is not None else 0
         if len(mtp) > n_mtp:
             self._bump("mtp_losses_ignored", len(mtp) - n_mtp)
         self.capture.write_loop_values(loss, mtp)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hooks import Monitor, MonitorConfig
-from hooks.layout import PERIODIC_SCHEMA_ID
+from hooks.layout import PERIODIC_SCHEMA_ID, RegionKey
 from tests.hooks.conftest import tiny_model
 from tests.hooks.loop import train_step
 from tests.hooks.recompute import Recorder
@@ -168,4 +168,17 @@ def test_non_finite_values_reach_the_vector():
         assert math.isnan(got["moe/layer01/expert000/act_rms"])
         assert math.isnan(got["moe/layer01/expert000/act_maxabs"])
     assert math.isfinite(got["moe/layer02/expert000/act_rms"])
+    mon.close()
+
+
+def test_a_misspelled_region_key_raises_and_a_disabled_one_is_none():
+    mon, _ = offline_monitor(StandIn(), None, groups={"train", "moe"})
+    assert mon.capture.view(RegionKey.MOE_ACT_RMS) is not None
+    assert mon.capture.view("moe.act_rms") is not None  # the key is the string
+    assert mon.capture.view(RegionKey.ATTN_MAX_LOGIT) is None  # known, its group is off
+    for typo in ("moe.act_rsm", "moe/layer01/expert000/act_rms", "attn.max_logits", ""):
+        with pytest.raises(KeyError, match="not a buffer region"):
+            mon.capture.view(typo)
+        with pytest.raises(KeyError, match="not a buffer region"):
+            mon.layout.region(typo)
     mon.close()
