@@ -152,13 +152,6 @@ class Layout:
             out[region.start : region.stop] = region.init
         return out
 
-    def index_of(self, name: str) -> int:
-        """Position of a metric in the packed vector (tests and debugging; O(n))."""
-        for i, spec in enumerate(self.step_specs + self.periodic_specs):
-            if spec.name == name:
-                return i
-        raise KeyError(name)
-
 
 # ---------------------------------------------------------------- the metric catalogue
 
