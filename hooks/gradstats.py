@@ -21,13 +21,15 @@ from hooks.stats import Capture
 
 
 def _expert_sq(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-expert sum of squares over several batched [E, ...] tensors -> [E] float32."""
-    total = None
-    for t in tensors:
-        sq = torch.linalg.vector_norm(
-            t, 2, dim=tuple(range(1, t.dim())), dtype=torch.float32
-        ).square()
-        total = sq if total is None else total + sq
+    """Per-expert sum of squares over several batched [E, ...] tensors (at least one) -> [E]
+    float32."""
+    sq = lambda t: torch.linalg.vector_norm(
+        t, 2, dim=tuple(range(1, t.dim())), dtype=torch.float32
+    ).square()
+    first, *rest = tensors
+    total = sq(first)
+    for t in rest:
+        total = total + sq(t)
     return total
 
 
@@ -57,12 +59,13 @@ class GradCapture:
     @torch.no_grad()
     def before_optimizer(self, grad_norm, periodic: bool) -> None:
         v = self.capture.view
-        if v(R.GRAD_GLOBAL) is not None:
+        global_norm = v(R.GRAD_GLOBAL)
+        if global_norm is not None:
             if isinstance(grad_norm, torch.Tensor):
-                v(R.GRAD_GLOBAL).copy_(grad_norm.detach().reshape(1))
+                global_norm.copy_(grad_norm.detach().reshape(1))
             elif grad_norm is not None:
-                v(R.GRAD_GLOBAL).fill_(float(grad_norm))
-            self._layer_norms(v(R.GRAD_LAYER))
+                global_norm.fill_(float(grad_norm))
+            self._layer_norms(self.capture.need(R.GRAD_LAYER))
             dst = v(R.GRAD_EXPERT)
             if dst is not None:
                 off = 0
@@ -87,7 +90,7 @@ class GradCapture:
         if len(grads) != len(self.params):  # some params got no grad: they count as 0
             it = iter(norms)
             zero = torch.zeros((), dtype=torch.float32, device=dst.device)
-            norms = [next(it) if p.grad is not None else zero for p in self.params]
+            norms = tuple(next(it) if p.grad is not None else zero for p in self.params)
         sq = torch.stack(norms).square()
         layer_sq = torch.zeros(self.n_layers, dtype=torch.float32, device=dst.device)
         dst.copy_(layer_sq.index_add_(0, self.layer_of, sq).sqrt())
@@ -110,6 +113,7 @@ class GradCapture:
                 off += site.n_experts
         ratio = v(R.PARAMS_UPDATE_RATIO)
         if ratio is not None and self._snapshot_valid:
+            assert self._snapshot is not None and self._old_sq is not None  # valid: both taken
             torch._foreach_sub_(self._snapshot, [p.detach() for p in self.all_params])
             delta_sq = self._sum_sq(self._snapshot)  # snapshot now holds -delta
             ratio.copy_((delta_sq / self._old_sq).sqrt().reshape(1))

@@ -210,6 +210,7 @@ class Monitor:
         )
 
     def _send_clip_ack(self, step: int, version: int) -> None:
+        assert self.sender is not None  # clip updates arrive through the sender
         self.sender.submit_clip_ack(step, version)
 
     # ------------------------------------------------------------------ loop call points
@@ -217,6 +218,7 @@ class Monitor:
     def step_begin(self, step: int) -> None:
         if self.model is None:
             raise RuntimeError("step_begin before attach(model)")
+        assert self.clips is not None  # attached
         self.clips.apply(step)  # staged updates take effect for this step
         self.capture.reset()
         self._step, self._t0 = step, time.perf_counter()
@@ -273,6 +275,7 @@ class Monitor:
         schemas = [(STEP_SCHEMA_ID, self.layout.n_step)] if self.layout.n_step else []
         if periodic and self.layout.n_periodic:
             schemas.append((PERIODIC_SCHEMA_ID, self.layout.n_periodic))
+        assert self.sender is not None  # attached
         self.sender.submit(
             StepItem(
                 step=step,
@@ -315,6 +318,7 @@ class Monitor:
             out.update(self.sender.stats())
         if self.model is not None:
             out["host_copies"] = self.capture.host_copies
+            assert self.clips is not None  # attached
             out.update(self.clips.stats())
         return out
 
