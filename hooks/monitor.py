@@ -1,4 +1,5 @@
-"""`Monitor`: the object a training loop holds. `NullMonitor`: the same calls, doing nothing.
+"""`Monitor`: the object a training loop holds (`NullMonitor`, hooks/null.py: the same calls,
+doing nothing).
 
     mon = Monitor(model, optimizer, target="collector:7070", run="exp42")
     for step in ...:
@@ -13,9 +14,8 @@ Construction validates everything and raises a clear error (that is the user's c
 that, every call point is wrapped: a telemetry failure is logged (a few times) and counted in
 `stats()`, never raised into the training loop.
 
-`create_monitor(...)` is the one factory: a NullMonitor when the target is off. Both classes have
-the call points of the loop's interface (model/monitoring.py `TrainingMonitor`) structurally:
-hooks/ never imports model/.
+Monitor and NullMonitor have the call points of the loop's interface (model/monitoring.py
+`TrainingMonitor`) structurally: hooks/ never imports model/.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ from hooks.stats import Capture
 log = logging.getLogger("stepwatch.hooks")
 RUN_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 TARGET_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
-OFF_TARGETS = (None, "", "off", "none")
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -344,52 +343,3 @@ class Monitor:
                 where,
                 exc_info=(type(exc), exc, exc.__traceback__),
             )
-
-
-class NullMonitor:
-    """The monitor when telemetry is off: the same calls, no work, no threads."""
-
-    def attach(self, model: nn.Module, optimizer: Any = None) -> None:
-        pass
-
-    def step_begin(self, step: int) -> None:
-        pass
-
-    def before_optimizer(self, step: int, grad_norm: torch.Tensor | float | None = None) -> None:
-        pass
-
-    def step_end(
-        self,
-        step: int,
-        loss: torch.Tensor | float | None = None,
-        mtp_losses: Iterable[torch.Tensor | float] | None = None,
-        lr: float | None = None,
-        tokens: int | None = None,
-    ) -> None:
-        pass
-
-    def close(self, timeout: float | None = None) -> None:
-        pass
-
-    def stats(self) -> dict:
-        return {}
-
-    def __enter__(self) -> NullMonitor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def create_monitor(
-    model: nn.Module | None = None,
-    optimizer: Any = None,
-    *,
-    target: str | None = None,
-    run: str = "run",
-    **kwargs,
-) -> Monitor | NullMonitor:
-    """The factory: a Monitor, or a NullMonitor when target is None/""/"off"/"none"."""
-    if target is None or str(target).lower() in OFF_TARGETS:
-        return NullMonitor()
-    return Monitor(model, optimizer, target=target, run=run, **kwargs)
