@@ -132,7 +132,7 @@ class Sender(SenderCore[_Conn]):
         self.buffer.count("connect_attempts")
         try:
             conn.call = pbg.TelemetryStub(channel).Stream(_requests(conn), metadata=self._metadata)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a stream that cannot open is retried with backoff
             self._drop_conn(conn)
             return None
         with self._cond:
