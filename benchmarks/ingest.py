@@ -5,9 +5,10 @@
                                 [--flush-interval 2.0] [--no-flat]
 
 P load-generator processes (benchmarks/loadgen.py) play R ranks, each rank with the real hooks
-Sender and its own gRPC stream, sending benchmarks/workload.py's per-(layer, expert, stat)
-vectors; the collector is the real one (`collector.process.start_collector`: barrier,
-reduction, online detectors, store writes, acks after flush). Sustained rate: steps after the
+sender protocol (on asyncio: benchmarks/channel_sender.py) and its own gRPC stream, sending
+benchmarks/workload.py's per-(layer, expert, stat) vectors; the collector is the real one
+(`collector.process.start_collector`: barrier, reduction, online detectors, store writes, acks
+after flush). Sustained rate: steps after the
 warm-up (which pays for connections and schema registration) over the time until the last of
 them is acknowledged, i.e. durable.
 

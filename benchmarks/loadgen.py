@@ -1,12 +1,13 @@
-"""One load-generator process: a group of simulated ranks, each with its own hooks Sender.
+"""One load-generator process: a group of simulated ranks, each with its own sender.
 
     python -m benchmarks.loadgen ARGS_JSON        (started by benchmarks/ingest.py)
 
-Every rank gets the real client sender (hooks.sender.Sender: its own bidirectional stream,
-bounded buffer, seq, resend, acks), what `Monitor` builds for a training process; only the
-device capture is replaced by `workload.Values`. To fit thousands of ranks on two cores, the
-senders run in channel mode: one asyncio loop, one gRPC channel per `ranks_per_channel` ranks
-(each channel its own TCP connection), no thread per rank; each rank still has its own stream.
+Every rank gets the real client sender protocol (hooks/sender/core.py: its own bidirectional
+stream, bounded buffer, seq, resend, acks), what `Monitor` builds for a training process; only
+the device capture is replaced by `workload.Values`. To fit thousands of ranks on two cores, the
+senders are `ChannelSender`s (benchmarks/channel_sender.py): one asyncio loop, one gRPC channel
+per `ranks_per_channel` ranks (each channel its own TCP connection), no thread per rank; each
+rank still has its own stream.
 The values of all ranks of a step come from one `Values.steps` matrix (a row per rank).
 
 Protocol with the parent, one JSON line each on stdout: {"ready": ...} once every rank is
@@ -16,9 +17,9 @@ closes every sender (waits for the acks) and prints {"result": ...}.
 Flow control: a step is submitted once every rank here has fewer than `depth` steps
 unacknowledged (the pipeline's backpressure, timed apart as waiting), so `submit` never blocks.
 Measured here, per process, in CPU seconds: value generation (the stand-in for the model, not
-telemetry), the time inside `Sender.submit`, serialization (`frames.step_frames`, wrapped) and
-this process's CPU time (every thread, gRPC's included) minus generation: the whole client-side
-telemetry cost, which a real rank spends on its background thread.
+telemetry), the time inside `ChannelSender.submit`, serialization (`frames.step_frames`,
+wrapped) and this process's CPU time (every thread, gRPC's included) minus generation: the
+whole client-side telemetry cost, which a real rank spends on its background thread.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import time
 import grpc
 import numpy as np
 
+from benchmarks.channel_sender import ChannelSender
 from benchmarks.workload import Values, Workload
 from hooks import frames
 from hooks.buffer import StepItem
 from hooks.config import MonitorConfig
-from hooks.sender import Sender
 
 CONNECT_BATCH = 256  # ranks that open their streams together
 _serialize_s = [0.0]  # every sender runs on this process's one event-loop thread
@@ -105,7 +106,7 @@ async def play(a: dict) -> int:
     def on_clip(rank: int):
         return lambda update: clips.append((time.time(), current[0], rank))
 
-    senders: list[Sender] = []
+    senders: list[ChannelSender] = []
     schemas_by_group: dict[int, list] = {}
     deadline = time.monotonic() + a["connect_timeout_s"]
     for i, r in enumerate(ranks):
@@ -113,7 +114,7 @@ async def play(a: dict) -> int:
         if g not in schemas_by_group:  # one list per EP group
             schemas_by_group[g] = w.schemas(w.specs(r))
         senders.append(
-            Sender(
+            ChannelSender(
                 a["target"],
                 frames.Identity(a["run"], r, w.world),
                 schemas_by_group[g],

@@ -5,13 +5,15 @@
 
 Modules: config (MonitorConfig), adapter (where things are in a model), layout (the metric
 catalogue and buffer map), stats / gradstats (device-side capture), frames (protobuf encoding),
-buffer (bounded step buffer and its full policy), sender (background gRPC stream), clips (clip
-updates staged to step boundaries), monitor (the call points). Imports proto only, of ours.
+buffer (bounded step buffer and its full policy), sender/ (background gRPC stream), clips (clip
+updates staged to step boundaries), monitor (the call points), null (NullMonitor and the
+create_monitor factory). Imports proto only, of ours.
 """
 
 from hooks.adapter import AttentionSite, MoEAdapter, MoESite, RouterView, StepFlashAdapter
 from hooks.config import STAT_GROUPS, MonitorConfig
-from hooks.monitor import Monitor, NullMonitor, create_monitor
+from hooks.monitor import Monitor
+from hooks.null import NullMonitor, create_monitor
 
 __all__ = [
     "Monitor",

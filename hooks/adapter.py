@@ -113,9 +113,12 @@ class StepFlashAdapter:
             if not hasattr(model, "moe_layers") and isinstance(inner, nn.Module):
                 model = inner
         _need(model, "model", ("layers", "moe_layers", "lm_head"))
-        self.model = model
-        self._moe = {}
-        for layer, moe in model.moe_layers():
+        # Found by attribute name alone (above), so typed Any: an nn.Module attribute would
+        # type-check as Tensor | Module, never as the method or list it is.
+        found: Any = model
+        self.model = found
+        self._moe: dict[int, Any] = {}
+        for layer, moe in found.moe_layers():
             _need(
                 moe,
                 f"MoE of layer {layer}",
@@ -174,7 +177,7 @@ class StepFlashAdapter:
     def n_mtp(self) -> int:
         return int(getattr(self._config(), "mtp_depth", 0) or 0)
 
-    def _moe_at(self, layer: int) -> nn.Module:
+    def _moe_at(self, layer: int) -> Any:
         try:
             return self._moe[int(layer)]
         except KeyError:

@@ -6,7 +6,6 @@ before the first step, rather than being logged and ignored later.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -132,10 +131,3 @@ class MonitorConfig:
                 f"MonitorConfig.max_logged_errors must be an int >= 0, "
                 f"got {self.max_logged_errors!r}"
             )
-
-    def enabled(self, group: str) -> bool:
-        return group in self.groups
-
-    def replace(self, **changes) -> MonitorConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)

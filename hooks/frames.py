@@ -210,8 +210,3 @@ def split_ends_step(sent: Sequence[pb.ClientFrame]) -> list[pb.ClientFrame]:
 
 def clip_ack(ident: Identity, step: int, version: int, seq: int) -> pb.ClientFrame:
     return pb.ClientFrame(clip_ack=pb.ClipAck(header=ident.header(step, seq), version=version))
-
-
-def decode_values(chunk: pb.StepChunk) -> np.ndarray:
-    """Inverse of the chunk encoding (tests, debugging)."""
-    return np.frombuffer(chunk.values, dtype="<f4")

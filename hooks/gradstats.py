@@ -16,17 +16,20 @@ import torch
 from torch import nn
 
 from hooks.adapter import MoEAdapter, MoESite
+from hooks.layout import RegionKey as R
 from hooks.stats import Capture
 
 
 def _expert_sq(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-expert sum of squares over several batched [E, ...] tensors -> [E] float32."""
-    total = None
-    for t in tensors:
-        sq = torch.linalg.vector_norm(
-            t, 2, dim=tuple(range(1, t.dim())), dtype=torch.float32
-        ).square()
-        total = sq if total is None else total + sq
+    """Per-expert sum of squares over several batched [E, ...] tensors (at least one) -> [E]
+    float32."""
+    sq = lambda t: torch.linalg.vector_norm(
+        t, 2, dim=tuple(range(1, t.dim())), dtype=torch.float32
+    ).square()
+    first, *rest = tensors
+    total = sq(first)
+    for t in rest:
+        total = total + sq(t)
     return total
 
 
@@ -56,13 +59,14 @@ class GradCapture:
     @torch.no_grad()
     def before_optimizer(self, grad_norm, periodic: bool) -> None:
         v = self.capture.view
-        if v("grad.global") is not None:
+        global_norm = v(R.GRAD_GLOBAL)
+        if global_norm is not None:
             if isinstance(grad_norm, torch.Tensor):
-                v("grad.global").copy_(grad_norm.detach().reshape(1))
+                global_norm.copy_(grad_norm.detach().reshape(1))
             elif grad_norm is not None:
-                v("grad.global").fill_(float(grad_norm))
-            self._layer_norms(v("grad.layer"))
-            dst = v("grad.expert")
+                global_norm.fill_(float(grad_norm))
+            self._layer_norms(self.capture.need(R.GRAD_LAYER))
+            dst = v(R.GRAD_EXPERT)
             if dst is not None:
                 off = 0
                 for site in self.sites:
@@ -71,7 +75,7 @@ class GradCapture:
                         dst[off : off + site.n_experts].copy_(_expert_sq(grads).sqrt())
                     off += site.n_experts
         self._snapshot_valid = False
-        if periodic and v("params.update_ratio") is not None and self.all_params:
+        if periodic and v(R.PARAMS_UPDATE_RATIO) is not None and self.all_params:
             if self._snapshot is None:  # allocated once, on the first periodic step
                 self._snapshot = [torch.empty_like(p) for p in self.all_params]
             torch._foreach_copy_(self._snapshot, [p.detach() for p in self.all_params])
@@ -86,7 +90,7 @@ class GradCapture:
         if len(grads) != len(self.params):  # some params got no grad: they count as 0
             it = iter(norms)
             zero = torch.zeros((), dtype=torch.float32, device=dst.device)
-            norms = [next(it) if p.grad is not None else zero for p in self.params]
+            norms = tuple(next(it) if p.grad is not None else zero for p in self.params)
         sq = torch.stack(norms).square()
         layer_sq = torch.zeros(self.n_layers, dtype=torch.float32, device=dst.device)
         dst.copy_(layer_sq.index_add_(0, self.layer_of, sq).sqrt())
@@ -101,14 +105,15 @@ class GradCapture:
         if not periodic:
             return
         v = self.capture.view
-        dst = v("params.expert_fro")
+        dst = v(R.PARAMS_EXPERT_FRO)
         if dst is not None:
             off = 0
             for site in self.sites:
                 dst[off : off + site.n_experts].copy_(_expert_sq(site.expert_weights).sqrt())
                 off += site.n_experts
-        ratio = v("params.update_ratio")
+        ratio = v(R.PARAMS_UPDATE_RATIO)
         if ratio is not None and self._snapshot_valid:
+            assert self._snapshot is not None and self._old_sq is not None  # valid: both taken
             torch._foreach_sub_(self._snapshot, [p.detach() for p in self.all_params])
             delta_sq = self._sum_sq(self._snapshot)  # snapshot now holds -delta
             ratio.copy_((delta_sq / self._old_sq).sqrt().reshape(1))

@@ -9,7 +9,8 @@ sums that `finalize` turns into means, and is never copied to the host. Each sta
 one contiguous region ordered (layer, expert) or (layer, head), so a hook writes a whole vector
 with one kernel and the per-step finalize is a handful of vectorised ops, however many experts.
 The schema's metric order is exactly the buffer order: the packed vector on the wire is the
-buffer's prefix, unchanged.
+buffer's prefix, unchanged. Regions are named by `RegionKey`, defined once here: the catalogue
+lays them out, the capture (stats.py, gradstats.py) and the monitor look them up.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -26,6 +28,64 @@ NAN = math.nan
 NEG_INF = -math.inf
 
 _PART_ORDER = ("step", "periodic", "scratch")
+
+
+class RegionKey(StrEnum):
+    """The name of every region the catalogue can lay out: `<stat group>.<stat>`. Looking up any
+    other name raises KeyError (`Layout.region`), so a misspelling never reads as "group off"."""
+
+    # moe: per (layer, expert) metrics, then the scratch sums `finalize` turns into them
+    MOE_TOKENS = "moe.tokens"
+    MOE_GATE_MASS = "moe.gate_mass"
+    MOE_ACT_RMS = "moe.act_rms"
+    MOE_ACT_MAXABS = "moe.act_maxabs"
+    MOE_OUT_NORM = "moe.out_norm"
+    MOE_ACT_SUMSQ = "moe.act_sumsq"
+    MOE_ROWS = "moe.rows"
+    MOE_OUT_SUMSQ = "moe.out_sumsq"
+    # moe, shared experts: per layer that has one
+    SHARED_ACT_RMS = "shared.act_rms"
+    SHARED_ACT_MAXABS = "shared.act_maxabs"
+    SHARED_OUT_NORM = "shared.out_norm"
+    SHARED_ACT_SUMSQ = "shared.act_sumsq"
+    SHARED_ACT_NUMEL = "shared.act_numel"
+    SHARED_OUT_SUMSQ = "shared.out_sumsq"
+    SHARED_ROWS = "shared.rows"
+    # router: per MoE layer; router.load counts tokens per expert when moe is off
+    ROUTER_CONFIDENCE = "router.confidence"
+    ROUTER_LOGIT_MAX = "router.logit_max"
+    ROUTER_LOGIT_STD = "router.logit_std"
+    ROUTER_Z_LOSS = "router.z_loss"
+    ROUTER_LOAD_MAX_OVER_MEAN = "router.load_max_over_mean"
+    ROUTER_BIAS_ABSMAX = "router.bias_absmax"
+    ROUTER_CONF_SUM = "router.conf_sum"
+    ROUTER_STD_SUM = "router.std_sum"
+    ROUTER_LSE2_SUM = "router.lse2_sum"
+    ROUTER_N_TOKENS = "router.n_tokens"
+    ROUTER_LOAD = "router.load"
+    ATTN_MAX_LOGIT = "attn.max_logit"  # per (layer, head)
+    OUTPUT_LOGIT_MAX = "output.logit_max"
+    # resid: per layer
+    RESID_RMS = "resid.rms"
+    RESID_MAXABS = "resid.maxabs"
+    RESID_SUMSQ = "resid.sumsq"
+    RESID_NUMEL = "resid.numel"
+    GRAD_GLOBAL = "grad.global"
+    GRAD_LAYER = "grad.layer"
+    GRAD_EXPERT = "grad.expert"
+    TRAIN_LOSS = "train.loss"
+    TRAIN_MTP = "train.mtp"
+    TRAIN_HOST = "train.host"  # filled on the host: HOST_SLOTS
+    PARAMS_EXPERT_FRO = "params.expert_fro"
+    PARAMS_UPDATE_RATIO = "params.update_ratio"
+
+    @property
+    def stat(self) -> str:
+        """The name after the group: the `stat` label of the region's metrics."""
+        return self.partition(".")[2]
+
+
+_REGION_KEYS = frozenset(RegionKey)
 
 
 @dataclass(frozen=True)
@@ -45,7 +105,7 @@ class MetricSpec:
 class Region:
     """A contiguous slice of the buffer; `start` is assigned when the layout is built."""
 
-    key: str
+    key: RegionKey
     part: str
     size: int
     init: float
@@ -77,11 +137,12 @@ class Layout:
         self.n_step = len(self.step_specs)
         self.n_periodic = len(self.periodic_specs)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.regions
-
-    def __getitem__(self, key: str) -> Region:
-        return self.regions[key]
+    def region(self, key: str) -> Region | None:
+        """The region named `key`, or None when it is not laid out (its stat group is off, or
+        the model has no such site); KeyError when `key` is no RegionKey at all."""
+        if key not in _REGION_KEYS:
+            raise KeyError(f"{key!r} is not a buffer region (see hooks.layout.RegionKey)")
+        return self.regions.get(key)
 
     def init_vector(self) -> np.ndarray:
         """The value every slot holds at step_begin: 0 for sums, -inf for maxima that may see
@@ -90,13 +151,6 @@ class Layout:
         for region in self.regions.values():
             out[region.start : region.stop] = region.init
         return out
-
-    def index_of(self, name: str) -> int:
-        """Position of a metric in the packed vector (tests and debugging; O(n))."""
-        for i, spec in enumerate(self.step_specs + self.periodic_specs):
-            if spec.name == name:
-                return i
-        raise KeyError(name)
 
 
 # ---------------------------------------------------------------- the metric catalogue
@@ -120,29 +174,31 @@ def _w(n: int, minimum: int) -> int:
 
 def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
     """The buffer map for a model shape and the enabled stat groups (hooks.config.STAT_GROUPS)."""
+    R = RegionKey
     lw = _w(shape.n_layers, 2)
     ew = _w(max((e for _, e in shape.moe), default=1), 3)
     hw = _w(max((h for _, h in shape.attn), default=1), 2)
     layer = lambda l: f"layer{l:0{lw}d}"
     regions: list[Region] = []
 
-    def metrics(key: str, part: str, init: float, specs: list[MetricSpec]) -> None:
+    def metrics(key: RegionKey, part: str, init: float, specs: list[MetricSpec]) -> None:
         regions.append(Region(key, part, len(specs), init, specs))
 
-    def scratch(key: str, size: int) -> None:
+    def scratch(key: RegionKey, size: int) -> None:
         regions.append(Region(key, "scratch", size, 0.0))
 
     n_expert_slots = sum(e for _, e in shape.moe)
     if "moe" in groups and shape.moe:
-        for stat, reduce, unit, init in (
-            ("tokens", "sum", "tokens", 0.0),
-            ("gate_mass", "sum", "", 0.0),
-            ("act_rms", "mean", "", 0.0),
-            ("act_maxabs", "max", "", 0.0),
-            ("out_norm", "mean", "", 0.0),
+        for key, reduce, unit, init in (
+            (R.MOE_TOKENS, "sum", "tokens", 0.0),
+            (R.MOE_GATE_MASS, "sum", "", 0.0),
+            (R.MOE_ACT_RMS, "mean", "", 0.0),
+            (R.MOE_ACT_MAXABS, "max", "", 0.0),
+            (R.MOE_OUT_NORM, "mean", "", 0.0),
         ):
+            stat = key.stat
             metrics(
-                f"moe.{stat}",
+                key,
                 "step",
                 init,
                 [
@@ -153,46 +209,50 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
                     for e in range(n)
                 ],
             )
-        for key in ("moe.act_sumsq", "moe.rows", "moe.out_sumsq"):
+        for key in (R.MOE_ACT_SUMSQ, R.MOE_ROWS, R.MOE_OUT_SUMSQ):
             scratch(key, n_expert_slots)
         if shape.shared:
-            for stat, reduce in (("act_rms", "mean"), ("act_maxabs", "max"), ("out_norm", "mean")):
+            for key, reduce in (
+                (R.SHARED_ACT_RMS, "mean"),
+                (R.SHARED_ACT_MAXABS, "max"),
+                (R.SHARED_OUT_NORM, "mean"),
+            ):
                 metrics(
-                    f"shared.{stat}",
+                    key,
                     "step",
                     0.0,
                     [
-                        MetricSpec(f"moe/{layer(l)}/shared/{stat}", reduce, stat, l)
+                        MetricSpec(f"moe/{layer(l)}/shared/{key.stat}", reduce, key.stat, l)
                         for l in shape.shared
                     ],
                 )
-            for key in ("shared.act_sumsq", "shared.act_numel", "shared.out_sumsq", "shared.rows"):
+            for key in (R.SHARED_ACT_SUMSQ, R.SHARED_ACT_NUMEL, R.SHARED_OUT_SUMSQ, R.SHARED_ROWS):
                 scratch(key, len(shape.shared))
     if "router" in groups and shape.moe:
-        for stat, reduce, init in (
-            ("confidence", "mean", NAN),
-            ("logit_max", "max", NEG_INF),
-            ("logit_std", "mean", NAN),
-            ("z_loss", "mean", NAN),
-            ("load_max_over_mean", "max", NAN),
-            ("bias_absmax", "max", NAN),
+        for key, reduce, init in (
+            (R.ROUTER_CONFIDENCE, "mean", NAN),
+            (R.ROUTER_LOGIT_MAX, "max", NEG_INF),
+            (R.ROUTER_LOGIT_STD, "mean", NAN),
+            (R.ROUTER_Z_LOSS, "mean", NAN),
+            (R.ROUTER_LOAD_MAX_OVER_MEAN, "max", NAN),
+            (R.ROUTER_BIAS_ABSMAX, "max", NAN),
         ):
             metrics(
-                f"router.{stat}",
+                key,
                 "step",
                 init,
                 [
-                    MetricSpec(f"moe/{layer(l)}/router/{stat}", reduce, stat, l)
+                    MetricSpec(f"moe/{layer(l)}/router/{key.stat}", reduce, key.stat, l)
                     for l, _ in shape.moe
                 ],
             )
-        for key in ("router.conf_sum", "router.std_sum", "router.lse2_sum", "router.n_tokens"):
+        for key in (R.ROUTER_CONF_SUM, R.ROUTER_STD_SUM, R.ROUTER_LSE2_SUM, R.ROUTER_N_TOKENS):
             scratch(key, len(shape.moe))
         if "moe" not in groups:
-            scratch("router.load", n_expert_slots)  # tokens per expert, normally moe.tokens
+            scratch(R.ROUTER_LOAD, n_expert_slots)  # tokens per expert, normally moe.tokens
     if "attn" in groups and shape.attn:
         metrics(
-            "attn.max_logit",
+            R.ATTN_MAX_LOGIT,
             "step",
             NEG_INF,
             [
@@ -205,36 +265,35 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
         )
     if "output" in groups and shape.has_output_head:
         metrics(
-            "output.logit_max",
+            R.OUTPUT_LOGIT_MAX,
             "step",
             NEG_INF,
             [MetricSpec("model/output_logit_max", "max", "output_logit_max")],
         )
     if "resid" in groups and shape.n_layers:
-        for stat, reduce in (("rms", "mean"), ("maxabs", "max")):
-            init = 0.0 if stat == "maxabs" else NAN
+        for key, reduce, init in ((R.RESID_RMS, "mean", NAN), (R.RESID_MAXABS, "max", 0.0)):
             metrics(
-                f"resid.{stat}",
+                key,
                 "step",
                 init,
                 [
-                    MetricSpec(f"resid/{layer(l)}/{stat}", reduce, stat, l)
+                    MetricSpec(f"resid/{layer(l)}/{key.stat}", reduce, key.stat, l)
                     for l in range(shape.n_layers)
                 ],
             )
-        scratch("resid.sumsq", shape.n_layers)
-        scratch("resid.numel", shape.n_layers)
+        scratch(R.RESID_SUMSQ, shape.n_layers)
+        scratch(R.RESID_NUMEL, shape.n_layers)
     if "grad" in groups:
-        metrics("grad.global", "step", NAN, [MetricSpec("grad/global_norm", "mean", "norm")])
+        metrics(R.GRAD_GLOBAL, "step", NAN, [MetricSpec("grad/global_norm", "mean", "norm")])
         metrics(
-            "grad.layer",
+            R.GRAD_LAYER,
             "step",
             NAN,
             [MetricSpec(f"grad/{layer(l)}/norm", "mean", "norm", l) for l in range(shape.n_layers)],
         )
         if shape.moe:
             metrics(
-                "grad.expert",
+                R.GRAD_EXPERT,
                 "step",
                 NAN,
                 [
@@ -244,10 +303,10 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
                 ],
             )
     if "train" in groups:
-        metrics("train.loss", "step", NAN, [MetricSpec("train/loss", "mean", "loss")])
+        metrics(R.TRAIN_LOSS, "step", NAN, [MetricSpec("train/loss", "mean", "loss")])
         if shape.n_mtp:
             metrics(
-                "train.mtp",
+                R.TRAIN_MTP,
                 "step",
                 NAN,
                 [
@@ -257,7 +316,7 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
             )
         # Host values: filled into the host copy, never touch the device.
         metrics(
-            "train.host",
+            R.TRAIN_HOST,
             "step",
             NAN,
             [
@@ -270,7 +329,7 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
     if "params" in groups:
         if shape.moe:
             metrics(
-                "params.expert_fro",
+                R.PARAMS_EXPERT_FRO,
                 "periodic",
                 NAN,
                 [
@@ -282,7 +341,7 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
                 ],
             )
         metrics(
-            "params.update_ratio",
+            R.PARAMS_UPDATE_RATIO,
             "periodic",
             NAN,
             [MetricSpec("optim/update_ratio", "mean", "update_ratio")],

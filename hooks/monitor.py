@@ -1,4 +1,5 @@
-"""`Monitor`: the object a training loop holds. `NullMonitor`: the same calls, doing nothing.
+"""`Monitor`: the object a training loop holds (`NullMonitor`, hooks/null.py: the same calls,
+doing nothing).
 
     mon = Monitor(model, optimizer, target="collector:7070", run="exp42")
     for step in ...:
@@ -12,6 +13,9 @@
 Construction validates everything and raises a clear error (that is the user's code). After
 that, every call point is wrapped: a telemetry failure is logged (a few times) and counted in
 `stats()`, never raised into the training loop.
+
+Monitor and NullMonitor have the call points of the loop's interface (model/monitoring.py
+`TrainingMonitor`) structurally: hooks/ never imports model/.
 """
 
 from __future__ import annotations
@@ -37,14 +41,20 @@ from hooks.buffer import StepItem
 from hooks.clips import ClipStager
 from hooks.config import MonitorConfig
 from hooks.gradstats import GradCapture
-from hooks.layout import HOST_SLOTS, PERIODIC_SCHEMA_ID, STEP_SCHEMA_ID, ModelShape, build_layout
+from hooks.layout import (
+    HOST_SLOTS,
+    PERIODIC_SCHEMA_ID,
+    STEP_SCHEMA_ID,
+    ModelShape,
+    RegionKey,
+    build_layout,
+)
 from hooks.sender import Sender
 from hooks.stats import Capture
 
 log = logging.getLogger("stepwatch.hooks")
 RUN_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 TARGET_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
-OFF_TARGETS = (None, "", "off", "none")
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -132,21 +142,6 @@ class Monitor:
         if model is not None:
             self._attach(model, optimizer)  # bad models fail here, loudly
 
-    @classmethod
-    def create(
-        cls,
-        model: nn.Module | None = None,
-        optimizer: Any = None,
-        *,
-        target: str | None = None,
-        run: str = "run",
-        **kwargs,
-    ) -> Monitor | NullMonitor:
-        """A Monitor, or a NullMonitor when target is None/""/"off"/"none"."""
-        if target is None or str(target).lower() in OFF_TARGETS:
-            return NullMonitor()
-        return cls(model, optimizer, target=target, run=run, **kwargs)
-
     # ------------------------------------------------------------------ attach
     @_guarded
     def attach(self, model: nn.Module, optimizer: Any = None) -> None:
@@ -179,7 +174,7 @@ class Monitor:
         self.grads = GradCapture(model, adapter, self.capture)
         self.adapter, self.model = adapter, model
         self.capture.install()
-        host = self.layout["train.host"] if "train.host" in self.layout else None
+        host = self.layout.region(RegionKey.TRAIN_HOST)
         self._host_idx = (
             np.arange(host.start, host.stop) if host is not None else np.zeros(0, np.int64)
         )
@@ -214,6 +209,7 @@ class Monitor:
         )
 
     def _send_clip_ack(self, step: int, version: int) -> None:
+        assert self.sender is not None  # clip updates arrive through the sender
         self.sender.submit_clip_ack(step, version)
 
     # ------------------------------------------------------------------ loop call points
@@ -221,6 +217,7 @@ class Monitor:
     def step_begin(self, step: int) -> None:
         if self.model is None:
             raise RuntimeError("step_begin before attach(model)")
+        assert self.clips is not None  # attached
         self.clips.apply(step)  # staged updates take effect for this step
         self.capture.reset()
         self._step, self._t0 = step, time.perf_counter()
@@ -257,7 +254,8 @@ class Monitor:
         self.grads.after_step(periodic)
         self.capture.finalize()
         mtp = list(mtp_losses or ())
-        n_mtp = self.layout["train.mtp"].size if "train.mtp" in self.layout else 0
+        mtp_slots = self.layout.region(RegionKey.TRAIN_MTP)
+        n_mtp = mtp_slots.size if mtp_slots is not None else 0
         if len(mtp) > n_mtp:
             self._bump("mtp_losses_ignored", len(mtp) - n_mtp)
         self.capture.write_loop_values(loss, mtp)
@@ -276,6 +274,7 @@ class Monitor:
         schemas = [(STEP_SCHEMA_ID, self.layout.n_step)] if self.layout.n_step else []
         if periodic and self.layout.n_periodic:
             schemas.append((PERIODIC_SCHEMA_ID, self.layout.n_periodic))
+        assert self.sender is not None  # attached
         self.sender.submit(
             StepItem(
                 step=step,
@@ -318,6 +317,7 @@ class Monitor:
             out.update(self.sender.stats())
         if self.model is not None:
             out["host_copies"] = self.capture.host_copies
+            assert self.clips is not None  # attached
             out.update(self.clips.stats())
         return out
 
@@ -343,52 +343,3 @@ class Monitor:
                 where,
                 exc_info=(type(exc), exc, exc.__traceback__),
             )
-
-
-class NullMonitor:
-    """The monitor when telemetry is off: the same calls, no work, no threads."""
-
-    create = Monitor.create
-
-    def attach(self, model: nn.Module, optimizer: Any = None) -> None:
-        pass
-
-    def step_begin(self, step: int) -> None:
-        pass
-
-    def before_optimizer(self, step: int, grad_norm: torch.Tensor | float | None = None) -> None:
-        pass
-
-    def step_end(
-        self,
-        step: int,
-        loss: torch.Tensor | float | None = None,
-        mtp_losses: Iterable[torch.Tensor | float] | None = None,
-        lr: float | None = None,
-        tokens: int | None = None,
-    ) -> None:
-        pass
-
-    def close(self, timeout: float | None = None) -> None:
-        pass
-
-    def stats(self) -> dict:
-        return {}
-
-    def __enter__(self) -> NullMonitor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def create_monitor(
-    model: nn.Module | None = None,
-    optimizer: Any = None,
-    *,
-    target: str | None = None,
-    run: str = "run",
-    **kwargs,
-) -> Monitor | NullMonitor:
-    """Factory: a Monitor, or a NullMonitor when target is None/off."""
-    return Monitor.create(model, optimizer, target=target, run=run, **kwargs)

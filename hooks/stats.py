@@ -30,6 +30,7 @@ from torch import nn
 
 from hooks.adapter import MoEAdapter
 from hooks.layout import Layout
+from hooks.layout import RegionKey as R
 
 INF = math.inf
 
@@ -57,11 +58,13 @@ class HostVector:
     for the copy's event, takes a numpy copy and returns the staging buffer to its pool."""
 
     def __init__(self, host: torch.Tensor, event, release: Callable[[torch.Tensor], None]):
-        self._host, self._event, self._release = host, event, release
+        self._host: torch.Tensor | None = host  # None once released to the pool
+        self._event, self._release = event, release
         self._array: np.ndarray | None = None
 
     def materialize(self) -> np.ndarray:
         if self._array is None:
+            assert self._host is not None  # released only together with setting _array
             if self._event is not None:
                 self._event.synchronize()
             self._array = self._host.numpy().copy()
@@ -94,41 +97,53 @@ class Capture:
         self._uniform_e = len({s.n_experts for s in self.moe_sites}) <= 1
 
     def view(self, key: str) -> torch.Tensor | None:
-        """The buffer slice of a region, or None when its stat group is off."""
-        if key not in self.layout:
-            return None
-        region = self.layout[key]
-        return self.buf[region.start : region.stop]
+        """The buffer slice of a region, or None when its stat group is off; KeyError for a key
+        that names no region (hooks.layout.RegionKey): a misspelling fails, it does not pass
+        for a group that is off."""
+        region = self.layout.region(key)
+        return None if region is None else self.buf[region.start : region.stop]
+
+    def need(self, key: str) -> torch.Tensor:
+        """`view` of a region laid out with one already found (its scratch sums, the rest of
+        its group); KeyError when it is not laid out."""
+        region = self.view(key)
+        if region is None:
+            raise KeyError(f"buffer region {key!r} is not laid out")
+        return region
+
+    def _token_counts(self) -> torch.Tensor | None:
+        """Tokens per expert: moe.tokens, or router.load when only the router group is on."""
+        tokens = self.view(R.MOE_TOKENS)
+        return tokens if tokens is not None else self.view(R.ROUTER_LOAD)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         """Register every hook the enabled groups need (activating the model's probes)."""
         v = self.view
+        tokens = self._token_counts()
         shared_i = 0
         for i, site in enumerate(self.moe_sites):
             a, b = self._expert_off[i], self._expert_off[i + 1]
-            tokens = v("moe.tokens") if v("moe.tokens") is not None else v("router.load")
             if tokens is not None:
                 self._hook(site.router, self._router_hook(i, a, b, tokens))
-            if v("moe.act_rms") is not None and site.expert_probe is not None:
+            if v(R.MOE_ACT_RMS) is not None and site.expert_probe is not None:
                 self._hook(site.expert_probe, self._expert_hook(a, b))
-            if v("shared.act_rms") is not None and site.shared_probe is not None:
+            if v(R.SHARED_ACT_RMS) is not None and site.shared_probe is not None:
                 self._hook(site.shared_probe, self._shared_hook(shared_i))
                 shared_i += 1
-        if v("attn.max_logit") is not None:
+        max_logit = v(R.ATTN_MAX_LOGIT)
+        if max_logit is not None:
             off = 0
-            for site in self.adapter.attention_sites():
+            for attn in self.adapter.attention_sites():
                 self._hook(
-                    site.probe,
-                    self._max_hook(
-                        v("attn.max_logit")[off : off + site.n_heads], lambda args, out: args[0]
-                    ),
+                    attn.probe,
+                    self._max_hook(max_logit[off : off + attn.n_heads], lambda args, out: args[0]),
                 )
-                off += site.n_heads
-        head = self.adapter.output_head()
-        if v("output.logit_max") is not None and head is not None:
-            self._hook(head, self._max_hook(v("output.logit_max"), lambda args, out: out))
-        if v("resid.rms") is not None:
+                off += attn.n_heads
+        head, logit_max = self.adapter.output_head(), v(R.OUTPUT_LOGIT_MAX)
+        if logit_max is not None and head is not None:
+            self._hook(head, self._max_hook(logit_max, lambda args, out: out))
+        if v(R.RESID_RMS) is not None:
             for layer, block in enumerate(self.adapter.residual_blocks()):
                 self._hook(block, self._resid_hook(layer))
 
@@ -152,13 +167,20 @@ class Capture:
 
     # ------------------------------------------------------------------ hooks
     def _router_hook(self, i: int, a: int, b: int, tokens: torch.Tensor) -> Callable:
-        tokens_E, gate_E = tokens[a:b], self._slice("moe.gate_mass", a, b)
-        router = self.view("router.confidence") is not None
-        conf, std, lse2, n = (
-            self._slice(k, i, i + 1)
-            for k in ("router.conf_sum", "router.std_sum", "router.lse2_sum", "router.n_tokens")
-        )
-        logit_max = self._slice("router.logit_max", i, i + 1)
+        tokens_E, gate = tokens[a:b], self.view(R.MOE_GATE_MASS)
+        gate_E = None if gate is None else gate[a:b]
+        router = None  # this layer's slots of the router group, when it is on
+        if self.view(R.ROUTER_CONFIDENCE) is not None:
+            router = [
+                self._slice(k, i, i + 1)
+                for k in (
+                    R.ROUTER_CONF_SUM,
+                    R.ROUTER_STD_SUM,
+                    R.ROUTER_LSE2_SUM,
+                    R.ROUTER_N_TOKENS,
+                    R.ROUTER_LOGIT_MAX,
+                )
+            ]
 
         def fn(args, out) -> None:
             r = self.adapter.decode_router(out)
@@ -166,7 +188,8 @@ class Capture:
             tokens_E.index_add_(0, idx_N, torch.ones(idx_N.shape, device=idx_N.device))
             if gate_E is not None:
                 gate_E.index_add_(0, idx_N, r.topk_weight_TK.reshape(-1).float())
-            if router:
+            if router is not None:
+                conf, std, lse2, n, logit_max = router
                 scores_TE, logits_TE = r.scores_TE.float(), r.logits_TE.float()
                 chosen_T = scores_TE.gather(1, r.topk_idx_TK).sum(1)
                 conf.add_((chosen_T / scores_TE.sum(1)).sum())
@@ -180,7 +203,7 @@ class Capture:
     def _expert_hook(self, a: int, b: int) -> Callable:
         sumsq_E, rows_E, out_E, maxabs_E = (
             self._slice(k, a, b)
-            for k in ("moe.act_sumsq", "moe.rows", "moe.out_sumsq", "moe.act_maxabs")
+            for k in (R.MOE_ACT_SUMSQ, R.MOE_ROWS, R.MOE_OUT_SUMSQ, R.MOE_ACT_MAXABS)
         )
 
         def fn(args, out) -> None:
@@ -196,11 +219,11 @@ class Capture:
         sumsq, numel, out_sq, rows, maxabs = (
             self._slice(k, j, j + 1)
             for k in (
-                "shared.act_sumsq",
-                "shared.act_numel",
-                "shared.out_sumsq",
-                "shared.rows",
-                "shared.act_maxabs",
+                R.SHARED_ACT_SUMSQ,
+                R.SHARED_ACT_NUMEL,
+                R.SHARED_OUT_SUMSQ,
+                R.SHARED_ROWS,
+                R.SHARED_ACT_MAXABS,
             )
         )
 
@@ -224,7 +247,7 @@ class Capture:
 
     def _resid_hook(self, layer: int) -> Callable:
         sumsq, numel, maxabs = (
-            self._slice(k, layer, layer + 1) for k in ("resid.sumsq", "resid.numel", "resid.maxabs")
+            self._slice(k, layer, layer + 1) for k in (R.RESID_SUMSQ, R.RESID_NUMEL, R.RESID_MAXABS)
         )
 
         def fn(args, out) -> None:
@@ -235,9 +258,8 @@ class Capture:
 
         return fn
 
-    def _slice(self, key: str, a: int, b: int) -> torch.Tensor | None:
-        region = self.view(key)
-        return None if region is None else region[a:b]
+    def _slice(self, key: str, a: int, b: int) -> torch.Tensor:
+        return self.need(key)[a:b]
 
     # ------------------------------------------------------------------ step boundaries
     def reset(self) -> None:
@@ -246,27 +268,27 @@ class Capture:
     @torch.no_grad()
     def finalize(self) -> None:
         """Turn this step's running sums into the metrics (device ops only)."""
-        v = self.view
-        if v("moe.act_rms") is not None:
-            rows = v("moe.rows").clamp(min=1)  # no tokens -> 0, documented above
-            torch.div(v("moe.act_sumsq"), rows, out=v("moe.act_rms")).sqrt_()
-            torch.div(v("moe.out_sumsq"), rows, out=v("moe.out_norm")).sqrt_()
-        if v("shared.act_rms") is not None:
-            torch.div(
-                v("shared.act_sumsq"), v("shared.act_numel").clamp(min=1), out=v("shared.act_rms")
-            ).sqrt_()
-            torch.div(
-                v("shared.out_sumsq"), v("shared.rows").clamp(min=1), out=v("shared.out_norm")
-            ).sqrt_()
-        if v("router.confidence") is not None:
-            n = v("router.n_tokens")  # 0 tokens -> NaN: nothing was routed
-            torch.div(v("router.conf_sum"), n, out=v("router.confidence"))
-            torch.div(v("router.std_sum"), n, out=v("router.logit_std"))
-            torch.div(v("router.lse2_sum"), n, out=v("router.z_loss"))
-            self._load_ratio(
-                v("moe.tokens") if v("moe.tokens") is not None else v("router.load"),
-                v("router.load_max_over_mean"),
-            )
+        v, need = self.view, self.need
+        act_rms = v(R.MOE_ACT_RMS)
+        if act_rms is not None:
+            rows = need(R.MOE_ROWS).clamp(min=1)  # no tokens -> 0, documented above
+            torch.div(need(R.MOE_ACT_SUMSQ), rows, out=act_rms).sqrt_()
+            torch.div(need(R.MOE_OUT_SUMSQ), rows, out=need(R.MOE_OUT_NORM)).sqrt_()
+        shared_rms = v(R.SHARED_ACT_RMS)
+        if shared_rms is not None:
+            numel = need(R.SHARED_ACT_NUMEL).clamp(min=1)
+            torch.div(need(R.SHARED_ACT_SUMSQ), numel, out=shared_rms).sqrt_()
+            rows = need(R.SHARED_ROWS).clamp(min=1)
+            torch.div(need(R.SHARED_OUT_SUMSQ), rows, out=need(R.SHARED_OUT_NORM)).sqrt_()
+        confidence = v(R.ROUTER_CONFIDENCE)
+        if confidence is not None:
+            n = need(R.ROUTER_N_TOKENS)  # 0 tokens -> NaN: nothing was routed
+            torch.div(need(R.ROUTER_CONF_SUM), n, out=confidence)
+            torch.div(need(R.ROUTER_STD_SUM), n, out=need(R.ROUTER_LOGIT_STD))
+            torch.div(need(R.ROUTER_LSE2_SUM), n, out=need(R.ROUTER_Z_LOSS))
+            tokens = self._token_counts()
+            assert tokens is not None  # the router group counts them when moe is off
+            self._load_ratio(tokens, need(R.ROUTER_LOAD_MAX_OVER_MEAN))
             biased = [
                 (i, s.expert_bias)
                 for i, s in enumerate(self.moe_sites)
@@ -274,14 +296,15 @@ class Capture:
             ]
             if biased:
                 norms = torch._foreach_norm([b for _, b in biased], INF, dtype=torch.float32)
-                dst = v("router.bias_absmax")
+                dst = need(R.ROUTER_BIAS_ABSMAX)
                 if len(biased) == len(self.moe_sites):
                     dst.copy_(torch.stack(norms))
                 else:
                     for (i, _), norm in zip(biased, norms):
                         dst[i].copy_(norm)
-        if v("resid.rms") is not None:
-            torch.div(v("resid.sumsq"), v("resid.numel"), out=v("resid.rms")).sqrt_()
+        resid_rms = v(R.RESID_RMS)
+        if resid_rms is not None:
+            torch.div(need(R.RESID_SUMSQ), need(R.RESID_NUMEL), out=resid_rms).sqrt_()
 
     def _load_ratio(self, tokens: torch.Tensor, dst: torch.Tensor) -> None:
         if self._uniform_e:
@@ -295,7 +318,7 @@ class Capture:
     def write_loop_values(self, loss, mtp_losses) -> None:
         """Copy the step's loss tensors into their slots on the device (no sync; the float32
         value sent is bit-identical to float(loss) for float32/bf16/fp16 losses)."""
-        for key, values in (("train.loss", [loss]), ("train.mtp", list(mtp_losses or ()))):
+        for key, values in ((R.TRAIN_LOSS, [loss]), (R.TRAIN_MTP, list(mtp_losses or ()))):
             dst = self.view(key)
             if dst is None:
                 continue

@@ -5,7 +5,8 @@ injection, bit-identical checkpoint/resume, DDP (gloo) on CPU under torchrun.
         [--monitor HOST:PORT --run NAME] [--checkpoint PATH] [--resume PATH] [--out DIR]
     torchrun --nproc_per_node=2 -m model.train --preset tiny --steps 50
 
-Monitor call points (an optional `monitor` object; telemetry builds against these):
+Monitor call points (an optional `monitor` object, model/monitoring.py's `TrainingMonitor`;
+telemetry builds against these):
 
     monitor.attach(model, optimizer)           once, before the first step; model is the
                                                unwrapped MoETransformer (never the DDP wrapper)
@@ -45,7 +46,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import PRESETS
 from model.data import get_batch, load_corpus, val_batches
 from model.faults import apply_faults, lr_multiplier
-from model.monitoring import DeferredMonitor, SafeMonitor
+from model.monitoring import DeferredMonitor, SafeMonitor, TrainingMonitor
 from model.run_config import TrainConfig, TrainResult
 from model.transformer import MoETransformer
 
@@ -102,7 +103,7 @@ def _all_reduce_expert_counts(model: MoETransformer) -> None:
 # ---------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, monitor=None) -> TrainResult:
+def train(cfg: TrainConfig, monitor: TrainingMonitor | None = None) -> TrainResult:
     """Run (or continue) training as configured; see the module docstring for monitor calls."""
     rank, world, owns_dist = _setup_distributed()
     mcfg = cfg.model_config()
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         )
     except ValueError as exc:
         p.error(str(exc))
-    monitor = None
+    monitor: TrainingMonitor | None = None
     if args.monitor:
         if not args.run:
             p.error("--monitor needs --run NAME")

@@ -3,6 +3,7 @@ Monitor; rank and world size come from torch.distributed, the environment, or de
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -38,10 +39,10 @@ def test_bad_config_values_raise_naming_the_field(field, value, message):
 
 def test_config_defaults_and_groups_normalised():
     cfg = MonitorConfig(groups=["moe", "train"])
-    assert cfg.groups == frozenset({"moe", "train"}) and cfg.enabled("moe")
+    assert cfg.groups == frozenset({"moe", "train"})
     assert MonitorConfig().param_norm_every == 10 and MonitorConfig().chunk_values == 262_144
     with pytest.raises(ValueError, match="buffer_steps"):
-        cfg.replace(buffer_steps=0)
+        dataclasses.replace(cfg, buffer_steps=0)  # a changed copy is validated again
 
 
 @pytest.mark.parametrize(
@@ -112,7 +113,6 @@ def test_null_monitor_has_the_same_public_methods():
 @pytest.mark.parametrize("target", [None, "", "off", "OFF", "none"])
 def test_factory_returns_null_monitor_when_off(target):
     assert isinstance(create_monitor(StandIn(), target=target, run="x"), NullMonitor)
-    assert isinstance(Monitor.create(StandIn(), target=target, run="x"), NullMonitor)
 
 
 def test_factory_returns_a_monitor_when_on():

@@ -30,7 +30,7 @@ def encode(
 def values_of(fs: list[pb.ClientFrame]) -> np.ndarray:
     """The step's packed vector back from its chunks (schemas in wire order)."""
     chunks = [f.chunk for f in fs if f.WhichOneof("kind") == "chunk"]
-    return np.concatenate([frames.decode_values(c) for c in chunks])
+    return np.concatenate([np.frombuffer(c.values, dtype="<f4") for c in chunks])  # little-endian
 
 
 def kinds(fs: list[pb.ClientFrame]) -> list[str]:

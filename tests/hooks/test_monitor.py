@@ -167,5 +167,5 @@ def test_model_train_loop_drives_the_monitor(server, servicer, tmp_path):
     assert result.monitor_errors == 0 and mon.stats().get("errors", 0) == 0
     vectors = servicer.step_vectors(1)
     assert sorted(vectors) == [0, 1, 2]
-    i = mon.layout.index_of("train/loss")
+    i = [s.name for s in mon.layout.step_specs].index("train/loss")
     assert [float(vectors[s][i]) for s in range(3)] == [float(np.float32(x)) for x in result.losses]

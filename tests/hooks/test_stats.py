@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hooks import Monitor, MonitorConfig
-from hooks.layout import PERIODIC_SCHEMA_ID
+from hooks.layout import PERIODIC_SCHEMA_ID, RegionKey
 from tests.hooks.conftest import tiny_model
 from tests.hooks.loop import train_step
 from tests.hooks.recompute import Recorder
@@ -154,18 +154,39 @@ def test_disabled_groups_install_nothing_and_send_nothing():
 
 
 def test_non_finite_values_reach_the_vector():
-    """A blow-up must be visible: NaN in an expert's weights shows in its stats, not hidden."""
+    """A blow-up must be visible: NaN in an expert's weights shows in its stats, not hidden,
+    and stays there: the other experts of the layer see the same finite input."""
     torch.manual_seed(4)
     model = StandIn()
+    moe = model.layers[1].ffn
     with torch.no_grad():
-        model.layers[1].ffn.experts.w_up[0].fill_(float("nan"))
+        moe.experts.w_up[0].fill_(float("nan"))
+        moe.router.expert_bias[0] = 10.0  # scores are in (0, 1): every token picks expert 0
     mon, items = offline_monitor(model, None)
     mon.step_begin(0)
     model(torch.randint(0, 32, (2, 8)))
     mon.step_end(0, loss=torch.tensor(1.0))
     got = by_name(mon, items[0])
-    if got["moe/layer01/expert000/tokens"] > 0:
-        assert math.isnan(got["moe/layer01/expert000/act_rms"])
-        assert math.isnan(got["moe/layer01/expert000/act_maxabs"])
-    assert math.isfinite(got["moe/layer02/expert000/act_rms"])
+    assert got["moe/layer01/expert000/tokens"] == 2 * 8
+    assert math.isnan(got["moe/layer01/expert000/act_rms"])
+    assert math.isnan(got["moe/layer01/expert000/act_maxabs"])
+    assert math.isnan(got["moe/layer01/expert000/out_norm"])
+    others = [got[f"moe/layer01/expert{e:03d}/tokens"] for e in range(1, 4)]
+    assert sum(others) == 2 * 8 * (moe.top_k - 1)  # the second choice of every token
+    for e in range(1, 4):
+        assert math.isfinite(got[f"moe/layer01/expert{e:03d}/act_rms"])
+        assert math.isfinite(got[f"moe/layer01/expert{e:03d}/act_maxabs"])
+    mon.close()
+
+
+def test_a_misspelled_region_key_raises_and_a_disabled_one_is_none():
+    mon, _ = offline_monitor(StandIn(), None, groups={"train", "moe"})
+    assert mon.capture.view(RegionKey.MOE_ACT_RMS) is not None
+    assert mon.capture.view("moe.act_rms") is not None  # the key is the string
+    assert mon.capture.view(RegionKey.ATTN_MAX_LOGIT) is None  # known, its group is off
+    for typo in ("moe.act_rsm", "moe/layer01/expert000/act_rms", "attn.max_logits", ""):
+        with pytest.raises(KeyError, match="not a buffer region"):
+            mon.capture.view(typo)
+        with pytest.raises(KeyError, match="not a buffer region"):
+            mon.layout.region(typo)
     mon.close()

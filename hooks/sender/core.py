@@ -1,0 +1,264 @@
+"""The sender's protocol, shared by every driver: seq, buffer, resend, acks, staleness, Welcome.
+
+A driver (hooks/sender/threaded.py for a training process; the load generator's asyncio one in
+benchmarks/channel_sender.py) owns the waiting: it connects, runs the stream, and calls into
+this core at each protocol step. Everything the collector sees is decided here, so both drivers
+send the same frames with the same seqs.
+
+Sequence numbers start at Welcome.acked_seq + 1 on the client's first connection (1 for a new
+run; a restarted trainer continues after what the collector already holds). Schemas keep the seq
+they first had and are re-sent on every connection. A step's seq is assigned at its first
+transmission, so a step dropped before it was sent leaves no gap. A step's last chunk also ends
+the step (one frame less) on a connection whose Welcome says the collector takes that form; a
+frame is built once, for the connection it is first sent on, and resent as built, except that a
+reconnect to a collector without the capability splits such chunks back into chunk + EndOfStep
+(frames.split_ends_step, renumbering what is unacknowledged). A stream that leaves frames
+unacknowledged for net_timeout_s is declared dead and reopened. Nothing here raises into the
+caller.
+
+Locking: one re-entrant condition (the buffer's, hooks/buffer.py) guards the buffer, the
+counters and the connection state; every thread or task of a driver takes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from hooks import frames
+from hooks.buffer import AckItem, StepBuffer, StepItem
+from hooks.config import MonitorConfig
+from hooks.layout import MetricSpec
+from proto.v1 import telemetry_pb2 as pb
+
+log = logging.getLogger("stepwatch.hooks")
+
+
+@dataclass(eq=False)
+class Conn:
+    """One stream's state (a driver may add its transport to it)."""
+
+    call: Any = None  # the gRPC call: a driver's stream object
+    welcomed: bool = False
+    acked: int = 0
+    chunk_ends_step: bool = False  # Welcome: the last chunk may end the step
+    dead: bool = False
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+ConnT = TypeVar("ConnT", bound=Conn)
+
+
+class SenderCore(Generic[ConnT]):
+    """The protocol state of one rank's sender; a driver subclass starts and runs it."""
+
+    def __init__(
+        self,
+        target: str,
+        ident: frames.Identity,
+        schemas: Sequence[tuple[int, Sequence[MetricSpec]]],
+        config: MonitorConfig,
+        token: str | None = None,
+        run_config: dict | None = None,
+        on_clip: Callable[[pb.ClipUpdate], None] | None = None,
+    ) -> None:
+        self.target, self.ident, self.config = target, ident, config
+        self._schemas = frames.wire_schemas(schemas)  # split where a Schema would be too big
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._hello = frames.hello(ident, run_config or {})
+        self._on_clip = on_clip
+        self.buffer = StepBuffer(config.buffer_steps, config.full_policy, config.block_timeout_s)
+        self._cond = self.buffer.cond
+        self._schema_frames: list[pb.ClientFrame] | None = None
+        self._next_seq = 0  # set from the first Welcome
+        self._conn: ConnT | None = None
+        self._stop = False
+        self._goodbye = False  # close half-closed the stream: never reconnect after it
+
+    # ------------------------------------------------------------------ training thread
+    def submit(self, item: StepItem) -> bool:
+        """Buffer one step; False when the full policy dropped it (counted)."""
+        ok = self.buffer.submit(item)
+        self._wake()
+        return ok
+
+    def submit_clip_ack(self, step: int, version: int) -> None:
+        self.buffer.submit_control(AckItem(step, version))
+        self._wake()
+
+    def _wake(self) -> None:
+        """Tell the driver's worker there is something to send (a thread waiting on the
+        buffer's condition is woken by the buffer itself)."""
+
+    def stats(self) -> dict:
+        with self._cond:
+            out = dict(self.buffer.counters)
+            conn = self._conn
+            out.update(
+                buffered_steps=self.buffer.buffered(),
+                unacked_frames=len(self.buffer.unacked_frames()),
+                connected=bool(conn and conn.welcomed and not conn.dead),
+            )
+            return out
+
+    # ------------------------------------------------------------------ closing
+    def _stop_now(self) -> tuple[int, ConnT | None]:
+        """The end of a close: stop the worker; what is still buffered is lost (counted).
+        Returns (lost steps, the connection whose call the driver cancels)."""
+        with self._cond:
+            self._stop = True
+            lost = self.buffer.buffered()
+            self.buffer.counters["lost_at_close"] += lost
+            conn = self._conn
+            self._cond.notify_all()
+        return lost, conn
+
+    def _closed(self, flushed: bool, lost: int) -> bool:
+        if lost:
+            log.warning(
+                "stepwatch: closed with %d step(s) not acknowledged by %s", lost, self.target
+            )
+        return flushed and lost == 0
+
+    # ------------------------------------------------------------------ worker
+    def _release_waiting(self) -> None:
+        """While away, let finished device copies go back to their pinned pool."""
+        try:
+            for item in self.buffer.waiting_steps():
+                item.values()
+        except Exception:
+            self.buffer.count("worker_errors")
+            log.exception("stepwatch: could not copy a step to the host")
+
+    def _settle_connect(self, conn: ConnT) -> bool:
+        """After a connect attempt: True if it is live and welcomed; counted."""
+        with self._cond:
+            if conn.welcomed and not conn.dead:
+                self.buffer.counters["connects"] += 1
+                return True
+        self.buffer.count("connect_failures")
+        return False
+
+    def _mark_dead(self, conn: ConnT) -> None:
+        with self._cond:
+            conn.dead = True
+            if self._conn is conn:
+                self._conn = None
+        if conn.call is not None:
+            conn.call.cancel()
+
+    def _resume(self, conn: ConnT) -> list[pb.ClientFrame]:
+        """After Welcome: the schemas and every unacknowledged frame, to send first."""
+        with self._cond:
+            if self._schema_frames is None:  # first connection of this client
+                self._next_seq = conn.acked
+                self._schema_frames = [
+                    frames.schema(self.ident, self._alloc_seq(), sid, specs)
+                    for sid, specs in self._schemas
+                ]
+            self.buffer.ack(conn.acked)  # durable already: never resent
+            resend = self.buffer.unacked_frames()
+            if not conn.chunk_ends_step and any(map(frames.folds_end, resend)):
+                resend = frames.split_ends_step(resend)  # an older collector now
+                self.buffer.replace_unacked(resend)
+                self._next_seq = max(self._next_seq, frames.seq_of(resend[-1]))
+                self.buffer.counters["resends_split"] += 1
+            conn.last_progress = time.monotonic()
+        self.buffer.count("frames_resent", len(resend))
+        return self._schema_frames + resend
+
+    def _stale(self, conn: ConnT) -> bool:
+        """Frames unacknowledged for net_timeout_s: the stream is declared dead (caller holds
+        the lock)."""
+        timeout = self.config.net_timeout_s
+        if self.buffer.has_unacked() and time.monotonic() - conn.last_progress > timeout:
+            self.buffer.counters["stale_streams"] += 1
+            log.warning("stepwatch: no ack from %s for %.1f s; reconnecting", self.target, timeout)
+            return True
+        return False
+
+    def _alloc_seq(self) -> int:
+        self._next_seq += 1
+        return self._next_seq
+
+    def _encode(self, conn: ConnT, item: StepItem | AckItem) -> list[pb.ClientFrame]:
+        """Encode outside the lock (only the worker allocates seqs), then record as sent."""
+        is_step = isinstance(item, StepItem)
+        if isinstance(item, StepItem):
+            payload = frames.StepPayload(item.step, item.values(), item.schemas, item.wall_time)
+            out = frames.step_frames(  # looked up on the module: the load generator times it
+                self.ident,
+                payload,
+                self.config.chunk_values,
+                self._alloc_seq,
+                chunk_ends_step=conn.chunk_ends_step,
+            )
+        else:
+            out = [frames.clip_ack(self.ident, item.step, item.version, self._alloc_seq())]
+        with self._cond:
+            if not self.buffer.has_unacked():
+                conn.last_progress = time.monotonic()  # the ack clock starts now
+            self.buffer.record_sent(out, is_step)
+            self.buffer.counters["steps_sent" if is_step else "clip_acks_sent"] += 1
+            self.buffer.counters["frames_sent"] += len(out)
+        return out
+
+    # ------------------------------------------------------------------ reader
+    def _reader_error(self) -> None:
+        self.buffer.count("reader_errors")
+        log.exception("stepwatch: reader error")
+
+    def _reader_ended(self, conn: ConnT) -> None:
+        """The stream's reader is gone: the connection is dead; wake waiters."""
+        with self._cond:
+            conn.dead = True
+            self._cond.notify_all()
+
+    def _receive(self, conn: ConnT, resp: pb.ServerFrame) -> None:
+        kind = resp.WhichOneof("kind")
+        if kind == "clip":
+            self.buffer.count("clip_updates")
+            self._deliver_clip(resp.clip)
+            return
+        with self._cond:
+            if kind == "welcome":
+                conn.acked, conn.welcomed = resp.welcome.acked_seq, True
+                conn.chunk_ends_step = resp.welcome.chunk_ends_step
+            elif kind == "ack":
+                self.buffer.ack(resp.ack.seq)
+                conn.last_progress = time.monotonic()
+            elif kind == "error":
+                self.buffer.counters["server_errors"] += 1
+                log.warning(
+                    "stepwatch: collector error %s: %s", resp.error.code, resp.error.message
+                )
+            self._cond.notify_all()
+
+    def _stream_error(self, exc: grpc.RpcError) -> None:
+        if not self._stop and exc.code() != grpc.StatusCode.CANCELLED:
+            key = f"status_{exc.code().name}"
+            with self._cond:
+                self.buffer.counters["stream_errors"] += 1
+                self.buffer.counters[key] += 1
+                first = self.buffer.counters[key] == 1  # warn once per status, then quietly
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "stepwatch: stream to %s ended: %s %s (reconnecting with backoff)",
+                self.target,
+                exc.code().name,
+                exc.details() or "",
+            )
+
+    def _deliver_clip(self, update: pb.ClipUpdate) -> None:
+        if self._on_clip is None:
+            return
+        try:
+            self._on_clip(update)
+        except Exception:
+            self.buffer.count("clip_errors")
+            log.exception("stepwatch: could not stage clip update %d", update.version)
