@@ -1,4 +1,5 @@
-"""Backend-independent pieces: glob semantics, dictionary merging, store URLs."""
+"""Backend-independent store pieces (frames, globs, validate, vectors): glob semantics,
+dictionary merging, store URLs."""
 
 from __future__ import annotations
 
