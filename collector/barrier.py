@@ -115,7 +115,7 @@ class StepBarrier:
                 f"rank {rank} sent {newly} new values for step {step} after "
                 f"its EndOfStep (only identical resends may follow it)"
             )
-        if vec is None:
+        if part is None or vec is None:  # no vector yet (there is none without a part)
             nbytes = total * BYTES_PER_VALUE
             if p is None:
                 self._check_room(rank, step)

@@ -106,7 +106,7 @@ class ClipBoard:
         with self._lock:
             rc = self._runs.get(run)
             top = rc.version if rc else 0
-            if not 1 <= version <= top:
+            if rc is None or not 1 <= version <= top:
                 raise InvalidArgument(
                     f"ClipAck for version {version}, but run {run!r} has clip versions 1..{top}"
                 )
@@ -119,7 +119,7 @@ class ClipBoard:
         with self._lock:
             rc = self._runs.get(run)
             ch = rc.changes.get(version) if rc else None
-            if ch is None:
+            if rc is None or ch is None:
                 return None
             acked = [s for (_, v), s in rc.acks.items() if v == version]
             return ch[0], ch[1], ch[2], max(acked, default=-1)
@@ -154,6 +154,7 @@ def parse_operator_command(config_json: str) -> tuple[str, list]:
         raise InvalidArgument(f"operator op must be one of {OPERATOR_OPS}, got {op!r}")
     if op == "list":
         return op, []
+    items: list[tuple[int, str, float]] | list[tuple[int, str]]
     if op == "set":
         items = [
             _check_setting(tuple(s) if isinstance(s, list) else s)

@@ -93,6 +93,7 @@ class Detect:
 
         def rank_vectors() -> RankVectors:
             raw = rows.raw  # flat rows (~140 ms at 6M values): built only when asked for
+            assert raw.rank is not None  # raw rows always name their rank
             return RankVectors(raw.metric_id, raw.rank, raw.value, size, ranks)
 
         frame = StepFrame.from_rows(

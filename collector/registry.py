@@ -138,22 +138,15 @@ class RunMetrics:
         old = self._schemas.get((rank, schema_id))
         if old is not None and old.fingerprint == digest:
             return None  # a resend after reconnect
-        ids = self._layouts.get(digest)
-        cols = None if ids is not None else _columns(schema_id, metrics)
-        if old is not None:
-            raise InvalidArgument(
-                f"schema_id {schema_id} of rank {rank} was registered with "
-                f"other metrics; schema ids are unique per (run, rank)"
-            )
-        n_rank = self._n_schemas.get(rank, 0)
-        if n_rank >= self.max_schemas_per_rank:
-            raise ResourceExhausted(
-                f"rank {rank} already has {n_rank} schemas "
-                f"(max_schemas_per_rank={self.max_schemas_per_rank})"
-            )
+        cols: _Columns | None = None  # a first-time schema's defs, checked before the rest
         new: list[int] = []
-        if cols is not None:
+        ids = self._layouts.get(digest)
+        if ids is None:
+            cols = _columns(schema_id, metrics)
+            n_rank = self._check_slot(rank, schema_id, old)
             ids, new = self._resolve(cols)
+        else:
+            n_rank = self._check_slot(rank, schema_id, old)
         mine = self._rank_ids.get(rank)
         if mine is not None:
             clash = np.isin(ids, mine)
@@ -171,6 +164,21 @@ class RunMetrics:
         self._rank_ids[rank] = ids if mine is None else np.concatenate([mine, ids])
         return rows
 
+    def _check_slot(self, rank: int, schema_id: int, old: Schema | None) -> int:
+        """The rank's schema count, once schema_id is known to be free and the rank has room."""
+        if old is not None:
+            raise InvalidArgument(
+                f"schema_id {schema_id} of rank {rank} was registered with "
+                f"other metrics; schema ids are unique per (run, rank)"
+            )
+        n_rank = self._n_schemas.get(rank, 0)
+        if n_rank >= self.max_schemas_per_rank:
+            raise ResourceExhausted(
+                f"rank {rank} already has {n_rank} schemas "
+                f"(max_schemas_per_rank={self.max_schemas_per_rank})"
+            )
+        return n_rank
+
     def _resolve(self, cols: _Columns) -> tuple[np.ndarray, list[int]]:
         """Ids of a first-time schema's names (-1 where new) and the positions of new names;
         rejects a name declared with other labels than its registration, and too many."""
@@ -178,17 +186,17 @@ class RunMetrics:
         new = [i for i, mid in enumerate(got) if mid is None]
         bad = next(
             (
-                i
+                (i, mid)
                 for i, mid in enumerate(got)
                 if mid is not None and self._labels[mid] != cols.labels[i]
             ),
             None,
         )
         if bad is not None:
-            mid = got[bad]
+            i, mid = bad
             raise InvalidArgument(
-                f"metric {_describe(cols.names[bad], cols.labels[bad])} conflicts with its "
-                f"registration as {_describe(cols.names[bad], self._labels[mid])}"
+                f"metric {_describe(cols.names[i], cols.labels[i])} conflicts with its "
+                f"registration as {_describe(cols.names[i], self._labels[mid])}"
             )
         if len(self.ids) + len(new) > self.max_metrics:
             raise ResourceExhausted(
