@@ -202,15 +202,6 @@ class StepBarrier:
         """Everything still pending, oldest first (shutdown, or every rank closed its stream)."""
         return [self._finish(self._pending.pop(s)) for s in sorted(self._pending)]
 
-    def next_deadline(self) -> float | None:
-        """Earliest clock reading at which a straggler timeout fires, if any step waits."""
-        firsts = [p.first_end for p in self._pending.values() if p.first_end is not None]
-        return min(firsts) + self.straggler_timeout_s if firsts else None
-
-    @property
-    def pending_steps(self) -> list[int]:
-        return sorted(self._pending)
-
     def _finish(self, p: _Pending) -> ReadyStep:
         ended = {r for r, part in p.ranks.items() if part.ended}
         missing = tuple(sorted(set(range(self.world_size)) - ended))

@@ -110,26 +110,17 @@ class RunMetrics:
         return s.ids
 
     def register_schema(self, rank: int, s: pb.Schema) -> MetricDict | None:
-        """register() for a Schema message as received: its MetricDefs are fingerprinted from
-        the message's own serialization (one C copy and encode, ~0.2 ms for 1,465 defs)
-        rather than by wrapping each def, which is most of the cost of registering a schema
-        the run has already seen."""
+        """Register a Schema message as received; returns the metric-dictionary rows it
+        created (None if none). Validates everything before changing anything. Identical
+        MetricDefs (any rank, any schema_id) get the same id array object. The defs are
+        fingerprinted from the message's own serialization (one C copy and encode, ~0.2 ms for
+        1,465 defs) rather than by wrapping each def, which is most of the cost of registering
+        a schema the run has already seen."""
         defs = pb.Schema()
         defs.CopyFrom(s)
         defs.ClearField("header")
         defs.ClearField("schema_id")
         return self._register(rank, s.schema_id, s.metrics, defs.SerializeToString())
-
-    def register(
-        self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef]
-    ) -> MetricDict | None:
-        """Register a schema; returns the metric-dictionary rows it created (None if none).
-        Validates everything before changing anything. Identical MetricDefs (any rank, any
-        schema_id) get the same id array object. Fingerprinting copies each def into a new
-        message (~0.9 ms for 1,465 defs): for a received Schema use register_schema."""
-        return self._register(
-            rank, schema_id, metrics, pb.Schema(metrics=metrics).SerializeToString()
-        )
 
     def _register(
         self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef], defs: bytes
