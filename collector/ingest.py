@@ -6,11 +6,12 @@
     EndOfStep   -> barrier; ready steps go to the writer, which reduces, stores and flushes
     StepChunk with ends_step -> the chunk, then its EndOfStep, under the chunk's one seq
                    (the Welcome says this collector takes it; both checked before either applies)
-    ClipAck     -> control.py (and `on_clip_ack`, which stores the acknowledged step)
+    ClipAck     -> the run's clip board (clipboard.py), and `on_clip_ack` (control.py), which
+                   stores the acknowledged step
 
 A stream whose Hello carries client_version OPERATOR_CLIENT is an operator's: its
-config_json is one clip command (control.parse_operator_command), answered with the run's
-clip table and the end of the stream; it never joins the run.
+config_json is one clip command (operator.py), answered (`operator`, control.py) with the
+run's clip table and the end of the stream; it never joins the run.
 
 Per-(run, rank) seq bookkeeping lives in acks.py: a frame with seq <= acked is ignored and
 acked again; acks go out only after the writer reports a flush. Every check runs before any
@@ -29,10 +30,11 @@ import numpy as np
 
 from collector.acks import RankAcks
 from collector.barrier import ByteBudget, ReadyStep, StepBarrier
+from collector.clipboard import ClipBoard
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.control import OPERATOR_CLIENT, ClipBoard
 from collector.errors import InvalidArgument, ResourceExhausted, Unavailable
+from collector.operator import OPERATOR_CLIENT
 from collector.registry import RunMetrics, check_hello
 from collector.stats import Counters
 from collector.writer import FinishRun, OpenRun, WriteMetrics, Writer, WriteRaw, WriteStep

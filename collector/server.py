@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import math
 import threading
@@ -27,9 +26,9 @@ import grpc
 from grpc import aio
 
 from collector.barrier import ByteBudget
+from collector.clipboard import ClipAckRecord, ClipBoard
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.control import ClipAckRecord, ClipBoard, parse_operator_command
 from collector.detect import Detect
 from collector.errors import (
     REJECTED,
@@ -40,6 +39,7 @@ from collector.errors import (
     status_of,
 )
 from collector.ingest import Ingest
+from collector.operator import operator_answer, parse_operator_command
 from collector.stats import Counters
 from collector.writer import WriteClips, Writer
 from proto.v1 import telemetry_pb2 as pb
@@ -407,19 +407,7 @@ class Collector:
         self.counters.add("operator_commands")
         log.info("operator %s on run %s: %s", op, run, items)
         version, table = self.clips.table(run)
-        return pb.ClipUpdate(
-            version=version,
-            reason=json.dumps(
-                {
-                    "op": op,
-                    "frozen": [list(k) for k in frozen],
-                    "observe_only": self.config.observe_only,
-                }
-            ),
-            settings=[
-                pb.ClipSetting(layer=l, site=s, limit=v) for (l, s), v in sorted(table.items())
-            ],
-        )
+        return operator_answer(op, version, table, frozen, self.config.observe_only)
 
     def _last_step(self, run: str) -> int:
         r = self.ingest.runs.get(run)

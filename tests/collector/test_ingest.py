@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from collector.barrier import ByteBudget
+from collector.clipboard import ClipBoard
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.control import ClipBoard
 from collector.errors import InvalidArgument
 from collector.ingest import Ingest
 from collector.stats import Counters

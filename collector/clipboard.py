@@ -1,4 +1,4 @@
-"""Control plane: versioned activation-clip tables pushed to every rank of a run, and their acks.
+"""Versioned activation-clip tables, one per run, and the acks every rank sends for them.
 
 Each push merges its settings into the run's clip table by (layer, site) and bumps the run's
 version; the ClipUpdate sent down carries the WHOLE table at that version. A rank that missed
@@ -7,9 +7,8 @@ never left with stale limits: any single update is enough. A limit <= 0 or inf t
 off and stays in the table, so ranks that had it on switch it off.
 
 Each version also remembers what it changed (settings, reason, the run's step when it was
-decided), so the writer can store it (store.ClipRecord rows) and rewrite those rows with the
-step every rank acknowledged. Operator commands (set / clear / freeze / unfreeze / list) arrive
-on an operator stream (OPERATOR_CLIENT, see ingest.py) and are parsed here.
+decided), so the control plane (control.py) can store it (store.ClipRecord rows) and rewrite
+those rows with the step every rank acknowledged.
 
 Thread-safe (one lock): operators and the clip policy push from any thread, the event loop
 records acks.
@@ -17,7 +16,6 @@ records acks.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Iterable
@@ -29,8 +27,6 @@ from store.base import RUN_NAME_RE
 
 SITES = ("routed", "shared")
 KEEP_VERSIONS = 64  # acks are kept for this many most recent versions per run
-OPERATOR_CLIENT = "stepwatch-operator/1"  # Hello.client_version of an operator stream
-OPERATOR_OPS = ("list", "set", "clear", "freeze", "unfreeze")
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,8 @@ class _RunClips:
     changes: dict[int, tuple[list, str, int]] = field(default_factory=dict)  # version -> what
 
 
-def _check_setting(s) -> tuple[int, str, float]:
+def check_setting(s) -> tuple[int, str, float]:
+    """A (layer, site, limit) setting, its limit as a float; InvalidArgument says what is off."""
     try:
         layer, site, limit = s
     except (TypeError, ValueError):
@@ -75,7 +72,7 @@ class ClipBoard:
             raise InvalidArgument(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
         if not isinstance(reason, str):
             raise InvalidArgument(f"reason must be a string, got {reason!r}")
-        checked = [_check_setting(s) for s in settings]
+        checked = [check_setting(s) for s in settings]
         if not checked:
             raise InvalidArgument("push_clip needs at least one (layer, site, limit) setting")
         with self._lock:
@@ -136,41 +133,3 @@ class ClipBoard:
             rc = self._runs.get(run)
             items = sorted(rc.acks.items(), key=lambda kv: (kv[0][1], kv[0][0])) if rc else []
         return [ClipAckRecord(rank=r, version=v, step=s) for (r, v), s in items]
-
-
-def parse_operator_command(config_json: str) -> tuple[str, list]:
-    """An operator stream's command (its Hello.config_json) -> (op, items):
-
-    {"op": "list"}
-    {"op": "set",      "settings": [[layer, "routed"|"shared", limit], ...]}
-    {"op": "clear" | "freeze" | "unfreeze", "sites": [[layer, "routed"|"shared"], ...]}
-    """
-    try:
-        cmd = json.loads(config_json or "{}")
-    except ValueError as exc:
-        raise InvalidArgument(f"operator command is not JSON: {exc}") from None
-    op = cmd.get("op") if isinstance(cmd, dict) else None
-    if op not in OPERATOR_OPS:
-        raise InvalidArgument(f"operator op must be one of {OPERATOR_OPS}, got {op!r}")
-    if op == "list":
-        return op, []
-    items: list[tuple[int, str, float]] | list[tuple[int, str]]
-    if op == "set":
-        items = [
-            _check_setting(tuple(s) if isinstance(s, list) else s)
-            for s in cmd.get("settings") or ()
-        ]
-        for layer, site, limit in items:
-            if not (limit > 0 and math.isfinite(limit)):
-                raise InvalidArgument(
-                    f"operator set needs a finite limit > 0 for layer "
-                    f"{layer} {site} (use clear to switch a clamp off)"
-                )
-    else:
-        items = [
-            _check_setting((*s, math.inf) if isinstance(s, (list, tuple)) else s)[:2]
-            for s in cmd.get("sites") or ()
-        ]
-    if not items:
-        raise InvalidArgument(f"operator {op} needs at least one site")
-    return op, items
