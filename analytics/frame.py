@@ -9,7 +9,7 @@ something asks which ranks it came from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,8 +22,8 @@ class StepFrame:
     values: np.ndarray  # float64 [size]; NaN where absent
     present: np.ndarray  # bool [size]
     ranks: tuple[int, ...] = ()  # ranks included in the reduction
-    _rank_loader: Callable[[], dict[int, np.ndarray]] | None = field(default=None, repr=False)
-    _rank_cache: dict[int, np.ndarray] | None = field(default=None, repr=False)
+    _rank_loader: Callable[[], Mapping[int, np.ndarray]] | None = field(default=None, repr=False)
+    _rank_cache: Mapping[int, np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
     def from_rows(
@@ -34,7 +34,7 @@ class StepFrame:
         value: np.ndarray,
         size: int,
         ranks: tuple[int, ...] = (),
-        rank_loader: Callable[[], dict[int, np.ndarray]] | None = None,
+        rank_loader: Callable[[], Mapping[int, np.ndarray]] | None = None,
     ) -> StepFrame:
         """From (metric_id, value) rows of one step; ids >= size are ignored (a metric the
         index does not know yet cannot be judged)."""
@@ -63,7 +63,7 @@ class StepFrame:
     def scalar(self, mid: int) -> float:
         return float(self.take(np.array([mid]))[0]) if mid >= 0 else float("nan")
 
-    def rank_values(self) -> dict[int, np.ndarray]:
+    def rank_values(self) -> Mapping[int, np.ndarray]:
         """rank -> float64 [size] of that rank's raw values (NaN absent); {} when unknown."""
         if self._rank_cache is None:
             self._rank_cache = self._rank_loader() if self._rank_loader else {}

@@ -1,10 +1,10 @@
 """stepwatch collector: gRPC server, run/schema registry, end-of-step barrier + reduction,
-durable acks, online detectors (analytics/, detect.py) and the clip control loop (control.py,
-operator commands via `python -m collector clip`). Start it with `python -m collector serve`
-or embed `Collector(store, CollectorConfig(...)).start()`."""
+durable acks, online detectors (analytics/, detect.py) and the clip control loop (control.py;
+operator commands via `python -m collector clip`, operator.py). Start it with
+`python -m collector serve` or embed `Collector(store, CollectorConfig(...)).start()`."""
 
+from collector.clipboard import ClipAckRecord
 from collector.config import CollectorConfig
-from collector.control import ClipAckRecord
 from collector.errors import CollectorError, InvalidArgument, ResourceExhausted, Unauthenticated
 from collector.server import Collector, serve
 

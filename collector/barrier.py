@@ -115,7 +115,7 @@ class StepBarrier:
                 f"rank {rank} sent {newly} new values for step {step} after "
                 f"its EndOfStep (only identical resends may follow it)"
             )
-        if vec is None:
+        if part is None or vec is None:  # no vector yet (there is none without a part)
             nbytes = total * BYTES_PER_VALUE
             if p is None:
                 self._check_room(rank, step)
@@ -201,15 +201,6 @@ class StepBarrier:
     def drain(self) -> list[ReadyStep]:
         """Everything still pending, oldest first (shutdown, or every rank closed its stream)."""
         return [self._finish(self._pending.pop(s)) for s in sorted(self._pending)]
-
-    def next_deadline(self) -> float | None:
-        """Earliest clock reading at which a straggler timeout fires, if any step waits."""
-        firsts = [p.first_end for p in self._pending.values() if p.first_end is not None]
-        return min(firsts) + self.straggler_timeout_s if firsts else None
-
-    @property
-    def pending_steps(self) -> list[int]:
-        return sorted(self._pending)
 
     def _finish(self, p: _Pending) -> ReadyStep:
         ended = {r for r, part in p.ranks.items() if part.ended}

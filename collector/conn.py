@@ -1,7 +1,7 @@
 """The down side of one client stream: coalescing slots the servicer drains in order.
 
 Nothing here can grow: an Ack slot holds only the latest cumulative ack, a clip slot only the
-latest update (each carries the whole table, control.py), and an error ends the stream. A client
+latest update (each carries the whole table, clipboard.py), and an error ends the stream. A client
 that stops reading costs a few objects, never a queue. Event-loop thread only.
 """
 

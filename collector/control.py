@@ -1,175 +1,172 @@
-"""Control plane: versioned activation-clip tables pushed to every rank of a run, and their acks.
+"""The clip control plane: every clip update of every run goes through one `ClipControl`.
 
-Each push merges its settings into the run's clip table by (layer, site) and bumps the run's
-version; the ClipUpdate sent down carries the WHOLE table at that version. A rank that missed
-earlier versions (it reconnected, or joined late and receives only the latest) is therefore
-never left with stale limits: any single update is enough. A limit <= 0 or inf turns a site
-off and stays in the table, so ranks that had it on switch it off.
+    push      a detector's decision (writer thread, detect.py), an operator's set or clear
+              (event loop, operator.py) or Collector.push_clip (any thread): a new version of
+              the run's table (clipboard.py), its rows to the store (a writer job), the update
+              to every connected rank of the run
+    acked     a rank's ClipAck (event loop, ingest.py): the version's rows stored again, with
+              the step it took effect
+    sent      the update written to a stream (the servicer): closes the version's latency
+              measurement
+    operator  an operator stream's command (event loop): set and clear push a new version,
+              freeze and unfreeze only steer the clip policy; answered with the run's table
 
-Each version also remembers what it changed (settings, reason, the run's step when it was
-decided), so the writer can store it (store.ClipRecord rows) and rewrite those rows with the
-step every rank acknowledged. Operator commands (set / clear / freeze / unfreeze / list) arrive
-on an operator stream (OPERATOR_CLIENT, see ingest.py) and are parsed here.
+The closed loop: a reduced step -> detectors -> clip policy -> push -> every rank's stream;
+the latency from the step leaving the barrier (its last frame arrived) to the update being
+written to a stream is measured per version (`latency_ms`).
 
-Thread-safe (one lock): operators and the clip policy push from any thread, the event loop
-records acks.
+`push_clip`, `push`, `acks` and `latency_ms` are safe from any thread; `acked`, `sent` and
+`operator` run on the event loop. The plane is built before the stages it feeds (the
+detectors push through it, ingest reports acks and operator commands to it); `connect`
+hands them over once they exist.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterable
 
+from collector.clipboard import ClipAckRecord, ClipBoard
+from collector.detect import Detect
 from collector.errors import InvalidArgument
+from collector.ingest import Ingest
+from collector.operator import operator_answer, parse_operator_command
+from collector.stats import Counters
+from collector.writer import WriteClips, Writer
 from proto.v1 import telemetry_pb2 as pb
-from store.base import RUN_NAME_RE
+from store.base import RUN_NAME_RE, ClipRecord
 
-SITES = ("routed", "shared")
-KEEP_VERSIONS = 64  # acks are kept for this many most recent versions per run
-OPERATOR_CLIENT = "stepwatch-operator/1"  # Hello.client_version of an operator stream
-OPERATOR_OPS = ("list", "set", "clear", "freeze", "unfreeze")
+log = logging.getLogger("collector")
 
 
-@dataclass(frozen=True)
-class ClipAckRecord:
-    rank: int
-    version: int
-    step: int  # first step the rank trained with this version
+class ClipControl:
+    _writer: Writer
+    _ingest: Ingest
+    _detect: Detect | None
+    _call_soon: Callable[..., None]  # call_soon(fn, *args): fn(*args) on the event loop, if it runs
 
+    def __init__(self, counters: Counters, *, observe_only: bool) -> None:
+        self.clips = ClipBoard()
+        self.counters = counters
+        self.observe_only = observe_only
+        self._latency_lock = threading.Lock()
+        self._origin: dict[tuple[str, int], float] = {}  # (run, version) -> t0
+        self._latency: dict[tuple[str, int], float] = {}  # (run, version) -> ms
 
-@dataclass
-class _RunClips:
-    version: int = 0
-    table: dict[tuple[int, str], float] = field(default_factory=dict)
-    latest: pb.ClipUpdate | None = None
-    acks: dict[tuple[int, int], int] = field(default_factory=dict)  # (rank, version) -> step
-    changes: dict[int, tuple[list, str, int]] = field(default_factory=dict)  # version -> what
+    def connect(
+        self,
+        writer: Writer,
+        ingest: Ingest,
+        detect: Detect | None,
+        call_soon: Callable[..., None],
+    ) -> None:
+        """The stages the plane feeds: the writer stores clip rows, ingest holds the streams,
+        detect's clip policy takes operator commands; call_soon runs a call on the event loop."""
+        self._writer, self._ingest, self._detect = writer, ingest, detect
+        self._call_soon = call_soon
 
+    # ---- pushes (any thread) ------------------------------------------------------------------
+    def push_clip(
+        self, run: str, settings: Iterable[tuple[int, str, float]], reason: str = "operator"
+    ) -> int:
+        """Merge (layer, site, limit) settings into the run's clip table and send the new
+        version down every connected rank's stream (ranks connecting later get it on Hello).
+        The update is stored (store.clips) with its reason. Returns the version."""
+        return self.push(run, list(settings), reason, 0, None)
 
-def _check_setting(s) -> tuple[int, str, float]:
-    try:
-        layer, site, limit = s
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"a clip setting is (layer, site, limit), got {s!r}") from None
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
-        raise InvalidArgument(f"clip layer must be an integer >= 0, got {layer!r}")
-    if site not in SITES:
-        raise InvalidArgument(f"clip site must be one of {SITES}, got {site!r}")
-    if not isinstance(limit, (int, float)) or math.isnan(limit):
-        raise InvalidArgument(f"clip limit must be a number (<= 0 or inf = off), got {limit!r}")
-    return layer, site, float(limit)
+    def push(self, run: str, settings: list, reason: str, step: int, origin: float | None) -> int:
+        """push_clip decided at the run's `step`; `origin` (monotonic, the causing step
+        leaving the barrier) starts the version's latency measurement (detect.PushFn)."""
+        update = self.clips.push(run, settings, reason, step)
+        self.counters.add("clip_updates")
+        if origin is not None:
+            with self._latency_lock:
+                self._origin[(run, update.version)] = origin
+        self._writer.submit(WriteClips(run, self._records(run, update.version)))
+        self._call_soon(self._ingest.broadcast_clip, run, update)
+        return update.version
 
-
-class ClipBoard:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._runs: dict[str, _RunClips] = {}
-
-    def push(self, run: str, settings: Iterable, reason: str, step: int = 0) -> pb.ClipUpdate:
-        """Merge settings into the run's table; returns the update to send (its version).
-        `step`: the run's step the update was decided at (the causing event's step)."""
-        if not isinstance(run, str) or not RUN_NAME_RE.match(run):
-            raise InvalidArgument(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
-        if not isinstance(reason, str):
-            raise InvalidArgument(f"reason must be a string, got {reason!r}")
-        checked = [_check_setting(s) for s in settings]
-        if not checked:
-            raise InvalidArgument("push_clip needs at least one (layer, site, limit) setting")
-        with self._lock:
-            rc = self._runs.setdefault(run, _RunClips())
-            for layer, site, limit in checked:
-                rc.table[(layer, site)] = limit
-            rc.version += 1
-            rc.latest = pb.ClipUpdate(
-                version=rc.version,
+    def _records(self, run: str, version: int) -> list[ClipRecord]:
+        change = self.clips.change(run, version)
+        if change is None:
+            return []
+        settings, reason, step, acked = change
+        return [
+            ClipRecord(
+                version=version,
+                step=step,
+                layer=layer,
+                site=site,
+                limit=limit,
                 reason=reason,
-                settings=[
-                    pb.ClipSetting(layer=layer, site=site, limit=limit)
-                    for (layer, site), limit in sorted(rc.table.items())
-                ],
+                acked_step=acked,
             )
-            oldest = rc.version - KEEP_VERSIONS
-            rc.acks = {k: v for k, v in rc.acks.items() if k[1] > oldest}
-            rc.changes[rc.version] = (checked, reason, max(0, int(step)))
-            rc.changes = {v: c for v, c in rc.changes.items() if v > oldest}
-            return rc.latest
+            for layer, site, limit in settings
+        ]
 
-    def latest(self, run: str) -> pb.ClipUpdate | None:
-        with self._lock:
-            rc = self._runs.get(run)
-            return rc.latest if rc else None
+    # ---- acks and the wire (event loop) -------------------------------------------------------
+    def acked(self, run: str, version: int) -> int | None:
+        """A rank acknowledged; the version's rows are stored again with the step it took
+        effect (the latest over ranks). Returns the writer job (the ClipAck frame is acked
+        once it is flushed), None when there is nothing to store."""
+        records = self._records(run, version)
+        return self._writer.submit(WriteClips(run, records)) if records else None
 
-    def record_ack(self, run: str, rank: int, version: int, step: int) -> None:
-        with self._lock:
-            rc = self._runs.get(run)
-            top = rc.version if rc else 0
-            if not 1 <= version <= top:
-                raise InvalidArgument(
-                    f"ClipAck for version {version}, but run {run!r} has clip versions 1..{top}"
-                )
-            if version > rc.version - KEEP_VERSIONS:
-                rc.acks[(rank, version)] = step  # a resent ack replaces, never adds
+    def sent(self, run: str, version: int) -> None:
+        """A ClipUpdate was written to a stream; the first one of a version that a detector
+        caused closes its latency measurement."""
+        now = time.monotonic()
+        with self._latency_lock:
+            t0 = self._origin.pop((run, version), None)
+            if t0 is None:
+                return
+            ms = (now - t0) * 1000.0
+            self._latency[(run, version)] = ms
+        log.info(
+            "run %s: clip update v%d on the wire %.1f ms after its step's last frame arrived",
+            run,
+            version,
+            ms,
+        )
 
-    def change(self, run: str, version: int) -> tuple[list, str, int, int] | None:
-        """(settings, reason, step, acked_step) of one version; acked_step is the latest step
-        any rank acknowledged it with (-1: none yet). None once the version is forgotten."""
-        with self._lock:
-            rc = self._runs.get(run)
-            ch = rc.changes.get(version) if rc else None
-            if ch is None:
-                return None
-            acked = [s for (_, v), s in rc.acks.items() if v == version]
-            return ch[0], ch[1], ch[2], max(acked, default=-1)
+    # ---- operator commands (event loop) -------------------------------------------------------
+    def operator(self, hello: pb.Hello) -> pb.ClipUpdate:
+        """An operator stream's command: apply it, answer with the run's table. set/clear
+        push a new version to the run's ranks; freeze/unfreeze only steer the clip policy.
+        The answer's reason is JSON: frozen sites, observe-only, the op."""
+        run = hello.header.run
+        if not RUN_NAME_RE.match(run):
+            raise InvalidArgument(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
+        op, items = parse_operator_command(hello.config_json)
+        if op == "set":
+            self.push(run, items, "operator set", self._last_step(run), None)
+        elif op == "clear":
+            self.push(
+                run,
+                [(l, s, math.inf) for l, s in items],
+                "operator clear",
+                self._last_step(run),
+                None,
+            )
+        frozen = self._detect.operator(run, op, items) if self._detect else []
+        self.counters.add("operator_commands")
+        log.info("operator %s on run %s: %s", op, run, items)
+        version, table = self.clips.table(run)
+        return operator_answer(op, version, table, frozen, self.observe_only)
 
-    def table(self, run: str) -> tuple[int, dict[tuple[int, str], float]]:
-        """(version, current table) of a run; (0, {}) before any push."""
-        with self._lock:
-            rc = self._runs.get(run)
-            return (rc.version, dict(rc.table)) if rc else (0, {})
+    def _last_step(self, run: str) -> int:
+        r = self._ingest.runs.get(run)
+        return max(0, r.barrier.reduced_through) if r is not None else 0
 
+    # ---- introspection (any thread) -----------------------------------------------------------
     def acks(self, run: str) -> list[ClipAckRecord]:
-        """Every recorded ack of the run, by version then rank."""
-        with self._lock:
-            rc = self._runs.get(run)
-            items = sorted(rc.acks.items(), key=lambda kv: (kv[0][1], kv[0][0])) if rc else []
-        return [ClipAckRecord(rank=r, version=v, step=s) for (r, v), s in items]
+        return self.clips.acks(run)
 
-
-def parse_operator_command(config_json: str) -> tuple[str, list]:
-    """An operator stream's command (its Hello.config_json) -> (op, items):
-
-    {"op": "list"}
-    {"op": "set",      "settings": [[layer, "routed"|"shared", limit], ...]}
-    {"op": "clear" | "freeze" | "unfreeze", "sites": [[layer, "routed"|"shared"], ...]}
-    """
-    try:
-        cmd = json.loads(config_json or "{}")
-    except ValueError as exc:
-        raise InvalidArgument(f"operator command is not JSON: {exc}") from None
-    op = cmd.get("op") if isinstance(cmd, dict) else None
-    if op not in OPERATOR_OPS:
-        raise InvalidArgument(f"operator op must be one of {OPERATOR_OPS}, got {op!r}")
-    if op == "list":
-        return op, []
-    if op == "set":
-        items = [
-            _check_setting(tuple(s) if isinstance(s, list) else s)
-            for s in cmd.get("settings") or ()
-        ]
-        for layer, site, limit in items:
-            if not (limit > 0 and math.isfinite(limit)):
-                raise InvalidArgument(
-                    f"operator set needs a finite limit > 0 for layer "
-                    f"{layer} {site} (use clear to switch a clamp off)"
-                )
-    else:
-        items = [
-            _check_setting((*s, math.inf) if isinstance(s, (list, tuple)) else s)[:2]
-            for s in cmd.get("sites") or ()
-        ]
-    if not items:
-        raise InvalidArgument(f"operator {op} needs at least one site")
-    return op, items
+    def latency_ms(self, run: str) -> dict[int, float]:
+        """version -> ms from the step that caused it leaving the barrier (its last frame
+        arrived) to the update being written to the first rank's stream."""
+        with self._latency_lock:
+            return {v: ms for (r, v), ms in self._latency.items() if r == run}

@@ -8,7 +8,7 @@
 The frame is built from the step's reduced rows exactly as analytics/offline.py builds it from
 the store, so online and offline events are the same. Events go to the store on the writer
 thread (the only thread that touches the store) and are flushed with the step's values.
-Clip decisions go to `push` (Collector.push_clip's internals: versioned, every rank's stream,
+Clip decisions go to `push` (control.ClipControl.push: versioned, every rank's stream,
 stored with their reason), stamped with the monotonic time the step left the barrier so the
 collector can measure frame-arrival -> update-on-the-wire latency.
 
@@ -93,6 +93,7 @@ class Detect:
 
         def rank_vectors() -> RankVectors:
             raw = rows.raw  # flat rows (~140 ms at 6M values): built only when asked for
+            assert raw.rank is not None  # raw rows always name their rank
             return RankVectors(raw.metric_id, raw.rank, raw.value, size, ranks)
 
         frame = StepFrame.from_rows(

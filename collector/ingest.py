@@ -1,64 +1,45 @@
-"""Ingest: what happens to each frame a rank sends. Event-loop thread only, so no locks.
+"""Ingest: each rank's stream as the collector sees it. Event-loop thread only, so no locks.
 
-    Hello       -> run registry (world size fixed per live run), Welcome(acked_seq), clip table
-    Schema      -> metric ids (registry.py); new dictionary rows go to the writer
-    StepChunk   -> the run's barrier (barrier.py), or raw rows if the step is already reduced
-    EndOfStep   -> barrier; ready steps go to the writer, which reduces, stores and flushes
-    StepChunk with ends_step -> the chunk, then its EndOfStep, under the chunk's one seq
-                   (the Welcome says this collector takes it; both checked before either applies)
-    ClipAck     -> control.py (and `on_clip_ack`, which stores the acknowledged step)
+    Hello       -> the run it joins (run.py; world size fixed per live run), Welcome(acked_seq),
+                   the run's clip table
+    Schema, StepChunk, EndOfStep -> steps.py: the registry, the barrier, the writer (a chunk
+                   may also end its step: the Welcome says this collector takes that)
+    ClipAck     -> the run's clip board (clipboard.py), and `on_clip_ack` (control.py), which
+                   stores the acknowledged step
 
 A stream whose Hello carries client_version OPERATOR_CLIENT is an operator's: its
-config_json is one clip command (control.parse_operator_command), answered with the run's
-clip table and the end of the stream; it never joins the run.
+config_json is one clip command (operator.py), answered (`operator`, control.py) with the
+run's clip table and the end of the stream; it never joins the run.
 
-Per-(run, rank) seq bookkeeping lives in acks.py: a frame with seq <= acked is ignored and
-acked again; acks go out only after the writer reports a flush. Every check runs before any
-state changes, so a rejected frame leaves nothing half-applied for the other clients.
+Before a frame is applied, its header must name the stream's run and rank, and its seq is
+checked against the rank's acks (acks.py): a frame with seq <= acked is ignored and acked
+again. Acks go out only after the writer reports a flush (`on_flushed`) and are repeated to
+ranks whose frames wait (`keepalive`); a half-closed stream ends once all it sent is acked,
+and once every rank of a run said goodbye the run's pending steps are reduced and it finishes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import numpy as np
 
 from collector.acks import RankAcks
-from collector.barrier import ByteBudget, ReadyStep, StepBarrier
+from collector.barrier import ByteBudget, StepBarrier
+from collector.clipboard import ClipBoard
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.control import OPERATOR_CLIENT, ClipBoard
 from collector.errors import InvalidArgument, ResourceExhausted, Unavailable
+from collector.operator import OPERATOR_CLIENT
 from collector.registry import RunMetrics, check_hello
+from collector.run import Run
 from collector.stats import Counters
-from collector.writer import FinishRun, OpenRun, WriteMetrics, Writer, WriteRaw, WriteStep
+from collector.steps import Steps
+from collector.writer import FinishRun, OpenRun, Writer
 from proto.v1 import telemetry_pb2 as pb
-from store.base import RunInfo, ValueBatch
+from store.base import RunInfo
 
 log = logging.getLogger(__name__)
-RAW_ROW_BYTES = 20  # step i64 + metric_id i32 + rank i32 + value f32
-
-
-@dataclass
-class Run:
-    name: str
-    world_size: int
-    info: RunInfo
-    metrics: RunMetrics
-    barrier: StepBarrier
-    acks: dict[int, RankAcks] = field(default_factory=dict)
-    conns: dict[int, set[Conn]] = field(default_factory=dict)
-    said_goodbye: set[int] = field(default_factory=set)  # ranks that half-closed
-    # (rank, schema_id) -> its id map, one array object per distinct content (a "layout":
-    # the ranks of one EP group share it), so the reduction can group parts by identity
-    id_maps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
-    layouts: dict[bytes, np.ndarray] = field(default_factory=dict)
-    finished: bool = False
-    finish_job: int | None = None  # writer job that marks the run finished
 
 
 class Ingest:
@@ -84,13 +65,13 @@ class Ingest:
         self.runs: dict[str, Run] = {}
         self._durable_job = 0  # every writer job <= this has been flushed
         self.stopping = False  # shutdown: frames are refused, UNAVAILABLE
-        self.busy_s = 0.0  # event-loop thread CPU seconds in receive()
-        self.schema_s = 0.0  # ... of which registering schemas (once per run)
+        self.steps = Steps(config, writer, budget, counters, clock)  # what data frames do
+        self.busy_s = 0.0  # event-loop thread CPU seconds in receive() (steps.schema_s of it)
 
     # ---- frames ---------------------------------------------------------------------------
     def receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
         """Apply one frame; raises a CollectorError (translated to a status by the caller).
-        Its time is summed in busy_s, schema registration also in schema_s (logged at
+        Its time is summed in busy_s, schema registration also in steps.schema_s (logged at
         shutdown as per-step receive time and once-per-run schema time; benchmarks read it)."""
         t0 = time.thread_time()
         try:
@@ -132,13 +113,13 @@ class Ingest:
             return
         resend = acks.is_resend(h.seq)
         if kind == "schema":
-            self._schema(run, conn.rank, msg, acks)
+            self.steps.schema(run, conn.rank, msg, acks)
         elif kind == "chunk" and msg.ends_step:
-            self._chunk_ending_step(run, conn.rank, msg, acks, resend)
+            self.steps.chunk_ending_step(run, conn.rank, msg, acks, resend)
         elif kind == "chunk":
-            self._chunk(run, conn.rank, msg, acks, resend)
+            self.steps.chunk(run, conn.rank, msg, acks, resend)
         elif kind == "end_of_step":
-            self._end_of_step(run, conn.rank, msg, acks)
+            self.steps.end_of_step(run, conn.rank, msg, acks)
         else:
             self.clips.record_ack(run.name, conn.rank, msg.version, h.step)
             self.counters.add("clip_acks")
@@ -202,143 +183,11 @@ class Ingest:
         self.writer.submit(OpenRun(info))
         return run
 
-    def _schema(self, run: Run, rank: int, s: pb.Schema, acks: RankAcks) -> None:
-        t0 = time.thread_time()
-        try:
-            self._register(run, rank, s, acks)
-        finally:
-            self.schema_s += time.thread_time() - t0
-
-    def _register(self, run: Run, rank: int, s: pb.Schema, acks: RankAcks) -> None:
-        known = run.metrics.has_schema(rank, s.schema_id)
-        new_rows = run.metrics.register_schema(rank, s)
-        if not known:
-            ids = run.metrics.schema(rank, s.schema_id)
-            run.id_maps[(rank, s.schema_id)] = run.layouts.setdefault(ids.tobytes(), ids)
-        self.counters.add("schemas_registered", int(not known))
-        if new_rows is None:
-            acks.received(s.header.seq)
-            return
-        self.counters.add("metrics_registered", len(new_rows.name))
-        acks.in_job(s.header.seq, self.writer.submit(WriteMetrics(run.name, new_rows)))
-
-    def _chunk(self, run: Run, rank: int, c: pb.StepChunk, acks: RankAcks, resend: bool) -> None:
-        ids, values = self._check_chunk(run, rank, c)
-        self._apply_chunk(run, rank, c, ids, values, acks, resend)
-
-    def _check_chunk(self, run: Run, rank: int, c: pb.StepChunk) -> tuple[np.ndarray, np.ndarray]:
-        """Every check of a chunk against its schema; changes nothing. (id map, values)"""
-        step = c.header.step
-        if step < 0:
-            raise InvalidArgument(f"StepChunk step must be >= 0, got {step}")
-        ids = run.metrics.schema(rank, c.schema_id)
-        nb = len(c.values)
-        if nb % 4:
-            raise InvalidArgument(
-                f"StepChunk values hold {nb} bytes, not a multiple of 4 (little-endian float32)"
-            )
-        if nb > self.config.max_chunk_bytes:
-            raise InvalidArgument(
-                f"StepChunk values hold {nb} bytes; at most {self.config.max_chunk_bytes} per chunk"
-            )
-        n = nb // 4
-        if c.total != ids.size:
-            raise InvalidArgument(
-                f"StepChunk total {c.total} differs from the {ids.size} "
-                f"metrics of schema {c.schema_id}"
-            )
-        if c.offset + n > ids.size:
-            raise InvalidArgument(
-                f"StepChunk [{c.offset}, {c.offset + n}) lies outside schema "
-                f"{c.schema_id} of {ids.size} metrics"
-            )
-        return ids, np.frombuffer(c.values, dtype="<f4")
-
-    def _apply_chunk(
-        self,
-        run: Run,
-        rank: int,
-        c: pb.StepChunk,
-        ids: np.ndarray,
-        values: np.ndarray,
-        acks: RankAcks,
-        resend: bool,
-    ) -> None:
-        step, seq, n = c.header.step, c.header.seq, values.size
-        self.counters.add("bytes", values.nbytes)
-        if run.barrier.add_chunk(rank, step, c.schema_id, c.offset, ids.size, values):
-            acks.in_step(seq, step)
-        elif resend:  # the first copy is already on its way to the store
-            acks.received(seq)
-        else:  # a late rank: recorded raw, the reduction stands
-            nbytes = n * RAW_ROW_BYTES
-            self.budget.reserve(nbytes, f"late values of rank {rank} step {step}")
-            batch = ValueBatch(
-                step=np.full(n, step, np.int64),
-                metric_id=ids[c.offset : c.offset + n].copy(),
-                value=values.astype(np.float32),
-                rank=np.full(n, rank, np.int32),
-            )
-            acks.in_job(seq, self.writer.submit(WriteRaw(run.name, batch, nbytes)), step)
-            self.counters.add("late_values", n)
-
-    def _chunk_ending_step(
-        self, run: Run, rank: int, c: pb.StepChunk, acks: RankAcks, resend: bool
-    ) -> None:
-        """The chunk, then EndOfStep{step_values, wall_time}, under the chunk's one seq. The
-        end is checked against the barrier as it will be after the chunk, before either
-        applies, so a rejected frame changes nothing; a late step takes the chunk's late
-        path and its end changes nothing, as a late EndOfStep would."""
-        ids, values = self._check_chunk(run, rank, c)
-        step = c.header.step
-        if not run.barrier.is_late(step):
-            if not math.isfinite(c.wall_time):
-                raise InvalidArgument(
-                    f"StepChunk ending step {step} has wall_time {c.wall_time}; it must be finite"
-                )
-            got = run.barrier.values_with(rank, step, c.schema_id, c.offset, values.size)
-            if c.step_values != got:
-                raise InvalidArgument(
-                    f"StepChunk ending step {step} of rank {rank} counts "
-                    f"{c.step_values} values but {got} arrived for that step, "
-                    f"this chunk included"
-                )
-        self._apply_chunk(run, rank, c, ids, values, acks, resend)
-        if run.barrier.end_of_step(rank, step, c.step_values, c.wall_time, self.clock()):
-            self._poll(run)  # the chunk's in_step already holds its seq
-
-    def _end_of_step(self, run: Run, rank: int, e: pb.EndOfStep, acks: RankAcks) -> None:
-        step = e.header.step
-        if step < 0:
-            raise InvalidArgument(f"EndOfStep step must be >= 0, got {step}")
-        if run.barrier.end_of_step(rank, step, e.n_values, e.wall_time, self.clock()):
-            acks.in_step(e.header.seq, step)
-            self._poll(run)
-        else:
-            acks.received(e.header.seq)
-
     # ---- steps out of the barrier --------------------------------------------------------
     def tick(self) -> None:
         """Straggler timeouts: called periodically by the server."""
         for run in self.runs.values():
-            self._poll(run)
-
-    def _poll(self, run: Run) -> None:
-        for ready in run.barrier.poll(self.clock()):
-            self._submit_step(run, ready)
-
-    def _submit_step(self, run: Run, ready: ReadyStep) -> None:
-        id_maps = [run.id_maps[rank, sid] for rank, sid, _, _ in ready.parts]
-        job = self.writer.submit(
-            WriteStep(run.name, ready, id_maps, run.metrics.ops, ready_at=self.clock())
-        )
-        for acks in run.acks.values():
-            acks.step_submitted(ready.step, job)
-        missing = len(ready.status.missing_ranks)
-        self.counters.add("steps_reduced")
-        if missing:
-            self.counters.add("steps_incomplete")
-            self.counters.add("stragglers", missing)
+            self.steps.poll(run)
 
     # ---- acks and control down ------------------------------------------------------------
     def on_flushed(self, through_job: int, failed: set[int]) -> None:
@@ -417,8 +266,7 @@ class Ingest:
     def _finish_run(self, run: Run) -> None:
         if run.finished:
             return
-        for ready in run.barrier.drain():
-            self._submit_step(run, ready)
+        self.steps.drain(run)
         run.finish_job = self.writer.submit(FinishRun(run.name))
         run.finished = True
 
@@ -432,7 +280,9 @@ class Ingest:
     def finish_all(self) -> None:
         """Shutdown: reduce whatever is pending (incomplete) and mark every run finished."""
         log.info(
-            "ingest seconds: receive=%.3f schemas=%.3f", self.busy_s - self.schema_s, self.schema_s
+            "ingest seconds: receive=%.3f schemas=%.3f",
+            self.busy_s - self.steps.schema_s,
+            self.steps.schema_s,
         )
         for run in self.runs.values():
             self._finish_run(run)

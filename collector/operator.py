@@ -1,10 +1,12 @@
-"""The operator's side of the control plane: one clip command over the Telemetry stream.
+"""Operator clip commands over the Telemetry stream: the command and its answer, both ends.
 
 An operator connection is an ordinary `Stream` RPC (so token auth and TLS apply unchanged)
 whose only frame is a Hello with client_version OPERATOR_CLIENT and the command as JSON in
-config_json (collector/control.parse_operator_command). The collector applies it and answers
-with one ClipUpdate - the run's clip table after the command, its version, and in `reason` a
-JSON object with the frozen sites - then ends the stream. No proto change was needed.
+config_json. The collector parses it (`parse_operator_command`), applies it (control.py) and
+answers with one ClipUpdate (`operator_answer`) - the run's clip table after the command, its
+version, and in `reason` a JSON object with the frozen sites - then ends the stream. `operate`
+is the client: it sends one command and reads the answer back as a ClipTable. No proto change
+was needed.
 """
 
 from __future__ import annotations
@@ -15,11 +17,72 @@ from dataclasses import dataclass
 
 import grpc
 
-from collector.control import OPERATOR_CLIENT
+from collector.clipboard import check_setting
+from collector.errors import InvalidArgument
 from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
 
+OPERATOR_CLIENT = "stepwatch-operator/1"  # Hello.client_version of an operator stream
+OPERATOR_OPS = ("list", "set", "clear", "freeze", "unfreeze")
 
+
+# ---- the command and its answer (collector side) ----------------------------------------------
+def parse_operator_command(config_json: str) -> tuple[str, list]:
+    """An operator stream's command (its Hello.config_json) -> (op, items):
+
+    {"op": "list"}
+    {"op": "set",      "settings": [[layer, "routed"|"shared", limit], ...]}
+    {"op": "clear" | "freeze" | "unfreeze", "sites": [[layer, "routed"|"shared"], ...]}
+    """
+    try:
+        cmd = json.loads(config_json or "{}")
+    except ValueError as exc:
+        raise InvalidArgument(f"operator command is not JSON: {exc}") from None
+    op = cmd.get("op") if isinstance(cmd, dict) else None
+    if op not in OPERATOR_OPS:
+        raise InvalidArgument(f"operator op must be one of {OPERATOR_OPS}, got {op!r}")
+    if op == "list":
+        return op, []
+    items: list[tuple[int, str, float]] | list[tuple[int, str]]
+    if op == "set":
+        items = [
+            check_setting(tuple(s) if isinstance(s, list) else s) for s in cmd.get("settings") or ()
+        ]
+        for layer, site, limit in items:
+            if not (limit > 0 and math.isfinite(limit)):
+                raise InvalidArgument(
+                    f"operator set needs a finite limit > 0 for layer "
+                    f"{layer} {site} (use clear to switch a clamp off)"
+                )
+    else:
+        items = [
+            check_setting((*s, math.inf) if isinstance(s, (list, tuple)) else s)[:2]
+            for s in cmd.get("sites") or ()
+        ]
+    if not items:
+        raise InvalidArgument(f"operator {op} needs at least one site")
+    return op, items
+
+
+def operator_answer(
+    op: str,
+    version: int,
+    table: dict[tuple[int, str], float],
+    frozen: list[tuple[int, str]],
+    observe_only: bool,
+) -> pb.ClipUpdate:
+    """The answer to a command: the run's table at `version`; the reason is JSON with the op,
+    the frozen sites and whether the collector is observe-only."""
+    return pb.ClipUpdate(
+        version=version,
+        reason=json.dumps(
+            {"op": op, "frozen": [list(k) for k in frozen], "observe_only": observe_only}
+        ),
+        settings=[pb.ClipSetting(layer=l, site=s, limit=v) for (l, s), v in sorted(table.items())],
+    )
+
+
+# ---- the client -------------------------------------------------------------------------------
 class OperatorError(RuntimeError):
     """The collector refused the command or could not be reached; message says why."""
 
@@ -80,6 +143,7 @@ def operate(
 
 
 def _table(update: pb.ClipUpdate) -> ClipTable:
+    """An answer (operator_answer) read back."""
     info = json.loads(update.reason or "{}")
     return ClipTable(
         version=update.version,

@@ -55,13 +55,15 @@ def start_collector(
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE always opens it
     lines: list[str] = []
     found: list[str] = []
 
     def pump() -> None:  # keep reading so the child never blocks on a full pipe
         sink = open(log_path, "a") if log_path else None
         try:
-            for line in proc.stdout:
+            for line in stdout:
                 if not found:
                     lines.append(line)
                     m = READY_RE.search(line)

@@ -166,16 +166,6 @@ class Accumulator:
         return present.astype(np.int32), vals, count.astype(np.int32)
 
 
-def reduce_rows(
-    metric_id: np.ndarray, value: np.ndarray, ops_M: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reduce rows per metric id by ops_M[id]. Returns (ids, values f32, n_ranks i32) for every
-    id that had at least one row, sorted by id. ops_M: int8 op code per metric id of the run."""
-    acc = Accumulator(ops_M)
-    acc.add_rows(metric_id, value)
-    return acc.result()
-
-
 def reduce_step(
     step: int, parts: list[Part], included: set[int], ops_M: np.ndarray, status: StepStatus
 ) -> StepRows:

@@ -110,26 +110,17 @@ class RunMetrics:
         return s.ids
 
     def register_schema(self, rank: int, s: pb.Schema) -> MetricDict | None:
-        """register() for a Schema message as received: its MetricDefs are fingerprinted from
-        the message's own serialization (one C copy and encode, ~0.2 ms for 1,465 defs)
-        rather than by wrapping each def, which is most of the cost of registering a schema
-        the run has already seen."""
+        """Register a Schema message as received; returns the metric-dictionary rows it
+        created (None if none). Validates everything before changing anything. Identical
+        MetricDefs (any rank, any schema_id) get the same id array object. The defs are
+        fingerprinted from the message's own serialization (one C copy and encode, ~0.2 ms for
+        1,465 defs) rather than by wrapping each def, which is most of the cost of registering
+        a schema the run has already seen."""
         defs = pb.Schema()
         defs.CopyFrom(s)
         defs.ClearField("header")
         defs.ClearField("schema_id")
         return self._register(rank, s.schema_id, s.metrics, defs.SerializeToString())
-
-    def register(
-        self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef]
-    ) -> MetricDict | None:
-        """Register a schema; returns the metric-dictionary rows it created (None if none).
-        Validates everything before changing anything. Identical MetricDefs (any rank, any
-        schema_id) get the same id array object. Fingerprinting copies each def into a new
-        message (~0.9 ms for 1,465 defs): for a received Schema use register_schema."""
-        return self._register(
-            rank, schema_id, metrics, pb.Schema(metrics=metrics).SerializeToString()
-        )
 
     def _register(
         self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef], defs: bytes
@@ -138,22 +129,15 @@ class RunMetrics:
         old = self._schemas.get((rank, schema_id))
         if old is not None and old.fingerprint == digest:
             return None  # a resend after reconnect
-        ids = self._layouts.get(digest)
-        cols = None if ids is not None else _columns(schema_id, metrics)
-        if old is not None:
-            raise InvalidArgument(
-                f"schema_id {schema_id} of rank {rank} was registered with "
-                f"other metrics; schema ids are unique per (run, rank)"
-            )
-        n_rank = self._n_schemas.get(rank, 0)
-        if n_rank >= self.max_schemas_per_rank:
-            raise ResourceExhausted(
-                f"rank {rank} already has {n_rank} schemas "
-                f"(max_schemas_per_rank={self.max_schemas_per_rank})"
-            )
+        cols: _Columns | None = None  # a first-time schema's defs, checked before the rest
         new: list[int] = []
-        if cols is not None:
+        ids = self._layouts.get(digest)
+        if ids is None:
+            cols = _columns(schema_id, metrics)
+            n_rank = self._check_slot(rank, schema_id, old)
             ids, new = self._resolve(cols)
+        else:
+            n_rank = self._check_slot(rank, schema_id, old)
         mine = self._rank_ids.get(rank)
         if mine is not None:
             clash = np.isin(ids, mine)
@@ -171,6 +155,21 @@ class RunMetrics:
         self._rank_ids[rank] = ids if mine is None else np.concatenate([mine, ids])
         return rows
 
+    def _check_slot(self, rank: int, schema_id: int, old: Schema | None) -> int:
+        """The rank's schema count, once schema_id is known to be free and the rank has room."""
+        if old is not None:
+            raise InvalidArgument(
+                f"schema_id {schema_id} of rank {rank} was registered with "
+                f"other metrics; schema ids are unique per (run, rank)"
+            )
+        n_rank = self._n_schemas.get(rank, 0)
+        if n_rank >= self.max_schemas_per_rank:
+            raise ResourceExhausted(
+                f"rank {rank} already has {n_rank} schemas "
+                f"(max_schemas_per_rank={self.max_schemas_per_rank})"
+            )
+        return n_rank
+
     def _resolve(self, cols: _Columns) -> tuple[np.ndarray, list[int]]:
         """Ids of a first-time schema's names (-1 where new) and the positions of new names;
         rejects a name declared with other labels than its registration, and too many."""
@@ -178,17 +177,17 @@ class RunMetrics:
         new = [i for i, mid in enumerate(got) if mid is None]
         bad = next(
             (
-                i
+                (i, mid)
                 for i, mid in enumerate(got)
                 if mid is not None and self._labels[mid] != cols.labels[i]
             ),
             None,
         )
         if bad is not None:
-            mid = got[bad]
+            i, mid = bad
             raise InvalidArgument(
-                f"metric {_describe(cols.names[bad], cols.labels[bad])} conflicts with its "
-                f"registration as {_describe(cols.names[bad], self._labels[mid])}"
+                f"metric {_describe(cols.names[i], cols.labels[i])} conflicts with its "
+                f"registration as {_describe(cols.names[i], self._labels[mid])}"
             )
         if len(self.ids) + len(new) > self.max_metrics:
             raise ResourceExhausted(

@@ -4,11 +4,8 @@ grpc.aio on one event-loop thread: each rank's stream is two coroutines (read fr
 acks and clip updates down), so hundreds of streams cost no threads and cannot deadlock on a
 pool. All ingest state is touched only on that loop; the store only on the writer thread,
 where the online detectors (detect.py) also run; `push_clip`, `clip_acks`, `events` and
-`stats` are safe from any thread.
-
-The closed loop: a reduced step -> detectors -> clip policy -> push_clip -> every rank's stream;
-the latency from the step leaving the barrier (its last frame arrived) to the update being
-written to a stream is measured per version (`clip_latency_ms`).
+`stats` are safe from any thread. The clip control plane (push_clip, clip acks, operator
+commands, the closed loop's latency) is control.py's; the Collector delegates to it.
 """
 
 from __future__ import annotations
@@ -16,35 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
-import math
 import threading
-import time
 from collections.abc import Callable, Iterable
 
 import grpc
 from grpc import aio
 
 from collector.barrier import ByteBudget
+from collector.clipboard import ClipAckRecord
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.control import ClipAckRecord, ClipBoard, parse_operator_command
+from collector.control import ClipControl
 from collector.detect import Detect
-from collector.errors import (
-    REJECTED,
-    CollectorError,
-    InvalidArgument,
-    Unauthenticated,
-    Unavailable,
-    status_of,
-)
+from collector.errors import REJECTED, CollectorError, Unauthenticated, Unavailable, status_of
 from collector.ingest import Ingest
 from collector.stats import Counters
-from collector.writer import WriteClips, Writer
+from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
-from store.base import RUN_NAME_RE, ClipRecord, Store
+from store.base import Store
 
 log = logging.getLogger("collector")
 GOODBYE_CONFIRM_S = 0.1
@@ -162,16 +150,13 @@ class Collector:
         self.store = store
         self.config = config or CollectorConfig()
         self.counters = Counters()
-        self.clips = ClipBoard()
         self.budget = ByteBudget(self.config.max_pending_bytes)
+        self.control = ClipControl(self.counters, observe_only=self.config.observe_only)
         self.detect = (
-            Detect(store, self._push, self.counters, observe_only=self.config.observe_only)
+            Detect(store, self.control.push, self.counters, observe_only=self.config.observe_only)
             if self.config.detect
             else None
         )
-        self._latency_lock = threading.Lock()
-        self._clip_origin: dict[tuple[str, int], float] = {}  # (run, version) -> t0
-        self._clip_latency: dict[tuple[str, int], float] = {}  # (run, version) -> ms
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: aio.Server | None = None
@@ -189,11 +174,12 @@ class Collector:
             self.config,
             self.writer,
             self.budget,
-            self.clips,
+            self.control.clips,
             self.counters,
-            on_clip_ack=self._clip_acked,
-            operator=self._operator,
+            on_clip_ack=self.control.acked,
+            operator=self.control.operator,
         )
+        self.control.connect(self.writer, self.ingest, self.detect, call_soon=self._call_soon)
         self.port = 0
 
     # lifecycle
@@ -231,7 +217,7 @@ class Collector:
             ],
         )  # a taken port is an error, not shared
         pbg.add_TelemetryServicer_to_server(
-            TelemetryServicer(self.ingest, self.counters, on_clip_sent=self._clip_sent),
+            TelemetryServicer(self.ingest, self.counters, on_clip_sent=self.control.sent),
             self._server,
         )
         address = f"{host}:{port}"
@@ -310,123 +296,32 @@ class Collector:
             with contextlib.suppress(RuntimeError):  # loop closing during shutdown
                 loop.call_soon_threadsafe(self.ingest.on_flushed, through_job, failed)
 
+    def _call_soon(self, fn: Callable[..., None], *args: object) -> None:
+        """Any thread -> event loop: fn(*args) is called there, if the loop runs."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(fn, *args)
+
     def __enter__(self) -> Collector:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # control plane and introspection (any thread)
+    # control plane (control.py) and introspection (any thread)
     def push_clip(
         self, run: str, settings: Iterable[tuple[int, str, float]], reason: str = "operator"
     ) -> int:
-        """Merge (layer, site, limit) settings into the run's clip table and send the new
-        version down every connected rank's stream (ranks connecting later get it on Hello).
-        The update is stored (store.clips) with its reason. Returns the version."""
-        return self._push(run, list(settings), reason, 0, None)
-
-    def _push(self, run: str, settings: list, reason: str, step: int, origin: float | None) -> int:
-        update = self.clips.push(run, settings, reason, step)
-        self.counters.add("clip_updates")
-        if origin is not None:
-            with self._latency_lock:
-                self._clip_origin[(run, update.version)] = origin
-        self.writer.submit(WriteClips(run, self._clip_records(run, update.version)))
-        loop = self._loop
-        if loop is not None and loop.is_running():
-            loop.call_soon_threadsafe(self.ingest.broadcast_clip, run, update)
-        return update.version
-
-    def _clip_records(self, run: str, version: int) -> list[ClipRecord]:
-        change = self.clips.change(run, version)
-        if change is None:
-            return []
-        settings, reason, step, acked = change
-        return [
-            ClipRecord(
-                version=version,
-                step=step,
-                layer=layer,
-                site=site,
-                limit=limit,
-                reason=reason,
-                acked_step=acked,
-            )
-            for layer, site, limit in settings
-        ]
-
-    def _clip_acked(self, run: str, version: int) -> int | None:
-        """Event loop: a rank acknowledged; the version's rows are stored again with the
-        step it took effect (the latest over ranks). Returns the writer job (the ClipAck
-        frame is acked once it is flushed), None when there is nothing to store."""
-        records = self._clip_records(run, version)
-        return self.writer.submit(WriteClips(run, records)) if records else None
-
-    def _clip_sent(self, run: str, version: int) -> None:
-        """Event loop: a ClipUpdate was written to a stream; the first one of a version that
-        a detector caused closes its latency measurement."""
-        now = time.monotonic()
-        with self._latency_lock:
-            t0 = self._clip_origin.pop((run, version), None)
-            if t0 is None:
-                return
-            ms = (now - t0) * 1000.0
-            self._clip_latency[(run, version)] = ms
-        log.info(
-            "run %s: clip update v%d on the wire %.1f ms after its step's last frame arrived",
-            run,
-            version,
-            ms,
-        )
-
-    def clip_latency_ms(self, run: str) -> dict[int, float]:
-        """version -> ms from the step that caused it leaving the barrier (its last frame
-        arrived) to the update being written to the first rank's stream."""
-        with self._latency_lock:
-            return {v: ms for (r, v), ms in self._clip_latency.items() if r == run}
-
-    def _operator(self, hello: pb.Hello) -> pb.ClipUpdate:
-        """An operator stream's command (event loop): apply it, answer with the run's table.
-        set/clear push a new version to the run's ranks; freeze/unfreeze only steer the
-        clip policy. The reply's reason is JSON: frozen sites, observe-only, the op."""
-        run = hello.header.run
-        if not RUN_NAME_RE.match(run):
-            raise InvalidArgument(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
-        op, items = parse_operator_command(hello.config_json)
-        if op == "set":
-            self._push(run, items, "operator set", self._last_step(run), None)
-        elif op == "clear":
-            self._push(
-                run,
-                [(l, s, math.inf) for l, s in items],
-                "operator clear",
-                self._last_step(run),
-                None,
-            )
-        frozen = self.detect.operator(run, op, items) if self.detect else []
-        self.counters.add("operator_commands")
-        log.info("operator %s on run %s: %s", op, run, items)
-        version, table = self.clips.table(run)
-        return pb.ClipUpdate(
-            version=version,
-            reason=json.dumps(
-                {
-                    "op": op,
-                    "frozen": [list(k) for k in frozen],
-                    "observe_only": self.config.observe_only,
-                }
-            ),
-            settings=[
-                pb.ClipSetting(layer=l, site=s, limit=v) for (l, s), v in sorted(table.items())
-            ],
-        )
-
-    def _last_step(self, run: str) -> int:
-        r = self.ingest.runs.get(run)
-        return max(0, r.barrier.reduced_through) if r is not None else 0
+        """ClipControl.push_clip: a new version of the run's clip table, stored and sent to
+        every rank of the run. Returns the version."""
+        return self.control.push_clip(run, settings, reason)
 
     def clip_acks(self, run: str) -> list[ClipAckRecord]:
-        return self.clips.acks(run)
+        return self.control.acks(run)
+
+    def clip_latency_ms(self, run: str) -> dict[int, float]:
+        """ClipControl.latency_ms: version -> ms from its step's last frame to the wire."""
+        return self.control.latency_ms(run)
 
     def events(self, run: str) -> list:
         """The online detectors' events of a run (analytics.events.Event), oldest first."""

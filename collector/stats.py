@@ -50,7 +50,3 @@ class Counters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._values)
-
-    def __getitem__(self, name: str) -> int:
-        with self._lock:
-            return self._values[name]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from collector import Collector, CollectorConfig
+from collector.barrier import StepBarrier
 from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
 from store import open_store
@@ -22,6 +23,11 @@ def mdef(name: str, reduce: int = pb.REDUCE_SUM, **labels) -> pb.MetricDef:
     base = dict(layer=-1, expert=-1, head=-1, stat=name.rsplit("/", 1)[-1], unit="")
     base.update(labels)
     return pb.MetricDef(name=name, reduce=reduce, **base)
+
+
+def pending_steps(barrier: StepBarrier) -> list[int]:
+    """The steps waiting in a barrier, oldest first."""
+    return sorted(barrier._pending)
 
 
 class Ended(Exception):

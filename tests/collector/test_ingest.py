@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from collector.barrier import ByteBudget
+from collector.clipboard import ClipBoard
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.control import ClipBoard
 from collector.errors import InvalidArgument
 from collector.ingest import Ingest
 from collector.stats import Counters
 from collector.writer import WriteRaw, WriteStep
 from proto.v1 import telemetry_pb2 as pb
 
-from .conftest import mdef
+from .conftest import mdef, pending_steps
 
 
 class RecordingWriter:
@@ -228,10 +228,15 @@ def test_a_rejected_chunk_ending_the_step_changes_nothing(ends, wall_time, messa
     schema(ingest, conns[0], 0)
     ingest.receive(conns[0], chunk(0, 0, 2, [1], total=2))
     run, budget = ingest.runs["r"], ingest.budget
-    before = (budget.used, run.acks[0].max_seq, len(writer.jobs), run.barrier.pending_steps)
+    before = (budget.used, run.acks[0].max_seq, len(writer.jobs), pending_steps(run.barrier))
     with pytest.raises(InvalidArgument, match=message):
         ingest.receive(conns[0], chunk(0, 0, 3, [10], offset=1, ends=ends, wall_time=wall_time))
-    assert (budget.used, run.acks[0].max_seq, len(writer.jobs), run.barrier.pending_steps) == before
+    assert (
+        budget.used,
+        run.acks[0].max_seq,
+        len(writer.jobs),
+        pending_steps(run.barrier),
+    ) == before
     assert run.barrier.values_with(0, 0, 1, 0, 0) == 1  # the chunk is not in
     # the same seq, corrected, is new to the collector, and the step completes as usual
     ingest.receive(conns[0], chunk(0, 0, 3, [10], offset=1, ends=2))
@@ -249,14 +254,14 @@ def test_a_resent_chunk_ending_the_step_counts_once():
     frame = chunk(0, 0, 2, [1, 10], ends=2)
     ingest.receive(conns[0], frame)
     ingest.receive(conns[0], frame)  # resent before it was acked: no new values
-    assert ingest.counters["frames_duplicate"] == 0
+    assert ingest.counters.snapshot()["frames_duplicate"] == 0
     ingest.receive(conns[1], chunk(1, 0, 2, [2, 20], ends=2))
     (job,) = steps_written(writer)
     assert reduced(job) == {0: 3.0, 1: 30.0}
     ingest.on_flushed(len(writer.jobs), set())
     assert acks_of(conns[0]) == [2]
     ingest.receive(conns[0], frame)  # resent after the ack: a duplicate, acked
-    assert ingest.counters["frames_duplicate"] == 1 and acks_of(conns[0]) == [2]
+    assert ingest.counters.snapshot()["frames_duplicate"] == 1 and acks_of(conns[0]) == [2]
     assert len(steps_written(writer)) == 1
 
 
@@ -273,6 +278,6 @@ def test_a_chunk_ending_an_already_reduced_step_is_stored_raw():
     ingest.receive(conns[1], chunk(1, 0, 2, [2, 20], ends=2))  # the straggler
     (late,) = [j for j in writer.jobs if isinstance(j, WriteRaw)]
     assert late.batch.value.tolist() == [2.0, 20.0] and late.batch.rank.tolist() == [1, 1]
-    assert ingest.counters["late_values"] == 2
+    assert ingest.counters.snapshot()["late_values"] == 2
     ingest.on_flushed(len(writer.jobs), set())
     assert acks_of(conns[1]) == [2]

@@ -6,10 +6,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from collector.reduction import OP_MAX, OP_MEAN, OP_MIN, OP_SUM, gather, reduce_rows, reduce_step
+from collector.reduction import (
+    OP_MAX,
+    OP_MEAN,
+    OP_MIN,
+    OP_SUM,
+    Accumulator,
+    gather,
+    reduce_step,
+)
 from store.base import StepStatus
 
 OPS = {OP_SUM: np.sum, OP_MEAN: np.mean, OP_MAX: np.max, OP_MIN: np.min}
+
+
+def reduce_rows(
+    metric_id: np.ndarray, value: np.ndarray, ops_M: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows reduced per metric id by ops_M[id]: (ids, values f32, n_ranks i32) of every id
+    that had a row, sorted by id."""
+    acc = Accumulator(ops_M)
+    acc.add_rows(metric_id, value)
+    return acc.result()
 
 
 def test_each_op_matches_a_per_metric_loop():

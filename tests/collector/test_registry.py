@@ -10,6 +10,7 @@ from collector.acks import RankAcks
 from collector.errors import InvalidArgument, ResourceExhausted
 from collector.registry import RunMetrics, check_hello
 from proto.v1 import telemetry_pb2 as pb
+from store.base import MetricDict
 
 
 def reg(**kw) -> RunMetrics:
@@ -20,6 +21,11 @@ def reg(**kw) -> RunMetrics:
     )
 
 
+def register(r: RunMetrics, rank: int, schema_id: int, metrics) -> MetricDict | None:
+    """A list of defs registered as a bare Schema message (no header)."""
+    return r.register_schema(rank, pb.Schema(schema_id=schema_id, metrics=metrics))
+
+
 def m(name, reduce=pb.REDUCE_SUM, **labels) -> pb.MetricDef:
     base = dict(layer=-1, expert=-1, head=-1, stat="x", unit="")
     base.update(labels)
@@ -28,14 +34,14 @@ def m(name, reduce=pb.REDUCE_SUM, **labels) -> pb.MetricDef:
 
 def test_same_name_same_id_across_ranks_and_dictionary_rows_once():
     r = reg()
-    rows0 = r.register(0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)])
-    rows1 = r.register(1, 5, [m("c", pb.REDUCE_MIN), m("b", pb.REDUCE_MAX, layer=3), m("a")])
+    rows0 = register(r, 0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)])
+    rows1 = register(r, 1, 5, [m("c", pb.REDUCE_MIN), m("b", pb.REDUCE_MAX, layer=3), m("a")])
     np.testing.assert_array_equal(r.schema(0, 1), [0, 1])
     np.testing.assert_array_equal(r.schema(1, 5), [2, 1, 0])
     assert rows0.name == ["a", "b"] and rows0.reduce == ["sum", "max"]
     assert rows1.name == ["c"] and rows1.metric_id.tolist() == [2]
     assert r.ops.tolist() == [1, 3, 4]
-    assert r.register(0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None  # resend
+    assert register(r, 0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None  # resend
 
 
 @pytest.mark.parametrize(
@@ -51,11 +57,11 @@ def test_same_name_same_id_across_ranks_and_dictionary_rows_once():
 )
 def test_a_name_with_other_labels_or_op_is_rejected_and_changes_nothing(change):
     r = reg()
-    r.register(0, 1, [m("a", pb.REDUCE_SUM, layer=3)])
+    register(r, 0, 1, [m("a", pb.REDUCE_SUM, layer=3)])
     kw = dict(reduce=pb.REDUCE_SUM, layer=3)
     kw.update(change)
     with pytest.raises(InvalidArgument, match="conflicts"):
-        r.register(1, 1, [m("new"), m("a", **kw)])
+        register(r, 1, 1, [m("new"), m("a", **kw)])
     assert "new" not in r.ids and not r.has_schema(1, 1)
 
 
@@ -71,28 +77,28 @@ def test_a_name_with_other_labels_or_op_is_rejected_and_changes_nothing(change):
 )
 def test_bad_schemas(metrics, match):
     with pytest.raises(InvalidArgument, match=match):
-        reg().register(0, 1, metrics)
+        register(reg(), 0, 1, metrics)
 
 
 def test_schema_id_reuse_with_other_metrics_and_metric_in_two_schemas_of_a_rank():
     r = reg()
-    r.register(0, 1, [m("a")])
+    register(r, 0, 1, [m("a")])
     with pytest.raises(InvalidArgument, match="unique per"):
-        r.register(0, 1, [m("b")])
+        register(r, 0, 1, [m("b")])
     with pytest.raises(InvalidArgument, match="already in another schema"):
-        r.register(0, 2, [m("b"), m("a")])
+        register(r, 0, 2, [m("b"), m("a")])
     with pytest.raises(InvalidArgument, match="unknown schema_id 9"):
         r.schema(0, 9)
 
 
 def test_bounds():
     r = reg(max_metrics=3, max_schemas=2)
-    r.register(0, 1, [m("a"), m("b")])
+    register(r, 0, 1, [m("a"), m("b")])
     with pytest.raises(ResourceExhausted, match="max_metrics_per_run"):
-        r.register(0, 2, [m("c"), m("d")])
-    r.register(0, 2, [m("c")])
+        register(r, 0, 2, [m("c"), m("d")])
+    register(r, 0, 2, [m("c")])
     with pytest.raises(ResourceExhausted, match="max_schemas_per_rank"):
-        r.register(0, 3, [m("a")])
+        register(r, 0, 3, [m("a")])
 
 
 def msg(rank, schema_id, metrics, seq=1) -> pb.Schema:
@@ -101,10 +107,10 @@ def msg(rank, schema_id, metrics, seq=1) -> pb.Schema:
     )
 
 
-# register() with a list of defs, register_schema() with the message as it arrives: the same
+# a bare message of the defs (register), and the message as it arrives (register_schema): the same
 # registry behind both, so every cache test runs through each.
 VIA = {
-    "list": lambda r, rank, sid, ms, seq=1: r.register(rank, sid, ms),
+    "list": lambda r, rank, sid, ms, seq=1: register(r, rank, sid, ms),
     "message": lambda r, rank, sid, ms, seq=1: r.register_schema(rank, msg(rank, sid, ms, seq)),
 }
 
@@ -125,7 +131,7 @@ def test_identical_defs_on_other_ranks_reuse_the_id_array_and_create_no_rows(via
 
 def test_a_list_and_a_message_with_the_same_defs_share_the_array():
     r = reg()
-    r.register(0, 1, [m("a"), m("b")])
+    register(r, 0, 1, [m("a"), m("b")])
     assert r.register_schema(1, msg(1, 4, [m("a"), m("b")])) is None
     assert r.schema(1, 4) is r.schema(0, 1)
 
