@@ -12,10 +12,8 @@ benchmarks/suite.py starts one for `make bench`.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -81,12 +79,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Child side of fork: the server gets SIGTERM if pytest dies without tearing down."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _die_with_parent() -> list[str]:
+    """A command prefix: the server gets SIGTERM if pytest dies without tearing down
+    (PR_SET_PDEATHSIG through util-linux's setpriv). Not a preexec_fn: Python code between fork
+    and exec can abort the child while gRPC threads of the parent hold their fork handlers."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 class ClickHouseServer:
@@ -149,12 +147,15 @@ class ClickHouseServer:
             )
             with open(self.root / "stdout.log", "ab") as out:
                 self.proc = subprocess.Popen(
-                    [*self.command, f"--config-file={self.root / 'config.xml'}"],
+                    [
+                        *_die_with_parent(),
+                        *self.command,
+                        f"--config-file={self.root / 'config.xml'}",
+                    ],
                     cwd=self.root,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent,
                 )
             last_error = self._wait_ready()
             if not last_error:
