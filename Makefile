@@ -5,20 +5,33 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# torchtitan cannot share the project venv (see pyproject's torchtitan extra): its tests and
+# benchmark run in a second one holding the client, the collector and torchtitan.
+TITAN_VENV  := .venv-titan
+TITAN_PY    := $(TITAN_VENV)/bin/python
+TITAN_STAMP := $(TITAN_VENV)/.installed
 PROTO_SRC := proto/v1/telemetry.proto
 PROTO_GEN := proto/v1/telemetry_pb2.py proto/v1/telemetry_pb2_grpc.py proto/v1/telemetry_pb2.pyi
 
-.PHONY: all venv sysdeps proto demo dashboard check lint test test-fast bench clean
+.PHONY: all venv venv-titan sysdeps proto demo dashboard check lint test test-fast test-titan bench bench-adapters clean
 
 all: venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[all,test,dev]'
+	$(PY) -m pip install -q -e '.[all,hf,lightning,test,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(TITAN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TITAN_VENV)
+	$(TITAN_PY) -m pip install -q --upgrade pip
+	$(TITAN_PY) -m pip install -q -e '.[collector,torchtitan]' 'pytest>=8' 'pytest-timeout>=2.3'
+	touch $(TITAN_STAMP)
+
+venv-titan: $(TITAN_STAMP)
 
 # Debian packages the tests need (ClickHouse server and client, docker-compose, Chromium).
 sysdeps:
@@ -50,14 +63,24 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: $(STAMP) sysdeps
-	$(PY) -m pytest -q tests
+# tests/torchtitan runs in the torchtitan venv, after the rest of the suite.
+test: $(STAMP) $(TITAN_STAMP) sysdeps
+	$(PY) -m pytest -q tests --ignore=tests/torchtitan
+	$(TITAN_PY) -m pytest -q tests/torchtitan
 
 test-fast: $(STAMP) sysdeps
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" tests --ignore=tests/torchtitan
+
+test-titan: $(TITAN_STAMP)
+	$(TITAN_PY) -m pytest -q tests/torchtitan
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.suite
 
+# Monitored / plain step time of the shipped adapters (HF Mixtral here, torchtitan in its venv).
+bench-adapters: $(STAMP) $(TITAN_STAMP)
+	$(PY) -m benchmarks.adapter_overhead --family hf-mixtral
+	$(TITAN_PY) -m benchmarks.adapter_overhead --family torchtitan
+
 clean:
-	rm -rf $(VENV) runs artifacts .pytest_cache
+	rm -rf $(VENV) $(TITAN_VENV) runs artifacts .pytest_cache

@@ -71,7 +71,7 @@ class _AttnState:
 
 
 def _experts_forward(
-    self: nn.Module,
+    self: Any,  # the experts module (transformers' class: attributes are its own)
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
@@ -112,7 +112,7 @@ def _experts_forward(
     return final.to(hidden_states.dtype)
 
 
-def _clamped_apply_gate(self: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+def _clamped_apply_gate(self: Any, gate_up: torch.Tensor) -> torch.Tensor:
     """transformers' default `_apply_gate` with both halves of the clamp."""
     gate, up = gate_up.chunk(2, dim=-1)
     act = self.act_fn(gate)
@@ -200,7 +200,7 @@ def _is_moe(mlp: Any) -> bool:
     )
 
 
-def _shared_swiglu(mlp: nn.Module) -> nn.Module | None:
+def _shared_swiglu(mlp: nn.Module) -> Any:
     found = [
         child
         for name, child in mlp.named_children()
@@ -247,24 +247,26 @@ class HFMoEAdapter:
 
     family = FAMILY
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:  # a transformers PreTrainedModel
         if not supports(model):
-            raise TypeError(f"HFMoEAdapter: {type(model).__name__} is not in the layout of {FAMILY}")
+            raise TypeError(
+                f"HFMoEAdapter: {type(model).__name__} is not in the layout of {FAMILY}"
+            )
         from transformers.integrations.moe import _default_apply_gate
 
-        self.model = model
-        self.config = model.config
+        self.model: Any = model
+        self.config: Any = model.config
         layers = _decoder_layers(model)
         assert layers is not None
-        self.layers = list(layers)
+        self.layers: list[Any] = list(layers)
         self._handles: list = []
-        self._experts: dict[int, nn.Module] = {}
-        self._routers: dict[int, nn.Module] = {}
+        self._experts: dict[int, Any] = {}
+        self._routers: dict[int, Any] = {}
         self._expert_taps: dict[int, Tap] = {}
-        self._shared: dict[int, tuple[nn.Module, Tap, SwiGLUClamp]] = {}
+        self._shared: dict[int, tuple[Any, Tap, SwiGLUClamp]] = {}
         self._gate_clamp: dict[int, bool] = {}
         for i, block in enumerate(self.layers):
-            mlp = getattr(block, "mlp", None)
+            mlp: Any = getattr(block, "mlp", None)
             if not _is_moe(mlp):
                 continue
             experts = mlp.experts
@@ -297,7 +299,7 @@ class HFMoEAdapter:
         attn_name = _register(attn_base)
         model.set_experts_implementation(EXPERTS_IMPL)
         model.set_attn_implementation(attn_name)
-        self._attn: list[tuple[int, nn.Module, Tap]] = []
+        self._attn: list[tuple[int, Any, Tap]] = []
         for i, block in enumerate(self.layers):
             attn = getattr(block, "self_attn", None)
             if isinstance(attn, nn.Module):
@@ -350,7 +352,7 @@ class HFMoEAdapter:
 
     def output_head(self) -> nn.Module | None:
         get = getattr(self.model, "get_output_embeddings", None)
-        head = get() if callable(get) else None
+        head: Any = get() if callable(get) else None
         return head if isinstance(head, nn.Module) else None
 
     def decode_router(self, output: Any) -> RouterView:
@@ -425,7 +427,7 @@ class HFMoEAdapter:
             self.model.set_attn_implementation(self._prev_attn or "eager")
 
 
-def _private_act(model: nn.Module, mlp: nn.Module) -> nn.Module:
+def _private_act(model: nn.Module, mlp: Any) -> nn.Module:
     """The shared SwiGLU's activation module, made private to it if another module uses the
     same instance (a clamp hook on it must bind on this SwiGLU only)."""
     act = mlp.act_fn

@@ -81,14 +81,14 @@ def supports(model: nn.Module) -> bool:
 class _RoutedTap:
     """The wrapped `_grouped_mm` seam of one GroupedExperts, and its clamp."""
 
-    def __init__(self, experts: nn.Module, offset: int) -> None:
+    def __init__(self, experts: Any, offset: int) -> None:
         self.experts, self.offset = experts, offset
         self.tap = Tap()
         self.limit: float | None = None
         self.calls = 0
         self.ids_R: torch.Tensor | None = None
         self._mode_handles: list = []
-        self._inner = experts._grouped_mm  # bound method, or a converter's replacement
+        self._inner: Any = experts._grouped_mm  # bound method, or a converter's replacement
         experts.__dict__["_grouped_mm"] = self._grouped_mm
         self._handles = [experts.register_forward_pre_hook(self._begin)]
 
@@ -155,15 +155,16 @@ class TorchtitanMoEAdapter:
         if blocks is None:
             raise TypeError(f"TorchtitanMoEAdapter: {type(model).__name__} holds no {FAMILY}")
         moe_cls = _moe_class()
-        self.model, self.blocks = model, blocks
-        self._moe: dict[int, nn.Module] = {}
+        self.model: Any = model
+        self.blocks: list[Any] = blocks
+        self._moe: dict[int, Any] = {}
         self._routed: dict[int, _RoutedTap] = {}
         self._shared: dict[int, tuple[Tap, SwiGLUClamp]] = {}
         self._attn: list[AttentionSite] = []
         self._handles: list = []
         self._logits: torch.Tensor | None = None
-        for i, block in enumerate(blocks):
-            moe = _moe_of(block, moe_cls) if moe_cls else None
+        for i, block in enumerate(self.blocks):
+            moe: Any = _moe_of(block, moe_cls) if moe_cls else None
             if moe is not None:
                 experts = moe.routed_experts.inner_experts
                 offset = ep_rank * (int(experts.num_experts) // max(ep_size, 1))
@@ -174,13 +175,14 @@ class TorchtitanMoEAdapter:
                     tap = Tap()
                     self._handles.append(tap_projection(shared.w2, tap))
                     self._shared[i] = (tap, SwiGLUClamp(shared, shared.w3, None))
-            inner = getattr(getattr(block, "attention", None), "inner_attention", None)
-            if type(inner).__name__ == "ScaledDotProductAttention":
+            inner: Any = getattr(getattr(block, "attention", None), "inner_attention", None)
+            if inner is not None and type(inner).__name__ == "ScaledDotProductAttention":
                 tap = Tap()
                 self._handles.append(
                     inner.register_forward_pre_hook(_attention_hook(tap), with_kwargs=True)
                 )
-                self._attn.append(AttentionSite(i, tap, int(block.attention.n_heads)))
+                attention: Any = block.attention
+                self._attn.append(AttentionSite(i, tap, int(attention.n_heads)))
 
     def _stash_logits(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         self._logits = out  # read by decode_router right after, in the same router forward
@@ -211,7 +213,7 @@ class TorchtitanMoEAdapter:
         return sites
 
     def output_head(self) -> nn.Module | None:
-        head = getattr(self.model, "lm_head", None)
+        head: Any = getattr(self.model, "lm_head", None)
         return head if isinstance(head, nn.Module) else None
 
     def decode_router(self, output: Any) -> RouterView:
