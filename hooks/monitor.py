@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from hooks import frames
-from hooks.adapter import MoEAdapter, StepFlashAdapter
+from hooks.adapter import MoEAdapter
+from hooks.adapters import select_adapter
 from hooks.buffer import StepItem
 from hooks.clips import ClipStager
 from hooks.config import MonitorConfig
@@ -157,7 +158,7 @@ class Monitor:
                     "Monitor is already attached to another model; create one Monitor per model"
                 )
             return
-        adapter = self._adapter_arg or StepFlashAdapter(model)
+        adapter = self._adapter_arg or select_adapter(model)
         n_mtp = self.config.n_mtp_losses
         shape = ModelShape(
             n_layers=len(adapter.residual_blocks()),
