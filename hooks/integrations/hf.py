@@ -41,6 +41,12 @@ class StepwatchCallback(TrainerCallback):
         self._optimizer: Any = None
         self._scheduler: Any = None
 
+    @property
+    def mon(self) -> Monitor:
+        if self.monitor is None:
+            raise RuntimeError("the Monitor is created at the start of training")
+        return self.monitor
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.monitor is None:
             self.monitor = Monitor(model, optimizer, **self._kwargs)
@@ -53,11 +59,11 @@ class StepwatchCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._step = state.global_step
         self._loss.take()  # nothing from before this step
-        self.monitor.step_begin(self._step)
+        self.mon.step_begin(self._step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._step is not None:
-            self.monitor.before_optimizer(self._step, grad_norm_of(self._model))
+            self.mon.before_optimizer(self._step, grad_norm_of(self._model))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._step is None:
@@ -66,7 +72,7 @@ class StepwatchCallback(TrainerCallback):
         lr = None
         if self._scheduler is not None:
             lr = float(self._scheduler.get_last_lr()[0])
-        self.monitor.step_end(step, loss=self._loss.take(), lr=lr)
+        self.mon.step_end(step, loss=self._loss.take(), lr=lr)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is not None and logs:

@@ -32,6 +32,12 @@ class StepwatchLightningCallback(pl.Callback):
         self._loss = LossTap()
         self._step: int | None = None
 
+    @property
+    def mon(self) -> Monitor:
+        if self.monitor is None:
+            raise RuntimeError("the Monitor is created at the start of training")
+        return self.monitor
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if self.monitor is None:
@@ -42,11 +48,11 @@ class StepwatchLightningCallback(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._step is None:
             self._step = trainer.global_step
-            self.monitor.step_begin(self._step)
+            self.mon.step_begin(self._step)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._step is not None:
-            self.monitor.before_optimizer(self._step, grad_norm_of(pl_module))
+            self.mon.before_optimizer(self._step, grad_norm_of(pl_module))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._loss.add(outputs.get("loss") if isinstance(outputs, dict) else outputs)
@@ -56,7 +62,7 @@ class StepwatchLightningCallback(pl.Callback):
         lr = None
         if trainer.optimizers:
             lr = trainer.optimizers[0].param_groups[0].get("lr")
-        self.monitor.step_end(step, loss=self._loss.take(), lr=lr)
+        self.mon.step_end(step, loss=self._loss.take(), lr=lr)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self.monitor is not None and not trainer.sanity_checking:

@@ -62,9 +62,17 @@ def test_bad_monitor_arguments_raise(kwargs, message):
         Monitor(StandIn(), None, **args)
 
 
-def test_a_model_without_the_surface_is_refused_at_construction():
-    with pytest.raises(TypeError, match="moe_layers"):
-        Monitor(nn.Linear(3, 3), None, target="127.0.0.1:9", run="x", config=QUIET)
+def test_a_model_no_adapter_fits_is_refused_naming_the_supported_families():
+    for attach_later in (False, True):
+        mon = Monitor(None, None, target="127.0.0.1:9", run="x", config=QUIET)
+        with pytest.raises(TypeError, match="Supported families") as err:
+            if attach_later:
+                mon.attach(nn.Linear(3, 3))  # attach raises too: training must not start
+            else:
+                Monitor(nn.Linear(3, 3), None, target="127.0.0.1:9", run="x", config=QUIET)
+        for family in ("model/", "Transformers", "torchtitan"):
+            assert family in str(err.value)
+        mon.close()
 
 
 def test_step_flash_adapter_finds_the_surface():

@@ -150,8 +150,8 @@ def test_attach_is_idempotent_and_refuses_a_second_model():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon.attach(model, opt)  # what model/train.py's loop does
     assert mon.optimizer is opt and len(model.lm_head._forward_hooks) == 1
-    mon.attach(StandIn(), opt)  # a bug in the caller: logged, counted, not raised
-    assert mon.stats()["errors_attach"] == 1
+    with pytest.raises(ValueError, match="already attached"):
+        mon.attach(StandIn(), opt)  # a bug in the caller, before step 0: raised
     mon.step_end(0, loss=torch.tensor(2.0))  # lr taken from the optimizer
     mon.close()
 

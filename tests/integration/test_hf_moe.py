@@ -7,7 +7,7 @@ inputs and weights (recorded by this test's hooks, not through hooks/):
 - act_rms / act_maxabs of every expert (and the shared expert) equal float64 SwiGLU stats;
 - a clip set with `python -m collector clip set` binds both halves of the clamp: the experts'
   outputs equal the independently recomputed clamped experts, while both silu(gate) > L and
-  |up| > L occur, and act_maxabs stays <= L^2;
+  |up| > L occur, and act_maxabs stays <= max(L, |min silu|) L;
 - no event on the clean run; `monitor.log` values round-trip exactly; forwards under
   `monitor.paused()`, in eval mode and under no_grad leave the training statistics unchanged.
 """
@@ -37,6 +37,7 @@ from tests.integration.hf_models import FAMILIES, VOCAB, build, sigmoid_router  
 STEPS, CLIP_AFTER, B, T = 6, 2, 2, 16  # clip set after step 2: steps 3.. train clamped
 EXTRA_AT = 1  # the step that also runs paused, eval and no_grad forwards
 WAIT_S = 30.0
+SILU_MIN = 0.2784645  # |min silu|: the clamped gate lies in [-0.2785, L], so |h| <= max(L, it) L
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +227,10 @@ def trained(request, collector) -> Run:
         opt.step()
         opt.zero_grad(set_to_none=True)
         value = float(np.float32(1.0 / (step + 3)))
-        mon.log({"user/inv_step": value, "user/loss_x2": 2 * float(loss)}, step=step)
+        loss_x2 = 2 * loss.detach()  # a tensor: read on the sender thread, no sync here
+        mon.log({"user/inv_step": value, "user/loss_x2": loss_x2}, step=step)
         logged[(step, "user/inv_step")] = value
-        logged[(step, "user/loss_x2")] = float(np.float32(2 * float(loss)))
+        logged[(step, "user/loss_x2")] = float(np.float32(float(loss_x2)))
         mon.step_end(step, loss=loss.detach(), lr=0.5, tokens=idx.numel())
         if step == CLIP_AFTER:
             # a limit both halves cross on this layer's experts: below max silu(gate), max |up|
@@ -336,7 +338,9 @@ def test_clip_set_over_the_cli_binds_both_halves_exactly(trained):
         for e in range(8):
             mx = st.series(r.run, f"moe/layer{r.clip_layer:02d}/expert{e:03d}/act_maxabs")
             after = mx.filter(mx["step"] > CLIP_AFTER)["value"].to_numpy()
-            assert after.size == STEPS - CLIP_AFTER - 1 and after.max() <= L * L * (1 + 1e-5)
+            assert after.size == STEPS - CLIP_AFTER - 1 and after.max() <= max(L, SILU_MIN) * L * (
+                1 + 1e-5
+            )
         clips = st.clips(r.run)
     assert clips.height == 1 + len(r.shared_layers)
 
