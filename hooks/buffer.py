@@ -6,7 +6,7 @@ the collector is away. When full, the configured policy applies and is counted:
                the oldest unacknowledged one (its frames will never be resent: a seq gap the
                collector sees as lost data, counted here as dropped_unacked);
   block        wait up to block_timeout_s for an ack to free space, then drop the new step.
-Control items (ClipAcks) are tiny and never dropped.
+Control items (ClipAcks, mid-run Schemas) are tiny and never dropped.
 
 One re-entrant condition guards everything; the sender waits on it too, and every thread
 (training, sender worker, stream reader) bumps `counters` only while holding it.
@@ -36,16 +36,28 @@ class StepItem:
     wall_time: float
     patch_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     patch_vals: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    user: Any = None  # hooks.userlog.UserValues: the last schema's values, after the vector
     _values: np.ndarray | None = None
 
     def values(self) -> np.ndarray:
         """The packed vector: the device copy with the host-side values (lr, step time...)
-        written into their slots. Waits for the copy; sender thread only."""
+        written into their slots, then the user's logged values. Waits for the copy; sender
+        thread only."""
         if self._values is None:
-            values = self.vector.materialize()
+            values = self.vector.materialize() if self.vector is not None else np.zeros(0, "f4")
             values[self.patch_idx] = self.patch_vals
+            if self.user is not None:
+                values = np.concatenate([values, self.user.array()])
             self._values = values
         return self._values
+
+
+@dataclass
+class SchemaItem:
+    """A schema registered mid-run (the user's logged names): sent before any later step."""
+
+    schema_id: int
+    specs: Sequence[Any]  # hooks.layout.MetricSpec
 
 
 @dataclass
@@ -93,7 +105,7 @@ class StepBuffer:
             self.cond.notify_all()
             return True
 
-    def submit_control(self, item: AckItem) -> None:
+    def submit_control(self, item: AckItem | SchemaItem) -> None:
         with self.cond:
             self._pending.append(item)
             self.cond.notify_all()
@@ -109,14 +121,14 @@ class StepBuffer:
         while self._unacked and not found:
             seq, frame = self._unacked.popleft()
             found = ends_step(frame)
-            if frame.WhichOneof("kind") == "clip_ack":
+            if frame.WhichOneof("kind") in ("clip_ack", "schema"):
                 kept.append((seq, frame))
         self._unacked.extendleft(reversed(kept))
         self._unacked_steps -= 1
         self.counters["dropped_unacked"] += 1
 
     # ------------------------------------------------------------------ sender side
-    def pop(self) -> StepItem | AckItem | None:
+    def pop(self) -> StepItem | AckItem | SchemaItem | None:
         """The oldest waiting item, to be encoded and sent."""
         with self.cond:
             if not self._pending:

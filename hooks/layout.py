@@ -166,6 +166,7 @@ class ModelShape:
     attn: Sequence[tuple[int, int]]  # (layer, n_heads) per attention probe
     has_output_head: bool
     n_mtp: int
+    biased: Sequence[int] = ()  # MoE layers with a router selection bias (bias_absmax)
 
 
 def _w(n: int, minimum: int) -> int:
@@ -235,7 +236,6 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
             (R.ROUTER_LOGIT_STD, "mean", NAN),
             (R.ROUTER_Z_LOSS, "mean", NAN),
             (R.ROUTER_LOAD_MAX_OVER_MEAN, "max", NAN),
-            (R.ROUTER_BIAS_ABSMAX, "max", NAN),
         ):
             metrics(
                 key,
@@ -244,6 +244,16 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
                 [
                     MetricSpec(f"moe/{layer(l)}/router/{key.stat}", reduce, key.stat, l)
                     for l, _ in shape.moe
+                ],
+            )
+        if shape.biased:  # a model without a selection bias has no such metric (never NaN)
+            metrics(
+                R.ROUTER_BIAS_ABSMAX,
+                "step",
+                NAN,
+                [
+                    MetricSpec(f"moe/{layer(l)}/router/bias_absmax", "max", "bias_absmax", l)
+                    for l in shape.biased
                 ],
             )
         for key in (R.ROUTER_CONF_SUM, R.ROUTER_STD_SUM, R.ROUTER_LSE2_SUM, R.ROUTER_N_TOKENS):

@@ -10,9 +10,14 @@ doing nothing).
         mon.step_end(step, loss=loss, mtp_losses=[...], lr=lr, tokens=n)
     mon.close()
 
-Construction validates everything and raises a clear error (that is the user's code). After
-that, every call point is wrapped: a telemetry failure is logged (a few times) and counted in
-`stats()`, never raised into the training loop.
+    mon.log({"eval/loss": v}, step=s)            # the user's own scalars (hooks/userlog.py)
+    with mon.paused(): model.generate(...)       # forwards that are not training
+
+Construction and attach validate everything and raise a clear error (that is the user's code:
+a model no shipped adapter fits names the supported families); so does `log` for a bad name
+or value. After that, every call point is wrapped: a telemetry failure is logged (a few times)
+and counted in `stats()`, never raised into the training loop. Only training forwards count
+into a step's statistics: eval-mode, no_grad and paused forwards are left out (hooks/stats.py).
 
 Monitor and NullMonitor have the call points of the loop's interface (model/monitoring.py
 `TrainingMonitor`) structurally: hooks/ never imports model/.
@@ -21,6 +26,7 @@ Monitor and NullMonitor have the call points of the loop's interface (model/moni
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import math
@@ -28,7 +34,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -52,6 +58,7 @@ from hooks.layout import (
 )
 from hooks.sender import Sender
 from hooks.stats import Capture
+from hooks.userlog import UserScalars
 
 log = logging.getLogger("stepwatch.hooks")
 RUN_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -140,13 +147,15 @@ class Monitor:
         self._periodic = False
         self.sender: Sender | None = None
         self._closed = False
+        self.user: UserScalars | None = None
         if model is not None:
             self._attach(model, optimizer)  # bad models fail here, loudly
 
     # ------------------------------------------------------------------ attach
-    @_guarded
     def attach(self, model: nn.Module, optimizer: Any = None) -> None:
-        """Idempotent: the loop may call it on a Monitor that attached at construction."""
+        """Idempotent: the loop may call it on a Monitor that attached at construction. Raises
+        for a model no shipped adapter fits (naming the supported families) or a second model:
+        before step 0 that is configuration, not telemetry."""
         self._attach(model, optimizer)
 
     def _attach(self, model: nn.Module, optimizer: Any) -> None:
@@ -167,6 +176,7 @@ class Monitor:
             attn=[(s.layer, s.n_heads) for s in adapter.attention_sites()],
             has_output_head=adapter.output_head() is not None,
             n_mtp=adapter.n_mtp() if n_mtp is None else n_mtp,
+            biased=[s.layer for s in adapter.moe_sites() if s.expert_bias is not None],
         )
         self.layout = build_layout(shape, self.config.groups)
         param = next(model.parameters(), None)
@@ -198,6 +208,8 @@ class Monitor:
             },
         }
         self.clips = ClipStager(adapter, self._send_clip_ack, self._error)
+        reserved = {spec.name for spec in self.layout.step_specs + self.layout.periodic_specs}
+        self.user = UserScalars(reserved, self._add_schema, self._bump, self._warn_once)
         self.sender = Sender(
             self.target,
             frames.Identity(self.run, self.rank, self.world_size),
@@ -212,6 +224,10 @@ class Monitor:
     def _send_clip_ack(self, step: int, version: int) -> None:
         assert self.sender is not None  # clip updates arrive through the sender
         self.sender.submit_clip_ack(step, version)
+
+    def _add_schema(self, schema_id: int, specs: list) -> None:
+        assert self.sender is not None  # attached
+        self.sender.add_schema(schema_id, specs)
 
     # ------------------------------------------------------------------ loop call points
     @_guarded
@@ -275,7 +291,10 @@ class Monitor:
         schemas = [(STEP_SCHEMA_ID, self.layout.n_step)] if self.layout.n_step else []
         if periodic and self.layout.n_periodic:
             schemas.append((PERIODIC_SCHEMA_ID, self.layout.n_periodic))
-        assert self.sender is not None  # attached
+        assert self.sender is not None and self.user is not None  # attached
+        user = self.user.for_step(step, self.sender.submit)
+        if user is not None:
+            schemas.append((user[0], len(user[1])))
         self.sender.submit(
             StepItem(
                 step=step,
@@ -286,9 +305,45 @@ class Monitor:
                 patch_vals=np.array(
                     [host[k] for k in HOST_SLOTS][: len(self._host_idx)], dtype=np.float32
                 ),
+                user=None if user is None else user[1],
             )
         )
         self._bump("steps")
+
+    # ------------------------------------------------------------------ the user's own
+    def log(
+        self,
+        metrics: Mapping[str, Any],
+        step: int | None = None,
+        reduce: str | Mapping[str, str] = "mean",
+    ) -> None:
+        """The user's scalars (numbers or 1-element tensors) at `step`: the open step when
+        None, between steps the next one. `reduce` (one op or one per name, default mean) is
+        how ranks combine; a name keeps the op of its first use. They travel with that step
+        and are stored and shown like any metric (hooks/userlog.py). Raises ValueError /
+        TypeError for a bad name, value or op."""
+        if self.user is None:
+            raise RuntimeError("log() before attach(model)")
+        self.user.log(metrics, step, reduce, self._step if self._t0 is not None else None)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside are not training (evaluation, generation, probing); nests."""
+        capture = getattr(self, "capture", None)
+        before = capture.paused if capture is not None else False
+        if capture is not None:
+            capture.paused = True
+        try:
+            yield
+        finally:
+            if capture is not None:
+                capture.paused = before
+
+    def _warn_once(self, message: str) -> None:
+        key = f"warned:{message[:48]}"
+        self._bump(key)
+        if self._counters[key] == 1:
+            log.warning("stepwatch: %s", message)
 
     def _check_step(self, step: int) -> None:
         if step != self._step:
@@ -306,6 +361,11 @@ class Monitor:
         if self.model is not None:
             self.capture.remove()
             self.grads.release()
+            if self.user is not None and self.sender is not None:
+                self.user.flush(self.sender.submit)  # logged for steps that never ran
+            release = getattr(self.adapter, "release", None)
+            if callable(release):
+                release()  # the adapter restores what it changed in the model
         if self.sender is not None:
             self.sender.close(self.config.close_timeout_s if timeout is None else timeout)
 

@@ -8,7 +8,8 @@ hooks, no threads, no network.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -40,6 +41,18 @@ class NullMonitor:
         tokens: int | None = None,
     ) -> None:
         pass
+
+    def log(
+        self,
+        metrics: Mapping[str, Any],
+        step: int | None = None,
+        reduce: str | Mapping[str, str] = "mean",
+    ) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        yield
 
     def close(self, timeout: float | None = None) -> None:
         pass

@@ -88,6 +88,8 @@ class Capture:
         self.buf = torch.zeros(layout.n_total, dtype=torch.float32, device=self.device)
         self._init = torch.from_numpy(layout.init_vector()).to(self.device)
         self.capturing = False  # True between step_begin and step_end
+        self.paused = False  # Monitor.paused(): forwards in this window are not training
+        self._train_forward = True  # set by each residual block's pre-hook (see below)
         self._handles: list = []
         self._pinned = self.device.type == "cuda"
         self._pool: dict[int, collections.deque] = collections.defaultdict(collections.deque)
@@ -120,6 +122,8 @@ class Capture:
     def install(self) -> None:
         """Register every hook the enabled groups need (activating the model's probes)."""
         v = self.view
+        for block in self.adapter.residual_blocks():  # what kind of forward this is
+            self._handles.append(block.register_forward_pre_hook(self._block_entered))
         tokens = self._token_counts()
         shared_i = 0
         for i, site in enumerate(self.moe_sites):
@@ -152,9 +156,19 @@ class Capture:
             handle.remove()
         self._handles.clear()
 
+    def _training_forward(self) -> bool:
+        """A forward of the training step: inside step_begin..step_end, not paused, its blocks
+        entered in training mode with grad enabled (probes may run under no_grad inside them),
+        and not a checkpointed re-run inside backward. Evaluation (eval mode) and generation
+        (no_grad) never count into the step."""
+        return self.capturing and not self.paused and self._train_forward and not _in_backward()
+
+    def _block_entered(self, block: nn.Module, args) -> None:
+        self._train_forward = block.training and torch.is_grad_enabled()
+
     def _hook(self, module: nn.Module, fn: Callable) -> None:
         def hook(mod, args, out):
-            if self.capturing and not _in_backward():
+            if self._training_forward():
                 try:
                     with torch.no_grad():
                         fn(args, out)
@@ -289,19 +303,10 @@ class Capture:
             tokens = self._token_counts()
             assert tokens is not None  # the router group counts them when moe is off
             self._load_ratio(tokens, need(R.ROUTER_LOAD_MAX_OVER_MEAN))
-            biased = [
-                (i, s.expert_bias)
-                for i, s in enumerate(self.moe_sites)
-                if s.expert_bias is not None
-            ]
-            if biased:
-                norms = torch._foreach_norm([b for _, b in biased], INF, dtype=torch.float32)
-                dst = need(R.ROUTER_BIAS_ABSMAX)
-                if len(biased) == len(self.moe_sites):
-                    dst.copy_(torch.stack(norms))
-                else:
-                    for (i, _), norm in zip(biased, norms):
-                        dst[i].copy_(norm)
+            biased = [s.expert_bias for s in self.moe_sites if s.expert_bias is not None]
+            if biased:  # laid out for exactly these layers, in this order (hooks.layout)
+                norms = torch._foreach_norm(biased, INF, dtype=torch.float32)
+                need(R.ROUTER_BIAS_ABSMAX).copy_(torch.stack(norms))
         resid_rms = v(R.RESID_RMS)
         if resid_rms is not None:
             torch.div(need(R.RESID_SUMSQ), need(R.RESID_NUMEL), out=resid_rms).sqrt_()

@@ -15,12 +15,14 @@ may be tensors: they are read on the sender thread, so `log` itself never syncs 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from hooks.buffer import StepItem
 from hooks.layout import MetricSpec
 
 FIRST_USER_SCHEMA_ID = 3  # 1 and 2 are the step and periodic schemas (hooks.layout)
@@ -59,6 +61,7 @@ class UserScalars:
         self.reduce_of: dict[str, str] = {}
         self.schemas: dict[tuple[str, ...], int] = {}
         self.pending: dict[int, dict[str, Any]] = {}
+        self.next_unsent = 0  # every step below this one has been sent
 
     def check(self, metrics: Mapping[str, Any], reduce: str | Mapping[str, str]) -> dict:
         """Validate a log() call (the user's code: raises ValueError / TypeError)."""
@@ -116,5 +119,46 @@ class UserScalars:
             self.add_schema(sid, specs)
         return sid, UserValues([values[n] for n in names])
 
-    def steps_held(self) -> list[int]:
-        return sorted(self.pending)
+    def log(
+        self,
+        metrics: Mapping[str, Any],
+        step: int | None,
+        reduce: str | Mapping[str, str],
+        open_step: int | None,
+    ) -> None:
+        """Monitor.log: validate, resolve the step (None: the open step, else the next one
+        to be sent) and hold the values until that step is sent."""
+        values = self.check(metrics, reduce)
+        if step is None:
+            step = self.next_unsent if open_step is None else open_step
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if values:
+            self.hold(step, values, self.next_unsent)
+
+    def for_step(
+        self, step: int, submit: Callable[[StepItem], Any]
+    ) -> tuple[int, UserValues] | None:
+        """At the send of `step`: first the held steps before it that have no training step
+        (each sent on its own, through `submit`), then (schema id, values) for `step`."""
+        for held in sorted(self.pending):
+            if held >= step:
+                break
+            user = self.take(held)
+            if user is not None:
+                submit(
+                    StepItem(
+                        step=held,
+                        vector=None,
+                        schemas=[(user[0], len(user[1]))],
+                        wall_time=time.time(),
+                        user=user[1],
+                    )
+                )
+                self.bump("user_only_steps", 1)
+        self.next_unsent = max(self.next_unsent, step + 1)
+        return self.take(step)
+
+    def flush(self, submit: Callable[[StepItem], Any]) -> None:
+        """At close: what was logged for steps that never ran (after the last one)."""
+        self.for_step(1 << 62, submit)

@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from hooks import frames
-from hooks.buffer import AckItem, StepBuffer, StepItem
+from hooks.buffer import AckItem, SchemaItem, StepBuffer, StepItem
 from hooks.config import MonitorConfig
 from hooks.layout import MetricSpec
 from proto.v1 import telemetry_pb2 as pb
@@ -89,6 +89,13 @@ class SenderCore(Generic[ConnT]):
 
     def submit_clip_ack(self, step: int, version: int) -> None:
         self.buffer.submit_control(AckItem(step, version))
+        self._wake()
+
+    def add_schema(self, schema_id: int, specs: Sequence[MetricSpec]) -> None:
+        """Register one more schema mid-run (before submitting a step that uses it): it is
+        sent in order with the steps, and again first on every reconnect."""
+        for sid, part in frames.wire_schemas([(schema_id, specs)]):
+            self.buffer.submit_control(SchemaItem(sid, part))
         self._wake()
 
     def _wake(self) -> None:
@@ -186,9 +193,17 @@ class SenderCore(Generic[ConnT]):
         self._next_seq += 1
         return self._next_seq
 
-    def _encode(self, conn: ConnT, item: StepItem | AckItem) -> list[pb.ClientFrame]:
+    def _encode(self, conn: ConnT, item: StepItem | AckItem | SchemaItem) -> list[pb.ClientFrame]:
         """Encode outside the lock (only the worker allocates seqs), then record as sent."""
         is_step = isinstance(item, StepItem)
+        if isinstance(item, SchemaItem):
+            frame = frames.schema(self.ident, self._alloc_seq(), item.schema_id, item.specs)
+            with self._cond:
+                assert self._schema_frames is not None  # set by _resume before any item
+                self._schema_frames.append(frame)  # resent first after a reconnect
+                self.buffer.record_sent([frame], False)
+                self.buffer.counters["schemas_added"] += 1
+            return [frame]
         if isinstance(item, StepItem):
             payload = frames.StepPayload(item.step, item.values(), item.schemas, item.wall_time)
             out = frames.step_frames(  # looked up on the module: the load generator times it

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from hooks import frames
-from hooks.buffer import AckItem, StepItem
+from hooks.buffer import AckItem, SchemaItem, StepItem
 from hooks.config import MonitorConfig
 from hooks.layout import MetricSpec
 from hooks.sender.core import Conn, SenderCore
@@ -170,7 +170,7 @@ class Sender(SenderCore[_Conn]):
             if item is not None:
                 self._transmit(conn, item)
 
-    def _transmit(self, conn: _Conn, item: StepItem | AckItem) -> None:
+    def _transmit(self, conn: _Conn, item: StepItem | AckItem | SchemaItem) -> None:
         for frame in self._encode(conn, item):
             conn.out_q.put(frame)
 
