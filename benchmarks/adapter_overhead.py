@@ -121,7 +121,9 @@ def run(name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
             for k, mon in mons.items():
                 if mon is not None:
                     mon.close()
-                    stats[k] = {s: v for s, v in mon.stats().items() if "error" in s or s == "steps"}
+                    stats[k] = {
+                        s: v for s, v in mon.stats().items() if "error" in s or s == "steps"
+                    }
         finally:
             stop_collector(proc)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -150,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = run(args.family, args.steps, args.warmup, args.batch, args.seq)
     ms = r["ms"]
-    print("| model | steps | batch x seq | plain (ms) | monitored (ms) | ratio | no attn (ms) | ratio |")
+    print(
+        "| model | steps | batch x seq | plain (ms) | monitored (ms) | ratio | no attn (ms) | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print(
         f"| {r['family']} | {r['steps']} | {r['batch']}x{r['seq']} | {ms['plain']:.1f} | "
