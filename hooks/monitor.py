@@ -281,6 +281,8 @@ class Monitor:
         if lr is None and self.optimizer is not None:
             lr = self.optimizer.param_groups[0].get("lr")
         lr = math.nan if lr is None else float(lr)
+        if tokens is None and self.capture.tokens_seen:  # counted by the first MoE router
+            tokens = self.capture.tokens_seen
         tok = math.nan if tokens is None else float(tokens)
         host = {
             "lr": lr,
@@ -294,7 +296,7 @@ class Monitor:
         assert self.sender is not None and self.user is not None  # attached
         user = self.user.for_step(step, self.sender.submit)
         if user is not None:
-            schemas.append((user[0], len(user[1])))
+            schemas += user[0]
         self.sender.submit(
             StepItem(
                 step=step,

@@ -90,6 +90,7 @@ class Capture:
         self.capturing = False  # True between step_begin and step_end
         self.paused = False  # Monitor.paused(): forwards in this window are not training
         self._train_forward = True  # set by each residual block's pre-hook (see below)
+        self.tokens_seen = 0  # tokens through the first MoE router this step (host int)
         self._handles: list = []
         self._pinned = self.device.type == "cuda"
         self._pool: dict[int, collections.deque] = collections.defaultdict(collections.deque)
@@ -198,6 +199,8 @@ class Capture:
 
         def fn(args, out) -> None:
             r = self.adapter.decode_router(out)
+            if i == 0:  # the step's token count when the loop gives none (shapes: no sync)
+                self.tokens_seen += r.topk_idx_TK.shape[0]
             idx_N = r.topk_idx_TK.reshape(-1)
             tokens_E.index_add_(0, idx_N, torch.ones(idx_N.shape, device=idx_N.device))
             if gate_E is not None:
@@ -278,6 +281,7 @@ class Capture:
     # ------------------------------------------------------------------ step boundaries
     def reset(self) -> None:
         self.buf.copy_(self._init)
+        self.tokens_seen = 0
 
     @torch.no_grad()
     def finalize(self) -> None:

@@ -1,9 +1,11 @@
 """The user's own scalars: `monitor.log({"eval/loss": v, ...}, step=..., reduce="mean")`.
 
-Values are held per step and travel with that step's vector, as one more schema: each distinct
-set of names gets a schema of its own (registered with the collector the first time it is
-used), so a step carries exactly the names logged for it and nothing is laid out as a NaN
-placeholder. The reduce op (how ranks combine, default mean) is fixed by a name's first use.
+Values are held per step and travel with that step's vector, each name as a one-metric schema
+of its own (registered with the collector the first time it is logged: the collector binds a
+metric to one schema per rank), so a step carries exactly the names logged for it and nothing
+is laid out as a NaN placeholder. The reduce op (how ranks combine, default mean) is fixed by a
+name's first use. At most MAX_USER_NAMES names per run (the collector takes 64 schemas per
+rank); more are dropped, counted (`user_values_dropped`) and warned about.
 
 Which step: `step=None` is the open step (between step_begin and step_end) or, between steps,
 the next one; a frameworks' "log after the step" (Trainer.on_log, Lightning validation) logs
@@ -26,7 +28,8 @@ from hooks.buffer import StepItem
 from hooks.layout import MetricSpec
 
 FIRST_USER_SCHEMA_ID = 3  # 1 and 2 are the step and periodic schemas (hooks.layout)
-MAX_USER_SCHEMAS = 32  # the collector accepts 64 schemas per rank and run
+MAX_USER_NAMES = 32  # one schema each: the collector takes 64 per rank (a big model's step
+# schema is cut into parts of 16,384 metrics, each a schema too)
 MAX_PENDING_STEPS = 64
 REDUCES = ("mean", "sum", "max", "min")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
@@ -59,7 +62,7 @@ class UserScalars:
     ) -> None:
         self.reserved, self.add_schema, self.bump, self.warn = reserved, add_schema, bump, warn
         self.reduce_of: dict[str, str] = {}
-        self.schemas: dict[tuple[str, ...], int] = {}
+        self.schemas: dict[str, int] = {}  # name -> its schema id
         self.pending: dict[int, dict[str, Any]] = {}
         self.next_unsent = 0  # every step below this one has been sent
 
@@ -101,23 +104,26 @@ class UserScalars:
             return
         self.pending.setdefault(step, {}).update(values)
 
-    def take(self, step: int) -> tuple[int, UserValues] | None:
-        """(schema id, values) of the user values held for `step`, registering a new schema
-        the first time a set of names is used; None when there are none."""
+    def take(self, step: int) -> tuple[list[tuple[int, int]], UserValues] | None:
+        """The user values held for `step`: ([(schema id, 1)] per name, values in that order),
+        registering the schema of a name the first time it is logged; None when none."""
         values = self.pending.pop(step, None)
         if not values:
             return None
-        names = tuple(sorted(values))
-        sid = self.schemas.get(names)
-        if sid is None:
-            if len(self.schemas) >= MAX_USER_SCHEMAS:
-                self.bump("user_values_dropped", len(values))
-                self.warn(f"log(): more than {MAX_USER_SCHEMAS} distinct name sets; dropped")
-                return None
-            sid = self.schemas[names] = FIRST_USER_SCHEMA_ID + len(self.schemas)
-            specs = [MetricSpec(n, self.reduce_of[n], n.rsplit("/", 1)[-1]) for n in names]
-            self.add_schema(sid, specs)
-        return sid, UserValues([values[n] for n in names])
+        names = []
+        for name in sorted(values):
+            if name not in self.schemas and len(self.schemas) >= MAX_USER_NAMES:
+                self.bump("user_values_dropped", 1)
+                self.warn(f"log(): more than {MAX_USER_NAMES} names in this run; {name} dropped")
+                continue
+            if name not in self.schemas:
+                sid = self.schemas[name] = FIRST_USER_SCHEMA_ID + len(self.schemas)
+                stat = name.rsplit("/", 1)[-1]
+                self.add_schema(sid, [MetricSpec(name, self.reduce_of[name], stat)])
+            names.append(name)
+        if not names:
+            return None
+        return [(self.schemas[n], 1) for n in names], UserValues([values[n] for n in names])
 
     def log(
         self,
@@ -138,9 +144,9 @@ class UserScalars:
 
     def for_step(
         self, step: int, submit: Callable[[StepItem], Any]
-    ) -> tuple[int, UserValues] | None:
+    ) -> tuple[list[tuple[int, int]], UserValues] | None:
         """At the send of `step`: first the held steps before it that have no training step
-        (each sent on its own, through `submit`), then (schema id, values) for `step`."""
+        (each sent on its own, through `submit`), then (schemas, values) for `step`."""
         for held in sorted(self.pending):
             if held >= step:
                 break
@@ -150,7 +156,7 @@ class UserScalars:
                     StepItem(
                         step=held,
                         vector=None,
-                        schemas=[(user[0], len(user[1]))],
+                        schemas=user[0],
                         wall_time=time.time(),
                         user=user[1],
                     )

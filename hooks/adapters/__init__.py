@@ -7,7 +7,8 @@ already use: a model is only a transformers or torchtitan model if that library 
   model/          StepFlashAdapter (hooks/adapter.py): this project's MoETransformer
   transformers    HFMoEAdapter (hooks/adapters/hf.py): the Transformers 5.x MoE layout
   torchtitan      TorchtitanMoEAdapter (hooks/adapters/torchtitan.py): torchtitan's MoE module
-Anything else raises `UnsupportedModelError` naming these families; pass
+A wrapper (a LightningModule, the user's own nn.Module) is searched for the first submodule
+one of them fits. Anything else raises `UnsupportedModelError` naming these families; pass
 `Monitor(adapter=...)` with an object of the MoEAdapter protocol instead (README: "Writing an
 adapter").
 """
@@ -45,10 +46,13 @@ def select_adapter(model: nn.Module) -> MoEAdapter:
     inner = _unwrap(model)
     if hasattr(inner, "moe_layers"):  # model/'s surface (its adapter says what is missing)
         return StepFlashAdapter(inner)
-    if hf.supports(inner):
-        return hf.HFMoEAdapter(inner)
-    if torchtitan.supports(inner):
+    if torchtitan.supports(inner):  # searches the whole module tree itself
         return torchtitan.TorchtitanMoEAdapter(inner)
+    for mod in inner.modules():  # the model itself, or one a wrapper holds (LightningModule)
+        if mod is not inner and hasattr(mod, "moe_layers") and hasattr(mod, "lm_head"):
+            return StepFlashAdapter(mod)
+        if hf.supports(mod):
+            return hf.HFMoEAdapter(mod)
     families = "\n  - ".join(SUPPORTED_FAMILIES)
     raise UnsupportedModelError(
         f"stepwatch has no adapter for {type(inner).__name__}: no MoE layer of a supported "
