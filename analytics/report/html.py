@@ -15,6 +15,8 @@ from analytics.events import EXPERT_REVIVAL
 from analytics.report.findings import RunData
 from analytics.report.svg import SEVERITY_COLOR, esc, heatmap, line_chart
 
+USER_STAT = "user"  # the stat label of the metrics a run logged with monitor.log
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;
  color:#222;max-width:1100px}
@@ -115,6 +117,15 @@ def render(d: RunData, found: dict) -> str:
             markers=markers,
         )
     )
+    user = [n for n, stat in zip(d.index.names, d.index.stat) if stat == USER_STAT]
+    if user:  # what the run logged with monitor.log (hooks/userlog.py tags it stat "user")
+        parts.append(
+            line_chart(
+                "logged with monitor.log",
+                [(n, d.steps, d.series(n)) for n in sorted(user)[:8]],
+                markers=markers,
+            )
+        )
     parts.append("</figure>")
 
     # ---- heatmaps

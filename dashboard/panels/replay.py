@@ -21,6 +21,8 @@ CURVES = (  # chart id, title, metric names (a trailing * takes every match, sor
     ("grad_norm", "gradient norm (global, before clipping)", ("grad/global_norm",)),
     ("lr", "learning rate", ("train/lr",)),
 )
+USER_STAT = "user"  # the stat of what the run logged with monitor.log (hooks/userlog.py)
+USER_CURVES = 8  # at most this many of them in the replay chart
 
 
 def step_range(url: str, run: str, row: dict[str, Any]) -> tuple[int, int] | None:
@@ -124,8 +126,13 @@ def curves(
     dictionary = reads.metrics(url, run, version)
     shown = events.filter(pl.col("step") <= step)
     slots = [st.container(key="chart-loss")] + list(st.columns(2))
-    for slot, (chart_id, title, wanted) in zip(slots, CURVES):
-        names = _names(dictionary, wanted)
+    user = dictionary.filter(pl.col("stat") == USER_STAT)["name"].to_list()
+    panels = [(chart_id, title, _names(dictionary, wanted)) for chart_id, title, wanted in CURVES]
+    if user:  # the user's own scalars, when the run logged any
+        slots.append(st.container(key="chart-user"))
+        more = f" (first {USER_CURVES} of {len(user)})" if len(user) > USER_CURVES else ""
+        panels.append(("user", f"logged with monitor.log{more}", sorted(user)[:USER_CURVES]))
+    for slot, (chart_id, title, names) in zip(slots, panels):
         with slot:
             if not names:
                 st.caption(f"{title}: not recorded in this run")

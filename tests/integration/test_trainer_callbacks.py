@@ -57,12 +57,15 @@ def assert_stored_run(url: str, run: str, losses: list[float] | None) -> set[str
         return set(st.metrics(run)["name"].to_list())
 
 
-def test_hf_trainer_callback_streams_the_run(collector, tmp_path):
+@pytest.fixture(scope="module")
+def hf_run(collector, tmp_path_factory) -> tuple[str, list[float]]:
+    """A Trainer run with the callback: (store url, the Trainer's logged losses)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hooks.integrations.hf import StepwatchCallback
 
     address, url = collector
+    tmp_path = tmp_path_factory.mktemp("hf-trainer")
     losses: list[float] = []
 
     class KeepLoss(TrainerCallback):  # the Trainer's own per-step loss, for comparison
@@ -89,6 +92,11 @@ def test_hf_trainer_callback_streams_the_run(collector, tmp_path):
         callbacks=[StepwatchCallback(target=address, run="hf-trainer"), KeepLoss()],
     )
     trainer.train()
+    return url, losses
+
+
+def test_hf_trainer_callback_streams_the_run(hf_run):
+    url, losses = hf_run
     names = assert_stored_run(url, "hf-trainer", None)
     assert len(losses) == STEPS
     with open_store(url) as st:  # what the Trainer logged after step s is stored at s + 1
@@ -147,3 +155,23 @@ def test_lightning_callback_streams_the_run(collector):
         val = st.series("lightning", "pl/val_loss")
         assert val["step"].to_list() == [2, 4]
         assert np.isfinite(val["value"].to_numpy()).all()
+
+
+def test_dashboard_and_report_show_the_logged_scalars(hf_run, monkeypatch, tmp_path):
+    """What the run logged with monitor.log (the callback forwards the Trainer's logs) is
+    charted by the dashboard's replay view and by the offline report."""
+    from analytics.report import write_report
+    from tests.dashboard.conftest import charts, run_app
+
+    url, losses = hf_run
+    at = run_app(url, monkeypatch, runs=["hf-trainer"])
+    user = charts(at)["user"].layer(0)
+    with open_store(url) as st:
+        want = st.series("hf-trainer", "hf/loss")
+        html = tmp_path / "report.html"
+        write_report(st, "hf-trainer", html)
+    drawn = user.filter(series="hf/loss").select("step", "value")
+    assert drawn.equals(want.filter(want["step"] <= drawn["step"].max()))
+    assert drawn.height >= STEPS - 1  # the replay step is the last training step
+    text = html.read_text()
+    assert "logged with monitor.log" in text and "hf/loss" in text
