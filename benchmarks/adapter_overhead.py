@@ -10,7 +10,11 @@ collector process on loopback (Parquet store in a temp dir), as in production.
     python -m benchmarks.adapter_overhead --family hf-mixtral   # project venv
     python -m benchmarks.adapter_overhead --family torchtitan   # .venv-titan (make bench-adapters)
 
-Last line: `ratio_all=<median monitored / median plain> ratio_no_attn=<...> plain_ms=<...>`.
+Both wall time and the training thread's CPU time are measured per step (on a shared,
+oversubscribed machine the wall ratio mostly measures scheduling stalls: every extra op is one
+more barrier of the intra-op thread pool). `--threads 1` is the honest setting there.
+
+Last line: `ratio_all=<median monitored / median plain> ratio_no_attn=<...> cpu_ratio_all=...`.
 """
 
 from __future__ import annotations
@@ -73,8 +77,9 @@ def family(name: str) -> tuple[nn.Module, Callable]:
     raise ValueError(f"unknown family {name!r}")
 
 
-def one_step(model, opt, idx, loss_fn, monitor, step: int) -> float:
-    t0 = time.perf_counter()
+def one_step(model, opt, idx, loss_fn, monitor, step: int) -> tuple[float, float]:
+    """(wall seconds, training-thread CPU seconds) of one step."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     if monitor:
         monitor.step_begin(step)
     loss = loss_fn(model, idx)
@@ -86,7 +91,7 @@ def one_step(model, opt, idx, loss_fn, monitor, step: int) -> float:
     opt.zero_grad(set_to_none=True)
     if monitor:
         monitor.step_end(step, loss=loss.detach(), lr=1e-3, tokens=idx.numel())
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.thread_time() - c0
 
 
 def run(name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
@@ -94,6 +99,7 @@ def run(name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
     models = {k: copy.deepcopy(base) for k in ("plain", "all", "no_attn")}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
+    cpu: dict[str, list[float]] = {k: [] for k in models}
     with tempfile.TemporaryDirectory() as tmp:
         proc, address = start_collector(f"parquet:{tmp}/store", log_path=f"{tmp}/collector.log")
         try:
@@ -114,9 +120,10 @@ def run(name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
                 idx = torch.randint(0, VOCAB, (batch, seq), generator=gen)
                 order = order[1:] + order[:1]  # rotate who goes first
                 for k in order:
-                    dt = one_step(models[k], opts[k], idx, loss_fn, mons[k], step)
+                    dt, dc = one_step(models[k], opts[k], idx, loss_fn, mons[k], step)
                     if step >= warmup:
                         times[k].append(dt)
+                        cpu[k].append(dc)
             stats = {}
             for k, mon in mons.items():
                 if mon is not None:
@@ -127,7 +134,12 @@ def run(name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
         finally:
             stop_collector(proc)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
     return {
+        "cpu_ms": cpu_med,
+        "cpu_ratio_all": cpu_med["all"] / cpu_med["plain"],
+        "cpu_ratio_no_attn": cpu_med["no_attn"] / cpu_med["plain"],
+        "threads": torch.get_num_threads(),
         "family": name,
         "steps": steps,
         "batch": batch,
@@ -149,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     r = run(args.family, args.steps, args.warmup, args.batch, args.seq)
     ms = r["ms"]
     print(
@@ -161,10 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{ms['all']:.1f} | {r['ratio_all']:.3f} | {ms['no_attn']:.1f} | "
         f"{r['ratio_no_attn']:.3f} |"
     )
+    c = r["cpu_ms"]
+    print(
+        f"| {r['family']}, training-thread CPU | {r['steps']} | {r['batch']}x{r['seq']} | "
+        f"{c['plain']:.1f} | {c['all']:.1f} | {r['cpu_ratio_all']:.3f} | {c['no_attn']:.1f} | "
+        f"{r['cpu_ratio_no_attn']:.3f} |"
+    )
     print(f"machine: {r['machine']}; {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"monitor: {r['monitor_stats']}")
     print(
         f"ratio_all={r['ratio_all']:.4f} ratio_no_attn={r['ratio_no_attn']:.4f} "
+        f"cpu_ratio_all={r['cpu_ratio_all']:.4f} cpu_ratio_no_attn={r['cpu_ratio_no_attn']:.4f} "
         f"plain_ms={ms['plain']:.2f} monitored_ms={ms['all']:.2f} no_attn_ms={ms['no_attn']:.2f}"
     )
     return 0

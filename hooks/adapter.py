@@ -29,7 +29,8 @@ class RouterView(NamedTuple):
 
     topk_idx_TK: torch.Tensor  # long [T, K]: experts chosen per token
     topk_weight_TK: torch.Tensor  # [T, K]: normalized gate weights
-    scores_TE: torch.Tensor  # unbiased per-expert probabilities (sigmoid or softmax)
+    scores_TE: torch.Tensor | None  # unbiased per-expert probabilities (sigmoid or softmax);
+    # None: the softmax of logits_TE, which the monitor then never materialises
     logits_TE: torch.Tensor  # pre-activation router logits
 
 

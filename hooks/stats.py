@@ -50,7 +50,18 @@ def _rowsq(x: torch.Tensor) -> torch.Tensor:
 
 
 def _maxabs(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, INF, dim=dim, dtype=torch.float32)
+    """max |x| (over `dim`) in float32. abs().amax: the inf-norm kernel with a dtype is ~20x
+    slower on CPU; the max of low-precision values is exact in them, then widened."""
+    if dim is None:
+        if x.numel() == 0:  # a shape: no sync
+            return torch.zeros((), dtype=torch.float32, device=x.device)
+        return x.abs().amax().float()
+    return x.abs().amax(dim).float()
+
+
+def _row_std(x_TE: torch.Tensor) -> torch.Tensor:
+    """Population std of each row, two-pass (torch.std over a short last dim is ~4x slower)."""
+    return (x_TE - x_TE.mean(1, keepdim=True)).square().mean(1).sqrt()
 
 
 class HostVector:
@@ -91,6 +102,7 @@ class Capture:
         self.paused = False  # Monitor.paused(): forwards in this window are not training
         self._train_forward = True  # set by each residual block's pre-hook (see below)
         self.tokens_seen = 0  # tokens through the first MoE router this step (host int)
+        self._n_routed = [0] * len(adapter.moe_sites())  # tokens per MoE layer (router stats)
         self._handles: list = []
         self._pinned = self.device.type == "cuda"
         self._pool: dict[int, collections.deque] = collections.defaultdict(collections.deque)
@@ -184,50 +196,61 @@ class Capture:
     def _router_hook(self, i: int, a: int, b: int, tokens: torch.Tensor) -> Callable:
         tokens_E, gate = tokens[a:b], self.view(R.MOE_GATE_MASS)
         gate_E = None if gate is None else gate[a:b]
+        one = torch.ones((), device=self.device)  # expanded, never allocated per call
         router = None  # this layer's slots of the router group, when it is on
         if self.view(R.ROUTER_CONFIDENCE) is not None:
-            router = [
-                self._slice(k, i, i + 1)
-                for k in (
-                    R.ROUTER_CONF_SUM,
-                    R.ROUTER_STD_SUM,
-                    R.ROUTER_LSE2_SUM,
-                    R.ROUTER_N_TOKENS,
-                    R.ROUTER_LOGIT_MAX,
-                )
-            ]
+            sums = self._stacked((R.ROUTER_CONF_SUM, R.ROUTER_STD_SUM, R.ROUTER_LSE2_SUM), i, i + 1)
+            router = (sums, self._slice(R.ROUTER_LOGIT_MAX, i, i + 1))
 
         def fn(args, out) -> None:
             r = self.adapter.decode_router(out)
+            T = r.topk_idx_TK.shape[0]
             if i == 0:  # the step's token count when the loop gives none (shapes: no sync)
-                self.tokens_seen += r.topk_idx_TK.shape[0]
+                self.tokens_seen += T
             idx_N = r.topk_idx_TK.reshape(-1)
-            tokens_E.index_add_(0, idx_N, torch.ones(idx_N.shape, device=idx_N.device))
+            tokens_E.index_add_(0, idx_N, one.expand(idx_N.shape))
             if gate_E is not None:
                 gate_E.index_add_(0, idx_N, r.topk_weight_TK.reshape(-1).float())
             if router is not None:
-                conf, std, lse2, n, logit_max = router
-                scores_TE, logits_TE = r.scores_TE.float(), r.logits_TE.float()
-                chosen_T = scores_TE.gather(1, r.topk_idx_TK).sum(1)
-                conf.add_((chosen_T / scores_TE.sum(1)).sum())
-                std.add_(logits_TE.std(dim=1, correction=0).sum())
-                lse2.add_(torch.logsumexp(logits_TE, dim=1).square().sum())
-                n.add_(logits_TE.shape[0])  # python int: no sync
+                sums, logit_max = router
+                logits_TE = r.logits_TE.float()
+                lse_T = torch.logsumexp(logits_TE, dim=1)
+                if r.scores_TE is None:  # softmax: the scores sum to 1, the chosen are exp(l - lse)
+                    conf = (logits_TE.gather(1, r.topk_idx_TK) - lse_T[:, None]).exp().sum()
+                else:
+                    scores_TE = r.scores_TE.float()
+                    chosen_T = scores_TE.gather(1, r.topk_idx_TK).sum(1)
+                    conf = (chosen_T / scores_TE.sum(1)).sum()
+                std = _row_std(logits_TE).sum()
+                sums.add_(torch.stack([conf, std, lse_T.square().sum()]).unsqueeze(1))
+                self._n_routed[i] += T  # host count: written at finalize
                 torch.maximum(logit_max, logits_TE.amax(), out=logit_max)
 
         return fn
 
+    def _stacked(self, keys: tuple[str, ...], a: int, b: int) -> torch.Tensor:
+        """[len(keys), b - a]: slots a..b of consecutive equal-size regions (the layout lays a
+        family's scratch sums out that way) as one strided view, so one op updates them all."""
+        regions = [self.layout.region(k) for k in keys]
+        first = regions[0]
+        if first is None or any(
+            r is None or r.start != first.start + k * first.size or r.size != first.size
+            for k, r in enumerate(regions)
+        ):
+            raise KeyError(f"regions {keys} are not laid out side by side")
+        return self.buf.as_strided((len(keys), b - a), (first.size, 1), first.start + a)
+
     def _expert_hook(self, a: int, b: int) -> Callable:
-        sumsq_E, rows_E, out_E, maxabs_E = (
-            self._slice(k, a, b)
-            for k in (R.MOE_ACT_SUMSQ, R.MOE_ROWS, R.MOE_OUT_SUMSQ, R.MOE_ACT_MAXABS)
-        )
+        sums = self._stacked((R.MOE_ACT_SUMSQ, R.MOE_ROWS, R.MOE_OUT_SUMSQ), a, b)
+        maxabs_E = self._slice(R.MOE_ACT_MAXABS, a, b)
+        one = torch.ones((), device=self.device)
 
         def fn(args, out) -> None:
             h_NH, out_ND, idx_N = args[:3]
-            sumsq_E.index_add_(0, idx_N, _rowsq(h_NH) / h_NH.shape[1])  # mean over hidden
-            rows_E.index_add_(0, idx_N, torch.ones(idx_N.shape, device=idx_N.device))
-            out_E.index_add_(0, idx_N, _rowsq(out_ND))
+            rows = torch.stack(
+                [_rowsq(h_NH) / h_NH.shape[1], one.expand(idx_N.shape), _rowsq(out_ND)]
+            )  # per row: mean square over hidden, 1, squared output norm
+            sums.index_add_(1, idx_N, rows)
             maxabs_E.scatter_reduce_(0, idx_N, _maxabs(h_NH, 1), "amax", include_self=True)
 
         return fn
@@ -282,6 +305,7 @@ class Capture:
     def reset(self) -> None:
         self.buf.copy_(self._init)
         self.tokens_seen = 0
+        self._n_routed = [0] * len(self.moe_sites)
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -301,6 +325,7 @@ class Capture:
         confidence = v(R.ROUTER_CONFIDENCE)
         if confidence is not None:
             n = need(R.ROUTER_N_TOKENS)  # 0 tokens -> NaN: nothing was routed
+            n.copy_(torch.tensor(self._n_routed, dtype=torch.float32), non_blocking=True)
             torch.div(need(R.ROUTER_CONF_SUM), n, out=confidence)
             torch.div(need(R.ROUTER_STD_SUM), n, out=need(R.ROUTER_LOGIT_STD))
             torch.div(need(R.ROUTER_LSE2_SUM), n, out=need(R.ROUTER_Z_LOSS))

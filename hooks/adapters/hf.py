@@ -42,7 +42,14 @@ import torch
 from torch import nn
 
 from hooks.adapter import AttentionSite, MoESite, RouterView
-from hooks.adapters.taps import CLAMP_SITES, SwiGLUClamp, Tap, check_limit, tap_output
+from hooks.adapters.taps import (
+    CLAMP_SITES,
+    SwiGLUClamp,
+    Tap,
+    check_limit,
+    max_logit_H,
+    tap_output,
+)
 
 EXPERTS_IMPL = "stepwatch"
 ATTN_PREFIX = "stepwatch_"
@@ -125,46 +132,12 @@ def _clamped_apply_gate(self: Any, gate_up: torch.Tensor) -> torch.Tensor:
 def _max_logit_H(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: Any, kw: dict
 ) -> torch.Tensor:
-    """Per-query-head max of the pre-softmax logits q k^T * scaling over unmasked positions, [H].
-
-    One QK^T without copies: grouped-query heads are folded into the query rows (query head h
-    reads kv head h // G), and the scale is applied to the [H] result (max(s x) = s max(x) for
-    s > 0), an additive mask divided by it."""
-    B, H, Tq, d = query.shape
-    Hk, Tk = key.shape[1], key.shape[-2]
-    G = H // Hk
-    scale = d**-0.5 if scaling is None else float(scaling)
-    logits = torch.matmul(query.reshape(B, Hk, G * Tq, d), key.transpose(-2, -1))
-    logits = logits.view(B, Hk, G, Tq, Tk)
-    if isinstance(mask, torch.Tensor):
-        m = mask[..., :Tk].unsqueeze(2)  # [B or 1, 1 or H, 1, Tq, Tk] against [B, Hk, G, Tq, Tk]
-        if m.shape[1] not in (1, Hk):
-            m = m.reshape(m.shape[0], Hk, G, Tq, Tk)
-        if mask.dtype == torch.bool:
-            logits.masked_fill_(~m, -math.inf)
-        else:  # additive: 0 where visible, the dtype's minimum where masked
-            logits.add_(m / scale)
-    else:
-        causal = kw.get("is_causal")
-        causal = getattr(module, "is_causal", True) if causal is None else causal
-        if causal and Tq > 1:
-            logits.masked_fill_(_future(Tq, Tk, logits.device), -math.inf)
-    return logits.amax(dim=(0, 3, 4)).reshape(H) * scale
-
-
-_FUTURE: dict[tuple[int, int, str], torch.Tensor] = {}
-
-
-def _future(Tq: int, Tk: int, device: torch.device) -> torch.Tensor:
-    """Bool [Tq, Tk], True where key j is in the future of query i (the last Tq positions)."""
-    key = (Tq, Tk, str(device))
-    mask = _FUTURE.get(key)
-    if mask is None:
-        q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
-        mask = torch.arange(Tk, device=device)[None, :] > q_pos
-        if len(_FUTURE) < 64:
-            _FUTURE[key] = mask
-    return mask
+    """Per-head max logit of one attention call, with the mask or causality it was given."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    causal = kw.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    m = mask if isinstance(mask, torch.Tensor) else None
+    return max_logit_H(query, key, scale, bool(causal), m)
 
 
 def _attention_for(base: str):
@@ -378,7 +351,8 @@ class HFMoEAdapter:
     def decode_router(self, output: Any) -> RouterView:
         logits, weights, idx = output[0], output[1], output[2]
         logits = logits.reshape(-1, logits.shape[-1])
-        scores = torch.sigmoid(logits.float()) if self._sigmoid else logits.float().softmax(-1)
+        # softmax routers: None says "the softmax of the logits", never materialised
+        scores = torch.sigmoid(logits.float()) if self._sigmoid else None
         K = idx.shape[-1]
         return RouterView(idx.reshape(-1, K), weights.reshape(-1, K), scores, logits)
 

@@ -136,3 +136,55 @@ def tap_output(module: nn.Module, tap: Tap) -> Any:
             tap(h.detach().reshape(-1, h.shape[-1]), out.detach().reshape(-1, out.shape[-1]))
 
     return module.register_forward_hook(hook)
+
+
+_CAUSAL: dict[tuple, torch.Tensor] = {}
+
+
+def causal_bias(Tq: int, Tk: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [Tq, Tk]: 0 where key j is visible to query i (the last Tq of Tk positions),
+    -inf in its future. Cached; adding it is ~10x faster on CPU than a broadcast masked_fill."""
+    key = (Tq, Tk, str(device), dtype)
+    bias = _CAUSAL.get(key)
+    if bias is None:
+        q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+        future = torch.arange(Tk, device=device)[None, :] > q_pos
+        bias = torch.zeros(Tq, Tk, device=device, dtype=dtype).masked_fill_(future, -math.inf)
+        if len(_CAUSAL) < 64:
+            _CAUSAL[key] = bias
+    return bias
+
+
+def max_logit_H(
+    q_BHTd: torch.Tensor,
+    k_BHTd: torch.Tensor,
+    scale: float,
+    causal: bool,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-query-head max of the pre-softmax logits q k^T * scale over visible positions, [H].
+
+    One QK^T without copies: grouped-query heads fold into the query rows (query head h reads
+    kv head h // G), and the scale is applied to the [H] result (max(s x) = s max(x) for
+    s > 0; an additive mask is divided by it). `mask`: bool (True = visible) or additive,
+    broadcastable to [B, H, Tq, Tk]; without one, `causal` masks the future."""
+    B, H, Tq, d = q_BHTd.shape
+    Hk, Tk = k_BHTd.shape[1], k_BHTd.shape[-2]
+    G = H // Hk
+    logits = torch.matmul(q_BHTd.reshape(B, Hk, G * Tq, d), k_BHTd.transpose(-2, -1))
+    logits = logits.view(B, Hk, G, Tq, Tk)
+    if mask is not None:
+        m = mask[..., :Tk]
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=logits.dtype, device=m.device).masked_fill_(
+                ~m, -math.inf
+            )
+        else:
+            m = m / scale
+        m = m.unsqueeze(2)  # [B|1, H|1, 1, Tq, Tk] against [B, Hk, G, Tq, Tk]
+        if m.shape[1] not in (1, Hk):
+            m = m.reshape(m.shape[0], Hk, G, Tq, Tk)
+        logits.add_(m)
+    elif causal and Tq > 1:
+        logits.add_(causal_bias(Tq, Tk, logits.device, logits.dtype))
+    return logits.amax(dim=(3, 4)).amax(0).reshape(H) * scale

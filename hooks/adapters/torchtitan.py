@@ -35,7 +35,6 @@ ep_rank * E_local + e. The clamp needs nothing more: it binds inside each rank's
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +43,14 @@ import torch
 from torch import nn
 
 from hooks.adapter import AttentionSite, MoESite, RouterView
-from hooks.adapters.taps import CLAMP_SITES, SwiGLUClamp, Tap, check_limit, hold_silu_clamp
+from hooks.adapters.taps import (
+    CLAMP_SITES,
+    SwiGLUClamp,
+    Tap,
+    check_limit,
+    hold_silu_clamp,
+    max_logit_H,
+)
 from hooks.adapters.taps import tap_output as tap_projection
 
 FAMILY = "torchtitan MoE (torchtitan.models.common.moe: router, GroupedExperts, shared experts)"
@@ -130,17 +136,9 @@ def _attention_hook(tap: Tap):
             return
         with torch.no_grad():
             q_BNLH, k_BNLH = args[0].transpose(1, 2), args[1].transpose(1, 2)
-            H, Hk = q_BNLH.shape[1], k_BNLH.shape[1]
-            if Hk != H:
-                k_BNLH = k_BNLH.repeat_interleave(H // Hk, dim=1)
             scale = kwargs.get("scale")
-            scale = q_BNLH.shape[-1] ** -0.5 if scale is None else scale
-            logits = torch.matmul(q_BNLH, k_BNLH.transpose(-2, -1)) * scale
-            if kwargs.get("is_causal", True):
-                L = logits.shape[-1]
-                visible = torch.ones(L, L, dtype=torch.bool, device=logits.device).tril()
-                logits = logits.masked_fill(~visible, -math.inf)
-            tap(logits.amax(dim=(0, 2, 3)))
+            scale = q_BNLH.shape[-1] ** -0.5 if scale is None else float(scale)
+            tap(max_logit_H(q_BNLH, k_BNLH, scale, bool(kwargs.get("is_causal", True))))
 
     return hook
 
