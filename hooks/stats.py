@@ -110,13 +110,19 @@ class Capture:
         self.moe_sites = list(adapter.moe_sites())
         self._expert_off = np.cumsum([0] + [s.n_experts for s in self.moe_sites]).tolist()
         self._uniform_e = len({s.n_experts for s in self.moe_sites}) <= 1
+        self._views: dict[str, torch.Tensor | None] = {}
 
     def view(self, key: str) -> torch.Tensor | None:
         """The buffer slice of a region, or None when its stat group is off; KeyError for a key
         that names no region (hooks.layout.RegionKey): a misspelling fails, it does not pass
         for a group that is off."""
-        region = self.layout.region(key)
-        return None if region is None else self.buf[region.start : region.stop]
+        try:
+            return self._views[key]
+        except KeyError:
+            region = self.layout.region(key)  # KeyError for a key that names no region
+            view = None if region is None else self.buf[region.start : region.stop]
+            self._views[key] = view  # the buffer is never reallocated: views stay valid
+            return view
 
     def need(self, key: str) -> torch.Tensor:
         """`view` of a region laid out with one already found (its scratch sums, the rest of
