@@ -6,10 +6,15 @@ ports. One server per test session, shared by tests/store (the contract suite's 
 param), tests/integration and tests/benchmarks.
 
 Without the binary the ClickHouse tests skip, unless CI is set: then a missing server fails.
+
+tests/torchtitan needs torchtitan, which lives in its own venv (Makefile: .venv-titan, run by
+`make test` after the rest): `pytest tests` in a venv without it does not collect that folder;
+naming the folder there fails on the missing import, never skips.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,6 +22,8 @@ from collections.abc import Iterator
 import pytest
 
 from benchmarks.clickhouse_server import ClickHouseServer, server_command
+
+collect_ignore = [] if importlib.util.find_spec("torchtitan") else ["torchtitan"]
 
 
 @pytest.fixture(scope="session")
