@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -135,7 +136,17 @@ def run(name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
             stop_collector(proc)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     cpu_med = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
+
+    def paired(t: dict[str, list[float]], k: str) -> float:
+        """Median over rounds of (k's step / the plain step of the same round): load that
+        drifts over the run cancels within a round."""
+        return statistics.median(a / b for a, b in zip(t[k], t["plain"]))
+
     return {
+        "paired_all": paired(times, "all"),
+        "paired_no_attn": paired(times, "no_attn"),
+        "cpu_paired_all": paired(cpu, "all"),
+        "cpu_paired_no_attn": paired(cpu, "no_attn"),
         "cpu_ms": cpu_med,
         "cpu_ratio_all": cpu_med["all"] / cpu_med["plain"],
         "cpu_ratio_no_attn": cpu_med["no_attn"] / cpu_med["plain"],
@@ -183,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| {r['family']}, training-thread CPU | {r['steps']} | {r['batch']}x{r['seq']} | "
         f"{c['plain']:.1f} | {c['all']:.1f} | {r['cpu_ratio_all']:.3f} | {c['no_attn']:.1f} | "
         f"{r['cpu_ratio_no_attn']:.3f} |"
+    )
+    print(
+        f"paired (median per-round ratio): wall all {r['paired_all']:.3f}, no attn "
+        f"{r['paired_no_attn']:.3f}; CPU all {r['cpu_paired_all']:.3f}, no attn "
+        f"{r['cpu_paired_no_attn']:.3f}; load average {os.getloadavg()[0]:.1f}"
     )
     print(f"machine: {r['machine']}; {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"monitor: {r['monitor_stats']}")
