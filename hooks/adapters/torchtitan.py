@@ -23,14 +23,21 @@ Where the statistics come from (the tensors the forward computes, nothing recomp
   attention       a forward pre-hook on each ScaledDotProductAttention inner attention: per-head
                   max of q k^T * scale over the causal positions (one extra QK^T under no_grad).
 
-FSDP / expert parallelism: under FSDP2 the expert weights are DTensor shards; GroupedExperts
-computes on `to_local()` copies, so the statistics (taken from the forward's tensors) are those
-of the tokens this rank computed, and the collector's reductions combine ranks as for any
-metric. The per-expert gradient and parameter norms are then norms of the local shards: reduce
-them yourself or switch the "grad"/"params" groups off. Under EP, `inner_experts` holds this
-rank's slice of the experts and its rows are the tokens dispatched to them: construct the
-adapter with `ep_rank` and `ep_size` so local expert e is reported as global expert
-ep_rank * E_local + e. The clamp needs nothing more: it binds inside each rank's own forward.
+FSDP / expert parallelism (not exercised by the tests, which run one CPU process):
+- FSDP2: the expert weights are DTensor shards; GroupedExperts computes on `to_local()`
+  copies of the gathered weights, so the activation statistics (taken from the forward's own
+  tensors) are those of the tokens this rank computed and the collector combines ranks as for
+  any metric. Per-expert gradient and parameter norms are computed on the parameters the
+  adapter hands out (DTensors: reductions over them are global), at the cost of a collective
+  inside `before_optimizer`; switch the "grad" / "params" groups off where that matters.
+- EP: `inner_experts` holds this rank's slice of the experts and its rows are the tokens
+  dispatched to them. Construct the adapter with `ep_rank` / `ep_size` (and pass it as
+  `Monitor(adapter=...)`) so local expert e is reported as global expert ep_rank * E_local + e.
+  Token counts (sum) and act_maxabs (max) then reduce correctly across ranks; act_rms and
+  out_norm are means over ranks, and ranks that do not hold an expert report 0 for it, so the
+  reduced value is the owner's divided by the number of ranks: read the owner's per-rank raw
+  value (`store.series(..., rank=r)`) until the collector learns an owner-only mean.
+- The clamp needs nothing more: it binds inside each rank's own forward.
 """
 
 from __future__ import annotations
