@@ -27,9 +27,10 @@ FSDP / expert parallelism (not exercised by the tests, which run one CPU process
 - FSDP2: the expert weights are DTensor shards; GroupedExperts computes on `to_local()`
   copies of the gathered weights, so the activation statistics (taken from the forward's own
   tensors) are those of the tokens this rank computed and the collector combines ranks as for
-  any metric. Per-expert gradient and parameter norms are computed on the parameters the
-  adapter hands out (DTensors: reductions over them are global), at the cost of a collective
-  inside `before_optimizer`; switch the "grad" / "params" groups off where that matters.
+  any metric. Per-expert gradient and parameter norms are reductions over the parameters the
+  adapter hands out, which are DTensors there: unverified (a norm of a DTensor is a collective
+  and may not copy into the flat buffer); switch the "grad" / "params" groups off under FSDP2
+  until it is tested on a multi-GPU machine.
 - EP: `inner_experts` holds this rank's slice of the experts and its rows are the tokens
   dispatched to them. Construct the adapter with `ep_rank` / `ep_size` (and pass it as
   `Monitor(adapter=...)`) so local expert e is reported as global expert ep_rank * E_local + e.
