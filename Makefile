@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := proto/v1/telemetry.proto
 PROTO_GEN := proto/v1/telemetry_pb2.py proto/v1/telemetry_pb2_grpc.py proto/v1/telemetry_pb2.pyi
 
-.PHONY: all venv sysdeps proto demo dashboard check lint test test-fast bench clean
+.PHONY: all venv sysdeps proto demo dashboard check lint test test-fast bench bench-peers clean
 
 all: venv
 
@@ -58,6 +58,16 @@ test-fast: $(STAMP) sysdeps
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.suite
+
+# stepwatch vs wandb (offline) and TensorBoard on one logging workload (~10 min on 2 cores),
+# into benchmarks/PEERS.md; the peers come from the `bench` extra, installed on first use.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench-peers: $(BENCH_STAMP)
+	$(PY) -m benchmarks.peers
 
 clean:
 	rm -rf $(VENV) runs artifacts .pytest_cache
