@@ -132,8 +132,8 @@ def fmt_rate(x: float | None) -> str:
     return f"{x / 1e6:.2f} M" if x >= 1e6 else f"{x / 1e3:.1f} k"
 
 
-def ratio(x: float | None, base: float | None, digits: int = 3) -> str:
-    return f"{x / base:.{digits}g}" if x and base else "-"
+def ratio(x: float | None, base: float | None, digits: int = 3, missing: str = "-") -> str:
+    return f"{x / base:.{digits}g}" if x and base else missing
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -167,7 +167,7 @@ def last_line(rows: list[dict]) -> str:
     return (
         f"peers M={m} stepwatch={'failed' if sw is None else f'{sw:.0f}'} "
         f"fastest_peer={name}:{'n/a' if best is None else f'{best:.0f}'} "
-        f"ratio={ratio(sw, best, 4)} floor_ratio={ratio(sw, floor, 4)}"
+        f"ratio={ratio(sw, best, 4, 'n/a')} floor_ratio={ratio(sw, floor, 4, 'n/a')}"
     )
 
 

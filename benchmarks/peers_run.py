@@ -167,7 +167,9 @@ def run_stepwatch(names: list[str], base: np.ndarray, steps: int, out: Path, tim
         for n, (stat, reduce, layer, expert) in zip(names, labels(len(names)))
     ]
     warnings = _Warnings()
-    logging.getLogger("stepwatch").addHandler(warnings)
+    client_log = logging.getLogger("stepwatch")  # hooks log as stepwatch.hooks
+    client_log.setLevel(logging.WARNING)
+    client_log.addHandler(warnings)
     log_path = out / "collector.log"
     proc, address = start_collector(f"parquet:{out / 'store'}", log_path=log_path)
     extra: dict = {}
@@ -197,14 +199,14 @@ def run_stepwatch(names: list[str], base: np.ndarray, steps: int, out: Path, tim
             extra["error"] = why or "close: not every step acknowledged"
     finally:
         rc = stop_collector(proc, timeout_s=300)
-    logging.getLogger("stepwatch").removeHandler(warnings)
+    client_log.removeHandler(warnings)
     if "error" in extra:  # the client's first warning and the collector's errors say why
         log_errors = [
             ln.strip()
             for ln in log_path.read_text(errors="replace").splitlines()
-            if "ERROR" in ln or "error" in ln.lower()
+            if any(k in ln for k in ("WARNING", "ERROR", "rejected"))
         ]
-        extra["error"] += "; " + " | ".join((warnings.messages[:1] + log_errors[:2]) or ["-"])
+        extra["error"] += ": " + (warnings.messages + log_errors + ["-"])[0].split(" INFO ")[-1]
     extra["collector_exit"] = rc
     return extra
 
