@@ -43,7 +43,8 @@ from benchmarks.peers_run import SYSTEMS
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("wandb", "tensorboard")
 FLOOR = "np.save"
-SAMPLE_S = 0.02
+SAMPLE_S = 0.02  # RSS of the tree's processes this often
+RELIST_EVERY = 10  # samples between listings of the tree
 
 
 # ---- one run ------------------------------------------------------------------------------------
@@ -65,13 +66,19 @@ def watched(cmd: list[str], log: Path, timeout_s: float) -> tuple[dict, float]:
         subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True) as popen,
     ):
         proc, peak, deadline = psutil.Process(popen.pid), 0, time.monotonic() + timeout_s
+        tree, n = [proc], 0
         while popen.poll() is None:
-            rss = 0
-            try:
-                for p in [proc, *proc.children(recursive=True)]:
+            if n % RELIST_EVERY == 0:  # listing children scans /proc: ~1.6 ms, not every time
+                try:
+                    tree = [proc, *proc.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    pass
+            n, rss = n + 1, 0
+            for p in tree:
+                try:
                     rss += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass  # a process left between listing and reading; the next sample has it
+                except psutil.NoSuchProcess:
+                    pass  # it left; the next listing drops it
             peak = max(peak, rss)
             if time.monotonic() > deadline:
                 kill_tree(proc)
@@ -112,7 +119,11 @@ def summarize(runs: list[dict]) -> dict:
     """Medians over a (system, M)'s repeats; verified is "yes" only if every repeat was."""
     ok = [r for r in runs if "metrics_per_s" in r]
     bad = [r["verified"] for r in runs if r["verified"] != "yes"]
-    med = lambda k: statistics.median(r[k] for r in ok if k in r) if ok else None
+
+    def med(key: str) -> float | None:
+        xs = [r[key] for r in ok if key in r]
+        return statistics.median(xs) if xs else None
+
     return {
         "system": runs[0]["system"],
         "m": runs[0]["m"],
@@ -123,6 +134,7 @@ def summarize(runs: list[dict]) -> dict:
         "base_rss_mib": med("rss_ready_mib"),
         "bytes_per_value": med("bytes") and med("bytes") / (runs[0]["m"] * runs[0]["steps"]),
         "verified": "yes" if not bad else f"{bad[0]} ({len(bad)}/{len(runs)} runs)",
+        **{k: med(k) for k in ("setup_s", "log_s", "close_s", "goodbye_s")},
     }
 
 

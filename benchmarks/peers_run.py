@@ -191,8 +191,10 @@ def run_stepwatch(names: list[str], base: np.ndarray, steps: int, out: Path, tim
             )
         timer.logged()
         why = _drain(sender, time.monotonic() + cfg.close_timeout_s)
+        acked = time.perf_counter()  # every step durable; close() still says goodbye
         flushed = sender.close(5.0 if why else cfg.close_timeout_s)
         extra = timer.closed()
+        extra["goodbye_s"] = timer.t["closed"] - acked
         stats = sender.stats()
         extra["sender"] = {k: v for k, v in stats.items() if isinstance(v, int)}
         if why or not flushed:
