@@ -59,7 +59,7 @@ test-fast: $(STAMP) sysdeps
 bench: $(STAMP)
 	$(PY) -m benchmarks.suite
 
-# stepwatch vs wandb (offline) and TensorBoard on one logging workload (~10 min on 2 cores),
+# stepwatch vs wandb (offline) and TensorBoard on one logging workload (~16 min on 2 shared cores),
 # into benchmarks/PEERS.md; the peers come from the `bench` extra, installed on first use.
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
