@@ -13,14 +13,14 @@ TITAN_STAMP := $(TITAN_VENV)/.installed
 PROTO_SRC := proto/v1/telemetry.proto
 PROTO_GEN := proto/v1/telemetry_pb2.py proto/v1/telemetry_pb2_grpc.py proto/v1/telemetry_pb2.pyi
 
-.PHONY: all venv venv-titan sysdeps proto demo dashboard check lint test test-fast test-titan bench bench-adapters clean
+.PHONY: all venv venv-titan sysdeps proto demo dashboard check lint test test-fast test-titan bench bench-adapters bench-peers clean
 
 all: venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[all,hf,lightning,test,dev]'
+	$(PY) -m pip install -q -e '.[all,hf,lightning,test,dev,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -81,6 +81,12 @@ bench: $(STAMP)
 bench-adapters: $(STAMP) $(TITAN_STAMP)
 	$(PY) -m benchmarks.adapter_overhead --family hf-mixtral
 	$(TITAN_PY) -m benchmarks.adapter_overhead --family torchtitan
+
+# stepwatch vs wandb (offline) and TensorBoard on one logging workload (~16 min on 2 shared cores),
+# into benchmarks/PEERS.md; the peers come from the `bench` extra (installed by `make venv`, so
+# the smoke test in tests/benchmarks runs in `make test`).
+bench-peers: $(STAMP)
+	$(PY) -m benchmarks.peers
 
 clean:
 	rm -rf $(VENV) $(TITAN_VENV) runs artifacts .pytest_cache
