@@ -188,6 +188,7 @@ class MaxAbsSpike(Detector):
                     layer=layers[r],
                     expert=-1 if shared else int(c),
                     clip_site="shared" if shared else "routed",
+                    of=MAXABS_SPIKE,
                     calm_steps=self.clear_steps,
                 )
             )

@@ -125,7 +125,15 @@ def test_report_is_self_contained_with_a_json_twin(stored, tmp_path):
         b["clips"][0]["bound_maxabs"] == 9.0 and b["effect"]["clip_in_effect_from"] == blow.step + 1
     )
     assert b["effect"]["bounded"] is False  # synthetic data ignores the clamp: said so
-    assert found["origin"]["step"] == 30 and found["origin"]["site"] == dead["site"]
+    # two incidents: the blow-up of layer 2 (and the NaN that followed it in that layer), which
+    # moved a clamp, is the headline; the death in layer 1 since step 30 stays apart
+    o = found["origin"]
+    assert (o["site"], o["kind"]) == (blow.site, "blowup") and 50 <= o["step"] <= blow.step
+    by_origin = {i["origin"]["site"]: i for i in found["incidents"]}
+    assert set(by_origin) == {blow.site, dead["site"]}
+    assert by_origin[dead["site"]]["origin"]["onset_step"] == 30
+    assert by_origin[blow.site]["kinds"] == ["blowup", "maxabs_spike", "nonfinite"]
+    assert by_origin[blow.site]["clamped"] and not by_origin[dead["site"]]["clamped"]
 
 
 def test_report_cli_and_unknown_run(stored, tmp_path):

@@ -10,13 +10,14 @@ import pytest
 
 from analytics.clip_policy import ClipPolicy
 from analytics.detectors import DetectorSet
-from analytics.events import BLOWUP_RECOVERED, MAXABS_SPIKE, make_event
+from analytics.events import BLOWUP, BLOWUP_RECOVERED, CLAMP, make_event
 from tests.analytics.synthetic import SyntheticRun, blowup, death
 
 
-def trigger(step, layer=3, site="routed", base=4.0, name="moe/layer03/expert001", kind=None):
+def trigger(step, layer=3, site="routed", base=4.0, name="moe/layer03/expert001", decision=CLAMP):
+    """A blow-up event as the decision layer hands it on (decision "clamp" by default)."""
     return make_event(
-        kind or MAXABS_SPIKE,
+        BLOWUP,
         "r",
         step,
         name,
@@ -27,6 +28,7 @@ def trigger(step, layer=3, site="routed", base=4.0, name="moe/layer03/expert001"
         layer=layer,
         clip_site=site,
         layer_baseline_maxabs=base,
+        decision=decision,
     )
 
 
@@ -42,6 +44,7 @@ def recovered(step, layer=3, site="routed", name="moe/layer03/expert001"):
         max(0, step - 10),
         layer=layer,
         clip_site=site,
+        of=BLOWUP,
     )
 
 
@@ -49,7 +52,7 @@ def test_limit_sits_margin_above_the_healthy_scale_with_a_floor():
     p = ClipPolicy(margin=4.0, floor=1.0)
     (d,) = p.step(10, [trigger(10, base=9.0)])
     assert (d.layer, d.site, d.limit, d.step) == (3, "routed", 6.0, 10)  # sqrt(4 * 9)
-    assert d.reason == "maxabs_spike@10 moe/layer03/expert001" and d.event.step == 10
+    assert d.reason == "blowup@10 moe/layer03/expert001" and d.event.step == 10
     (d,) = ClipPolicy(floor=1.0).step(10, [trigger(10, base=0.01)])
     assert d.limit == 1.0  # the floor
     (d,) = ClipPolicy().step(10, [trigger(10, base=float("nan"))])
