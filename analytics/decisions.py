@@ -32,8 +32,11 @@ from analytics.incidents import ONSET_SLACK, Linker, origin_key
 
 @dataclass
 class Decider:
-    min_confidence: float = 0.5
-    """A blow-up event below this confidence warns instead of clamping."""
+    min_confidence: float = 0.3
+    """A blow-up event below this confidence warns instead of clamping. The rule that fired is
+    one agreeing channel of the (up to three) an expert has, so at 0.3 a fired rule clamps even
+    when the others are quiet - the activations agree at 1.3x their reference and lag the
+    weights by up to a measurement period on the demo preset; 0.5+ asks for corroboration."""
 
     cause_window: int = 30
     """Growth beginning up to this many steps after a learning-rate change is blamed on it

@@ -184,3 +184,196 @@ def judge_fault(case: Case, rec: Recording, events: list[Event]) -> dict:
         if case.kind == "nan"
         else (f"clamped {[e.site for e in clamps]}" if clamps else "no clamp"),
     }
+
+
+# ---- the sweep and its table -------------------------------------------------------------------
+def _seeds(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1)) if text else []
+
+
+def _load(rec_or_none, cache, preset, seed, case) -> Recording:
+    from benchmarks.detection_runs import Recorder, cache_path, recording
+
+    path = cache_path(cache, preset, seed, case.name)
+    pre = cache_path(cache, preset, seed, "prefix")
+    if path.exists() and pre.exists():
+        return Recording.load(pre).then(Recording.load(path), f"{preset}-s{seed}-{case.name}")
+    if rec_or_none[0] is None:
+        rec_or_none[0] = Recorder(cache)
+    return recording(rec_or_none[0], preset, seed, case.name, list(case.injects), case.stop)
+
+
+def _range(xs: list, fmt: str = "{:.0f}") -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    lo, hi = min(xs), max(xs)
+    return (
+        fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+    )
+
+
+def sweep(presets: dict[str, tuple[list[int], list[int]]], cache) -> tuple[list[dict], list[dict]]:
+    """presets: name -> (clean seeds, fault seeds). Returns (fault rows, clean rows)."""
+    recorder = [None]
+    faults: dict[tuple, list[dict]] = {}
+    cleans = []
+    try:
+        for preset, (clean_seeds, fault_seeds) in presets.items():
+            for seed in sorted(set(clean_seeds) | set(fault_seeds)):
+                if recorder[0] is None:
+                    from benchmarks.detection_runs import Recorder
+
+                    recorder[0] = Recorder(cache)
+                for case in cases_for(
+                    recorder[0], preset, seed, clean_only=seed not in fault_seeds
+                ):
+                    if case.kind == "clean" and seed not in clean_seeds:
+                        continue
+                    rec = _load(recorder, cache, preset, seed, case)
+                    events = replay(rec)
+                    if case.kind == "clean":
+                        cleans.append(
+                            {
+                                "preset": preset,
+                                "seed": seed,
+                                "steps": int(rec.steps.size),
+                                "events": events,
+                            }
+                        )
+                        continue
+                    key = (preset, case.kind, case.target, case.rate)
+                    faults.setdefault(key, []).append(
+                        {
+                            **judge_fault(case, rec, events),
+                            "seed": seed,
+                            "share": case.share,
+                            "site": f"layer {case.layer} expert {case.expert}",
+                        }
+                    )
+    finally:
+        if recorder[0] is not None:
+            recorder[0].close()
+    rows = []
+    for (preset, kind, target, rate), rs in faults.items():
+        rows.append(
+            {
+                "preset": preset,
+                "fault": f"{kind} x{rate}" if kind == "blowup" else kind,
+                "target": f"{target} (share {_range([r['share'] for r in rs], '{:.2f}')})"
+                if target
+                else "-",
+                "caught": f"{sum(r['caught'] for r in rs)}/{len(rs)}",
+                "delay": _range([r["delay"] for r in rs]),
+                "growth": _range([r["growth"] for r in rs], "{:.1f}x"),
+                "weights": _range([r["weights"] for r in rs], "{:.2f}x"),
+                "rule": "/".join(sorted({str(r.get("rule") or r.get("decision")) for r in rs})),
+                "notes": "; ".join(sorted({r["note"] for r in rs if r["note"]})),
+            }
+        )
+    clean_rows = []
+    for preset in presets:
+        runs = [c for c in cleans if c["preset"] == preset]
+        if not runs:
+            continue
+        steps = sum(c["steps"] for c in runs)
+        evs = [e for c in runs for e in c["events"]]
+        warn = [e for e in evs if e.severity != "info"]
+        kinds: dict[str, int] = {}
+        for e in warn:
+            kinds[e.kind] = kinds.get(e.kind, 0) + 1
+        clean_rows.append(
+            {
+                "preset": preset,
+                "runs": f"{len(runs)} seeds x {runs[0]['steps']} steps",
+                "blowup": sum(e.kind == BLOWUP for e in evs),
+                "clamps": sum(e.decision == CLAMP for e in evs),
+                "per_1000": 1000
+                * sum(e.kind == BLOWUP or e.decision == CLAMP for e in evs)
+                / steps,
+                "warnings_per_1000": 1000 * len(warn) / steps,
+                "warnings": ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none",
+                "where": "; ".join(
+                    f"s{c['seed']}: "
+                    + ", ".join(
+                        f"{e.kind}@{e.step} {e.site}" for e in c["events"] if e.severity != "info"
+                    )
+                    for c in runs
+                    if any(e.severity != "info" for e in c["events"])
+                ),
+            }
+        )
+    return rows, clean_rows
+
+
+def table(rows: list[dict], clean_rows: list[dict]) -> str:
+    out = [
+        f"Faults start at step {FORK} of a {STEPS}-step schedule; delay = detection step - {FORK}; "
+        "growth = the target's max|h| at detection over its median of the 10 fed steps before "
+        "the fault; weights = its parameter norm at detection over the last one before.",
+        "",
+        "| preset | fault | target | caught | delay (steps) | growth of max\\|h\\| at detection "
+        "| weight-norm growth | rule | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['preset']} | {r['fault']} | {r['target']} | {r['caught']} | {r['delay']} | "
+            f"{r['growth']} | {r['weights']} | {r['rule']} | {r['notes']} |"
+        )
+    out += [
+        "",
+        "| preset | clean runs | blow-up events | clamp decisions | false blow-up/clamp events "
+        "per 1,000 clean steps | warnings per 1,000 clean steps | warnings |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in clean_rows:
+        out.append(
+            f"| {c['preset']} | {c['runs']} | {c['blowup']} | {c['clamps']} | {c['per_1000']:.2f} | "
+            f"{c['warnings_per_1000']:.2f} | {c['warnings']} |"
+        )
+    out += ["", "Warnings on clean runs (kind@step site):", ""]
+    out += [f"- {c['preset']}: {c['where'] or 'none'}" for c in clean_rows]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import logging
+    import platform
+    import time
+
+    from benchmarks.detection_runs import CACHE
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--demo-seeds", default="0-7", help="clean demo runs (300 steps each)")
+    ap.add_argument("--tiny-seeds", default="0-3", help="clean tiny runs (300 steps each)")
+    ap.add_argument("--fault-seeds", default="0-1", help="seeds of every fault case")
+    ap.add_argument("--cache", default=str(CACHE), help="recorded runs (recorded when missing)")
+    ap.add_argument("--out", help="also write the table here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("model.train", "collector", "stepwatch", "analytics"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    t0 = time.time()
+    faults = _seeds(args.fault_seeds)
+    rows, clean_rows = sweep(
+        {"demo": (_seeds(args.demo_seeds), faults), "tiny": (_seeds(args.tiny_seeds), faults)},
+        args.cache,
+    )
+    text = table(rows, clean_rows)
+    head = (
+        f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.processor() or platform.machine()}, "
+        f"{__import__('os').cpu_count()} CPUs, Python {platform.python_version()}; replay of "
+        f"the recorded runs took {time.time() - t0:.0f} s"
+    )
+    print(head + "\n\n" + text)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(head + "\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -174,9 +174,28 @@ def test_report_cli_and_unknown_run(stored, tmp_path):
     )
     assert ev.returncode == 0, ev.stderr
     lines = ev.stdout.splitlines()
-    assert lines[0] == "step,kind,site,value,threshold,severity,onset_step,detail"
+    assert lines[0] == (
+        "step,kind,site,value,threshold,severity,onset_step,confidence,decision,incident,detail"
+    )
     with open_store(url) as st:
-        assert len(lines) - 1 == len(detect_offline(st, "faulty"))
+        events = detect_offline(st, "faulty")
+    assert len(lines) - 1 == len(events)
+    assert {line.split(",")[8] for line in lines[1:]} == {e.decision for e in events}
+    inc = subprocess.run(
+        [sys.executable, "-m", "analytics", "events", "--store", url, "--run", "faulty"]
+        + ["--incidents"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert inc.returncode == 0, inc.stderr
+    rows = inc.stdout.splitlines()
+    assert rows[0].startswith("incident,origin_kind,origin_site,layer,expert,began,detected")
+    # headline first: the blow-up of layer 2 (with the NaN that followed), then the death
+    assert rows[1].split(",")[1:3] == ["blowup", "moe/layer02/expert003"]
+    assert rows[2].split(",")[1:3] == ["expert_death", "moe/layer01/expert006"]
+    assert len(rows) == 3
     bad = subprocess.run(
         [
             sys.executable,
