@@ -209,4 +209,3 @@ class RankVectors(Mapping):
 
     def __len__(self) -> int:
         return len(self._ranks)
-
