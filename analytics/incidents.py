@@ -4,14 +4,16 @@ One anomaly shows up in many places: a blowing-up expert raises a blow-up event,
 max|h| spike, a gradient spike, a loss spike, perhaps a NaN. `Linker` puts an event into an
 existing incident when both
 
-  site  it is the same site or the same layer, and the event's onset is at most `gap` steps
-        after the incident's latest step (a death found 200 steps after it began still joins
-        the incident of its layer it overlaps); or
+  site  it is the same site or the same layer, and the event began within `gap` steps of the
+        incident (from `gap` before its first evidence to `gap` after its latest step): an
+        expert of that layer starved since step 11 and reported at step 210 is a condition of
+        its own, not part of a blow-up there at step 150; or
   time  the event is run-wide (loss, gradient norm, learning rate: `Event.is_global`), or the
         incident's origin is (a learning-rate change and what follows it anywhere in the
-        model), and the event was raised within `gap` steps of the incident's latest step,
-        having begun no more than `gap` steps before the incident did - a run-wide event joins
-        the most related incident, it never merges two;
+        model), and the event began within `gap` steps of the incident's evidence (from `gap`
+        before its first onset - ONSET_SLACK for what follows a run-wide cause - to `gap` after
+        its latest onset: a gradient spike 70 steps after an expert began to starve is not its
+        consequence) - a run-wide event joins the most related incident, it never merges two;
 
 otherwise the event opens a new incident. Unrelated anomalies (a starved expert of layer 7
 since step 6, a blow-up in layer 8 at step 150) stay apart. An incident's origin is its
@@ -54,6 +56,7 @@ class _Open:
     first: int
     last: int
     wide: bool  # its origin is run-wide
+    last_onset: int = -1
     layers: list[int] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
     origin: tuple = ()  # origin_key of its earliest evidence
@@ -76,9 +79,11 @@ class Linker:
 
         def fits(o: _Open) -> bool:
             if e.site in o.sites or (e.layer >= 0 and e.layer in o.layers):
-                return e.onset_step <= o.last + g
-            if e.is_global or o.wide:
-                return abs(e.step - o.last) <= g and e.onset_step >= o.first - g
+                return o.first - g <= e.onset_step <= o.last + g
+            if e.is_global:
+                return o.first - g <= e.onset_step <= o.last_onset + g
+            if o.wide:  # a consequence of a run-wide cause begins after it
+                return o.first - ONSET_SLACK <= e.onset_step <= o.last_onset + g
             return False
 
         near = [o for o in self._open if fits(o)]
@@ -91,6 +96,7 @@ class Linker:
         if origin_key(e) < best.origin:
             best.origin, best.wide = origin_key(e), e.is_global
         best.first = min(best.first, e.onset_step)
+        best.last_onset = max(best.last_onset, e.onset_step)
         best.last = max(best.last, e.step)
         if e.layer >= 0 and e.layer not in best.layers:
             best.layers.append(e.layer)
@@ -103,7 +109,8 @@ class Linker:
         return {
             "next": self._next,
             "open": [
-                [o.id, o.first, o.last, o.wide, list(o.layers), list(o.sites), list(o.origin)]
+                [o.id, o.first, o.last, o.wide, o.last_onset, list(o.layers), list(o.sites)]
+                + [list(o.origin)]
                 for o in self._open
             ],
         }
@@ -111,8 +118,8 @@ class Linker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._next = int(state["next"])
         self._open = [
-            _Open(int(i), int(f), int(t), bool(w), list(ls), list(ss), _key(k))
-            for i, f, t, w, ls, ss, k in state["open"]
+            _Open(int(i), int(f), int(t), bool(w), int(lo), list(ls), list(ss), _key(k))
+            for i, f, t, w, lo, ls, ss, k in state["open"]
         ]
 
 
@@ -151,6 +158,7 @@ class Incident:
             "blowup": "activation growth",
             "maxabs_spike": "activation spike",
             "expert_death": "expert death",
+            "expert_starved": "expert starvation",
             "nonfinite": "non-finite values",
             "loss_spike": "loss spike",
             "grad_spike": "gradient spike",

@@ -15,6 +15,7 @@ from analytics.events import (
     BLOWUP_RECOVERED,
     CLAMP,
     EXPERT_DEATH,
+    EXPERT_STARVED,
     GRAD_SPIKE,
     INFO,
     LOSS_SPIKE,
@@ -93,6 +94,8 @@ def test_growth_after_a_learning_rate_change_never_clamps():
 def test_a_blowup_and_its_consequences_are_one_incident_unrelated_ones_stay_apart():
     events = [
         ev(EXPERT_DEATH, 200, "moe/layer07/expert003", onset=6, expert=3),  # since step 6
+        # starved since step 11 in the blow-up's layer, reported after it: a condition apart
+        ev(EXPERT_STARVED, 210, "moe/layer08/expert004", onset=11, expert=4),
         ev(GRAD_SPIKE, 25, "grad/global_norm"),  # early noise, far from everything
         growth(160, "moe/layer08/expert001", onset=151),
         ev(MAXABS_SPIKE, 163, "moe/layer08/expert001", onset=155, clip_site="routed", expert=1),
@@ -102,7 +105,7 @@ def test_a_blowup_and_its_consequences_are_one_incident_unrelated_ones_stay_apar
     ]
     out = decide(sorted(events, key=lambda e: e.step))
     incidents = summarize(out)
-    assert len(incidents) == 3
+    assert len(incidents) == 4
     head = incidents[0]  # critical (the NaN), and it moved a clamp: the headline
     assert head.origin.site == "moe/layer08/expert001" and head.origin.onset_step == 151
     assert head.severity == "critical" and head.clamped and head.cause == "activation growth"
@@ -114,7 +117,8 @@ def test_a_blowup_and_its_consequences_are_one_incident_unrelated_ones_stay_apar
         NONFINITE,
     }
     others = {i.origin.kind: i for i in incidents[1:]}
-    assert set(others) == {EXPERT_DEATH, GRAD_SPIKE}
+    assert set(others) == {EXPERT_DEATH, EXPERT_STARVED, GRAD_SPIKE}
+    assert others[EXPERT_STARVED].first_step == 11 and len(others[EXPERT_STARVED].events) == 1
     assert others[EXPERT_DEATH].first_step == 6 and len(others[EXPERT_DEATH].events) == 1
     assert others[GRAD_SPIKE].first_step == 25
     d = head.to_dict()
