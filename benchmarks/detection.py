@@ -1,8 +1,30 @@
 """Detection benchmark: recall, delay and growth at detection per fault, false events on clean runs.
 
     python -m benchmarks.detection [--demo-seeds 0-7] [--tiny-seeds 0-3] [--fault-seeds 0-1]
+                                   [--cache runs/detection-cache] [--out FILE]
 
-CASES
+Every case is a recorded training run (benchmarks/detection_runs.py: model/ with a hooks
+Monitor streaming to a real collector, recorded once into the cache, ~1.5 CPU-hours for the
+default seeds on 2 cores, then minutes) replayed through the default DetectorSet and its
+decision layer, frame by frame as the collector builds them. Per (preset, seed):
+
+  clean            300 steps, no fault: every blow-up event and clamp decision is a false one,
+                   every other warning is listed with its step and site
+  blowup xR TGT    from step 100, W_up of the target x R per step (R = 1.2, 1.1, 1.05), the
+                   target chosen from the token shares of steps 90-99: "fed" (a normally fed
+                   expert of the deepest MoE layer), "middle" (of a middle layer), "low" (fed
+                   below 0.25 of the uniform share, but fed), "starved" (no token on most of
+                   those steps); caught = a clamp decision on the target itself
+  ... fed @105     the same at x1.2 / x1.05 from step 105, half a parameter-norm period later
+  dead-expert      the "middle" target killed (router offset, weights x0.5 per step)
+  lr-spike         the learning rate x30 for 5 steps: caught = an lr_change and no clamp at all
+  nan              a NaN inside the "fed" target for one step (site=hidden): caught = the event
+                   names that expert (and its rank)
+
+The table: caught/seeds, delay (detection step - fault step), growth of the target's max|h|
+at detection (over its median of the 10 fed steps before the fault) and of its parameter norm
+(over the last measurement before), the rule that fired; then per preset the false blow-up /
+clamp events and all warnings per 1,000 clean steps.
 """
 
 from __future__ import annotations
@@ -19,6 +41,7 @@ RATES = (1.2, 1.1, 1.05)
 BLOWUP_STEPS = 50  # steps recorded after the fault starts
 FAULT_STEPS = {"dead-expert": 60, "lr-spike": 50, "nan": 10}
 SHARE_WINDOW = 10  # prefix steps whose token shares pick the targets
+MID_PERIOD = 5  # a second fault start, between two parameter-norm measurements (K = 10)
 
 
 @dataclass(frozen=True)
@@ -32,6 +55,7 @@ class Case:
     target: str = ""  # "fed", "middle", "low", "starved"
     rate: float = 0.0
     share: float = float("nan")  # the target's mean token share before the fault
+    at: int = FORK  # the step the fault starts
 
 
 def shares(pre: Recording) -> tuple[list[int], np.ndarray]:
@@ -94,6 +118,24 @@ def cases_for(rec, preset: str, seed: int, clean_only: bool = False) -> list[Cas
                     share,
                 )
             )
+    # the same fault half a parameter-norm period later: what the measurement phase costs
+    layer, expert, share = tg["fed"]
+    for rate in (RATES[0], RATES[-1]):
+        at = FORK + MID_PERIOD
+        out.append(
+            Case(
+                f"blowup-x{rate}-fed-at{at}",
+                "blowup",
+                (f"blowup@{at}:layer={layer},expert={expert},factor={rate}",),
+                at + BLOWUP_STEPS,
+                layer,
+                expert,
+                "fed, mid-period",
+                rate,
+                share,
+                at,
+            )
+        )
     layer, expert, share = tg["middle"]
     out.append(
         Case(
@@ -140,7 +182,7 @@ def judge_fault(case: Case, rec: Recording, events: list[Event]) -> dict:
     """What a faulted run shows: the first clamp decision on the target (or, for the other
     faults, the event that names them) with its delay and the growth it allowed."""
     out: dict = {"caught": False, "delay": None, "growth": None, "weights": None, "note": ""}
-    after = [e for e in events if e.step >= FORK]
+    after = [e for e in events if e.step >= case.at]
     if case.kind == "blowup":
         site = f"moe/layer{case.layer:02d}/expert{case.expert:03d}"
         hit = next((e for e in after if e.kind == BLOWUP and e.site == site), None)
@@ -151,14 +193,14 @@ def judge_fault(case: Case, rec: Recording, events: list[Event]) -> dict:
         x = rec.column(f"{site}/act_maxabs")
         fed = rec.column(f"{site}/tokens") > 0
         x = np.where(fed, x, np.nan)
-        base = _median_before(x, steps, FORK)
+        base = _median_before(x, steps, case.at)
         now = x[(steps <= hit.step) & np.isfinite(x)]
         p = rec.column(f"params/{site[len('moe/') :]}/fro_norm")
-        p_before = p[(steps < FORK) & np.isfinite(p)]
+        p_before = p[(steps < case.at) & np.isfinite(p)]
         p_now = p[(steps <= hit.step) & np.isfinite(p)]
         return {
             "caught": hit.decision == CLAMP,
-            "delay": hit.step - FORK,
+            "delay": hit.step - case.at,
             "growth": float(now[-1] / base) if now.size and base > 0 else None,
             "weights": float(p_now[-1] / p_before[-1]) if p_before.size else None,
             "rule": hit.detail.get("rule"),
@@ -178,7 +220,7 @@ def judge_fault(case: Case, rec: Recording, events: list[Event]) -> dict:
     return {
         **out,
         "caught": named and not clamps,
-        "delay": hit.step - FORK,
+        "delay": hit.step - case.at,
         "decision": hit.decision,
         "note": f"{hit.site} expert {hit.expert} ranks {hit.detail.get('ranks')}"
         if case.kind == "nan"
@@ -243,7 +285,7 @@ def sweep(presets: dict[str, tuple[list[int], list[int]]], cache) -> tuple[list[
                             }
                         )
                         continue
-                    key = (preset, case.kind, case.target, case.rate)
+                    key = (preset, case.kind, case.target, case.rate, case.at)
                     faults.setdefault(key, []).append(
                         {
                             **judge_fault(case, rec, events),
@@ -256,11 +298,11 @@ def sweep(presets: dict[str, tuple[list[int], list[int]]], cache) -> tuple[list[
         if recorder[0] is not None:
             recorder[0].close()
     rows = []
-    for (preset, kind, target, rate), rs in faults.items():
+    for (preset, kind, target, rate, at), rs in faults.items():
         rows.append(
             {
                 "preset": preset,
-                "fault": f"{kind} x{rate}" if kind == "blowup" else kind,
+                "fault": (f"{kind} x{rate}" if kind == "blowup" else kind) + f" @{at}",
                 "target": f"{target} (share {_range([r['share'] for r in rs], '{:.2f}')})"
                 if target
                 else "-",
@@ -309,7 +351,9 @@ def sweep(presets: dict[str, tuple[list[int], list[int]]], cache) -> tuple[list[
 
 def table(rows: list[dict], clean_rows: list[dict]) -> str:
     out = [
-        f"Faults start at step {FORK} of a {STEPS}-step schedule; delay = detection step - {FORK}; "
+        f"Faults start at step {FORK} (@{FORK}, a parameter-norm measurement step: the worst "
+        f"phase for the weights rule) or {FORK + MID_PERIOD} of a {STEPS}-step schedule; "
+        "delay = detection step - fault step; "
         "growth = the target's max|h| at detection over its median of the 10 fed steps before "
         "the fault; weights = its parameter norm at detection over the last one before.",
         "",

@@ -11,6 +11,8 @@ of that ratio over its own last `window` fed steps (a robust baseline: a few out
 move it). The site is in alarm when the ratio reaches `factor` x baseline; experts fed less
 than `min_share` of the uniform share are not judged (a handful of tokens gives a noisy max).
 Shared experts see every token: their raw max|h| against its own median, `shared_factor`.
+Its events are transient evidence (`sustained=False`): the decision layer makes them warnings;
+sustained growth is ExpertBlowup's (blowup.py) to report.
 
 Why `factor` = 12: over nine clean runs (tiny: 3 seeds x 150 steps; demo: 3 seeds x 100 and
 3 x 60 steps) the statistic reached 8.4 at most - experts of young models do grow 8x against
@@ -170,6 +172,16 @@ class MaxAbsSpike(Detector):
                     factor=limit[r, c],
                     baseline_maxabs=own,
                     layer_baseline_maxabs=base_sh[r] if shared else layer_base,
+                    sustained=False,  # one step above the baseline: a transient until more says
+                    confidence=1.0,
+                    evidence=[
+                        {
+                            "channel": "act_maxabs",
+                            "value": ratio[r, c],
+                            "reference": limit[r, c],
+                            "agrees": True,
+                        }
+                    ],
                 )
             )
         for r, c in zip(*np.nonzero(done)):
