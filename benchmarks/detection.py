@@ -382,6 +382,14 @@ def table(rows: list[dict], clean_rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return ""
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import logging
@@ -408,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     text = table(rows, clean_rows)
     head = (
-        f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.processor() or platform.machine()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')} on {_cpu() or platform.machine()}, "
         f"{__import__('os').cpu_count()} CPUs, Python {platform.python_version()}; replay of "
         f"the recorded runs took {time.time() - t0:.0f} s"
     )

@@ -24,6 +24,8 @@ EVENT_COLUMNS = {
     "threshold": pl.Float64,
     "onset_step": pl.Int64,
     "detail": pl.Utf8,
+    "decision": pl.Utf8,  # from detail: what the decision layer made of the event
+    "incident": pl.Int64,  # from detail: the incident it belongs to (-1: none recorded)
 }
 CLIP_COLUMNS = {
     "version": pl.Int64,

@@ -107,5 +107,6 @@ class DetectorSet:
             raise ValueError(f"state lacks detectors {sorted(missing)}")
         for name, det in self.detectors.items():
             det.load_state_dict(state["detectors"][name])
-        self.decider.load_state_dict(state["decider"])
+        if "decider" in state:  # a state saved before the decision layer existed
+            self.decider.load_state_dict(state["decider"])
         self.last_step = int(state["last_step"])
