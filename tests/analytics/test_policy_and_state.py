@@ -189,3 +189,36 @@ def test_weights_still_growing_under_the_clamp_block_relaxation():
     assert d.limit == math.inf
     state = p.state_dict()
     assert "norm_ref" in state
+
+
+def test_binding_is_judged_on_the_experts_that_triggered_the_clamp():
+    """The issue's clean run whose clamp never relaxed: the layer's healthy experts sit at about
+    half the clamp's bound for good. Only the expert that triggered it is read, so once it is
+    calm the clamp relaxes; while it sits at the bound, it does not."""
+    import numpy as np
+
+    from analytics.clip_policy import site_readings
+    from analytics.frame import StepFrame
+    from tests.analytics.synthetic import make_index
+
+    index = make_index()
+
+    def frame(step, trigger_maxabs):
+        names = [f"moe/layer02/expert{e:03d}/act_maxabs" for e in range(8)]
+        vals = [trigger_maxabs if e == 1 else 0.6 * bound for e in range(8)]  # healthy: half
+        ids = np.array([index.find(n) for n in names])
+        return StepFrame.from_rows("r", step, ids, np.array(vals), index.size)
+
+    p = ClipPolicy(relax_after=20)
+    (d,) = p.step(10, [trigger(10, layer=2, name="moe/layer02/expert001")])
+    bound = d.limit**2
+    assert p.watched() == {(2, "routed"): ["moe/layer02/expert001"]}
+    p.step(12, [recovered(12, layer=2, name="moe/layer02/expert001")])
+    for s in range(13, 60):  # the trigger held at the bound: never relaxed
+        held, norms = site_readings(frame(s, 0.95 * bound), index, p.watched())
+        assert held == {(2, "routed"): pytest.approx(0.95 * bound)} and norms == {}
+        assert p.step(s, [], held, norms) == [], f"relaxed at {s} while binding"
+    relaxed = []
+    for s in range(60, 100):  # the trigger calm, its layer's healthy experts still at 0.6
+        relaxed += p.step(s, [], *site_readings(frame(s, 0.1 * bound), index, p.watched()))
+    assert [(d.step, d.limit) for d in relaxed] == [(79, math.inf)]  # 20 calm steps after 59
