@@ -129,7 +129,7 @@ class ClipPolicy:
                 continue
             if ev.decision == CLAMP:
                 alarms = self._alarms.setdefault(key, [])
-                tag = f"{ev.kind} {ev.site}"
+                tag = f"{ev.detail.get('detector', ev.kind)} {ev.site}"  # whose alarm
                 known = ev.site in self._triggers.get(key, [])  # this clamp answered it
                 if tag not in alarms:
                     alarms.append(tag)

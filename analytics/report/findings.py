@@ -214,7 +214,7 @@ def blowups(d: RunData) -> list[dict]:
                     if r.kind == BLOWUP_RECOVERED
                     and r.site == e.site
                     and r.step > e.step
-                    and r.detail.get("of") == e.kind
+                    and r.detail.get("of") == e.detail.get("detector", e.kind)
                 ),
                 None,
             ),

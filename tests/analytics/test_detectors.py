@@ -19,6 +19,7 @@ from analytics.detectors import (
 )
 from analytics.events import (
     ATTN_LOGIT,
+    BLOWUP,
     BLOWUP_RECOVERED,
     EXPERT_DEATH,
     EXPERT_REVIVAL,
@@ -149,7 +150,10 @@ def test_maxabs_spike_names_the_site_with_onset_and_baselines(syn):
     syn.faults.append(blowup(2, 6, start=50, rate=1.25))
     det = MaxAbsSpike()
     events = run_detector(det, syn, range(75))
-    (ev,) = events
+    ev, held = events  # the spike, and two steps later: still there, sustained
+    assert (held.kind, held.step, held.site) == (BLOWUP, ev.step + 2, ev.site)
+    assert held.detail["sustained"] and held.detail["rule"] == "maxabs"
+    assert held.onset_step == ev.onset_step and not ev.detail["sustained"]
     assert ev.kind == MAXABS_SPIKE and ev.site == "moe/layer02/expert006"
     assert ev.detail["clip_site"] == "routed" and ev.layer == 2
     # 1.25^k reaches factor 12 at k ~ 11.1: the floor set by the threshold
@@ -158,17 +162,23 @@ def test_maxabs_spike_names_the_site_with_onset_and_baselines(syn):
     assert 2.0 < base < 6.0 and 2.0 < ev.detail["baseline_maxabs"] < 6.0  # ~4 x 0.8
 
 
-def test_maxabs_recovers_when_the_site_returns_to_its_baseline(syn):
+@pytest.mark.parametrize("steps,sustained", [(2, False), (5, True)])
+def test_maxabs_recovers_when_the_site_returns_to_its_baseline(steps, sustained):
+    """A 2-step transient warns and recovers; held for 5 steps it is sustained (one blow-up
+    event at its third step) before it recovers."""
+    syn = SyntheticRun(seed=0)
+
     def transient(step, v):
-        if 40 <= step < 45:
+        if 40 <= step < 40 + steps:
             v["moe/layer01/expert002/act_maxabs"] *= 30
 
     syn.faults.append(transient)
     events = run_detector(MaxAbsSpike(), syn, range(80))
-    assert [(e.kind, e.step, e.site) for e in events] == [
-        (MAXABS_SPIKE, 40, "moe/layer01/expert002"),
-        (BLOWUP_RECOVERED, 54, "moe/layer01/expert002"),
-    ]
+    site = "moe/layer01/expert002"
+    assert [(e.kind, e.step, e.site) for e in events] == [(MAXABS_SPIKE, 40, site)] + (
+        [(BLOWUP, 42, site)] if sustained else []
+    ) + [(BLOWUP_RECOVERED, 40 + steps - 1 + 10, site)]
+    assert events[-1].detail["of"] == MAXABS_SPIKE
 
 
 def test_shared_expert_spike(syn):
@@ -177,8 +187,9 @@ def test_shared_expert_spike(syn):
             v["moe/layer01/shared/act_maxabs"] *= 40
 
     syn.faults.append(shared)
-    (ev,) = run_detector(MaxAbsSpike(), syn, range(40))
-    assert ev.site == "moe/layer01/shared" and ev.detail["clip_site"] == "shared"
+    ev, held = run_detector(MaxAbsSpike(), syn, range(40))
+    assert ev.site == held.site == "moe/layer01/shared" and ev.detail["clip_site"] == "shared"
+    assert (ev.kind, held.kind, held.step) == (MAXABS_SPIKE, BLOWUP, ev.step + 2)
 
 
 # ---- configuration -------------------------------------------------------------------------
