@@ -5,7 +5,9 @@
     frame.py         StepFrame: one reduced step (+ lazy per-rank values)
     rolling.py       rolling windows for robust baselines
     detectors/       one small stateful dataclass per detector; DetectorSet runs them all
-    clip_policy.py   events -> SwiGLU clamp settings (and their relaxation)
+    decisions.py     the decision layer: which events may move a clamp (clamp / warn / info)
+    incidents.py     events linked by site and time into incidents, each with its origin
+    clip_policy.py   clamp decisions -> SwiGLU clamp settings (and their relaxation)
     offline.py       the detectors over a stored run (same events as online)
     report/          `python -m analytics report`: self-contained HTML + JSON findings
 

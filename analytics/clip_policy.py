@@ -1,4 +1,4 @@
-"""ClipPolicy: turns blow-up and spike events into SwiGLU clamp settings, and relaxes them.
+"""ClipPolicy: turns clamp decisions into SwiGLU clamp settings, and relaxes them.
 
 The remedy of Step 3.5 Flash (StepFun, 2026, section 4.1 and appendix B) for localized
 activation blow-ups is activation clipping inside the expert SwiGLU:
@@ -15,18 +15,23 @@ layer's experts (detectors report it as `layer_baseline_maxabs`),
 
 Healthy experts of the layer are thus left (almost) alone while the blown-up one is held
 below margin x its layer's healthy maximum. A site is one (layer, "routed"|"shared") clamp.
+The policy acts only on events the decision layer marked `clamp` (analytics/decisions.py:
+sustained, localized activation growth that no learning-rate change explains); everything
+else only warns.
 
 Relaxing: when every site that triggered a clamp has recovered (a `blowup_recovered` event)
 and `relax_after` more steps pass without a new trigger, the clamp is switched off (limit
 inf). A clamp that is still binding is not relaxed: "recovered" under a clamp can mean only that
 the clamp is doing its job while the weights underneath keep growing (the injected blow-up of
 model/ does exactly that), and switching it off then releases the whole growth at once. So while
-the site's max|h| (after the clamp) is at least `binding_fraction` of the bound L^2, the calm
-window restarts (the caller passes that max as `site_maxabs`). A clamp on `up` alone does not
-show in max|h| (silu(gate) x L stays small while W_up keeps growing), so the weights are watched
-too: when the largest expert parameter norm of the site (`site_param_norm`, measured every K
-steps) has grown by more than `param_growth` since the calm window (re)started, it restarts
-again. A site that blows up again is
+the max|h| (after the clamp) of the experts that triggered it is at least `binding_fraction` of
+the bound L^2, the calm window restarts (the caller passes it as `site_maxabs`, see
+`site_readings`). Only those experts count: the layer's healthy experts may well sit at half the
+bound for good (L^2 = margin x their maximum), and a clamp that no longer holds anything back
+must relax. A clamp on `up` alone does not show in max|h| (silu(gate) x L stays small while W_up
+keeps growing), so the weights are watched too: when the largest parameter norm of those experts
+(`site_param_norm`, measured every K steps) has grown by more than `param_growth` since the calm
+window (re)started, it restarts again. A site that blows up again is
 clamped again. While a clamp is in force, a trigger from a
 site it already answered is ignored (two detectors see one blow-up); a trigger from another
 expert of the same layer halves the limit (down to the floor). Operators may freeze a site
@@ -41,7 +46,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from analytics.events import BLOWUP_RECOVERED, CLIP_TRIGGERS, Event
+import numpy as np
+
+from analytics.catalog import MetricIndex
+from analytics.events import BLOWUP_RECOVERED, CLAMP, Event
+from analytics.frame import StepFrame
 
 SITES = ("routed", "shared")
 Key = tuple[int, str]
@@ -78,6 +87,7 @@ class ClipPolicy:
 
     _limits: dict[Key, float] = field(default_factory=dict, repr=False)
     _alarms: dict[Key, list[str]] = field(default_factory=dict, repr=False)
+    _triggers: dict[Key, list[str]] = field(default_factory=dict, repr=False)  # of the clamp
     _calm_since: dict[Key, int] = field(default_factory=dict, repr=False)
     _frozen: set[Key] = field(default_factory=set, repr=False)
     _norm_ref: dict[Key, float] = field(default_factory=dict, repr=False)
@@ -117,14 +127,18 @@ class ClipPolicy:
             key = _key(ev)
             if key is None:
                 continue
-            if ev.kind in CLIP_TRIGGERS:
+            if ev.decision == CLAMP:
                 alarms = self._alarms.setdefault(key, [])
-                known = ev.site in alarms  # a second detector on the same site
-                if not known:
-                    alarms.append(ev.site)
+                tag = f"{ev.detail.get('detector', ev.kind)} {ev.site}"  # whose alarm
+                known = ev.site in self._triggers.get(key, [])  # this clamp answered it
+                if tag not in alarms:
+                    alarms.append(tag)
                 self._calm_since.pop(key, None)
                 if key in self._frozen or key in out:
                     continue
+                triggers = self._triggers.setdefault(key, [])
+                if ev.site not in triggers:
+                    triggers.append(ev.site)
                 want = self.limit_for(ev)
                 current = self._limits.get(key, math.inf)
                 if current < math.inf:
@@ -137,11 +151,12 @@ class ClipPolicy:
                         key[0], key[1], want, step, f"{ev.kind}@{ev.step} {ev.site}", ev
                     )
             elif ev.kind == BLOWUP_RECOVERED and key in self._alarms:
-                alarms = self._alarms[key]
-                if ev.site in alarms:
-                    alarms.remove(ev.site)
-                if not alarms:
-                    self._calm_since[key] = step
+                alarms = self._alarms[key]  # the end of the alarm that triggered, not another
+                tag = f"{ev.detail.get('of', '')} {ev.site}"
+                if tag in alarms:
+                    alarms.remove(tag)
+                    if not alarms:
+                        self._calm_since[key] = step
         for key, d in out.items():
             self._limits[key] = d.limit
         for key, m in (site_maxabs or {}).items():
@@ -166,6 +181,7 @@ class ClipPolicy:
                 del self._calm_since[key]
                 self._norm_ref.pop(key, None)
                 self._alarms.pop(key, None)
+                self._triggers.pop(key, None)
                 if key in self._limits and key not in self._frozen:
                     del self._limits[key]
                     out[key] = ClipDecision(
@@ -200,11 +216,17 @@ class ClipPolicy:
         self._limits.pop(key, None)
         self._frozen.discard(key)
         self._alarms.pop(key, None)
+        self._triggers.pop(key, None)
         self._calm_since.pop(key, None)
 
     def clamped(self) -> list[Key]:
         """Sites with a clamp in force: the ones whose max|h| `step()` wants to hear about."""
         return sorted(k for k, v in self._limits.items() if v < math.inf)
+
+    def watched(self) -> dict[Key, list[str]]:
+        """Clamped sites -> the expert sites whose readings tell whether the clamp still binds:
+        the ones that triggered it (a clamp an operator set: every expert of the layer)."""
+        return {k: list(self._triggers.get(k, [])) for k in self.clamped()}
 
     @property
     def frozen(self) -> list[Key]:
@@ -221,6 +243,7 @@ class ClipPolicy:
             "calm_since": [[l, s, v] for (l, s), v in sorted(self._calm_since.items())],
             "frozen": [list(k) for k in sorted(self._frozen)],
             "norm_ref": [[l, s, v] for (l, s), v in sorted(self._norm_ref.items())],
+            "triggers": [[l, s, list(v)] for (l, s), v in sorted(self._triggers.items())],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -229,6 +252,7 @@ class ClipPolicy:
         self._calm_since = {(int(l), s): int(v) for l, s, v in state["calm_since"]}
         self._frozen = {(int(l), s) for l, s in state["frozen"]}
         self._norm_ref = {(int(l), s): float(v) for l, s, v in state.get("norm_ref", [])}
+        self._triggers = {(int(l), s): list(v) for l, s, v in state.get("triggers", [])}
 
 
 def _key(ev: Event) -> Key | None:
@@ -245,3 +269,25 @@ def _check(layer: int, site: str) -> Key:
     if site not in SITES:
         raise ValueError(f"clip site must be one of {SITES}, got {site!r}")
     return (layer, site)
+
+
+def site_readings(
+    frame: StepFrame, index: MetricIndex, watched: Mapping[Key, list[str]]
+) -> tuple[dict[Key, float], dict[Key, float]]:
+    """This step's (max|h|, largest parameter norm) of the experts that triggered each clamped
+    site (`ClipPolicy.watched()`), what `step()` takes as site_maxabs / site_param_norm. NaN
+    propagates (a non-finite max|h| counts as binding); a reading not measured this step
+    (parameter norms: every K steps) is left out."""
+    maxabs: dict[Key, float] = {}
+    norms: dict[Key, float] = {}
+    for key, sites in watched.items():
+        for out, names in (
+            (maxabs, [f"{s}/act_maxabs" for s in sites]),
+            (norms, [f"params/{s[len('moe/') :]}/fro_norm" for s in sites if "/expert" in s]),
+        ):
+            ids = np.array([index.find(n) for n in names], np.int64)
+            ids = ids[(ids >= 0) & (ids < frame.size)]
+            ids = ids[frame.present[ids]]
+            if ids.size:
+                out[key] = float(np.max(frame.take(ids)))
+    return maxabs, norms

@@ -7,6 +7,12 @@ difference is the detection delay in steps). `detail` holds labels and evidence 
 values. Events compare by value, so the online and offline runs of a detector can be checked
 for equality with `==`.
 
+Every event also carries how sure its detector is and why: `confidence` (0..1, the share of the
+evidence channels the detector could read that agree; detail["confidence"]) and `evidence`
+(detail["evidence"]: one {"channel", "value", "reference", "agrees"} entry per channel). The
+decision layer (analytics/decisions.py) adds what was made of it: detail["decision"] (one of
+DECISIONS) with its reason, and detail["incident"], the incident the event belongs to.
+
 Stored as store.EventRecord rows (detail as JSON text): `to_records` / `from_frame`.
 """
 
@@ -25,11 +31,13 @@ NONFINITE = "nonfinite"  # any NaN/inf value: critical, immediate
 LOSS_SPIKE = "loss_spike"  # train/loss >= 7 sigma above its rolling trend
 GRAD_SPIKE = "grad_spike"  # grad/global_norm likewise (in log space)
 ATTN_LOGIT = "attn_logit_growth"  # a head's max logit above tau
-EXPERT_DEATH = "expert_death"  # starved (share/RMS low) for the window
+EXPERT_DEATH = "expert_death"  # starved, and its parameters decayed
+EXPERT_STARVED = "expert_starved"  # starved for the long window, parameters intact
 EXPERT_REVIVAL = "expert_revival"  # a dead expert is fed again
-BLOWUP = "blowup"  # a layer's max/median expert output norm ratio
+BLOWUP = "blowup"  # one expert's sustained growth (weights and/or activations)
 MAXABS_SPIKE = "maxabs_spike"  # one site's max |activation| vs its rolling baseline
 BLOWUP_RECOVERED = "blowup_recovered"  # a blown-up site back within its baseline
+LR_CHANGE = "lr_change"  # the learning rate jumped: a cause, not a symptom
 
 KINDS = (
     NONFINITE,
@@ -37,12 +45,21 @@ KINDS = (
     GRAD_SPIKE,
     ATTN_LOGIT,
     EXPERT_DEATH,
+    EXPERT_STARVED,
     EXPERT_REVIVAL,
     BLOWUP,
     MAXABS_SPIKE,
     BLOWUP_RECOVERED,
+    LR_CHANGE,
 )
-CLIP_TRIGGERS = (BLOWUP, MAXABS_SPIKE)  # what the clip policy acts on
+GROWTH_KINDS = (BLOWUP, MAXABS_SPIKE)  # activation-growth evidence (what a clamp can answer)
+GLOBAL_SITES = ("train/", "grad/global_norm", "optim/")  # site prefixes of run-wide scalars
+
+# what the decision layer made of an event (detail["decision"])
+CLAMP = "clamp"  # sustained, localized activation growth: the clip policy acts on it
+WARN = "warn"  # an anomaly worth a look; nothing is changed
+INFO = "info"  # an end or a recovery
+DECISIONS = (CLAMP, WARN, INFO)
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,29 @@ class Event:
     @property
     def expert(self) -> int:
         return int(self.detail.get("expert", -1))
+
+    @property
+    def confidence(self) -> float:
+        """How sure the detector is (0..1); 1.0 for detectors with a single certain rule."""
+        return float(self.detail.get("confidence", 1.0))
+
+    @property
+    def evidence(self) -> list[dict[str, Any]]:
+        return list(self.detail.get("evidence", []))
+
+    @property
+    def decision(self) -> str:
+        """What the decision layer made of it; "" before it has seen the event."""
+        return str(self.detail.get("decision", ""))
+
+    @property
+    def incident(self) -> int:
+        return int(self.detail.get("incident", -1))
+
+    @property
+    def is_global(self) -> bool:
+        """A run-wide scalar (loss, gradient norm, learning rate), not one place in the model."""
+        return self.site.startswith(GLOBAL_SITES) and self.layer < 0
 
     def key(self) -> tuple:
         """The store's natural key: one event per (step, kind, site)."""

@@ -6,7 +6,7 @@ DetectorSet.observe); at 6M raw metrics per step the benchmark workload (benchma
 shares the collector's 1 s per step with everything else. This feeds `--steps` steps of that
 workload's reduced values through a default DetectorSet, frame built the way the collector
 builds it (its injected blow-up starts at step 20; its dying expert is starved from ~step 17
-and, with no parameter norms in the workload, declared dead after ExpertDeath's 200-step long
+and, with no parameter norms in the workload, reported starved after ExpertDeath's 200-step long
 window: hence 240 steps), and reports per step:
 
   frame_ms    StepFrame.from_rows over the step's reduced rows (the baseline: touching the

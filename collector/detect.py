@@ -1,14 +1,19 @@
 """Online detection: analytics' detectors on every reduced step, and the clip control loop.
 
     writer thread:  WriteMetrics -> on_metrics   (the run's MetricIndex grows)
-                    WriteStep    -> on_step      (frame -> DetectorSet -> events
+                    WriteStep    -> on_step      (frame -> DetectorSet -> events, each with
+                                                  its decision and incident (decision layer)
                                                   -> store.write_events
-                                                  -> ClipPolicy -> push(...) unless observe-only)
+                                                  -> ClipPolicy (acts on `clamp` decisions)
+                                                  -> push(...) unless observe-only)
 
 The frame is built from the step's reduced rows exactly as analytics/offline.py builds it from
 the store, so online and offline events are the same. Events go to the store on the writer
 thread (the only thread that touches the store) and are flushed with the step's values.
-Clip decisions go to `push` (control.ClipControl.push: versioned, every rank's stream,
+The policy hears, for each clamped site, the max|h| and parameter norm of the experts that
+triggered it (analytics.clip_policy.site_readings), so it relaxes a clamp that no longer binds
+and keeps one over a still-growing expert. Clip decisions go to `push`
+(control.ClipControl.push: versioned, every rank's stream,
 stored with their reason), stamped with the monotonic time the step left the barrier so the
 collector can measure frame-arrival -> update-on-the-wire latency.
 
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analytics.catalog import MetricIndex
-from analytics.clip_policy import ClipPolicy
+from analytics.clip_policy import ClipPolicy, site_readings
 from analytics.detectors import DetectorSet
 from analytics.events import Event, to_records
 from analytics.frame import StepFrame
@@ -101,9 +106,8 @@ class Detect:
         )
         events = rd.detectors.observe(frame, rd.index)
         with self._lock:
-            clamped = rd.policy.clamped()
-        held = _site_max(frame, rd.index, clamped, "moe/", "act_maxabs")
-        norms = _site_max(frame, rd.index, clamped, "params/", "fro_norm")
+            watched = rd.policy.watched()
+        held, norms = site_readings(frame, rd.index, watched)
         if not events:
             with self._lock:
                 decisions = rd.policy.step(step, [], held, norms)
@@ -207,31 +211,3 @@ class RankVectors(Mapping):
 
     def __len__(self) -> int:
         return len(self._ranks)
-
-
-def _site_max(
-    frame: StepFrame, index: MetricIndex, sites: list[tuple[int, str]], prefix: str, stat: str
-) -> dict[tuple[int, str], float]:
-    """This step's max of `prefix*` `stat` over each clamped site: the layer's routed experts,
-    or its shared expert. NaN propagates (a non-finite max|h| counts as binding); a site whose
-    metric was not measured this step (parameter norms: every K steps) is left out."""
-    out: dict[tuple[int, str], float] = {}
-    if not sites:
-        return out
-    row = {layer: r for r, layer in enumerate(index.moe_layers)}
-    for layer, site in sites:
-        r = row.get(layer)
-        if r is None:
-            continue
-        ids = (
-            index.expert_grid(prefix, stat)[r]
-            if site == "routed"
-            else index.shared_ids(stat)[r : r + 1]
-            if prefix == "moe/"
-            else np.empty(0, int)
-        )
-        ids = ids[(ids >= 0) & (ids < frame.size)]
-        ids = ids[frame.present[ids]]
-        if ids.size:
-            out[(layer, site)] = float(np.max(frame.take(ids)))
-    return out

@@ -7,6 +7,7 @@ event and clip-update tables. Heatmap cells live in experts.py.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import polars as pl
@@ -23,6 +24,8 @@ EVENT_COLUMNS = {
     "threshold": pl.Float64,
     "onset_step": pl.Int64,
     "detail": pl.Utf8,
+    "decision": pl.Utf8,  # from detail: what the decision layer made of the event
+    "incident": pl.Int64,  # from detail: the incident it belongs to (-1: none recorded)
 }
 CLIP_COLUMNS = {
     "version": pl.Int64,
@@ -145,7 +148,64 @@ def _conform(df: pl.DataFrame | None, schema: dict) -> pl.DataFrame:
 
 
 def normalize_events(df: pl.DataFrame | None) -> pl.DataFrame:
-    return _conform(df, EVENT_COLUMNS).sort("step", "kind", "site", nulls_last=True)
+    """Stored events, with what the decision layer made of each (decision, incident: from the
+    event's detail; "" / -1 for events stored before it existed)."""
+    df = _conform(df, EVENT_COLUMNS).sort("step", "kind", "site", nulls_last=True)
+    decoded = [_detail(d) for d in df["detail"].to_list()]
+    return df.with_columns(
+        decision=pl.Series([str(d.get("decision", "")) for d in decoded], dtype=pl.Utf8),
+        incident=pl.Series([int(d.get("incident", -1)) for d in decoded], dtype=pl.Int64),
+    )
+
+
+def _detail(text: str | None) -> dict:
+    try:
+        d = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+INCIDENT_COLUMNS = {
+    "incident": pl.Int64,
+    "origin": pl.Utf8,
+    "began": pl.Int64,
+    "detected": pl.Int64,
+    "cause": pl.Utf8,
+    "severity": pl.Utf8,
+    "clamped": pl.Boolean,
+    "events": pl.Int64,
+    "explanation": pl.Utf8,
+}
+
+
+def incidents(events: pl.DataFrame) -> pl.DataFrame:
+    """normalize_events rows -> one row per incident (analytics.incidents.summarize: events
+    linked by site and time, each with its origin), headline first; ends and recoveries are
+    not anomalies and are left out."""
+    from analytics.events import from_frame
+    from analytics.incidents import summarize
+
+    anomalies = events.filter(pl.col("severity") != "info")
+    if anomalies.height == 0:
+        return pl.DataFrame(schema=INCIDENT_COLUMNS)
+    rows = []
+    for inc in summarize(from_frame(anomalies, "run")):
+        o = inc.origin
+        rows.append(
+            {
+                "incident": inc.id,
+                "origin": f"{o.kind} at {o.site}",
+                "began": o.onset_step,
+                "detected": o.step,
+                "cause": inc.cause,
+                "severity": inc.severity,
+                "clamped": inc.clamped,
+                "events": len(inc.events),
+                "explanation": inc.explanation(),
+            }
+        )
+    return pl.DataFrame(rows, schema=INCIDENT_COLUMNS)
 
 
 def clip_timeline(df: pl.DataFrame | None) -> pl.DataFrame:

@@ -7,13 +7,18 @@
                multiplied by `decay` (default 0.5): routing share and parameter norm collapse.
   blowup       from STEP on, every step: the expert's w_up is multiplied by `factor` (default
                1.2), so its activation norm grows geometrically — the localized blow-up of the
-               Step 3.5 Flash report. The clamp site (set_clamp) bounds it.
+               Step 3.5 Flash report. The clamp site (set_clamp) bounds it. With `steps=N` the
+               growth lasts N steps and w_up is then divided by the accumulated factor: the cause
+               goes away (what a clamp that should relax sees).
   lr-spike     the learning rate is multiplied by `factor` (default 30) for `steps` steps
                (default 5) starting at STEP.
   nan          at STEP a non-finite value appears: site=activation (default) poisons the routed
                output of every token sent to the expert during that one step (the loss and the
-               residual stream go NaN; the loop skips that update); site=weight writes NaN into
-               one element of the expert's w_down for good.
+               residual stream go NaN; the loop skips that update); site=hidden does it inside
+               the expert - one element of its w_up is NaN for that one step, so the expert's own
+               SwiGLU activations (and their statistics) are the first non-finite values, as when
+               an expert overflows; site=weight writes NaN into one element of the expert's
+               w_down for good.
 
 layer / expert default to the deepest MoE layer and expert 0 (dead-expert, blowup, nan).
 Faults are applied by the training loop on every rank identically, under no_grad, right
@@ -88,16 +93,23 @@ class DeadExpert(Fault):
 class Blowup(Fault):
     kind = "blowup"
     factor: float = 1.2
+    steps: int = 0  # 0 = for good; N: N steps of growth, then w_up is scaled back
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.factor <= 1:
             raise ValueError(f"blowup: factor must be > 1, got {self.factor}")
+        if self.steps < 0:
+            raise ValueError(f"blowup: steps must be >= 0, got {self.steps}")
 
     def before_step(self, step: int, model: nn.Module) -> None:
-        if step >= self.step:
-            _, moe = self.target(model)
+        if step < self.step:
+            return
+        _, moe = self.target(model)
+        if not self.steps or step < self.step + self.steps:
             moe.experts.w_up[self.expert].mul_(self.factor)
+        elif step == self.step + self.steps:  # the cause goes away
+            moe.experts.w_up[self.expert].div_(self.factor**self.steps)
 
 
 @dataclass
@@ -123,18 +135,29 @@ class NanFault(Fault):
     site: str = "activation"
     _handle: object = field(default=None, repr=False, compare=False)
 
+    _saved: float | None = field(default=None, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.site not in ("activation", "weight"):
-            raise ValueError(f"nan: site must be 'activation' or 'weight', got {self.site!r}")
+        if self.site not in ("activation", "hidden", "weight"):
+            raise ValueError(
+                f"nan: site must be 'activation', 'hidden' or 'weight', got {self.site!r}"
+            )
 
     def before_step(self, step: int, model: nn.Module) -> None:
         if self._handle is not None:  # the one-shot hook of the previous step, if it never fired
             self._handle.remove()
             self._handle = None
+        _, moe = self.target(model)
+        if self._saved is not None:  # site=hidden: the poisoned element back, one step later
+            moe.experts.w_up[self.expert].view(-1)[0] = self._saved
+            self._saved = None
         if step != self.step:
             return
-        _, moe = self.target(model)
+        if self.site == "hidden":
+            self._saved = float(moe.experts.w_up[self.expert].view(-1)[0])
+            moe.experts.w_up[self.expert].view(-1)[0] = float("nan")
+            return
         if self.site == "weight":
             moe.experts.w_down[self.expert].view(-1)[0] = float("nan")
             return

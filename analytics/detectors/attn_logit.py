@@ -65,6 +65,15 @@ class AttnLogitGrowth(Detector):
                     head=int(index.head[i]),
                     value_before=before[j],
                     steps_before=self.growth_steps,
+                    confidence=1.0,
+                    evidence=[
+                        {
+                            "channel": "max_logit",
+                            "value": x[j],
+                            "reference": self.tau,
+                            "agrees": True,
+                        }
+                    ],
                 )
             )
         self._above = np.where(np.isfinite(x), over, self._above)

@@ -12,17 +12,21 @@ tokens. An expert is *starved* on a step when either
 Starvation alone is not death: with aux-loss-free balancing (DeepSeek-V3) a starved expert's
 selection bias rises every step until it is fed again, and in small or young runs experts are
 starved for tens of steps and come back (we measured runs of 30+ steps in clean runs of the
-demo preset). So an expert is declared dead when it has been starved for
+demo preset, and experts starved for 200+ steps whose parameters never moved and that came
+back later). So
 
-  * `window` steps (20) AND its parameter norm (params/.../fro_norm, every K steps) has
-    decayed to <= `param_decay` (0.5) of its last value before the starvation began - the
-    Step 3.5 Flash signature, and the fast path; or
-  * `long_window` steps (200) whatever its parameters do - longer than balancing needs.
+  * expert_death: starved for `window` steps (20) AND its parameter norm (params/.../fro_norm,
+    every K steps) has decayed to <= `param_decay` (0.5) of its last value before the
+    starvation began - the Step 3.5 Flash signature. Reported `window` - 1 steps after the
+    onset at the earliest (when the decay is measured by then), else at the first parameter
+    measurement showing it.
+  * expert_starved: starved for `long_window` steps (200) with its parameters intact: a fact
+    about routing (balancing may still bring it back), not a verdict, and the clock alone
+    decides it - deterministic, never a coin toss between "dead" and "not dead".
 
-The event's onset is the first starved step, so `step - onset` is the detection delay; a
-death is therefore reported between `window - 1` and `long_window - 1` steps after onset.
-A dead expert fed again (share >= revive_share for revive_steps consecutive steps) raises
-an `expert_revival` event.
+The event's onset is the first starved step, so `step - onset` is the detection delay. An
+expert that died or starved and is fed again (share >= revive_share for revive_steps
+consecutive steps) raises an `expert_revival` event.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 
 from analytics.catalog import MetricIndex, site_of
 from analytics.detectors.base import Detector, check_positive, fit_state
-from analytics.events import EXPERT_DEATH, EXPERT_REVIVAL, Event, make_event
+from analytics.events import EXPERT_DEATH, EXPERT_REVIVAL, EXPERT_STARVED, Event, make_event
 from analytics.frame import StepFrame
 from analytics.rolling import nanmedian
 
@@ -68,7 +72,7 @@ class ExpertDeath(Detector):
     """Confirming decay: fro_norm now <= this x its last value before starvation began."""
 
     long_window: int = 200
-    """Starved steps after which the expert is dead without parameter evidence."""
+    """Starved steps after which the expert is reported starved (without parameter evidence)."""
 
     revive_share: float = 0.5
     """A dead expert whose share is at least this fraction of uniform ..."""
@@ -146,7 +150,7 @@ class ExpertDeath(Detector):
             path = "parameter-decay" if fast[r, e] else "starvation"
             events.append(
                 make_event(
-                    EXPERT_DEATH,
+                    EXPERT_DEATH if fast[r, e] else EXPERT_STARVED,
                     frame.run,
                     frame.step,
                     site_of(index.names[int(tok_ids[r, e])]),
@@ -162,6 +166,16 @@ class ExpertDeath(Detector):
                     rms_ratio=rel_rms[r, e],
                     param_norm_ratio=decay[r, e],
                     param_norm_step=self._norm_step[r, e],
+                    confidence=1.0,
+                    evidence=[
+                        {"channel": "share", "value": share[r, e], "agrees": True},
+                        {
+                            "channel": "param_norm",
+                            "value": decay[r, e],
+                            "reference": self.param_decay,
+                            "agrees": bool(fast[r, e]),
+                        },
+                    ],
                 )
             )
         self._dead = self._dead | die

@@ -11,6 +11,12 @@ of that ratio over its own last `window` fed steps (a robust baseline: a few out
 move it). The site is in alarm when the ratio reaches `factor` x baseline; experts fed less
 than `min_share` of the uniform share are not judged (a handful of tokens gives a noisy max).
 Shared experts see every token: their raw max|h| against its own median, `shared_factor`.
+Its events are transient evidence (`sustained=False`): the decision layer makes them warnings.
+A site still at `factor` x its baseline `sustain_steps` consecutive judged steps after its
+spike did not come back: it raises one `blowup` event (rule "maxabs", sustained), which the
+decision layer may clamp on - a jump of max|h| that stays (no clean run of the tiny or demo
+preset held even the spike's threshold for one step). Delay: `sustain_steps` - 1 steps after
+the spike.
 
 Why `factor` = 12: over nine clean runs (tiny: 3 seeds x 150 steps; demo: 3 seeds x 100 and
 3 x 60 steps) the statistic reached 8.4 at most - experts of young models do grow 8x against
@@ -33,7 +39,7 @@ import numpy as np
 from analytics.catalog import MetricIndex, site_of
 from analytics.detectors.base import Detector, check_positive, fit_state
 from analytics.detectors.expert_death import layer_shares
-from analytics.events import BLOWUP_RECOVERED, MAXABS_SPIKE, Event, make_event
+from analytics.events import BLOWUP, BLOWUP_RECOVERED, MAXABS_SPIKE, Event, make_event
 from analytics.frame import StepFrame
 from analytics.rolling import Rolling, nanmedian
 
@@ -61,17 +67,26 @@ class MaxAbsSpike(Detector):
     clear_steps: int = 10
     """... held for this many consecutive judged steps."""
 
+    sustain_steps: int = 3
+    """A spike still at its threshold for this many consecutive judged steps is sustained."""
+
+    max_sites: int = 3
+    """Sustained spikes are localized when at most this many sites hold one at once."""
+
     _rel: Rolling | None = field(default=None, repr=False)  # layer-relative, routed
     _abs: Rolling | None = field(default=None, repr=False)  # absolute max|h|, routed
     _shared: Rolling | None = field(default=None, repr=False)  # absolute max|h|, shared
     _alarm: np.ndarray | None = field(default=None, repr=False)  # onset step or -1
     _calm: np.ndarray | None = field(default=None, repr=False)  # steps below clear
     _rising: np.ndarray | None = field(default=None, repr=False)  # first step >= clear
+    _held: np.ndarray | None = field(default=None, repr=False)  # steps at the threshold
+    _onset: np.ndarray | None = field(default=None, repr=False)  # the spike's onset, or -1
     kind = MAXABS_SPIKE
 
     def __post_init__(self) -> None:
         check_positive(self, "factor", "shared_factor", "min_share", "clear_factor")
         check_positive(self, "window", "min_history", "clear_steps", integer=True)
+        check_positive(self, "sustain_steps", "max_sites", integer=True)
         if self.clear_factor >= self.factor:
             raise ValueError("MaxAbsSpike.clear_factor must be below factor")
 
@@ -88,6 +103,8 @@ class MaxAbsSpike(Detector):
         self._alarm = fit_state(self._alarm, (L, E + 1), -1, np.int64)  # column E = shared
         self._calm = fit_state(self._calm, (L, E + 1), 0, np.int64)
         self._rising = fit_state(self._rising, (L, E + 1), -1, np.int64)
+        self._held = fit_state(self._held, (L, E + 1), 0, np.int64)
+        self._onset = fit_state(self._onset, (L, E + 1), -1, np.int64)
         assert self._rel is not None and self._abs is not None and self._shared is not None
 
         x = frame.take(ids)
@@ -133,45 +150,77 @@ class MaxAbsSpike(Detector):
         )
         done = in_alarm & (self._calm >= self.clear_steps)
 
+        # held: consecutive judged steps at the threshold since the spike (the spike's included)
+        at = judged & ~quiet & (ratio >= limit) & (in_alarm | fire)
+        short = self._held < self.sustain_steps  # once sustained, it stays so until recovery
+        self._held = np.where(at, self._held + 1, np.where((judged & short) | done, 0, self._held))
+        escalate = in_alarm & (self._held == self.sustain_steps)
+        n_held = int((in_alarm & (self._held >= self.sustain_steps)).sum())
+
         events = []
         layers = index.moe_layers
         # the absolute baseline is evidence for the clip policy only: sorted for fired layers
-        fired = fire.any(axis=1)
+        fired = (fire | escalate).any(axis=1)
         base_abs = (
             self._abs.median(np.repeat(fired[:, None], E, axis=1))
             if fired.any()
             else np.empty((L, E))  # never read: nothing fired
         )
-        for r, c in zip(*np.nonzero(fire)):
-            shared = c == E
-            i = int(shared_ids[r]) if shared else int(ids[r, c])
-            # healthy scale of the layer: the largest rolling-median max|h| of its experts
-            # not in alarm (what a clamp must leave alone), for the clip policy's threshold
-            ok = (self._alarm[r, :E] < 0) & np.isfinite(base_abs[r])
-            if not shared:
-                ok[c] = False  # not the site itself
-            layer_base = float(np.max(base_abs[r][ok])) if ok.any() else float("nan")
-            own = base_sh[r] if shared else base_abs[r, c]
-            events.append(
-                make_event(
-                    MAXABS_SPIKE,
-                    frame.run,
-                    frame.step,
-                    site_of(index.names[i]),
-                    value=xs[r] if shared else x[r, c],
-                    threshold=limit[r, c]
-                    * (base_sh[r] if shared else base_rel[r, c] * med_layer[r, 0]),
-                    severity="warning",
-                    onset_step=self._rising[r, c],
-                    layer=layers[r],
-                    expert=-1 if shared else int(c),
-                    clip_site="shared" if shared else "routed",
-                    ratio=ratio[r, c],
-                    factor=limit[r, c],
-                    baseline_maxabs=own,
-                    layer_baseline_maxabs=base_sh[r] if shared else layer_base,
+        for kind, sites in ((MAXABS_SPIKE, fire), (BLOWUP, escalate)):
+            for r, c in zip(*np.nonzero(sites)):
+                shared = c == E
+                i = int(shared_ids[r]) if shared else int(ids[r, c])
+                # healthy scale of the layer: the largest rolling-median max|h| of its experts
+                # not in alarm (what a clamp must leave alone), for the clip policy's threshold
+                ok = (self._alarm[r, :E] < 0) & np.isfinite(base_abs[r])
+                if not shared:
+                    ok[c] = False  # not the site itself
+                layer_base = float(np.max(base_abs[r][ok])) if ok.any() else float("nan")
+                own = base_sh[r] if shared else base_abs[r, c]
+                sustained = kind == BLOWUP
+                extra = (
+                    {
+                        "rule": "maxabs",
+                        "detector": MAXABS_SPIKE,
+                        "localized": n_held <= self.max_sites,
+                        "growing_sites": n_held,
+                        "held_steps": self.sustain_steps,
+                    }
+                    if sustained
+                    else {}
                 )
-            )
+                events.append(
+                    make_event(
+                        kind,
+                        frame.run,
+                        frame.step,
+                        site_of(index.names[i]),
+                        value=xs[r] if shared else x[r, c],
+                        threshold=limit[r, c]
+                        * (base_sh[r] if shared else base_rel[r, c] * med_layer[r, 0]),
+                        severity="warning",
+                        onset_step=self._onset[r, c] if sustained else self._rising[r, c],
+                        layer=layers[r],
+                        expert=-1 if shared else int(c),
+                        clip_site="shared" if shared else "routed",
+                        ratio=ratio[r, c],
+                        factor=limit[r, c],
+                        baseline_maxabs=own,
+                        layer_baseline_maxabs=base_sh[r] if shared else layer_base,
+                        sustained=sustained,  # a spike is a transient until it stays
+                        confidence=1.0,
+                        evidence=[
+                            {
+                                "channel": "act_maxabs",
+                                "value": ratio[r, c],
+                                "reference": limit[r, c],
+                                "steps": self.sustain_steps if sustained else 1,
+                                "agrees": True,
+                            }
+                        ],
+                        **extra,
+                    )
+                )
         for r, c in zip(*np.nonzero(done)):
             shared = c == E
             i = int(shared_ids[r]) if shared else int(ids[r, c])
@@ -188,10 +237,12 @@ class MaxAbsSpike(Detector):
                     layer=layers[r],
                     expert=-1 if shared else int(c),
                     clip_site="shared" if shared else "routed",
+                    of=MAXABS_SPIKE,
                     calm_steps=self.clear_steps,
                 )
             )
         self._alarm = np.where(fire, frame.step, np.where(done, -1, self._alarm))
+        self._onset = np.where(fire, self._rising, np.where(done, -1, self._onset))
         self._calm = np.where(fire | done, 0, self._calm)
 
         # baselines learn only from healthy, fed steps

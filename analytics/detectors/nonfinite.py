@@ -7,7 +7,10 @@ values are read only once something was found, to name the ranks it came from.
 
 "First" follows the data flow of a training step (catalog.MetricIndex.forward_order): a NaN
 born in layer 3's MoE output shows up in every later layer, the loss and every gradient; the
-earliest of them points at the origin. One event per episode: a run whose weights became NaN
+earliest of them points at the origin. The event names that site, its layer and expert (an
+expert's own statistic comes before its layer's residual stream, so a NaN born inside an
+expert names the expert), and the ranks whose own values of it were not finite (`rank`: the
+first of them). One event per episode: a run whose weights became NaN
 is reported once, not on every following step, and re-armed by the first clean step.
 """
 
@@ -66,5 +69,11 @@ class NonFinite(Detector):
                 head=int(index.head[first]),
                 metrics=[index.names[i] for i in hits[: self.max_listed].tolist()],
                 ranks=ranks,
+                rank=ranks[0] if ranks else -1,
+                confidence=1.0,
+                evidence=[
+                    {"channel": index.names[i], "value": str(frame.values[i]), "agrees": True}
+                    for i in hits[: self.max_listed].tolist()
+                ],
             )
         ]

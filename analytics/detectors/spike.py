@@ -97,6 +97,16 @@ class ScalarSpike(Detector):
                             expected=math.exp(pred) if self.log else pred,
                             window=len(self._hist),
                             log=self.log,
+                            confidence=1.0,
+                            evidence=[
+                                {
+                                    "channel": self.metric,
+                                    "value": x,
+                                    "reference": math.exp(pred) if self.log else pred,
+                                    "z": round(z, 3),
+                                    "agrees": True,
+                                }
+                            ],
                         )
                     )
                 if frame.step - self._alarm_since < self.window:

@@ -3,9 +3,11 @@
 `collect(store, run)` reads every step (analytics/offline.py's frames) into a dense
 [steps x metrics] matrix, runs the detectors over it (the offline twin of the collector's
 online run) and compares their events with the stored ones. `findings(data)` then derives the
-machine-readable answer the HTML page renders and the JSON twin carries: run summary, dead
-experts with onset and evidence, blow-ups with the clip thresholds applied and their effect,
-and where an anomaly started when several sites fire.
+machine-readable answer the HTML page renders and the JSON twin carries: run summary, the
+incidents (events linked by site and time, analytics/incidents.py), each with its origin - the
+headline incident's origin is "where it started" -, dead experts with onset and evidence,
+blow-ups with what the decision layer made of them, the clip thresholds applied and their
+effect.
 """
 
 from __future__ import annotations
@@ -19,16 +21,15 @@ from analytics.catalog import MetricIndex
 from analytics.detectors import DetectorSet
 from analytics.events import (
     BLOWUP_RECOVERED,
-    CLIP_TRIGGERS,
     EXPERT_DEATH,
     EXPERT_REVIVAL,
+    GROWTH_KINDS,
     Event,
     from_frame,
     sort_events,
 )
+from analytics.incidents import summarize
 from analytics.offline import iter_frames
-
-ORIGIN_WINDOW = 20  # events whose onset lies this close after the first belong to it
 
 
 @dataclass
@@ -93,6 +94,10 @@ def event_dict(e: Event) -> dict:
         "value": _num(e.value),
         "threshold": _num(e.threshold),
         "severity": e.severity,
+        "confidence": e.confidence,
+        "decision": e.decision,
+        "reason": e.detail.get("reason", ""),
+        "incident": e.incident,
         "detail": e.detail,
     }
 
@@ -168,11 +173,17 @@ def dead_experts(d: RunData) -> list[dict]:
 
 
 def blowups(d: RunData) -> list[dict]:
-    """One entry per site that triggered (its first trigger), with the clips of its
-    (layer, clamp site) decided from then on and the effect on the site's max|h|."""
+    """One entry per site that raised activation-growth evidence (its first event, or its
+    first clamp decision), with what was decided, the clips of its (layer, clamp site) decided
+    from then on and the effect on the site's max|h|."""
     out, seen = [], set()
-    for e in d.events:
-        if e.kind not in CLIP_TRIGGERS or e.site in seen:
+    growth = [e for e in d.events if e.kind in GROWTH_KINDS]
+    chosen: dict[str, Event] = {}
+    for e in growth:  # a site's clamp decision if it had one, else its first event
+        if e.site not in chosen or (e.decision == "clamp" and chosen[e.site].decision != "clamp"):
+            chosen[e.site] = e
+    for e in sorted(chosen.values(), key=lambda e: (e.step, e.site)):
+        if e.site in seen:
             continue
         seen.add(e.site)
         layer, clip_site = e.detail.get("layer"), e.detail.get("clip_site")
@@ -186,7 +197,12 @@ def blowups(d: RunData) -> list[dict]:
             "site": e.site,
             "kind": e.kind,
             "layer": layer,
+            "expert": e.expert,
             "clip_site": clip_site,
+            "decision": e.decision,
+            "reason": e.detail.get("reason", ""),
+            "confidence": e.confidence,
+            "rule": e.detail.get("rule"),
             "onset_step": e.onset_step,
             "detected_step": e.step,
             "value_at_detection": _num(e.value),
@@ -195,7 +211,10 @@ def blowups(d: RunData) -> list[dict]:
                 (
                     r.step
                     for r in d.events
-                    if r.kind == BLOWUP_RECOVERED and r.site == e.site and r.step > e.step
+                    if r.kind == BLOWUP_RECOVERED
+                    and r.site == e.site
+                    and r.step > e.step
+                    and r.detail.get("of") == e.detail.get("detector", e.kind)
                 ),
                 None,
             ),
@@ -239,48 +258,35 @@ def blowups(d: RunData) -> list[dict]:
     return out
 
 
-def _forward_rank(d: RunData, site: str) -> int:
-    order = d.index.forward_order()
-    pos = {int(i): p for p, i in enumerate(order)}
-    ids = [i for i, n in enumerate(d.index.names) if n == site or n.startswith(site + "/")]
-    return min((pos[i] for i in ids), default=len(order))
-
-
-def origin(d: RunData) -> dict | None:
-    """The earliest anomaly (lowest onset step, then earliest in the forward pass) and the
-    other sites that fired within ORIGIN_WINDOW steps after it."""
-    anomalies = [e for e in d.events if e.severity != "info"]
-    if not anomalies:
+def origin(d: RunData, incidents: list[dict]) -> dict | None:
+    """Where it started: the headline incident's origin (the most severe incident, one that
+    moved a clamp before one that did not, the earliest among equals)."""
+    if not incidents:
         return None
-    anomalies.sort(key=lambda e: (e.onset_step, _forward_rank(d, e.site), e.step))
-    first = anomalies[0]
-    related = [e for e in anomalies[1:] if e.onset_step <= first.onset_step + ORIGIN_WINDOW]
+    inc = incidents[0]
+    o = inc["origin"]
     return {
-        "step": first.onset_step,
-        "site": first.site,
-        "kind": first.kind,
-        "layer": first.detail.get("layer", -1),
-        "expert": first.detail.get("expert", -1),
-        "detected_step": first.step,
-        "followed_by": [
-            {"site": e.site, "kind": e.kind, "onset_step": e.onset_step} for e in related
-        ],
-        "explanation": (
-            f"{first.kind} at {first.site} began at step {first.onset_step}, "
-            f"the earliest onset of {len(anomalies)} anomaly events"
-            + (
-                f"; {len(related)} other site(s) fired within {ORIGIN_WINDOW} steps after it"
-                if related
-                else ""
-            )
-        ),
+        "step": o["onset_step"],
+        "site": o["site"],
+        "kind": o["kind"],
+        "layer": o["layer"],
+        "expert": o["expert"],
+        "ranks": o["ranks"],
+        "detected_step": o["detected_step"],
+        "incident": inc["id"],
+        "cause": inc["cause"],
+        "explanation": inc["explanation"]
+        + (f"; {len(incidents) - 1} other incident(s)" if len(incidents) > 1 else ""),
     }
 
 
 def findings(d: RunData) -> dict:
+    anomalies = [e for e in d.events if e.severity != "info"]
+    incidents = [i.to_dict() for i in summarize(anomalies)] if anomalies else []
     return {
         "summary": summary(d),
-        "origin": origin(d),
+        "origin": origin(d, incidents),
+        "incidents": incidents,
         "dead_experts": dead_experts(d),
         "blowups": blowups(d),
         "events": [event_dict(e) for e in d.events],

@@ -91,8 +91,31 @@ def render(d: RunData, found: dict) -> str:
     parts.append(
         f"<p>{esc(o['explanation'])}.</p>" if o else '<p class="note">No anomaly events.</p>'
     )
-    if o and o["followed_by"]:
-        parts.append(_table(o["followed_by"], ["onset_step", "kind", "site"]))
+    parts.append('<h2 id="incidents">Incidents</h2>')
+    parts.append(
+        '<p class="note">Events linked by site and time; each incident\'s origin is its '
+        "earliest evidence. Headline first.</p>"
+    )
+    parts.append(
+        _table(
+            [
+                {**i, "origin": f"{i['origin']['kind']} at {i['origin']['site']}"}
+                | {"began": i["origin"]["onset_step"], "detected": i["origin"]["detected_step"]}
+                for i in found["incidents"]
+            ],
+            [
+                "id",
+                "origin",
+                "began",
+                "detected",
+                "cause",
+                "severity",
+                "clamped",
+                "events",
+                "kinds",
+            ],
+        )
+    )
 
     # ---- loss and grad norm with event markers
     markers = [
@@ -186,9 +209,12 @@ def render(d: RunData, found: dict) -> str:
             [
                 "site",
                 "kind",
+                "rule",
                 "onset_step",
                 "detected_step",
                 "value_at_detection",
+                "decision",
+                "reason",
                 "clips",
                 "effect",
             ],
@@ -231,7 +257,18 @@ def render(d: RunData, found: dict) -> str:
     parts.append(
         _table(
             found["events"],
-            ["step", "onset_step", "kind", "severity", "site", "value", "threshold"],
+            [
+                "step",
+                "onset_step",
+                "kind",
+                "severity",
+                "site",
+                "value",
+                "threshold",
+                "confidence",
+                "decision",
+                "incident",
+            ],
         )
     )
     parts.append('<h2 id="clips">Clip updates</h2>')

@@ -1,4 +1,5 @@
-"""Detector events (with a jump of the replay to an event's step) and clip thresholds per site.
+"""Incidents (events linked by site and time, each with its origin), detector events (with a
+jump of the replay to an event's step) and clip thresholds per site.
 
 Both tables come from the store's optional `events(run)` / `clips(run)` reads; a store without
 them, or a run without rows, shows "no events recorded" / "no clip updates recorded".
@@ -11,7 +12,17 @@ import streamlit as st
 
 from dashboard import charts, data
 
-EVENT_TABLE_COLUMNS = ("step", "severity", "kind", "site", "value", "threshold", "onset_step")
+EVENT_TABLE_COLUMNS = (
+    "step",
+    "severity",
+    "kind",
+    "site",
+    "value",
+    "threshold",
+    "onset_step",
+    "decision",
+    "incident",
+)
 
 
 def event_label(row: dict) -> str:
@@ -29,7 +40,23 @@ def _jump(events: pl.DataFrame, lo: int, hi: int) -> None:
     ss.playing = False
 
 
+def incidents_table(events: pl.DataFrame) -> None:
+    """Headline first: where it started, for every incident of the run."""
+    inc = data.incidents(events)
+    if inc.height == 0:
+        return
+    st.subheader("Incidents")
+    st.caption(inc["explanation"][0])
+    st.dataframe(
+        inc.drop("explanation"),
+        hide_index=True,
+        key="incidents_table",
+        height=min(300, 38 + 35 * inc.height),
+    )
+
+
 def events_table(events: pl.DataFrame, lo: int, hi: int) -> None:
+    incidents_table(events)
     st.subheader("Events")
     if events.height == 0:
         st.info("no events recorded")

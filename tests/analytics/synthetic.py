@@ -121,12 +121,19 @@ class SyntheticRun:
 
 
 # ---- faults -------------------------------------------------------------------------------
-def blowup(layer: int, expert: int, start: int, rate: float = 1.25):
+def blowup(layer: int, expert: int, start: int, rate: float = 1.25, weights: bool = True):
+    """The up-projection grows x rate per step from `start`: activations by g = rate^k, the
+    parameter norm of [W_gate; W_up; W_down] (equal shares) by sqrt((2 + g^2) / 3), as in
+    model/faults.py's blowup. weights=False: activations only (a growth the weights miss)."""
+
     def f(step, v):
         if step >= start:
             g = rate ** (step - start + 1)
             for stat in ("act_rms", "act_maxabs", "out_norm"):
                 v[f"moe/layer{layer:02d}/expert{expert:03d}/{stat}"] *= g
+            name = f"params/layer{layer:02d}/expert{expert:03d}/fro_norm"
+            if weights and name in v:
+                v[name] *= ((2 + g * g) / 3) ** 0.5
 
     return f
 

@@ -125,7 +125,15 @@ def test_report_is_self_contained_with_a_json_twin(stored, tmp_path):
         b["clips"][0]["bound_maxabs"] == 9.0 and b["effect"]["clip_in_effect_from"] == blow.step + 1
     )
     assert b["effect"]["bounded"] is False  # synthetic data ignores the clamp: said so
-    assert found["origin"]["step"] == 30 and found["origin"]["site"] == dead["site"]
+    # two incidents: the blow-up of layer 2 (and the NaN that followed it in that layer), which
+    # moved a clamp, is the headline; the death in layer 1 since step 30 stays apart
+    o = found["origin"]
+    assert (o["site"], o["kind"]) == (blow.site, "blowup") and 50 <= o["step"] <= blow.step
+    by_origin = {i["origin"]["site"]: i for i in found["incidents"]}
+    assert set(by_origin) == {blow.site, dead["site"]}
+    assert by_origin[dead["site"]]["origin"]["onset_step"] == 30
+    assert by_origin[blow.site]["kinds"] == ["blowup", "maxabs_spike", "nonfinite"]
+    assert by_origin[blow.site]["clamped"] and not by_origin[dead["site"]]["clamped"]
 
 
 def test_report_cli_and_unknown_run(stored, tmp_path):
@@ -166,9 +174,28 @@ def test_report_cli_and_unknown_run(stored, tmp_path):
     )
     assert ev.returncode == 0, ev.stderr
     lines = ev.stdout.splitlines()
-    assert lines[0] == "step,kind,site,value,threshold,severity,onset_step,detail"
+    assert lines[0] == (
+        "step,kind,site,value,threshold,severity,onset_step,confidence,decision,incident,detail"
+    )
     with open_store(url) as st:
-        assert len(lines) - 1 == len(detect_offline(st, "faulty"))
+        events = detect_offline(st, "faulty")
+    assert len(lines) - 1 == len(events)
+    assert {line.split(",")[8] for line in lines[1:]} == {e.decision for e in events}
+    inc = subprocess.run(
+        [sys.executable, "-m", "analytics", "events", "--store", url, "--run", "faulty"]
+        + ["--incidents"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert inc.returncode == 0, inc.stderr
+    rows = inc.stdout.splitlines()
+    assert rows[0].startswith("incident,origin_kind,origin_site,layer,expert,began,detected")
+    # headline first: the blow-up of layer 2 (with the NaN that followed), then the death
+    assert rows[1].split(",")[1:3] == ["blowup", "moe/layer02/expert003"]
+    assert rows[2].split(",")[1:3] == ["expert_death", "moe/layer01/expert006"]
+    assert len(rows) == 3
     bad = subprocess.run(
         [
             sys.executable,

@@ -10,13 +10,14 @@ import pytest
 
 from analytics.clip_policy import ClipPolicy
 from analytics.detectors import DetectorSet
-from analytics.events import BLOWUP_RECOVERED, MAXABS_SPIKE, make_event
+from analytics.events import BLOWUP, BLOWUP_RECOVERED, CLAMP, make_event
 from tests.analytics.synthetic import SyntheticRun, blowup, death
 
 
-def trigger(step, layer=3, site="routed", base=4.0, name="moe/layer03/expert001", kind=None):
+def trigger(step, layer=3, site="routed", base=4.0, name="moe/layer03/expert001", decision=CLAMP):
+    """A blow-up event as the decision layer hands it on (decision "clamp" by default)."""
     return make_event(
-        kind or MAXABS_SPIKE,
+        BLOWUP,
         "r",
         step,
         name,
@@ -27,6 +28,7 @@ def trigger(step, layer=3, site="routed", base=4.0, name="moe/layer03/expert001"
         layer=layer,
         clip_site=site,
         layer_baseline_maxabs=base,
+        decision=decision,
     )
 
 
@@ -42,6 +44,7 @@ def recovered(step, layer=3, site="routed", name="moe/layer03/expert001"):
         max(0, step - 10),
         layer=layer,
         clip_site=site,
+        of=BLOWUP,
     )
 
 
@@ -49,7 +52,7 @@ def test_limit_sits_margin_above_the_healthy_scale_with_a_floor():
     p = ClipPolicy(margin=4.0, floor=1.0)
     (d,) = p.step(10, [trigger(10, base=9.0)])
     assert (d.layer, d.site, d.limit, d.step) == (3, "routed", 6.0, 10)  # sqrt(4 * 9)
-    assert d.reason == "maxabs_spike@10 moe/layer03/expert001" and d.event.step == 10
+    assert d.reason == "blowup@10 moe/layer03/expert001" and d.event.step == 10
     (d,) = ClipPolicy(floor=1.0).step(10, [trigger(10, base=0.01)])
     assert d.limit == 1.0  # the floor
     (d,) = ClipPolicy().step(10, [trigger(10, base=float("nan"))])
@@ -186,3 +189,36 @@ def test_weights_still_growing_under_the_clamp_block_relaxation():
     assert d.limit == math.inf
     state = p.state_dict()
     assert "norm_ref" in state
+
+
+def test_binding_is_judged_on_the_experts_that_triggered_the_clamp():
+    """The issue's clean run whose clamp never relaxed: the layer's healthy experts sit at about
+    half the clamp's bound for good. Only the expert that triggered it is read, so once it is
+    calm the clamp relaxes; while it sits at the bound, it does not."""
+    import numpy as np
+
+    from analytics.clip_policy import site_readings
+    from analytics.frame import StepFrame
+    from tests.analytics.synthetic import make_index
+
+    index = make_index()
+
+    def frame(step, trigger_maxabs):
+        names = [f"moe/layer02/expert{e:03d}/act_maxabs" for e in range(8)]
+        vals = [trigger_maxabs if e == 1 else 0.6 * bound for e in range(8)]  # healthy: half
+        ids = np.array([index.find(n) for n in names])
+        return StepFrame.from_rows("r", step, ids, np.array(vals), index.size)
+
+    p = ClipPolicy(relax_after=20)
+    (d,) = p.step(10, [trigger(10, layer=2, name="moe/layer02/expert001")])
+    bound = d.limit**2
+    assert p.watched() == {(2, "routed"): ["moe/layer02/expert001"]}
+    p.step(12, [recovered(12, layer=2, name="moe/layer02/expert001")])
+    for s in range(13, 60):  # the trigger held at the bound: never relaxed
+        held, norms = site_readings(frame(s, 0.95 * bound), index, p.watched())
+        assert held == {(2, "routed"): pytest.approx(0.95 * bound)} and norms == {}
+        assert p.step(s, [], held, norms) == [], f"relaxed at {s} while binding"
+    relaxed = []
+    for s in range(60, 100):  # the trigger calm, its layer's healthy experts still at 0.6
+        relaxed += p.step(s, [], *site_readings(frame(s, 0.1 * bound), index, p.watched()))
+    assert [(d.step, d.limit) for d in relaxed] == [(79, math.inf)]  # 20 calm steps after 59

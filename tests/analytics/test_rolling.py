@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from analytics.detectors import DetectorSet, MaxAbsSpike
-from analytics.events import BLOWUP_RECOVERED, EXPERT_DEATH, MAXABS_SPIKE
+from analytics.events import BLOWUP, BLOWUP_RECOVERED, EXPERT_STARVED, MAXABS_SPIKE
 from analytics.frame import StepFrame
 from analytics.rolling import Rolling, nanmedian
 from benchmarks.detect_cost import reduced_steps, run_index
@@ -91,9 +91,11 @@ def test_rolling_state_round_trip_and_bad_input():
 
 
 def test_the_benchmark_workloads_injected_anomalies_are_flagged():
-    """benchmarks/detect_cost.py's workload, scaled down: its blow-up (x40 max|h| from step 20)
+    """benchmarks/detect_cost.py's workload, scaled down: its blow-up (x40 max|h| from step 20,
+    a spike at once and sustained growth - a clamp - two steps later)
     and its dying expert (starved from ~step 17, no parameter norms: the 200-step long window)
-    are found at the site and step they imply, and nothing else is."""
+    are found at the site and step they imply (starved, not dead: no parameter norms say it
+    decayed), and nothing else is."""
     w = Workload(world=64, metrics_per_rank=200, n_layers=4, n_experts=16)
     index = run_index(w)
     ids = np.arange(index.size)
@@ -106,9 +108,11 @@ def test_the_benchmark_workloads_injected_anomalies_are_flagged():
     dying = f"moe/layer{w.n_layers // 2:02d}/expert{w.n_experts - 1:03d}"
     assert [(e.kind, e.site, e.step) for e in events] == [
         (MAXABS_SPIKE, spike_site, w.spike_step),
-        (EXPERT_DEATH, dying, events[1].step),
+        (BLOWUP, spike_site, w.spike_step + 2),  # still x40 two steps later: sustained
+        (EXPERT_STARVED, dying, events[2].step),
     ]
-    death = events[1]
+    assert events[1].decision == "clamp" and events[1].detail["rule"] == "maxabs"
+    death = events[2]
     assert death.detail["path"] == "starvation" and death.delay == 199
     assert w.death_step < death.onset_step <= w.death_step + 10
 
@@ -139,7 +143,8 @@ def test_maxabs_lower_bound_shortcut_changes_nothing(monkeypatch):
     monkeypatch.setattr(Rolling, "min", lambda self: np.full(self.shape, np.nan))  # no proof
     full, full_det = run(MaxAbsSpike())
     kinds = {e.kind for e in fast}
-    assert kinds == {MAXABS_SPIKE, BLOWUP_RECOVERED} and len(fast) >= 6
+    assert kinds == {MAXABS_SPIKE, BLOWUP, BLOWUP_RECOVERED} and len(fast) >= 6  # the
+    # blow-up from step 120 stays above the threshold: sustained
     assert fast == full
     for name in ("_alarm", "_calm", "_rising"):
         np.testing.assert_array_equal(getattr(fast_det, name), getattr(full_det, name))
