@@ -143,12 +143,10 @@ class ChannelSender(SenderCore[Conn]):
 
     # ------------------------------------------------------------------ worker
     async def _run_async(self) -> None:
-        backoff = self.config.backoff_initial_s
         try:
             while not (self._stop or self._goodbye):
                 conn = await self._connect_async()
                 if conn is not None:
-                    backoff = self.config.backoff_initial_s
                     try:
                         await self._serve_async(conn)
                     except Exception:
@@ -156,8 +154,8 @@ class ChannelSender(SenderCore[Conn]):
                         log.exception("stepwatch: sender error")
                     self._drop_conn_async(conn)
                 self._release_waiting()
-                await self._until(self._work, lambda: self._stop or self._goodbye, backoff)
-                backoff = min(backoff * 2, self.config.backoff_max_s)
+                wait = self._next_wait(conn)  # core.Backoff: jittered, never cut short
+                await self._until(self._work, lambda: self._stop or self._goodbye, wait)
         finally:
             self._progress.set()  # aclose() waits for this task too
 
@@ -190,7 +188,9 @@ class ChannelSender(SenderCore[Conn]):
     async def _serve_async(self, conn: Conn) -> None:
         for frame in self._resume(conn):
             await conn.call.write(frame)
-        ready = lambda: self.buffer.has_pending() or conn.dead or self._stop
+        ready = lambda: (
+            self.buffer.has_pending() or self._has_holes(conn) or conn.dead or self._stop
+        )
         while True:
             timeout = None  # no polling: wake on submit, or once the ack is overdue
             if self.buffer.has_unacked():
@@ -202,7 +202,10 @@ class ChannelSender(SenderCore[Conn]):
             with self._cond:
                 if conn.dead or self._stop or self._stale(conn):
                     return
+                holes = self._holes(conn)
                 item = self.buffer.pop()
+            for frame in holes:
+                await conn.call.write(frame)
             if item is not None:
                 for frame in self._encode(conn, item):
                     await conn.call.write(frame)
@@ -214,7 +217,7 @@ class ChannelSender(SenderCore[Conn]):
                 self._receive(conn, resp)
                 self._progress.set()
         except grpc.RpcError as exc:
-            self._stream_error(exc)
+            self._stream_error(exc, conn)
         except asyncio.CancelledError:
             if not (conn.dead or self._stop):  # not our own cancel of the call
                 raise

@@ -67,7 +67,9 @@ def run(preset: str, steps: int, warmup: int, batch: int, device: str) -> dict:
     opt_m = torch.optim.AdamW(monitored.parameters(), lr=1e-3)
     corpus = load_corpus()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, address = start_collector(f"parquet:{tmp}/store", log_path=f"{tmp}/collector.log")
+        proc, address = start_collector(
+            f"parquet:{tmp}/store", "--insecure", log_path=f"{tmp}/collector.log"
+        )
         try:
             mon = Monitor(monitored, opt_m, target=address, run="hook-overhead")
             times = {"plain": [], "monitored": []}

@@ -79,7 +79,9 @@ def play(
     url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: float, tmp: Path
 ) -> dict:
     log_path = tmp / "collector.log"
-    collector, address = start_collector(url, "--flush-interval", str(flush_s), log_path=log_path)
+    collector, address = start_collector(
+        url, "--insecure", "--flush-interval", str(flush_s), log_path=log_path
+    )
     gens: list[subprocess.Popen] = []
     try:
         bounds = np.linspace(0, w.world, procs + 1).astype(int)

@@ -1,6 +1,8 @@
 """The collector as a process, and its operator commands.
 
-    python -m collector serve --store URL [--port N] [--observe-only] [--no-detect] ...
+    python -m collector serve --store URL (--token-file F | $STEPWATCH_TOKEN | --insecure)
+        [--operator-token-file F | $STEPWATCH_OPERATOR_TOKEN] [--tls-cert C --tls-key K]
+        [--host H] [--port N] [--observe-only] [--no-detect] ...
     python -m collector clip list     --target HOST:PORT --run NAME
     python -m collector clip set      --target HOST:PORT --run NAME --layer L --site S --limit X
     python -m collector clip clear    --target HOST:PORT --run NAME --layer L --site S
@@ -12,18 +14,33 @@
 (the clip policy leaves the site alone until clear); clear switches the clamp off and hands
 the site back to the policy; freeze/unfreeze only stop/resume the policy on that site.
 --layer may repeat. Refused commands exit 2 with the collector's message.
+
+Security: `serve` refuses to start without a token unless --insecure, and --insecure listens
+on loopback only. Clip commands need the operator token. Every secret comes from a file or the
+environment, never only from argv (where /proc/PID/cmdline shows it to every local user):
+--token-file / $STEPWATCH_TOKEN / $STEPWATCH_TOKEN_FILE, --operator-token-file /
+$STEPWATCH_OPERATOR_TOKEN / $STEPWATCH_OPERATOR_TOKEN_FILE, the ClickHouse password from
+CLICKHOUSE_PASSWORD / CLICKHOUSE_PASSWORD_FILE. `clip` takes --tls / --tls-ca (else
+$STEPWATCH_TLS_CA) to reach a TLS collector.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+from urllib.parse import urlsplit
 
 from collector.config import CollectorConfig
 from collector.server import serve
+from proto import auth
 from store import StoreError
+
+log = logging.getLogger("collector")
+ARGV_SECRET = (
+    "a {what} on the command line is visible to every local user (/proc/PID/cmdline); "
+    "prefer {instead}"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     s.add_argument(
-        "--token",
-        default=os.environ.get("STEPWATCH_TOKEN") or None,
-        help="bearer token every RPC must carry (default: $STEPWATCH_TOKEN)",
+        "--token-file",
+        metavar="FILE",
+        help="file holding the bearer token every RPC must carry "
+        "(default: $STEPWATCH_TOKEN, else the file $STEPWATCH_TOKEN_FILE names)",
+    )
+    s.add_argument("--token", help=argparse.SUPPRESS)  # argv-visible: kept for old scripts
+    s.add_argument(
+        "--operator-token-file",
+        metavar="FILE",
+        help="file holding the operator token, the only one clip commands accept "
+        "(default: $STEPWATCH_OPERATOR_TOKEN, else $STEPWATCH_OPERATOR_TOKEN_FILE)",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="accept RPCs without a token; listens on loopback only",
     )
     s.add_argument(
         "--straggler-timeout",
@@ -74,7 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--layer", type=int, action="append", default=[])
     c.add_argument("--site", choices=("routed", "shared"), default="routed")
     c.add_argument("--limit", type=float, help="L for set (> 0)")
-    c.add_argument("--token", default=os.environ.get("STEPWATCH_TOKEN") or None)
+    c.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the operator token (default: $STEPWATCH_TOKEN, else the file "
+        "$STEPWATCH_TOKEN_FILE names)",
+    )
+    c.add_argument("--token", help=argparse.SUPPRESS)  # argv-visible: kept for old scripts
+    c.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    c.add_argument(
+        "--tls-ca", metavar="PEM", help="TLS, trusting these roots (default: $STEPWATCH_TLS_CA)"
+    )
     c.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
     args = ap.parse_args(argv)
     if args.command == "clip":
@@ -86,8 +126,27 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.token is not None:
+            log.warning(
+                ARGV_SECRET.format(what="token", instead="--token-file or $STEPWATCH_TOKEN")
+            )
+        if urlsplit(args.store).password:
+            log.warning(
+                ARGV_SECRET.format(
+                    what="store password", instead="CLICKHOUSE_PASSWORD(_FILE) in the environment"
+                )
+            )
+        if args.insecure and (args.token or args.token_file):
+            raise ValueError("--insecure with --token-file: choose one")
+        # --insecure ignores a $STEPWATCH_TOKEN meant for the clients of the same shell
+        token = None if args.insecure else auth.read_secret(args.token, args.token_file)
+        operator_token = auth.read_secret(
+            None, args.operator_token_file, env=auth.OPERATOR_TOKEN_ENV, what="operator token"
+        )
         config = CollectorConfig(
-            token=args.token,
+            token=token,
+            operator_token=operator_token,
+            insecure=args.insecure,
             straggler_timeout_s=args.straggler_timeout,
             flush_interval_s=args.flush_interval,
             detect=not args.no_detect,
@@ -118,8 +177,20 @@ def _clip(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         for layer in args.layer
     ]
     try:
+        token = auth.read_secret(args.token, args.token_file)
+        credentials = auth.client_credentials(args.tls, args.tls_ca)
+    except ValueError as exc:
+        print(f"collector clip: {exc}", file=sys.stderr)
+        return 2
+    try:
         table = operate(
-            args.target, args.run, args.op, items, token=args.token, timeout_s=args.timeout
+            args.target,
+            args.run,
+            args.op,
+            items,
+            token=token,
+            timeout_s=args.timeout,
+            credentials=credentials,
         )
     except OperatorError as exc:
         print(f"collector clip: {exc}", file=sys.stderr)

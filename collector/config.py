@@ -11,7 +11,18 @@ MIB = 1 << 20
 @dataclass
 class CollectorConfig:
     token: str | None = None
-    """Bearer token every RPC must carry (`authorization: Bearer <token>`); None = no auth."""
+    """Bearer token every RPC must carry (`authorization: Bearer <token>`). None is refused
+    when the collector starts listening, unless `insecure` (then on loopback only)."""
+
+    operator_token: str | None = None
+    """Token of the operator scope: it also streams telemetry, and only it may run clip
+    commands (`python -m collector clip`). None: clip commands are refused
+    (PERMISSION_DENIED), except on an insecure collector without tokens, where anyone on
+    loopback may."""
+
+    insecure: bool = False
+    """Accept RPCs without a token (`--insecure`): only on a loopback address, never with
+    `token` (operator_token still guards clip commands if set)."""
 
     straggler_timeout_s: float = 30.0
     """Once the first rank ended step s, reduce s without the ranks that have not ended it
@@ -43,8 +54,11 @@ class CollectorConfig:
     max_world_size: int = 1 << 16
     """Largest Hello.world_size accepted."""
 
-    max_schemas_per_rank: int = 64
-    """Schemas one rank may register in one run."""
+    max_schemas_per_rank: int = 65_536
+    """Schemas one rank may register in one run (wire parts count one each: a client cuts a
+    big schema into parts of <= 1 MB of MetricDefs, so 10 M metrics take 200-5,000 parts, and
+    older clients' parts of 16,384 metrics 611). The bound that matters for memory is
+    max_metrics_per_run (and the byte budget); this one only caps per-schema bookkeeping."""
 
     max_metrics_per_run: int = 1 << 24
     """Distinct metric names per run (dense ids 0..n-1)."""
@@ -70,8 +84,14 @@ class CollectorConfig:
     commands still apply)."""
 
     def __post_init__(self) -> None:
-        if self.token is not None and (not isinstance(self.token, str) or not self.token):
-            raise ValueError("token must be a non-empty string or None")
+        for name in ("token", "operator_token"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or None")
+        if self.insecure and self.token is not None:
+            raise ValueError("give a token or insecure, not both")
+        if self.token is not None and self.token == self.operator_token:
+            raise ValueError("the operator token must differ from the token")
         for name in (
             "straggler_timeout_s",
             "flush_interval_s",

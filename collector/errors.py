@@ -4,6 +4,12 @@ Everything that rejects input raises one of the small classes below, with a mess
 what was wrong and what was expected. `status_of` is the only place that turns an exception
 into a `grpc.StatusCode`; the servicer and the auth interceptor both go through it, so a client
 sees the same code for the same mistake wherever it is caught.
+
+`permanent` says whether a client may retry: resending the same frames after a bad token,
+missing operator rights or a malformed frame can never succeed, so the Error frame the servicer
+sends before the status says permanent, and the client stops instead of reconnecting. A bound
+that frees up (a rank too far ahead, the byte budget) is not permanent; one that a resend can
+never get under (too many schemas or metrics) is: `ResourceExhausted(..., permanent=True)`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,12 @@ class CollectorError(Exception):
     """Base class: a frame or call the collector refuses; `code` is the gRPC status."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    permanent: bool = False
+
+    def __init__(self, message: str = "", *, permanent: bool | None = None) -> None:
+        super().__init__(message)
+        if permanent is not None:
+            self.permanent = permanent
 
 
 class InvalidArgument(CollectorError, ValueError):
@@ -26,11 +38,13 @@ class InvalidArgument(CollectorError, ValueError):
     size that differs from the live run's, a stream that does not start with Hello, ..."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    permanent = True
 
 
 class ResourceExhausted(CollectorError):
     """A bound was hit: a rank too far ahead of the barrier, too many pending steps, bytes,
-    runs, schemas or metrics. The client may retry later; memory stays bounded."""
+    runs, schemas or metrics. The client may retry later (unless permanent=True: schemas and
+    metrics are never unregistered); memory stays bounded."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -39,6 +53,14 @@ class Unauthenticated(CollectorError):
     """Missing or wrong `authorization: Bearer <token>` metadata."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+    permanent = True
+
+
+class PermissionDenied(CollectorError):
+    """A valid token without the right: a clip command needs the operator token."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    permanent = True
 
 
 class Unavailable(CollectorError):
@@ -48,6 +70,13 @@ class Unavailable(CollectorError):
 
 
 REJECTED = (CollectorError, DecodeError)  # bad input, as opposed to a collector bug
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether the client must not retry after `exc` (see the module docstring)."""
+    if isinstance(exc, CollectorError):
+        return exc.permanent
+    return isinstance(exc, (StoreInvalidInput, DecodeError))  # INVALID_ARGUMENT, as above
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -6,6 +6,7 @@
                    may also end its step: the Welcome says this collector takes that)
     ClipAck     -> the run's clip board (clipboard.py), and `on_clip_ack` (control.py), which
                    stores the acknowledged step
+    StepsDropped -> holes.py: the client's dropped steps, stored as events
 
 A stream whose Hello carries client_version OPERATOR_CLIENT is an operator's: its
 config_json is one clip command (operator.py), answered (`operator`, control.py) with the
@@ -30,6 +31,7 @@ from collector.clipboard import ClipBoard
 from collector.config import CollectorConfig
 from collector.conn import Conn
 from collector.errors import InvalidArgument, ResourceExhausted, Unavailable
+from collector.holes import steps_dropped
 from collector.operator import OPERATOR_CLIENT
 from collector.registry import RunMetrics, check_hello
 from collector.run import Run
@@ -120,6 +122,8 @@ class Ingest:
             self.steps.chunk(run, conn.rank, msg, acks, resend)
         elif kind == "end_of_step":
             self.steps.end_of_step(run, conn.rank, msg, acks)
+        elif kind == "dropped":  # a hole the client reports: stored as events (holes.py)
+            steps_dropped(run.name, conn.rank, msg, acks, self.writer, self.counters)
         else:
             self.clips.record_ack(run.name, conn.rank, msg.version, h.step)
             self.counters.add("clip_acks")

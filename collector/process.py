@@ -33,7 +33,10 @@ def start_collector(
     env: dict | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Returns (process, "HOST:PORT"). The process's output after the ready line goes to
-    log_path (or is discarded); stop it with `stop_collector`."""
+    log_path (or is discarded); stop it with `stop_collector`. `env` is laid over this
+    process's environment (a None value removes the variable): that is where a token goes
+    (STEPWATCH_TOKEN or STEPWATCH_TOKEN_FILE), never onto the command line. Without one,
+    pass "--insecure" (loopback only)."""
     cmd = [
         sys.executable,
         "-m",
@@ -53,7 +56,11 @@ def start_collector(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={
+            k: v
+            for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}.items()
+            if v is not None
+        },
     )
     stdout = proc.stdout
     assert stdout is not None  # stdout=PIPE always opens it

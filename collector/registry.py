@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from collector.errors import InvalidArgument, ResourceExhausted
+from collector.idset import IdRanges
 from collector.reduction import OP_MAX, OP_MEAN, OP_MIN, OP_NAMES, OP_SUM
 from proto.v1 import telemetry_pb2 as pb
 from store.base import RUN_NAME_RE, MetricDict
@@ -92,7 +93,7 @@ class RunMetrics:
         self.ops = np.zeros(0, dtype=np.int8)
         self._schemas: dict[tuple[int, int], Schema] = {}
         self._n_schemas: dict[int, int] = {}  # schemas per rank
-        self._rank_ids: dict[int, np.ndarray] = {}  # all ids in a rank's schemas
+        self._rank_ids: dict[int, IdRanges] = {}  # all ids in a rank's schemas
         # digest of MetricDefs -> their id array. Sound because names and labels are never
         # removed or changed: defs that resolved once resolve to the same ids forever.
         self._layouts: dict[bytes, np.ndarray] = {}
@@ -140,7 +141,7 @@ class RunMetrics:
             n_rank = self._check_slot(rank, schema_id, old)
         mine = self._rank_ids.get(rank)
         if mine is not None:
-            clash = np.isin(ids, mine)
+            clash = mine.contains(ids)
             if clash.any():
                 name = metrics[int(np.flatnonzero(clash)[0])].name
                 raise InvalidArgument(
@@ -152,7 +153,7 @@ class RunMetrics:
         self._layouts.setdefault(digest, ids)
         self._schemas[(rank, schema_id)] = Schema(ids, digest)
         self._n_schemas[rank] = n_rank + 1
-        self._rank_ids[rank] = ids if mine is None else np.concatenate([mine, ids])
+        self._rank_ids.setdefault(rank, IdRanges()).add(ids)
         return rows
 
     def _check_slot(self, rank: int, schema_id: int, old: Schema | None) -> int:
@@ -166,7 +167,8 @@ class RunMetrics:
         if n_rank >= self.max_schemas_per_rank:
             raise ResourceExhausted(
                 f"rank {rank} already has {n_rank} schemas "
-                f"(max_schemas_per_rank={self.max_schemas_per_rank})"
+                f"(max_schemas_per_rank={self.max_schemas_per_rank})",
+                permanent=True,  # schemas are never unregistered: a resend cannot fit
             )
         return n_rank
 
@@ -192,7 +194,8 @@ class RunMetrics:
         if len(self.ids) + len(new) > self.max_metrics:
             raise ResourceExhausted(
                 f"run {self.run!r} would have {len(self.ids) + len(new)} "
-                f"metrics (max_metrics_per_run={self.max_metrics})"
+                f"metrics (max_metrics_per_run={self.max_metrics})",
+                permanent=True,
             )
         ids = np.array([-1 if mid is None else mid for mid in got], dtype=np.int32)
         return ids, new

@@ -6,6 +6,10 @@ pool. All ingest state is touched only on that loop; the store only on the write
 where the online detectors (detect.py) also run; `push_clip`, `clip_acks`, `events` and
 `stats` are safe from any thread. The clip control plane (push_clip, clip acks, operator
 commands, the closed loop's latency) is control.py's; the Collector delegates to it.
+
+Authentication (`_Auth`): every RPC carries a bearer token; the token grants the ingest scope
+(stream telemetry), the operator token both ingest and operator (clip commands). A collector
+without a token only starts with an explicit `insecure` and only on a loopback address.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -26,8 +31,17 @@ from collector.config import CollectorConfig
 from collector.conn import Conn
 from collector.control import ClipControl
 from collector.detect import Detect
-from collector.errors import REJECTED, CollectorError, Unauthenticated, Unavailable, status_of
+from collector.errors import (
+    REJECTED,
+    CollectorError,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    is_permanent,
+    status_of,
+)
 from collector.ingest import Ingest
+from collector.operator import OPERATOR_CLIENT
 from collector.stats import Counters
 from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
@@ -55,26 +69,49 @@ def _deny_like(handler: grpc.RpcMethodHandler, exc: CollectorError) -> grpc.RpcM
     return kinds[(handler.request_streaming, handler.response_streaming)](deny)
 
 
-class _TokenAuth(aio.ServerInterceptor):
-    """Every RPC (the stream included) must carry `authorization: Bearer <token>`."""
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a listen address) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
-    def __init__(self, token: str, counters: Counters) -> None:
-        self._expected = f"Bearer {token}".encode()
+
+INGEST, OPERATOR = "ingest", "operator"
+
+
+class _Auth(aio.ServerInterceptor):
+    """Every RPC (the stream included) must carry `authorization: Bearer <token>`: the token
+    (scope ingest) or the operator token (ingest and operator). Without a token (an insecure
+    collector) every RPC has the ingest scope, and the operator scope too unless an operator
+    token is set. An RPC with no scope is UNAUTHENTICATED before it starts."""
+
+    def __init__(self, token: str | None, operator_token: str | None, counters: Counters) -> None:
+        self._token = f"Bearer {token}".encode() if token else None
+        self._operator = f"Bearer {operator_token}".encode() if operator_token else None
         self._counters = counters
+
+    def scopes(self, metadata) -> frozenset[str]:
+        got = dict(metadata or ()).get("authorization", "")
+        got = got.encode() if isinstance(got, str) else got
+        if self._operator is not None and hmac.compare_digest(got, self._operator):
+            return frozenset({INGEST, OPERATOR})
+        if self._token is None:  # insecure: open, but the operator token guards clip commands
+            return frozenset({INGEST} if self._operator else {INGEST, OPERATOR})
+        return frozenset({INGEST}) if hmac.compare_digest(got, self._token) else frozenset()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None:
-            return None
-        got = dict(details.invocation_metadata or ()).get("authorization", "")
-        got = got.encode() if isinstance(got, str) else got
-        if hmac.compare_digest(got, self._expected):
+        if handler is None or self.scopes(details.invocation_metadata):
             return handler
         self._counters.add("auth_failures")
         return _deny_like(
             handler,
             Unauthenticated(
-                "missing or wrong token: send metadata 'authorization: Bearer <token>'"
+                "missing or wrong token: send metadata 'authorization: Bearer <token>' "
+                "(hooks.Monitor and the CLIs read $STEPWATCH_TOKEN or $STEPWATCH_TOKEN_FILE)"
             ),
         )
 
@@ -86,15 +123,18 @@ class TelemetryServicer(pbg.TelemetryServicer):
         ingest: Ingest,
         counters: Counters,
         on_clip_sent: Callable[[str, int], None] | None = None,
+        auth: _Auth | None = None,
     ) -> None:
         self.ingest = ingest
         self.counters = counters
         self.on_clip_sent = on_clip_sent
+        self.auth = auth or _Auth(None, None, counters)
 
     async def Stream(self, request_iterator, context):
         conn = Conn(context.peer())
         self.counters.add("streams_opened")
-        reader = asyncio.create_task(self._read(request_iterator, conn, context))
+        scopes = self.auth.scopes(context.invocation_metadata())
+        reader = asyncio.create_task(self._read(request_iterator, conn, context, scopes))
         try:
             while True:
                 for frame in conn.take():
@@ -103,7 +143,10 @@ class TelemetryServicer(pbg.TelemetryServicer):
                         self.on_clip_sent(conn.run, frame.clip.version)
                 if conn.error is not None:
                     code, message = status_of(conn.error)
-                    yield pb.ServerFrame(error=pb.Error(code=code.name, message=message))
+                    permanent = is_permanent(conn.error)
+                    yield pb.ServerFrame(
+                        error=pb.Error(code=code.name, message=message, permanent=permanent)
+                    )
                     await context.abort(code, message)
                 if conn.done:
                     return
@@ -114,9 +157,11 @@ class TelemetryServicer(pbg.TelemetryServicer):
             self.ingest.detach(conn)
             self.counters.add("streams_closed")
 
-    async def _read(self, request_iterator, conn: Conn, context) -> None:
+    async def _read(self, request_iterator, conn: Conn, context, scopes: frozenset[str]) -> None:
         try:
             async for frame in request_iterator:
+                if conn.run is None and OPERATOR not in scopes:
+                    _check_not_operator(frame)
                 self.ingest.receive(conn, frame)
         except asyncio.CancelledError:
             raise
@@ -140,6 +185,15 @@ class TelemetryServicer(pbg.TelemetryServicer):
         await asyncio.sleep(GOODBYE_CONFIRM_S)
         if not (context.done() or context.cancelled()):
             self.ingest.half_close(conn)
+
+
+def _check_not_operator(frame: pb.ClientFrame) -> None:
+    """An operator stream (a clip command) without the operator scope is refused."""
+    if frame.WhichOneof("kind") == "hello" and frame.hello.client_version == OPERATOR_CLIENT:
+        raise PermissionDenied(
+            "clip commands need the operator token (the collector's --operator-token-file; "
+            "the client's $STEPWATCH_TOKEN or --token-file)"
+        )
 
 
 # ---- the collector ---------------------------------------------------------------------------
@@ -186,9 +240,20 @@ class Collector:
     def start(
         self, host: str = "127.0.0.1", port: int = 0, tls: tuple[bytes, bytes] | None = None
     ) -> int:
-        """Listen on host:port (0 = any free port); tls = (cert_pem, key_pem)."""
+        """Listen on host:port (0 = any free port); tls = (cert_pem, key_pem). Without a
+        token the config must say insecure, and host must be a loopback address."""
         if self._loop is not None:
             raise RuntimeError("collector already started")
+        if self.config.token is None and not self.config.insecure:
+            raise ValueError(
+                "the collector needs a token (--token-file FILE or $STEPWATCH_TOKEN; "
+                "ranks send the same) or an explicit --insecure, which listens on loopback only"
+            )
+        if self.config.insecure and not is_loopback(host):
+            raise ValueError(
+                f"--insecure listens on loopback only, not on {host!r}: give the collector a "
+                "token (--token-file or $STEPWATCH_TOKEN) to listen there"
+            )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="collector-loop", daemon=True
@@ -205,7 +270,9 @@ class Collector:
         return self.port
 
     async def _serve(self, host: str, port: int, tls: tuple[bytes, bytes] | None) -> int:
-        interceptors = [_TokenAuth(self.config.token, self.counters)] if self.config.token else []
+        cfg = self.config
+        auth = _Auth(cfg.token, cfg.operator_token, self.counters)
+        interceptors = [auth] if cfg.token or cfg.operator_token else []
         limit = self.config.max_message_bytes
         self._server = aio.server(
             interceptors=interceptors,
@@ -217,7 +284,7 @@ class Collector:
             ],
         )  # a taken port is an error, not shared
         pbg.add_TelemetryServicer_to_server(
-            TelemetryServicer(self.ingest, self.counters, on_clip_sent=self.control.sent),
+            TelemetryServicer(self.ingest, self.counters, self.control.sent, auth),
             self._server,
         )
         address = f"{host}:{port}"

@@ -40,14 +40,28 @@ class MonitorConfig:
     steps with step % K == 0. The update ratio keeps one snapshot of the parameters on the
     device during those steps, so a larger K costs nothing more in memory, only resolution."""
 
-    buffer_steps: int = 64
+    buffer_steps: int = 1024
     """Capacity of the client buffer, in steps: steps waiting to be sent plus steps sent but not
-    yet acknowledged by the collector. Bounds client memory during a collector outage."""
+    yet acknowledged by the collector. Bounds client memory during a collector outage; with
+    buffer_bytes, how long an outage loses nothing: min(buffer_steps, buffer_bytes / step
+    bytes) steps (README, "What a client buffer covers")."""
+
+    buffer_bytes: int = 256 << 20
+    """Capacity of the client buffer in bytes of step values (float32), whichever of the two
+    bounds is hit first: a rank of a million metrics (4 MB a step) buffers 64 steps."""
 
     full_policy: str = "drop_oldest"
-    """What `step_end` does when the buffer is full. "drop_oldest": discard the oldest buffered
-    step (counted in `Monitor.stats()['dropped_steps']`). "block": wait up to `block_timeout_s`
-    for the collector to acknowledge something, then drop the new step (also counted)."""
+    """What `step_end` does when the buffer is full. "drop_oldest": discard the oldest step not
+    yet sent (the new one if every buffered step is already in flight, so seqs never skip).
+    "block": wait up to `block_timeout_s` for the collector to acknowledge something, then drop
+    the new step. Either way a drop is never silent: it is counted
+    (`Monitor.stats()['dropped_steps']`), logged as a warning with counts (at most every
+    `drop_log_interval_s`), sent in every later step as the metric telemetry/dropped_steps,
+    and reported to the collector as a hole (StepsDropped) that the store keeps as an event of
+    kind "steps_dropped"."""
+
+    drop_log_interval_s: float = 10.0
+    """Dropped steps are logged at once, then at most this often, with the counts since."""
 
     block_timeout_s: float = 1.0
     """Longest time the training thread waits for buffer space under the "block" policy."""
@@ -57,10 +71,14 @@ class MonitorConfig:
     262144 (1 MiB), well under gRPC's 4 MiB default message limit."""
 
     backoff_initial_s: float = 0.2
-    """First wait before reconnecting after a stream error; doubles on each failure."""
+    """First wait before reconnecting after a stream error; doubles on each failed attempt.
+    Every wait is drawn uniformly from [1/2, 1] of its nominal value (jitter, so that thousands
+    of ranks cut off together do not reconnect together), and new steps never cut it short."""
 
-    backoff_max_s: float = 10.0
-    """Ceiling of the reconnect backoff."""
+    backoff_max_s: float = 15.0
+    """Ceiling of the nominal reconnect backoff: a long outage costs each rank one connect
+    attempt every 7.5-15 s (4,096 ranks: ~370 attempts/s at the collector's address), and a
+    collector that comes back is found within backoff_max_s."""
 
     net_timeout_s: float = 10.0
     """Bound on any single network wait: opening the stream and receiving Welcome, and the
@@ -90,7 +108,7 @@ class MonitorConfig:
                 f"MonitorConfig.groups: unknown stat group(s) {sorted(unknown)}; "
                 f"choose from {list(STAT_GROUPS)}"
             )
-        for name in ("param_norm_every", "buffer_steps", "chunk_values"):
+        for name in ("param_norm_every", "buffer_steps", "buffer_bytes", "chunk_values"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MonitorConfig.{name} must be an int >= 1, got {value!r}")
@@ -106,6 +124,7 @@ class MonitorConfig:
             )
         for name in (
             "block_timeout_s",
+            "drop_log_interval_s",
             "backoff_initial_s",
             "backoff_max_s",
             "net_timeout_s",

@@ -334,6 +334,7 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
                 MetricSpec("train/step_time", "max", "step_time", unit="s"),
                 MetricSpec("train/tokens_per_s", "sum", "tokens_per_s", unit="tokens/s"),
                 MetricSpec("train/tokens", "sum", "tokens", unit="tokens"),
+                MetricSpec("telemetry/dropped_steps", "sum", "dropped_steps", unit="steps"),
             ],
         )
     if "params" in groups:
@@ -359,4 +360,5 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
     return Layout(regions)
 
 
-HOST_SLOTS = ("lr", "step_time", "tokens_per_s", "tokens")  # order inside region train.host
+# order inside region train.host; dropped_steps: the steps this rank's client has dropped so far
+HOST_SLOTS = ("lr", "step_time", "tokens_per_s", "tokens", "dropped_steps")

@@ -18,6 +18,12 @@ a model no shipped adapter fits names the supported families); so does `log` for
 or value. After that, every call point is wrapped: a telemetry failure is logged (a few times)
 and counted in `stats()`, never raised into the training loop. Only training forwards count
 into a step's statistics: eval-mode, no_grad and paused forwards are left out (hooks/stats.py).
+A collector that refuses the client for good (a wrong token, a schema over its bounds) ends
+telemetry with one logged error, also in `stats()['fatal_error']`; training goes on.
+
+Secrets never have to be on a command line: `token` defaults to $STEPWATCH_TOKEN, else the file
+$STEPWATCH_TOKEN_FILE names (or `token_file=`); TLS is `tls=True` (system roots) or
+`tls_ca="ca.pem"` (else $STEPWATCH_TLS_CA), or any grpc `credentials=`.
 
 Monitor and NullMonitor have the call points of the loop's interface (model/monitoring.py
 `TrainingMonitor`) structurally: hooks/ never imports model/.
@@ -59,6 +65,7 @@ from hooks.layout import (
 from hooks.sender import Sender
 from hooks.stats import Capture
 from hooks.userlog import UserScalars
+from proto import auth
 
 log = logging.getLogger("stepwatch.hooks")
 RUN_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -118,6 +125,9 @@ class Monitor:
         adapter: MoEAdapter | None = None,
         run_config: dict | None = None,
         credentials: Any = None,
+        token_file: str | os.PathLike | None = None,
+        tls: bool = False,
+        tls_ca: str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(target, str) or not (
             TARGET_RE.match(target) or target.startswith("unix:")
@@ -128,8 +138,11 @@ class Monitor:
             raise ValueError(f"target port out of range in {target!r}")
         if not isinstance(run, str) or not RUN_RE.match(run):
             raise ValueError(f"run name {run!r} must match {RUN_RE.pattern}")
-        if token is not None and (not isinstance(token, str) or not token or "\n" in token):
-            raise ValueError("token must be a non-empty single-line string (or None)")
+        if token is not None:
+            auth.check_token(token)
+        token = auth.read_secret(token, token_file)  # else $STEPWATCH_TOKEN(_FILE)
+        if credentials is None:
+            credentials = auth.client_credentials(tls, tls_ca)  # else $STEPWATCH_TLS_CA
         if config is not None and not isinstance(config, MonitorConfig):
             raise TypeError(f"config must be a MonitorConfig, got {type(config).__name__}")
         self.target, self.run, self.token = target, run, token
@@ -284,16 +297,18 @@ class Monitor:
         if tokens is None and self.capture.tokens_seen:  # counted by the first MoE router
             tokens = self.capture.tokens_seen
         tok = math.nan if tokens is None else float(tokens)
+        assert self.sender is not None  # attached
         host = {
             "lr": lr,
             "step_time": step_time,
             "tokens": tok,
             "tokens_per_s": tok / step_time if step_time > 0 else math.nan,
+            "dropped_steps": float(self.sender.buffer.counters["dropped_steps"]),
         }
         schemas = [(STEP_SCHEMA_ID, self.layout.n_step)] if self.layout.n_step else []
         if periodic and self.layout.n_periodic:
             schemas.append((PERIODIC_SCHEMA_ID, self.layout.n_periodic))
-        assert self.sender is not None and self.user is not None  # attached
+        assert self.user is not None  # attached
         user = self.user.for_step(step, self.sender.submit)
         if user is not None:
             schemas += user[0]

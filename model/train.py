@@ -2,7 +2,8 @@
 injection, bit-identical checkpoint/resume, DDP (gloo) on CPU under torchrun.
 
     python -m model.train --preset tiny --steps 200 [--seed 0] [--inject blowup@50 ...]
-        [--monitor HOST:PORT --run NAME] [--checkpoint PATH] [--resume PATH] [--out DIR]
+        [--monitor HOST:PORT --run NAME [--token-file F] [--tls | --tls-ca PEM]]
+        [--checkpoint PATH] [--resume PATH] [--out DIR]
     torchrun --nproc_per_node=2 -m model.train --preset tiny --steps 50
 
 Monitor call points (an optional `monitor` object, model/monitoring.py's `TrainingMonitor`;
@@ -25,7 +26,9 @@ telemetry builds against these):
 
 `step` counts optimizer steps from 0 and continues across resumes. Exceptions from the per-step
 call points and close are logged and counted (TrainResult.monitor_errors), never raised into
-training; an exception from attach (before step 0) is a configuration error and is raised. A step whose
+training; an exception from attach (before step 0) is a configuration error and is raised.
+--monitor's token comes from $STEPWATCH_TOKEN, the file $STEPWATCH_TOKEN_FILE names, or
+--token-file (never the command line); TLS from --tls (system roots) or --tls-ca / $STEPWATCH_TLS_CA. A step whose
 gradient norm is not finite is skipped (no optimizer update) and listed in skipped_steps.
 """
 
@@ -254,6 +257,14 @@ def main(argv: list[str] | None = None) -> TrainResult:
     p.add_argument("--inject", action="append", default=[], metavar="KIND@STEP[:k=v,...]")
     p.add_argument("--monitor", metavar="HOST:PORT", help="stream telemetry to a collector")
     p.add_argument("--run", help="run name for --monitor")
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding --monitor's bearer token (default: $STEPWATCH_TOKEN, else the "
+        "file $STEPWATCH_TOKEN_FILE names)",
+    )
+    p.add_argument("--tls", action="store_true", help="--monitor over TLS (system roots)")
+    p.add_argument("--tls-ca", metavar="PEM", help="--monitor over TLS trusting these roots")
     p.add_argument("--checkpoint", metavar="PATH")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", metavar="PATH")
@@ -301,8 +312,11 @@ def main(argv: list[str] | None = None) -> TrainResult:
                 f"--monitor needs the stepwatch hooks package (hooks/), which failed to "
                 f"import: {exc}"
             )
+        secure = {"token_file": args.token_file, "tls": args.tls, "tls_ca": args.tls_ca}
         monitor = DeferredMonitor(
-            lambda model, optimizer: Monitor(model, optimizer, target=args.monitor, run=args.run)
+            lambda model, optimizer: Monitor(
+                model, optimizer, target=args.monitor, run=args.run, **secure
+            )
         )
     result = train(cfg, monitor=monitor)
     if result.val_losses and result.rank == 0:

@@ -4,12 +4,17 @@ Runs the real pieces as separate processes, the way a user deploys them: `python
 serve` on a free loopback port (online detectors and clip policy on), `python -m model.train
 --monitor HOST:PORT` against it (optionally with injected faults), then reads the stored run back
 through store/'s read API and writes the offline anomaly report with `python -m analytics report`.
+
+The collector runs as it should anywhere: with a token (and an operator token for clip
+commands), both generated here into files next to the store (mode 0600) and handed to every
+process through STEPWATCH_TOKEN_FILE / STEPWATCH_OPERATOR_TOKEN_FILE, never on a command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -48,9 +53,31 @@ def main() -> int:
     shutil.rmtree(store_dir, ignore_errors=True)  # the demo starts from an empty store
     store_url = f"parquet:{store_dir}"
 
+    # ---------------------------------------------------------------- tokens
+    token_file = store_dir.parent / f"{args.run}-token"
+    operator_file = store_dir.parent / f"{args.run}-operator-token"
+    for path in (token_file, operator_file):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16) + "\n")
+    env: dict = {k: v for k, v in os.environ.items() if not k.startswith("STEPWATCH_")}
+    env.update(PYTHONUNBUFFERED="1", STEPWATCH_TOKEN_FILE=str(token_file))
+    unset = {k: None for k in os.environ if k.startswith("STEPWATCH_")}  # ours, not the shell's
+
     # ---------------------------------------------------------------- collector
-    collector, address = start_collector(store_url, log_path=store_dir.parent / "collector.log")
+    collector, address = start_collector(
+        store_url,
+        log_path=store_dir.parent / "collector.log",
+        env={**unset, **env, "STEPWATCH_OPERATOR_TOKEN_FILE": str(operator_file)},
+    )
     print(f"[demo] collector listening on {address}, store {store_url}", flush=True)
+    print(
+        f"[demo] its token is in {token_file}, the operator token (clip commands) in "
+        f"{operator_file}",
+        flush=True,
+    )
 
     # ---------------------------------------------------------------- monitored training
     t0 = time.time()
@@ -75,7 +102,7 @@ def main() -> int:
             ]
             + [f"--inject={fault}" for fault in args.inject],
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=env,
         )
     finally:
         stop_collector(collector)  # flushes the store, finishes the run

@@ -16,6 +16,15 @@ reconnect to a collector without the capability splits such chunks back into chu
 unacknowledged for net_timeout_s is declared dead and reopened. Nothing here raises into the
 caller.
 
+Failures: a stream that ends with a transient status (UNAVAILABLE, a dead stream, a collector
+shutting down) is reopened after an exponential backoff with jitter (`Backoff`), which resets
+only once a connection has made progress (an Ack), so a collector that accepts and then drops
+every stream is retried less and less often too. A permanent one (`is_permanent`: a bad token,
+missing operator rights, an invalid frame, a bound that a resend cannot get under) stops the
+sender for good: one error in the log, `stats()['fatal_error']`, every later step counted as
+dropped. Steps the buffer dropped are reported to the collector as holes (StepsDropped) once a
+connection whose Welcome takes them is up; the report takes a seq and is resent until acked.
+
 Locking: one re-entrant condition (the buffer's, hooks/buffer.py) guards the buffer, the
 counters and the connection state; every thread or task of a driver takes it.
 """
@@ -23,7 +32,9 @@ counters and the connection state; every thread or task of a driver takes it.
 from __future__ import annotations
 
 import logging
+import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -34,9 +45,46 @@ from hooks import frames
 from hooks.buffer import AckItem, SchemaItem, StepBuffer, StepItem
 from hooks.config import MonitorConfig
 from hooks.layout import MetricSpec
+from proto import auth
 from proto.v1 import telemetry_pb2 as pb
 
 log = logging.getLogger("stepwatch.hooks")
+
+# Statuses no resend can cure. RESOURCE_EXHAUSTED is transient (a rank too far ahead, a full
+# collector) unless the collector's Error says permanent or gRPC refused the message's size.
+PERMANENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+TOO_LARGE = "larger than max"  # gRPC's own message-size refusal, either end
+
+
+def is_permanent(code: grpc.StatusCode, details: str, server_says: bool = False) -> bool:
+    """Whether a stream that ended with `code` must not be reopened."""
+    return server_says or code in PERMANENT_CODES or TOO_LARGE in (details or "")
+
+
+class Backoff:
+    """Reconnect waits: nominal initial * 2^n up to max, each drawn from [1/2, 1] of it."""
+
+    def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self.initial_s, self.max_s = initial_s, max_s
+        self._nominal = initial_s
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        """The wait before the next attempt; the one after it doubles."""
+        wait = self._nominal * self._rng.uniform(0.5, 1.0)
+        self._nominal = min(self._nominal * 2, self.max_s)
+        return wait
+
+    def reset(self) -> None:
+        """A connection made progress: the next outage starts from the initial wait."""
+        self._nominal = self.initial_s
 
 
 @dataclass(eq=False)
@@ -47,6 +95,9 @@ class Conn:
     welcomed: bool = False
     acked: int = 0
     chunk_ends_step: bool = False  # Welcome: the last chunk may end the step
+    takes_dropped: bool = False  # Welcome: hole reports (StepsDropped) are understood
+    progressed: bool = False  # an Ack arrived on it: the backoff starts over
+    refused: tuple[str, str, bool] | None = None  # the collector's Error: code, message, permanent
     dead: bool = False
     last_progress: float = field(default_factory=time.monotonic)
 
@@ -68,12 +119,22 @@ class SenderCore(Generic[ConnT]):
         on_clip: Callable[[pb.ClipUpdate], None] | None = None,
     ) -> None:
         self.target, self.ident, self.config = target, ident, config
-        self._schemas = frames.wire_schemas(schemas)  # split where a Schema would be too big
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._hello = frames.hello(ident, run_config or {})
+        self._schemas = frames.wire_schemas(schemas)  # cut where a Schema would be too big
+        self._parts = frames.part_layouts(self._schemas)
+        self._metadata = auth.bearer(token)
+        self.client_id = uuid.uuid4().hex  # the same on every reconnect of this client
+        self._hello = frames.hello(ident, run_config or {}, self.client_id)
         self._on_clip = on_clip
-        self.buffer = StepBuffer(config.buffer_steps, config.full_policy, config.block_timeout_s)
+        self.buffer = StepBuffer(
+            config.buffer_steps,
+            config.full_policy,
+            config.block_timeout_s,
+            capacity_bytes=config.buffer_bytes,
+            log_interval_s=config.drop_log_interval_s,
+        )
         self._cond = self.buffer.cond
+        self.backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+        self.fatal_error: str | None = None  # set once by a permanent error
         self._schema_frames: list[pb.ClientFrame] | None = None
         self._next_seq = 0  # set from the first Welcome
         self._conn: ConnT | None = None
@@ -94,7 +155,10 @@ class SenderCore(Generic[ConnT]):
     def add_schema(self, schema_id: int, specs: Sequence[MetricSpec]) -> None:
         """Register one more schema mid-run (before submitting a step that uses it): it is
         sent in order with the steps, and again first on every reconnect."""
-        for sid, part in frames.wire_schemas([(schema_id, specs)]):
+        wire = frames.wire_schemas([(schema_id, specs)])
+        with self._cond:
+            self._parts.update(frames.part_layouts(wire))  # how its steps' values are cut
+        for sid, part in wire:
             self.buffer.submit_control(SchemaItem(sid, part))
         self._wake()
 
@@ -108,10 +172,19 @@ class SenderCore(Generic[ConnT]):
             conn = self._conn
             out.update(
                 buffered_steps=self.buffer.buffered(),
+                buffered_bytes=self.buffer.buffered_bytes(),
                 unacked_frames=len(self.buffer.unacked_frames()),
                 connected=bool(conn and conn.welcomed and not conn.dead),
+                holes_unreported=sum(b - a + 1 for a, b in self.buffer.drops.ranges),
             )
+            if self.fatal_error is not None:
+                out["fatal_error"] = self.fatal_error
             return out
+
+    @property
+    def stopped(self) -> bool:
+        """A permanent error ended this sender (see fatal_error)."""
+        return self.fatal_error is not None
 
     # ------------------------------------------------------------------ closing
     def _stop_now(self) -> tuple[int, ConnT | None]:
@@ -130,7 +203,7 @@ class SenderCore(Generic[ConnT]):
             log.warning(
                 "stepwatch: closed with %d step(s) not acknowledged by %s", lost, self.target
             )
-        return flushed and lost == 0
+        return flushed and lost == 0 and self.fatal_error is None
 
     # ------------------------------------------------------------------ worker
     def _release_waiting(self) -> None:
@@ -147,9 +220,41 @@ class SenderCore(Generic[ConnT]):
         with self._cond:
             if conn.welcomed and not conn.dead:
                 self.buffer.counters["connects"] += 1
-                return True
-        self.buffer.count("connect_failures")
-        return False
+                reconnect = self.buffer.counters["connects"] > 1
+            else:
+                self.buffer.counters["connect_failures"] += 1
+                return False
+        if reconnect:
+            log.info("stepwatch: reconnected to %s", self.target)
+        self.buffer.log_drops()  # what the outage cost, before it is reported
+        return True
+
+    def _next_wait(self, conn: ConnT | None) -> float:
+        """The backoff before the next attempt, after `conn` (None: it never opened)."""
+        if conn is not None and conn.progressed:
+            self.backoff.reset()
+        return self.backoff.next()
+
+    def _fail(self, code: str, message: str) -> None:
+        """A permanent error: stop for good, with one error in the log (once per sender)."""
+        with self._cond:
+            if self.fatal_error is not None:
+                return
+            self.fatal_error = f"{code}: {message}"
+            self._stop = True
+            lost = self.buffer.stop()
+            self._cond.notify_all()
+        log.error(
+            "stepwatch: the collector at %s refused run %r rank %d for good (%s: %s); "
+            "telemetry is off for the rest of this run, %d buffered step(s) dropped; "
+            "training continues",
+            self.target,
+            self.ident.run,
+            self.ident.rank,
+            code,
+            message,
+            lost,
+        )
 
     def _mark_dead(self, conn: ConnT) -> None:
         with self._cond:
@@ -193,6 +298,24 @@ class SenderCore(Generic[ConnT]):
         self._next_seq += 1
         return self._next_seq
 
+    def _holes(self, conn: ConnT) -> list[pb.ClientFrame]:
+        """The hole report for drops not yet reported, recorded as sent (worker only); none
+        towards a collector that does not take them (they stay counted)."""
+        with self._cond:
+            if not conn.takes_dropped or not self.buffer.drops.ranges:
+                return []
+            ranges = self.buffer.drops.take()
+            frame = frames.steps_dropped(
+                self.ident, self._alloc_seq(), ranges, self.buffer.drops.total, "buffer_full"
+            )
+            self.buffer.record_sent([frame], False)
+            self.buffer.counters["holes_reported"] += sum(b - a + 1 for a, b in ranges)
+            self.buffer.counters["frames_sent"] += 1
+        return [frame]
+
+    def _has_holes(self, conn: ConnT) -> bool:
+        return conn.takes_dropped and bool(self.buffer.drops.ranges)
+
     def _encode(self, conn: ConnT, item: StepItem | AckItem | SchemaItem) -> list[pb.ClientFrame]:
         """Encode outside the lock (only the worker allocates seqs), then record as sent."""
         is_step = isinstance(item, StepItem)
@@ -205,7 +328,8 @@ class SenderCore(Generic[ConnT]):
                 self.buffer.counters["schemas_added"] += 1
             return [frame]
         if isinstance(item, StepItem):
-            payload = frames.StepPayload(item.step, item.values(), item.schemas, item.wall_time)
+            layout = frames.wire_layout(item.schemas, self._parts)
+            payload = frames.StepPayload(item.step, item.values(), layout, item.wall_time)
             out = frames.step_frames(  # looked up on the module: the load generator times it
                 self.ident,
                 payload,
@@ -244,30 +368,40 @@ class SenderCore(Generic[ConnT]):
             if kind == "welcome":
                 conn.acked, conn.welcomed = resp.welcome.acked_seq, True
                 conn.chunk_ends_step = resp.welcome.chunk_ends_step
+                conn.takes_dropped = resp.welcome.takes_dropped
             elif kind == "ack":
                 self.buffer.ack(resp.ack.seq)
                 conn.last_progress = time.monotonic()
-            elif kind == "error":
+                conn.progressed = True
+            elif kind == "error":  # the status follows: _stream_error decides what to do
                 self.buffer.counters["server_errors"] += 1
-                log.warning(
-                    "stepwatch: collector error %s: %s", resp.error.code, resp.error.message
-                )
+                e = resp.error
+                conn.refused = (e.code, e.message, e.permanent)
             self._cond.notify_all()
 
-    def _stream_error(self, exc: grpc.RpcError) -> None:
-        if not self._stop and exc.code() != grpc.StatusCode.CANCELLED:
-            key = f"status_{exc.code().name}"
-            with self._cond:
-                self.buffer.counters["stream_errors"] += 1
-                self.buffer.counters[key] += 1
-                first = self.buffer.counters[key] == 1  # warn once per status, then quietly
-            log.log(
-                logging.WARNING if first else logging.DEBUG,
-                "stepwatch: stream to %s ended: %s %s (reconnecting with backoff)",
-                self.target,
-                exc.code().name,
-                exc.details() or "",
-            )
+    def _stream_error(self, exc: grpc.RpcError, conn: ConnT | None = None) -> None:
+        if self._stop or exc.code() == grpc.StatusCode.CANCELLED:
+            return
+        code, details = exc.code(), exc.details() or ""
+        refused = conn.refused if conn is not None else None
+        if refused is not None and refused[0] == code.name:
+            details = refused[1] or details
+        if is_permanent(code, details, bool(refused and refused[2])):
+            self.buffer.count(f"status_{code.name}")
+            self._fail(code.name, details)
+            return
+        key = f"status_{code.name}"
+        with self._cond:
+            self.buffer.counters["stream_errors"] += 1
+            self.buffer.counters[key] += 1
+            first = self.buffer.counters[key] == 1  # warn once per status, then quietly
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "stepwatch: stream to %s ended: %s %s (reconnecting with backoff)",
+            self.target,
+            code.name,
+            details,
+        )
 
     def _deliver_clip(self, update: pb.ClipUpdate) -> None:
         if self._on_clip is None:

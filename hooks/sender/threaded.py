@@ -5,8 +5,9 @@ Threads
                    under the "block" policy they wait at most block_timeout_s, never longer);
   worker           owns the connection: connects, waits for Welcome, (re)sends the schemas and
                    the unacknowledged frames, then turns buffered steps into frames (the
-                   protocol in hooks/sender/core.py); reconnects with exponential backoff after
-                   any stream error;
+                   protocol in hooks/sender/core.py); reconnects after a transient stream
+                   error with exponential backoff and jitter (core.Backoff), a wait that new
+                   steps never cut short; stops for good after a permanent one;
   reader           one per connection: Welcome, Ack (frees buffer space), ClipUpdate (handed to
                    `on_clip`), Error; its end marks the connection dead;
   gRPC's own thread consumes the request iterator fed from the worker's queue.
@@ -103,11 +104,10 @@ class Sender(SenderCore[_Conn]):
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
-        backoff = self.config.backoff_initial_s
+        closing_retried = False  # close() gets one prompt attempt, not a storm
         while not (self._stop or self._goodbye):
             conn = self._connect()
             if conn is not None:
-                backoff = self.config.backoff_initial_s
                 try:
                     self._serve(conn)
                 except Exception:
@@ -115,10 +115,14 @@ class Sender(SenderCore[_Conn]):
                     log.exception("stepwatch: sender error")
                 self._drop_conn(conn)
             self._release_waiting()
+            wait = self._next_wait(conn)
             with self._cond:
-                if not (self._stop or self._goodbye):
-                    self._cond.wait(timeout=backoff)
-            backoff = min(backoff * 2, self.config.backoff_max_s)
+                # submits notify this condition: only stop, goodbye or a first close end it
+                self._cond.wait_for(self._backoff_over(closing_retried), timeout=wait)
+                closing_retried = closing_retried or self.buffer.closing
+
+    def _backoff_over(self, closing_retried: bool) -> Callable[[], bool]:
+        return lambda: self._stop or self._goodbye or (self.buffer.closing and not closing_retried)
 
     def _connect(self) -> _Conn | None:
         options = [("grpc.max_send_message_length", 8 << 20)]
@@ -161,12 +165,20 @@ class Sender(SenderCore[_Conn]):
         while True:
             with self._cond:
                 self._cond.wait_for(
-                    lambda: self.buffer.has_pending() or conn.dead or self._stop,
+                    lambda: (
+                        self.buffer.has_pending()
+                        or self._has_holes(conn)
+                        or conn.dead
+                        or self._stop
+                    ),
                     timeout=min(0.5, timeout),
                 )
                 if conn.dead or self._stop or self._stale(conn):
                     return
+                holes = self._holes(conn)
                 item = self.buffer.pop()
+            for frame in holes:
+                conn.out_q.put(frame)
             if item is not None:
                 self._transmit(conn, item)
 
@@ -180,7 +192,7 @@ class Sender(SenderCore[_Conn]):
             for resp in conn.call:
                 self._receive(conn, resp)
         except grpc.RpcError as exc:
-            self._stream_error(exc)
+            self._stream_error(exc, conn)
         except Exception:  # noqa: BLE001 - the stream is reopened
             self._reader_error()
         finally:

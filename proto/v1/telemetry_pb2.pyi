@@ -21,18 +21,20 @@ REDUCE_MAX: ReduceOp
 REDUCE_MIN: ReduceOp
 
 class ClientFrame(_message.Message):
-    __slots__ = ("hello", "schema", "chunk", "end_of_step", "clip_ack")
+    __slots__ = ("hello", "schema", "chunk", "end_of_step", "clip_ack", "dropped")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_OF_STEP_FIELD_NUMBER: _ClassVar[int]
     CLIP_ACK_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     schema: Schema
     chunk: StepChunk
     end_of_step: EndOfStep
     clip_ack: ClipAck
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., schema: _Optional[_Union[Schema, _Mapping]] = ..., chunk: _Optional[_Union[StepChunk, _Mapping]] = ..., end_of_step: _Optional[_Union[EndOfStep, _Mapping]] = ..., clip_ack: _Optional[_Union[ClipAck, _Mapping]] = ...) -> None: ...
+    dropped: StepsDropped
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., schema: _Optional[_Union[Schema, _Mapping]] = ..., chunk: _Optional[_Union[StepChunk, _Mapping]] = ..., end_of_step: _Optional[_Union[EndOfStep, _Mapping]] = ..., clip_ack: _Optional[_Union[ClipAck, _Mapping]] = ..., dropped: _Optional[_Union[StepsDropped, _Mapping]] = ...) -> None: ...
 
 class FrameHeader(_message.Message):
     __slots__ = ("run", "rank", "step", "seq")
@@ -47,18 +49,20 @@ class FrameHeader(_message.Message):
     def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("header", "world_size", "config_json", "protocol_version", "client_version")
+    __slots__ = ("header", "world_size", "config_json", "protocol_version", "client_version", "client_id")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
     world_size: int
     config_json: str
     protocol_version: int
     client_version: str
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
+    client_id: str
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class MetricDef(_message.Message):
     __slots__ = ("name", "layer", "expert", "head", "stat", "unit", "reduce")
@@ -118,6 +122,26 @@ class EndOfStep(_message.Message):
     wall_time: float
     def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., n_values: _Optional[int] = ..., wall_time: _Optional[float] = ...) -> None: ...
 
+class StepsDropped(_message.Message):
+    __slots__ = ("header", "ranges", "total", "reason")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    header: FrameHeader
+    ranges: _containers.RepeatedCompositeFieldContainer[StepRange]
+    total: int
+    reason: str
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., ranges: _Optional[_Iterable[_Union[StepRange, _Mapping]]] = ..., total: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class StepRange(_message.Message):
+    __slots__ = ("first", "last")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    last: int
+    def __init__(self, first: _Optional[int] = ..., last: _Optional[int] = ...) -> None: ...
+
 class ClipAck(_message.Message):
     __slots__ = ("header", "version")
     HEADER_FIELD_NUMBER: _ClassVar[int]
@@ -139,14 +163,16 @@ class ServerFrame(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., clip: _Optional[_Union[ClipUpdate, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step")
+    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ENDS_STEP_FIELD_NUMBER: _ClassVar[int]
+    TAKES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     protocol_version: int
     chunk_ends_step: bool
-    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ...) -> None: ...
+    takes_dropped: bool
+    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "step")
@@ -177,9 +203,11 @@ class ClipUpdate(_message.Message):
     def __init__(self, version: _Optional[int] = ..., settings: _Optional[_Iterable[_Union[ClipSetting, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "permanent")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PERMANENT_FIELD_NUMBER: _ClassVar[int]
     code: str
     message: str
-    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    permanent: bool
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., permanent: _Optional[bool] = ...) -> None: ...

@@ -226,12 +226,14 @@ class RawClient:
 
 @pytest.fixture
 def start_collector():
-    """start_collector(store=None, **config) -> (collector, "127.0.0.1:PORT", store)."""
+    """start_collector(store=None, **config) -> (collector, "127.0.0.1:PORT", store). Without
+    a token it is explicitly insecure (loopback, no auth)."""
     started: list[Collector] = []
 
     def start(store=None, **config):
         store = store if store is not None else open_store("memory:")
         config.setdefault("flush_interval_s", 0.05)
+        config.setdefault("insecure", config.get("token") is None)
         collector = Collector(store, CollectorConfig(**config))
         port = collector.start("127.0.0.1", 0)
         started.append(collector)

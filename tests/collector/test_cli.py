@@ -78,7 +78,7 @@ def test_serve_rejects_a_bad_store_url():
 
 def test_a_taken_port_is_an_error_not_shared(start_collector):
     _, addr, _ = start_collector()
-    other = Collector(open_store("memory:"))
+    other = Collector(open_store("memory:"), CollectorConfig(insecure=True))
     with pytest.raises(OSError, match="could not listen"):
         other.start("127.0.0.1", int(addr.rsplit(":", 1)[1]))
 
@@ -112,7 +112,7 @@ def test_tls(tmp_path):
         timeout=60,
     )
     store = open_store("memory:")
-    collector = Collector(store, CollectorConfig(flush_interval_s=0.05))
+    collector = Collector(store, CollectorConfig(flush_interval_s=0.05, insecure=True))
     port = collector.start("127.0.0.1", 0, tls=(cert.read_bytes(), key.read_bytes()))
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())

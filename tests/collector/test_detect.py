@@ -6,6 +6,7 @@ with `python -m collector clip` against the running collector."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,10 +118,12 @@ def test_observe_only_detects_but_sends_nothing(start_collector, client_factory)
 
 
 def clip_cli(addr, *args, token=None):
+    """`collector clip` with the token in $STEPWATCH_TOKEN (never on argv)."""
     cmd = [sys.executable, "-m", "collector", "clip", *args, "--target", addr]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPWATCH_TOKEN")}
     if token:
-        cmd += ["--token", token]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        env["STEPWATCH_TOKEN"] = token
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
 
 
 def table(stdout: str) -> list[str]:
@@ -184,16 +187,18 @@ def test_operator_set_freeze_clear_over_the_wire(start_collector, client_factory
 
 
 def test_operator_errors(start_collector):
-    collector, addr, _ = start_collector(token="s3cret")
-    out = clip_cli(addr, "set", "--run", "r", "--layer", "1", "--limit", "-1", token="s3cret")
+    collector, addr, _ = start_collector(token="s3cret", operator_token="0p3r")
+    out = clip_cli(addr, "set", "--run", "r", "--layer", "1", "--limit", "-1", token="0p3r")
     assert out.returncode == 2 and "INVALID_ARGUMENT" in out.stderr and "limit" in out.stderr
     out = clip_cli(addr, "list", "--run", "r")
     assert out.returncode == 2 and "UNAUTHENTICATED" in out.stderr
-    out = clip_cli(addr, "set", "--run", "r", "--layer", "1", token="s3cret")
+    out = clip_cli(addr, "list", "--run", "r", token="s3cret")  # the ranks' token: no operator
+    assert out.returncode == 2 and "PERMISSION_DENIED" in out.stderr
+    out = clip_cli(addr, "set", "--run", "r", "--layer", "1", token="0p3r")
     assert out.returncode == 2 and "--limit" in out.stderr  # argparse: usage error
-    out = clip_cli(addr, "list", "--run", "bad name!", token="s3cret")
+    out = clip_cli(addr, "list", "--run", "bad name!", token="0p3r")
     assert out.returncode == 2 and "run name" in out.stderr
-    out = clip_cli(addr, "list", "--run", "r", token="s3cret")
+    out = clip_cli(addr, "list", "--run", "r", token="0p3r")
     assert out.returncode == 0 and out.stdout == "# version 0\nlayer,site,limit,frozen\n"
     assert collector.stats()["operator_commands"] == 1
 

@@ -30,7 +30,11 @@ def record_tiny_runs(store_dir: Path, runs: dict[str, dict]) -> str:
 
     url = f"parquet:{store_dir}"
     proc, address = start_collector(
-        url, "--flush-interval", "0.1", log_path=Path(store_dir).parent / "collector.log"
+        url,
+        "--insecure",
+        "--flush-interval",
+        "0.1",
+        log_path=Path(store_dir).parent / "collector.log",
     )
     try:
         for run, overrides in runs.items():

@@ -4,7 +4,8 @@ Not the project's collector (collector/ is built separately): just enough of the
 to exercise the client. Per connection: check the token, read Hello, answer Welcome with the
 durable seq, then record every frame and acknowledge cumulatively while `acking` is set. Knobs
 let a test stop acking, drop the current stream, push ClipUpdates down, or say in the next
-Welcome that chunks may end a step (`chunk_ends_step`; off: an older collector).
+Welcome that chunks may end a step (`chunk_ends_step`) or that hole reports are taken
+(`takes_dropped`; off: an older collector).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class RecordingServicer(pbg.TelemetryServicer):
         self.acking = True  # advance durable on receipt
         self.send_acks = True  # tell the client (False: durable, but the ack is lost)
         self.chunk_ends_step = False  # the Welcome's capability flag
+        self.takes_dropped = False  # ... and whether hole reports are taken
         self.outboxes: list[queue.Queue] = []
         self.rejected = 0
 
@@ -127,7 +129,12 @@ class RecordingServicer(pbg.TelemetryServicer):
             self.lock.notify_all()
             durable, capable = self.durable, self.chunk_ends_step
         yield pb.ServerFrame(
-            welcome=pb.Welcome(acked_seq=durable, protocol_version=1, chunk_ends_step=capable)
+            welcome=pb.Welcome(
+                acked_seq=durable,
+                protocol_version=1,
+                chunk_ends_step=capable,
+                takes_dropped=self.takes_dropped,
+            )
         )
 
         def read() -> None:

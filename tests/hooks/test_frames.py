@@ -97,10 +97,14 @@ def test_buffer_counts_a_folded_step_until_its_last_chunk_is_acked():
     assert buf.buffered() == 0 and buf.drained()
 
 
-def test_drop_oldest_in_flight_drops_exactly_one_folded_step():
+def test_drop_oldest_never_drops_a_frame_in_flight():
+    """Sent frames are owed to the collector (it refuses a seq gap): with every buffered step
+    in flight, the new step is the one dropped, and it is remembered as a hole."""
     buf = StepBuffer(capacity=2, policy="drop_oldest", block_timeout_s=0.1)
     buf.record_sent(encode(payload(0, 6), True, first_seq=1), is_step=True)  # seqs 1, 2
     buf.record_sent(encode(payload(1, 6), True, first_seq=3), is_step=True)  # seqs 3, 4
-    buf.submit(StepItem(2, None, [], 0.0))  # full: every step in flight, drop step 0
-    assert [frames.seq_of(f) for f in buf.unacked_frames()] == [3, 4]
-    assert buf.counters["dropped_unacked"] == 1 and buf.buffered() == 2
+    for step in (2, 3):
+        assert buf.submit(StepItem(step, None, [], 0.0)) is False
+    assert [frames.seq_of(f) for f in buf.unacked_frames()] == [1, 2, 3, 4]
+    assert buf.counters["dropped_newest"] == 2 and buf.buffered() == 2
+    assert buf.drops.take() == [(2, 3)] and buf.drops.total == 2

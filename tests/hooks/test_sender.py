@@ -177,17 +177,28 @@ def test_drop_oldest_while_the_collector_is_down_then_deliver(servicer):
     assert data_seqs(servicer.connections[-1]) == list(range(3, 9))  # no seq gap
 
 
-def test_drop_oldest_when_every_step_is_in_flight(server, servicer):
+def test_drop_oldest_when_every_step_is_in_flight_drops_the_new_one(server, servicer):
+    """Sent frames are owed (a seq gap is refused): the new step is dropped, and reported as
+    a hole once the collector acknowledges again; seqs stay contiguous throughout."""
     servicer.acking = False
+    servicer.takes_dropped = True
     sender = make_sender(server.target, buffer_steps=2)
     sender.submit(item(0))
     sender.submit(item(1))
     assert servicer.wait_for(lambda s: len(s.frames("end_of_step")) == 2)
-    assert sender.submit(item(2))
+    assert sender.submit(item(2)) is False and sender.submit(item(3)) is False
     stats = sender.stats()
-    assert stats["dropped_steps"] == 1 and stats["dropped_unacked"] == 1
+    assert stats["dropped_steps"] == 2 and stats["dropped_newest"] == 2
     assert stats["buffered_steps"] == 2
-    sender.close(timeout=0.2)
+    servicer.acking = True
+    servicer.drop_current()  # the reconnect's Welcome acks what it holds; then the report
+    assert servicer.wait_for(lambda s: len(s.frames("dropped")) == 1)
+    assert sender.close(timeout=10)
+    (report,) = [f.dropped for f in servicer.frames("dropped")]
+    assert [(r.first, r.last) for r in report.ranges] == [(2, 3)] and report.total == 2
+    # the unacked steps resent as they were, then the report: no seq skipped
+    assert data_seqs(servicer.connections[-1]) == [3, 4, 5, 6, 7]
+    assert servicer.connections[-1][-1].WhichOneof("kind") == "dropped"
 
 
 def test_block_policy_waits_then_drops_the_new_step(servicer):
@@ -221,10 +232,13 @@ def test_token_in_metadata():
         assert len(servicer.frames("end_of_step")) == 1
         bad = make_sender(server.target, token="wrong")
         bad.submit(item(1))
-        assert servicer.wait_for(lambda s: s.rejected >= 2)
+        assert wait_until(lambda: "fatal_error" in bad.stats())  # permanent: no reconnect
         assert bad.close(timeout=0.2) is False
-        assert bad.stats()["status_UNAUTHENTICATED"] >= 1
-        assert len(servicer.frames("end_of_step")) == 1
+        stats = bad.stats()
+        assert stats["status_UNAUTHENTICATED"] == 1 and stats["connect_attempts"] == 1
+        assert stats["fatal_error"].startswith("UNAUTHENTICATED")
+        assert bad.submit(item(2)) is False and bad.stats()["dropped_stopped"] == 1
+        assert servicer.rejected == 1 and len(servicer.frames("end_of_step")) == 1
     finally:
         server.stop()
 

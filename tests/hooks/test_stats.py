@@ -148,7 +148,7 @@ def test_disabled_groups_install_nothing_and_send_nothing():
     assert not any(b.attn.probe_logits.active for b in model.layers)
     assert not any(moe.probe_experts.active for _, moe in model.moe_layers())
     names = {s.name for s in mon.layout.step_specs + mon.layout.periodic_specs}
-    assert names and all(n.startswith(("train/", "grad/")) for n in names)
+    assert names and all(n.startswith(("train/", "grad/", "telemetry/")) for n in names)
     mon.close()
     assert not model.lm_head._forward_hooks  # close removes every hook
 

@@ -421,7 +421,9 @@ def test_collector_process_writes_a_run_into_clickhouse(clickhouse_server, click
 
     from collector.process import start_collector, stop_collector
 
-    proc, address = start_collector(clickhouse_url, "--token", "t0ken", "--flush-interval", "0.1")
+    proc, address = start_collector(
+        clickhouse_url, "--flush-interval", "0.1", env={"STEPWATCH_TOKEN": "t0ken"}
+    )
     try:
         names = ["loss", "moe/layer00/expert000/act_rms", "attn/layer00/head00/max_logit"]
         sent = rank_stream(address, "t0ken", steps=5, names=names)

@@ -86,7 +86,9 @@ def blowup_runs(tmp_path_factory):
     for name, extra in (("act", ()), ("watch", ("--observe-only",))):
         url = f"parquet:{tmp / name}"
         log = tmp / f"{name}.log"
-        proc, address = start_collector(url, "--flush-interval", "0.05", *extra, log_path=log)
+        proc, address = start_collector(
+            url, "--insecure", "--flush-interval", "0.05", *extra, log_path=log
+        )
         try:
             run_training(address, name, [BLOWUP], STEPS)
         finally:
@@ -205,7 +207,9 @@ def test_report_of_the_run_renders_in_headless_chromium(blowup_runs, tmp_path):
 @pytest.fixture(scope="module")
 def observer():
     store = open_store("memory:")
-    collector = Collector(store, CollectorConfig(flush_interval_s=0.05, observe_only=True))
+    collector = Collector(
+        store, CollectorConfig(flush_interval_s=0.05, observe_only=True, insecure=True)
+    )
     port = collector.start()
     yield collector, f"127.0.0.1:{port}", store
     collector.stop()
@@ -273,7 +277,7 @@ def test_two_ranks_apply_the_clip_at_the_same_step(tmp_path):
     torchrun = str(torchrun) if torchrun.exists() else shutil.which("torchrun")
     assert torchrun, "torchrun not found next to the interpreter"
     store = open_store(f"parquet:{tmp_path / 'st'}")
-    collector = Collector(store, CollectorConfig(flush_interval_s=0.05))
+    collector = Collector(store, CollectorConfig(flush_interval_s=0.05, insecure=True))
     port = collector.start()
     try:
         out = subprocess.run(

@@ -33,7 +33,7 @@ def collector(tmp_path):
     """A real `python -m collector serve` on a free loopback port, Parquet store in tmp."""
     url = f"parquet:{tmp_path / 'store'}"
     proc, address = start_collector(
-        url, "--flush-interval", "0.1", log_path=tmp_path / "collector.log"
+        url, "--insecure", "--flush-interval", "0.1", log_path=tmp_path / "collector.log"
     )
     yield address, url, proc
     stop_collector(proc)
@@ -223,6 +223,7 @@ def test_straggler_is_reduced_without_and_marked(tmp_path):
     url = f"parquet:{tmp_path / 'store'}"
     proc, address = start_collector(
         url,
+        "--insecure",
         "--straggler-timeout",
         "2.0",
         "--flush-interval",
@@ -262,17 +263,19 @@ def test_straggler_is_reduced_without_and_marked(tmp_path):
 
 def test_large_schema_travels_as_several_wire_schemas(collector, monkeypatch):
     """A flash-sized rank has ~10^5 metrics; one Schema message of that size would be refused.
-    With the cut lowered to 50 metrics, the tiny model's ~280 travel as 6 wire schemas and
-    every value still lands under its own name."""
+    With the cut lowered to 2,500 bytes of MetricDefs (~50 metrics), the tiny model's ~280
+    travel as several wire schemas and every value still lands under its own name."""
     import hooks.frames
 
-    monkeypatch.setattr(hooks.frames, "MAX_SCHEMA_METRICS", 50)
+    monkeypatch.setattr(hooks.frames, "SCHEMA_PART_BYTES", 2_500)
     address, url, proc = collector
     probe = {}
 
     def make(model, optimizer):
         mon = Monitor(model, optimizer, target=address, run="split")
         probe["names"] = [s.name for s in mon.layout.step_specs]
+        assert mon.sender is not None
+        probe["parts"] = mon.sender._schemas
         return mon
 
     result = train(
@@ -281,6 +284,7 @@ def test_large_schema_travels_as_several_wire_schemas(collector, monkeypatch):
     assert result.monitor_errors == 0
     stop(proc)
     assert len(probe["names"]) > 5 * 50  # really split into several parts
+    assert len(probe["parts"]) > 5
     with open_store(url) as store:
         stored = store.at_step("split", 2)
         assert set(probe["names"]) <= set(stored["name"].to_list())
