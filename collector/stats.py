@@ -16,6 +16,7 @@ COUNTERS = (
     "frames_duplicate",  # seq <= acked: ignored and acked again
     "frames_rejected",  # refused with a gRPC status
     "auth_failures",  # RPCs refused UNAUTHENTICATED
+    "holes_reported",  # steps clients reported dropped (StepsDropped), stored as events
     "schemas_registered",
     "metrics_registered",
     "steps_reduced",

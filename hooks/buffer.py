@@ -130,9 +130,11 @@ class StepBuffer:
         block_timeout_s: float,
         capacity_bytes: int = 1 << 62,
         log_interval_s: float = 10.0,
+        label: str = "",
     ) -> None:
         self.capacity, self.policy, self.block_timeout_s = capacity, policy, block_timeout_s
         self.capacity_bytes, self.log_interval_s = capacity_bytes, log_interval_s
+        self.label = label  # whose buffer, in log lines: "run 'x' rank 3"
         self.cond = threading.Condition(threading.RLock())
         self.counters: collections.Counter = collections.Counter()
         self._pending: collections.deque = collections.deque()  # StepItem | AckItem
@@ -220,8 +222,9 @@ class StepBuffer:
             self._unlogged, self._logged_at = [], time.monotonic()
             total = self.counters["dropped_steps"]
         log.warning(
-            "stepwatch: client buffer full (%d steps, %.1f MiB; policy %s): dropped %d step(s) "
-            "between %d and %d, %d in total; each is reported to the collector as a hole",
+            "stepwatch: %sclient buffer full (%d steps, %.1f MiB; policy %s): dropped %d "
+            "step(s) between %d and %d, %d in total; each is reported to the collector as a hole",
+            f"{self.label}: " if self.label else "",
             self.buffered(),
             self._bytes / (1 << 20),
             self.policy,

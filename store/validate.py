@@ -91,8 +91,19 @@ def metrics_frame(md: MetricDict) -> pl.DataFrame:
     return last_wins(df, ["metric_id"])
 
 
+def _int(value: object) -> int:
+    assert isinstance(value, int)  # an i32 column's min/max
+    return value
+
+
 def merge_metrics(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
-    """Upsert `new` into `old` by metric_id; names must stay unique (series() reads by name)."""
+    """Upsert `new` into `old` by metric_id; names must stay unique (series() reads by name).
+    The usual write only appends ids above the old ones (a collector registers a wide rank's
+    metrics in many parts): that costs one hash lookup per new name, not a re-sort of all."""
+    if old.height and new.height and _int(new["metric_id"].min()) > _int(old["metric_id"].max()):
+        names = new["name"]
+        if not (names.is_duplicated().any() or names.is_in(old["name"].implode()).any()):
+            return pl.concat([old, new])
     merged = last_wins(pl.concat([old, new]), ["metric_id"]).sort("metric_id")
     dup = merged.filter(pl.col("name").is_duplicated())
     if dup.height:

@@ -131,6 +131,7 @@ class SenderCore(Generic[ConnT]):
             config.block_timeout_s,
             capacity_bytes=config.buffer_bytes,
             log_interval_s=config.drop_log_interval_s,
+            label=f"run {ident.run!r} rank {ident.rank}",
         )
         self._cond = self.buffer.cond
         self.backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
@@ -199,6 +200,7 @@ class SenderCore(Generic[ConnT]):
         return lost, conn
 
     def _closed(self, flushed: bool, lost: int) -> bool:
+        self.buffer.log_drops()  # the counts of drops not logged yet
         if lost:
             log.warning(
                 "stepwatch: closed with %d step(s) not acknowledged by %s", lost, self.target
