@@ -19,9 +19,9 @@ from collector.errors import InvalidArgument
 from collector.stats import Counters
 from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
-from store.base import EventRecord, Store
+from store.base import HOLE_EVENT_KIND, EventRecord, Store
 
-HOLE_KIND = "steps_dropped"
+HOLE_KIND = HOLE_EVENT_KIND
 MAX_RANGES = 4096  # per frame; the client's DropLog keeps at most this many
 
 

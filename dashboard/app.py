@@ -14,7 +14,7 @@ import sys
 import polars as pl
 import streamlit as st
 
-from dashboard import reads
+from dashboard import auth, reads
 from dashboard.panels import compare, events, explorer, heatmaps, replay
 from dashboard.panels import runs as runs_panel
 from store import StoreError
@@ -34,6 +34,7 @@ def store_url() -> str:
 
 
 st.set_page_config(page_title="stepwatch", page_icon="📈", layout="wide")
+auth.gate()  # a password or an auth proxy, when configured (dashboard/auth.py)
 URL = store_url()
 if not URL:
     st.error(
@@ -93,6 +94,7 @@ def replay_view(run: str) -> None:
     lo, hi = bounds
     step = replay.controls(run, lo, hi, live=row["status"] == "live")
     evs = reads.events(URL, run, reads.version_of(row))
+    runs_panel.holes(evs)  # steps a client dropped (and reported): missing on purpose
     replay.curves(URL, run, row, lo, hi, step, evs)
     heatmaps.heatmaps(URL, run, row, lo, step, evs)
     left, right = st.columns(2)

@@ -147,6 +147,7 @@ class ClipRecord:
 
 
 SEVERITIES = ("info", "warning", "critical")
+HOLE_EVENT_KIND = "steps_dropped"  # an event marking steps [onset_step, step] a rank never sent
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from typing import Any
 import polars as pl
 import streamlit as st
 
+from store.base import HOLE_EVENT_KIND
+
 
 def age_text(seconds: float) -> str:
     """'4 s', '3 min', '2.5 h' - how long ago, for humans."""
@@ -50,6 +52,34 @@ def runs_list(runs: pl.DataFrame) -> None:
             st.info("no runs recorded yet")
             return
         st.dataframe(table(runs), hide_index=True, key="runs_table")
+
+
+def hole_lines(events: pl.DataFrame) -> list[str]:
+    """Telemetry holes (steps a rank's client dropped and reported), one line per rank."""
+    holes = events.filter(pl.col("kind") == HOLE_EVENT_KIND)
+    lines = []
+    for (site,), g in holes.sort("site", "step").group_by("site", maintain_order=True):
+        spans = [
+            f"{a}" if a == b else f"{a}-{b}"
+            for a, b in zip(g["onset_step"].to_list(), g["step"].to_list())
+        ]
+        n = int(g["value"].sum())
+        more = f" and {len(spans) - 8} more ranges" if len(spans) > 8 else ""
+        lines.append(
+            f"{site.rsplit('/', 1)[-1]}: {n} step(s) never sent ({', '.join(spans[:8])}{more})"
+        )
+    return lines
+
+
+def holes(events: pl.DataFrame) -> None:
+    """A warning naming the holes, if any: those steps are missing on purpose, not lost."""
+    lines = hole_lines(events)
+    if lines:
+        st.warning(
+            "Telemetry holes - the client's buffer was full while the collector was away:\n\n"
+            + "\n\n".join(f"- {line}" for line in lines),
+            icon="⚠️",
+        )
 
 
 def header(row: dict[str, Any]) -> None:

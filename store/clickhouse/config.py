@@ -4,9 +4,11 @@
 
 Resolution, field by field: what the URL says; else the environment (CLICKHOUSE_HOST, _PORT,
 _USER, _PASSWORD, _DB); else the defaults below. A bare "clickhouse:" or "clickhouse://" first
-tries STEPWATCH_CLICKHOUSE_URL. So a deployment can keep the password out of command lines
-(docker-compose passes CLICKHOUSE_PASSWORD) while the URL names host and database. The query
-string carries table options (StoreOptions).
+tries STEPWATCH_CLICKHOUSE_URL. The password may also come from the file CLICKHOUSE_PASSWORD_FILE
+names (a Docker/Kubernetes secret). So a deployment keeps the password out of command lines,
+where /proc/PID/cmdline shows it to every local user (docker-compose passes
+CLICKHOUSE_PASSWORD), while the URL names host and database. The query string carries table
+options (StoreOptions).
 
 The SQL must run on every server from Debian's 18.16 (the tests) to current releases
 (docker-compose), so the server version is read once (`SELECT version()`) and the DDL
@@ -50,6 +52,7 @@ FIELD_ENV = {
     "password": "CLICKHOUSE_PASSWORD",
     "database": "CLICKHOUSE_DB",
 }
+PASSWORD_FILE_ENV = "CLICKHOUSE_PASSWORD_FILE"
 
 
 @dataclass(frozen=True)
@@ -128,12 +131,24 @@ class ClickHouseConfig:
             password=pick(
                 "password",
                 unquote(parts.password) if parts.password is not None else None,
-                DEFAULTS["password"],
+                _password_file(env) or DEFAULTS["password"],
             ),
             database=pick("database", unquote(parts.path.strip("/")) or None, DEFAULTS["database"]),
             secure=parts.scheme == "clickhouses",
             options=_options(parts.query),
         )
+
+
+def _password_file(env: Mapping[str, str]) -> str | None:
+    """The password in the file CLICKHOUSE_PASSWORD_FILE names (trailing newline dropped)."""
+    path = env.get(PASSWORD_FILE_ENV)
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return f.read().rstrip("\r\n")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {PASSWORD_FILE_ENV}={path!r}: {exc.strerror}") from None
 
 
 def _options(query: str) -> StoreOptions:

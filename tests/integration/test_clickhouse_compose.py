@@ -17,6 +17,7 @@ from store.clickhouse.config import ClickHouseConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "compose-test-token"
+PASSWORD = "compose-test-password"
 
 
 def compose_binary() -> str:
@@ -69,7 +70,7 @@ def resolved(**env: str) -> dict:
 
 @pytest.fixture(scope="module")
 def config() -> dict:
-    return resolved(STEPWATCH_TOKEN=TOKEN)
+    return resolved(STEPWATCH_TOKEN=TOKEN, STEPWATCH_DASHBOARD_PASSWORD=PASSWORD)
 
 
 def test_services_images_pinned_and_clickhouse_healthchecked(config):
@@ -157,11 +158,20 @@ def test_dashboard_placeholder_reads_the_same_store(config):
     assert cmd[:3] == ["python", "-m", "dashboard"]
     assert cmd[cmd.index("--store") + 1] == coll["command"][coll["command"].index("--store") + 1]
     assert cmd[cmd.index("--server.port") + 1] == "8501"
+    # it listens on every interface of its container: only with the password compose requires
+    from dashboard.__main__ import Refused, configure, parse
+
+    args, rest = parse(cmd[3:])
+    configure(args, rest, environ=dict(dash["environment"]))
+    with pytest.raises(Refused, match="password"):
+        configure(args, rest, environ={})
 
 
 def test_settings_come_from_the_environment():
     cfg = resolved(
         STEPWATCH_TOKEN="t2",
+        STEPWATCH_OPERATOR_TOKEN="op2",
+        STEPWATCH_DASHBOARD_PASSWORD="dash2",
         CLICKHOUSE_DB="other_db",
         CLICKHOUSE_USER="u2",
         CLICKHOUSE_PASSWORD="pw2",
@@ -173,9 +183,16 @@ def test_settings_come_from_the_environment():
     assert coll["environment"]["CLICKHOUSE_PASSWORD"] == "pw2"
     assert "pw2" not in " ".join(coll["command"])  # never on a command line
     assert coll["environment"]["STEPWATCH_TOKEN"] == "t2"
+    assert coll["environment"]["STEPWATCH_OPERATOR_TOKEN"] == "op2"
+    dash = cfg["services"]["dashboard"]
+    assert dash["environment"]["STEPWATCH_DASHBOARD_PASSWORD"] == "dash2"
+    for svc in (coll, dash):  # no secret on any command line
+        assert not {"t2", "op2", "dash2", "pw2"} & set(" ".join(svc["command"]).split())
     assert any(str(p.get("published")) == "6000" for p in coll["ports"])
 
 
-def test_no_default_token():
-    out = compose_config()
+def test_no_default_token_or_dashboard_password():
+    out = compose_config(STEPWATCH_DASHBOARD_PASSWORD=PASSWORD)
     assert out.returncode != 0 and "STEPWATCH_TOKEN" in out.stderr
+    out = compose_config(STEPWATCH_TOKEN=TOKEN)
+    assert out.returncode != 0 and "STEPWATCH_DASHBOARD_PASSWORD" in out.stderr
