@@ -3,6 +3,7 @@ with everything flushed into a Parquet store; TLS."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -127,3 +128,59 @@ def test_tls(tmp_path):
     finally:
         collector.stop()
     assert store.series("tls-run", "x")["value"].to_list() == [1.0]
+
+
+def _parsed_config(monkeypatch, argv, **env):
+    """collector.__main__.main(argv) up to serve(): the config it would serve with."""
+    import collector.__main__ as cli
+
+    for k in list(os.environ):
+        if k.startswith("STEPWATCH_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    seen = {}
+
+    def fake_serve(store_url, *, host, port, config, **_kw):
+        seen.update(host=host, config=config)
+        return 0
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    rc = cli.main(["serve", "--store", "memory:", *argv])
+    return rc, seen.get("config")
+
+
+def test_serve_reads_its_secrets_from_files_or_the_environment(monkeypatch, tmp_path, caplog):
+    (tmp_path / "t").write_text("file-token\n")
+    (tmp_path / "o").write_text("op-token\n")
+    rc, cfg = _parsed_config(
+        monkeypatch,
+        ["--token-file", str(tmp_path / "t"), "--operator-token-file", str(tmp_path / "o")],
+    )
+    assert rc == 0 and (cfg.token, cfg.operator_token, cfg.insecure) == (
+        "file-token",
+        "op-token",
+        False,
+    )
+    rc, cfg = _parsed_config(
+        monkeypatch, [], STEPWATCH_TOKEN="env-token", STEPWATCH_OPERATOR_TOKEN="env-op"
+    )
+    assert (cfg.token, cfg.operator_token) == ("env-token", "env-op")
+    # --insecure ignores a $STEPWATCH_TOKEN meant for the shell's clients
+    rc, cfg = _parsed_config(monkeypatch, ["--insecure"], STEPWATCH_TOKEN="env-token")
+    assert rc == 0 and cfg.token is None and cfg.insecure
+    rc, cfg = _parsed_config(monkeypatch, ["--insecure", "--token-file", str(tmp_path / "t")])
+    assert rc == 2 and cfg is None
+    with caplog.at_level("WARNING", "collector"):  # argv still works, and says what it costs
+        rc, cfg = _parsed_config(monkeypatch, ["--token", "argv-token"])
+    assert rc == 0 and cfg.token == "argv-token"
+    assert any("/proc/PID/cmdline" in m for m in caplog.messages)
+
+
+def test_a_password_in_the_store_url_is_warned_about(monkeypatch, caplog):
+    import collector.__main__ as cli
+
+    monkeypatch.setattr(cli, "serve", lambda *a, **k: 0)
+    with caplog.at_level("WARNING", "collector"):
+        cli.main(["serve", "--insecure", "--store", "clickhouse://u:pw@h:9000/db"])
+    assert any("store password" in m and "CLICKHOUSE_PASSWORD" in m for m in caplog.messages)

@@ -108,3 +108,61 @@ def test_drop_oldest_never_drops_a_frame_in_flight():
     assert [frames.seq_of(f) for f in buf.unacked_frames()] == [1, 2, 3, 4]
     assert buf.counters["dropped_newest"] == 2 and buf.buffered() == 2
     assert buf.drops.take() == [(2, 3)] and buf.drops.total == 2
+
+
+# ---------------------------------------------------------------- schemas cut by encoded bytes
+def _specs_of_every_shape() -> list:
+    from hooks.layout import MetricSpec
+
+    return [
+        MetricSpec("a", "sum", "s"),
+        MetricSpec("moe/layer07/expert013/act_rms", "mean", "act_rms", 7, 13),
+        MetricSpec("x" * 512, "max", "y" * 40, layer=-1, expert=-1, head=-1, unit="tokens/s"),
+        MetricSpec("ünïcødé/名前", "min", "ß", layer=0, expert=200, head=20_000, unit="µs"),
+        MetricSpec("big", "sum", "", layer=2**31 - 1, expert=128, head=16_384),
+    ]
+
+
+def test_def_sizes_are_exactly_the_encoded_sizes():
+    specs = _specs_of_every_shape() * 3
+    sizes = frames.def_sizes(specs)
+    for spec, size in zip(specs, sizes):
+        assert frames.schema(IDENT, 1, 1, [spec]).schema.ByteSize() - _empty_schema() == size
+    whole = frames.schema(IDENT, 1, 1, specs).schema.ByteSize()
+    assert whole - _empty_schema() == int(sizes.sum())
+
+
+def _empty_schema(schema_id: int = 1, ident: frames.Identity = IDENT, seq: int = 1) -> int:
+    """Bytes of the same Schema without defs: header and schema_id."""
+    return frames.schema(ident, seq, schema_id, []).schema.ByteSize()
+
+
+def test_parts_fit_the_budget_and_keep_order(monkeypatch):
+    from hooks.layout import MetricSpec
+
+    monkeypatch.setattr(frames, "SCHEMA_PART_BYTES", 3_000)
+    specs = [MetricSpec(f"m/{'n' * (i % 60)}/{i}", "mean", "m", layer=i % 5) for i in range(900)]
+    wire = frames.wire_schemas([(1, specs), (2, specs[:10])])
+    parts1 = [p for p in wire if p[0] == 1 or p[0] >> 16 == 1]
+    assert len(parts1) > 10 and [p[0] for p in parts1][:3] == [1, (1 << 16) | 1, (1 << 16) | 2]
+    assert [s for _, part in parts1 for s in part] == specs  # cut, never reordered
+    for pid, part in parts1:
+        defs = frames.schema(IDENT, 1, pid, part).schema.ByteSize() - _empty_schema(pid)
+        assert defs <= 3_000  # greedy: the next def would not have fitted
+    layout = frames.wire_layout([(1, 900), (2, 10), (7, 3)], frames.part_layouts(wire))
+    assert layout[: len(parts1)] == [(pid, len(part)) for pid, part in parts1]
+    assert layout[len(parts1) :] == [(2, 10), (7, 3)]  # unknown schema: one part
+
+
+def test_the_default_budget_stays_under_the_message_limit():
+    """A part of the longest names allowed, with the largest header, under 1 MiB."""
+    from hooks.layout import MetricSpec
+
+    specs = [MetricSpec(f"{i:06d}" + "n" * 506, "mean", "s" * 64, -1, -1, -1, "u" * 32)
+             for i in range(2_500)]  # fmt: skip
+    (pid, part), *_ = frames.wire_schemas([(1, specs)])
+    ident = frames.Identity("r" * 128, 65_535, 65_536)
+    frame = frames.schema(ident, 2**63, pid, part)
+    defs = frame.schema.ByteSize() - _empty_schema(pid, ident, 2**63)
+    assert 1_000_000 - 700 < defs <= 1_000_000
+    assert frame.ByteSize() < (1 << 20)

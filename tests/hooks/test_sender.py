@@ -4,6 +4,7 @@ chunking, reconnect with exact resend, buffer-full policies, auth, seq continuat
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -330,3 +331,33 @@ def test_plain_frames_resent_to_a_capable_collector_go_as_built(server, servicer
     assert second[3] == servicer.connections[0][5]  # the same frame again
     assert servicer.ended_steps(1) == [(1, 5, 1e9 + 1), (2, 5, 1e9 + 2)]
     assert sender.stats().get("resends_split", 0) == 0
+
+
+# ---------------------------------------------------------------- backoff
+def test_backoff_doubles_with_jitter_up_to_its_ceiling_and_resets():
+    import random
+
+    from hooks.sender.core import Backoff
+
+    b = Backoff(0.2, 3.0, random.Random(7))
+    waits = [b.next() for _ in range(10)]
+    nominal = [min(0.2 * 2**i, 3.0) for i in range(10)]
+    assert all(n / 2 <= w <= n for w, n in zip(waits, nominal))
+    assert len({round(w / n, 6) for w, n in zip(waits, nominal)}) == 10  # jittered, not fixed
+    b.reset()
+    assert 0.1 <= b.next() <= 0.2
+
+
+def test_steps_never_cut_the_backoff_short(servicer):
+    """The bug: every submit woke the worker, which then reconnected: one attempt per step.
+    Now 200 steps over ~2 s of outage cost a handful of attempts."""
+    probe = LoopbackServer(servicer)
+    target = probe.target
+    probe.stop()  # nobody listens
+    sender = make_sender(target, backoff_initial_s=0.1, backoff_max_s=10.0)
+    for step in range(200):
+        sender.submit(item(step))
+        time.sleep(0.01)
+    attempts = sender.stats()["connect_attempts"]
+    sender.close(timeout=0.1)
+    assert 1 <= attempts <= 7, attempts  # ~log2(2 s / 0.05 s) + 1; the bug made ~200
