@@ -44,7 +44,7 @@ class MonitorConfig:
     """Capacity of the client buffer, in steps: steps waiting to be sent plus steps sent but not
     yet acknowledged by the collector. Bounds client memory during a collector outage; with
     buffer_bytes, how long an outage loses nothing: min(buffer_steps, buffer_bytes / step
-    bytes) steps (README, "What a client buffer covers")."""
+    bytes) steps (README, "When the collector is away")."""
 
     buffer_bytes: int = 256 << 20
     """Capacity of the client buffer in bytes of step values (float32), whichever of the two
