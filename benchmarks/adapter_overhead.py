@@ -102,7 +102,9 @@ def run(name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in models}
     cpu: dict[str, list[float]] = {k: [] for k in models}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, address = start_collector(f"parquet:{tmp}/store", log_path=f"{tmp}/collector.log")
+        proc, address = start_collector(
+            f"parquet:{tmp}/store", "--insecure", log_path=f"{tmp}/collector.log"
+        )
         try:
             mons = {
                 "plain": None,

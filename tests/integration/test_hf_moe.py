@@ -44,7 +44,9 @@ SILU_MIN = 0.2784645  # |min silu|: the clamped gate lies in [-0.2785, L], so |h
 def collector(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf-moe")
     url = f"parquet:{tmp / 'store'}"
-    proc, address = start_collector(url, "--flush-interval", "0.05", log_path=tmp / "c.log")
+    proc, address = start_collector(
+        url, "--insecure", "--flush-interval", "0.05", log_path=tmp / "c.log"
+    )
     yield address, url
     stop_collector(proc)
 

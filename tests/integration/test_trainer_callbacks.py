@@ -27,7 +27,9 @@ STEPS, B, T = 4, 2, 16
 def collector(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("callbacks")
     url = f"parquet:{tmp / 'store'}"
-    proc, address = start_collector(url, "--flush-interval", "0.05", log_path=tmp / "c.log")
+    proc, address = start_collector(
+        url, "--insecure", "--flush-interval", "0.05", log_path=tmp / "c.log"
+    )
     yield address, url
     stop_collector(proc)
 

@@ -49,7 +49,9 @@ VARIANTS = {"qwen3": qwen3_moe, "deepseek": deepseek_moe}
 def collector(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("titan")
     url = f"parquet:{tmp / 'store'}"
-    proc, address = start_collector(url, "--flush-interval", "0.05", log_path=tmp / "c.log")
+    proc, address = start_collector(
+        url, "--insecure", "--flush-interval", "0.05", log_path=tmp / "c.log"
+    )
     yield address, url
     stop_collector(proc)
 
