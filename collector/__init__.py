@@ -5,7 +5,13 @@ operator commands via `python -m collector clip`, operator.py). Start it with
 
 from collector.clipboard import ClipAckRecord
 from collector.config import CollectorConfig
-from collector.errors import CollectorError, InvalidArgument, ResourceExhausted, Unauthenticated
+from collector.errors import (
+    CollectorError,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from collector.server import Collector, serve
 
 __all__ = [
@@ -14,6 +20,7 @@ __all__ = [
     "CollectorConfig",
     "CollectorError",
     "InvalidArgument",
+    "PermissionDenied",
     "ResourceExhausted",
     "Unauthenticated",
     "serve",

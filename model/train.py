@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
                 f"--monitor needs the stepwatch hooks package (hooks/), which failed to "
                 f"import: {exc}"
             )
-        secure = {"token_file": args.token_file, "tls": args.tls, "tls_ca": args.tls_ca}
+        given = {"token_file": args.token_file, "tls": args.tls, "tls_ca": args.tls_ca}
+        secure = {k: v for k, v in given.items() if v}  # the Monitor's defaults read the env
         monitor = DeferredMonitor(
             lambda model, optimizer: Monitor(
                 model, optimizer, target=args.monitor, run=args.run, **secure

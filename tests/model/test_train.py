@@ -202,3 +202,19 @@ def test_cli_monitor_builds_hooks_monitor_at_attach(monkeypatch):
     ((model, optimizer, target, run),) = built
     assert model is result.model and isinstance(optimizer, torch.optim.AdamW)
     assert (target, run) == ("127.0.0.1:5555", "cli-run") and result.monitor_errors == 0
+
+
+def test_cli_monitor_takes_its_secrets_from_files_never_argv(monkeypatch, tmp_path):
+    built = []
+
+    class FakeMonitor(RecordingMonitor):
+        def __init__(self, model, optimizer, target, run, **secure):
+            super().__init__()
+            built.append(secure)
+
+    monkeypatch.setitem(sys.modules, "hooks", types.SimpleNamespace(Monitor=FakeMonitor))
+    argv = ["--steps", "1", "--batch-size", "2", "--log-every", "0", "--monitor", "h:1"]
+    main([*argv, "--run", "r", "--token-file", str(tmp_path / "t"), "--tls-ca", "ca.pem"])
+    assert built == [{"token_file": str(tmp_path / "t"), "tls_ca": "ca.pem"}]
+    main([*argv, "--run", "r"])  # nothing given: the Monitor's own defaults ($STEPWATCH_TOKEN...)
+    assert built[-1] == {}
