@@ -171,7 +171,7 @@ def run_stepwatch(names: list[str], base: np.ndarray, steps: int, out: Path, tim
     client_log.setLevel(logging.WARNING)
     client_log.addHandler(warnings)
     log_path = out / "collector.log"
-    proc, address = start_collector(f"parquet:{out / 'store'}", log_path=log_path)
+    proc, address = start_collector(f"parquet:{out / 'store'}", "--insecure", log_path=log_path)
     extra: dict = {}
     try:
         cfg = MonitorConfig(

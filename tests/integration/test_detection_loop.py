@@ -40,7 +40,7 @@ def one_thread():
 
 def acting_run(tmp_path, run, injects, steps, **kw):
     url = f"parquet:{tmp_path / run}"
-    proc, address = start_collector(url, "--flush-interval", "0.05")
+    proc, address = start_collector(url, "--insecure", "--flush-interval", "0.05")
     try:
         run_training(address, run, injects, steps, **kw)
     finally:
