@@ -53,8 +53,9 @@ class StepPayload:
     wall_time: float
 
 
-def hello(ident: Identity, config: dict, client_id: str = "") -> pb.ClientFrame:
-    """First frame of every connection. It carries no data, so it takes no seq (0)."""
+def hello(ident: Identity, config: dict, session: str = "") -> pb.ClientFrame:
+    """First frame of every connection. It carries no data, so it takes no seq (0). The
+    sender builds it once, so every reconnect carries the same random session."""
     return pb.ClientFrame(
         hello=pb.Hello(
             header=ident.header(-1, 0),
@@ -62,7 +63,7 @@ def hello(ident: Identity, config: dict, client_id: str = "") -> pb.ClientFrame:
             config_json=json.dumps(config, sort_keys=True, default=str),
             protocol_version=PROTOCOL_VERSION,
             client_version=CLIENT_VERSION,
-            client_id=client_id,
+            session=session,
         )
     )
 

@@ -122,8 +122,8 @@ class SenderCore(Generic[ConnT]):
         self._schemas = frames.wire_schemas(schemas)  # cut where a Schema would be too big
         self._parts = frames.part_layouts(self._schemas)
         self._metadata = auth.bearer(token)
-        self.client_id = uuid.uuid4().hex  # the same on every reconnect of this client
-        self._hello = frames.hello(ident, run_config or {}, self.client_id)
+        self.session = uuid.uuid4().hex  # the same on every reconnect of this client
+        self._hello = frames.hello(ident, run_config or {}, self.session)
         self._on_clip = on_clip
         self.buffer = StepBuffer(
             config.buffer_steps,

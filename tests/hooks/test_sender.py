@@ -139,6 +139,8 @@ def test_reconnect_resends_exactly_the_unacked_frames(server, servicer):
     stats = sender.stats()
     assert stats["frames_resent"] == 4 and stats["connects"] == 2
     assert set(servicer.step_vectors(1)) == {0, 1, 2, 3, 4}
+    sessions = {c[0].hello.session for c in servicer.connections}  # one client, one session
+    assert sessions == {sender.session} and len(sender.session) == 32
 
 
 def test_frames_acked_only_by_welcome_are_not_resent(server, servicer):
