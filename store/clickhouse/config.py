@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import TypedDict
+from typing import Any, TypedDict
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from store.base import InvalidInput
@@ -60,9 +60,12 @@ class StoreOptions:
     """Table options from the store URL's query string (clickhouse://...?raw_ttl_days=30)."""
 
     raw_ttl_days: int = 0  # delete raw per-rank values this many days after insert; 0 = keep
+    cluster: str = ""  # remote_servers name: local tables per node + Distributed (cluster.py)
+    nodes: str = ""  # host:port,... how this client reaches the cluster's nodes (cluster.py)
 
 
 _OPTIONS = {f.name for f in fields(StoreOptions)}
+_TEXT_OPTIONS = {"cluster", "nodes"}
 
 
 @dataclass(frozen=True)
@@ -152,18 +155,22 @@ def _password_file(env: Mapping[str, str]) -> str | None:
 
 
 def _options(query: str) -> StoreOptions:
-    values: dict[str, int] = {}
+    values: dict[str, Any] = {}  # int fields, and the text ones named in _TEXT_OPTIONS
     for key, raw in parse_qsl(query, keep_blank_values=True):
         if key not in _OPTIONS:
             raise InvalidInput(
                 f"unknown ClickHouse store option {key!r}; known: {sorted(_OPTIONS)}"
             )
+        if key in _TEXT_OPTIONS:  # checked where they are used (cluster.py)
+            values[key] = raw
+            continue
         try:
-            values[key] = int(raw)
+            number = int(raw)
         except ValueError:
             raise InvalidInput(f"store option {key} must be an integer, got {raw!r}") from None
-        if values[key] < 0:
+        if number < 0:
             raise InvalidInput(f"store option {key} must be >= 0, got {raw!r}")
+        values[key] = number
     return StoreOptions(**values)
 
 

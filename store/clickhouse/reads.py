@@ -6,9 +6,9 @@ reads do not use FINAL (single-threaded and slow on old servers) but aggregate:
 every server version (`latest`).
 
 Reads of raw values, the trade-off. series(rank=) is computed on the server (`raw_series`):
-only that rank's rows (the table is ordered by run, rank, step) joined with the layouts that
-hold the metric, 4 bytes cut out of each vector (substring + reinterpretAsFloat32), argMax over
-ver per step - but the server still reads and decompresses each of those rows' whole vectors,
+the layouts that hold the metric and its position in each, then only that rank's rows of those
+layouts (the table is ordered by run, rank, step), 4 bytes cut out of each vector (substring +
+reinterpretAsFloat32), argMax over ver per step - but the server still reads and decompresses each of those rows' whole vectors,
 thousands of values for one. at_step(rank=) fetches the few vectors of that rank and step
 (`raw_vectors`) and decodes them in the store (vectors.vector_cells), with layouts cached by
 hash (they never change).
@@ -87,20 +87,25 @@ def raw_series(
     start: int | None,
     stop: int | None,
 ) -> pl.DataFrame:
-    """One metric's raw cells (RAW_SCHEMA), cut out of the vectors on the server."""
-    cond_sql, params = where(_rank_steps(run, rank, start, stop))
-    params.update(run=run, m=metric_id)
-    v, ids, ver = quote("values"), quote("ids"), quote("ver")
-    sql = (
-        f"SELECT rank, step, argMax(value, {ver}) AS value FROM ("
-        f" SELECT rank, step, {ver},"
-        f" reinterpretAsFloat32(substring({v}, pos * 4 - 3, 4)) AS value"
-        f" FROM (SELECT rank, step, layout, {v}, {ver} FROM {qualified(database, RAW_VECTORS)}"
-        f" WHERE {cond_sql})"
-        f" ANY INNER JOIN (SELECT layout, indexOf(any({ids}), %(m)s) AS pos"
+    """One metric's raw cells (RAW_SCHEMA), cut out of the vectors on the server: first the
+    layouts holding the metric and its position in each, then one aggregate over the vectors
+    of those layouts. No JOIN, so on a cluster every shard does its own part of the work."""
+    held = conn.execute(
+        f"SELECT layout, indexOf(any({quote('ids')}), %(m)s) AS pos"
         f" FROM {qualified(database, RAW_LAYOUTS)} WHERE run = %(run)s"
-        f" GROUP BY layout HAVING pos > 0) USING layout"
-        f") GROUP BY rank, step"
+        " GROUP BY layout HAVING pos > 0",
+        {"run": run, "m": metric_id},
+    )
+    if not held:
+        return empty(RAW_SCHEMA)
+    conds = _rank_steps(run, rank, start, stop) + [("layout", ("IN", tuple(h for h, _ in held)))]
+    cond_sql, params = where(conds)
+    params.update(hs=[h for h, _ in held], ps=[p for _, p in held])
+    v, ver = quote("values"), quote("ver")
+    sql = (
+        "SELECT rank, step, argMax(reinterpretAsFloat32(substring("
+        f"{v}, transform(layout, %(hs)s, %(ps)s, 0) * 4 - 3, 4)), {ver}) AS value"
+        f" FROM {qualified(database, RAW_VECTORS)} WHERE {cond_sql} GROUP BY rank, step"
     )
     arrow = conn.query_arrow(sql, params, "read raw_vectors")
     if arrow.num_columns == 0:

@@ -23,6 +23,7 @@ from store.clickhouse.encoder import insert_columns, insert_sql
 from store.clickhouse.tables import (
     RAW_LAYOUTS,
     RAW_VECTORS,
+    RUNS,
     SCHEMA_VERSION,
     V1_TABLES,
     Column,
@@ -49,13 +50,21 @@ def column_sql(col: Column, caps: Capabilities) -> str:
 
 
 def create_table_sql(
-    database: str, table: Table, caps: Capabilities, options: StoreOptions = NO_OPTIONS
+    database: str,
+    table: Table,
+    caps: Capabilities,
+    options: StoreOptions = NO_OPTIONS,
+    *,
+    engine: str = "",
 ) -> str:
+    """CREATE TABLE IF NOT EXISTS for this server; `engine` replaces ReplacingMergeTree(ver)
+    (cluster.py: the replicated engine where a keeper exists)."""
     cols = ",\n    ".join(column_sql(c, caps) for c in table.columns)
     order = ", ".join(quote(k) for k in table.key)
+    engine = engine or f"ReplacingMergeTree({quote('ver')})"
     sql = (
         f"CREATE TABLE IF NOT EXISTS {qualified(database, table)} (\n    {cols}\n)"
-        f"\nENGINE = ReplacingMergeTree({quote('ver')})\nORDER BY ({order})"
+        f"\nENGINE = {engine}\nORDER BY ({order})"
     )
     days = int(getattr(options, table.ttl_days_option, 0)) if table.ttl_days_option else 0
     if days > 0 and caps.ttl:
@@ -67,19 +76,29 @@ def create_table_sql(
 # ---------------------------------------------------------------- migrations
 
 
+TableDDL = Callable[[Table], list[str]]
+"""The statements that create one declared table where it is being created: on a single
+server one CREATE (`single_server_ddl`); on a cluster node the local table and the Distributed
+table over it (cluster.node_ddl)."""
+
+
+def single_server_ddl(database: str, caps: Capabilities, options: StoreOptions) -> TableDDL:
+    return lambda table: [create_table_sql(database, table, caps, options)]
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
     description: str
-    statements: Callable[[str, Capabilities, StoreOptions], list[str]]
+    statements: Callable[[TableDDL], list[str]]
 
 
-def _v1(database: str, caps: Capabilities, options: StoreOptions) -> list[str]:
-    return [create_table_sql(database, t, caps, options) for t in V1_TABLES]
+def _v1(create: TableDDL) -> list[str]:
+    return [sql for t in V1_TABLES for sql in create(t)]
 
 
-def _v2(database: str, caps: Capabilities, options: StoreOptions) -> list[str]:
-    return [create_table_sql(database, t, caps, options) for t in (RAW_VECTORS, RAW_LAYOUTS)]
+def _v2(create: TableDDL) -> list[str]:
+    return [sql for t in (RAW_VECTORS, RAW_LAYOUTS) for sql in create(t)]
 
 
 # Append only; never edit an applied migration. Each statement must be idempotent (IF NOT
@@ -101,10 +120,16 @@ def migrate(
     caps: Capabilities,
     server_version: str,
     next_ver: Callable[[], int],
+    create: TableDDL | None = None,
+    *,
+    distributed: bool = False,
 ) -> None:
-    """Bring the configured database up to LATEST_VERSION (each applied migration is recorded
-    in schema_version); StoreError if it is newer than this code."""
+    """Bring the configured database on this connection's server up to LATEST_VERSION (each
+    applied migration is recorded in its schema_version); StoreError if it is newer than this
+    code, or if it was made the other way (`distributed`: a cluster node's, cluster.py)."""
     db = config.database
+    _check_mode(conn, config, distributed)
+    create = create or single_server_ddl(db, caps, config.options)
     conn.execute(create_table_sql(db, SCHEMA_VERSION, caps))
     current = int(
         conn.execute(f"SELECT max(version) FROM {qualified(db, SCHEMA_VERSION)}")[0][0] or 0
@@ -122,7 +147,7 @@ def migrate(
             config.options.raw_ttl_days,
         )
     for m in pending_migrations(current):
-        for sql in m.statements(db, caps, config.options):
+        for sql in m.statements(create):
             conn.execute(sql)
         row = {
             "version": [m.version],
@@ -139,16 +164,33 @@ def migrate(
         log.info("clickhouse schema v%d applied: %s", m.version, m.description)
 
 
+def _check_mode(conn: Connection, config: ClickHouseConfig, distributed: bool) -> None:
+    """Refuse a database made for a single server when opened as a cluster, and the reverse,
+    before any DDL: its `runs` is a Distributed table exactly when it was made as a cluster's."""
+    found = conn.execute(
+        "SELECT engine FROM system.tables WHERE database = %(db)s AND name = %(t)s",
+        {"db": config.database, "t": RUNS.name},
+    )
+    if found and (found[0][0] == "Distributed") != distributed:
+        made = "a cluster (?cluster=NAME)" if not distributed else "a single server"
+        raise StoreError(
+            f"database {config.database} on {config.display_url} was made for {made}; "
+            "open it the way it was made"
+        )
+
+
 def raw_cells_sql(database: str) -> str:
     """The logical raw table for other clients (clickhouse-client, benchmarks): a SELECT of
     run, rank, step, metric_id, value, ver with one row per cell of every stored vector.
-    Repeated cells are all there; the stored value of one is argMax(value, ver)."""
+    Repeated cells are all there; the stored value of one is argMax(value, ver). GLOBAL: on a
+    cluster the layouts are read once and sent to every shard (a layout need not live on the
+    shard of the vectors that use it); on a single server it changes nothing."""
     db = quote(database)
     return (
         "SELECT run, rank, step, ids[i] AS metric_id,"
         " reinterpretAsFloat32(substring(`values`, i * 4 - 3, 4)) AS value, ver FROM ("
         f"SELECT run, rank, step, `values`, ver, ids FROM {db}.{quote(RAW_VECTORS.name)}"
-        " ANY INNER JOIN (SELECT run, layout, any(ids) AS ids"
+        " GLOBAL ANY INNER JOIN (SELECT run, layout, any(ids) AS ids"
         f" FROM {db}.{quote(RAW_LAYOUTS.name)} GROUP BY run, layout) USING (run, layout))"
         " ARRAY JOIN arrayEnumerate(ids) AS i"
     )

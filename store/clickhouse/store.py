@@ -58,6 +58,7 @@ from store.frames import METRICS_SCHEMA, RUNS_SCHEMA, TABLES
 
 if TYPE_CHECKING:
     from store.clickhouse.connection import Connection
+    from store.clickhouse.shards import Shards
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,24 @@ class ClickHouseStore(BufferedStore):
         self.config = ClickHouseConfig.from_url(url, env)
         self._last_ver = 0
         self._layouts: dict[str, dict[int, np.ndarray]] = {}  # run -> committed {hash: ids}
-        self._conn: Connection = Connection(self.config, self._lock)
+        self._conn: Connection = Connection(self.config, self._lock)  # reads; DDL, writes
+        self.shards: Shards | None = None  # on a cluster: every node's connection (shards.py)
         try:
             self.server_version: str = self._conn.execute("SELECT version()")[0][0]
             self.caps = Capabilities.for_version(self.server_version)
-            migrate(self._conn, self.config, self.caps, self.server_version, self._next_ver)
+            if self.config.options.cluster:
+                from store.clickhouse.shards import Shards
+
+                self.shards = Shards(self._conn, self.config, self._lock, self._next_ver)
+            else:
+                migrate(self._conn, self.config, self.caps, self.server_version, self._next_ver)
         except BaseException:
             self._conn.disconnect()
             raise
         log.info(
-            "clickhouse store %s, server %s, %s",
+            "clickhouse store %s%s, server %s, %s",
             self.config.display_url,
+            f" (cluster {self.config.options.cluster})" if self.shards else "",
             self.server_version,
             self.caps,
         )
@@ -117,11 +125,12 @@ class ClickHouseStore(BufferedStore):
         data = encoder.insert_columns(table, cols, ver, run=run, numpy=numpy)
         if data is None:
             return
+        settings = {"use_numpy": True} if numpy else None
+        if self.shards is not None:  # each row straight to its shard's local table
+            self.shards.insert(self.config.database, table, data, settings)
+            return
         self._conn.execute(
-            encoder.insert_sql(self.config.database, table),
-            data,
-            columnar=True,
-            settings={"use_numpy": True} if numpy else None,
+            encoder.insert_sql(self.config.database, table), data, columnar=True, settings=settings
         )
 
     def _commit(
@@ -161,6 +170,8 @@ class ClickHouseStore(BufferedStore):
         return pl.concat(chunks)
 
     def _release(self) -> None:
+        if self.shards is not None:
+            self.shards.disconnect()
         self._conn.disconnect()
 
     # ---- reads (BufferedStore hooks) -------------------------------------------------------------
