@@ -8,6 +8,13 @@ process user). tests/conftest.py wraps it in the session fixture `clickhouse_ser
 benchmarks/suite.py starts one for `make bench`.
 
     server = ClickHouseServer(server_command(), Path(tmp)); server.start(); ...; server.stop()
+
+ClickHouseCluster starts several such servers, one shard each, and gives every one of them the
+same remote_servers entry naming all of them (config.d/cluster.xml, which the servers reload
+while running, so each picks its own free ports first): the store's `?cluster=` URL
+(store/clickhouse/cluster.py) on loopback. tests/conftest.py wraps it in `clickhouse_cluster`.
+
+    cluster = ClickHouseCluster(server_command(), Path(tmp), shards=2); cluster.start()
 """
 
 from __future__ import annotations
@@ -46,6 +53,15 @@ CONFIG_XML = """<?xml version="1.0"?>
   <timezone>UTC</timezone>
 </yandex>
 """
+
+CLUSTER_XML = """<?xml version="1.0"?>
+<yandex><remote_servers><{name}>
+{shards}
+</{name}></remote_servers></yandex>
+"""
+SHARD_XML = """  <shard><internal_replication>true</internal_replication>
+    <replica><host>{host}</host><port>{port}</port></replica></shard>"""
+CLUSTER_RELOAD_TIMEOUT_S = 30.0  # servers re-read config.d every few seconds
 
 USERS_XML = """<?xml version="1.0"?>
 <yandex>
@@ -190,3 +206,70 @@ class ClickHouseServer:
     def stop(self) -> None:
         if self.proc is not None:
             terminate(self.proc)
+
+
+class ClickHouseCluster:
+    """`shards` servers that know each other as cluster `name` (one replica per shard)."""
+
+    def __init__(
+        self, command: list[str], root: Path, *, shards: int = 2, name: str = "sw"
+    ) -> None:
+        self.name = name
+        self.servers = [ClickHouseServer(command, root / f"shard{i + 1}") for i in range(shards)]
+
+    @property
+    def entry(self) -> ClickHouseServer:
+        """The server store URLs name (any would do: all know the cluster)."""
+        return self.servers[0]
+
+    def url(self, database: str, *, user: str = "default", password: str = "") -> str:
+        return self.entry.url(database, user=user, password=password) + f"?cluster={self.name}"
+
+    def start(self) -> None:
+        try:
+            for server in self.servers:
+                server.root.mkdir(parents=True, exist_ok=True)
+                server.start()
+            shards = "\n".join(SHARD_XML.format(host=s.host, port=s.tcp_port) for s in self.servers)
+            for server in self.servers:
+                (server.root / "config.d").mkdir(exist_ok=True)
+                (server.root / "config.d" / "cluster.xml").write_text(
+                    CLUSTER_XML.format(name=self.name, shards=shards)
+                )
+            self._wait_known()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_known(self) -> None:
+        """Until every server's system.clusters lists every shard of the cluster."""
+        from clickhouse_driver import Client
+
+        deadline = time.monotonic() + CLUSTER_RELOAD_TIMEOUT_S
+        waiting = list(self.servers)
+        while waiting:
+            server = waiting[0]
+            client = Client(server.host, port=server.tcp_port, connect_timeout=5)
+            try:
+                n = client.execute(
+                    "SELECT count() FROM system.clusters WHERE cluster = %(c)s", {"c": self.name}
+                )[0][0]
+            finally:
+                client.disconnect()
+            if n == len(self.servers):
+                waiting.pop(0)
+            elif time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{server.root}: cluster {self.name} not loaded within "
+                    f"{CLUSTER_RELOAD_TIMEOUT_S:.0f} s\n{server.log_tail()}"
+                )
+            else:
+                time.sleep(0.2)
+
+    def client(self, shard: int, sql: str) -> str:
+        """clickhouse-client on one shard's server (0-based), e.g. to read its local tables."""
+        return self.servers[shard].client(sql)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()

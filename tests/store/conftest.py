@@ -47,13 +47,16 @@ def _parquet_litter(root: str) -> Callable[[str], None]:
     return litter
 
 
-@pytest.fixture(params=["memory", "parquet", "clickhouse"])
+@pytest.fixture(params=["memory", "parquet", "clickhouse", "clickhouse-cluster"])
 def store_factory(request, tmp_path) -> Backend:
     if request.param == "memory":
         return Backend("memory", "memory:", shared=False)
     if request.param == "clickhouse":  # tests/conftest.py: one real server per session,
         url = request.getfixturevalue("clickhouse_url")  # a fresh database per test
         return Backend("clickhouse", url, shared=True)
+    if request.param == "clickhouse-cluster":  # two servers, one shard each, per session
+        url = request.getfixturevalue("clickhouse_cluster_url")  # a fresh database per test
+        return Backend("clickhouse-cluster", url, shared=True)
     root = str(tmp_path / "pq")
     return Backend("parquet", f"parquet:{root}", shared=True, litter=_parquet_litter(root))
 
