@@ -415,12 +415,15 @@ def rank_stream(address: str, token: str, steps: int, names: list[str]) -> np.nd
     return values
 
 
-def test_collector_process_writes_a_run_into_clickhouse(clickhouse_server, clickhouse_url):
-    """`python -m collector serve --store clickhouse://...` (docker-compose's command), fed over
-    the wire protocol: what it acknowledged is in ClickHouse, read back by a second store."""
+@pytest.mark.parametrize("target", ["clickhouse_url", "clickhouse_cluster_url"])
+def test_collector_process_writes_a_run_into_clickhouse(request, target):
+    """`python -m collector serve --store clickhouse://...` (docker-compose's command; the
+    cluster's: docker-compose.cluster.yml), fed over the wire protocol: what it acknowledged is
+    in ClickHouse, read back by a second store."""
 
     from collector.process import start_collector, stop_collector
 
+    clickhouse_url = request.getfixturevalue(target)
     proc, address = start_collector(
         clickhouse_url, "--flush-interval", "0.1", env={"STEPWATCH_TOKEN": "t0ken"}
     )
