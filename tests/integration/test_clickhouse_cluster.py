@@ -42,6 +42,8 @@ from store.clickhouse.schema import LATEST_VERSION
 from store.clickhouse.tables import RAW_LAYOUTS, RAW_VECTORS, V1_TABLES
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # importlib mode: make `tests.analytics.*` importable
+    sys.path.insert(0, str(ROOT))
 ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS)  # what migrations v1 and v2 create
 RANKS, STEPS, METRICS = 8, 12, 5
 SYNC = {"insert_distributed_sync": 1}  # an INSERT into a Distributed table returns when stored
