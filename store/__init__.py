@@ -4,6 +4,8 @@
     open_store("parquet:DIR")        Parquet files under DIR ("parquet:///abs/dir" also works)
     open_store("clickhouse://U:P@HOST:PORT/DB")  ClickHouse (store/clickhouse/config.py: TLS,
                                      and what the environment fills in)
+    open_store("clickhouse://U:P@HOST:PORT/DB?cluster=NAME")  a ClickHouse cluster
+                                     (store/clickhouse/cluster.py)
 
 Backends are imported inside open_store so nobody pays for one they don't use.
 """

@@ -6,6 +6,8 @@
     connection.py  the clickhouse-driver client (the only module that imports the driver)
     reads.py       the SQL of reads: argMax over ver, raw cells cut out on the server
     store.py       ClickHouseStore: BufferedStore's hooks, versions, commits
+    cluster.py     ?cluster=NAME: topology, sharding keys, the DDL of each node
+    shards.py      the cluster's connections: migrations on every node, rows to their shard
 
 `open_store("clickhouse://...")` (store/__init__.py) imports this package; clickhouse-driver is
 imported only when a ClickHouseStore is constructed, so the other modules (and this import) work

@@ -1,6 +1,7 @@
 """Where the ClickHouse store connects, and what the server there supports.
 
     clickhouse://USER:PASSWORD@HOST:PORT/DATABASE?raw_ttl_days=30    (clickhouses:// = TLS)
+    clickhouse://USER:PASSWORD@HOST:PORT/DATABASE?cluster=NAME      (a cluster: cluster.py)
 
 Resolution, field by field: what the URL says; else the environment (CLICKHOUSE_HOST, _PORT,
 _USER, _PASSWORD, _DB); else the defaults below. A bare "clickhouse:" or "clickhouse://" first
