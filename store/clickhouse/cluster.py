@@ -116,7 +116,6 @@ class Node:
     name: str  # host_name:port as remote_servers spells it: the replica's identity
     host: str  # where this client connects (nodes= or remote_servers)
     port: int
-    entry: bool  # the URL's server itself (system.clusters' is_local)
 
 
 @dataclass(frozen=True)
@@ -124,6 +123,7 @@ class Topology:
     cluster: str
     weights: tuple[int, ...]  # per shard, in shard_num order
     nodes: tuple[Node, ...]  # system.clusters' order
+    entry_is_member: bool = True  # the URL's server is one of the nodes (is_local of a shard)
 
     @property
     def slots(self) -> np.ndarray:
@@ -177,9 +177,12 @@ def discover(conn: Connection, cluster: str, nodes: str) -> Topology:
         cluster,
         tuple(weights[s] for s in sorted(weights)),
         tuple(
-            Node(int(r[0]), int(r[2]), f"{r[3]}:{r[4]}", host, port, bool(r[5]))
+            Node(int(r[0]), int(r[2]), f"{r[3]}:{r[4]}", host, port)
             for r, (host, port) in zip(rows, addresses)
         ),
+        # 18.16 flags every replica of the shard that holds this server, so this says only
+        # whether the entry node is a member, never which node it is.
+        entry_is_member=any(r[5] for r in rows),
     )
 
 

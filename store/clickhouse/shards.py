@@ -1,7 +1,7 @@
 """The connections of a cluster store: one per node, migrations on each, rows to their shard.
 
 cluster.py says what goes where (topology, sharding keys, DDL per node); this module does it
-for ClickHouseStore: opens every node's connection (reusing the entry node's), migrates every
+for ClickHouseStore: opens a connection to every node (besides the entry node's, which reads), migrates every
 node, and splits each INSERT by shard (`insert`), one INSERT per shard that has rows, each into
 that shard's T_local on its first replica.
 """
@@ -71,17 +71,14 @@ class Shards:
         self._conns: dict[Node, Connection] = {}
         try:
             for node in self.topology.nodes:
-                if node.entry:
-                    self._conns[node] = entry
-                else:
-                    at = dataclasses.replace(config, host=node.host, port=node.port)
-                    self._conns[node] = Connection(at, lock)
+                at = dataclasses.replace(config, host=node.host, port=node.port)
+                self._conns[node] = Connection(at, lock)
             self.keeper = {node: has_keeper(conn) for node, conn in self._conns.items()}
             self._check_replicas()
             for node, conn in self._conns.items():
                 self._migrate(node, conn, next_ver)
-            if not any(n.entry for n in self.topology.nodes):  # a reader outside the cluster
-                outside = Node(0, 0, f"{config.host}:{config.port}", config.host, config.port, True)
+            if not self.topology.entry_is_member:  # a reader outside the cluster
+                outside = Node(0, 0, f"{config.host}:{config.port}", config.host, config.port)
                 self.keeper[outside] = False  # its T_local stay empty: nothing is routed there
                 self._migrate(outside, entry, next_ver)
         except BaseException:
@@ -140,5 +137,4 @@ class Shards:
 
     def disconnect(self) -> None:
         for conn in self._conns.values():
-            if conn is not self._entry:
-                conn.disconnect()
+            conn.disconnect()
