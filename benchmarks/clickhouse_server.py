@@ -10,7 +10,7 @@ benchmarks/suite.py starts one for `make bench`.
     server = ClickHouseServer(server_command(), Path(tmp)); server.start(); ...; server.stop()
 
 ClickHouseCluster starts several such servers, one shard each, and gives every one of them the
-same remote_servers entry naming all of them (config.d/cluster.xml, which the servers reload
+same remote_servers entry naming all of them (config.d/cluster-NAME.xml, which the servers reload
 while running, so each picks its own free ports first): the store's `?cluster=` URL
 (store/clickhouse/cluster.py) on loopback. tests/conftest.py wraps it in `clickhouse_cluster`.
 
@@ -59,8 +59,15 @@ CLUSTER_XML = """<?xml version="1.0"?>
 {shards}
 </{name}></remote_servers></yandex>
 """
-SHARD_XML = """  <shard><internal_replication>true</internal_replication>
-    <replica><host>{host}</host><port>{port}</port></replica></shard>"""
+SHARD_XML = """  <shard><internal_replication>true</internal_replication>{replicas}</shard>"""
+REPLICA_XML = """
+    <replica><host>{host}</host><port>{port}</port></replica>"""
+KEEPER_XML = """<?xml version="1.0"?>
+<yandex><zookeeper><node><host>{host}</host><port>{port}</port></node></zookeeper>
+  <interserver_http_host>127.0.0.1</interserver_http_host>
+  <interserver_http_port>{interserver}</interserver_http_port>
+</yandex>
+"""  # replicas fetch each other's parts over the interserver port
 CLUSTER_RELOAD_TIMEOUT_S = 30.0  # servers re-read config.d every few seconds
 
 USERS_XML = """<?xml version="1.0"?>
@@ -209,13 +216,28 @@ class ClickHouseServer:
 
 
 class ClickHouseCluster:
-    """`shards` servers that know each other as cluster `name` (one replica per shard)."""
+    """`shards` x `replicas` servers that know each other as cluster `name`; with `keeper`
+    (host, port of a ZooKeeper, benchmarks/zookeeper_server.py) every server uses it, which is
+    what ReplicatedMergeTree, and so more than one replica per shard, needs."""
 
     def __init__(
-        self, command: list[str], root: Path, *, shards: int = 2, name: str = "sw"
+        self,
+        command: list[str],
+        root: Path,
+        *,
+        shards: int = 2,
+        replicas: int = 1,
+        name: str = "sw",
+        keeper: tuple[str, int] | None = None,
     ) -> None:
-        self.name = name
-        self.servers = [ClickHouseServer(command, root / f"shard{i + 1}") for i in range(shards)]
+        self.name, self.shards, self.replicas, self.keeper = name, shards, replicas, keeper
+        self.servers = [  # shard-major: servers[s * replicas + r]
+            ClickHouseServer(
+                command, root / (f"shard{s + 1}" + (f"-replica{r + 1}" if replicas > 1 else ""))
+            )
+            for s in range(shards)
+            for r in range(replicas)
+        ]
 
     @property
     def entry(self) -> ClickHouseServer:
@@ -228,21 +250,45 @@ class ClickHouseCluster:
     def start(self) -> None:
         try:
             for server in self.servers:
-                server.root.mkdir(parents=True, exist_ok=True)
+                (server.root / "config.d").mkdir(parents=True, exist_ok=True)
+                if self.keeper:  # read at startup only
+                    (server.root / "config.d" / "keeper.xml").write_text(
+                        KEEPER_XML.format(
+                            host=self.keeper[0], port=self.keeper[1], interserver=_free_port()
+                        )
+                    )
                 server.start()
-            shards = "\n".join(SHARD_XML.format(host=s.host, port=s.tcp_port) for s in self.servers)
-            for server in self.servers:
-                (server.root / "config.d").mkdir(exist_ok=True)
-                (server.root / "config.d" / "cluster.xml").write_text(
-                    CLUSTER_XML.format(name=self.name, shards=shards)
-                )
-            self._wait_known()
+            self.define(
+                self.name,
+                [
+                    list(range(i * self.replicas, (i + 1) * self.replicas))
+                    for i in range(self.shards)
+                ],
+            )
         except BaseException:
             self.stop()
             raise
 
-    def _wait_known(self) -> None:
-        """Until every server's system.clusters lists every shard of the cluster."""
+    def define(self, name: str, shards: list[list[int]]) -> None:
+        """Give every server a remote_servers entry `name` (config.d/cluster-NAME.xml): one shard
+        per list, its replicas the servers at those indices; returns once all have loaded it."""
+        body = "\n".join(
+            SHARD_XML.format(
+                replicas="".join(
+                    REPLICA_XML.format(host=self.servers[i].host, port=self.servers[i].tcp_port)
+                    for i in replicas
+                )
+            )
+            for replicas in shards
+        )
+        for server in self.servers:
+            (server.root / "config.d" / f"cluster-{name}.xml").write_text(
+                CLUSTER_XML.format(name=name, shards=body)
+            )
+        self._wait_known(name, sum(len(r) for r in shards))
+
+    def _wait_known(self, name: str, rows: int) -> None:
+        """Until every server's system.clusters has `rows` rows (replicas) of cluster `name`."""
         from clickhouse_driver import Client
 
         deadline = time.monotonic() + CLUSTER_RELOAD_TIMEOUT_S
@@ -252,24 +298,31 @@ class ClickHouseCluster:
             client = Client(server.host, port=server.tcp_port, connect_timeout=5)
             try:
                 n = client.execute(
-                    "SELECT count() FROM system.clusters WHERE cluster = %(c)s", {"c": self.name}
+                    "SELECT count() FROM system.clusters WHERE cluster = %(c)s", {"c": name}
                 )[0][0]
             finally:
                 client.disconnect()
-            if n == len(self.servers):
+            if n == rows:
                 waiting.pop(0)
             elif time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"{server.root}: cluster {self.name} not loaded within "
+                    f"{server.root}: cluster {name} not loaded within "
                     f"{CLUSTER_RELOAD_TIMEOUT_S:.0f} s\n{server.log_tail()}"
                 )
             else:
                 time.sleep(0.2)
 
-    def client(self, shard: int, sql: str) -> str:
-        """clickhouse-client on one shard's server (0-based), e.g. to read its local tables."""
-        return self.servers[shard].client(sql)
+    def client(self, node: int, sql: str) -> str:
+        """clickhouse-client on one server (0-based, shard-major), e.g. to read its local
+        tables."""
+        return self.servers[node].client(sql)
 
     def stop(self) -> None:
-        for server in self.servers:
-            server.stop()
+        """All at once: an 18.16 server takes seconds to shut down."""
+        import threading
+
+        threads = [threading.Thread(target=s.stop) for s in self.servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()

@@ -61,7 +61,7 @@ def rows(
     from clickhouse_driver import Client
 
     server = cluster.servers[shard]
-    client = Client(server.host, port=server.tcp_port)
+    client = Client(server.host, port=server.tcp_port, send_receive_timeout=60)
     try:
         return client.execute(sql, params, settings=settings)
     finally:
@@ -145,7 +145,7 @@ def test_shard_rule_is_the_distributed_engines_with_weights():
 
 def test_ddl_per_node_local_then_distributed_and_replicated_with_a_keeper():
     topo = Topology("sw", (1, 1), ())
-    node = Node(2, 1, "ch2:9000", "10.0.0.2", 9000, False)
+    node = Node(2, 1, "ch2:9000", "10.0.0.2", 9000)
     caps = Capabilities.for_version("24.8.4.13")
     plain = node_ddl("db", topo, node, caps, ClickHouseConfig(), keeper=False)(RAW_VECTORS)
     assert len(plain) == 2
@@ -162,7 +162,7 @@ def test_ddl_per_node_local_then_distributed_and_replicated_with_a_keeper():
     )
     runs = node_ddl("db", topo, node, caps, ClickHouseConfig(), keeper=False)(ALL_TABLES[0])
     assert runs[1].endswith("cityHash64(`run`))")
-    bad = Node(1, 1, "x'); DROP", "h", 1, False)
+    bad = Node(1, 1, "x'); DROP", "h", 1)
     with pytest.raises(InvalidInput):
         node_ddl("db", topo, bad, caps, ClickHouseConfig(), keeper=True)
 
@@ -403,6 +403,14 @@ def test_cluster_url_errors_are_clear_and_nodes_say_where_to_connect(
         write_run(st, steps=range(2))
     with open_store(clickhouse_cluster_url) as st:
         assert st.steps("r1")["step"].to_list() == [0, 1]
+
+
+def test_replicas_without_a_keeper_are_refused(clickhouse_cluster, clickhouse_cluster_url):
+    """Two replicas of one shard need ReplicatedMergeTree; these servers have no keeper."""
+    clickhouse_cluster.define("sw_replicas", [[0, 1]])
+    base = clickhouse_cluster_url.split("?", 1)[0]
+    with pytest.raises(StoreError, match="need ReplicatedMergeTree and so a keeper"):
+        open_store(base + "?cluster=sw_replicas")
 
 
 # ---------------------------------------------------------------- the tools, unchanged
