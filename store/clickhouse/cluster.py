@@ -30,11 +30,13 @@ cityHash64(run). A row goes to the shard `slots[key % total_weight]`, where `slo
 i weight_i times in shard order: the rule of the Distributed engine itself.
 
 Write path. The store computes each row's shard with that rule and inserts it straight into the
-owning shard's T_local on the first replica of the shard (internal_replication=true copies it to
-the others), never through the Distributed table (whose inserts are queued and sent later unless
+owning shard's T_local on the first replica of the shard (ReplicatedMergeTree copies it to the
+others), never through the Distributed table (whose inserts are queued and sent later unless
 insert_distributed_sync=1; another writer going through it must set that, and lands its rows on
-the same shards). flush() returns once every shard has acknowledged its part. Runs are sharded by
-a string hash: the entry node computes cityHash64 of each new run name once (`_hashes`).
+the same shards). flush() returns once every shard has acknowledged its part; a flush that fails
+half-way is resent whole by the next one, and the rows a shard already had come again with the
+same values and higher versions, so no read changes. Runs are sharded by a string hash: the entry
+node computes cityHash64 of each new run name once (shards.Shards._run_hashes).
 
 Read path. Through the Distributed tables on the entry node: each shard aggregates its rows
 (argMax over ver per key) and the entry node merges the partial states.

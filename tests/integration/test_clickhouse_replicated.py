@@ -6,8 +6,10 @@ and resends after a rewrite stay exact. Optional: skips without Debian's `zookee
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,16 @@ from benchmarks.clickhouse_server import ClickHouseCluster, server_command
 from benchmarks.zookeeper_server import ZooKeeperServer, zookeeper_command
 from store import RawBlock, RunInfo, ValueBatch, open_store
 from store.clickhouse.schema import LATEST_VERSION
-from tests.integration.test_clickhouse_cluster import ALL_TABLES, metric_dict, rows
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # importlib mode: make `tests.integration.*` importable
+    sys.path.insert(0, str(ROOT))
+
+from tests.integration.test_clickhouse_cluster import (  # noqa: E402 - after the path fix
+    ALL_TABLES,
+    metric_dict,
+    rows,
+)
 
 RANKS, STEPS, METRICS = 4, 6, 5
 
