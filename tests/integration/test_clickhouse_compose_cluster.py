@@ -26,6 +26,7 @@ from tests.integration.test_clickhouse_compose import (  # noqa: E402 - after th
 
 FILE = "docker-compose.cluster.yml"
 TOKEN = "cluster-test-token"
+PASSWORD = "cluster-test-password"
 SHARDS = ("ch1", "ch2")
 
 
@@ -50,7 +51,7 @@ def resolved(**env: str) -> dict:
 
 @pytest.fixture(scope="module")
 def config() -> dict:
-    return resolved(STEPWATCH_TOKEN=TOKEN)
+    return resolved(STEPWATCH_TOKEN=TOKEN, STEPWATCH_DASHBOARD_PASSWORD=PASSWORD)
 
 
 def mounted(svc: dict, target: str) -> Path:
@@ -140,17 +141,34 @@ def test_collector_and_dashboard_store_urls_name_the_cluster(config, monkeypatch
     assert services["ch2"]["environment"] == ch_env  # one user on every node
     dash = services["dashboard"]["command"]
     assert dash[dash.index("--store") + 1] == seen["store"]
+    # it listens on every interface of its container: only with the password compose requires
+    from dashboard.__main__ import Refused, configure, parse
+
+    args, rest = parse(dash[3:])
+    configure(args, rest, environ=dict(services["dashboard"]["environment"]))
+    with pytest.raises(Refused, match="password"):
+        configure(args, rest, environ={})
 
 
-def test_settings_come_from_the_environment_and_no_default_token():
+def test_settings_come_from_the_environment_and_no_default_secrets():
     cfg = resolved(
-        STEPWATCH_TOKEN="t2", CLICKHOUSE_DB="other", CLICKHOUSE_USER="u2", CLICKHOUSE_PASSWORD="pw2"
+        STEPWATCH_TOKEN="t2",
+        STEPWATCH_OPERATOR_TOKEN="op2",
+        STEPWATCH_DASHBOARD_PASSWORD="dash2",
+        CLICKHOUSE_DB="other",
+        CLICKHOUSE_USER="u2",
+        CLICKHOUSE_PASSWORD="pw2",
     )
-    coll = cfg["services"]["collector"]
+    coll, dash = cfg["services"]["collector"], cfg["services"]["dashboard"]
     assert "clickhouse://u2@ch1:9000/other?cluster=stepwatch" in coll["command"]
     assert coll["environment"]["CLICKHOUSE_PASSWORD"] == "pw2"
-    assert "pw2" not in " ".join(coll["command"])  # never on a command line
+    assert coll["environment"]["STEPWATCH_OPERATOR_TOKEN"] == "op2"
+    assert dash["environment"]["STEPWATCH_DASHBOARD_PASSWORD"] == "dash2"
+    for svc in (coll, dash):  # no secret on any command line
+        assert not {"t2", "op2", "dash2", "pw2"} & set(" ".join(svc["command"]).split())
     for s in SHARDS:
         assert cfg["services"][s]["environment"]["CLICKHOUSE_PASSWORD"] == "pw2"
-    out = compose_config()
+    out = compose_config(STEPWATCH_DASHBOARD_PASSWORD=PASSWORD)
     assert out.returncode != 0 and "STEPWATCH_TOKEN" in out.stderr
+    out = compose_config(STEPWATCH_TOKEN=TOKEN)
+    assert out.returncode != 0 and "STEPWATCH_DASHBOARD_PASSWORD" in out.stderr
