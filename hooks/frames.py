@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,7 +51,10 @@ class StepPayload:
 
 
 def hello(ident: Identity, config: dict) -> pb.ClientFrame:
-    """First frame of every connection. It carries no data, so it takes no seq (0)."""
+    """First frame of every connection. It carries no data, so it takes no seq (0). Built
+    once per sender, so every reconnect carries the same random session (the collector
+    refuses a second client of a (run, rank) that is streaming, but lets this one take over
+    its own dead stream)."""
     return pb.ClientFrame(
         hello=pb.Hello(
             header=ident.header(-1, 0),
@@ -58,6 +62,7 @@ def hello(ident: Identity, config: dict) -> pb.ClientFrame:
             config_json=json.dumps(config, sort_keys=True, default=str),
             protocol_version=PROTOCOL_VERSION,
             client_version=CLIENT_VERSION,
+            session=uuid.uuid4().hex,
         )
     )
 

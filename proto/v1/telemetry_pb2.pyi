@@ -47,18 +47,20 @@ class FrameHeader(_message.Message):
     def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("header", "world_size", "config_json", "protocol_version", "client_version")
+    __slots__ = ("header", "world_size", "config_json", "protocol_version", "client_version", "session")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
     world_size: int
     config_json: str
     protocol_version: int
     client_version: str
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
+    session: str
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
 
 class MetricDef(_message.Message):
     __slots__ = ("name", "layer", "expert", "head", "stat", "unit", "reduce")
