@@ -231,26 +231,43 @@ class Row:
     tally: Tally
     recovery_s: float | None
     note: str = ""
+    extra: dict = field(default_factory=dict)
 
 
 def store_outage(
-    tmp: Path, *, outage_s: float, before_run: bool, steps: int, step_sleep: float
+    tmp: Path,
+    *,
+    outage_s: float,
+    before_run: bool,
+    steps: int,
+    step_sleep: float,
+    kill_collector: bool = False,
 ) -> Row:
     """ClickHouse killed (SIGKILL) for outage_s while a 2-rank run streams, then restarted on
     the same port. before_run: it is already down when the run starts (the run's first
-    write, OpenRun, happens during the outage)."""
+    write, OpenRun, happens during the outage). kill_collector: the collector is killed -9
+    in the middle of the outage and restarted, so what it acked then was only in its spool
+    (the ranks never resend it): nothing acked may be missing afterwards."""
     server = clickhouse(tmp)
     url = server.url("reliability")
     col = CollectorProc(url, tmp)
     try:
+        mark = len(col.log_text())
         if before_run:
             server.kill()
         ranks = Ranks(col.address, "outage", 2, steps, tmp, step_sleep=step_sleep)
         if not before_run:
             time.sleep(min(10.0, outage_s / 3))
             server.kill()
-        mark = len(col.log_text())
-        time.sleep(outage_s)
+        if kill_collector:
+            time.sleep(outage_s / 2)
+            col.wait_log(r"spooling to", after=mark)
+            col.kill()
+            col.start()  # its store still down: it spools, replaying what the first one left
+            mark = len(col.log_text())
+            time.sleep(outage_s / 2)
+        else:
+            time.sleep(outage_s)
         server.start_again()
         back = time.monotonic()
         drained = col.wait_log(r"store back after", after=mark)
@@ -262,7 +279,8 @@ def store_outage(
             col.kill()
         server.stop()
     when = "before the run starts" if before_run else "while the run streams"
-    return Row(f"ClickHouse down {outage_s:.0f} s {when}", tally, drained - back)
+    also = ", collector kill -9 in the middle" if kill_collector else ""
+    return Row(f"ClickHouse down {outage_s:.0f} s {when}{also}", tally, drained - back)
 
 
 def collector_kills(tmp: Path, *, kills: int, steps: int, step_sleep: float, seed: int = 0) -> Row:
@@ -371,6 +389,7 @@ def sigterm_dead_store(tmp: Path, *, steps: int) -> Row:
         tally,
         None,
         f"exited rc={rc} in {exit_s:.1f} s",
+        {"rc": rc, "exit_s": exit_s},
     )
 
 
@@ -409,6 +428,9 @@ SCENARIOS: dict[str, Callable[[Path, argparse.Namespace], Row]] = {
     ),
     "first-seen": lambda tmp, a: store_outage(
         tmp, outage_s=15, before_run=True, steps=200, step_sleep=0.1
+    ),
+    "outage-kill": lambda tmp, a: store_outage(
+        tmp, outage_s=20, before_run=False, steps=240, step_sleep=0.1, kill_collector=True
     ),
     "kills": lambda tmp, a: collector_kills(tmp, kills=5, steps=400, step_sleep=0.1),
     "spool-full": lambda tmp, a: spool_full(tmp, steps=300, step_sleep=0.05, outage_s=10),

@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         help="bound of the spool on disk; at it new frames are refused UNAVAILABLE",
     )
     s.add_argument(
+        "--max-dictionary-mb",
+        type=int,
+        default=CollectorConfig.max_dictionary_bytes >> 20,
+        help="bound of all runs' metric dictionaries; beyond it schemas are RESOURCE_EXHAUSTED",
+    )
+    s.add_argument(
         "--run-idle",
         type=float,
         default=CollectorConfig.run_idle_s,
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             spool_dir=None if args.no_spool else (args.spool or default_spool_dir(args.store)),
             spool_max_bytes=args.spool_max_mb << 20,
             run_idle_s=args.run_idle,
+            max_dictionary_bytes=args.max_dictionary_mb << 20,
             stop_timeout_s=args.stop_timeout,
             lock_timeout_s=args.lock_timeout,
         )
