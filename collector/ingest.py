@@ -19,10 +19,8 @@ Acks go out only after the writer reports what is durable (`on_flushed`) and are
 ranks whose frames wait (`keepalive`); a half-closed stream ends once all it sent is acked,
 and once every rank of a run said goodbye the run's pending steps are reduced and it finishes.
 
-Runs: a run is created in memory by its first Hello but in the store only by its first data
-frame (OpenRun), so a Hello alone leaves nothing behind; a run with no open stream is
-evicted after run_idle_s (abandoned first if it had not finished), or at once if it never
-sent data, or early when max_runs is reached (`evict_idle`).
+Which runs exist, the identity rule at Hello, and when a run is opened in the store, finished,
+abandoned and evicted: runs.py.
 """
 
 from __future__ import annotations
@@ -31,28 +29,19 @@ import logging
 import time
 from collections.abc import Callable
 
-from collector.acks import RankAcks
-from collector.barrier import ByteBudget, StepBarrier
+from collector.barrier import ByteBudget
 from collector.clipboard import ClipBoard
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.errors import (
-    Aborted,
-    AlreadyExists,
-    InvalidArgument,
-    ResourceExhausted,
-    Unavailable,
-)
-from collector.jobs import FinishRun, Forget, OpenRun
+from collector.errors import InvalidArgument, Unavailable
 from collector.operator import OPERATOR_CLIENT
-from collector.registry import RunMetrics, check_hello
 from collector.run import Run
+from collector.runs import Runs
 from collector.stats import Counters, RateLimitedLog
 from collector.steps import Steps
 from collector.trust import check_seq, check_step
 from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
-from store.base import RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +72,11 @@ class Ingest:
             "max_dictionary_bytes",
             "the metric dictionaries of the runs this collector holds",
         )
-        self.runs: dict[str, Run] = {}
         self._durable_job = 0  # every writer job <= this has been flushed
         self.stopping = False  # shutdown: frames are refused, UNAVAILABLE
         self.steps = Steps(config, writer, budget, counters, clock)  # what data frames do
+        self.table = Runs(config, writer, self.steps, budget, self.dict_budget, counters, clock)
+        self.runs = self.table.runs  # name -> Run, the one dict (runs.py owns its lifecycle)
         self.busy_s = 0.0  # event-loop thread CPU seconds in receive() (steps.schema_s of it)
         self._log = RateLimitedLog(log, config.reject_log_interval_s)
         self._next_idle_check = 0.0
@@ -159,9 +149,7 @@ class Ingest:
                 h.seq - skipped,
                 h.seq - 1,
             )
-        if not run.opened:  # its first data: now the run exists in the store
-            run.opened = True
-            self.writer.submit(OpenRun(run.info))
+        self.table.open(run)  # its first data: now the run exists in the store
         resend = acks.is_resend(h.seq)
         if kind == "schema":
             self.steps.schema(run, conn.rank, msg, acks)
@@ -187,88 +175,11 @@ class Ingest:
             self._send_ack(run, conn.rank)
 
     def _hello(self, conn: Conn, hello: pb.Hello) -> None:
-        name, rank, world = check_hello(hello, self.config.max_world_size)
-        session = hello.session
-        run = self.runs.get(name)
-        try:
-            if run is None:
-                run = self._new_run(name, world, hello.config_json)
-            elif run.world_size != world:
-                raise InvalidArgument(
-                    f"run {name!r} is live with world_size {run.world_size}; a "
-                    f"Hello with world_size {world} cannot join it"
-                )
-            self._claim_identity(run, rank, session)
-        except (AlreadyExists, ResourceExhausted):
-            self.counters.add("hellos_refused")
-            raise
-        if run.finished:  # a rank came back: live again (OpenRun with its first data)
-            run.finished, run.finish_job, run.opened = False, None, False
-        conn.run, conn.rank, conn.session = name, rank, session
-        run.conns.setdefault(rank, set()).add(conn)
-        run.idle_since = None
-        run.said_goodbye.discard(rank)
-        acks = run.acks.setdefault(rank, RankAcks())
-        known = run.sessions.get(rank)
-        run.sessions[rank] = session
-        # A new client of this rank numbers its frames above every seq the rank has used, so
-        # they can never be taken for resends of the previous client's (trust.py).
-        fresh = bool(session) and known is not None and known != session
-        conn.welcome(acks.max_seq if fresh else acks.acked)
-        latest = self.clips.latest(name)
+        welcome = self.table.join(conn, hello)  # runs.py: the run, the identity rule
+        conn.welcome(welcome)
+        latest = self.clips.latest(conn.run or "")
         if latest is not None:
             conn.send_clip(latest)
-
-    def _claim_identity(self, run: Run, rank: int, session: str) -> None:
-        """trust.py's identity rule: the same session takes over its own open streams;
-        another client of an identity that is streaming is refused."""
-        live = [c for c in run.conns.get(rank, ()) if c.error is None and not c.done]
-        if not live:
-            return
-        if session and all(c.session == session for c in live):
-            for c in live:
-                c.fail(Aborted("superseded by a newer stream of the same client"))
-                run.conns[rank].discard(c)
-                self.counters.add("streams_superseded")
-            return
-        other = live[0]
-        raise AlreadyExists(
-            f"rank {rank} of run {run.name!r} is already streaming (from {other.peer}, for "
-            f"{self.clock() - other.opened_at:.0f} s, client session "
-            f"{other.session[:8] or 'unnamed'}): a second job cannot join a run with an "
-            "identity that is in use. Give it another run name, or stop the first job (a "
-            "restarted job may rejoin once the first one's streams have ended)"
-        )
-
-    def _new_run(self, name: str, world: int, config_json: str) -> Run:
-        if len(self.runs) >= self.config.max_runs:
-            idle = [r for r in self.runs.values() if not r.conns]
-            if not idle:
-                raise ResourceExhausted(
-                    f"the collector already tracks {len(self.runs)} runs with open streams "
-                    f"(max_runs={self.config.max_runs})"
-                )
-            self._evict(min(idle, key=lambda r: r.idle_since or 0.0), "max_runs reached")
-        cfg = self.config
-        info = RunInfo(run=name, world_size=world, config_json=config_json, started_at=time.time())
-        run = self.runs[name] = Run(
-            name=name,
-            world_size=world,
-            info=info,
-            metrics=RunMetrics(
-                name,
-                max_metrics=cfg.max_metrics_per_run,
-                max_schemas_per_rank=cfg.max_schemas_per_rank,
-                budget=self.dict_budget,
-            ),
-            barrier=StepBarrier(
-                world,
-                straggler_timeout_s=cfg.straggler_timeout_s,
-                max_pending_steps=cfg.max_pending_steps,
-                budget=self.budget,
-            ),
-        )
-        return run
 
     # ---- steps out of the barrier, idle runs ------------------------------------------------
     def tick(self) -> None:
@@ -278,30 +189,7 @@ class Ingest:
         now = self.clock()
         if now >= self._next_idle_check:
             self._next_idle_check = now + min(1.0, self.config.run_idle_s / 4)
-            self.evict_idle(now)
-
-    def evict_idle(self, now: float) -> None:
-        """Evict every run none of whose ranks has had a stream for run_idle_s."""
-        for run in list(self.runs.values()):
-            if not run.conns and run.idle_since is not None:
-                if now - run.idle_since >= self.config.run_idle_s:
-                    self._evict(run, f"no stream for {self.config.run_idle_s:.0f} s")
-
-    def _evict(self, run: Run, why: str) -> None:
-        """Forget a run with no open stream. Unfinished, it is abandoned first: its pending
-        steps are reduced as incomplete and its status stored as "abandoned". Its data stays
-        in the store; a rank that comes back later starts it afresh (trust.py's resume)."""
-        if run.opened and not run.finished:
-            self.steps.drain(run)
-            self.writer.submit(FinishRun(run.name, "abandoned"))
-            self.counters.add("runs_abandoned")
-            log.warning("run %s abandoned (%s): evicted, its data stays readable", run.name, why)
-        elif run.opened:
-            log.info("run %s evicted (%s)", run.name, why)
-        self.writer.submit(Forget(run.name))
-        run.metrics.release()
-        del self.runs[run.name]
-        self.counters.add("runs_evicted")
+            self.table.evict_idle(now)
 
     # ---- acks and control down ------------------------------------------------------------
     def on_flushed(self, through_job: int, failed: set[int]) -> None:
@@ -369,26 +257,10 @@ class Ingest:
         self._settle(run, conn.rank)
 
     def detach(self, conn: Conn) -> None:
-        run = self.runs.get(conn.run) if conn.run else None
-        if run is None:
-            return
-        conns = run.conns.get(conn.rank)
-        if conns is not None:
-            conns.discard(conn)
-            if not conns:
-                del run.conns[conn.rank]
-        if not run.conns:
-            run.idle_since = self.clock()
-            if not run.opened and not self.stopping:  # a Hello and nothing else: forget it
-                self._evict(run, "it sent no data")
+        self.table.detach(conn, forget_empty=not self.stopping)
 
     def _finish_run(self, run: Run) -> None:
-        if run.finished:
-            return
-        self.steps.drain(run)
-        if run.opened:
-            run.finish_job = self.writer.submit(FinishRun(run.name))
-        run.finished = True
+        self.table.finish(run)
 
     def end_streams(self, exc: BaseException) -> None:
         """Shutdown: every open stream ends with `exc`'s status after its pending acks."""
