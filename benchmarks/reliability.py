@@ -28,12 +28,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collector.process import ROOT, start_collector, stop_collector
+from collector.process import ROOT, CollectorStartError, start_collector, stop_collector
 
 WAIT_S = 300.0  # fail-safe bound on any wait here
 
@@ -394,31 +395,60 @@ def sigterm_dead_store(tmp: Path, *, steps: int) -> Row:
 
 
 def parquet_overlap(tmp: Path, *, steps: int) -> Row:
-    """SIGTERM and an immediate restart on the same Parquet directory: the new collector
-    waits for the old one's lock instead of failing its writes."""
+    """A second collector on the same Parquet directory while the first still runs: with a
+    short --lock-timeout it refuses to start, naming the holder; with a long one it waits for
+    the lock, the first is SIGTERMed, and the second takes over its port and the ranks."""
     url = f"parquet:{tmp / 'store'}"
     col = CollectorProc(url, tmp)
+    ranks = Ranks(col.address, "overlap", 2, steps, tmp, step_sleep=0.05)
     try:
-        ranks = Ranks(col.address, "overlap", 2, steps, tmp, step_sleep=0.05)
-        time.sleep(4.0)
-        assert col.proc is not None
-        col.proc.send_signal(15)  # SIGTERM, and at once ...
-        t0 = time.monotonic()
-        old = col.proc
-        col.start()  # ... the next one: it waits for the lock, then listens
-        waited = time.monotonic() - t0
-        old.wait(timeout=120)
+        time.sleep(3.0)
+        try:
+            start_collector(url, "--spool", str(tmp / "other-spool"), "--lock-timeout", "1")
+            refused = ""
+        except CollectorStartError as e:
+            refused = str(e)
+        started: list = []
+        log = tmp / "next.log"
+        nxt = threading.Thread(
+            target=lambda: started.append(
+                start_collector(
+                    url,
+                    "--port",
+                    str(col.port),
+                    "--spool",
+                    str(tmp / "spool"),
+                    "--lock-timeout",
+                    "60",
+                    log_path=log,
+                    timeout_s=120,
+                )
+            )
+        )
+        nxt.start()
+        deadline = time.monotonic() + WAIT_S
+        while "waiting up to 60 s" not in (log.read_text() if log.exists() else ""):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the second collector never waited for the lock")
+            time.sleep(0.1)
+        assert col.stop() == 0  # the first one goes ...
+        gone = time.monotonic()
+        nxt.join(WAIT_S)
+        waited = time.monotonic() - gone  # ... and the second one listens
+        col.proc = started[0][0]
         results = ranks.wait()
         assert col.stop() == 0
         tally = count(url, "overlap", results)
     finally:
+        ranks.kill()
         if col.proc is not None and col.proc.poll() is None:
             col.kill()
     return Row(
-        "SIGTERM + immediate restart on one Parquet store",
+        "second collector on one Parquet store: refused, then waits for the lock",
         tally,
         waited,
-        "recovery: the new collector's wait for the lock",
+        "recovery: first exits until second listens",
+        {"refused": refused},
     )
 
 

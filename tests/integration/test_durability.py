@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from benchmarks import reliability as rel
 from benchmarks.clickhouse_server import server_command
-from collector.process import CollectorStartError, start_collector, stop_collector
+from collector.process import start_collector, stop_collector
 from collector.spool import scan
 from store import open_store
 from tests.collector.conftest import RawClient, mdef
@@ -105,46 +106,9 @@ def test_sigterm_without_a_spool_exits_within_its_bound_and_says_what_was_not_du
 def test_a_second_collector_on_a_parquet_store_waits_for_the_lock_or_refuses(tmp_path):
     """Before: a restart overlapping a draining collector failed its writes ("being written
     by another store instance") and lost data."""
-    url = f"parquet:{tmp_path / 'store'}"
-    col = rel.CollectorProc(url, tmp_path)
-    ranks = rel.Ranks(col.address, "lock", 1, 150, tmp_path, step_sleep=0.05)
-    try:
-        with pytest.raises(CollectorStartError, match=r"held by another process \(pid \d+\)"):
-            start_collector(url, "--spool", str(tmp_path / "other-spool"), "--lock-timeout", "1")
-        started: list = []
-        nxt = threading.Thread(
-            target=lambda: started.append(
-                start_collector(
-                    url,
-                    "--port",
-                    str(col.port),
-                    "--spool",
-                    str(tmp_path / "spool"),
-                    "--lock-timeout",
-                    "60",
-                    log_path=tmp_path / "next.log",
-                    timeout_s=120,
-                )
-            )
-        )
-        nxt.start()
-        deadline = time.monotonic() + WAIT_S
-        while "waiting up to 60 s" not in _read(tmp_path / "next.log"):
-            assert time.monotonic() < deadline, "the next collector never waited"
-            time.sleep(0.1)
-        assert col.stop() == 0  # the first one goes; the next one takes over its port
-        nxt.join(WAIT_S)
-        proc, _ = started[0]
-        results = ranks.wait()
-        assert stop_collector(proc) == 0
-        row = rel.Row("lock", rel.count(url, "lock", results), None)
-        assert_complete(row)
-    finally:
-        ranks.kill()
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
+    row = rel.parquet_overlap(tmp_path, steps=150)
+    assert re.search(r"held by another process \(pid \d+\)", row.extra["refused"])
+    assert_complete(row)
 
 
 def test_a_damaged_spool_record_loses_only_itself_and_is_reported(tmp_path):
