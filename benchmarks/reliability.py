@@ -490,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outage", type=float, default=60.0, help="seconds ClickHouse stays down")
     ap.add_argument("--only", nargs="*", choices=list(SCENARIOS), default=list(SCENARIOS))
     args = ap.parse_args(argv)
+    import logging
+
+    logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)  # restart polls: refused
     rows = []
     for name in args.only:
         with tempfile.TemporaryDirectory(prefix=f"reliability-{name}-") as d:
