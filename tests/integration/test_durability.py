@@ -178,9 +178,13 @@ def test_kill_9_during_parquet_writes_leaves_no_partial_file_under_a_final_name(
                     else:
                         assert f.endswith((".tmp", ".lock")), path
             col.start()
+        c = RawClient(col.address, "big", 0, 1, seq=10**7)  # the next writer of the run ...
+        c.schema(1, schema_parts[0])
+        c.wait_ack(timeout=WAIT_S)
+        c.cancel()
         assert col.stop() == 0
         leftovers = [f for _, _, fs in os.walk(tmp_path / "store") for f in fs if ".tmp" in f]
-        assert leftovers == []  # the next writer of the run removed them
+        assert leftovers == []  # ... removed what the killed ones left being written
     finally:
         if col.proc is not None and col.proc.poll() is None:
             col.kill()
