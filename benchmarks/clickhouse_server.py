@@ -160,33 +160,55 @@ class ClickHouseServer:
         last_error = ""
         for _attempt in range(3):  # a picked port may be taken meanwhile
             self.tcp_port, self.http_port = _free_port(), _free_port()
-            for sub in ("data", "tmp", "user_files", "format_schemas"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
-            (self.root / "config.xml").write_text(
-                CONFIG_XML.format(d=self.root, tcp_port=self.tcp_port, http_port=self.http_port)
-            )
-            (self.root / "users.xml").write_text(
-                USERS_XML.format(user=EXTRA_USER, password=xml_escape(EXTRA_PASSWORD))
-            )
-            with open(self.root / "stdout.log", "ab") as out:
-                self.proc = subprocess.Popen(
-                    [
-                        *_die_with_parent(),
-                        *self.command,
-                        f"--config-file={self.root / 'config.xml'}",
-                    ],
-                    cwd=self.root,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                )
-            last_error = self._wait_ready()
+            last_error = self._launch()
             if not last_error:
                 return
             self.stop()
             if "Address already in use" not in self.log_tail(200):
                 break
         raise RuntimeError(f"ClickHouse server did not start: {last_error}\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the server crashes (data on disk stays); `start_again` brings it back."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def start_again(self) -> None:
+        """Start on the same ports and data directory, so clients' URLs stay valid."""
+        last_error = ""
+        for _attempt in range(20):  # the old listener's port may take a moment to free
+            last_error = self._launch()
+            if not last_error:
+                return
+            self.stop()
+            time.sleep(0.5)
+        raise RuntimeError(f"ClickHouse server did not restart: {last_error}\n{self.log_tail()}")
+
+    def _launch(self) -> str:
+        """Write the config for the current ports, start the process, wait until it answers;
+        '' or why not."""
+        for sub in ("data", "tmp", "user_files", "format_schemas"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "config.xml").write_text(
+            CONFIG_XML.format(d=self.root, tcp_port=self.tcp_port, http_port=self.http_port)
+        )
+        (self.root / "users.xml").write_text(
+            USERS_XML.format(user=EXTRA_USER, password=xml_escape(EXTRA_PASSWORD))
+        )
+        with open(self.root / "stdout.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    *_die_with_parent(),
+                    *self.command,
+                    f"--config-file={self.root / 'config.xml'}",
+                ],
+                cwd=self.root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self._wait_ready()
 
     def _wait_ready(self) -> str:
         """'' once `SELECT 1` answers; else why not (exited, or still silent at the deadline)."""

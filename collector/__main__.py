@@ -31,7 +31,7 @@ import logging
 import sys
 from urllib.parse import urlsplit
 
-from collector.config import CollectorConfig
+from collector.config import CollectorConfig, default_spool_dir
 from collector.server import serve
 from proto import auth
 from store import StoreError
@@ -96,6 +96,47 @@ def main(argv: list[str] | None = None) -> int:
         help="run the detectors and store events, never push the clip policy's updates",
     )
     s.add_argument("--no-detect", action="store_true", help="no online detectors at all")
+    s.add_argument(
+        "--spool",
+        metavar="DIR",
+        help="on-disk spool for store writes while the store is away (default: "
+        "$STEPWATCH_SPOOL, else beside a Parquet store (DIR.spool), else "
+        "~/.local/state/stepwatch/spool-HOST-PORT-DB for ClickHouse)",
+    )
+    s.add_argument("--no-spool", action="store_true", help="refuse frames while the store is away")
+    s.add_argument(
+        "--spool-max-mb",
+        type=int,
+        default=CollectorConfig.spool_max_bytes >> 20,
+        help="bound of the spool on disk; at it new frames are refused UNAVAILABLE",
+    )
+    s.add_argument(
+        "--max-dictionary-mb",
+        type=int,
+        default=CollectorConfig.max_dictionary_bytes >> 20,
+        help="bound of all runs' metric dictionaries; beyond it schemas are RESOURCE_EXHAUSTED",
+    )
+    s.add_argument(
+        "--run-idle",
+        type=float,
+        default=CollectorConfig.run_idle_s,
+        metavar="SECONDS",
+        help="evict (and mark abandoned) a run none of whose ranks has had a stream this long",
+    )
+    s.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=CollectorConfig.stop_timeout_s,
+        metavar="SECONDS",
+        help="SIGTERM: make what is held durable (store, else spool) and exit within this",
+    )
+    s.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=CollectorConfig.lock_timeout_s,
+        metavar="SECONDS",
+        help="wait this long for another collector on the same store or spool to exit",
+    )
     s.add_argument("--log-level", default="INFO")
     c = sub.add_parser("clip", help="show or change a running collector's clip thresholds")
     c.add_argument("op", choices=("list", "set", "clear", "freeze", "unfreeze"))
@@ -151,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             flush_interval_s=args.flush_interval,
             detect=not args.no_detect,
             observe_only=args.observe_only,
+            spool_dir=None if args.no_spool else (args.spool or default_spool_dir(args.store)),
+            spool_max_bytes=args.spool_max_mb << 20,
+            run_idle_s=args.run_idle,
+            max_dictionary_bytes=args.max_dictionary_mb << 20,
+            stop_timeout_s=args.stop_timeout,
+            lock_timeout_s=args.lock_timeout,
         )
         return serve(
             args.store,

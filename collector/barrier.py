@@ -28,11 +28,15 @@ BYTES_PER_VALUE = 5  # float32 value + bool "have" flag
 
 
 class ByteBudget:
-    """Bytes of step data held by every run, from the first chunk until the writer has handed
-    them to the store. Shared by the event loop (reserve) and the writer thread (release)."""
+    """Bytes the collector holds, under one bound. The step budget (max_pending_bytes): step
+    data from the first chunk until the writer made it durable (store or spool). The
+    dictionary budget (max_dictionary_bytes): every run's metric names until the run is
+    evicted (registry.py). Shared by the event loop (reserve) and the writer (release)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, name: str = "max_pending_bytes", held: str = "") -> None:
         self.limit = limit
+        self.name = name
+        self.held = held or "steps not yet durable; retry after the acks catch up"
         self.used = 0
         self._lock = threading.Lock()
 
@@ -40,8 +44,8 @@ class ByteBudget:
         with self._lock:
             if self.used + n > self.limit:
                 raise ResourceExhausted(
-                    f"{what} needs {n} bytes but {self.used} of max_pending_bytes={self.limit} "
-                    f"are held by steps not yet stored; retry after the acks catch up"
+                    f"{what} needs {n} bytes but {self.used} of {self.name}={self.limit} "
+                    f"are held by {self.held}"
                 )
             self.used += n
 

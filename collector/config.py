@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
 
 MIB = 1 << 20
+
+
+def default_spool_dir(store_url: str) -> str | None:
+    """Where `serve` spools when not told: $STEPWATCH_SPOOL; beside a Parquet store
+    (DIR.spool: the spool must outlive the collector, like the store); for ClickHouse
+    ~/.local/state/stepwatch/spool-HOST-PORT-DB; none for the memory store."""
+    env = os.environ.get("STEPWATCH_SPOOL")
+    if env:
+        return env
+    scheme, _, rest = store_url.partition(":")
+    if scheme == "parquet" and rest:
+        return os.path.abspath(rest[2:] if rest.startswith("///") else rest).rstrip("/") + ".spool"
+    if scheme in ("clickhouse", "clickhouses"):
+        where = re.sub(r"^//([^@/]*@)?", "", rest).split("?")[0]  # no credentials in paths
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", where).strip("-") or "default"
+        state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        return os.path.join(state, "stepwatch", f"spool-{name}")
+    return None
 
 
 @dataclass
@@ -44,6 +64,13 @@ class CollectorConfig:
     million values holds 30 MB (float32 + have flag), so the default admits ~35 such steps in
     flight and, with the writer's one stacked copy per step, keeps the collector under 2 GB."""
 
+    max_dictionary_bytes: int = 3 << 30
+    """Bytes of metric dictionaries held by all runs (each name costs registry.name_bytes,
+    measured: the registry, the store's and the detectors' dictionaries); a schema whose new
+    names would pass it is RESOURCE_EXHAUSTED. Released when a run is evicted. ~2.8 M names
+    of ~50 characters fit the default; with max_pending_bytes it bounds the collector's
+    memory."""
+
     max_chunk_bytes: int = MIB
     """Largest StepChunk.values (the wire contract says 1 MiB); gRPC's receive limit is set
     a little above it, so a larger message never reaches Python."""
@@ -76,6 +103,48 @@ class CollectorConfig:
     stats_log_interval_s: float = 30.0
     """Counters are logged this often (and once at stop)."""
 
+    spool_dir: str | None = None
+    """Directory of the on-disk spool (spool.py): while the store is away its writes go
+    there, and frames are acknowledged once the spool has fsynced them; the spool drains into
+    the store, oldest first, when the store answers again, and survives a kill -9 (replayed
+    at the next start). None: no spool: while the store is away frames stay unacknowledged
+    and new ones are refused (UNAVAILABLE). `python -m collector serve` picks a directory
+    beside the store unless told otherwise (collector/__main__.py)."""
+
+    spool_max_bytes: int = 2 << 30
+    """Bound of the spool on disk. At it (or when its disk is full) the collector stops
+    acknowledging: new frames are refused with UNAVAILABLE until the store takes some."""
+
+    spool_segment_bytes: int = 64 * MIB
+    """The spool is cut into files of about this size; drained ones are deleted."""
+
+    store_retry_max_s: float = 5.0
+    """While the store is away it is retried with exponential backoff and jitter, from
+    0.2 s doubling up to this."""
+
+    run_idle_s: float = 300.0
+    """A run none of whose ranks has had an open stream for this long is evicted from
+    memory; if it had not finished (every rank said goodbye) it is first abandoned: its
+    pending steps are reduced as incomplete and its status stored as "abandoned". Its data
+    stays readable, and a rank that comes back later resumes it. A run that never sent a
+    data frame is forgotten as soon as its last stream closes (nothing of it is stored), and
+    at max_runs the run idle longest goes early."""
+
+    max_step_ahead: int = 100_000
+    """A frame whose step lies more than this many steps beyond the run's latest step is
+    refused (INVALID_ARGUMENT): one wild step would make every later step "late"."""
+
+    stop_timeout_s: float = 30.0
+    """stop() (SIGTERM) returns within about this long: the store gets what it can take in
+    half of it, the spool the rest; what neither took was never acknowledged."""
+
+    lock_timeout_s: float = 60.0
+    """At start, wait this long for a collector still holding the spool directory (or the
+    Parquet store) to exit, then refuse to start with an error naming it."""
+
+    reject_log_interval_s: float = 10.0
+    """Rejected frames are logged at most once per this interval (then a count of the rest)."""
+
     detect: bool = True
     """Run the online detectors (analytics/) on every reduced step and store their events."""
 
@@ -98,6 +167,10 @@ class CollectorConfig:
             "stop_grace_s",
             "stats_log_interval_s",
             "keepalive_s",
+            "store_retry_max_s",
+            "run_idle_s",
+            "stop_timeout_s",
+            "reject_log_interval_s",
         ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -106,16 +179,26 @@ class CollectorConfig:
             "flush_every_steps",
             "max_pending_steps",
             "max_pending_bytes",
+            "max_dictionary_bytes",
             "max_chunk_bytes",
             "max_runs",
             "max_world_size",
             "max_schemas_per_rank",
             "max_metrics_per_run",
             "max_streams",
+            "spool_max_bytes",
+            "spool_segment_bytes",
+            "max_step_ahead",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.lock_timeout_s, (int, float)) or not self.lock_timeout_s >= 0:
+            raise ValueError(f"lock_timeout_s must be >= 0 seconds, got {self.lock_timeout_s!r}")
+        if self.spool_dir is not None and (
+            not isinstance(self.spool_dir, str) or not self.spool_dir
+        ):
+            raise ValueError("spool_dir must be a directory path or None")
         if self.max_chunk_bytes % 4:
             raise ValueError("max_chunk_bytes must be a multiple of 4 (float32 values)")
 

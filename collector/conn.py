@@ -8,6 +8,7 @@ that stops reading costs a few objects, never a queue. Event-loop thread only.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from collector.registry import PROTOCOL_VERSION
 from proto.v1 import telemetry_pb2 as pb
@@ -18,6 +19,9 @@ class Conn:
         self.peer = peer
         self.run: str | None = None  # set by Hello
         self.rank = -1
+        self.session = ""  # Hello.session: the client process (trust.py's identity rule)
+        self.last_seq = 0  # seq of the last frame other than a Schema on this stream
+        self.opened_at = time.monotonic()
         self.half_closed = False  # the client finished sending
         self.done = False  # the servicer should end the RPC with OK
         self.error: BaseException | None = None

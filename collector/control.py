@@ -33,9 +33,10 @@ from collector.clipboard import ClipAckRecord, ClipBoard
 from collector.detect import Detect
 from collector.errors import InvalidArgument
 from collector.ingest import Ingest
+from collector.jobs import WriteClips
 from collector.operator import operator_answer, parse_operator_command
 from collector.stats import Counters
-from collector.writer import WriteClips, Writer
+from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
 from store.base import RUN_NAME_RE, ClipRecord
 

@@ -165,6 +165,11 @@ class Detect:
                     policy.unfreeze(layer, site)
             return policy.frozen
 
+    def forget(self, run: str) -> None:
+        """The collector evicted the run (writer thread, after the run's last step)."""
+        with self._lock:
+            self._runs.pop(run, None)
+
     def events(self, run: str) -> list[Event]:
         with self._lock:
             rd = self._runs.get(run)

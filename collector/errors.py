@@ -64,9 +64,24 @@ class PermissionDenied(CollectorError):
 
 
 class Unavailable(CollectorError):
-    """The collector is shutting down; the client should reconnect (to the next one)."""
+    """Nothing more can be made durable now: the collector is shutting down, or the store is
+    away and the spool full. Nothing of the refused frame is acknowledged; the client should
+    reconnect with backoff (to this collector or the next) and resend what is not acked."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class AlreadyExists(CollectorError):
+    """A Hello for a (run, rank) that another client is streaming right now: a second job
+    started with the same run name. Permanent for that client: pick another run name."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Aborted(CollectorError):
+    """The stream was superseded by a newer stream of the same client (same session)."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 REJECTED = (CollectorError, DecodeError)  # bad input, as opposed to a collector bug

@@ -12,11 +12,16 @@ A stream whose Hello carries client_version OPERATOR_CLIENT is an operator's: it
 config_json is one clip command (operator.py), answered (`operator`, control.py) with the
 run's clip table and the end of the stream; it never joins the run.
 
-Before a frame is applied, its header must name the stream's run and rank, and its seq is
-checked against the rank's acks (acks.py): a frame with seq <= acked is ignored and acked
-again. Acks go out only after the writer reports a flush (`on_flushed`) and are repeated to
+Before a frame is applied, its header must name the stream's run and rank, and its seq and
+step must pass trust.py's rules (gaps and rewinds refused, a resume point allowed, steps within
+the run's window); a frame with seq <= acked is ignored and acked again. While the writer can
+make nothing durable (the store away and the spool full) data frames are refused UNAVAILABLE.
+Acks go out only after the writer reports what is durable (`on_flushed`) and are repeated to
 ranks whose frames wait (`keepalive`); a half-closed stream ends once all it sent is acked,
 and once every rank of a run said goodbye the run's pending steps are reduced and it finishes.
+
+Which runs exist, the identity rule at Hello, and when a run is opened in the store, finished,
+abandoned and evicted: runs.py.
 """
 
 from __future__ import annotations
@@ -25,21 +30,20 @@ import logging
 import time
 from collections.abc import Callable
 
-from collector.acks import RankAcks
-from collector.barrier import ByteBudget, StepBarrier
+from collector.barrier import ByteBudget
 from collector.clipboard import ClipBoard
 from collector.config import CollectorConfig
 from collector.conn import Conn
-from collector.errors import InvalidArgument, ResourceExhausted, Unavailable
+from collector.errors import InvalidArgument, Unavailable
 from collector.holes import steps_dropped
 from collector.operator import OPERATOR_CLIENT
-from collector.registry import RunMetrics, check_hello
 from collector.run import Run
-from collector.stats import Counters
+from collector.runs import Runs
+from collector.stats import Counters, RateLimitedLog
 from collector.steps import Steps
-from collector.writer import FinishRun, OpenRun, Writer
+from collector.trust import check_seq, check_step
+from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
-from store.base import RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class Ingest:
         clock: Callable[[], float] = time.monotonic,
         on_clip_ack: Callable[[str, int], int | None] | None = None,
         operator: Callable[[pb.Hello], pb.ClipUpdate] | None = None,
+        dict_budget: ByteBudget | None = None,
     ) -> None:
         self.config = config
         self.writer = writer
@@ -64,11 +69,19 @@ class Ingest:
         self.clock = clock
         self.on_clip_ack = on_clip_ack  # (run, version) -> writer job storing it, or None
         self.operator = operator  # answers an operator stream's command
-        self.runs: dict[str, Run] = {}
+        self.dict_budget = dict_budget or ByteBudget(
+            config.max_dictionary_bytes,
+            "max_dictionary_bytes",
+            "the metric dictionaries of the runs this collector holds",
+        )
         self._durable_job = 0  # every writer job <= this has been flushed
         self.stopping = False  # shutdown: frames are refused, UNAVAILABLE
         self.steps = Steps(config, writer, budget, counters, clock)  # what data frames do
+        self.table = Runs(config, writer, self.steps, budget, self.dict_budget, counters, clock)
+        self.runs = self.table.runs  # name -> Run, the one dict (runs.py owns its lifecycle)
         self.busy_s = 0.0  # event-loop thread CPU seconds in receive() (steps.schema_s of it)
+        self._log = RateLimitedLog(log, config.reject_log_interval_s)
+        self._next_idle_check = 0.0
 
     # ---- frames ---------------------------------------------------------------------------
     def receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
@@ -107,12 +120,38 @@ class Ingest:
             )
         if h.seq == 0:
             raise InvalidArgument(f"{kind} has seq 0; seq counts frames from 1")
+        if conn.error is not None:  # superseded: its last frames in flight change nothing
+            return None
         run = self.runs[conn.run]
         acks = run.acks[conn.rank]
+        skipped = check_seq(conn, acks, kind, h.seq)
         if acks.is_duplicate(h.seq):
             self.counters.add("frames_duplicate")
+            conn.last_seq = h.seq if kind != "schema" else conn.last_seq
             conn.send_ack(acks.acked, acks.durable_step)
             return
+        if self.writer.saturated:
+            self.counters.add("frames_unavailable")
+            raise Unavailable(
+                "the store is unavailable and the spool is full (or absent): nothing more can "
+                "be made durable; this frame is not acknowledged: reconnect with backoff and "
+                "resend what is not acked"
+            )
+        if kind in ("chunk", "end_of_step"):
+            check_step(run.latest_step, h.step, self.config.max_step_ahead, kind)
+        if skipped:  # once this frame is received, the frontier passes the skipped seqs
+            self.counters.add("frames_skipped", skipped)
+            self._log(
+                logging.INFO,
+                "rank %d of run %s resumes at seq %d: seqs %d..%d are not resent "
+                "(acknowledged by an earlier collector, or dropped by the client)",
+                conn.rank,
+                run.name,
+                h.seq,
+                h.seq - skipped,
+                h.seq - 1,
+            )
+        self.table.open(run)  # its first data: now the run exists in the store
         resend = acks.is_resend(h.seq)
         if kind == "schema":
             self.steps.schema(run, conn.rank, msg, acks)
@@ -132,66 +171,29 @@ class Ingest:
                 acks.received(h.seq)
             else:  # durable once its acked step is stored
                 acks.in_job(h.seq, job)
+        if kind != "schema":  # applied: the stream's seqs move on (a rejected frame moves nothing)
+            conn.last_seq = h.seq
+        if kind in ("chunk", "end_of_step"):
+            run.latest_step = max(run.latest_step, h.step)
         if acks.advance():
             self._send_ack(run, conn.rank)
 
     def _hello(self, conn: Conn, hello: pb.Hello) -> None:
-        name, rank, world = check_hello(hello, self.config.max_world_size)
-        run = self.runs.get(name)
-        if run is None:
-            run = self._new_run(name, world, hello.config_json)
-        elif run.world_size != world:
-            raise InvalidArgument(
-                f"run {name!r} is live with world_size {run.world_size}; a "
-                f"Hello with world_size {world} cannot join it"
-            )
-        elif run.finished:  # a rank came back: live again
-            run.finished, run.finish_job = False, None
-            self.writer.submit(OpenRun(run.info))
-        conn.run, conn.rank = name, rank
-        run.conns.setdefault(rank, set()).add(conn)
-        run.said_goodbye.discard(rank)
-        acks = run.acks.setdefault(rank, RankAcks())
-        conn.welcome(acks.acked)
-        latest = self.clips.latest(name)
+        welcome = self.table.join(conn, hello)  # runs.py: the run, the identity rule
+        conn.welcome(welcome)
+        latest = self.clips.latest(conn.run or "")
         if latest is not None:
             conn.send_clip(latest)
 
-    def _new_run(self, name: str, world: int, config_json: str) -> Run:
-        if len(self.runs) >= self.config.max_runs:
-            idle = [r for r in self.runs.values() if r.finished and not r.conns]
-            if not idle:
-                raise ResourceExhausted(
-                    f"the collector already tracks {len(self.runs)} live "
-                    f"runs (max_runs={self.config.max_runs})"
-                )
-            del self.runs[min(idle, key=lambda r: r.info.started_at).name]
-        cfg = self.config
-        info = RunInfo(run=name, world_size=world, config_json=config_json, started_at=time.time())
-        run = self.runs[name] = Run(
-            name=name,
-            world_size=world,
-            info=info,
-            metrics=RunMetrics(
-                name,
-                max_metrics=cfg.max_metrics_per_run,
-                max_schemas_per_rank=cfg.max_schemas_per_rank,
-            ),
-            barrier=StepBarrier(
-                world,
-                straggler_timeout_s=cfg.straggler_timeout_s,
-                max_pending_steps=cfg.max_pending_steps,
-                budget=self.budget,
-            ),
-        )
-        self.writer.submit(OpenRun(info))
-        return run
-
-    # ---- steps out of the barrier --------------------------------------------------------
+    # ---- steps out of the barrier, idle runs ------------------------------------------------
     def tick(self) -> None:
-        """Straggler timeouts: called periodically by the server."""
+        """Straggler timeouts, and (once a second) idle runs: called periodically."""
         for run in self.runs.values():
             self.steps.poll(run)
+        now = self.clock()
+        if now >= self._next_idle_check:
+            self._next_idle_check = now + min(1.0, self.config.run_idle_s / 4)
+            self.table.evict_idle(now)
 
     # ---- acks and control down ------------------------------------------------------------
     def on_flushed(self, through_job: int, failed: set[int]) -> None:
@@ -259,20 +261,10 @@ class Ingest:
         self._settle(run, conn.rank)
 
     def detach(self, conn: Conn) -> None:
-        run = self.runs.get(conn.run) if conn.run else None
-        if run is not None:
-            conns = run.conns.get(conn.rank)
-            if conns is not None:
-                conns.discard(conn)
-                if not conns:
-                    del run.conns[conn.rank]
+        self.table.detach(conn, forget_empty=not self.stopping)
 
     def _finish_run(self, run: Run) -> None:
-        if run.finished:
-            return
-        self.steps.drain(run)
-        run.finish_job = self.writer.submit(FinishRun(run.name))
-        run.finished = True
+        self.table.finish(run)
 
     def end_streams(self, exc: BaseException) -> None:
         """Shutdown: every open stream ends with `exc`'s status after its pending acks."""

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from collector.barrier import ByteBudget
 from collector.errors import InvalidArgument, ResourceExhausted
 from collector.idset import IdRanges
 from collector.reduction import OP_MAX, OP_MEAN, OP_MIN, OP_NAMES, OP_SUM
@@ -40,6 +42,15 @@ REDUCE_CODES = {
 assert all(k == v for k, v in REDUCE_CODES.items()), "reduction op codes mirror proto ReduceOp"
 
 Labels = tuple[int, int, int, str, str, int]  # layer, expert, head, stat, unit, op
+# What one registered name costs the collector, measured on a collector process (Parquet
+# store, detectors on: 1.2 KB of RSS per ~45-character name; tests/integration/test_limits.py
+# checks the bound holds): the registry's dict entry and label tuple, the metric-dictionary
+# frames the store and the online detectors keep, the rows on their way to the store.
+NAME_OVERHEAD_BYTES = 1024
+
+
+def name_bytes(name: str) -> int:
+    return NAME_OVERHEAD_BYTES + 2 * len(name)
 
 
 def check_hello(h: pb.Hello, max_world_size: int) -> tuple[str, int, int]:
@@ -80,12 +91,25 @@ def _describe(name: str, lab: Labels) -> str:
 
 
 class RunMetrics:
-    """One run's metric dictionary and every rank's schemas."""
+    """One run's metric dictionary and every rank's schemas.
 
-    def __init__(self, run: str, *, max_metrics: int, max_schemas_per_rank: int) -> None:
+    Memory: every new name reserves name_bytes(name) in the collector's dictionary budget
+    (max_dictionary_bytes), held until the run is evicted (`release`); a schema whose new
+    names do not fit is refused RESOURCE_EXHAUSTED before anything of it registers."""
+
+    def __init__(
+        self,
+        run: str,
+        *,
+        max_metrics: int,
+        max_schemas_per_rank: int,
+        budget: ByteBudget | None = None,
+    ) -> None:
         self.run = run
         self.max_metrics = max_metrics
         self.max_schemas_per_rank = max_schemas_per_rank
+        self.budget = budget
+        self.nbytes = 0  # reserved in budget for this run's names
         self.ids: dict[str, int] = {}
         self._labels: list[Labels] = []
         # op code per metric id. Replaced, never written in place: the writer thread reduces
@@ -97,6 +121,12 @@ class RunMetrics:
         # digest of MetricDefs -> their id array. Sound because names and labels are never
         # removed or changed: defs that resolved once resolve to the same ids forever.
         self._layouts: dict[bytes, np.ndarray] = {}
+
+    def release(self) -> None:
+        """The run leaves memory: give its names' bytes back to the budget."""
+        if self.budget is not None and self.nbytes:
+            self.budget.release(self.nbytes)
+            self.nbytes = 0
 
     def has_schema(self, rank: int, schema_id: int) -> bool:
         return (rank, schema_id) in self._schemas
@@ -149,6 +179,11 @@ class RunMetrics:
                     f"{rank}; a rank sends each metric once per step"
                 )
 
+        if new and self.budget is not None:
+            assert cols is not None  # new names come only from a first-time schema
+            cost = sum(name_bytes(cols.names[i]) for i in new)
+            self.budget.reserve(cost, f"{len(new)} new metric names of run {self.run!r}")
+            self.nbytes += cost
         rows = None if cols is None else self._add(cols, ids, new)  # commit: nothing raises
         self._layouts.setdefault(digest, ids)
         self._schemas[(rank, schema_id)] = Schema(ids, digest)
@@ -251,7 +286,9 @@ def _columns(schema_id: int, metrics: Sequence[pb.MetricDef]) -> _Columns:
         count = Counter(names)
         dup = next(n for n in names if count[n] > 1)
         raise InvalidArgument(f"metric {dup!r} appears twice in schema {schema_id}")
-    # REDUCE_CODES maps proto codes to themselves (asserted above), so reduce is the op code
+    # REDUCE_CODES maps proto codes to themselves (asserted above), so reduce is the op code.
+    # stat and unit repeat across thousands of metrics: one string object each, not one per def
+    stat, unit = tuple(map(sys.intern, stat)), tuple(map(sys.intern, unit))
     return _Columns(list(names), list(zip(layer, expert, head, stat, unit, reduce)))
 
 

@@ -1,4 +1,5 @@
-"""Run: one live run as the collector holds it, from its first Hello until it is evicted.
+"""Run: one live run as the collector holds it, from its first Hello until it is evicted
+(ingest.py: idle for run_idle_s with no stream open, or at once if it never sent data).
 
 Its metric registry and step barrier (what its data frames build, steps.py), and per rank the
 ack bookkeeping and the open streams (what ingest.py answers and ends). Event-loop thread
@@ -34,3 +35,7 @@ class Run:
     layouts: dict[bytes, np.ndarray] = field(default_factory=dict)
     finished: bool = False
     finish_job: int | None = None  # writer job that marks the run finished
+    opened: bool = False  # OpenRun submitted: the run exists in the store (its first data)
+    idle_since: float | None = None  # clock reading when its last stream closed
+    latest_step: int = -1  # highest step any rank sent (trust.py's step window)
+    sessions: dict[int, str] = field(default_factory=dict)  # rank -> its client's session

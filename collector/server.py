@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -41,15 +42,18 @@ from collector.errors import (
     status_of,
 )
 from collector.ingest import Ingest
+from collector.jobs import EventSink
 from collector.operator import OPERATOR_CLIENT
-from collector.stats import Counters
-from collector.writer import Writer
+from collector.spool import Spool
+from collector.stats import Counters, RateLimitedLog
+from collector.writer import StoreHandle, Writer
 from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
-from store.base import Store
+from store.base import InvalidInput, Store, StoreError
 
 log = logging.getLogger("collector")
 GOODBYE_CONFIRM_S = 0.1
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 20, 10  # server pings on idle streams
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -124,11 +128,13 @@ class TelemetryServicer(pbg.TelemetryServicer):
         counters: Counters,
         on_clip_sent: Callable[[str, int], None] | None = None,
         auth: _Auth | None = None,
+        reject_log_interval_s: float = 10.0,
     ) -> None:
         self.ingest = ingest
         self.counters = counters
         self.on_clip_sent = on_clip_sent
         self.auth = auth or _Auth(None, None, counters)
+        self._log = RateLimitedLog(log, reject_log_interval_s)  # a client sets the rate
 
     async def Stream(self, request_iterator, context):
         conn = Conn(context.peer())
@@ -167,8 +173,13 @@ class TelemetryServicer(pbg.TelemetryServicer):
             raise
         except REJECTED as exc:
             self.counters.add("frames_rejected")
-            log.info(
-                "rejected a frame from %s (run=%s rank=%s): %s", conn.peer, conn.run, conn.rank, exc
+            self._log(
+                logging.INFO,
+                "rejected a frame from %s (run=%s rank=%s): %s",
+                conn.peer,
+                conn.run,
+                conn.rank,
+                exc,
             )
             conn.fail(exc)
             return
@@ -198,17 +209,38 @@ def _check_not_operator(frame: pb.ClientFrame) -> None:
 
 # ---- the collector ---------------------------------------------------------------------------
 class Collector:
-    """Runs the server on its own event-loop thread. `start()` returns the bound port."""
+    """Runs the server on its own event-loop thread. `start()` returns the bound port.
 
-    def __init__(self, store: Store, config: CollectorConfig | None = None) -> None:
-        self.store = store
+    `store` is a Store, or a StoreHandle that opens it on first use (a collector may start
+    while its store is down). With config.spool_dir the spool is opened (and locked: a second
+    collector on the same directory waits config.lock_timeout_s, then SpoolLocked)."""
+
+    def __init__(self, store: Store | StoreHandle, config: CollectorConfig | None = None) -> None:
+        self.handle = store if isinstance(store, StoreHandle) else StoreHandle(store)
         self.config = config or CollectorConfig()
+        cfg = self.config
         self.counters = Counters()
-        self.budget = ByteBudget(self.config.max_pending_bytes)
-        self.control = ClipControl(self.counters, observe_only=self.config.observe_only)
+        self.budget = ByteBudget(cfg.max_pending_bytes)
+        self.control = ClipControl(self.counters, observe_only=cfg.observe_only)
+        self.event_sink = EventSink()  # the detectors' events go through the writer, in order
         self.detect = (
-            Detect(store, self.control.push, self.counters, observe_only=self.config.observe_only)
-            if self.config.detect
+            Detect(
+                self.event_sink,  # type: ignore[arg-type]  # Detect only calls write_events
+                self.control.push,
+                self.counters,
+                observe_only=cfg.observe_only,
+            )
+            if cfg.detect
+            else None
+        )
+        self.spool = (
+            Spool(
+                cfg.spool_dir,
+                max_bytes=cfg.spool_max_bytes,
+                segment_bytes=cfg.spool_segment_bytes,
+                lock_timeout_s=cfg.lock_timeout_s,
+            )
+            if cfg.spool_dir
             else None
         )
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -216,13 +248,16 @@ class Collector:
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self.writer = Writer(
-            store,
-            flush_interval_s=self.config.flush_interval_s,
-            flush_every_steps=self.config.flush_every_steps,
+            self.handle,
+            flush_interval_s=cfg.flush_interval_s,
+            flush_every_steps=cfg.flush_every_steps,
             on_flushed=self._flushed,
             release=self.budget.release,
             counters=self.counters,
             observer=self.detect,
+            spool=self.spool,
+            events=self.event_sink,
+            retry_max_s=cfg.store_retry_max_s,
         )
         self.ingest = Ingest(
             self.config,
@@ -235,6 +270,11 @@ class Collector:
         )
         self.control.connect(self.writer, self.ingest, self.detect, call_soon=self._call_soon)
         self.port = 0
+
+    @property
+    def store(self) -> Store | None:
+        """The store, once opened (None while it has never answered)."""
+        return self.handle.store
 
     # lifecycle
     def start(
@@ -280,11 +320,21 @@ class Collector:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 0),  # a taken port is an error, not shared
+                # A client that vanished without closing (host down, partition) is found by
+                # pings within ~KEEPALIVE_S + KEEPALIVE_TIMEOUT_S, which frees its identity.
+                ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
             ],
-        )  # a taken port is an error, not shared
+        )
         pbg.add_TelemetryServicer_to_server(
-            TelemetryServicer(self.ingest, self.counters, self.control.sent, auth),
+            TelemetryServicer(
+                self.ingest,
+                self.counters,
+                on_clip_sent=self.control.sent,
+                auth=auth,
+                reject_log_interval_s=self.config.reject_log_interval_s,
+            ),
             self._server,
         )
         address = f"{host}:{port}"
@@ -313,32 +363,38 @@ class Collector:
             except Exception:  # never let a periodic job die silently
                 log.exception("periodic %s failed", getattr(fn, "__name__", fn))
 
-    def stop(self) -> None:
-        """Stop accepting streams, reduce what is pending (incomplete), flush, mark runs
-        finished, send the last acks, then end open streams with UNAVAILABLE so their clients
-        reconnect (to the next collector). The store stays open (its owner closes it)."""
+    def stop(self) -> bool:
+        """Stop accepting streams, reduce what is pending (incomplete), make it durable (the
+        store, or the spool once half of stop_timeout_s is gone), mark runs finished, send the
+        last acks, then end open streams with UNAVAILABLE so their clients reconnect (to the
+        next collector). Returns within about stop_timeout_s; True if everything received
+        became durable (what did not was never acked). The store stays open (its owner
+        closes it)."""
         loop = self._loop
         if loop is None or not self._thread:
-            return
-        self._on_loop(self._begin_shutdown)
+            return True
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        left = lambda: max(0.5, deadline - time.monotonic())
+        self._on_loop(self._begin_shutdown, left())
+        clean = False
         try:
-            self.writer.close()  # applies every job, flushes; acks queue on the loop
+            clean = self.writer.close(timeout=left() - 1.0)  # acks queue on the loop
         except Exception:
             log.exception("collector stop: the writer failed to close")
-        self._on_loop(self._end_shutdown)
+        self._on_loop(self._end_shutdown, min(left(), self.config.stop_grace_s + 1.0))
         loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(timeout=10)
-        loop.close()
+        self._thread.join(timeout=min(left(), 10))
+        if not self._thread.is_alive():
+            loop.close()
         self._loop = None
         self._log_stats()
+        return clean
 
-    def _on_loop(self, coro_fn) -> None:
+    def _on_loop(self, coro_fn, timeout: float) -> None:
         """Run a shutdown phase on the loop; log (never raise) so the flush still happens."""
         try:
             if self._loop is not None and self._loop.is_running():
-                asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(
-                    self.config.stop_grace_s + 30
-                )
+                asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(timeout)
         except Exception:
             log.exception("collector stop: %s failed", coro_fn.__name__)
 
@@ -397,7 +453,11 @@ class Collector:
     def stats(self) -> dict[str, int]:
         out = self.counters.snapshot()
         out["pending_bytes"] = self.budget.used
+        out["dictionary_bytes"] = self.ingest.dict_budget.used
         out["writer_backlog"] = self.writer.backlog
+        out["runs"] = len(self.ingest.runs)
+        out["spooling"] = int(self.writer.spooling)
+        out["spool_bytes"] = self.spool.size if self.spool is not None else 0
         return out
 
     def _log_stats(self) -> None:
@@ -415,29 +475,53 @@ def serve(
     tls_key: str | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; prints `collector listening on HOST:PORT store=URL` (flushed)
-    once ready. Returns the exit status: 0 after a clean stop with everything flushed."""
+    once ready. Returns the exit status: 0 after a clean stop with everything received made
+    durable (store or spool), 1 if something was not (it was never acked: clients resend it).
+
+    A store that does not answer at start is opened later, like any store write retried,
+    when there is a spool to hold the writes meanwhile. A Parquet store directory and the
+    spool directory are each locked for this process: a collector still holding them (one
+    draining after SIGTERM) is waited for up to config.lock_timeout_s, then we refuse."""
     import signal
 
     from store import open_store
 
+    config = config or CollectorConfig()
     tls = None
     if tls_cert or tls_key:
         if not (tls_cert and tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         with open(tls_cert, "rb") as c, open(tls_key, "rb") as k:
             tls = (c.read(), k.read())
-    store = open_store(store_url)
+    try:
+        handle = StoreHandle(open_store(store_url))
+    except InvalidInput:
+        raise
+    except StoreError as exc:
+        if not config.spool_dir:
+            raise
+        log.warning("store unavailable at start (%s); spooling until it answers", exc)
+        handle = StoreHandle(opener=lambda: open_store(store_url))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    collector = Collector(store, config)
+    clean = False
     try:
-        bound = collector.start(host, port, tls)
-        print(f"collector listening on {host}:{bound} store={store_url}", flush=True)
-        while not stop.wait(0.5):
-            pass
-        log.info("stopping: no new streams, flushing the store, finishing runs")
+        if handle.store is not None:
+            handle.store.lock_writer(config.lock_timeout_s)
+        collector = Collector(handle, config)  # takes the spool's lock
+        try:
+            bound = collector.start(host, port, tls)
+            print(f"collector listening on {host}:{bound} store={store_url}", flush=True)
+            while not stop.wait(0.5):
+                pass
+            log.info("stopping: no new streams, making what is held durable, finishing runs")
+        finally:
+            clean = collector.stop()
     finally:
-        collector.stop()
-        store.close()
-    return 0
+        if handle.store is not None:
+            try:
+                handle.store.close()
+            except Exception:
+                log.warning("closing the store failed", exc_info=True)
+    return 0 if clean else 1

@@ -34,6 +34,17 @@ COUNTERS = (
     "clip_push_errors",
     "observer_errors",  # detection/control failures (logged)
     "operator_commands",  # operator clip commands applied
+    "store_outages",  # times the writer found the store away and started spooling
+    "spool_records",  # store writes appended to the spool
+    "spool_drained",  # spool records replayed into the store
+    "spool_rejected",  # spool records the store refused for good (kept aside)
+    "spool_full",  # appends the spool refused (bound or disk full): frames refused
+    "frames_unavailable",  # data frames refused UNAVAILABLE (nothing could be made durable)
+    "frames_skipped",  # seqs a resuming stream skipped (dropped by the client; holes)
+    "runs_abandoned",  # runs whose ranks all vanished, marked abandoned
+    "runs_evicted",  # runs dropped from memory (abandoned, finished and idle, or empty)
+    "streams_superseded",  # streams ended because the same client opened a newer one
+    "hellos_refused",  # Hellos refused (identity already streaming, too many runs, ...)
 )
 
 
@@ -51,3 +62,29 @@ class Counters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._values)
+
+
+class RateLimitedLog:
+    """At most one log line per `interval_s`; the next line says how many were not logged.
+    For messages whose number a client controls (one per rejected frame)."""
+
+    def __init__(self, logger, interval_s: float, clock=None) -> None:
+        import time
+
+        self._log = logger
+        self.interval_s = interval_s
+        self._clock = clock or time.monotonic
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def __call__(self, level: int, msg: str, *args) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += f" (and {self._suppressed} more like it in the last %.0f s, not logged)"
+            args = (*args, self.interval_s)
+            self._suppressed = 0
+        self._log.log(level, msg, *args)
+        self._next = now + self.interval_s

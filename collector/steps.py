@@ -25,9 +25,10 @@ from collector.acks import RankAcks
 from collector.barrier import ByteBudget, ReadyStep
 from collector.config import CollectorConfig
 from collector.errors import InvalidArgument
+from collector.jobs import WriteMetrics, WriteRaw, WriteStep
 from collector.run import Run
 from collector.stats import Counters
-from collector.writer import WriteMetrics, Writer, WriteRaw, WriteStep
+from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
 from store.base import ValueBatch
 

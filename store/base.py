@@ -6,7 +6,7 @@ frames. Every write is idempotent on its natural key, so a resent frame never do
 | table      | natural key                    | columns                                                  |
 |------------|--------------------------------|----------------------------------------------------------|
 | runs       | run                            | run, world_size, config_json, started_at, updated_at,    |
-|            |                                | last_step, status ("live" / "finished")                  |
+|            |                                | last_step, status ("live" / "finished" / "abandoned")    |
 | metrics    | (run, metric_id)               | run, metric_id, name, layer, expert, head, stat, unit,   |
 |            |                                | reduce ("sum" / "mean" / "max" / "min")                  |
 | raw        | (run, rank, step, metric_id)   | run, rank, step, metric_id, value (float32)              |
@@ -35,6 +35,8 @@ import polars as pl
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 REDUCE_OPS = ("sum", "mean", "max", "min")
+END_STATUSES = ("finished", "abandoned")  # finished: every rank said goodbye; abandoned:
+# every rank vanished without one (the collector's idle rule, collector/ingest.py)
 
 
 class StoreError(Exception):
@@ -168,8 +170,14 @@ class Store(abc.ABC):
         """Create or update the run row (status becomes "live")."""
 
     @abc.abstractmethod
-    def finish_run(self, run: str) -> None:
-        """Mark the run finished."""
+    def finish_run(self, run: str, status: str = "finished") -> None:
+        """Mark the run ended: status "finished" or "abandoned" (END_STATUSES)."""
+
+    def lock_writer(self, timeout_s: float = 0.0) -> None:
+        """Become the one process writing this store, waiting up to timeout_s for another
+        one to let go; StoreError naming the holder after that. No-op for backends where
+        several writers are safe (ClickHouse, memory)."""
+        return None  # the Parquet store overrides this
 
     @abc.abstractmethod
     def write_metrics(self, run: str, metrics: MetricDict) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 
 from store.base import (
+    END_STATUSES,
     ClipRecord,
     EventRecord,
     InvalidInput,
@@ -196,11 +197,13 @@ class BufferedStore(Store):
                 row["started_at"] = now
             self._touch(info.run, row)
 
-    def finish_run(self, run: str) -> None:
+    def finish_run(self, run: str, status: str = "finished") -> None:
+        if status not in END_STATUSES:
+            raise InvalidInput(f"a run ends {' or '.join(END_STATUSES)}, not {status!r}")
         with self._lock:
             self._check_open()
             row = self._row(run)
-            row["status"] = "finished"
+            row["status"] = status
             self._touch(run, row)
 
     def write_metrics(self, run: str, metrics: MetricDict) -> None:
@@ -266,6 +269,18 @@ class BufferedStore(Store):
             self._pending_metrics.clear()
             self._pending_layouts.clear()
             self._dirty_runs.clear()
+
+    def discard(self) -> None:
+        """Drop everything written since the last flush, and the run rows this writer
+        cached (the next write reads the committed row again). For a writer that keeps its
+        writes elsewhere while the backend is away (the collector's spool): a dead backend's
+        retries then never pile up in memory."""
+        with self._lock:
+            self._pending.clear()
+            self._pending_metrics.clear()
+            self._pending_layouts.clear()
+            self._dirty_runs.clear()
+            self._run_rows.clear()
 
     def _combine(self, table: str, chunks: list[pl.DataFrame]) -> pl.DataFrame:
         """One flush's rows of a table for `_commit`, in write order, one per key (last write

@@ -8,6 +8,9 @@
     DIR/<run>/layouts/           the metric ids of each raw-vector layout, one file per flush
                                  that brought new layouts (vectors.py: layout_hash -> ids)
     DIR/<run>/.writer.lock       flock held by the one store instance writing the run
+    DIR/~writer.lock             flock held by the one process writing the store, when it
+                                 asks (lock_writer: the collector does, and a second
+                                 collector on the same directory waits for it or is refused)
 
 Any number of readers, in any process, see exactly what was flushed: every read lists the
 directory afresh (the caches, the metric dictionary keyed by the file's identity and layout
@@ -38,12 +41,14 @@ import pyarrow.parquet as pq
 from store.base import RUN_NAME_RE, StoreError
 from store.buffered import BufferedStore
 from store.frames import METRICS_SCHEMA, RAW_VECTORS_SCHEMA, RUNS_SCHEMA, TABLES, empty, from_arrow
+from store.locks import Locked, lock_file
 from store.segments import SegmentLog, remove_temp_files, write_atomic
 from store.vectors import layouts_holding
 
 log = logging.getLogger(__name__)
 LAYOUT_FILE_RE = re.compile(r"^(\d{12})\.parquet$")
 LAYOUTS_SCHEMA = {"layout": pl.UInt64, "ids": pl.Binary}  # ids: int32 little-endian
+ROOT_LOCK = "~writer.lock"  # '~' is no run-name character: never a run's directory
 
 
 class ParquetStore(BufferedStore):
@@ -56,6 +61,7 @@ class ParquetStore(BufferedStore):
         self.root = os.path.abspath(os.fspath(root))
         self.fsync = fsync
         self._locks: dict[str, int] = {}  # run -> fd holding its writer flock
+        self._root_lock: int | None = None  # fd holding ROOT_LOCK (lock_writer)
         self._dict_cache: dict[str, tuple[tuple[int, int, int], pl.DataFrame]] = {}
         # run -> (layout files read, {hash: ids}); files are written once and never change.
         self._layout_cache: dict[str, tuple[set[str], dict[int, np.ndarray]]] = {}
@@ -134,10 +140,28 @@ class ParquetStore(BufferedStore):
         )
         write_atomic(os.path.join(d, f"{n:012d}.parquet"), df, fsync=self.fsync)
 
+    def lock_writer(self, timeout_s: float = 0.0) -> None:
+        """This process becomes the store directory's one writer until close(): a second
+        process asking waits up to timeout_s, then gets StoreError naming the holder."""
+        if self._root_lock is not None:
+            return
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            self._root_lock = lock_file(
+                os.path.join(self.root, ROOT_LOCK), timeout_s, f"parquet store {self.root}"
+            )
+        except Locked as e:
+            raise StoreError(f"{e}: one collector per store directory") from None
+        except OSError as e:
+            raise StoreError(f"cannot lock {self.root}: {e}") from e
+
     def _release(self) -> None:
         for fd in self._locks.values():
             os.close(fd)  # closing the fd drops the flock
         self._locks.clear()
+        if self._root_lock is not None:
+            os.close(self._root_lock)
+            self._root_lock = None
 
     # ---- reader side -----------------------------------------------------------------------
     def _committed_run(self, run: str) -> dict[str, Any] | None:

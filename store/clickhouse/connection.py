@@ -11,6 +11,7 @@ errors become StoreError naming the server, never the password.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,9 @@ from store.clickhouse.config import ClickHouseConfig
 from store.clickhouse.tables import quote
 
 UNKNOWN_DATABASE = 81  # ClickHouse error code
+# Failures reach our callers as StoreError naming the server; the driver's own traceback per
+# connect attempt would flood a collector's log while it retries a server that is down.
+logging.getLogger("clickhouse_driver.connection").setLevel(logging.ERROR)
 
 
 class Connection:

@@ -53,6 +53,7 @@ class RawClient:
         hello: bool = True,
         protocol_version: int = 1,
         credentials: grpc.ChannelCredentials | None = None,
+        session: str = "",
     ) -> None:
         self.run, self.rank, self.world_size = run, rank, world_size
         self.seq = seq
@@ -79,6 +80,7 @@ class RawClient:
                         world_size=world_size,
                         config_json='{"test": true}',
                         protocol_version=protocol_version,
+                        session=session,
                     )
                 )
             )

@@ -19,7 +19,7 @@ def table(update) -> dict[tuple[int, str], float]:
 def test_push_clip_reaches_both_ranks_and_acks_are_recorded(start_collector, client_factory):
     collector, addr, _ = start_collector()
     c0 = client_factory(addr, "clip", 0, 2)
-    c1 = client_factory(addr, "clip", 1, 2)
+    c1 = client_factory(addr, "clip", 1, 2, session="rank1")
     for c in (c0, c1):
         c.expect("welcome")
         c.schema(1, [mdef("x")])
@@ -41,7 +41,7 @@ def test_push_clip_reaches_both_ranks_and_acks_are_recorded(start_collector, cli
     u = c0.expect("clip")
     assert table(u) == {(1, "shared"): math.inf, (3, "routed"): 7.0}  # the whole table
 
-    late = client_factory(addr, "clip", 1, 2, seq=c1.seq)  # rank 1 reconnects
+    late = client_factory(addr, "clip", 1, 2, seq=c1.seq, session="rank1")  # rank 1 reconnects
     assert late.expect("welcome").acked_seq == c1.seq
     u = late.expect("clip")  # only the latest version
     assert u.version == v2 and len(u.settings) == 2

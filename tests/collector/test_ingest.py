@@ -15,14 +15,16 @@ from collector.config import CollectorConfig
 from collector.conn import Conn
 from collector.errors import InvalidArgument
 from collector.ingest import Ingest
+from collector.jobs import WriteRaw, WriteStep
 from collector.stats import Counters
-from collector.writer import WriteRaw, WriteStep
 from proto.v1 import telemetry_pb2 as pb
 
 from .conftest import mdef, pending_steps
 
 
 class RecordingWriter:
+    saturated = False  # the real writer's "nothing more can be made durable"
+
     def __init__(self) -> None:
         self.jobs: list = []
 
