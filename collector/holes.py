@@ -5,37 +5,25 @@ One event per reported range: kind HOLE_KIND, site "telemetry/rank<R>", step = t
 last step, onset_step = its first, value = its number of steps, severity warning, detail JSON
 {"rank", "first", "last", "steps", "client_total", "reason"}. The store keys events by
 (step, kind, site), so a resent report rewrites the same rows. The frame is durable (acked)
-once its write job is flushed, like any data frame. Event-loop thread only (ingest.py hands
+once its write job is durable (flushed, or in the spool while the store is away), like any
+data frame. Event-loop thread only (ingest.py hands
 the frame over after its header and seq checks).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from collector.acks import RankAcks
 from collector.errors import InvalidArgument
+from collector.jobs import WriteEvents
 from collector.stats import Counters
 from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
-from store.base import HOLE_EVENT_KIND, EventRecord, Store
+from store.base import HOLE_EVENT_KIND, EventRecord
 
 HOLE_KIND = HOLE_EVENT_KIND
 MAX_RANGES = 4096  # per frame; the client's DropLog keeps at most this many
-
-
-@dataclass
-class WriteHoles:
-    """The writer job: one event row per dropped range."""
-
-    run: str
-    records: list[EventRecord]
-    nbytes = 0
-
-    def apply(self, store: Store) -> int:
-        store.write_events(self.run, self.records)
-        return 0
 
 
 def hole_site(rank: int) -> str:
@@ -83,5 +71,5 @@ def steps_dropped(
 ) -> None:
     """Store a hole report; its seq waits for the write."""
     records = hole_records(rank, msg)  # checked before anything changes
-    acks.in_job(msg.header.seq, writer.submit(WriteHoles(run, records)))
+    acks.in_job(msg.header.seq, writer.submit(WriteEvents(run, records)))  # spooled like any event
     counters.add("holes_reported", sum(int(e.value) for e in records))
