@@ -181,6 +181,7 @@ class CollectorProc:
         spool = ("--spool", str(self.tmp / "spool"))
         self.proc, _ = start_collector(
             self.url,
+            "--insecure",
             "--port",
             str(self.port),
             *spool,
@@ -404,7 +405,9 @@ def parquet_overlap(tmp: Path, *, steps: int) -> Row:
     try:
         time.sleep(3.0)
         try:
-            start_collector(url, "--spool", str(tmp / "other-spool"), "--lock-timeout", "1")
+            start_collector(
+                url, "--insecure", "--spool", str(tmp / "other-spool"), "--lock-timeout", "1"
+            )
             refused = ""
         except CollectorStartError as e:
             refused = str(e)
@@ -414,6 +417,7 @@ def parquet_overlap(tmp: Path, *, steps: int) -> Row:
             target=lambda: started.append(
                 start_collector(
                     url,
+                    "--insecure",
                     "--port",
                     str(col.port),
                     "--spool",

@@ -82,7 +82,12 @@ def test_sigterm_without_a_spool_exits_within_its_bound_and_says_what_was_not_du
     server = rel.clickhouse(tmp_path)
     try:
         proc, address = start_collector(
-            server.url("t"), "--no-spool", "--stop-timeout", "5", log_path=tmp_path / "c.log"
+            server.url("t"),
+            "--insecure",
+            "--no-spool",
+            "--stop-timeout",
+            "5",
+            log_path=tmp_path / "c.log",
         )
         c = RawClient(address, "nospool", 0, 1)
         c.schema(1, [mdef("x")])
@@ -226,7 +231,7 @@ def test_metric_dictionaries_stay_inside_their_byte_budget(tmp_path):
     collector's memory grows by about the budget, not by the names sent."""
     url = f"parquet:{tmp_path / 'store'}"
     proc, address = start_collector(
-        url, "--no-spool", "--max-dictionary-mb", "64", log_path=tmp_path / "c.log"
+        url, "--insecure", "--no-spool", "--max-dictionary-mb", "64", log_path=tmp_path / "c.log"
     )
     try:
         c = RawClient(address, "names", 0, 1)
