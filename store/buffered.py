@@ -8,7 +8,11 @@ and output schemas cannot drift between backends.
 
 Raw per-rank values, whether written as RawBlocks or as flat ValueBatch rows, are buffered as
 vectors (vectors.py: one row per (rank, step, layout)) plus the layouts they use, and reads of
-them decode vectors back into cells (`_read_raw`).
+them decode vectors back into cells (`_read_raw`). Reduced values likewise (reduced.py: one row
+per (step, layout), "reduced_vectors"); a world-1 run's reduced rows that equal its raw values
+are stored as references to them at flush (`share_with_raw`), and reads resolve those
+(`_read_reduced`). Rows of the one-row-per-value "reduced" table of older stores are still read,
+below any vector written since.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from store.frames import (
     last_wins,
 )
 from store.globs import glob_to_regex
+from store.reduced import OWN, reduced_vectors, resolve, share_with_raw
 from store.validate import (
     clips_frame,
     events_frame,
@@ -54,7 +59,7 @@ from store.validate import (
     steps_frame,
     values_frame,
 )
-from store.vectors import batch_vectors, block_vectors, vector_cells
+from store.vectors import batch_vectors, block_vectors, explode, vector_cells
 
 
 def _check_step(name: str, v: int | None) -> int | None:
@@ -127,6 +132,56 @@ class BufferedStore(Store):
         """Committed raw vectors (RAW_VECTORS_SCHEMA) of `rank` with start <= step < stop and,
         given metric_id, at least those whose layout holds it; with the ids of their layouts.
         Repeated keys may be left in: `vectors.vector_cells` resolves them by ver."""
+
+    @abc.abstractmethod
+    def _read_reduced_vectors(
+        self,
+        run: str,
+        *,
+        start: int | None,
+        stop: int | None,
+        metric_id: int | None = None,
+    ) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
+        """Committed reduced vectors (REDUCED_VECTORS_SCHEMA) with start <= step < stop and,
+        given metric_id, at least those whose layout holds it; with the ids of their layouts.
+        Repeated keys may be left in: `_read_reduced` resolves them by ver."""
+
+    shares_raw = True
+    """Whether world-1 reduced rows may be stored as references to the raw vectors (False
+    where raw values can expire while reduced ones stay)."""
+
+    def _reduced_cells(
+        self, run: str, *, start: int | None, stop: int | None, metric_id: int | None = None
+    ) -> pl.DataFrame:
+        """Reduced cells as stored: step, n_ranks, source, ver, metric_id, value, repeated
+        keys left in; referencing rows' cells without their values (reduced.resolve)."""
+        vec, layouts = self._read_reduced_vectors(run, start=start, stop=stop, metric_id=metric_id)
+        own = pl.col("source") == OWN
+        carry = ("n_ranks", "source")
+        return pl.concat(
+            [
+                explode(vec.filter(own), layouts, metric_id, carry),
+                explode(vec.filter(~own), layouts, metric_id, carry, values=False),
+            ]
+        )
+
+    def _read_reduced(
+        self, run: str, *, start: int | None, stop: int | None, metric_id: int | None = None
+    ) -> pl.DataFrame:
+        """Logical reduced rows (REDUCED_SCHEMA), one per (step, metric_id), last write wins:
+        vector cells over the legacy row table's (written before schema v3, ver 0)."""
+        cells = self._reduced_cells(run, start=start, stop=stop, metric_id=metric_id)
+        legacy = self._read_values(run, "reduced", metric_id=metric_id, start=start, stop=stop)
+        if legacy.height:
+            legacy = legacy.with_columns(
+                source=pl.lit(OWN, pl.Int32), ver=pl.lit(0, pl.UInt64)
+            ).select(cells.columns)
+            cells = pl.concat([legacy, cells.cast(legacy.schema)])
+
+        def raw_cells(rank: int, mid: int | None, lo: int | None, hi: int | None):
+            return self._read_raw(run, rank=rank, metric_id=mid, start=lo, stop=hi)
+
+        return resolve(cells, raw_cells)
 
     def _read_raw(
         self,
@@ -243,7 +298,11 @@ class BufferedStore(Store):
                 self._pending_layouts.setdefault(run, {}).update(layouts)
 
     def write_reduced(self, run: str, batch: ValueBatch) -> None:
-        self._write_values(run, "reduced", values_frame(batch, "reduced"))
+        frame, layouts = reduced_vectors(values_frame(batch, "reduced"))
+        with self._lock:
+            self._write_values(run, "reduced_vectors", frame)
+            if frame.height:
+                self._pending_layouts.setdefault(run, {}).update(layouts)
 
     def write_steps(self, run: str, steps: list[StepStatus]) -> None:
         self._write_values(run, "steps", steps_frame(steps))
@@ -264,11 +323,24 @@ class BufferedStore(Store):
                 for (run, table), chunks in self._pending.items()
             }
             runs = {run: dict(self._run_rows[run]) for run in self._dirty_runs}
+            if self.shares_raw:
+                self._share_raw(values)
             self._commit(runs, dict(self._pending_metrics), values, dict(self._pending_layouts))
             self._pending.clear()
             self._pending_metrics.clear()
             self._pending_layouts.clear()
             self._dirty_runs.clear()
+
+    def _share_raw(self, values: dict[tuple[str, str], pl.DataFrame]) -> None:
+        """A world-1 run's reduced rows that equal its raw values of this flush become
+        references to them (reduced.share_with_raw): its values are stored once."""
+        for (run, table), frame in values.items():
+            raw = values.get((run, "raw_vectors"))
+            if table != "reduced_vectors" or raw is None:
+                continue
+            if self._run_rows[run].get("world_size") != 1:
+                continue
+            values[(run, table)] = share_with_raw(frame, raw, self._pending_layouts.get(run, {}))
 
     def discard(self) -> None:
         """Drop everything written since the last flush, and the run rows this writer
@@ -287,7 +359,8 @@ class BufferedStore(Store):
         wins). A backend whose reads resolve repeated keys itself may keep them all, in write
         order, and skip this pass (ClickHouse: per-row versions, argMax on read). Raw vectors
         keep write order: it becomes their ver, which decides cells across layouts."""
-        return last_wins(pl.concat(chunks), TABLES[table][1], maintain_order=table == "raw_vectors")
+        vectors = table in ("raw_vectors", "reduced_vectors")
+        return last_wins(pl.concat(chunks), TABLES[table][1], maintain_order=vectors)
 
     def close(self) -> None:
         with self._lock:
@@ -338,7 +411,7 @@ class BufferedStore(Store):
             raise NotFound(f"no metric named {metric!r} in run {run!r}")
         mid = int(hit["metric_id"][0])
         if rank is None:
-            df = self._read_values(run, "reduced", metric_id=mid, start=start, stop=stop)
+            df = self._read_reduced(run, metric_id=mid, start=start, stop=stop)
         else:
             df = self._read_raw(run, rank=rank, metric_id=mid, start=start, stop=stop)
         return df.select(list(SERIES_SCHEMA)).cast(SERIES_SCHEMA).sort("step")
@@ -353,7 +426,7 @@ class BufferedStore(Store):
         self._known_run(run)
         names = self._committed_metrics(run).filter(pl.col("name").str.contains(regex))
         if rank is None:
-            vals = self._read_values(run, "reduced", start=at, stop=at + 1)
+            vals = self._read_reduced(run, start=at, stop=at + 1)
         else:
             vals = self._read_raw(run, rank=rank, start=at, stop=at + 1)
         df = names.join(vals.select("metric_id", "value"), on="metric_id", how="inner")

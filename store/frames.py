@@ -85,6 +85,20 @@ RAW_VECTORS_SCHEMA = pl.Schema(
         "ver": pl.UInt64,
     }
 )
+# Stored reduced vectors (reduced.py): one row per (step, layout) holding the reduced values of
+# the layout's ids (float32 little-endian bytes, as raw vectors), all reduced over `n_ranks`
+# ranks; `source` >= 0 marks a row whose values are that rank's raw values at the step (a
+# world-1 run's values stored once, `values` empty), -1 a row that holds its own.
+REDUCED_VECTORS_SCHEMA = pl.Schema(
+    {
+        "step": pl.Int64,
+        "layout": pl.UInt64,
+        "n_ranks": pl.Int32,
+        "source": pl.Int32,
+        "values": pl.Binary,
+        "ver": pl.UInt64,
+    }
+)
 SERIES_SCHEMA = pl.Schema({"step": pl.Int64, "value": pl.Float32})
 AT_STEP_SCHEMA = pl.Schema(
     {
@@ -102,7 +116,8 @@ AT_STEP_SCHEMA = pl.Schema(
 # filter on metric_id first, so rows of one metric sit together; raw vectors are read per rank).
 TABLES: dict[str, tuple[pl.Schema, tuple[str, ...]]] = {
     "raw_vectors": (RAW_VECTORS_SCHEMA, ("rank", "step", "layout")),
-    "reduced": (REDUCED_SCHEMA, ("metric_id", "step")),
+    "reduced": (REDUCED_SCHEMA, ("metric_id", "step")),  # until schema v3: read, not written
+    "reduced_vectors": (REDUCED_VECTORS_SCHEMA, ("step", "layout")),
     "steps": (STEPS_SCHEMA, ("step",)),
     "events": (EVENTS_SCHEMA, ("step", "kind", "site")),
     "clips": (CLIPS_SCHEMA, ("version", "layer", "site")),

@@ -27,7 +27,7 @@ class MemoryStore(BufferedStore):
         self._runs: dict[str, dict[str, Any]] = {}
         self._dicts: dict[str, pl.DataFrame] = {}
         self._layouts: dict[str, dict[int, np.ndarray]] = {}
-        self._commits = 0  # raw vectors' ver = commit << 32 | row
+        self._commits = 0  # vectors' ver = commit << 32 | row
         # Committed chunks per (run, table), merged lazily on read so a flush stays O(batch).
         self._chunks: dict[tuple[str, str], list[pl.DataFrame]] = {}
 
@@ -45,7 +45,7 @@ class MemoryStore(BufferedStore):
         for run, known in layouts.items():
             self._layouts.setdefault(run, {}).update(known)
         for key, frame in values.items():
-            if key[1] == "raw_vectors":
+            if key[1] in ("raw_vectors", "reduced_vectors"):
                 frame = frame.with_columns(
                     ver=pl.int_range(frame.height, dtype=pl.UInt64) + (self._commits << 32)
                 )
@@ -91,4 +91,10 @@ class MemoryStore(BufferedStore):
         df = self._read_values(
             run, "raw_vectors", rank=rank, layouts=holding, start=start, stop=stop
         )
+        return df, known
+
+    def _read_reduced_vectors(self, run, *, start, stop, metric_id=None):
+        known = self._layouts.get(run, {})
+        holding = layouts_holding(known, metric_id)
+        df = self._read_values(run, "reduced_vectors", layouts=holding, start=start, stop=stop)
         return df, known

@@ -3,10 +3,13 @@
     DIR/<run>/run.parquet        the run row (one row, rewritten atomically per flush)
     DIR/<run>/metrics.parquet    the metric dictionary (rewritten atomically when it changes)
     DIR/<run>/raw_vectors/       per-rank vectors  } segment files, one per flush, compacted
-    DIR/<run>/reduced/           reduced values    } (segments.py): a series read touches a
+    DIR/<run>/reduced_vectors/   reduced vectors   } (segments.py): a series read touches a
     DIR/<run>/steps/             barrier outcomes  } few files and skips most row groups
-    DIR/<run>/layouts/           the metric ids of each raw-vector layout, one file per flush
-                                 that brought new layouts (vectors.py: layout_hash -> ids)
+    DIR/<run>/reduced/           reduced values of stores written before reduced vectors
+                                 (one row per value): read, never written
+    DIR/<run>/layouts/           the metric ids of each vector layout (raw and reduced), one
+                                 file per flush that brought new layouts (vectors.py:
+                                 layout_hash -> ids)
     DIR/<run>/.writer.lock       flock held by the one store instance writing the run
     DIR/~writer.lock             flock held by the one process writing the store, when it
                                  asks (lock_writer: the collector does, and a second
@@ -40,7 +43,15 @@ import pyarrow.parquet as pq
 
 from store.base import RUN_NAME_RE, StoreError
 from store.buffered import BufferedStore
-from store.frames import METRICS_SCHEMA, RAW_VECTORS_SCHEMA, RUNS_SCHEMA, TABLES, empty, from_arrow
+from store.frames import (
+    METRICS_SCHEMA,
+    RAW_VECTORS_SCHEMA,
+    REDUCED_VECTORS_SCHEMA,
+    RUNS_SCHEMA,
+    TABLES,
+    empty,
+    from_arrow,
+)
 from store.locks import Locked, lock_file
 from store.segments import SegmentLog, remove_temp_files, write_atomic
 from store.vectors import layouts_holding
@@ -212,6 +223,8 @@ class ParquetStore(BufferedStore):
         start: int | None = None,
         stop: int | None = None,
     ) -> pl.DataFrame:
+        if table == "reduced" and not os.path.isdir(os.path.join(self._run_dir(run), table)):
+            return empty(TABLES[table][0])  # no rows of an older store: skip the listing
         return self._log(run, table).scan(metric_id=metric_id, start=start, stop=stop)
 
     def _layouts(self, run: str) -> dict[int, np.ndarray]:
@@ -240,4 +253,12 @@ class ParquetStore(BufferedStore):
         if holding == []:
             return empty(RAW_VECTORS_SCHEMA), known
         vec = self._log(run, "raw_vectors").scan(rank=rank, layout=holding, start=start, stop=stop)
+        return vec, known
+
+    def _read_reduced_vectors(self, run, *, start, stop, metric_id=None):
+        known = self._layouts(run)
+        holding = layouts_holding(known, metric_id)
+        if holding == []:
+            return empty(REDUCED_VECTORS_SCHEMA), known
+        vec = self._log(run, "reduced_vectors").scan(layout=holding, start=start, stop=stop)
         return vec, known

@@ -167,45 +167,63 @@ def vector_cells(
     metric_id, only that metric's cells are decoded (4 bytes of each vector)."""
     if vec.height == 0:
         return empty(RAW_SCHEMA)
+    out = explode(vec, layouts, metric_id, ("rank",))
+    out = last_wins(out.sort("ver"), ["rank", "step", "metric_id"])
+    return out.select(list(RAW_SCHEMA)).cast(RAW_SCHEMA)
+
+
+def explode(
+    vec: pl.DataFrame,
+    layouts: Mapping[int, np.ndarray],
+    metric_id: int | None,
+    carry: tuple[str, ...],
+    *,
+    values: bool = True,
+) -> pl.DataFrame:
+    """Vector rows (step, layout, values, ver and the `carry` columns) -> one row per cell:
+    step, *carry, ver, metric_id, value (f32), repeated keys left in, any order. With
+    metric_id, only rows whose layout holds it, 4 bytes of each. values=False: rows whose
+    `values` are not there (reduced rows that point at raw ones) give metric ids only."""
+    cols = ["step", *carry, "ver"]
+    if vec.height == 0:
+        return vec.select(cols).with_columns(
+            metric_id=pl.lit(0, pl.Int32), value=pl.lit(0.0, pl.Float32)
+        )
     hashes = vec["layout"].to_numpy()
-    missing = set(np.unique(hashes).tolist()) - set(layouts)
+    uniq, inverse = np.unique(hashes, return_inverse=True)
+    missing = [int(h) for h in uniq if int(h) not in layouts]
     if missing:
         raise StoreError(
-            f"raw vectors refer to {len(missing)} unknown layout(s), e.g. "
+            f"stored vectors refer to {len(missing)} unknown layout(s), e.g. "
             f"{min(missing):#x}: the layout table is incomplete"
         )
-    offsets, data = _blob_buffer(vec["values"])
-    uniq, inverse = np.unique(hashes, return_inverse=True)
     sizes = np.array([layouts[int(h)].size for h in uniq], np.int64)
-    if not np.array_equal(np.diff(offsets), sizes[inverse] * 4):
-        raise StoreError("raw vectors whose length differs from their layout's: corrupt data")
+    offsets, data = _blob_buffer(vec["values"]) if values else (None, None)
+    if offsets is not None and not np.array_equal(np.diff(offsets), sizes[inverse] * 4):
+        raise StoreError("stored vectors whose length differs from their layout's: corrupt data")
     if metric_id is not None:
         pos = np.array([_position(layouts[int(h)], metric_id) for h in uniq], np.int64)[inverse]
         keep = pos >= 0
-        start = offsets[:-1][keep] + 4 * pos[keep]
-        cells = data[start[:, None] + np.arange(4)].reshape(-1).view("<f4")
         out = (
             vec.filter(pl.Series(keep))
-            .select("step", "rank", "ver")
-            .with_columns(
-                metric_id=pl.lit(metric_id, pl.Int32), value=pl.Series(cells, dtype=pl.Float32)
-            )
+            .select(cols)
+            .with_columns(metric_id=pl.lit(metric_id, pl.Int32))
         )
+        if offsets is None or data is None:
+            return out.with_columns(value=pl.lit(0.0, pl.Float32))
+        start = offsets[:-1][keep] + 4 * pos[keep]
+        cells = data[start[:, None] + np.arange(4)].reshape(-1).view("<f4")
+        return out.with_columns(value=pl.Series(cells, dtype=pl.Float32))
+    n = sizes[inverse]
+    ids = np.concatenate([layouts[int(h)] for h in hashes]).astype(np.int32)
+    frame = {c: np.repeat(vec[c].to_numpy(), n) for c in cols}
+    if offsets is None or data is None:
+        cells = np.zeros(ids.size, np.float32)
     else:
-        n = sizes[inverse]
-        ids = np.concatenate([layouts[int(h)] for h in hashes]).astype(np.int32)
         cells = np.frombuffer(data[offsets[0] : offsets[-1]].tobytes(), "<f4")
-        out = pl.DataFrame(
-            {
-                "step": np.repeat(vec["step"].to_numpy(), n),
-                "rank": np.repeat(vec["rank"].to_numpy(), n),
-                "ver": np.repeat(vec["ver"].to_numpy(), n),
-                "metric_id": ids,
-                "value": cells,
-            }
-        )
-    out = last_wins(out.sort("ver"), ["rank", "step", "metric_id"])
-    return out.select(list(RAW_SCHEMA)).cast(RAW_SCHEMA)
+    return pl.DataFrame({**frame, "metric_id": ids, "value": cells}).cast(
+        {c: vec.schema[c] for c in cols}
+    )
 
 
 def layouts_holding(layouts: Mapping[int, np.ndarray], metric_id: int | None) -> list[int] | None:

@@ -87,7 +87,8 @@ SHARDING_KEYS: dict[str, ShardingKey] = {
     "raw": ShardingKey("rank"),  # v1, no longer written
     "raw_vectors": ShardingKey("rank"),
     "raw_layouts": ShardingKey("layout"),
-    "reduced": ShardingKey("step"),
+    "reduced": ShardingKey("step"),  # v1-v2, no longer written
+    "reduced_vectors": ShardingKey("step"),
     "steps": ShardingKey("step"),
     "events": ShardingKey("step"),
     "clip_updates": ShardingKey("version"),

@@ -1,7 +1,7 @@
 """Rows on their way in: polars frames and Python lists -> the driver's INSERT columns.
 
 Every INSERT is columnar (one list or numpy array per column, in the table's column order),
-with `run` and `ver` filled in here. Raw vectors and reduced values go as numpy columns
+with `run` and `ver` filled in here. Raw and reduced vectors go as numpy columns
 (`use_numpy`: no per-row Python in the driver either); the small tables (runs, dictionary,
 steps, events, clips, layouts) go as Python lists. Value rows get per-row versions in write
 order, so the last write of a key has the highest `ver` (store.py, reads.py).
@@ -16,7 +16,10 @@ import polars as pl
 
 from store.clickhouse.tables import Table, qualified, quote
 
-NUMPY_TABLES = {"raw_vectors", "reduced"}  # bulk tables: numpy columns straight to the driver
+NUMPY_TABLES = {
+    "raw_vectors",
+    "reduced_vectors",
+}  # bulk tables: numpy columns straight to the driver
 
 
 def insert_sql(database: str, table: Table) -> str:

@@ -24,8 +24,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from store.clickhouse.tables import RAW_LAYOUTS, RAW_VECTORS, Table, qualified, quote
-from store.frames import RAW_SCHEMA, RAW_VECTORS_SCHEMA, empty, from_arrow
+from store.clickhouse.tables import (
+    RAW_LAYOUTS,
+    RAW_VECTORS,
+    REDUCED_VECTORS,
+    Table,
+    qualified,
+    quote,
+)
+from store.frames import (
+    RAW_SCHEMA,
+    RAW_VECTORS_SCHEMA,
+    REDUCED_VECTORS_SCHEMA,
+    empty,
+    from_arrow,
+)
 
 if TYPE_CHECKING:  # the driver is imported only when a store is opened (connection.py)
     from store.clickhouse.connection import Connection
@@ -77,6 +90,26 @@ def _rank_steps(run: str, rank: int | None, start: int | None, stop: int | None)
     return [("run", run)] + ([] if rank is None else [("rank", rank)]) + steps_between(start, stop)
 
 
+def holding(conn: Connection, database: str, run: str, metric_id: int) -> list[tuple[int, int]]:
+    """(layout, 1-based position of metric_id in it) of every layout of the run holding it
+    (raw and reduced vectors share the layout table)."""
+    return conn.execute(
+        f"SELECT layout, indexOf(any({quote('ids')}), %(m)s) AS pos"
+        f" FROM {qualified(database, RAW_LAYOUTS)} WHERE run = %(run)s"
+        " GROUP BY layout HAVING pos > 0",
+        {"run": run, "m": metric_id},
+    )
+
+
+def _cut(held: list[tuple[int, int]], params: dict[str, Any]) -> str:
+    """SQL of one metric's float32 cut out of `values` by its position in the row's layout."""
+    params.update(hs=[h for h, _ in held], ps=[p for _, p in held])
+    return (
+        f"reinterpretAsFloat32(substring({quote('values')},"
+        " transform(layout, %(hs)s, %(ps)s, 0) * 4 - 3, 4))"
+    )
+
+
 def raw_series(
     conn: Connection,
     database: str,
@@ -90,21 +123,13 @@ def raw_series(
     """One metric's raw cells (RAW_SCHEMA), cut out of the vectors on the server: first the
     layouts holding the metric and its position in each, then one aggregate over the vectors
     of those layouts. No JOIN, so on a cluster every shard does its own part of the work."""
-    held = conn.execute(
-        f"SELECT layout, indexOf(any({quote('ids')}), %(m)s) AS pos"
-        f" FROM {qualified(database, RAW_LAYOUTS)} WHERE run = %(run)s"
-        " GROUP BY layout HAVING pos > 0",
-        {"run": run, "m": metric_id},
-    )
+    held = holding(conn, database, run, metric_id)
     if not held:
         return empty(RAW_SCHEMA)
     conds = _rank_steps(run, rank, start, stop) + [("layout", ("IN", tuple(h for h, _ in held)))]
     cond_sql, params = where(conds)
-    params.update(hs=[h for h, _ in held], ps=[p for _, p in held])
-    v, ver = quote("values"), quote("ver")
     sql = (
-        "SELECT rank, step, argMax(reinterpretAsFloat32(substring("
-        f"{v}, transform(layout, %(hs)s, %(ps)s, 0) * 4 - 3, 4)), {ver}) AS value"
+        f"SELECT rank, step, argMax({_cut(held, params)}, {quote('ver')}) AS value"
         f" FROM {qualified(database, RAW_VECTORS)} WHERE {cond_sql} GROUP BY rank, step"
     )
     arrow = conn.query_arrow(sql, params, "read raw_vectors")
@@ -115,6 +140,82 @@ def raw_series(
         .with_columns(metric_id=pl.lit(metric_id, pl.Int32))
         .select(list(RAW_SCHEMA))
         .cast(RAW_SCHEMA)
+    )
+
+
+def reduced_series(
+    conn: Connection,
+    database: str,
+    run: str,
+    metric_id: int,
+    *,
+    start: int | None,
+    stop: int | None,
+) -> pl.DataFrame:
+    """One metric's reduced cells as stored (BufferedStore._reduced_cells: step, n_ranks,
+    source, ver, metric_id, value), cut out of the vectors on the server, the last version of
+    each (step, layout); the caller resolves layouts and references (reduced.resolve)."""
+    held = holding(conn, database, run, metric_id)
+    if not held:
+        return _empty_cells()
+    conds = [
+        ("run", run),
+        *steps_between(start, stop),
+        ("layout", ("IN", tuple(h for h, _ in held))),
+    ]
+    cond_sql, params = where(conds)
+    ver = quote("ver")
+    sql = (
+        f"SELECT step, argMax(n_ranks, {ver}) AS n_ranks_, argMax(source, {ver}) AS source_,"
+        f" max({ver}) AS ver_, argMax({_cut(held, params)}, {ver}) AS value"
+        f" FROM {qualified(database, REDUCED_VECTORS)} WHERE {cond_sql} GROUP BY step, layout"
+    )
+    arrow = conn.query_arrow(sql, params, "read reduced_vectors")
+    if arrow.num_columns == 0:
+        return _empty_cells()
+    return (  # aliases _-suffixed: a column's own name would shadow it in the other aggregates
+        from_arrow(arrow)
+        .rename({"n_ranks_": "n_ranks", "source_": "source", "ver_": "ver"})
+        .with_columns(metric_id=pl.lit(metric_id, pl.Int32))
+        .select(list(_CELLS))
+        .cast(_CELLS)
+    )
+
+
+_CELLS = pl.Schema(
+    {
+        "step": pl.Int64,
+        "n_ranks": pl.Int32,
+        "source": pl.Int32,
+        "ver": pl.UInt64,
+        "metric_id": pl.Int32,
+        "value": pl.Float32,
+    }
+)
+
+
+def _empty_cells() -> pl.DataFrame:
+    return empty(_CELLS)
+
+
+def reduced_vectors(
+    conn: Connection,
+    database: str,
+    run: str,
+    known: dict[int, np.ndarray],
+    *,
+    start: int | None,
+    stop: int | None,
+) -> pl.DataFrame:
+    """The reduced vectors as stored (REDUCED_VECTORS_SCHEMA); layouts as for raw_vectors."""
+    return _vectors(
+        conn,
+        database,
+        REDUCED_VECTORS,
+        REDUCED_VECTORS_SCHEMA,
+        run,
+        known,
+        [("run", run), *steps_between(start, stop)],
     )
 
 
@@ -130,16 +231,28 @@ def raw_vectors(
 ) -> pl.DataFrame:
     """The vectors as stored (RAW_VECTORS_SCHEMA, repeated keys left for vector_cells); the
     layouts they use that `known` (hash -> ids, the run's cache) lacks are fetched into it."""
-    cond_sql, params = where(_rank_steps(run, rank, start, stop))
-    cols = list(RAW_VECTORS_SCHEMA)
+    conds = _rank_steps(run, rank, start, stop)
+    return _vectors(conn, database, RAW_VECTORS, RAW_VECTORS_SCHEMA, run, known, conds)
+
+
+def _vectors(
+    conn: Connection,
+    database: str,
+    table: Table,
+    schema: pl.Schema,
+    run: str,
+    known: dict[int, np.ndarray],
+    conds: Conditions,
+) -> pl.DataFrame:
+    cond_sql, params = where(conds)
+    cols = list(schema)
     rows = conn.execute(
-        f"SELECT {', '.join(map(quote, cols))} FROM {qualified(database, RAW_VECTORS)}"
-        f" WHERE {cond_sql}",
+        f"SELECT {', '.join(map(quote, cols))} FROM {qualified(database, table)} WHERE {cond_sql}",
         params,
         columnar=True,
         settings={"strings_as_bytes": True},
     )
-    vec = pl.DataFrame(dict(zip(cols, rows)) if rows else None, schema=RAW_VECTORS_SCHEMA)
+    vec = pl.DataFrame(dict(zip(cols, rows)) if rows else None, schema=schema)
     missing = sorted(set(vec["layout"].to_list()) - set(known))
     if missing:
         for h, ids in conn.execute(

@@ -23,6 +23,7 @@ from store.clickhouse.encoder import insert_columns, insert_sql
 from store.clickhouse.tables import (
     RAW_LAYOUTS,
     RAW_VECTORS,
+    REDUCED_VECTORS,
     RUNS,
     SCHEMA_VERSION,
     V1_TABLES,
@@ -101,11 +102,16 @@ def _v2(create: TableDDL) -> list[str]:
     return [sql for t in (RAW_VECTORS, RAW_LAYOUTS) for sql in create(t)]
 
 
+def _v3(create: TableDDL) -> list[str]:
+    return create(REDUCED_VECTORS)
+
+
 # Append only; never edit an applied migration. Each statement must be idempotent (IF NOT
 # EXISTS) because two processes may open a fresh database at the same moment.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, metrics, raw, reduced, steps, events, clip_updates", _v1),
     Migration(2, "raw values as per-rank vectors: raw_vectors, raw_layouts", _v2),
+    Migration(3, "reduced values as vectors per step and layout: reduced_vectors", _v3),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -50,6 +50,7 @@ from store.clickhouse.tables import (
     RAW_LAYOUTS,
     RAW_VECTORS,
     REDUCED,
+    REDUCED_VECTORS,
     RUNS,
     STEPS,
     Table,
@@ -64,7 +65,8 @@ log = logging.getLogger(__name__)
 
 VALUE_TABLES = {
     "raw_vectors": RAW_VECTORS,
-    "reduced": REDUCED,
+    "reduced": REDUCED,  # schema v1-v2 rows: read (BufferedStore._read_reduced), not written
+    "reduced_vectors": REDUCED_VECTORS,
     "steps": STEPS,
     "events": EVENTS,
     "clips": CLIP_UPDATES,
@@ -228,6 +230,35 @@ class ClickHouseStore(BufferedStore):
         return reads.raw_series(
             self._conn, self.config.database, run, metric_id, rank=rank, start=start, stop=stop
         )
+
+    @property
+    def shares_raw(self) -> bool:  # type: ignore[override]
+        """No references to raw vectors that a TTL may remove (raw_ttl_days)."""
+        return not self.config.options.raw_ttl_days
+
+    def _reduced_cells(
+        self, run: str, *, start: int | None, stop: int | None, metric_id: int | None = None
+    ) -> pl.DataFrame:
+        """One metric's cells are cut out of the vectors on the server (reads.reduced_series)."""
+        if metric_id is None:
+            return super()._reduced_cells(run, start=start, stop=stop)
+        return reads.reduced_series(
+            self._conn, self.config.database, run, metric_id, start=start, stop=stop
+        )
+
+    def _read_reduced_vectors(
+        self,
+        run: str,
+        *,
+        start: int | None,
+        stop: int | None,
+        metric_id: int | None = None,
+    ) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
+        known = self._layouts.setdefault(run, {})
+        vec = reads.reduced_vectors(
+            self._conn, self.config.database, run, known, start=start, stop=stop
+        )
+        return vec, known
 
     def _read_vectors(
         self,

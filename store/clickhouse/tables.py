@@ -9,7 +9,11 @@ names and keys from here, so the three cannot drift.
 Raw per-rank values live in `raw_vectors` (schema v2): one row per (run, rank, step, layout)
 whose `values` String holds the rank's float32 values, little-endian, in the order of the
 layout's ids (`raw_layouts`, one row per layout hash, written once per run). The v1 `raw` table
-(one row per value) is no longer written or read.
+(one row per value) is no longer written or read. Reduced values likewise live in
+`reduced_vectors` (schema v3): one row per (run, step, layout) with the reduced float32 values of
+the layout's ids (layouts shared with the raw vectors), their n_ranks, and `source` (>= 0: the
+values are that rank's raw values, stored once; store/reduced.py). The v1 `reduced` table is no
+longer written; its rows are still read, below any vector.
 
 Identifiers (database, table, column names) cannot be query parameters, so they are interpolated
 only after `check_identifier`; they come from config or from this module, never from run names
@@ -156,6 +160,20 @@ REDUCED = Table(
         VER,
     ),
     key=("run", "metric_id", "step"),
+)  # v1-v2 only: see reduced_vectors
+
+REDUCED_VECTORS = Table(
+    "reduced_vectors",
+    (  # schema v3: reduced values as vectors (store/reduced.py), layouts in raw_layouts
+        RUN,
+        Column("step", "Int64", "DoubleDelta, ZSTD(1)"),
+        Column("layout", "UInt64"),
+        Column("n_ranks", "Int32", "ZSTD(1)"),
+        Column("source", "Int32", "ZSTD(1)"),  # -1: own values; r: rank r's raw values
+        Column("values", "String", "ZSTD(1)"),
+        VER,
+    ),
+    key=("run", "step", "layout"),
 )
 
 STEPS = Table(

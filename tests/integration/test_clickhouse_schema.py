@@ -13,6 +13,7 @@ from store.clickhouse.tables import (
     RAW,
     RAW_LAYOUTS,
     RAW_VECTORS,
+    REDUCED_VECTORS,
     RUNS,
     STEPS,
     V1_TABLES,
@@ -21,7 +22,7 @@ from store.clickhouse.tables import (
 )
 
 OLD, NEW = "18.16.1", "24.8.4.13"
-ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS)  # what migrations v1 and v2 create
+ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS, REDUCED_VECTORS)  # migrations v1-v3
 
 
 def column_lines(sql: str) -> dict[str, str]:
@@ -155,3 +156,60 @@ def test_a_newer_schema_than_the_code_is_refused(clickhouse_server, clickhouse_u
     )
     with pytest.raises(StoreError, match=f"schema v{LATEST_VERSION + 1}, newer"):
         ClickHouseStore(clickhouse_url)
+
+
+def test_v3_reduced_vectors_stored_once_and_v2_rows_still_read(clickhouse_server, clickhouse_url):
+    """A world-1 run's reduced rows reference its raw vectors (no values of their own); rows of
+    the v1-v2 `reduced` table (one per value) still read, below a vector written since; with
+    raw_ttl_days (raw values may expire) no reference is stored."""
+    import numpy as np
+
+    from store import MetricDict, RawBlock, RunInfo, ValueBatch
+    from store.clickhouse import ClickHouseStore
+
+    db = clickhouse_url.rsplit("/", 1)[1]
+    ids = np.array([2, 0, 1], np.int32)
+
+    def write(st, run):
+        st.open_run(RunInfo(run, 1))
+        st.write_metrics(
+            run,
+            MetricDict(
+                np.arange(3),
+                ["a", "b", "c"],
+                *[np.full(3, -1)] * 3,
+                [""] * 3,
+                [""] * 3,
+                ["mean"] * 3,
+            ),
+        )
+        for step in range(3):
+            v = np.array([[step + 0.5, step + 0.25, step + 0.75]], np.float32)
+            st.write_raw_block(run, RawBlock(step, np.array([0], np.int32), ids, v))
+            order = np.argsort(ids)
+            st.write_reduced(
+                run, ValueBatch(np.full(3, step), ids[order], v[0][order], n_ranks=np.ones(3, np.int32))
+            )
+        st.flush()
+
+    with ClickHouseStore(clickhouse_url) as st:
+        write(st, "w1")
+        assert st.series("w1", "a").rows() == [(0, 0.25), (1, 1.25), (2, 2.25)]
+        assert st.at_step("w1", 2)["value"].to_list() == [2.25, 2.75, 2.5]
+    rows = clickhouse_server.client(
+        f"SELECT source, length(`values`) FROM {db}.reduced_vectors WHERE run = 'w1' FORMAT TSV"
+    )
+    assert rows.splitlines() == ["0\t0"] * 3
+    with ClickHouseStore(clickhouse_url + "?raw_ttl_days=30") as st:
+        write(st, "ttl")
+    rows = clickhouse_server.client(
+        f"SELECT source, length(`values`) FROM {db}.reduced_vectors WHERE run = 'ttl' FORMAT TSV"
+    )
+    assert rows.splitlines() == ["-1\t12"] * 3
+    clickhouse_server.client(  # what a v2 collector wrote
+        f"INSERT INTO {db}.reduced (run, metric_id, step, value, n_ranks, ver) VALUES "
+        "('w1', 1, 5, 7.5, 1, 1), ('w1', 1, 2, -1.0, 1, 1)"
+    )
+    with ClickHouseStore(clickhouse_url) as st:
+        assert st.series("w1", "b").rows() == [(0, 0.75), (1, 1.75), (2, 2.75), (5, 7.5)]
+        assert st.at_step("w1", 5)["name"].to_list() == ["b"]

@@ -51,12 +51,12 @@ def put(st, steps, values, run="r1", mid=0):
     )
 
 
-def seg_dir(root, table="reduced", run="r1"):
+def seg_dir(root, table="reduced_vectors", run="r1"):
     return os.path.join(root, run, table)
 
 
 def live_segments(root):
-    return segments.SegmentLog(seg_dir(root), "reduced").list()
+    return segments.SegmentLog(seg_dir(root), "reduced_vectors").list()
 
 
 def overwrite_history(st, expect, rng, n_flush, start=0):
@@ -227,7 +227,9 @@ def test_each_flush_writes_only_what_is_new(tmp_path):
 
 
 def test_segments_sorted_zstd_with_row_group_statistics(tmp_path, monkeypatch):
-    monkeypatch.setattr(segments, "ROW_GROUP_ROWS", 100)
+    """Reduced values are one vector row per (step, layout): rows sorted by step, zstd, row
+    groups with step statistics (a step-range read skips the others), one layout stored."""
+    monkeypatch.setattr(segments, "ROW_GROUP_ROWS", 40)
     st = new_store(tmp_path)
     order = np.random.default_rng(0).permutation(M * 100)  # written shuffled
     steps, mids = order % 100, order // 100
@@ -235,16 +237,18 @@ def test_segments_sorted_zstd_with_row_group_statistics(tmp_path, monkeypatch):
     st.flush()
     (seg,) = live_segments(tmp_path)
     meta = pq.ParquetFile(seg.path).metadata
-    assert meta.num_rows == 300 and meta.num_row_groups == 3
+    assert meta.num_rows == 100 and meta.num_row_groups == 3  # a row per step, not per value
     cols = [meta.schema.column(i).name for i in range(meta.num_columns)]
-    for g in range(3):
+    for g, (lo, hi) in enumerate([(0, 39), (40, 79), (80, 99)]):
         rg = meta.row_group(g)
-        mid = rg.column(cols.index("metric_id"))
-        assert mid.compression == "ZSTD"
-        assert (mid.statistics.min, mid.statistics.max) == (g, g)  # one metric per group
+        step = rg.column(cols.index("step"))
+        assert rg.column(cols.index("values")).compression == "ZSTD"
+        assert (step.statistics.min, step.statistics.max) == (lo, hi)
     t = pq.read_table(seg.path)
-    key = np.array(t["metric_id"]) * 1000 + np.array(t["step"])
-    assert (np.diff(key) > 0).all()  # sorted by (metric_id, step), unique
+    assert (np.diff(np.array(t["step"])) > 0).all()  # sorted by step, unique
+    assert len(set(t["layout"].to_pylist())) == 1  # the same ids every step, in any order
+    reader = ParquetStore(str(tmp_path))
+    assert dict(reader.series("r1", "m2", start=10, stop=13).rows()) == {10: 10, 11: 11, 12: 12}
     st.close()
 
 
