@@ -188,7 +188,8 @@ def test_v3_reduced_vectors_stored_once_and_v2_rows_still_read(clickhouse_server
             st.write_raw_block(run, RawBlock(step, np.array([0], np.int32), ids, v))
             order = np.argsort(ids)
             st.write_reduced(
-                run, ValueBatch(np.full(3, step), ids[order], v[0][order], n_ranks=np.ones(3, np.int32))
+                run,
+                ValueBatch(np.full(3, step), ids[order], v[0][order], n_ranks=np.ones(3, np.int32)),
             )
         st.flush()
 
