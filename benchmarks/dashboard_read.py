@@ -77,17 +77,16 @@ def expert_columns(store) -> int:
 
 # ---- baselines: the same rows, read raw ----------------------------------------------------
 def parquet_baselines(root: Path) -> tuple[Callable[[], int], Callable[[int], int]]:
-    files = sorted(str(p) for p in (root / RUN / "reduced").glob("*.parquet"))
+    # Reduced values are vectors (store/reduced.py): the raw read is every vector's bytes.
+    files = sorted(str(p) for p in (root / RUN / "reduced_vectors").glob("*.parquet"))
     dataset = ds.dataset(files, format="parquet")
 
     def loss() -> int:
-        return dataset.to_table(
-            columns=["step", "value"], filter=ds.field("metric_id") == LOSS_ID
-        ).num_rows
+        return dataset.to_table(columns=["step", "values"]).num_rows
 
     def at(step: int) -> int:
         return dataset.to_table(
-            columns=["metric_id", "value"], filter=ds.field("step") == step
+            columns=["layout", "values"], filter=ds.field("step") == step
         ).num_rows
 
     return loss, at
@@ -102,17 +101,17 @@ def clickhouse_baselines(url: str) -> tuple[Callable[[], int], Callable[[int], i
     client = Client(
         c.host, port=c.port, user=c.user, password=c.password, database=c.database, secure=c.secure
     )
-    table = f"`{c.database}`.`reduced`"  # fixed names, not user input
+    table = f"`{c.database}`.`reduced_vectors`"  # fixed names, not user input
 
-    def loss() -> int:
+    def loss() -> int:  # one metric's 4 bytes of every vector, cut on the server
         return client.query_arrow(
-            f"SELECT step, value FROM {table} WHERE run = %(r)s AND metric_id = %(m)s",
-            {"r": RUN, "m": LOSS_ID},
+            f"SELECT step, substring(`values`, 1, 4) FROM {table} WHERE run = %(r)s",
+            {"r": RUN},
         ).num_rows
 
     def at(step: int) -> int:
         return client.query_arrow(
-            f"SELECT metric_id, value FROM {table} WHERE run = %(r)s AND step = %(s)s",
+            f"SELECT layout, `values` FROM {table} WHERE run = %(r)s AND step = %(s)s",
             {"r": RUN, "s": step},
         ).num_rows
 

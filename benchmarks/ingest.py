@@ -183,16 +183,19 @@ def stored(url: str, tmp: Path) -> dict:
                 {"r": RUN},
             )[0][0]
             or 0,
-            "reduced": client.execute(
-                f"SELECT count() FROM (SELECT step, metric_id FROM {db}.reduced "
-                f"WHERE run = %(r)s GROUP BY step, metric_id)",
+            "reduced": client.execute(  # distinct ids over the layouts of a step
+                f"SELECT sum(n) FROM (SELECT uniqExactArray(ids) AS n FROM (SELECT DISTINCT run, "
+                f"step, layout FROM {db}.reduced_vectors WHERE run = %(r)s) ANY INNER JOIN "
+                f"(SELECT run, layout, any(ids) AS ids FROM {db}.raw_layouts GROUP BY run, layout) "
+                f"USING (run, layout) GROUP BY step)",
                 {"r": RUN},
-            )[0][0],
+            )[0][0]
+            or 0,
         }
         nbytes = client.execute(
             "SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND "
             "database = %(d)s AND table IN ('raw_vectors', 'raw_layouts', "
-            "'reduced')",
+            "'reduced_vectors')",
             {"d": c.database},
         )[0][0]
         client.disconnect()
@@ -202,40 +205,31 @@ def stored(url: str, tmp: Path) -> dict:
         root = Path(url.split(":", 1)[1]) / RUN
         files = {
             t: [str(f) for f in sorted((root / t).glob("*.parquet"))]
-            for t in ("raw_vectors", "layouts", "reduced")
+            for t in ("raw_vectors", "layouts", "reduced_vectors")
         }
         nbytes = sum(os.path.getsize(f) for fs in files.values() for f in fs)
-        out = {
-            "reduced": (
-                pl.scan_parquet(files["reduced"])
-                .unique(["step", "metric_id"])
-                .select(pl.len())
-                .collect()
-                .item()
-            )
-            if files["reduced"]
-            else 0,
-            "raw": 0,
+        ids = {
+            h: np.frombuffer(b, "<i4")
+            for f in files["layouts"]
+            for h, b in pl.read_parquet(f).select("layout", "ids").iter_rows()
         }
-        if files["raw_vectors"]:
-            ids = {
-                h: np.frombuffer(b, "<i4")
-                for f in files["layouts"]
-                for h, b in pl.read_parquet(f).select("layout", "ids").iter_rows()
-            }
-            keys = (
-                pl.scan_parquet(files["raw_vectors"])
-                .select("rank", "step", "layout")
-                .unique()
-                .collect()
-            )
-            per = keys.group_by("rank", "step").agg(pl.col("layout"))
-            out["raw"] = sum(
+
+        def distinct(table: str, by: list[str]) -> int:
+            """Distinct ids over the layouts of each `by` group of the table's vectors."""
+            if not files[table]:
+                return 0
+            keys = pl.scan_parquet(files[table]).select(*by, "layout").unique().collect()
+            return sum(
                 len(set(np.concatenate([ids[h] for h in hs]).tolist()))
                 if len(hs) > 1
                 else ids[hs[0]].size
-                for hs in per["layout"]
+                for hs in keys.group_by(*by).agg(pl.col("layout"))["layout"]
             )
+
+        out = {
+            "raw": distinct("raw_vectors", ["rank", "step"]),
+            "reduced": distinct("reduced_vectors", ["step"]),
+        }
     out["bytes_per_value"] = nbytes / max(1, out["raw"] + out["reduced"])
     return out
 
@@ -257,11 +251,14 @@ def step_rows(w: Workload, values: Values, s: int) -> tuple[dict, dict]:
         "values": blobs,
     }
     uniq = np.unique(np.concatenate(ids))
-    red = {
-        "step": np.full(uniq.size, s, np.int64),
-        "metric_id": uniq,
-        "value": np.ones(uniq.size, np.float32),
-        "n_ranks": np.ones(uniq.size, np.int32),
+    red_blob = np.empty(1, object)
+    red_blob[0] = np.ones(uniq.size, "<f4").tobytes()
+    red = {  # one reduced vector (store/reduced.py): every id reduced over every rank
+        "step": np.full(1, s, np.int64),
+        "layout": np.array([layout_hash(uniq)], np.uint64),
+        "n_ranks": np.full(1, w.world, np.int32),
+        "source": np.full(1, -1, np.int32),
+        "values": red_blob,
     }
     return raw, red
 
@@ -279,7 +276,7 @@ def ceiling(url: str, w: Workload, steps: int, tmp: Path) -> float:
         client, _ = clickhouse_client(url, db)
         try:
             for s in range(steps):
-                for table, cols in zip(("raw_vectors", "reduced"), step_rows(w, values, s)):
+                for table, cols in zip(("raw_vectors", "reduced_vectors"), step_rows(w, values, s)):
                     n = cols["step"].size
                     cols = {
                         **cols,
@@ -306,7 +303,7 @@ def ceiling(url: str, w: Workload, steps: int, tmp: Path) -> float:
     out = tmp / "ceiling"
     out.mkdir()
     for s in range(steps):
-        for table, cols in zip(("raw_vectors", "reduced"), step_rows(w, values, s)):
+        for table, cols in zip(("raw_vectors", "reduced_vectors"), step_rows(w, values, s)):
             t0 = time.perf_counter()
             pq.write_table(
                 pa.table(cols),

@@ -39,15 +39,15 @@ from store.clickhouse.cluster import (
 )
 from store.clickhouse.config import Capabilities, ClickHouseConfig
 from store.clickhouse.schema import LATEST_VERSION
-from store.clickhouse.tables import RAW_LAYOUTS, RAW_VECTORS, V1_TABLES
+from store.clickhouse.tables import RAW_LAYOUTS, RAW_VECTORS, REDUCED_VECTORS, V1_TABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # importlib mode: make `tests.analytics.*` importable
     sys.path.insert(0, str(ROOT))
-ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS)  # what migrations v1 and v2 create
+ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS, REDUCED_VECTORS)  # migrations v1-v3
 RANKS, STEPS, METRICS = 8, 12, 5
 SYNC = {"insert_distributed_sync": 1}  # an INSERT into a Distributed table returns when stored
-VALUE_TABLES = ("raw_vectors", "reduced", "steps", "events", "clip_updates", "metrics")
+VALUE_TABLES = ("raw_vectors", "reduced_vectors", "steps", "events", "clip_updates", "metrics")
 
 
 def db_of(url: str) -> str:
@@ -198,10 +198,10 @@ def test_every_node_has_its_local_tables_the_distributed_ones_and_its_migrations
             clickhouse_cluster,
             shard,
             "SELECT create_table_query FROM system.tables WHERE database = %(db)s"
-            " AND name = 'reduced'",
+            " AND name = 'reduced_vectors'",
             {"db": db},
         )[0]
-        assert f"Distributed('sw', '{db}', 'reduced_local', step)" in create
+        assert f"Distributed('sw', '{db}', 'reduced_vectors_local', step)" in create
 
 
 def test_rows_live_on_the_shard_their_key_names_and_both_shards_get_rows(
@@ -212,7 +212,7 @@ def test_rows_live_on_the_shard_their_key_names_and_both_shards_get_rows(
         write_run(st)
         topo = st.shards.topology
     for table in ALL_TABLES:
-        if table.name in ("raw", "runs"):  # v1, never written; runs: below
+        if table.name in ("raw", "reduced", "runs"):  # v1-v2, never written; runs: below
             continue
         col = sharding_key(table).column
         for shard in range(2):
@@ -293,7 +293,7 @@ def test_every_value_stored_once_and_resends_after_a_rewrite_deduplicate_exactly
 ):
     db = db_of(clickhouse_cluster_url)
     for shard in range(2):  # keep every insert's part apart until we look
-        for t in ("raw_vectors", "reduced"):
+        for t in ("raw_vectors", "reduced_vectors"):
             rows(clickhouse_cluster, shard, f"SYSTEM STOP MERGES {db}.{t}_local")
     with open_store(clickhouse_cluster_url) as st:
         write_run(st)
@@ -301,7 +301,7 @@ def test_every_value_stored_once_and_resends_after_a_rewrite_deduplicate_exactly
         assert once.height == RANKS * STEPS and (once["copies"] == 1).all()  # once, cluster-wide
         write_run(st, steps=range(4), bump=0.5)  # a rewrite of steps 0-3 ...
         write_run(st, steps=range(4), bump=0.5)  # ... and its resend after a reconnect
-        for table, key in (("raw_vectors", "rank, step"), ("reduced", "metric_id, step")):
+        for table, key in (("raw_vectors", "rank, step"), ("reduced_vectors", "step, layout")):
             on_disk = key_counts(clickhouse_cluster, db, table, key)
             per_key = on_disk.group_by(key.split(", ")).agg(
                 pl.col("shard").n_unique().alias("shards"), pl.col("copies").sum()
@@ -320,13 +320,13 @@ def test_every_value_stored_once_and_resends_after_a_rewrite_deduplicate_exactly
             s + (0.5 if s < 4 else 0) for s in range(STEPS)
         ]
         for shard in range(2):
-            for t in ("raw_vectors", "reduced"):
+            for t in ("raw_vectors", "reduced_vectors"):
                 rows(clickhouse_cluster, shard, f"SYSTEM START MERGES {db}.{t}_local")
                 rows(clickhouse_cluster, shard, f"OPTIMIZE TABLE {db}.{t}_local FINAL")
         merged = key_counts(clickhouse_cluster, db, "raw_vectors", "rank, step")
         assert merged.height == RANKS * STEPS and (merged["copies"] == 1).all()
-        reduced = key_counts(clickhouse_cluster, db, "reduced", "metric_id, step")
-        assert reduced.height == METRICS * STEPS and (reduced["copies"] == 1).all()
+        reduced = key_counts(clickhouse_cluster, db, "reduced_vectors", "step, layout")
+        assert reduced.height == STEPS and (reduced["copies"] == 1).all()  # a vector a step
         again = st.series("r1", "moe/layer00/expert002/act_rms", rank=5)
         assert again["value"].to_list() == [
             cell(s, 5, 2, 0.5 if s < 4 else 0.0) for s in range(STEPS)
@@ -341,7 +341,7 @@ def test_a_shards_own_read_equals_the_distributed_read(clickhouse_cluster, click
         topo = st.shards.topology
     for table, key, col in (
         ("raw_vectors", "rank, step", "values"),
-        ("reduced", "metric_id, step", "value"),
+        ("reduced_vectors", "step, layout", "values"),
         ("events", "step, kind, site", "value"),
     ):
         shard_col = sharding_key(next(t for t in ALL_TABLES if t.name == table)).column
