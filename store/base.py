@@ -13,6 +13,8 @@ frames. Every write is idempotent on its natural key, so a resent frame never do
 |            |                                | (written as ValueBatch rows or as RawBlocks: per-rank    |
 |            |                                | vectors, the way the collector receives them)            |
 | reduced    | (run, step, metric_id)         | run, step, metric_id, value (float32), n_ranks           |
+|            |                                | (stored as vectors per (step, layout), store/reduced.py; |
+|            |                                | a world-1 run's as references to its raw vectors)        |
 | steps      | (run, step)                    | run, step, n_ranks, missing_ranks (list[int]), complete, |
 |            |                                | wall_time                                                |
 | events     | (run, step, kind, site)        | run, step, kind, site, value, threshold, severity,       |
