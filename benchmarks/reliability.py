@@ -269,6 +269,9 @@ def store_outage(
             mark = len(col.log_text())
             time.sleep(outage_s / 2)
         else:
+            # the outage counts from the first write it refused: on a loaded machine the ranks
+            # can take longer to start than the outage lasts, which would test nothing
+            col.wait_log(r"spooling to", after=mark)
             time.sleep(outage_s)
         server.start_again()
         back = time.monotonic()
