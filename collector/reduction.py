@@ -57,6 +57,7 @@ class StepRows:
     rest: ValueBatch  # raw rows of partial vectors (rank set)
     reduced: ValueBatch
     status: StepStatus
+    raw_only: bool = False  # a tier collector's rows: only the raw values are stored (tier.py)
     n_raw: int = field(init=False)  # raw values over blocks and rest
 
     def __post_init__(self) -> None:

@@ -1,0 +1,334 @@
+"""A collector in tier mode (`serve --coordinator HOST:PORT`): its ranks' raw vectors to its
+store, per-step partials to the coordinator (coordinator.py), the coordinator's clip table to
+its ranks.
+
+The ingest side is the ordinary collector's (ingest.py, steps.py): Hellos, seq rules, the
+barrier, acks. Two things differ:
+
+  - its barrier waits for ITS ranks, the ranks that said Hello to it for the run
+    (StepBarrier.members), and a run finishes here once those said goodbye;
+  - its writer is a TierWriter, which turns the jobs the loop submits into tier jobs:
+
+      OpenRun      -> the run's info is remembered (for Register); opened in this store too
+      WriteMetrics -> TierMetrics: Register at the coordinator gives the GLOBAL ids of the
+                      new names; the dictionary rows are stored here with those ids
+      WriteStep    -> TierStep: reduced into a Partial over the ranks that ended the step,
+                      in global ids; sent to the coordinator, whose answer comes once the
+                      run-wide step is reduced and stored there; its clip table is then
+                      handed to the ranks (before the acks below); then the raw vectors are
+                      stored here (RawBlocks, global ids) and nothing else: reduced rows and
+                      the step status are the coordinator's
+      FinishRun    -> TierFinish: the ranks that said goodbye, to the coordinator (this
+                      collector stopping says nothing: its ranks move on to the next address)
+      ClipAck rows -> TierClipAcks: forwarded to the coordinator, which stores them
+
+Every tier job talks to the coordinator in `notify`, which the writer calls in job order for
+every job, before the job goes to the store or the spool. So a rank's frames are acked only
+once (1) the coordinator stored the reduced step its values are in and (2) its raw vector is
+durable here (store, or spool while the store is away): nothing acked can be lost by either
+process dying. A coordinator that does not answer is retried with backoff for as long as this
+collector runs (its writer waits, its budget fills, ingest then refuses frames UNAVAILABLE:
+bounded); a collector that stops first gives up (jobs.NotDurable: those frames are never
+acked, the ranks resend them to the next collector, and the coordinator takes the resent
+partial as a resend).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import grpc
+import numpy as np
+
+from collector import jobs
+from collector.coordinator import TIER_SERVICE
+from collector.jobs import NotDurable, _pack, _unpack
+from collector.partials import Partial, partial_of
+from collector.reduction import StepRows
+from collector.writer import Writer
+from proto.v1 import telemetry_pb2 as pb
+from store.base import MetricDict, RawBlock, RunInfo, Store, ValueBatch
+
+log = logging.getLogger("collector.tier")
+RETRIABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNKNOWN,
+)
+
+
+class CoordinatorLink:
+    """The tier collector's client of the coordinator (writer thread only, but for `stop`).
+    Holds each run's info and its local -> global metric id map."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        on_clip: Callable[[str, pb.ClipUpdate], None] | None = None,
+    ) -> None:
+        self.address = address
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", 256 << 20),
+                ("grpc.max_receive_message_length", 256 << 20),
+            ],
+        )
+        self.on_clip = on_clip
+        self.info: dict[str, RunInfo] = {}
+        self.global_of: dict[str, np.ndarray] = {}  # run -> int32 [local id] -> global id
+        self._stopping = threading.Event()
+        self._clip_version: dict[str, int] = {}
+
+    def stop(self) -> None:
+        """The collector is stopping: calls that fail now give up (NotDurable)."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, payload: bytes) -> bytes:
+        fn: Callable[..., bytes] = self._channel.unary_unary(f"/{TIER_SERVICE}/{method}")
+        backoff = 0.05
+        while True:
+            try:
+                return fn(payload, metadata=self._metadata, timeout=120.0)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code not in RETRIABLE:
+                    raise NotDurable(
+                        f"coordinator refused {method}: {code.name} {exc.details()}"
+                    ) from None
+                if self._stopping.is_set():
+                    raise NotDurable(
+                        f"stopping; coordinator {self.address} did not take {method} ({code.name})"
+                    ) from None
+                log.warning(
+                    "coordinator %s: %s %s; retrying in %.2f s",
+                    self.address,
+                    method,
+                    code.name,
+                    backoff,
+                )
+                self._stopping.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 2.0)
+
+    # ---- the calls -------------------------------------------------------------------------
+    def register(self, run: str, md: MetricDict) -> np.ndarray:
+        info = self.info[run]
+        meta = {
+            "run": run,
+            "world_size": info.world_size,
+            "config_json": info.config_json,
+            "started_at": info.started_at,
+            "name": md.name,
+            "stat": md.stat,
+            "unit": md.unit,
+            "reduce": md.reduce,
+        }
+        reply = self._call(
+            "Register", b"".join(_pack(meta, [md.metric_id, md.layer, md.expert, md.head]))
+        )
+        gids = _unpack(reply)[1][0].astype(np.int32)
+        g = self.global_of.get(run, np.empty(0, np.int32))
+        top = int(md.metric_id.max()) + 1 if md.metric_id.size else 0
+        if top > g.size:
+            g = np.concatenate([g, np.full(top - g.size, -1, np.int32)])
+        g[md.metric_id] = gids
+        self.global_of[run] = g
+        return gids
+
+    def partial(self, make: Callable[[frozenset[int]], Partial], ranks: frozenset[int]) -> None:
+        """Send the step's partial over `ranks`; on "overlap" (some of them are covered by
+        another collector's partial: they failed over mid-step) send the rest."""
+        while True:
+            p = make(ranks)
+            meta, arrays = _unpack(self._call("Partial", p.encode()))
+            self._clip(p.run, arrays[0])
+            if meta["status"] != "overlap":
+                return
+            ranks = ranks - frozenset(meta["covered"])
+            if not ranks:
+                return
+
+    def _clip(self, run: str, blob: np.ndarray) -> None:
+        if not blob.size or self.on_clip is None:
+            return
+        update = pb.ClipUpdate.FromString(blob.tobytes())
+        if update.version > self._clip_version.get(run, 0):
+            self._clip_version[run] = update.version
+            self.on_clip(run, update)
+
+    def finish(self, run: str, ranks: list[int], status: str) -> None:
+        self._call("Finish", json.dumps({"run": run, "ranks": ranks, "status": status}).encode())
+
+    def clip_acks(self, run: str, acks: list[tuple[int, int, int]]) -> None:
+        self._call("ClipAcks", json.dumps({"run": run, "acks": acks}).encode())
+
+
+# ---- tier jobs ---------------------------------------------------------------------------------
+@dataclass
+class TierOpen:
+    info: RunInfo
+    nbytes = 0
+    kind: ClassVar[int] = jobs.OPEN_RUN
+
+    def notify(self, link: CoordinatorLink) -> None:
+        link.info[self.info.run] = self.info
+
+    def apply(self, store: Store) -> int:
+        return jobs.OpenRun(self.info).apply(store)
+
+    def encode(self) -> list[bytes | memoryview]:
+        return jobs.OpenRun(self.info).encode()
+
+
+@dataclass
+class TierMetrics:
+    run: str
+    metrics: MetricDict  # local ids until notify, global after
+    nbytes = 0
+    kind: ClassVar[int] = jobs.METRICS
+
+    def notify(self, link: CoordinatorLink) -> None:
+        gids = link.register(self.run, self.metrics)
+        m = self.metrics
+        self.metrics = MetricDict(gids, m.name, m.layer, m.expert, m.head, m.stat, m.unit, m.reduce)
+
+    def apply(self, store: Store) -> int:
+        return jobs.WriteMetrics(self.run, self.metrics).apply(store)
+
+    def encode(self) -> list[bytes | memoryview]:
+        return jobs.WriteMetrics(self.run, self.metrics).encode()
+
+
+@dataclass
+class TierStep:
+    step_job: jobs.WriteStep
+    raw: jobs.WriteRows | None = None  # the raw vectors in global ids, once notified
+    kind: ClassVar[int] = jobs.ROWS
+
+    @property
+    def run(self) -> str:
+        return self.step_job.run
+
+    @property
+    def nbytes(self) -> int:
+        return self.step_job.nbytes
+
+    def notify(self, link: CoordinatorLink) -> None:
+        ready = self.step_job.ready
+        included = frozenset(ready.included)
+        rows = self.step_job.reduce()
+        g = link.global_of[self.run]
+        blocks = [RawBlock(b.step, b.rank, g[b.metric_id], b.value) for b in rows.blocks]
+        r = rows.rest
+        rest = ValueBatch(r.step, g[r.metric_id], r.value, rank=r.rank)
+        wall = rows.status.wall_time
+        if included:
+            link.partial(
+                lambda ranks: partial_of(self.run, ready.step, blocks, rest, ranks, wall), included
+            )
+        none = np.empty(0, np.int32)
+        reduced = ValueBatch(np.empty(0, np.int64), none, np.empty(0, np.float32), n_ranks=none)
+        raw = StepRows(blocks, rest, reduced, rows.status, raw_only=True)
+        self.raw = jobs.WriteRows(self.run, raw)
+
+    def _rows(self) -> jobs.WriteRows:
+        if self.raw is None:
+            raise NotDurable(f"step {self.step_job.ready.step} was never sent to the coordinator")
+        return self.raw
+
+    def apply(self, store: Store) -> int:
+        return self._rows().apply(store)
+
+    def encode(self) -> list[bytes | memoryview]:
+        return self._rows().encode()
+
+
+@dataclass
+class TierFinish:
+    run: str
+    ranks: list[int]  # ranks that said goodbye (a stopping collector sends none)
+    status: str
+    nbytes = 0
+    kind: ClassVar[int] = 0  # writes nothing here: the run's end is the coordinator's
+
+    def notify(self, link: CoordinatorLink) -> None:
+        if self.ranks:  # an abandoned run ends at the coordinator when it idles there too
+            link.finish(self.run, self.ranks, self.status)
+
+    def apply(self, store: Store) -> int:
+        return 0
+
+    def encode(self) -> list[bytes | memoryview]:
+        raise TypeError("TierFinish writes nothing and is never spooled")
+
+
+@dataclass
+class TierClipAcks:
+    run: str
+    acks: list[tuple[int, int, int]]  # (rank, version, step)
+    nbytes = 0
+    kind: ClassVar[int] = 0
+
+    def notify(self, link: CoordinatorLink) -> None:
+        link.clip_acks(self.run, self.acks)
+
+    def apply(self, store: Store) -> int:
+        return 0
+
+    def encode(self) -> list[bytes | memoryview]:
+        raise TypeError("TierClipAcks writes nothing and is never spooled")
+
+
+class TierWriter(Writer):
+    """A Writer whose jobs are tier jobs (module docstring). `goodbyes(run)`: the ranks of a
+    run that said goodbye to this collector (ingest's view, read when FinishRun is
+    submitted, on the event loop)."""
+
+    def __init__(
+        self, *args, link: CoordinatorLink, goodbyes: Callable[[str], list[int]], **kw
+    ) -> None:
+        kw.pop("observer", None)  # the link is the observer: it gets every job's notify
+        super().__init__(*args, observer=link, **kw)
+        self.link, self.goodbyes = link, goodbyes
+
+    def submit(self, job: Any) -> int:
+        if isinstance(job, jobs.OpenRun):
+            job = TierOpen(job.info)
+        elif isinstance(job, jobs.WriteMetrics):
+            job = TierMetrics(job.run, job.metrics)
+        elif isinstance(job, jobs.WriteStep):
+            job = TierStep(job)
+        elif isinstance(job, jobs.FinishRun):
+            ranks = self.goodbyes(job.run) if job.status == "finished" else []
+            job = TierFinish(job.run, ranks, job.status)
+        return super().submit(job)
+
+    def close(self, timeout: float | None = None) -> bool:
+        if timeout is not None:  # half of it for the coordinator, then give up
+            threading.Timer(timeout / 2, self.link.stop).start()
+        else:
+            self.link.stop()
+        try:
+            return super().close(timeout)
+        finally:
+            self.link.stop()
+            self.link.close()
+
+
+def clip_acks_of(board, run: str, version: int) -> list[tuple[int, int, int]]:
+    """(rank, version, step) of every rank's ack of `version` on this collector's board."""
+    return [(a.rank, a.version, a.step) for a in board.acks(run) if a.version == version]
