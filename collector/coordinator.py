@@ -10,11 +10,13 @@ format, so the rank-facing proto/v1 contract stays untouched):
               first to send a name fixes its id, labels and op, like registry.py within one
               collector); the rows are stored (and flushed) before the answer, and the run is
               opened in the store on its first call
-    Partial   one step of some ranks (partials.py). The answer comes once the step is
-              reduced and durable here (every rank of world_size covered, or
-              straggler_timeout_s after its first partial), with the run's clip table, so a
-              collector acks its ranks' frames only when the reduced step is stored, and
-              forwards a clip the step caused before those acks. A partial whose ranks are
+    Partial   one step of some ranks (partials.py), sent twice: once to be taken (answered
+              at once), then again with `wait` (tier.py's confirmer thread), answered once
+              the step is reduced and durable here (every rank of world_size covered, or
+              straggler_timeout_s after its first partial) with the run's clip table; a
+              collector acks its ranks' frames only after that answer, and forwards a clip
+              the step caused before those acks. The second copy is what rebuilds a step
+              at a restarted coordinator. A partial whose ranks are
               all covered already waits like the first copy (a resend); one that overlaps
               covered ranks is answered "overlap" with them, and the collector sends the
               rest; one for a step already reduced is answered "late" (its raw values are
@@ -203,8 +205,9 @@ class Coordinator:
 
     # ---- partials --------------------------------------------------------------------------
     def partial(self, p: Partial) -> tuple[str, list[int]]:
-        """Take a partial; returns ("ok" | "late" | "overlap", covered ranks) once its step
-        is reduced and durable (ok), at once otherwise. TimeoutError: not reduced in time."""
+        """Take a partial; returns ("ok" | "late" | "overlap", covered ranks): with p.wait,
+        "ok" once its step is reduced and durable (TimeoutError: not in PARTIAL_WAIT_S), else
+        once it is taken (held in memory only: the caller acks nothing before a wait)."""
         with self._cond:
             run = self._run(p.run)
             run.last_seen = self.clock()
@@ -227,6 +230,8 @@ class Coordinator:
                 st.covered |= p.ranks
                 if len(st.covered) == run.info.world_size:
                     self._reduce_through(p.run, run, p.step)
+            if not p.wait:
+                return "ok", []
             deadline = time.monotonic() + PARTIAL_WAIT_S
             while p.step in run.pending or p.step > run.reduced_through:
                 left = deadline - time.monotonic()

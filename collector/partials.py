@@ -42,6 +42,7 @@ class Partial:
     count: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     max: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
     min: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+    wait: bool = False  # on the wire only: answer once the step is reduced and stored
 
     def encode(self) -> bytes:
         meta = {
@@ -49,6 +50,7 @@ class Partial:
             "step": self.step,
             "ranks": sorted(self.ranks),
             "wall_time": self.wall_time,
+            "wait": self.wait,
         }
         return b"".join(_pack(meta, [self.ids, self.sum, self.count, self.max, self.min]))
 
@@ -67,6 +69,7 @@ class Partial:
             count=a[2].astype(np.int64),
             max=a[3].astype(np.float64),
             min=a[4].astype(np.float64),
+            wait=bool(meta.get("wait", False)),
         )
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import random
 import threading
 from collections.abc import Callable
@@ -149,18 +150,22 @@ class CoordinatorLink:
         self.global_of[run] = g
         return gids
 
-    def partial(self, make: Callable[[frozenset[int]], Partial], ranks: frozenset[int]) -> None:
+    def partial(
+        self, make: Callable[[frozenset[int]], Partial], ranks: frozenset[int], wait: bool
+    ) -> frozenset[int]:
         """Send the step's partial over `ranks`; on "overlap" (some of them are covered by
-        another collector's partial: they failed over mid-step) send the rest."""
-        while True:
+        another collector's partial: they failed over mid-step) send it over the rest.
+        wait: the answer comes once the step is reduced and stored at the coordinator (its
+        clip table goes to on_clip). Returns the ranks the partial was taken with."""
+        while ranks:
             p = make(ranks)
+            p.wait = wait
             meta, arrays = _unpack(self._call("Partial", p.encode()))
             self._clip(p.run, arrays[0])
             if meta["status"] != "overlap":
-                return
+                return ranks
             ranks = ranks - frozenset(meta["covered"])
-            if not ranks:
-                return
+        return ranks
 
     def _clip(self, run: str, blob: np.ndarray) -> None:
         if not blob.size or self.on_clip is None:
@@ -217,6 +222,8 @@ class TierMetrics:
 class TierStep:
     step_job: jobs.WriteStep
     raw: jobs.WriteRows | None = None  # the raw vectors in global ids, once notified
+    # (how to build the partial, the ranks the coordinator took it with): to confirm
+    confirm: tuple[Callable[[frozenset[int]], Partial], frozenset[int]] | None = None
     kind: ClassVar[int] = jobs.ROWS
 
     @property
@@ -236,10 +243,12 @@ class TierStep:
         r = rows.rest
         rest = ValueBatch(r.step, g[r.metric_id], r.value, rank=r.rank)
         wall = rows.status.wall_time
+
+        def make(ranks: frozenset[int]) -> Partial:
+            return partial_of(self.run, ready.step, blocks, rest, ranks, wall)
+
         if included:
-            link.partial(
-                lambda ranks: partial_of(self.run, ready.step, blocks, rest, ranks, wall), included
-            )
+            self.confirm = (make, link.partial(make, included, wait=False))
         none = np.empty(0, np.int32)
         reduced = ValueBatch(np.empty(0, np.int64), none, np.empty(0, np.float32), n_ranks=none)
         raw = StepRows(blocks, rest, reduced, rows.status, raw_only=True)
@@ -294,16 +303,35 @@ class TierClipAcks:
 
 
 class TierWriter(Writer):
-    """A Writer whose jobs are tier jobs (module docstring). `goodbyes(run)`: the ranks of a
-    run that said goodbye to this collector (ingest's view, read when FinishRun is
-    submitted, on the event loop)."""
+    """A Writer whose jobs are tier jobs (module docstring), with a confirmer thread.
+    `goodbyes(run)`: the ranks of a run that said goodbye to this collector (ingest's view,
+    read when FinishRun is submitted, on the event loop).
+
+    The writer thread only has the coordinator TAKE each partial (a quick call), so it never
+    waits for other collectors' ranks: a rank failing over to this collector mid-step sends
+    its part of the step through this same writer. The confirmer thread then sends each
+    partial again with `wait`, in job order; "durable through job J" reaches ingest (acks)
+    only for jobs whose steps the coordinator confirmed reduced and stored, and after their
+    clip table went to the ranks."""
 
     def __init__(
         self, *args, link: CoordinatorLink, goodbyes: Callable[[str], list[int]], **kw
     ) -> None:
         kw.pop("observer", None)  # the link is the observer: it gets every job's notify
-        super().__init__(*args, observer=link, **kw)
+        self._to_ingest = kw.pop("on_flushed")
+        super().__init__(*args, observer=link, on_flushed=self._gate, **kw)
         self.link, self.goodbyes = link, goodbyes
+        self._gate_lock = threading.Lock()
+        self._unconfirmed: dict[int, TierStep] = {}  # job id -> step waiting to be confirmed
+        self._flushed_through, self._failed_jobs = 0, set[int]()
+        self._confirm_q: queue.Queue = queue.Queue()
+        self._confirmer = threading.Thread(
+            target=self._confirm_loop, name="collector-tier-confirm", daemon=True
+        )
+
+    def start(self) -> None:
+        super().start()
+        self._confirmer.start()
 
     def submit(self, job: Any) -> int:
         if isinstance(job, jobs.OpenRun):
@@ -317,13 +345,70 @@ class TierWriter(Writer):
             job = TierFinish(job.run, ranks, job.status)
         return super().submit(job)
 
+    def _take(self, job_id: int, job: Any) -> None:
+        super()._take(job_id, job)
+        if isinstance(job, TierStep) and job.confirm is not None:
+            with self._gate_lock:  # before any flush can report this job
+                self._unconfirmed[job_id] = job
+            self._confirm_q.put(job_id)
+
+    # ---- the gate on "durable through" -----------------------------------------------------
+    def _gate(self, through_job: int, failed: set[int]) -> None:
+        """The writer's report (writer thread), held back to the oldest unconfirmed job."""
+        with self._gate_lock:
+            self._flushed_through = max(self._flushed_through, through_job)
+            self._failed_jobs |= failed
+        self._pass()
+
+    def _pass(self) -> None:
+        with self._gate_lock:
+            through = self._flushed_through
+            if self._unconfirmed:
+                through = min(through, min(self._unconfirmed) - 1)
+            failed = {j for j in self._failed_jobs if j <= through}
+            self._failed_jobs -= failed
+        self._to_ingest(through, failed)
+
+    def _confirm_loop(self) -> None:
+        while True:
+            job_id = self._confirm_q.get()
+            if job_id is None:
+                return
+            job = self._unconfirmed[job_id]
+            assert job.confirm is not None
+            make, ranks = job.confirm
+            try:
+                self.link.partial(make, ranks, wait=True)
+            except NotDurable as exc:  # stopping: never acked, the ranks resend elsewhere
+                log.error(
+                    "step %d not confirmed, never acknowledged: %s", job.step_job.ready.step, exc
+                )
+                continue
+            except Exception:
+                log.exception("confirming step %d failed", job.step_job.ready.step)
+                continue
+            with self._gate_lock:
+                del self._unconfirmed[job_id]
+            self._pass()
+
     def close(self, timeout: float | None = None) -> bool:
         if timeout is not None:  # half of it for the coordinator, then give up
-            threading.Timer(timeout / 2, self.link.stop).start()
+            timer = threading.Timer(timeout / 2, self.link.stop)
+            timer.daemon = True
+            timer.start()
         else:
             self.link.stop()
         try:
-            return super().close(timeout)
+            clean = super().close(timeout)
+            self._confirm_q.put(None)
+            self._confirmer.join(None if timeout is None else timeout / 2)
+            with self._gate_lock:
+                unconfirmed = len(self._unconfirmed)
+            if unconfirmed:
+                log.error(
+                    "%d step(s) not confirmed by the coordinator: never acknowledged", unconfirmed
+                )
+            return clean and not unconfirmed
         finally:
             self.link.stop()
             self.link.close()
