@@ -64,7 +64,8 @@ from store.base import ClipRecord, MetricDict, NotFound, RunInfo, StepStatus, St
 log = logging.getLogger("collector.coordinator")
 TIER_SERVICE = "stepwatch.tier.v1.Coordinator"
 OP_CODES = {name: code for code, name in OP_NAMES.items()}
-PARTIAL_WAIT_S = 60.0  # a Partial call answers UNAVAILABLE after this (the caller retries)
+PARTIAL_WAIT_S = 60.0
+RESEND_GRACE_S = 5.0  # > a collector's longest retry backoff (tier.py: 2 s)  # a Partial call answers UNAVAILABLE after this (the caller retries)
 
 
 @dataclass
@@ -229,7 +230,7 @@ class Coordinator:
                 st.parts.append(p)
                 st.covered |= p.ranks
                 if len(st.covered) == run.info.world_size:
-                    self._reduce_through(p.run, run, p.step)
+                    self._advance(p.run, run)
             if not p.wait:
                 return "ok", []
             deadline = time.monotonic() + PARTIAL_WAIT_S
@@ -239,6 +240,27 @@ class Coordinator:
                     raise TimeoutError(f"step {p.step} of run {p.run} not reduced yet")
                 self._cond.wait(min(left, 1.0))
             return "ok", []
+
+    def _advance(self, name: str, run: _Run) -> None:
+        """Reduce pending steps in order, oldest first, while the oldest is complete, or past
+        its straggler timeout, or a later step is complete and the oldest has waited
+        RESEND_GRACE_S (its ranks gave up on it, as a single collector's barrier assumes -
+        but not at once: after a restart here a collector's copy of an older step may still
+        be on its way, one retry backoff behind the newer steps)."""
+        now = self.clock()
+        while run.pending:
+            s = min(run.pending)
+            st = run.pending[s]
+            world = run.info.world_size
+            waited = now - st.first_at
+            later = any(len(x.covered) == world for k, x in run.pending.items() if k > s)
+            if not (
+                len(st.covered) == world
+                or waited >= self.straggler_timeout_s
+                or (later and waited >= RESEND_GRACE_S)
+            ):
+                break
+            self._reduce_through(name, run, s)
 
     def _reduce_through(self, name: str, run: _Run, step: int) -> None:
         """Reduce every pending step <= step, oldest first (a later complete step means the
@@ -364,13 +386,8 @@ class Coordinator:
         now = self.clock()
         with self._cond:
             for name, run in list(self._runs.items()):
-                late = [
-                    s
-                    for s, st in run.pending.items()
-                    if now - st.first_at >= self.straggler_timeout_s
-                ]
-                if late:
-                    self._reduce_through(name, run, max(late))
+                if run.pending:
+                    self._advance(name, run)
                 if now - run.last_seen >= self.run_idle_s:
                     if not run.finished:
                         self._end(name, run, "abandoned")

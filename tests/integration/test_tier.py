@@ -33,7 +33,7 @@ from model.train import TrainConfig, train
 from store import open_store
 from store.base import StepStatus
 from tests.integration.lockstep import Lockstep
-from tests.integration.monitored import Trainer
+from tests.integration.monitored import Trainer, free_port
 
 pytestmark = pytest.mark.timeout(600)
 WORLD = 4
@@ -246,3 +246,64 @@ def test_losing_a_collector_mid_run_its_ranks_fail_over_with_no_gaps(tmp_path):
         f"\nfailover: {twice.select('rank', 'step').unique().height} (rank, step) pairs were "
         f"stored by both collectors (resent after the kill), {cells.height} stored in all"
     )
+
+
+def test_a_coordinator_killed_and_restarted_mid_run_loses_nothing(tmp_path):
+    """SIGKILL the coordinator mid-run and start it again on its port: the collectors hold
+    their acks meanwhile (the ranks buffer), resend their unconfirmed partials to the new
+    one, which reloads the run's dictionary and last stored step; every step is reduced
+    once, complete."""
+    steps = 30
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    port = free_port()
+    co_args = ("--insecure", "--port", str(port), "--straggler-timeout", "30")
+    co_url = f"parquet:{tmp_path / 'co'}"
+    co, co_addr = start_collector(co_url, *co_args, command="coordinate")
+    procs, addrs = [], []
+    for i in range(2):
+        p, a = start_collector(
+            f"parquet:{tmp_path / f'w{i}'}",
+            "--insecure",
+            "--coordinator",
+            co_addr,
+            "--flush-interval",
+            "0.05",
+            log_path=tmp_path / f"w{i}.log",
+        )
+        procs.append(p)
+        addrs.append(a)
+    trainers = [
+        Trainer(",".join(addrs), "re", steps, rank=r, world_size=WORLD).start()
+        for r in range(WORLD)
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while min(t.progress for t in trainers) < 8:
+            assert time.monotonic() < deadline and not any(t.error for t in trainers)
+            time.sleep(0.01)
+        co.kill()
+        co.wait(30)
+        time.sleep(1.0)  # the ranks train on while nothing reduces
+        co, _ = start_collector(co_url, *co_args, command="coordinate")
+        for t in trainers:
+            assert t.done.wait(300) and t.error is None, t.error
+        stats = [t.stats() for t in trainers]
+        for p in procs:
+            assert stop_collector(p) == 0
+        assert stop_collector(co) == 0
+    finally:
+        for p in [*procs, co]:
+            terminate(p)
+        torch.set_num_threads(threads)
+    for r, s in enumerate(stats):
+        assert s.get("dropped_steps", 0) == 0, (r, s)
+    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
+    assert "retrying" in logs  # the collectors did find it gone (and held their acks)
+    with open_store(co_url) as st:
+        done = st.steps("re")
+        assert st.runs().filter(run="re")["status"].to_list() == ["finished"]
+        loss = st.series("re", "train/loss")
+    assert done["step"].to_list() == list(range(steps))  # each step once (the natural key)
+    assert done["complete"].all() and set(done["n_ranks"].to_list()) == {WORLD}
+    assert loss["step"].to_list() == list(range(steps))
