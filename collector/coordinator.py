@@ -54,6 +54,7 @@ import polars as pl
 
 from collector.clipboard import ClipBoard
 from collector.detect import Detect
+from collector.errors import InvalidArgument
 from collector.jobs import _pack, _unpack
 from collector.partials import Partial, combine, finish
 from collector.reduction import OP_NAMES, StepRows
@@ -356,7 +357,10 @@ class Coordinator:
         again with the step it took effect."""
         with self._cond:
             for rank, version, step in acks:
-                self.clips.record_ack(run, rank, version, step)
+                try:
+                    self.clips.record_ack(run, rank, version, step)
+                except InvalidArgument as exc:  # a version of before a restart here
+                    log.warning("clip ack not recorded: %s", exc)
             for version in sorted({v for _, v, _ in acks}):
                 self.store.write_clips(run, self._clip_records(run, version))
             self.store.flush()
@@ -448,7 +452,7 @@ class Coordinator:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
             try:
                 return fn(request)
-            except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            except (ValueError, KeyError, TypeError, InvalidArgument) as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
             except TimeoutError as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

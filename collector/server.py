@@ -35,6 +35,7 @@ from collector.detect import Detect
 from collector.errors import (
     REJECTED,
     CollectorError,
+    FailedPrecondition,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
@@ -272,7 +273,7 @@ class Collector:
             self.control.clips,
             self.counters,
             on_clip_ack=self._tier_clip_ack if cfg.coordinator else self.control.acked,
-            operator=self.control.operator,
+            operator=self._tier_operator if cfg.coordinator else self.control.operator,
         )
         self.control.connect(self.writer, self.ingest, self.detect, call_soon=self._call_soon)
         self.port = 0
@@ -284,6 +285,12 @@ class Collector:
         if self.control.clips.adopt(run, update):
             self.counters.add("clip_updates")
             self._call_soon(self.ingest.broadcast_clip, run, update)
+
+    def _tier_operator(self, hello: pb.Hello) -> pb.ClipUpdate:
+        raise FailedPrecondition(
+            "this collector is part of a tier: its clip table is the coordinator's, and "
+            "clip commands are not taken here (README 'Scale-out')"
+        )
 
     def _goodbyes(self, run: str) -> list[int]:
         r = self.ingest.runs.get(run)
