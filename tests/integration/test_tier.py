@@ -307,3 +307,32 @@ def test_a_coordinator_killed_and_restarted_mid_run_loses_nothing(tmp_path):
     assert done["step"].to_list() == list(range(steps))  # each step once (the natural key)
     assert done["complete"].all() and set(done["n_ranks"].to_list()) == {WORLD}
     assert loss["step"].to_list() == list(range(steps))
+
+
+def test_serve_workers_runs_a_tier_on_one_host(tmp_path):
+    """`serve --workers 2`: two collector processes on PORT and PORT+1 and the coordinator in
+    the serving process; 4 ranks given both addresses; SIGTERM stops it all cleanly."""
+    steps, port = 12, free_port()
+    url = f"parquet:{tmp_path / 'tier'}"
+    args = ("--insecure", "--workers", "2", "--port", str(port), "--flush-interval", "0.05")
+    proc, first = start_collector(url, *args, log_path=tmp_path / "tier.log")
+    address = f"127.0.0.1:{port},127.0.0.1:{port + 1}"
+    assert first == f"127.0.0.1:{port}"
+    trainers = [
+        Trainer(address, "wk", steps, rank=r, world_size=WORLD).start() for r in range(WORLD)
+    ]
+    try:
+        for t in trainers:
+            assert t.done.wait(300) and t.error is None, t.error
+        assert stop_collector(proc) == 0
+    finally:
+        terminate(proc)
+    assert f"collector tier addresses {address}" in (tmp_path / "tier.log").read_text()
+    with open_store(url) as st:
+        done = st.steps("wk")
+    assert done["step"].to_list() == list(range(steps))
+    assert done["complete"].all() and set(done["n_ranks"].to_list()) == {WORLD}
+    for i, ranks in ((0, [0, 2]), (1, [1, 3])):  # rank r on worker r % 2, stored there
+        raw = raw_of(f"{url}/workers/{i}", "wk")
+        assert sorted(raw["rank"].unique().to_list()) == ranks
+        assert raw.select("rank", "step").unique().height == len(ranks) * steps
