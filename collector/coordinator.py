@@ -137,6 +137,7 @@ class Coordinator:
         run = self._runs[name] = _Run(info=info, last_seen=self.clock())
         if info is not None and metrics is None:
             self.store.open_run(info)
+            self.store.flush()  # a collector sharing the store finds the run (tier.py)
         if metrics is not None and metrics.height:
             for r in metrics.iter_rows(named=True):
                 self._add_name(run, r["name"], self._labels_of(r))

@@ -143,12 +143,17 @@ class CoordinatorLink:
         )
         gids = _unpack(reply)[1][0].astype(np.int32)
         g = self.global_of.get(run, np.empty(0, np.int32))
-        top = int(md.metric_id.max()) + 1 if md.metric_id.size else 0
+        top = int(md.metric_id.max()) + 1 if md.metric_id.size else 0  # local ids are dense
         if top > g.size:
             g = np.concatenate([g, np.full(top - g.size, -1, np.int32)])
         g[md.metric_id] = gids
         self.global_of[run] = g
         return gids
+
+    def open(self, run: str) -> None:
+        """Register no names: the coordinator opens the run (stored before it answers)."""
+        none = np.empty(0, np.int32)
+        self.register(run, MetricDict(none, [], none, none, none, [], [], []))
 
     def partial(
         self, make: Callable[[frozenset[int]], Partial], ranks: frozenset[int], wait: bool
@@ -191,8 +196,15 @@ class TierOpen:
 
     def notify(self, link: CoordinatorLink) -> None:
         link.info[self.info.run] = self.info
+        link.open(self.info.run)  # the coordinator opens the run in its store first
 
     def apply(self, store: Store) -> int:
+        """A store the coordinator shares (one ClickHouse) has the run already: its row is
+        the coordinator's, never rewritten from here; a store of our own gets it opened."""
+        leave = getattr(store, "leave_run_row", None)
+        if leave is not None and self.info.run in store.runs()["run"].to_list():
+            leave(self.info.run)
+            return 0
         return jobs.OpenRun(self.info).apply(store)
 
     def encode(self) -> list[bytes | memoryview]:

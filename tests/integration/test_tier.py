@@ -336,3 +336,65 @@ def test_serve_workers_runs_a_tier_on_one_host(tmp_path):
         raw = raw_of(f"{url}/workers/{i}", "wk")
         assert sorted(raw["rank"].unique().to_list()) == ranks
         assert raw.select("rank", "step").unique().height == len(ranks) * steps
+
+
+def test_on_a_two_shard_clickhouse_cluster(clickhouse_cluster, clickhouse_cluster_url, tmp_path):
+    """The same tier with every process on one ClickHouse cluster (2 Debian 18.16 shards):
+    each raw vector is one physical row on the shard of its rank, every step is complete,
+    and the run's row is the coordinator's (finished; the collectors never rewrite it)."""
+    from tests.integration.test_clickhouse_cluster import db_of, rows
+
+    url, steps = clickhouse_cluster_url, 15
+    with open_store(url):  # migrations on every node, once, before three writers start
+        pass
+    co, co_addr = start_collector(url, "--insecure", command="coordinate")
+    procs, addrs = [], []
+    try:
+        for i in range(2):
+            p, a = start_collector(
+                url,
+                "--insecure",
+                "--coordinator",
+                co_addr,
+                "--flush-interval",
+                "0.05",
+                "--spool",
+                str(tmp_path / f"w{i}.spool"),
+                log_path=tmp_path / f"w{i}.log",
+            )
+            procs.append(p)
+            addrs.append(a)
+        trainers = [
+            Trainer(",".join(addrs), "ck", steps, rank=r, world_size=WORLD).start()
+            for r in range(WORLD)
+        ]
+        for t in trainers:
+            assert t.done.wait(300) and t.error is None, t.error
+        for p in procs:
+            assert stop_collector(p) == 0
+        assert stop_collector(co) == 0
+    finally:
+        for p in [*procs, co]:
+            terminate(p)
+    db = db_of(url)
+    shard_ranks = []
+    n_pairs = 0
+    for shard in range(len(clickhouse_cluster.servers)):
+        got = rows(
+            clickhouse_cluster,
+            shard,
+            f"SELECT rank, step, layout, count() FROM {db}.raw_vectors_local "
+            "WHERE run = %(run)s GROUP BY rank, step, layout",
+            {"run": "ck"},
+        )
+        assert {c for *_, c in got} == {1}  # one physical row per vector: nothing resent
+        shard_ranks.append({r for r, *_ in got})
+        n_pairs += len({(r, s) for r, s, *_ in got})
+    assert not shard_ranks[0] & shard_ranks[1]  # a rank's vectors live on one shard
+    assert shard_ranks[0] | shard_ranks[1] == set(range(WORLD))
+    assert n_pairs == WORLD * steps
+    with open_store(url) as st:
+        done = st.steps("ck")
+        assert st.runs().filter(run="ck")["status"].to_list() == ["finished"]
+    assert done["step"].to_list() == list(range(steps))
+    assert done["complete"].all() and set(done["n_ranks"].to_list()) == {WORLD}
