@@ -238,7 +238,13 @@ class StepBarrier:
 
     def _finish(self, p: _Pending) -> ReadyStep:
         ended = {r for r, part in p.ranks.items() if part.ended}
-        missing = tuple(sorted(set(range(self.world_size)) - ended))
+        if self.members is None:
+            waited = set(range(self.world_size))
+        elif p.step <= self.reduced_through:  # opened again: the late ranks it holds
+            waited = set(p.ranks)
+        else:  # a tier collector's step: its ranks (the run-wide status is the coordinator's)
+            waited = {r for r, j in self.members.items() if j <= p.born} | set(p.ranks)
+        missing = tuple(sorted(waited - ended))
         wall = max((p.ranks[r].wall_time for r in ended), default=0.0)
         parts = [
             (r, sid, v, h)

@@ -262,6 +262,14 @@ class Coordinator:
                 or (later and waited >= RESEND_GRACE_S)
             ):
                 break
+            log.debug(
+                "run %s step %d: %d of %d ranks after %.3f s",
+                name,
+                s,
+                len(st.covered),
+                world,
+                waited,
+            )
             self._reduce_through(name, run, s)
 
     def _reduce_through(self, name: str, run: _Run, step: int) -> None:

@@ -240,8 +240,7 @@ class Writer:
     def _apply(self, job: Job, store: Store) -> None:
         t0 = time.thread_time()
         n = job.apply(store)
-        steps = (jobs.WriteStep, jobs.WriteRows, jobs.WriteRaw)
-        stage = "write" if isinstance(job, steps) else "dictionary"
+        stage = "write" if job.kind in (jobs.ROWS, jobs.RAW) else "dictionary"
         self.stage_s[stage] += time.thread_time() - t0
         self._counters.add("values_written", n)
 
