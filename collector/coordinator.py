@@ -33,8 +33,8 @@ thread (straggler timeouts, idle runs).
 Restart: nothing is acked before it is stored, so a restarted coordinator rebuilds every
 pending step from the collectors' resent partials; a run it does not hold is reloaded from
 the store (its dictionary, so ids stay the same, and the last stored step, so no step is
-reduced twice). What it does not reload: detector state and the clip table (they start
-afresh; README "Scale-out").
+reduced twice), and its clip table (versions go on from the last stored one). What it does
+not reload: detector and clip-policy state (they start afresh; README "Scale-out").
 """
 
 from __future__ import annotations
@@ -143,10 +143,27 @@ class Coordinator:
                 self._add_name(run, r["name"], self._labels_of(r))
         if steps is not None and steps.height:
             run.reduced_through = int(steps["step"].to_numpy().max())
+        if metrics is not None:
+            self._reload_clips(name)
         log.info(
             "run %s: %d metrics, reduced through step %d", name, len(run.ids), run.reduced_through
         )
         return run
+
+    def _reload_clips(self, name: str) -> None:
+        """The run's clip table as stored, so versions go on from the last one (collectors
+        ignore a version that is not newer than the one they hold)."""
+        clips = self.store.clips(name)
+        if not clips.height:
+            return
+        table: dict[tuple[int, str], float] = {}
+        for r in clips.sort("version").iter_rows(named=True):
+            table[(int(r["layer"]), r["site"])] = float(r["limit"])
+        settings = [
+            pb.ClipSetting(layer=la, site=si, limit=li) for (la, si), li in sorted(table.items())
+        ]
+        version = int(clips["version"].to_numpy().max())
+        self.clips.adopt(name, pb.ClipUpdate(version=version, reason="reloaded", settings=settings))
 
     @staticmethod
     def _labels_of(r: dict) -> tuple:

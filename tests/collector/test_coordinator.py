@@ -149,3 +149,19 @@ def test_a_restarted_coordinator_keeps_ids_and_never_reduces_a_stored_step_again
         for r in ({0, 1}, {2, 3}):
             c.partial(part(1, r))
         assert store.steps("r")["step"].to_list() == [0, 1]
+
+
+def test_a_restarted_coordinator_goes_on_from_the_stored_clip_version(tmp_path):
+    url = f"parquet:{tmp_path / 'co'}"
+    with open_store(url) as store:
+        c = Coordinator(store, detect=False, clock=Clock())
+        c.register("r", INFO, names("a"))
+        assert c.push_clip("r", [(1, "routed", 7.0)]) == 1
+    with open_store(url) as store:
+        c = Coordinator(store, detect=False, clock=Clock())
+        c.register("r", INFO, names("a"))  # the run comes back into memory from the store
+        assert c.push_clip("r", [(2, "shared", 5.0)]) == 2  # not 1: collectors hold v1
+        table = c.clip_table("r")
+        assert table is not None
+        got = {(s.layer, s.site): s.limit for s in table.settings}
+        assert got == {(1, "routed"): 7.0, (2, "shared"): 5.0}
