@@ -184,6 +184,7 @@ class WriteStep:
     ops_M: np.ndarray  # op code per metric id, as registered when it was ready
     ready_at: float = 0.0  # monotonic clock when the barrier released the step
     rows: StepRows | None = None  # the reduction, computed once (retries reuse it)
+    accumulate: bool = True  # False: raw rows only (a tier collector's, tier.py)
     kind: ClassVar[int] = ROWS
 
     @property
@@ -196,7 +197,12 @@ class WriteStep:
                 (rank, ids, v, h) for (rank, _, v, h), ids in zip(self.ready.parts, self.id_maps)
             ]
             self.rows = reduce_step(
-                self.ready.step, parts, self.ready.included, self.ops_M, self.ready.status
+                self.ready.step,
+                parts,
+                self.ready.included,
+                self.ops_M,
+                self.ready.status,
+                accumulate=self.accumulate,
             )
             self.ready.parts, self.id_maps = [], []  # copied into rows: free the vectors now
         return self.rows

@@ -351,6 +351,7 @@ class TierWriter(Writer):
         elif isinstance(job, jobs.WriteMetrics):
             job = TierMetrics(job.run, job.metrics)
         elif isinstance(job, jobs.WriteStep):
+            job.accumulate = False  # the partial is built from the raw rows, once
             job = TierStep(job)
         elif isinstance(job, jobs.FinishRun):
             ranks = self.goodbyes(job.run) if job.status == "finished" else []
