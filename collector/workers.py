@@ -80,7 +80,11 @@ def serve_workers(args: argparse.Namespace, config: CollectorConfig) -> int:
             extra += ["--insecure"] if config.insecure else []
             spool = config.spool_dir or default_spool_dir(url)
             extra += ["--no-spool"] if not spool else ["--spool", f"{spool}-worker{i}"]
-            proc, address = start_collector(url, *extra, host=args.host)
+            # the token reaches a worker through its environment, never its argv
+            env = {"STEPWATCH_TOKEN": config.token, "STEPWATCH_TOKEN_FILE": None}
+            proc, address = start_collector(
+                url, *extra, host=args.host, env=env if config.token else None
+            )
             procs.append(proc)
             addresses.append(address)
         print(f"collector listening on {addresses[0]} store={args.store}", flush=True)

@@ -310,16 +310,24 @@ def test_a_coordinator_killed_and_restarted_mid_run_loses_nothing(tmp_path):
 
 
 def test_serve_workers_runs_a_tier_on_one_host(tmp_path):
-    """`serve --workers 2`: two collector processes on PORT and PORT+1 and the coordinator in
-    the serving process; 4 ranks given both addresses; SIGTERM stops it all cleanly."""
+    """`serve --workers 2 --token-file F`: two collector processes on PORT and PORT+1 and the
+    coordinator in the serving process, all with the token; 4 ranks given both addresses;
+    SIGTERM stops it all cleanly."""
     steps, port = 12, free_port()
     url = f"parquet:{tmp_path / 'tier'}"
-    args = ("--insecure", "--workers", "2", "--port", str(port), "--flush-interval", "0.05")
-    proc, first = start_collector(url, *args, log_path=tmp_path / "tier.log")
+    token = tmp_path / "token"
+    token.write_text("s3cret-tier-token\n")  # from a file: the workers get it, not via argv
+    args = ("--token-file", str(token), "--workers", "2", "--port", str(port))
+    env = {"STEPWATCH_TOKEN": None, "STEPWATCH_TOKEN_FILE": None}
+    proc, first = start_collector(
+        url, *args, "--flush-interval", "0.05", log_path=tmp_path / "tier.log", env=env
+    )
     address = f"127.0.0.1:{port},127.0.0.1:{port + 1}"
     assert first == f"127.0.0.1:{port}"
+    auth = {"token": "s3cret-tier-token"}
     trainers = [
-        Trainer(address, "wk", steps, rank=r, world_size=WORLD).start() for r in range(WORLD)
+        Trainer(address, "wk", steps, rank=r, world_size=WORLD, monitor_kwargs=auth).start()
+        for r in range(WORLD)
     ]
     try:
         for t in trainers:
