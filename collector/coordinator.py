@@ -244,8 +244,10 @@ class Coordinator:
                 bad = [r for r in p.ranks if not 0 <= r < run.info.world_size]
                 if bad:
                     raise ValueError(f"ranks {bad} outside world_size {run.info.world_size}")
-                if p.ids.size and int(p.ids.max()) >= run.ops.size:
-                    raise ValueError(f"partial names metric id {int(p.ids.max())}, unknown")
+                if p.ids.size and not 0 <= int(p.ids.min()) <= int(p.ids.max()) < run.ops.size:
+                    raise ValueError(
+                        f"partial names metric ids outside [0, {run.ops.size}) of the run"
+                    )
                 st.parts.append(p)
                 st.covered |= p.ranks
                 if len(st.covered) == run.info.world_size:

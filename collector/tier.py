@@ -230,6 +230,14 @@ class TierMetrics:
         return jobs.WriteMetrics(self.run, self.metrics).encode()
 
 
+def _global(g: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Local metric ids -> the coordinator's; NotDurable for one it never gave an id (its
+    Register failed: the step is not stored, its frames never acked)."""
+    if local.size and (int(local.max()) >= g.size or int(g[local].min()) < 0):
+        raise NotDurable("a metric of the step has no global id (its Register failed)")
+    return g[local]
+
+
 @dataclass
 class TierStep:
     step_job: jobs.WriteStep
@@ -250,10 +258,10 @@ class TierStep:
         ready = self.step_job.ready
         included = frozenset(ready.included)
         rows = self.step_job.reduce()
-        g = link.global_of[self.run]
-        blocks = [RawBlock(b.step, b.rank, g[b.metric_id], b.value) for b in rows.blocks]
+        g = link.global_of.get(self.run, np.empty(0, np.int32))
+        blocks = [RawBlock(b.step, b.rank, _global(g, b.metric_id), b.value) for b in rows.blocks]
         r = rows.rest
-        rest = ValueBatch(r.step, g[r.metric_id], r.value, rank=r.rank)
+        rest = ValueBatch(r.step, _global(g, r.metric_id), r.value, rank=r.rank)
         wall = rows.status.wall_time
 
         def make(ranks: frozenset[int]) -> Partial:

@@ -165,3 +165,15 @@ def test_a_restarted_coordinator_goes_on_from_the_stored_clip_version(tmp_path):
         assert table is not None
         got = {(s.layer, s.site): s.limit for s in table.settings}
         assert got == {(1, "routed"): 7.0, (2, "shared"): 5.0}
+
+
+@pytest.mark.parametrize("bad", [-1, 2])
+def test_a_partial_with_an_id_the_run_never_gave_is_refused(co, bad):
+    c, _, store = co
+    p = part(0, {0, 1})
+    p.ids = np.array([0, bad], np.int32)
+    with pytest.raises(ValueError, match="outside"):
+        c.partial(p)
+    c.partial(part(0, {0, 1}))  # nothing of it was taken
+    c.partial(part(0, {2, 3}))
+    assert store.at_step("r", 0)["value"].to_list() == [4.0, 4.0]
