@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _coordinate(args: argparse.Namespace) -> int:
-    from collector.coordinator import serve_coordinator
+    from collector.tierwire import serve_coordinator
 
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -2,9 +2,9 @@
 
     python -m collector coordinate --store URL --port P (--token-file F | --insecure)
 
-Tier collectors (tier.py) hold the ranks; this process holds the run-wide view. Three unary
-RPCs on service TIER_SERVICE (an internal wire between our own processes, in jobs.py's record
-format, so the rank-facing proto/v1 contract stays untouched):
+Tier collectors (tier.py) hold the ranks; this process holds the run-wide view. What the
+calls collectors make mean (tierwire.py moves them: unary RPCs between our own processes, so
+the rank-facing proto/v1 contract stays untouched):
 
     Register  a collector's new metric-dictionary rows -> the run's GLOBAL metric ids (the
               first to send a name fixes its id, labels and op, like registry.py within one
@@ -28,7 +28,7 @@ format, so the rank-facing proto/v1 contract stays untouched):
 The reduced step then goes exactly where a single collector's goes: detect.Detect (the same
 detectors, decision layer and clip policy), events, clip rows and reduced rows and the step
 status to the store. Everything runs under one lock, on gRPC's handler threads and one ticker
-thread (straggler timeouts, idle runs).
+thread (straggler timeouts, idle runs; tierwire.CoordinatorServer).
 
 Restart: nothing is acked before it is stored, so a restarted coordinator rebuilds every
 pending step from the collectors' resent partials; a run it does not hold is reloaded from
@@ -39,23 +39,18 @@ not reload: detector and clip-policy state (they start afresh; README "Scale-out
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 import polars as pl
 
 from collector.clipboard import ClipBoard
 from collector.detect import Detect
 from collector.errors import InvalidArgument
-from collector.jobs import _pack, _unpack
 from collector.partials import Partial, combine, finish
 from collector.reduction import OP_NAMES, StepRows
 from collector.stats import Counters
@@ -63,7 +58,6 @@ from proto.v1 import telemetry_pb2 as pb
 from store.base import ClipRecord, MetricDict, NotFound, RunInfo, StepStatus, Store, ValueBatch
 
 log = logging.getLogger("collector.coordinator")
-TIER_SERVICE = "stepwatch.tier.v1.Coordinator"
 OP_CODES = {name: code for code, name in OP_NAMES.items()}
 PARTIAL_WAIT_S = 60.0
 RESEND_GRACE_S = 5.0  # > a collector's longest retry backoff (tier.py: 2 s)  # a Partial call answers UNAVAILABLE after this (the caller retries)
@@ -99,7 +93,6 @@ class Coordinator:
         run_idle_s: float = 300.0,
         detect: bool = True,
         observe_only: bool = False,
-        token: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -110,13 +103,8 @@ class Coordinator:
         self.detect = (
             Detect(store, self._push, self.counters, observe_only=observe_only) if detect else None
         )
-        self._token = f"Bearer {token}".encode() if token else None
         self._runs: dict[str, _Run] = {}
         self._cond = threading.Condition(threading.RLock())
-        self._server: grpc.Server | None = None
-        self._stop = threading.Event()
-        self._ticker: threading.Thread | None = None
-        self.port = 0
 
     # ---- runs and the dictionary (under the lock) ----------------------------------------------
     def _run(self, name: str, info: RunInfo | None = None) -> _Run:
@@ -428,151 +416,7 @@ class Coordinator:
     def clip_table(self, run: str) -> pb.ClipUpdate | None:
         return self.clips.latest(run)
 
-    # ---- the server ------------------------------------------------------------------------
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="coordinator"),
-            options=[
-                ("grpc.max_receive_message_length", 256 << 20),
-                ("grpc.max_send_message_length", 256 << 20),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        handlers = {
-            "Register": self._rpc(self._on_register),
-            "Partial": self._rpc(self._on_partial),
-            "Finish": self._rpc(self._on_finish),
-            "ClipAcks": self._rpc(self._on_clip_acks),
-        }
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(TIER_SERVICE, handlers),)
-        )
-        try:
-            self.port = self._server.add_insecure_port(f"{host}:{port}")
-        except RuntimeError as exc:
-            raise OSError(f"could not listen on {host}:{port} (port taken?): {exc}") from None
-        self._server.start()
-        self._ticker = threading.Thread(
-            target=self._tick_loop, name="coordinator-tick", daemon=True
-        )
-        self._ticker.start()
-        return self.port
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server is not None:
-            self._server.stop(2.0).wait(5.0)
+    def flush(self) -> None:
+        """Everything written so far made durable (the server's stop)."""
         with self._cond:
             self.store.flush()
-
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                self.tick()
-            except Exception:
-                log.exception("coordinator tick failed")
-
-    def _rpc(self, fn: Callable[[bytes], bytes]) -> grpc.RpcMethodHandler:
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-            got = dict(context.invocation_metadata()).get("authorization", "")
-            got_b = got.encode() if isinstance(got, str) else got
-            if self._token is not None and not hmac.compare_digest(got_b, self._token):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-            try:
-                return fn(request)
-            except (ValueError, KeyError, TypeError, InvalidArgument) as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
-            except TimeoutError as exc:
-                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            except NotFound as exc:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-            except Exception as exc:  # the store is away, or a bug: the caller retries
-                log.exception("coordinator RPC failed")
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
-            raise AssertionError("unreachable")  # context.abort raises
-
-        return grpc.unary_unary_rpc_method_handler(handle)
-
-    def _on_register(self, request: bytes) -> bytes:
-        meta, a = _unpack(request)
-        info = RunInfo(
-            meta["run"],
-            int(meta["world_size"]),
-            meta.get("config_json", "{}"),
-            float(meta.get("started_at", 0.0)),
-        )
-        md = MetricDict(
-            metric_id=a[0],
-            name=meta["name"],
-            layer=a[1],
-            expert=a[2],
-            head=a[3],
-            stat=meta["stat"],
-            unit=meta["unit"],
-            reduce=meta["reduce"],
-        )
-        return b"".join(_pack({}, [self.register(info.run, info, md)]))
-
-    def _on_partial(self, request: bytes) -> bytes:
-        p = Partial.decode(request)
-        status, covered = self.partial(p)
-        clip = self.clip_table(p.run)
-        blob = np.frombuffer(clip.SerializeToString(), np.uint8) if clip else np.empty(0, np.uint8)
-        return b"".join(_pack({"status": status, "covered": covered}, [blob]))
-
-    def _on_finish(self, request: bytes) -> bytes:
-        m = json.loads(request)
-        self.finish_ranks(m["run"], [int(r) for r in m["ranks"]], m["status"])
-        return b"{}"
-
-    def _on_clip_acks(self, request: bytes) -> bytes:
-        m = json.loads(request)
-        self.clip_acks(m["run"], [(int(r), int(v), int(s)) for r, v, s in m["acks"]])
-        return b"{}"
-
-
-def serve_coordinator(
-    store_url: str,
-    *,
-    host: str,
-    port: int,
-    token: str | None,
-    straggler_timeout_s: float,
-    detect: bool,
-    observe_only: bool,
-    insecure: bool,
-) -> int:
-    """Run until SIGTERM/SIGINT; prints `coordinator listening on HOST:PORT store=URL`."""
-    import signal
-
-    from collector.server import is_loopback
-    from store import open_store
-
-    if token is None and not insecure:
-        raise ValueError(
-            "the coordinator needs a token (--token-file or $STEPWATCH_TOKEN) "
-            "or an explicit --insecure, which listens on loopback only"
-        )
-    if insecure and not is_loopback(host):
-        raise ValueError(f"--insecure listens on loopback only, not on {host!r}")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    store = open_store(store_url)
-    try:
-        store.lock_writer(60.0)
-        co = Coordinator(
-            store,
-            straggler_timeout_s=straggler_timeout_s,
-            detect=detect,
-            observe_only=observe_only,
-            token=token,
-        )
-        bound = co.start(host, port)
-        print(f"coordinator listening on {host}:{bound} store={store_url}", flush=True)
-        while not stop.wait(0.5):
-            pass
-        co.stop()
-    finally:
-        store.close()
-    return 0

@@ -35,156 +35,24 @@ partial as a resend).
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import grpc
 import numpy as np
 
 from collector import jobs
-from collector.coordinator import TIER_SERVICE
-from collector.jobs import NotDurable, _pack, _unpack
+from collector.jobs import NotDurable
 from collector.partials import Partial, partial_of
 from collector.reduction import StepRows
+from collector.tierwire import CoordinatorLink
 from collector.writer import Writer
-from proto.v1 import telemetry_pb2 as pb
 from store.base import MetricDict, RawBlock, RunInfo, Store, ValueBatch
 
 log = logging.getLogger("collector.tier")
-RETRIABLE = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.UNKNOWN,
-)
-
-
-class CoordinatorLink:
-    """The tier collector's client of the coordinator (writer thread only, but for `stop`).
-    Holds each run's info and its local -> global metric id map."""
-
-    def __init__(
-        self,
-        address: str,
-        token: str | None = None,
-        on_clip: Callable[[str, pb.ClipUpdate], None] | None = None,
-    ) -> None:
-        self.address = address
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", 256 << 20),
-                ("grpc.max_receive_message_length", 256 << 20),
-            ],
-        )
-        self.on_clip = on_clip
-        self.info: dict[str, RunInfo] = {}
-        self.global_of: dict[str, np.ndarray] = {}  # run -> int32 [local id] -> global id
-        self._stopping = threading.Event()
-        self._clip_version: dict[str, int] = {}
-
-    def stop(self) -> None:
-        """The collector is stopping: calls that fail now give up (NotDurable)."""
-        self._stopping.set()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _call(self, method: str, payload: bytes) -> bytes:
-        fn: Callable[..., bytes] = self._channel.unary_unary(f"/{TIER_SERVICE}/{method}")
-        backoff = 0.05
-        while True:
-            try:
-                return fn(payload, metadata=self._metadata, timeout=120.0)
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code not in RETRIABLE:
-                    raise NotDurable(
-                        f"coordinator refused {method}: {code.name} {exc.details()}"
-                    ) from None
-                if self._stopping.is_set():
-                    raise NotDurable(
-                        f"stopping; coordinator {self.address} did not take {method} ({code.name})"
-                    ) from None
-                log.warning(
-                    "coordinator %s: %s %s; retrying in %.2f s",
-                    self.address,
-                    method,
-                    code.name,
-                    backoff,
-                )
-                self._stopping.wait(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, 2.0)
-
-    # ---- the calls -------------------------------------------------------------------------
-    def register(self, run: str, md: MetricDict) -> np.ndarray:
-        info = self.info[run]
-        meta = {
-            "run": run,
-            "world_size": info.world_size,
-            "config_json": info.config_json,
-            "started_at": info.started_at,
-            "name": md.name,
-            "stat": md.stat,
-            "unit": md.unit,
-            "reduce": md.reduce,
-        }
-        reply = self._call(
-            "Register", b"".join(_pack(meta, [md.metric_id, md.layer, md.expert, md.head]))
-        )
-        gids = _unpack(reply)[1][0].astype(np.int32)
-        g = self.global_of.get(run, np.empty(0, np.int32))
-        top = int(md.metric_id.max()) + 1 if md.metric_id.size else 0  # local ids are dense
-        if top > g.size:
-            g = np.concatenate([g, np.full(top - g.size, -1, np.int32)])
-        g[md.metric_id] = gids
-        self.global_of[run] = g
-        return gids
-
-    def open(self, run: str) -> None:
-        """Register no names: the coordinator opens the run (stored before it answers)."""
-        none = np.empty(0, np.int32)
-        self.register(run, MetricDict(none, [], none, none, none, [], [], []))
-
-    def partial(
-        self, make: Callable[[frozenset[int]], Partial], ranks: frozenset[int], wait: bool
-    ) -> frozenset[int]:
-        """Send the step's partial over `ranks`; on "overlap" (some of them are covered by
-        another collector's partial: they failed over mid-step) send it over the rest.
-        wait: the answer comes once the step is reduced and stored at the coordinator (its
-        clip table goes to on_clip). Returns the ranks the partial was taken with."""
-        while ranks:
-            p = make(ranks)
-            p.wait = wait
-            meta, arrays = _unpack(self._call("Partial", p.encode()))
-            self._clip(p.run, arrays[0])
-            if meta["status"] != "overlap":
-                return ranks
-            ranks = ranks - frozenset(meta["covered"])
-        return ranks
-
-    def _clip(self, run: str, blob: np.ndarray) -> None:
-        if not blob.size or self.on_clip is None:
-            return
-        update = pb.ClipUpdate.FromString(blob.tobytes())
-        if update.version > self._clip_version.get(run, 0):
-            self._clip_version[run] = update.version
-            self.on_clip(run, update)
-
-    def finish(self, run: str, ranks: list[int], status: str) -> None:
-        self._call("Finish", json.dumps({"run": run, "ranks": ranks, "status": status}).encode())
-
-    def clip_acks(self, run: str, acks: list[tuple[int, int, int]]) -> None:
-        self._call("ClipAcks", json.dumps({"run": run, "acks": acks}).encode())
 
 
 # ---- tier jobs ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import threading
 from collector.config import CollectorConfig, default_spool_dir
 from collector.coordinator import Coordinator
 from collector.process import start_collector, stop_collector, terminate
+from collector.tierwire import CoordinatorServer
 
 log = logging.getLogger("collector.workers")
 
@@ -61,9 +62,9 @@ def serve_workers(args: argparse.Namespace, config: CollectorConfig) -> int:
             run_idle_s=config.run_idle_s,
             detect=config.detect,
             observe_only=config.observe_only,
-            token=config.token,
         )
-        cport = co.start("127.0.0.1", 0)
+        server = CoordinatorServer(co, config.token)
+        cport = server.start("127.0.0.1", 0)
         addresses = []
         for i in range(n):
             url = worker_store(args.store, args.worker_store, i)
@@ -98,7 +99,7 @@ def serve_workers(args: argparse.Namespace, config: CollectorConfig) -> int:
                         "worker %d exited with %s; its ranks use the next address", i, p.returncode
                     )
         clean = all(stop_collector(p) == 0 for p in procs)
-        co.stop()
+        server.stop()
         return 0 if clean else 1
     finally:
         for p in procs:
