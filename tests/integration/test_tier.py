@@ -201,7 +201,11 @@ def test_the_blowup_clip_is_in_force_on_all_four_ranks_from_the_next_step(blowup
         assert rec.applied.get(1) == ev.step + 1, (rank, rec.applied)
 
 
-def test_losing_a_collector_mid_run_its_ranks_fail_over_with_no_gaps(tmp_path):
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_losing_a_collector_mid_run_its_ranks_fail_over_with_no_gaps(tmp_path, how):
+    """kill: SIGKILL, no drain. term: SIGTERM, the collector drains (its steps confirmed by
+    the coordinator once the ranks it now refuses resend them through collector 0) and exits
+    0, everything it took durable."""
     steps = 40
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -214,8 +218,11 @@ def test_losing_a_collector_mid_run_its_ranks_fail_over_with_no_gaps(tmp_path):
         while min(t.progress for t in trainers) < 12:
             assert time.monotonic() < deadline and not any(t.error for t in trainers)
             time.sleep(0.01)
-        procs[1].kill()  # SIGKILL mid-run: no drain, no goodbye
-        procs[1].wait(30)
+        if how == "kill":
+            procs[1].kill()  # mid-run: no drain, no goodbye
+            procs[1].wait(30)
+        else:
+            assert stop_collector(procs[1]) == 0  # drained: all it took became durable
         for t in trainers:
             assert t.done.wait(300) and t.error is None, t.error
         stats = [t.stats() for t in trainers]
@@ -244,7 +251,7 @@ def test_losing_a_collector_mid_run_its_ranks_fail_over_with_no_gaps(tmp_path):
     assert done["complete"].all() and set(done["n_ranks"].to_list()) == {WORLD}
     print(
         f"\nfailover: {twice.select('rank', 'step').unique().height} (rank, step) pairs were "
-        f"stored by both collectors (resent after the kill), {cells.height} stored in all"
+        f"stored by both collectors ({how}: resent after it went), {cells.height} stored in all"
     )
 
 
