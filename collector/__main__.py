@@ -3,6 +3,9 @@
     python -m collector serve --store URL (--token-file F | $STEPWATCH_TOKEN | --insecure)
         [--operator-token-file F | $STEPWATCH_OPERATOR_TOKEN] [--tls-cert C --tls-key K]
         [--host H] [--port N] [--observe-only] [--no-detect] ...
+    python -m collector serve ... --coordinator HOST:PORT    (a tier collector, tier.py)
+    python -m collector serve ... --workers N                (a tier on this host, workers.py)
+    python -m collector coordinate --store URL --port P (--token-file F | --insecure)
     python -m collector clip list     --target HOST:PORT --run NAME
     python -m collector clip set      --target HOST:PORT --run NAME --layer L --site S --limit X
     python -m collector clip clear    --target HOST:PORT --run NAME --layer L --site S
@@ -137,7 +140,44 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="wait this long for another collector on the same store or spool to exit",
     )
+    s.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="tier mode: store this collector's ranks' raw vectors, send per-step partials "
+        "to this coordinator (python -m collector coordinate), forward its clip updates",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run a tier on this host: N collector processes on ports PORT..PORT+N-1 (ranks "
+        "get the list; rank r prefers PORT + r %% N) and the coordinator in this process, "
+        "which writes --store; each worker writes --worker-store",
+    )
+    s.add_argument(
+        "--worker-store",
+        metavar="URL",
+        help="with --workers: worker i's store, '{worker}' replaced by i (default: the "
+        "ClickHouse --store itself, or parquet:DIR/workers/{worker} for parquet:DIR)",
+    )
     s.add_argument("--log-level", default="INFO")
+    co = sub.add_parser("coordinate", help="the coordinator of a collector tier")
+    co.add_argument("--store", required=True, help="where reduced rows, events, clips go")
+    co.add_argument("--host", default="127.0.0.1")
+    co.add_argument("--port", type=int, default=50050, help="0 picks a free port")
+    co.add_argument("--token-file", metavar="FILE", help="as for serve")
+    co.add_argument("--insecure", action="store_true", help="as for serve (loopback only)")
+    co.add_argument(
+        "--straggler-timeout",
+        type=float,
+        default=CollectorConfig.straggler_timeout_s,
+        metavar="SECONDS",
+        help="reduce a step without the ranks no partial covers this long after its first",
+    )
+    co.add_argument("--observe-only", action="store_true")
+    co.add_argument("--no-detect", action="store_true")
+    co.add_argument("--log-level", default="INFO")
     c = sub.add_parser("clip", help="show or change a running collector's clip thresholds")
     c.add_argument("op", choices=("list", "set", "clear", "freeze", "unfreeze"))
     c.add_argument("--target", default="127.0.0.1:50051", help="the collector, HOST:PORT")
@@ -160,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "clip":
         return _clip(ap, args)
+    if args.command == "coordinate":
+        return _coordinate(args)
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -198,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             max_dictionary_bytes=args.max_dictionary_mb << 20,
             stop_timeout_s=args.stop_timeout,
             lock_timeout_s=args.lock_timeout,
+            coordinator=args.coordinator,
         )
+        if args.workers:
+            from collector.workers import serve_workers
+
+            return serve_workers(args, config)
         return serve(
             args.store,
             host=args.host,
@@ -209,6 +256,31 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, OSError, StoreError) as exc:  # bad flags/store URL, port taken, store down
         print(f"collector: {exc}", file=sys.stderr)
+        return 2
+
+
+def _coordinate(args: argparse.Namespace) -> int:
+    from collector.tierwire import serve_coordinator
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        token = None if args.insecure else auth.read_secret(None, args.token_file)
+        return serve_coordinator(
+            args.store,
+            host=args.host,
+            port=args.port,
+            token=token,
+            straggler_timeout_s=args.straggler_timeout,
+            detect=not args.no_detect,
+            observe_only=args.observe_only,
+            insecure=args.insecure,
+        )
+    except (ValueError, OSError, StoreError) as exc:
+        print(f"collector coordinate: {exc}", file=sys.stderr)
         return 2
 
 

@@ -69,6 +69,7 @@ class _Pending:
     first_end: float | None = None  # clock reading when the first rank ended the step
     n_ended: int = 0
     nbytes: int = 0
+    born: int = 0  # the barrier's join count when the step began (tier mode)
 
 
 @dataclass
@@ -97,6 +98,27 @@ class StepBarrier:
         self.budget = budget
         self.reduced_through = -1  # highest step reduced so far
         self._pending: dict[int, _Pending] = {}
+        # A tier collector's barrier (tier.py) waits for ITS ranks, those that said Hello to
+        # it (rank -> join number); None: every rank of world_size.
+        self.members: dict[int, int] | None = None
+        self._joins = 0
+
+    def tier(self) -> None:
+        """Tier mode: a step waits for the ranks that said Hello before it began here (a
+        rank failing over to this collector mid-step is not waited for: its first frames
+        may be of a later step). A step already reduced opens again for a rank whose values
+        come after (a failed-over rank resending): it is ready once the ranks in it ended,
+        and goes to the coordinator as a partial of those ranks (tier.py)."""
+        self.members = {}
+
+    def join(self, rank: int) -> None:
+        if self.members is not None:
+            self._joins += 1
+            self.members[rank] = self._joins
+
+    def expected(self) -> set[int]:
+        """The ranks whose goodbye finishes the run here."""
+        return set(range(self.world_size)) if self.members is None else set(self.members)
 
     # ---- ingest ---------------------------------------------------------------------------
     def is_late(self, step: int) -> bool:
@@ -107,7 +129,7 @@ class StepBarrier:
     ) -> bool:
         """Copy `values` to [offset, offset + len) of the rank's vector for (step, schema).
         The caller has checked offset/total against the schema. False: step already reduced."""
-        if self.is_late(step):
+        if self.is_late(step) and self.members is None:
             return False
         n = int(values.size)
         p = self._pending.get(step)
@@ -125,7 +147,7 @@ class StepBarrier:
                 self._check_room(rank, step)
             self.budget.reserve(nbytes, f"step {step} schema {schema_id} of rank {rank}")
             if p is None:
-                p = self._pending[step] = _Pending(step)
+                p = self._pending[step] = _Pending(step, born=self._joins)
             part = p.ranks.setdefault(rank, _RankPart())
             vec = part.vectors[schema_id] = (
                 np.empty(total, dtype=np.float32),
@@ -173,7 +195,7 @@ class StepBarrier:
             return True  # a resend: already counted
         if p is None:
             self._check_room(rank, step)
-            p = self._pending[step] = _Pending(step)
+            p = self._pending[step] = _Pending(step, born=self._joins)
         part = p.ranks.setdefault(rank, _RankPart())
         part.ended, part.wall_time = True, float(wall_time)
         p.n_ended += 1
@@ -196,11 +218,19 @@ class StepBarrier:
         last = -1
         for i, s in enumerate(order):
             p = self._pending[s]
-            if p.n_ended >= self.world_size or (
+            if self._all_ended(p) or (
                 p.first_end is not None and now - p.first_end >= self.straggler_timeout_s
             ):
                 last = i
         return [self._finish(self._pending.pop(s)) for s in order[: last + 1]]
+
+    def _all_ended(self, p: _Pending) -> bool:
+        if self.members is None:
+            return p.n_ended >= self.world_size
+        if p.step <= self.reduced_through:  # opened again by a late rank: the ranks in it
+            return all(part.ended for part in p.ranks.values())
+        waits = [r for r, j in self.members.items() if j <= p.born]
+        return all(r in p.ranks and p.ranks[r].ended for r in waits) and p.n_ended > 0
 
     def drain(self) -> list[ReadyStep]:
         """Everything still pending, oldest first (shutdown, or every rank closed its stream)."""
@@ -208,7 +238,13 @@ class StepBarrier:
 
     def _finish(self, p: _Pending) -> ReadyStep:
         ended = {r for r, part in p.ranks.items() if part.ended}
-        missing = tuple(sorted(set(range(self.world_size)) - ended))
+        if self.members is None:
+            waited = set(range(self.world_size))
+        elif p.step <= self.reduced_through:  # opened again: the late ranks it holds
+            waited = set(p.ranks)
+        else:  # a tier collector's step: its ranks (the run-wide status is the coordinator's)
+            waited = {r for r, j in self.members.items() if j <= p.born} | set(p.ranks)
+        missing = tuple(sorted(waited - ended))
         wall = max((p.ranks[r].wall_time for r in ended), default=0.0)
         parts = [
             (r, sid, v, h)

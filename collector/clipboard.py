@@ -94,6 +94,17 @@ class ClipBoard:
             rc.changes = {v: c for v, c in rc.changes.items() if v > oldest}
             return rc.latest
 
+    def adopt(self, run: str, update: pb.ClipUpdate) -> bool:
+        """Take another board's update as this run's latest (a tier collector mirrors its
+        coordinator's table, tier.py); False if it is not newer than what is held."""
+        with self._lock:
+            rc = self._runs.setdefault(run, _RunClips())
+            if update.version <= rc.version:
+                return False
+            rc.version, rc.latest = update.version, update
+            rc.table = {(s.layer, s.site): s.limit for s in update.settings}
+            return True
+
     def latest(self, run: str) -> pb.ClipUpdate | None:
         with self._lock:
             rc = self._runs.get(run)

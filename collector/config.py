@@ -152,6 +152,11 @@ class CollectorConfig:
     """Detect and store events, but never push a clip update of the clip policy (operators'
     commands still apply)."""
 
+    coordinator: str | None = None
+    """Tier mode (tier.py): HOST:PORT of the coordinator (coordinator.py). This collector then
+    stores its ranks' raw vectors and sends per-step partials there; the coordinator reduces,
+    detects and stores the reduced steps (detect is off here)."""
+
     def __post_init__(self) -> None:
         for name in ("token", "operator_token"):
             value = getattr(self, name)

@@ -84,6 +84,14 @@ class Aborted(CollectorError):
     code = grpc.StatusCode.ABORTED
 
 
+class FailedPrecondition(CollectorError):
+    """The request cannot be served by this collector as it is configured (a clip command at
+    a tier collector, whose clip table is the coordinator's)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    permanent = True
+
+
 REJECTED = (CollectorError, DecodeError)  # bad input, as opposed to a collector bug
 
 

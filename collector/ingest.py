@@ -256,7 +256,7 @@ class Ingest:
             conn.finish()
             return
         run.said_goodbye.add(conn.rank)
-        if len(run.said_goodbye) == run.world_size:
+        if run.said_goodbye >= run.barrier.expected():
             self._finish_run(run)
         self._settle(run, conn.rank)
 

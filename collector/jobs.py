@@ -45,6 +45,12 @@ from store.base import (
 log = logging.getLogger("collector.writer")
 U32 = struct.Struct("<I")
 
+
+class NotDurable(Exception):
+    """A job that must not be stored or acknowledged: a tier job whose coordinator call gave
+    up (tier.py). The writer fails it (its frames are never acked; the ranks resend them)."""
+
+
 # record kinds (spool.py's header byte)
 OPEN_RUN, FINISH_RUN, METRICS, RAW, ROWS, CLIPS, EVENTS = range(1, 8)
 
@@ -160,6 +166,8 @@ def write_rows(store: Store, run: str, rows: StepRows) -> int:
         store.write_raw_block(run, block)
     if rows.rest.value.size:
         store.write_raw(run, rows.rest)
+    if rows.raw_only:  # a tier collector's: the reduction and status are the coordinator's
+        return rows.n_raw
     if rows.reduced.value.size:
         store.write_reduced(run, rows.reduced)
     store.write_steps(run, [rows.status])
@@ -176,6 +184,7 @@ class WriteStep:
     ops_M: np.ndarray  # op code per metric id, as registered when it was ready
     ready_at: float = 0.0  # monotonic clock when the barrier released the step
     rows: StepRows | None = None  # the reduction, computed once (retries reuse it)
+    accumulate: bool = True  # False: raw rows only (a tier collector's, tier.py)
     kind: ClassVar[int] = ROWS
 
     @property
@@ -188,7 +197,12 @@ class WriteStep:
                 (rank, ids, v, h) for (rank, _, v, h), ids in zip(self.ready.parts, self.id_maps)
             ]
             self.rows = reduce_step(
-                self.ready.step, parts, self.ready.included, self.ops_M, self.ready.status
+                self.ready.step,
+                parts,
+                self.ready.included,
+                self.ops_M,
+                self.ready.status,
+                accumulate=self.accumulate,
             )
             self.ready.parts, self.id_maps = [], []  # copied into rows: free the vectors now
         return self.rows
@@ -226,6 +240,7 @@ class WriteRows:
             "run": self.run,
             "status": dataclasses.asdict(r.status),
             "blocks": [b.step for b in r.blocks],
+            "raw_only": r.raw_only,
         }
         return _pack(meta, arrays)
 
@@ -329,7 +344,8 @@ def decode(kind: int, payload: bytes) -> Job:
         reduced = _batch(a[3 * n + 4 : 3 * n + 8], raw=False)
         st = meta["status"]
         status = StepStatus(**{**st, "missing_ranks": tuple(st["missing_ranks"])})
-        return WriteRows(run, StepRows(blocks, rest, reduced, status))
+        raw_only = bool(meta.get("raw_only", False))
+        return WriteRows(run, StepRows(blocks, rest, reduced, status, raw_only=raw_only))
     if kind == CLIPS:
         return WriteClips(run, [ClipRecord(**c) for c in meta["records"]])
     if kind == EVENTS:

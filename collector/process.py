@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-READY_RE = re.compile(r"collector listening on (\S+):(\d+)")
+READY_RE = re.compile(r"(?:collector|coordinator) listening on (\S+):(\d+)")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +31,7 @@ def start_collector(
     log_path: str | Path | None = None,
     timeout_s: float = 60.0,
     env: dict | None = None,
+    command: str = "serve",
 ) -> tuple[subprocess.Popen, str]:
     """Returns (process, "HOST:PORT"). The process's output after the ready line goes to
     log_path (or is discarded); stop it with `stop_collector`. `env` is laid over this
@@ -41,7 +42,7 @@ def start_collector(
         sys.executable,
         "-m",
         "collector",
-        "serve",
+        command,  # or "coordinate": the coordinator of a tier (coordinator.py)
         "--store",
         store_url,
         "--host",

@@ -57,6 +57,7 @@ class StepRows:
     rest: ValueBatch  # raw rows of partial vectors (rank set)
     reduced: ValueBatch
     status: StepStatus
+    raw_only: bool = False  # a tier collector's rows: only the raw values are stored (tier.py)
     n_raw: int = field(init=False)  # raw values over blocks and rest
 
     def __post_init__(self) -> None:
@@ -167,11 +168,19 @@ class Accumulator:
 
 
 def reduce_step(
-    step: int, parts: list[Part], included: set[int], ops_M: np.ndarray, status: StepStatus
+    step: int,
+    parts: list[Part],
+    included: set[int],
+    ops_M: np.ndarray,
+    status: StepStatus,
+    *,
+    accumulate: bool = True,
 ) -> StepRows:
     """Raw values of every part; reduced values over the ranks in `included` only (ranks that
     ended the step: a straggler's vector is stored raw but never reduced). Whole vectors are
-    grouped by their id-map object (see the module docstring), partial ones go flat."""
+    grouped by their id-map object (see the module docstring), partial ones go flat.
+    accumulate=False: the raw rows only, nothing reduced (a tier collector's step: its
+    partial is built from the raw rows, partials.py)."""
     layouts: dict[int, list[Part]] = {}
     partial: list[Part] = []
     for part in parts:
@@ -185,12 +194,13 @@ def reduce_step(
         ranks = np.array([p[0] for p in group], dtype=np.int32)
         value_RS = np.stack([p[2] for p in group])  # the one copy of these values
         blocks.append(RawBlock(step=step, rank=ranks, metric_id=group[0][1], value=value_RS))
-        keep = np.array([r in included for r in ranks.tolist()])
-        acc.add_matrix(group[0][1], value_RS if keep.all() else value_RS[keep])
+        if accumulate:
+            keep = np.array([r in included for r in ranks.tolist()])
+            acc.add_matrix(group[0][1], value_RS if keep.all() else value_RS[keep])
     rows = gather(partial)
-    if {p[0] for p in partial} <= included:
+    if accumulate and {p[0] for p in partial} <= included:
         acc.add_rows(rows.metric_id, rows.value)
-    else:
+    elif accumulate:
         keep = np.isin(rows.rank, np.fromiter(included, dtype=np.int32, count=len(included)))
         acc.add_rows(rows.metric_id[keep], rows.value[keep])
     ids, vals, n = acc.result()

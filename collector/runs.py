@@ -75,6 +75,7 @@ class Runs:
             raise
         if run.finished:  # a rank came back: live again (OpenRun with its first data)
             run.finished, run.finish_job, run.opened = False, None, False
+        run.barrier.join(rank)  # a tier collector waits for its ranks (tier.py)
         conn.run, conn.rank, conn.session = name, rank, session
         run.conns.setdefault(rank, set()).add(conn)
         run.idle_since = None
@@ -136,6 +137,8 @@ class Runs:
                 budget=self.budget,
             ),
         )
+        if cfg.coordinator:
+            run.barrier.tier()
         return run
 
     # ---- data, goodbye, streams ending ----------------------------------------------------

@@ -35,6 +35,7 @@ from collector.detect import Detect
 from collector.errors import (
     REJECTED,
     CollectorError,
+    FailedPrecondition,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
@@ -230,7 +231,7 @@ class Collector:
                 self.counters,
                 observe_only=cfg.observe_only,
             )
-            if cfg.detect
+            if cfg.detect and not cfg.coordinator  # a tier's detectors run at its coordinator
             else None
         )
         self.spool = (
@@ -247,7 +248,13 @@ class Collector:
         self._thread: threading.Thread | None = None
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
-        self.writer = Writer(
+        writer_cls: Callable[..., Writer] = Writer
+        if cfg.coordinator:  # tier mode: partials to the coordinator (tier.py)
+            from collector.tier import CoordinatorLink, TierWriter
+
+            link = CoordinatorLink(cfg.coordinator, cfg.token, on_clip=self._tier_clip)
+            writer_cls = lambda *a, **kw: TierWriter(*a, link=link, goodbyes=self._goodbyes, **kw)
+        self.writer = writer_cls(
             self.handle,
             flush_interval_s=cfg.flush_interval_s,
             flush_every_steps=cfg.flush_every_steps,
@@ -265,11 +272,35 @@ class Collector:
             self.budget,
             self.control.clips,
             self.counters,
-            on_clip_ack=self.control.acked,
-            operator=self.control.operator,
+            on_clip_ack=self._tier_clip_ack if cfg.coordinator else self.control.acked,
+            operator=self._tier_operator if cfg.coordinator else self.control.operator,
         )
         self.control.connect(self.writer, self.ingest, self.detect, call_soon=self._call_soon)
         self.port = 0
+
+    # tier mode (tier.py): the coordinator's clip table in, ranks' goodbyes and clip acks out
+    def _tier_clip(self, run: str, update: pb.ClipUpdate) -> None:
+        """Writer thread: the coordinator's newer clip table, to every rank of the run here
+        (queued on the loop before the acks of the step whose answer carried it)."""
+        if self.control.clips.adopt(run, update):
+            self.counters.add("clip_updates")
+            self._call_soon(self.ingest.broadcast_clip, run, update)
+
+    def _tier_operator(self, hello: pb.Hello) -> pb.ClipUpdate:
+        raise FailedPrecondition(
+            "this collector is part of a tier: its clip table is the coordinator's, and "
+            "clip commands are not taken here (README 'Scale-out')"
+        )
+
+    def _goodbyes(self, run: str) -> list[int]:
+        r = self.ingest.runs.get(run)
+        return sorted(r.said_goodbye) if r is not None else []
+
+    def _tier_clip_ack(self, run: str, version: int) -> int:
+        from collector.tier import TierClipAcks, clip_acks_of
+
+        acks = TierClipAcks(run, clip_acks_of(self.control.clips, run, version))
+        return self.writer.submit(acks)  # type: ignore[arg-type]  # a TierWriter's job
 
     @property
     def store(self) -> Store | None:

@@ -197,8 +197,16 @@ class Writer:
             self._steps += 1
         t1 = time.thread_time()
         self.stage_s["reduce"] += t1 - t0
-        self._notify(job)
-        self.stage_s["detect"] += time.thread_time() - t1
+        try:
+            self._notify(job)
+        except jobs.NotDurable as exc:  # a tier job the coordinator never took: never acked
+            log.error("%s not stored, never acknowledged: %s", type(job).__name__, exc)
+            self._counters.add("store_errors")
+            self._failed.add(job_id)
+            self._release(job.nbytes)
+            return
+        finally:
+            self.stage_s["detect"] += time.thread_time() - t1
         if self._deadline is not None and not self._spooling and time.monotonic() > self._deadline:
             self._shutdown_to_spool()
         self._route(job_id, job)
@@ -232,15 +240,14 @@ class Writer:
     def _apply(self, job: Job, store: Store) -> None:
         t0 = time.thread_time()
         n = job.apply(store)
-        steps = (jobs.WriteStep, jobs.WriteRows, jobs.WriteRaw)
-        stage = "write" if isinstance(job, steps) else "dictionary"
+        stage = "write" if job.kind in (jobs.ROWS, jobs.RAW) else "dictionary"
         self.stage_s[stage] += time.thread_time() - t0
         self._counters.add("values_written", n)
 
     def _to_spool(self, job_id: int | None, job: Job) -> None:
         """Append to the spool, or hold (in order, after anything held) when it cannot."""
-        if isinstance(job, jobs.Forget):
-            return  # writes nothing
+        if job.kind == 0:
+            return  # writes nothing (Forget, and the tier's coordinator-only jobs)
         if not self._held and self._append(job):
             return
         if not self._held:
@@ -313,6 +320,8 @@ class Writer:
             return
         try:
             notify(self.observer)
+        except jobs.NotDurable:
+            raise
         except Exception:  # detection never fails a write
             self._counters.add("observer_errors")
             log.exception("observer failed on %s", type(job).__name__)

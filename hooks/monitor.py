@@ -110,13 +110,29 @@ def _guarded(fn):
     return wrapper
 
 
+def check_targets(target: str | list[str] | tuple[str, ...]) -> str:
+    """'HOST:PORT' (or 'unix:PATH'), or several: a comma-separated string or a list, the
+    collectors of a tier (rank r prefers entry r % len, and fails over to the next).
+    Returns them as one comma-separated string; ValueError says which entry is off."""
+    parts = target.split(",") if isinstance(target, str) else list(target)
+    if not parts or not all(isinstance(t, str) for t in parts):
+        raise ValueError(f"target must be 'HOST:PORT' (or 'unix:PATH'), got {target!r}")
+    for t in parts:
+        m = TARGET_RE.match(t)
+        if not (m or t.startswith("unix:")):
+            raise ValueError(f"target must be 'HOST:PORT' (or 'unix:PATH'), got {t!r}")
+        if m and not 0 < int(m.group(1)) < 65536:
+            raise ValueError(f"target port out of range in {t!r}")
+    return ",".join(parts)
+
+
 class Monitor:
     def __init__(
         self,
         model: nn.Module | None = None,
         optimizer: Any = None,
         *,
-        target: str,
+        target: str | list[str] | tuple[str, ...],
         run: str,
         rank: int | None = None,
         world_size: int | None = None,
@@ -129,13 +145,7 @@ class Monitor:
         tls: bool = False,
         tls_ca: str | os.PathLike | None = None,
     ) -> None:
-        if not isinstance(target, str) or not (
-            TARGET_RE.match(target) or target.startswith("unix:")
-        ):
-            raise ValueError(f"target must be 'HOST:PORT' (or 'unix:PATH'), got {target!r}")
-        port = TARGET_RE.match(target)
-        if port and not 0 < int(port.group(1)) < 65536:
-            raise ValueError(f"target port out of range in {target!r}")
+        target = check_targets(target)
         if not isinstance(run, str) or not RUN_RE.match(run):
             raise ValueError(f"run name {run!r} must match {RUN_RE.pattern}")
         if token is not None:

@@ -76,6 +76,7 @@ class BufferedStore(Store):
         self._closed = False
         self._run_rows: dict[str, dict[str, Any]] = {}  # runs this writer has touched
         self._dirty_runs: set[str] = set()
+        self._foreign_runs: set[str] = set()  # runs whose row another writer owns
         self._pending_metrics: dict[str, pl.DataFrame] = {}  # whole merged dictionary per run
         self._pending: dict[tuple[str, str], list[pl.DataFrame]] = {}  # (run, table) chunks
         self._pending_layouts: dict[str, dict[int, np.ndarray]] = {}  # run -> {hash: ids}
@@ -218,7 +219,20 @@ class BufferedStore(Store):
             self._run_rows[run] = row = dict(row)
         return row
 
+    def leave_run_row(self, run: str) -> None:
+        """This writer adds rows to an existing run but never writes the run's own row
+        (status, last_step): another process owns it (a collector tier's coordinator, with
+        the tier's collectors writing raw vectors to the same ClickHouse). NotFound if the
+        run was never opened."""
+        with self._lock:
+            self._check_open()
+            self._row(run)
+            self._foreign_runs.add(run)
+            self._dirty_runs.discard(run)
+
     def _touch(self, run: str, row: dict[str, Any], last_step: int | None = None) -> None:
+        if run in self._foreign_runs:
+            return
         row["updated_at"] = time.time()
         if last_step is not None and (row["last_step"] is None or last_step > row["last_step"]):
             row["last_step"] = last_step

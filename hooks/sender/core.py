@@ -118,7 +118,11 @@ class SenderCore(Generic[ConnT]):
         run_config: dict | None = None,
         on_clip: Callable[[pb.ClipUpdate], None] | None = None,
     ) -> None:
-        self.target, self.ident, self.config = target, ident, config
+        self.ident, self.config = ident, config
+        # A tier's collectors: this rank prefers entry rank % len and moves to the next one
+        # after each connection that failed or ended (README "Scale-out").
+        self.targets = target.split(",")
+        self._target_i = ident.rank % len(self.targets)
         self._schemas = frames.wire_schemas(schemas)  # cut where a Schema would be too big
         self._parts = frames.part_layouts(self._schemas)
         self._metadata = auth.bearer(token)
@@ -231,8 +235,17 @@ class SenderCore(Generic[ConnT]):
         self.buffer.log_drops()  # what the outage cost, before it is reported
         return True
 
+    @property
+    def target(self) -> str:
+        """The collector this rank connects to now."""
+        return self.targets[self._target_i]
+
     def _next_wait(self, conn: ConnT | None) -> float:
-        """The backoff before the next attempt, after `conn` (None: it never opened)."""
+        """The backoff before the next attempt, after `conn` (None: it never opened); the
+        next attempt goes to the next collector of the list, if there are several."""
+        if len(self.targets) > 1:
+            self._target_i = (self._target_i + 1) % len(self.targets)
+            log.info("stepwatch: rank %d fails over to %s", self.ident.rank, self.target)
         if conn is not None and conn.progressed:
             self.backoff.reset()
         return self.backoff.next()

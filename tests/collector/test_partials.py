@@ -1,0 +1,81 @@
+"""partials.py: a step reduced as partials of rank subsets, combined, gives the very values a
+single collector's reduce_step gives (every op, partial vectors, stragglers, NaN and inf);
+the wire encoding round-trips; overlapping partials are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from collector.partials import Partial, combine, finish, partial_of
+from collector.reduction import OP_MAX, OP_MEAN, OP_MIN, OP_SUM, reduce_step
+from store.base import StepStatus
+
+OPS = np.array([OP_SUM, OP_MEAN, OP_MAX, OP_MIN], dtype=np.int8)
+
+
+def make_step(seed: int, R: int = 6, M: int = 50):
+    """parts of R ranks: two layouts of whole vectors, one rank with a partial vector."""
+    rng = np.random.default_rng(seed)
+    ops_M = rng.choice(OPS, size=M).astype(np.int8)
+    lay_a = np.arange(0, 30, dtype=np.int32)
+    lay_b = np.arange(20, M, dtype=np.int32)  # overlaps a: ids in both layouts
+    parts = []
+    for r in range(R):
+        ids = lay_a if r % 2 == 0 else lay_b
+        v = (rng.standard_normal(ids.size) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+        have = np.ones(ids.size, bool)
+        if r == R - 1:
+            have[rng.permutation(ids.size)[:7]] = False  # a vector with gaps
+        parts.append((r, ids, v, have))
+    return parts, ops_M
+
+
+def tier_reduce(step, parts, included, ops_M, groups):
+    """Each group of ranks as one collector: its raw rows -> a partial; then combined."""
+    status = StepStatus(step, len(included), (), True, 0.0)
+    partials = []
+    for g in groups:
+        mine = [p for p in parts if p[0] in g]
+        rows = reduce_step(step, mine, included & set(g), ops_M, status)
+        ranks = frozenset(included & set(g))
+        partials.append(partial_of("r", step, rows.blocks, rows.rest, ranks))
+    p = combine([Partial.decode(x.encode()) for x in partials])  # through the wire format
+    return finish(p, ops_M)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_partials_combined_equal_the_single_collector_bit_for_bit(seed):
+    parts, ops_M = make_step(seed)
+    included = {0, 1, 2, 3, 5}  # rank 4 is a straggler: stored raw, never reduced
+    single = reduce_step(7, parts, included, ops_M, StepStatus(7, 5, (4,), False, 0.0)).reduced
+    for groups in ([[0, 2, 4], [1, 3, 5]], [[0, 1], [2, 3], [4, 5]], [[5], [0, 1, 2, 3, 4]]):
+        ids, vals, n = tier_reduce(7, parts, included, ops_M, groups)
+        assert np.array_equal(ids, single.metric_id)
+        assert vals.tobytes() == single.value.tobytes()  # bit for bit
+        assert np.array_equal(n, single.n_ranks)
+
+
+def test_nan_and_inf_on_one_collector_reach_the_reduced_step():
+    ids = np.arange(4, dtype=np.int32)
+    ops_M = OPS.copy()  # sum, mean, max, min
+    parts = [
+        (0, ids, np.array([1, 2, 3, 4], np.float32), np.ones(4, bool)),
+        (1, ids, np.array([np.nan, np.inf, np.nan, -np.inf], np.float32), np.ones(4, bool)),
+    ]
+    _, vals, _ = tier_reduce(0, parts, {0, 1}, ops_M, [[0], [1]])
+    assert np.isnan(vals[0]) and np.isposinf(vals[1]) and np.isnan(vals[2])
+    assert np.isneginf(vals[3])
+
+
+def test_overlapping_partials_are_refused():
+    p = Partial("r", 1, frozenset({0, 1}))
+    q = Partial("r", 1, frozenset({1, 2}))
+    with pytest.raises(ValueError, match="overlap in ranks \\[1\\]"):
+        combine([p, q])
+
+
+def test_decode_refuses_arrays_of_unequal_length():
+    p = Partial("r", 1, frozenset({0}), ids=np.array([1, 2], np.int32))
+    with pytest.raises(ValueError, match="5 arrays of one length"):
+        Partial.decode(p.encode())
