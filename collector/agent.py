@@ -273,19 +273,19 @@ class NodeAgent:
             except TimeoutError:
                 reason = "not reachable"
             except grpc.RpcError as exc:
-                reason = f"{exc.code().name} {exc.details()}"
+                reason = f"{exc.code().name}: {exc.details()}"
             finally:
                 self.up = None
                 self._ready.clear()
                 up.post(None)  # ends the request iterator before the channel goes
                 if call is not None:
                     call.cancel()
-                up.fail_all(
-                    "UNAVAILABLE",
-                    f"the node agent lost its collector ({cfg.upstream}); reconnect and "
-                    "resend what is not acked",
-                )
-                await channel.close()
+            up.fail_all(
+                "UNAVAILABLE",
+                f"the node agent lost its collector ({cfg.upstream}: {reason}); reconnect and "
+                "resend what is not acked",
+            )
+            await channel.close()
             if self._stopping:
                 return
             self.counters.add("upstream_losses")
