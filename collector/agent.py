@@ -63,6 +63,7 @@ HOLD_S = 5.0  # a rank that connects while the upstream reconnects waits this lo
 UPSTREAM_OPTIONS = [
     ("grpc.max_send_message_length", 8 << 20),
     ("grpc.max_receive_message_length", 8 << 20),
+    ("grpc.use_local_subchannel_pool", 1),  # its own connection, even beside other agents
 ]
 COUNTERS = (
     "auth_failures",  # local RPCs refused UNAUTHENTICATED
