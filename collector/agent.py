@@ -152,23 +152,36 @@ class Upstream:
     """One multiplexed stream to the collector and the local ranks riding on it."""
 
     def __init__(self, max_queued: int) -> None:
-        self.queue: asyncio.Queue[pb.ClientFrame | None] = asyncio.Queue(max_queued)
+        # One FIFO for every rank's frames: a rank's Goodbye never overtakes its data, nor
+        # a new Hello of the same rank the Goodbye of its previous stream. Bounded by `put`
+        # (data waits for room); `post` (Goodbyes, at most one per local stream) never waits.
+        self.queue: asyncio.Queue[pb.ClientFrame | None] = asyncio.Queue()
+        self.max_queued = max_queued
+        self._room = asyncio.Event()
+        self._room.set()
         self.locals: dict[Key, Local] = {}
+        self.streams: set[Local] = set()  # every local stream on it, with a Hello yet or not
         self.dead = False
 
     async def requests(self):
         while True:
             frame = await self.queue.get()
+            if self.queue.qsize() < self.max_queued:
+                self._room.set()
             if frame is None:
                 return
             yield frame
 
+    async def put(self, frame: pb.ClientFrame) -> None:
+        """A rank's frame, once there is room (the rank's reads wait meanwhile)."""
+        while self.queue.qsize() >= self.max_queued and not self.dead:
+            self._room.clear()
+            await self._room.wait()
+        self.queue.put_nowait(frame)
+
     def post(self, frame: pb.ClientFrame | None) -> None:
-        """Queue without waiting (a Goodbye from a finally block): FIFO with the waiters."""
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            asyncio.get_running_loop().create_task(self.queue.put(frame))
+        """Queue without waiting (a Goodbye from a finally block), in order."""
+        self.queue.put_nowait(frame)
 
     def goodbye(self, key: Key, half_closed: bool) -> None:
         header = pb.FrameHeader(run=key[0], rank=key[1], step=-1, seq=0)
@@ -191,7 +204,8 @@ class Upstream:
 
     def fail_all(self, code: str, message: str, permanent: bool = False) -> None:
         self.dead = True
-        for local in self.locals.values():
+        self._room.set()  # nobody waits for room on a dead stream
+        for local in self.streams:
             local.finish(code, message, permanent)
 
 
@@ -208,6 +222,7 @@ class NodeAgent:
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self._ready = asyncio.Event()  # an upstream stream is open
+        self.last_upstream_error = ""  # why the last upstream stream ended
 
     async def start(self, listen: str) -> str:
         cfg = self.config
@@ -281,6 +296,7 @@ class NodeAgent:
                 up.post(None)  # ends the request iterator before the channel goes
                 if call is not None:
                     call.cancel()
+            self.last_upstream_error = reason
             up.fail_all(
                 "UNAVAILABLE",
                 f"the node agent lost its collector ({cfg.upstream}: {reason}); reconnect and "
@@ -331,6 +347,7 @@ class _AgentServicer(pbg.TelemetryServicer):
             )
         assert up is not None
         local = Local()
+        up.streams.add(local)  # from here on, losing the upstream ends this stream too
         self.agent.counters.add("local_streams")
         reader = asyncio.create_task(self._read(up, local, request_iterator, context))
         try:
@@ -349,6 +366,7 @@ class _AgentServicer(pbg.TelemetryServicer):
                 local.wake.clear()
         finally:
             reader.cancel()
+            up.streams.discard(local)
             key = local.key
             if key is not None and up.locals.get(key) is local:  # this stream still owns it
                 del up.locals[key]
@@ -367,7 +385,7 @@ class _AgentServicer(pbg.TelemetryServicer):
                     return
                 if frame.WhichOneof("kind") == "hello":
                     frame.hello.multiplexed = True
-                await up.queue.put(frame)
+                await up.put(frame)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - bad frame or transport: this rank only
