@@ -205,6 +205,7 @@ def play(
         "connect_s": connect_s,
         "clip_wire_ms": [float(x) for x in CLIP_RE.findall(text)],
         "collector_streams": streams_seen(text),
+        "collector_frames": frames_seen(text),
         "agents": agent_stats,
     }
 
@@ -214,6 +215,13 @@ def streams_seen(log: str) -> dict[str, int]:
     lines = [ln for ln in log.splitlines() if " stats " in ln]
     kv = dict(re.findall(r"(\w+)=(\d+)", lines[-1].split(" stats ", 1)[1])) if lines else {}
     return {k: int(kv.get(k, 0)) for k in ("streams_opened", "mux_streams_opened")}
+
+
+def frames_seen(log: str) -> dict[str, int]:
+    """Frames in and acks out, from the collector's last `stats` line."""
+    lines = [ln for ln in log.splitlines() if " stats " in ln]
+    kv = dict(re.findall(r"(\w+)=(\d+)", lines[-1].split(" stats ", 1)[1])) if lines else {}
+    return {k: int(kv.get(k, 0)) for k in ("frames", "frames_duplicate", "acks_sent")}
 
 
 # ---- what the store holds --------------------------------------------------------------------
@@ -492,6 +500,7 @@ def run(
         "expected_reduced": steps * w.distinct_metrics(),
         "clip_wire_ms": p["clip_wire_ms"],
         "collector_streams": p["collector_streams"],
+        "collector_frames": p["collector_frames"],
         "agents": agents,
         "agent_stats": p["agents"],
         "machine": machine(),
