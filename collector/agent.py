@@ -6,7 +6,8 @@
 The agent serves the same Telemetry service to its local ranks (an unmodified hooks client
 points at it: `target="unix:/run/stepwatch.sock"`) and keeps ONE multiplexed stream to the
 collector that carries every local rank's frames (mux.py is the collector's side): each rank's
-Hello goes up marked `multiplexed`, its frames follow as they are, and whatever the collector
+Hello goes up marked `multiplexed`, its frames follow as they are (whatever is waiting goes as
+one FrameBatch message once the collector's Welcome says takes_batches), and whatever the collector
 sends names the rank it is for (ServerFrame.to); a ClipUpdate for a run comes once per host
 and is fanned out here to each local rank of that run. So 4,096 ranks on 512 hosts are 512
 streams at the collector, with the ranks' own protocol end to end.
@@ -39,6 +40,7 @@ per rank (the latest Ack and clip table only), as the collector's conn.py does.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -60,6 +62,8 @@ log = logging.getLogger("collector.agent")
 OK = "OK"
 BACKOFF_S, BACKOFF_MAX_S = 0.2, 5.0  # upstream reconnects: doubling, jittered
 HOLD_S = 5.0  # a rank that connects while the upstream reconnects waits this long for it
+BATCH_BYTES = 1 << 20  # a FrameBatch stays under the collector's limit (1 MiB chunk + 64 KiB)
+BATCH_FRAMES = 256
 UPSTREAM_OPTIONS = [
     ("grpc.max_send_message_length", 8 << 20),
     ("grpc.max_receive_message_length", 8 << 20),
@@ -155,33 +159,49 @@ class Upstream:
         # One FIFO for every rank's frames: a rank's Goodbye never overtakes its data, nor
         # a new Hello of the same rank the Goodbye of its previous stream. Bounded by `put`
         # (data waits for room); `post` (Goodbyes, at most one per local stream) never waits.
-        self.queue: asyncio.Queue[pb.ClientFrame | None] = asyncio.Queue()
+        self._frames: collections.deque[pb.ClientFrame | None] = collections.deque()
         self.max_queued = max_queued
+        self._waiting = asyncio.Event()  # _frames has something
         self._room = asyncio.Event()
         self._room.set()
         self.locals: dict[Key, Local] = {}
         self.streams: set[Local] = set()  # every local stream on it, with a Hello yet or not
         self.dead = False
+        self.batches = False  # the collector's Welcome said takes_batches
 
     async def requests(self):
+        """What goes up: every frame waiting, as one FrameBatch once the collector takes
+        them (up to BATCH_BYTES; a larger frame goes alone), else one by one; None ends."""
+        frames = self._frames
         while True:
-            frame = await self.queue.get()
-            if self.queue.qsize() < self.max_queued:
-                self._room.set()
+            while not frames:
+                self._waiting.clear()
+                await self._waiting.wait()
+            frame = frames.popleft()
             if frame is None:
                 return
-            yield frame
+            batch, size = [frame], frame.ByteSize()
+            while self.batches and frames and len(batch) < BATCH_FRAMES:
+                nxt = frames[0]
+                if nxt is None or size + nxt.ByteSize() + 8 > BATCH_BYTES:
+                    break
+                size += nxt.ByteSize() + 8
+                batch.append(frames.popleft())  # type: ignore[arg-type]  # nxt is not None
+            if len(frames) < self.max_queued:
+                self._room.set()
+            yield frame if len(batch) == 1 else pb.ClientFrame(batch=pb.FrameBatch(frames=batch))
 
     async def put(self, frame: pb.ClientFrame) -> None:
         """A rank's frame, once there is room (the rank's reads wait meanwhile)."""
-        while self.queue.qsize() >= self.max_queued and not self.dead:
+        while len(self._frames) >= self.max_queued and not self.dead:
             self._room.clear()
             await self._room.wait()
-        self.queue.put_nowait(frame)
+        self.post(frame)
 
     def post(self, frame: pb.ClientFrame | None) -> None:
-        """Queue without waiting (a Goodbye from a finally block), in order."""
-        self.queue.put_nowait(frame)
+        """Queue without waiting (a Goodbye from a finally block, the end), in order."""
+        self._frames.append(frame)
+        self._waiting.set()
 
     def goodbye(self, key: Key, half_closed: bool) -> None:
         header = pb.FrameHeader(run=key[0], rank=key[1], step=-1, seq=0)
@@ -322,6 +342,8 @@ class NodeAgent:
                 if frame.WhichOneof("kind") == "error":
                     log.warning("node agent: collector: %s", frame.error.message)
                 continue
+            if frame.WhichOneof("kind") == "welcome" and frame.welcome.takes_batches:
+                up.batches = True
             up.route(frame, self.counters)
         return "the collector ended the stream"
 

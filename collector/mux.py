@@ -84,8 +84,15 @@ class MuxStream:
         self.ended = False  # the agent closed the stream
 
     # ---- up -------------------------------------------------------------------------------
-    def receive(self, frame: pb.ClientFrame) -> None:
+    def receive(self, frame: pb.ClientFrame, nested: bool = False) -> None:
         kind = frame.WhichOneof("kind")
+        if kind == "batch":  # several frames in one message (the Welcome said takes_batches)
+            if nested:
+                raise InvalidArgument("a FrameBatch inside a FrameBatch")
+            self.counters.add("mux_batches")
+            for inner in frame.batch.frames:
+                self.receive(inner, nested=True)
+            return None
         self.counters.add("mux_frames")
         if kind is None:
             raise InvalidArgument("empty ClientFrame on a multiplexed stream")
@@ -207,7 +214,7 @@ class MuxStream:
                 frame.to.CopyFrom(_to(run, rank))
                 kind = frame.WhichOneof("kind")
                 if kind == "welcome":
-                    frame.welcome.multiplexed = True
+                    frame.welcome.multiplexed = frame.welcome.takes_batches = True
                     self.welcomed.add(key)
                     welcomes.append(frame)
                 elif kind == "clip":

@@ -49,6 +49,7 @@ COUNTERS = (
     "mux_streams_opened",
     "mux_streams_closed",
     "mux_frames",  # frames received on them (each also counted in frames once applied)
+    "mux_batches",  # FrameBatch messages among them (frames counted one by one above)
     "mux_frames_late",  # frames of a rank whose part had ended: dropped (the rank resends)
     "mux_clips_coalesced",  # clip frames not sent because one went to the whole host
 )

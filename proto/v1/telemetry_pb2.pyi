@@ -21,7 +21,7 @@ REDUCE_MAX: ReduceOp
 REDUCE_MIN: ReduceOp
 
 class ClientFrame(_message.Message):
-    __slots__ = ("hello", "schema", "chunk", "end_of_step", "clip_ack", "dropped", "goodbye")
+    __slots__ = ("hello", "schema", "chunk", "end_of_step", "clip_ack", "dropped", "goodbye", "batch")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class ClientFrame(_message.Message):
     CLIP_ACK_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     schema: Schema
     chunk: StepChunk
@@ -36,7 +37,14 @@ class ClientFrame(_message.Message):
     clip_ack: ClipAck
     dropped: StepsDropped
     goodbye: Goodbye
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., schema: _Optional[_Union[Schema, _Mapping]] = ..., chunk: _Optional[_Union[StepChunk, _Mapping]] = ..., end_of_step: _Optional[_Union[EndOfStep, _Mapping]] = ..., clip_ack: _Optional[_Union[ClipAck, _Mapping]] = ..., dropped: _Optional[_Union[StepsDropped, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
+    batch: FrameBatch
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., schema: _Optional[_Union[Schema, _Mapping]] = ..., chunk: _Optional[_Union[StepChunk, _Mapping]] = ..., end_of_step: _Optional[_Union[EndOfStep, _Mapping]] = ..., clip_ack: _Optional[_Union[ClipAck, _Mapping]] = ..., dropped: _Optional[_Union[StepsDropped, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., batch: _Optional[_Union[FrameBatch, _Mapping]] = ...) -> None: ...
+
+class FrameBatch(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[ClientFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[ClientFrame, _Mapping]]] = ...) -> None: ...
 
 class FrameHeader(_message.Message):
     __slots__ = ("run", "rank", "step", "seq")
@@ -179,18 +187,20 @@ class ServerFrame(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., clip: _Optional[_Union[ClipUpdate, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., to: _Optional[_Union[FrameHeader, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped", "multiplexed")
+    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped", "multiplexed", "takes_batches")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ENDS_STEP_FIELD_NUMBER: _ClassVar[int]
     TAKES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     MULTIPLEXED_FIELD_NUMBER: _ClassVar[int]
+    TAKES_BATCHES_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     protocol_version: int
     chunk_ends_step: bool
     takes_dropped: bool
     multiplexed: bool
-    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ..., multiplexed: _Optional[bool] = ...) -> None: ...
+    takes_batches: bool
+    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ..., multiplexed: _Optional[bool] = ..., takes_batches: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "step")

@@ -223,3 +223,73 @@ def test_an_old_collector_is_refused_clearly(tmp_path, client_factory, agent_fac
         assert "does not take a node agent's multiplexed stream" in end.details
     finally:
         stop_collector(proc)
+
+
+def test_waiting_frames_go_up_as_one_batch_in_order():
+    from collector.agent import BATCH_BYTES, Upstream
+
+    async def first_two(batches: bool) -> list[pb.ClientFrame]:
+        up = Upstream(max_queued=16)
+        up.batches = batches
+        frames = [
+            pb.ClientFrame(chunk=pb.StepChunk(header=pb.FrameHeader(run="b", rank=r, seq=s)))
+            for s in (1, 2)
+            for r in (0, 1)
+        ]
+        big = pb.ClientFrame(chunk=pb.StepChunk(values=b"\0" * BATCH_BYTES))
+        for f in [*frames, big]:
+            up.post(f)
+        up.post(None)
+        return [f async for f in up.requests()]
+
+    sent = asyncio.run(first_two(True))
+    assert [f.WhichOneof("kind") for f in sent] == ["batch", "chunk"]  # the big one alone
+    inner = [(f.chunk.header.rank, f.chunk.header.seq) for f in sent[0].batch.frames]
+    assert inner == [(0, 1), (1, 1), (0, 2), (1, 2)]
+    assert [f.WhichOneof("kind") for f in asyncio.run(first_two(False))] == ["chunk"] * 5
+
+
+def test_the_collector_applies_a_batch_of_two_ranks_frames(start_collector, client_factory):
+    """The collector's side alone (mux.py): a raw multiplexed stream, one FrameBatch."""
+    collector, addr, store = start_collector()
+    mux = client_factory(addr, "batch", 0, 2, hello=False)
+
+    def hello(rank: int) -> pb.ClientFrame:
+        h = pb.FrameHeader(run="batch", rank=rank, step=-1, seq=0)
+        hello = pb.Hello(header=h, world_size=2, protocol_version=1, multiplexed=True)
+        return pb.ClientFrame(hello=hello)
+
+    def data(rank: int) -> list[pb.ClientFrame]:
+        h = lambda step, seq: pb.FrameHeader(run="batch", rank=rank, step=step, seq=seq)
+        values = np.array([1.0 + rank, 2.0], "<f4").tobytes()
+        return [
+            pb.ClientFrame(schema=pb.Schema(header=h(-1, 1), schema_id=1, metrics=METRICS)),
+            pb.ClientFrame(
+                chunk=pb.StepChunk(
+                    header=h(0, 2),
+                    schema_id=1,
+                    total=2,
+                    values=values,
+                    ends_step=True,
+                    step_values=2,
+                    wall_time=1.0e9,
+                )
+            ),
+        ]
+
+    mux.send(hello(0))
+    mux.send(hello(1))
+    mux.send(pb.ClientFrame(batch=pb.FrameBatch(frames=data(0) + data(1))))
+    acked: dict[int, int] = {}
+    while len(acked) < 2 or min(acked.values()) < 2:
+        frame = mux.next()
+        if frame.WhichOneof("kind") == "welcome":
+            assert frame.welcome.multiplexed and frame.welcome.takes_batches
+        if frame.WhichOneof("kind") == "ack":
+            assert frame.to.run == "batch"
+            acked[frame.to.rank] = frame.ack.seq
+    assert reduced(store, "batch", 0) == {"train/loss": 1.5, "moe/tokens": 4.0}
+    assert collector.stats()["mux_batches"] == 1
+    mux.send(pb.ClientFrame(batch=pb.FrameBatch(frames=[pb.ClientFrame(batch=pb.FrameBatch())])))
+    end = mux.wait_end()
+    assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "inside a FrameBatch" in end.details
