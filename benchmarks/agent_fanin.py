@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for label, d, g, fmt in rows:
         print(f"| {label} | {d:{fmt}} | {g:{fmt}} | {g / d:.3f} |")
+    fd, fa = direct["collector_frames"], agents["collector_frames"]
+    print(
+        f"| frames the collector applied | {fd['frames']} | {fa['frames']} | "
+        f"{fa['frames'] / fd['frames']:.3f} |"
+    )
+    print(f"| FrameBatch messages (agents) | - | {fa['mux_batches']} | - |")
     cpu = agents["agent_stats"].get("cpu_s", 0.0) / a.steps * 1e3
     print(f"| agents' CPU per step, all {a.agents} (ms) | - | {cpu:.1f} | - |")
     print(

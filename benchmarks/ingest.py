@@ -221,7 +221,8 @@ def frames_seen(log: str) -> dict[str, int]:
     """Frames in and acks out, from the collector's last `stats` line."""
     lines = [ln for ln in log.splitlines() if " stats " in ln]
     kv = dict(re.findall(r"(\w+)=(\d+)", lines[-1].split(" stats ", 1)[1])) if lines else {}
-    return {k: int(kv.get(k, 0)) for k in ("frames", "frames_duplicate", "acks_sent")}
+    keys = ("frames", "frames_duplicate", "acks_sent", "mux_batches")
+    return {k: int(kv.get(k, 0)) for k in keys}
 
 
 # ---- what the store holds --------------------------------------------------------------------
