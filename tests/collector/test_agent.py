@@ -293,3 +293,51 @@ def test_the_collector_applies_a_batch_of_two_ranks_frames(start_collector, clie
     mux.send(pb.ClientFrame(batch=pb.FrameBatch(frames=[pb.ClientFrame(batch=pb.FrameBatch())])))
     end = mux.wait_end()
     assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "inside a FrameBatch" in end.details
+
+
+def agent_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("STEPWATCH_")}
+    return subprocess.run(
+        [sys.executable, "-m", "collector", "agent", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environ, **(env or {})},
+    )
+
+
+def test_cli_refuses_insecure_off_loopback_and_no_token():
+    out = agent_cli("--upstream", "127.0.0.1:1", "--listen", "0.0.0.0:0", "--insecure")
+    assert out.returncode == 2 and "unix socket or loopback only" in out.stderr
+    out = agent_cli("--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:0")
+    assert out.returncode == 2 and "needs its ranks' token" in out.stderr
+
+
+def test_cli_token_from_the_environment_guards_both_sides(
+    tmp_path, start_collector, client_factory
+):
+    from collector.process import start_agent
+
+    _, addr, _ = start_collector(token="shared-secret")
+    listen = f"unix:{tmp_path / 'cli.sock'}"
+    proc, target = start_agent(addr, listen, env={"STEPWATCH_TOKEN": "shared-secret"})
+    try:
+        assert target == listen
+        no_token = client_factory(target, "cli", 0, 1)
+        assert no_token.wait_end().code == grpc.StatusCode.UNAUTHENTICATED
+        ok = client_factory(target, "cli", 0, 1, token="shared-secret")
+        assert ok.expect("welcome").multiplexed  # through the agent, which sent its token up
+    finally:
+        assert stop_collector(proc) == 0
+
+
+def test_a_live_agents_socket_is_not_taken_over(tmp_path, start_collector, agent_factory):
+    _, addr, _ = start_collector()
+    agent_factory(addr, "taken")
+    second = NodeAgent(AgentConfig(upstream=addr, insecure=True))
+    with pytest.raises(OSError, match="another process listens"):
+        asyncio.run(second.start(f"unix:{tmp_path / 'taken'}.sock"))
