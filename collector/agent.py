@@ -32,7 +32,7 @@ point the ranks at it. Auth: the agent sends its own token upstream (--token-fil
 $STEPWATCH_TOKEN, as ranks do) and requires a token of its local ranks (the same one unless
 --local-token-file), or --insecure, which listens on a unix socket or loopback only.
 
-Memory is bounded: the frames up wait in one queue of `max_queued` frames (a full queue
+Memory is bounded: the frames up wait in one queue of `max_queued_bytes` (a full queue
 holds the ranks' reads, gRPC's flow control pushes back to them); the frames down coalesce
 per rank (the latest Ack and clip table only), as the collector's conn.py does.
 """
@@ -64,6 +64,7 @@ BACKOFF_S, BACKOFF_MAX_S = 0.2, 5.0  # upstream reconnects: doubling, jittered
 HOLD_S = 5.0  # a rank that connects while the upstream reconnects waits this long for it
 BATCH_BYTES = 1 << 20  # a FrameBatch stays under the collector's limit (1 MiB chunk + 64 KiB)
 BATCH_FRAMES = 256
+STATS_LOG_S = 60.0
 UPSTREAM_OPTIONS = [
     ("grpc.max_send_message_length", 8 << 20),
     ("grpc.max_receive_message_length", 8 << 20),
@@ -96,14 +97,15 @@ class AgentConfig:
     """Accept local ranks without a token: on a unix socket or loopback only."""
     credentials: grpc.ChannelCredentials | None = None
     """TLS to the collector (proto.auth.client_credentials), None for plaintext."""
-    max_queued: int = 1024
-    """Frames waiting to go upstream; a full queue pushes back on the ranks."""
+    max_queued_bytes: int = 64 << 20
+    """Bytes of frames waiting to go upstream; a full queue pushes back on the ranks (one
+    frame always fits, whatever its size)."""
 
     def __post_init__(self) -> None:
         if self.insecure and self.local_token is not None:
             raise ValueError("give the agent a local token or --insecure, not both")
-        if self.max_queued < 1:
-            raise ValueError("max_queued must be >= 1")
+        if self.max_queued_bytes < 1:
+            raise ValueError("max_queued_bytes must be >= 1")
 
 
 # ---- one rank's stream to the agent ------------------------------------------------------------
@@ -155,12 +157,13 @@ class Local:
 class Upstream:
     """One multiplexed stream to the collector and the local ranks riding on it."""
 
-    def __init__(self, max_queued: int) -> None:
+    def __init__(self, max_queued_bytes: int) -> None:
         # One FIFO for every rank's frames: a rank's Goodbye never overtakes its data, nor
         # a new Hello of the same rank the Goodbye of its previous stream. Bounded by `put`
         # (data waits for room); `post` (Goodbyes, at most one per local stream) never waits.
         self._frames: collections.deque[pb.ClientFrame | None] = collections.deque()
-        self.max_queued = max_queued
+        self._bytes = 0  # of the frames in _frames
+        self.max_queued_bytes = max_queued_bytes
         self._waiting = asyncio.Event()  # _frames has something
         self._room = asyncio.Event()
         self._room.set()
@@ -187,13 +190,14 @@ class Upstream:
                     break
                 size += nxt.ByteSize() + 8
                 batch.append(frames.popleft())  # type: ignore[arg-type]  # nxt is not None
-            if len(frames) < self.max_queued:
+            self._bytes -= sum(f.ByteSize() for f in batch)
+            if self._bytes < self.max_queued_bytes:
                 self._room.set()
             yield frame if len(batch) == 1 else pb.ClientFrame(batch=pb.FrameBatch(frames=batch))
 
     async def put(self, frame: pb.ClientFrame) -> None:
         """A rank's frame, once there is room (the rank's reads wait meanwhile)."""
-        while len(self._frames) >= self.max_queued and not self.dead:
+        while self._bytes and self._bytes >= self.max_queued_bytes and not self.dead:
             self._room.clear()
             await self._room.wait()
         self.post(frame)
@@ -201,6 +205,7 @@ class Upstream:
     def post(self, frame: pb.ClientFrame | None) -> None:
         """Queue without waiting (a Goodbye from a finally block, the end), in order."""
         self._frames.append(frame)
+        self._bytes += frame.ByteSize() if frame is not None else 0
         self._waiting.set()
 
     def goodbye(self, key: Key, half_closed: bool) -> None:
@@ -296,7 +301,7 @@ class NodeAgent:
                 if cfg.credentials is not None
                 else aio.insecure_channel(cfg.upstream, options=UPSTREAM_OPTIONS)
             )
-            up, call = Upstream(cfg.max_queued), None
+            up, call = Upstream(cfg.max_queued_bytes), None
             try:
                 await asyncio.wait_for(channel.channel_ready(), timeout=backoff * 10)
                 call = pbg.TelemetryStub(channel).Stream(up.requests(), metadata=metadata)
@@ -503,7 +508,13 @@ def add_parser(sub) -> None:
     )
     a.add_argument("--tls", action="store_true", help="TLS upstream, the system's roots")
     a.add_argument("--tls-ca", metavar="PEM", help="TLS upstream, trusting these roots")
-    a.add_argument("--max-queued", type=int, default=AgentConfig.max_queued, metavar="FRAMES")
+    a.add_argument(
+        "--max-queued-mb",
+        type=int,
+        default=AgentConfig.max_queued_bytes >> 20,
+        metavar="MB",
+        help="frames waiting to go upstream; beyond it the ranks' streams wait",
+    )
     a.add_argument("--log-level", default="INFO")
 
 
@@ -523,12 +534,20 @@ def main(args) -> int:
             local_token=local,
             insecure=args.insecure,
             credentials=auth.client_credentials(args.tls, args.tls_ca),
-            max_queued=args.max_queued,
+            max_queued_bytes=args.max_queued_mb << 20,
         )
         return serve_agent(config, args.listen)
     except (ValueError, OSError) as exc:
         print(f"collector agent: {exc}", file=sys.stderr)
         return 2
+
+
+async def _log_stats(agent: NodeAgent, period_s: float = STATS_LOG_S) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        ranks = len(agent.up.locals) if agent.up is not None else 0
+        values = " ".join(f"{k}={v}" for k, v in agent.counters.snapshot().items() if v)
+        log.info("node agent stats ranks=%d %s", ranks, values)
 
 
 # ---- serve -------------------------------------------------------------------------------------
@@ -543,6 +562,7 @@ def serve_agent(config: AgentConfig, listen: str) -> int:
         print(f"agent listening on {address} upstream={config.upstream}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop.create_task(_log_stats(agent))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()

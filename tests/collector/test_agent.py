@@ -229,7 +229,7 @@ def test_waiting_frames_go_up_as_one_batch_in_order():
     from collector.agent import BATCH_BYTES, Upstream
 
     async def first_two(batches: bool) -> list[pb.ClientFrame]:
-        up = Upstream(max_queued=16)
+        up = Upstream(max_queued_bytes=1 << 30)
         up.batches = batches
         frames = [
             pb.ClientFrame(chunk=pb.StepChunk(header=pb.FrameHeader(run="b", rank=r, seq=s)))
@@ -247,6 +247,25 @@ def test_waiting_frames_go_up_as_one_batch_in_order():
     inner = [(f.chunk.header.rank, f.chunk.header.seq) for f in sent[0].batch.frames]
     assert inner == [(0, 1), (1, 1), (0, 2), (1, 2)]
     assert [f.WhichOneof("kind") for f in asyncio.run(first_two(False))] == ["chunk"] * 5
+
+
+def test_a_full_queue_holds_the_ranks_until_frames_go_up():
+    from collector.agent import Upstream
+
+    async def main() -> tuple[bool, bool]:
+        up = Upstream(max_queued_bytes=100)
+        frame = pb.ClientFrame(chunk=pb.StepChunk(values=b"\0" * 80))
+        await up.put(frame)  # 80 of 100 bytes
+        await up.put(frame)  # one more still fits: the bound is checked before
+        third = asyncio.create_task(up.put(frame))
+        await asyncio.sleep(0.05)
+        held = not third.done()
+        sent = up.requests()
+        await sent.__anext__()  # one goes up: below the bound again
+        await asyncio.sleep(0.05)
+        return held, third.done()
+
+    assert asyncio.run(main()) == (True, True)
 
 
 def test_the_collector_applies_a_batch_of_two_ranks_frames(start_collector, client_factory):
