@@ -360,3 +360,16 @@ def test_a_live_agents_socket_is_not_taken_over(tmp_path, start_collector, agent
     second = NodeAgent(AgentConfig(upstream=addr, insecure=True))
     with pytest.raises(OSError, match="another process listens"):
         asyncio.run(second.start(f"unix:{tmp_path / 'taken'}.sock"))
+
+
+def test_a_ranks_own_stream_refuses_the_multiplexed_kinds(start_collector, client_factory):
+    _, addr, _ = start_collector()
+    for frame in (
+        pb.ClientFrame(batch=pb.FrameBatch()),
+        pb.ClientFrame(goodbye=pb.Goodbye(header=pb.FrameHeader(run="own", rank=0))),
+    ):
+        c = client_factory(addr, "own", 0, 1)
+        c.expect("welcome")
+        c.send(frame)
+        end = c.wait_end()
+        assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "multiplexed" in end.details
