@@ -18,8 +18,11 @@ Event-loop thread only, like Ingest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+
+import grpc
 
 from collector.conn import Conn
 from collector.errors import REJECTED, InvalidArgument, is_permanent, status_of
@@ -31,6 +34,7 @@ from proto.v1 import telemetry_pb2 as pb
 log = logging.getLogger("collector")
 Key = tuple[str, int]  # (run, rank)
 BROADCAST_RANK = -1  # ServerFrame.to.rank: every rank of the run on this stream
+STOPPING_POLL_S = 0.5  # how soon an idle multiplexed stream notices the collector stopping
 
 
 def is_multiplexed(frame: pb.ClientFrame) -> bool:
@@ -39,14 +43,23 @@ def is_multiplexed(frame: pb.ClientFrame) -> bool:
 
 async def first_frame(
     request_iterator: AsyncIterator[pb.ClientFrame],
+    context,
+    stopping: Callable[[], bool],
 ) -> tuple[pb.ClientFrame | None, AsyncIterator[pb.ClientFrame]]:
     """The stream's first frame (None: it ended first), and an iterator that yields it again
-    followed by the rest: the servicer picks the rank path or the multiplexed one by it."""
+    followed by the rest: the servicer picks the rank path or the multiplexed one by it.
+    A stream still silent when the collector stops (an idle node agent's) ends UNAVAILABLE."""
     it = request_iterator.__aiter__()
     first: pb.ClientFrame | None = None
     failed: Exception | None = None
+    task = asyncio.ensure_future(it.__anext__())
+    while not task.done():
+        await asyncio.wait({task}, timeout=STOPPING_POLL_S)
+        if not task.done() and stopping():
+            task.cancel()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "collector shutting down")
     try:
-        first = await it.__anext__()
+        first = task.result()
     except StopAsyncIteration:
         pass
     except Exception as exc:  # noqa: BLE001 - an undecodable first frame: the rank path reports it
@@ -172,7 +185,11 @@ class MuxStream:
                     await context.abort(code, message)
                 if self.ended:
                     return
-                await self.wake.wait()
+                if self.ingest.stopping and self.closed >= self.subs.keys():
+                    # every rank's part has its end: the agent reconnects (to the next collector)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "collector shutting down")
+                with contextlib.suppress(TimeoutError):  # a stream with no ranks sees stopping too
+                    await asyncio.wait_for(self.wake.wait(), STOPPING_POLL_S)
                 self.wake.clear()
         finally:
             reader.cancel()

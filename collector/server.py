@@ -138,7 +138,8 @@ class TelemetryServicer(pbg.TelemetryServicer):
         self._log = RateLimitedLog(log, reject_log_interval_s)  # a client sets the rate
 
     async def Stream(self, request_iterator, context):
-        first, request_iterator = await first_frame(request_iterator)
+        stopping = lambda: self.ingest.stopping
+        first, request_iterator = await first_frame(request_iterator, context, stopping)
         if first is not None and is_multiplexed(first):  # a node agent's stream (mux.py)
             mux = MuxStream(self.ingest, self.counters, context.peer())
             async for frame in mux.serve(request_iterator, context, self.on_clip_sent):

@@ -373,3 +373,12 @@ def test_a_ranks_own_stream_refuses_the_multiplexed_kinds(start_collector, clien
         c.send(frame)
         end = c.wait_end()
         assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "multiplexed" in end.details
+
+
+def test_a_stopping_collector_ends_the_agents_stream_itself(start_collector, agent_factory):
+    """Not by cancelling it after stop_grace_s: it says UNAVAILABLE, with or without ranks."""
+    collector, addr, _ = start_collector(stop_grace_s=30.0)
+    agent = agent_factory(addr)
+    collector.stop()
+    wait_for(lambda: "shutting down" in agent.agent.last_upstream_error, "the agent's reason")
+    assert agent.agent.last_upstream_error.startswith("UNAVAILABLE")
