@@ -9,8 +9,8 @@ sender protocol (on asyncio: benchmarks/channel_sender.py) and its own gRPC stre
 benchmarks/workload.py's per-(layer, expert, stat) vectors; the collector is the real one
 (`collector.process.start_collector`: barrier, reduction, online detectors, store writes, acks
 after flush); with --agents N the ranks stream through N real node agents
-(benchmarks/agents.py, collector/agent.py), N streams at the collector. Sustained rate: steps after the
-warm-up (which pays for connections and schema registration) over the time until the last of
+(benchmarks/agents.py, collector/agent.py): N streams at the collector. Sustained rate: steps
+after the warm-up (which pays for connections and schema registration) over the time until the last of
 them is acknowledged, i.e. durable.
 
 Measured in the same run, after the pipeline: the raw ceiling, the same rows the store keeps for

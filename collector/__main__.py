@@ -3,7 +3,7 @@
     python -m collector serve --store URL (--token-file F | $STEPWATCH_TOKEN | --insecure)
         [--operator-token-file F | $STEPWATCH_OPERATOR_TOKEN] [--tls-cert C --tls-key K]
         [--host H] [--port N] [--observe-only] [--no-detect] ...
-    python -m collector agent --upstream HOST:PORT --listen unix:PATH|HOST:PORT  (agent.py)
+    python -m collector agent --upstream HOST:PORT --listen unix:PATH|HOST:PORT  (agent.py, agent_cli.py)
     python -m collector clip list     --target HOST:PORT --run NAME
     python -m collector clip set      --target HOST:PORT --run NAME --layer L --site S --limit X
     python -m collector clip clear    --target HOST:PORT --run NAME --layer L --site S
@@ -32,7 +32,7 @@ import logging
 import sys
 from urllib.parse import urlsplit
 
-from collector import agent
+from collector import agent_cli
 from collector.config import CollectorConfig, default_spool_dir
 from collector.server import serve
 from proto import auth
@@ -159,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tls-ca", metavar="PEM", help="TLS, trusting these roots (default: $STEPWATCH_TLS_CA)"
     )
     c.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
-    agent.add_parser(sub)
+    agent_cli.add_parser(sub)
     args = ap.parse_args(argv)
     if args.command == "clip":
         return _clip(ap, args)
     if args.command == "agent":
-        return agent.main(args)
+        return agent_cli.main(args)
 
     logging.basicConfig(
         level=args.log_level.upper(),

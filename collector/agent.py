@@ -35,23 +35,25 @@ $STEPWATCH_TOKEN, as ranks do) and requires a token of its local ranks (the same
 Memory is bounded: the frames up wait in one queue of `max_queued_bytes` (a full queue
 holds the ranks' reads, gRPC's flow control pushes back to them); the frames down coalesce
 per rank (the latest Ack and clip table only), as the collector's conn.py does.
+
+Here: the agent (NodeAgent: the local server, the upstream loop) and the local rules
+(_AgentServicer); relay.py holds the per-rank and per-upstream state, agent_cli.py the
+command line and the process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import random
-import sys
 from dataclasses import dataclass
 
 import grpc
 from grpc import aio
 
-from collector.mux import BROADCAST_RANK, Key
 from collector.operator import OPERATOR_CLIENT
+from collector.relay import OK, Local, Upstream
 from collector.server import GOODBYE_CONFIRM_S, _Auth, is_loopback
 from collector.stats import Counters
 from proto import auth
@@ -59,12 +61,8 @@ from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
 
 log = logging.getLogger("collector.agent")
-OK = "OK"
 BACKOFF_S, BACKOFF_MAX_S = 0.2, 5.0  # upstream reconnects: doubling, jittered
 HOLD_S = 5.0  # a rank that connects while the upstream reconnects waits this long for it
-BATCH_BYTES = 1 << 20  # a FrameBatch stays under the collector's limit (1 MiB chunk + 64 KiB)
-BATCH_FRAMES = 256
-STATS_LOG_S = 60.0
 UPSTREAM_OPTIONS = [
     ("grpc.max_send_message_length", 8 << 20),
     ("grpc.max_receive_message_length", 8 << 20),
@@ -106,132 +104,6 @@ class AgentConfig:
             raise ValueError("give the agent a local token or --insecure, not both")
         if self.max_queued_bytes < 1:
             raise ValueError("max_queued_bytes must be >= 1")
-
-
-# ---- one rank's stream to the agent ------------------------------------------------------------
-class Local:
-    """The down side of one local rank: coalescing slots, as collector/conn.py's."""
-
-    def __init__(self) -> None:
-        self.key: Key | None = None
-        self.session = ""
-        self.welcomed = False
-        self.wake = asyncio.Event()
-        self.end: tuple[str, str, bool] | None = None  # (code, message, permanent) or OK
-        self._welcome: pb.Welcome | None = None
-        self._clip: pb.ClipUpdate | None = None
-        self._ack: pb.Ack | None = None
-
-    def down(self, frame: pb.ServerFrame) -> None:
-        kind = frame.WhichOneof("kind")
-        if kind == "welcome":
-            self._welcome, self.welcomed = frame.welcome, True
-        elif kind == "clip":
-            if self._clip is None or frame.clip.version > self._clip.version:
-                self._clip = frame.clip
-        elif kind == "ack":
-            self._ack = frame.ack
-        elif kind == "error":
-            self.finish(frame.error.code, frame.error.message, frame.error.permanent)
-        elif kind == "goodbye":
-            self.finish(OK, "", False)
-        self.wake.set()
-
-    def finish(self, code: str, message: str, permanent: bool) -> None:
-        if self.end is None:
-            self.end = (code, message, permanent)
-        self.wake.set()
-
-    def take(self) -> list[pb.ServerFrame]:
-        out = []
-        if self._welcome is not None:
-            out.append(pb.ServerFrame(welcome=self._welcome))
-        if self._clip is not None:
-            out.append(pb.ServerFrame(clip=self._clip))
-        if self._ack is not None:
-            out.append(pb.ServerFrame(ack=self._ack))
-        self._welcome = self._clip = self._ack = None
-        return out
-
-
-class Upstream:
-    """One multiplexed stream to the collector and the local ranks riding on it."""
-
-    def __init__(self, max_queued_bytes: int) -> None:
-        # One FIFO for every rank's frames: a rank's Goodbye never overtakes its data, nor
-        # a new Hello of the same rank the Goodbye of its previous stream. Bounded by `put`
-        # (data waits for room); `post` (Goodbyes, at most one per local stream) never waits.
-        self._frames: collections.deque[pb.ClientFrame | None] = collections.deque()
-        self._bytes = 0  # of the frames in _frames
-        self.max_queued_bytes = max_queued_bytes
-        self._waiting = asyncio.Event()  # _frames has something
-        self._room = asyncio.Event()
-        self._room.set()
-        self.locals: dict[Key, Local] = {}
-        self.streams: set[Local] = set()  # every local stream on it, with a Hello yet or not
-        self.dead = False
-        self.batches = False  # the collector's Welcome said takes_batches
-
-    async def requests(self):
-        """What goes up: every frame waiting, as one FrameBatch once the collector takes
-        them (up to BATCH_BYTES; a larger frame goes alone), else one by one; None ends."""
-        frames = self._frames
-        while True:
-            while not frames:
-                self._waiting.clear()
-                await self._waiting.wait()
-            frame = frames.popleft()
-            if frame is None:
-                return
-            batch, size = [frame], frame.ByteSize()
-            while self.batches and frames and len(batch) < BATCH_FRAMES:
-                nxt = frames[0]
-                if nxt is None or size + nxt.ByteSize() + 8 > BATCH_BYTES:
-                    break
-                size += nxt.ByteSize() + 8
-                batch.append(frames.popleft())  # type: ignore[arg-type]  # nxt is not None
-            self._bytes -= sum(f.ByteSize() for f in batch)
-            if self._bytes < self.max_queued_bytes:
-                self._room.set()
-            yield frame if len(batch) == 1 else pb.ClientFrame(batch=pb.FrameBatch(frames=batch))
-
-    async def put(self, frame: pb.ClientFrame) -> None:
-        """A rank's frame, once there is room (the rank's reads wait meanwhile)."""
-        while self._bytes and self._bytes >= self.max_queued_bytes and not self.dead:
-            self._room.clear()
-            await self._room.wait()
-        self.post(frame)
-
-    def post(self, frame: pb.ClientFrame | None) -> None:
-        """Queue without waiting (a Goodbye from a finally block, the end), in order."""
-        self._frames.append(frame)
-        self._bytes += frame.ByteSize() if frame is not None else 0
-        self._waiting.set()
-
-    def goodbye(self, key: Key, half_closed: bool) -> None:
-        header = pb.FrameHeader(run=key[0], rank=key[1], step=-1, seq=0)
-        self.post(pb.ClientFrame(goodbye=pb.Goodbye(header=header, half_closed=half_closed)))
-
-    def route(self, frame: pb.ServerFrame, counters: Counters) -> None:
-        """A frame from the collector to the local rank(s) it names."""
-        to = frame.to
-        frame.ClearField("to")
-        if to.rank == BROADCAST_RANK:  # a clip table once per host: every rank of the run
-            targets = [v for k, v in self.locals.items() if k[0] == to.run and v.welcomed]
-            counters.add("clips_fanned_out", len(targets))
-        else:
-            one = self.locals.get((to.run, to.rank))
-            targets = [one] if one is not None else []
-        if not targets:
-            counters.add("down_frames_unrouted")  # a rank that already left: nothing to do
-        for local in targets:
-            local.down(frame)
-
-    def fail_all(self, code: str, message: str, permanent: bool = False) -> None:
-        self.dead = True
-        self._room.set()  # nobody waits for room on a dead stream
-        for local in self.streams:
-            local.finish(code, message, permanent)
 
 
 # ---- the agent ---------------------------------------------------------------------------------
@@ -482,92 +354,3 @@ def _remove_stale_socket(path: str) -> None:
             os.unlink(path)
             return
     raise OSError(f"another process listens on unix:{path} (a running agent?)")
-
-
-# ---- the command line --------------------------------------------------------------------------
-def add_parser(sub) -> None:
-    """`python -m collector agent ...` (collector/__main__.py)."""
-    a = sub.add_parser("agent", help="node agent: this host's ranks, one stream upstream")
-    a.add_argument("--upstream", required=True, help="the collector, HOST:PORT")
-    a.add_argument(
-        "--listen",
-        default="127.0.0.1:50052",
-        help="where the ranks connect: unix:/PATH or HOST:PORT (port 0 picks a free one)",
-    )
-    a.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="the collector's token, sent upstream (default: $STEPWATCH_TOKEN, else the file "
-        "$STEPWATCH_TOKEN_FILE names); also required of the ranks unless --local-token-file",
-    )
-    a.add_argument("--local-token-file", metavar="FILE", help="the token the local ranks must send")
-    a.add_argument(
-        "--insecure",
-        action="store_true",
-        help="accept local ranks without a token; a unix socket or loopback only",
-    )
-    a.add_argument("--tls", action="store_true", help="TLS upstream, the system's roots")
-    a.add_argument("--tls-ca", metavar="PEM", help="TLS upstream, trusting these roots")
-    a.add_argument(
-        "--max-queued-mb",
-        type=int,
-        default=AgentConfig.max_queued_bytes >> 20,
-        metavar="MB",
-        help="frames waiting to go upstream; beyond it the ranks' streams wait",
-    )
-    a.add_argument("--log-level", default="INFO")
-
-
-def main(args) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        token = auth.read_secret(None, args.token_file)
-        local = None
-        if not args.insecure:
-            local = auth.read_secret(None, args.local_token_file, environ={}) or token
-        config = AgentConfig(
-            upstream=args.upstream,
-            token=token,
-            local_token=local,
-            insecure=args.insecure,
-            credentials=auth.client_credentials(args.tls, args.tls_ca),
-            max_queued_bytes=args.max_queued_mb << 20,
-        )
-        return serve_agent(config, args.listen)
-    except (ValueError, OSError) as exc:
-        print(f"collector agent: {exc}", file=sys.stderr)
-        return 2
-
-
-async def _log_stats(agent: NodeAgent, period_s: float = STATS_LOG_S) -> None:
-    while True:
-        await asyncio.sleep(period_s)
-        ranks = len(agent.up.locals) if agent.up is not None else 0
-        values = " ".join(f"{k}={v}" for k, v in agent.counters.snapshot().items() if v)
-        log.info("node agent stats ranks=%d %s", ranks, values)
-
-
-# ---- serve -------------------------------------------------------------------------------------
-def serve_agent(config: AgentConfig, listen: str) -> int:
-    """Run until SIGTERM/SIGINT; prints `agent listening on ADDRESS upstream=HOST:PORT`
-    (flushed) once ready."""
-    import signal
-
-    async def main() -> None:
-        agent = NodeAgent(config)
-        address = await agent.start(listen)
-        print(f"agent listening on {address} upstream={config.upstream}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.create_task(_log_stats(agent))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await agent.stop()
-        log.info("node agent stopped: %s", agent.counters.snapshot())
-
-    asyncio.run(main())
-    return 0

@@ -226,7 +226,7 @@ def test_an_old_collector_is_refused_clearly(tmp_path, client_factory, agent_fac
 
 
 def test_waiting_frames_go_up_as_one_batch_in_order():
-    from collector.agent import BATCH_BYTES, Upstream
+    from collector.relay import BATCH_BYTES, Upstream
 
     async def first_two(batches: bool) -> list[pb.ClientFrame]:
         up = Upstream(max_queued_bytes=1 << 30)
@@ -250,7 +250,7 @@ def test_waiting_frames_go_up_as_one_batch_in_order():
 
 
 def test_a_full_queue_holds_the_ranks_until_frames_go_up():
-    from collector.agent import Upstream
+    from collector.relay import Upstream
 
     async def main() -> tuple[bool, bool]:
         up = Upstream(max_queued_bytes=100)
