@@ -119,14 +119,14 @@ class MuxStream:
                 f"{kind} for run {h.run!r} rank {h.rank}, which has no Hello on this "
                 "multiplexed stream (a node agent opens every rank with its own Hello)"
             )
+        if kind == "goodbye" and not frame.goodbye.half_closed:
+            self._forget(key)  # the rank's stream to the agent is gone, ended here or not
+            return None
         if key in self.closed:  # in flight when its part ended: the rank resends it
             self.counters.add("mux_frames_late")
             return None
         if kind == "goodbye":
-            if frame.goodbye.half_closed:
-                self.ingest.half_close(conn)
-            else:
-                self._forget(key)
+            self.ingest.half_close(conn)
             return None
         self._apply(key, conn, frame)
 

@@ -382,3 +382,27 @@ def test_a_stopping_collector_ends_the_agents_stream_itself(start_collector, age
     collector.stop()
     wait_for(lambda: "shutting down" in agent.agent.last_upstream_error, "the agent's reason")
     assert agent.agent.last_upstream_error.startswith("UNAVAILABLE")
+
+
+def test_a_goodbye_forgets_a_ranks_part_even_after_its_end(start_collector):
+    """mux.py on the collector's own loop: a refused rank's part ends (one tagged Error), and
+    the agent's Goodbye then frees it; nothing of the rank stays on the stream."""
+    from collector.mux import MuxStream
+
+    collector, _, _ = start_collector()
+
+    async def steps():
+        mux = MuxStream(collector.ingest, collector.counters, "test")
+        h = pb.FrameHeader(run="gone", rank=0, step=-1, seq=0)
+        hello = pb.Hello(header=h, world_size=1, protocol_version=1, multiplexed=True)
+        mux.receive(pb.ClientFrame(hello=hello))
+        bad = pb.FrameHeader(run="gone", rank=0, step=0, seq=1)
+        mux.receive(pb.ClientFrame(chunk=pb.StepChunk(header=bad, schema_id=9)))  # unknown
+        errors = [f.to.rank for f in mux.take() if f.WhichOneof("kind") == "error"]
+        held = (dict(mux.subs), set(mux.closed))
+        mux.receive(pb.ClientFrame(goodbye=pb.Goodbye(header=h, half_closed=False)))
+        return errors, held, (dict(mux.subs), set(mux.closed))
+
+    errors, held, after = asyncio.run_coroutine_threadsafe(steps(), collector._loop).result(10)
+    assert errors == [0] and len(held[0]) == 1 and held[1] == {("gone", 0)}
+    assert after == ({}, set())
