@@ -18,7 +18,6 @@ Event-loop thread only, like Ingest.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -172,6 +171,7 @@ class MuxStream:
         """The servicer's Stream for a multiplexed stream: read up in a task, send down."""
         self.counters.add("mux_streams_opened")
         reader = asyncio.create_task(self._read(request_iterator, context))
+        watcher = asyncio.create_task(self._watch_stopping())
         try:
             while True:
                 for frame in self.take(on_clip_sent):
@@ -188,13 +188,20 @@ class MuxStream:
                 if self.ingest.stopping and self.closed >= self.subs.keys():
                     # every rank's part has its end: the agent reconnects (to the next collector)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "collector shutting down")
-                with contextlib.suppress(TimeoutError):  # a stream with no ranks sees stopping too
-                    await asyncio.wait_for(self.wake.wait(), STOPPING_POLL_S)
+                await self.wake.wait()
                 self.wake.clear()
         finally:
             reader.cancel()
+            watcher.cancel()
             self.close()
             self.counters.add("mux_streams_closed")
+
+    async def _watch_stopping(self) -> None:
+        """Wake the sender once the collector stops, so that a stream with no ranks (or all
+        of them ended) ends too; a timer per stream, not a timeout per wake-up."""
+        while not self.ingest.stopping:
+            await asyncio.sleep(STOPPING_POLL_S)
+        self.wake.set()
 
     async def _read(self, request_iterator: AsyncIterator[pb.ClientFrame], context) -> None:
         try:
