@@ -30,7 +30,8 @@ collector directly. A collector too old for multiplexed streams answers a Welcom
 `to`: the ranks are refused FAILED_PRECONDITION (permanent) and the log says to upgrade it or
 point the ranks at it. Auth: the agent sends its own token upstream (--token-file,
 $STEPWATCH_TOKEN, as ranks do) and requires a token of its local ranks (the same one unless
---local-token-file), or --insecure, which listens on a unix socket or loopback only.
+--local-token-file), or --insecure, which listens on a unix socket or loopback only; TLS
+upstream with --tls / --tls-ca, on the local listener with --tls-cert / --tls-key.
 
 Memory is bounded: the frames up wait in one queue of `max_queued_bytes` (a full queue
 holds the ranks' reads, gRPC's flow control pushes back to them); the frames down coalesce
@@ -95,6 +96,9 @@ class AgentConfig:
     """Accept local ranks without a token: on a unix socket or loopback only."""
     credentials: grpc.ChannelCredentials | None = None
     """TLS to the collector (proto.auth.client_credentials), None for plaintext."""
+    tls: tuple[bytes, bytes] | None = None
+    """(cert_pem, key_pem): the local listener speaks TLS (a TCP listen off this machine);
+    None for plaintext (a unix socket, loopback)."""
     max_queued_bytes: int = 64 << 20
     """Bytes of frames waiting to go upstream; a full queue pushes back on the ranks (one
     frame always fits, whatever its size)."""
@@ -142,7 +146,11 @@ class NodeAgent:
         if listen.startswith("unix:"):
             _remove_stale_socket(listen[len("unix:") :])
         try:
-            bound = self._server.add_insecure_port(listen)
+            if cfg.tls is not None:
+                creds = grpc.ssl_server_credentials([(cfg.tls[1], cfg.tls[0])])
+                bound = self._server.add_secure_port(listen, creds)
+            else:
+                bound = self._server.add_insecure_port(listen)
         except RuntimeError as exc:
             raise OSError(f"could not listen on {listen} (taken?): {exc}") from None
         await self._server.start()

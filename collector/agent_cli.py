@@ -2,7 +2,7 @@
 
     python -m collector agent --upstream HOST:PORT --listen unix:/run/stepwatch.sock
         [--token-file F | $STEPWATCH_TOKEN] [--local-token-file F] [--insecure]
-        [--tls | --tls-ca C] [--max-queued-mb N]
+        [--tls | --tls-ca C] [--tls-cert C --tls-key K] [--max-queued-mb N]
 
 Prints `agent listening on ADDRESS upstream=HOST:PORT` (flushed) once ready (the handshake
 collector/process.py's start_agent waits for); SIGTERM/SIGINT stop it; a stats line every
@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
         action="store_true",
         help="accept local ranks without a token; a unix socket or loopback only",
     )
+    a.add_argument("--tls-cert", metavar="PEM", help="TLS on the local listener: certificate")
+    a.add_argument("--tls-key", metavar="PEM", help="TLS on the local listener: private key")
     a.add_argument("--tls", action="store_true", help="TLS upstream, the system's roots")
     a.add_argument("--tls-ca", metavar="PEM", help="TLS upstream, trusting these roots")
     a.add_argument(
@@ -66,6 +68,12 @@ def main(args) -> int:
         local = None
         if not args.insecure:
             local = auth.read_secret(None, args.local_token_file, environ={}) or token
+        tls = None
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                raise ValueError("TLS on the listener needs both --tls-cert and --tls-key")
+            with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k:
+                tls = (c.read(), k.read())
         config = AgentConfig(
             upstream=args.upstream,
             token=token,
@@ -73,6 +81,7 @@ def main(args) -> int:
             insecure=args.insecure,
             credentials=auth.client_credentials(args.tls, args.tls_ca),
             max_queued_bytes=args.max_queued_mb << 20,
+            tls=tls,
         )
         return serve_agent(config, args.listen)
     except (ValueError, OSError) as exc:

@@ -406,3 +406,28 @@ def test_a_goodbye_forgets_a_ranks_part_even_after_its_end(start_collector):
     errors, held, after = asyncio.run_coroutine_threadsafe(steps(), collector._loop).result(10)
     assert errors == [0] and len(held[0]) == 1 and held[1] == {("gone", 0)}
     assert after == ({}, set())
+
+
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs the openssl CLI")
+def test_tls_on_the_local_listener(tmp_path, start_collector, client_factory):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    _, addr, _ = start_collector()
+    config = AgentConfig(upstream=addr, local_token="t", tls=(cert.read_bytes(), key.read_bytes()))
+    agent = AgentThread(config, "127.0.0.1:0")
+    try:
+        port = agent.target.rsplit(":", 1)[1]
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        ok = client_factory(f"localhost:{port}", "tls", 0, 1, token="t", credentials=creds)
+        assert ok.expect("welcome").multiplexed
+        plain = client_factory(f"127.0.0.1:{port}", "tls", 0, 1, token="t")  # no TLS: refused
+        assert plain.wait_end().code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        agent.stop()
