@@ -13,7 +13,7 @@ TITAN_STAMP := $(TITAN_VENV)/.installed
 PROTO_SRC := proto/v1/telemetry.proto
 PROTO_GEN := proto/v1/telemetry_pb2.py proto/v1/telemetry_pb2_grpc.py proto/v1/telemetry_pb2.pyi
 
-.PHONY: all venv venv-titan sysdeps proto demo dashboard check lint test test-fast test-titan bench bench-adapters bench-peers clean
+.PHONY: all venv venv-titan sysdeps proto demo dashboard check lint test test-fast test-titan bench bench-adapters bench-peers bench-agents clean
 
 all: venv
 
@@ -87,6 +87,10 @@ bench-adapters: $(STAMP) $(TITAN_STAMP)
 # the smoke test in tests/benchmarks runs in `make test`).
 bench-peers: $(STAMP)
 	$(PY) -m benchmarks.peers
+
+# 512 simulated ranks direct, then through 64 node agents, in the same run (~1 minute).
+bench-agents: $(STAMP)
+	$(PY) -m benchmarks.agent_fanin --ranks 512 --agents 64 --metrics-per-step 102400 --steps 12
 
 clean:
 	rm -rf $(VENV) $(TITAN_VENV) runs artifacts .pytest_cache

@@ -2,14 +2,15 @@
 
     python -m benchmarks.ingest --store URL [--metrics-per-step 6000000] [--steps 16]
                                 [--ranks 4096] [--procs 2] [--warmup 2] [--depth 8]
-                                [--flush-interval 2.0] [--no-flat]
+                                [--flush-interval 2.0] [--no-flat] [--agents N]
 
 P load-generator processes (benchmarks/loadgen.py) play R ranks, each rank with the real hooks
 sender protocol (on asyncio: benchmarks/channel_sender.py) and its own gRPC stream, sending
 benchmarks/workload.py's per-(layer, expert, stat) vectors; the collector is the real one
 (`collector.process.start_collector`: barrier, reduction, online detectors, store writes, acks
-after flush). Sustained rate: steps after the
-warm-up (which pays for connections and schema registration) over the time until the last of
+after flush); with --agents N the ranks stream through N real node agents
+(benchmarks/agents.py, collector/agent.py): N streams at the collector. Sustained rate: steps
+after the warm-up (which pays for connections and schema registration) over the time until the last of
 them is acknowledged, i.e. durable.
 
 Measured in the same run, after the pipeline: the raw ceiling, the same rows the store keeps for
@@ -75,15 +76,68 @@ def proc_mem_cpu(pid: int) -> tuple[float, float]:
 
 
 # ---- the pipeline ------------------------------------------------------------------------------
+def start_agents(upstream: str, agents: int, procs: int, tmp: Path) -> tuple[list, list[str]]:
+    """`agents` node agents in `procs` agent-host processes (benchmarks/agents.py), each a
+    real NodeAgent on a unix socket; returns (processes, the agents' targets in order)."""
+    hosts, targets = [], []
+    bounds = np.linspace(0, agents, procs + 1).astype(int)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        args = dict(upstream=upstream, dir=str(tmp), first=int(lo), count=int(hi - lo))
+        hosts.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.agents", json.dumps(args)],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for h in hosts:
+        line = json.loads(h.stdout.readline() or '{"error": "agent host died"}')
+        if "ready" not in line:
+            raise RuntimeError(f"agent host: {line}")
+        targets += line["ready"]
+    return hosts, targets
+
+
+def stop_agents(hosts: list) -> dict:
+    """Stop the agent hosts; their counters summed, and their CPU seconds after ready."""
+    out: dict = {"cpu_s": 0.0}
+    for h in hosts:
+        h.stdin.write("stop\n")
+        h.stdin.flush()
+        line = json.loads(h.stdout.readline() or '{"error": "agent host died"}')
+        if "result" not in line:
+            raise RuntimeError(f"agent host: {line}")
+        out["cpu_s"] += line["cpu_s"]
+        for k, v in line["result"].items():
+            out[k] = out.get(k, 0) + v
+        h.wait(timeout=60)
+    return out
+
+
 def play(
-    url: str, w: Workload, steps: int, procs: int, depth: int, flush_s: float, tmp: Path
+    url: str,
+    w: Workload,
+    steps: int,
+    procs: int,
+    depth: int,
+    flush_s: float,
+    tmp: Path,
+    agents: int = 0,
 ) -> dict:
     log_path = tmp / "collector.log"
     collector, address = start_collector(
         url, "--insecure", "--flush-interval", str(flush_s), log_path=log_path
     )
     gens: list[subprocess.Popen] = []
+    hosts: list[subprocess.Popen] = []
+    agent_stats: dict = {}
     try:
+        via: dict = {}
+        if agents:
+            hosts, targets = start_agents(address, agents, procs, tmp)
+            via = dict(agent_targets=targets, ranks_per_agent=-(-w.world // agents))
         bounds = np.linspace(0, w.world, procs + 1).astype(int)
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             args = dict(
@@ -100,6 +154,7 @@ def play(
                 steps=steps,
                 depth=depth,
                 connect_timeout_s=600,
+                **via,
             )
             gens.append(
                 subprocess.Popen(
@@ -128,8 +183,10 @@ def play(
             results.append(line["result"])
             g.wait(timeout=120)
         rss_mib, cpu_s = proc_mem_cpu(collector.pid)
+        if hosts:
+            agent_stats = stop_agents(hosts)
     finally:
-        for g in gens:
+        for g in gens + hosts:
             if g.poll() is None:
                 g.kill()
         stop_collector(collector, timeout_s=300)
@@ -147,7 +204,25 @@ def play(
         "stages": stages,
         "connect_s": connect_s,
         "clip_wire_ms": [float(x) for x in CLIP_RE.findall(text)],
+        "collector_streams": streams_seen(text),
+        "collector_frames": frames_seen(text),
+        "agents": agent_stats,
     }
+
+
+def streams_seen(log: str) -> dict[str, int]:
+    """Streams the collector opened, by kind, from its last `stats` line (logged at stop)."""
+    lines = [ln for ln in log.splitlines() if " stats " in ln]
+    kv = dict(re.findall(r"(\w+)=(\d+)", lines[-1].split(" stats ", 1)[1])) if lines else {}
+    return {k: int(kv.get(k, 0)) for k in ("streams_opened", "mux_streams_opened")}
+
+
+def frames_seen(log: str) -> dict[str, int]:
+    """Frames in and acks out, from the collector's last `stats` line."""
+    lines = [ln for ln in log.splitlines() if " stats " in ln]
+    kv = dict(re.findall(r"(\w+)=(\d+)", lines[-1].split(" stats ", 1)[1])) if lines else {}
+    keys = ("frames", "frames_duplicate", "acks_sent", "mux_batches")
+    return {k: int(kv.get(k, 0)) for k in keys}
 
 
 # ---- what the store holds --------------------------------------------------------------------
@@ -368,6 +443,7 @@ def run(
     flush_s: float = 2.0,
     ceiling_steps: int | None = None,
     flat: bool = True,
+    agents: int = 0,
 ) -> dict:
     if steps <= warmup:
         raise SystemExit(f"--steps ({steps}) must exceed --warmup ({warmup})")
@@ -377,7 +453,7 @@ def run(
         tmp = Path(tmp)
         if url.startswith("parquet:") and not url[8:]:
             url = f"parquet:{tmp / 'store'}"
-        p = play(url, w, steps, min(procs, ranks), depth, flush_s, tmp)
+        p = play(url, w, steps, min(procs, ranks), depth, flush_s, tmp, agents)
         held = stored(url, tmp)
         c_steps = ceiling_steps or min(steps, 5)
         ceil_s = ceiling(url, w, c_steps, tmp)
@@ -421,6 +497,10 @@ def run(
         "expected_raw": steps * per_step,
         "expected_reduced": steps * w.distinct_metrics(),
         "clip_wire_ms": p["clip_wire_ms"],
+        "collector_streams": p["collector_streams"],
+        "collector_frames": p["collector_frames"],
+        "agents": agents,
+        "agent_stats": p["agents"],
         "machine": machine(),
     }
     clips = sorted(c for r in res for c in r["clips"])
@@ -518,6 +598,12 @@ def main(argv: list[str] | None = None) -> int:
         help="collector store flush (= ack) interval, s; every flush acks every "
         "rank, i.e. thousands of stream writes at thousands of ranks",
     )
+    ap.add_argument(
+        "--agents",
+        type=int,
+        default=0,
+        help="node agents the ranks stream through (collector/agent.py; 0 = direct)",
+    )
     ap.add_argument("--json", help="also write the full result here")
     ap.add_argument(
         "--no-flat",
@@ -535,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         a.depth,
         a.flush_interval,
         flat=not a.no_flat,
+        agents=a.agents,
     )
     print(
         f"{r['metrics_per_step']:,} metrics/step = {r['ranks']:,} ranks x "

@@ -99,7 +99,17 @@ async def play(a: dict) -> int:
         close_timeout_s=600.0,
     )
     per_channel = a.get("ranks_per_channel", 512)
-    chans = channels(a["target"], -(-len(ranks) // per_channel))
+    agents = a.get("agent_targets")  # node agents: rank r streams to agents[r // per_agent]
+    if agents:
+        per_agent = a["ranks_per_agent"]
+        used = sorted({r // per_agent for r in ranks})
+        by_agent = dict(zip(used, (channels(agents[i], 1)[0] for i in used)))
+        target_of = lambda r: agents[r // per_agent]
+        chan_of = lambda i, r: by_agent[r // per_agent]
+    else:
+        chans = channels(a["target"], -(-len(ranks) // per_channel))
+        target_of = lambda r: a["target"]
+        chan_of = lambda i, r: chans[i // per_channel]
     clips: list[tuple[float, int, int]] = []  # (arrival wall time, current step, rank)
     current = [-1]
 
@@ -115,13 +125,13 @@ async def play(a: dict) -> int:
             schemas_by_group[g] = w.schemas(w.specs(r))
         senders.append(
             ChannelSender(
-                a["target"],
+                target_of(r),
                 frames.Identity(a["run"], r, w.world),
                 schemas_by_group[g],
                 cfg,
                 run_config={"bench": "ingest"},
                 on_clip=on_clip(r),
-                channel=chans[i // per_channel],
+                channel=chan_of(i, r),
             )
         )
         if len(senders) % CONNECT_BATCH == 0 or len(senders) == len(ranks):
@@ -160,7 +170,7 @@ async def play(a: dict) -> int:
     flushed = all(await asyncio.gather(*(s.aclose(cfg.close_timeout_s) for s in senders)))
     t_end = time.time()
     cpu = time.process_time() - cpu0
-    for c in chans:
+    for c in {id(c): c for c in (chan_of(i, r) for i, r in enumerate(ranks))}.values():
         await c.close()
     stats = collections.Counter()
     for s in senders:

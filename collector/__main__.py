@@ -6,6 +6,7 @@
     python -m collector serve ... --coordinator HOST:PORT    (a tier collector, tier.py)
     python -m collector serve ... --workers N                (a tier on this host, workers.py)
     python -m collector coordinate --store URL --port P (--token-file F | --insecure)
+    python -m collector agent --upstream HOST:PORT --listen unix:PATH|HOST:PORT  (agent.py, agent_cli.py)
     python -m collector clip list     --target HOST:PORT --run NAME
     python -m collector clip set      --target HOST:PORT --run NAME --layer L --site S --limit X
     python -m collector clip clear    --target HOST:PORT --run NAME --layer L --site S
@@ -34,6 +35,7 @@ import logging
 import sys
 from urllib.parse import urlsplit
 
+from collector import agent_cli
 from collector.config import CollectorConfig, default_spool_dir
 from collector.server import serve
 from proto import auth
@@ -197,11 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         "--tls-ca", metavar="PEM", help="TLS, trusting these roots (default: $STEPWATCH_TLS_CA)"
     )
     c.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    agent_cli.add_parser(sub)
     args = ap.parse_args(argv)
     if args.command == "clip":
         return _clip(ap, args)
     if args.command == "coordinate":
         return _coordinate(args)
+    if args.command == "agent":
+        return agent_cli.main(args)
 
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -46,6 +46,7 @@ from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
 
 log = logging.getLogger(__name__)
+MUX_ONLY = ("goodbye", "batch")  # ClientFrame kinds of multiplexed streams (mux.py)
 
 
 class Ingest:
@@ -111,6 +112,8 @@ class Ingest:
             return self._hello(conn, frame.hello)
         if kind is None or kind == "hello":
             raise InvalidArgument("Hello only opens a stream" if kind else "empty ClientFrame")
+        if kind in MUX_ONLY:
+            raise InvalidArgument(f"{kind} is for a node agent's multiplexed stream only")
         msg = getattr(frame, kind)
         h = msg.header
         if h.run != conn.run or h.rank != conn.rank:

@@ -16,7 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-READY_RE = re.compile(r"(?:collector|coordinator) listening on (\S+):(\d+)")
+READY_RE = re.compile(r"(?:collector|coordinator) listening on (\S+:\d+)")
+AGENT_READY_RE = re.compile(r"agent listening on (\S+) upstream=")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,6 +52,43 @@ def start_collector(
         "0",
         *extra_args,
     ]
+    return _spawn(cmd, READY_RE, "collector", log_path, timeout_s, env)
+
+
+def start_agent(
+    upstream: str,
+    listen: str,
+    *extra_args: str,
+    log_path: str | Path | None = None,
+    timeout_s: float = 60.0,
+    env: dict | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """`python -m collector agent --upstream HOST:PORT --listen unix:PATH|HOST:PORT`, a node
+    agent (agent.py); returns (process, the address ranks connect to). Stop it with
+    `stop_collector` (SIGTERM) or kill it; tokens go in `env` as for start_collector."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "collector",
+        "agent",
+        "--upstream",
+        upstream,
+        "--listen",
+        listen,
+        *extra_args,
+    ]
+    return _spawn(cmd, AGENT_READY_RE, "agent", log_path, timeout_s, env)
+
+
+def _spawn(
+    cmd: list[str],
+    ready_re: re.Pattern,
+    what: str,
+    log_path: str | Path | None,
+    timeout_s: float,
+    env: dict | None,
+) -> tuple[subprocess.Popen, str]:
+    """Start `cmd`, keep reading its output (to log_path), return once a line matches."""
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -74,9 +112,9 @@ def start_collector(
             for line in stdout:
                 if not found:
                     lines.append(line)
-                    m = READY_RE.search(line)
+                    m = ready_re.search(line)
                     if m:
-                        found.append(f"{m.group(1)}:{m.group(2)}")
+                        found.append(m.group(1))
                 if sink:
                     sink.write(line)
                     sink.flush()
@@ -86,13 +124,13 @@ def start_collector(
 
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    threading.Thread(target=pump, daemon=True, name="collector-log").start()
+    threading.Thread(target=pump, daemon=True, name=f"{what}-log").start()
     deadline = time.monotonic() + timeout_s
     while not found:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise CollectorStartError(
-                f"collector did not become ready (exit={proc.poll()}): {''.join(lines)[-2000:]}"
+                f"{what} did not become ready (exit={proc.poll()}): {''.join(lines)[-2000:]}"
             )
         time.sleep(0.05)
     return proc, found[0]

@@ -44,6 +44,7 @@ from collector.errors import (
 )
 from collector.ingest import Ingest
 from collector.jobs import EventSink
+from collector.mux import MuxStream, first_frame, is_multiplexed
 from collector.operator import OPERATOR_CLIENT
 from collector.spool import Spool
 from collector.stats import Counters, RateLimitedLog
@@ -138,6 +139,13 @@ class TelemetryServicer(pbg.TelemetryServicer):
         self._log = RateLimitedLog(log, reject_log_interval_s)  # a client sets the rate
 
     async def Stream(self, request_iterator, context):
+        stopping = lambda: self.ingest.stopping
+        first, request_iterator = await first_frame(request_iterator, context, stopping)
+        if first is not None and is_multiplexed(first):  # a node agent's stream (mux.py)
+            mux = MuxStream(self.ingest, self.counters, context.peer())
+            async for frame in mux.serve(request_iterator, context, self.on_clip_sent):
+                yield frame
+            return
         conn = Conn(context.peer())
         self.counters.add("streams_opened")
         scopes = self.auth.scopes(context.invocation_metadata())

@@ -45,13 +45,20 @@ COUNTERS = (
     "runs_evicted",  # runs dropped from memory (abandoned, finished and idle, or empty)
     "streams_superseded",  # streams ended because the same client opened a newer one
     "hellos_refused",  # Hellos refused (identity already streaming, too many runs, ...)
+    # node agents' multiplexed streams (mux.py)
+    "mux_streams_opened",
+    "mux_streams_closed",
+    "mux_frames",  # frames received on them (each also counted in frames once applied)
+    "mux_batches",  # FrameBatch messages among them (frames counted one by one above)
+    "mux_frames_late",  # frames of a rank whose part had ended: dropped (the rank resends)
+    "mux_clips_coalesced",  # clip frames not sent because one went to the whole host
 )
 
 
 class Counters:
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...] = COUNTERS) -> None:
         self._lock = threading.Lock()
-        self._values = dict.fromkeys(COUNTERS, 0)
+        self._values = dict.fromkeys(names, 0)
 
     def add(self, name: str, n: int = 1) -> None:
         if name not in self._values:

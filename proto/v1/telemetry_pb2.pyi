@@ -21,20 +21,30 @@ REDUCE_MAX: ReduceOp
 REDUCE_MIN: ReduceOp
 
 class ClientFrame(_message.Message):
-    __slots__ = ("hello", "schema", "chunk", "end_of_step", "clip_ack", "dropped")
+    __slots__ = ("hello", "schema", "chunk", "end_of_step", "clip_ack", "dropped", "goodbye", "batch")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_OF_STEP_FIELD_NUMBER: _ClassVar[int]
     CLIP_ACK_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     schema: Schema
     chunk: StepChunk
     end_of_step: EndOfStep
     clip_ack: ClipAck
     dropped: StepsDropped
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., schema: _Optional[_Union[Schema, _Mapping]] = ..., chunk: _Optional[_Union[StepChunk, _Mapping]] = ..., end_of_step: _Optional[_Union[EndOfStep, _Mapping]] = ..., clip_ack: _Optional[_Union[ClipAck, _Mapping]] = ..., dropped: _Optional[_Union[StepsDropped, _Mapping]] = ...) -> None: ...
+    goodbye: Goodbye
+    batch: FrameBatch
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., schema: _Optional[_Union[Schema, _Mapping]] = ..., chunk: _Optional[_Union[StepChunk, _Mapping]] = ..., end_of_step: _Optional[_Union[EndOfStep, _Mapping]] = ..., clip_ack: _Optional[_Union[ClipAck, _Mapping]] = ..., dropped: _Optional[_Union[StepsDropped, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., batch: _Optional[_Union[FrameBatch, _Mapping]] = ...) -> None: ...
+
+class FrameBatch(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[ClientFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[ClientFrame, _Mapping]]] = ...) -> None: ...
 
 class FrameHeader(_message.Message):
     __slots__ = ("run", "rank", "step", "seq")
@@ -49,20 +59,22 @@ class FrameHeader(_message.Message):
     def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("header", "world_size", "config_json", "protocol_version", "client_version", "session")
+    __slots__ = ("header", "world_size", "config_json", "protocol_version", "client_version", "session", "multiplexed")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLEXED_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
     world_size: int
     config_json: str
     protocol_version: int
     client_version: str
     session: str
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+    multiplexed: bool
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ..., session: _Optional[str] = ..., multiplexed: _Optional[bool] = ...) -> None: ...
 
 class MetricDef(_message.Message):
     __slots__ = ("name", "layer", "expert", "head", "stat", "unit", "reduce")
@@ -142,6 +154,14 @@ class StepRange(_message.Message):
     last: int
     def __init__(self, first: _Optional[int] = ..., last: _Optional[int] = ...) -> None: ...
 
+class Goodbye(_message.Message):
+    __slots__ = ("header", "half_closed")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    HALF_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    header: FrameHeader
+    half_closed: bool
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., half_closed: _Optional[bool] = ...) -> None: ...
+
 class ClipAck(_message.Message):
     __slots__ = ("header", "version")
     HEADER_FIELD_NUMBER: _ClassVar[int]
@@ -151,28 +171,36 @@ class ClipAck(_message.Message):
     def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "ack", "clip", "error")
+    __slots__ = ("welcome", "ack", "clip", "error", "goodbye", "to")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     ack: Ack
     clip: ClipUpdate
     error: Error
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., clip: _Optional[_Union[ClipUpdate, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    goodbye: Goodbye
+    to: FrameHeader
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., clip: _Optional[_Union[ClipUpdate, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., to: _Optional[_Union[FrameHeader, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped")
+    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped", "multiplexed", "takes_batches")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ENDS_STEP_FIELD_NUMBER: _ClassVar[int]
     TAKES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLEXED_FIELD_NUMBER: _ClassVar[int]
+    TAKES_BATCHES_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     protocol_version: int
     chunk_ends_step: bool
     takes_dropped: bool
-    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ...) -> None: ...
+    multiplexed: bool
+    takes_batches: bool
+    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ..., multiplexed: _Optional[bool] = ..., takes_batches: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "step")

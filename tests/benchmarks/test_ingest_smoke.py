@@ -8,6 +8,7 @@ count, through the store API and (ClickHouse) a second client. No wall-clock ass
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -120,3 +121,16 @@ def test_ingest_reports_spike_to_clip_latency(tmp_path):
     # of the acks, so the clip lands within that many steps; a real 1 s step sees 1-2
     assert 1 <= int(m.group(1)) <= 8 + 2
     assert int(m.group(2)) > 0
+
+
+def test_ingest_through_node_agents_parquet(tmp_path):
+    """--agents 2: the 4 ranks stream through two real node agents (benchmarks/agents.py), the
+    collector holds 2 multiplexed streams and no rank stream, and the store is exactly as
+    direct."""
+    url, result = f"parquet:{tmp_path / 'store'}", tmp_path / "r.json"
+    w = check_output(run_bench(url, STEPS, "--agents", "2", "--no-flat", "--json", str(result)))
+    check_store(url, w)
+    r = json.loads(result.read_text())
+    assert r["collector_streams"] == {"streams_opened": 0, "mux_streams_opened": 2}
+    assert r["agent_stats"]["upstream_connects"] == 2
+    assert r["agent_stats"]["local_streams"] == RANKS

@@ -8,6 +8,7 @@ import collections
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ class Trainer:
     monitor_kwargs: dict = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    step_sleep_s: float = 0.0  # paces a run so that a test can change the world mid-run
     progress: int = -1  # last step ended
     paused: threading.Event = field(default_factory=threading.Event)
     go: threading.Event = field(default_factory=threading.Event)
@@ -87,6 +89,8 @@ class Trainer:
             self.losses.append(float(loss))
             mon.step_end(step, loss=loss, mtp_losses=[], lr=1e-3, tokens=x.numel())
             self.progress = step
+            if self.step_sleep_s:
+                time.sleep(self.step_sleep_s)
             if step == self.pause_at:
                 self.paused.set()
                 self.go.wait(120)

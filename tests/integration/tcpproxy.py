@@ -20,6 +20,8 @@ class StallingProxy:
         self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.connections = 0
         self._closed = False
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
 
     def stall(self) -> None:
@@ -27,6 +29,17 @@ class StallingProxy:
 
     def resume(self) -> None:
         self._flowing.set()
+
+    def cut(self) -> int:
+        """Close every open connection; returns how many sockets were closed."""
+        with self._lock:
+            socks, self._open = list(self._open), set()
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(socks)
 
     def close(self) -> None:
         self._closed = True
@@ -46,6 +59,8 @@ class StallingProxy:
                 client.close()
                 continue
             server.settimeout(None)
+            with self._lock:
+                self._open.update((client, server))
             for src, dst in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 

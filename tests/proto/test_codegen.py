@@ -35,10 +35,15 @@ def test_generated_code_matches_proto(tmp_path):
 def test_every_client_frame_kind_carries_a_header():
     from proto.v1 import telemetry_pb2 as pb
 
-    for field in pb.ClientFrame.DESCRIPTOR.oneofs_by_name["kind"].fields:
+    kinds = pb.ClientFrame.DESCRIPTOR.oneofs_by_name["kind"].fields
+    for field in kinds:
         msg = field.message_type
+        if msg.name == "FrameBatch":  # the one container: its frames carry the headers
+            assert [f.message_type for f in msg.fields] == [pb.ClientFrame.DESCRIPTOR]
+            continue
         assert "header" in msg.fields_by_name, f"{msg.name} lacks FrameHeader"
         assert msg.fields_by_name["header"].message_type.name == "FrameHeader"
+    assert sum(f.message_type.name == "FrameBatch" for f in kinds) == 1
 
 
 def test_a_chunk_ends_its_step_only_when_it_says_so():
