@@ -95,10 +95,17 @@ class MetricIndex:
             self.expert = np.concatenate([self.expert, np.full(grow, -1, np.int64)])
             self.head = np.concatenate([self.head, np.full(grow, -1, np.int64)])
             self.size = new_size
-        for i, n, l, e, h, s in zip(ids.tolist(), name, layer, expert, head, stat):
-            self.names[i], self.stat[i] = n, s
-            self.layer[i], self.expert[i], self.head[i] = l, e, h
-            self._by_name[n] = i
+        # columns (a polars Series from the collector) as lists once; labels in one numpy pass
+        name = name.to_list() if hasattr(name, "to_list") else list(name)
+        stat = stat.to_list() if hasattr(stat, "to_list") else list(stat)
+        self.layer[ids], self.expert[ids], self.head[ids] = layer, expert, head
+        lo = int(ids[0])
+        if ids.size == int(ids[-1]) - lo + 1 and bool((np.diff(ids) == 1).all()):
+            self.names[lo : lo + ids.size], self.stat[lo : lo + ids.size] = name, stat
+        else:
+            for i, n, s in zip(ids.tolist(), name, stat):
+                self.names[i], self.stat[i] = n, s
+        self._by_name.update(zip(name, ids.tolist()))
         self._cache.clear()
 
     # ---- lookups (cached until the dictionary grows) ----------------------------------------

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/v1/telemetry.proto\x12\x0cstepwatch.v1\"\x97\x02\n\x0b\x43lientFrame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.stepwatch.v1.HelloH\x00\x12&\n\x06schema\x18\x02 \x01(\x0b\x32\x14.stepwatch.v1.SchemaH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.stepwatch.v1.StepChunkH\x00\x12.\n\x0b\x65nd_of_step\x18\x04 \x01(\x0b\x32\x17.stepwatch.v1.EndOfStepH\x00\x12)\n\x08\x63lip_ack\x18\x05 \x01(\x0b\x32\x15.stepwatch.v1.ClipAckH\x00\x12-\n\x07\x64ropped\x18\x06 \x01(\x0b\x32\x1a.stepwatch.v1.StepsDroppedH\x00\x42\x06\n\x04kind\"C\n\x0b\x46rameHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"\x9e\x01\n\x05Hello\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x0f\n\x07session\x18\x06 \x01(\t\"\x8a\x01\n\tMetricDef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x05\x12\x0c\n\x04head\x18\x04 \x01(\x05\x12\x0c\n\x04stat\x18\x05 \x01(\t\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12&\n\x06reduce\x18\x07 \x01(\x0e\x32\x16.stepwatch.v1.ReduceOp\"p\n\x06Schema\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x11\n\tschema_id\x18\x02 \x01(\r\x12(\n\x07metrics\x18\x03 \x03(\x0b\x32\x17.stepwatch.v1.MetricDef\"\xb3\x01\n\tStepChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x11\n\tschema_id\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\r\x12\r\n\x05total\x18\x04 \x01(\r\x12\x0e\n\x06values\x18\x05 \x01(\x0c\x12\x11\n\tends_step\x18\x06 \x01(\x08\x12\x13\n\x0bstep_values\x18\x07 \x01(\r\x12\x11\n\twall_time\x18\x08 \x01(\x01\"[\n\tEndOfStep\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x10\n\x08n_values\x18\x02 \x01(\r\x12\x11\n\twall_time\x18\x03 \x01(\x01\"\x81\x01\n\x0cStepsDropped\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\'\n\x06ranges\x18\x02 \x03(\x0b\x32\x17.stepwatch.v1.StepRange\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"(\n\tStepRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x03\x12\x0c\n\x04last\x18\x02 \x01(\x03\"E\n\x07\x43lipAck\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\xb1\x01\n\x0bServerFrame\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.stepwatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.stepwatch.v1.AckH\x00\x12(\n\x04\x63lip\x18\x03 \x01(\x0b\x32\x18.stepwatch.v1.ClipUpdateH\x00\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.stepwatch.v1.ErrorH\x00\x42\x06\n\x04kind\"f\n\x07Welcome\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x17\n\x0f\x63hunk_ends_step\x18\x03 \x01(\x08\x12\x15\n\rtakes_dropped\x18\x04 \x01(\x08\" \n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x03\"9\n\x0b\x43lipSetting\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x02\"Z\n\nClipUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x08settings\x18\x02 \x03(\x0b\x32\x19.stepwatch.v1.ClipSetting\x12\x0e\n\x06reason\x18\x03 \x01(\t\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tpermanent\x18\x03 \x01(\x08*c\n\x08ReduceOp\x12\x16\n\x12REDUCE_UNSPECIFIED\x10\x00\x12\x0e\n\nREDUCE_SUM\x10\x01\x12\x0f\n\x0bREDUCE_MEAN\x10\x02\x12\x0e\n\nREDUCE_MAX\x10\x03\x12\x0e\n\nREDUCE_MIN\x10\x04\x32O\n\tTelemetry\x12\x42\n\x06Stream\x12\x19.stepwatch.v1.ClientFrame\x1a\x19.stepwatch.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/v1/telemetry.proto\x12\x0cstepwatch.v1\"\x97\x02\n\x0b\x43lientFrame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.stepwatch.v1.HelloH\x00\x12&\n\x06schema\x18\x02 \x01(\x0b\x32\x14.stepwatch.v1.SchemaH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.stepwatch.v1.StepChunkH\x00\x12.\n\x0b\x65nd_of_step\x18\x04 \x01(\x0b\x32\x17.stepwatch.v1.EndOfStepH\x00\x12)\n\x08\x63lip_ack\x18\x05 \x01(\x0b\x32\x15.stepwatch.v1.ClipAckH\x00\x12-\n\x07\x64ropped\x18\x06 \x01(\x0b\x32\x1a.stepwatch.v1.StepsDroppedH\x00\x42\x06\n\x04kind\"C\n\x0b\x46rameHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"\x9e\x01\n\x05Hello\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x0f\n\x07session\x18\x06 \x01(\t\"\x8a\x01\n\tMetricDef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x05\x12\x0c\n\x04head\x18\x04 \x01(\x05\x12\x0c\n\x04stat\x18\x05 \x01(\t\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12&\n\x06reduce\x18\x07 \x01(\x0e\x32\x16.stepwatch.v1.ReduceOp\"\x9d\x01\n\x06Schema\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x11\n\tschema_id\x18\x02 \x01(\r\x12(\n\x07metrics\x18\x03 \x03(\x0b\x32\x17.stepwatch.v1.MetricDef\x12+\n\x06packed\x18\x04 \x01(\x0b\x32\x1b.stepwatch.v1.PackedMetrics\"\xc3\x01\n\rPackedMetrics\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05names\x18\x02 \x01(\x0c\x12\x11\n\tname_ends\x18\x03 \x01(\x0c\x12\r\n\x05layer\x18\x04 \x01(\x0c\x12\x0e\n\x06\x65xpert\x18\x05 \x01(\x0c\x12\x0c\n\x04head\x18\x06 \x01(\x0c\x12\r\n\x05stats\x18\x07 \x03(\t\x12\x12\n\nstat_index\x18\x08 \x01(\x0c\x12\r\n\x05units\x18\t \x03(\t\x12\x12\n\nunit_index\x18\n \x01(\x0c\x12\x0e\n\x06reduce\x18\x0b \x01(\x0c\"\xb3\x01\n\tStepChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x11\n\tschema_id\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\r\x12\r\n\x05total\x18\x04 \x01(\r\x12\x0e\n\x06values\x18\x05 \x01(\x0c\x12\x11\n\tends_step\x18\x06 \x01(\x08\x12\x13\n\x0bstep_values\x18\x07 \x01(\r\x12\x11\n\twall_time\x18\x08 \x01(\x01\"[\n\tEndOfStep\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x10\n\x08n_values\x18\x02 \x01(\r\x12\x11\n\twall_time\x18\x03 \x01(\x01\"\x81\x01\n\x0cStepsDropped\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\'\n\x06ranges\x18\x02 \x03(\x0b\x32\x17.stepwatch.v1.StepRange\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"(\n\tStepRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x03\x12\x0c\n\x04last\x18\x02 \x01(\x03\"E\n\x07\x43lipAck\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\xb1\x01\n\x0bServerFrame\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.stepwatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.stepwatch.v1.AckH\x00\x12(\n\x04\x63lip\x18\x03 \x01(\x0b\x32\x18.stepwatch.v1.ClipUpdateH\x00\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.stepwatch.v1.ErrorH\x00\x42\x06\n\x04kind\"\x83\x01\n\x07Welcome\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x17\n\x0f\x63hunk_ends_step\x18\x03 \x01(\x08\x12\x15\n\rtakes_dropped\x18\x04 \x01(\x08\x12\x1b\n\x13takes_packed_schema\x18\x05 \x01(\x08\" \n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x03\"9\n\x0b\x43lipSetting\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x02\"Z\n\nClipUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x08settings\x18\x02 \x03(\x0b\x32\x19.stepwatch.v1.ClipSetting\x12\x0e\n\x06reason\x18\x03 \x01(\t\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tpermanent\x18\x03 \x01(\x08*c\n\x08ReduceOp\x12\x16\n\x12REDUCE_UNSPECIFIED\x10\x00\x12\x0e\n\nREDUCE_SUM\x10\x01\x12\x0f\n\x0bREDUCE_MEAN\x10\x02\x12\x0e\n\nREDUCE_MAX\x10\x03\x12\x0e\n\nREDUCE_MIN\x10\x04\x32O\n\tTelemetry\x12\x42\n\x06Stream\x12\x19.stepwatch.v1.ClientFrame\x1a\x19.stepwatch.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REDUCEOP']._serialized_start=1857
-  _globals['_REDUCEOP']._serialized_end=1956
+  _globals['_REDUCEOP']._serialized_start=2131
+  _globals['_REDUCEOP']._serialized_end=2230
   _globals['_CLIENTFRAME']._serialized_start=43
   _globals['_CLIENTFRAME']._serialized_end=322
   _globals['_FRAMEHEADER']._serialized_start=324
@@ -41,30 +41,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_end=552
   _globals['_METRICDEF']._serialized_start=555
   _globals['_METRICDEF']._serialized_end=693
-  _globals['_SCHEMA']._serialized_start=695
-  _globals['_SCHEMA']._serialized_end=807
-  _globals['_STEPCHUNK']._serialized_start=810
-  _globals['_STEPCHUNK']._serialized_end=989
-  _globals['_ENDOFSTEP']._serialized_start=991
-  _globals['_ENDOFSTEP']._serialized_end=1082
-  _globals['_STEPSDROPPED']._serialized_start=1085
-  _globals['_STEPSDROPPED']._serialized_end=1214
-  _globals['_STEPRANGE']._serialized_start=1216
-  _globals['_STEPRANGE']._serialized_end=1256
-  _globals['_CLIPACK']._serialized_start=1258
-  _globals['_CLIPACK']._serialized_end=1327
-  _globals['_SERVERFRAME']._serialized_start=1330
-  _globals['_SERVERFRAME']._serialized_end=1507
-  _globals['_WELCOME']._serialized_start=1509
-  _globals['_WELCOME']._serialized_end=1611
-  _globals['_ACK']._serialized_start=1613
-  _globals['_ACK']._serialized_end=1645
-  _globals['_CLIPSETTING']._serialized_start=1647
-  _globals['_CLIPSETTING']._serialized_end=1704
-  _globals['_CLIPUPDATE']._serialized_start=1706
-  _globals['_CLIPUPDATE']._serialized_end=1796
-  _globals['_ERROR']._serialized_start=1798
-  _globals['_ERROR']._serialized_end=1855
-  _globals['_TELEMETRY']._serialized_start=1958
-  _globals['_TELEMETRY']._serialized_end=2037
+  _globals['_SCHEMA']._serialized_start=696
+  _globals['_SCHEMA']._serialized_end=853
+  _globals['_PACKEDMETRICS']._serialized_start=856
+  _globals['_PACKEDMETRICS']._serialized_end=1051
+  _globals['_STEPCHUNK']._serialized_start=1054
+  _globals['_STEPCHUNK']._serialized_end=1233
+  _globals['_ENDOFSTEP']._serialized_start=1235
+  _globals['_ENDOFSTEP']._serialized_end=1326
+  _globals['_STEPSDROPPED']._serialized_start=1329
+  _globals['_STEPSDROPPED']._serialized_end=1458
+  _globals['_STEPRANGE']._serialized_start=1460
+  _globals['_STEPRANGE']._serialized_end=1500
+  _globals['_CLIPACK']._serialized_start=1502
+  _globals['_CLIPACK']._serialized_end=1571
+  _globals['_SERVERFRAME']._serialized_start=1574
+  _globals['_SERVERFRAME']._serialized_end=1751
+  _globals['_WELCOME']._serialized_start=1754
+  _globals['_WELCOME']._serialized_end=1885
+  _globals['_ACK']._serialized_start=1887
+  _globals['_ACK']._serialized_end=1919
+  _globals['_CLIPSETTING']._serialized_start=1921
+  _globals['_CLIPSETTING']._serialized_end=1978
+  _globals['_CLIPUPDATE']._serialized_start=1980
+  _globals['_CLIPUPDATE']._serialized_end=2070
+  _globals['_ERROR']._serialized_start=2072
+  _globals['_ERROR']._serialized_end=2129
+  _globals['_TELEMETRY']._serialized_start=2232
+  _globals['_TELEMETRY']._serialized_end=2311
 # @@protoc_insertion_point(module_scope)

@@ -38,8 +38,8 @@ def test_same_name_same_id_across_ranks_and_dictionary_rows_once():
     rows1 = register(r, 1, 5, [m("c", pb.REDUCE_MIN), m("b", pb.REDUCE_MAX, layer=3), m("a")])
     np.testing.assert_array_equal(r.schema(0, 1), [0, 1])
     np.testing.assert_array_equal(r.schema(1, 5), [2, 1, 0])
-    assert rows0.name == ["a", "b"] and rows0.reduce == ["sum", "max"]
-    assert rows1.name == ["c"] and rows1.metric_id.tolist() == [2]
+    assert list(rows0.name) == ["a", "b"] and list(rows0.reduce) == ["sum", "max"]
+    assert list(rows1.name) == ["c"] and rows1.metric_id.tolist() == [2]
     assert r.ops.tolist() == [1, 3, 4]
     assert register(r, 0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None  # resend
 
@@ -119,7 +119,7 @@ VIA = {
 def test_identical_defs_on_other_ranks_reuse_the_id_array_and_create_no_rows(via):
     r, call = reg(), VIA[via]
     defs = [m("a"), m("b", pb.REDUCE_MAX, layer=3)]
-    assert call(r, 0, 1, defs).name == ["a", "b"]
+    assert list(call(r, 0, 1, defs).name) == ["a", "b"]
     assert call(r, 1, 7, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None  # other rank, id
     assert r.schema(1, 7) is r.schema(0, 1)
     np.testing.assert_array_equal(r.schema(1, 7), [0, 1])
@@ -169,7 +169,7 @@ def test_a_rejected_schema_leaves_no_names_and_no_layout_behind(via):
         call(r, 0, 2, [m("c"), m("a")])  # c resolved, then the clash
     assert "c" not in r.ids and r.ops.tolist() == [1]
     rows = call(r, 1, 1, [m("c"), m("a")])  # the same defs are fine here
-    assert rows.name == ["c"] and rows.metric_id.tolist() == [1]
+    assert list(rows.name) == ["c"] and rows.metric_id.tolist() == [1]
     np.testing.assert_array_equal(r.schema(1, 1), [1, 0])
     with pytest.raises(InvalidArgument, match="conflicts"):
         call(r, 2, 1, [m("a", pb.REDUCE_MAX)])
