@@ -162,6 +162,47 @@ class SpecColumns:
             red,
         )
 
+    @classmethod
+    def from_arrays(
+        cls,
+        names: list[str],
+        reduce: str | Sequence[str],
+        stat: str | Sequence[str],
+        *,
+        layer: np.ndarray | int = -1,
+        expert: np.ndarray | int = -1,
+        head: np.ndarray | int = -1,
+        unit: str = "",
+    ) -> SpecColumns:
+        """Columns without MetricSpec objects, for a rank of millions of metrics: a scalar
+        applies to every metric; reduce and stat may also be one per metric."""
+        n = len(names)
+
+        def labels(v: np.ndarray | int) -> np.ndarray:
+            return np.broadcast_to(np.asarray(v, np.int32), (n,)).copy()
+
+        if isinstance(reduce, str):
+            reduce = [reduce] * n
+        if isinstance(stat, str):
+            stat = [stat] * n
+        strings = list(dict.fromkeys((*dict.fromkeys(stat), unit)))
+        code = {t: i for i, t in enumerate(strings)}
+        try:
+            red = np.fromiter(map(REDUCE.__getitem__, reduce), np.uint8, n)
+        except KeyError as e:
+            raise ValueError(f"reduce must be one of {sorted(REDUCE)}, got {e.args[0]!r}") from None
+        return cls(
+            list(names),
+            _utf8_lens(names),
+            labels(layer),
+            labels(expert),
+            labels(head),
+            strings,
+            np.fromiter(map(code.__getitem__, stat), np.int64, n),
+            np.full(n, code[unit], np.int64),
+            red,
+        )
+
     def __len__(self) -> int:
         return len(self.names)
 
