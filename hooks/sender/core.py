@@ -331,7 +331,16 @@ class SenderCore(Generic[ConnT]):
         return conn.takes_dropped and bool(self.buffer.drops.ranges)
 
     def _encode(self, conn: ConnT, item: StepItem | AckItem | SchemaItem) -> list[pb.ClientFrame]:
-        """Encode outside the lock (only the worker allocates seqs), then record as sent."""
+        """Encode outside the lock (only the worker allocates seqs), then record as sent.
+        Until then the popped item still counts as buffered (close waits for it)."""
+        try:
+            return self._encode_item(conn, item)
+        finally:
+            self.buffer.release()
+
+    def _encode_item(
+        self, conn: ConnT, item: StepItem | AckItem | SchemaItem
+    ) -> list[pb.ClientFrame]:
         is_step = isinstance(item, StepItem)
         if isinstance(item, SchemaItem):
             frame = frames.schema(

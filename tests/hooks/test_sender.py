@@ -395,3 +395,26 @@ def test_schemas_go_packed_to_a_collector_that_takes_them_and_as_defs_after_a_do
         ]
     assert sender.stats()["schemas_reencoded"] == 1
     np.testing.assert_array_equal(servicer.step_vectors(1)[1], vector(1, 5))
+
+
+def test_close_waits_for_a_step_the_worker_is_still_encoding(server, servicer, monkeypatch):
+    """The bug (seen at 10 M metrics, where one step is 644 chunks): the worker had popped the
+    last step and was encoding it when close() found nothing pending or unacked, said goodbye,
+    and the step's frames went after the end of the stream: lost at close."""
+    from hooks import frames
+
+    real = frames.step_frames
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)  # a wide step takes this long to encode on a loaded machine
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frames, "step_frames", slow)
+    sender = make_sender(server.target)
+    assert servicer.wait_for(lambda s: s.durable == 2)  # the two schemas
+    sender.submit(item(0))
+    assert wait_until(lambda: not sender.buffer.has_pending())  # popped by the worker
+    assert sender.stats()["buffered_steps"] == 1 and "steps_sent" not in sender.stats()  # encoding
+    assert sender.close(timeout=10)
+    assert sender.stats()["lost_at_close"] == 0
+    np.testing.assert_array_equal(servicer.step_vectors(1)[0], vector(0, 5))
