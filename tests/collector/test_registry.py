@@ -318,3 +318,16 @@ def test_bad_packed_schemas_are_refused_and_change_nothing(spoil, match):
 def test_both_forms_in_one_schema_are_refused():
     with pytest.raises(InvalidArgument, match="both"):
         reg().register_schema(0, pb.Schema(schema_id=1, metrics=[m("a")], packed=packed([m("a")])))
+
+
+def test_registered_rows_survive_the_spool_encoding():
+    """The registry hands the writer polars string columns; a spooled WriteMetrics (store
+    away) encodes and decodes back to the same dictionary rows."""
+    from collector.jobs import METRICS, WriteMetrics, decode
+
+    rows = register_packed(reg(), 0, 1, packed([m("a", unit="s"), m("ü", pb.REDUCE_MIN, head=2)]))
+    job = decode(METRICS, b"".join(bytes(p) for p in WriteMetrics("run", rows).encode()))
+    assert isinstance(job, WriteMetrics) and job.run == "run"
+    back = job.metrics
+    assert back.name == ["a", "ü"] and back.unit == ["s", ""] and back.reduce == ["sum", "min"]
+    assert back.metric_id.tolist() == [0, 1] and back.head.tolist() == [-1, 2]
