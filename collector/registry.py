@@ -15,7 +15,7 @@ column) and everything after that is vectorised: the checks, the name lookup (st
 sorted 64-bit hashes, confirmed by comparing names), the label comparison with earlier
 registrations and the id assignment. A schema in the packed form (Schema.packed, PackedMetrics)
 arrives as those columns already; the MetricDef form (older clients) is read into them once.
-Per registered metric the run keeps ~70 bytes in arrays (name bytes, hash, labels, op), no
+Per registered metric the run keeps ~100 bytes in arrays (name bytes, hash table, labels, op), no
 Python object.
 """
 
