@@ -67,7 +67,7 @@ class CollectorConfig:
     max_dictionary_bytes: int = 5 << 30
     """Bytes of metric dictionaries held by all runs (each name costs registry.name_bytes,
     measured: the registry, the store's and the detectors' dictionaries); a schema whose new
-    names would pass it is RESOURCE_EXHAUSTED. Released when a run is evicted. ~12 M names
+    names would pass it is RESOURCE_EXHAUSTED. Released when a run is evicted. ~11 M names
     of ~40 characters fit the default (a 10 M-metric rank); with max_pending_bytes it bounds
     the collector's memory."""
 

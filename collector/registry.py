@@ -51,13 +51,14 @@ assert all(k == v for k, v in REDUCE_CODES.items()), "reduction op codes mirror 
 
 Labels = tuple[int, int, int, str, str, int]  # layer, expert, head, stat, unit, op
 # What one registered name costs the collector besides its characters, measured on a
-# collector process (Parquet store, detectors on, 1 M and 3 M names of ~30 characters in
-# packed parts: ~255 bytes of RSS per name at the margin; tests/integration/test_durability.py
-# checks the bound holds): the registry's columns (~80 B), the store's name index and the
-# allocator's slack after its dictionary parts (~60 B), the online detectors' index, the rows
-# on their way to the store. (Before the columnar registry it was 1,024: a dict entry, a label
-# tuple and Python strings per name in the registry and the detectors.)
-NAME_OVERHEAD_BYTES = 320
+# collector process (Parquet store, detectors on, 1 M, 3 M and 10 M names of 21-30 characters
+# in packed parts: ~255-320 bytes of RSS per name, 3.0 GiB at 10 M;
+# tests/integration/test_durability.py checks the bound holds): the registry's columns and
+# hash table (~100 B), the store's name index and the allocator's slack after its dictionary
+# parts, the online detectors' index, the rows on their way to the store. (Before the
+# columnar registry it was 1,024: a dict entry, a label tuple and Python strings per name in
+# the registry and the detectors.)
+NAME_OVERHEAD_BYTES = 384
 
 
 def name_bytes(name: str) -> int:
