@@ -62,6 +62,13 @@ LAYOUT_FILE_RE = re.compile(r"^(\d{12})\.parquet$")
 PART_FILE_RE = LAYOUT_FILE_RE  # metrics/ parts are numbered the same way
 LEGACY_DICT = "metrics.parquet"
 MAX_DICT_PARTS = 4096  # beyond it the parts are merged into one (~67 M names of 16 K a part)
+# Dictionary parts: ids and labels delta-coded, only the few distinct labels dictionary-coded,
+# one row group a part (read whole): 1 M names take 9.5 MB instead of 13.9 MB
+DICT_WRITE_OPTIONS = {
+    "use_dictionary": ["stat", "unit", "reduce"],
+    "column_encoding": {c: "DELTA_BINARY_PACKED" for c in ("metric_id", "layer", "expert", "head")},
+    "row_group_size": 1 << 20,
+}
 LAYOUTS_SCHEMA = {"layout": pl.UInt64, "ids": pl.Binary}  # ids: int32 little-endian
 ROOT_LOCK = "~writer.lock"  # '~' is no run-name character: never a run's directory
 
@@ -144,10 +151,12 @@ class ParquetStore(BufferedStore):
         os.makedirs(d, exist_ok=True)
         parts = _numbered(d)
         n = int(parts[-1].partition(".")[0]) + 1 if parts else 1
-        write_atomic(os.path.join(d, f"{n:012d}.parquet"), rows, fsync=self.fsync)
+        opts = DICT_WRITE_OPTIONS
+        write_atomic(os.path.join(d, f"{n:012d}.parquet"), rows, fsync=self.fsync, options=opts)
         if len(parts) + 1 > MAX_DICT_PARTS:
             whole = self._committed_metrics(run)
-            write_atomic(os.path.join(d, f"{n + 1:012d}.parquet"), whole, fsync=self.fsync)
+            path = os.path.join(d, f"{n + 1:012d}.parquet")
+            write_atomic(path, whole, fsync=self.fsync, options=opts)
             for old in [*parts, f"{n:012d}.parquet"]:
                 os.unlink(os.path.join(d, old))
             legacy = os.path.join(self._run_dir(run), LEGACY_DICT)
