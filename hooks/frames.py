@@ -398,7 +398,10 @@ def schema(
     cols = SpecColumns.of(specs)
     if packed:
         msg = pb.Schema(header=ident.header(-1, seq), schema_id=schema_id, packed=cols.packed())
-        return pb.ClientFrame(schema=msg)
+        # a part cut by wire_sizes fits; only stat/unit tables of hundreds of KB could not
+        # (then the MetricDef form, which the cut bounds exactly, goes instead)
+        if msg.ByteSize() <= SCHEMA_PART_BYTES + PACKED_PART_OVERHEAD + (64 << 10):
+            return pb.ClientFrame(schema=msg)
     key = cols.packed().SerializeToString()
     msg = pb.Schema.FromString(_metric_defs(key, cols))
     msg.header.CopyFrom(ident.header(-1, seq))
