@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 # (name prefix, rank within a layer) of the forward pass; everything else comes after.
 _FORWARD_FAMILIES = (("attn/", 0), ("moe/", 1), ("resid/", 4))
@@ -40,18 +41,41 @@ def _forward_key(name: str, layer: int, expert: int, head: int, stat: str) -> tu
     return (_PHASE_OTHER, layer, 0, expert, head, name)
 
 
+class _Grow:
+    """A growable int64 column: `view()` is the first n values (capacity doubles, so adding
+    P parts costs O(total), not O(P x total))."""
+
+    def __init__(self) -> None:
+        self._buf = np.zeros(0, np.int64)
+        self.n = 0
+
+    def view(self) -> np.ndarray:
+        return self._buf[: self.n]
+
+    def resize(self, n: int) -> None:
+        """Grow to n values; the new ones are -1 (no layer / expert / head)."""
+        if n > self._buf.size:
+            buf = np.full(max(n, 2 * self._buf.size, 1024), -1, np.int64)
+            buf[: self.n] = self._buf[: self.n]
+            self._buf = buf
+        self.n = n
+
+
 class MetricIndex:
-    """Positions of a run's metrics; grows as the dictionary grows (ids are dense per run)."""
+    """Positions of a run's metrics; grows as the dictionary grows (ids are dense per run).
+
+    Names and stats are polars string columns and labels numpy arrays: a run of millions of
+    metrics costs bytes per metric here, not Python objects, and the family lookups below are
+    vectorised string matches."""
 
     def __init__(self) -> None:
         self.size = 0
-        self.names: list[str] = []
-        self.layer = np.zeros(0, np.int64)
-        self.expert = np.zeros(0, np.int64)
-        self.head = np.zeros(0, np.int64)
-        self.stat: list[str] = []
-        self._by_name: dict[str, int] = {}
+        self.names = pl.Series("name", [], pl.Utf8)
+        self.stat = pl.Series("stat", [], pl.Utf8)
+        self._cols = (_Grow(), _Grow(), _Grow())
+        self.layer = self.expert = self.head = np.zeros(0, np.int64)
         self._cache: dict[tuple, Any] = {}  # values: list[int] | int64 arrays, by key
+        self._found: dict[str, int] = {}  # find() answers, until the dictionary changes
 
     @classmethod
     def from_columns(
@@ -71,12 +95,12 @@ class MetricIndex:
     def from_frame(cls, df) -> MetricIndex:
         """From a polars frame with store's metrics columns."""
         return cls.from_columns(
-            df["metric_id"].to_list(),
-            df["name"].to_list(),
-            df["layer"].to_list(),
-            df["expert"].to_list(),
-            df["head"].to_list(),
-            df["stat"].to_list(),
+            df["metric_id"].to_numpy(),
+            df["name"],
+            df["layer"].to_numpy(),
+            df["expert"].to_numpy(),
+            df["head"].to_numpy(),
+            df["stat"],
         )
 
     def extend(self, metric_id, name, layer, expert, head, stat) -> None:
@@ -86,45 +110,48 @@ class MetricIndex:
             return
         if ids.min() < 0:
             raise ValueError("metric ids must be >= 0")
-        new_size = max(self.size, int(ids.max()) + 1)
-        if new_size > self.size:
-            grow = new_size - self.size
-            self.names += [""] * grow
-            self.stat += [""] * grow
-            self.layer = np.concatenate([self.layer, np.full(grow, -1, np.int64)])
-            self.expert = np.concatenate([self.expert, np.full(grow, -1, np.int64)])
-            self.head = np.concatenate([self.head, np.full(grow, -1, np.int64)])
-            self.size = new_size
-        for i, n, l, e, h, s in zip(ids.tolist(), name, layer, expert, head, stat):
-            self.names[i], self.stat[i] = n, s
-            self.layer[i], self.expert[i], self.head[i] = l, e, h
-            self._by_name[n] = i
+        name, stat = _utf8(name, "name"), _utf8(stat, "stat")
+        old, new_size = self.size, max(self.size, int(ids.max()) + 1)
+        for col in self._cols:
+            col.resize(new_size)
+        self.layer, self.expert, self.head = (c.view() for c in self._cols)
+        self.layer[ids], self.expert[ids], self.head[ids] = layer, expert, head
+        if ids.size == new_size - old and int(ids[0]) == old and bool((np.diff(ids) == 1).all()):
+            self.names.append(name)  # the usual case: the next ids, in order
+            self.stat.append(stat)
+            if self.names.n_chunks() > 64:
+                self.names, self.stat = self.names.rechunk(), self.stat.rechunk()
+        else:  # an upsert, or ids out of order: rebuild the columns (rare)
+            names = self.names.to_list() + [""] * (new_size - old)
+            stats = self.stat.to_list() + [""] * (new_size - old)
+            for i, n, s_ in zip(ids.tolist(), name.to_list(), stat.to_list()):
+                names[i], stats[i] = n, s_
+            self.names = pl.Series("name", names, pl.Utf8)
+            self.stat = pl.Series("stat", stats, pl.Utf8)
+        self.size = new_size
         self._cache.clear()
+        self._found.clear()
 
     # ---- lookups (cached until the dictionary grows) ----------------------------------------
     def find(self, name: str) -> int:
         """The id of a metric name, -1 when the run has no such metric."""
-        return self._by_name.get(name, -1)
+        hit = self._found.get(name)
+        if hit is None:
+            i = self.names.index_of(name)
+            hit = self._found[name] = -1 if i is None else int(i)
+        return hit
 
     def _select(self, prefix: str, stat: str) -> np.ndarray:
-        return np.array(
-            [
-                i
-                for i, (n, s) in enumerate(zip(self.names, self.stat))
-                if s == stat and n.startswith(prefix)
-            ],
-            dtype=np.int64,
-        )
+        hit = (self.stat == stat) & self.names.str.starts_with(prefix)
+        return hit.arg_true().to_numpy().astype(np.int64)
 
     @property
     def moe_layers(self) -> list[int]:
         """Layers that have per-expert metrics, ascending."""
         key = ("moe_layers",)
         if key not in self._cache:
-            sel = [
-                i for i, n in enumerate(self.names) if n.startswith("moe/") and self.expert[i] >= 0
-            ]
-            self._cache[key] = sorted({int(self.layer[i]) for i in sel})
+            moe = self.names.str.starts_with("moe/").to_numpy() & (self.expert >= 0)
+            self._cache[key] = sorted(set(np.unique(self.layer[moe]).tolist()))
         return self._cache[key]
 
     def expert_grid(self, prefix: str, stat: str) -> np.ndarray:
@@ -151,8 +178,10 @@ class MetricIndex:
         if key not in self._cache:
             out = np.full(len(self.moe_layers), -1, np.int64)
             row = {l: r for r, l in enumerate(self.moe_layers)}
-            for i in self._select("moe/", stat).tolist():
-                if "/shared/" in self.names[i] and int(self.layer[i]) in row:
+            sel = self._select("moe/", stat)
+            shared = self.names.gather(sel).str.contains("/shared/", literal=True).to_numpy()
+            for i in sel[shared].tolist():
+                if int(self.layer[i]) in row:
                     out[row[int(self.layer[i])]] = i
             self._cache[key] = out
         return self._cache[key]
@@ -172,7 +201,13 @@ class MetricIndex:
         if key not in self._cache:
             keys = [
                 _forward_key(n, int(l), int(e), int(h), s)
-                for n, l, e, h, s in zip(self.names, self.layer, self.expert, self.head, self.stat)
+                for n, l, e, h, s in zip(
+                    self.names.to_list(),
+                    self.layer.tolist(),
+                    self.expert.tolist(),
+                    self.head.tolist(),
+                    self.stat.to_list(),
+                )
             ]
             self._cache[key] = np.array(
                 sorted(range(self.size), key=keys.__getitem__), dtype=np.int64
@@ -185,3 +220,10 @@ def site_of(name: str) -> str:
     ("moe/layer04/expert003/act_rms" -> "moe/layer04/expert003"); top-level names stay whole."""
     head, sep, _ = name.rpartition("/")
     return head if sep and head.count("/") >= 1 else name
+
+
+def _utf8(col: Any, what: str) -> pl.Series:
+    """A string column (list or polars Series) as a Utf8 Series."""
+    if isinstance(col, pl.Series):
+        return col.cast(pl.Utf8).rename(what)
+    return pl.Series(what, list(col), pl.Utf8)

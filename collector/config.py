@@ -64,12 +64,12 @@ class CollectorConfig:
     million values holds 30 MB (float32 + have flag), so the default admits ~35 such steps in
     flight and, with the writer's one stacked copy per step, keeps the collector under 2 GB."""
 
-    max_dictionary_bytes: int = 3 << 30
+    max_dictionary_bytes: int = 5 << 30
     """Bytes of metric dictionaries held by all runs (each name costs registry.name_bytes,
     measured: the registry, the store's and the detectors' dictionaries); a schema whose new
-    names would pass it is RESOURCE_EXHAUSTED. Released when a run is evicted. ~2.8 M names
-    of ~50 characters fit the default; with max_pending_bytes it bounds the collector's
-    memory."""
+    names would pass it is RESOURCE_EXHAUSTED. Released when a run is evicted. ~11 M names
+    of ~40 characters fit the default (a 10 M-metric rank); with max_pending_bytes it bounds
+    the collector's memory."""
 
     max_chunk_bytes: int = MIB
     """Largest StepChunk.values (the wire contract says 1 MiB); gRPC's receive limit is set

@@ -32,13 +32,14 @@ class Conn:
         self._ack: pb.Ack | None = None
 
     def welcome(self, acked_seq: int) -> None:
-        """Ingest takes a step's last chunk with ends_step and StepsDropped (ingest.py): say
-        so."""
+        """Ingest takes a step's last chunk with ends_step, StepsDropped and packed schemas
+        (ingest.py, registry.py): say so."""
         self._welcome = pb.Welcome(
             acked_seq=acked_seq,
             protocol_version=PROTOCOL_VERSION,
             chunk_ends_step=True,
             takes_dropped=True,
+            takes_packed_schema=True,
         )
         self.wake.set()
 

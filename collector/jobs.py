@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import polars as pl
 
 from collector.barrier import ReadyStep
 from collector.reduction import StepRows, reduce_step
@@ -121,6 +122,14 @@ class FinishRun:
         return _pack({"run": self.run, "status": self.status}, [])
 
 
+STR_FIELDS = ("name", "stat", "unit", "reduce")
+
+
+def _strings(col: list[str] | pl.Series) -> list[str]:
+    """A MetricDict string column as JSON can carry it (only a spooled dictionary pays it)."""
+    return col.to_list() if isinstance(col, pl.Series) else list(col)
+
+
 @dataclass
 class WriteMetrics:
     run: str
@@ -137,8 +146,7 @@ class WriteMetrics:
 
     def encode(self) -> list[bytes | memoryview]:
         m = self.metrics
-        meta = {"run": self.run, "name": m.name, "stat": m.stat, "unit": m.unit}
-        meta["reduce"] = m.reduce
+        meta = {"run": self.run, **{k: _strings(getattr(m, k)) for k in STR_FIELDS}}
         return _pack(meta, [m.metric_id, m.layer, m.expert, m.head])
 
 

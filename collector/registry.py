@@ -8,21 +8,27 @@ hot path needs (a chunk's ids are a slice of it).
 
 Registration runs once per schema, but a 4,096-rank job sends 4,096 schemas of ~1,465
 MetricDefs at connect, and the ranks of one expert-parallel group send identical ones. So a
-schema is keyed by a digest of its serialized MetricDefs (hashed in C, no per-def Python): a
+schema is keyed by a digest of its serialized metrics (hashed in C, no per-def Python): a
 digest the run has registered before maps to the same id array, and only the per-rank checks
-run. A first-time schema reads each def's fields once into columns and checks them in bulk.
+run. A first-time schema becomes columns (`_Columns`: numpy arrays and one polars string
+column) and everything after that is vectorised: the checks, the name lookup (store/names.py:
+sorted 64-bit hashes, confirmed by comparing names), the label comparison with earlier
+registrations and the id assignment. A schema in the packed form (Schema.packed, PackedMetrics)
+arrives as those columns already; the MetricDef form (older clients) is read into them once.
+Per registered metric the run keeps ~100 bytes in arrays (name bytes, hash table, labels, op), no
+Python object.
 """
 
 from __future__ import annotations
 
 import hashlib
 import operator
-import sys
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
+import pyarrow as pa
 
 from collector.barrier import ByteBudget
 from collector.errors import InvalidArgument, ResourceExhausted
@@ -30,6 +36,8 @@ from collector.idset import IdRanges
 from collector.reduction import OP_MAX, OP_MEAN, OP_MIN, OP_NAMES, OP_SUM
 from proto.v1 import telemetry_pb2 as pb
 from store.base import RUN_NAME_RE, MetricDict
+from store.frames import from_arrow
+from store.names import NameTable, name_hashes
 
 PROTOCOL_VERSION = 1
 MAX_NAME_CHARS = 512
@@ -42,15 +50,24 @@ REDUCE_CODES = {
 assert all(k == v for k, v in REDUCE_CODES.items()), "reduction op codes mirror proto ReduceOp"
 
 Labels = tuple[int, int, int, str, str, int]  # layer, expert, head, stat, unit, op
-# What one registered name costs the collector, measured on a collector process (Parquet
-# store, detectors on: 1.2 KB of RSS per ~45-character name; tests/integration/test_limits.py
-# checks the bound holds): the registry's dict entry and label tuple, the metric-dictionary
-# frames the store and the online detectors keep, the rows on their way to the store.
-NAME_OVERHEAD_BYTES = 1024
+# What one registered name costs the collector besides its characters, measured on a
+# collector process (Parquet store, detectors on, 1 M, 3 M and 10 M names of 21-30 characters
+# in packed parts: ~255-320 bytes of RSS per name, 3.0 GiB at 10 M;
+# tests/integration/test_durability.py checks the bound holds): the registry's columns and
+# hash table (~100 B), the store's name index and the allocator's slack after its dictionary
+# parts, the online detectors' index, the rows on their way to the store. (Before the
+# columnar registry it was 1,024: a dict entry, a label tuple and Python strings per name in
+# the registry and the detectors.)
+NAME_OVERHEAD_BYTES = 384
 
 
 def name_bytes(name: str) -> int:
     return NAME_OVERHEAD_BYTES + 2 * len(name)
+
+
+def names_bytes(n_names: int, n_chars: int) -> int:
+    """name_bytes summed over n_names names of n_chars characters in all."""
+    return NAME_OVERHEAD_BYTES * n_names + 2 * n_chars
 
 
 def check_hello(h: pb.Hello, max_world_size: int) -> tuple[str, int, int]:
@@ -90,6 +107,28 @@ def _describe(name: str, lab: Labels) -> str:
     )
 
 
+class _Grow:
+    """A growable numpy column: `view()` is the first n values. Capacity doubles, so adding
+    P parts costs O(total), and a view handed out earlier never changes (values are only
+    ever appended beyond it, or into a new buffer)."""
+
+    def __init__(self, dtype: type) -> None:
+        self._buf: np.ndarray = np.zeros(0, dtype)
+        self.n = 0
+
+    def view(self) -> np.ndarray:
+        return self._buf[: self.n]
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self.n + values.size
+        if need > self._buf.size:
+            buf = np.zeros(max(need, 2 * self._buf.size, 1024), self._buf.dtype)
+            buf[: self.n] = self._buf[: self.n]
+            self._buf = buf
+        self._buf[self.n : need] = values
+        self.n = need
+
+
 class RunMetrics:
     """One run's metric dictionary and every rank's schemas.
 
@@ -110,16 +149,19 @@ class RunMetrics:
         self.max_schemas_per_rank = max_schemas_per_rank
         self.budget = budget
         self.nbytes = 0  # reserved in budget for this run's names
-        self.ids: dict[str, int] = {}
-        self._labels: list[Labels] = []
-        # op code per metric id. Replaced, never written in place: the writer thread reduces
-        # with whatever array it was handed.
-        self.ops = np.zeros(0, dtype=np.int8)
+        self.ids = NameTable()  # name -> dense id (`name in ids`, `len(ids)`)
+        self._layer, self._expert, self._head = _Grow(np.int32), _Grow(np.int32), _Grow(np.int32)
+        self._stat, self._unit = _Grow(np.int32), _Grow(np.int32)  # codes into _strings
+        self._op = _Grow(np.int8)
+        self._strings: dict[str, int] = {}  # stat and unit labels: a handful per run
+        # op code per metric id. Never written in place below its length: the writer thread
+        # reduces with whatever view it was handed.
+        self.ops = self._op.view()
         self._schemas: dict[tuple[int, int], Schema] = {}
         self._n_schemas: dict[int, int] = {}  # schemas per rank
         self._rank_ids: dict[int, IdRanges] = {}  # all ids in a rank's schemas
-        # digest of MetricDefs -> their id array. Sound because names and labels are never
-        # removed or changed: defs that resolved once resolve to the same ids forever.
+        # digest of a schema's metrics -> their id array. Sound because names and labels are
+        # never removed or changed: metrics that resolved once resolve to the same ids forever.
         self._layouts: dict[bytes, np.ndarray] = {}
 
     def release(self) -> None:
@@ -141,30 +183,34 @@ class RunMetrics:
         return s.ids
 
     def register_schema(self, rank: int, s: pb.Schema) -> MetricDict | None:
-        """Register a Schema message as received; returns the metric-dictionary rows it
-        created (None if none). Validates everything before changing anything. Identical
-        MetricDefs (any rank, any schema_id) get the same id array object. The defs are
-        fingerprinted from the message's own serialization (one C copy and encode, ~0.2 ms for
-        1,465 defs) rather than by wrapping each def, which is most of the cost of registering
-        a schema the run has already seen."""
+        """Register a Schema message as received (either form); returns the metric-dictionary
+        rows it created (None if none). Validates everything before changing anything.
+        Identical metrics (any rank, any schema_id) get the same id array object. They are
+        fingerprinted from the message's own serialization (one C copy and encode) rather than
+        by wrapping each def."""
+        if s.HasField("packed"):
+            if len(s.metrics):
+                raise InvalidArgument(
+                    f"schema {s.schema_id} sets both metrics and packed: send one form"
+                )
+            digest = _digest(b"packed\0" + s.packed.SerializeToString())
+            return self._register(rank, s.schema_id, digest, lambda: _packed_columns(s))
         defs = pb.Schema()
         defs.CopyFrom(s)
         defs.ClearField("header")
         defs.ClearField("schema_id")
-        return self._register(rank, s.schema_id, s.metrics, defs.SerializeToString())
+        digest = _digest(defs.SerializeToString())
+        return self._register(rank, s.schema_id, digest, lambda: _def_columns(s))
 
-    def _register(
-        self, rank: int, schema_id: int, metrics: Sequence[pb.MetricDef], defs: bytes
-    ) -> MetricDict | None:
-        digest = _digest(defs)
+    def _register(self, rank: int, schema_id: int, digest: bytes, columns) -> MetricDict | None:
         old = self._schemas.get((rank, schema_id))
         if old is not None and old.fingerprint == digest:
             return None  # a resend after reconnect
-        cols: _Columns | None = None  # a first-time schema's defs, checked before the rest
-        new: list[int] = []
+        cols: _Columns | None = None  # a first-time schema's metrics, checked before the rest
+        new = np.zeros(0, np.int64)
         ids = self._layouts.get(digest)
         if ids is None:
-            cols = _columns(schema_id, metrics)
+            cols = columns()
             n_rank = self._check_slot(rank, schema_id, old)
             ids, new = self._resolve(cols)
         else:
@@ -173,16 +219,17 @@ class RunMetrics:
         if mine is not None:
             clash = mine.contains(ids)
             if clash.any():
-                name = metrics[int(np.flatnonzero(clash)[0])].name
+                name = self.ids.names[int(ids[int(np.flatnonzero(clash)[0])])]
                 raise InvalidArgument(
                     f"metric {name!r} is already in another schema of rank "
                     f"{rank}; a rank sends each metric once per step"
                 )
 
-        if new and self.budget is not None:
+        if new.size and self.budget is not None:
             assert cols is not None  # new names come only from a first-time schema
-            cost = sum(name_bytes(cols.names[i]) for i in new)
-            self.budget.reserve(cost, f"{len(new)} new metric names of run {self.run!r}")
+            chars = int(cols.names.gather(new).str.len_chars().sum())
+            cost = names_bytes(new.size, chars)
+            self.budget.reserve(cost, f"{new.size} new metric names of run {self.run!r}")
             self.nbytes += cost
         rows = None if cols is None else self._add(cols, ids, new)  # commit: nothing raises
         self._layouts.setdefault(digest, ids)
@@ -207,104 +254,228 @@ class RunMetrics:
             )
         return n_rank
 
-    def _resolve(self, cols: _Columns) -> tuple[np.ndarray, list[int]]:
+    def _codes(self, table: list[str], local: np.ndarray) -> np.ndarray:
+        """A part's stat/unit codes (indexes into its own table) as this run's codes; a
+        string the run has not seen gets a negative code, equal to no registered one."""
+        run_code = np.array([self._strings.get(t, -1 - i) for i, t in enumerate(table)], np.int32)
+        return run_code[local] if run_code.size else np.zeros(local.shape, np.int32)
+
+    def _labels_of(self, mid: int) -> Labels:
+        strings = list(self._strings)
+        return (
+            int(self._layer.view()[mid]),
+            int(self._expert.view()[mid]),
+            int(self._head.view()[mid]),
+            strings[int(self._stat.view()[mid])],
+            strings[int(self._unit.view()[mid])],
+            int(self._op.view()[mid]),
+        )
+
+    def _resolve(self, cols: _Columns) -> tuple[np.ndarray, np.ndarray]:
         """Ids of a first-time schema's names (-1 where new) and the positions of new names;
         rejects a name declared with other labels than its registration, and too many."""
-        got = list(map(self.ids.get, cols.names))
-        new = [i for i, mid in enumerate(got) if mid is None]
-        bad = next(
-            (
-                (i, mid)
-                for i, mid in enumerate(got)
-                if mid is not None and self._labels[mid] != cols.labels[i]
-            ),
-            None,
-        )
-        if bad is not None:
-            i, mid = bad
-            raise InvalidArgument(
-                f"metric {_describe(cols.names[i], cols.labels[i])} conflicts with its "
-                f"registration as {_describe(cols.names[i], self._labels[mid])}"
+        ids = self.ids.lookup(cols.names, cols.hashes)
+        known = np.flatnonzero(ids >= 0)
+        if known.size:
+            mid = ids[known]
+            differs = (
+                (self._layer.view()[mid] != cols.layer[known])
+                | (self._expert.view()[mid] != cols.expert[known])
+                | (self._head.view()[mid] != cols.head[known])
+                | (self._op.view()[mid] != cols.op[known])
+                | (self._stat.view()[mid] != self._codes(cols.stats, cols.stat)[known])
+                | (self._unit.view()[mid] != self._codes(cols.units, cols.unit)[known])
             )
-        if len(self.ids) + len(new) > self.max_metrics:
+            if differs.any():
+                i = int(known[int(np.flatnonzero(differs)[0])])
+                name = cols.names[i]
+                raise InvalidArgument(
+                    f"metric {_describe(name, cols.labels(i))} conflicts with its "
+                    f"registration as {_describe(name, self._labels_of(int(ids[i])))}"
+                )
+        new = np.flatnonzero(ids < 0)
+        if len(self.ids) + new.size > self.max_metrics:
             raise ResourceExhausted(
-                f"run {self.run!r} would have {len(self.ids) + len(new)} "
+                f"run {self.run!r} would have {len(self.ids) + new.size} "
                 f"metrics (max_metrics_per_run={self.max_metrics})",
                 permanent=True,
             )
-        ids = np.array([-1 if mid is None else mid for mid in got], dtype=np.int32)
         return ids, new
 
-    def _add(self, cols: _Columns, ids: np.ndarray, new: list[int]) -> MetricDict | None:
+    def _add(self, cols: _Columns, ids: np.ndarray, new: np.ndarray) -> MetricDict | None:
         """Give the new names of a validated schema the next dense ids (filling `ids` in)
         and return their dictionary rows."""
-        if not new:
+        if not new.size:
             return None
-        first = len(self._labels)
-        fresh = np.arange(first, first + len(new), dtype=np.int32)
+        for t in (*cols.stats, *cols.units):
+            self._strings.setdefault(t, len(self._strings))
+        names = cols.names.gather(new)
+        fresh = self.ids.append(names, cols.hashes[new])
         ids[new] = fresh
-        names = [cols.names[i] for i in new]
-        lab = [cols.labels[i] for i in new]
-        self.ids.update(zip(names, fresh.tolist()))
-        self._labels.extend(lab)
-        layer, expert, head, stat, unit, op = zip(*lab)
-        self.ops = np.concatenate([self.ops, np.array(op, np.int8)])
+        layer, expert, head, op = cols.layer[new], cols.expert[new], cols.head[new], cols.op[new]
+        stat, unit = (
+            self._codes(cols.stats, cols.stat)[new],
+            self._codes(cols.units, cols.unit)[new],
+        )
+        for col, v in (
+            (self._layer, layer),
+            (self._expert, expert),
+            (self._head, head),
+            (self._stat, stat),
+            (self._unit, unit),
+            (self._op, op),
+        ):
+            col.extend(v)
+        self.ops = self._op.view()
+        strings = pl.Series(list(self._strings), dtype=pl.Utf8)
         return MetricDict(
             metric_id=fresh,
             name=names,
-            layer=np.array(layer, np.int32),
-            expert=np.array(expert, np.int32),
-            head=np.array(head, np.int32),
-            stat=list(stat),
-            unit=list(unit),
-            reduce=[OP_NAMES[x] for x in op],
+            layer=layer,
+            expert=expert,
+            head=head,
+            stat=strings.gather(stat),
+            unit=strings.gather(unit),
+            reduce=_OP_SERIES.gather(op.astype(np.int64)),
         )
+
+
+_OP_SERIES = pl.Series([OP_NAMES.get(i, "") for i in range(5)], dtype=pl.Utf8)
 
 
 @dataclass(frozen=True)
 class _Columns:
-    names: list[str]
-    labels: list[Labels]
+    """A schema's metrics as columns: names, their hashes, labels; stat and unit as indexes
+    into the schema's own tables."""
+
+    names: pl.Series  # Utf8
+    hashes: np.ndarray  # uint64 (store.names.name_hashes)
+    layer: np.ndarray  # int32
+    expert: np.ndarray
+    head: np.ndarray
+    stats: list[str]
+    stat: np.ndarray  # int64 index into stats
+    units: list[str]
+    unit: np.ndarray
+    op: np.ndarray  # int8, proto ReduceOp = collector op code
+
+    def labels(self, i: int) -> Labels:
+        return (
+            int(self.layer[i]),
+            int(self.expert[i]),
+            int(self.head[i]),
+            self.stats[int(self.stat[i])],
+            self.units[int(self.unit[i])],
+            int(self.op[i]),
+        )
 
 
-def _columns(schema_id: int, metrics: Sequence[pb.MetricDef]) -> _Columns:
-    """Each def's fields read once and checked in bulk (builtin min/max over the columns);
-    InvalidArgument naming the first bad def, an empty schema, or a name that appears twice."""
-    if not metrics:
+def _checked(schema_id: int, names: pl.Series, **cols) -> _Columns:
+    """Columns checked in bulk; InvalidArgument naming the first bad metric (its first bad
+    field, in the order: reduce op, name length, labels), an empty schema, or a name that
+    appears twice (the first in schema order that has a twin)."""
+    n = names.len()
+    if n == 0:
         raise InvalidArgument(f"schema {schema_id} has no metrics")
+    op = cols["op"]
+    n_chars = names.str.len_chars().to_numpy()
+    bad_op = (op < 1) | (op > 4)
+    bad_name = (n_chars < 1) | (n_chars > MAX_NAME_CHARS)
+    bad_label = (cols["layer"] < -1) | (cols["expert"] < -1) | (cols["head"] < -1)
+    bad = bad_op | bad_name | bad_label
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        name = names[i]
+        if bad_op[i]:
+            raise InvalidArgument(
+                f"metric {i} ({name!r}) of schema {schema_id} has "
+                f"reduce op {int(op[i])}: declare sum, mean, max or min"
+            )
+        if bad_name[i]:
+            raise InvalidArgument(
+                f"metric {i} of schema {schema_id}: name must have 1..{MAX_NAME_CHARS} characters"
+            )
+        raise InvalidArgument(f"metric {name!r}: layer/expert/head must be >= -1")
+    dup = names.is_duplicated()
+    if dup.any():
+        raise InvalidArgument(
+            f"metric {names.filter(dup)[0]!r} appears twice in schema {schema_id}"
+        )
+    return _Columns(names=names, hashes=name_hashes(names), **cols)
+
+
+def _def_columns(s: pb.Schema) -> _Columns:
+    """The MetricDef form (older clients): each def's fields read once into columns."""
+    metrics: Sequence[pb.MetricDef] = s.metrics
+    if not metrics:
+        raise InvalidArgument(f"schema {s.schema_id} has no metrics")
     names, layer, expert, head, stat, unit, reduce = zip(*map(_FIELDS, metrics))
-    n_chars = list(map(len, names))
-    if not (
-        set(reduce) <= REDUCE_CODES.keys()
-        and min(n_chars) >= 1
-        and max(n_chars) <= MAX_NAME_CHARS
-        and min(*layer, *expert, *head) >= -1
-    ):
-        for i, m in enumerate(metrics):
-            _check_def(schema_id, i, m)
-    if len(set(names)) != len(names):
-        count = Counter(names)
-        dup = next(n for n in names if count[n] > 1)
-        raise InvalidArgument(f"metric {dup!r} appears twice in schema {schema_id}")
-    # REDUCE_CODES maps proto codes to themselves (asserted above), so reduce is the op code.
-    # stat and unit repeat across thousands of metrics: one string object each, not one per def
-    stat, unit = tuple(map(sys.intern, stat)), tuple(map(sys.intern, unit))
-    return _Columns(list(names), list(zip(layer, expert, head, stat, unit, reduce)))
+    stats, stat_ix = _table(stat)
+    units, unit_ix = _table(unit)
+    i32 = lambda v: np.array(v, np.int64).clip(-(2**31), 2**31 - 1).astype(np.int32)
+    return _checked(
+        s.schema_id,
+        pl.Series(names, dtype=pl.Utf8),
+        layer=i32(layer),
+        expert=i32(expert),
+        head=i32(head),
+        stats=stats,
+        stat=stat_ix,
+        units=units,
+        unit=unit_ix,
+        op=np.array(reduce, np.int64).clip(-1, 127).astype(np.int8),
+    )
+
+
+def _table(values: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(distinct values in first-seen order, index of each value into them)."""
+    table = list(dict.fromkeys(values))
+    index = {v: i for i, v in enumerate(table)}
+    return table, np.fromiter(map(index.__getitem__, values), np.int64, len(values))
+
+
+def _array(schema_id: int, field: str, data: bytes, dtype: str, n: int) -> np.ndarray:
+    a = np.frombuffer(data, dtype)
+    if a.size != n or len(data) != n * a.itemsize:
+        raise InvalidArgument(
+            f"schema {schema_id}: packed.{field} holds {len(data)} bytes, not {n} x "
+            f"{np.dtype(dtype).itemsize} (one {dtype} per metric)"
+        )
+    return a
+
+
+def _packed_columns(s: pb.Schema) -> _Columns:
+    """The packed form: arrays read in place, names as one Arrow string array."""
+    p, sid = s.packed, s.schema_id
+    n = p.count
+    ends = _array(sid, "name_ends", p.name_ends, "<u4", n).astype(np.int64)
+    stat = _array(sid, "stat_index", p.stat_index, "<u4", n).astype(np.int64)
+    unit = _array(sid, "unit_index", p.unit_index, "<u4", n).astype(np.int64)
+    if n and (int(stat.max()) >= len(p.stats) or int(unit.max()) >= len(p.units)):
+        raise InvalidArgument(f"schema {sid}: packed stat/unit index outside its table")
+    if n and (int(ends[-1]) != len(p.names) or bool((np.diff(ends) < 0).any())):
+        raise InvalidArgument(
+            f"schema {sid}: packed.name_ends must ascend to len(names) = {len(p.names)}"
+        )
+    offsets = np.concatenate([[0], ends]).astype(np.int32)
+    try:
+        arr = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(p.names))
+        arr.validate(full=True)  # offsets and UTF-8
+    except (pa.ArrowException, ValueError) as e:
+        raise InvalidArgument(f"schema {sid}: packed names are not valid UTF-8: {e}") from None
+    names = from_arrow(pa.table({"name": arr}))["name"]
+    return _checked(
+        sid,
+        names,
+        layer=_array(sid, "layer", p.layer, "<i4", n).astype(np.int32),
+        expert=_array(sid, "expert", p.expert, "<i4", n).astype(np.int32),
+        head=_array(sid, "head", p.head, "<i4", n).astype(np.int32),
+        stats=list(p.stats),
+        stat=stat,
+        units=list(p.units),
+        unit=unit,
+        op=_array(sid, "reduce", p.reduce, "u1", n).astype(np.int8),
+    )
 
 
 _FIELDS = operator.attrgetter("name", "layer", "expert", "head", "stat", "unit", "reduce")
-
-
-def _check_def(schema_id: int, i: int, m: pb.MetricDef) -> None:
-    """InvalidArgument if def i is bad: the per-def checks, run once the bulk check failed."""
-    if m.reduce not in REDUCE_CODES:
-        raise InvalidArgument(
-            f"metric {i} ({m.name!r}) of schema {schema_id} has "
-            f"reduce op {m.reduce}: declare sum, mean, max or min"
-        )
-    if not m.name or len(m.name) > MAX_NAME_CHARS:
-        raise InvalidArgument(
-            f"metric {i} of schema {schema_id}: name must have 1..{MAX_NAME_CHARS} characters"
-        )
-    if min(m.layer, m.expert, m.head) < -1:
-        raise InvalidArgument(f"metric {m.name!r}: layer/expert/head must be >= -1")

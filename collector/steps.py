@@ -72,7 +72,7 @@ class Steps:
         if new_rows is None:
             acks.received(s.header.seq)
             return
-        self.counters.add("metrics_registered", len(new_rows.name))
+        self.counters.add("metrics_registered", len(new_rows.metric_id))
         acks.in_job(s.header.seq, self.writer.submit(WriteMetrics(run.name, new_rows)))
 
     def chunk(self, run: Run, rank: int, c: pb.StepChunk, acks: RankAcks, resend: bool) -> None:

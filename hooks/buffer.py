@@ -69,7 +69,7 @@ class SchemaItem:
     """A schema registered mid-run (the user's logged names): sent before any later step."""
 
     schema_id: int
-    specs: Sequence[Any]  # hooks.layout.MetricSpec
+    specs: Any  # hooks.frames.SpecColumns (or MetricSpecs)
 
 
 @dataclass
@@ -141,6 +141,9 @@ class StepBuffer:
         self._pending_steps = 0
         self._unacked: collections.deque = collections.deque()  # (seq, ClientFrame, nbytes)
         self._unacked_steps = 0
+        # The item the worker popped and is encoding: still buffered until record_sent (a
+        # close that looked only at pending and unacked could say goodbye before its frames)
+        self._taken: StepItem | AckItem | SchemaItem | None = None
         self._bytes = 0  # values of pending steps and of unacknowledged chunks
         self.drops = DropLog()
         self._logged_at = -float("inf")  # when drops were last logged
@@ -259,7 +262,14 @@ class StepBuffer:
             if isinstance(item, StepItem):
                 self._pending_steps -= 1
                 self._bytes -= item.nbytes
+            self._taken = item
             return item
+
+    def release(self) -> None:
+        """The popped item is encoded and recorded (or its encoding failed: it is gone)."""
+        with self.cond:
+            self._taken = None
+            self.cond.notify_all()
 
     def record_sent(self, frames: list[pb.ClientFrame], is_step: bool) -> None:
         with self.cond:
@@ -268,6 +278,7 @@ class StepBuffer:
                 self._unacked.append((seq_of(frame), frame, nbytes))
                 self._bytes += nbytes
             self._unacked_steps += int(is_step)
+            self._taken = None
 
     def ack(self, seq: int) -> None:
         """Cumulative: every frame with seq <= `seq` is durable and leaves the buffer."""
@@ -306,11 +317,12 @@ class StepBuffer:
 
     def drained(self) -> bool:
         with self.cond:
-            return not self._pending and not self._unacked
+            return not self._pending and not self._unacked and self._taken is None
 
     def buffered(self) -> int:
         with self.cond:
-            return self._pending_steps + self._unacked_steps
+            taken = int(isinstance(self._taken, StepItem))
+            return self._pending_steps + self._unacked_steps + taken
 
     def buffered_bytes(self) -> int:
         with self.cond:

@@ -66,24 +66,37 @@ class UserScalars:
         self.schemas: dict[str, int] = {}  # name -> its schema id
         self.pending: dict[int, dict[str, Any]] = {}
         self.next_unsent = 0  # every step below this one has been sent
+        # A training loop logs the same keys every step: a key set (with its reduce) checked
+        # once is not checked again, and a step's set of names maps to its layout once built.
+        self._checked: dict[tuple, None] = {}
+        self._layouts: dict[tuple[str, ...], tuple[list[tuple[int, int]], list[str]]] = {}
+
+    def _check_name(self, name: object, reduce: str | Mapping[str, str]) -> None:
+        """One key of a log() call: its name and reduce op (raises ValueError)."""
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or not NAME_RE.match(name):
+            raise ValueError(f"metric name {name!r} must be '/'-separated [A-Za-z0-9_.-]")
+        if name in self.reserved:
+            raise ValueError(f"{name!r} is one of stepwatch's own metrics")
+        op = reduce.get(name, "mean") if isinstance(reduce, Mapping) else reduce
+        if op not in REDUCES:
+            raise ValueError(f"reduce for {name!r} must be one of {REDUCES}, got {op!r}")
+        if self.reduce_of.setdefault(name, op) != op:
+            raise ValueError(
+                f"{name!r} was first logged with reduce={self.reduce_of[name]!r}, now {op!r}"
+            )
 
     def check(self, metrics: Mapping[str, Any], reduce: str | Mapping[str, str]) -> dict:
         """Validate a log() call (the user's code: raises ValueError / TypeError)."""
         if not isinstance(metrics, Mapping):
             raise TypeError(f"log() takes a dict of name -> value, got {type(metrics).__name__}")
+        key = (tuple(metrics), reduce if isinstance(reduce, str) else tuple(reduce.items()))
+        if key not in self._checked:
+            for name in metrics:
+                self._check_name(name, reduce)
+            if len(self._checked) < 1024:  # bounded: a loop that varies its keys forever
+                self._checked[key] = None
         out: dict[str, Any] = {}
         for name, value in metrics.items():
-            if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or not NAME_RE.match(name):
-                raise ValueError(f"metric name {name!r} must be '/'-separated [A-Za-z0-9_.-]")
-            if name in self.reserved:
-                raise ValueError(f"{name!r} is one of stepwatch's own metrics")
-            op = reduce.get(name, "mean") if isinstance(reduce, Mapping) else reduce
-            if op not in REDUCES:
-                raise ValueError(f"reduce for {name!r} must be one of {REDUCES}, got {op!r}")
-            if self.reduce_of.setdefault(name, op) != op:
-                raise ValueError(
-                    f"{name!r} was first logged with reduce={self.reduce_of[name]!r}, now {op!r}"
-                )
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise ValueError(f"{name!r}: a tensor value must hold one element")
@@ -111,6 +124,11 @@ class UserScalars:
         values = self.pending.pop(step, None)
         if not values:
             return None
+        key = tuple(values)
+        hit = self._layouts.get(key)
+        if hit is not None:  # the same names as an earlier step: its layout, no per-key work
+            schemas, order = hit
+            return schemas, UserValues(list(map(values.__getitem__, order)))
         names = []
         for name in sorted(values):
             if name not in self.schemas and len(self.schemas) >= MAX_USER_NAMES:
@@ -124,7 +142,10 @@ class UserScalars:
             names.append(name)
         if not names:
             return None
-        return [(self.schemas[n], 1) for n in names], UserValues([values[n] for n in names])
+        schemas = [(self.schemas[n], 1) for n in names]
+        if len(names) == len(values) and len(self._layouts) < 1024:  # nothing dropped
+            self._layouts[key] = (schemas, names)
+        return schemas, UserValues([values[n] for n in names])
 
     def log(
         self,

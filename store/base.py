@@ -67,18 +67,21 @@ class RunInfo:
     started_at: float = 0.0  # unix seconds
 
 
+StrColumn = list[str] | pl.Series
+
+
 @dataclass
 class MetricDict:
     """Columns of metric-dictionary rows for one run (equal lengths)."""
 
     metric_id: np.ndarray  # int32, dense per run
-    name: list[str]
+    name: StrColumn  # a list, or a polars Utf8 Series (no Python object per row)
     layer: np.ndarray  # int32, -1 = none
     expert: np.ndarray  # int32, -1 = none
     head: np.ndarray  # int32, -1 = none
-    stat: list[str]
-    unit: list[str]
-    reduce: list[str]  # each in REDUCE_OPS
+    stat: StrColumn
+    unit: StrColumn
+    reduce: StrColumn  # each in REDUCE_OPS
 
 
 @dataclass

@@ -51,6 +51,7 @@ from store.frames import (
 )
 from store.globs import glob_to_regex
 from store.reduced import OWN, reduced_vectors, resolve, share_with_raw
+from store.names import NameIndex, name_hashes
 from store.validate import (
     clips_frame,
     events_frame,
@@ -68,6 +69,41 @@ def _check_step(name: str, v: int | None) -> int | None:
     return None if v is None else int(v)
 
 
+class _DictNames:
+    """The names and highest id of one run's dictionary as this writer has it (committed +
+    pending): 12 bytes a name (store/names.py), so the usual write is checked without
+    reading the dictionary back."""
+
+    def __init__(self, df: pl.DataFrame) -> None:
+        self.rebuild(df)
+
+    def rebuild(self, df: pl.DataFrame) -> None:
+        self.index = NameIndex()
+        self.max_id = -1
+        self._add(df)
+
+    def _add(self, df: pl.DataFrame) -> None:
+        if df.height:
+            ids = df["metric_id"].to_numpy()
+            self.index.add(name_hashes(df["name"]), ids)
+            self.max_id = max(self.max_id, int(ids.max()))
+
+    def appends(self, new: pl.DataFrame) -> bool:
+        """True (and `new` taken in) when `new` holds only ids above every known one and
+        names that are certainly new; False: the caller must check it the exact way."""
+        if new.height == 0:
+            return True
+        ids = new["metric_id"].to_numpy()
+        if int(ids.min()) <= self.max_id or new["name"].is_duplicated().any():
+            return False
+        hashes = name_hashes(new["name"])
+        if (self.index.first(hashes) >= 0).any():  # taken, or a hash collision: exact path
+            return False
+        self.index.add(hashes, ids)
+        self.max_id = int(ids.max())
+        return True
+
+
 class BufferedStore(Store):
     """Validation, write buffering, the closed state and every read; subclasses store rows."""
 
@@ -77,7 +113,9 @@ class BufferedStore(Store):
         self._run_rows: dict[str, dict[str, Any]] = {}  # runs this writer has touched
         self._dirty_runs: set[str] = set()
         self._foreign_runs: set[str] = set()  # runs whose row another writer owns
-        self._pending_metrics: dict[str, pl.DataFrame] = {}  # whole merged dictionary per run
+        # dictionary rows written since the last commit, per run (the backend appends them)
+        self._pending_metrics: dict[str, list[pl.DataFrame]] = {}
+        self._names: dict[str, _DictNames] = {}  # run -> its committed + pending names
         self._pending: dict[tuple[str, str], list[pl.DataFrame]] = {}  # (run, table) chunks
         self._pending_layouts: dict[str, dict[int, np.ndarray]] = {}  # run -> {hash: ids}
 
@@ -98,7 +136,10 @@ class BufferedStore(Store):
         values: dict[tuple[str, str], pl.DataFrame],
         layouts: dict[str, dict[int, np.ndarray]],
     ) -> None:
-        """Make these durable and visible; values come from `_combine` with TABLES schemas
+        """Make these durable and visible. `metrics`: per run the dictionary rows written since
+        the last commit (new ids, or upserts of old ones: last write wins on read), one per
+        metric_id: a backend appends them, never rewrites the dictionary. Values come from
+        `_combine` with TABLES schemas
         ("raw_vectors" without `ver`: the backend numbers its rows, increasing in frame order,
         above every earlier commit's), layouts are the ids of every layout those vectors use.
         May raise: everything stays pending and the next flush commits it again (idempotent)."""
@@ -276,15 +317,30 @@ class BufferedStore(Store):
             self._touch(run, row)
 
     def write_metrics(self, run: str, metrics: MetricDict) -> None:
+        """New ids with new names (the usual write: a schema part's fresh metrics) cost a
+        vectorised lookup in the run's name index; anything else (an upsert of an old id, a
+        name that may be taken) is checked against the whole dictionary, as merge_metrics
+        defines it."""
         new = metrics_frame(metrics)
         with self._lock:
             self._check_open()
             row = self._row(run)
-            old = self._pending_metrics.get(run)
-            if old is None:
-                old = self._committed_metrics(run)
-            self._pending_metrics[run] = merge_metrics(old, new)
+            names = self._names.get(run)
+            if names is None:
+                names = self._names[run] = _DictNames(self._committed_metrics(run))
+            if not names.appends(new):
+                merged = merge_metrics(self._dictionary(run), new)  # raises on a taken name
+                names.rebuild(merged)
+            self._pending_metrics.setdefault(run, []).append(new)
             self._touch(run, row)
+
+    def _dictionary(self, run: str) -> pl.DataFrame:
+        """Committed and pending dictionary rows of a run, merged (the exact, slow path)."""
+        return last_wins(
+            pl.concat([self._committed_metrics(run), *self._pending_metrics.get(run, [])]),
+            ["metric_id"],
+            maintain_order=True,
+        )
 
     def _write_values(
         self, run: str, table: str, frame: pl.DataFrame, *, advances: bool = True
@@ -337,9 +393,13 @@ class BufferedStore(Store):
                 for (run, table), chunks in self._pending.items()
             }
             runs = {run: dict(self._run_rows[run]) for run in self._dirty_runs}
+            metrics = {
+                run: last_wins(pl.concat(chunks), ["metric_id"], maintain_order=True)
+                for run, chunks in self._pending_metrics.items()
+            }
             if self.shares_raw:
                 self._share_raw(values)
-            self._commit(runs, dict(self._pending_metrics), values, dict(self._pending_layouts))
+            self._commit(runs, metrics, values, dict(self._pending_layouts))
             self._pending.clear()
             self._pending_metrics.clear()
             self._pending_layouts.clear()
@@ -364,6 +424,7 @@ class BufferedStore(Store):
         with self._lock:
             self._pending.clear()
             self._pending_metrics.clear()
+            self._names.clear()  # held pending names too: rebuilt from the committed rows
             self._pending_layouts.clear()
             self._dirty_runs.clear()
             self._run_rows.clear()

@@ -41,7 +41,10 @@ class MemoryStore(BufferedStore):
     def _commit(self, runs, metrics, values, layouts) -> None:
         self._commits += 1
         self._runs.update({run: dict(row) for run, row in runs.items()})
-        self._dicts.update(metrics)
+        for run, rows in metrics.items():
+            old = self._dicts.get(run)
+            merged = rows if old is None else last_wins(pl.concat([old, rows]), ["metric_id"])
+            self._dicts[run] = merged.sort("metric_id")
         for run, known in layouts.items():
             self._layouts.setdefault(run, {}).update(known)
         for key, frame in values.items():

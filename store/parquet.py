@@ -1,7 +1,11 @@
 """ParquetStore: the embedded default backend, files under one directory.
 
     DIR/<run>/run.parquet        the run row (one row, rewritten atomically per flush)
-    DIR/<run>/metrics.parquet    the metric dictionary (rewritten atomically when it changes)
+    DIR/<run>/metrics/           the metric dictionary: one file per flush that brought new
+                                 rows (NNNNNNNNNNNN.parquet, appended, never rewritten; a
+                                 later file's row wins for a repeated metric_id). Stores of
+                                 older versions kept one DIR/<run>/metrics.parquet: still read,
+                                 as the oldest part.
     DIR/<run>/raw_vectors/       per-rank vectors  } segment files, one per flush, compacted
     DIR/<run>/reduced_vectors/   reduced vectors   } (segments.py): a series read touches a
     DIR/<run>/steps/             barrier outcomes  } few files and skips most row groups
@@ -51,6 +55,7 @@ from store.frames import (
     TABLES,
     empty,
     from_arrow,
+    last_wins,
 )
 from store.locks import Locked, lock_file
 from store.segments import SegmentLog, remove_temp_files, write_atomic
@@ -58,6 +63,16 @@ from store.vectors import layouts_holding
 
 log = logging.getLogger(__name__)
 LAYOUT_FILE_RE = re.compile(r"^(\d{12})\.parquet$")
+PART_FILE_RE = LAYOUT_FILE_RE  # metrics/ parts are numbered the same way
+LEGACY_DICT = "metrics.parquet"
+MAX_DICT_PARTS = 4096  # beyond it the parts are merged into one (~67 M names of 16 K a part)
+# Dictionary parts: ids and labels delta-coded, only the few distinct labels dictionary-coded,
+# one row group a part (read whole): 1 M names take 9.5 MB instead of 13.9 MB
+DICT_WRITE_OPTIONS = {
+    "use_dictionary": ["stat", "unit", "reduce"],
+    "column_encoding": {c: "DELTA_BINARY_PACKED" for c in ("metric_id", "layer", "expert", "head")},
+    "row_group_size": 1 << 20,
+}
 LAYOUTS_SCHEMA = {"layout": pl.UInt64, "ids": pl.Binary}  # ids: int32 little-endian
 ROOT_LOCK = "~writer.lock"  # '~' is no run-name character: never a run's directory
 
@@ -73,7 +88,9 @@ class ParquetStore(BufferedStore):
         self.fsync = fsync
         self._locks: dict[str, int] = {}  # run -> fd holding its writer flock
         self._root_lock: int | None = None  # fd holding ROOT_LOCK (lock_writer)
-        self._dict_cache: dict[str, tuple[tuple[int, int, int], pl.DataFrame]] = {}
+        # run -> (the dictionary files read, in order, and their merged rows); parts never
+        # change once written, so a reader reads only the parts it has not seen
+        self._dict_cache: dict[str, tuple[list[str], pl.DataFrame]] = {}
         # run -> (layout files read, {hash: ids}); files are written once and never change.
         self._layout_cache: dict[str, tuple[set[str], dict[int, np.ndarray]]] = {}
 
@@ -114,9 +131,7 @@ class ParquetStore(BufferedStore):
         # decode it, and a run row's last_step never runs ahead of the values it announces.
         try:
             for run, df in metrics.items():
-                write_atomic(
-                    os.path.join(self._run_dir(run), "metrics.parquet"), df, fsync=self.fsync
-                )
+                self._append_dictionary(run, df)
             for run, new in layouts.items():
                 self._write_layouts(run, new)
             for (run, table), df in values.items():
@@ -129,6 +144,28 @@ class ParquetStore(BufferedStore):
                 )
         except OSError as e:
             raise StoreError(f"flush to {self.root} failed: {e}") from e
+
+    def _append_dictionary(self, run: str, rows: pl.DataFrame) -> None:
+        """One more dictionary part (the rows since the last flush); past MAX_DICT_PARTS the
+        whole dictionary becomes one part and the older files go (a reader that lists them
+        mid-way finds the merged part last, or re-lists: `_committed_metrics`)."""
+        if rows.height == 0:
+            return
+        d = os.path.join(self._run_dir(run), "metrics")
+        os.makedirs(d, exist_ok=True)
+        parts = _numbered(d)
+        n = int(parts[-1].partition(".")[0]) + 1 if parts else 1
+        opts = DICT_WRITE_OPTIONS
+        write_atomic(os.path.join(d, f"{n:012d}.parquet"), rows, fsync=self.fsync, options=opts)
+        if len(parts) + 1 > MAX_DICT_PARTS:
+            whole = self._committed_metrics(run)
+            path = os.path.join(d, f"{n + 1:012d}.parquet")
+            write_atomic(path, whole, fsync=self.fsync, options=opts)
+            for old in [*parts, f"{n:012d}.parquet"]:
+                os.unlink(os.path.join(d, old))
+            legacy = os.path.join(self._run_dir(run), LEGACY_DICT)
+            if os.path.exists(legacy):
+                os.unlink(legacy)
 
     def _write_layouts(self, run: str, new: dict[int, np.ndarray]) -> None:
         """Append the layouts this run's files do not hold yet as one more layout file."""
@@ -186,20 +223,40 @@ class ParquetStore(BufferedStore):
         return df.cast(RUNS_SCHEMA).row(0, named=True)
 
     def _committed_metrics(self, run: str) -> pl.DataFrame:
-        path = os.path.join(self._run_dir(run), "metrics.parquet")
+        for _ in range(8):  # a writer merging its parts may remove a listed file: list again
+            try:
+                return self._read_dictionary(run)
+            except FileNotFoundError:
+                continue
+        raise StoreError(f"the metric dictionary of run {run!r} kept changing while read")
+
+    def _read_dictionary(self, run: str) -> pl.DataFrame:
+        d = os.path.join(self._run_dir(run), "metrics")
+        files = [os.path.join(d, f) for f in _numbered(d)]
+        legacy = os.path.join(self._run_dir(run), LEGACY_DICT)
+        if os.path.exists(legacy):
+            files.insert(0, legacy)
+        seen, df = self._dict_cache.get(run, ([], empty(METRICS_SCHEMA)))
+        if files[: len(seen)] != seen:  # merged by the writer (or a legacy file appeared)
+            seen, df = [], empty(METRICS_SCHEMA)
+        if len(files) == len(seen):
+            return df
         try:
-            with open(path, "rb") as f:  # stat and read the same inode
-                st = os.fstat(f.fileno())
-                key = (st.st_ino, st.st_mtime_ns, st.st_size)
-                hit = self._dict_cache.get(run)
-                if hit is not None and hit[0] == key:
-                    return hit[1]
-                df = from_arrow(pq.read_table(f)).cast(METRICS_SCHEMA)
+            fresh = [from_arrow(pq.read_table(f)).cast(METRICS_SCHEMA) for f in files[len(seen) :]]
         except FileNotFoundError:
-            return empty(METRICS_SCHEMA)
+            raise  # merged away while listed: the caller lists again
         except (OSError, pa.ArrowException) as e:
-            raise StoreError(f"cannot read {path}: {e}") from e
-        self._dict_cache[run] = (key, df)
+            raise StoreError(f"cannot read the metric dictionary of run {run!r}: {e}") from e
+        top, ascending = (int(df["metric_id"].to_numpy().max()) if df.height else -1), True
+        for f in fresh:  # the usual parts: each one's ids above all before it
+            ids = f["metric_id"].to_numpy()
+            if ids.size:
+                ascending &= bool(int(ids.min()) > top and (np.diff(ids) > 0).all())
+                top = max(top, int(ids.max()))
+        df = pl.concat([df, *fresh])
+        if not ascending:  # an upsert, or parts out of id order
+            df = last_wins(df, ["metric_id"], maintain_order=True).sort("metric_id")
+        self._dict_cache[run] = (files, df)
         return df
 
     def _read_runs(self) -> pl.DataFrame:
@@ -262,3 +319,10 @@ class ParquetStore(BufferedStore):
             return empty(REDUCED_VECTORS_SCHEMA), known
         vec = self._log(run, "reduced_vectors").scan(layout=holding, start=start, stop=stop)
         return vec, known
+
+def _numbered(directory: str) -> list[str]:
+    """The NNNNNNNNNNNN.parquet files of a directory, in number order ([] if none)."""
+    try:
+        return sorted(f for f in os.listdir(directory) if PART_FILE_RE.match(f))
+    except FileNotFoundError:
+        return []

@@ -27,6 +27,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -66,8 +67,11 @@ class Segment:
         return (start is None or self.step_max >= start) and (stop is None or self.step_min < stop)
 
 
-def write_atomic(path: str, df: pl.DataFrame, *, fsync: bool) -> None:
-    """Write `df` as Parquet to a temp name in the same directory, then rename over `path`."""
+def write_atomic(
+    path: str, df: pl.DataFrame, *, fsync: bool, options: dict[str, Any] | None = None
+) -> None:
+    """Write `df` as Parquet to a temp name in the same directory, then rename over `path`.
+    `options`: more pq.write_table arguments (encodings) or overrides."""
     d, name = os.path.split(path)
     tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
     row_bytes = df.estimated_size() // max(1, df.height)
@@ -75,16 +79,15 @@ def write_atomic(path: str, df: pl.DataFrame, *, fsync: bool) -> None:
     # min/max (whole values, per page and row group) were 13% of a raw-vector file.
     stats = [name for name, dtype in df.schema.items() if dtype != pl.Binary]
     try:
-        pq.write_table(
-            df.to_arrow(),
-            tmp,
-            compression="zstd",
-            write_statistics=stats,
-            row_group_size=max(
+        kwargs: dict[str, Any] = {
+            "compression": "zstd",
+            "write_statistics": stats,
+            "row_group_size": max(
                 1,
                 min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes if row_bytes else ROW_GROUP_ROWS),
             ),
-        )
+        }
+        pq.write_table(df.to_arrow(), tmp, **{**kwargs, **(options or {})})
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:

@@ -57,7 +57,11 @@ def int_column(name: str, x: Any, dtype: type[np.integer], *, low: int) -> np.nd
     return np.array(arr, dtype=dtype, copy=True)  # copy: the caller may reuse its buffer
 
 
-def _str_column(name: str, x: Any, n: int) -> list[str]:
+def _str_column(name: str, x: Any, n: int) -> list[str] | pl.Series:
+    if isinstance(x, pl.Series):  # columnar (the collector's registry): checked as a column
+        if x.dtype != pl.Utf8 or x.len() != n or x.null_count():
+            raise InvalidInput(f"{name} must be {n} strings (a Utf8 Series without nulls)")
+        return x.rename(name)
     if isinstance(x, str) or len(x) != n:
         raise InvalidInput(f"{name} must be a list of {n} strings")
     out = list(x)
@@ -82,9 +86,12 @@ def metrics_frame(md: MetricDict) -> pl.DataFrame:
         cols[key] = col
     for key in ("name", "stat", "unit", "reduce"):
         cols[key] = _str_column(key, getattr(md, key), n)
-    if any(not s for s in cols["name"]):
+    names = cols["name"]
+    if (names.str.len_bytes().min() == 0) if isinstance(names, pl.Series) else not all(names):
         raise InvalidInput("metric names must be non-empty")
-    bad = sorted(set(cols["reduce"]) - set(REDUCE_OPS))
+    reduce = cols["reduce"]
+    bad = sorted(set(reduce.unique().to_list() if isinstance(reduce, pl.Series) else reduce))
+    bad = [r for r in bad if r not in REDUCE_OPS]
     if bad:
         raise InvalidInput(f"reduce must be one of {REDUCE_OPS}, got {bad}")
     df = pl.DataFrame(cols, schema=METRICS_SCHEMA)

@@ -96,6 +96,7 @@ class Conn:
     acked: int = 0
     chunk_ends_step: bool = False  # Welcome: the last chunk may end the step
     takes_dropped: bool = False  # Welcome: hole reports (StepsDropped) are understood
+    takes_packed_schema: bool = False  # Welcome: Schema.packed (PackedMetrics) is understood
     progressed: bool = False  # an Ack arrived on it: the backoff starts over
     refused: tuple[str, str, bool] | None = None  # the collector's Error: code, message, permanent
     dead: bool = False
@@ -282,14 +283,25 @@ class SenderCore(Generic[ConnT]):
     def _resume(self, conn: ConnT) -> list[pb.ClientFrame]:
         """After Welcome: the schemas and every unacknowledged frame, to send first."""
         with self._cond:
+            packed = conn.takes_packed_schema
             if self._schema_frames is None:  # first connection of this client
                 self._next_seq = conn.acked
                 self._schema_frames = [
-                    frames.schema(self.ident, self._alloc_seq(), sid, specs)
+                    frames.schema(self.ident, self._alloc_seq(), sid, specs, packed)
                     for sid, specs in self._schemas
                 ]
+            elif any(f.schema.HasField("packed") != packed for f in self._schema_frames):
+                # a collector that takes the other form now: the same schemas, same seqs
+                self._schema_frames = [frames.schema_form(f, packed) for f in self._schema_frames]
+                self.buffer.counters["schemas_reencoded"] += 1
             self.buffer.ack(conn.acked)  # durable already: never resent
             resend = self.buffer.unacked_frames()
+            if any(f.WhichOneof("kind") == "schema" for f in resend):
+                resend = [
+                    frames.schema_form(f, packed) if f.WhichOneof("kind") == "schema" else f
+                    for f in resend
+                ]
+                self.buffer.replace_unacked(resend)
             if not conn.chunk_ends_step and any(map(frames.folds_end, resend)):
                 resend = frames.split_ends_step(resend)  # an older collector now
                 self.buffer.replace_unacked(resend)
@@ -332,10 +344,21 @@ class SenderCore(Generic[ConnT]):
         return conn.takes_dropped and bool(self.buffer.drops.ranges)
 
     def _encode(self, conn: ConnT, item: StepItem | AckItem | SchemaItem) -> list[pb.ClientFrame]:
-        """Encode outside the lock (only the worker allocates seqs), then record as sent."""
+        """Encode outside the lock (only the worker allocates seqs), then record as sent.
+        Until then the popped item still counts as buffered (close waits for it)."""
+        try:
+            return self._encode_item(conn, item)
+        finally:
+            self.buffer.release()
+
+    def _encode_item(
+        self, conn: ConnT, item: StepItem | AckItem | SchemaItem
+    ) -> list[pb.ClientFrame]:
         is_step = isinstance(item, StepItem)
         if isinstance(item, SchemaItem):
-            frame = frames.schema(self.ident, self._alloc_seq(), item.schema_id, item.specs)
+            frame = frames.schema(
+                self.ident, self._alloc_seq(), item.schema_id, item.specs, conn.takes_packed_schema
+            )
             with self._cond:
                 assert self._schema_frames is not None  # set by _resume before any item
                 self._schema_frames.append(frame)  # resent first after a reconnect
@@ -384,6 +407,7 @@ class SenderCore(Generic[ConnT]):
                 conn.acked, conn.welcomed = resp.welcome.acked_seq, True
                 conn.chunk_ends_step = resp.welcome.chunk_ends_step
                 conn.takes_dropped = resp.welcome.takes_dropped
+                conn.takes_packed_schema = resp.welcome.takes_packed_schema
             elif kind == "ack":
                 self.buffer.ack(resp.ack.seq)
                 conn.last_progress = time.monotonic()

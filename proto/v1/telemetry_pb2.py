@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/v1/telemetry.proto\x12\x0cstepwatch.v1\"\xec\x02\n\x0b\x43lientFrame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.stepwatch.v1.HelloH\x00\x12&\n\x06schema\x18\x02 \x01(\x0b\x32\x14.stepwatch.v1.SchemaH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.stepwatch.v1.StepChunkH\x00\x12.\n\x0b\x65nd_of_step\x18\x04 \x01(\x0b\x32\x17.stepwatch.v1.EndOfStepH\x00\x12)\n\x08\x63lip_ack\x18\x05 \x01(\x0b\x32\x15.stepwatch.v1.ClipAckH\x00\x12-\n\x07\x64ropped\x18\x06 \x01(\x0b\x32\x1a.stepwatch.v1.StepsDroppedH\x00\x12(\n\x07goodbye\x18\x07 \x01(\x0b\x32\x15.stepwatch.v1.GoodbyeH\x00\x12)\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x18.stepwatch.v1.FrameBatchH\x00\x42\x06\n\x04kind\"7\n\nFrameBatch\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.stepwatch.v1.ClientFrame\"C\n\x0b\x46rameHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"\xb3\x01\n\x05Hello\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x0f\n\x07session\x18\x06 \x01(\t\x12\x13\n\x0bmultiplexed\x18\x07 \x01(\x08\"\x8a\x01\n\tMetricDef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x05\x12\x0c\n\x04head\x18\x04 \x01(\x05\x12\x0c\n\x04stat\x18\x05 \x01(\t\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12&\n\x06reduce\x18\x07 \x01(\x0e\x32\x16.stepwatch.v1.ReduceOp\"p\n\x06Schema\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x11\n\tschema_id\x18\x02 \x01(\r\x12(\n\x07metrics\x18\x03 \x03(\x0b\x32\x17.stepwatch.v1.MetricDef\"\xb3\x01\n\tStepChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x11\n\tschema_id\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\r\x12\r\n\x05total\x18\x04 \x01(\r\x12\x0e\n\x06values\x18\x05 \x01(\x0c\x12\x11\n\tends_step\x18\x06 \x01(\x08\x12\x13\n\x0bstep_values\x18\x07 \x01(\r\x12\x11\n\twall_time\x18\x08 \x01(\x01\"[\n\tEndOfStep\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x10\n\x08n_values\x18\x02 \x01(\r\x12\x11\n\twall_time\x18\x03 \x01(\x01\"\x81\x01\n\x0cStepsDropped\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\'\n\x06ranges\x18\x02 \x03(\x0b\x32\x17.stepwatch.v1.StepRange\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"(\n\tStepRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x03\x12\x0c\n\x04last\x18\x02 \x01(\x03\"I\n\x07Goodbye\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x13\n\x0bhalf_closed\x18\x02 \x01(\x08\"E\n\x07\x43lipAck\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x82\x02\n\x0bServerFrame\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.stepwatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.stepwatch.v1.AckH\x00\x12(\n\x04\x63lip\x18\x03 \x01(\x0b\x32\x18.stepwatch.v1.ClipUpdateH\x00\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.stepwatch.v1.ErrorH\x00\x12(\n\x07goodbye\x18\x05 \x01(\x0b\x32\x15.stepwatch.v1.GoodbyeH\x00\x12%\n\x02to\x18\x06 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeaderB\x06\n\x04kind\"\x92\x01\n\x07Welcome\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x17\n\x0f\x63hunk_ends_step\x18\x03 \x01(\x08\x12\x15\n\rtakes_dropped\x18\x04 \x01(\x08\x12\x13\n\x0bmultiplexed\x18\x05 \x01(\x08\x12\x15\n\rtakes_batches\x18\x06 \x01(\x08\" \n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x03\"9\n\x0b\x43lipSetting\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x02\"Z\n\nClipUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x08settings\x18\x02 \x03(\x0b\x32\x19.stepwatch.v1.ClipSetting\x12\x0e\n\x06reason\x18\x03 \x01(\t\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tpermanent\x18\x03 \x01(\x08*c\n\x08ReduceOp\x12\x16\n\x12REDUCE_UNSPECIFIED\x10\x00\x12\x0e\n\nREDUCE_SUM\x10\x01\x12\x0f\n\x0bREDUCE_MEAN\x10\x02\x12\x0e\n\nREDUCE_MAX\x10\x03\x12\x0e\n\nREDUCE_MIN\x10\x04\x32O\n\tTelemetry\x12\x42\n\x06Stream\x12\x19.stepwatch.v1.ClientFrame\x1a\x19.stepwatch.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/v1/telemetry.proto\x12\x0cstepwatch.v1\"\xec\x02\n\x0b\x43lientFrame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.stepwatch.v1.HelloH\x00\x12&\n\x06schema\x18\x02 \x01(\x0b\x32\x14.stepwatch.v1.SchemaH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.stepwatch.v1.StepChunkH\x00\x12.\n\x0b\x65nd_of_step\x18\x04 \x01(\x0b\x32\x17.stepwatch.v1.EndOfStepH\x00\x12)\n\x08\x63lip_ack\x18\x05 \x01(\x0b\x32\x15.stepwatch.v1.ClipAckH\x00\x12-\n\x07\x64ropped\x18\x06 \x01(\x0b\x32\x1a.stepwatch.v1.StepsDroppedH\x00\x12(\n\x07goodbye\x18\x07 \x01(\x0b\x32\x15.stepwatch.v1.GoodbyeH\x00\x12)\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x18.stepwatch.v1.FrameBatchH\x00\x42\x06\n\x04kind\"7\n\nFrameBatch\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.stepwatch.v1.ClientFrame\"C\n\x0b\x46rameHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"\xb3\x01\n\x05Hello\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x0f\n\x07session\x18\x06 \x01(\t\x12\x13\n\x0bmultiplexed\x18\x07 \x01(\x08\"\x8a\x01\n\tMetricDef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x05\x12\x0c\n\x04head\x18\x04 \x01(\x05\x12\x0c\n\x04stat\x18\x05 \x01(\t\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12&\n\x06reduce\x18\x07 \x01(\x0e\x32\x16.stepwatch.v1.ReduceOp\"\x9d\x01\n\x06Schema\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x11\n\tschema_id\x18\x02 \x01(\r\x12(\n\x07metrics\x18\x03 \x03(\x0b\x32\x17.stepwatch.v1.MetricDef\x12+\n\x06packed\x18\x04 \x01(\x0b\x32\x1b.stepwatch.v1.PackedMetrics\"\xc3\x01\n\rPackedMetrics\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05names\x18\x02 \x01(\x0c\x12\x11\n\tname_ends\x18\x03 \x01(\x0c\x12\r\n\x05layer\x18\x04 \x01(\x0c\x12\x0e\n\x06\x65xpert\x18\x05 \x01(\x0c\x12\x0c\n\x04head\x18\x06 \x01(\x0c\x12\r\n\x05stats\x18\x07 \x03(\t\x12\x12\n\nstat_index\x18\x08 \x01(\x0c\x12\r\n\x05units\x18\t \x03(\t\x12\x12\n\nunit_index\x18\n \x01(\x0c\x12\x0e\n\x06reduce\x18\x0b \x01(\x0c\"\xb3\x01\n\tStepChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x11\n\tschema_id\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\r\x12\r\n\x05total\x18\x04 \x01(\r\x12\x0e\n\x06values\x18\x05 \x01(\x0c\x12\x11\n\tends_step\x18\x06 \x01(\x08\x12\x13\n\x0bstep_values\x18\x07 \x01(\r\x12\x11\n\twall_time\x18\x08 \x01(\x01\"[\n\tEndOfStep\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x10\n\x08n_values\x18\x02 \x01(\r\x12\x11\n\twall_time\x18\x03 \x01(\x01\"\x81\x01\n\x0cStepsDropped\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\'\n\x06ranges\x18\x02 \x03(\x0b\x32\x17.stepwatch.v1.StepRange\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"(\n\tStepRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x03\x12\x0c\n\x04last\x18\x02 \x01(\x03\"I\n\x07Goodbye\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x13\n\x0bhalf_closed\x18\x02 \x01(\x08\"E\n\x07\x43lipAck\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeader\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x82\x02\n\x0bServerFrame\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.stepwatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.stepwatch.v1.AckH\x00\x12(\n\x04\x63lip\x18\x03 \x01(\x0b\x32\x18.stepwatch.v1.ClipUpdateH\x00\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.stepwatch.v1.ErrorH\x00\x12(\n\x07goodbye\x18\x05 \x01(\x0b\x32\x15.stepwatch.v1.GoodbyeH\x00\x12%\n\x02to\x18\x06 \x01(\x0b\x32\x19.stepwatch.v1.FrameHeaderB\x06\n\x04kind\"\xaf\x01\n\x07Welcome\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x17\n\x0f\x63hunk_ends_step\x18\x03 \x01(\x08\x12\x15\n\rtakes_dropped\x18\x04 \x01(\x08\x12\x13\n\x0bmultiplexed\x18\x05 \x01(\x08\x12\x15\n\rtakes_batches\x18\x06 \x01(\x08\x12\x1b\n\x13takes_packed_schema\x18\x07 \x01(\x08\" \n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x03\"9\n\x0b\x43lipSetting\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x02\"Z\n\nClipUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x08settings\x18\x02 \x03(\x0b\x32\x19.stepwatch.v1.ClipSetting\x12\x0e\n\x06reason\x18\x03 \x01(\t\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tpermanent\x18\x03 \x01(\x08*c\n\x08ReduceOp\x12\x16\n\x12REDUCE_UNSPECIFIED\x10\x00\x12\x0e\n\nREDUCE_SUM\x10\x01\x12\x0f\n\x0bREDUCE_MEAN\x10\x02\x12\x0e\n\nREDUCE_MAX\x10\x03\x12\x0e\n\nREDUCE_MIN\x10\x04\x32O\n\tTelemetry\x12\x42\n\x06Stream\x12\x19.stepwatch.v1.ClientFrame\x1a\x19.stepwatch.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REDUCEOP']._serialized_start=2221
-  _globals['_REDUCEOP']._serialized_end=2320
+  _globals['_REDUCEOP']._serialized_start=2494
+  _globals['_REDUCEOP']._serialized_end=2593
   _globals['_CLIENTFRAME']._serialized_start=43
   _globals['_CLIENTFRAME']._serialized_end=407
   _globals['_FRAMEBATCH']._serialized_start=409
@@ -43,32 +43,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_end=715
   _globals['_METRICDEF']._serialized_start=718
   _globals['_METRICDEF']._serialized_end=856
-  _globals['_SCHEMA']._serialized_start=858
-  _globals['_SCHEMA']._serialized_end=970
-  _globals['_STEPCHUNK']._serialized_start=973
-  _globals['_STEPCHUNK']._serialized_end=1152
-  _globals['_ENDOFSTEP']._serialized_start=1154
-  _globals['_ENDOFSTEP']._serialized_end=1245
-  _globals['_STEPSDROPPED']._serialized_start=1248
-  _globals['_STEPSDROPPED']._serialized_end=1377
-  _globals['_STEPRANGE']._serialized_start=1379
-  _globals['_STEPRANGE']._serialized_end=1419
-  _globals['_GOODBYE']._serialized_start=1421
-  _globals['_GOODBYE']._serialized_end=1494
-  _globals['_CLIPACK']._serialized_start=1496
-  _globals['_CLIPACK']._serialized_end=1565
-  _globals['_SERVERFRAME']._serialized_start=1568
-  _globals['_SERVERFRAME']._serialized_end=1826
-  _globals['_WELCOME']._serialized_start=1829
-  _globals['_WELCOME']._serialized_end=1975
-  _globals['_ACK']._serialized_start=1977
-  _globals['_ACK']._serialized_end=2009
-  _globals['_CLIPSETTING']._serialized_start=2011
-  _globals['_CLIPSETTING']._serialized_end=2068
-  _globals['_CLIPUPDATE']._serialized_start=2070
-  _globals['_CLIPUPDATE']._serialized_end=2160
-  _globals['_ERROR']._serialized_start=2162
-  _globals['_ERROR']._serialized_end=2219
-  _globals['_TELEMETRY']._serialized_start=2322
-  _globals['_TELEMETRY']._serialized_end=2401
+  _globals['_SCHEMA']._serialized_start=859
+  _globals['_SCHEMA']._serialized_end=1016
+  _globals['_PACKEDMETRICS']._serialized_start=1019
+  _globals['_PACKEDMETRICS']._serialized_end=1214
+  _globals['_STEPCHUNK']._serialized_start=1217
+  _globals['_STEPCHUNK']._serialized_end=1396
+  _globals['_ENDOFSTEP']._serialized_start=1398
+  _globals['_ENDOFSTEP']._serialized_end=1489
+  _globals['_STEPSDROPPED']._serialized_start=1492
+  _globals['_STEPSDROPPED']._serialized_end=1621
+  _globals['_STEPRANGE']._serialized_start=1623
+  _globals['_STEPRANGE']._serialized_end=1663
+  _globals['_GOODBYE']._serialized_start=1665
+  _globals['_GOODBYE']._serialized_end=1738
+  _globals['_CLIPACK']._serialized_start=1740
+  _globals['_CLIPACK']._serialized_end=1809
+  _globals['_SERVERFRAME']._serialized_start=1812
+  _globals['_SERVERFRAME']._serialized_end=2070
+  _globals['_WELCOME']._serialized_start=2073
+  _globals['_WELCOME']._serialized_end=2248
+  _globals['_ACK']._serialized_start=2250
+  _globals['_ACK']._serialized_end=2282
+  _globals['_CLIPSETTING']._serialized_start=2284
+  _globals['_CLIPSETTING']._serialized_end=2341
+  _globals['_CLIPUPDATE']._serialized_start=2343
+  _globals['_CLIPUPDATE']._serialized_end=2433
+  _globals['_ERROR']._serialized_start=2435
+  _globals['_ERROR']._serialized_end=2492
+  _globals['_TELEMETRY']._serialized_start=2595
+  _globals['_TELEMETRY']._serialized_end=2674
 # @@protoc_insertion_point(module_scope)

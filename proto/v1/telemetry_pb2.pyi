@@ -95,14 +95,42 @@ class MetricDef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., layer: _Optional[int] = ..., expert: _Optional[int] = ..., head: _Optional[int] = ..., stat: _Optional[str] = ..., unit: _Optional[str] = ..., reduce: _Optional[_Union[ReduceOp, str]] = ...) -> None: ...
 
 class Schema(_message.Message):
-    __slots__ = ("header", "schema_id", "metrics")
+    __slots__ = ("header", "schema_id", "metrics", "packed")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
     schema_id: int
     metrics: _containers.RepeatedCompositeFieldContainer[MetricDef]
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., schema_id: _Optional[int] = ..., metrics: _Optional[_Iterable[_Union[MetricDef, _Mapping]]] = ...) -> None: ...
+    packed: PackedMetrics
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., schema_id: _Optional[int] = ..., metrics: _Optional[_Iterable[_Union[MetricDef, _Mapping]]] = ..., packed: _Optional[_Union[PackedMetrics, _Mapping]] = ...) -> None: ...
+
+class PackedMetrics(_message.Message):
+    __slots__ = ("count", "names", "name_ends", "layer", "expert", "head", "stats", "stat_index", "units", "unit_index", "reduce")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    NAME_ENDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    STAT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    UNIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REDUCE_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    names: bytes
+    name_ends: bytes
+    layer: bytes
+    expert: bytes
+    head: bytes
+    stats: _containers.RepeatedScalarFieldContainer[str]
+    stat_index: bytes
+    units: _containers.RepeatedScalarFieldContainer[str]
+    unit_index: bytes
+    reduce: bytes
+    def __init__(self, count: _Optional[int] = ..., names: _Optional[bytes] = ..., name_ends: _Optional[bytes] = ..., layer: _Optional[bytes] = ..., expert: _Optional[bytes] = ..., head: _Optional[bytes] = ..., stats: _Optional[_Iterable[str]] = ..., stat_index: _Optional[bytes] = ..., units: _Optional[_Iterable[str]] = ..., unit_index: _Optional[bytes] = ..., reduce: _Optional[bytes] = ...) -> None: ...
 
 class StepChunk(_message.Message):
     __slots__ = ("header", "schema_id", "offset", "total", "values", "ends_step", "step_values", "wall_time")
@@ -187,20 +215,22 @@ class ServerFrame(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., clip: _Optional[_Union[ClipUpdate, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., to: _Optional[_Union[FrameHeader, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped", "multiplexed", "takes_batches")
+    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped", "multiplexed", "takes_batches", "takes_packed_schema")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ENDS_STEP_FIELD_NUMBER: _ClassVar[int]
     TAKES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     MULTIPLEXED_FIELD_NUMBER: _ClassVar[int]
     TAKES_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    TAKES_PACKED_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     protocol_version: int
     chunk_ends_step: bool
     takes_dropped: bool
     multiplexed: bool
     takes_batches: bool
-    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ..., multiplexed: _Optional[bool] = ..., takes_batches: _Optional[bool] = ...) -> None: ...
+    takes_packed_schema: bool
+    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ..., multiplexed: _Optional[bool] = ..., takes_batches: _Optional[bool] = ..., takes_packed_schema: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "step")

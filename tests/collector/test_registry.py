@@ -38,8 +38,8 @@ def test_same_name_same_id_across_ranks_and_dictionary_rows_once():
     rows1 = register(r, 1, 5, [m("c", pb.REDUCE_MIN), m("b", pb.REDUCE_MAX, layer=3), m("a")])
     np.testing.assert_array_equal(r.schema(0, 1), [0, 1])
     np.testing.assert_array_equal(r.schema(1, 5), [2, 1, 0])
-    assert rows0.name == ["a", "b"] and rows0.reduce == ["sum", "max"]
-    assert rows1.name == ["c"] and rows1.metric_id.tolist() == [2]
+    assert list(rows0.name) == ["a", "b"] and list(rows0.reduce) == ["sum", "max"]
+    assert list(rows1.name) == ["c"] and rows1.metric_id.tolist() == [2]
     assert r.ops.tolist() == [1, 3, 4]
     assert register(r, 0, 1, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None  # resend
 
@@ -119,7 +119,7 @@ VIA = {
 def test_identical_defs_on_other_ranks_reuse_the_id_array_and_create_no_rows(via):
     r, call = reg(), VIA[via]
     defs = [m("a"), m("b", pb.REDUCE_MAX, layer=3)]
-    assert call(r, 0, 1, defs).name == ["a", "b"]
+    assert list(call(r, 0, 1, defs).name) == ["a", "b"]
     assert call(r, 1, 7, [m("a"), m("b", pb.REDUCE_MAX, layer=3)]) is None  # other rank, id
     assert r.schema(1, 7) is r.schema(0, 1)
     np.testing.assert_array_equal(r.schema(1, 7), [0, 1])
@@ -169,7 +169,7 @@ def test_a_rejected_schema_leaves_no_names_and_no_layout_behind(via):
         call(r, 0, 2, [m("c"), m("a")])  # c resolved, then the clash
     assert "c" not in r.ids and r.ops.tolist() == [1]
     rows = call(r, 1, 1, [m("c"), m("a")])  # the same defs are fine here
-    assert rows.name == ["c"] and rows.metric_id.tolist() == [1]
+    assert list(rows.name) == ["c"] and rows.metric_id.tolist() == [1]
     np.testing.assert_array_equal(r.schema(1, 1), [1, 0])
     with pytest.raises(InvalidArgument, match="conflicts"):
         call(r, 2, 1, [m("a", pb.REDUCE_MAX)])
@@ -247,3 +247,87 @@ def test_a_failed_write_is_never_acked():
     a.received(3)
     a.advance()
     assert a.acked == 0 and not a.settled
+
+
+# ---- the packed form (Schema.packed): the same registry, columns in place of MetricDefs
+def packed(metrics: list[pb.MetricDef]) -> pb.PackedMetrics:
+    from hooks import frames
+    from hooks.layout import MetricSpec
+
+    ops = {pb.REDUCE_SUM: "sum", pb.REDUCE_MEAN: "mean", pb.REDUCE_MAX: "max", pb.REDUCE_MIN: "min"}
+    specs = [
+        MetricSpec(d.name, ops[d.reduce], d.stat, d.layer, d.expert, d.head, d.unit)
+        for d in metrics
+    ]
+    return frames.SpecColumns.of(specs).packed()
+
+
+def register_packed(r: RunMetrics, rank: int, schema_id: int, p: pb.PackedMetrics):
+    return r.register_schema(rank, pb.Schema(schema_id=schema_id, packed=p))
+
+
+def test_packed_and_metric_def_forms_resolve_to_the_same_ids_and_rows():
+    defs = [m("a", layer=1, stat="s", unit="tokens"), m("ü/名", pb.REDUCE_MAX, head=3), m("c")]
+    r = reg()
+    rows = register_packed(r, 0, 1, packed(defs))
+    assert list(rows.name) == ["a", "ü/名", "c"] and list(rows.reduce) == ["sum", "max", "sum"]
+    assert list(rows.stat) == ["s", "x", "x"] and list(rows.unit) == ["tokens", "", ""]
+    assert rows.layer.tolist() == [1, -1, -1] and rows.head.tolist() == [-1, 3, -1]
+    # another rank sends the MetricDef form of the same metrics, in another order
+    assert register(r, 1, 1, [defs[2], defs[0], defs[1]]) is None
+    np.testing.assert_array_equal(r.schema(1, 1), [2, 0, 1])
+    with pytest.raises(InvalidArgument, match="conflicts"):  # labels compared across forms
+        register_packed(r, 2, 1, packed([m("a", layer=1, stat="s", unit="s")]))
+    assert register_packed(r, 0, 1, packed(defs)) is None  # a resend
+    assert r.ops.tolist() == [1, 3, 1] and len(r.ids) == 3 and "ü/名" in r.ids
+
+
+def test_a_part_of_many_metrics_resolves_against_earlier_parts_exactly():
+    """20,000 names in four overlapping parts: every name keeps the id it got first."""
+    r = reg(max_metrics=100_000)
+    names = [f"moe/layer{i // 1280:03d}/expert{(i // 5) % 256:03d}/s{i % 5}" for i in range(20_000)]
+    for k, (a, b) in enumerate([(0, 8_000), (4_000, 12_000), (10_000, 20_000), (0, 20_000)]):
+        register_packed(r, k, 1, packed([m(n) for n in names[a:b]]))
+    np.testing.assert_array_equal(r.schema(3, 1), np.arange(20_000))
+    np.testing.assert_array_equal(r.schema(1, 1), np.arange(4_000, 12_000))
+
+
+@pytest.mark.parametrize(
+    "spoil,match",
+    [
+        (lambda p: setattr(p, "layer", p.layer[:-4]), "packed.layer holds 8 bytes, not 3"),
+        (lambda p: setattr(p, "reduce", b"\x01\x00\x01"), r"metric 1 \('b'\).*reduce op 0"),
+        (lambda p: setattr(p, "names", b"a\xffc"), "not valid UTF-8"),
+        (lambda p: setattr(p, "stat_index", np.array([0, 5, 0], "<u4").tobytes()), "index"),
+        (lambda p: setattr(p, "name_ends", np.array([2, 1, 3], "<u4").tobytes()), "ascend"),
+        (lambda p: setattr(p, "name_ends", np.array([1, 2, 2], "<u4").tobytes()), "ascend"),
+        (lambda p: setattr(p, "name_ends", np.array([1, 1, 3], "<u4").tobytes()), "name must"),
+        (lambda p: setattr(p, "names", b"aab"), "'a' appears twice"),
+        (lambda p: setattr(p, "count", 0), "holds 12 bytes, not 0"),
+    ],
+)
+def test_bad_packed_schemas_are_refused_and_change_nothing(spoil, match):
+    p = packed([m("a"), m("b"), m("c")])
+    spoil(p)
+    r = reg()
+    with pytest.raises(InvalidArgument, match=match):
+        register_packed(r, 0, 1, p)
+    assert not r.ids and not r.has_schema(0, 1)
+
+
+def test_both_forms_in_one_schema_are_refused():
+    with pytest.raises(InvalidArgument, match="both"):
+        reg().register_schema(0, pb.Schema(schema_id=1, metrics=[m("a")], packed=packed([m("a")])))
+
+
+def test_registered_rows_survive_the_spool_encoding():
+    """The registry hands the writer polars string columns; a spooled WriteMetrics (store
+    away) encodes and decodes back to the same dictionary rows."""
+    from collector.jobs import METRICS, WriteMetrics, decode
+
+    rows = register_packed(reg(), 0, 1, packed([m("a", unit="s"), m("ü", pb.REDUCE_MIN, head=2)]))
+    job = decode(METRICS, b"".join(bytes(p) for p in WriteMetrics("run", rows).encode()))
+    assert isinstance(job, WriteMetrics) and job.run == "run"
+    back = job.metrics
+    assert back.name == ["a", "ü"] and back.unit == ["s", ""] and back.reduce == ["sum", "min"]
+    assert back.metric_id.tolist() == [0, 1] and back.head.tolist() == [-1, 2]

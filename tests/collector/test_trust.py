@@ -176,16 +176,19 @@ def test_vanished_runs_are_abandoned_evicted_and_never_exhaust_max_runs(
 def test_metric_dictionaries_are_bounded_and_released_with_their_run(
     start_collector, client_factory
 ):
-    collector, addr, _ = start_collector(max_dictionary_bytes=200_000, run_idle_s=0.5)
+    from collector.registry import name_bytes
+
+    cost = sum(name_bytes(f"m/{i:05d}") for i in range(100))  # what 100 names reserve
+    bound = cost * 3 // 2  # room for them, not for 100 more
+    collector, addr, _ = start_collector(max_dictionary_bytes=bound, run_idle_s=0.5)
     big = client_factory(addr, "names", 0, 1)
     big.schema(1, [mdef(f"m/{i:05d}") for i in range(100)])
     big.wait_ack()
-    used = collector.stats()["dictionary_bytes"]
-    assert 100 * 1024 < used <= 200_000
+    assert collector.stats()["dictionary_bytes"] == cost
     big.schema(2, [mdef(f"n/{i:05d}") for i in range(100)])
     end = big.wait_end()
     assert end.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "max_dictionary_bytes=200000" in end.details
+    assert f"max_dictionary_bytes={bound}" in end.details
     wait_for(lambda: collector.stats()["dictionary_bytes"] == 0, "the evicted run's names")
     other = client_factory(addr, "other", 0, 1)
     other.schema(1, [mdef(f"n/{i:05d}") for i in range(100)])

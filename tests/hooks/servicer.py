@@ -5,7 +5,7 @@ to exercise the client. Per connection: check the token, read Hello, answer Welc
 durable seq, then record every frame and acknowledge cumulatively while `acking` is set. Knobs
 let a test stop acking, drop the current stream, push ClipUpdates down, or say in the next
 Welcome that chunks may end a step (`chunk_ends_step`) or that hole reports are taken
-(`takes_dropped`; off: an older collector).
+(`takes_dropped`), or packed schemas (`takes_packed_schema`); off: an older collector.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class RecordingServicer(pbg.TelemetryServicer):
         self.send_acks = True  # tell the client (False: durable, but the ack is lost)
         self.chunk_ends_step = False  # the Welcome's capability flag
         self.takes_dropped = False  # ... and whether hole reports are taken
+        self.takes_packed_schema = False  # ... and schemas in the packed form
         self.outboxes: list[queue.Queue] = []
         self.rejected = 0
 
@@ -134,6 +135,7 @@ class RecordingServicer(pbg.TelemetryServicer):
                 protocol_version=1,
                 chunk_ends_step=capable,
                 takes_dropped=self.takes_dropped,
+                takes_packed_schema=self.takes_packed_schema,
             )
         )
 

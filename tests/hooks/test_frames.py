@@ -3,6 +3,7 @@ for an older collector, and the buffer's step accounting over both forms."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -149,6 +150,8 @@ def test_parts_fit_the_budget_and_keep_order(monkeypatch):
     for pid, part in parts1:
         defs = frames.schema(IDENT, 1, pid, part).schema.ByteSize() - _empty_schema(pid)
         assert defs <= 3_000  # greedy: the next def would not have fitted
+        packed = frames.schema(IDENT, 1, pid, part, packed=True).schema.ByteSize()
+        assert packed - _empty_schema(pid) <= 3_000  # either form fits
     layout = frames.wire_layout([(1, 900), (2, 10), (7, 3)], frames.part_layouts(wire))
     assert layout[: len(parts1)] == [(pid, len(part)) for pid, part in parts1]
     assert layout[len(parts1) :] == [(2, 10), (7, 3)]  # unknown schema: one part
@@ -164,5 +167,23 @@ def test_the_default_budget_stays_under_the_message_limit():
     ident = frames.Identity("r" * 128, 65_535, 65_536)
     frame = frames.schema(ident, 2**63, pid, part)
     defs = frame.schema.ByteSize() - _empty_schema(pid, ident, 2**63)
-    assert 1_000_000 - 700 < defs <= 1_000_000
+    # the budget keeps room for the packed form's tables (two strings) and field headers
+    assert 1_000_000 - 1_000 < defs <= 1_000_000
     assert frame.ByteSize() < (1 << 20)
+    packed = frames.schema(ident, 2**63, pid, part, packed=True)
+    assert packed.schema.packed.count == len(part) and packed.ByteSize() < (1 << 20)
+
+
+def test_packed_form_carries_exactly_the_metric_defs():
+    """PackedMetrics decoded back (frames.columns_of) are the specs, in order, every label
+    and unicode name included; converting a sent frame between forms keeps header and defs."""
+    specs = _specs_of_every_shape() * 2
+    specs = [dataclasses.replace(s, name=f"{s.name}/{i}") for i, s in enumerate(specs)]
+    frame = frames.schema(IDENT, 7, 3, specs, packed=True)
+    assert not frame.schema.metrics and frame.schema.packed.count == len(specs)
+    assert frames.columns_of(frame.schema).specs() == specs
+    defs = frames.schema_form(frame, packed=False)
+    assert defs.schema.header == frame.schema.header and defs.schema.schema_id == 3
+    assert defs.schema == frames.schema(IDENT, 7, 3, specs).schema
+    assert frames.schema_form(defs, packed=True) == frame
+    assert list(frames.SpecColumns.of(specs)[2:5]) == specs[2:5]

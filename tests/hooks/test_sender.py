@@ -363,3 +363,58 @@ def test_steps_never_cut_the_backoff_short(servicer):
     attempts = sender.stats()["connect_attempts"]
     sender.close(timeout=0.1)
     assert 1 <= attempts <= 7, attempts  # ~log2(2 s / 0.05 s) + 1; the bug made ~200
+
+
+def test_schemas_go_packed_to_a_collector_that_takes_them_and_as_defs_after_a_downgrade(
+    server, servicer
+):
+    """The first collector says takes_packed_schema: both schemas go as PackedMetrics. The
+    stream drops, and the collector that answers next is an older one: the same schemas go
+    again under the same seqs as MetricDefs, holding exactly the same metrics."""
+    from hooks import frames
+
+    servicer.takes_packed_schema = True
+    sender = make_sender(server.target)
+    sender.submit(item(0, 5, 3))
+    assert servicer.wait_for(lambda s: s.durable >= 4)
+    servicer.takes_packed_schema = False
+    servicer.drop_current()
+    assert servicer.wait_for(lambda s: len(s.connections) == 2)
+    sender.submit(item(1))
+    assert sender.close(timeout=10)
+    first, second = (
+        [f.schema for f in c if f.WhichOneof("kind") == "schema"] for c in servicer.connections
+    )
+    assert [s.HasField("packed") for s in first] == [True, True] and not first[0].metrics
+    assert [s.HasField("packed") for s in second] == [False, False]
+    assert [s.header.seq for s in second] == [s.header.seq for s in first]
+    for packed, defs, want in zip(first, second, (specs(5, "a"), specs(3, "b"))):
+        assert frames.columns_of(packed).specs() == want
+        assert [(d.name, d.layer, d.stat) for d in defs.metrics] == [
+            (s.name, s.layer, s.stat) for s in want
+        ]
+    assert sender.stats()["schemas_reencoded"] == 1
+    np.testing.assert_array_equal(servicer.step_vectors(1)[1], vector(1, 5))
+
+
+def test_close_waits_for_a_step_the_worker_is_still_encoding(server, servicer, monkeypatch):
+    """The bug (seen at 10 M metrics, where one step is 644 chunks): the worker had popped the
+    last step and was encoding it when close() found nothing pending or unacked, said goodbye,
+    and the step's frames went after the end of the stream: lost at close."""
+    from hooks import frames
+
+    real = frames.step_frames
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)  # a wide step takes this long to encode on a loaded machine
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frames, "step_frames", slow)
+    sender = make_sender(server.target)
+    assert servicer.wait_for(lambda s: s.durable == 2)  # the two schemas
+    sender.submit(item(0))
+    assert wait_until(lambda: not sender.buffer.has_pending())  # popped by the worker
+    assert sender.stats()["buffered_steps"] == 1 and "steps_sent" not in sender.stats()  # encoding
+    assert sender.close(timeout=10)
+    assert sender.stats()["lost_at_close"] == 0
+    np.testing.assert_array_equal(servicer.step_vectors(1)[0], vector(0, 5))

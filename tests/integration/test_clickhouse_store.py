@@ -219,6 +219,22 @@ def test_resent_rows_leave_exactly_one_copy(store, clickhouse_server, clickhouse
     assert_frame_equal(through_the_store(), sample, check_dtypes=False)
 
 
+def test_each_flush_inserts_only_the_new_dictionary_rows(store, clickhouse_server, clickhouse_url):
+    """The dictionary grows by parts (a wide rank registers thousands of names at a time):
+    each flush inserts the rows written since the last one, not the whole dictionary again."""
+    db, q = db_of(clickhouse_url), clickhouse_server.client
+    store.open_run(RunInfo(RUN, world_size=1))
+    q(f"SYSTEM STOP MERGES {db}.metrics")  # every insert stays on disk as written
+    for k in range(4):
+        store.write_metrics(RUN, metric_dict([f"p{k}/m{i:03d}" for i in range(250)], 250 * k))
+        store.flush()
+    assert int(q(f"SELECT count() FROM {db}.metrics WHERE run = '{RUN}'")) == 1000  # not 2,500
+    got = store.metrics(RUN)
+    assert got["metric_id"].to_list() == list(range(1000))
+    assert got["name"].to_list()[249:251] == ["p0/m249", "p1/m000"]
+    q(f"SYSTEM START MERGES {db}.metrics")
+
+
 def second_client_view(q, db: str) -> pl.DataFrame:
     """The logical raw table as clickhouse-client sees it (raw_cells_sql), last write per
     key, parsed from TSV."""

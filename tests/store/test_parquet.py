@@ -288,3 +288,45 @@ def test_a_corrupt_file_is_a_store_error_naming_it(tmp_path):
         f.write(b"garbage")
     with pytest.raises(StoreError, match="run.parquet"):
         ParquetStore(str(tmp_path)).runs()
+
+
+def _dict_rows(ids, names, layer=-1) -> MetricDict:
+    n = len(ids)
+    return MetricDict(
+        np.asarray(ids), list(names), np.full(n, layer), np.full(n, -1), np.full(n, -1),
+        ["s"] * n, [""] * n, ["sum"] * n,
+    )  # fmt: skip
+
+
+def test_the_metric_dictionary_is_appended_per_flush_never_rewritten(tmp_path):
+    """Each flush that brings dictionary rows adds one part file holding only them; earlier
+    parts stay byte for byte; an upsert is one more part that wins on read; a store written
+    by an older version (one metrics.parquet) is still read, under the new parts."""
+    st = new_store(tmp_path)  # ids 0..2
+    st.flush()
+    d = tmp_path / "r1" / "metrics"
+    first = sorted(os.listdir(d))
+    stat0 = os.stat(d / first[0])
+    st.write_metrics("r1", _dict_rows(range(3, 1003), [f"n{i}" for i in range(1000)]))
+    st.flush()
+    st.write_metrics("r1", _dict_rows([1], ["m1"], layer=7))  # an upsert of an old id
+    st.flush()
+    parts = sorted(os.listdir(d))
+    assert len(parts) == 3 and parts[0] == first[0]
+    assert os.stat(d / parts[0]).st_mtime_ns == stat0.st_mtime_ns  # never rewritten
+    assert [pq.read_metadata(d / p).num_rows for p in parts] == [3, 1000, 1]
+    df = st.metrics("r1")
+    assert df["metric_id"].to_list() == list(range(1003))
+    assert df["name"].to_list()[:4] == ["m0", "m1", "m2", "n0"]
+    assert df["layer"].to_list()[:3] == [-1, 7, -1]
+    with pytest.raises(Exception, match="unique"):  # a taken name is still refused
+        st.write_metrics("r1", _dict_rows([5000], ["n7"]))
+    st.close()
+    legacy = ParquetStore(str(tmp_path / "old"), fsync=False)
+    legacy.open_run(RunInfo("r1", 1))
+    legacy.flush()
+    pq.write_table(pq.read_table(d / parts[0]), tmp_path / "old" / "r1" / "metrics.parquet")
+    legacy.write_metrics("r1", _dict_rows([3], ["x"]))
+    legacy.flush()
+    assert legacy.metrics("r1")["name"].to_list() == ["m0", "m1", "m2", "x"]
+    legacy.close()
