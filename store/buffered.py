@@ -50,8 +50,8 @@ from store.frames import (
     last_wins,
 )
 from store.globs import glob_to_regex
-from store.reduced import OWN, reduced_vectors, resolve, share_with_raw
 from store.names import NameIndex, name_hashes
+from store.reduced import OWN, reduced_vectors, resolve, share_with_raw
 from store.validate import (
     clips_frame,
     events_frame,

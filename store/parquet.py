@@ -320,6 +320,7 @@ class ParquetStore(BufferedStore):
         vec = self._log(run, "reduced_vectors").scan(layout=holding, start=start, stop=stop)
         return vec, known
 
+
 def _numbered(directory: str) -> list[str]:
     """The NNNNNNNNNNNN.parquet files of a directory, in number order ([] if none)."""
     try:

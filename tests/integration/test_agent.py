@@ -64,7 +64,10 @@ def through_agent(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two ranks, the agent and the collector share 2 cores
     ranks = [
-        Trainer(target, RUN, STEPS, config, rank=r, world_size=2, step_sleep_s=0.03) for r in (0, 1)
+        Trainer(
+            target, RUN, STEPS, config, pause_at=CLIP_AT, rank=r, world_size=2, step_sleep_s=0.03
+        )
+        for r in (0, 1)
     ]
     pushed_at = -1
     try:
@@ -106,7 +109,8 @@ def through_agent(tmp_path_factory):
         before = now()
         assert proxy.cut() >= 2  # the agent's one upstream connection, both ends
         reconnected(before)
-        at(CLIP_AT)
+        for t in ranks:  # held at CLIP_AT until both have the update: a loaded machine could
+            assert t.paused.wait(240), t.error  # otherwise end the run before it arrives
         pushed_at = max(t.progress for t in ranks)
         clip = subprocess.run(
             [sys.executable, "-m", "collector", "clip", "set", "--target", address]
@@ -117,6 +121,16 @@ def through_agent(tmp_path_factory):
             timeout=60,
         )
         assert clip.returncode == 0, clip.stderr
+        wait_for(
+            lambda: all(
+                t.monitor is not None and t.monitor.clips.counters["clip_updates_staged"] >= 1
+                for t in ranks
+            ),
+            120,
+            "the clip update staged at both ranks",
+        )
+        for t in ranks:
+            t.go.set()
         for t in ranks:
             assert t.done.wait(240) and t.error is None, t.error
     finally:
