@@ -31,7 +31,7 @@ import numpy as np
 
 from collector.coordinator import Coordinator
 from collector.errors import InvalidArgument
-from collector.jobs import NotDurable, _pack, _unpack
+from collector.jobs import NotDurable, _pack, _strings, _unpack
 from collector.partials import Partial
 from proto.v1 import telemetry_pb2 as pb
 from store.base import MetricDict, NotFound, RunInfo
@@ -275,10 +275,9 @@ class CoordinatorLink:
             "world_size": info.world_size,
             "config_json": info.config_json,
             "started_at": info.started_at,
-            "name": md.name,
-            "stat": md.stat,
-            "unit": md.unit,
-            "reduce": md.reduce,
+            # the registry's columns may be polars Series (no Python object per metric);
+            # JSON carries lists
+            **{k: _strings(getattr(md, k)) for k in ("name", "stat", "unit", "reduce")},
         }
         reply = self._call(
             "Register", b"".join(_pack(meta, [md.metric_id, md.layer, md.expert, md.head]))
