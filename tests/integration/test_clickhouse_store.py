@@ -275,7 +275,10 @@ def test_second_client_counts_and_values_match_what_was_written(
         == "4000\t1\n"
     )
     assert q(f"SELECT count() FROM {db}.raw_vectors") == "100\n"  # 50 steps x 2 ranks
-    assert q(f"SELECT count() FROM {db}.reduced WHERE run = '{RUN}'") == "2000\n"
+    # reduced values as vectors (schema v3): 2,000 float32 cells, none in the v1 row table
+    cells = f"SELECT sum(length(values)) / 4 FROM {db}.reduced_vectors WHERE run = '{RUN}'"
+    assert q(f"{cells} FORMAT TSV") == "2000\n"
+    assert q(f"SELECT count() FROM {db}.reduced") == "0\n"
     view = second_client_view(q, db)
     want = pl.DataFrame(
         {"step": batch.step, "metric_id": batch.metric_id, "rank": batch.rank, "value": batch.value}
@@ -326,8 +329,11 @@ def test_metric_names_and_patterns_with_sql_are_only_data(store, clickhouse_serv
         assert store.at_step(RUN, 0, pattern).height == 0
     with pytest.raises(NotFound):
         store.series(RUN, "nothing' OR '1'='1")
-    assert int(q(f"SELECT count() FROM system.tables WHERE database = '{db}'")) == 10
-    assert q(f"SELECT count() FROM {db}.reduced") == "3\n"
+    assert int(q(f"SELECT count() FROM system.tables WHERE database = '{db}'")) == 11
+    # world 1: the three reduced values are stored as vectors (schema v3), no v1 rows
+    cells = f"SELECT sum(length(values)) / 4 FROM {db}.reduced_vectors WHERE run = '{RUN}'"
+    assert q(f"{cells} FORMAT TSV") == "3\n"
+    assert q(f"SELECT count() FROM {db}.reduced") == "0\n"
 
 
 def test_credentials_from_the_url_or_the_environment(clickhouse_server):
