@@ -145,9 +145,7 @@ class WriteMetrics:
         observer.on_metrics(self.run, self.metrics)
 
     def encode(self) -> list[bytes | memoryview]:
-        m = self.metrics
-        meta = {"run": self.run, **{k: _strings(getattr(m, k)) for k in STR_FIELDS}}
-        return _pack(meta, [m.metric_id, m.layer, m.expert, m.head])
+        return pack_metrics({"run": self.run}, self.metrics)
 
 
 @dataclass
@@ -320,6 +318,27 @@ Job = (OpenRun | FinishRun | WriteMetrics | WriteRaw | WriteStep | WriteRows | W
 )
 
 
+def pack_metrics(meta: dict[str, Any], m: MetricDict) -> list[bytes | memoryview]:
+    """A metric dictionary as one payload: `meta` plus its string columns as JSON lists, its
+    id and label columns as arrays (the spool's METRICS record, the tier's Register call)."""
+    meta = {**meta, **{k: _strings(getattr(m, k)) for k in STR_FIELDS}}
+    return _pack(meta, [m.metric_id, m.layer, m.expert, m.head])
+
+
+def unpack_metrics(meta: dict[str, Any], a: list[np.ndarray]) -> MetricDict:
+    """pack_metrics' payload (already split by _unpack) back into a MetricDict."""
+    return MetricDict(
+        metric_id=a[0],
+        name=meta["name"],
+        layer=a[1],
+        expert=a[2],
+        head=a[3],
+        stat=meta["stat"],
+        unit=meta["unit"],
+        reduce=meta["reduce"],
+    )
+
+
 def decode(kind: int, payload: bytes) -> Job:
     """A spool record back into the job that writes its rows; ValueError if it is not one."""
     meta, a = _unpack(payload)
@@ -329,17 +348,7 @@ def decode(kind: int, payload: bytes) -> Job:
     if kind == FINISH_RUN:
         return FinishRun(run, meta["status"])
     if kind == METRICS:
-        md = MetricDict(
-            metric_id=a[0],
-            name=meta["name"],
-            layer=a[1],
-            expert=a[2],
-            head=a[3],
-            stat=meta["stat"],
-            unit=meta["unit"],
-            reduce=meta["reduce"],
-        )
-        return WriteMetrics(run, md)
+        return WriteMetrics(run, unpack_metrics(meta, a))
     if kind == RAW:
         return WriteRaw(run, _batch(a, raw=True), 0)
     if kind == ROWS:

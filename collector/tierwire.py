@@ -31,7 +31,7 @@ import numpy as np
 
 from collector.coordinator import Coordinator
 from collector.errors import InvalidArgument
-from collector.jobs import NotDurable, _pack, _strings, _unpack
+from collector.jobs import NotDurable, _pack, _unpack, pack_metrics, unpack_metrics
 from collector.partials import Partial
 from proto.v1 import telemetry_pb2 as pb
 from store.base import MetricDict, NotFound, RunInfo
@@ -124,16 +124,7 @@ class CoordinatorServer:
             meta.get("config_json", "{}"),
             float(meta.get("started_at", 0.0)),
         )
-        md = MetricDict(
-            metric_id=a[0],
-            name=meta["name"],
-            layer=a[1],
-            expert=a[2],
-            head=a[3],
-            stat=meta["stat"],
-            unit=meta["unit"],
-            reduce=meta["reduce"],
-        )
+        md = unpack_metrics(meta, a)
         return b"".join(_pack({}, [self.co.register(info.run, info, md)]))
 
     def _on_partial(self, request: bytes) -> bytes:
@@ -275,13 +266,9 @@ class CoordinatorLink:
             "world_size": info.world_size,
             "config_json": info.config_json,
             "started_at": info.started_at,
-            # the registry's columns may be polars Series (no Python object per metric);
-            # JSON carries lists
-            **{k: _strings(getattr(md, k)) for k in ("name", "stat", "unit", "reduce")},
         }
-        reply = self._call(
-            "Register", b"".join(_pack(meta, [md.metric_id, md.layer, md.expert, md.head]))
-        )
+        # the registry's string columns may be polars Series: pack_metrics sends JSON lists
+        reply = self._call("Register", b"".join(pack_metrics(meta, md)))
         gids = _unpack(reply)[1][0].astype(np.int32)
         g = self.global_of.get(run, np.empty(0, np.int32))
         top = int(md.metric_id.max()) + 1 if md.metric_id.size else 0  # local ids are dense
