@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from collector.errors import InvalidArgument
 from proto.v1 import telemetry_pb2 as pb
-from store.base import RUN_NAME_RE
+from store.base import RUN_NAME_RE, ClipRecord
 
 SITES = ("routed", "shared")
 KEEP_VERSIONS = 64  # acks are kept for this many most recent versions per run
@@ -131,6 +131,26 @@ class ClipBoard:
                 return None
             acked = [s for (_, v), s in rc.acks.items() if v == version]
             return ch[0], ch[1], ch[2], max(acked, default=-1)
+
+    def records(self, run: str, version: int) -> list[ClipRecord]:
+        """One version's store rows (one per setting it changed, with its acked step); [] once
+        the version is forgotten."""
+        change = self.change(run, version)
+        if change is None:
+            return []
+        settings, reason, step, acked = change
+        return [
+            ClipRecord(
+                version=version,
+                step=step,
+                layer=layer,
+                site=site,
+                limit=limit,
+                reason=reason,
+                acked_step=acked,
+            )
+            for layer, site, limit in settings
+        ]
 
     def table(self, run: str) -> tuple[int, dict[tuple[int, str], float]]:
         """(version, current table) of a run; (0, {}) before any push."""

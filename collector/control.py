@@ -38,7 +38,7 @@ from collector.operator import operator_answer, parse_operator_command
 from collector.stats import Counters
 from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
-from store.base import RUN_NAME_RE, ClipRecord
+from store.base import RUN_NAME_RE
 
 log = logging.getLogger("collector")
 
@@ -86,34 +86,16 @@ class ClipControl:
         if origin is not None:
             with self._latency_lock:
                 self._origin[(run, update.version)] = origin
-        self._writer.submit(WriteClips(run, self._records(run, update.version)))
+        self._writer.submit(WriteClips(run, self.clips.records(run, update.version)))
         self._call_soon(self._ingest.broadcast_clip, run, update)
         return update.version
-
-    def _records(self, run: str, version: int) -> list[ClipRecord]:
-        change = self.clips.change(run, version)
-        if change is None:
-            return []
-        settings, reason, step, acked = change
-        return [
-            ClipRecord(
-                version=version,
-                step=step,
-                layer=layer,
-                site=site,
-                limit=limit,
-                reason=reason,
-                acked_step=acked,
-            )
-            for layer, site, limit in settings
-        ]
 
     # ---- acks and the wire (event loop) -------------------------------------------------------
     def acked(self, run: str, version: int) -> int | None:
         """A rank acknowledged; the version's rows are stored again with the step it took
         effect (the latest over ranks). Returns the writer job (the ClipAck frame is acked
         once it is flushed), None when there is nothing to store."""
-        records = self._records(run, version)
+        records = self.clips.records(run, version)
         return self._writer.submit(WriteClips(run, records)) if records else None
 
     def sent(self, run: str, version: int) -> None:

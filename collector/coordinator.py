@@ -55,7 +55,7 @@ from collector.partials import Partial, combine, finish
 from collector.reduction import OP_NAMES, StepRows
 from collector.stats import Counters
 from proto.v1 import telemetry_pb2 as pb
-from store.base import ClipRecord, MetricDict, NotFound, RunInfo, StepStatus, Store, ValueBatch
+from store.base import MetricDict, NotFound, RunInfo, StepStatus, Store, ValueBatch
 
 log = logging.getLogger("collector.coordinator")
 OP_CODES = {name: code for code, name in OP_NAMES.items()}
@@ -336,26 +336,8 @@ class Coordinator:
     def _push(self, run: str, settings: list, reason: str, step: int, origin) -> int:
         update = self.clips.push(run, settings, reason, step)
         self.counters.add("clip_updates")
-        self.store.write_clips(run, self._clip_records(run, update.version))
+        self.store.write_clips(run, self.clips.records(run, update.version))
         return update.version
-
-    def _clip_records(self, run: str, version: int) -> list[ClipRecord]:
-        change = self.clips.change(run, version)
-        if change is None:
-            return []
-        settings, reason, step, acked = change
-        return [
-            ClipRecord(
-                version=version,
-                step=step,
-                layer=la,
-                site=si,
-                limit=li,
-                reason=reason,
-                acked_step=acked,
-            )
-            for la, si, li in settings
-        ]
 
     def push_clip(self, run: str, settings, reason: str = "operator") -> int:
         """An operator's clip update: collectors forward it with their next step's answer."""
@@ -378,7 +360,7 @@ class Coordinator:
                 except InvalidArgument as exc:  # a version of before a restart here
                     log.warning("clip ack not recorded: %s", exc)
             for version in sorted({v for _, v, _ in acks}):
-                self.store.write_clips(run, self._clip_records(run, version))
+                self.store.write_clips(run, self.clips.records(run, version))
             self.store.flush()
 
     # ---- goodbyes and idle runs ------------------------------------------------------------
