@@ -186,8 +186,8 @@ class ChannelSender(SenderCore[Conn]):
         self._wake_all()
 
     async def _serve_async(self, conn: Conn) -> None:
-        for frame in self._resume(conn):
-            await conn.call.write(frame)
+        for message in self._messages(conn, self._resume(conn)):
+            await conn.call.write(message)
         ready = lambda: (
             self.buffer.has_pending() or self._has_holes(conn) or conn.dead or self._stop
         )
@@ -204,11 +204,17 @@ class ChannelSender(SenderCore[Conn]):
                     return
                 holes = self._holes(conn)
                 item = self.buffer.pop()
-            for frame in holes:
-                await conn.call.write(frame)
-            if item is not None:
-                for frame in self._encode(conn, item):
-                    await conn.call.write(frame)
+            out, size = list(holes), 0
+            while item is not None:  # a backlog (the last write waited): one burst
+                encoded = self._encode(conn, item)
+                out += encoded
+                size += sum(map(frames.wire_size, encoded))
+                if not conn.takes_batches or size >= frames.BATCH_BYTES:
+                    break
+                with self._cond:
+                    item = self.buffer.pop()
+            for message in self._messages(conn, out):
+                await conn.call.write(message)
 
     # ------------------------------------------------------------------ reader
     async def _read_async(self, conn: Conn) -> None:

@@ -221,7 +221,7 @@ def frames_seen(log: str) -> dict[str, int]:
     """Frames in and acks out, from the collector's last `stats` line."""
     lines = [ln for ln in log.splitlines() if " stats " in ln]
     kv = dict(re.findall(r"(\w+)=(\d+)", lines[-1].split(" stats ", 1)[1])) if lines else {}
-    keys = ("frames", "frames_duplicate", "acks_sent", "mux_batches")
+    keys = ("frames", "frames_duplicate", "acks_sent", "batches", "mux_batches")
     return {k: int(kv.get(k, 0)) for k in keys}
 
 
@@ -491,6 +491,10 @@ def run(
         "client_submit_us": sum(r["submit_s"] for r in res) / rank_steps * 1e6,
         "client_serialize_us": sum(r["serialize_s"] for r in res) / rank_steps * 1e6,
         "client_telemetry_cpu_us": client_cpu * 1e6,
+        # the load generators' whole CPU per step (value generation included): they share
+        # the cores with the collector, so this is what the collector did not get
+        "loadgen_cpu_ms": sum(r["cpu_s"] for r in res) / steps * 1e3,
+        "loadgen_gen_ms": sum(r["gen_s"] for r in res) / steps * 1e3,
         "client_telemetry_share_of_1s_step": client_cpu,
         "dropped_steps": sum(r["dropped_steps"] for r in res),
         "stored": held,
@@ -562,6 +566,9 @@ def report(r: dict) -> str:
         f"{r['client_serialize_us']:.0f} us, submit {r['client_submit_us']:.1f} us) | "
         f"{r['client_telemetry_cpu_us']:.0f} us | "
         f"{r['client_telemetry_share_of_1s_step']:.4f} of a 1 s step |",
+        f"| {name} | load generators' CPU per step, all processes (value generation "
+        f"{r['loadgen_gen_ms']:.0f} ms) | {r['loadgen_cpu_ms']:.0f} ms | "
+        f"{r['loadgen_cpu_ms'] * r['steps_per_s'] / 1e3:.3f} cores |",
         f"| {name} | bytes per stored value | {r['stored']['bytes_per_value']:.2f} B | "
         f"{r['stored']['bytes_per_value'] / 4:.2f} of a float32 |",
     ]

@@ -282,17 +282,21 @@ class _AgentServicer(pbg.TelemetryServicer):
 
     async def _read(self, up: Upstream, local: Local, request_iterator, context) -> None:
         try:
-            async for frame in request_iterator:
-                refusal = self._refusal(up, local, frame)
-                if refusal is not None:
-                    code, message = refusal
-                    local.finish(code, message, code == "INVALID_ARGUMENT")
-                    return
-                if local.end is not None:
-                    return
-                if frame.WhichOneof("kind") == "hello":
-                    frame.hello.multiplexed = True
-                await up.put(frame)
+            async for message in request_iterator:
+                # a rank's backlog may come as one FrameBatch (its Welcome, the collector's,
+                # says takes_batches): its frames go up one by one, batched again there
+                batch = message.batch.frames if message.WhichOneof("kind") == "batch" else None
+                for frame in batch if batch is not None else (message,):
+                    refusal = self._refusal(up, local, frame, batched=batch is not None)
+                    if refusal is not None:
+                        code, text = refusal
+                        local.finish(code, text, code == "INVALID_ARGUMENT")
+                        return
+                    if local.end is not None:
+                        return
+                    if frame.WhichOneof("kind") == "hello":
+                        frame.hello.multiplexed = True
+                    await up.put(frame)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - bad frame or transport: this rank only
@@ -307,11 +311,15 @@ class _AgentServicer(pbg.TelemetryServicer):
         elif up.locals.get(local.key) is local:
             up.goodbye(local.key, half_closed=True)
 
-    def _refusal(self, up: Upstream, local: Local, frame: pb.ClientFrame) -> tuple[str, str] | None:
+    def _refusal(
+        self, up: Upstream, local: Local, frame: pb.ClientFrame, batched: bool = False
+    ) -> tuple[str, str] | None:
         """(code, message) when the frame breaks a local rule; registers a Hello's rank."""
         kind = frame.WhichOneof("kind")
         if kind is None or kind == "goodbye":
             return "INVALID_ARGUMENT", f"a rank does not send {kind or 'an empty frame'}"
+        if batched and kind in ("batch", "hello"):
+            return "INVALID_ARGUMENT", f"a FrameBatch holds data frames only, not {kind}"
         if local.key is None:
             if kind != "hello":
                 return "INVALID_ARGUMENT", f"the first frame of a stream must be Hello, got {kind}"

@@ -40,6 +40,7 @@ class Conn:
             chunk_ends_step=True,
             takes_dropped=True,
             takes_packed_schema=True,
+            takes_batches=True,
         )
         self.wake.set()
 

@@ -7,6 +7,8 @@
     ClipAck     -> the run's clip board (clipboard.py), and `on_clip_ack` (control.py), which
                    stores the acknowledged step
     StepsDropped -> holes.py: the client's dropped steps, stored as events
+    FrameBatch  -> each of its frames in order, as if sent one by one (a client's backlog
+                   in one message; the Welcome says this collector takes that)
 
 A stream whose Hello carries client_version OPERATOR_CLIENT is an operator's: its
 config_json is one clip command (operator.py), answered (`operator`, control.py) with the
@@ -46,7 +48,7 @@ from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
 
 log = logging.getLogger(__name__)
-MUX_ONLY = ("goodbye", "batch")  # ClientFrame kinds of multiplexed streams (mux.py)
+MUX_ONLY = ("goodbye",)  # ClientFrame kinds of multiplexed streams only (mux.py)
 
 
 class Ingest:
@@ -97,6 +99,15 @@ class Ingest:
 
     def _receive(self, conn: Conn, frame: pb.ClientFrame) -> None:
         kind = frame.WhichOneof("kind")
+        if kind == "batch" and conn.run is not None:  # the Welcome said takes_batches
+            self.counters.add("batches")
+            for inner in frame.batch.frames:
+                if inner.WhichOneof("kind") in ("batch", "hello"):
+                    raise InvalidArgument(
+                        f"a FrameBatch holds data frames only, not {inner.WhichOneof('kind')}"
+                    )
+                self._receive(conn, inner)
+            return None
         self.counters.add("frames")
         if self.stopping:
             raise Unavailable("collector shutting down; reconnect and resend what is not acked")

@@ -13,6 +13,7 @@ COUNTERS = (
     "streams_closed",
     "frames",
     "bytes",  # every frame received, and its value bytes
+    "batches",  # FrameBatch messages of plain streams (their frames counted one by one above)
     "frames_duplicate",  # seq <= acked: ignored and acked again
     "frames_rejected",  # refused with a gRPC status
     "auth_failures",  # RPCs refused UNAUTHENTICATED

@@ -560,3 +560,44 @@ def steps_dropped(
 
 def clip_ack(ident: Identity, step: int, version: int, seq: int) -> pb.ClientFrame:
     return pb.ClientFrame(clip_ack=pb.ClipAck(header=ident.header(step, seq), version=version))
+
+
+# ---- several frames in one message ---------------------------------------------------------------
+# A FrameBatch (Welcome.takes_batches) carries consecutive frames of one stream in one gRPC
+# message, applied by the collector in order as if sent one by one: a frame keeps its own seq,
+# is buffered, acked and resent on its own, and only the transport groups it. It stays under
+# the collector's 1 MiB + 64 KiB message limit; a frame that does not fit beside the next one
+# goes alone, as it would without batches.
+BATCH_BYTES = 1 << 20
+BATCH_FRAMES = 256  # the collector applies a batch in one go on its event loop: keep it short
+
+
+def wire_size(frame: pb.ClientFrame) -> int:
+    """Bytes `frame` takes inside a FrameBatch, at most (tag and length included); a chunk's
+    without encoding it: its values and < 256 bytes of header (a run name is <= 128)."""
+    if frame.WhichOneof("kind") == "chunk":
+        return len(frame.chunk.values) + 256
+    return frame.ByteSize() + 8
+
+
+def batch(group: Sequence[pb.ClientFrame]) -> pb.ClientFrame:
+    """One message for `group` (the frame itself when it is alone)."""
+    return group[0] if len(group) == 1 else pb.ClientFrame(batch=pb.FrameBatch(frames=group))
+
+
+def batched(sent: Sequence[pb.ClientFrame], limit: int = BATCH_BYTES) -> list[pb.ClientFrame]:
+    """Consecutive frames grouped into as few messages of at most `limit` bytes as there can
+    be, in order (each group through `batch`)."""
+    out: list[pb.ClientFrame] = []
+    group: list[pb.ClientFrame] = []
+    size = 0
+    for frame in sent:
+        n = wire_size(frame)
+        if group and (size + n > limit or len(group) >= BATCH_FRAMES):
+            out.append(batch(group))
+            group, size = [], 0
+        group.append(frame)
+        size += n
+    if group:
+        out.append(batch(group))
+    return out

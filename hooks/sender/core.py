@@ -12,7 +12,11 @@ transmission, so a step dropped before it was sent leaves no gap. A step's last 
 the step (one frame less) on a connection whose Welcome says the collector takes that form; a
 frame is built once, for the connection it is first sent on, and resent as built, except that a
 reconnect to a collector without the capability splits such chunks back into chunk + EndOfStep
-(frames.split_ends_step, renumbering what is unacknowledged). A stream that leaves frames
+(frames.split_ends_step, renumbering what is unacknowledged). Where the Welcome says
+takes_batches, the frames waiting to go out when the stream can take more (a backlog: the
+collector or the network is slower than the steps) leave as FrameBatch messages, one per
+~1 MiB; each frame keeps its seq and is acked and resent on its own, so a batch is a matter of
+transport only and costs no latency: an idle stream sends each frame as it comes. A stream that leaves frames
 unacknowledged for net_timeout_s is declared dead and reopened. Nothing here raises into the
 caller.
 
@@ -97,6 +101,7 @@ class Conn:
     chunk_ends_step: bool = False  # Welcome: the last chunk may end the step
     takes_dropped: bool = False  # Welcome: hole reports (StepsDropped) are understood
     takes_packed_schema: bool = False  # Welcome: Schema.packed (PackedMetrics) is understood
+    takes_batches: bool = False  # Welcome: FrameBatch (several frames in one message) is understood
     progressed: bool = False  # an Ack arrived on it: the backoff starts over
     refused: tuple[str, str, bool] | None = None  # the collector's Error: code, message, permanent
     dead: bool = False
@@ -385,6 +390,15 @@ class SenderCore(Generic[ConnT]):
             self.buffer.counters["frames_sent"] += len(out)
         return out
 
+    def _messages(self, conn: ConnT, sent: list[pb.ClientFrame]) -> list[pb.ClientFrame]:
+        """What goes on the wire for `sent`: FrameBatch messages where the collector takes
+        them (frames.batched), else the frames one by one."""
+        if not conn.takes_batches or len(sent) < 2:
+            return sent
+        out = frames.batched(sent)
+        self.buffer.count("batches_sent", sum(m.WhichOneof("kind") == "batch" for m in out))
+        return out
+
     # ------------------------------------------------------------------ reader
     def _reader_error(self) -> None:
         self.buffer.count("reader_errors")
@@ -408,6 +422,7 @@ class SenderCore(Generic[ConnT]):
                 conn.chunk_ends_step = resp.welcome.chunk_ends_step
                 conn.takes_dropped = resp.welcome.takes_dropped
                 conn.takes_packed_schema = resp.welcome.takes_packed_schema
+                conn.takes_batches = resp.welcome.takes_batches
             elif kind == "ack":
                 self.buffer.ack(resp.ack.seq)
                 conn.last_progress = time.monotonic()

@@ -41,18 +41,38 @@ class _Conn(Conn):
     out_q: queue.Queue = field(kw_only=True)  # frames for gRPC's request iterator
 
 
-def _requests(conn: _Conn) -> Iterator[pb.ClientFrame]:
-    """The request iterator gRPC consumes: whatever the worker queued, until the sentinel."""
+def _requests(conn: _Conn, count: Callable[[str, int], None]) -> Iterator[pb.ClientFrame]:
+    """The request iterator gRPC consumes: whatever the worker queued, until the sentinel.
+    gRPC asks for the next message once the last one is written, so what queued meanwhile (a
+    backlog) goes as FrameBatch messages where the Welcome said takes_batches."""
+    q = conn.out_q
     while True:
         try:
-            frame = conn.out_q.get(timeout=0.5)
+            frame = q.get(timeout=0.5)
         except queue.Empty:
             if conn.dead:
                 return
             continue
         if frame is None:
             return
-        yield frame
+        group, end = [frame], False
+        while conn.takes_batches and len(group) < frames.BATCH_FRAMES:
+            try:
+                nxt = q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                end = True
+                break
+            group.append(nxt)
+        if len(group) == 1:
+            yield frame
+        else:
+            messages = frames.batched(group)
+            count("batches_sent", sum(m.WhichOneof("kind") == "batch" for m in messages))
+            yield from messages
+        if end:
+            return
 
 
 class Sender(SenderCore[_Conn]):
@@ -135,7 +155,9 @@ class Sender(SenderCore[_Conn]):
         conn.out_q.put(self._hello)
         self.buffer.count("connect_attempts")
         try:
-            conn.call = pbg.TelemetryStub(channel).Stream(_requests(conn), metadata=self._metadata)
+            conn.call = pbg.TelemetryStub(channel).Stream(
+                _requests(conn, self.buffer.count), metadata=self._metadata
+            )
         except Exception:  # noqa: BLE001 - a stream that cannot open is retried with backoff
             self._drop_conn(conn)
             return None

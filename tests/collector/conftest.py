@@ -3,8 +3,10 @@ stream, driven frame by frame), and a fixture that runs a real Collector on loop
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -58,6 +60,7 @@ class RawClient:
         self.run, self.rank, self.world_size = run, rank, world_size
         self.seq = seq
         self.sent: list[pb.ClientFrame] = []  # data frames, for resending
+        self._held: list[pb.ClientFrame] | None = None  # inside batched(): frames held back
         self.channel = (
             grpc.secure_channel(address, credentials)
             if credentials
@@ -103,8 +106,21 @@ class RawClient:
     def send(self, frame: pb.ClientFrame) -> pb.ClientFrame:
         if frame.WhichOneof("kind") != "hello":
             self.sent.append(frame)
-        self._up.put(frame)
+        if self._held is not None:
+            self._held.append(frame)
+        else:
+            self._up.put(frame)
         return frame
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[list[pb.ClientFrame]]:
+        """The frames built inside go up as one FrameBatch message at the end."""
+        self._held = held = []
+        try:
+            yield held
+        finally:
+            self._held = None
+            self._up.put(pb.ClientFrame(batch=pb.FrameBatch(frames=held)))
 
     def schema(self, schema_id: int, metrics: list[pb.MetricDef]) -> pb.ClientFrame:
         return self.send(

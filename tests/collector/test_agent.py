@@ -71,10 +71,13 @@ def test_two_ranks_on_one_upstream_stream_reduce_and_ack_as_direct(
     welcomes = [c.expect("welcome") for c in ranks]
     assert [w.acked_seq for w in welcomes] == [0, 0]
     assert all(w.multiplexed and w.chunk_ends_step for w in welcomes)
-    for c in ranks:
-        c.schema(1, METRICS)
+    assert all(w.takes_batches for w in welcomes)
+    ranks[0].schema(1, METRICS)
+    with ranks[1].batched():  # rank 1's backlog in one FrameBatch: unpacked at the agent
+        ranks[1].schema(1, METRICS)
+        ranks[1].step(0, 1, [1.0, 10.0])
     for step in range(3):
-        for c in ranks:
+        for c in ranks[: 1 if step == 0 else 2]:
             c.step(step, 1, [float(step + c.rank), 10.0])
     for c in ranks:
         assert c.wait_ack().seq == c.seq == 7  # schema + 3 x (chunk, end): acked by the collector
@@ -135,6 +138,12 @@ def test_a_rank_cannot_write_as_another(start_collector, client_factory, agent_f
         )
     )
     end = r0.wait_end()
+    assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "rank 1" in end.details
+    r2 = client_factory(agent.target, "spoof", 0, 2)  # rank 0 again, the spoof inside a batch
+    r2.expect("welcome")
+    with r2.batched() as held:
+        held.append(r0.sent[-1])
+    end = r2.wait_end()
     assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "rank 1" in end.details
     r1.step(0, 1, [1.0, 2.0])
     assert r1.wait_ack().seq == r1.seq
@@ -363,16 +372,14 @@ def test_a_live_agents_socket_is_not_taken_over(tmp_path, start_collector, agent
 
 
 def test_a_ranks_own_stream_refuses_the_multiplexed_kinds(start_collector, client_factory):
+    """Goodbye is a node agent's; a FrameBatch a rank may send too (tests/collector/
+    test_batches.py)."""
     _, addr, _ = start_collector()
-    for frame in (
-        pb.ClientFrame(batch=pb.FrameBatch()),
-        pb.ClientFrame(goodbye=pb.Goodbye(header=pb.FrameHeader(run="own", rank=0))),
-    ):
-        c = client_factory(addr, "own", 0, 1)
-        c.expect("welcome")
-        c.send(frame)
-        end = c.wait_end()
-        assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "multiplexed" in end.details
+    c = client_factory(addr, "own", 0, 1)
+    c.expect("welcome")
+    c.send(pb.ClientFrame(goodbye=pb.Goodbye(header=pb.FrameHeader(run="own", rank=0))))
+    end = c.wait_end()
+    assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "multiplexed" in end.details
 
 
 def test_a_stopping_collector_ends_the_agents_stream_itself(start_collector, agent_factory):

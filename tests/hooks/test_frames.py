@@ -187,3 +187,23 @@ def test_packed_form_carries_exactly_the_metric_defs():
     assert defs.schema == frames.schema(IDENT, 7, 3, specs).schema
     assert frames.schema_form(defs, packed=True) == frame
     assert list(frames.SpecColumns.of(specs)[2:5]) == specs[2:5]
+
+
+def test_batched_keeps_order_and_each_message_under_the_limit():
+    """Three 400 KB chunks and small frames: two messages of at most 1 MiB, the frames in
+    order; a frame alone goes as itself; the estimate is never below the encoded size; at
+    most BATCH_FRAMES frames a message."""
+    seqs = itertools.count(1)
+    big = [encode(payload(s, n1=100_000), True, next(seqs), 100_000)[0] for s in range(3)]
+    small = encode(payload(3), False, next(seqs))
+    sent = [big[0], *small, big[1], big[2]]
+    out = frames.batched(sent)
+    assert all(m.ByteSize() <= frames.BATCH_BYTES for m in out)
+    assert [m.WhichOneof("kind") for m in out] == ["batch", "chunk"]  # the third chunk alone
+    assert out[1] == big[2]
+    flat = [*out[0].batch.frames, out[1]]
+    assert [frames.seq_of(f) for f in flat] == [frames.seq_of(f) for f in sent]
+    assert all(frames.wire_size(f) >= len(f.SerializeToString()) + 5 for f in sent)
+    assert frames.batched(big[:1]) == big[:1]  # alone: the frame itself
+    many = [f for s in range(300) for f in encode(payload(s, n1=1), True, s + 1)]
+    assert [len(m.batch.frames) for m in frames.batched(many)] == [frames.BATCH_FRAMES, 44]

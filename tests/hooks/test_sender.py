@@ -418,3 +418,40 @@ def test_close_waits_for_a_step_the_worker_is_still_encoding(server, servicer, m
     assert sender.close(timeout=10)
     assert sender.stats()["lost_at_close"] == 0
     np.testing.assert_array_equal(servicer.step_vectors(1)[0], vector(0, 5))
+
+
+def test_the_request_iterator_sends_a_backlog_as_batches():
+    """hooks/sender/threaded.py's request iterator: what queued while gRPC wrote the last
+    message goes as FrameBatch messages once the Welcome said takes_batches, one by one
+    before (or without) it; the end sentinel still ends the stream after the batch."""
+    import itertools
+    import queue
+
+    import grpc
+
+    from hooks import frames
+    from hooks.sender.threaded import _Conn, _requests
+
+    seqs = itertools.count(1)
+    sent = [
+        f
+        for s in range(5)
+        for f in frames.step_frames(
+            IDENT, frames.StepPayload(s, vector(s, 5), [(1, 5)], 1e9), 4, lambda: next(seqs)
+        )
+    ]
+    counts: dict[str, int] = {}
+
+    def run(takes_batches: bool) -> list:
+        conn = _Conn(channel=grpc.insecure_channel("127.0.0.1:1"), out_q=queue.Queue())
+        conn.takes_batches = takes_batches
+        for f in sent:
+            conn.out_q.put(f)
+        conn.out_q.put(None)
+        out = list(_requests(conn, lambda k, n: counts.__setitem__(k, counts.get(k, 0) + n)))
+        conn.channel.close()
+        return out
+
+    assert run(False) == sent and counts == {}
+    (message,) = run(True)
+    assert list(message.batch.frames) == sent and counts == {"batches_sent": 1}
