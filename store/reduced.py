@@ -70,6 +70,17 @@ def share_with_raw(
     mine = mine.filter(pl.col("step").is_in(single["step"].implode()))
     if mine.height == 0:
         return reduced
+    # The usual case, vector against vector: a step's one raw row of the same layout (same
+    # ids, same order) whose bytes are the reduced row's is every cell with the same bits.
+    once = mine.group_by("step").agg(
+        n=pl.len(), raw_layout=pl.col("layout").first(), raw=pl.col("values").first()
+    )
+    same = single.join(once.filter(pl.col("n") == 1), on="step", how="inner").filter(
+        (pl.col("layout") == pl.col("raw_layout")) & (pl.col("values") == pl.col("raw"))
+    )["_row"]
+    single = single.filter(~pl.col("_row").is_in(same.implode()))
+    if single.height == 0:
+        return _referencing(reduced, same.cast(pl.Int64).to_numpy(), rank)
     raw_cells = vector_cells(  # last write of each cell wins, as a read will see it
         mine.with_columns(ver=pl.int_range(mine.height, dtype=pl.UInt64)), layouts
     )
@@ -85,10 +96,18 @@ def share_with_raw(
         .agg(same=(pl.col("bits") == pl.col("raw_bits")).fill_null(False).all())
         .filter(pl.col("same"))
     )
-    if matched.height == 0:
+    rows = np.concatenate(
+        [same.cast(pl.Int64).to_numpy(), matched["ver"].cast(pl.Int64).to_numpy()]
+    )
+    return _referencing(reduced, rows, rank)
+
+
+def _referencing(reduced: pl.DataFrame, rows: np.ndarray, rank: int) -> pl.DataFrame:
+    """`reduced` with `rows` (positions) turned into references to `rank`'s raw cells."""
+    if rows.size == 0:
         return reduced
     shared = pl.Series(np.zeros(reduced.height, bool))
-    shared[matched["ver"].cast(pl.Int64).to_numpy()] = True
+    shared[rows] = True
     return reduced.with_columns(
         source=pl.when(shared).then(pl.lit(rank, pl.Int32)).otherwise(pl.col("source")),
         values=pl.when(shared).then(pl.lit(b"", pl.Binary)).otherwise(pl.col("values")),

@@ -46,12 +46,13 @@ def reduced(step, ids, values, n_ranks=1) -> ValueBatch:
     )
 
 
-def world_one_history(st, rng, steps=12):
+def world_one_history(st, rng, steps=12, ordered=False):
     """A world-1 run as the collector writes it: per step a RawBlock of the schema (ids not
     sorted), or flat rows of a partial vector, then the reduced values (equal, but for one
-    -0.0, which the float64 sum makes +0.0), flushes every few steps. Returns the
-    expected reduced {(step, metric): value bits}."""
-    schema = rng.permutation(M).astype(np.int32)
+    -0.0, which the float64 sum makes +0.0), flushes every few steps (ordered: the schema's
+    ids ascending, as a rank registering its metrics in order has them: its raw and reduced
+    vectors are then of one layout). Returns the expected reduced {(step, metric): value}."""
+    schema = np.arange(M, dtype=np.int32) if ordered else rng.permutation(M).astype(np.int32)
     expect = {}
     for s in range(steps):
         v = rng.standard_normal(M).astype(np.float32)
@@ -135,10 +136,12 @@ def test_mixed_n_ranks_in_one_step_read_as_one_table(store):
 
 
 # ---- Parquet: what is on disk -------------------------------------------------------------
-def test_parquet_world_one_values_are_stored_once(tmp_path):
+@pytest.mark.parametrize("ordered", [False, True], ids=["cell-by-cell", "vector-to-vector"])
+def test_parquet_world_one_values_are_stored_once(tmp_path, ordered):
     st = ParquetStore(str(tmp_path), fsync=False)
     open_run(st)
-    world_one_history(st, np.random.default_rng(2))
+    expect = world_one_history(st, np.random.default_rng(2), ordered=ordered)
+    assert read_all(st) == pytest.approx(expect, abs=0)
     rows = pl.read_parquet(glob.glob(str(tmp_path / "w1" / "reduced_vectors" / "*.parquet")))
     rows = rows.sort("step")
     own = rows.filter(pl.col("source") == -1)
