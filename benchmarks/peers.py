@@ -238,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         "of the whole process tree over that window, per logged value. Peak RSS: the tree "
         "(stepwatch: client + collector; wandb: client + wandb-core), each process with torch "
         f"loaded (~{statistics.median(base or [0]):.0f} MiB before logging). B/value: bytes "
-        "on disk over M x S logged values (stepwatch stores each twice: the rank's raw "
-        "vector and the reduced value). verified: every stored value read back by the "
+        "on disk over M x S logged values, names included (stepwatch: a world-1 run's "
+        "reduced values refer to its raw vectors, each value stored once). verified: every "
+        "stored value read back by the "
         "system's own reader, names and values exact."
     )
     text = "\n".join(["# stepwatch vs peers", "", head, "", note, "", *table(rows), ""])

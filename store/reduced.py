@@ -28,7 +28,7 @@ import polars as pl
 
 from store.base import StoreError, ValueBatch
 from store.frames import REDUCED_SCHEMA, REDUCED_VECTORS_SCHEMA, empty, last_wins
-from store.vectors import batch_vectors, explode, vector_cells
+from store.vectors import batch_vectors, explode, layout_hash, vector_cells
 
 OWN = -1  # `source` of a row holding its own values
 PENDING = [c for c in REDUCED_VECTORS_SCHEMA if c != "ver"]  # columns before the backend's ver
@@ -70,17 +70,10 @@ def share_with_raw(
     mine = mine.filter(pl.col("step").is_in(single["step"].implode()))
     if mine.height == 0:
         return reduced
-    # The usual case, vector against vector: a step's one raw row of the same layout (same
-    # ids, same order) whose bytes are the reduced row's is every cell with the same bits.
-    once = mine.group_by("step").agg(
-        n=pl.len(), raw_layout=pl.col("layout").first(), raw=pl.col("values").first()
-    )
-    same = single.join(once.filter(pl.col("n") == 1), on="step", how="inner").filter(
-        (pl.col("layout") == pl.col("raw_layout")) & (pl.col("values") == pl.col("raw"))
-    )["_row"]
-    single = single.filter(~pl.col("_row").is_in(same.implode()))
+    same = _same_vectors(single, mine, layouts)
+    single = single.filter(~pl.col("_row").is_in(pl.Series(same, dtype=pl.UInt32).implode()))
     if single.height == 0:
-        return _referencing(reduced, same.cast(pl.Int64).to_numpy(), rank)
+        return _referencing(reduced, same, rank)
     raw_cells = vector_cells(  # last write of each cell wins, as a read will see it
         mine.with_columns(ver=pl.int_range(mine.height, dtype=pl.UInt64)), layouts
     )
@@ -96,10 +89,34 @@ def share_with_raw(
         .agg(same=(pl.col("bits") == pl.col("raw_bits")).fill_null(False).all())
         .filter(pl.col("same"))
     )
-    rows = np.concatenate(
-        [same.cast(pl.Int64).to_numpy(), matched["ver"].cast(pl.Int64).to_numpy()]
-    )
+    rows = np.concatenate([same, matched["ver"].cast(pl.Int64).to_numpy()])
     return _referencing(reduced, rows, rank)
+
+
+def _same_vectors(
+    single: pl.DataFrame, mine: pl.DataFrame, layouts: Mapping[int, np.ndarray]
+) -> np.ndarray:
+    """The usual case, vector against vector: the `_row`s of `single` whose step's raw rows
+    in `mine`, in write order, put together are the reduced row's ids in its order (one
+    layout hash: no id twice, so no rewritten cell) with its bytes, i.e. every cell with the
+    same bits. Whatever this leaves out is compared cell by cell."""
+    if single["step"].n_unique() != single.height:  # several rows of a step: cell by cell
+        return np.empty(0, np.int64)
+    red = {s: (h, v, r) for s, h, v, r in single.select("step", "layout", "values", "_row").rows()}
+    out = []
+    for step, hashes, blobs in (
+        mine.group_by("step", maintain_order=True).agg("layout", "values").rows()
+    ):
+        h, values, row = red[step]
+        if len(hashes) == 1:
+            ids_hash = hashes[0]
+        elif all(k in layouts for k in hashes):
+            ids_hash = layout_hash(np.concatenate([layouts[k] for k in hashes]))
+        else:
+            continue
+        if ids_hash == h and b"".join(blobs) == values:
+            out.append(row)
+    return np.asarray(out, np.int64)
 
 
 def _referencing(reduced: pl.DataFrame, rows: np.ndarray, rank: int) -> pl.DataFrame:
