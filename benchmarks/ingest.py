@@ -1,7 +1,7 @@
 """Ingest end to end: R simulated ranks -> real collector -> store, against the raw ceiling.
 
     python -m benchmarks.ingest --store URL [--metrics-per-step 6000000] [--steps 16]
-                                [--ranks 4096] [--procs 2] [--warmup 2] [--depth 8]
+                                [--ranks 4096] [--procs 2] [--warmup 2] [--depth 32]
                                 [--flush-interval 2.0] [--no-flat] [--agents N]
 
 P load-generator processes (benchmarks/loadgen.py) play R ranks, each rank with the real hooks
@@ -45,6 +45,13 @@ from benchmarks.workload import Values, Workload
 from collector.process import start_collector, stop_collector
 
 ROOT = Path(__file__).resolve().parents[1]
+# A rank's unacknowledged steps (the load generator's flow control). A real rank's buffer is
+# 1,024 steps / 256 MiB (hooks/config.py), so it never waits at these rates; 32 steps of 1,460
+# or 11,715 float32 are 0.2-1.5 MB. With 8 the window was the limit, not the collector: at
+# 512 streams acks arrive once a flush, and a rank with 8 steps in flight waited for them
+# (ClickHouse 2.33 -> 2.94 steps/s at 32); at 4,096 a deeper window also lets the senders
+# batch what waits (FrameBatch), 1.0 -> 1.7 steps/s (2026-12-01, 30 steps).
+DEPTH = 32
 RUN = "bench-ingest"
 STAGE_RE = re.compile(r"writer stage seconds: (.*)")
 RECEIVE_RE = re.compile(r"ingest seconds: receive=([\d.]+)(?: schemas=([\d.]+))?")
@@ -249,15 +256,25 @@ def stored(url: str, tmp: Path) -> dict:
     if url.startswith("clickhouse"):
         client, c = clickhouse_client(url)
         db = f"`{c.database}`"
+        steps = [
+            s
+            for (s,) in client.execute(
+                f"SELECT DISTINCT step FROM {db}.raw_vectors WHERE run = %(r)s", {"r": RUN}
+            )
+        ]
         out = {
-            "raw": client.execute(  # distinct ids over the layouts of a rank-step
-                f"SELECT sum(n) FROM (SELECT uniqExactArray(ids) AS n FROM (SELECT DISTINCT run, "
-                f"rank, step, layout FROM {db}.raw_vectors WHERE run = %(r)s) ANY INNER JOIN "
-                f"(SELECT run, layout, any(ids) AS ids FROM {db}.raw_layouts GROUP BY run, layout) "
-                f"USING (run, layout) GROUP BY rank, step)",
-                {"r": RUN},
-            )[0][0]
-            or 0,
+            "raw": sum(  # distinct ids over the layouts of a rank-step; a step at a time (one
+                # query over 30 steps of 512 x 11,715 went past the server's 3.7 GiB a query)
+                client.execute(
+                    f"SELECT sum(n) FROM (SELECT uniqExactArray(ids) AS n FROM (SELECT DISTINCT "
+                    f"run, rank, step, layout FROM {db}.raw_vectors WHERE run = %(r)s AND "
+                    f"step = %(s)s) ANY INNER JOIN (SELECT run, layout, any(ids) AS ids FROM "
+                    f"{db}.raw_layouts GROUP BY run, layout) USING (run, layout) GROUP BY rank)",
+                    {"r": RUN, "s": s},
+                )[0][0]
+                or 0
+                for s in steps
+            ),
             "reduced": client.execute(  # distinct ids over the layouts of a step
                 f"SELECT sum(n) FROM (SELECT uniqExactArray(ids) AS n FROM (SELECT DISTINCT run, "
                 f"step, layout FROM {db}.reduced_vectors WHERE run = %(r)s) ANY INNER JOIN "
@@ -439,7 +456,7 @@ def run(
     ranks: int,
     procs: int = 2,
     warmup: int = 2,
-    depth: int = 8,
+    depth: int = DEPTH,
     flush_s: float = 2.0,
     ceiling_steps: int | None = None,
     flat: bool = True,
@@ -597,7 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=4096)
     ap.add_argument("--procs", type=int, default=2, help="load-generator processes")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rate")
-    ap.add_argument("--depth", type=int, default=8, help="client buffer, steps (block policy)")
+    ap.add_argument(
+        "--depth",
+        type=int,
+        default=DEPTH,
+        help="steps a rank may have unacknowledged (its buffer, block policy)",
+    )
     ap.add_argument(
         "--flush-interval",
         type=float,

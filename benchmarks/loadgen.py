@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks.channel_sender import ChannelSender
 from benchmarks.workload import Values, Workload
+from collector import gcpolicy
 from hooks import frames
 from hooks.buffer import StepItem
 from hooks.config import MonitorConfig
@@ -142,6 +143,10 @@ async def play(a: dict) -> int:
                     return 1
                 await asyncio.sleep(0.02)
     layout = [[(sid, len(sp)) for sid, sp in schemas_by_group[w.group(r)]] for r in ranks]
+    # thousands of ranks' senders share this process's heap and its cyclic collector: space
+    # its passes as the collector does (collector/gcpolicy.py), or a rank's share of telemetry
+    # CPU here would be mostly this process's garbage collection, not what a rank pays
+    gcpolicy.tune()
     emit({"ready": len(senders)})
     go = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     if go.strip() != "go":

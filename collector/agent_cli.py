@@ -103,9 +103,12 @@ def serve_agent(config: AgentConfig, listen: str) -> int:
     (flushed) once ready."""
     import signal
 
+    from collector import gcpolicy
+
     async def main() -> None:
         agent = NodeAgent(config)
         address = await agent.start(listen)
+        gcpolicy.tune()
         print(f"agent listening on {address} upstream={config.upstream}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -523,6 +523,7 @@ def serve(
     draining after SIGTERM) is waited for up to config.lock_timeout_s, then we refuse."""
     import signal
 
+    from collector import gcpolicy
     from store import open_store
 
     config = config or CollectorConfig()
@@ -551,6 +552,7 @@ def serve(
         collector = Collector(handle, config)  # takes the spool's lock
         try:
             bound = collector.start(host, port, tls)
+            gcpolicy.tune()
             print(f"collector listening on {host}:{bound} store={store_url}", flush=True)
             while not stop.wait(0.5):
                 pass

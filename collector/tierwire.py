@@ -29,6 +29,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 
+from collector import gcpolicy
 from collector.coordinator import Coordinator
 from collector.errors import InvalidArgument
 from collector.jobs import NotDurable, _pack, _unpack, pack_metrics, unpack_metrics
@@ -180,6 +181,7 @@ def serve_coordinator(
         )
         server = CoordinatorServer(co, token)
         bound = server.start(host, port)
+        gcpolicy.tune()
         print(f"coordinator listening on {host}:{bound} store={store_url}", flush=True)
         while not stop.wait(0.5):
             pass
