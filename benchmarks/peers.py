@@ -1,6 +1,6 @@
 """stepwatch against its peers on the workload every tracker benchmark uses: S steps of M scalars.
 
-    python -m benchmarks.peers [--metrics 10000,100000,1000000] [--steps 30,5,1] [--repeats 3]
+    python -m benchmarks.peers [--metrics 10000,100000,1000000] [--steps 100,20,5] [--repeats 3]
                                [--systems stepwatch,wandb,tensorboard,np.save]
                                [--out benchmarks/PEERS.md] [--json FILE]
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.peers", description=__doc__.splitlines()[0]
     )
     ap.add_argument("--metrics", default="10000,100000,1000000", help="M values, comma-separated")
-    ap.add_argument("--steps", default="30,5,1", help="S per M (one value: the same for all)")
+    ap.add_argument("--steps", default="100,20,5", help="S per M (one value: the same for all)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--timeout", type=float, default=600, help="per run, seconds")
