@@ -69,7 +69,7 @@ class SchemaItem:
     """A schema registered mid-run (the user's logged names): sent before any later step."""
 
     schema_id: int
-    specs: Any  # hooks.frames.SpecColumns (or MetricSpecs)
+    specs: Any  # hooks.schemas.SpecColumns (or MetricSpecs)
 
 
 @dataclass

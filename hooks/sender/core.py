@@ -49,6 +49,8 @@ from hooks import frames
 from hooks.buffer import AckItem, SchemaItem, StepBuffer, StepItem
 from hooks.config import MonitorConfig
 from hooks.layout import MetricSpec
+from hooks.schemas import part_layouts, schema_form, wire_layout, wire_schemas
+from hooks.schemas import schema as schema_frame
 from proto import auth
 from proto.v1 import telemetry_pb2 as pb
 
@@ -129,8 +131,8 @@ class SenderCore(Generic[ConnT]):
         # after each connection that failed or ended (README "Scale-out").
         self.targets = target.split(",")
         self._target_i = ident.rank % len(self.targets)
-        self._schemas = frames.wire_schemas(schemas)  # cut where a Schema would be too big
-        self._parts = frames.part_layouts(self._schemas)
+        self._schemas = wire_schemas(schemas)  # cut where a Schema would be too big
+        self._parts = part_layouts(self._schemas)
         self._metadata = auth.bearer(token)
         self.session = uuid.uuid4().hex  # the same on every reconnect of this client
         self._hello = frames.hello(ident, run_config or {}, self.session)
@@ -166,9 +168,9 @@ class SenderCore(Generic[ConnT]):
     def add_schema(self, schema_id: int, specs: Sequence[MetricSpec]) -> None:
         """Register one more schema mid-run (before submitting a step that uses it): it is
         sent in order with the steps, and again first on every reconnect."""
-        wire = frames.wire_schemas([(schema_id, specs)])
+        wire = wire_schemas([(schema_id, specs)])
         with self._cond:
-            self._parts.update(frames.part_layouts(wire))  # how its steps' values are cut
+            self._parts.update(part_layouts(wire))  # how its steps' values are cut
         for sid, part in wire:
             self.buffer.submit_control(SchemaItem(sid, part))
         self._wake()
@@ -292,18 +294,18 @@ class SenderCore(Generic[ConnT]):
             if self._schema_frames is None:  # first connection of this client
                 self._next_seq = conn.acked
                 self._schema_frames = [
-                    frames.schema(self.ident, self._alloc_seq(), sid, specs, packed)
+                    schema_frame(self.ident, self._alloc_seq(), sid, specs, packed)
                     for sid, specs in self._schemas
                 ]
             elif any(f.schema.HasField("packed") != packed for f in self._schema_frames):
                 # a collector that takes the other form now: the same schemas, same seqs
-                self._schema_frames = [frames.schema_form(f, packed) for f in self._schema_frames]
+                self._schema_frames = [schema_form(f, packed) for f in self._schema_frames]
                 self.buffer.counters["schemas_reencoded"] += 1
             self.buffer.ack(conn.acked)  # durable already: never resent
             resend = self.buffer.unacked_frames()
             if any(f.WhichOneof("kind") == "schema" for f in resend):
                 resend = [
-                    frames.schema_form(f, packed) if f.WhichOneof("kind") == "schema" else f
+                    schema_form(f, packed) if f.WhichOneof("kind") == "schema" else f
                     for f in resend
                 ]
                 self.buffer.replace_unacked(resend)
@@ -361,7 +363,7 @@ class SenderCore(Generic[ConnT]):
     ) -> list[pb.ClientFrame]:
         is_step = isinstance(item, StepItem)
         if isinstance(item, SchemaItem):
-            frame = frames.schema(
+            frame = schema_frame(
                 self.ident, self._alloc_seq(), item.schema_id, item.specs, conn.takes_packed_schema
             )
             with self._cond:
@@ -371,7 +373,7 @@ class SenderCore(Generic[ConnT]):
                 self.buffer.counters["schemas_added"] += 1
             return [frame]
         if isinstance(item, StepItem):
-            layout = frames.wire_layout(item.schemas, self._parts)
+            layout = wire_layout(item.schemas, self._parts)
             payload = frames.StepPayload(item.step, item.values(), layout, item.wall_time)
             out = frames.step_frames(  # looked up on the module: the load generator times it
                 self.ident,

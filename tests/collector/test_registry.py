@@ -251,7 +251,7 @@ def test_a_failed_write_is_never_acked():
 
 # ---- the packed form (Schema.packed): the same registry, columns in place of MetricDefs
 def packed(metrics: list[pb.MetricDef]) -> pb.PackedMetrics:
-    from hooks import frames
+    from hooks import schemas
     from hooks.layout import MetricSpec
 
     ops = {pb.REDUCE_SUM: "sum", pb.REDUCE_MEAN: "mean", pb.REDUCE_MAX: "max", pb.REDUCE_MIN: "min"}
@@ -259,7 +259,7 @@ def packed(metrics: list[pb.MetricDef]) -> pb.PackedMetrics:
         MetricSpec(d.name, ops[d.reduce], d.stat, d.layer, d.expert, d.head, d.unit)
         for d in metrics
     ]
-    return frames.SpecColumns.of(specs).packed()
+    return schemas.SpecColumns.of(specs).packed()
 
 
 def register_packed(r: RunMetrics, rank: int, schema_id: int, p: pb.PackedMetrics):

@@ -8,7 +8,7 @@ import itertools
 
 import numpy as np
 
-from hooks import frames
+from hooks import frames, schemas
 from hooks.buffer import StepBuffer, StepItem
 from proto.v1 import telemetry_pb2 as pb
 
@@ -126,33 +126,33 @@ def _specs_of_every_shape() -> list:
 
 def test_def_sizes_are_exactly_the_encoded_sizes():
     specs = _specs_of_every_shape() * 3
-    sizes = frames.def_sizes(specs)
+    sizes = schemas.def_sizes(specs)
     for spec, size in zip(specs, sizes):
-        assert frames.schema(IDENT, 1, 1, [spec]).schema.ByteSize() - _empty_schema() == size
-    whole = frames.schema(IDENT, 1, 1, specs).schema.ByteSize()
+        assert schemas.schema(IDENT, 1, 1, [spec]).schema.ByteSize() - _empty_schema() == size
+    whole = schemas.schema(IDENT, 1, 1, specs).schema.ByteSize()
     assert whole - _empty_schema() == int(sizes.sum())
 
 
 def _empty_schema(schema_id: int = 1, ident: frames.Identity = IDENT, seq: int = 1) -> int:
     """Bytes of the same Schema without defs: header and schema_id."""
-    return frames.schema(ident, seq, schema_id, []).schema.ByteSize()
+    return schemas.schema(ident, seq, schema_id, []).schema.ByteSize()
 
 
 def test_parts_fit_the_budget_and_keep_order(monkeypatch):
     from hooks.layout import MetricSpec
 
-    monkeypatch.setattr(frames, "SCHEMA_PART_BYTES", 3_000)
+    monkeypatch.setattr(schemas, "SCHEMA_PART_BYTES", 3_000)
     specs = [MetricSpec(f"m/{'n' * (i % 60)}/{i}", "mean", "m", layer=i % 5) for i in range(900)]
-    wire = frames.wire_schemas([(1, specs), (2, specs[:10])])
+    wire = schemas.wire_schemas([(1, specs), (2, specs[:10])])
     parts1 = [p for p in wire if p[0] == 1 or p[0] >> 16 == 1]
     assert len(parts1) > 10 and [p[0] for p in parts1][:3] == [1, (1 << 16) | 1, (1 << 16) | 2]
     assert [s for _, part in parts1 for s in part] == specs  # cut, never reordered
     for pid, part in parts1:
-        defs = frames.schema(IDENT, 1, pid, part).schema.ByteSize() - _empty_schema(pid)
+        defs = schemas.schema(IDENT, 1, pid, part).schema.ByteSize() - _empty_schema(pid)
         assert defs <= 3_000  # greedy: the next def would not have fitted
-        packed = frames.schema(IDENT, 1, pid, part, packed=True).schema.ByteSize()
+        packed = schemas.schema(IDENT, 1, pid, part, packed=True).schema.ByteSize()
         assert packed - _empty_schema(pid) <= 3_000  # either form fits
-    layout = frames.wire_layout([(1, 900), (2, 10), (7, 3)], frames.part_layouts(wire))
+    layout = schemas.wire_layout([(1, 900), (2, 10), (7, 3)], schemas.part_layouts(wire))
     assert layout[: len(parts1)] == [(pid, len(part)) for pid, part in parts1]
     assert layout[len(parts1) :] == [(2, 10), (7, 3)]  # unknown schema: one part
 
@@ -163,30 +163,30 @@ def test_the_default_budget_stays_under_the_message_limit():
 
     specs = [MetricSpec(f"{i:06d}" + "n" * 506, "mean", "s" * 64, -1, -1, -1, "u" * 32)
              for i in range(2_500)]  # fmt: skip
-    (pid, part), *_ = frames.wire_schemas([(1, specs)])
+    (pid, part), *_ = schemas.wire_schemas([(1, specs)])
     ident = frames.Identity("r" * 128, 65_535, 65_536)
-    frame = frames.schema(ident, 2**63, pid, part)
+    frame = schemas.schema(ident, 2**63, pid, part)
     defs = frame.schema.ByteSize() - _empty_schema(pid, ident, 2**63)
     # the budget keeps room for the packed form's tables (two strings) and field headers
     assert 1_000_000 - 1_000 < defs <= 1_000_000
     assert frame.ByteSize() < (1 << 20)
-    packed = frames.schema(ident, 2**63, pid, part, packed=True)
+    packed = schemas.schema(ident, 2**63, pid, part, packed=True)
     assert packed.schema.packed.count == len(part) and packed.ByteSize() < (1 << 20)
 
 
 def test_packed_form_carries_exactly_the_metric_defs():
-    """PackedMetrics decoded back (frames.columns_of) are the specs, in order, every label
+    """PackedMetrics decoded back (schemas.columns_of) are the specs, in order, every label
     and unicode name included; converting a sent frame between forms keeps header and defs."""
     specs = _specs_of_every_shape() * 2
     specs = [dataclasses.replace(s, name=f"{s.name}/{i}") for i, s in enumerate(specs)]
-    frame = frames.schema(IDENT, 7, 3, specs, packed=True)
+    frame = schemas.schema(IDENT, 7, 3, specs, packed=True)
     assert not frame.schema.metrics and frame.schema.packed.count == len(specs)
-    assert frames.columns_of(frame.schema).specs() == specs
-    defs = frames.schema_form(frame, packed=False)
+    assert schemas.columns_of(frame.schema).specs() == specs
+    defs = schemas.schema_form(frame, packed=False)
     assert defs.schema.header == frame.schema.header and defs.schema.schema_id == 3
-    assert defs.schema == frames.schema(IDENT, 7, 3, specs).schema
-    assert frames.schema_form(defs, packed=True) == frame
-    assert list(frames.SpecColumns.of(specs)[2:5]) == specs[2:5]
+    assert defs.schema == schemas.schema(IDENT, 7, 3, specs).schema
+    assert schemas.schema_form(defs, packed=True) == frame
+    assert list(schemas.SpecColumns.of(specs)[2:5]) == specs[2:5]
 
 
 def test_batched_keeps_order_and_each_message_under_the_limit():

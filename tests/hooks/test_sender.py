@@ -371,7 +371,7 @@ def test_schemas_go_packed_to_a_collector_that_takes_them_and_as_defs_after_a_do
     """The first collector says takes_packed_schema: both schemas go as PackedMetrics. The
     stream drops, and the collector that answers next is an older one: the same schemas go
     again under the same seqs as MetricDefs, holding exactly the same metrics."""
-    from hooks import frames
+    from hooks import schemas
 
     servicer.takes_packed_schema = True
     sender = make_sender(server.target)
@@ -389,7 +389,7 @@ def test_schemas_go_packed_to_a_collector_that_takes_them_and_as_defs_after_a_do
     assert [s.HasField("packed") for s in second] == [False, False]
     assert [s.header.seq for s in second] == [s.header.seq for s in first]
     for packed, defs, want in zip(first, second, (specs(5, "a"), specs(3, "b"))):
-        assert frames.columns_of(packed).specs() == want
+        assert schemas.columns_of(packed).specs() == want
         assert [(d.name, d.layer, d.stat) for d in defs.metrics] == [
             (s.name, s.layer, s.stat) for s in want
         ]

@@ -20,7 +20,7 @@ import pytest
 
 from collector import Collector, CollectorConfig
 from collector.process import start_collector, stop_collector
-from hooks import MonitorConfig, frames
+from hooks import MonitorConfig, frames, schemas
 from hooks.buffer import StepItem
 from hooks.layout import MetricSpec
 from hooks.sender import Sender
@@ -54,7 +54,7 @@ def test_a_rank_of_a_million_metrics_registers_and_stores_every_step(tmp_path):
         parts = sender._schemas
         assert len(parts) > 64  # the old per-rank schema limit
         for part_id, part in (parts[0], parts[len(parts) // 2], parts[-1]):
-            msg = pb.ClientFrame(schema=frames.schema(sender.ident, 1, part_id, part).schema)
+            msg = pb.ClientFrame(schema=schemas.schema(sender.ident, 1, part_id, part).schema)
             assert msg.ByteSize() < MESSAGE_LIMIT
         for step in range(steps):
             values = np.arange(n, dtype=np.float32) + step
@@ -62,7 +62,7 @@ def test_a_rank_of_a_million_metrics_registers_and_stores_every_step(tmp_path):
         assert sender.close(timeout=300)
         stats = sender.stats()
     finally:
-        frames._metric_defs.cache_clear()  # it holds the specs: later tests' GC walks them
+        schemas._metric_defs.cache_clear()  # it holds the specs: later tests' GC walks them
         assert stop_collector(proc) == 0
     assert stats["connect_attempts"] == 1 and "fatal_error" not in stats
     with open_store(url) as store:

@@ -265,9 +265,9 @@ def test_large_schema_travels_as_several_wire_schemas(collector, monkeypatch):
     """A flash-sized rank has ~10^5 metrics; one Schema message of that size would be refused.
     With the cut lowered to 2,500 bytes of MetricDefs (~50 metrics), the tiny model's ~280
     travel as several wire schemas and every value still lands under its own name."""
-    import hooks.frames
+    import hooks.schemas
 
-    monkeypatch.setattr(hooks.frames, "SCHEMA_PART_BYTES", 2_500)
+    monkeypatch.setattr(hooks.schemas, "SCHEMA_PART_BYTES", 2_500)
     address, url, proc = collector
     probe = {}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from collector.process import start_collector, stop_collector
-from hooks import frames
+from hooks import frames, schemas
 from hooks.buffer import StepItem
 from hooks.config import MonitorConfig
 from hooks.sender import Sender
@@ -47,7 +47,7 @@ def test_a_million_metrics_on_one_rank_register_stream_and_read_back_exactly(tmp
     names = [f"wide/layer{i // 4096:03d}/m{i % 4096:04d}/v" for i in range(M)]
     layer = np.arange(M, dtype=np.int32) // 4096
     reduce = [OPS[i % 4] for i in range(4)] * (M // 4)
-    cols = frames.SpecColumns.from_arrays(names, reduce, "v", layer=layer, unit="s")
+    cols = schemas.SpecColumns.from_arrays(names, reduce, "v", layer=layer, unit="s")
     rng = np.random.default_rng(5)
     values = [rng.standard_normal(M).astype(np.float32) for _ in range(STEPS)]
     url = f"parquet:{tmp_path / 'store'}"
