@@ -15,6 +15,7 @@ them raw without touching the reduction.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class _Pending:
     n_ended: int = 0
     nbytes: int = 0
     born: int = 0  # the barrier's join count when the step began (tier mode)
+    n_waited_ended: int = 0  # tier mode: ended ranks among those the step waits for
 
 
 @dataclass
@@ -102,6 +104,7 @@ class StepBarrier:
         # it (rank -> join number); None: every rank of world_size.
         self.members: dict[int, int] | None = None
         self._joins = 0
+        self._join_numbers: list[int] = []  # every member's current join number, ascending
 
     def tier(self) -> None:
         """Tier mode: a step waits for the ranks that said Hello before it began here (a
@@ -112,9 +115,18 @@ class StepBarrier:
         self.members = {}
 
     def join(self, rank: int) -> None:
-        if self.members is not None:
-            self._joins += 1
-            self.members[rank] = self._joins
+        if self.members is None:
+            return
+        self._joins += 1
+        old = self.members.get(rank)
+        if old is not None:  # a rejoin: the steps begun since its last join no longer wait
+            del self._join_numbers[bisect.bisect_left(self._join_numbers, old)]
+            for p in self._pending.values():
+                part = p.ranks.get(rank)
+                if old <= p.born and part is not None and part.ended:
+                    p.n_waited_ended -= 1
+        self.members[rank] = self._joins
+        self._join_numbers.append(self._joins)  # the largest: the list stays sorted
 
     def expected(self) -> set[int]:
         """The ranks whose goodbye finishes the run here."""
@@ -199,6 +211,8 @@ class StepBarrier:
         part = p.ranks.setdefault(rank, _RankPart())
         part.ended, part.wall_time = True, float(wall_time)
         p.n_ended += 1
+        if self.members is not None and self.members.get(rank, p.born + 1) <= p.born:
+            p.n_waited_ended += 1
         if p.first_end is None:
             p.first_end = now
         return True
@@ -229,8 +243,10 @@ class StepBarrier:
             return p.n_ended >= self.world_size
         if p.step <= self.reduced_through:  # opened again by a late rank: the ranks in it
             return all(part.ended for part in p.ranks.values())
-        waits = [r for r, j in self.members.items() if j <= p.born]
-        return all(r in p.ranks and p.ranks[r].ended for r in waits) and p.n_ended > 0
+        # every rank that joined before the step began has ended it: counted as they end
+        # (end_of_step, join), not by a scan of the members per frame (quadratic at 2,048)
+        waits = bisect.bisect_right(self._join_numbers, p.born)
+        return p.n_waited_ended >= waits and p.n_ended > 0
 
     def drain(self) -> list[ReadyStep]:
         """Everything still pending, oldest first (shutdown, or every rank closed its stream)."""

@@ -159,3 +159,31 @@ def test_drain_releases_everything_pending_as_incomplete():
     assert [r.step for r in ready] == [3, 4]
     assert ready[0].status.missing_ranks == (0,) and ready[1].status.missing_ranks == (0, 1)
     assert pending_steps(b) == []
+
+
+def test_tier_readiness_counts_as_the_scan_of_the_members_did():
+    """A tier collector's step is ready once every rank that joined before it began has
+    ended it (collector/tier.py). The barrier counts that as ranks end and rejoin; here it
+    is checked against the definition, a scan of the members, after every operation of a
+    random history of joins, rejoins (fail-overs back) and ends over 6 ranks and 5 steps."""
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        b = barrier(world=6, max_pending=16)
+        b.tier()
+        for _ in range(60):
+            rank, step = int(rng.integers(6)), int(rng.integers(5))
+            if rng.random() < 0.25:
+                b.join(rank)
+                continue
+            if rank not in b.members or b.is_late(step):
+                continue
+            p = b._pending.get(step)
+            if p is not None and rank in p.ranks and p.ranks[rank].ended:
+                continue
+            b.add_chunk(rank, step, 1, 0, 1, f32(rank))
+            b.end_of_step(rank, step, 1, wall_time=1.0, now=0.0)
+            for q in b._pending.values():
+                waits = [r for r, j in b.members.items() if j <= q.born]
+                scan = all(r in q.ranks and q.ranks[r].ended for r in waits) and q.n_ended > 0
+                assert b._all_ended(q) == scan, (q.step, b.members, q.born)
+            b.poll(now=0.0)
