@@ -24,17 +24,15 @@ hands them over once they exist.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable
 
 from collector.clipboard import ClipAckRecord, ClipBoard
 from collector.detect import Detect
-from collector.errors import InvalidArgument
 from collector.ingest import Ingest
 from collector.jobs import WriteClips
-from collector.operator import operator_answer, parse_operator_command
+from collector.operator import apply_command
 from collector.stats import Counters
 from collector.writer import Writer
 from proto.v1 import telemetry_pb2 as pb
@@ -121,24 +119,12 @@ class ClipControl:
         push a new version to the run's ranks; freeze/unfreeze only steer the clip policy.
         The answer's reason is JSON: frozen sites, observe-only, the op."""
         run = hello.header.run
-        if not RUN_NAME_RE.match(run):
-            raise InvalidArgument(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
-        op, items = parse_operator_command(hello.config_json)
-        if op == "set":
-            self.push(run, items, "operator set", self._last_step(run), None)
-        elif op == "clear":
-            self.push(
-                run,
-                [(l, s, math.inf) for l, s in items],
-                "operator clear",
-                self._last_step(run),
-                None,
-            )
-        frozen = self._detect.operator(run, op, items) if self._detect else []
+        step = self._last_step(run) if RUN_NAME_RE.match(run) else 0
+        answer = apply_command(
+            run, hello.config_json, self.push, step, self.clips, self._detect, self.observe_only
+        )
         self.counters.add("operator_commands")
-        log.info("operator %s on run %s: %s", op, run, items)
-        version, table = self.clips.table(run)
-        return operator_answer(op, version, table, frozen, self.observe_only)
+        return answer
 
     def _last_step(self, run: str) -> int:
         r = self._ingest.runs.get(run)

@@ -51,6 +51,7 @@ import polars as pl
 from collector.clipboard import ClipBoard
 from collector.detect import Detect
 from collector.errors import InvalidArgument
+from collector.operator import apply_command
 from collector.partials import Partial, combine, finish
 from collector.reduction import OP_NAMES, StepRows
 from collector.stats import Counters
@@ -100,6 +101,7 @@ class Coordinator:
         self.clock = clock
         self.counters = Counters()
         self.clips = ClipBoard()
+        self.observe_only = observe_only
         self.detect = (
             Detect(store, self._push, self.counters, observe_only=observe_only) if detect else None
         )
@@ -345,6 +347,24 @@ class Coordinator:
             version = self._push(run, list(settings), reason, max(0, self._step_of(run)), None)
             self.store.flush()
             return version
+
+    def operate(self, run: str, config_json: str) -> pb.ClipUpdate:
+        """An operator's clip command (operator.py's form), forwarded by a tier collector:
+        applied as a single collector applies it, stored before the answer; the new table
+        reaches the ranks with each collector's next step's answer."""
+        with self._cond:
+            answer = apply_command(
+                run,
+                config_json,
+                self._push,
+                max(0, self._step_of(run)),
+                self.clips,
+                self.detect,
+                self.observe_only,
+            )
+            self.store.flush()
+            self.counters.add("operator_commands")
+            return answer
 
     def _step_of(self, run: str) -> int:
         r = self._runs.get(run)

@@ -12,16 +12,24 @@ was needed.
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
-from collector.clipboard import check_setting
+from collector.clipboard import ClipBoard, check_setting
 from collector.errors import InvalidArgument
 from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
+from store.base import RUN_NAME_RE
 
+if TYPE_CHECKING:
+    from collector.detect import Detect
+
+log = logging.getLogger("collector.control")
 OPERATOR_CLIENT = "stepwatch-operator/1"  # Hello.client_version of an operator stream
 OPERATOR_OPS = ("list", "set", "clear", "freeze", "unfreeze")
 
@@ -80,6 +88,32 @@ def operator_answer(
         ),
         settings=[pb.ClipSetting(layer=l, site=s, limit=v) for (l, s), v in sorted(table.items())],
     )
+
+
+def apply_command(
+    run: str,
+    config_json: str,
+    push: Callable[[str, list, str, int, float | None], int],
+    step: int,
+    clips: ClipBoard,
+    detect: Detect | None,
+    observe_only: bool,
+) -> pb.ClipUpdate:
+    """Apply one operator command to `run` and answer it: set / clear push a new table
+    version (detect.PushFn `push`, decided at `step`); every op also steers the run's clip
+    policy (freeze / unfreeze only that). A single collector's control plane (control.py) and
+    a tier's coordinator (coordinator.py) both apply commands this way."""
+    if not RUN_NAME_RE.match(run):
+        raise InvalidArgument(f"run name {run!r} must match {RUN_NAME_RE.pattern}")
+    op, items = parse_operator_command(config_json)
+    if op == "set":
+        push(run, items, "operator set", step, None)
+    elif op == "clear":
+        push(run, [(l, s, math.inf) for l, s in items], "operator clear", step, None)
+    frozen = detect.operator(run, op, items) if detect else []
+    log.info("operator %s on run %s: %s", op, run, items)
+    version, table = clips.table(run)
+    return operator_answer(op, version, table, frozen, observe_only)
 
 
 # ---- the client -------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from collector.detect import Detect
 from collector.errors import (
     REJECTED,
     CollectorError,
-    FailedPrecondition,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
@@ -261,6 +260,7 @@ class Collector:
             from collector.tier import CoordinatorLink, TierWriter
 
             link = CoordinatorLink(cfg.coordinator, cfg.token, on_clip=self._tier_clip)
+            self._link = link
             writer_cls = lambda *a, **kw: TierWriter(*a, link=link, goodbyes=self._goodbyes, **kw)
         self.writer = writer_cls(
             self.handle,
@@ -295,10 +295,10 @@ class Collector:
             self._call_soon(self.ingest.broadcast_clip, run, update)
 
     def _tier_operator(self, hello: pb.Hello) -> pb.ClipUpdate:
-        raise FailedPrecondition(
-            "this collector is part of a tier: its clip table is the coordinator's, and "
-            "clip commands are not taken here (README 'Scale-out')"
-        )
+        """An operator's command, to the coordinator (which holds the tier's clip table):
+        its answer goes back as a single collector's would. One unary call from the event
+        loop, bounded by its timeout: operator commands are rare."""
+        return self._link.operate(hello.header.run, hello.config_json)
 
     def _goodbyes(self, run: str) -> list[int]:
         r = self.ingest.runs.get(run)

@@ -31,7 +31,7 @@ import numpy as np
 
 from collector import gcpolicy
 from collector.coordinator import Coordinator
-from collector.errors import InvalidArgument
+from collector.errors import InvalidArgument, Unavailable
 from collector.jobs import NotDurable, _pack, _unpack, pack_metrics, unpack_metrics
 from collector.partials import Partial
 from proto.v1 import telemetry_pb2 as pb
@@ -68,6 +68,7 @@ class CoordinatorServer:
             "Partial": self._rpc(self._on_partial),
             "Finish": self._rpc(self._on_finish),
             "ClipAcks": self._rpc(self._on_clip_acks),
+            "Operate": self._rpc(self._on_operate),
         }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(TIER_SERVICE, handlers),)
@@ -144,6 +145,10 @@ class CoordinatorServer:
         m = json.loads(request)
         self.co.clip_acks(m["run"], [(int(r), int(v), int(s)) for r, v, s in m["acks"]])
         return b"{}"
+
+    def _on_operate(self, request: bytes) -> bytes:
+        m = json.loads(request)
+        return self.co.operate(str(m["run"]), str(m["command"])).SerializeToString()
 
 
 def serve_coordinator(
@@ -315,3 +320,19 @@ class CoordinatorLink:
 
     def clip_acks(self, run: str, acks: list[tuple[int, int, int]]) -> None:
         self._call("ClipAcks", json.dumps({"run": run, "acks": acks}).encode())
+
+    def operate(self, run: str, command: str, timeout_s: float = 10.0) -> pb.ClipUpdate:
+        """An operator's command to the coordinator, once (an operator retries, not we):
+        its answer, or the coordinator's refusal as a CollectorError with its reason."""
+        fn: Callable[..., bytes] = self._channel.unary_unary(f"/{TIER_SERVICE}/Operate")
+        payload = json.dumps({"run": run, "command": command}).encode()
+        try:
+            return pb.ClipUpdate.FromString(fn(payload, metadata=self._metadata, timeout=timeout_s))
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument(details) from None
+            raise Unavailable(
+                f"the tier's coordinator {self.address} did not take the clip command: "
+                f"{code.name} {details}"
+            ) from None

@@ -413,3 +413,40 @@ def test_on_a_two_shard_clickhouse_cluster(clickhouse_cluster, clickhouse_cluste
         assert st.runs().filter(run="ck")["status"].to_list() == ["finished"]
     assert done["step"].to_list() == list(range(steps))
     assert done["complete"].all() and set(done["n_ranks"].to_list()) == {WORLD}
+
+
+def test_clip_commands_go_to_the_coordinator_through_any_collector(tmp_path):
+    """`collector clip` against a tier collector: the command is the coordinator's (it holds
+    the tier's clip table), through either collector; the rank gets the new table with its
+    next step's answer; a refused command says why; the coordinator stores the version."""
+    from collector.operator import OperatorError, operate
+    from proto.v1 import telemetry_pb2 as pb
+    from tests.collector.conftest import RawClient, mdef
+
+    co, procs, address = start_tier(tmp_path)
+    first, second = address.split(",")
+    rank = RawClient(first, "optier", 0, 1)
+    try:
+        rank.expect("welcome")
+        rank.schema(1, [mdef("train/loss", pb.REDUCE_MEAN)])
+        rank.step(0, 1, [1.0], fold=True)
+        rank.wait_ack()  # step 0 reduced and stored at the coordinator: the run is there
+        table = operate(second, "optier", "set", [[1, "routed", 5.0]])
+        assert table.version == 1 and table.limits == {(1, "routed"): 5.0}
+        listed = operate(first, "optier", "list")
+        assert (listed.version, listed.limits) == (1, {(1, "routed"): 5.0})
+        with pytest.raises(OperatorError, match="finite limit > 0"):
+            operate(first, "optier", "set", [[1, "routed", -1.0]])
+        rank.step(1, 1, [2.0], fold=True)
+        clip = rank.expect("clip")  # with step 1's answer
+        assert clip.version == 1 and [(s.layer, s.site, s.limit) for s in clip.settings] == [
+            (1, "routed", 5.0)
+        ]
+        assert rank.close().code.name == "OK"
+    finally:
+        rank.channel.close()
+        for p in [*procs, co]:
+            stop_collector(p)
+    with open_store(f"parquet:{tmp_path / 'co'}") as st:
+        clips = st.clips("optier")
+    assert clips.filter(pl.col("version") == 1)["limit"].to_list() == [5.0]
