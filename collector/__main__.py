@@ -3,9 +3,11 @@
     python -m collector serve --store URL (--token-file F | $STEPWATCH_TOKEN | --insecure)
         [--operator-token-file F | $STEPWATCH_OPERATOR_TOKEN] [--tls-cert C --tls-key K]
         [--host H] [--port N] [--observe-only] [--no-detect] ...
-    python -m collector serve ... --coordinator HOST:PORT    (a tier collector, tier.py)
+    python -m collector serve ... --coordinator HOST:PORT [--coordinator-tls-ca PEM]
+                                                             (a tier collector, tier.py)
     python -m collector serve ... --workers N                (a tier on this host, workers.py)
     python -m collector coordinate --store URL --port P (--token-file F | --insecure)
+        [--tls-cert C --tls-key K]
     python -m collector agent --upstream HOST:PORT --listen unix:PATH|HOST:PORT  (agent.py, agent_cli.py)
     python -m collector clip list     --target HOST:PORT --run NAME
     python -m collector clip set      --target HOST:PORT --run NAME --layer L --site S --limit X
@@ -149,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         "to this coordinator (python -m collector coordinate), forward its clip updates",
     )
     s.add_argument(
+        "--coordinator-tls-ca",
+        metavar="PEM",
+        help="tier mode: TLS to the coordinator, trusting these roots (it runs with "
+        "--tls-cert / --tls-key); without it the tier link is plaintext",
+    )
+    s.add_argument(
         "--workers",
         type=int,
         default=0,
@@ -177,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="reduce a step without the ranks no partial covers this long after its first",
     )
+    co.add_argument("--tls-cert", help="PEM certificate chain: TLS for the collectors' link")
+    co.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
     co.add_argument("--observe-only", action="store_true")
     co.add_argument("--no-detect", action="store_true")
     co.add_argument("--log-level", default="INFO")
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_timeout_s=args.stop_timeout,
             lock_timeout_s=args.lock_timeout,
             coordinator=args.coordinator,
+            coordinator_tls_ca=args.coordinator_tls_ca,
         )
         if args.workers:
             from collector.workers import serve_workers
@@ -283,6 +294,8 @@ def _coordinate(args: argparse.Namespace) -> int:
             detect=not args.no_detect,
             observe_only=args.observe_only,
             insecure=args.insecure,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
     except (ValueError, OSError, StoreError) as exc:
         print(f"collector coordinate: {exc}", file=sys.stderr)

@@ -157,6 +157,10 @@ class CollectorConfig:
     stores its ranks' raw vectors and sends per-step partials there; the coordinator reduces,
     detects and stores the reduced steps (detect is off here)."""
 
+    coordinator_tls_ca: str | None = None
+    """Tier mode: TLS to the coordinator, trusting the roots in this PEM file (a coordinator
+    started with --tls-cert / --tls-key); None: plaintext (a private network only)."""
+
     def __post_init__(self) -> None:
         for name in ("token", "operator_token"):
             value = getattr(self, name)

@@ -259,7 +259,9 @@ class Collector:
         if cfg.coordinator:  # tier mode: partials to the coordinator (tier.py)
             from collector.tier import CoordinatorLink, TierWriter
 
-            link = CoordinatorLink(cfg.coordinator, cfg.token, on_clip=self._tier_clip)
+            link = CoordinatorLink(
+                cfg.coordinator, cfg.token, on_clip=self._tier_clip, tls_ca=cfg.coordinator_tls_ca
+            )
             self._link = link
             writer_cls = lambda *a, **kw: TierWriter(*a, link=link, goodbyes=self._goodbyes, **kw)
         self.writer = writer_cls(

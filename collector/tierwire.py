@@ -34,6 +34,7 @@ from collector.coordinator import Coordinator
 from collector.errors import InvalidArgument, Unavailable
 from collector.jobs import NotDurable, _pack, _unpack, pack_metrics, unpack_metrics
 from collector.partials import Partial
+from proto import auth
 from proto.v1 import telemetry_pb2 as pb
 from store.base import MetricDict, NotFound, RunInfo
 
@@ -54,7 +55,10 @@ class CoordinatorServer:
         self._ticker: threading.Thread | None = None
         self.port = 0
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    def start(
+        self, host: str = "127.0.0.1", port: int = 0, tls: tuple[bytes, bytes] | None = None
+    ) -> int:
+        """Listen on host:port (0: a free one), with TLS when `tls` = (cert chain, key) PEM."""
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="coordinator"),
             options=[
@@ -74,7 +78,13 @@ class CoordinatorServer:
             (grpc.method_handlers_generic_handler(TIER_SERVICE, handlers),)
         )
         try:
-            self.port = self._server.add_insecure_port(f"{host}:{port}")
+            self.port = (
+                self._server.add_secure_port(
+                    f"{host}:{port}", grpc.ssl_server_credentials([(tls[1], tls[0])])
+                )
+                if tls
+                else self._server.add_insecure_port(f"{host}:{port}")
+            )
         except RuntimeError as exc:
             raise OSError(f"could not listen on {host}:{port} (port taken?): {exc}") from None
         self._server.start()
@@ -161,8 +171,11 @@ def serve_coordinator(
     detect: bool,
     observe_only: bool,
     insecure: bool,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; prints `coordinator listening on HOST:PORT store=URL`."""
+    """Run until SIGTERM/SIGINT; prints `coordinator listening on HOST:PORT store=URL`. With
+    tls_cert and tls_key (PEM files) the collectors' link is TLS."""
     import signal
 
     from collector.server import is_loopback
@@ -175,6 +188,12 @@ def serve_coordinator(
         )
     if insecure and not is_loopback(host):
         raise ValueError(f"--insecure listens on loopback only, not on {host!r}")
+    tls = None
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        with open(tls_cert, "rb") as c, open(tls_key, "rb") as k:
+            tls = (c.read(), k.read())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -185,7 +204,7 @@ def serve_coordinator(
             store, straggler_timeout_s=straggler_timeout_s, detect=detect, observe_only=observe_only
         )
         server = CoordinatorServer(co, token)
-        bound = server.start(host, port)
+        bound = server.start(host, port, tls)
         gcpolicy.tune()
         print(f"coordinator listening on {host}:{bound} store={store_url}", flush=True)
         while not stop.wait(0.5):
@@ -216,15 +235,20 @@ class CoordinatorLink:
         address: str,
         token: str | None = None,
         on_clip: Callable[[str, pb.ClipUpdate], None] | None = None,
+        tls_ca: str | None = None,
     ) -> None:
+        """tls_ca: a PEM file of the roots to trust; the link is then TLS."""
         self.address = address
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", 256 << 20),
-                ("grpc.max_receive_message_length", 256 << 20),
-            ],
+        options = [
+            ("grpc.max_send_message_length", 256 << 20),
+            ("grpc.max_receive_message_length", 256 << 20),
+        ]
+        credentials = auth.client_credentials(tls_ca=tls_ca, environ={}) if tls_ca else None
+        self._channel = (
+            grpc.secure_channel(address, credentials, options=options)
+            if credentials is not None
+            else grpc.insecure_channel(address, options=options)
         )
         self.on_clip = on_clip
         self.info: dict[str, RunInfo] = {}

@@ -70,8 +70,8 @@ def test_serve_refuses_an_open_collector(flags, message):
     assert "listening" not in out.stdout
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-def test_clip_is_the_operators_and_a_live_trainer_streams_over_tls_with_its_token(tmp_path):
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """(key, cert) PEM files of a one-day self-signed certificate for localhost."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key)]
@@ -81,6 +81,69 @@ def test_clip_is_the_operators_and_a_live_trainer_streams_over_tls_with_its_toke
         capture_output=True,
         timeout=60,
     )
+    return key, cert
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_the_tier_link_runs_over_tls_and_a_plaintext_collector_gets_nothing_through(tmp_path):
+    """`coordinate --tls-cert/--tls-key`: a tier collector with --coordinator-tls-ca gets a
+    rank's step reduced and acked through it; one without it (plaintext) cannot register,
+    retries, and acks nothing."""
+    key, cert = self_signed(tmp_path)
+    co, co_addr = start_collector(
+        f"parquet:{tmp_path / 'co'}",
+        "--insecure",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        command="coordinate",
+        log_path=tmp_path / "co.log",
+    )
+    link = "localhost:" + co_addr.rsplit(":", 1)[1]  # the certificate's name
+    procs = []
+    try:
+        for name, extra in (("tls", ["--coordinator-tls-ca", str(cert)]), ("plain", [])):
+            procs.append(
+                start_collector(
+                    f"parquet:{tmp_path / name}",
+                    "--insecure",
+                    "--coordinator",
+                    link,
+                    "--flush-interval",
+                    "0.05",
+                    *extra,
+                    log_path=tmp_path / f"{name}.log",
+                )
+            )
+        ranks = [RawClient(addr, run, 0, 1) for (_, addr), run in zip(procs, ("over-tls", "plain"))]
+        for c in ranks:
+            c.expect("welcome")
+            c.schema(1, [mdef("train/loss")])
+            c.step(0, 1, [3.0], fold=True)
+        assert ranks[0].wait_ack().seq == 2  # reduced and stored at the coordinator
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # keepalives repeat ack 0; nothing is acked
+            try:
+                ranks[1].expect("ack", timeout=max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+        assert all(a.seq == 0 for a in ranks[1].acks)
+        assert "retrying" in (tmp_path / "plain.log").read_text()
+        for c in ranks:
+            c.cancel()
+    finally:
+        for p, _ in procs:
+            terminate(p)
+        stop_collector(co)
+    with open_store(f"parquet:{tmp_path / 'co'}") as st:
+        assert st.steps("over-tls")["step"].to_list() == [0]
+        assert "plain" not in st.runs()["run"].to_list()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_clip_is_the_operators_and_a_live_trainer_streams_over_tls_with_its_token(tmp_path):
+    key, cert = self_signed(tmp_path)
     tokens = {
         "STEPWATCH_TOKEN_FILE": secret_file(tmp_path / "token", TOKEN),
         "STEPWATCH_OPERATOR_TOKEN_FILE": secret_file(tmp_path / "operator", OPERATOR),
