@@ -68,12 +68,7 @@ def main(args) -> int:
         local = None
         if not args.insecure:
             local = auth.read_secret(None, args.local_token_file, environ={}) or token
-        tls = None
-        if args.tls_cert or args.tls_key:
-            if not (args.tls_cert and args.tls_key):
-                raise ValueError("TLS on the listener needs both --tls-cert and --tls-key")
-            with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k:
-                tls = (c.read(), k.read())
+        tls = auth.server_tls(args.tls_cert, args.tls_key, "TLS on the listener")
         config = AgentConfig(
             upstream=args.upstream,
             token=token,

@@ -48,6 +48,7 @@ from collector.operator import OPERATOR_CLIENT
 from collector.spool import Spool
 from collector.stats import Counters, RateLimitedLog
 from collector.writer import StoreHandle, Writer
+from proto import auth
 from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
 from store.base import InvalidInput, Store, StoreError
@@ -529,12 +530,7 @@ def serve(
     from store import open_store
 
     config = config or CollectorConfig()
-    tls = None
-    if tls_cert or tls_key:
-        if not (tls_cert and tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        with open(tls_cert, "rb") as c, open(tls_key, "rb") as k:
-            tls = (c.read(), k.read())
+    tls = auth.server_tls(tls_cert, tls_key)
     try:
         handle = StoreHandle(open_store(store_url))
     except InvalidInput:

@@ -188,12 +188,7 @@ def serve_coordinator(
         )
     if insecure and not is_loopback(host):
         raise ValueError(f"--insecure listens on loopback only, not on {host!r}")
-    tls = None
-    if tls_cert or tls_key:
-        if not (tls_cert and tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        with open(tls_cert, "rb") as c, open(tls_key, "rb") as k:
-            tls = (c.read(), k.read())
+    tls = auth.server_tls(tls_cert, tls_key)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,5 +1,5 @@
 """The wire contract's authentication, as both ends use it: where a secret comes from, how it
-travels, and the TLS credentials of a client.
+travels, and the TLS credentials of a client and of a server.
 
 Every RPC carries `authorization: Bearer <token>` (METADATA_KEY). Secrets are read, in this
 order, from an explicit value, an explicit file, the environment variable, the file the
@@ -93,3 +93,16 @@ def client_credentials(
         except OSError as exc:
             raise ValueError(f"cannot read the TLS CA file {str(ca)!r}: {exc.strerror}") from None
     return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def server_tls(
+    cert: str | os.PathLike | None, key: str | os.PathLike | None, what: str = "TLS"
+) -> tuple[bytes, bytes] | None:
+    """(certificate chain, private key) PEM bytes of a listener's --tls-cert / --tls-key, or
+    None when neither is given; ValueError when only one is, OSError when one cannot be read.
+    The collector, the coordinator and the node agent's listener read them this way."""
+    if not (cert or key):
+        return None
+    if not (cert and key):
+        raise ValueError(f"{what} needs both --tls-cert and --tls-key")
+    return Path(cert).read_bytes(), Path(key).read_bytes()
