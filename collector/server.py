@@ -186,6 +186,8 @@ class TelemetryServicer(pbg.TelemetryServicer):
                 if conn.run is None and OPERATOR not in scopes:
                     _check_not_operator(frame)
                 if conn.run is None and self.forward_operator is not None and _is_operator(frame):
+                    if self.ingest.stopping:
+                        raise Unavailable("collector shutting down; send the command again")
                     self.counters.add("operator_commands")  # forwarded; the loop goes on
                     conn.reply(await self.forward_operator(frame.hello))
                     conn.finish()
