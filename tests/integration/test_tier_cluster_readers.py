@@ -5,12 +5,13 @@ monitored ranks of the tiny model with a blow-up injected, then, unchanged, the 
 readers a user has:
 
   store CLI   `python -m store runs / series / steps` lists the run and prints, per rank and
-              reduced, the very loss values the ranks handed their Monitor;
+              reduced, the very loss values the ranks handed their Monitor, and a user
+              scalar each rank logged (distinct per rank);
   report      `python -m analytics report` replays the detectors over the cluster and finds
               the blow-up at the injected site;
   dashboard   `python -m dashboard --store CLUSTER_URL` in Debian's headless Chromium shows
-              the run's header, its loss chart, its expert heatmap at the last step, the
-              blow-up as an incident and the clip it caused.
+              the run's header, its loss chart, the user scalar's chart, its expert heatmap
+              at the last step, the blow-up as an incident and the clip it caused.
 """
 
 from __future__ import annotations
@@ -41,12 +42,19 @@ BLOWUP = f"blowup@{BLOWUP_AT}:layer=1,expert=5"
 STEPS = 44  # test_tier's event comes by step 42
 
 
-class Sent:
-    """A Monitor wrapper that keeps the loss each step handed the Monitor (what was sent)."""
+PROBE = "user/probe"  # a user scalar (Monitor.log), distinct per rank: the loss + 10 x rank
 
-    def __init__(self, monitor) -> None:
+
+class Sent:
+    """A Monitor wrapper that keeps what each step handed the Monitor: the loss, and PROBE,
+    which it logs itself (the in-thread ranks train the same model on the same data, so
+    their losses alone could not tell one rank's row from another's)."""
+
+    def __init__(self, monitor, rank: int) -> None:
         self.monitor = monitor
+        self.rank = rank
         self.loss: dict[int, np.float32] = {}
+        self.probe: dict[int, np.float32] = {}
 
     def attach(self, model, optimizer) -> None:
         self.monitor.attach(model, optimizer)
@@ -59,6 +67,8 @@ class Sent:
 
     def step_end(self, step, **kw) -> None:
         self.loss[step] = np.float32(kw["loss"].detach().float().item())
+        self.probe[step] = np.float32(self.loss[step] + 10 * self.rank)
+        self.monitor.log({PROBE: float(self.probe[step])}, step, reduce="max")
         self.monitor.step_end(step, **kw)
 
     def close(self) -> None:
@@ -85,7 +95,7 @@ def tier_run(clickhouse_cluster, tmp_path_factory):
             mon = Monitor(
                 model, optimizer, target=",".join(addrs), run=RUN, rank=rank, world_size=WORLD
             )
-            sent[rank] = Sent(mon)
+            sent[rank] = Sent(mon, rank)
             return sent[rank]
 
         try:
@@ -150,13 +160,20 @@ def test_the_store_cli_lists_the_run_and_reads_the_values_sent(tier_run):
     assert set(steps["n_ranks"].to_list()) == {WORLD}
     assert sorted(sent) == list(range(WORLD))
     for rank, s in sent.items():  # a rank's raw values live on its own shard (by rank)
-        got = csv(
-            cli("store", "series", "--store", url, "--run", RUN, "--metric", "train/loss",
-                "--rank", str(rank))
-        )  # fmt: skip
-        assert got["step"].to_list() == list(range(STEPS))
-        want = np.array([s.loss[i] for i in range(STEPS)], np.float32)
-        assert np.array_equal(got["value"].to_numpy().astype(np.float32), want), rank
+        for metric, values in (("train/loss", s.loss), (PROBE, s.probe)):
+            got = csv(
+                cli("store", "series", "--store", url, "--run", RUN, "--metric", metric,
+                    "--rank", str(rank))
+            )  # fmt: skip
+            assert got["step"].to_list() == list(range(STEPS))
+            want = np.array([values[i] for i in range(STEPS)], np.float32)
+            assert np.array_equal(got["value"].to_numpy().astype(np.float32), want), (
+                rank,
+                metric,
+            )
+    top = csv(cli("store", "series", "--store", url, "--run", RUN, "--metric", PROBE))
+    want = np.array([max(sent[r].probe[i] for r in range(WORLD)) for i in range(STEPS)])
+    assert np.array_equal(top["value"].to_numpy().astype(np.float32), want)  # max: rank 3's
     reduced = csv(cli("store", "series", "--store", url, "--run", RUN, "--metric", "train/loss"))
     assert reduced["step"].to_list() == list(range(STEPS))
     mean = np.array(
@@ -198,6 +215,10 @@ def test_the_dashboard_renders_the_run_in_a_browser(tier_run, tmp_path):
             assert f"world size {WORLD}" in header.inner_text()
             page.wait_for_selector(pw.LOSS, timeout=pw.WAIT_MS)  # the chart elements
             page.wait_for_selector(pw.HEATMAP, timeout=pw.WAIT_MS)
+            page.wait_for_selector(f".st-key-chart-user {pw.CHART}", timeout=pw.WAIT_MS)
+            page.locator(".st-key-chart-user").get_by_text(PROBE).first.wait_for(
+                timeout=pw.WAIT_MS
+            )  # the user's own scalar, charted
             assert page.locator(pw.LOSS).bounding_box()["height"] > 100
             page.locator(pw.HEATMAP).get_by_text(f"token share at step {STEPS - 1}").wait_for(
                 timeout=pw.WAIT_MS
