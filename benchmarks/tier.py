@@ -2,12 +2,16 @@
 
     python -m benchmarks.tier [--metrics-per-step 1000000] [--ranks 64] [--steps 12]
                               [--collectors 2] [--warmup 2] [--depth 4] [--flush-interval 0.5]
+                              [--agents N]
 
 Baseline: benchmarks/ingest.py's pipeline (P load-generator processes, each its share of the
 ranks with the real sender protocol, against one real `python -m collector serve`, Parquet).
 Tier: the same load generators against K `serve --coordinator` processes (load generator i
 plays ranks [lo_i, hi_i) against collector i; any rank may use any collector), each with its
-own Parquet store, and one `python -m collector coordinate`. Sustained rate as in ingest.py:
+own Parquet store, and one `python -m collector coordinate`. With --agents N the ranks stream
+through N real node agents in both setups (benchmarks/agents.py, as ingest.py --agents): N
+streams into the single collector, and N / K into each tier collector (collector i's agents
+forward ranks [lo_i, hi_i), in K agent-host processes). Sustained rate as in ingest.py:
 steps after the warm-up over the time until the last of them is acknowledged, which in the
 tier means stored raw at the collector AND reduced and stored at the coordinator.
 
@@ -31,19 +35,23 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ingest import RUN, machine, play, proc_mem_cpu
+from benchmarks.ingest import RUN, machine, play, proc_mem_cpu, start_agents, stop_agents
 from benchmarks.workload import Workload
 from collector.process import start_collector, stop_collector
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def play_tier(w: Workload, steps: int, k: int, depth: int, flush_s: float, tmp: Path) -> dict:
+def play_tier(
+    w: Workload, steps: int, k: int, depth: int, flush_s: float, tmp: Path, agents: int = 0
+) -> dict:
     co, co_addr = start_collector(
         f"parquet:{tmp / 'co'}", "--insecure", command="coordinate", log_path=tmp / "co.log"
     )
     cols, addrs = [], []
     gens: list[subprocess.Popen] = []
+    hosts: list[subprocess.Popen] = []
+    agent_stats: dict = {}
     try:
         for i in range(k):
             p, a = start_collector(
@@ -57,6 +65,17 @@ def play_tier(w: Workload, steps: int, k: int, depth: int, flush_s: float, tmp: 
             )
             cols.append(p)
             addrs.append(a)
+        via: dict = {}
+        if agents:  # collector i's share of the agents, in an agent-host process of its own
+            if agents % k or w.world % agents:
+                raise ValueError("--agents must divide --ranks and be a multiple of --collectors")
+            targets: list[str] = []
+            for i, a in enumerate(addrs):
+                (tmp / f"a{i}").mkdir()
+                h, t = start_agents(a, agents // k, 1, tmp / f"a{i}")
+                hosts += h
+                targets += t
+            via = dict(agent_targets=targets, ranks_per_agent=w.world // agents)
         bounds = np.linspace(0, w.world, k + 1).astype(int)
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             args = dict(
@@ -73,6 +92,7 @@ def play_tier(w: Workload, steps: int, k: int, depth: int, flush_s: float, tmp: 
                 steps=steps,
                 depth=depth,
                 connect_timeout_s=600,
+                **via,
             )
             gens.append(
                 subprocess.Popen(
@@ -105,14 +125,16 @@ def play_tier(w: Workload, steps: int, k: int, depth: int, flush_s: float, tmp: 
         for name, p in procs.items():
             rss, c = proc_mem_cpu(p.pid)
             cpu[name] = {"cpu_s": c - before[p.pid], "rss_mib": rss}
+        if hosts:
+            agent_stats = stop_agents(hosts)
     finally:
-        for g in gens:
+        for g in gens + hosts:
             if g.poll() is None:
                 g.kill()
         for p in cols:
             stop_collector(p, timeout_s=300)
         stop_collector(co, timeout_s=300)
-    return {"results": results, "procs": cpu}
+    return {"results": results, "procs": cpu, "agents": agent_stats}
 
 
 def rate(results: list[dict], steps: int, warmup: int) -> float:
@@ -132,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--flush-interval", type=float, default=0.5)
+    ap.add_argument(
+        "--agents", type=int, default=0, help="node agents the ranks stream through (0 = direct)"
+    )
     a = ap.parse_args(argv)
     w = Workload.for_total(a.metrics_per_step, a.ranks, spike_step=10**9, death_step=10**9)
     per_step = w.values_per_rank * w.world
@@ -148,14 +173,16 @@ def main(argv: list[str] | None = None) -> int:
             a.depth,
             a.flush_interval,
             t / "single",
+            a.agents,
         )
-        tier = play_tier(w, a.steps, a.collectors, a.depth, a.flush_interval, t / "tier")
+        tier = play_tier(w, a.steps, a.collectors, a.depth, a.flush_interval, t / "tier", a.agents)
         wall = time.perf_counter() - t0
     s_sps = rate(single["results"], a.steps, a.warmup)
     t_sps = rate(tier["results"], a.steps, a.warmup)
     print(
         f"{per_step:,} metrics/step = {w.world} ranks x {w.values_per_rank:,}, {a.steps} steps "
-        f"({a.warmup} warm-up), {a.collectors} load generators; {machine()}; {wall:.0f} s"
+        f"({a.warmup} warm-up), {a.collectors} load generators, "
+        f"{f'{a.agents} node agents' if a.agents else 'direct'}; {machine()}; {wall:.0f} s"
     )
     print("| setup | process | CPU per step | peak RSS |\n|---|---|---|---|")
     s_cpu = single["collector_cpu_s"] - single["collector_connect_cpu_s"]
@@ -171,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {p['rss_mib']:.0f} MiB |"
         )
     print(f"| tier | all tier processes | {total / a.steps * 1e3:.1f} ms | |")
+    if a.agents:  # the agent hosts' CPU from ready to stop (connect-up excluded)
+        for name, d in (("single", single["agents"]), ("tier", tier["agents"])):
+            streams = f"{a.agents} agents ({d.get('local_streams', 0)} rank streams)"
+            print(f"| {name} | {streams} | {d['cpu_s'] / a.steps * 1e3:.1f} ms | |")
     dropped = sum(r["dropped_steps"] for r in single["results"] + tier["results"])
     print(
         f"single: {s_sps:.3f} steps/s ({s_sps * per_step:,.0f} metrics/s); tier: {t_sps:.3f} "

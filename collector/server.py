@@ -21,7 +21,8 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc import aio
@@ -52,6 +53,9 @@ from proto import auth
 from proto.v1 import telemetry_pb2 as pb
 from proto.v1 import telemetry_pb2_grpc as pbg
 from store.base import InvalidInput, Store, StoreError
+
+if TYPE_CHECKING:
+    from collector.tier import OperatorForward
 
 log = logging.getLogger("collector")
 GOODBYE_CONFIRM_S = 0.1
@@ -131,10 +135,14 @@ class TelemetryServicer(pbg.TelemetryServicer):
         on_clip_sent: Callable[[str, int], None] | None = None,
         auth: _Auth | None = None,
         reject_log_interval_s: float = 10.0,
+        forward_operator: Callable[[pb.Hello], Awaitable[pb.ClipUpdate]] | None = None,
     ) -> None:
+        """forward_operator: a tier collector's (tier.OperatorForward): an operator stream's
+        command is awaited here, off the loop, instead of answered by ingest."""
         self.ingest = ingest
         self.counters = counters
         self.on_clip_sent = on_clip_sent
+        self.forward_operator = forward_operator
         self.auth = auth or _Auth(None, None, counters)
         self._log = RateLimitedLog(log, reject_log_interval_s)  # a client sets the rate
 
@@ -177,6 +185,13 @@ class TelemetryServicer(pbg.TelemetryServicer):
             async for frame in request_iterator:
                 if conn.run is None and OPERATOR not in scopes:
                     _check_not_operator(frame)
+                if conn.run is None and self.forward_operator is not None and _is_operator(frame):
+                    if self.ingest.stopping:
+                        raise Unavailable("collector shutting down; send the command again")
+                    self.counters.add("operator_commands")  # forwarded; the loop goes on
+                    conn.reply(await self.forward_operator(frame.hello))
+                    conn.finish()
+                    return
                 self.ingest.receive(conn, frame)
         except asyncio.CancelledError:
             raise
@@ -207,9 +222,13 @@ class TelemetryServicer(pbg.TelemetryServicer):
             self.ingest.half_close(conn)
 
 
+def _is_operator(frame: pb.ClientFrame) -> bool:
+    return frame.WhichOneof("kind") == "hello" and frame.hello.client_version == OPERATOR_CLIENT
+
+
 def _check_not_operator(frame: pb.ClientFrame) -> None:
     """An operator stream (a clip command) without the operator scope is refused."""
-    if frame.WhichOneof("kind") == "hello" and frame.hello.client_version == OPERATOR_CLIENT:
+    if _is_operator(frame):
         raise PermissionDenied(
             "clip commands need the operator token (the collector's --operator-token-file; "
             "the client's $STEPWATCH_TOKEN or --token-file)"
@@ -257,13 +276,14 @@ class Collector:
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         writer_cls: Callable[..., Writer] = Writer
+        self._operator_forward: OperatorForward | None = None
         if cfg.coordinator:  # tier mode: partials to the coordinator (tier.py)
-            from collector.tier import CoordinatorLink, TierWriter
+            from collector.tier import CoordinatorLink, OperatorForward, TierWriter
 
             link = CoordinatorLink(
                 cfg.coordinator, cfg.token, on_clip=self._tier_clip, tls_ca=cfg.coordinator_tls_ca
             )
-            self._link = link
+            self._operator_forward = OperatorForward(link)
             writer_cls = lambda *a, **kw: TierWriter(*a, link=link, goodbyes=self._goodbyes, **kw)
         self.writer = writer_cls(
             self.handle,
@@ -284,7 +304,7 @@ class Collector:
             self.control.clips,
             self.counters,
             on_clip_ack=self._tier_clip_ack if cfg.coordinator else self.control.acked,
-            operator=self._tier_operator if cfg.coordinator else self.control.operator,
+            operator=None if cfg.coordinator else self.control.operator,  # tier: the servicer's
         )
         self.control.connect(self.writer, self.ingest, self.detect, call_soon=self._call_soon)
         self.port = 0
@@ -296,12 +316,6 @@ class Collector:
         if self.control.clips.adopt(run, update):
             self.counters.add("clip_updates")
             self._call_soon(self.ingest.broadcast_clip, run, update)
-
-    def _tier_operator(self, hello: pb.Hello) -> pb.ClipUpdate:
-        """An operator's command, to the coordinator (which holds the tier's clip table):
-        its answer goes back as a single collector's would. One unary call from the event
-        loop, bounded by its timeout: operator commands are rare."""
-        return self._link.operate(hello.header.run, hello.config_json)
 
     def _goodbyes(self, run: str) -> list[int]:
         r = self.ingest.runs.get(run)
@@ -376,6 +390,7 @@ class Collector:
                 on_clip_sent=self.control.sent,
                 auth=auth,
                 reject_log_interval_s=self.config.reject_log_interval_s,
+                forward_operator=self._operator_forward,
             ),
             self._server,
         )
@@ -429,6 +444,8 @@ class Collector:
         if not self._thread.is_alive():
             loop.close()
         self._loop = None
+        if self._operator_forward is not None:
+            self._operator_forward.close()
         self._log_stats()
         return clean
 

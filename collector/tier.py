@@ -35,10 +35,12 @@ partial as a resend).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -50,6 +52,7 @@ from collector.partials import Partial, partial_of
 from collector.reduction import StepRows
 from collector.tierwire import CoordinatorLink
 from collector.writer import Writer
+from proto.v1 import telemetry_pb2 as pb
 from store.base import MetricDict, RawBlock, RunInfo, Store, ValueBatch
 
 log = logging.getLogger("collector.tier")
@@ -306,3 +309,32 @@ class TierWriter(Writer):
 def clip_acks_of(board, run: str, version: int) -> list[tuple[int, int, int]]:
     """(rank, version, step) of every rank's ack of `version` on this collector's board."""
     return [(a.rank, a.version, a.step) for a in board.acks(run) if a.version == version]
+
+
+# ---- operator commands -------------------------------------------------------------------------
+OPERATE_TIMEOUT_S = 8.0  # under the clip CLI's 10 s deadline, so the operator reads our reason
+OPERATE_THREADS = 4  # commands in flight at once; more wait their turn (never the loop)
+
+
+class OperatorForward:
+    """A tier collector's answer to an operator stream (`collector clip --target` this
+    collector): the command goes to the coordinator, which holds the tier's clip table, in a
+    thread of its own, and only that operator's stream awaits it. The event loop goes on
+    taking the ranks' frames and sending their acks meanwhile, however slow or unreachable
+    the coordinator is; after OPERATE_TIMEOUT_S the operator is told so (UNAVAILABLE, the
+    command may or may not have been applied)."""
+
+    def __init__(self, link: CoordinatorLink, timeout_s: float = OPERATE_TIMEOUT_S) -> None:
+        self.link = link
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(OPERATE_THREADS, thread_name_prefix="operator-forward")
+
+    async def __call__(self, hello: pb.Hello) -> pb.ClipUpdate:
+        loop = asyncio.get_running_loop()
+        run, command = hello.header.run, hello.config_json
+        return await loop.run_in_executor(
+            self._pool, self.link.operate, run, command, self.timeout_s
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -351,6 +351,12 @@ class CoordinatorLink:
             code, details = exc.code(), exc.details() or ""
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument(details) from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise Unavailable(
+                    f"the tier's coordinator {self.address} did not answer the clip command "
+                    f"within {timeout_s:g} s; it may still apply it: `collector clip list` "
+                    "shows the table it holds"
+                ) from None
             raise Unavailable(
                 f"the tier's coordinator {self.address} did not take the clip command: "
                 f"{code.name} {details}"

@@ -1,5 +1,6 @@
 """benchmarks/tier.py at a tiny size: both setups run, nothing is dropped, and the last line
-carries both rates and their ratio."""
+carries both rates and their ratio; with --agents every rank's stream goes through an agent in
+both setups."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 LAST = re.compile(r"tier_metrics/s=([\d.]+) single_metrics/s=([\d.]+) ratio=([\d.]+)")
 
 
-def test_tier_smoke():
+@pytest.mark.parametrize("agents", [0, 2])
+def test_tier_smoke(agents):
     out = subprocess.run(
         [
             sys.executable,
@@ -28,6 +32,8 @@ def test_tier_smoke():
             "2",
             "--flush-interval",
             "0.1",
+            "--agents",
+            str(agents),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -43,3 +49,5 @@ def test_tier_smoke():
     assert "dropped steps 0" in out.stdout
     for name in ("coordinator", "collector0", "collector1"):
         assert f"| {name} |" in out.stdout
+    for setup in ("single", "tier"):  # 4 ranks through 2 agents, 1 per tier collector
+        assert (f"| {setup} | 2 agents (4 rank streams) |" in out.stdout) == bool(agents)
