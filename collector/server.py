@@ -234,10 +234,12 @@ class Collector:
         self.event_sink = EventSink()  # the detectors' events go through the writer, in order
         self.detect = (
             Detect(
-                self.event_sink,  # type: ignore[arg-type]  # Detect only calls write_events
+                self.event_sink,  # type: ignore[arg-type]  # Detect only writes events, state
                 self.control.push,
                 self.counters,
                 observe_only=cfg.observe_only,
+                load_state=lambda run: self.handle.get().detector_state(run),  # writer thread
+                read_store=self.handle.get,
             )
             if cfg.detect and not cfg.coordinator  # a tier's detectors run at its coordinator
             else None
