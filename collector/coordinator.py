@@ -146,17 +146,7 @@ class Coordinator:
     def _reload_clips(self, name: str) -> None:
         """The run's clip table as stored, so versions go on from the last one (collectors
         ignore a version that is not newer than the one they hold)."""
-        clips = self.store.clips(name)
-        if not clips.height:
-            return
-        table: dict[tuple[int, str], float] = {}
-        for r in clips.sort("version").iter_rows(named=True):
-            table[(int(r["layer"]), r["site"])] = float(r["limit"])
-        settings = [
-            pb.ClipSetting(layer=la, site=si, limit=li) for (la, si), li in sorted(table.items())
-        ]
-        version = int(clips["version"].to_numpy().max())
-        self.clips.adopt(name, pb.ClipUpdate(version=version, reason="reloaded", settings=settings))
+        self.clips.adopt_stored(name, self.store.clips(name))
 
     @staticmethod
     def _labels_of(r: dict) -> tuple:
