@@ -212,3 +212,87 @@ def test_bad_saved_state_is_a_fresh_start_said_once(tmp_path, caplog, blob, says
     assert any(e.kind == "nonfinite" and e.step == 25 for e in c.detect.events(RUN))
     assert pushes  # and the blow-up is clamped
     c.close(finish=True)
+
+
+# ---- the coordinator's reload path ----------------------------------------------------------
+def coordinator_run(url: str, syn: SyntheticRun, steps, *, end: bool):
+    """A Coordinator (world 1) over `url` fed `steps` as partials; returns it (its store open
+    until `end`, which finishes the run and closes the store)."""
+    from collector.coordinator import Coordinator
+    from collector.partials import Partial
+
+    store = fast(url)
+    co = Coordinator(store)
+    co.register(RUN, RunInfo(RUN, 1), dictionary(syn))
+    for s in steps:
+        v = syn.values(s)
+        ids = np.array([syn.index.find(n) for n in v], np.int32)
+        order = np.argsort(ids)
+        ids = ids[order]
+        vals = np.array(list(v.values()), np.float64)[order]
+        ones = np.ones(ids.size, np.int64)
+        co.partial(Partial(RUN, s, frozenset({0}), 0.0, ids, vals, ones, vals, vals))
+    if end:
+        co.finish_ranks(RUN, [0], "finished")
+        store.close()
+    return co, store
+
+
+def coordinator_outcome(url: str) -> tuple[list, list]:
+    with open_store(url) as st:
+        events = st.events(RUN).select("step", "kind", "site", "detail").rows()
+        clips = st.clips(RUN).select("version", "step", "layer", "site", "limit").rows()
+    return events, clips
+
+
+def test_a_restarted_coordinator_detects_as_one_that_was_not(tmp_path):
+    """Killed at step 95 (the clamp in force, its state saved at 49): the new coordinator
+    reloads the run from the store - dictionary, clip table, detector state, steps 50-95
+    replayed - and its events and clip rows equal an uninterrupted coordinator's."""
+    ref_url, url = f"parquet:{tmp_path / 'ref'}", f"parquet:{tmp_path / 'restarted'}"
+    coordinator_run(ref_url, synthetic(), range(STEPS), end=True)
+    syn = synthetic()  # the same values again, drawn in the same order
+    first, store = coordinator_run(url, syn, range(96), end=False)
+    store.close()  # the coordinator flushed every step it reduced; nothing else is kept
+    second, _ = coordinator_run(url, syn, range(96, STEPS), end=True)
+    counters = second.counters.snapshot()
+    assert (counters["detector_states_restored"], counters["steps_replayed"]) == (1, 46)
+    ref = coordinator_outcome(ref_url)
+    assert [c[4] for c in ref[1]] == [ref[1][0][4], float("inf")]  # clamped, then relaxed
+    assert coordinator_outcome(url) == ref
+
+
+def test_a_step_the_coordinator_retries_while_its_store_is_away_is_detected_once(tmp_path):
+    syn = synthetic()
+    co, store = coordinator_run(f"parquet:{tmp_path / 'away'}", syn, range(24), end=False)
+    assert co.detect is not None
+    real_flush, fails = store.flush, [2]
+
+    def flaky_flush() -> None:  # the store is away for the next two flushes
+        if fails[0]:
+            fails[0] -= 1
+            raise OSError("store away")
+        real_flush()
+
+    store.flush = flaky_flush  # type: ignore[method-assign]
+    from collector.partials import Partial
+
+    for s in (24, 25):  # step 25 holds the NaN (synthetic's nan_at)
+        vals_d = syn.values(s)
+        ids = np.array([syn.index.find(n) for n in vals_d], np.int32)
+        order = np.argsort(ids)
+        vals = np.array(list(vals_d.values()), np.float64)[order]
+        p = Partial(
+            RUN, s, frozenset({0}), 0.0, ids[order], vals, np.ones(ids.size, np.int64), vals, vals
+        )
+        for _ in range(3):  # the reduction fails with the store, and is retried by the ticker
+            try:
+                co.partial(p) if _ == 0 else co.tick()
+                break
+            except OSError:
+                continue
+    assert co.store.steps(RUN)["step"].to_list()[-2:] == [24, 25]
+    nonfinite = [e for e in co.detect.events(RUN) if e.kind == "nonfinite"]
+    assert [e.step for e in nonfinite] == [25]  # once, though step 25 was reduced twice
+    assert co.counters.snapshot()["steps_detected_again"] >= 1
+    store.close()
