@@ -66,6 +66,33 @@ from analytics.frame import StepFrame
 from analytics.rolling import Rolling, nanmedian
 
 CHANNELS = ("act_rms", "act_maxabs")  # activation channels, in this order
+RANK_FACTOR = 3.0  # a rank sees an expert's growth at max|h| >= this x its own layer median
+
+
+def rank_votes(frame: StepFrame, index: MetricIndex, row: int, col: int) -> list[int] | None:
+    """[ranks whose own act_maxabs of the expert (column E: the layer's shared one) is
+    >= RANK_FACTOR x their own layer median, ranks that fed it], from the ranks' raw values,
+    when fewer than half of them see it (the decision layer then warns: the reduced max of one
+    rank's outlier over another rank's median is no expert's growth); None when they do, or
+    with fewer than two ranks' values (a one-rank run's reduced values are its own)."""
+    per_rank = frame.rank_values()
+    if len(per_rank) < 2:
+        return None
+    tok_ids = index.expert_grid("moe/", "tokens")[row]
+    x_ids = index.expert_grid("moe/", "act_maxabs")[row]
+    shared = col == x_ids.size
+    own_id = int(index.shared_ids("act_maxabs")[row]) if shared else int(x_ids[col])
+    agree = fed = 0
+    for vec in per_rank.values():
+        tok = np.where(tok_ids >= 0, vec[np.maximum(tok_ids, 0)], np.nan)
+        x = np.where(x_ids >= 0, vec[np.maximum(x_ids, 0)], np.nan)
+        on = np.isfinite(tok) & (tok > 0) & np.isfinite(x) & (x > 0)
+        own = vec[own_id] if own_id >= 0 else np.nan
+        if not (shared or on[col]) or not np.isfinite(own) or not on.any():
+            continue
+        fed += 1
+        agree += int(own >= RANK_FACTOR * float(np.median(x[on])))
+    return [agree, fed] if 2 * agree < fed else None
 
 
 @dataclass
@@ -335,6 +362,7 @@ class ExpertBlowup(Detector):
             expert=-1 if shared else col,
             clip_site="shared" if shared else "routed",
             rule=rule,
+            rank_votes=None if weights else rank_votes(frame, index, row, col),
             sustained=True,
             localized=n_growing <= self.max_sites,
             growing_sites=n_growing,

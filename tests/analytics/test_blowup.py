@@ -226,3 +226,31 @@ def test_a_real_runaway_inside_a_collapsed_layer_is_still_caught():
     assert ev.site == "moe/layer02/expert003" and ev.detail["rule"] == "activations"
     k = math.ceil(math.log(6) / math.log(1.3))
     assert 120 + k <= ev.step <= 120 + k + 3
+
+
+@pytest.mark.parametrize("ranks_see_it", [True, False])
+def test_activation_growth_the_ranks_do_not_see_warns_instead_of_clamping(ranks_see_it):
+    """Two ranks: the reduced values carry an expert's runaway. When each rank's own values
+    show it too, it is clamped as for one rank; when neither rank's do (the reduced max of
+    one rank's outlier over another rank's median: the through-agent run's step 142), it is
+    an event that warns, and nothing is clamped."""
+    syn, grown = SyntheticRun(seed=3), SyntheticRun(seed=3)
+    grown.faults.append(blowup(1, 2, start=50, rate=1.3, weights=False))
+    det, policy, events, clips = DetectorSet(), ClipPolicy(), [], []
+    for s in range(80):
+        healthy, v = syn.values(s), grown.values(s)
+        per_rank = {0: v, 1: v} if ranks_see_it else {0: healthy, 1: healthy}
+        evs = det.observe(grown.frame_of(s, v, per_rank), grown.index)
+        events += [e for e in evs if e.kind == BLOWUP]
+        clips += policy.step(s, evs)
+    # the activations rule, then the max|h| spike that stays (detector maxabs_spike)
+    assert [(e.site, e.detail["rule"]) for e in events] == [
+        ("moe/layer01/expert002", "activations"),
+        ("moe/layer01/expert002", "maxabs"),
+    ]
+    for ev in events:
+        assert ev.detail["rank_votes"] == (None if ranks_see_it else [0, 2])
+        assert ev.decision == (CLAMP if ranks_see_it else WARN)
+        if not ranks_see_it:
+            assert "not seen on the ranks: 0 of the 2" in ev.detail["reason"]
+    assert len(clips) == (1 if ranks_see_it else 0)
