@@ -296,3 +296,12 @@ def test_a_step_the_coordinator_retries_while_its_store_is_away_is_detected_once
     assert [e.step for e in nonfinite] == [25]  # once, though step 25 was reduced twice
     assert co.counters.snapshot()["steps_detected_again"] >= 1
     store.close()
+
+
+def test_a_saved_state_survives_the_spool_as_it_was():
+    """While the store is away the single collector spools the state job like any other."""
+    from collector import jobs
+
+    job = jobs.WriteDetectorState(RUN, 49, encode({"step": 49, "big": np.arange(1000.0)}))
+    back = jobs.decode(job.kind, b"".join(bytes(p) for p in job.encode()))
+    assert back == job and job.kind == jobs.DETECTOR_STATE
