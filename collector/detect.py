@@ -56,6 +56,7 @@ from analytics.clip_policy import ClipDecision, ClipPolicy, site_readings
 from analytics.detectors import DetectorSet
 from analytics.events import Event, to_records
 from analytics.frame import StepFrame
+from analytics.offline import iter_frames
 from collector.reduction import StepRows
 from collector.stats import Counters
 from store.base import MetricDict, NotFound, Store
@@ -251,25 +252,13 @@ class Detect:
             return
         try:
             store = self._read_store()
-            steps = store.steps(run)
-            steps = steps.filter((steps["step"] >= start) & (steps["step"] < upto))
-            if steps.height > CATCH_UP_MAX:
-                raise ValueError(f"{steps.height} steps, more than {CATCH_UP_MAX}")
-            world = int(store.runs().filter(run=run)["world_size"][0])
-            fed = 0
-            for row in steps.iter_rows(named=True):
-                s = int(row["step"])
-                missing = set(row["missing_ranks"] or ())
-                df = store.at_step(run, s)
-                frame = StepFrame.from_rows(
-                    run,
-                    s,
-                    df["metric_id"].to_numpy(),
-                    df["value"].to_numpy(),
-                    rd.index.size,
-                    tuple(r for r in range(world) if r not in missing),
-                )
-                rd.last_step = s
+            stored = store.steps(run)["step"]
+            n = int(((stored >= start) & (stored < upto)).sum())
+            if n > CATCH_UP_MAX:
+                raise ValueError(f"{n} steps, more than {CATCH_UP_MAX}")
+            fed = 0  # frames as offline analysis builds them: per-rank values on demand too
+            for frame in iter_frames(store, run, rd.index, start, upto):
+                rd.last_step = frame.step
                 self._feed(run, rd, frame)
                 fed += 1
         except Exception as exc:  # noqa: BLE001 - the replay is best effort, its end said
