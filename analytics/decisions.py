@@ -8,7 +8,12 @@ and writes into its detail what was made of it - `decision` (events.CLAMP, WARN 
   clamp  activation growth (a `blowup` event) that is sustained (its rule held over time:
          weights that grew across a measurement period, activations above `runaway` for
          several steps), localized (few experts of the model grow at once) and believed
-         (confidence >= `min_confidence`), and whose cause is not a learning-rate change;
+         (confidence >= `min_confidence`), whose cause is not a learning-rate change, and,
+         for the activations rule over several ranks, that at least half the ranks that fed
+         the expert see on their own (`rank_votes`: its max|h| >= runaway / 2 x that rank's
+         layer median; the reduced max of one rank's outlier over another rank's median is
+         no expert's growth - the through-agent run's two independently trained ranks, one
+         routing a layer's every token to two experts, clamped at step 142 on that);
   warn   everything else that is an anomaly: one-step max|h| spikes (transients), growth of
          many experts at once (a global cause: the data, the optimizer), growth that follows a
          learning-rate change within `cause_window` steps (the cause is the learning rate, a
@@ -91,6 +96,12 @@ class Decider:
             return WARN, f"cause: learning-rate change at step {lr[-1]}"
         if not e.detail.get("sustained", False):
             return WARN, "transient: not sustained"
+        votes = e.detail.get("rank_votes")
+        if votes and 2 * votes[0] < votes[1]:
+            return WARN, (
+                f"not seen on the ranks: {votes[0]} of the {votes[1]} ranks that fed it show it"
+                " (an artifact of reducing ranks that route differently)"
+            )
         if not e.detail.get("localized", False):
             n = e.detail.get("growing_sites", "many")
             return WARN, f"not localized: {n} experts grow at once (a global cause)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import polars as pl
 
 from analytics.catalog import MetricIndex
 from analytics.detectors import DetectorSet
@@ -20,11 +21,17 @@ from analytics.events import Event, sort_events
 from analytics.frame import StepFrame
 
 
-def iter_frames(store, run: str, index: MetricIndex | None = None) -> Iterator[StepFrame]:
+def iter_frames(
+    store, run: str, index: MetricIndex | None = None, start: int = 0, stop: int | None = None
+) -> Iterator[StepFrame]:
+    """The stored steps start <= step < stop (all by default) as frames, in step order."""
     index = index or MetricIndex.from_frame(store.metrics(run))
     runs = store.runs().filter(run=run)
     world = int(runs["world_size"][0]) if runs.height else 1
-    for row in store.steps(run).iter_rows(named=True):
+    steps = store.steps(run).filter(pl.col("step") >= start)
+    if stop is not None:
+        steps = steps.filter(pl.col("step") < stop)
+    for row in steps.iter_rows(named=True):
         step = int(row["step"])
         missing = set(row["missing_ranks"] or ())
         ranks = tuple(r for r in range(world) if r not in missing)

@@ -105,6 +105,21 @@ class ClipBoard:
             rc.table = {(s.layer, s.site): s.limit for s in update.settings}
             return True
 
+    def adopt_stored(self, run: str, clips) -> bool:
+        """The run's clip table as a store holds it (store.clips: a polars frame), so a
+        restarted process's versions go on from the last stored one (ranks ignore a version
+        that is not newer than the one they hold); False if nothing newer was stored."""
+        if not clips.height:
+            return False
+        table: dict[tuple[int, str], float] = {}
+        for r in clips.sort("version").iter_rows(named=True):
+            table[(int(r["layer"]), r["site"])] = float(r["limit"])
+        settings = [
+            pb.ClipSetting(layer=la, site=si, limit=li) for (la, si), li in sorted(table.items())
+        ]
+        version = int(clips["version"].max())
+        return self.adopt(run, pb.ClipUpdate(version=version, reason="reloaded", settings=settings))
+
     def latest(self, run: str) -> pb.ClipUpdate | None:
         with self._lock:
             rc = self._runs.get(run)

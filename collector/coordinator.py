@@ -33,8 +33,9 @@ thread (straggler timeouts, idle runs; tierwire.CoordinatorServer).
 Restart: nothing is acked before it is stored, so a restarted coordinator rebuilds every
 pending step from the collectors' resent partials; a run it does not hold is reloaded from
 the store (its dictionary, so ids stay the same, and the last stored step, so no step is
-reduced twice), and its clip table (versions go on from the last stored one). What it does
-not reload: detector and clip-policy state (they start afresh; README "Scale-out").
+reduced twice), its clip table (versions go on from the last stored one), and its detector
+and clip-policy state (detect.py "Restarts": saved every few steps and at the end, the
+stored steps after the save replayed into it).
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ class Coordinator:
         if metrics is not None and metrics.height:
             for r in metrics.iter_rows(named=True):
                 self._add_name(run, r["name"], self._labels_of(r))
+            if self.detect is not None:  # the detectors' index, and their saved state
+                self.detect.on_metrics(name, _metric_dict(metrics))
         if steps is not None and steps.height:
             run.reduced_through = int(steps["step"].to_numpy().max())
         if metrics is not None:
@@ -143,17 +146,7 @@ class Coordinator:
     def _reload_clips(self, name: str) -> None:
         """The run's clip table as stored, so versions go on from the last one (collectors
         ignore a version that is not newer than the one they hold)."""
-        clips = self.store.clips(name)
-        if not clips.height:
-            return
-        table: dict[tuple[int, str], float] = {}
-        for r in clips.sort("version").iter_rows(named=True):
-            table[(int(r["layer"]), r["site"])] = float(r["limit"])
-        settings = [
-            pb.ClipSetting(layer=la, site=si, limit=li) for (la, si), li in sorted(table.items())
-        ]
-        version = int(clips["version"].to_numpy().max())
-        self.clips.adopt(name, pb.ClipUpdate(version=version, reason="reloaded", settings=settings))
+        self.clips.adopt_stored(name, self.store.clips(name))
 
     @staticmethod
     def _labels_of(r: dict) -> tuple:
@@ -398,6 +391,8 @@ class Coordinator:
     def _end(self, name: str, run: _Run, status: str) -> None:
         if run.pending:
             self._reduce_through(name, run, max(run.pending))
+        if self.detect is not None:
+            self.detect.on_finish(name)  # its state saved as of its last step
         self.store.finish_run(name, status)
         self.store.flush()
         run.finished = True
@@ -422,3 +417,17 @@ class Coordinator:
         """Everything written so far made durable (the server's stop)."""
         with self._cond:
             self.store.flush()
+
+
+def _metric_dict(df: pl.DataFrame) -> MetricDict:
+    """A stored dictionary (store.metrics) as the rows the detectors' index takes."""
+    return MetricDict(
+        metric_id=df["metric_id"].to_numpy(),
+        name=df["name"],
+        layer=df["layer"].to_numpy(),
+        expert=df["expert"].to_numpy(),
+        head=df["head"].to_numpy(),
+        stat=df["stat"],
+        unit=df["unit"],
+        reduce=df["reduce"],
+    )

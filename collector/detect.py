@@ -20,6 +20,25 @@ collector can measure frame-arrival -> update-on-the-wire latency.
 Operators act on the same per-run ClipPolicy (freeze, set, clear) from the event loop; one
 lock orders them with the writer thread. Nothing here raises into the writer: the writer
 logs an observer error and goes on.
+
+Each step is fed once: a step at or below the last one fed (a resend re-reduced after a
+restart, a coordinator retrying a step while its store is away) is skipped, counted in
+`steps_detected_again`.
+
+Restarts. The run's detectors, decision layer and clip policy are saved to the store
+(`store.write_detector_state`: analytics.state's blob of {"step", "detectors", "policy"},
+one per run, the last write wins) every `state_every` steps and when the run finishes, in
+order with the step's rows (the single collector: a jobs.WriteDetectorState after the step's
+job, in the store or the spool alike; the coordinator: buffered with the step and flushed
+with it). A process that meets a run it does not hold (its first dictionary rows or step)
+loads that state (`load_state`) and goes on from it. Steps the store holds after the saved
+one (a collector killed between two saves: reduced, stored, acked, never resent) are then
+replayed from the store into the detectors and the policy at the first step fed, with their
+events and clip decisions left as the previous process made them (stored, pushed), so
+detection continues as if there had been no restart. Steps the store never got are a hole
+to the detectors, as for any step nobody sent. No state, or state that cannot be read
+(damaged, another format, other detectors): one log line, and the run's detection starts
+afresh; never an error into the writer.
 """
 
 from __future__ import annotations
@@ -31,20 +50,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from analytics import state as state_codec
 from analytics.catalog import MetricIndex
-from analytics.clip_policy import ClipPolicy, site_readings
+from analytics.clip_policy import ClipDecision, ClipPolicy, site_readings
 from analytics.detectors import DetectorSet
 from analytics.events import Event, to_records
 from analytics.frame import StepFrame
+from analytics.offline import iter_frames
 from collector.reduction import StepRows
 from collector.stats import Counters
-from store.base import MetricDict, Store
+from store.base import MetricDict, NotFound, Store
 
 log = logging.getLogger("collector.detect")
 KEEP_EVENTS = 10_000  # online events remembered per run (for tests and introspection)
+STATE_EVERY = 50  # steps between two saves of a run's detector state
+STATE_KIND = "detect"  # the store's detector_state kind of this state
+CATCH_UP_MAX = 10 * STATE_EVERY  # stored steps replayed after a restored state, at most
 
 # push(run, settings, reason, step, origin_monotonic) -> version
 PushFn = Callable[[str, list, str, int, float | None], int]
+# load_state(run) -> (step, blob) | None: store.detector_state
+LoadFn = Callable[[str], "tuple[int, bytes] | None"]
 
 
 @dataclass
@@ -53,6 +79,12 @@ class RunDetect:
     detectors: DetectorSet = field(default_factory=DetectorSet)
     policy: ClipPolicy = field(default_factory=ClipPolicy)
     events: list[Event] = field(default_factory=list)
+    last_step: int = -1  # the last step fed: a step is fed once
+    saved_step: int = -1  # the step of the last saved state
+    loaded: bool = False  # the store's saved state was looked for (writer thread)
+    catch_up: bool = False  # restored: replay the stored steps after it at the next step
+    early_ops: list[tuple[str, list]] = field(default_factory=list)  # operator commands
+    # applied before the saved state was looked for: applied again on top of it
 
 
 class Detect:
@@ -65,12 +97,23 @@ class Detect:
         observe_only: bool = False,
         make_detectors: Callable[[], DetectorSet] = DetectorSet,
         make_policy: Callable[[], ClipPolicy] = ClipPolicy,
+        load_state: LoadFn | None = None,
+        read_store: Callable[[], Store] | None = None,
+        state_every: int = STATE_EVERY,
     ) -> None:
+        """store: where events and saved state go (write_events, write_detector_state);
+        load_state: where a run's saved state comes from (default: store.detector_state);
+        read_store: the store to replay steps from after a restore (default: store)."""
         self.store = store
         self.push = push
         self.counters = counters
         self.observe_only = observe_only
         self._make_detectors, self._make_policy = make_detectors, make_policy
+        self._load = load_state or getattr(store, "detector_state", None)
+        self._read_store = read_store or (lambda: store)
+        if state_every < 1:
+            raise ValueError(f"state_every must be >= 1, got {state_every}")
+        self.state_every = state_every
         self._runs: dict[str, RunDetect] = {}
         self._lock = threading.Lock()
 
@@ -82,17 +125,33 @@ class Detect:
             )
         return rd
 
-    # ---- writer thread ------------------------------------------------------------------
-    def on_metrics(self, run: str, md: MetricDict) -> None:
-        with self._lock:
-            self._run(run).index.extend(
-                md.metric_id, md.name, md.layer, md.expert, md.head, md.stat
-            )
-
-    def on_step(self, run: str, rows: StepRows, included: set[int], ready_at: float) -> None:
+    def _held(self, run: str) -> RunDetect:
+        """The run (writer thread): on first sight, its saved state is looked for."""
         with self._lock:
             rd = self._run(run)
+            if rd.loaded:
+                return rd
+            rd.loaded = True
+        self._restore(run, rd)
+        return rd
+
+    # ---- writer thread ------------------------------------------------------------------
+    def on_metrics(self, run: str, md: MetricDict) -> None:
+        rd = self._held(run)
+        with self._lock:
+            rd.index.extend(md.metric_id, md.name, md.layer, md.expert, md.head, md.stat)
+
+    def on_step(self, run: str, rows: StepRows, included: set[int], ready_at: float) -> None:
+        rd = self._held(run)
         step = rows.status.step
+        if step <= rd.last_step:  # a step is fed once
+            self.counters.add("steps_detected_again")
+            log.debug("run %s step %d: fed to the detectors before, skipped", run, step)
+            return
+        if rd.catch_up:
+            rd.catch_up = False
+            self._catch_up(run, rd, step)
+        rd.last_step = step
         ranks = tuple(sorted(included))
         size = rd.index.size
 
@@ -104,14 +163,147 @@ class Detect:
         frame = StepFrame.from_rows(
             run, step, rows.reduced.metric_id, rows.reduced.value, size, ranks, rank_vectors
         )
+        events, decisions = self._feed(run, rd, frame)
+        self._act(run, step, events, decisions, ready_at)
+        if step - rd.saved_step >= self.state_every:
+            self._save(run, rd)
+
+    def on_finish(self, run: str) -> None:
+        """The run finished (or the collector stops): its state saved as of its last step."""
+        with self._lock:
+            rd = self._runs.get(run)
+        if rd is not None and rd.last_step > rd.saved_step:
+            self._save(run, rd)
+
+    # ---- saved state (writer thread) ------------------------------------------------------
+    def _save(self, run: str, rd: RunDetect) -> None:
+        with self._lock:
+            step = rd.last_step
+            state = {
+                "step": step,
+                "detectors": rd.detectors.state_dict(),
+                "policy": rd.policy.state_dict(),
+            }
+        try:
+            blob = state_codec.encode(state)
+            self.store.write_detector_state(run, step, blob, STATE_KIND)
+        except Exception:  # detection goes on; the previous save stays the one restored
+            self.counters.add("detector_state_errors")
+            log.exception("run %s: detector state of step %d not saved", run, step)
+            return
+        rd.saved_step = step
+        self.counters.add("detector_states_saved")
+        log.debug("run %s: detector state of step %d saved (%d bytes)", run, step, len(blob))
+
+    def _restore(self, run: str, rd: RunDetect) -> None:
+        """The run's saved state, if there is one that fits; else a fresh start, said once."""
+        if self._load is None:
+            return
+        try:
+            saved = self._load(run)
+        except NotFound:  # a run the store has not seen: nothing to restore
+            return
+        except Exception as exc:  # noqa: BLE001 - a store away or broken: a fresh start, said
+            self.counters.add("detector_state_errors")
+            log.error(
+                "run %s: saved detector state could not be read (%s: %s); its detection "
+                "starts afresh",
+                run,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        if saved is None:
+            return
+        step, blob = saved
+        try:
+            state = state_codec.decode(blob)
+            if int(state["step"]) != step:
+                raise ValueError(f"blob of step {state['step']} stored as step {step}")
+            detectors, policy = self._make_detectors(), self._make_policy()
+            detectors.load_state_dict(state["detectors"])
+            policy.load_state_dict(state["policy"])
+        except Exception as exc:  # noqa: BLE001 - any unusable blob: a fresh start, said
+            self.counters.add("detector_state_refused")
+            log.error(
+                "run %s: saved detector state of step %d is unusable (%s: %s); its detection "
+                "starts afresh",
+                run,
+                step,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        with self._lock:
+            rd.detectors, rd.policy = detectors, policy
+            rd.last_step = rd.saved_step = step
+            rd.catch_up = True
+            for op, items in rd.early_ops:  # an operator's command of before wins
+                self._apply_op(policy, op, items)
+            rd.early_ops.clear()
+        self.counters.add("detector_states_restored")
+        log.info("run %s: detector state restored as of step %d", run, step)
+
+    def _catch_up(self, run: str, rd: RunDetect, upto: int) -> None:
+        """Replay the stored steps between the restored state and `upto` (exclusive) into
+        the detectors and the policy; their events and decisions were made before."""
+        start = rd.last_step + 1
+        if upto <= start:
+            return
+        try:
+            store = self._read_store()
+            stored = store.steps(run)["step"]
+            n = int(((stored >= start) & (stored < upto)).sum())
+            if n > CATCH_UP_MAX:
+                raise ValueError(f"{n} steps, more than {CATCH_UP_MAX}")
+            fed = 0  # frames as offline analysis builds them: per-rank values on demand too
+            for frame in iter_frames(store, run, rd.index, start, upto):
+                rd.last_step = frame.step
+                self._feed(run, rd, frame)
+                fed += 1
+        except Exception as exc:  # noqa: BLE001 - the replay is best effort, its end said
+            self.counters.add("detector_state_errors")
+            log.error(
+                "run %s: stored steps %d-%d not replayed into the restored detectors (%s: %s);"
+                " they are a hole to them",
+                run,
+                start,
+                upto - 1,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        if fed:
+            self.counters.add("steps_replayed", fed)
+            log.info(
+                "run %s: %d stored steps after the restored state replayed (%d-%d)",
+                run,
+                fed,
+                start,
+                rd.last_step,
+            )
+
+    def _feed(
+        self, run: str, rd: RunDetect, frame: StepFrame
+    ) -> tuple[list[Event], list[ClipDecision]]:
+        """One step into the detectors (and decision layer) and the clip policy."""
         events = rd.detectors.observe(frame, rd.index)
         with self._lock:
             watched = rd.policy.watched()
         held, norms = site_readings(frame, rd.index, watched)
-        if not events:
-            with self._lock:
-                decisions = rd.policy.step(step, [], held, norms)
-        else:
+        with self._lock:
+            return events, rd.policy.step(frame.step, events, held, norms)
+
+    def _act(
+        self,
+        run: str,
+        step: int,
+        events: list[Event],
+        decisions: list[ClipDecision],
+        ready_at: float,
+    ) -> None:
+        """A fed step's events logged and stored, its clip decisions pushed."""
+        if events:
             self.counters.add("events", len(events))
             for ev in events:
                 log.log(
@@ -124,11 +316,11 @@ class Detect:
                     run,
                     ev.brief(),
                 )
-            self.store.write_events(run, to_records(events))
             with self._lock:
+                rd = self._run(run)
                 rd.events += events
                 del rd.events[:-KEEP_EVENTS]
-                decisions = rd.policy.step(step, events, held, norms)
+            self.store.write_events(run, to_records(events))
         for d in decisions:
             setting = [(d.layer, d.site, d.limit)]
             if self.observe_only:
@@ -152,21 +344,29 @@ class Detect:
     def operator(self, run: str, op: str, items: list) -> list[tuple[int, str]]:
         """Apply an operator command to the run's policy; returns the frozen sites."""
         with self._lock:
-            policy = self._run(run).policy
-            for item in items:
-                layer, site = item[0], item[1]
-                if op == "set":
-                    policy.operator_set(layer, site, item[2])
-                elif op == "clear":
-                    policy.operator_clear(layer, site)
-                elif op == "freeze":
-                    policy.freeze(layer, site)
-                elif op == "unfreeze":
-                    policy.unfreeze(layer, site)
-            return policy.frozen
+            rd = self._run(run)
+            if not rd.loaded:  # the saved state is not read yet: this goes on top of it
+                rd.early_ops.append((op, list(items)))
+            self._apply_op(rd.policy, op, items)
+            return rd.policy.frozen
+
+    @staticmethod
+    def _apply_op(policy: ClipPolicy, op: str, items: list) -> None:
+        for item in items:
+            layer, site = item[0], item[1]
+            if op == "set":
+                policy.operator_set(layer, site, item[2])
+            elif op == "clear":
+                policy.operator_clear(layer, site)
+            elif op == "freeze":
+                policy.freeze(layer, site)
+            elif op == "unfreeze":
+                policy.unfreeze(layer, site)
 
     def forget(self, run: str) -> None:
-        """The collector evicted the run (writer thread, after the run's last step)."""
+        """The collector evicted the run (writer thread, after the run's last step): its
+        state saved first, for when it comes back."""
+        self.on_finish(run)
         with self._lock:
             self._runs.pop(run, None)
 

@@ -53,7 +53,7 @@ class NotDurable(Exception):
 
 
 # record kinds (spool.py's header byte)
-OPEN_RUN, FINISH_RUN, METRICS, RAW, ROWS, CLIPS, EVENTS = range(1, 8)
+OPEN_RUN, FINISH_RUN, METRICS, RAW, ROWS, CLIPS, EVENTS, DETECTOR_STATE = range(1, 9)
 
 
 # ---- encoding ----------------------------------------------------------------------------------
@@ -117,6 +117,11 @@ class FinishRun:
     def apply(self, store: Store) -> int:
         store.finish_run(self.run, self.status)
         return 0
+
+    def notify(self, observer) -> None:
+        on_finish = getattr(observer, "on_finish", None)
+        if on_finish is not None:  # the detectors' state saved as of the run's last step
+            on_finish(self.run)
 
     def encode(self) -> list[bytes | memoryview]:
         return _pack({"run": self.run, "status": self.status}, [])
@@ -293,6 +298,26 @@ class WriteEvents:
 
 
 @dataclass
+class WriteDetectorState:
+    """The online detectors' saved state of a run (detect.py, through EventSink)."""
+
+    run: str
+    step: int
+    state: bytes
+    kind_name: str = "detect"  # the store's detector_state kind
+    nbytes = 0
+    kind: ClassVar[int] = DETECTOR_STATE
+
+    def apply(self, store: Store) -> int:
+        store.write_detector_state(self.run, self.step, self.state, self.kind_name)
+        return 0
+
+    def encode(self) -> list[bytes | memoryview]:
+        meta = {"run": self.run, "step": self.step, "kind_name": self.kind_name}
+        return _pack(meta, [np.frombuffer(self.state, np.uint8)])
+
+
+@dataclass
 class Forget:
     """A run left the collector's memory (ingest.py evicted it): the observer forgets it too,
     after every job of the run before it. Writes nothing."""
@@ -314,7 +339,7 @@ class Forget:
 
 
 Job = (OpenRun | FinishRun | WriteMetrics | WriteRaw | WriteStep | WriteRows | WriteClips) | (
-    WriteEvents | Forget
+    WriteEvents | WriteDetectorState | Forget
 )
 
 
@@ -367,16 +392,21 @@ def decode(kind: int, payload: bytes) -> Job:
         return WriteClips(run, [ClipRecord(**c) for c in meta["records"]])
     if kind == EVENTS:
         return WriteEvents(run, [EventRecord(**e) for e in meta["events"]])
+    if kind == DETECTOR_STATE:
+        return WriteDetectorState(run, int(meta["step"]), a[0].tobytes(), meta["kind_name"])
     raise ValueError(f"unknown spool record kind {kind}")
 
 
 class EventSink:
-    """What the online detectors write events to (detect.py's `store`): each call becomes a
-    WriteEvents job that the writer stores right after the job being observed, in order, in
-    the store or in the spool alike. Writer thread only."""
+    """What the online detectors write events and saved state to (detect.py's `store`): each
+    call becomes a WriteEvents / WriteDetectorState job that the writer stores right after the
+    job being observed, in order, in the store or in the spool alike. Writer thread only."""
 
     def __init__(self) -> None:
-        self.jobs: list[WriteEvents] = []
+        self.jobs: list[WriteEvents | WriteDetectorState] = []
 
     def write_events(self, run: str, events: list[EventRecord]) -> None:
         self.jobs.append(WriteEvents(run, list(events)))
+
+    def write_detector_state(self, run: str, step: int, state: bytes, kind: str = "detect") -> None:
+        self.jobs.append(WriteDetectorState(run, step, bytes(state), kind))

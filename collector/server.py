@@ -253,10 +253,12 @@ class Collector:
         self.event_sink = EventSink()  # the detectors' events go through the writer, in order
         self.detect = (
             Detect(
-                self.event_sink,  # type: ignore[arg-type]  # Detect only calls write_events
+                self.event_sink,  # type: ignore[arg-type]  # Detect only writes events, state
                 self.control.push,
                 self.counters,
                 observe_only=cfg.observe_only,
+                load_state=self._load_detect_state,
+                read_store=self.handle.get,
             )
             if cfg.detect and not cfg.coordinator  # a tier's detectors run at its coordinator
             else None
@@ -308,6 +310,18 @@ class Collector:
         )
         self.control.connect(self.writer, self.ingest, self.detect, call_soon=self._call_soon)
         self.port = 0
+
+    def _load_detect_state(self, run: str) -> tuple[int, bytes] | None:
+        """Writer thread, a run this process meets for the first time (detect.py): its saved
+        detector state, and its stored clip table, so the restored policy's next version is
+        newer than the one the ranks hold (they ignore one that is not)."""
+        store = self.handle.get()
+        if self.control.clips.adopt_stored(run, store.clips(run)):
+            latest = self.control.clips.latest(run)
+            log.info(
+                "run %s: clip table reloaded (version %d)", run, latest.version if latest else 0
+            )
+        return store.detector_state(run)
 
     # tier mode (tier.py): the coordinator's clip table in, ranks' goodbyes and clip acks out
     def _tier_clip(self, run: str, update: pb.ClipUpdate) -> None:

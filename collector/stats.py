@@ -33,6 +33,12 @@ COUNTERS = (
     "events",  # detector events raised online
     "clip_decisions_observed",  # clip decisions not sent (observe-only)
     "clip_push_errors",
+    "steps_detected_again",  # a step already fed to the detectors, skipped (detect.py)
+    "detector_states_saved",  # saves of a run's detector and clip-policy state
+    "detector_states_restored",  # ... restored by this process
+    "detector_state_refused",  # saved state that could not be used: a fresh start
+    "detector_state_errors",  # a save, a load or a catch-up that failed (logged)
+    "steps_replayed",  # stored steps replayed into restored detectors (catch-up)
     "observer_errors",  # detection/control failures (logged)
     "operator_commands",  # operator clip commands applied
     "store_outages",  # times the writer found the store away and started spooling

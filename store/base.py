@@ -21,6 +21,9 @@ frames. Every write is idempotent on its natural key, so a resent frame never do
 |            |                                | onset_step, detail (JSON text)                           |
 | clips      | (run, version, layer, site)    | run, version, step, layer, site, limit (float32, inf =   |
 |            |                                | off), reason, acked_step (-1 until acknowledged)         |
+| detector_  | (run, kind)                    | run, kind ("detect": the online detectors and clip       |
+| state      |                                | policy), step (the last step they saw), state (an opaque |
+|            |                                | blob, stored as base64 text)                             |
 
 A later write of the same key replaces the earlier one (last write wins); reads never show two
 rows for one key. This module imports nothing of ours (DESIGN.md).
@@ -213,6 +216,16 @@ class Store(abc.ABC):
     def write_clips(self, run: str, clips: list[ClipRecord]) -> None:
         """Clip-update settings; one row per (version, layer, site), a rewrite replaces it
         (an acknowledgement rewrites the row with acked_step set)."""
+
+    def write_detector_state(self, run: str, step: int, state: bytes, kind: str = "detect") -> None:
+        """Save an opaque blob of detector state as of `step`; one per (run, kind), the last
+        write wins (so a run keeps one, however often it is saved). Durable with flush()."""
+        raise StoreError(f"{type(self).__name__} keeps no detector state")
+
+    def detector_state(self, run: str, kind: str = "detect") -> tuple[int, bytes] | None:
+        """The last saved (step, blob) of the run, or None when none was saved (NotFound for
+        an unknown run)."""
+        return None
 
     @abc.abstractmethod
     def flush(self) -> None:

@@ -18,6 +18,8 @@ below any vector written since.
 from __future__ import annotations
 
 import abc
+import base64
+import binascii
 import math
 import threading
 import time
@@ -54,6 +56,7 @@ from store.names import NameIndex, name_hashes
 from store.reduced import OWN, reduced_vectors, resolve, share_with_raw
 from store.validate import (
     clips_frame,
+    detector_state_frame,
     events_frame,
     merge_metrics,
     metrics_frame,
@@ -382,6 +385,22 @@ class BufferedStore(Store):
 
     def write_clips(self, run: str, clips: list[ClipRecord]) -> None:
         self._write_values(run, "clips", clips_frame(clips), advances=False)
+
+    def write_detector_state(self, run: str, step: int, state: bytes, kind: str = "detect") -> None:
+        self._write_values(
+            run, "detector_state", detector_state_frame(kind, step, state), advances=False
+        )
+
+    def detector_state(self, run: str, kind: str = "detect") -> tuple[int, bytes] | None:
+        df = self._whole_table(run, "detector_state").filter(pl.col("kind") == kind)
+        if df.height == 0:
+            return None
+        row = df.row(0, named=True)
+        try:
+            blob = base64.b64decode(row["state"], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise StoreError(f"run {run!r}: the stored {kind} state is not base64 ({e})") from e
+        return int(row["step"]), blob
 
     def flush(self) -> None:
         with self._lock:

@@ -99,6 +99,10 @@ REDUCED_VECTORS_SCHEMA = pl.Schema(
         "ver": pl.UInt64,
     }
 )
+# The online detectors' saved state (Store.write_detector_state): one row per (run, kind), the
+# last write wins; `state` is the encoded blob as base64 text (one String column on every
+# backend, ClickHouse 18.16 included), `step` the last step it had seen.
+DETECTOR_STATE_SCHEMA = pl.Schema({"kind": pl.Utf8, "step": pl.Int64, "state": pl.Utf8})
 SERIES_SCHEMA = pl.Schema({"step": pl.Int64, "value": pl.Float32})
 AT_STEP_SCHEMA = pl.Schema(
     {
@@ -121,6 +125,7 @@ TABLES: dict[str, tuple[pl.Schema, tuple[str, ...]]] = {
     "steps": (STEPS_SCHEMA, ("step",)),
     "events": (EVENTS_SCHEMA, ("step", "kind", "site")),
     "clips": (CLIPS_SCHEMA, ("version", "layer", "site")),
+    "detector_state": (DETECTOR_STATE_SCHEMA, ("kind",)),
 }
 
 

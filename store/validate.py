@@ -9,6 +9,7 @@ which become inf (and are kept). Raw per-rank values go on to vectors.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from typing import Any
@@ -28,6 +29,7 @@ from store.base import (
 )
 from store.frames import (
     CLIPS_SCHEMA,
+    DETECTOR_STATE_SCHEMA,
     EVENTS_SCHEMA,
     METRICS_SCHEMA,
     RAW_SCHEMA,
@@ -235,6 +237,18 @@ def clips_frame(clips: list[ClipRecord]) -> pl.DataFrame:
         rows["reason"].append(_text_field("clip reason", c.reason, empty=True))
         rows["acked_step"].append(int_field("clip acked_step", c.acked_step, -1))
     return pl.DataFrame(rows, schema=CLIPS_SCHEMA)
+
+
+def detector_state_frame(kind: str, step: int, state: bytes) -> pl.DataFrame:
+    """One saved detector state -> frame (DETECTOR_STATE_SCHEMA), the blob as base64 text."""
+    if not isinstance(state, (bytes, bytearray, memoryview)):
+        raise InvalidInput(f"detector state must be bytes, got {type(state).__name__}")
+    row = {
+        "kind": [_text_field("detector state kind", kind)],
+        "step": [int_field("detector state step", step, 0)],
+        "state": [base64.b64encode(bytes(state)).decode("ascii")],
+    }
+    return pl.DataFrame(row, schema=DETECTOR_STATE_SCHEMA)
 
 
 def _check_rank(r: object) -> int:

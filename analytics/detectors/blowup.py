@@ -27,7 +27,13 @@ activations (every step, an expert that got tokens; a shared expert too). act_rm
   reference that a growth younger than `lag` steps has not touched, and that needs more than
   window / 2 grown values (the median's breakdown point) to move. Fires when both are >=
   `runaway` x the larger of that reference and the layer's median on `runaway_steps`
-  consecutive steps: a blow-up is growth beyond the layer's scale, and an expert climbing from
+  consecutive steps (the layer's median being the larger of today's and its median over the
+  last `window` steps: when the router sends nearly every token to one or two experts, the
+  median of the rest - a token or two each, and act_rms a mean over ranks that counts a rank
+  that routed an expert nothing as 0 - halves or drops 5x from one step to the next, and a
+  steady expert crossed `runaway` against it: the tiny preset's through-agent run, act_rms
+  0.12 over a median of 0.013 at step 134, of 0.07 at step 136; a blow-up of one expert
+  does not lower its layer's median, so it is judged as before): a blow-up is growth beyond the layer's scale, and an expert climbing from
   far below its layer's median up to it is coming back (from starvation, or specialising), not
   blowing up - on clean demo runs such experts rose 6-16x against their own reference. Young
   models also move experts by 4x against their layer within a few steps, so `runaway` sits at
@@ -60,6 +66,33 @@ from analytics.frame import StepFrame
 from analytics.rolling import Rolling, nanmedian
 
 CHANNELS = ("act_rms", "act_maxabs")  # activation channels, in this order
+RANK_FACTOR = 3.0  # a rank sees an expert's growth at max|h| >= this x its own layer median
+
+
+def rank_votes(frame: StepFrame, index: MetricIndex, row: int, col: int) -> list[int] | None:
+    """[ranks whose own act_maxabs of the expert (column E: the layer's shared one) is
+    >= RANK_FACTOR x their own layer median, ranks that fed it], from the ranks' raw values,
+    when fewer than half of them see it (the decision layer then warns: the reduced max of one
+    rank's outlier over another rank's median is no expert's growth); None when they do, or
+    with fewer than two ranks' values (a one-rank run's reduced values are its own)."""
+    per_rank = frame.rank_values()
+    if len(per_rank) < 2:
+        return None
+    tok_ids = index.expert_grid("moe/", "tokens")[row]
+    x_ids = index.expert_grid("moe/", "act_maxabs")[row]
+    shared = col == x_ids.size
+    own_id = int(index.shared_ids("act_maxabs")[row]) if shared else int(x_ids[col])
+    agree = fed = 0
+    for vec in per_rank.values():
+        tok = np.where(tok_ids >= 0, vec[np.maximum(tok_ids, 0)], np.nan)
+        x = np.where(x_ids >= 0, vec[np.maximum(x_ids, 0)], np.nan)
+        on = np.isfinite(tok) & (tok > 0) & np.isfinite(x) & (x > 0)
+        own = vec[own_id] if own_id >= 0 else np.nan
+        if not (shared or on[col]) or not np.isfinite(own) or not on.any():
+            continue
+        fed += 1
+        agree += int(own >= RANK_FACTOR * float(np.median(x[on])))
+    return [agree, fed] if 2 * agree < fed else None
 
 
 @dataclass
@@ -112,6 +145,7 @@ class ExpertBlowup(Detector):
     _w_onset: np.ndarray | None = field(default=None, repr=False)  # [L, E] or -1
     _w_rel: np.ndarray | None = field(default=None, repr=False)  # [L, E] last period's r
     _p_step: int = field(default=-1, repr=False)  # last measurement
+    _scale: Rolling | None = field(default=None, repr=False)  # [C, L] layer log medians
     kind = BLOWUP
 
     def __post_init__(self) -> None:
@@ -128,22 +162,29 @@ class ExpertBlowup(Detector):
     # ---- the two rules ------------------------------------------------------------------
     def _activations(self, frame: StepFrame, index: MetricIndex):
         """(log layer-relative channels [C, L, E+1], seen [L, E+1] (had tokens, finite), log
-        layer median of act_maxabs [L]); column E is the layer's shared expert."""
+        layer scale of act_maxabs [L], this step's log layer medians [C, L] for `_scale`);
+        column E is the layer's shared expert. The layer's scale is the larger of its median
+        today and its median over the last `window` steps."""
         assert self._ref is not None and self._alarm is not None
+        assert self._scale is not None
         tok = frame.take(index.expert_grid("moe/", "tokens"))
         fed = np.isfinite(tok) & (tok > 0)
-        rows, med = [], np.empty(0)
+        xs, meds = [], []
         for stat in CHANNELS:
             x = np.where(fed, frame.take(index.expert_grid("moe/", stat)), np.nan)
-            med = nanmedian(np.where(x > 0, x, np.nan), axis=1)  # [L]
-            full = np.concatenate([x, frame.take(index.shared_ids(stat))[:, None]], axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                rows.append(np.log(np.where(full > 0, full, np.nan) / med[:, None]))
-        lx = np.stack(rows)
+            xs.append(np.concatenate([x, frame.take(index.shared_ids(stat))[:, None]], axis=1))
+            meds.append(nanmedian(np.where(x > 0, x, np.nan), axis=1))  # [L]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lmed_now = np.log(np.stack(meds))  # [C, L]
+            usual = self._scale.median()  # the layer's scale over the last `window` steps
+            # a median that fell below the layer's usual scale lost its experts' tokens, not
+            # its scale: judge against the larger (see `ExpertBlowup` on the layer's median)
+            lmed = np.where(np.isfinite(usual), np.fmax(lmed_now, usual), lmed_now)
+            full = np.stack(xs)
+            lx = np.log(np.where(full > 0, full, np.nan)) - lmed[:, :, None]
         has_shared = (index.shared_ids(CHANNELS[0]) >= 0)[:, None]
         seen = np.concatenate([fed, has_shared], axis=1) & np.isfinite(lx).all(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return lx, seen, np.log(med)
+        return lx, seen, lmed[1], lmed_now
 
     def _reference(self, lx: np.ndarray, judged: np.ndarray) -> np.ndarray:
         """The lagged reference [C, L, E+1] (log), computed where it can matter: a site whose
@@ -189,6 +230,8 @@ class ExpertBlowup(Detector):
         if self._ref is None or self._ref.shape != (C, *shape):
             self._ref = Rolling((C, *shape), self.window)
             self._delay = Rolling((C, *shape), self.lag)
+        if self._scale is None or self._scale.shape != (C, L):
+            self._scale = Rolling((C, L), self.window)
         assert self._delay is not None
         self._streak = fit_state(self._streak, shape, 0, np.int64)
         self._rising = fit_state(self._rising, shape, -1, np.int64)
@@ -199,7 +242,8 @@ class ExpertBlowup(Detector):
         self._w_onset = fit_state(self._w_onset, (L, E), -1, np.int64)
         self._w_rel = fit_state(self._w_rel, (L, E), np.nan)
 
-        lx, seen, lmed = self._activations(frame, index)
+        lx, seen, lmed, lmed_now = self._activations(frame, index)
+        self._scale.push(lmed_now)
         judged = seen & (self._ref.count() >= self.min_history).all(axis=0)
         ref = self._reference(lx, judged)
         d = lx - ref  # log growth against the reference, [C, L, E+1]
@@ -318,6 +362,7 @@ class ExpertBlowup(Detector):
             expert=-1 if shared else col,
             clip_site="shared" if shared else "routed",
             rule=rule,
+            rank_votes=None if weights else rank_votes(frame, index, row, col),
             sustained=True,
             localized=n_growing <= self.max_sites,
             growing_sites=n_growing,

@@ -38,6 +38,7 @@ import numpy as np
 
 from analytics.catalog import MetricIndex, site_of
 from analytics.detectors.base import Detector, check_positive, fit_state
+from analytics.detectors.blowup import rank_votes
 from analytics.detectors.expert_death import layer_shares
 from analytics.events import BLOWUP, BLOWUP_RECOVERED, MAXABS_SPIKE, Event, make_event
 from analytics.frame import StepFrame
@@ -185,6 +186,7 @@ class MaxAbsSpike(Detector):
                         "localized": n_held <= self.max_sites,
                         "growing_sites": n_held,
                         "held_steps": self.sustain_steps,
+                        "rank_votes": rank_votes(frame, index, int(r), int(c)),
                     }
                     if sustained
                     else {}

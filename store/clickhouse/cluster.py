@@ -92,6 +92,7 @@ SHARDING_KEYS: dict[str, ShardingKey] = {
     "steps": ShardingKey("step"),
     "events": ShardingKey("step"),
     "clip_updates": ShardingKey("version"),
+    "detector_state": ShardingKey("run", hashed=True),
 }
 
 

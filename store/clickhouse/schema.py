@@ -21,6 +21,7 @@ from store.base import StoreError
 from store.clickhouse.config import Capabilities, ClickHouseConfig, StoreOptions
 from store.clickhouse.encoder import insert_columns, insert_sql
 from store.clickhouse.tables import (
+    DETECTOR_STATE,
     RAW_LAYOUTS,
     RAW_VECTORS,
     REDUCED_VECTORS,
@@ -106,12 +107,17 @@ def _v3(create: TableDDL) -> list[str]:
     return create(REDUCED_VECTORS)
 
 
+def _v4(create: TableDDL) -> list[str]:
+    return create(DETECTOR_STATE)
+
+
 # Append only; never edit an applied migration. Each statement must be idempotent (IF NOT
 # EXISTS) because two processes may open a fresh database at the same moment.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, metrics, raw, reduced, steps, events, clip_updates", _v1),
     Migration(2, "raw values as per-rank vectors: raw_vectors, raw_layouts", _v2),
     Migration(3, "reduced values as vectors per step and layout: reduced_vectors", _v3),
+    Migration(4, "the online detectors' saved state: detector_state", _v4),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

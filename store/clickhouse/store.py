@@ -45,6 +45,7 @@ from store.clickhouse.config import Capabilities, ClickHouseConfig
 from store.clickhouse.schema import migrate
 from store.clickhouse.tables import (
     CLIP_UPDATES,
+    DETECTOR_STATE,
     EVENTS,
     METRICS,
     RAW_LAYOUTS,
@@ -70,6 +71,7 @@ VALUE_TABLES = {
     "steps": STEPS,
     "events": EVENTS,
     "clips": CLIP_UPDATES,
+    "detector_state": DETECTOR_STATE,
 }
 NO_STEP = -1  # runs.last_step before any step was written
 

@@ -224,6 +224,20 @@ CLIP_UPDATES = Table(
     key=("run", "version", "layer", "site"),
 )
 
+# The online detectors' saved state (Store.write_detector_state, schema v4): one row per
+# (run, kind), the last write wins; state is the blob as base64 text.
+DETECTOR_STATE = Table(
+    "detector_state",
+    (
+        RUN,
+        _lc("kind"),
+        Column("step", "Int64"),
+        Column("state", "String", "ZSTD(1)"),
+        VER,
+    ),
+    key=("run", "kind"),
+)
+
 SCHEMA_VERSION = Table(
     "schema_version",
     (

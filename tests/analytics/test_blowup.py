@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from analytics.clip_policy import ClipPolicy
 from analytics.detectors import DetectorSet, ExpertBlowup, LrChange
 from analytics.events import BLOWUP, BLOWUP_RECOVERED, CLAMP, LR_CHANGE, WARN
 from tests.analytics.synthetic import PARAM_EVERY, SyntheticRun, blowup, run_detector, starve
@@ -173,3 +174,83 @@ def test_bad_thresholds_are_refused():
     ):
         with pytest.raises(ValueError):
             make()
+
+
+def collapse(layer: int, keep: tuple[int, ...], start: int, drop: float = 0.125):
+    """The router sends nearly every token of `layer` to the experts in `keep`; the others
+    get a token or two, and on 2 steps of every 10 their statistics fall `drop`x (act_rms is a
+    mean over ranks that counts a rank that routed an expert nothing as 0) - what the tiny
+    preset's through-agent run showed at layer 2, steps 120-150."""
+
+    def f(step, v):
+        if step < start:
+            return
+        for e in range(8):
+            key = f"moe/layer{layer:02d}/expert{e:03d}"
+            if e in keep:
+                v[f"{key}/tokens"] = 2000.0
+                continue
+            v[f"{key}/tokens"] = 1.0 + e % 2
+            if (step - start) % 10 in (5, 6):
+                for stat in ("act_rms", "act_maxabs", "out_norm"):
+                    v[f"{key}/{stat}"] *= drop
+
+    return f
+
+
+def test_a_layer_median_that_collapses_for_two_steps_is_no_blowup():
+    """The through-agent false positive (blowup@135, then a clamp of a healthy run): the
+    steady experts that take every token sat 8x above a median of few-token experts on two
+    consecutive steps. Judged against the layer's usual scale, nothing fires and nothing is
+    clamped, over 25 such episodes."""
+    syn = SyntheticRun(seed=6)
+    syn.faults.append(collapse(2, keep=(2, 3), start=20))
+    det, policy = DetectorSet(), ClipPolicy()
+    events = []
+    for s in range(270):
+        evs = det.observe(syn.frame(s), syn.index)
+        events += evs
+        assert policy.step(s, evs) == [], s
+    assert [e for e in events if e.kind == BLOWUP] == []
+
+
+def test_a_real_runaway_inside_a_collapsed_layer_is_still_caught():
+    """The same collapsed layer, and one of its steady experts then grows x1.3 per step
+    (activations only): caught by the activations rule as on a healthy layer."""
+    syn = SyntheticRun(seed=6)
+    syn.faults += [
+        collapse(2, keep=(2, 3), start=20),
+        blowup(2, 3, start=120, rate=1.3, weights=False),
+    ]
+    (ev,) = [e for e in run_detector(ExpertBlowup(), syn, range(160)) if e.kind == BLOWUP]
+    assert ev.site == "moe/layer02/expert003" and ev.detail["rule"] == "activations"
+    k = math.ceil(math.log(6) / math.log(1.3))
+    assert 120 + k <= ev.step <= 120 + k + 3
+
+
+@pytest.mark.parametrize("ranks_see_it", [True, False])
+def test_activation_growth_the_ranks_do_not_see_warns_instead_of_clamping(ranks_see_it):
+    """Two ranks: the reduced values carry an expert's runaway. When each rank's own values
+    show it too, it is clamped as for one rank; when neither rank's do (the reduced max of
+    one rank's outlier over another rank's median: the through-agent run's step 142), it is
+    an event that warns, and nothing is clamped."""
+    syn, grown = SyntheticRun(seed=3), SyntheticRun(seed=3)
+    grown.faults.append(blowup(1, 2, start=50, rate=1.3, weights=False))
+    det, policy, events, clips = DetectorSet(), ClipPolicy(), [], []
+    for s in range(80):
+        healthy, v = syn.values(s), grown.values(s)
+        per_rank = {0: v, 1: v} if ranks_see_it else {0: healthy, 1: healthy}
+        evs = det.observe(grown.frame_of(s, v, per_rank), grown.index)
+        events += [e for e in evs if e.kind == BLOWUP]
+        clips += policy.step(s, evs)
+    # the activations rule, then the max|h| spike that stays (detector maxabs_spike)
+    assert [(e.site, e.detail["rule"]) for e in events] == [
+        ("moe/layer01/expert002", "activations"),
+        ("moe/layer01/expert002", "maxabs"),
+    ]
+    for ev in events:
+        assert ev.detail["rank_votes"] == (None if ranks_see_it else [0, 2])
+        assert ev.decision == (CLAMP if ranks_see_it else WARN)
+        if not ranks_see_it:
+            assert "not seen on the ranks: 0 of the 2" in ev.detail["reason"]
+    assert len(clips) == (1 if ranks_see_it else 0)

@@ -55,12 +55,11 @@ def through_agent(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("agent")
     url, port = f"parquet:{tmp / 'store'}", free_port()
     clog, alog = tmp / "collector.log", tmp / "agent.log"
-    # Observe-only: the detectors still run and store events, but only the operator's clip
-    # update below is pushed. This healthy tiny run can cross the blow-up rule on its own
-    # (2026-12-01, one full run in three: blowup@135 on layer 2 after the restart's
-    # incomplete steps), and the policy's clip would then supersede the operator's version
-    # this test follows through the agent.
-    args = ("--insecure", "--observe-only", "--port", str(port), "--flush-interval", "0.1")
+    # The detectors and the clip policy run as in production: this healthy run must not be
+    # clamped, so the operator's update below stays the only version. (It once was not:
+    # blowup@135, a layer median of few-token experts, analytics/detectors/blowup.py; and
+    # blowup@142, one rank's expert over the other rank's median, analytics/decisions.py.)
+    args = ("--insecure", "--port", str(port), "--flush-interval", "0.1")
     collector, address = start_collector(url, *args, log_path=clog)
     proxy = StallingProxy(address)
     listen = f"unix:{tmp / 'agent.sock'}"

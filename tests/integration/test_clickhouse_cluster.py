@@ -39,12 +39,18 @@ from store.clickhouse.cluster import (
 )
 from store.clickhouse.config import Capabilities, ClickHouseConfig
 from store.clickhouse.schema import LATEST_VERSION
-from store.clickhouse.tables import RAW_LAYOUTS, RAW_VECTORS, REDUCED_VECTORS, V1_TABLES
+from store.clickhouse.tables import (
+    DETECTOR_STATE,
+    RAW_LAYOUTS,
+    RAW_VECTORS,
+    REDUCED_VECTORS,
+    V1_TABLES,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # importlib mode: make `tests.analytics.*` importable
     sys.path.insert(0, str(ROOT))
-ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS, REDUCED_VECTORS)  # migrations v1-v3
+ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS, REDUCED_VECTORS, DETECTOR_STATE)  # v1-v4
 RANKS, STEPS, METRICS = 8, 12, 5
 SYNC = {"insert_distributed_sync": 1}  # an INSERT into a Distributed table returns when stored
 VALUE_TABLES = ("raw_vectors", "reduced_vectors", "steps", "events", "clip_updates", "metrics")
@@ -212,8 +218,8 @@ def test_rows_live_on_the_shard_their_key_names_and_both_shards_get_rows(
         write_run(st)
         topo = st.shards.topology
     for table in ALL_TABLES:
-        if table.name in ("raw", "reduced", "runs"):  # v1-v2, never written; runs: below
-            continue
+        if table.name in ("raw", "reduced", "runs", "detector_state"):  # v1-v2 never written;
+            continue  # runs: below; detector_state (hashed run, like runs): not written here
         col = sharding_key(table).column
         for shard in range(2):
             keys = np.array(

@@ -10,6 +10,7 @@ from store.base import InvalidInput, StoreError
 from store.clickhouse.config import Capabilities, StoreOptions
 from store.clickhouse.schema import LATEST_VERSION, MIGRATIONS, create_table_sql, pending_migrations
 from store.clickhouse.tables import (
+    DETECTOR_STATE,
     RAW,
     RAW_LAYOUTS,
     RAW_VECTORS,
@@ -22,7 +23,7 @@ from store.clickhouse.tables import (
 )
 
 OLD, NEW = "18.16.1", "24.8.4.13"
-ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS, REDUCED_VECTORS)  # migrations v1-v3
+ALL_TABLES = (*V1_TABLES, RAW_VECTORS, RAW_LAYOUTS, REDUCED_VECTORS, DETECTOR_STATE)  # v1-v4
 
 
 def column_lines(sql: str) -> dict[str, str]:
