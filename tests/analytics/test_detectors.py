@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
-from analytics.catalog import site_of
+from analytics.catalog import MetricIndex, site_of
 from analytics.detectors import (
     AttnLogitGrowth,
     DetectorSet,
@@ -29,6 +30,7 @@ from analytics.events import (
     MAXABS_SPIKE,
     NONFINITE,
 )
+from analytics.frame import StepFrame
 from tests.analytics.synthetic import SyntheticRun, blowup, death, run_detector, starve
 
 STEPS = range(120)
@@ -213,3 +215,82 @@ def test_site_of():
     assert site_of("moe/layer04/expert003/act_rms") == "moe/layer04/expert003"
     assert site_of("train/loss") == "train/loss" and site_of("loss") == "loss"
     assert site_of("resid/layer02/rms") == "resid/layer02"
+
+
+def _loop_index() -> MetricIndex:
+    rows = [
+        ("resid/layer00/rms", 0, "rms"),
+        ("train/loss", -1, "loss"),
+        ("train/mtp_loss/1", -1, "mtp_loss"),
+        ("train/lr", -1, "lr"),
+        ("train/tokens", -1, "tokens"),
+        ("moe/layer01/expert000/tokens", 1, "tokens"),
+        ("user/probe", -1, "value"),
+        ("grad/global_norm", -1, "norm"),
+    ]
+    return MetricIndex.from_columns(
+        range(len(rows)),
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [-1] * len(rows),
+        [-1] * len(rows),
+        [r[2] for r in rows],
+    )
+
+
+def _loop_frame(step: int, **nan: float) -> StepFrame:
+    v = {
+        "resid/layer00/rms": 1.0,
+        "train/loss": 3.0,
+        "train/mtp_loss/1": float("nan"),  # step_end(mtp_losses=[]): never given
+        "train/lr": float("nan"),  # no lr, no optimizer
+        "train/tokens": 512.0,
+        "moe/layer01/expert000/tokens": 64.0,
+        "user/probe": 0.5,
+        "grad/global_norm": 1.0,
+    }
+    v.update({k.replace("__", "/"): x for k, x in nan.items()})
+    return StepFrame.from_rows("loop", step, np.arange(len(v)), np.array(list(v.values())), len(v))
+
+
+def test_nonfinite_loop_inputs_never_given_are_no_finding_and_hide_nothing():
+    """A healthy run that passes no MTP losses and no lr is quiet (it used to get a critical
+    event at step 0 and then, the episode never closing, no event for a real NaN later)."""
+    ix, det = _loop_index(), NonFinite()
+    assert [e for s in range(40) for e in det.observe(_loop_frame(s), ix)] == []
+    (ev,) = det.observe(_loop_frame(40, train__loss=float("nan")), ix)
+    assert ev.step == 40 and ev.detail["metric"] == "train/loss" and ev.value == 1
+
+
+def test_nonfinite_a_loop_input_once_given_is_judged():
+    ix, det = _loop_index(), NonFinite()
+    assert det.observe(_loop_frame(0, train__lr=1e-3), ix) == []
+    (ev,) = det.observe(_loop_frame(1), ix)  # lr was given, now NaN
+    assert ev.detail["metric"] == "train/lr"
+    # an expert's token count is no loop input: NaN there is a finding from the start
+    (ev,) = NonFinite().observe(_loop_frame(0, moe__layer01__expert000__tokens=np.nan), ix)
+    assert ev.detail["metric"] == "moe/layer01/expert000/tokens"
+    # and an infinity is always one
+    (ev,) = NonFinite().observe(_loop_frame(0, train__mtp_loss__1=np.inf), ix)
+    assert ev.detail["metric"] == "train/mtp_loss/1"
+
+
+def test_nonfinite_a_stuck_metric_stops_holding_the_episode():
+    ix, det = _loop_index(), NonFinite(stuck_steps=5)
+    events = [e for s in range(30) for e in det.observe(_loop_frame(s, user__probe=np.nan), ix)]
+    assert [(e.step, e.detail["metric"]) for e in events] == [(0, "user/probe")]
+    (ev,) = det.observe(_loop_frame(30, user__probe=np.nan, grad__global_norm=np.nan), ix)
+    assert ev.detail["metric"] == "grad/global_norm" and ev.value == 1
+    # the stuck metric is armed again once finite
+    assert det.observe(_loop_frame(31), ix) == []
+    (ev,) = det.observe(_loop_frame(32, user__probe=np.nan), ix)
+    assert ev.detail["metric"] == "user/probe"
+
+
+def test_nonfinite_state_round_trips_what_it_learned():
+    ix, det = _loop_index(), NonFinite()
+    det.observe(_loop_frame(0, train__lr=1e-3), ix)
+    again = NonFinite()
+    again.load_state_dict(det.state_dict())
+    (ev,) = again.observe(_loop_frame(1), ix)  # remembers lr was given
+    assert ev.detail["metric"] == "train/lr"
