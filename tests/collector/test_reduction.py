@@ -261,3 +261,33 @@ def test_a_resent_chunk_through_the_barrier_is_reduced_once():
     np.testing.assert_array_equal(rows.reduced.value, [2 + 21, (3 + 30) / 2, max(1, 11)])
     np.testing.assert_array_equal(rows.reduced.n_ranks, [2, 2, 2])
     assert len(rows.blocks) == 1 and rows.n_raw == 6
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_one_whole_vector_reduces_bit_for_bit_as_the_accumulator_does(shuffled):
+    """A world-1 step (one rank's whole vector) takes a path without the accumulator: its
+    reduced ids, values (bits: -0.0 summed to +0.0, NaN, inf, huge) and n_ranks equal the
+    accumulator's, its ids sorted, and the raw block is the vector itself."""
+    rng = np.random.default_rng(7)
+    M = 400
+    ops_M = rng.integers(1, 5, M + 10).astype(np.int8)  # the run has ids the step lacks
+    ids = np.arange(M, dtype=np.int32)
+    if shuffled:
+        ids = rng.permutation(ids).astype(np.int32)
+    v = rng.normal(size=M).astype(np.float32)
+    v[:8] = [-0.0, np.nan, np.inf, -np.inf, 3.0e38, -3.0e38, 0.0, 1e-45]
+    want_ids, want_v, want_n = reduce_rows(ids, v, ops_M)
+    rows = reduce_step(3, [(2, ids, v, np.ones(M, bool))], {2}, ops_M, StepStatus(3, 1))
+    r = rows.reduced
+    np.testing.assert_array_equal(r.metric_id, want_ids)
+    assert r.metric_id.dtype == np.int32 and r.value.dtype == np.float32
+    np.testing.assert_array_equal(r.value.view(np.uint32), want_v.view(np.uint32))
+    np.testing.assert_array_equal(r.n_ranks, want_n)
+    np.testing.assert_array_equal(r.step, np.full(M, 3))
+    (block,) = rows.blocks
+    assert block.rank.tolist() == [2] and block.metric_id is ids
+    np.testing.assert_array_equal(block.value, v[np.newaxis])
+    assert rows.rest.value.size == 0 and rows.n_raw == M
+    neg_zero_sum = int(np.flatnonzero(want_ids == ids[0])[0])
+    if ops_M[ids[0]] in (OP_SUM, OP_MEAN):  # -0.0 summed is +0.0; kept by max/min
+        assert r.value[neg_zero_sum].view(np.uint32) == 0
