@@ -134,7 +134,7 @@ def summarize(runs: list[dict]) -> dict:
         "base_rss_mib": med("rss_ready_mib"),
         "bytes_per_value": med("bytes") and med("bytes") / (runs[0]["m"] * runs[0]["steps"]),
         "verified": "yes" if not bad else f"{bad[0]} ({len(bad)}/{len(runs)} runs)",
-        **{k: med(k) for k in ("setup_s", "log_s", "close_s", "goodbye_s")},
+        **{k: med(k) for k in ("setup_s", "log_s", "close_s")},
     }
 
 

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -135,23 +136,40 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _drain(sender, deadline: float, grace_s: float = 5.0) -> str | None:
-    """Wait until every step is acknowledged; None, or why not. A stream that errors and
-    makes no progress for grace_s is a failure, not a reason to wait for the deadline."""
-    errors_at = None
-    while True:
-        st = sender.stats()
-        if st["buffered_steps"] == 0 and st["unacked_frames"] == 0:
-            return None
-        n_err = st.get("stream_errors", 0) + st.get("server_errors", 0)
-        now = time.monotonic()
-        if n_err and errors_at is None:
-            errors_at = now
-        if errors_at is not None and now - errors_at > grace_s:
-            return f"{n_err} stream/server error(s), {st['buffered_steps']} step(s) unacked"
-        if now > deadline:
-            return f"not acknowledged after {deadline:.0f} s: {st['buffered_steps']} step(s)"
-        time.sleep(0.01)
+class _Watch:
+    """Beside close(): a stream that errors and makes no progress for grace_s is a failure,
+    not a reason to wait for close's timeout; then the sender is stopped (close returns) and
+    `why` says so."""
+
+    def __init__(self, sender, timeout_s: float, grace_s: float = 5.0) -> None:
+        self.why: str | None = None
+        self._sender, self._grace_s = sender, grace_s
+        self._deadline = time.monotonic() + timeout_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        errors_at = None
+        while not self._done.wait(0.05):
+            st = self._sender.stats()
+            if st["buffered_steps"] == 0 and st["unacked_frames"] == 0:
+                continue  # all acked: close() is saying goodbye
+            n_err = st.get("stream_errors", 0) + st.get("server_errors", 0)
+            now = time.monotonic()
+            if n_err and errors_at is None:
+                errors_at = now
+            if errors_at is not None and now - errors_at > self._grace_s:
+                self.why = f"{n_err} stream/server error(s), {st['buffered_steps']} step(s) unacked"
+            elif now > self._deadline:
+                self.why = f"not acknowledged in time: {st['buffered_steps']} step(s)"
+            if self.why:
+                self._sender._fail("BENCHMARK", self.why)  # close() returns False at once
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def run_stepwatch(names: list[str], base: np.ndarray, steps: int, out: Path, timer: Timer) -> dict:
@@ -190,15 +208,17 @@ def run_stepwatch(names: list[str], base: np.ndarray, steps: int, out: Path, tim
                 StepItem(s, _Ready(v), [(STEP_SCHEMA_ID, base.size)], wall_time=time.time())
             )
         timer.logged()
-        why = _drain(sender, time.monotonic() + cfg.close_timeout_s)
-        acked = time.perf_counter()  # every step durable; close() still says goodbye
-        flushed = sender.close(5.0 if why else cfg.close_timeout_s)
+        # close() returns once every step is acknowledged (durable) and the stream ended OK;
+        # it says goodbye as soon as everything is sent, so the collector flushes at once.
+        # The watch ends it early when the stream keeps failing.
+        watch = _Watch(sender, cfg.close_timeout_s)
+        flushed = sender.close(cfg.close_timeout_s)
         extra = timer.closed()
-        extra["goodbye_s"] = timer.t["closed"] - acked
+        watch.stop()
         stats = sender.stats()
         extra["sender"] = {k: v for k, v in stats.items() if isinstance(v, int)}
-        if why or not flushed:
-            extra["error"] = why or "close: not every step acknowledged"
+        if watch.why or not flushed:
+            extra["error"] = watch.why or "close: not every step acknowledged"
     finally:
         rc = stop_collector(proc, timeout_s=300)
     client_log.removeHandler(warnings)

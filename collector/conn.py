@@ -32,8 +32,8 @@ class Conn:
         self._ack: pb.Ack | None = None
 
     def welcome(self, acked_seq: int) -> None:
-        """Ingest takes a step's last chunk with ends_step, StepsDropped and packed schemas
-        (ingest.py, registry.py): say so."""
+        """Ingest takes a step's last chunk with ends_step, StepsDropped, packed schemas and an
+        early goodbye (ingest.py, registry.py): say so."""
         self._welcome = pb.Welcome(
             acked_seq=acked_seq,
             protocol_version=PROTOCOL_VERSION,
@@ -41,6 +41,7 @@ class Conn:
             takes_dropped=True,
             takes_packed_schema=True,
             takes_batches=True,
+            flushes_at_goodbye=True,  # ingest.half_close asks the writer for a flush at once
         )
         self.wake.set()
 

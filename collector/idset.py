@@ -33,10 +33,16 @@ class IdRanges:
         """Put `ids` in the set (duplicates and ids already held are fine)."""
         if len(ids) == 0:
             return
-        s = np.unique(np.asarray(ids, np.int64))
-        breaks = np.flatnonzero(np.diff(s) != 1) + 1
-        starts = np.concatenate([self.starts, s[np.r_[0, breaks]]])
-        stops = np.concatenate([self.stops, s[np.r_[breaks - 1, s.size - 1]] + 1])
+        a = np.asarray(ids, np.int64)
+        if int(a[-1]) - int(a[0]) == a.size - 1 and (np.diff(a) == 1).all():
+            # one run of consecutive ids (a schema of fresh names): no sort
+            starts = np.append(self.starts, a[0])
+            stops = np.append(self.stops, a[-1] + 1)
+        else:
+            s = np.unique(a)
+            breaks = np.flatnonzero(np.diff(s) != 1) + 1
+            starts = np.concatenate([self.starts, s[np.r_[0, breaks]]])
+            stops = np.concatenate([self.stops, s[np.r_[breaks - 1, s.size - 1]] + 1])
         order = np.argsort(starts, kind="stable")
         starts, stops = starts[order], stops[order]
         reach = np.maximum.accumulate(stops)  # touching or overlapping ranges merge

@@ -272,6 +272,10 @@ class Ingest:
         run.said_goodbye.add(conn.rank)
         if run.said_goodbye >= run.barrier.expected():
             self._finish_run(run)
+        # nothing more comes from this rank: what it sent is made durable (and acked) now,
+        # not at the next flush tick (its Welcome said flushes_at_goodbye: it may half-close
+        # before its last acks)
+        self.writer.flush_soon()
         self._settle(run, conn.rank)
 
     def detach(self, conn: Conn) -> None:

@@ -181,6 +181,11 @@ def reduce_step(
     grouped by their id-map object (see the module docstring), partial ones go flat.
     accumulate=False: the raw rows only, nothing reduced (a tier collector's step: its
     partial is built from the raw rows, partials.py)."""
+    if accumulate and parts and len({p[0] for p in parts}) == 1 and parts[0][0] in included:
+        if all(p[3].all() for p in parts):
+            one = _one_rank(step, parts, ops_M, status)
+            if one is not None:
+                return one
     layouts: dict[int, list[Part]] = {}
     partial: list[Part] = []
     for part in parts:
@@ -212,5 +217,44 @@ def reduce_step(
     )
     reduced = ValueBatch(
         step=np.full(ids.size, step, dtype=np.int64), metric_id=ids, value=vals, n_ranks=n
+    )
+    return StepRows(blocks=blocks, rest=rest, reduced=reduced, status=status)
+
+
+def _one_rank(
+    step: int, parts: list[Part], ops_M: np.ndarray, status: StepStatus
+) -> StepRows | None:
+    """A step that is one rank's whole vectors (a world-1 run; one part per wire schema):
+    each metric's reduction over one rank is its value, so no accumulator (four float64
+    arrays over every id of the run) is built. Exactly the accumulator's result: the value
+    through float64, sum and mean as 0.0 + value (so -0.0 becomes +0.0), sorted by id,
+    n_ranks 1. None (the general path) if an id appears twice among the parts."""
+    ids = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    if ids.size and int(ids.max()) >= ops_M.size:
+        raise ValueError(f"metric id {int(ids.max())} outside the run's {ops_M.size} metrics")
+    v64 = np.concatenate([p[2] for p in parts]).astype(np.float64)
+    if ids.size > 1 and not (np.diff(ids) > 0).all():
+        order = np.argsort(ids, kind="stable")
+        ids, v64 = ids[order], v64[order]
+        if (ids[1:] == ids[:-1]).any():
+            return None
+    ops = ops_M[ids]
+    with np.errstate(invalid="ignore", over="ignore"):
+        v64 = np.where((ops == OP_SUM) | (ops == OP_MEAN), v64 + 0.0, v64)
+        vals = v64.astype(np.float32)
+    rank = np.array([parts[0][0]], np.int32)
+    blocks = [  # one per layout, as the general path makes them: the vectors themselves
+        RawBlock(step=step, rank=rank, metric_id=ids_S, value=values_S[np.newaxis])
+        for _, ids_S, values_S, _ in parts
+    ]
+    empty = np.empty(0, np.int32)
+    rest = ValueBatch(
+        step=np.empty(0, np.int64), metric_id=empty, value=np.empty(0, np.float32), rank=empty
+    )
+    reduced = ValueBatch(
+        step=np.full(ids.size, step, dtype=np.int64),
+        metric_id=ids.astype(np.int32, copy=False),
+        value=vals,
+        n_ranks=np.ones(ids.size, np.int32),
     )
     return StepRows(blocks=blocks, rest=rest, reduced=reduced, status=status)

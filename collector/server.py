@@ -216,7 +216,11 @@ class TelemetryServicer(pbg.TelemetryServicer):
             return
         # grpc.aio reports a client's cancellation as end-of-stream too; the cancellation
         # itself lands a moment later and cancels this task. Only a stream that is still alive
-        # after GOODBYE_CONFIRM_S said goodbye (which may finish the run).
+        # after GOODBYE_CONFIRM_S said goodbye (which may finish the run). What it sent is
+        # flushed at once either way (a flush is harmless after a cancel too): an early goodbye
+        # (Welcome.flushes_at_goodbye) waits for these acks, not for the flush tick.
+        if conn.run is not None:
+            self.ingest.writer.flush_soon()
         await asyncio.sleep(GOODBYE_CONFIRM_S)
         if not (context.done() or context.cancelled()):
             self.ingest.half_close(conn)

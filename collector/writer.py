@@ -6,7 +6,8 @@ places, then reports "durable through job J" to `on_flushed`, which turns into a
 
     direct    the store is up and the spool empty: jobs are applied to the store, which is
               flushed when `flush_interval_s` has passed since the last flush or
-              `flush_every_steps` steps wait, whichever comes first; durable = flushed.
+              `flush_every_steps` steps wait, whichever comes first, or at once after the
+              jobs before a `flush_soon()` (a client said goodbye); durable = flushed.
     spooling  a store write or flush failed (or the spool still holds records from before):
               the jobs applied since the last flush, and every job after them, are appended to
               the spool (spool.py), fsynced at the same cadence; durable = fsynced. Meanwhile
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 PERMANENT = (InvalidInput, NotFound)  # our rows failed the store's validation: never retried
 DRAIN_BYTES = 16 << 20  # records per drain round before new jobs get a turn
 _STOP = object()
+_FLUSH = object()  # flush_soon(): flush once every job before it is applied
 
 
 class StoreHandle:
@@ -109,6 +111,7 @@ class Writer:
         self._held: collections.deque[tuple[int | None, Job]] = collections.deque()
         self._dirty = False  # something waits for a flush or an fsync
         self._steps = 0  # step jobs since the last flush or fsync
+        self._flush_now = False  # flush_soon() was called: flush at the next tick
         self._last_flush = float("-inf")
         self._spooling = spool is not None and spool.pending  # an earlier run left records
         self._retry_at = 0.0
@@ -130,6 +133,11 @@ class Writer:
             job_id = self._next_id
             self._queue.put((job_id, job))
         return job_id
+
+    def flush_soon(self) -> None:
+        """Flush (or fsync) right after the jobs submitted so far, not at the next cadence
+        tick: a client said goodbye, so nothing more is coming that a wait would batch."""
+        self._queue.put(_FLUSH)
 
     def close(self, timeout: float | None = None) -> bool:
         """Make everything submitted durable (store, or spool once half of `timeout` is
@@ -171,7 +179,9 @@ class Writer:
             if item is _STOP:
                 self._finish()
                 return
-            if item is not None:
+            if item is _FLUSH:
+                self._flush_now = True
+            elif item is not None:
                 self._take(*item)
             self._tick()
 
@@ -330,9 +340,12 @@ class Writer:
     def _tick(self) -> None:
         now = time.monotonic()
         if self._dirty and (
-            now - self._last_flush >= self.flush_interval_s or self._steps >= self.flush_every_steps
+            self._flush_now
+            or now - self._last_flush >= self.flush_interval_s
+            or self._steps >= self.flush_every_steps
         ):
             self._flush()
+        self._flush_now = False
         if (self._spooling or self._held) and now >= self._retry_at and self._deadline is None:
             self._recover()
 

@@ -315,6 +315,11 @@ class StepBuffer:
         with self.cond:
             return bool(self._unacked)
 
+    def all_sent(self) -> bool:
+        """Nothing waits to be encoded and sent (what was sent may still be unacked)."""
+        with self.cond:
+            return not self._pending and self._taken is None
+
     def drained(self) -> bool:
         with self.cond:
             return not self._pending and not self._unacked and self._taken is None

@@ -41,7 +41,10 @@ def _part_id(schema_id: int, k: int) -> int:
 def _varint_len(v: np.ndarray) -> np.ndarray:
     """Bytes of the base-128 varint of each non-negative value."""
     n = np.ones(v.shape, np.int64)
+    top = int(v.max()) if v.size else 0
     for bits in range(7, 64, 7):
+        if top < (1 << bits):  # no value has this many bits: neither has any longer one
+            break
         n += v >= (1 << bits)
     return n
 
@@ -68,6 +71,16 @@ def _utf8_lens(texts: Sequence[str]) -> np.ndarray:
 # unit_index (4 each), reduce (1). A part also carries its tables and ~12 field headers.
 PACKED_METRIC_BYTES = 25
 PACKED_PART_OVERHEAD = 128
+
+
+class _Codes(dict):
+    """text -> its index in first-seen order, assigned on first lookup: `map(codes.__getitem__,
+    texts)` is one C-level pass that builds the table and codes every text (a hit costs no
+    Python call; only the few distinct labels reach __missing__)."""
+
+    def __missing__(self, text: str) -> int:
+        code = self[text] = len(self)
+        return code
 
 
 class SpecColumns:
@@ -106,8 +119,10 @@ class SpecColumns:
             return map(operator.attrgetter(field), specs)  # tuples costs 4x: allocation, GC)
 
         names = list(column("name"))
-        stat, unit = dict.fromkeys(column("stat")), dict.fromkeys(column("unit"))
-        strings = list(dict.fromkeys((*stat, *unit)))
+        stat_codes, unit_codes = _Codes(), _Codes()  # one pass each: table and codes
+        stat_ix = np.fromiter(map(stat_codes.__getitem__, column("stat")), np.int64, n)
+        unit_ix = np.fromiter(map(unit_codes.__getitem__, column("unit")), np.int64, n)
+        strings = list(dict.fromkeys((*stat_codes, *unit_codes)))
         code = {t: i for i, t in enumerate(strings)}
         try:
             red = np.fromiter(map(REDUCE.__getitem__, column("reduce")), np.uint8, n)
@@ -120,8 +135,8 @@ class SpecColumns:
             np.fromiter(column("expert"), np.int32, n),
             np.fromiter(column("head"), np.int32, n),
             strings,
-            np.fromiter(map(code.__getitem__, column("stat")), np.int64, n),
-            np.fromiter(map(code.__getitem__, column("unit")), np.int64, n),
+            np.fromiter(map(code.__getitem__, stat_codes), np.int64, len(stat_codes))[stat_ix],
+            np.fromiter(map(code.__getitem__, unit_codes), np.int64, len(unit_codes))[unit_ix],
             red,
         )
 

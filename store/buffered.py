@@ -61,7 +61,7 @@ from store.validate import (
     merge_metrics,
     metrics_frame,
     steps_frame,
-    values_frame,
+    values_arrays,
 )
 from store.vectors import batch_vectors, block_vectors, explode, vector_cells
 
@@ -371,7 +371,8 @@ class BufferedStore(Store):
                 self._pending_layouts.setdefault(run, {}).update(layouts)
 
     def write_reduced(self, run: str, batch: ValueBatch) -> None:
-        frame, layouts = reduced_vectors(values_frame(batch, "reduced"))
+        c = values_arrays(batch, "reduced")
+        frame, layouts = reduced_vectors(c["step"], c["metric_id"], c["value"], c["n_ranks"])
         with self._lock:
             self._write_values(run, "reduced_vectors", frame)
             if frame.height:

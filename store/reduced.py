@@ -26,21 +26,23 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import polars as pl
 
-from store.base import StoreError, ValueBatch
+from store.base import StoreError
 from store.frames import REDUCED_SCHEMA, REDUCED_VECTORS_SCHEMA, empty, last_wins
-from store.vectors import batch_vectors, explode, layout_hash, vector_cells
+from store.vectors import explode, grouped_vectors, layout_hash, vector_cells
 
 OWN = -1  # `source` of a row holding its own values
 PENDING = [c for c in REDUCED_VECTORS_SCHEMA if c != "ver"]  # columns before the backend's ver
 
 
-def reduced_vectors(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
-    """Validated reduced rows (REDUCED_SCHEMA) -> pending vector rows, one per (step,
-    n_ranks), ids ascending (one layout per set of ids, whatever the write order), the last of
-    repeated (step, metric_id) rows kept; + the layouts they use. Numpy only, and it sorts
-    only what is not sorted already (the collector writes each step's ids ascending)."""
-    step, mid = frame["step"].to_numpy(), frame["metric_id"].to_numpy()
-    val, n = frame["value"].to_numpy(), frame["n_ranks"].to_numpy()
+def reduced_vectors(
+    step: np.ndarray, mid: np.ndarray, val: np.ndarray, n: np.ndarray
+) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
+    """Validated reduced rows (store.validate.values_arrays' "reduced" columns: no frame in
+    between, which at 10 k metrics a step cost more than the codec) -> pending vector rows,
+    one per (step, n_ranks), ids ascending (one layout per set of ids, whatever the write
+    order), the last of repeated (step, metric_id) rows kept; + the layouts they use. Numpy
+    only, and it sorts only what is not sorted already (the collector writes each step's ids
+    ascending)."""
     if step.size > 1:
         ds, dm = np.diff(step), np.diff(mid)
         if not ((ds > 0) | ((ds == 0) & (dm > 0))).all():  # unsorted, or a key repeated
@@ -48,9 +50,7 @@ def reduced_vectors(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, np.nda
             step, mid, val, n = step[order], mid[order], val[order], n[order]
             last = np.append((step[1:] != step[:-1]) | (mid[1:] != mid[:-1]), True)
             step, mid, val, n = step[last], mid[last], val[last], n[last]
-    vec, layouts = batch_vectors(  # the raw codec, grouping by n_ranks where it groups by rank
-        ValueBatch(step=step, metric_id=mid, value=val, rank=n)
-    )
+    vec, layouts = grouped_vectors(step, n, mid, val)  # the raw codec, n_ranks for rank
     vec = vec.rename({"rank": "n_ranks"}).with_columns(source=pl.lit(OWN, pl.Int32))
     return vec.select(PENDING), layouts
 

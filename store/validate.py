@@ -123,6 +123,15 @@ def merge_metrics(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
 
 def values_frame(batch: ValueBatch, table: str) -> pl.DataFrame:
     """ValueBatch -> frame of RAW_SCHEMA ("raw": rank set) or REDUCED_SCHEMA ("reduced")."""
+    cols = values_arrays(batch, table)
+    schema = RAW_SCHEMA if table == "raw" else REDUCED_SCHEMA
+    return pl.DataFrame({k: cols[k] for k in schema}, schema=schema)
+
+
+def values_arrays(batch: ValueBatch, table: str) -> dict[str, np.ndarray]:
+    """ValueBatch -> its validated columns as numpy arrays, the dtypes of RAW_SCHEMA ("raw":
+    rank set) or REDUCED_SCHEMA ("reduced"), value a copy: values_frame without the frame,
+    for a writer that goes on in numpy (the vector codecs)."""
     if not isinstance(batch, ValueBatch):
         raise InvalidInput(f"expected ValueBatch, got {type(batch).__name__}")
     per_row, other = ("rank", "n_ranks") if table == "raw" else ("n_ranks", "rank")
@@ -143,8 +152,7 @@ def values_frame(batch: ValueBatch, table: str) -> pl.DataFrame:
     lengths = {k: v.size for k, v in cols.items()}
     if len(set(lengths.values())) != 1:
         raise InvalidInput(f"ragged value batch: column lengths {lengths}")
-    schema = RAW_SCHEMA if table == "raw" else REDUCED_SCHEMA
-    return pl.DataFrame({k: cols[k] for k in schema}, schema=schema)
+    return cols
 
 
 # ---- records -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from store.base import InvalidInput, RawBlock, StoreError, ValueBatch
 from store.frames import RAW_SCHEMA, RAW_VECTORS_SCHEMA, empty, last_wins
-from store.validate import int_column, int_field, values_frame
+from store.validate import int_column, int_field, values_arrays
 
 
 def layout_hash(ids: npt.ArrayLike) -> int:
@@ -104,13 +104,19 @@ def batch_vectors(batch: ValueBatch) -> tuple[pl.DataFrame, dict[int, np.ndarray
     """Flat raw rows -> one pending vector per (step, rank), ids in write order, the last of
     repeated (step, rank, metric_id) rows kept; + {layout: ids}. Numpy only, and only sorts
     what is not already grouped (the collector writes each rank's values contiguously)."""
-    df = values_frame(batch, "raw")
-    if df.height == 0:
+    cols = values_arrays(batch, "raw")
+    return grouped_vectors(cols["step"], cols["rank"], cols["metric_id"], cols["value"])
+
+
+def grouped_vectors(
+    step: np.ndarray, rank: np.ndarray, mid: np.ndarray, val: np.ndarray
+) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
+    """batch_vectors of rows already validated (values_arrays' columns: step int64, rank
+    and metric_id int32 >= 0, value float32)."""
+    if step.size == 0:
         return block_vectors(
             RawBlock(0, np.empty(0, np.int32), np.empty(0, np.int32), np.empty((0, 0), np.float32))
         )
-    step, rank = df["step"].to_numpy(), df["rank"].to_numpy()
-    mid, val = df["metric_id"].to_numpy(), df["value"].to_numpy()
     starts = _group_starts(step, rank)
     ranks = int(rank.max()) + 1
     grouped = (int(step.max()) - int(step.min())) * ranks < 2**62 and np.unique(

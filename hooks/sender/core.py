@@ -17,8 +17,10 @@ takes_batches, the frames waiting to go out when the stream can take more (a bac
 collector or the network is slower than the steps) leave as FrameBatch messages, one per
 ~1 MiB; each frame keeps its seq and is acked and resent on its own, so a batch is a matter of
 transport only and costs no latency: an idle stream sends each frame as it comes. A stream that leaves frames
-unacknowledged for net_timeout_s is declared dead and reopened. Nothing here raises into the
-caller.
+unacknowledged for net_timeout_s is declared dead and reopened. At close, where the Welcome says
+flushes_at_goodbye, the stream is half-closed as soon as everything is sent (the collector then
+flushes at once and acks); elsewhere only once everything is acknowledged. Nothing here raises
+into the caller.
 
 Failures: a stream that ends with a transient status (UNAVAILABLE, a dead stream, a collector
 shutting down) is reopened after an exponential backoff with jitter (`Backoff`), which resets
@@ -104,6 +106,8 @@ class Conn:
     takes_dropped: bool = False  # Welcome: hole reports (StepsDropped) are understood
     takes_packed_schema: bool = False  # Welcome: Schema.packed (PackedMetrics) is understood
     takes_batches: bool = False  # Welcome: FrameBatch (several frames in one message) is understood
+    flushes_at_goodbye: bool = False  # Welcome: a half-close may come before the last acks
+    half_closed: bool = False  # this client half-closed the stream (its goodbye)
     progressed: bool = False  # an Ack arrived on it: the backoff starts over
     refused: tuple[str, str, bool] | None = None  # the collector's Error: code, message, permanent
     dead: bool = False
@@ -350,6 +354,27 @@ class SenderCore(Generic[ConnT]):
     def _has_holes(self, conn: ConnT) -> bool:
         return conn.takes_dropped and bool(self.buffer.drops.ranges)
 
+    def _goodbye_due(self, conn: ConnT) -> bool:
+        """Closing, and everything is sent on a connection whose collector takes an early
+        goodbye (Welcome.flushes_at_goodbye): half-close now, so the collector makes the last
+        frames durable at once rather than at its next flush tick (caller holds the lock)."""
+        return (
+            self.buffer.closing
+            and conn.flushes_at_goodbye
+            and not conn.half_closed
+            and self.buffer.all_sent()
+            and not self._has_holes(conn)
+        )
+
+    def _settle_goodbye(self, conn: ConnT) -> None:
+        """A stream this client half-closed has ended: with everything acknowledged that was
+        the goodbye (never reconnect); otherwise it broke first and the worker reconnects and
+        resends, half-closing again once all is sent."""
+        with self._cond:
+            if conn.half_closed and self.buffer.drained():
+                self._goodbye = True
+                self._cond.notify_all()
+
     def _encode(self, conn: ConnT, item: StepItem | AckItem | SchemaItem) -> list[pb.ClientFrame]:
         """Encode outside the lock (only the worker allocates seqs), then record as sent.
         Until then the popped item still counts as buffered (close waits for it)."""
@@ -425,6 +450,7 @@ class SenderCore(Generic[ConnT]):
                 conn.takes_dropped = resp.welcome.takes_dropped
                 conn.takes_packed_schema = resp.welcome.takes_packed_schema
                 conn.takes_batches = resp.welcome.takes_batches
+                conn.flushes_at_goodbye = resp.welcome.flushes_at_goodbye
             elif kind == "ack":
                 self.buffer.ack(resp.ack.seq)
                 conn.last_progress = time.monotonic()

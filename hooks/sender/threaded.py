@@ -105,12 +105,14 @@ class Sender(SenderCore[_Conn]):
                 lambda: self.buffer.drained() or not self._thread.is_alive(), timeout=timeout
             )
             conn = self._conn
-            self._goodbye = flushed and conn is not None and not conn.dead
+            early = conn is not None and conn.half_closed  # the worker said goodbye already
+            self._goodbye = self._goodbye or (flushed and conn is not None and not conn.dead)
         if self._goodbye and conn is not None:
             # Half-close the stream: the collector answers OK once everything of this rank is
             # durable, and finishes the run when every rank has said goodbye. A cancel (below)
             # would leave the run "live" until the collector stops.
-            conn.out_q.put(None)
+            if not early:
+                conn.out_q.put(None)
             with self._cond:
                 if not self._cond.wait_for(
                     lambda: conn.dead, timeout=max(0.05, deadline - time.monotonic())
@@ -134,6 +136,7 @@ class Sender(SenderCore[_Conn]):
                     self.buffer.count("worker_errors")
                     log.exception("stepwatch: sender error")
                 self._drop_conn(conn)
+                self._settle_goodbye(conn)
             self._release_waiting()
             wait = self._next_wait(conn)
             with self._cond:
@@ -192,11 +195,17 @@ class Sender(SenderCore[_Conn]):
                         or self._has_holes(conn)
                         or conn.dead
                         or self._stop
+                        or self._goodbye_due(conn)
                     ),
                     timeout=min(0.5, timeout),
                 )
                 if conn.dead or self._stop or self._stale(conn):
                     return
+                if self._goodbye_due(conn):  # after this thread's last frames: in order
+                    conn.half_closed = True
+                    conn.out_q.put(None)
+                    self.buffer.counters["early_goodbyes"] += 1
+                    continue
                 holes = self._holes(conn)
                 item = self.buffer.pop()
             for frame in holes:

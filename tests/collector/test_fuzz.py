@@ -45,6 +45,9 @@ class Writer:
         self.jobs.append(job)
         return len(self.jobs)
 
+    def flush_soon(self) -> None:
+        pass
+
 
 runs = st.sampled_from(["fz", "fz", "fz", "healthy", "", "bad name", "x" * 200])
 ranks = st.one_of(st.integers(-2, 3), st.sampled_from([2**31 - 1, -(2**31)]))

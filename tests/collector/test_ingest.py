@@ -15,7 +15,7 @@ from collector.config import CollectorConfig
 from collector.conn import Conn
 from collector.errors import InvalidArgument
 from collector.ingest import Ingest
-from collector.jobs import WriteRaw, WriteStep
+from collector.jobs import FinishRun, WriteRaw, WriteStep
 from collector.stats import Counters
 from proto.v1 import telemetry_pb2 as pb
 
@@ -27,10 +27,14 @@ class RecordingWriter:
 
     def __init__(self) -> None:
         self.jobs: list = []
+        self.flushes_soon: list[int] = []
 
     def submit(self, job) -> int:
         self.jobs.append(job)
         return len(self.jobs)
+
+    def flush_soon(self) -> None:
+        self.flushes_soon.append(len(self.jobs))  # asked after this many jobs
 
 
 class Clock:
@@ -283,3 +287,22 @@ def test_a_chunk_ending_an_already_reduced_step_is_stored_raw():
     assert ingest.counters.snapshot()["late_values"] == 2
     ingest.on_flushed(len(writer.jobs), set())
     assert acks_of(conns[1]) == [2]
+
+
+def test_each_goodbye_asks_for_a_flush_after_what_it_made_the_last_one_after_finishrun():
+    """A rank's half-close asks the writer to flush now (its Welcome said flushes_at_goodbye:
+    it may still wait for acks); the run's last goodbye asks after its FinishRun job."""
+    ingest, conns, writer, _ = make(2)
+    for rank in range(2):
+        ingest.receive(
+            conns[rank],
+            pb.ClientFrame(
+                schema=pb.Schema(header=header(rank, -1, 1), schema_id=1, metrics=[mdef("x")])
+            ),
+        )
+    ingest.half_close(conns[0])
+    assert writer.flushes_soon == [len(writer.jobs)]
+    assert not any(isinstance(j, FinishRun) for j in writer.jobs)
+    ingest.half_close(conns[1])
+    assert isinstance(writer.jobs[-1], FinishRun)
+    assert writer.flushes_soon[-1] == len(writer.jobs)

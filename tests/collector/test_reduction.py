@@ -261,3 +261,49 @@ def test_a_resent_chunk_through_the_barrier_is_reduced_once():
     np.testing.assert_array_equal(rows.reduced.value, [2 + 21, (3 + 30) / 2, max(1, 11)])
     np.testing.assert_array_equal(rows.reduced.n_ranks, [2, 2, 2])
     assert len(rows.blocks) == 1 and rows.n_raw == 6
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_one_ranks_whole_vectors_reduce_bit_for_bit_as_the_accumulator_does(shuffled, n_parts):
+    """A world-1 step (one rank's whole vectors, one per wire schema part) takes a path
+    without the accumulator: its reduced ids, values (bits: -0.0 summed to +0.0, NaN, inf,
+    huge) and n_ranks equal the accumulator's, ids sorted, one raw block per part holding
+    the part's vector."""
+    rng = np.random.default_rng(7)
+    M = 400
+    ops_M = rng.integers(1, 5, M + 10).astype(np.int8)  # the run has ids the step lacks
+    ids = np.arange(M, dtype=np.int32)
+    if shuffled:
+        ids = rng.permutation(ids).astype(np.int32)
+    v = rng.normal(size=M).astype(np.float32)
+    v[:8] = [-0.0, np.nan, np.inf, -np.inf, 3.0e38, -3.0e38, 0.0, 1e-45]
+    cuts = np.array_split(np.arange(M), n_parts)
+    parts = [(2, ids[c], v[c], np.ones(c.size, bool)) for c in cuts]
+    want_ids, want_v, want_n = reduce_rows(ids, v, ops_M)
+    rows = reduce_step(3, parts, {2}, ops_M, StepStatus(3, 1))
+    r = rows.reduced
+    np.testing.assert_array_equal(r.metric_id, want_ids)
+    assert r.metric_id.dtype == np.int32 and r.value.dtype == np.float32
+    np.testing.assert_array_equal(r.value.view(np.uint32), want_v.view(np.uint32))
+    np.testing.assert_array_equal(r.n_ranks, want_n)
+    np.testing.assert_array_equal(r.step, np.full(M, 3))
+    assert len(rows.blocks) == n_parts
+    for block, (_, ids_S, v_S, _) in zip(rows.blocks, parts):
+        assert block.rank.tolist() == [2] and block.metric_id is ids_S
+        np.testing.assert_array_equal(block.value, v_S[np.newaxis])
+    assert rows.rest.value.size == 0 and rows.n_raw == M
+    minus_zero = int(np.flatnonzero(want_ids == ids[0])[0])
+    if ops_M[ids[0]] in (OP_SUM, OP_MEAN):  # -0.0 summed is +0.0 (max/min keep it)
+        assert r.value[minus_zero].view(np.uint32) == 0
+
+
+def test_one_rank_sending_an_id_in_two_parts_is_reduced_over_both():
+    """Not a case the registry lets through, but the reduction stays the accumulator's: the
+    id counts twice (mean over both values), not once."""
+    ops_M = np.array([OP_MEAN, OP_SUM], np.int8)
+    ids = np.array([0, 1], np.int32)
+    parts = [(0, ids, np.array([1.0, 2.0], np.float32), np.ones(2, bool))] * 2
+    parts[1] = (0, ids.copy(), np.array([3.0, 5.0], np.float32), np.ones(2, bool))
+    r = reduce_step(0, parts, {0}, ops_M, StepStatus(0, 1)).reduced
+    assert r.value.tolist() == [2.0, 7.0] and r.n_ranks.tolist() == [2, 2]

@@ -212,6 +212,29 @@ def test_goodbye_ends_streams_after_their_acks_and_finishes_the_run(
     assert reduced(store, "bye", 1) == {"x": 4.0}
 
 
+def test_a_goodbye_before_the_acks_is_flushed_at_once_acked_and_ends_ok(
+    start_collector, client_factory
+):
+    """Welcome.flushes_at_goodbye: a rank half-closes with nothing acked yet; the collector
+    flushes then, not at its flush tick (an hour here), acks everything and ends the stream
+    OK with the run finished and every value stored."""
+    _, addr, store = start_collector(flush_interval_s=3600.0, flush_every_steps=10_000)
+    c = client_factory(addr, "early", 0, 1)
+    assert c.expect("welcome").flushes_at_goodbye
+    c.schema(1, [mdef("a"), mdef("b", pb.REDUCE_MAX)])
+    for step in range(3):
+        c.step(step, 1, [float(step), 10.0 + step])
+    with pytest.raises(TimeoutError):  # read what came down (keepalives at most)
+        while True:
+            c.next(timeout=0.3)
+    assert all(a.seq == 0 for a in c.acks)  # nothing durable before the goodbye: tick in 1 h
+    end = c.close()
+    assert end.code.name == "OK" and c.acks[-1].seq == c.seq
+    assert store.runs().row(0, named=True)["status"] == "finished"
+    for step in range(3):
+        assert reduced(store, "early", step) == {"a": float(step), "b": 10.0 + step}
+
+
 def test_many_concurrent_streams_of_one_run(start_collector, client_factory):
     _, addr, store = start_collector()
     world = 32

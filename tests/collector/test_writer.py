@@ -286,3 +286,24 @@ def _fields(job) -> dict:
         return v
 
     return plain(job)
+
+
+def test_flush_soon_flushes_after_the_jobs_before_it_not_at_the_tick(tmp_path):
+    store = FlakyStore()
+    durable = Durable()
+    w = Writer(
+        StoreHandle(store),
+        flush_interval_s=3600.0,  # the tick never comes in this test
+        flush_every_steps=10_000,
+        on_flushed=durable,
+        release=lambda n: None,
+        counters=Counters(),
+    )
+    w.start()
+    first = w.submit(OpenRun(RunInfo("r", 1)))
+    durable.wait(first)  # the first job flushes at once: no flush happened before
+    jobs = [w.submit(metrics()), *(w.submit(raw(s)) for s in range(3))]
+    w.flush_soon()
+    durable.wait(jobs[-1])
+    assert steps_in(store) == [0, 1, 2] and store.commits == 2
+    assert w.close(5.0)

@@ -5,7 +5,9 @@ to exercise the client. Per connection: check the token, read Hello, answer Welc
 durable seq, then record every frame and acknowledge cumulatively while `acking` is set. Knobs
 let a test stop acking, drop the current stream, push ClipUpdates down, or say in the next
 Welcome that chunks may end a step (`chunk_ends_step`) or that hole reports are taken
-(`takes_dropped`), or packed schemas (`takes_packed_schema`); off: an older collector.
+(`takes_dropped`), or packed schemas (`takes_packed_schema`), or a goodbye before the last acks
+(`flushes_at_goodbye`, with `ack_at_goodbye` / `drop_at_goodbye` for what it does then); off:
+an older collector.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class RecordingServicer(pbg.TelemetryServicer):
         self.chunk_ends_step = False  # the Welcome's capability flag
         self.takes_dropped = False  # ... and whether hole reports are taken
         self.takes_packed_schema = False  # ... and schemas in the packed form
+        self.flushes_at_goodbye = False  # ... and a goodbye before the last acks
+        # at a client's half-close: ack everything received (a collector's flush at goodbye),
+        # or (a count) end that many such streams without acking, as a crash would
+        self.ack_at_goodbye = False
+        self.drop_at_goodbye = 0
+        self.goodbyes = 0  # half-closes seen
         self.outboxes: list[queue.Queue] = []
         self.rejected = 0
 
@@ -136,6 +144,7 @@ class RecordingServicer(pbg.TelemetryServicer):
                 chunk_ends_step=capable,
                 takes_dropped=self.takes_dropped,
                 takes_packed_schema=self.takes_packed_schema,
+                flushes_at_goodbye=self.flushes_at_goodbye,
             )
         )
 
@@ -152,6 +161,16 @@ class RecordingServicer(pbg.TelemetryServicer):
                                     pb.ServerFrame(ack=pb.Ack(seq=seq, step=header_of(frame).step))
                                 )
                         self.lock.notify_all()
+                with self.lock:  # the client half-closed
+                    self.goodbyes += 1
+                    if self.drop_at_goodbye:
+                        self.drop_at_goodbye -= 1
+                    elif self.ack_at_goodbye:
+                        seqs = sorted(header_of(f).seq for f in frames[1:])
+                        while self.durable + 1 in seqs:
+                            self.durable += 1
+                        outbox.put(pb.ServerFrame(ack=pb.Ack(seq=self.durable)))
+                    self.lock.notify_all()
             except grpc.RpcError:
                 pass
             finally:

@@ -131,6 +131,9 @@ def test_def_sizes_are_exactly_the_encoded_sizes():
         assert schemas.schema(IDENT, 1, 1, [spec]).schema.ByteSize() - _empty_schema() == size
     whole = schemas.schema(IDENT, 1, 1, specs).schema.ByteSize()
     assert whole - _empty_schema() == int(sizes.sum())
+    for spec in specs:  # alone: columns whose largest value has few bits (the varint's
+        [alone] = schemas.def_sizes([spec])  # early end) are sized exactly too
+        assert schemas.schema(IDENT, 1, 1, [spec]).schema.ByteSize() - _empty_schema() == alone
 
 
 def _empty_schema(schema_id: int = 1, ident: frames.Identity = IDENT, seq: int = 1) -> int:

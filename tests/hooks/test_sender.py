@@ -455,3 +455,53 @@ def test_the_request_iterator_sends_a_backlog_as_batches():
     assert run(False) == sent and counts == {}
     (message,) = run(True)
     assert list(message.batch.frames) == sent and counts == {"batches_sent": 1}
+
+
+def test_close_says_goodbye_before_the_last_acks_where_the_collector_flushes_at_goodbye(
+    server, servicer
+):
+    """Welcome.flushes_at_goodbye: close() half-closes once everything is sent, and the
+    collector's acks at that goodbye (its flush) are what close waits for: here the
+    collector acks nothing before the goodbye, so an ack-first close could never finish."""
+    servicer.flushes_at_goodbye = servicer.ack_at_goodbye = True
+    servicer.acking = False
+    sender = make_sender(server.target)
+    for step in range(3):
+        sender.submit(item(step))
+    assert sender.close(timeout=10)
+    st = sender.stats()
+    assert st["early_goodbyes"] == 1 and st["connects"] == 1
+    assert st["buffered_steps"] == 0 and st["lost_at_close"] == 0
+    assert servicer.goodbyes == 1
+    assert [s for s, _, _ in servicer.ended_steps()] == [0, 1, 2]
+    for step in range(3):
+        np.testing.assert_array_equal(servicer.step_vectors(1)[step], vector(step, 5))
+
+
+def test_an_older_collector_gets_its_goodbye_only_after_every_ack(server, servicer):
+    """Without flushes_at_goodbye the stream is half-closed only once everything is acked:
+    a collector that acks nothing never sees a goodbye, and close reports the loss."""
+    servicer.acking = False
+    sender = make_sender(server.target)
+    sender.submit(item(0))
+    assert not sender.close(timeout=1.0)
+    assert servicer.goodbyes == 0
+    assert sender.stats().get("early_goodbyes", 0) == 0 and sender.stats()["lost_at_close"] == 1
+
+
+def test_a_stream_that_breaks_after_an_early_goodbye_is_reopened_and_resent(server, servicer):
+    """The goodbye went out before the acks and the stream then ended without them (the
+    collector crashed before its flush): the client reconnects, resends exactly what was
+    unacknowledged, says goodbye again, and close succeeds only with everything acked."""
+    servicer.flushes_at_goodbye = servicer.ack_at_goodbye = True
+    servicer.acking, servicer.drop_at_goodbye = False, 1
+    sender = make_sender(server.target)
+    for step in range(2):
+        sender.submit(item(step))
+    assert sender.close(timeout=10)
+    st = sender.stats()
+    assert st["early_goodbyes"] == 2 and st["connects"] == 2
+    assert st["lost_at_close"] == 0 and st["buffered_steps"] == 0
+    first, second = servicer.connections
+    assert data_seqs(second) == data_seqs(first)  # the same frames, the same seqs
+    assert servicer.durable == max(data_seqs(second))

@@ -158,3 +158,20 @@ def test_layout_hash_is_stable_across_processes_and_versions():
     assert layout_hash(np.array([0, 1, 2], np.int32)) == layout_hash([0, 1, 2])
     assert layout_hash(np.array([0, 1, 2])) != layout_hash(np.array([0, 2, 1]))
     assert layout_hash(np.array([0, 1, 2], np.int32)) == 0x6D8E69976182A599
+
+
+def test_last_wins_on_keys_that_ascend_or_repeat():
+    """Strictly ascending integer keys skip the unique pass (nothing repeats); a repeat
+    anywhere, keys out of order, a null or a string key take it, with the same rule."""
+    asc = pl.DataFrame({"s": [0, 0, 1, 2], "m": [1, 2, 0, 0], "v": [1.0, 2.0, 3.0, 4.0]})
+    assert last_wins(asc, ["s", "m"]).rows() == asc.rows()
+    rep = pl.DataFrame({"s": [0, 0, 1, 1], "m": [1, 2, 0, 0], "v": [1.0, 2.0, 3.0, 4.0]})
+    assert sorted(last_wins(rep, ["s", "m"]).rows()) == [(0, 1, 1.0), (0, 2, 2.0), (1, 0, 4.0)]
+    back = pl.DataFrame({"k": [1, 2, 1], "v": [1, 2, 3]})
+    assert sorted(last_wins(back, ["k"]).rows()) == [(1, 3), (2, 2)]
+    u = pl.DataFrame({"k": pl.Series([5, 7, 7], dtype=pl.UInt64), "v": [1, 2, 3]})
+    assert sorted(last_wins(u, ["k"]).rows()) == [(5, 1), (7, 3)]
+    nulls = pl.DataFrame({"k": [1, None, None], "v": [1, 2, 3]})
+    assert sorted(last_wins(nulls, ["k"]).rows(), key=str) == [(1, 1), (None, 3)]
+    names = pl.DataFrame({"k": ["a", "b", "b"], "v": [1, 2, 3]})
+    assert sorted(last_wins(names, ["k"]).rows()) == [("a", 1), ("b", 3)]
