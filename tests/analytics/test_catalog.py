@@ -1,10 +1,12 @@
-"""MetricIndex's id grids, against the per-metric loop they replaced."""
+"""MetricIndex's id grids against the per-metric loop they replaced; StepFrame's dense path
+against its scatter path."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from analytics.catalog import MetricIndex
+from analytics.frame import StepFrame
 
 
 def _reference_grid(ix: MetricIndex, prefix: str, stat: str) -> np.ndarray:
@@ -41,3 +43,20 @@ def test_expert_grid_matches_the_per_metric_loop_on_random_dictionaries():
             for s in ("act_rms", "tokens", "norm", "absent"):
                 got, want = ix.expert_grid(p, s), _reference_grid(ix, p, s)
                 assert got.shape == want.shape and (got == want).all(), (trial, p, s)
+
+
+def test_a_whole_step_in_order_gives_the_frame_a_scatter_gives():
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal(50).astype(np.float32)
+    v[[3, 9]] = [np.nan, np.inf]
+    ids = np.arange(50)
+    dense = StepFrame.from_rows("r", 1, ids, v, 50)
+    perm = rng.permutation(50)
+    scattered = StepFrame.from_rows("r", 1, ids[perm], v[perm], 50)
+    assert dense.values.dtype == scattered.values.dtype == np.float64
+    np.testing.assert_array_equal(dense.values, scattered.values)
+    assert dense.present.all() and scattered.present.all()
+    # not every id, or an id twice: the scatter path, absent ids NaN and not present
+    part = StepFrame.from_rows("r", 1, np.array([0, 1, 1, 3]), v[:4], 5)
+    assert part.present.tolist() == [True, True, False, True, False]
+    assert part.values[1] == v[2] and np.isnan(part.values[4])
