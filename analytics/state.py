@@ -73,6 +73,7 @@ def decode(blob: bytes) -> Any:
     if len(blob) < 5 or blob[4] not in READS:
         raise BadState(f"detector state format {blob[4:5]!r}, this code reads {READS}")
     try:
+        body: bytes | memoryview
         if blob[4] == 1:
             body = zlib.decompress(blob[5:])
         else:
