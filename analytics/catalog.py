@@ -164,11 +164,12 @@ class MetricIndex:
             sel = sel[self.expert[sel] >= 0]
             n_e = int(self.expert[sel].max()) + 1 if sel.size else 0
             grid = np.full((len(layers), n_e), -1, np.int64)
-            row = {l: r for r, l in enumerate(layers)}
-            for i in sel.tolist():
-                r = row.get(int(self.layer[i]))
-                if r is not None:
-                    grid[r, self.expert[i]] = i
+            rows, ok = _rows_of(np.asarray(layers, np.int64), self.layer[sel])
+            sel = sel[ok]
+            cell = rows[ok] * n_e + self.expert[sel]
+            # one id per cell, the highest (as a loop in id order would leave it)
+            last = cell.size - 1 - np.unique(cell[::-1], return_index=True)[1]
+            grid.reshape(-1)[cell[last]] = sel[last]
             self._cache[key] = grid
         return self._cache[key]
 
@@ -213,6 +214,14 @@ class MetricIndex:
                 sorted(range(self.size), key=keys.__getitem__), dtype=np.int64
             )
         return self._cache[key]
+
+
+def _rows_of(layers: np.ndarray, layer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row of each `layer` value in the ascending `layers`, and whether it is there at all."""
+    rows = np.searchsorted(layers, layer)
+    ok = rows < layers.size
+    ok[ok] = layers[rows[ok]] == layer[ok]
+    return rows, ok
 
 
 def site_of(name: str) -> str:

@@ -40,6 +40,9 @@ class StepFrame:
         index does not know yet cannot be judged)."""
         ids = np.asarray(metric_id, dtype=np.int64)
         vals = np.asarray(value, dtype=np.float32).astype(np.float64)
+        if ids.size == size and size and ids[0] == 0 and (np.diff(ids) == 1).all():
+            # every id once, in order (a whole step of one layout): no scatter
+            return cls(run, int(step), vals, np.ones(size, bool), tuple(ranks), rank_loader)
         keep = (ids >= 0) & (ids < size)
         out = np.full(size, np.nan)
         present = np.zeros(size, dtype=bool)

@@ -298,6 +298,17 @@ class Monitor:
         n_mtp = mtp_slots.size if mtp_slots is not None else 0
         if len(mtp) > n_mtp:
             self._bump("mtp_losses_ignored", len(mtp) - n_mtp)
+        elif len(mtp) < n_mtp and not self._counters.get("mtp_losses_missing"):
+            self._bump("mtp_losses_missing")
+            log.info(
+                "stepwatch: step_end got %d MTP loss(es) for the model's %d; "
+                "train/mtp_loss/%d.. are sent as NaN (not given, no finding). Pass them in "
+                "mtp_losses=, or MonitorConfig(n_mtp_losses=%d) to leave the slots out",
+                len(mtp),
+                n_mtp,
+                len(mtp) + 1,
+                len(mtp),
+            )
         self.capture.write_loop_values(loss, mtp)
         n = self.layout.n_step + (self.layout.n_periodic if periodic else 0)
         vector = self.capture.to_host(n)

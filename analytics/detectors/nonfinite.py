@@ -47,7 +47,7 @@ class NonFinite(Detector):
     open (it was reported when it went bad)."""
 
     _active: bool = field(default=False, repr=False)
-    _bad_run: np.ndarray | None = field(default=None, repr=False)  # int64: sent steps in a row
+    _bad_run: np.ndarray | None = field(default=None, repr=False)  # int32: sent steps in a row
     _given: np.ndarray | None = field(default=None, repr=False)  # bool: finite once in the run
     kind = NONFINITE
 
@@ -57,7 +57,7 @@ class NonFinite(Detector):
 
     def observe(self, frame: StepFrame, index: MetricIndex) -> list[Event]:
         n = frame.values.size
-        bad_run = self._bad_run = _grown(self._bad_run, n, 0, np.int64)
+        bad_run = self._bad_run = _grown(self._bad_run, n, 0, np.int32)
         given = self._given = _grown(self._given, n, False, bool)
         finite = np.isfinite(frame.values)
         sent_bad = frame.present & ~finite

@@ -4,13 +4,16 @@ hook never reaches the training loop, and monitoring does not change training.""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
 from hooks import Monitor, MonitorConfig, NullMonitor
+from hooks.layout import RegionKey
 from tests.hooks.conftest import tiny_model
-from tests.hooks.loop import train_step
+from tests.hooks.loop import forward_loss, train_step
 from tests.hooks.servicer import wait_until
 from tests.hooks.standin import StandIn
 
@@ -169,3 +172,21 @@ def test_model_train_loop_drives_the_monitor(server, servicer, tmp_path):
     assert sorted(vectors) == [0, 1, 2]
     i = [s.name for s in mon.layout.step_specs].index("train/loss")
     assert [float(vectors[s][i]) for s in range(3)] == [float(np.float32(x)) for x in result.losses]
+
+
+def test_missing_mtp_losses_are_said_once(server, caplog):
+    torch.manual_seed(0)
+    model = tiny_model()
+    mon = Monitor(model, target=server.target, run="mtp", config=MonitorConfig(**FAST))
+    n_mtp = mon.layout.region(RegionKey.TRAIN_MTP).size
+    assert n_mtp > 0  # the tiny model has MTP heads
+    with caplog.at_level(logging.INFO, logger="stepwatch"):
+        for s in range(3):
+            mon.step_begin(s)
+            loss, _, _ = forward_loss(model, torch.randint(0, 32, (2, 8)))
+            loss.backward()
+            mon.step_end(s, loss=loss, mtp_losses=[], lr=1e-3)
+    mon.close()
+    said = [r.getMessage() for r in caplog.records if "MTP loss" in r.getMessage()]
+    assert len(said) == 1 and f"for the model's {n_mtp}" in said[0], said
+    assert "train/mtp_loss/1.." in said[0] and "n_mtp_losses=0" in said[0]
