@@ -72,6 +72,23 @@ class StepFrame:
             self._rank_cache = self._rank_loader() if self._rank_loader else {}
         return self._rank_cache
 
+    def rank_matrix(self, ids: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+        """(ranks, float64 [len(ranks), len(ids)]): each rank's raw values of a few ids (NaN:
+        not sent, or id < 0). The collector's per-rank values answer this from the step's
+        matrices without building each rank's dense vector (collector.detect.RankVectors)."""
+        per_rank = self.rank_values()
+        ranks = tuple(int(r) for r in per_rank)
+        want = np.asarray(ids, dtype=np.int64).reshape(-1)
+        matrix = getattr(per_rank, "matrix", None)
+        if matrix is not None:
+            return ranks, matrix(want)
+        out = np.full((len(ranks), want.size), np.nan)
+        for i, r in enumerate(ranks):
+            vec = per_rank[r]
+            ok = (want >= 0) & (want < vec.size)
+            out[i, ok] = vec[want[ok]]
+        return ranks, out
+
 
 def rank_vectors(
     metric_id: np.ndarray, rank: np.ndarray, value: np.ndarray, size: int, ranks: tuple[int, ...]

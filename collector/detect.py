@@ -59,7 +59,7 @@ from analytics.frame import StepFrame
 from analytics.offline import iter_frames
 from collector.reduction import StepRows
 from collector.stats import Counters
-from store.base import MetricDict, NotFound, Store
+from store.base import MetricDict, NotFound, RawBlock, Store, ValueBatch
 
 log = logging.getLogger("collector.detect")
 KEEP_EVENTS = 10_000  # online events remembered per run (for tests and introspection)
@@ -155,10 +155,8 @@ class Detect:
         ranks = tuple(sorted(included))
         size = rd.index.size
 
-        def rank_vectors() -> RankVectors:
-            raw = rows.raw  # flat rows (~140 ms at 6M values): built only when asked for
-            assert raw.rank is not None  # raw rows always name their rank
-            return RankVectors(raw.metric_id, raw.rank, raw.value, size, ranks)
+        def rank_vectors() -> RankVectors:  # only when a detector asks
+            return RankVectors(rows.blocks, rows.rest, size, ranks)
 
         frame = StepFrame.from_rows(
             run, step, rows.reduced.metric_id, rows.reduced.value, size, ranks, rank_vectors
@@ -378,38 +376,96 @@ class Detect:
 
 class RankVectors(Mapping):
     """rank -> that rank's raw values of the step as a dense float64 vector (NaN: not sent),
-    as analytics.frame.rank_vectors gives them, but built one rank at a time on access.
+    as analytics.frame.rank_vectors gives them, but built on access from the step's own
+    RawBlocks (one R x M matrix per layout) and flat rows; and `matrix(ids)`, the ranks'
+    values of a few ids, which is what the detectors ask for.
 
     A detector asks for per-rank values only once it has found something (NonFinite names the
-    ranks a NaN came from). At 4,096 ranks the eager dict would be 4,096 dense vectors at
-    once (~2 GB at 65,000 metrics) and 4,096 passes over the step's millions of raw rows; here
-    the rows are grouped by rank with one sort, and each vector is one slice and scatter."""
+    ranks a NaN came from; the blow-up rules ask whether each rank sees an expert's growth on
+    its own). At 4,096 ranks x 65,000 metrics the dense vectors are ~2 GB and building them
+    all took 1.2 s a step; `matrix` reads the asked columns out of the blocks instead (no pass
+    over the step's millions of values), and a single rank's vector is one row per block.
+    Where a (rank, id) is sent twice, the flat rows win over the blocks and a later row over
+    an earlier one, as in the raw rows' order."""
 
     def __init__(
-        self,
+        self, blocks: list[RawBlock], rest: ValueBatch, size: int, ranks: tuple[int, ...]
+    ) -> None:
+        self._blocks = blocks
+        ids = np.asarray(rest.metric_id)
+        keep = (ids >= 0) & (ids < size)
+        assert rest.rank is not None  # raw rows always name their rank
+        self._rest = (
+            ids[keep].astype(np.int64),
+            np.asarray(rest.rank, dtype=np.int64)[keep],
+            np.asarray(rest.value, dtype=np.float32)[keep],
+        )
+        self._ranks = tuple(int(r) for r in ranks)
+        self._sorted = np.array(sorted(self._ranks), dtype=np.int64)
+        self._known = set(self._ranks)
+        self._size = size
+
+    @classmethod
+    def from_rows(
+        cls,
         metric_id: np.ndarray,
         rank: np.ndarray,
         value: np.ndarray,
         size: int,
         ranks: tuple[int, ...],
-    ) -> None:
-        ids = np.asarray(metric_id)
-        keep = (ids >= 0) & (ids < size)
-        rk = np.asarray(rank, dtype=np.int32)[keep]
-        order = np.argsort(rk, kind="stable")  # stable: a repeated row's last write wins
-        self._rank, self._ids = rk[order], ids[keep].astype(np.int32)[order]
-        self._value = np.asarray(value, dtype=np.float32)[keep][order]
-        self._ranks = tuple(int(r) for r in ranks)
-        self._known = set(self._ranks)
-        self._size = size
+    ) -> RankVectors:
+        rows = ValueBatch(
+            step=np.zeros(len(metric_id), np.int64),
+            metric_id=np.asarray(metric_id),
+            value=np.asarray(value),
+            rank=np.asarray(rank),
+        )
+        return cls([], rows, size, ranks)
 
     def __getitem__(self, rank: int) -> np.ndarray:
         if rank not in self._known:
             raise KeyError(rank)
-        lo, hi = np.searchsorted(self._rank, [rank, rank + 1])
         vec = np.full(self._size, np.nan)
-        vec[self._ids[lo:hi]] = self._value[lo:hi]
+        for b in self._blocks:
+            hit = np.flatnonzero(np.asarray(b.rank) == rank)
+            if hit.size:
+                m = np.asarray(b.metric_id, dtype=np.int64)
+                ok = (m >= 0) & (m < self._size)
+                vec[m[ok]] = np.asarray(b.value)[hit[-1]][ok]
+        ids, rk, val = self._rest
+        sel = rk == rank
+        vec[ids[sel]] = val[sel]
         return vec
+
+    def matrix(self, ids: np.ndarray) -> np.ndarray:
+        """float64 [len(self), len(ids)]: row i is rank list(self)[i]'s value of each id (NaN:
+        not sent, or the id is < 0)."""
+        want = np.asarray(ids, dtype=np.int64).reshape(-1)
+        uniq, inv = np.unique(want, return_inverse=True)
+        out = np.full((len(self._ranks), uniq.size), np.nan)
+        if not uniq.size or not self._ranks:
+            return out[:, inv]
+        row_of = {r: i for i, r in enumerate(self._ranks)}
+        rank_rows = np.array([row_of[int(r)] for r in self._sorted], dtype=np.int64)
+
+        def found(keys: np.ndarray, sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Positions in keys that are in sorted_keys, and where each is there."""
+            at = np.searchsorted(sorted_keys, keys)
+            ok = at < sorted_keys.size
+            ok[ok] = sorted_keys[at[ok]] == keys[ok]
+            return np.flatnonzero(ok), at[ok]
+
+        for b in self._blocks:
+            where, col = found(np.asarray(b.metric_id, dtype=np.int64), uniq)
+            if where.size:
+                r_in, at = found(np.asarray(b.rank, dtype=np.int64), self._sorted)
+                out[np.ix_(rank_rows[at], col)] = np.asarray(b.value)[np.ix_(r_in, where)]
+        ids_r, rk_r, val_r = self._rest
+        where, col = found(ids_r, uniq)
+        if where.size:
+            r_in, at = found(rk_r[where], self._sorted)
+            out[rank_rows[at], col[r_in]] = val_r[where[r_in]]  # a later row wins
+        return out[:, inv]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._ranks)

@@ -75,23 +75,29 @@ def rank_votes(frame: StepFrame, index: MetricIndex, row: int, col: int) -> list
     when fewer than half of them see it (the decision layer then warns: the reduced max of one
     rank's outlier over another rank's median is no expert's growth); None when they do, or
     with fewer than two ranks' values (a one-rank run's reduced values are its own)."""
-    per_rank = frame.rank_values()
-    if len(per_rank) < 2:
+    if len(frame.rank_values()) < 2:
         return None
     tok_ids = index.expert_grid("moe/", "tokens")[row]
     x_ids = index.expert_grid("moe/", "act_maxabs")[row]
     shared = col == x_ids.size
     own_id = int(index.shared_ids("act_maxabs")[row]) if shared else int(x_ids[col])
-    agree = fed = 0
-    for vec in per_rank.values():
-        tok = np.where(tok_ids >= 0, vec[np.maximum(tok_ids, 0)], np.nan)
-        x = np.where(x_ids >= 0, vec[np.maximum(x_ids, 0)], np.nan)
+    n_e = x_ids.size
+    # one gather of the few ids asked, every rank at once (not one dense vector per rank)
+    _, m = frame.rank_matrix(np.concatenate([tok_ids, x_ids, [own_id]]))
+    tok, x, own = m[:, : tok_ids.size], m[:, tok_ids.size : tok_ids.size + n_e], m[:, -1]
+    if tok.shape[1] < n_e:  # fewer token counts than experts: the missing ones unknown
+        tok = np.pad(tok, ((0, 0), (0, n_e - tok.shape[1])), constant_values=np.nan)
+    tok = tok[:, :n_e]
+    with np.errstate(invalid="ignore"):
         on = np.isfinite(tok) & (tok > 0) & np.isfinite(x) & (x > 0)
-        own = vec[own_id] if own_id >= 0 else np.nan
-        if not (shared or on[col]) or not np.isfinite(own) or not on.any():
-            continue
-        fed += 1
-        agree += int(own >= RANK_FACTOR * float(np.median(x[on])))
+    votes = on.any(axis=1) & np.isfinite(own)  # ranks that fed the layer and sent the site
+    if not shared:
+        votes &= on[:, col]  # and fed this expert
+    fed = int(votes.sum())
+    if not fed:
+        return None
+    xs = np.where(on[votes], x[votes], np.nan)
+    agree = int((own[votes] >= RANK_FACTOR * np.nanmedian(xs, axis=1)).sum())
     return [agree, fed] if 2 * agree < fed else None
 
 

@@ -80,11 +80,8 @@ class NonFinite(Detector):
         hits = order[bad[order]]
         first = int(hits[0])
         name = index.names[first]
-        ranks = sorted(
-            r
-            for r, vec in frame.rank_values().items()  # NaN or inf there
-            if first < vec.size and not np.isfinite(vec[first])
-        )
+        in_ranks, at_first = frame.rank_matrix(np.array([first]))
+        ranks = sorted(r for r, v in zip(in_ranks, at_first[:, 0]) if not np.isfinite(v))
         return [
             make_event(
                 NONFINITE,

@@ -216,10 +216,67 @@ def test_rank_vectors_are_built_on_access_and_equal_the_eager_ones():
     ids[-1], rank[-1] = ids[0], rank[0]  # a repeated (rank, id): the last one wins
     ranks = (3, 5, 7, 11, 12)  # 12 sent nothing: all NaN
     eager = rank_vectors(ids, rank, value, size, ranks)
-    lazy = RankVectors(ids, rank, value, size, ranks)
+    lazy = RankVectors.from_rows(ids, rank, value, size, ranks)
     assert list(lazy) == list(ranks) and len(lazy) == 5
     for r in ranks:
         np.testing.assert_array_equal(lazy[r], eager[r])
     assert np.isnan(lazy[12]).all()
     with pytest.raises(KeyError):
         lazy[4]
+
+
+def test_rank_vectors_from_blocks_and_rows_equal_the_eager_ones_and_matrix_gathers_them():
+    """The collector's per-rank values come from the step's RawBlocks (one matrix per layout)
+    and flat rows; a vector and a gather of a few ids must equal the flat rows' dense vectors
+    (blocks expanded first, then the rows: the later write wins)."""
+    from analytics.frame import StepFrame, rank_vectors
+    from collector.detect import RankVectors
+    from store.base import RawBlock, ValueBatch
+
+    rng = np.random.default_rng(1)
+    size = 40
+    blocks = [
+        RawBlock(
+            3,
+            np.array([5, 2, 9], np.int32),
+            np.array([0, 4, 7, 11], np.int32),
+            rng.normal(size=(3, 4)).astype(np.float32),
+        ),
+        RawBlock(
+            3,
+            np.array([2, 7], np.int32),
+            np.arange(20, 30, dtype=np.int32),
+            rng.normal(size=(2, 10)).astype(np.float32),
+        ),
+    ]
+    n = 60
+    rest = ValueBatch(
+        step=np.full(n, 3, np.int64),
+        metric_id=rng.integers(-1, size + 2, n).astype(np.int32),
+        value=rng.normal(size=n).astype(np.float32),
+        rank=rng.choice([2, 5, 7, 9, 13], n).astype(np.int32),  # 13 not in the step's ranks
+    )
+    rest.metric_id[:2] = [4, 22]  # rows that override block cells
+    rest.rank[:2] = [2, 7]
+    ranks = (2, 5, 7, 9, 12)  # 12 sent nothing
+    parts = [b.cells() for b in blocks] + [rest]
+    flat = {
+        k: np.concatenate([getattr(p, k) for p in parts]) for k in ("metric_id", "rank", "value")
+    }
+    eager = rank_vectors(flat["metric_id"], flat["rank"], flat["value"], size, ranks)
+    lazy = RankVectors(blocks, rest, size, ranks)
+    for r in ranks:
+        np.testing.assert_array_equal(lazy[r], eager[r])
+    want = np.array([22, -1, 4, 0, 39, 22, 11, 29])
+    expect = np.array(
+        [[eager[r][i] if i >= 0 else np.nan for i in want] for r in ranks], dtype=np.float64
+    )
+    np.testing.assert_array_equal(lazy.matrix(want), expect)
+    frame = StepFrame.from_rows("r", 3, np.arange(size), np.zeros(size), size, ranks, lambda: lazy)
+    got_ranks, m = frame.rank_matrix(want)
+    assert got_ranks == ranks
+    np.testing.assert_array_equal(m, expect)
+    generic = StepFrame.from_rows(
+        "r", 3, np.arange(size), np.zeros(size), size, ranks, lambda: eager
+    )
+    np.testing.assert_array_equal(generic.rank_matrix(want)[1], expect)
