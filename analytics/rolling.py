@@ -102,15 +102,27 @@ class Rolling:
         return self.buf[self.pos].astype(np.float64).reshape(self._shape)
 
     def state_dict(self) -> dict:
-        """{"buf": float32 [size, *shape] in slot order, "pos": next slot to overwrite}."""
-        return {"buf": self.buf.reshape(self.size, *self._shape).copy(), "pos": self.pos}
+        """{"buf": float32 [k, *shape], the first k slots in slot order, "pos": next slot to
+        overwrite}: the slots after the last one holding any value are left out (all NaN; a
+        window not yet full, e.g. a run of 5 steps with a 40-step window, saves 5 of 40)."""
+        held = np.flatnonzero(~np.isnan(self.buf).all(axis=1))
+        k = int(held[-1]) + 1 if held.size else 0
+        return {"buf": self.buf[:k].reshape(k, *self._shape).copy(), "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
         buf = np.asarray(state["buf"])
-        if buf.shape != (self.size, *self._shape):
+        if (
+            buf.ndim != 1 + len(self._shape)
+            or buf.shape[1:] != self._shape
+            or not (buf.shape[0] <= self.size)
+        ):
             raise ValueError(
-                f"rolling window state has shape {buf.shape}, expected {(self.size, *self._shape)}"
+                f"rolling window state has shape {buf.shape}, expected at most "
+                f"{(self.size, *self._shape)}"
             )
+        if buf.shape[0] < self.size:  # the slots left out held nothing
+            pad = np.full((self.size - buf.shape[0], *self._shape), np.nan, np.float32)
+            buf = np.concatenate([buf.astype(np.float32), pad])
         pos = int(state["pos"])
         if not 0 <= pos < self.size:
             raise ValueError(f"rolling window state has pos {pos}, outside [0, {self.size})")

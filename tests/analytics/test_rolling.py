@@ -148,3 +148,21 @@ def test_maxabs_lower_bound_shortcut_changes_nothing(monkeypatch):
     assert fast == full
     for name in ("_alarm", "_calm", "_rising"):
         np.testing.assert_array_equal(getattr(fast_det, name), getattr(full_det, name))
+
+
+def test_a_window_not_yet_full_saves_only_its_held_slots_and_goes_on_the_same():
+    roll = Rolling((3,), 40)
+    for k in range(5):
+        roll.push(np.array([k, 2.0 * k, np.nan]))
+    state = roll.state_dict()
+    assert state["buf"].shape == (5, 3) and state["pos"] == 5
+    back = Rolling((3,), 40)
+    back.load_state_dict(copy.deepcopy(state))
+    np.testing.assert_array_equal(back.buf, roll.buf)
+    np.testing.assert_array_equal(back.count(), roll.count())
+    for k in range(5, 50):  # past the wrap: the same window, the same medians
+        for r in (roll, back):
+            r.push(np.array([k, 2.0 * k, 1.0]))
+        np.testing.assert_array_equal(back.median(), roll.median())
+        np.testing.assert_array_equal(back.oldest(), roll.oldest())
+    assert Rolling((3,), 40).state_dict()["buf"].shape == (0, 3)  # empty: nothing saved
