@@ -53,22 +53,41 @@ def start_tier(tmp, *, straggler_s: float = 30.0):
         command="coordinate",
         log_path=tmp / "co.log",
     )
-    procs, addrs = [], []
-    for i in range(2):
-        p, a = start_collector(
-            f"parquet:{tmp / f'w{i}'}",
-            "--insecure",
-            "--coordinator",
-            co_addr,
-            "--flush-interval",
-            "0.05",
-            "--straggler-timeout",
-            str(straggler_s),
-            log_path=tmp / f"w{i}.log",
-        )
-        procs.append(p)
-        addrs.append(a)
+    try:
+        procs, addrs = tier_collectors(co_addr, tmp, "--straggler-timeout", str(straggler_s))
+    except BaseException:
+        terminate(co)
+        raise
     return co, procs, ",".join(addrs)
+
+
+def tier_collectors(co_addr: str, tmp, *args: str, url: str | None = None, n: int = 2):
+    """n tier collectors in front of co_addr, flushing every 50 ms, logging to tmp/w{i}.log:
+    each with its own Parquet store tmp/w{i}, or all on `url` (one shared store, e.g. a
+    ClickHouse cluster), then each with its own spool tmp/w{i}.spool. -> (procs, addresses)"""
+    procs, addrs = [], []
+    try:
+        for i in range(n):
+            store = url or f"parquet:{tmp / f'w{i}'}"
+            spool = ("--spool", str(tmp / f"w{i}.spool")) if url else ()
+            p, a = start_collector(
+                store,
+                "--insecure",
+                "--coordinator",
+                co_addr,
+                "--flush-interval",
+                "0.05",
+                *spool,
+                *args,
+                log_path=tmp / f"w{i}.log",
+            )
+            procs.append(p)
+            addrs.append(a)
+    except BaseException:
+        for p in procs:
+            terminate(p)
+        raise
+    return procs, addrs
 
 
 def raw_of(url: str, run: str) -> pl.DataFrame:
@@ -267,19 +286,7 @@ def test_a_coordinator_killed_and_restarted_mid_run_loses_nothing(tmp_path):
     co_args = ("--insecure", "--port", str(port), "--straggler-timeout", "30")
     co_url = f"parquet:{tmp_path / 'co'}"
     co, co_addr = start_collector(co_url, *co_args, command="coordinate")
-    procs, addrs = [], []
-    for i in range(2):
-        p, a = start_collector(
-            f"parquet:{tmp_path / f'w{i}'}",
-            "--insecure",
-            "--coordinator",
-            co_addr,
-            "--flush-interval",
-            "0.05",
-            log_path=tmp_path / f"w{i}.log",
-        )
-        procs.append(p)
-        addrs.append(a)
+    procs, addrs = tier_collectors(co_addr, tmp_path)
     trainers = [
         Trainer(",".join(addrs), "re", steps, rank=r, world_size=WORLD).start()
         for r in range(WORLD)
@@ -363,22 +370,9 @@ def test_on_a_two_shard_clickhouse_cluster(clickhouse_cluster, clickhouse_cluste
     with open_store(url):  # migrations on every node, once, before three writers start
         pass
     co, co_addr = start_collector(url, "--insecure", command="coordinate")
-    procs, addrs = [], []
+    procs: list = []
     try:
-        for i in range(2):
-            p, a = start_collector(
-                url,
-                "--insecure",
-                "--coordinator",
-                co_addr,
-                "--flush-interval",
-                "0.05",
-                "--spool",
-                str(tmp_path / f"w{i}.spool"),
-                log_path=tmp_path / f"w{i}.log",
-            )
-            procs.append(p)
-            addrs.append(a)
+        procs, addrs = tier_collectors(co_addr, tmp_path, url=url)
         trainers = [
             Trainer(",".join(addrs), "ck", steps, rank=r, world_size=WORLD).start()
             for r in range(WORLD)

@@ -34,6 +34,7 @@ from hooks import Monitor
 from model.monitoring import DeferredMonitor
 from model.train import TrainConfig, train
 from store import open_store
+from tests.integration.test_tier import tier_collectors
 
 pytestmark = pytest.mark.timeout(600)
 WORLD, RUN = 4, "tiercl"
@@ -105,20 +106,9 @@ def tier_run(clickhouse_cluster, tmp_path_factory):
             errors.append(exc)
 
     try:
-        for i in range(2):
-            p, a = start_collector(
-                url,
-                "--insecure",
-                "--coordinator",
-                co_addr,
-                "--flush-interval",
-                "0.05",
-                "--spool",
-                str(tmp / f"w{i}.spool"),
-                log_path=tmp / f"w{i}.log",
-            )
-            procs.append(p)
-            addrs.append(a)
+        started, new = tier_collectors(co_addr, tmp, url=url)
+        procs += started
+        addrs += new
         ts = [threading.Thread(target=rank_main, args=(r,)) for r in range(WORLD)]
         for t in ts:
             t.start()
