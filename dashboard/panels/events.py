@@ -40,13 +40,22 @@ def _jump(events: pl.DataFrame, lo: int, hi: int) -> None:
     ss.playing = False
 
 
+INCIDENTS_SPELLED_OUT = 5  # the rest are rows of the table only
+
+
 def incidents_table(events: pl.DataFrame) -> None:
-    """Headline first: where it started, for every incident of the run."""
+    """Headline first: where it started, for every incident of the run. The first few are
+    spelled out in words (the table below is terse, and a grid is not searchable text)."""
     inc = data.incidents(events)
     if inc.height == 0:
         return
     st.subheader("Incidents")
-    st.caption(inc["explanation"][0])
+    told = inc["explanation"].to_list()
+    st.caption(told[0])
+    for text in told[1:INCIDENTS_SPELLED_OUT]:
+        st.caption(f"also {text}")
+    if len(told) > INCIDENTS_SPELLED_OUT:
+        st.caption(f"and {len(told) - INCIDENTS_SPELLED_OUT} more incident(s) in the table")
     st.dataframe(
         inc.drop("explanation"),
         hide_index=True,

@@ -179,7 +179,11 @@ class Sender(SenderCore[_Conn]):
         return None
 
     def _drop_conn(self, conn: _Conn) -> None:
+        """Abandon a stream: cancel the call before the sentinel ends the request iterator,
+        or gRPC would half-close it, and a half-close is a goodbye to the collector."""
         self._mark_dead(conn)
+        if conn.call is not None:
+            conn.call.cancel()
         conn.out_q.put(None)
         conn.channel.close()
 

@@ -46,7 +46,9 @@ def test_incidents_are_listed_headline_first_with_their_origin(recorded, monkeyp
     at = run_app(url, monkeypatch, runs=["tiny-a"])
     check(at)
     assert "Incidents" in texts(at)
-    assert any(t.startswith("incident 1: blowup at moe/layer02/expert001") for t in texts(at))
+    told = [t for t in texts(at) if "incident " in t]
+    assert told[0].startswith("incident 1: blowup at moe/layer02/expert001")  # the headline
+    assert told[1].startswith("also incident 0: expert_death at moe/layer04/expert003")
     table = table_with(at, "cause")
     assert table["incident"].tolist() == [1, 0]
     assert table["cause"].tolist() == ["activation growth", "expert death"]

@@ -148,6 +148,9 @@ class RecordingServicer(pbg.TelemetryServicer):
             )
         )
 
+        ended = threading.Event()
+        context.add_callback(ended.set)  # the rpc terminated (a cancel does so at once)
+
         def read() -> None:
             try:
                 for frame in request_iterator:
@@ -161,6 +164,11 @@ class RecordingServicer(pbg.TelemetryServicer):
                                     pb.ServerFrame(ack=pb.Ack(seq=seq, step=header_of(frame).step))
                                 )
                         self.lock.notify_all()
+                # gRPC's threaded server ends the request iterator the same way for a cancel
+                # as for a half-close when the cancel is seen second: a cancel terminates the
+                # rpc within moments, while a half-closed one lives until this side ends it.
+                if ended.wait(0.25):
+                    return
                 with self.lock:  # the client half-closed
                     self.goodbyes += 1
                     if self.drop_at_goodbye:

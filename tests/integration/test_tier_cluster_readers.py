@@ -187,6 +187,18 @@ def test_the_offline_report_finds_the_blowup(tier_run, tmp_path):
     assert SITE in stored.filter(pl.col("kind") == "blowup")["site"].to_list()
 
 
+def what_was_there(url: str, page, app) -> str:
+    """For a failure: the incidents the store holds, the page's text, the dashboard's log."""
+    from dashboard import data
+
+    with open_store(url) as s:
+        told = data.incidents(data.normalize_events(s.events(RUN)))["explanation"].to_list()
+    return (
+        f"the store's incidents: {told}\n--- page text:\n{page.inner_text('body')[-4000:]}"
+        f"\n--- dashboard log:\n{app.log.read_text()[-4000:]}"
+    )
+
+
 def test_the_dashboard_renders_the_run_in_a_browser(tier_run, tmp_path):
     pw = pytest.importorskip("tests.integration.test_dashboard_browser")
     url, _ = tier_run
@@ -215,7 +227,10 @@ def test_the_dashboard_renders_the_run_in_a_browser(tier_run, tmp_path):
             )  # the heatmap drew the run's experts at its last step
             # the coordinator's online event, as the incident panel tells it, and its clip
             incident = re.compile(rf"incident \d+: blowup at {SITE} ")
-            page.get_by_text(incident).first.wait_for(timeout=pw.WAIT_MS)
+            try:
+                page.get_by_text(incident).first.wait_for(timeout=pw.WAIT_MS)
+            except pw.playwright_api.TimeoutError:
+                pytest.fail(f"no blow-up incident shown; {what_was_there(url, page, app)}")
             page.get_by_text("layer01/routed").first.wait_for(timeout=pw.WAIT_MS)
             pw.save_screenshot(page, tmp_path, "dashboard-tier-cluster.png")
             browser.close()
