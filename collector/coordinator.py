@@ -391,10 +391,10 @@ class Coordinator:
     def _end(self, name: str, run: _Run, status: str) -> None:
         if run.pending:
             self._reduce_through(name, run, max(run.pending))
-        if self.detect is not None:
-            self.detect.on_finish(name)  # its state saved as of its last step
         self.store.finish_run(name, status)
         self.store.flush()
+        if self.detect is not None:  # its state saved as of its last step, by the next tick
+            self.detect.on_finish(name)
         run.finished = True
         log.info("run %s %s", name, status)
 
@@ -409,13 +409,20 @@ class Coordinator:
                     if not run.finished:
                         self._end(name, run, "abandoned")
                     del self._runs[name]
+            # finished runs' detector state, after their finish is durable: the goodbye that
+            # finished a run is answered without waiting for this save
+            if self.detect is not None and self.detect.on_durable():
+                self.store.flush()
 
     def clip_table(self, run: str) -> pb.ClipUpdate | None:
         return self.clips.latest(run)
 
     def flush(self) -> None:
-        """Everything written so far made durable (the server's stop)."""
+        """Everything written so far made durable (the server's stop), the detector state
+        of runs that finished since the last tick included."""
         with self._cond:
+            if self.detect is not None:
+                self.detect.on_durable()
             self.store.flush()
 
 

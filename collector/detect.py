@@ -27,10 +27,10 @@ restart, a coordinator retrying a step while its store is away) is skipped, coun
 
 Restarts. The run's detectors, decision layer and clip policy are saved to the store
 (`store.write_detector_state`: analytics.state's blob of {"step", "detectors", "policy"},
-one per run, the last write wins) every `state_every` steps and when the run finishes, in
-order with the step's rows (the single collector: a jobs.WriteDetectorState after the step's
-job, in the store or the spool alike; the coordinator: buffered with the step and flushed
-with it). A process that meets a run it does not hold (its first dictionary rows or step)
+one per run, the last write wins) every `state_every` steps, in order with the step's rows
+(the single collector: a jobs.WriteDetectorState after the step's job, in the store or the
+spool alike; the coordinator: buffered with the step and flushed with it), and when the run
+finishes, once its finish is durable (`on_durable`: the clients' close does not wait for it). A process that meets a run it does not hold (its first dictionary rows or step)
 loads that state (`load_state`) and goes on from it. Steps the store holds after the saved
 one (a collector killed between two saves: reduced, stored, acked, never resent) are then
 replayed from the store into the detectors and the policy at the first step fed, with their
@@ -83,6 +83,7 @@ class RunDetect:
     saved_step: int = -1  # the step of the last saved state
     loaded: bool = False  # the store's saved state was looked for (writer thread)
     catch_up: bool = False  # restored: replay the stored steps after it at the next step
+    save_due: bool = False  # finished: save at the next on_durable
     early_ops: list[tuple[str, list]] = field(default_factory=list)  # operator commands
     # applied before the saved state was looked for: applied again on top of it
 
@@ -167,14 +168,31 @@ class Detect:
             self._save(run, rd)
 
     def on_finish(self, run: str) -> None:
-        """The run finished (or the collector stops): its state saved as of its last step."""
+        """The run finished (or the collector stops): its state is saved as of its last step
+        at the next `on_durable`, once the finish itself is durable, so a client's close
+        (which waits for that) never waits for the save: at a million metrics the state is
+        tens of MiB. A process lost in between restores the last periodic save and replays
+        the stored steps after it (at most `state_every` of them)."""
         with self._lock:
             rd = self._runs.get(run)
-        if rd is not None and rd.last_step > rd.saved_step:
-            self._save(run, rd)
+            if rd is not None:
+                rd.save_due = True
+
+    def on_durable(self) -> int:
+        """Everything handed to the store so far is durable (the writer's flush, the
+        coordinator's tick after a finish): the saves `on_finish` put off are made now.
+        Returns how many were written (to be flushed)."""
+        with self._lock:
+            due = [(run, rd) for run, rd in self._runs.items() if rd.save_due]
+        saved = 0
+        for run, rd in due:
+            rd.save_due = False
+            if rd.last_step > rd.saved_step:
+                saved += self._save(run, rd)
+        return saved
 
     # ---- saved state (writer thread) ------------------------------------------------------
-    def _save(self, run: str, rd: RunDetect) -> None:
+    def _save(self, run: str, rd: RunDetect) -> bool:
         with self._lock:
             step = rd.last_step
             state = {
@@ -188,10 +206,11 @@ class Detect:
         except Exception:  # detection goes on; the previous save stays the one restored
             self.counters.add("detector_state_errors")
             log.exception("run %s: detector state of step %d not saved", run, step)
-            return
+            return False
         rd.saved_step = step
         self.counters.add("detector_states_saved")
         log.debug("run %s: detector state of step %d saved (%d bytes)", run, step, len(blob))
+        return True
 
     def _restore(self, run: str, rd: RunDetect) -> None:
         """The run's saved state, if there is one that fits; else a fresh start, said once."""
@@ -363,10 +382,11 @@ class Detect:
 
     def forget(self, run: str) -> None:
         """The collector evicted the run (writer thread, after the run's last step): its
-        state saved first, for when it comes back."""
-        self.on_finish(run)
+        state saved first, for when it comes back (no client waits for this)."""
         with self._lock:
-            self._runs.pop(run, None)
+            rd = self._runs.pop(run, None)
+        if rd is not None and rd.last_step > rd.saved_step:
+            self._save(run, rd)
 
     def events(self, run: str) -> list[Event]:
         with self._lock:

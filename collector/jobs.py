@@ -400,7 +400,8 @@ def decode(kind: int, payload: bytes) -> Job:
 class EventSink:
     """What the online detectors write events and saved state to (detect.py's `store`): each
     call becomes a WriteEvents / WriteDetectorState job that the writer stores right after the
-    job being observed, in order, in the store or in the spool alike. Writer thread only."""
+    job being observed (or after the flush whose on_durable wrote it), in order, in the store
+    or in the spool alike. Writer thread only."""
 
     def __init__(self) -> None:
         self.jobs: list[WriteEvents | WriteDetectorState] = []

@@ -34,6 +34,8 @@ spool) is summed in `stage_s` and logged when the writer closes (benchmarks/inge
 it). An optional observer (detect.py) sees every new metric-dictionary row and every reduced
 step, once each, in job order, before the job is stored; its errors are logged and never fail
 the job; the events it writes (through `events`, jobs.EventSink) are stored right after it.
+After each flush its `on_durable()`, if it has one, does what it put off until then (a
+finished run's saved detector state: its finish is acked first), stored the same way.
 """
 
 from __future__ import annotations
@@ -220,10 +222,30 @@ class Writer:
         if self._deadline is not None and not self._spooling and time.monotonic() > self._deadline:
             self._shutdown_to_spool()
         self._route(job_id, job)
+        self._route_followups()
+
+    def _route_followups(self) -> None:
+        """The events and saved state the observer wrote meanwhile, stored next."""
         if self.events is not None:
             followups, self.events.jobs = self.events.jobs, []
             for extra in followups:
                 self._route(None, extra)
+
+    def _after_durable(self) -> None:
+        """The observer's work put off until what came before is durable (detect.py: a
+        finished run's saved state; the finish was acked without waiting for it)."""
+        on_durable = getattr(self.observer, "on_durable", None)
+        if on_durable is None:
+            return
+        t0 = time.thread_time()
+        try:
+            on_durable()
+        except Exception:  # detection never fails a write
+            self._counters.add("observer_errors")
+            log.exception("observer failed after a flush")
+        finally:
+            self.stage_s["detect"] += time.thread_time() - t0
+        self._route_followups()
 
     def _route(self, job_id: int | None, job: Job) -> None:
         if self._spooling or self._held:
@@ -345,6 +367,7 @@ class Writer:
             or self._steps >= self.flush_every_steps
         ):
             self._flush()
+            self._after_durable()
         self._flush_now = False
         if (self._spooling or self._held) and now >= self._retry_at and self._deadline is None:
             self._recover()
@@ -452,6 +475,9 @@ class Writer:
     def _finish(self) -> None:
         """STOP: everything before it was taken. One last flush or fsync, then report."""
         self._spool_held()
+        self._dirty = self._dirty or bool(self._unflushed)
+        self._flush()
+        self._after_durable()  # what it writes gets the same last flush
         self._dirty = self._dirty or bool(self._unflushed)
         self._flush()
         self.clean = not self._held and not self._unflushed

@@ -94,6 +94,8 @@ class Collector:
     def close(self, *, finish: bool) -> None:
         if finish:
             self.detect.on_finish(RUN)
+            self.store.flush()  # the finish durable, then the put-off save
+            self.detect.on_durable()
         self.store.close()
 
 
@@ -305,3 +307,20 @@ def test_a_saved_state_survives_the_spool_as_it_was():
     job = jobs.WriteDetectorState(RUN, 49, encode({"step": 49, "big": np.arange(1000.0)}))
     back = jobs.decode(job.kind, b"".join(bytes(p) for p in job.encode()))
     assert back == job and job.kind == jobs.DETECTOR_STATE
+
+
+def test_a_finished_runs_state_is_saved_once_its_finish_is_durable(tmp_path):
+    """on_finish only marks the save (a client's close waits for the finish, and at 1 M
+    metrics the state is tens of MiB); the writer's next flush (on_durable) makes it, once."""
+    url, pushes = f"parquet:{tmp_path / 'finish'}", []
+    c = Collector(url, synthetic(), pushes)  # state_every 50: no periodic save by step 29
+    c.feed(range(30))
+    c.detect.on_finish(RUN)
+    assert c.counters.snapshot().get("detector_states_saved", 0) == 0
+    assert c.store.detector_state(RUN) is None
+    assert c.detect.on_durable() == 1
+    assert c.detect.on_durable() == 0  # due once
+    c.store.flush()
+    step, blob = c.store.detector_state(RUN)
+    assert step == 29 and blob
+    c.close(finish=False)

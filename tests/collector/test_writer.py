@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from collector.jobs import (
+    EventSink,
     FinishRun,
     OpenRun,
     WriteClips,
@@ -307,3 +308,43 @@ def test_flush_soon_flushes_after_the_jobs_before_it_not_at_the_tick(tmp_path):
     durable.wait(jobs[-1])
     assert steps_in(store) == [0, 1, 2] and store.commits == 2
     assert w.close(5.0)
+
+
+def test_an_observers_put_off_work_runs_after_the_flush_and_is_stored(tmp_path):
+    """Observer.on_durable runs after a flush reported everything before it durable (the
+    finish of a run is acked without waiting for its detector-state save), and what it
+    writes through the EventSink reaches the store, at the writer's close at the latest."""
+    store, durable, sink = FlakyStore(), Durable(), EventSink()
+
+    class PutOff:
+        def __init__(self) -> None:
+            self.due, self.durable_at_save = False, None
+
+        def on_finish(self, run: str) -> None:
+            self.due = True
+
+        def on_durable(self) -> None:
+            if self.due:
+                self.due, self.durable_at_save = False, durable.through
+                sink.write_detector_state("r", 2, b"state", "detect")
+
+    observer = PutOff()
+    w = Writer(
+        StoreHandle(store),
+        flush_interval_s=3600.0,  # only flush_soon and the close flush
+        flush_every_steps=10_000,
+        on_flushed=durable,
+        release=lambda n: None,
+        counters=Counters(),
+        observer=observer,
+        events=sink,
+    )
+    w.start()
+    w.submit(OpenRun(RunInfo("r", 1)))
+    w.submit(metrics())
+    finish = w.submit(FinishRun("r"))
+    w.flush_soon()
+    durable.wait(finish)
+    assert w.close(5.0)
+    assert observer.durable_at_save is not None and observer.durable_at_save >= finish
+    assert store.detector_state("r") == (2, b"state")
