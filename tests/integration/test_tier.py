@@ -90,6 +90,26 @@ def tier_collectors(co_addr: str, tmp, *args: str, url: str | None = None, n: in
     return procs, addrs
 
 
+def train_ranks(rank_main, world: int, errors: list, co, procs: list, threads: int) -> None:
+    """`world` ranks, `rank_main(rank)` each on its own thread, then every tier collector and the
+    coordinator stopped cleanly (exit 0); whatever happens, every process is terminated and
+    torch's thread count is restored."""
+    try:
+        ts = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(500)
+        assert not errors, errors
+        for p in procs:
+            assert stop_collector(p) == 0
+        assert stop_collector(co) == 0
+    finally:
+        for p in [*procs, co]:
+            terminate(p)
+        torch.set_num_threads(threads)
+
+
 def raw_of(url: str, run: str) -> pl.DataFrame:
     """Every logical raw row (rank, step, metric_id, value) one collector's store holds."""
     with open_store(url) as st:
@@ -131,20 +151,7 @@ def blowup_tier(tmp_path_factory):
         except BaseException as exc:  # noqa: BLE001 - asserted below
             errors.append(exc)
 
-    try:
-        ts = [threading.Thread(target=rank_main, args=(r,)) for r in range(WORLD)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(500)
-        assert not errors, errors
-        for p in procs:
-            assert stop_collector(p) == 0
-        assert stop_collector(co) == 0
-    finally:
-        for p in [*procs, co]:
-            terminate(p)
-        torch.set_num_threads(threads)
+    train_ranks(rank_main, WORLD, errors, co, procs, threads)
     return tmp, recs
 
 

@@ -21,7 +21,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import uuid
 
 import numpy as np
@@ -29,12 +28,12 @@ import polars as pl
 import pytest
 import torch
 
-from collector.process import start_collector, stop_collector, terminate
+from collector.process import start_collector, terminate
 from hooks import Monitor
 from model.monitoring import DeferredMonitor
 from model.train import TrainConfig, train
 from store import open_store
-from tests.integration.test_tier import tier_collectors
+from tests.integration.test_tier import tier_collectors, train_ranks
 
 pytestmark = pytest.mark.timeout(600)
 WORLD, RUN = 4, "tiercl"
@@ -87,7 +86,7 @@ def tier_run(clickhouse_cluster, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     co, co_addr = start_collector(url, "--insecure", command="coordinate", log_path=tmp / "co.log")
-    procs, addrs = [], []
+    addrs: list[str] = []
     sent: dict[int, Sent] = {}
     errors: list[BaseException] = []
 
@@ -106,22 +105,13 @@ def tier_run(clickhouse_cluster, tmp_path_factory):
             errors.append(exc)
 
     try:
-        started, new = tier_collectors(co_addr, tmp, url=url)
-        procs += started
-        addrs += new
-        ts = [threading.Thread(target=rank_main, args=(r,)) for r in range(WORLD)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(500)
-        assert not errors, errors
-        for p in procs:
-            assert stop_collector(p) == 0
-        assert stop_collector(co) == 0
-    finally:
-        for p in [*procs, co]:
-            terminate(p)
+        procs, new = tier_collectors(co_addr, tmp, url=url)
+    except BaseException:
+        terminate(co)
         torch.set_num_threads(threads)
+        raise
+    addrs += new  # the list rank_main reads
+    train_ranks(rank_main, WORLD, errors, co, procs, threads)
     try:
         yield url, sent
     finally:
