@@ -17,7 +17,12 @@ and writes into its detail what was made of it - `decision` (events.CLAMP, WARN 
   warn   everything else that is an anomaly: one-step max|h| spikes (transients), growth of
          many experts at once (a global cause: the data, the optimizer), growth that follows a
          learning-rate change within `cause_window` steps (the cause is the learning rate, a
-         clamp would treat a symptom), loss/gradient spikes, attention logits, dead experts,
+         clamp would treat a symptom), activation growth of a routed expert whose weights were
+         measured and do not grow beyond their allowance (`weights_agree` False: a healthy
+         expert's activation excursion; the through-agent run clamped at step 135 on act_rms
+         8.6x while its weights grew x1.018 a period - when the weights then do grow, the
+         detector raises a second event, rule weights, `confirms`, which clamps), loss/gradient
+         spikes, attention logits, dead experts,
          NaN (severity critical: a clamp cannot fix it);
   info   ends and recoveries.
 
@@ -107,6 +112,15 @@ class Decider:
             return WARN, f"not localized: {n} experts grow at once (a global cause)"
         if e.confidence < self.min_confidence:
             return WARN, f"confidence {e.confidence:.2f} < {self.min_confidence}"
+        if e.detail.get("rule") == "activations" and e.detail.get("weights_agree") is False:
+            w: dict[str, Any] = next(
+                (c for c in e.detail.get("evidence", []) if c["channel"] == "weights"), {}
+            )
+            return WARN, (
+                "activation growth its weights do not show (last period x"
+                f"{w.get('period_growth', float('nan')):.3f}, allowance x"
+                f"{w.get('reference', float('nan')):.2f}): a clamp waits for the weights"
+            )
         return CLAMP, f"sustained, localized growth ({e.detail.get('rule', '?')})"
 
     def state_dict(self) -> dict[str, Any]:

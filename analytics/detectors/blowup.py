@@ -40,7 +40,11 @@ activations (every step, an expert that got tokens; a shared expert too). act_rm
   6: this rule answers growth that outruns the weight measurements, never the first 3x. Delay bound at x rho per step: ln(6) / ln(rho) + 1 steps
   (x1.2: 11, x1.1: 20) while the optimizer does not slow the growth down.
 
-The event (kind blowup, one per expert and episode) names the expert, the rule that fired, its
+The event (kind blowup, one per expert and episode; a second, rule weights with `confirms`, when
+the weights take up growth the activations raised while they did not agree) names the expert,
+the rule that fired, whether its weights agree (`weights_agree`: measured and grown beyond the
+allowance, C > 0; None where they cannot speak - a shared expert, a run without parameter
+norms - and the activations then decide alone), its
 confidence (the share of the channels weights / act_rms / act_maxabs that could be read and
 agree: a channel agrees at >= `agree` x its reference, the weights at C > 0) and the evidence,
 whether the growth is localized (at most `max_sites` experts of the model growing at once) and
@@ -150,6 +154,8 @@ class ExpertBlowup(Detector):
     _cusum: np.ndarray | None = field(default=None, repr=False)  # [L, E]
     _w_onset: np.ndarray | None = field(default=None, repr=False)  # [L, E] or -1
     _w_rel: np.ndarray | None = field(default=None, repr=False)  # [L, E] last period's r
+    _held: np.ndarray | None = field(default=None, repr=False)  # [L, E+1] alarms the weights
+    # did not agree with when the activations raised them (a clamp waits for the weights)
     _p_step: int = field(default=-1, repr=False)  # last measurement
     _scale: Rolling | None = field(default=None, repr=False)  # [C, L] layer log medians
     kind = BLOWUP
@@ -247,6 +253,7 @@ class ExpertBlowup(Detector):
         self._cusum = fit_state(self._cusum, (L, E), 0.0)
         self._w_onset = fit_state(self._w_onset, (L, E), -1, np.int64)
         self._w_rel = fit_state(self._w_rel, (L, E), np.nan)
+        self._held = fit_state(self._held, shape, False, bool)
 
         lx, seen, lmed, lmed_now = self._activations(frame, index)
         self._scale.push(lmed_now)
@@ -268,6 +275,8 @@ class ExpertBlowup(Detector):
         a_fire = self._streak >= self.runaway_steps
         n_growing = int((w_fire | a_fire).sum())  # localized: few experts grow at once
         fire = (w_fire | a_fire) & (self._alarm < 0)
+        # an alarm the activations raised while the weights did not agree, now confirmed
+        confirm = w_fire & self._held & (self._alarm >= 0)
         events = [
             self._event(
                 frame,
@@ -279,14 +288,19 @@ class ExpertBlowup(Detector):
                 ref,
                 lmed,
                 n_growing,
+                confirms=int(self._alarm[r, c]) if confirm[r, c] else None,
             )
-            for r, c in zip(*np.nonzero(fire))
+            for r, c in zip(*np.nonzero(fire | confirm))
         ]
+        # weights that were measured and show no growth beyond the allowance disagree
+        w_flat = np.concatenate([np.isfinite(self._w_rel) & (self._cusum <= 0), pad], axis=1)
+        held = fire & ~w_fire & w_flat
         in_alarm = self._alarm >= 0
         calm = in_alarm & calm_act & np.concatenate([self._cusum <= 0, ~pad], axis=1)
         self._calm = np.where(calm, self._calm + 1, np.where(in_alarm, 0, self._calm))
         done = in_alarm & (self._calm >= self.clear_steps)
         events += [self._recovered(frame, index, int(r), int(c)) for r, c in zip(*np.nonzero(done))]
+        self._held = (self._held | held) & ~confirm & ~done
         self._alarm = np.where(fire, frame.step, np.where(done, -1, self._alarm))
         self._calm = np.where(fire | done, 0, self._calm)
         self._streak = np.where(done, 0, self._streak)
@@ -303,7 +317,7 @@ class ExpertBlowup(Detector):
         ids = index.shared_ids("act_maxabs") if shared else index.expert_grid("moe/", "act_maxabs")
         return site_of(index.names[int(ids[row] if shared else ids[row, col])]), shared
 
-    def _event(self, frame, index, row, col, rule, d, ref, lmed, n_growing) -> Event:
+    def _event(self, frame, index, row, col, rule, d, ref, lmed, n_growing, confirms=None) -> Event:
         assert self._ref is not None and self._alarm is not None and self._cusum is not None
         assert self._w_rel is not None and self._w_onset is not None and self._rising is not None
         site, shared = self._site(index, row, col)
@@ -349,6 +363,14 @@ class ExpertBlowup(Detector):
             pick[col] = False
         ok = pick & np.isfinite(base) & (self._alarm[row] < 0)
         weights = rule == "weights"
+        # the weights' say on activation growth: None where they cannot speak (a shared
+        # expert, a run without parameter norms, no measurement yet)
+        w_known = not shared and bool(np.isfinite(self._w_rel[row, col]))
+        extra: dict[str, Any] = {
+            "weights_agree": bool(self._cusum[row, col] > 0) if w_known else None
+        }
+        if confirms is not None:
+            extra["confirms"] = confirms
         return make_event(
             BLOWUP,
             frame.run,
@@ -377,6 +399,7 @@ class ExpertBlowup(Detector):
             else 1.0,
             evidence=evidence,
             layer_baseline_maxabs=float(base[ok].max()) if ok.any() else float("nan"),
+            **extra,
         )
 
     def _recovered(self, frame: StepFrame, index: MetricIndex, row: int, col: int) -> Event:

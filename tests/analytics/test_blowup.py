@@ -235,7 +235,7 @@ def test_activation_growth_the_ranks_do_not_see_warns_instead_of_clamping(ranks_
     one rank's outlier over another rank's median: the through-agent run's step 142), it is
     an event that warns, and nothing is clamped."""
     syn, grown = SyntheticRun(seed=3), SyntheticRun(seed=3)
-    grown.faults.append(blowup(1, 2, start=50, rate=1.3, weights=False))
+    grown.faults.append(blowup(1, 2, start=50, rate=1.3))  # the weights agree (C > 0 at 57)
     det, policy, events, clips = DetectorSet(), ClipPolicy(), [], []
     for s in range(80):
         healthy, v = syn.values(s), grown.values(s)
@@ -254,3 +254,91 @@ def test_activation_growth_the_ranks_do_not_see_warns_instead_of_clamping(ranks_
         if not ranks_see_it:
             assert "not seen on the ranks: 0 of the 2" in ev.detail["reason"]
     assert len(clips) == (1 if ranks_see_it else 0)
+
+
+def excursion(layer: int, expert: int, start: int, peak: float, weights_from: int = -1):
+    """An expert's activations climb x1.3 a step from `start` and stay at `peak` x (a healthy
+    excursion: the through-agent run's blowup@135, act_rms 8.6x, max|h| 6.1x); from
+    `weights_from` on (when >= 0) its parameter norm grows x1.1 a step as well."""
+
+    def f(step, v):
+        if step >= start:
+            g = min(1.3 ** (step - start + 1), peak)
+            for stat in ("act_rms", "act_maxabs", "out_norm"):
+                v[f"moe/layer{layer:02d}/expert{expert:03d}/{stat}"] *= g
+        name = f"params/layer{layer:02d}/expert{expert:03d}/fro_norm"
+        if 0 <= weights_from <= step and name in v:  # measured every PARAM_EVERY steps
+            v[name] *= 1.1 ** (step - weights_from + 1)
+
+    return f
+
+
+@pytest.mark.parametrize("weights_from", [-1, 72])
+def test_activation_growth_its_weights_do_not_show_waits_for_them(weights_from):
+    """Activations 8x above their reference while the expert's measured weights do not grow:
+    an event that warns and clamps nothing (the through-agent false clamp). When the weights
+    then grow, a second event (rule weights, confirming the first) clamps."""
+    site = "moe/layer01/expert002"
+    syn = SyntheticRun(seed=3)
+    syn.faults.append(excursion(1, 2, start=50, peak=8.0, weights_from=weights_from))
+    det, policy, events, clips = DetectorSet(), ClipPolicy(), [], []
+    for s in range(110):
+        evs = det.observe(syn.frame(s), syn.index)
+        events += [e for e in evs if e.kind == BLOWUP]
+        clips += [(s, c) for c in policy.step(s, evs)]
+    first = events[0]
+    assert (first.site, first.detail["rule"], first.decision) == (site, "activations", WARN)
+    assert first.detail["weights_agree"] is False and 57 <= first.step <= 62
+    assert "weights do not show (last period x1.0" in first.detail["reason"]
+    if weights_from < 0:
+        assert events == [first] and clips == []
+        return
+    # weights x1.1 a step from 72: the measurement at 80 sees 1.1^9 beyond the layer's
+    (_, second) = events
+    assert (second.site, second.detail["rule"], second.decision) == (site, "weights", CLAMP)
+    assert second.step == 80 and second.detail["confirms"] == first.step
+    assert [s for s, _ in clips] == [80]
+    assert second.detail["incident"] == first.detail["incident"]
+
+
+def test_a_held_alarm_survives_a_restart():
+    """Restarted while the activations' event waits for the weights (state through the
+    store's codec): the restored detectors raise the same confirming event at 80."""
+    from analytics import state
+
+    def run(det, steps, syn):
+        return [e for s in steps for e in det.observe(syn.frame(s), syn.index)]
+
+    def synthetic():  # its noise is drawn step by step: one instance per whole run
+        syn = SyntheticRun(seed=3)
+        syn.faults.append(excursion(1, 2, start=50, peak=8.0, weights_from=72))
+        return syn
+
+    straight = run(DetectorSet(), range(100), synthetic())
+    syn, first = synthetic(), DetectorSet()
+    events = run(first, range(66), syn)
+    again = DetectorSet()
+    again.load_state_dict(state.decode(state.encode(first.state_dict())))
+    events += run(again, range(66, 100), syn)
+    assert [e.detail.get("confirms") for e in straight if e.kind == BLOWUP][-1] is not None
+    assert events == straight
+
+
+def test_activation_growth_the_weights_cannot_judge_still_clamps():
+    """No parameter norms in the run (hooks' param_norm_every off): the weights cannot
+    speak, so activation growth is judged by the activations as before."""
+    syn = SyntheticRun(seed=3)
+    syn.faults.append(excursion(1, 2, start=50, peak=8.0))
+    names = [n for n in syn.index.names if n.startswith("params/")]
+
+    def no_params(step, v):
+        for n in names:
+            v.pop(n, None)
+
+    syn.faults.append(no_params)
+    det, events = DetectorSet(), []
+    for s in range(80):
+        events += [e for e in det.observe(syn.frame(s), syn.index) if e.kind == BLOWUP]
+    (ev,) = events
+    assert ev.detail["rule"] == "activations" and ev.detail["weights_agree"] is None
+    assert ev.decision == CLAMP
