@@ -72,6 +72,18 @@ class StepFrame:
             self._rank_cache = self._rank_loader() if self._rank_loader else {}
         return self._rank_cache
 
+    def rank_nonfinite(self, mid: int) -> list[int]:
+        """The ranks whose own value of metric `mid` was not finite (NaN, +-inf), sorted: asked
+        of the per-rank values (a tier coordinator's have no values, only the non-finite
+        pairs its collectors' partials name: `nonfinite(mid)`); a rank that did not send `mid`
+        counts as not finite where only the values are known."""
+        per_rank = self.rank_values()
+        named = getattr(per_rank, "nonfinite", None)
+        if named is not None:
+            return sorted(int(r) for r in named(mid))
+        ranks, m = self.rank_matrix(np.array([mid]))
+        return sorted(r for r, v in zip(ranks, m[:, 0]) if not np.isfinite(v))
+
     def rank_matrix(self, ids: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
         """(ranks, float64 [len(ranks), len(ids)]): each rank's raw values of a few ids (NaN:
         not sent, or id < 0). The collector's per-rank values answer this from the step's

@@ -53,7 +53,7 @@ from collector.clipboard import ClipBoard
 from collector.detect import Detect
 from collector.errors import InvalidArgument
 from collector.operator import apply_command
-from collector.partials import Partial, combine, finish
+from collector.partials import NonFiniteRanks, Partial, combine, finish
 from collector.reduction import OP_NAMES, StepRows
 from collector.stats import Counters
 from proto.v1 import telemetry_pb2 as pb
@@ -286,10 +286,14 @@ class Coordinator:
     def _reduce(self, name: str, run: _Run, step: int, st: _Step) -> None:
         world = run.info.world_size
         ranks = set(st.covered)
+        evidence = NonFiniteRanks(np.empty((0, 2), np.int64))
         if st.parts:
             c = combine(st.parts)
             ids, vals, n = finish(c, run.ops)
             wall = c.wall_time
+            evidence = NonFiniteRanks(c.nonfinite)
+            if c.nonfinite_more:
+                self.counters.add("nonfinite_pairs_unlisted", c.nonfinite_more)
         else:
             ids, vals, n, wall = (
                 np.empty(0, np.int32),
@@ -314,7 +318,7 @@ class Coordinator:
         )
         if self.detect is not None:
             try:
-                self.detect.on_step(name, rows, ranks, st.first_at)
+                self.detect.on_step(name, rows, ranks, st.first_at, evidence)
             except Exception:  # detection never fails a step
                 self.counters.add("observer_errors")
                 log.exception("run %s step %d: detection failed", name, step)

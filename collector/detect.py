@@ -142,7 +142,17 @@ class Detect:
         with self._lock:
             rd.index.extend(md.metric_id, md.name, md.layer, md.expert, md.head, md.stat)
 
-    def on_step(self, run: str, rows: StepRows, included: set[int], ready_at: float) -> None:
+    def on_step(
+        self,
+        run: str,
+        rows: StepRows,
+        included: set[int],
+        ready_at: float,
+        rank_evidence: Mapping[int, np.ndarray] | None = None,
+    ) -> None:
+        """One reduced step into the run's detectors. The per-rank values they ask for come
+        from the step's raw rows, or `rank_evidence` where there are none (a coordinator:
+        partials.NonFiniteRanks)."""
         rd = self._held(run)
         step = rows.status.step
         if step <= rd.last_step:  # a step is fed once
@@ -156,7 +166,9 @@ class Detect:
         ranks = tuple(sorted(included))
         size = rd.index.size
 
-        def rank_vectors() -> RankVectors:  # only when a detector asks
+        def rank_vectors() -> Mapping[int, np.ndarray]:  # only when a detector asks
+            if rank_evidence is not None:
+                return rank_evidence
             return RankVectors(rows.blocks, rows.rest, size, ranks)
 
         frame = StepFrame.from_rows(

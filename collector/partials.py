@@ -15,11 +15,18 @@ is exact in float64, which holds for any handful of float32 values within 2^29 o
 in magnitude (tests/collector/test_partials.py; tests/integration/test_tier.py compares a tier
 run with a single collector's bit for bit).
 
-On the wire a Partial is jobs.py's record format (JSON meta + raw little-endian arrays).
+A partial also names where its raw values were not finite: up to MAX_NONFINITE (rank, id)
+pairs, found only in the columns whose sum is not finite (a healthy step costs nothing), so
+the coordinator's NaN events name the ranks a NaN came from, as a single collector's do. A NaN
+storm beyond the cap is counted (`nonfinite_more`), not listed.
+
+On the wire a Partial is jobs.py's record format (JSON meta + raw little-endian arrays); the
+pairs ride in the meta, which older coordinators read past.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +50,9 @@ class Partial:
     max: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
     min: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
     wait: bool = False  # on the wire only: answer once the step is reduced and stored
+    nonfinite: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
+    """[n, 2] (rank, id) pairs whose raw value was NaN or +-inf, at most MAX_NONFINITE."""
+    nonfinite_more: int = 0  # pairs beyond the cap, not listed
 
     def encode(self) -> bytes:
         meta = {
@@ -52,6 +62,9 @@ class Partial:
             "wall_time": self.wall_time,
             "wait": self.wait,
         }
+        if self.nonfinite.size or self.nonfinite_more:
+            meta["nonfinite"] = self.nonfinite.tolist()
+            meta["nonfinite_more"] = self.nonfinite_more
         return b"".join(_pack(meta, [self.ids, self.sum, self.count, self.max, self.min]))
 
     @classmethod
@@ -70,7 +83,23 @@ class Partial:
             max=a[3].astype(np.float64),
             min=a[4].astype(np.float64),
             wait=bool(meta.get("wait", False)),
+            nonfinite=_pairs(meta.get("nonfinite", [])),
+            nonfinite_more=int(meta.get("nonfinite_more", 0)),
         )
+
+
+MAX_NONFINITE = 16_384
+
+
+def _pairs(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.int64).reshape(-1, 2)
+
+
+def _capped(pairs: list[np.ndarray], more: int = 0) -> tuple[np.ndarray, int]:
+    """(rank, id) pair arrays -> one [n, 2] array of at most MAX_NONFINITE distinct pairs,
+    sorted, and how many were left out."""
+    a = np.unique(np.concatenate([np.empty((0, 2), np.int64), *pairs]), axis=0)
+    return a[:MAX_NONFINITE], more + max(0, len(a) - MAX_NONFINITE)
 
 
 def _grouped(ids, s, c, mx, mn) -> tuple[np.ndarray, ...]:
@@ -103,30 +132,44 @@ def partial_of(
     out (stragglers are stored raw, never reduced)."""
     keep = np.fromiter(ranks, dtype=np.int32, count=len(ranks))
     cols: list[list[np.ndarray]] = [[], [], [], [], []]
+    bad: list[np.ndarray] = []  # (rank, id) pairs of non-finite raw values
     with np.errstate(invalid="ignore", over="ignore"):
         for b in blocks:
-            v = b.value[np.isin(b.rank, keep)]
+            mine = np.isin(b.rank, keep)
+            v = b.value[mine]
             if v.shape[0] == 0:
                 continue
+            total = np.add.reduce(v, axis=0, dtype=np.float64)
             for i, x in enumerate(
                 (
                     b.metric_id,
-                    np.add.reduce(v, axis=0, dtype=np.float64),
+                    total,
                     np.full(b.metric_id.size, v.shape[0], np.int64),
                     v.max(axis=0).astype(np.float64),
                     v.min(axis=0).astype(np.float64),
                 )
             ):
                 cols[i].append(x)
+            cols_bad = np.flatnonzero(~np.isfinite(total))  # a non-finite value makes its sum so
+            if cols_bad.size:
+                r, c = np.nonzero(~np.isfinite(v[:, cols_bad]))
+                rank_of = np.asarray(b.rank)[mine]
+                bad.append(np.stack([rank_of[r], np.asarray(b.metric_id)[cols_bad][c]], axis=1))
         assert rest.rank is not None  # raw rows always name their rank
         sel = np.isin(rest.rank, keep)
         v64 = rest.value[sel].astype(np.float64)
         for i, x in enumerate((rest.metric_id[sel], v64, np.ones(v64.size, np.int64), v64, v64)):
             cols[i].append(x)
+        off = ~np.isfinite(v64)
+        if off.any():
+            bad.append(np.stack([rest.rank[sel][off], rest.metric_id[sel][off]], axis=1))
     dtypes = (np.int32, np.float64, np.int64, np.float64, np.float64)
     arrays = [np.concatenate(c).astype(t, copy=False) for c, t in zip(cols, dtypes)]
     ids, s, c, mx, mn = _grouped(*arrays)
-    return Partial(run, step, ranks, wall_time, ids, s, c, mx, mn)
+    part = Partial(run, step, ranks, wall_time, ids, s, c, mx, mn)
+    if bad:
+        part.nonfinite, part.nonfinite_more = _capped(bad)
+    return part
 
 
 def combine(parts: list[Partial]) -> Partial:
@@ -142,7 +185,33 @@ def combine(parts: list[Partial]) -> Partial:
     cat += [np.concatenate([getattr(p, k) for p in parts]) for k in ("max", "min")]
     ids, s, c, mx, mn = _grouped(*cat)
     wall = max(p.wall_time for p in parts)
-    return Partial(parts[0].run, parts[0].step, ranks, wall, ids, s, c, mx, mn)
+    out = Partial(parts[0].run, parts[0].step, ranks, wall, ids, s, c, mx, mn)
+    if any(p.nonfinite.size or p.nonfinite_more for p in parts):
+        more = sum(p.nonfinite_more for p in parts)
+        out.nonfinite, out.nonfinite_more = _capped([p.nonfinite for p in parts], more)
+    return out
+
+
+class NonFiniteRanks(Mapping):
+    """A coordinator frame's per-rank evidence: no per-rank values (empty as a mapping, so
+    the rules that compare ranks' values see none, as for a one-rank run), and
+    `nonfinite(id)`, the ranks whose raw value of `id` was not finite, from the partials'
+    pairs (analytics.frame.StepFrame.rank_nonfinite asks it)."""
+
+    def __init__(self, pairs: np.ndarray) -> None:
+        self._pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+    def nonfinite(self, mid: int) -> list[int]:
+        return sorted({int(r) for r in self._pairs[self._pairs[:, 1] == mid, 0]})
+
+    def __getitem__(self, rank: int) -> np.ndarray:
+        raise KeyError(rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def finish(p: Partial, ops_M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -80,8 +80,7 @@ class NonFinite(Detector):
         hits = order[bad[order]]
         first = int(hits[0])
         name = index.names[first]
-        in_ranks, at_first = frame.rank_matrix(np.array([first]))
-        ranks = sorted(r for r, v in zip(in_ranks, at_first[:, 0]) if not np.isfinite(v))
+        ranks = frame.rank_nonfinite(first)
         return [
             make_event(
                 NONFINITE,

@@ -5,14 +5,17 @@ the run, and a restarted coordinator reloads ids and the last stored step from t
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
+import polars as pl
 import pytest
 
 from collector.coordinator import RESEND_GRACE_S, Coordinator
-from collector.partials import Partial
+from collector.partials import Partial, partial_of
 from store import MetricDict, RunInfo, open_store
+from store.base import RawBlock, ValueBatch
 
 INFO = RunInfo("r", world_size=4)
 
@@ -177,3 +180,27 @@ def test_a_partial_with_an_id_the_run_never_gave_is_refused(co, bad):
     c.partial(part(0, {0, 1}))  # nothing of it was taken
     c.partial(part(0, {2, 3}))
     assert store.at_step("r", 0)["value"].to_list() == [4.0, 4.0]
+
+
+def test_a_nan_event_names_the_rank_it_came_from(tmp_path):
+    """Two collectors' partials; on step 3 rank 2's value of one expert is NaN: the
+    coordinator's nonfinite event names rank 2 alone (the partials' non-finite pairs), as a
+    single collector's names the rank from its raw values."""
+    store = open_store(f"parquet:{tmp_path / 'co'}")
+    c = Coordinator(store, observe_only=True, clock=Clock())
+    sites = [f"moe/layer00/expert{e:03d}/act_rms" for e in range(4)]
+    c.register("r", INFO, names(*sites))
+    none = np.empty(0, np.int32)
+    empty = ValueBatch(np.empty(0, np.int64), none, np.empty(0, np.float32), rank=none)
+    for step in range(5):
+        for group in ([0, 1], [2, 3]):
+            v = np.ones((2, 4), np.float32)
+            if step == 3 and 2 in group:
+                v[group.index(2), 1] = np.nan
+            block = RawBlock(step, np.array(group, np.int32), np.arange(4, dtype=np.int32), v)
+            assert c.partial(partial_of("r", step, [block], empty, frozenset(group)))[0] == "ok"
+    events = store.events("r").filter(pl.col("kind") == "nonfinite")
+    assert events["step"].to_list() == [3] and events["site"].to_list() == [sites[1][:-8]]
+    detail = json.loads(events["detail"][0])
+    assert detail["ranks"] == [2] and detail["rank"] == 2
+    store.close()

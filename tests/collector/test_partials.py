@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from collector.partials import Partial, combine, finish, partial_of
+from collector import partials
+from collector.partials import NonFiniteRanks, Partial, combine, finish, partial_of
 from collector.reduction import OP_MAX, OP_MEAN, OP_MIN, OP_SUM, reduce_step
-from store.base import StepStatus
+from store.base import RawBlock, StepStatus, ValueBatch
 
 OPS = np.array([OP_SUM, OP_MEAN, OP_MAX, OP_MIN], dtype=np.int8)
 
@@ -79,3 +80,53 @@ def test_decode_refuses_arrays_of_unequal_length():
     p = Partial("r", 1, frozenset({0}), ids=np.array([1, 2], np.int32))
     with pytest.raises(ValueError, match="5 arrays of one length"):
         Partial.decode(p.encode())
+
+
+def nan_block(step: int, ranks: list[int], bad: dict[int, int]) -> RawBlock:
+    """Whole vectors of ids 0..3 for `ranks`; rank r's value of id bad[r] is NaN."""
+    v = np.ones((len(ranks), 4), np.float32)
+    for i, r in enumerate(ranks):
+        if r in bad:
+            v[i, bad[r]] = np.nan
+    return RawBlock(step, np.array(ranks, np.int32), np.arange(4, dtype=np.int32), v)
+
+
+def test_a_partial_names_the_ranks_and_ids_of_its_non_finite_values():
+    none = np.empty(0, np.int32)
+    rest = ValueBatch(
+        np.array([3], np.int64),
+        np.array([2], np.int32),
+        np.array([np.inf], np.float32),
+        rank=np.array([9], np.int32),
+    )
+    p = partial_of("r", 3, [nan_block(3, [0, 1, 2], {1: 3, 2: 3})], rest, frozenset({0, 1, 2, 9}))
+    q = partial_of(
+        "r",
+        3,
+        [nan_block(3, [4, 5], {5: 0})],
+        ValueBatch(np.empty(0, np.int64), none, np.empty(0, np.float32), rank=none),
+        frozenset({4, 5}),
+    )
+    assert p.nonfinite.tolist() == [[1, 3], [2, 3], [9, 2]]
+    both = combine([Partial.decode(x.encode()) for x in (p, q)])  # through the wire format
+    assert both.nonfinite.tolist() == [[1, 3], [2, 3], [5, 0], [9, 2]]
+    ev = NonFiniteRanks(both.nonfinite)
+    assert ev.nonfinite(3) == [1, 2] and ev.nonfinite(1) == [] and len(ev) == 0
+    # a healthy partial says nothing of it on the wire (older coordinators read past it)
+    healthy = partial_of("r", 3, [nan_block(3, [0, 1], {})], rest, frozenset({0, 1}))
+    assert healthy.nonfinite.size == 0 and b"nonfinite" not in healthy.encode()
+
+
+def test_a_nan_storm_is_listed_up_to_the_cap_and_counted_beyond(monkeypatch):
+    monkeypatch.setattr(partials, "MAX_NONFINITE", 5)
+    none = np.empty(0, np.int32)
+    empty = ValueBatch(np.empty(0, np.int64), none, np.empty(0, np.float32), rank=none)
+    p = partial_of(
+        "r", 0, [nan_block(0, [0, 1, 2], {0: 0, 1: 1, 2: 2})], empty, frozenset({0, 1, 2})
+    )
+    q = partial_of(
+        "r", 0, [nan_block(0, [3, 4, 5], {3: 0, 4: 1, 5: 2})], empty, frozenset({3, 4, 5})
+    )
+    assert len(p.nonfinite) == 3 and p.nonfinite_more == 0
+    both = combine([Partial.decode(x.encode()) for x in (p, q)])
+    assert len(both.nonfinite) == 5 and both.nonfinite_more == 1
