@@ -61,8 +61,9 @@ def through_agent(tmp_path_factory):
     # at moe/layer03/expert005 by the activations rule, both ranks seeing it, its weights not
     # growing: 1.018 a period), after the two fixes that had made 12 runs of 12 quiet
     # (a layer median of few-token experts, analytics/detectors/blowup.py; one rank's expert
-    # over the other rank's median, analytics/decisions.py). That false clamp is an open
-    # detection issue (README, "Detection"), not this test's subject.
+    # over the other rank's median, analytics/decisions.py). The decision layer now warns on
+    # such growth (weights_agree False: README, "Detection"); the policy stays off here all
+    # the same, since the subject of this test is the operator's update through the agent.
     args = ("--insecure", "--observe-only", "--port", str(port), "--flush-interval", "0.1")
     collector, address = start_collector(url, *args, log_path=clog)
     proxy = StallingProxy(address)
