@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from store.base import RUN_NAME_RE, StoreError
 from store.buffered import BufferedStore
@@ -58,7 +57,7 @@ from store.frames import (
     last_wins,
 )
 from store.locks import Locked, lock_file
-from store.segments import SegmentLog, remove_temp_files, write_atomic
+from store.segments import SegmentLog, read_file, remove_temp_files, write_atomic
 from store.vectors import layouts_holding
 
 log = logging.getLogger(__name__)
@@ -215,7 +214,7 @@ class ParquetStore(BufferedStore):
     def _committed_run(self, run: str) -> dict[str, Any] | None:
         path = os.path.join(self._run_dir(run), "run.parquet")
         try:
-            df = from_arrow(pq.read_table(path))
+            df = from_arrow(read_file(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, pa.ArrowException) as e:
@@ -242,7 +241,7 @@ class ParquetStore(BufferedStore):
         if len(files) == len(seen):
             return df
         try:
-            fresh = [from_arrow(pq.read_table(f)).cast(METRICS_SCHEMA) for f in files[len(seen) :]]
+            fresh = [from_arrow(read_file(f)).cast(METRICS_SCHEMA) for f in files[len(seen) :]]
         except FileNotFoundError:
             raise  # merged away while listed: the caller lists again
         except (OSError, pa.ArrowException) as e:
@@ -296,7 +295,7 @@ class ParquetStore(BufferedStore):
             if name in seen:
                 continue
             try:
-                df = from_arrow(pq.read_table(os.path.join(d, name)))
+                df = from_arrow(read_file(os.path.join(d, name)))
             except (OSError, pa.ArrowException) as e:
                 raise StoreError(f"cannot read {os.path.join(d, name)}: {e}") from e
             for h, ids in zip(df["layout"].to_list(), df["ids"].to_list()):

@@ -31,13 +31,28 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from store.base import StoreError
 from store.frames import TABLES, empty, from_arrow, last_wins
 
 log = logging.getLogger(__name__)
+
+
+def _dataset() -> Any:
+    """pyarrow.dataset, imported on the first read of a segment: it loads pandas (~50 MiB of
+    RSS), which a collector that only appends (a fresh run) never needs."""
+    import pyarrow.dataset as ds
+
+    return ds
+
+
+def read_file(path: str) -> pa.Table:
+    """One whole Parquet file, through ParquetFile (pq.read_table goes through
+    pyarrow.dataset, and so pandas, even for a single file)."""
+    with pq.ParquetFile(path) as f:
+        return f.read()
+
 
 NAME_RE = re.compile(r"^(\d{12})-(\d{12})\.L(\d+)\.s(\d+)-(\d+)\.n(\d+)\.parquet$")
 FANOUT = 8  # merge the newest FANOUT segments of one level into one
@@ -194,7 +209,7 @@ class SegmentLog:
                 or sum(os.path.getsize(s.path) for s in tail) > MERGE_MAX_BYTES
             ):
                 return
-            frames = [from_arrow(pq.read_table(s.path)) for s in tail]  # oldest first
+            frames = [from_arrow(read_file(s.path)) for s in tail]  # oldest first
             merged = last_wins(pl.concat(frames), self.keys)
             out = self._write(merged, tail[0].lo, tail[-1].hi, tail[0].level + 1)
             for s in tail:
@@ -211,7 +226,20 @@ class SegmentLog:
     ) -> pl.DataFrame:
         """Rows with start <= step < stop and each `equal` column equal to its value (or in
         it, for a list; None: no condition), one per key (the highest-ranked segment's)."""
-        expr = None
+        for _ in range(SCAN_RETRIES):
+            segs = [s for s in self.list() if s.overlaps(start, stop)]
+            if not segs:  # nothing to read: pyarrow.dataset (and the pandas it loads) stays out
+                return empty(self.schema)
+            try:
+                return self._scan(segs, self._filter(start, stop, equal))
+            except (OSError, pa.ArrowException) as e:
+                if all(os.path.exists(s.path) for s in segs):  # not a compaction race
+                    raise StoreError(f"cannot read {self.dir}: {e}") from e
+        raise StoreError(f"{self.dir} kept changing under {SCAN_RETRIES} consecutive reads")
+
+    def _filter(self, start: int | None, stop: int | None, equal: dict[str, Any]) -> Any:
+        """The scan's conditions as one pyarrow.dataset expression (None: every row)."""
+        ds = _dataset()
         conds = [
             ds.field(col).isin(pa.array(v, self._arrow_type(col)))
             if isinstance(v, list)
@@ -221,16 +249,10 @@ class SegmentLog:
         ]
         conds += [ds.field("step") >= start] if start is not None else []
         conds += [ds.field("step") < stop] if stop is not None else []
+        expr = None
         for e in conds:
             expr = e if expr is None else expr & e
-        for _ in range(SCAN_RETRIES):
-            segs = [s for s in self.list() if s.overlaps(start, stop)]
-            try:
-                return self._scan(segs, expr)
-            except (OSError, pa.ArrowException) as e:
-                if all(os.path.exists(s.path) for s in segs):  # not a compaction race
-                    raise StoreError(f"cannot read {self.dir}: {e}") from e
-        raise StoreError(f"{self.dir} kept changing under {SCAN_RETRIES} consecutive reads")
+        return expr
 
     def _arrow_type(self, col: str) -> pa.DataType:
         return pl.Series([], dtype=self.schema[col]).to_arrow().type
@@ -248,7 +270,7 @@ class SegmentLog:
         if not segs:
             return empty(self.schema)
         rank_of = {os.path.basename(s.path): i for i, s in enumerate(segs)}
-        dataset = ds.dataset([s.path for s in segs], format="parquet")
+        dataset = _dataset().dataset([s.path for s in segs], format="parquet")
         frames = []
         for tagged in dataset.scanner(columns=list(self.schema), filter=expr).scan_batches():
             batch = tagged.record_batch
