@@ -144,10 +144,13 @@ def test_an_overflowing_buffer_loses_nothing_silently(outage):
     assert sorted([*stored, *hole_steps]) == list(range(STEPS))
     assert all(n == 1 for n in stored.values())
     assert stats["holes_reported"] == dropped and stats["holes_unreported"] == 0
-    # the metric: this rank's drops before each step it sent (a drop of an older waiting step
-    # happens in a later step's submit, so a stored step's count lags by at most the buffer)
+    # the metric: this rank's drops before each step it sent. After the last stored step's
+    # count was taken, later submits could still drop the older steps waiting then (at most
+    # the buffer, 4) and every step after it (the run's trailing holes: under load the acks
+    # can lag the last steps by more than the buffer, which then drops them as the newest)
     series = outage["dropped_metric"]["tight"]
-    assert series == sorted(series) and dropped - 4 <= series[-1] <= dropped
+    trailing = STEPS - 1 - max(stored)
+    assert series == sorted(series) and dropped - 4 - trailing <= series[-1] <= dropped
     # and the trainer's log said so, with counts, in a few lines (not one per step): at the
     # first drop, every drop_log_interval_s (10 s), on reconnect, at close
     warnings = outage["records"].messages(logging.WARNING, "run 'tight' rank 0: client buffer")
