@@ -286,7 +286,7 @@ class Coordinator:
     def _reduce(self, name: str, run: _Run, step: int, st: _Step) -> None:
         world = run.info.world_size
         ranks = set(st.covered)
-        evidence = NonFiniteRanks(np.empty((0, 2), np.int64))
+        evidence = NonFiniteRanks()
         if st.parts:
             c = combine(st.parts)
             ids, vals, n = finish(c, run.ops)

@@ -198,8 +198,8 @@ class NonFiniteRanks(Mapping):
     `nonfinite(id)`, the ranks whose raw value of `id` was not finite, from the partials'
     pairs (analytics.frame.StepFrame.rank_nonfinite asks it)."""
 
-    def __init__(self, pairs: np.ndarray) -> None:
-        self._pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    def __init__(self, pairs: np.ndarray | list | tuple = ()) -> None:
+        self._pairs = _pairs(pairs)
 
     def nonfinite(self, mid: int) -> list[int]:
         return sorted({int(r) for r in self._pairs[self._pairs[:, 1] == mid, 0]})

@@ -267,8 +267,6 @@ class SegmentLog:
         return any(nxt[0] <= cur[1] for cur, nxt in zip(spans, spans[1:]))
 
     def _scan(self, segs: builtins.list[Segment], expr) -> pl.DataFrame:
-        if not segs:
-            return empty(self.schema)
         rank_of = {os.path.basename(s.path): i for i, s in enumerate(segs)}
         dataset = _dataset().dataset([s.path for s in segs], format="parquet")
         frames = []
