@@ -5,8 +5,8 @@ NaN-ignoring median they (and the per-layer statistics of the detectors) are jud
 window serves every expert of every layer at once. An element that was not accepted on a push
 (or not finite) records NaN for that step and does not count: a site that had no tokens on
 some steps simply has fewer observations. The window is one float32 ring buffer [slot,
-element]: a push writes one row, and the number of observations per element is kept up to
-date. The per-element median is one contiguous sort along the window axis (numpy's
+element], grown by doubling until it holds `size` rows: a push writes one row, and the number
+of observations per element is kept up to date. The per-element median is one contiguous sort along the window axis (numpy's
 vectorised float32 sort) of only the elements asked for, instead of numpy's nanmedian, which
 goes through numpy.ma once NaN are present (~60-120 ms per step at 13,000 sites; ~2-4 ms
 for all of them this way). `min()` is a one-pass lower bound of the median, with which
@@ -40,6 +40,17 @@ def nanmedian(x: np.ndarray, axis: int = -1, count: np.ndarray | None = None) ->
     return ((lo + hi) / 2).squeeze(axis)  # n == 0: both are NaN (sorted last)
 
 
+START_SLOTS = 8  # rows a new window holds; it doubles (up to its size) as pushes need
+
+
+def _capacity(k: int, size: int) -> int:
+    """Rows of a window of `size` after k pushes: START_SLOTS doubled until it holds k."""
+    rows = START_SLOTS
+    while rows < k:
+        rows *= 2
+    return min(rows, size)
+
+
 class Rolling:
     def __init__(self, shape: tuple[int, ...], size: int) -> None:
         if size < 1:
@@ -47,7 +58,10 @@ class Rolling:
         self._shape = tuple(int(n) for n in shape)
         self.size = size
         n = int(np.prod(self._shape, dtype=np.int64))
-        self.buf = np.full((size, n), np.nan, np.float32)  # [slot, element]
+        # [slot, element]; rows are added as pushes need them (START_SLOTS, doubling up to
+        # size): a window is full only after `size` steps, and at a million metrics a full
+        # one costs its whole size (~40-200 rows of 4 MB) at the first step
+        self.buf = np.full((_capacity(1, size), n), np.nan, np.float32)
         self.pos = 0  # next slot to overwrite
         self._count = np.zeros(n, np.int64)  # non-NaN slots per element
 
@@ -71,6 +85,8 @@ class Rolling:
             else (np.isfinite(new) & np.asarray(accept, dtype=bool).reshape(-1))
         )
         new[~ok] = np.nan
+        if self.pos == self.buf.shape[0]:  # not full yet, and every row is used: grow
+            self._resize(_capacity(self.pos + 1, self.size))
         self._count += ok.astype(np.int64) - ~np.isnan(self.buf[self.pos])
         self.buf[self.pos] = new
         self.pos = (self.pos + 1) % self.size
@@ -99,7 +115,14 @@ class Rolling:
 
     def oldest(self) -> np.ndarray:
         """The row pushed `size` pushes ago (NaN everywhere until the window is full)."""
+        if self.buf.shape[0] < self.size:  # fewer than `size` pushes so far
+            return np.full(self._shape, np.nan)
         return self.buf[self.pos].astype(np.float64).reshape(self._shape)
+
+    def _resize(self, rows: int) -> None:
+        buf = np.full((rows, self.buf.shape[1]), np.nan, np.float32)
+        buf[: self.buf.shape[0]] = self.buf
+        self.buf = buf
 
     def state_dict(self) -> dict:
         """{"buf": float32 [k, *shape], the first k slots in slot order, "pos": next slot to
@@ -120,14 +143,18 @@ class Rolling:
                 f"rolling window state has shape {buf.shape}, expected at most "
                 f"{(self.size, *self._shape)}"
             )
-        if buf.shape[0] < self.size:  # the slots left out held nothing
-            pad = np.full((self.size - buf.shape[0], *self._shape), np.nan, np.float32)
-            buf = np.concatenate([buf.astype(np.float32), pad])
         pos = int(state["pos"])
         if not 0 <= pos < self.size:
             raise ValueError(f"rolling window state has pos {pos}, outside [0, {self.size})")
+        k = buf.shape[0]
+        # the slots left out held nothing: a window that never wrapped (pos == k) gets the
+        # rows a window of k pushes has, any other the whole ring
+        rows = _capacity(k, self.size) if pos == k else self.size
+        if k < rows:
+            pad = np.full((rows - k, *self._shape), np.nan, np.float32)
+            buf = np.concatenate([buf.astype(np.float32), pad])
         with np.errstate(over="ignore"):
-            flat = buf.reshape(self.size, -1).astype(np.float32)
+            flat = buf.reshape(buf.shape[0], -1).astype(np.float32)
         flat[~np.isfinite(flat)] = np.nan
         self.buf, self.pos = flat, pos
         self._count = np.count_nonzero(~np.isnan(self.buf), axis=0).astype(np.int64)

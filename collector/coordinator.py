@@ -200,7 +200,7 @@ class Coordinator:
                     unit=[md.unit[i] for i in new],
                     reduce=[md.reduce[i] for i in new],
                 )
-                self.store.write_metrics(run_name, rows)
+                self.store.write_metrics(run_name, rows, fresh=True)  # new to the run
                 self.store.flush()
                 if self.detect is not None:
                     self.detect.on_metrics(run_name, rows)

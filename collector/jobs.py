@@ -143,7 +143,9 @@ class WriteMetrics:
     kind: ClassVar[int] = METRICS
 
     def apply(self, store: Store) -> int:
-        store.write_metrics(self.run, self.metrics)
+        # fresh: a registry (registry.py, or the coordinator's for a tier) gave these names
+        # their ids, having checked them against the run's whole dictionary
+        store.write_metrics(self.run, self.metrics, fresh=True)
         return 0
 
     def notify(self, observer) -> None:

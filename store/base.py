@@ -188,8 +188,10 @@ class Store(abc.ABC):
         return None  # the Parquet store overrides this
 
     @abc.abstractmethod
-    def write_metrics(self, run: str, metrics: MetricDict) -> None:
-        """Upsert metric-dictionary rows."""
+    def write_metrics(self, run: str, metrics: MetricDict, *, fresh: bool = False) -> None:
+        """Upsert metric-dictionary rows. `fresh`: the caller vouches that every id is above
+        the run's dictionary and every name new to it (the collector's registry holds the
+        whole dictionary and has checked both), so a backend may skip its own name check."""
 
     @abc.abstractmethod
     def write_raw(self, run: str, batch: ValueBatch) -> None:

@@ -13,7 +13,7 @@ import pytest
 from analytics.detectors import DetectorSet, MaxAbsSpike
 from analytics.events import BLOWUP, BLOWUP_RECOVERED, EXPERT_STARVED, MAXABS_SPIKE
 from analytics.frame import StepFrame
-from analytics.rolling import Rolling, nanmedian
+from analytics.rolling import START_SLOTS, Rolling, nanmedian
 from benchmarks.detect_cost import reduced_steps, run_index
 from benchmarks.workload import Workload
 from tests.analytics.synthetic import SyntheticRun, blowup
@@ -64,6 +64,26 @@ def test_rolling_matches_nanmedian_over_the_last_size_pushes():
         select = rng.random(shape) < 0.5
         np.testing.assert_array_equal(roll.median(select), np.where(select, roll.median(), np.nan))
     assert np.array_equal(roll.oldest(), pushed[-size], equal_nan=True)
+
+
+def test_a_window_grows_as_pushes_need_and_judges_as_a_full_one():
+    """A window of 20 starts with START_SLOTS rows and doubles up to 20: its counts, medians,
+    minimum and oldest row are those of the last 20 pushes all along, past the wrap too."""
+    rng = np.random.default_rng(3)
+    roll, pushed, rows = Rolling((6,), 20), [], []
+    for _ in range(45):
+        row = rng.normal(5, 2, 6)
+        row[rng.random(6) < 0.2] = np.nan
+        roll.push(row)
+        pushed.append(row.astype(np.float32))
+        rows.append(roll.buf.shape[0])
+        window = np.stack(pushed[-20:])
+        np.testing.assert_array_equal(roll.count(), np.isfinite(window).sum(axis=0))
+        np.testing.assert_allclose(roll.median(), reference_median(window, 0), rtol=1e-6)
+        expect_oldest = pushed[-20] if len(pushed) >= 20 else np.full(6, np.nan)
+        np.testing.assert_array_equal(roll.oldest(), expect_oldest)
+    assert rows[0] == START_SLOTS and rows[START_SLOTS] == 2 * START_SLOTS and rows[-1] == 20
+    assert max(rows) == 20
 
 
 def test_rolling_state_round_trip_and_bad_input():

@@ -266,6 +266,23 @@ def test_metric_dictionary_upserts_by_id_and_keeps_names_unique(store):
     assert md.row(7) == (7, "new/metric", 2, -1, -1, "x", "s", "max")
 
 
+def test_a_fresh_dictionary_write_skips_the_name_check_but_not_the_rest(store):
+    """write_metrics(fresh=True) takes new ids on its caller's word (the collector's registry
+    checked the names); an old id still takes the exact path (an upsert), and the writes after
+    a fresh one still find a taken name."""
+    new_run(store)
+    store.write_metrics("r1", metric_dict(), fresh=True)
+    store.write_metrics("r1", one_metric(7, "new/metric", layer=2), fresh=True)
+    store.write_metrics("r1", one_metric(0, "loss/renamed"), fresh=True)  # old id: upsert
+    with pytest.raises(InvalidInput, match="unique"):
+        store.write_metrics("r1", one_metric(8, "new/metric"))  # id 7 has that name
+    store.write_metrics("r1", one_metric(8, "newer/metric"))
+    store.flush()
+    md = store.metrics("r1")
+    assert md["metric_id"].to_list() == list(range(9))
+    assert md["name"].to_list() == ["loss/renamed", *NAMES[1:], "new/metric", "newer/metric"]
+
+
 def test_runs_lifecycle(store):
     new_run(store, "late", started_at=2000.0)
     new_run(store, "early", started_at=1000.0)
