@@ -6,10 +6,10 @@ window serves every expert of every layer at once. An element that was not accep
 (or not finite) records NaN for that step and does not count: a site that had no tokens on
 some steps simply has fewer observations. The window is one float32 ring buffer [slot,
 element], grown by doubling until it holds `size` rows: a push writes one row, and the number
-of observations per element is kept up to date. The per-element median is one contiguous sort along the window axis (numpy's
-vectorised float32 sort) of only the elements asked for, instead of numpy's nanmedian, which
-goes through numpy.ma once NaN are present (~60-120 ms per step at 13,000 sites; ~2-4 ms
-for all of them this way). `min()` is a one-pass lower bound of the median, with which
+of observations per element is kept up to date. The per-element median is one contiguous
+sort along the window axis (numpy's vectorised float32 sort) of only the elements asked for,
+instead of numpy's nanmedian, which goes through numpy.ma once NaN are present (~60-120 ms
+per step at 13,000 sites; ~2-4 ms for all of them this way). `min()` is a one-pass lower bound of the median, with which
 MaxAbsSpike proves most sites calm without sorting their windows. State is plain arrays
 (`state_dict`).
 """

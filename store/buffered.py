@@ -83,7 +83,7 @@ class _DictNames:
     def rebuild(self, df: pl.DataFrame) -> None:
         self.index = NameIndex()
         self.max_id = -1
-        self.indexed = True  # False: names were taken in unindexed (`vouched`)
+        self.indexed = True  # False: names were taken in unindexed (appends' vouched)
         self._add(df)
 
     def _add(self, df: pl.DataFrame) -> None:
@@ -92,36 +92,28 @@ class _DictNames:
             self.index.add(name_hashes(df["name"]), ids)
             self.max_id = max(self.max_id, int(ids.max()))
 
-    def appends(self, new: pl.DataFrame) -> bool:
+    def appends(self, new: pl.DataFrame, *, vouched: bool = False) -> bool:
         """True (and `new` taken in) when `new` holds only ids above every known one and
-        names that are certainly new; False: the caller must check it the exact way."""
+        names that are certainly new; False: the caller must check it the exact way.
+        `vouched` (write_metrics' fresh): the names are taken on their writer's word, not
+        hashed or indexed - the collector's registry already holds every name in its own
+        index, and a second one cost as much again (0.8 s and 24 bytes a name at 1 M names);
+        a later unvouched write then takes the exact path, which rebuilds the index."""
         if new.height == 0:
             return True
         ids = new["metric_id"].to_numpy()
-        if not self.indexed or int(ids.min()) <= self.max_id:
+        if int(ids.min()) <= self.max_id or not (vouched or self.indexed):
             return False
-        if new["name"].is_duplicated().any():
-            return False
-        hashes = name_hashes(new["name"])
-        if (self.index.first(hashes) >= 0).any():  # taken, or a hash collision: exact path
-            return False
-        self.index.add(hashes, ids)
+        if vouched:
+            self.indexed = False
+        else:
+            if new["name"].is_duplicated().any():
+                return False
+            hashes = name_hashes(new["name"])
+            if (self.index.first(hashes) >= 0).any():  # taken, or a hash collision: exact path
+                return False
+            self.index.add(hashes, ids)
         self.max_id = int(ids.max())
-        return True
-
-    def vouched(self, new: pl.DataFrame) -> bool:
-        """`new` taken in on its writer's word that its names are new (write_metrics' fresh),
-        without hashing or indexing them: the collector's registry already holds every name
-        in its own index, and a second one cost as much again (0.8 s and 24 bytes a name at
-        1 M names). Only the ids are checked (above every known one); a later unvouched write
-        takes the exact path, which rebuilds the index. False: check it the exact way."""
-        if new.height == 0:
-            return True
-        ids = new["metric_id"].to_numpy()
-        if int(ids.min()) <= self.max_id:
-            return False
-        self.max_id = int(ids.max())
-        self.indexed = False
         return True
 
 
@@ -349,7 +341,7 @@ class BufferedStore(Store):
             names = self._names.get(run)
             if names is None:
                 names = self._names[run] = _DictNames(self._committed_metrics(run))
-            if not (names.vouched(new) if fresh else names.appends(new)):
+            if not names.appends(new, vouched=fresh):
                 merged = merge_metrics(self._dictionary(run), new)  # raises on a taken name
                 names.rebuild(merged)
             self._pending_metrics.setdefault(run, []).append(new)
@@ -375,8 +367,7 @@ class BufferedStore(Store):
                 return
             self._pending.setdefault((run, table), []).append(frame)
             # the column's max, not a select: no query engine per write (1-2 ms each, per part)
-            last = frame.get_column("step").to_numpy().max() if advances else None
-            self._touch(run, row, None if last is None else int(last))
+            self._touch(run, row, int(frame["step"].to_numpy().max()) if advances else None)
 
     def write_raw(self, run: str, batch: ValueBatch) -> None:
         self._write_vectors(run, *batch_vectors(batch))
