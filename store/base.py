@@ -23,7 +23,7 @@ frames. Every write is idempotent on its natural key, so a resent frame never do
 |            |                                | off), reason, acked_step (-1 until acknowledged)         |
 | detector_  | (run, kind)                    | run, kind ("detect": the online detectors and clip       |
 | state      |                                | policy), step (the last step they saw), state (an opaque |
-|            |                                | blob, stored as base64 text)                             |
+|            |                                | blob; ClickHouse holds it as base64 text)                |
 
 A later write of the same key replaces the earlier one (last write wins); reads never show two
 rows for one key. This module imports nothing of ours (DESIGN.md).

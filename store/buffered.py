@@ -18,8 +18,6 @@ below any vector written since.
 from __future__ import annotations
 
 import abc
-import base64
-import binascii
 import math
 import threading
 import time
@@ -408,11 +406,7 @@ class BufferedStore(Store):
         if df.height == 0:
             return None
         row = df.row(0, named=True)
-        try:
-            blob = base64.b64decode(row["state"], validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise StoreError(f"run {run!r}: the stored {kind} state is not base64 ({e})") from e
-        return int(row["step"]), blob
+        return int(row["step"]), bytes(row["state"])
 
     def flush(self) -> None:
         with self._lock:

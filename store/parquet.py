@@ -55,6 +55,7 @@ from store.frames import (
     empty,
     from_arrow,
     last_wins,
+    state_from_text,
 )
 from store.locks import Locked, lock_file
 from store.segments import SegmentLog, read_file, remove_temp_files, write_atomic
@@ -72,6 +73,10 @@ DICT_WRITE_OPTIONS = {
     "column_encoding": {c: "DELTA_BINARY_PACKED" for c in ("metric_id", "layer", "expert", "head")},
     "row_group_size": 1 << 20,
 }
+# detector_state's segments hold the blob as bytes, uncompressed (frames.py); the directory
+# named after the table holds the base64 text of stores written before, still read
+STATE_DIR, LEGACY_STATE_DIR = "detector_blobs", "detector_state"
+STATE_WRITE_OPTIONS = {"compression": "none", "use_dictionary": False}
 LAYOUTS_SCHEMA = {"layout": pl.UInt64, "ids": pl.Binary}  # ids: int32 little-endian
 ROOT_LOCK = "~writer.lock"  # '~' is no run-name character: never a run's directory
 
@@ -97,6 +102,9 @@ class ParquetStore(BufferedStore):
         return os.path.join(self.root, run)
 
     def _log(self, run: str, table: str) -> SegmentLog:
+        if table == "detector_state":
+            d, opts = os.path.join(self._run_dir(run), STATE_DIR), STATE_WRITE_OPTIONS
+            return SegmentLog(d, table, fsync=self.fsync, options=opts)
         return SegmentLog(os.path.join(self._run_dir(run), table), table, fsync=self.fsync)
 
     # ---- writer side -----------------------------------------------------------------------
@@ -281,7 +289,23 @@ class ParquetStore(BufferedStore):
     ) -> pl.DataFrame:
         if table == "reduced" and not os.path.isdir(os.path.join(self._run_dir(run), table)):
             return empty(TABLES[table][0])  # no rows of an older store: skip the listing
-        return self._log(run, table).scan(metric_id=metric_id, start=start, stop=stop)
+        df = self._log(run, table).scan(metric_id=metric_id, start=start, stop=stop)
+        if table == "detector_state":
+            return self._with_legacy_states(run, df)
+        return df
+
+    def _with_legacy_states(self, run: str, df: pl.DataFrame) -> pl.DataFrame:
+        """States a store written before saved as base64 text, under the ones saved since
+        (those win a kind)."""
+        legacy = os.path.join(self._run_dir(run), LEGACY_STATE_DIR)
+        if not os.path.isdir(legacy):
+            return df
+        old = SegmentLog(legacy, "detector_state").scan()
+        try:
+            old = state_from_text(old) if old.height else old
+        except pl.exceptions.ComputeError as e:
+            raise StoreError(f"run {run!r}: a stored detector state is not base64 ({e})") from e
+        return last_wins(pl.concat([old.cast(df.schema), df]), ("kind",), maintain_order=True)
 
     def _layouts(self, run: str) -> dict[int, np.ndarray]:
         """Every committed layout of the run: hash -> ids (files not seen before are read)."""

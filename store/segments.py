@@ -138,10 +138,13 @@ def remove_temp_files(directory: str) -> None:
 class SegmentLog:
     """One table's directory of segments; `table` is a key of frames.TABLES."""
 
-    def __init__(self, directory: str, table: str, *, fsync: bool = True) -> None:
+    def __init__(
+        self, directory: str, table: str, *, fsync: bool = True, options: dict | None = None
+    ) -> None:
         self.dir = directory
         self.schema, self.keys = TABLES[table]
         self.fsync = fsync
+        self.options = options  # pyarrow.parquet.write_table's, over write_atomic's defaults
 
     def list(self) -> builtins.list[Segment]:
         """Segments on disk, oldest first; anything not named like one is ignored."""
@@ -163,7 +166,7 @@ class SegmentLog:
         lo_step, hi_step = df.select(pl.min("step"), pl.max("step").alias("hi")).row(0)
         smin, smax = int(lo_step), int(hi_step)
         name = f"{lo:012d}-{hi:012d}.L{level}.s{smin}-{smax}.n{df.height}.parquet"
-        write_atomic(os.path.join(self.dir, name), df, fsync=self.fsync)
+        write_atomic(os.path.join(self.dir, name), df, fsync=self.fsync, options=self.options)
         return Segment(os.path.join(self.dir, name), lo, hi, level, smin, smax, df.height)
 
     def append(self, df: pl.DataFrame) -> None:

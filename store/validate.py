@@ -9,7 +9,6 @@ which become inf (and are kept). Raw per-rank values go on to vectors.py.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from typing import Any
@@ -248,13 +247,13 @@ def clips_frame(clips: list[ClipRecord]) -> pl.DataFrame:
 
 
 def detector_state_frame(kind: str, step: int, state: bytes) -> pl.DataFrame:
-    """One saved detector state -> frame (DETECTOR_STATE_SCHEMA), the blob as base64 text."""
+    """One saved detector state -> frame (DETECTOR_STATE_SCHEMA), the blob as it is."""
     if not isinstance(state, (bytes, bytearray, memoryview)):
         raise InvalidInput(f"detector state must be bytes, got {type(state).__name__}")
     row = {
         "kind": [_text_field("detector state kind", kind)],
         "step": [int_field("detector state step", step, 0)],
-        "state": [base64.b64encode(bytes(state)).decode("ascii")],
+        "state": [bytes(state)],
     }
     return pl.DataFrame(row, schema=DETECTOR_STATE_SCHEMA)
 

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from store.clickhouse.tables import Table, qualified, quote
+from store.frames import state_as_text
 
 NUMPY_TABLES = {
     "raw_vectors",
@@ -52,6 +53,8 @@ def value_columns(name: str, table: Table, frame: pl.DataFrame, first: int) -> d
     frame = frame.sort([k for k in table.key if k != "run"])
     if name in NUMPY_TABLES:
         return {c: frame[c].to_numpy() for c in frame.columns}  # zero-copy, no nulls
+    if name == "detector_state":  # a String column of base64 text (frames.py)
+        frame = state_as_text(frame)
     if "complete" in frame.columns:  # Bool travels as UInt8
         frame = frame.with_columns(pl.col("complete").cast(pl.UInt8))
     return {c: frame[c].to_list() for c in frame.columns}

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
+from store.base import StoreError
 from store.buffered import BufferedStore
 from store.clickhouse import encoder, reads
 from store.clickhouse.config import Capabilities, ClickHouseConfig
@@ -56,7 +57,7 @@ from store.clickhouse.tables import (
     STEPS,
     Table,
 )
-from store.frames import METRICS_SCHEMA, RUNS_SCHEMA, TABLES
+from store.frames import METRICS_SCHEMA, RUNS_SCHEMA, TABLES, state_from_text
 
 if TYPE_CHECKING:
     from store.clickhouse.connection import Connection
@@ -215,7 +216,13 @@ class ClickHouseStore(BufferedStore):
         if metric_id is not None:
             conds.append(("metric_id", metric_id))
         conds += reads.steps_between(start, stop)
-        return self._latest(VALUE_TABLES[table], conds, TABLES[table][0])
+        df = self._latest(VALUE_TABLES[table], conds, TABLES[table][0])
+        if table == "detector_state":  # stored as base64 text (frames.py)
+            try:
+                return state_from_text(df)
+            except pl.exceptions.ComputeError as e:
+                raise StoreError(f"run {run!r}: a stored detector state is not base64 ({e})") from e
+        return df
 
     def _read_raw(
         self,

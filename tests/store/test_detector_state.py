@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from analytics.state import decode, encode
-from store.base import InvalidInput, NotFound, RunInfo
+from store.base import InvalidInput, NotFound, RunInfo, StoreError
 
 
 def blob(seed: int, n: int = 300_000) -> bytes:
@@ -74,3 +74,45 @@ def test_detector_state_round_trips_through_the_store(store_factory):
         assert [(e.brief(), e.detail) for e in a] == [(e.brief(), e.detail) for e in b], s
         seen += a
     assert "blowup" in {e.kind for e in seen}  # ... through a blow-up it must remember
+
+
+def test_parquet_keeps_the_blob_as_bytes_and_still_reads_base64_states_of_older_stores(tmp_path):
+    """Saved since: raw bytes, uncompressed, under detector_blobs/. A store written before
+    holds base64 text under detector_state/: still read, and a newer save of a kind wins."""
+    import base64
+
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from store.frames import DETECTOR_STATE_SCHEMA
+    from store.parquet import LEGACY_STATE_DIR, STATE_DIR, ParquetStore
+    from store.segments import SegmentLog
+
+    with ParquetStore(str(tmp_path)) as st:
+        st.open_run(RunInfo("r", 1))
+        st.flush()
+    old = pl.DataFrame(
+        {
+            "kind": ["detect", "policy"],
+            "step": [40, 41],
+            "state": [base64.b64encode(blob(40)).decode(), base64.b64encode(b"p").decode()],
+        },
+        schema={**DETECTOR_STATE_SCHEMA, "state": pl.Utf8},
+    )
+    SegmentLog(str(tmp_path / "r" / LEGACY_STATE_DIR), "detector_state").append(old)
+    with ParquetStore(str(tmp_path)) as st:
+        assert st.detector_state("r") == (40, blob(40))
+        assert st.detector_state("r", kind="policy") == (41, b"p")
+        st.write_detector_state("r", 50, blob(50))
+        st.flush()
+        assert st.detector_state("r") == (50, blob(50))  # the newer save wins its kind ...
+        assert st.detector_state("r", kind="policy") == (41, b"p")  # ... and only its kind
+    (seg,) = (tmp_path / "r" / STATE_DIR).glob("*.parquet")
+    meta = pq.ParquetFile(seg).metadata
+    col = meta.row_group(0).column(meta.schema.names.index("state"))
+    assert col.physical_type == "BYTE_ARRAY" and col.compression == "UNCOMPRESSED"
+    assert col.total_uncompressed_size < len(blob(50)) * 1.01  # the bytes, not their base64
+    bad = old.with_columns(pl.lit("not base64!").alias("state"))
+    SegmentLog(str(tmp_path / "r" / LEGACY_STATE_DIR), "detector_state").append(bad)
+    with ParquetStore(str(tmp_path)) as st, pytest.raises(StoreError, match="not base64"):
+        st.detector_state("r")
