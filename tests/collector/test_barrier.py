@@ -187,3 +187,61 @@ def test_tier_readiness_counts_as_the_scan_of_the_members_did():
                 scan = all(r in q.ranks and q.ranks[r].ended for r in waits) and q.n_ended > 0
                 assert b._all_ended(q) == scan, (q.step, b.members, q.born)
             b.poll(now=0.0)
+
+
+def test_a_whole_vector_is_kept_as_received_and_copied_only_if_sent_again():
+    b = barrier(world=2)
+    sent = [np.frombuffer(f32(r, r + 1, r + 2).tobytes(), "<f4") for r in (0, 1)]  # read-only
+    for r in (0, 1):
+        b.add_chunk(r, 0, 1, 0, 3, sent[r])
+    b.add_chunk(1, 0, 1, 1, 3, f32(7, 8))  # rank 1 sends positions 1-2 again: new values win
+    for r in (0, 1):
+        b.end_of_step(r, 0, 3, 0.0, now=0.0)
+    [ready] = b.poll(0.0)
+    (_, _, v0, h0), (_, _, v1, h1) = sorted(ready.parts, key=lambda p: p[0])
+    assert v0 is sent[0] and h0.all() and not h0.flags.writeable  # no copy, no mask of its own
+    np.testing.assert_array_equal(v1, f32(1, 7, 8))
+    np.testing.assert_array_equal(sent[1], f32(1, 2, 3))  # what was received is left as it was
+    assert h1.all() and h1.flags.writeable
+
+
+class ScanEveryPoll(StepBarrier):
+    """The definition poll()'s short-cut must agree with: every pending step scanned."""
+
+    def poll(self, now: float):
+        self._maybe_ready = True
+        return super().poll(now)
+
+
+def test_polls_that_skip_the_scan_release_what_a_full_scan_releases():
+    """A random history of chunks, ends, joins (tier mode) and polls at a moving clock with
+    straggler timeouts, fed to the barrier and to one that scans every pending step at every
+    poll: the same steps leave, at the same polls, with the same status."""
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        tier = trial % 3 == 0
+        made = [
+            cls(4, straggler_timeout_s=3.0, max_pending_steps=64, budget=ByteBudget(1 << 20))
+            for cls in (StepBarrier, ScanEveryPoll)
+        ]
+        if tier:
+            for b in made:
+                b.tier()
+                for r in range(4):
+                    b.join(r)
+        now, ended = 0.0, set()
+        for _ in range(80):
+            now += float(rng.choice([0.0, 0.5, 2.0]))
+            op, rank, step = rng.random(), int(rng.integers(4)), int(rng.integers(6))
+            if op < 0.45 and (rank, step) not in ended and not made[0].is_late(step):
+                ended.add((rank, step))
+                for b in made:
+                    b.add_chunk(rank, step, 1, 0, 1, f32(rank))
+                    b.end_of_step(rank, step, 1, 0.0, now=now)
+            elif op < 0.55 and tier:
+                for b in made:
+                    b.join(rank)
+            got, want = (
+                [(r.step, r.included, r.status.complete) for r in b.poll(now)] for b in made
+            )
+            assert got == want, (trial, now)
