@@ -86,7 +86,8 @@ class Steps:
         if step < 0:
             raise InvalidArgument(f"StepChunk step must be >= 0, got {step}")
         ids = run.metrics.schema(rank, c.schema_id)
-        nb = len(c.values)
+        buf = c.values  # each read of a bytes field is a copy of it: read once
+        nb = len(buf)
         if nb % 4:
             raise InvalidArgument(
                 f"StepChunk values hold {nb} bytes, not a multiple of 4 (little-endian float32)"
@@ -106,7 +107,7 @@ class Steps:
                 f"StepChunk [{c.offset}, {c.offset + n}) lies outside schema "
                 f"{c.schema_id} of {ids.size} metrics"
             )
-        return ids, np.frombuffer(c.values, dtype="<f4")
+        return ids, np.frombuffer(buf, dtype="<f4")
 
     def _apply_chunk(
         self,
