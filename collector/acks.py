@@ -15,6 +15,7 @@ are lower than its new Hello's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -27,6 +28,10 @@ class RankAcks:
     _open: dict[int, int] = field(default_factory=dict)  # step in barrier -> lowest seq
     _waiting: list[tuple[int, int, int]] = field(default_factory=list)  # (job, seq, step)
     _failed: int | None = None  # lowest seq whose write failed: the ack never passes it
+    # min of every seq above (inf: none), None once a removal may have raised it. Frames add
+    # seqs (a min of two) and steps move theirs from _open to _waiting (no change): only a
+    # flush recomputes, where a scan of every waiting seq per frame was O(steps in flight).
+    _low: float | None = None
 
     def is_duplicate(self, seq: int) -> bool:
         """seq <= acked: already durable, ignore the frame (and ack again)."""
@@ -46,11 +51,17 @@ class RankAcks:
         self.received(seq)
         low = self._open.get(step)
         self._open[step] = seq if low is None else min(low, seq)
+        self._lowers(seq)
 
     def in_job(self, seq: int, job: int, step: int = -1) -> None:
         """A frame written by writer job `job`."""
         self.received(seq)
         self._waiting.append((job, seq, step))
+        self._lowers(seq)
+
+    def _lowers(self, seq: int) -> None:
+        if self._low is not None:
+            self._low = min(self._low, seq)
 
     def step_submitted(self, step: int, job: int) -> None:
         """The barrier released `step` to writer job `job`."""
@@ -69,14 +80,17 @@ class RankAcks:
             else:
                 self.durable_step = max(self.durable_step, step)
         self._waiting = keep
+        self._low = None
         return self.advance()
 
     def advance(self) -> bool:
         """Recompute the frontier; True if it moved (send an Ack)."""
-        lows = [*self._open.values(), *(seq for _, seq, _ in self._waiting)]
-        if self._failed is not None:
-            lows.append(self._failed)
-        frontier = min(lows) - 1 if lows else self.max_seq
+        if self._low is None:
+            lows = [*self._open.values(), *(seq for _, seq, _ in self._waiting)]
+            if self._failed is not None:
+                lows.append(self._failed)
+            self._low = min(lows, default=math.inf)
+        frontier = int(self._low) - 1 if self._low != math.inf else self.max_seq
         if frontier > self.acked:
             self.acked = frontier
             return True
