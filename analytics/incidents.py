@@ -20,7 +20,10 @@ since step 6, a blow-up in layer 8 at step 150) stay apart. An incident's origin
 earliest evidence: the lowest onset step, ties going to causes (a learning-rate change), then
 to the earlier layer of the forward pass, then to run-wide symptoms. A learning-rate change
 counts as earlier than growth dated up to ONSET_SLACK steps before it: weights date the onset
-of growth only to the measurement period it fell in (analytics/detectors/blowup.py).
+of growth only to the measurement period it fell in (analytics/detectors/blowup.py). For the
+same reason a run-wide symptom (a loss or gradient-norm spike, a non-finite loss) counts as
+later than evidence at a place in the model dated up to ONSET_SLACK steps after it: the spike is
+what growth there shows up as, and "where it started" names the place.
 
 The linker runs inside the decision layer (analytics/decisions.py) online and offline alike,
 and each event stores its incident id (detail["incident"]), so `summarize(events)` rebuilds the
@@ -44,8 +47,10 @@ ENDINGS = (BLOWUP_RECOVERED, EXPERT_REVIVAL)  # they close an anomaly, they do n
 def origin_key(e: Event) -> tuple:
     """Sort key of "earliest evidence": onset, then causes, then the forward pass."""
     cause = e.kind == LR_CHANGE
+    symptom = e.is_global and not cause  # loss, gradient norm: run-wide, never a place
     place = (0, e.layer, e.expert) if e.layer >= 0 else (1, 0, 0)
-    return (e.onset_step - ONSET_SLACK * cause, not cause, place, e.step, e.kind, e.site)
+    onset = e.onset_step - ONSET_SLACK * cause + ONSET_SLACK * symptom
+    return (onset, not cause, place, e.step, e.kind, e.site)
 
 
 @dataclass

@@ -127,6 +127,20 @@ def test_a_blowup_and_its_consequences_are_one_incident_unrelated_ones_stay_apar
     )
 
 
+def test_growth_dated_after_the_gradient_spike_it_caused_is_still_the_origin():
+    """Weights date growth to their measurement period (onset 35 for growth that began by
+    step 30); the gradient spike it caused (step 33) opened the incident first. The origin is
+    the expert, not the gradient norm; a spike more than ONSET_SLACK (10) steps before the
+    growth's onset keeps the origin."""
+    for spike, origin_site in ((33, "moe/layer04/expert003"), (24, "grad/global_norm")):
+        out = decide([ev(GRAD_SPIKE, spike, "grad/global_norm"), growth(40, onset=35)])
+        (inc,) = summarize(out)
+        assert inc.origin.site == origin_site, spike
+        assert [e.decision for e in out] == [WARN, CLAMP] and inc.clamped
+    (inc,) = summarize(decide([ev(GRAD_SPIKE, 33, "grad/global_norm"), growth(40, onset=35)]))
+    assert inc.cause == "activation growth" and inc.first_step == 35
+
+
 def test_stored_incident_ids_rebuild_the_same_incidents_and_old_events_are_linked():
     events = [
         growth(60),
