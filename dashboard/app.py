@@ -1,8 +1,9 @@
 """stepwatch dashboard: the Streamlit script (`python -m dashboard --store URL` serves it).
 
 Reads top to bottom: store URL, sidebar (runs, view), then the page body as one fragment that
-re-runs by itself while a selected run is live (or replay is playing) - the sidebar, the user's
-run selection and every widget's state stay as they are; only the body redraws.
+re-runs by itself while a selected run is live (the fragment's timer) or replay is playing (the
+body reruns itself, replay.next_tick) - the sidebar, the user's run selection and every widget's
+state stay as they are; only the body redraws.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import polars as pl
 import streamlit as st
@@ -69,9 +71,10 @@ with st.sidebar:
 
 
 def wanted_interval() -> float | None:
-    """How often the body should refresh itself now: playing > live > never."""
-    if ss.get("playing") and ss.get("view") == "Replay":
-        return PLAY_TICK_S
+    """How often the fragment timer should refresh the body now: while a selected run is live.
+    Play does not use the timer: re-arming it took a full rerun, and under Streamlit 1.67 a
+    replay started that way sometimes stopped ticking (button Pause, step still) or ended with
+    the slider drawn a step behind the heatmap."""
     try:
         runs = reads.runs(URL)
     except StoreError:  # shown by the body; keep refreshing to recover
@@ -105,6 +108,7 @@ def replay_view(run: str) -> None:
 
 
 def body() -> None:
+    started = time.monotonic()
     try:
         runs_panel.runs_list(reads.runs(URL))
         if not selected:
@@ -120,8 +124,10 @@ def body() -> None:
                 explorer.explorer(URL, run, row, ss.get("replay_step"))
     except StoreError as e:
         st.error(f"store error: {e}")
-    if wanted_interval() != RUN_EVERY:  # live started/ended, play toggled: re-arm the timer
+    if wanted_interval() != RUN_EVERY:  # live started or ended: re-arm the timer
         st.rerun()
+    if ss.get("playing") and ss.get("view") == "Replay":
+        replay.next_tick(started, PLAY_TICK_S)
 
 
 RUN_EVERY = wanted_interval()

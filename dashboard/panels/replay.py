@@ -2,16 +2,18 @@
 
 The chosen step lives in st.session_state["step"] (the slider's key); every panel below reads
 it, so the heatmaps and the event table stay in sync with the curves. Play advances it by
-`speed` steps per tick of the page's fragment timer (app.py). While a run is live and the user
+`speed` steps per tick; the body reruns itself once per tick while playing (next_tick). While a run is live and the user
 sits at its last step, the step follows the new head; once they scrub back it stays put.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import polars as pl
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from dashboard import charts, data, reads
 
@@ -46,6 +48,20 @@ def _toggle_play(lo: int) -> None:
     ss.playing = not ss.get("playing", False)
     if ss.playing and ss.get("step", lo) >= ss.get("head", lo):  # at the end: start over
         ss.step = lo
+
+
+def next_tick(started: float, tick_s: float) -> None:
+    """Play's clock, kept on the server: sleep out the rest of this tick (the body's run began
+    at `started`, time.monotonic), then rerun the body, so the next run advances the step. A
+    click or a sidebar change that comes in meanwhile is folded into that rerun by Streamlit
+    (Pause is seen by the run it starts). The body reruns alone when it runs as a fragment,
+    with the whole script when it ran inside a full-app run (where Streamlit refuses a
+    fragment-scoped rerun)."""
+    time.sleep(max(0.0, tick_s - (time.monotonic() - started)))
+    try:
+        st.rerun(scope="fragment")
+    except StreamlitAPIException:
+        st.rerun()
 
 
 def sync_step(run: str, lo: int, hi: int, live: bool) -> None:

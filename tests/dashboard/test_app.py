@@ -96,17 +96,32 @@ def test_the_killed_expert_is_drawn_starved_until_the_detector_says_dead(recorde
 
 
 def test_play_advances_the_step_and_stops_at_the_end(recorded, monkeypatch):
+    """Play's clock is the body rerunning itself (replay.next_tick); AppTest follows those
+    reruns within one run(), so each tick's step is recorded on its way (tick length 0)."""
+    import streamlit as st
+
+    from dashboard.panels import replay
+
+    ticks: list[int] = []
+    real_tick = replay.next_tick
+
+    def tick(started: float, tick_s: float) -> None:
+        assert tick_s > 0
+        ticks.append(int(st.session_state.step))
+        real_tick(started, 0.0)
+
+    monkeypatch.setattr(replay, "next_tick", tick)
     at = run_app(recorded.url, monkeypatch, runs=["tiny-b"])
     last = STEPS["tiny-b"] - 1
+    assert at.slider(key="step").value == last and not ticks  # not playing: no tick
+    check(at.button(key="play").click().run())  # at the end: start over, to the end
+    assert ticks == list(range(1, last))  # one step per tick, none after the end
     assert at.slider(key="step").value == last
-    check(at.button(key="play").click().run())  # at the end: start over
-    seen = [at.slider(key="step").value]
-    while at.session_state["playing"] and len(seen) < 20:
-        check(at.run())  # one timer tick
-        seen.append(at.slider(key="step").value)
-        assert charts(at)["heatmap_step"].meta["step"] == seen[-1]
-    assert seen == list(range(1, last + 1))
+    assert charts(at)["heatmap_step"].meta["step"] == last
+    assert not at.session_state["playing"]
     assert at.button(key="play").label == "▶ Play"
+    check(at.run())  # and it stays put
+    assert at.slider(key="step").value == last and len(ticks) == last - 1
 
 
 def test_events_table_jumps_the_replay_and_clips_are_drawn(recorded, monkeypatch, tmp_path):

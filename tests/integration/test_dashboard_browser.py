@@ -125,47 +125,6 @@ def save_screenshot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
-def press_play(page) -> None:
-    """Click Play and see that it took: the button says Pause while playing, or the replay is
-    already at its last step. A click that lands while Streamlit replaces the button (the
-    slider's rerun, on a loaded machine) is clicked once more, and says so: a suite run once
-    waited 90 s for a replay whose Play never started."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    last = page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}")
-    for attempt in range(2):
-        page.get_by_role("button", name="Play").click()
-        try:
-            page.get_by_role("button", name="Pause").or_(last).first.wait_for(timeout=20_000)
-            return
-        except PlaywrightTimeout:
-            print(f"Play click {attempt + 1} did not start the replay; clicking again")
-    raise AssertionError("two clicks on Play did not start the replay")
-
-
-def play_to_end(page) -> None:
-    """Play until the heatmap shows the last step. A replay that stalls on the way (once in
-    ~25 runs here, Streamlit 1.67: the button says Pause and the fragment timer no longer
-    ticks) is paused and played again once, as a user would, and says so on stdout; a second
-    stall fails."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    last = page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}")
-    press_play(page)
-    try:
-        last.wait_for(timeout=30_000)
-        return
-    except PlaywrightTimeout:
-        labels = page.get_by_role("button").all_inner_texts()
-        print(f"replay stalled (buttons {labels}); pausing and playing again")
-    pause = page.get_by_role("button", name="Pause")
-    if pause.count():
-        pause.click()
-        page.get_by_role("button", name="Play").wait_for(timeout=WAIT_MS)
-    press_play(page)
-    last.wait_for(timeout=WAIT_MS)
-
-
 def test_charts_render_and_the_slider_moves_the_heatmap(browser, recorded, tmp_path):
     app = Dashboard(recorded, tmp_path / "dashboard.log")
     page = browser.new_page(viewport={"width": 1400, "height": 1700})
@@ -194,20 +153,16 @@ def test_charts_render_and_the_slider_moves_the_heatmap(browser, recorded, tmp_p
         assert page.locator(HEATMAP).screenshot() != before  # and it looks different
         save_screenshot(page, tmp_path, "dashboard-step0.png")
 
-        play_to_end(page)  # the fragment timer plays
+        page.get_by_role("button", name="Play").click()  # the server's tick plays
+        page.get_by_role("button", name="Pause").wait_for(timeout=WAIT_MS)
+        last = page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}")
+        last.wait_for(timeout=WAIT_MS)
         page.get_by_role("button", name="Play").wait_for(timeout=WAIT_MS)  # stopped at the end
-        try:
-            expect(thumb).to_have_value(str(STEPS - 1), timeout=30_000)
-        except AssertionError:
-            # a full suite run here (Streamlit 1.67.0): the heatmap at the last step and the
-            # slider drawn one tick behind for 90 s; a display lag, the step itself is right
-            print(f"the slider shows step {thumb.input_value()}, the heatmap step {STEPS - 1}")
+        expect(thumb).to_have_value(str(STEPS - 1), timeout=WAIT_MS)
         # and stays there: the last tick must not be undone by a stale widget value
         page.wait_for_timeout(1500)
-        assert int(thumb.input_value()) >= STEPS - 2
-        page.locator(HEATMAP).get_by_text(f"token share at step {STEPS - 1}").wait_for(
-            timeout=WAIT_MS
-        )
+        assert thumb.input_value() == str(STEPS - 1)
+        last.wait_for(timeout=WAIT_MS)
     finally:
         page.close()
         app.stop()
