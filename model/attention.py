@@ -8,6 +8,7 @@ head-wise sigmoid output gate o_i = sigmoid(w_i . x) * y_i applied before the ou
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +30,17 @@ def attention_mask(seq_len: int, window: int | None, device=None) -> torch.Tenso
     if window is not None:
         mask = mask & (i - j < window)
     return mask
+
+
+@functools.lru_cache(maxsize=16)
+def logit_bias(
+    seq_len: int, window: int | None, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive [T, T] bias of `attention_mask`: 0 where query i may attend key j, -inf
+    elsewhere. Cached per shape, device and dtype; never written to."""
+    allowed = attention_mask(seq_len, window, device=device)
+    bias = torch.zeros(seq_len, seq_len, device=device, dtype=dtype)
+    return bias.masked_fill_(~allowed, float("-inf"))
 
 
 class RotaryEmbedding(nn.Module):
@@ -110,12 +122,22 @@ class Attention(nn.Module):
 
         if self.probe_logits.active:
             with torch.no_grad():
-                if mask_TT is None:
-                    mask_TT = attention_mask(T, None, device=x_BTD.device)
-                logits_BHTT = (q @ k.transpose(-2, -1)) * self.scale
-                logits_BHTT = logits_BHTT.masked_fill(~mask_TT, float("-inf"))
-                self.probe_logits(logits_BHTT.amax(dim=(0, 2, 3)))
+                self.probe_logits(self.max_logits(q, k))
 
         gate_BHT1 = torch.sigmoid(self.w_gate(x_BTD)).transpose(1, 2).unsqueeze(-1)
         y = (y * gate_BHT1).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.wo(y)
+
+    def max_logits(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor) -> torch.Tensor:
+        """[H] max pre-softmax logit per query head over the positions the mask allows.
+
+        One batched GEMM that adds the mask as a -inf bias (no [B,H,T,T] scale or mask pass,
+        no mask built per call), then the max; the positive scale is applied to the H maxima,
+        which equals the max of the scaled logits (rounding is monotonic)."""
+        B, H, T, d = q_BHTd.shape
+        window = self.window if self.window is not None and self.window < T else None
+        bias_TT = logit_bias(T, window, q_BHTd.device, q_BHTd.dtype)
+        logits = torch.baddbmm(
+            bias_TT, q_BHTd.reshape(B * H, T, d), k_BHTd.reshape(B * H, T, d).transpose(1, 2)
+        )
+        return logits.view(B, H, T * T).amax(dim=2).amax(dim=0) * self.scale

@@ -73,3 +73,26 @@ def test_probe_reports_masked_max_logit_per_head(kind):
                             float(q[b, h, i] @ k[b, h // (n_heads // n_kv), j]) / math.sqrt(hd),
                         )
         assert max_logit_H[h].item() == pytest.approx(best, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind,window", [("full", 3), ("swa", 3), ("swa", 20)])
+def test_max_logits_are_the_dense_masked_max_with_the_largest_products_masked(kind, window):
+    """The probe's one-GEMM form (mask as a -inf bias, scale applied to the maxima) against the
+    dense masked max over [B,H,T,T]. Keys are unit vectors; query 0 is 80 x key 1 (the largest
+    product, hidden by causality) and the last query 40 x key 0 (hidden only by a window)."""
+    torch.manual_seed(1)
+    T, hd = 9, 8
+    attn = Attention(32, 6, 2, hd, kind, window, 16, 1e4, 1e-6)
+    q, k = torch.randn(2, 6, T, hd), torch.randn(2, 6, T, hd)
+    k = k / k.norm(dim=-1, keepdim=True)
+    q[:, :, 0] = 80 * k[:, :, 1]
+    q[:, :, -1] = 40 * k[:, :, 0]
+    shown = window if kind == "swa" and window < T else None
+    dense = (q @ k.transpose(-2, -1)) * attn.scale
+    dense = dense.masked_fill(~attention_mask(T, shown), float("-inf")).amax(dim=(0, 2, 3))
+    got = attn.max_logits(q, k)
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
+    unmasked = ((q @ k.transpose(-2, -1)) * attn.scale).amax(dim=(0, 2, 3))
+    assert (got < unmasked).all()  # query 0's product with key 1 was masked out
+    if shown is None:  # the last query sees key 0: its product of 40 is in every head's max
+        assert (got >= 40 * attn.scale * (1 - 1e-6)).all()
