@@ -43,6 +43,24 @@ def logit_bias(
     return bias.masked_fill_(~allowed, float("-inf"))
 
 
+@functools.lru_cache(maxsize=16)
+def band_bias(seq_len: int, window: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [n_blocks, window, 2 * window] bias for `Attention.max_logits`' banded form:
+    query row r of block b (position b * window + r) against key column c (position
+    (b - 1) * window + c); 0 where the sliding-window mask allows the pair, -inf elsewhere,
+    padding rows and columns (before position 0, past the last) included. Never written to."""
+    n_blocks = -(-seq_len // window)
+    i = torch.arange(n_blocks * window, device=device).view(n_blocks, window, 1)
+    j = (
+        torch.arange(n_blocks, device=device).view(n_blocks, 1, 1) * window
+        - window
+        + torch.arange(2 * window, device=device).view(1, 1, 2 * window)
+    )
+    allowed = (j >= 0) & (j <= i) & (i - j < window) & (i < seq_len)
+    bias = torch.zeros(allowed.shape, device=device, dtype=dtype)
+    return bias.masked_fill_(~allowed, float("-inf"))
+
+
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE with precomputed cos/sin tables (non-persistent buffers)."""
 
@@ -131,13 +149,22 @@ class Attention(nn.Module):
     def max_logits(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor) -> torch.Tensor:
         """[H] max pre-softmax logit per query head over the positions the mask allows.
 
-        One batched GEMM that adds the mask as a -inf bias (no [B,H,T,T] scale or mask pass,
-        no mask built per call), then the max; the positive scale is applied to the H maxima,
-        which equals the max of the scaled logits (rounding is monotonic)."""
+        Causal: one batched GEMM that adds the mask as a -inf bias (no [B,H,T,T] scale or mask
+        pass, no mask built per call), then the max. Sliding window: the same per block of
+        `window` queries against the 2 * window keys that can hold its window, so the cost is
+        T x 2W instead of T x T (at T=4096, W=512: 4x less). The positive scale is applied to
+        the H maxima, which equals the max of the scaled logits (rounding is monotonic)."""
         B, H, T, d = q_BHTd.shape
-        window = self.window if self.window is not None and self.window < T else None
-        bias_TT = logit_bias(T, window, q_BHTd.device, q_BHTd.dtype)
-        logits = torch.baddbmm(
-            bias_TT, q_BHTd.reshape(B * H, T, d), k_BHTd.reshape(B * H, T, d).transpose(1, 2)
-        )
-        return logits.view(B, H, T * T).amax(dim=2).amax(dim=0) * self.scale
+        q, k = q_BHTd.reshape(B * H, T, d), k_BHTd.reshape(B * H, T, d)
+        w = self.window
+        n_blocks = -(-T // w) if w is not None and w < T else 0
+        if n_blocks and n_blocks * w * 2 * w < T * T:
+            q = F.pad(q, (0, 0, 0, n_blocks * w - T))  # whole blocks; padded rows are masked
+            k = F.pad(k, (0, 0, w, n_blocks * w - T))  # a block's keys start a window earlier
+            k_blocks = k.unfold(1, 2 * w, w)  # [BH, n_blocks, d, 2w]: K^T of each block
+            logits = torch.matmul(q.view(B * H, n_blocks, w, d), k_blocks)
+            logits.add_(band_bias(T, w, q.device, q.dtype))
+        else:
+            bias_TT = logit_bias(T, w if n_blocks else None, q.device, q.dtype)
+            logits = torch.baddbmm(bias_TT, q, k.transpose(1, 2))
+        return logits.view(B, H, -1).amax(dim=2).amax(dim=0) * self.scale

@@ -75,13 +75,24 @@ def test_probe_reports_masked_max_logit_per_head(kind):
         assert max_logit_H[h].item() == pytest.approx(best, rel=1e-5, abs=1e-5)
 
 
-@pytest.mark.parametrize("kind,window", [("full", 3), ("swa", 3), ("swa", 20)])
-def test_max_logits_are_the_dense_masked_max_with_the_largest_products_masked(kind, window):
+@pytest.mark.parametrize(
+    "kind,window,T",
+    [
+        ("full", 3, 9),
+        ("swa", 3, 9),
+        ("swa", 4, 9),
+        ("swa", 3, 10),
+        ("swa", 1, 9),
+        ("swa", 20, 9),
+        ("swa", 7, 9),
+    ],
+)  # the banded form at 3/9, 4/9 (a padded last block), 3/10 and 1/9; dense at 7/9 and 20/9
+def test_max_logits_are_the_dense_masked_max_with_the_largest_products_masked(kind, window, T):
     """The probe's one-GEMM form (mask as a -inf bias, scale applied to the maxima) against the
     dense masked max over [B,H,T,T]. Keys are unit vectors; query 0 is 80 x key 1 (the largest
     product, hidden by causality) and the last query 40 x key 0 (hidden only by a window)."""
     torch.manual_seed(1)
-    T, hd = 9, 8
+    hd = 8
     attn = Attention(32, 6, 2, hd, kind, window, 16, 1e4, 1e-6)
     q, k = torch.randn(2, 6, T, hd), torch.randn(2, 6, T, hd)
     k = k / k.norm(dim=-1, keepdim=True)
@@ -96,3 +107,14 @@ def test_max_logits_are_the_dense_masked_max_with_the_largest_products_masked(ki
     assert (got < unmasked).all()  # query 0's product with key 1 was masked out
     if shown is None:  # the last query sees key 0: its product of 40 is in every head's max
         assert (got >= 40 * attn.scale * (1 - 1e-6)).all()
+
+
+@pytest.mark.parametrize("window,T", [(3, 10), (4, 9), (8, 64)])
+def test_max_logits_of_all_negative_products_ignore_the_padding(window, T):
+    """Every product is -2 (every key the same unit vector, every query -2 times it): the
+    banded form's zero padding rows and columns must not show up as a max of 0."""
+    attn = Attention(32, 2, 1, 4, "swa", window, 64, 1e4, 1e-6)
+    u = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    k = u.expand(1, 2, T, 4).clone()
+    got = attn.max_logits(-2 * k, k)
+    torch.testing.assert_close(got, torch.full((2,), -2 * attn.scale))
