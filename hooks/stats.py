@@ -50,12 +50,15 @@ def _rowsq(x: torch.Tensor) -> torch.Tensor:
 
 
 def _maxabs(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """max |x| (over `dim`) in float32. abs().amax: the inf-norm kernel with a dtype is ~20x
-    slower on CPU; the max of low-precision values is exact in them, then widened."""
+    """max |x| (over `dim`) in float32; NaN if any value is NaN. The inf-norm kernel with a
+    dtype is ~20x slower on CPU; the max of low-precision values is exact in them, then widened.
+    Over the whole tensor as max(max x, -min x) from one aminmax pass (no |x| copy: 0.4-0.7x
+    the time of abs().amax() on this VM's CPU); per row abs().amax, which is the faster there."""
     if dim is None:
         if x.numel() == 0:  # a shape: no sync
             return torch.zeros((), dtype=torch.float32, device=x.device)
-        return x.abs().amax().float()
+        lo, hi = torch.aminmax(x)
+        return torch.maximum(hi, lo.neg()).float()
     return x.abs().amax(dim).float()
 
 

@@ -190,3 +190,18 @@ def test_a_misspelled_region_key_raises_and_a_disabled_one_is_none():
         with pytest.raises(KeyError, match="not a buffer region"):
             mon.layout.region(typo)
     mon.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_maxabs_is_the_largest_magnitude_of_either_sign_and_keeps_nan(dtype):
+    from hooks.stats import _maxabs
+
+    x = torch.tensor([[0.5, -3.0, 2.0], [1.0, 0.25, -0.5]], dtype=dtype)
+    assert _maxabs(x).dtype == torch.float32 and _maxabs(x).item() == 3.0  # the negative one
+    assert _maxabs(-x).item() == 3.0
+    assert _maxabs(x, 1).tolist() == [3.0, 1.0]
+    assert _maxabs(torch.zeros(0, 3, dtype=dtype)).item() == 0.0
+    x[1, 1] = float("nan")
+    assert math.isnan(_maxabs(x).item())
+    x[1, 1] = float("-inf")
+    assert _maxabs(x).item() == math.inf
