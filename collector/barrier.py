@@ -151,6 +151,13 @@ class StepBarrier:
         """The ranks whose goodbye finishes the run here."""
         return set(range(self.world_size)) if self.members is None else set(self.members)
 
+    def all_in(self, ranks: set[int]) -> bool:
+        """`ranks >= expected()` without building that set on every call (a goodbye of each
+        of 4,096 ranks built it 4,096 times): the sizes first, the members only once they
+        can match."""
+        want = range(self.world_size) if self.members is None else self.members.keys()
+        return len(ranks) >= len(want) and ranks.issuperset(want)
+
     # ---- ingest ---------------------------------------------------------------------------
     def is_late(self, step: int) -> bool:
         return step not in self._pending and step <= self.reduced_through

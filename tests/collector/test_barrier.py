@@ -245,3 +245,20 @@ def test_polls_that_skip_the_scan_release_what_a_full_scan_releases():
                 [(r.step, r.included, r.status.complete) for r in b.poll(now)] for b in made
             )
             assert got == want, (trial, now)
+
+
+def test_all_in_is_the_superset_test_against_the_expected_ranks():
+    """Every subset of a world of 4, and of a tier's members {1, 3}: all_in(s) is
+    s >= expected(), including ranks beyond the members."""
+    import itertools
+
+    for tier in (False, True):
+        b = barrier(world=4)
+        if tier:
+            b.tier()
+            b.join(1)
+            b.join(3)
+        for n in range(5):
+            for s in itertools.combinations(range(4), n):
+                assert b.all_in(set(s)) == (set(s) >= b.expected()), (tier, s)
+    assert not b.all_in({0, 2, 5})  # as many ranks as the members, not the members
