@@ -32,6 +32,12 @@ def attention_mask(seq_len: int, window: int | None, device=None) -> torch.Tenso
     return mask
 
 
+# A causal layer's max-logit probe goes by blocks of this many queries once T holds at least 4
+# of them: each block against the keys before it (no mask) and its own diagonal block (masked),
+# about T^2 / 2 + T * CAUSAL_BLOCK / 2 products instead of T^2 (at T=4,096: 56%).
+CAUSAL_BLOCK = 512
+
+
 @functools.lru_cache(maxsize=16)
 def logit_bias(
     seq_len: int, window: int | None, device: torch.device, dtype: torch.dtype
@@ -59,6 +65,25 @@ def band_bias(seq_len: int, window: int, device: torch.device, dtype: torch.dtyp
     allowed = (j >= 0) & (j <= i) & (i - j < window) & (i < seq_len)
     bias = torch.zeros(allowed.shape, device=device, dtype=dtype)
     return bias.masked_fill_(~allowed, float("-inf"))
+
+
+def _causal_blocks_max(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[N] max of q_i . k_j over j <= i, for q, k of [N, T, d], by blocks of CAUSAL_BLOCK
+    queries: the keys before a block are all visible to it, its own block takes the causal
+    bias, the keys after it are never multiplied."""
+    T, block = q.shape[1], CAUSAL_BLOCK
+    best: torch.Tensor | None = None
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        q_blk = q[:, start:stop]
+        bias = logit_bias(stop - start, None, q.device, q.dtype)
+        diag = torch.baddbmm(bias, q_blk, k[:, start:stop].transpose(1, 2)).amax(dim=(1, 2))
+        if start:
+            before = torch.bmm(q_blk, k[:, :start].transpose(1, 2)).amax(dim=(1, 2))
+            diag = torch.maximum(diag, before)
+        best = diag if best is None else torch.maximum(best, diag)
+    assert best is not None  # T >= 1
+    return best
 
 
 class RotaryEmbedding(nn.Module):
@@ -150,14 +175,17 @@ class Attention(nn.Module):
         """[H] max pre-softmax logit per query head over the positions the mask allows.
 
         Causal: one batched GEMM that adds the mask as a -inf bias (no [B,H,T,T] scale or mask
-        pass, no mask built per call), then the max. Sliding window: the same per block of
-        `window` queries against the 2 * window keys that can hold its window, so the cost is
-        T x 2W instead of T x T (at T=4096, W=512: 4x less). The positive scale is applied to
-        the H maxima, which equals the max of the scaled logits (rounding is monotonic)."""
+        pass, no mask built per call), then the max; from 4 x CAUSAL_BLOCK tokens on, by query
+        blocks that skip the keys after them. Sliding window: per block of `window` queries
+        against the 2 * window keys that can hold its window, so the cost is T x 2W instead of
+        T x T (at T=4096, W=512: 4x less). The positive scale is applied to the H maxima, which
+        equals the max of the scaled logits (rounding is monotonic)."""
         B, H, T, d = q_BHTd.shape
         q, k = q_BHTd.reshape(B * H, T, d), k_BHTd.reshape(B * H, T, d)
         w = self.window
         n_blocks = -(-T // w) if w is not None and w < T else 0
+        if not n_blocks and T >= 4 * CAUSAL_BLOCK:
+            return _causal_blocks_max(q, k).view(B, H).amax(dim=0) * self.scale
         if n_blocks and n_blocks * w * 2 * w < T * T:
             q = F.pad(q, (0, 0, 0, n_blocks * w - T))  # whole blocks; padded rows are masked
             k = F.pad(k, (0, 0, w, n_blocks * w - T))  # a block's keys start a window earlier

@@ -118,3 +118,24 @@ def test_max_logits_of_all_negative_products_ignore_the_padding(window, T):
     k = u.expand(1, 2, T, 4).clone()
     got = attn.max_logits(-2 * k, k)
     torch.testing.assert_close(got, torch.full((2,), -2 * attn.scale))
+
+
+@pytest.mark.parametrize("T", [8, 9, 11])
+def test_causal_max_logits_by_blocks_are_the_dense_masked_max(monkeypatch, T):
+    """From 4 x CAUSAL_BLOCK tokens a causal layer's probe goes by query blocks (here blocks of
+    2, the last one partial at T=9 and 11); query 0 is 80 x key 1 (unit keys), the largest
+    product, which causality hides."""
+    import model.attention as attention
+
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 2)
+    torch.manual_seed(2)
+    attn = Attention(32, 6, 2, 8, "full", 3, 16, 1e4, 1e-6)
+    q, k = torch.randn(2, 6, T, 8), torch.randn(2, 6, T, 8)
+    k = k / k.norm(dim=-1, keepdim=True)
+    q[:, :, 0] = 80 * k[:, :, 1]
+    dense = (q @ k.transpose(-2, -1)) * attn.scale
+    dense = dense.masked_fill(~attention_mask(T, None), float("-inf")).amax(dim=(0, 2, 3))
+    torch.testing.assert_close(attn.max_logits(q, k), dense, rtol=1e-6, atol=1e-6)
+    assert (attn.max_logits(q, k) < 80 * attn.scale * 0.999).all()
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 512)  # the one-GEMM form gives the same
+    torch.testing.assert_close(attn.max_logits(q, k), dense, rtol=1e-6, atol=1e-6)
