@@ -38,15 +38,19 @@ def attention_mask(seq_len: int, window: int | None, device=None) -> torch.Tenso
 CAUSAL_BLOCK = 512
 
 
+def _as_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, -inf elsewhere: a mask to add to logits."""
+    bias = torch.zeros(allowed.shape, device=allowed.device, dtype=dtype)
+    return bias.masked_fill_(~allowed, float("-inf"))
+
+
 @functools.lru_cache(maxsize=16)
 def logit_bias(
     seq_len: int, window: int | None, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
     """Additive [T, T] bias of `attention_mask`: 0 where query i may attend key j, -inf
     elsewhere. Cached per shape, device and dtype; never written to."""
-    allowed = attention_mask(seq_len, window, device=device)
-    bias = torch.zeros(seq_len, seq_len, device=device, dtype=dtype)
-    return bias.masked_fill_(~allowed, float("-inf"))
+    return _as_bias(attention_mask(seq_len, window, device=device), dtype)
 
 
 @functools.lru_cache(maxsize=16)
@@ -62,9 +66,7 @@ def band_bias(seq_len: int, window: int, device: torch.device, dtype: torch.dtyp
         - window
         + torch.arange(2 * window, device=device).view(1, 1, 2 * window)
     )
-    allowed = (j >= 0) & (j <= i) & (i - j < window) & (i < seq_len)
-    bias = torch.zeros(allowed.shape, device=device, dtype=dtype)
-    return bias.masked_fill_(~allowed, float("-inf"))
+    return _as_bias((j >= 0) & (j <= i) & (i - j < window) & (i < seq_len), dtype)
 
 
 def _causal_blocks_max(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,6 @@ class Attention(nn.Module):
         v = v.repeat_interleave(group, dim=1)
 
         if self.window is None or self.window >= T:
-            mask_TT = None
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             mask_TT = attention_mask(T, self.window, device=x_BTD.device)

@@ -2,8 +2,9 @@
 
 The chosen step lives in st.session_state["step"] (the slider's key); every panel below reads
 it, so the heatmaps and the event table stay in sync with the curves. Play advances it by
-`speed` steps per tick; the body reruns itself once per tick while playing (next_tick). While a run is live and the user
-sits at its last step, the step follows the new head; once they scrub back it stays put.
+`speed` steps per tick; the body reruns itself once per tick while playing (next_tick). While
+a run is live and the user sits at its last step, the step follows the new head; once they
+scrub back it stays put.
 """
 
 from __future__ import annotations

@@ -75,6 +75,15 @@ def test_probe_reports_masked_max_logit_per_head(kind):
         assert max_logit_H[h].item() == pytest.approx(best, rel=1e-5, abs=1e-5)
 
 
+def dense_masked_max(attn, q, k, window):
+    """[H]: the max of the scaled logits over [B,H,T,T] where attention_mask(T, window) allows
+    (and with window=False, unmasked)."""
+    logits = (q @ k.transpose(-2, -1)) * attn.scale
+    if window is not False:
+        logits = logits.masked_fill(~attention_mask(q.shape[2], window), float("-inf"))
+    return logits.amax(dim=(0, 2, 3))
+
+
 @pytest.mark.parametrize(
     "kind,window,T",
     [
@@ -88,8 +97,8 @@ def test_probe_reports_masked_max_logit_per_head(kind):
     ],
 )  # the banded form at 3/9, 4/9 (a padded last block), 3/10 and 1/9; dense at 7/9 and 20/9
 def test_max_logits_are_the_dense_masked_max_with_the_largest_products_masked(kind, window, T):
-    """The probe's one-GEMM form (mask as a -inf bias, scale applied to the maxima) against the
-    dense masked max over [B,H,T,T]. Keys are unit vectors; query 0 is 80 x key 1 (the largest
+    """The probe (banded or one GEMM, the mask as a -inf bias, the scale applied to the maxima)
+    against the dense masked max over [B,H,T,T]. Keys are unit vectors; query 0 is 80 x key 1 (the largest
     product, hidden by causality) and the last query 40 x key 0 (hidden only by a window)."""
     torch.manual_seed(1)
     hd = 8
@@ -99,11 +108,10 @@ def test_max_logits_are_the_dense_masked_max_with_the_largest_products_masked(ki
     q[:, :, 0] = 80 * k[:, :, 1]
     q[:, :, -1] = 40 * k[:, :, 0]
     shown = window if kind == "swa" and window < T else None
-    dense = (q @ k.transpose(-2, -1)) * attn.scale
-    dense = dense.masked_fill(~attention_mask(T, shown), float("-inf")).amax(dim=(0, 2, 3))
+    dense = dense_masked_max(attn, q, k, shown)
     got = attn.max_logits(q, k)
     torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
-    unmasked = ((q @ k.transpose(-2, -1)) * attn.scale).amax(dim=(0, 2, 3))
+    unmasked = dense_masked_max(attn, q, k, False)
     assert (got < unmasked).all()  # query 0's product with key 1 was masked out
     if shown is None:  # the last query sees key 0: its product of 40 is in every head's max
         assert (got >= 40 * attn.scale * (1 - 1e-6)).all()
@@ -133,8 +141,7 @@ def test_causal_max_logits_by_blocks_are_the_dense_masked_max(monkeypatch, T):
     q, k = torch.randn(2, 6, T, 8), torch.randn(2, 6, T, 8)
     k = k / k.norm(dim=-1, keepdim=True)
     q[:, :, 0] = 80 * k[:, :, 1]
-    dense = (q @ k.transpose(-2, -1)) * attn.scale
-    dense = dense.masked_fill(~attention_mask(T, None), float("-inf")).amax(dim=(0, 2, 3))
+    dense = dense_masked_max(attn, q, k, None)
     torch.testing.assert_close(attn.max_logits(q, k), dense, rtol=1e-6, atol=1e-6)
     assert (attn.max_logits(q, k) < 80 * attn.scale * 0.999).all()
     monkeypatch.setattr(attention, "CAUSAL_BLOCK", 512)  # the one-GEMM form gives the same
