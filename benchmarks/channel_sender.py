@@ -199,20 +199,17 @@ class ChannelSender(SenderCore[Conn]):
                     + 0.01
                 )
             await self._until(self._work, ready, timeout)
+            pace = self._pace_s(conn)
+            if pace and not (conn.dead or self._stop):  # Welcome.send_interval_ms: wait it out
+                await self._until(
+                    self._work, lambda: conn.dead or self._stop or self.buffer.closing, pace
+                )
             with self._cond:
                 if conn.dead or self._stop or self._stale(conn):
                     return
                 holes = self._holes(conn)
                 item = self.buffer.pop()
-            out, size = list(holes), 0
-            while item is not None:  # a backlog (the last write waited): one burst
-                encoded = self._encode(conn, item)
-                out += encoded
-                size += sum(map(frames.wire_size, encoded))
-                if not conn.takes_batches or size >= frames.BATCH_BYTES:
-                    break
-                with self._cond:
-                    item = self.buffer.pop()
+            out = holes + ([] if item is None else self._burst(conn, item))
             for message in self._messages(conn, out):
                 await conn.call.write(message)
 

@@ -3,6 +3,7 @@
     python -m benchmarks.ingest --store URL [--metrics-per-step 6000000] [--steps 16]
                                 [--ranks 4096] [--procs 2] [--warmup 2] [--depth 32]
                                 [--flush-interval 2.0] [--no-flat] [--agents N]
+                                [--max-stream-messages PER_S]
 
 P load-generator processes (benchmarks/loadgen.py) play R ranks, each rank with the real hooks
 sender protocol (on asyncio: benchmarks/channel_sender.py) and its own gRPC stream, sending
@@ -132,10 +133,16 @@ def play(
     flush_s: float,
     tmp: Path,
     agents: int = 0,
+    max_messages: float | None = None,
 ) -> dict:
     log_path = tmp / "collector.log"
     collector, address = start_collector(
-        url, "--insecure", "--flush-interval", str(flush_s), log_path=log_path
+        url,
+        "--insecure",
+        "--flush-interval",
+        str(flush_s),
+        *([] if max_messages is None else ["--max-stream-messages", str(max_messages)]),
+        log_path=log_path,
     )
     gens: list[subprocess.Popen] = []
     hosts: list[subprocess.Popen] = []
@@ -461,7 +468,9 @@ def run(
     ceiling_steps: int | None = None,
     flat: bool = True,
     agents: int = 0,
+    max_messages: float | None = None,
 ) -> dict:
+    """max_messages: the collector's --max-stream-messages (pacing); None: its default."""
     if steps <= warmup:
         raise SystemExit(f"--steps ({steps}) must exceed --warmup ({warmup})")
     spike = 12 if steps >= 16 else 10**9  # MaxAbsSpike needs 10 of history
@@ -470,7 +479,7 @@ def run(
         tmp = Path(tmp)
         if url.startswith("parquet:") and not url[8:]:
             url = f"parquet:{tmp / 'store'}"
-        p = play(url, w, steps, min(procs, ranks), depth, flush_s, tmp, agents)
+        p = play(url, w, steps, min(procs, ranks), depth, flush_s, tmp, agents, max_messages)
         held = stored(url, tmp)
         c_steps = ceiling_steps or min(steps, 5)
         ceil_s = ceiling(url, w, c_steps, tmp)
@@ -633,6 +642,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="node agents the ranks stream through (collector/agent.py; 0 = direct)",
     )
+    ap.add_argument(
+        "--max-stream-messages",
+        type=float,
+        default=None,
+        metavar="PER_S",
+        help="the collector's pacing (collector serve --max-stream-messages; default its "
+        "own); 1e9 turns it off",
+    )
     ap.add_argument("--json", help="also write the full result here")
     ap.add_argument(
         "--no-flat",
@@ -651,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         a.flush_interval,
         flat=not a.no_flat,
         agents=a.agents,
+        max_messages=a.max_stream_messages,
     )
     print(
         f"{r['metrics_per_step']:,} metrics/step = {r['ranks']:,} ranks x "

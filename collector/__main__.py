@@ -89,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         help="reduce a step without ranks this late",
     )
     s.add_argument(
+        "--max-stream-messages",
+        type=float,
+        default=CollectorConfig.max_stream_messages_per_s,
+        metavar="PER_S",
+        help="pacing: a run's ranks send at most one message per world_size / PER_S seconds "
+        "each (frames that come sooner go together as one batch)",
+    )
+    s.add_argument(
         "--flush-interval",
         type=float,
         default=CollectorConfig.flush_interval_s,
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             insecure=args.insecure,
             straggler_timeout_s=args.straggler_timeout,
             flush_interval_s=args.flush_interval,
+            max_stream_messages_per_s=args.max_stream_messages,
             detect=not args.no_detect,
             observe_only=args.observe_only,
             spool_dir=None if args.no_spool else (args.spool or default_spool_dir(args.store)),

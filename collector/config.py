@@ -8,6 +8,11 @@ import re
 from dataclasses import dataclass
 
 MIB = 1 << 20
+# Welcome.send_interval_ms (CollectorConfig.send_interval_ms): shorter intervals are not worth
+# the batching (a run of a few hundred ranks sends at once); longer ones would hold a step
+# back for longer than the straggler and ack cadences a client expects
+MIN_SEND_INTERVAL_MS = 50
+MAX_SEND_INTERVAL_MS = 5000
 
 
 def default_spool_dir(store_url: str) -> str | None:
@@ -93,6 +98,15 @@ class CollectorConfig:
     keepalive_s: float = 2.0
     """A rank with frames held but not yet durable (waiting for the barrier) gets its current
     Ack again this often, so its client can tell a waiting collector from a dead stream."""
+
+    max_stream_messages_per_s: float = 1000.0
+    """Pacing: a run's streams together should send about this many gRPC messages a second at
+    most. Each rank's Welcome carries send_interval_ms = world_size / this (0 below
+    MIN_SEND_INTERVAL_MS, capped at MAX_SEND_INTERVAL_MS): a rank sends at most one message
+    per interval, and the frames that come sooner leave together in one FrameBatch. The
+    collector's cost at thousands of streams is per message (gRPC, asyncio), not per byte; a
+    step that comes after a quiet interval (a step slower than the interval) goes at once, so
+    only ranks stepping faster than the interval are batched, and wait at most that long."""
 
     max_streams: int = 8192
     """Concurrent RPCs the gRPC server admits (one stream per rank)."""
@@ -202,6 +216,12 @@ class CollectorConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        rate = self.max_stream_messages_per_s
+        if not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            raise ValueError(
+                f"max_stream_messages_per_s must be a positive number of messages a second, "
+                f"got {rate!r}"
+            )
         if not isinstance(self.lock_timeout_s, (int, float)) or not self.lock_timeout_s >= 0:
             raise ValueError(f"lock_timeout_s must be >= 0 seconds, got {self.lock_timeout_s!r}")
         if self.spool_dir is not None and (
@@ -210,6 +230,11 @@ class CollectorConfig:
             raise ValueError("spool_dir must be a directory path or None")
         if self.max_chunk_bytes % 4:
             raise ValueError("max_chunk_bytes must be a multiple of 4 (float32 values)")
+
+    def send_interval_ms(self, world_size: int) -> int:
+        """Welcome.send_interval_ms for a rank of a run of `world_size` ranks."""
+        ms = 1000.0 * world_size / self.max_stream_messages_per_s
+        return 0 if ms < MIN_SEND_INTERVAL_MS else int(min(ms, MAX_SEND_INTERVAL_MS))
 
     @property
     def tick_s(self) -> float:

@@ -31,10 +31,11 @@ class Conn:
         self._clip_version = 0
         self._ack: pb.Ack | None = None
 
-    def welcome(self, acked_seq: int) -> None:
+    def welcome(self, acked_seq: int, send_interval_ms: int = 0) -> None:
         """Ingest takes a step's last chunk with ends_step, StepsDropped, packed schemas and an
-        early goodbye (ingest.py, registry.py): say so."""
+        early goodbye (ingest.py, registry.py): say so; and how to pace (config.py)."""
         self._welcome = pb.Welcome(
+            send_interval_ms=send_interval_ms,
             acked_seq=acked_seq,
             protocol_version=PROTOCOL_VERSION,
             chunk_ends_step=True,

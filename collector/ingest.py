@@ -205,7 +205,7 @@ class Ingest:
 
     def _hello(self, conn: Conn, hello: pb.Hello) -> None:
         welcome = self.table.join(conn, hello)  # runs.py: the run, the identity rule
-        conn.welcome(welcome)
+        conn.welcome(welcome, self.config.send_interval_ms(hello.world_size))
         latest = self.clips.latest(conn.run or "")
         if latest is not None:
             conn.send_clip(latest)

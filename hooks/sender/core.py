@@ -16,7 +16,10 @@ reconnect to a collector without the capability splits such chunks back into chu
 takes_batches, the frames waiting to go out when the stream can take more (a backlog: the
 collector or the network is slower than the steps) leave as FrameBatch messages, one per
 ~1 MiB; each frame keeps its seq and is acked and resent on its own, so a batch is a matter of
-transport only and costs no latency: an idle stream sends each frame as it comes. A stream that leaves frames
+transport only and costs no latency: an idle stream sends each frame as it comes. Where the
+Welcome also gives send_interval_ms (a collector pacing thousands of streams), a stream sends
+at most one message per interval: frames that come sooner wait for it to end and leave as one
+FrameBatch; close never waits for it. A stream that leaves frames
 unacknowledged for net_timeout_s is declared dead and reopened. At close, where the Welcome says
 flushes_at_goodbye, the stream is half-closed as soon as everything is sent (the collector then
 flushes at once and acks); elsewhere only once everything is acknowledged. Nothing here raises
@@ -107,6 +110,8 @@ class Conn:
     takes_packed_schema: bool = False  # Welcome: Schema.packed (PackedMetrics) is understood
     takes_batches: bool = False  # Welcome: FrameBatch (several frames in one message) is understood
     flushes_at_goodbye: bool = False  # Welcome: a half-close may come before the last acks
+    send_interval_s: float = 0.0  # Welcome.send_interval_ms (with takes_batches): pacing
+    next_send_at: float = 0.0  # monotonic: the earliest next message under pacing
     half_closed: bool = False  # this client half-closed the stream (its goodbye)
     progressed: bool = False  # an Ack arrived on it: the backoff starts over
     refused: tuple[str, str, bool] | None = None  # the collector's Error: code, message, permanent
@@ -417,6 +422,32 @@ class SenderCore(Generic[ConnT]):
             self.buffer.counters["frames_sent"] += len(out)
         return out
 
+    def _pace_s(self, conn: ConnT) -> float:
+        """Seconds this stream's next message must still wait (Welcome.send_interval_ms): 0
+        when it is not paced, its interval is over, or the sender is closing (close flushes
+        at once)."""
+        if not conn.send_interval_s or self.buffer.closing:
+            return 0.0
+        return max(0.0, conn.next_send_at - time.monotonic())
+
+    def _burst(self, conn: ConnT, item: StepItem | AckItem | SchemaItem) -> list[pb.ClientFrame]:
+        """`item`'s frames and, where the collector takes batches, those of every item
+        waiting behind it up to one FrameBatch's bytes (a backlog, or what pacing held back),
+        encoded and recorded as sent; starts the stream's next pacing interval."""
+        out: list[pb.ClientFrame] = []
+        size = 0
+        next_item: StepItem | AckItem | SchemaItem | None = item
+        while next_item is not None:
+            encoded = self._encode(conn, next_item)
+            out += encoded
+            size += sum(map(frames.wire_size, encoded))
+            if not conn.takes_batches or size >= frames.BATCH_BYTES:
+                break
+            with self._cond:
+                next_item = self.buffer.pop()
+        conn.next_send_at = time.monotonic() + conn.send_interval_s
+        return out
+
     def _messages(self, conn: ConnT, sent: list[pb.ClientFrame]) -> list[pb.ClientFrame]:
         """What goes on the wire for `sent`: FrameBatch messages where the collector takes
         them (frames.batched), else the frames one by one."""
@@ -451,6 +482,8 @@ class SenderCore(Generic[ConnT]):
                 conn.takes_packed_schema = resp.welcome.takes_packed_schema
                 conn.takes_batches = resp.welcome.takes_batches
                 conn.flushes_at_goodbye = resp.welcome.flushes_at_goodbye
+                if conn.takes_batches:  # what waits goes as one FrameBatch: pace only then
+                    conn.send_interval_s = resp.welcome.send_interval_ms / 1000
             elif kind == "ack":
                 self.buffer.ack(resp.ack.seq)
                 conn.last_progress = time.monotonic()

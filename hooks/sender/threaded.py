@@ -55,7 +55,7 @@ def _requests(conn: _Conn, count: Callable[[str, int], None]) -> Iterator[pb.Cli
             continue
         if frame is None:
             return
-        group, end = [frame], False
+        group, end = list(_frames(frame)), False  # a list: one burst of the worker
         while conn.takes_batches and len(group) < frames.BATCH_FRAMES:
             try:
                 nxt = q.get_nowait()
@@ -64,15 +64,19 @@ def _requests(conn: _Conn, count: Callable[[str, int], None]) -> Iterator[pb.Cli
             if nxt is None:
                 end = True
                 break
-            group.append(nxt)
-        if len(group) == 1:
-            yield frame
+            group += _frames(nxt)
+        if not conn.takes_batches:
+            yield from group
         else:
             messages = frames.batched(group)
             count("batches_sent", sum(m.WhichOneof("kind") == "batch" for m in messages))
             yield from messages
         if end:
             return
+
+
+def _frames(queued: pb.ClientFrame | list[pb.ClientFrame]) -> list[pb.ClientFrame]:
+    return queued if isinstance(queued, list) else [queued]
 
 
 class Sender(SenderCore[_Conn]):
@@ -210,6 +214,12 @@ class Sender(SenderCore[_Conn]):
                     conn.out_q.put(None)
                     self.buffer.counters["early_goodbyes"] += 1
                     continue
+                pace = self._pace_s(conn)
+                if pace:  # Welcome.send_interval_ms: wait it out (close cuts it short)
+                    self._cond.wait_for(
+                        lambda: conn.dead or self._stop or self.buffer.closing, timeout=pace
+                    )
+                    continue  # and check again: dead, stale, goodbye
                 holes = self._holes(conn)
                 item = self.buffer.pop()
             for frame in holes:
@@ -218,8 +228,9 @@ class Sender(SenderCore[_Conn]):
                 self._transmit(conn, item)
 
     def _transmit(self, conn: _Conn, item: StepItem | AckItem | SchemaItem) -> None:
-        for frame in self._encode(conn, item):
-            conn.out_q.put(frame)
+        """`item` and what waits behind it (core._burst) as one queue entry: gRPC's thread
+        sends it as one message (frames.batched), never a part of it alone."""
+        conn.out_q.put(self._burst(conn, item))
 
     # ------------------------------------------------------------------ reader
     def _read(self, conn: _Conn) -> None:

@@ -215,7 +215,7 @@ class ServerFrame(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., clip: _Optional[_Union[ClipUpdate, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., to: _Optional[_Union[FrameHeader, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped", "multiplexed", "takes_batches", "takes_packed_schema", "flushes_at_goodbye")
+    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped", "multiplexed", "takes_batches", "takes_packed_schema", "flushes_at_goodbye", "send_interval_ms")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ENDS_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,7 @@ class Welcome(_message.Message):
     TAKES_BATCHES_FIELD_NUMBER: _ClassVar[int]
     TAKES_PACKED_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     FLUSHES_AT_GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    SEND_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     protocol_version: int
     chunk_ends_step: bool
@@ -232,7 +233,8 @@ class Welcome(_message.Message):
     takes_batches: bool
     takes_packed_schema: bool
     flushes_at_goodbye: bool
-    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ..., multiplexed: _Optional[bool] = ..., takes_batches: _Optional[bool] = ..., takes_packed_schema: _Optional[bool] = ..., flushes_at_goodbye: _Optional[bool] = ...) -> None: ...
+    send_interval_ms: int
+    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ..., multiplexed: _Optional[bool] = ..., takes_batches: _Optional[bool] = ..., takes_packed_schema: _Optional[bool] = ..., flushes_at_goodbye: _Optional[bool] = ..., send_interval_ms: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "step")

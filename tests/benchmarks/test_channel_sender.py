@@ -203,6 +203,42 @@ def test_wait_space_bounds_the_buffer():
     assert sender.stats().get("dropped_steps", 0) == 0
 
 
+def test_a_paced_channel_sender_batches_within_its_interval_and_close_does_not_wait():
+    """Welcome.send_interval_ms, as the threaded sender (tests/hooks/test_sender.py): the
+    first step at once, the ones within the interval together in one FrameBatch, the last
+    flushed by aclose without waiting the interval out."""
+    servicer = RecordingServicer()
+    servicer.chunk_ends_step = servicer.takes_batches = True
+    servicer.send_interval_ms = 3000
+    server = LoopbackServer(servicer)
+    steps_in = lambda: {header_of(f).step for f in servicer.frames("chunk")}
+
+    async def play() -> tuple[ChannelSender, float]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            sender = ChannelSender(server.target, IDENT, [(1, specs(5))], config(), channel=channel)
+            assert sender.submit(item(0))
+            assert await until(lambda: steps_in() == {0})
+            for step in (1, 2, 3):
+                assert sender.submit(item(step))
+            await asyncio.sleep(0.3)
+            assert steps_in() == {0}  # held: the interval is not over
+            assert await until(lambda: steps_in() == {0, 1, 2, 3})
+            assert sender.submit(item(4))
+            t0 = asyncio.get_running_loop().time()
+            assert await sender.aclose(10)
+            return sender, asyncio.get_running_loop().time() - t0
+
+    try:
+        sender, close_s = asyncio.run(play())
+    finally:
+        server.stop()
+    chunks = [n for _, n in servicer.messages][-3:]
+    assert chunks == [1, 3, 1]  # step 0; steps 1-3 as one batch; step 4 at close
+    (t_first, _), (t_batch, _) = servicer.messages[-3:-1]
+    assert t_batch - t_first > 2.0 and close_s < 2.5
+    assert steps_in() == {0, 1, 2, 3, 4} and sender.stats()["lost_at_close"] == 0
+
+
 def test_channel_mode_refuses_misuse():
     with pytest.raises(TypeError, match="grpc.aio.Channel"):
         ChannelSender(

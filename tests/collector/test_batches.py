@@ -88,3 +88,28 @@ def test_a_batch_cannot_open_a_stream(start_collector, client_factory):
         c.schema(1, METRICS)
     end = c.wait_end()
     assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "must be Hello" in end.details
+
+
+def test_the_welcome_paces_a_big_run_and_not_a_small_one(start_collector, client_factory):
+    """Welcome.send_interval_ms = world_size / max_stream_messages_per_s: none for a run too
+    small to need it, and capped for a huge one (collector/config.py)."""
+    from collector.config import MAX_SEND_INTERVAL_MS, MIN_SEND_INTERVAL_MS
+
+    _, addr, _ = start_collector(max_stream_messages_per_s=100.0)
+    world_of = {"small": 2, "big": 64, "huge": 4096}  # 20 ms, 640 ms, 40.96 s
+    got = {run: client_factory(addr, run, 0, w).expect("welcome") for run, w in world_of.items()}
+    assert 20 < MIN_SEND_INTERVAL_MS and MAX_SEND_INTERVAL_MS < 40_960
+    assert {run: w.send_interval_ms for run, w in got.items()} == {
+        "small": 0,
+        "big": 640,
+        "huge": MAX_SEND_INTERVAL_MS,
+    }
+    assert all(w.takes_batches for w in got.values())  # pacing needs the batches
+
+
+@pytest.mark.parametrize("rate", [0, -1.0, float("inf"), float("nan")])
+def test_a_pacing_rate_must_be_a_positive_number(rate):
+    from collector.config import CollectorConfig
+
+    with pytest.raises(ValueError, match="max_stream_messages_per_s"):
+        CollectorConfig(insecure=True, max_stream_messages_per_s=rate)

@@ -50,6 +50,9 @@ class RecordingServicer(pbg.TelemetryServicer):
         self.takes_dropped = False  # ... and whether hole reports are taken
         self.takes_packed_schema = False  # ... and schemas in the packed form
         self.flushes_at_goodbye = False  # ... and a goodbye before the last acks
+        self.takes_batches = False  # ... and FrameBatch messages (recorded frame by frame)
+        self.send_interval_ms = 0  # ... and the pacing it asks for
+        self.messages: list[tuple[float, int]] = []  # (monotonic arrival, frames) per message
         # at a client's half-close: ack everything received (a collector's flush at goodbye),
         # or (a count) end that many such streams without acking, as a crash would
         self.ack_at_goodbye = False
@@ -145,6 +148,8 @@ class RecordingServicer(pbg.TelemetryServicer):
                 takes_dropped=self.takes_dropped,
                 takes_packed_schema=self.takes_packed_schema,
                 flushes_at_goodbye=self.flushes_at_goodbye,
+                takes_batches=self.takes_batches,
+                send_interval_ms=self.send_interval_ms,
             )
         )
 
@@ -153,16 +158,22 @@ class RecordingServicer(pbg.TelemetryServicer):
 
         def read() -> None:
             try:
-                for frame in request_iterator:
+                for message in request_iterator:
+                    inner = (
+                        list(message.batch.frames)
+                        if message.WhichOneof("kind") == "batch"
+                        else [message]
+                    )
                     with self.lock:
-                        frames.append(frame)
-                        seq = header_of(frame).seq
-                        if self.acking and seq == self.durable + 1:
-                            self.durable = seq
-                            if self.send_acks:
-                                outbox.put(
-                                    pb.ServerFrame(ack=pb.Ack(seq=seq, step=header_of(frame).step))
-                                )
+                        self.messages.append((time.monotonic(), len(inner)))
+                        for frame in inner:
+                            frames.append(frame)
+                            seq = header_of(frame).seq
+                            if self.acking and seq == self.durable + 1:
+                                self.durable = seq
+                                if self.send_acks:
+                                    ack = pb.Ack(seq=seq, step=header_of(frame).step)
+                                    outbox.put(pb.ServerFrame(ack=ack))
                         self.lock.notify_all()
                 # gRPC's threaded server ends the request iterator the same way for a cancel
                 # as for a half-close when the cancel is seen second: a cancel terminates the

@@ -505,3 +505,47 @@ def test_a_stream_that_breaks_after_an_early_goodbye_is_reopened_and_resent(serv
     first, second = servicer.connections
     assert data_seqs(second) == data_seqs(first)  # the same frames, the same seqs
     assert servicer.durable == max(data_seqs(second))
+
+
+def test_a_paced_stream_holds_what_comes_within_its_interval_and_close_does_not_wait(
+    server, servicer
+):
+    """Welcome.send_interval_ms (with takes_batches): the first step goes at once; the steps
+    submitted within the interval wait for it to end and leave as one FrameBatch; a close
+    flushes at once instead of waiting out the next interval."""
+    servicer.chunk_ends_step = servicer.takes_batches = True
+    servicer.send_interval_ms = 3000
+    sender = make_sender(server.target)
+    steps_in = lambda s: {header_of(f).step for f in s.frames("chunk")}
+    assert sender.submit(item(0))
+    assert servicer.wait_for(lambda s: steps_in(s) == {0})
+    first_at = servicer.messages[-1][0]
+    for step in (1, 2, 3):
+        assert sender.submit(item(step))
+    time.sleep(0.3)
+    assert steps_in(servicer) == {0}  # held: the interval is not over
+    assert servicer.wait_for(lambda s: steps_in(s) == {0, 1, 2, 3})
+    batch_at, n_frames = servicer.messages[-1]
+    assert n_frames == 3  # one message: steps 1-3, a frame each
+    assert batch_at - first_at > 2.0  # not before the interval ended (3 s after step 0 left)
+
+    assert sender.submit(item(4))  # within the next interval: only close can send it now
+    t0 = time.monotonic()
+    assert sender.close(timeout=10)
+    assert time.monotonic() - t0 < 2.5  # it did not wait out the 3 s interval
+    assert steps_in(servicer) == {0, 1, 2, 3, 4}
+    assert sender.stats()["lost_at_close"] == 0
+    assert sender.stats()["batches_sent"] == sum(n > 1 for _, n in servicer.messages)
+    np.testing.assert_array_equal(servicer.step_vectors(1)[2], vector(2, 5))
+
+
+def test_an_unpaced_stream_sends_each_step_as_it_comes(server, servicer):
+    """send_interval_ms 0 (an older collector, a small run): nothing waits, one message per
+    step; the pacing of the test above is the Welcome's doing."""
+    servicer.chunk_ends_step = servicer.takes_batches = True
+    sender = make_sender(server.target)
+    for step in range(3):
+        assert sender.submit(item(step))
+        assert servicer.wait_for(lambda s, n=step + 1: len(s.frames("chunk")) == n)
+    assert sender.close(timeout=10)
+    assert [n for _, n in servicer.messages[-2:]] == [1, 1]  # steps 1 and 2, each alone
