@@ -213,9 +213,11 @@ class Ingest:
     # ---- steps out of the barrier, idle runs ------------------------------------------------
     def tick(self) -> None:
         """Straggler timeouts, and (once a second) idle runs: called periodically."""
+        now = self.clock()
         for run in self.runs.values():
             self.steps.poll(run)
-        now = self.clock()
+            if run.acks_due:
+                self._send_due_acks(run, now)
         if now >= self._next_idle_check:
             self._next_idle_check = now + min(1.0, self.config.run_idle_s / 4)
             self.table.evict_idle(now)
@@ -225,17 +227,36 @@ class Ingest:
         """The writer made jobs <= through_job durable (except `failed`)."""
         self._durable_job = through_job
         for run in self.runs.values():
+            interval = self.config.send_interval_ms(run.world_size) / 1000
+            now = self.clock()
             for rank, acks in run.acks.items():
                 if acks.flushed(through_job, failed):
-                    self._send_ack(run, rank)
+                    if interval and now - acks.sent_at < interval and rank not in run.said_goodbye:
+                        run.acks_due.add(rank)  # paced: tick() sends it once the interval ends
+                    else:
+                        self._send_ack(run, rank)
                 self._settle(run, rank)
 
     def _send_ack(self, run: Run, rank: int) -> None:
         acks = run.acks[rank]
         acks.sent_at = self.clock()
+        run.acks_due.discard(rank)
         for conn in run.conns.get(rank, ()):
             conn.send_ack(acks.acked, acks.durable_step)
             self.counters.add("acks_sent")
+
+    def _send_due_acks(self, run: Run, now: float) -> None:
+        """Ack pacing: a flush acks a rank at most once per its send interval (the Welcome's
+        send_interval_ms), so that at thousands of ranks each flush is not thousands of
+        stream writes; an ack held back goes here once the interval has passed, and at once
+        to a rank that said goodbye (its close waits for it)."""
+        interval = self.config.send_interval_ms(run.world_size) / 1000
+        for rank in [
+            r
+            for r in run.acks_due
+            if now - run.acks[r].sent_at >= interval or r in run.said_goodbye
+        ]:
+            self._send_ack(run, rank)
 
     def _settle(self, run: Run, rank: int) -> None:
         """End the half-closed streams of a rank once all it sent is acked and, if the run
@@ -281,6 +302,8 @@ class Ingest:
             conn.finish()
             return
         run.said_goodbye.add(conn.rank)
+        if conn.rank in run.acks_due:  # nothing is held back from a rank that is closing
+            self._send_ack(run, conn.rank)
         if run.barrier.all_in(run.said_goodbye):
             self._finish_run(run)
         # nothing more comes from this rank: what it sent is made durable (and acked) now,

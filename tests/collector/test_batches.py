@@ -4,6 +4,8 @@ inside. Over loopback into the memory store."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -113,3 +115,39 @@ def test_a_pacing_rate_must_be_a_positive_number(rate):
 
     with pytest.raises(ValueError, match="max_stream_messages_per_s"):
         CollectorConfig(insecure=True, max_stream_messages_per_s=rate)
+
+
+def test_acks_are_paced_like_the_frames_and_a_goodbye_gets_its_ack_at_once(
+    start_collector, client_factory
+):
+    """A flush acks a rank at most once per its send interval: an ack that comes sooner is
+    held back and sent once the interval is over (the ack clock: the last ack sent), never
+    lost; a rank that says goodbye gets it at once, so its close does not wait the interval
+    out. World 1 at 0.2 messages a second: the 5 s cap."""
+    from collector.config import MAX_SEND_INTERVAL_MS
+
+    _, addr, store = start_collector(max_stream_messages_per_s=0.2)
+    c = client_factory(addr, "paced-acks", 0, 1)
+    assert c.expect("welcome").send_interval_ms == MAX_SEND_INTERVAL_MS
+    c.schema(1, METRICS)
+    c.step(0, 1, VALUES[0], fold=True)
+    first = (
+        c.wait_ack()
+    )  # schema and step 0 (held at most one interval, if the schema was acked first)
+    first_at = time.monotonic()
+    assert first.seq == 2
+    c.step(1, 1, VALUES[1], fold=True)
+    wait_for(lambda: store.at_step("paced-acks", 1, rank=0).height == 4, "step 1 stored")
+    time.sleep(0.5)
+    assert c.acks[-1].seq == 2  # durable, but its ack waits for the interval
+    assert c.wait_ack(3, timeout=15).seq == 3
+    assert time.monotonic() - first_at > MAX_SEND_INTERVAL_MS / 1000 - 1.0
+
+    c.step(2, 1, VALUES[2], fold=True)  # within the next interval; then goodbye
+    t0 = time.monotonic()
+    end = c.close()
+    assert end.code == grpc.StatusCode.OK and c.acks[-1].seq == 4
+    assert time.monotonic() - t0 < MAX_SEND_INTERVAL_MS / 1000 - 1.0  # not held back
+    assert stored(store, "paced-acks") == [
+        dict(zip([m.name for m in METRICS], v.tolist())) for v in VALUES
+    ]
