@@ -32,6 +32,13 @@ def attention_mask(seq_len: int, window: int | None, device=None) -> torch.Tenso
     return mask
 
 
+@functools.lru_cache(maxsize=4)
+def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """`attention_mask` of a sliding-window layer, built once per shape and device (every
+    forward of every such layer used to build it again); never written to."""
+    return attention_mask(seq_len, window, device=device)
+
+
 # A causal layer's max-logit probe goes by blocks of this many queries once T holds at least 4
 # of them: each block against the keys before it (no mask) and its own diagonal block (masked),
 # about T^2 / 2 + T * CAUSAL_BLOCK / 2 products instead of T^2 (at T=4,096: 56%).
@@ -161,7 +168,7 @@ class Attention(nn.Module):
         if self.window is None or self.window >= T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            mask_TT = attention_mask(T, self.window, device=x_BTD.device)
+            mask_TT = window_mask(T, self.window, x_BTD.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT, scale=self.scale)
 
         if self.probe_logits.active:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.attention import Attention, attention_mask
+from model.attention import Attention, attention_mask, window_mask
 
 
 def reference_mask(T, window):
@@ -20,6 +20,26 @@ def reference_mask(T, window):
 @pytest.mark.parametrize("T,window", [(12, 4), (12, 1), (9, 9), (7, 20), (10, None)])
 def test_mask_matches_loop_reference(T, window):
     assert torch.equal(attention_mask(T, window), reference_mask(T, window))
+
+
+def test_a_sliding_window_layer_builds_its_mask_once():
+    """window_mask is attention_mask, cached per shape and device: the same tensor on every
+    forward of every sliding-window layer; and the layer's output is what the mask gives."""
+    cpu = torch.device("cpu")
+    first = window_mask(12, 4, cpu)
+    assert torch.equal(first, reference_mask(12, 4)) and window_mask(12, 4, cpu) is first
+    assert not torch.equal(window_mask(12, 3, cpu), first)
+    torch.manual_seed(0)
+    attn = Attention(16, 4, 2, 8, "swa", 4, 12, 1e4, 1e-6)
+    x = torch.randn(2, 12, 16)
+    y = attn(x)
+    q = attn.rope(attn.q_norm(attn.wq(x).view(2, 12, 4, 8).transpose(1, 2)))
+    k = attn.rope(attn.k_norm(attn.wk(x).view(2, 12, 2, 8).transpose(1, 2))).repeat_interleave(2, 1)
+    v = attn.wv(x).view(2, 12, 2, 8).transpose(1, 2).repeat_interleave(2, 1)
+    logits = (q @ k.transpose(-1, -2) * attn.scale).masked_fill(~reference_mask(12, 4), -math.inf)
+    gate = torch.sigmoid(attn.w_gate(x)).transpose(1, 2).unsqueeze(-1)
+    want = attn.wo(((logits.softmax(-1) @ v) * gate).transpose(1, 2).reshape(2, 12, 32))
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
 
 
 def test_window_mask_row_counts():
