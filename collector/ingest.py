@@ -275,15 +275,17 @@ class Ingest:
         seq does not move, but the client sees the collector alive and holding its data.
         A rank that got an Ack within keepalive_s (after a flush) is skipped: at thousands of
         ranks a repeat to each would cost as many stream writes as the flushes' acks, and the
-        silence a client sees stays under 2 x keepalive_s."""
+        silence a client sees stays under 2 x keepalive_s. A paced run's ranks (Welcome's
+        send_interval_ms, at most 5 s) get it once per interval instead, so that pacing holds
+        for the repeats too: under 5 s + keepalive_s of silence, within a client's 10 s
+        net_timeout_s."""
         now = self.clock()
         for run in self.runs.values():
+            every = max(
+                self.config.keepalive_s, self.config.send_interval_ms(run.world_size) / 1000
+            )
             for rank, acks in run.acks.items():
-                if (
-                    acks.max_seq > acks.acked
-                    and rank in run.conns
-                    and now - acks.sent_at >= self.config.keepalive_s
-                ):
+                if acks.max_seq > acks.acked and rank in run.conns and now - acks.sent_at >= every:
                     self._send_ack(run, rank)
 
     def broadcast_clip(self, run: str, update: pb.ClipUpdate) -> None:
