@@ -200,8 +200,10 @@ class Ingest:
             conn.last_seq = h.seq
         if kind in ("chunk", "end_of_step"):
             run.latest_step = max(run.latest_step, h.step)
-        if acks.advance():
-            self._send_ack(run, conn.rank)
+        if acks.advance():  # a frame that needed no write (a known schema, a clip ack)
+            self._ack(
+                run, conn.rank, self.config.send_interval_ms(run.world_size) / 1000, self.clock()
+            )
 
     def _hello(self, conn: Conn, hello: pb.Hello) -> None:
         welcome = self.table.join(conn, hello)  # runs.py: the run, the identity rule
@@ -231,11 +233,16 @@ class Ingest:
             now = self.clock()
             for rank, acks in run.acks.items():
                 if acks.flushed(through_job, failed):
-                    if interval and now - acks.sent_at < interval and rank not in run.said_goodbye:
-                        run.acks_due.add(rank)  # paced: tick() sends it once the interval ends
-                    else:
-                        self._send_ack(run, rank)
+                    self._ack(run, rank, interval, now)
                 self._settle(run, rank)
+
+    def _ack(self, run: Run, rank: int, interval: float, now: float) -> None:
+        """The rank's ack moved: send it, or (paced, within `interval` of the last one, the
+        rank not closing) hold it for tick() to send once the interval is over."""
+        if interval and now - run.acks[rank].sent_at < interval and rank not in run.said_goodbye:
+            run.acks_due.add(rank)
+        else:
+            self._send_ack(run, rank)
 
     def _send_ack(self, run: Run, rank: int) -> None:
         acks = run.acks[rank]

@@ -140,6 +140,54 @@ def test_keepalive_skips_ranks_acked_within_keepalive_s():
     assert conns[1].take() == []  # rank 1 holds nothing: never pinged
 
 
+def test_a_paced_run_gets_its_acks_and_repeats_once_per_send_interval():
+    """World 2 at 0.5 messages a second: a 4 s send interval. A flush's ack that comes within
+    4 s of the last one is held and sent by tick() once the interval is over, or at once at
+    the rank's goodbye; the keepalive repeat waits the interval, not keepalive_s."""
+    ingest, conns, writer, clock = make(2, keepalive_s=2.0, max_stream_messages_per_s=0.5)
+    assert [f.welcome.send_interval_ms for f in conns[0].take()] == [4000]
+    conns[1].take()
+    run = ingest.runs["r"]
+
+    def schema_frame(rank: int, sid: int, seq: int) -> pb.ClientFrame:
+        return pb.ClientFrame(
+            schema=pb.Schema(header=header(rank, -1, seq), schema_id=sid, metrics=[mdef(f"x{sid}")])
+        )
+
+    ingest.receive(conns[0], schema_frame(0, 1, 1))
+    ingest.on_flushed(len(writer.jobs), set())
+    assert [f.ack.seq for f in conns[0].take()] == [1]  # the first ack: nothing to pace yet
+    ingest.receive(conns[0], schema_frame(0, 2, 2))
+    clock.t += 1.0
+    ingest.on_flushed(len(writer.jobs), set())
+    assert conns[0].take() == [] and run.acks_due == {0}  # durable, its ack held
+    clock.t += 2.0
+    ingest.tick()
+    assert conns[0].take() == []  # 3 s since the last ack
+    clock.t += 1.0
+    ingest.tick()
+    assert [f.ack.seq for f in conns[0].take()] == [2] and not run.acks_due
+
+    chunk = pb.StepChunk(header=header(0, 0, 3), schema_id=1, offset=0, total=1, values=b"\0" * 4)
+    ingest.receive(conns[0], pb.ClientFrame(chunk=chunk))  # waits for rank 1
+    clock.t += 2.0
+    ingest.keepalive()
+    assert conns[0].take() == []  # keepalive_s passed, the 4 s interval not
+    clock.t += 2.0
+    ingest.keepalive()
+    assert [f.ack.seq for f in conns[0].take()] == [2]
+
+    ingest.receive(conns[1], schema_frame(1, 1, 1))
+    ingest.on_flushed(len(writer.jobs), set())
+    assert [f.ack.seq for f in conns[1].take()] == [1]
+    ingest.receive(conns[1], schema_frame(1, 2, 2))
+    ingest.on_flushed(len(writer.jobs), set())
+    assert conns[1].take() == [] and run.acks_due == {1}
+    ingest.half_close(conns[1])  # goodbye: nothing is held back from a closing rank
+    assert [f.ack.seq for f in conns[1].take() if f.HasField("ack")] == [2]
+    assert not run.acks_due
+
+
 # ---------------------------------------------------------------- chunks that end their step
 def schema(ingest, conn, rank: int, n: int = 2, seq: int = 1) -> None:
     ingest.receive(
