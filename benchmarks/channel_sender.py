@@ -200,7 +200,7 @@ class ChannelSender(SenderCore[Conn]):
                 )
             await self._until(self._work, ready, timeout)
             pace = self._pace_s(conn)
-            if pace and not (conn.dead or self._stop):  # Welcome.send_interval_ms: wait it out
+            if pace:  # Welcome.send_interval_ms: wait it out (close cuts it short)
                 await self._until(
                     self._work, lambda: conn.dead or self._stop or self.buffer.closing, pace
                 )

@@ -201,9 +201,7 @@ class Ingest:
         if kind in ("chunk", "end_of_step"):
             run.latest_step = max(run.latest_step, h.step)
         if acks.advance():  # a frame that needed no write (a known schema, a clip ack)
-            self._ack(
-                run, conn.rank, self.config.send_interval_ms(run.world_size) / 1000, self.clock()
-            )
+            self._ack(run, conn.rank, self._interval_s(run), self.clock())
 
     def _hello(self, conn: Conn, hello: pb.Hello) -> None:
         welcome = self.table.join(conn, hello)  # runs.py: the run, the identity rule
@@ -229,12 +227,15 @@ class Ingest:
         """The writer made jobs <= through_job durable (except `failed`)."""
         self._durable_job = through_job
         for run in self.runs.values():
-            interval = self.config.send_interval_ms(run.world_size) / 1000
-            now = self.clock()
+            interval, now = self._interval_s(run), self.clock()
             for rank, acks in run.acks.items():
                 if acks.flushed(through_job, failed):
                     self._ack(run, rank, interval, now)
                 self._settle(run, rank)
+
+    def _interval_s(self, run: Run) -> float:
+        """The run's pacing interval in seconds (its ranks' Welcome.send_interval_ms; 0: none)."""
+        return self.config.send_interval_ms(run.world_size) / 1000
 
     def _ack(self, run: Run, rank: int, interval: float, now: float) -> None:
         """The rank's ack moved: send it, or (paced, within `interval` of the last one, the
@@ -255,14 +256,10 @@ class Ingest:
     def _send_due_acks(self, run: Run, now: float) -> None:
         """Ack pacing: a flush acks a rank at most once per its send interval (the Welcome's
         send_interval_ms), so that at thousands of ranks each flush is not thousands of
-        stream writes; an ack held back goes here once the interval has passed, and at once
-        to a rank that said goodbye (its close waits for it)."""
-        interval = self.config.send_interval_ms(run.world_size) / 1000
-        for rank in [
-            r
-            for r in run.acks_due
-            if now - run.acks[r].sent_at >= interval or r in run.said_goodbye
-        ]:
+        stream writes; an ack held back goes here once the interval has passed (a rank that
+        says goodbye gets its held ack in half_close, and none is held after it)."""
+        interval = self._interval_s(run)
+        for rank in [r for r in run.acks_due if now - run.acks[r].sent_at >= interval]:
             self._send_ack(run, rank)
 
     def _settle(self, run: Run, rank: int) -> None:
@@ -288,9 +285,7 @@ class Ingest:
         net_timeout_s."""
         now = self.clock()
         for run in self.runs.values():
-            every = max(
-                self.config.keepalive_s, self.config.send_interval_ms(run.world_size) / 1000
-            )
+            every = max(self.config.keepalive_s, self._interval_s(run))
             for rank, acks in run.acks.items():
                 if acks.max_seq > acks.acked and rank in run.conns and now - acks.sent_at >= every:
                     self._send_ack(run, rank)
