@@ -32,8 +32,8 @@ class Conn:
         self._ack: pb.Ack | None = None
 
     def welcome(self, acked_seq: int, send_interval_ms: int = 0) -> None:
-        """Ingest takes a step's last chunk with ends_step, StepsDropped, packed schemas and an
-        early goodbye (ingest.py, registry.py): say so; and how to pace (config.py)."""
+        """Ingest takes a step's last chunk with ends_step, StepsDropped, packed schemas,
+        mean_nonzero and an early goodbye (ingest.py, registry.py): say so; and how to pace (config.py)."""
         self._welcome = pb.Welcome(
             send_interval_ms=send_interval_ms,
             acked_seq=acked_seq,
@@ -41,6 +41,7 @@ class Conn:
             chunk_ends_step=True,
             takes_dropped=True,
             takes_packed_schema=True,
+            takes_mean_nonzero=True,  # reduction.py's OP_MEAN_NONZERO
             takes_batches=True,
             flushes_at_goodbye=True,  # ingest.half_close asks the writer for a flush at once
         )

@@ -2,13 +2,13 @@
 
 A collector in tier mode (tier.py) holds only some ranks of a run. For each step it reduces
 what ITS ranks sent into a Partial: per metric id (the run's global ids, coordinator.py assigns
-them) the float64 sum, the count of ranks, the max and the min, over the ranks that ended the
-step. Every statistic is kept for every id, whatever its reduce op: the collector needs no op
+them) the float64 sum, the count of ranks, the count of ranks whose value is not 0 (for
+mean_nonzero), the max and the min, over the ranks that ended the step. Every statistic is kept for every id, whatever its reduce op: the collector needs no op
 table, and the coordinator applies each id's op once all partials are in (`finish`), through
-the same `reduction.Accumulator.result` a single collector uses, so mean = sum / count and the
-NaN rules are the same code.
+the same `reduction.Accumulator.result` a single collector uses, so mean = sum / count,
+mean_nonzero = sum / nonzero and the NaN rules are the same code.
 
-Combining is associative: sums and counts add, max and min take the max and min (NaN
+Combining is associative: sums and both counts add, max and min take the max and min (NaN
 propagates, as in reduction.py). Sums are float64 of float32 values, so reassociating them
 (ranks 0+2 then 1+3, instead of 0+1+2+3) gives the very same float32 result whenever the sum
 is exact in float64, which holds for any handful of float32 values within 2^29 of each other
@@ -21,7 +21,10 @@ the coordinator's NaN events name the ranks a NaN came from, as a single collect
 storm beyond the cap is counted (`nonfinite_more`), not listed.
 
 On the wire a Partial is jobs.py's record format (JSON meta + raw little-endian arrays); the
-pairs ride in the meta, which older coordinators read past.
+pairs ride in the meta, which older coordinators read past. The nonzero counts are a sixth
+array, after the five older tiers send: a Partial of five reads as if every value were nonzero
+(mean_nonzero = mean for its ranks), and an older coordinator refuses six, so a tier's
+coordinator is upgraded before its tiers.
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ class Partial:
     nonfinite: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
     """[n, 2] (rank, id) pairs whose raw value was NaN or +-inf, at most MAX_NONFINITE."""
     nonfinite_more: int = 0  # pairs beyond the cap, not listed
+    nonzero: np.ndarray = None  # type: ignore[assignment]
+    """int64: per id, the ranks whose value was not 0 (mean_nonzero's divisor); None: `count`
+    (every value nonzero, as an older tier's five arrays read)."""
+
+    def __post_init__(self) -> None:
+        if self.nonzero is None:
+            self.nonzero = self.count
 
     def encode(self) -> bytes:
         meta = {
@@ -65,13 +75,15 @@ class Partial:
         if self.nonfinite.size or self.nonfinite_more:
             meta["nonfinite"] = self.nonfinite.tolist()
             meta["nonfinite_more"] = self.nonfinite_more
-        return b"".join(_pack(meta, [self.ids, self.sum, self.count, self.max, self.min]))
+        arrays = [self.ids, self.sum, self.count, self.max, self.min, self.nonzero]
+        return b"".join(_pack(meta, arrays))
 
     @classmethod
     def decode(cls, payload: bytes) -> Partial:
         meta, a = _unpack(payload)
-        if len(a) != 5 or len({x.shape for x in a}) != 1 or a[0].ndim != 1:
-            raise ValueError("a Partial holds 5 arrays of one length")
+        if len(a) not in (5, 6) or len({x.shape for x in a}) != 1 or a[0].ndim != 1:
+            raise ValueError("a Partial holds 5 or 6 arrays of one length")
+        count = a[2].astype(np.int64)
         return cls(
             run=str(meta["run"]),
             step=int(meta["step"]),
@@ -79,12 +91,13 @@ class Partial:
             wall_time=float(meta["wall_time"]),
             ids=a[0].astype(np.int32),
             sum=a[1].astype(np.float64),
-            count=a[2].astype(np.int64),
+            count=count,
             max=a[3].astype(np.float64),
             min=a[4].astype(np.float64),
             wait=bool(meta.get("wait", False)),
             nonfinite=_pairs(meta.get("nonfinite", [])),
             nonfinite_more=int(meta.get("nonfinite_more", 0)),
+            nonzero=a[5].astype(np.int64) if len(a) == 6 else count,  # an older tier: all nonzero
         )
 
 
@@ -102,18 +115,20 @@ def _capped(pairs: list[np.ndarray], more: int = 0) -> tuple[np.ndarray, int]:
     return a[:MAX_NONFINITE], more + max(0, len(a) - MAX_NONFINITE)
 
 
-def _grouped(ids, s, c, mx, mn) -> tuple[np.ndarray, ...]:
-    """Rows (id, sum, count, max, min) with repeated ids -> one row per id, ids sorted."""
+def _grouped(ids, s, c, nz, mx, mn) -> tuple[np.ndarray, ...]:
+    """Rows (id, sum, count, nonzero, max, min) with repeated ids -> one row per id, ids
+    sorted."""
     if ids.size == 0:
-        return ids.astype(np.int32), s, c, mx, mn
+        return ids.astype(np.int32), s, c, nz, mx, mn
     order = np.argsort(ids, kind="stable")
-    ids, s, c, mx, mn = ids[order], s[order], c[order], mx[order], mn[order]
+    ids, s, c, nz, mx, mn = ids[order], s[order], c[order], nz[order], mx[order], mn[order]
     start = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf propagate on purpose
         return (
             ids[start].astype(np.int32),
             np.add.reduceat(s, start),
             np.add.reduceat(c, start),
+            np.add.reduceat(nz, start),
             np.maximum.reduceat(mx, start),
             np.minimum.reduceat(mn, start),
         )
@@ -131,7 +146,7 @@ def partial_of(
     flat rows (partial vectors), already in global metric ids; other ranks' values are left
     out (stragglers are stored raw, never reduced)."""
     keep = np.fromiter(ranks, dtype=np.int32, count=len(ranks))
-    cols: list[list[np.ndarray]] = [[], [], [], [], []]
+    cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
     bad: list[np.ndarray] = []  # (rank, id) pairs of non-finite raw values
     with np.errstate(invalid="ignore", over="ignore"):
         for b in blocks:
@@ -145,6 +160,7 @@ def partial_of(
                     b.metric_id,
                     total,
                     np.full(b.metric_id.size, v.shape[0], np.int64),
+                    np.count_nonzero(v, axis=0).astype(np.int64),
                     v.max(axis=0).astype(np.float64),
                     v.min(axis=0).astype(np.float64),
                 )
@@ -158,15 +174,18 @@ def partial_of(
         assert rest.rank is not None  # raw rows always name their rank
         sel = np.isin(rest.rank, keep)
         v64 = rest.value[sel].astype(np.float64)
-        for i, x in enumerate((rest.metric_id[sel], v64, np.ones(v64.size, np.int64), v64, v64)):
+        one = np.ones(v64.size, np.int64)
+        for i, x in enumerate(
+            (rest.metric_id[sel], v64, one, (v64 != 0).astype(np.int64), v64, v64)
+        ):
             cols[i].append(x)
         off = ~np.isfinite(v64)
         if off.any():
             bad.append(np.stack([rest.rank[sel][off], rest.metric_id[sel][off]], axis=1))
-    dtypes = (np.int32, np.float64, np.int64, np.float64, np.float64)
+    dtypes = (np.int32, np.float64, np.int64, np.int64, np.float64, np.float64)
     arrays = [np.concatenate(c).astype(t, copy=False) for c, t in zip(cols, dtypes)]
-    ids, s, c, mx, mn = _grouped(*arrays)
-    part = Partial(run, step, ranks, wall_time, ids, s, c, mx, mn)
+    ids, s, c, nz, mx, mn = _grouped(*arrays)
+    part = Partial(run, step, ranks, wall_time, ids, s, c, mx, mn, nonzero=nz)
     if bad:
         part.nonfinite, part.nonfinite_more = _capped(bad)
     return part
@@ -181,11 +200,11 @@ def combine(parts: list[Partial]) -> Partial:
         if ranks & p.ranks:
             raise ValueError(f"partials overlap in ranks {sorted(ranks & p.ranks)}")
         ranks |= p.ranks
-    cat = [np.concatenate([getattr(p, k) for p in parts]) for k in ("ids", "sum", "count")]
-    cat += [np.concatenate([getattr(p, k) for p in parts]) for k in ("max", "min")]
-    ids, s, c, mx, mn = _grouped(*cat)
+    keys = ("ids", "sum", "count", "nonzero", "max", "min")
+    cat = [np.concatenate([getattr(p, k) for p in parts]) for k in keys]
+    ids, s, c, nz, mx, mn = _grouped(*cat)
     wall = max(p.wall_time for p in parts)
-    out = Partial(parts[0].run, parts[0].step, ranks, wall, ids, s, c, mx, mn)
+    out = Partial(parts[0].run, parts[0].step, ranks, wall, ids, s, c, mx, mn, nonzero=nz)
     if any(p.nonfinite.size or p.nonfinite_more for p in parts):
         more = sum(p.nonfinite_more for p in parts)
         out.nonfinite, out.nonfinite_more = _capped([p.nonfinite for p in parts], more)
@@ -220,6 +239,6 @@ def finish(p: Partial, ops_M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     acc = Accumulator(ops_M)
     if p.ids.size and int(p.ids.max()) >= ops_M.size:
         raise ValueError(f"metric id {int(p.ids.max())} outside the run's {ops_M.size} metrics")
-    acc.sum_M[p.ids], acc.count_M[p.ids] = p.sum, p.count
+    acc.sum_M[p.ids], acc.count_M[p.ids], acc.nonzero_M[p.ids] = p.sum, p.count, p.nonzero
     acc.max_M[p.ids], acc.min_M[p.ids] = p.max, p.min
     return acc.result()

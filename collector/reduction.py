@@ -12,9 +12,14 @@ object; parts are grouped by that object:
     partial vectors (a straggler's, or gaps)     -> flat (metric_id, rank, value) rows, reduced
         with scatter kernels: np.bincount(ids, weights=float64), np.maximum.at/np.minimum.at
 
-Both feed one run-wide accumulator per metric id (float64 sum, count of ranks, max, min), since
-the same id (the loss, a layer's router stats) appears in many layouts; each id then takes the
-result of the op it declared, mean = sum / count over the ranks that sent it.
+Both feed one run-wide accumulator per metric id (float64 sum, count of ranks, count of ranks
+whose value is not 0, max, min), since the same id (the loss, a layer's router stats) appears in
+many layouts; each id then takes the result of the op it declared, mean = sum / count over the
+ranks that sent it, mean_nonzero = sum / the count of those whose value is not 0 (0 when none):
+a per-expert statistic of the tokens a rank routed to the expert, where a rank that routed it
+none reports 0 (with 4,096 ranks of data parallelism a lightly loaded expert gets tokens on a
+few; under expert parallelism only its owner holds it), is the mean of the ranks that saw it
+instead of their mean divided by the ranks that did not.
 
 Accumulation is float64 and the result is cast to float32, so a sum of many float32 values
 does not lose precision on the way. Non-finite values propagate on purpose: a NaN on any rank
@@ -33,8 +38,20 @@ import numpy as np
 from store.base import RawBlock, StepStatus, ValueBatch
 
 # Op codes: the same numbers as proto's ReduceOp, so the registry can store them directly.
-OP_SUM, OP_MEAN, OP_MAX, OP_MIN = 1, 2, 3, 4
-OP_NAMES = {OP_SUM: "sum", OP_MEAN: "mean", OP_MAX: "max", OP_MIN: "min"}
+OP_SUM, OP_MEAN, OP_MAX, OP_MIN, OP_MEAN_NONZERO = 1, 2, 3, 4, 5
+OP_NAMES = {
+    OP_SUM: "sum",
+    OP_MEAN: "mean",
+    OP_MAX: "max",
+    OP_MIN: "min",
+    OP_MEAN_NONZERO: "mean_nonzero",
+}
+
+
+def additive(ops: np.ndarray) -> np.ndarray:
+    """Where an op reads the sum: sum, mean and mean_nonzero."""
+    return (ops == OP_SUM) | (ops == OP_MEAN) | (ops == OP_MEAN_NONZERO)
+
 
 Part = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # rank, ids_S, values_S, have_S
 
@@ -98,14 +115,16 @@ def gather(parts: list[Part]) -> Rows:
 
 
 class Accumulator:
-    """Per metric id of the run: float64 sum, count of ranks, max and min of what was added,
-    as rows or as whole layout matrices; `result` applies each id's op."""
+    """Per metric id of the run: float64 sum, count of ranks, count of nonzero values, max and
+    min of what was added, as rows or as whole layout matrices; `result` applies each id's op.
+    The nonzero count is kept for mean_nonzero ids only (elsewhere it stays 0)."""
 
     def __init__(self, ops_M: np.ndarray) -> None:
         self.ops_M = ops_M
         M = int(ops_M.size)
         self.sum_M = np.zeros(M, dtype=np.float64)
         self.count_M = np.zeros(M, dtype=np.int64)
+        self.nonzero_M = np.zeros(M, dtype=np.int64)
         self.max_M = np.full(M, -np.inf, dtype=np.float64)
         self.min_M = np.full(M, np.inf, dtype=np.float64)
 
@@ -123,9 +142,12 @@ class Accumulator:
         v64 = value.astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf propagate on purpose
             self.count_M += np.bincount(metric_id, minlength=M)
-            add = (op_R == OP_SUM) | (op_R == OP_MEAN)
+            add = additive(op_R)
             if add.any():
                 self.sum_M += np.bincount(metric_id[add], weights=v64[add], minlength=M)
+            nz = (op_R == OP_MEAN_NONZERO) & (v64 != 0)
+            if nz.any():
+                self.nonzero_M += np.bincount(metric_id[nz], minlength=M)
             for op, kernel, acc in (
                 (OP_MAX, np.maximum, self.max_M),
                 (OP_MIN, np.minimum, self.min_M),
@@ -142,12 +164,11 @@ class Accumulator:
         ops_S = self.ops_M[ids_S]
         with np.errstate(invalid="ignore", over="ignore"):
             self.count_M[ids_S] += value_RS.shape[0]
-            if ((ops_S == OP_SUM) | (ops_S == OP_MEAN)).any():  # every column: cheaper than
-                self.sum_M[ids_S] += np.add.reduce(
-                    value_RS,
-                    axis=0,  # gathering the few
-                    dtype=np.float64,
-                )  # of one op
+            if additive(ops_S).any():  # every column: cheaper than gathering the few of one op
+                self.sum_M[ids_S] += np.add.reduce(value_RS, axis=0, dtype=np.float64)
+            if (ops_S == OP_MEAN_NONZERO).any():
+                nz = ops_S == OP_MEAN_NONZERO
+                self.nonzero_M[ids_S[nz]] += np.count_nonzero(value_RS[:, nz], axis=0)
             if (ops_S == OP_MAX).any():
                 self.max_M[ids_S] = np.maximum(self.max_M[ids_S], value_RS.max(axis=0))
             if (ops_S == OP_MIN).any():
@@ -161,6 +182,8 @@ class Accumulator:
         with np.errstate(invalid="ignore", over="ignore"):
             out = self.sum_M[present]
             out = np.where(ops == OP_MEAN, out / np.maximum(count, 1), out)
+            nonzero = self.nonzero_M[present]
+            out = np.where(ops == OP_MEAN_NONZERO, out / np.maximum(nonzero, 1), out)
             out = np.where(ops == OP_MAX, self.max_M[present], out)
             out = np.where(ops == OP_MIN, self.min_M[present], out)
             vals = out.astype(np.float32)  # beyond float32 range becomes inf
@@ -225,10 +248,10 @@ def _one_rank(
     step: int, parts: list[Part], ops_M: np.ndarray, status: StepStatus
 ) -> StepRows | None:
     """A step that is one rank's whole vectors (a world-1 run; one part per wire schema):
-    each metric's reduction over one rank is its value, so no accumulator (four float64
-    arrays over every id of the run) is built. Exactly the accumulator's result: the value
-    through float64, sum and mean as 0.0 + value (so -0.0 becomes +0.0), sorted by id,
-    n_ranks 1. None (the general path) if an id appears twice among the parts."""
+    each metric's reduction over one rank is its value (mean_nonzero's too: 0 when it is 0),
+    so no accumulator (five arrays over every id of the run) is built. Exactly the
+    accumulator's result: the value through float64, sum, mean and mean_nonzero as 0.0 + value
+    (so -0.0 becomes +0.0), sorted by id, n_ranks 1. None (the general path) if an id appears twice among the parts."""
     ids = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     if ids.size and int(ids.max()) >= ops_M.size:
         raise ValueError(f"metric id {int(ids.max())} outside the run's {ops_M.size} metrics")
@@ -240,7 +263,7 @@ def _one_rank(
             return None
     ops = ops_M[ids]
     with np.errstate(invalid="ignore", over="ignore"):
-        v64 = np.where((ops == OP_SUM) | (ops == OP_MEAN), v64 + 0.0, v64)
+        v64 = np.where(additive(ops), v64 + 0.0, v64)
         vals = v64.astype(np.float32)
     rank = np.array([parts[0][0]], np.int32)
     blocks = [  # one per layout, as the general path makes them: the vectors themselves

@@ -33,7 +33,7 @@ import pyarrow as pa
 from collector.barrier import ByteBudget
 from collector.errors import InvalidArgument, ResourceExhausted
 from collector.idset import IdRanges
-from collector.reduction import OP_MAX, OP_MEAN, OP_MIN, OP_NAMES, OP_SUM
+from collector.reduction import OP_MAX, OP_MEAN, OP_MEAN_NONZERO, OP_MIN, OP_NAMES, OP_SUM
 from proto.v1 import telemetry_pb2 as pb
 from store.base import RUN_NAME_RE, MetricDict
 from store.frames import from_arrow
@@ -46,6 +46,7 @@ REDUCE_CODES = {
     pb.REDUCE_MEAN: OP_MEAN,
     pb.REDUCE_MAX: OP_MAX,
     pb.REDUCE_MIN: OP_MIN,
+    pb.REDUCE_MEAN_NONZERO: OP_MEAN_NONZERO,
 }
 assert all(k == v for k, v in REDUCE_CODES.items()), "reduction op codes mirror proto ReduceOp"
 
@@ -340,7 +341,7 @@ class RunMetrics:
         )
 
 
-_OP_SERIES = pl.Series([OP_NAMES.get(i, "") for i in range(5)], dtype=pl.Utf8)
+_OP_SERIES = pl.Series([OP_NAMES.get(i, "") for i in range(max(OP_NAMES) + 1)], dtype=pl.Utf8)
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,7 @@ def _checked(schema_id: int, names: pl.Series, **cols) -> _Columns:
         raise InvalidArgument(f"schema {schema_id} has no metrics")
     op = cols["op"]
     n_chars = names.str.len_chars().to_numpy()
-    bad_op = (op < 1) | (op > 4)
+    bad_op = (op < 1) | (op > max(OP_NAMES))
     bad_name = (n_chars < 1) | (n_chars > MAX_NAME_CHARS)
     bad_label = (cols["layer"] < -1) | (cols["expert"] < -1) | (cols["head"] < -1)
     bad = bad_op | bad_name | bad_label
@@ -389,7 +390,7 @@ def _checked(schema_id: int, names: pl.Series, **cols) -> _Columns:
         if bad_op[i]:
             raise InvalidArgument(
                 f"metric {i} ({name!r}) of schema {schema_id} has "
-                f"reduce op {int(op[i])}: declare sum, mean, max or min"
+                f"reduce op {int(op[i])}: declare sum, mean, max, min or mean_nonzero"
             )
         if bad_name[i]:
             raise InvalidArgument(

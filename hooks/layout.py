@@ -93,7 +93,7 @@ class MetricSpec:
     """One metric of a schema: a MetricDef without the protobuf (the encoder makes those)."""
 
     name: str
-    reduce: str  # "sum" | "mean" | "max" | "min": across ranks
+    reduce: str  # "sum" | "mean" | "max" | "min" | "mean_nonzero": across ranks
     stat: str
     layer: int = -1
     expert: int = -1
@@ -193,9 +193,11 @@ def build_layout(shape: ModelShape, groups: frozenset[str]) -> Layout:
         for key, reduce, unit, init in (
             (R.MOE_TOKENS, "sum", "tokens", 0.0),
             (R.MOE_GATE_MASS, "sum", "", 0.0),
-            (R.MOE_ACT_RMS, "mean", "", 0.0),
+            # a rank that routed an expert no tokens reports 0 for these: the mean over the
+            # ranks that did, not that mean divided by the world (reduction.py)
+            (R.MOE_ACT_RMS, "mean_nonzero", "", 0.0),
             (R.MOE_ACT_MAXABS, "max", "", 0.0),
-            (R.MOE_OUT_NORM, "mean", "", 0.0),
+            (R.MOE_OUT_NORM, "mean_nonzero", "", 0.0),
         ):
             stat = key.stat
             metrics(

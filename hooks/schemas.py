@@ -30,7 +30,13 @@ from proto.v1 import telemetry_pb2 as pb
 # (id << 16) | k. Values keep their order, so the packed vector is cut at the same places.
 SCHEMA_PART_BYTES = 1_000_000
 MAX_SCHEMA_PARTS = 1 << 16
-REDUCE = {"sum": pb.REDUCE_SUM, "mean": pb.REDUCE_MEAN, "max": pb.REDUCE_MAX, "min": pb.REDUCE_MIN}
+REDUCE = {
+    "sum": pb.REDUCE_SUM,
+    "mean": pb.REDUCE_MEAN,
+    "max": pb.REDUCE_MAX,
+    "min": pb.REDUCE_MIN,
+    "mean_nonzero": pb.REDUCE_MEAN_NONZERO,
+}
 _OP_OF: dict[int, str] = {int(v): k for k, v in REDUCE.items()}
 
 
@@ -200,6 +206,16 @@ class SpecColumns:
             self.reduce[part],
         )
 
+    def plain_means(self) -> SpecColumns:
+        """These columns with mean_nonzero declared as mean (for a collector whose Welcome
+        lacks takes_mean_nonzero, which would refuse the op): a copy only where it has one."""
+        nz = self.reduce == pb.REDUCE_MEAN_NONZERO
+        if not nz.any():
+            return self
+        out = self[:]
+        out.reduce = np.where(nz, np.uint8(pb.REDUCE_MEAN), self.reduce).astype(np.uint8)
+        return out
+
     def specs(self) -> list[MetricSpec]:
         """Back to MetricSpecs (tests, and the rare older collector)."""
         ops = _OP_OF
@@ -222,7 +238,7 @@ class SpecColumns:
             + _int32_field(self.head.astype(np.int64))
             + _str_field(lens[self.stat] if lens.size else self.stat)
             + _str_field(lens[self.unit] if lens.size else self.unit)
-            + 2  # reduce: tag + a one-byte enum value (never 0: REDUCE maps every op to 1..4)
+            + 2  # reduce: tag + a one-byte enum value (never 0: REDUCE maps every op to 1..5)
         )
         return 1 + _varint_len(body) + body
 
@@ -370,10 +386,14 @@ def schema(
     schema_id: int,
     specs: Sequence[MetricSpec] | SpecColumns,
     packed: bool = False,
+    mean_nonzero: bool = True,
 ) -> pb.ClientFrame:
     """A Schema frame: PackedMetrics when `packed` (the collector's Welcome said it takes
-    them), else the repeated MetricDef form every collector takes."""
+    them), else the repeated MetricDef form every collector takes; mean_nonzero declared as
+    mean unless `mean_nonzero` (the Welcome said takes_mean_nonzero)."""
     cols = SpecColumns.of(specs)
+    if not mean_nonzero:
+        cols = cols.plain_means()
     if packed:
         msg = pb.Schema(header=ident.header(-1, seq), schema_id=schema_id, packed=cols.packed())
         # a part cut by wire_sizes fits; only stat/unit tables of hundreds of KB could not
@@ -387,14 +407,28 @@ def schema(
     return pb.ClientFrame(schema=msg)
 
 
-def schema_form(frame: pb.ClientFrame, packed: bool) -> pb.ClientFrame:
-    """A sent Schema frame in the other form, same header (a reconnect found a collector that
-    takes the other one)."""
+def declares_mean_nonzero(s: pb.Schema) -> bool:
+    if s.HasField("packed"):
+        return bytes([pb.REDUCE_MEAN_NONZERO]) in s.packed.reduce
+    return any(m.reduce == pb.REDUCE_MEAN_NONZERO for m in s.metrics)
+
+
+def in_form(frame: pb.ClientFrame, packed: bool, mean_nonzero: bool = True) -> bool:
+    """A Schema frame is in the form a collector takes: packed or not as it says, and no
+    mean_nonzero unless it takes that op."""
     s = frame.schema
-    if s.HasField("packed") == packed:
+    return s.HasField("packed") == packed and (mean_nonzero or not declares_mean_nonzero(s))
+
+
+def schema_form(frame: pb.ClientFrame, packed: bool, mean_nonzero: bool = True) -> pb.ClientFrame:
+    """A sent Schema frame in the form a collector takes (in_form), same header (a reconnect
+    found a collector that takes another one). A mean_nonzero declared as mean for an older
+    collector stays mean: the frame no longer says which it was."""
+    if in_form(frame, packed, mean_nonzero):
         return frame
+    s = frame.schema
     cols = columns_of(s) if s.HasField("packed") else SpecColumns.of(_specs_of(s))
-    return schema(_ident_of(s.header), s.header.seq, s.schema_id, cols, packed)
+    return schema(_ident_of(s.header), s.header.seq, s.schema_id, cols, packed, mean_nonzero)
 
 
 def _ident_of(h: pb.FrameHeader) -> Identity:

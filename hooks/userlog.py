@@ -31,7 +31,7 @@ FIRST_USER_SCHEMA_ID = 3  # 1 and 2 are the step and periodic schemas (hooks.lay
 MAX_USER_NAMES = 32  # one schema each: the collector takes 64 per rank (a big model's step
 # schema is cut into parts of 16,384 metrics, each a schema too)
 MAX_PENDING_STEPS = 64
-REDUCES = ("mean", "sum", "max", "min")
+REDUCES = ("mean", "sum", "max", "min", "mean_nonzero")
 USER_STAT = "user"  # the stat label of every logged metric (dashboard: "logged with monitor.log")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 MAX_NAME_CHARS = 512

@@ -8,7 +8,7 @@ frames. Every write is idempotent on its natural key, so a resent frame never do
 | runs       | run                            | run, world_size, config_json, started_at, updated_at,    |
 |            |                                | last_step, status ("live" / "finished" / "abandoned")    |
 | metrics    | (run, metric_id)               | run, metric_id, name, layer, expert, head, stat, unit,   |
-|            |                                | reduce ("sum" / "mean" / "max" / "min")                  |
+|            |                                | reduce ("sum" / "mean" / "max" / "min" / "mean_nonzero") |
 | raw        | (run, rank, step, metric_id)   | run, rank, step, metric_id, value (float32)              |
 |            |                                | (written as ValueBatch rows or as RawBlocks: per-rank    |
 |            |                                | vectors, the way the collector receives them)            |
@@ -39,7 +39,7 @@ import numpy as np
 import polars as pl
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-REDUCE_OPS = ("sum", "mean", "max", "min")
+REDUCE_OPS = ("sum", "mean", "max", "min", "mean_nonzero")
 END_STATUSES = ("finished", "abandoned")  # finished: every rank said goodbye; abandoned:
 # every rank vanished without one (the collector's idle rule, collector/ingest.py)
 

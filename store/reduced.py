@@ -9,7 +9,7 @@ straggler's partial vector) is a few rows of stable layouts, and a steady run re
 step.
 
 A world-1 run stores its values once. Its reduced value of a metric is its one rank's raw
-value (sum, mean, max and min of one value are that value), so at flush the store compares each
+value (sum, mean, max, min and mean_nonzero of one value are that value), so at flush the store compares each
 reduced row of n_ranks == 1 with rank 0's raw cells of that step written in the same flush;
 when every cell is there with the same bits, the row is stored as a reference (`source` = 0,
 `values` empty) and reads take those cells from the raw vectors (`resolve`). Anything else (a

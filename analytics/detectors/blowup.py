@@ -29,8 +29,9 @@ activations (every step, an expert that got tokens; a shared expert too). act_rm
   `runaway` x the larger of that reference and the layer's median on `runaway_steps`
   consecutive steps (the layer's median being the larger of today's and its median over the
   last `window` steps: when the router sends nearly every token to one or two experts, the
-  median of the rest - a token or two each, and act_rms a mean over ranks that counts a rank
-  that routed an expert nothing as 0 - halves or drops 5x from one step to the next, and a
+  median of the rest - a token or two each, and (before act_rms reduced as mean_nonzero) a
+  mean over ranks that counted a rank that routed an expert nothing as 0 - halves or drops 5x
+  from one step to the next, and a
   steady expert crossed `runaway` against it: the tiny preset's through-agent run, act_rms
   0.12 over a median of 0.013 at step 134, of 0.07 at step 136; a blow-up of one expert
   does not lower its layer's median, so it is judged as before): a blow-up is growth beyond the layer's scale, and an expert climbing from

@@ -34,10 +34,11 @@ FSDP / expert parallelism (not exercised by the tests, which run one CPU process
 - EP: `inner_experts` holds this rank's slice of the experts and its rows are the tokens
   dispatched to them. Construct the adapter with `ep_rank` / `ep_size` (and pass it as
   `Monitor(adapter=...)`) so local expert e is reported as global expert ep_rank * E_local + e.
-  Token counts (sum) and act_maxabs (max) then reduce correctly across ranks; act_rms and
-  out_norm are means over ranks, and ranks that do not hold an expert report 0 for it, so the
-  reduced value is the owner's divided by the number of ranks: read the owner's per-rank raw
-  value (`store.series(..., rank=r)`) until the collector learns an owner-only mean.
+  Token counts (sum) and act_maxabs (max) then reduce correctly across ranks; ranks that do
+  not hold an expert report 0 for its act_rms and out_norm, which reduce as mean_nonzero (the
+  mean over the ranks whose value is not 0, collector/reduction.py): the owner's value. (A
+  collector older than that op is sent mean, the owner's value divided by the number of
+  ranks.)
 - The clamp needs nothing more: it binds inside each rank's own forward.
 """
 

@@ -54,7 +54,7 @@ from hooks import frames
 from hooks.buffer import AckItem, SchemaItem, StepBuffer, StepItem
 from hooks.config import MonitorConfig
 from hooks.layout import MetricSpec
-from hooks.schemas import part_layouts, schema_form, wire_layout, wire_schemas
+from hooks.schemas import in_form, part_layouts, schema_form, wire_layout, wire_schemas
 from hooks.schemas import schema as schema_frame
 from proto import auth
 from proto.v1 import telemetry_pb2 as pb
@@ -108,6 +108,7 @@ class Conn:
     chunk_ends_step: bool = False  # Welcome: the last chunk may end the step
     takes_dropped: bool = False  # Welcome: hole reports (StepsDropped) are understood
     takes_packed_schema: bool = False  # Welcome: Schema.packed (PackedMetrics) is understood
+    takes_mean_nonzero: bool = False  # Welcome: ReduceOp REDUCE_MEAN_NONZERO is understood
     takes_batches: bool = False  # Welcome: FrameBatch (several frames in one message) is understood
     flushes_at_goodbye: bool = False  # Welcome: a half-close may come before the last acks
     send_interval_s: float = 0.0  # Welcome.send_interval_ms (with takes_batches): pacing
@@ -299,23 +300,22 @@ class SenderCore(Generic[ConnT]):
     def _resume(self, conn: ConnT) -> list[pb.ClientFrame]:
         """After Welcome: the schemas and every unacknowledged frame, to send first."""
         with self._cond:
-            packed = conn.takes_packed_schema
+            form = conn.takes_packed_schema, conn.takes_mean_nonzero
             if self._schema_frames is None:  # first connection of this client
                 self._next_seq = conn.acked
                 self._schema_frames = [
-                    schema_frame(self.ident, self._alloc_seq(), sid, specs, packed)
+                    schema_frame(self.ident, self._alloc_seq(), sid, specs, *form)
                     for sid, specs in self._schemas
                 ]
-            elif any(f.schema.HasField("packed") != packed for f in self._schema_frames):
-                # a collector that takes the other form now: the same schemas, same seqs
-                self._schema_frames = [schema_form(f, packed) for f in self._schema_frames]
+            elif not all(in_form(f, *form) for f in self._schema_frames):
+                # a collector that takes another form now: the same schemas, same seqs
+                self._schema_frames = [schema_form(f, *form) for f in self._schema_frames]
                 self.buffer.counters["schemas_reencoded"] += 1
             self.buffer.ack(conn.acked)  # durable already: never resent
             resend = self.buffer.unacked_frames()
             if any(f.WhichOneof("kind") == "schema" for f in resend):
                 resend = [
-                    schema_form(f, packed) if f.WhichOneof("kind") == "schema" else f
-                    for f in resend
+                    schema_form(f, *form) if f.WhichOneof("kind") == "schema" else f for f in resend
                 ]
                 self.buffer.replace_unacked(resend)
             if not conn.chunk_ends_step and any(map(frames.folds_end, resend)):
@@ -394,7 +394,12 @@ class SenderCore(Generic[ConnT]):
         is_step = isinstance(item, StepItem)
         if isinstance(item, SchemaItem):
             frame = schema_frame(
-                self.ident, self._alloc_seq(), item.schema_id, item.specs, conn.takes_packed_schema
+                self.ident,
+                self._alloc_seq(),
+                item.schema_id,
+                item.specs,
+                conn.takes_packed_schema,
+                conn.takes_mean_nonzero,
             )
             with self._cond:
                 assert self._schema_frames is not None  # set by _resume before any item
@@ -480,6 +485,7 @@ class SenderCore(Generic[ConnT]):
                 conn.chunk_ends_step = resp.welcome.chunk_ends_step
                 conn.takes_dropped = resp.welcome.takes_dropped
                 conn.takes_packed_schema = resp.welcome.takes_packed_schema
+                conn.takes_mean_nonzero = resp.welcome.takes_mean_nonzero
                 conn.takes_batches = resp.welcome.takes_batches
                 conn.flushes_at_goodbye = resp.welcome.flushes_at_goodbye
                 if conn.takes_batches:  # what waits goes as one FrameBatch: pace only then

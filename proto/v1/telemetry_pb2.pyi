@@ -14,11 +14,13 @@ class ReduceOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REDUCE_MEAN: _ClassVar[ReduceOp]
     REDUCE_MAX: _ClassVar[ReduceOp]
     REDUCE_MIN: _ClassVar[ReduceOp]
+    REDUCE_MEAN_NONZERO: _ClassVar[ReduceOp]
 REDUCE_UNSPECIFIED: ReduceOp
 REDUCE_SUM: ReduceOp
 REDUCE_MEAN: ReduceOp
 REDUCE_MAX: ReduceOp
 REDUCE_MIN: ReduceOp
+REDUCE_MEAN_NONZERO: ReduceOp
 
 class ClientFrame(_message.Message):
     __slots__ = ("hello", "schema", "chunk", "end_of_step", "clip_ack", "dropped", "goodbye", "batch")
@@ -215,7 +217,7 @@ class ServerFrame(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., clip: _Optional[_Union[ClipUpdate, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., to: _Optional[_Union[FrameHeader, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped", "multiplexed", "takes_batches", "takes_packed_schema", "flushes_at_goodbye", "send_interval_ms")
+    __slots__ = ("acked_seq", "protocol_version", "chunk_ends_step", "takes_dropped", "multiplexed", "takes_batches", "takes_packed_schema", "flushes_at_goodbye", "send_interval_ms", "takes_mean_nonzero")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ENDS_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +227,7 @@ class Welcome(_message.Message):
     TAKES_PACKED_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     FLUSHES_AT_GOODBYE_FIELD_NUMBER: _ClassVar[int]
     SEND_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TAKES_MEAN_NONZERO_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     protocol_version: int
     chunk_ends_step: bool
@@ -234,7 +237,8 @@ class Welcome(_message.Message):
     takes_packed_schema: bool
     flushes_at_goodbye: bool
     send_interval_ms: int
-    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ..., multiplexed: _Optional[bool] = ..., takes_batches: _Optional[bool] = ..., takes_packed_schema: _Optional[bool] = ..., flushes_at_goodbye: _Optional[bool] = ..., send_interval_ms: _Optional[int] = ...) -> None: ...
+    takes_mean_nonzero: bool
+    def __init__(self, acked_seq: _Optional[int] = ..., protocol_version: _Optional[int] = ..., chunk_ends_step: _Optional[bool] = ..., takes_dropped: _Optional[bool] = ..., multiplexed: _Optional[bool] = ..., takes_batches: _Optional[bool] = ..., takes_packed_schema: _Optional[bool] = ..., flushes_at_goodbye: _Optional[bool] = ..., send_interval_ms: _Optional[int] = ..., takes_mean_nonzero: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "step")

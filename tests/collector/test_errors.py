@@ -54,7 +54,13 @@ CASES = {
         {},
         lambda c: c.schema(1, [mdef("x", pb.REDUCE_UNSPECIFIED)]),
         INVALID,
-        "declare sum, mean, max or min",
+        "declare sum, mean, max, min or mean_nonzero",
+    ),
+    "reduce op beyond the known ones": (
+        {},
+        lambda c: c.schema(1, [mdef("x", pb.REDUCE_MEAN_NONZERO + 1)]),
+        INVALID,
+        "reduce op 6: declare",
     ),
     "metric redeclared with another op": (
         dict(run="shared", rank=1),

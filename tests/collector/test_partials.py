@@ -9,10 +9,10 @@ import pytest
 
 from collector import partials
 from collector.partials import NonFiniteRanks, Partial, combine, finish, partial_of
-from collector.reduction import OP_MAX, OP_MEAN, OP_MIN, OP_SUM, reduce_step
+from collector.reduction import OP_MAX, OP_MEAN, OP_MEAN_NONZERO, OP_MIN, OP_SUM, reduce_step
 from store.base import RawBlock, StepStatus, ValueBatch
 
-OPS = np.array([OP_SUM, OP_MEAN, OP_MAX, OP_MIN], dtype=np.int8)
+OPS = np.array([OP_SUM, OP_MEAN, OP_MAX, OP_MIN, OP_MEAN_NONZERO], dtype=np.int8)
 
 
 def make_step(seed: int, R: int = 6, M: int = 50):
@@ -25,6 +25,7 @@ def make_step(seed: int, R: int = 6, M: int = 50):
     for r in range(R):
         ids = lay_a if r % 2 == 0 else lay_b
         v = (rng.standard_normal(ids.size) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+        v[rng.random(ids.size) < 0.4] = 0.0  # ranks that routed an expert nothing
         have = np.ones(ids.size, bool)
         if r == R - 1:
             have[rng.permutation(ids.size)[:7]] = False  # a vector with gaps
@@ -59,7 +60,7 @@ def test_partials_combined_equal_the_single_collector_bit_for_bit(seed):
 
 def test_nan_and_inf_on_one_collector_reach_the_reduced_step():
     ids = np.arange(4, dtype=np.int32)
-    ops_M = OPS.copy()  # sum, mean, max, min
+    ops_M = OPS[:4].copy()  # sum, mean, max, min
     parts = [
         (0, ids, np.array([1, 2, 3, 4], np.float32), np.ones(4, bool)),
         (1, ids, np.array([np.nan, np.inf, np.nan, -np.inf], np.float32), np.ones(4, bool)),
@@ -78,7 +79,7 @@ def test_overlapping_partials_are_refused():
 
 def test_decode_refuses_arrays_of_unequal_length():
     p = Partial("r", 1, frozenset({0}), ids=np.array([1, 2], np.int32))
-    with pytest.raises(ValueError, match="5 arrays of one length"):
+    with pytest.raises(ValueError, match="5 or 6 arrays of one length"):
         Partial.decode(p.encode())
 
 
@@ -130,3 +131,18 @@ def test_a_nan_storm_is_listed_up_to_the_cap_and_counted_beyond(monkeypatch):
     assert len(p.nonfinite) == 3 and p.nonfinite_more == 0
     both = combine([Partial.decode(x.encode()) for x in (p, q)])
     assert len(both.nonfinite) == 5 and both.nonfinite_more == 1
+
+
+def test_an_older_tiers_five_arrays_read_as_every_value_nonzero():
+    """A Partial from a tier before the nonzero counts (five arrays): mean_nonzero falls back
+    to the plain mean of its ranks; with six, the zeros are left out."""
+    ids = np.array([0], np.int32)
+    block = RawBlock(1, np.array([0, 1], np.int32), ids, np.array([[0.0], [6.0]], np.float32))
+    none = np.empty(0, np.int32)
+    empty = ValueBatch(np.empty(0, np.int64), none, np.empty(0, np.float32), rank=none)
+    p = partial_of("r", 1, [block], empty, frozenset({0, 1}))
+    ops = np.array([OP_MEAN_NONZERO], np.int8)
+    assert finish(Partial.decode(p.encode()), ops)[1].tolist() == [6.0]
+    meta, arrays = partials._unpack(p.encode())
+    older = b"".join(partials._pack(meta, arrays[:5]))
+    assert finish(Partial.decode(older), ops)[1].tolist() == [3.0]

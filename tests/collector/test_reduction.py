@@ -9,6 +9,7 @@ import pytest
 from collector.reduction import (
     OP_MAX,
     OP_MEAN,
+    OP_MEAN_NONZERO,
     OP_MIN,
     OP_SUM,
     Accumulator,
@@ -17,7 +18,27 @@ from collector.reduction import (
 )
 from store.base import StepStatus
 
-OPS = {OP_SUM: np.sum, OP_MEAN: np.mean, OP_MAX: np.max, OP_MIN: np.min}
+
+def mean_nonzero(v: np.ndarray) -> float:
+    """The reference: the mean of the values that are not 0 (NaN is not), 0 if none is."""
+    nz = v[v != 0]
+    return float(nz.mean()) if nz.size else 0.0
+
+
+OPS = {
+    OP_SUM: np.sum,
+    OP_MEAN: np.mean,
+    OP_MAX: np.max,
+    OP_MIN: np.min,
+    OP_MEAN_NONZERO: mean_nonzero,
+}
+
+
+def with_zeros(rng, v: np.ndarray, share: float = 0.4) -> np.ndarray:
+    """v with about `share` of its values set to 0 (a rank that routed an expert nothing):
+    mean and mean_nonzero differ only where some are."""
+    v[rng.random(v.size) < share] = 0.0
+    return v
 
 
 def reduce_rows(
@@ -39,7 +60,7 @@ def test_each_op_matches_a_per_metric_loop():
     for _ in range(R):
         sub = rng.permutation(M)[: rng.integers(1, M)]
         ids.append(sub)
-        vals.append(rng.normal(size=sub.size).astype(np.float32))
+        vals.append(with_zeros(rng, rng.normal(size=sub.size).astype(np.float32)))
     metric_id = np.concatenate(ids).astype(np.int32)
     value = np.concatenate(vals)
 
@@ -137,7 +158,7 @@ def random_step(rng, *, n_layouts=5, ranks=40, M=300, S=60):
     parts, included = [], set()
     for rank in range(ranks):
         ids = layouts[rank % n_layouts]
-        v = rng.normal(size=S).astype(np.float32)
+        v = with_zeros(rng, rng.normal(size=S).astype(np.float32))
         bad = rng.random(S) < 0.01
         v[bad] = rng.choice([np.nan, np.inf, -np.inf], size=int(bad.sum()))
         have = np.ones(S, bool)
@@ -272,7 +293,7 @@ def test_one_ranks_whole_vectors_reduce_bit_for_bit_as_the_accumulator_does(shuf
     the part's vector."""
     rng = np.random.default_rng(7)
     M = 400
-    ops_M = rng.integers(1, 5, M + 10).astype(np.int8)  # the run has ids the step lacks
+    ops_M = rng.integers(1, 6, M + 10).astype(np.int8)  # the run has ids the step lacks
     ids = np.arange(M, dtype=np.int32)
     if shuffled:
         ids = rng.permutation(ids).astype(np.int32)
@@ -294,7 +315,7 @@ def test_one_ranks_whole_vectors_reduce_bit_for_bit_as_the_accumulator_does(shuf
         np.testing.assert_array_equal(block.value, v_S[np.newaxis])
     assert rows.rest.value.size == 0 and rows.n_raw == M
     minus_zero = int(np.flatnonzero(want_ids == ids[0])[0])
-    if ops_M[ids[0]] in (OP_SUM, OP_MEAN):  # -0.0 summed is +0.0 (max/min keep it)
+    if ops_M[ids[0]] in (OP_SUM, OP_MEAN, OP_MEAN_NONZERO):  # -0.0 summed is +0.0 (max/min keep it)
         assert r.value[minus_zero].view(np.uint32) == 0
 
 
@@ -307,3 +328,22 @@ def test_one_rank_sending_an_id_in_two_parts_is_reduced_over_both():
     parts[1] = (0, ids.copy(), np.array([3.0, 5.0], np.float32), np.ones(2, bool))
     r = reduce_step(0, parts, {0}, ops_M, StepStatus(0, 1)).reduced
     assert r.value.tolist() == [2.0, 7.0] and r.n_ranks.tolist() == [2, 2]
+
+
+def test_mean_nonzero_is_the_owners_value_where_a_plain_mean_divides_it_by_the_world():
+    """Expert parallelism: only rank 2 holds expert 0 (the others report 0 for it); data
+    parallelism: expert 1 got tokens on 2 of 4 ranks. mean_nonzero gives the owner's value
+    and the mean of the two that saw it; mean gives those divided by 4 and 2. An expert no
+    rank fed reduces to 0; NaN on one rank is NaN; n_ranks counts every rank that sent it."""
+    ids = np.arange(4, dtype=np.int32)
+    v = np.array([[0, 1.0, 0, 5], [0, 3.0, 0, 5], [8.0, 0, 0, np.nan], [0, 0, 0, 5]], np.float32)
+    for ops in (np.full(4, OP_MEAN_NONZERO, np.int8), np.full(4, OP_MEAN, np.int8)):
+        whole = [(r, ids, v[r], np.ones(4, bool)) for r in range(4)]
+        gaps = [(r, ids, v[r], np.array([True, True, True, r != 1])) for r in range(4)]
+        for parts in (whole, gaps):  # the matrix path, then flat rows
+            got = reduce_step(1, parts, {0, 1, 2, 3}, ops, StepStatus(1, 4)).reduced
+            if ops[0] == OP_MEAN_NONZERO:
+                assert got.value[:3].tolist() == [8.0, 2.0, 0.0]
+            else:
+                assert got.value[:3].tolist() == [2.0, 1.0, 0.0]
+            assert np.isnan(got.value[3]) and got.n_ranks.tolist()[:3] == [4, 4, 4]

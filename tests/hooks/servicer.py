@@ -49,6 +49,7 @@ class RecordingServicer(pbg.TelemetryServicer):
         self.chunk_ends_step = False  # the Welcome's capability flag
         self.takes_dropped = False  # ... and whether hole reports are taken
         self.takes_packed_schema = False  # ... and schemas in the packed form
+        self.takes_mean_nonzero = False  # ... and ReduceOp REDUCE_MEAN_NONZERO
         self.flushes_at_goodbye = False  # ... and a goodbye before the last acks
         self.takes_batches = False  # ... and FrameBatch messages (recorded frame by frame)
         self.send_interval_ms = 0  # ... and the pacing it asks for
@@ -147,6 +148,7 @@ class RecordingServicer(pbg.TelemetryServicer):
                 chunk_ends_step=capable,
                 takes_dropped=self.takes_dropped,
                 takes_packed_schema=self.takes_packed_schema,
+                takes_mean_nonzero=self.takes_mean_nonzero,
                 flushes_at_goodbye=self.flushes_at_goodbye,
                 takes_batches=self.takes_batches,
                 send_interval_ms=self.send_interval_ms,

@@ -397,6 +397,59 @@ def test_schemas_go_packed_to_a_collector_that_takes_them_and_as_defs_after_a_do
     np.testing.assert_array_equal(servicer.step_vectors(1)[1], vector(1, 5))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_mean_nonzero_goes_as_mean_to_a_collector_that_lacks_it_and_stays_mean(
+    server, servicer, packed
+):
+    """Schema 1 declares mean_nonzero on its even metrics. A collector whose Welcome says
+    takes_mean_nonzero gets it as declared; after a downgrade to one that lacks it (it would
+    refuse the schema), the same schemas go again under the same seqs with mean in its place,
+    the other ops and every other field as they were; and a collector that takes it again
+    gets mean (the re-encoded frame no longer says which it was)."""
+    from hooks import schemas
+
+    mixed = [
+        MetricSpec(f"a/m{i:03d}", "mean_nonzero" if i % 2 == 0 else "max", "m", layer=i)
+        for i in range(5)
+    ]
+    servicer.takes_packed_schema = packed
+    servicer.takes_mean_nonzero = True
+    cfg = MonitorConfig(backoff_initial_s=0.05, backoff_max_s=0.2)
+    sender = Sender(server.target, IDENT, [(1, mixed), (2, specs(3, "b"))], cfg)
+    sender.submit(item(0, 5, 3))
+    assert servicer.wait_for(lambda s: s.durable >= 4)
+    for n, takes in ((2, False), (3, True)):
+        servicer.takes_mean_nonzero = takes
+        servicer.drop_current()
+        assert servicer.wait_for(lambda s, n=n: len(s.connections) == n)
+        sender.submit(item(n))
+        assert servicer.wait_for(lambda s, n=n: s.ended_steps(n - 1))
+
+    def declared(conn) -> list[list[str]]:
+        out = []
+        for f in conn:
+            if f.WhichOneof("kind") == "schema":
+                s = f.schema
+                got = (
+                    schemas.columns_of(s).specs()
+                    if s.HasField("packed")
+                    else [
+                        MetricSpec(m.name, schemas._OP_OF[m.reduce], m.stat, m.layer)
+                        for m in s.metrics
+                    ]
+                )
+                out.append([m.reduce for m in got])
+        return out
+
+    nz = ["mean_nonzero", "max", "mean_nonzero", "max", "mean_nonzero"]
+    plain = ["mean", "max", "mean", "max", "mean"]
+    first, second, third = (declared(c) for c in servicer.connections)
+    assert first == [nz, ["mean"] * 3]
+    assert second == third == [plain, ["mean"] * 3]
+    assert sender.close(timeout=10)
+    assert sender.stats()["schemas_reencoded"] == 1
+
+
 def test_close_waits_for_a_step_the_worker_is_still_encoding(server, servicer, monkeypatch):
     """The bug (seen at 10 M metrics, where one step is 644 chunks): the worker had popped the
     last step and was encoding it when close() found nothing pending or unacked, said goodbye,

@@ -182,6 +182,23 @@ def test_torchrun_two_ranks_raw_and_reduced(collector, tmp_path):
             BATCH * seq_len * 2
         ]  # tiny: top-2
 
+        # act_rms reduces as mean_nonzero: the mean over the ranks that routed the expert any
+        # token (a rank that routed it none reports 0), not their mean divided by the world
+        rms = [
+            store.at_step("ddp", STEPS - 1, "moe/*/expert*/act_rms", rank=r)["value"].to_numpy()
+            for r in (0, 1)
+        ]
+        fed = (rms[0] != 0).astype(int) + (rms[1] != 0)
+        np.testing.assert_allclose(
+            store.at_step("ddp", STEPS - 1, "moe/*/expert*/act_rms")["value"].to_numpy(),
+            (rms[0].astype(np.float64) + rms[1]) / np.maximum(fed, 1),
+            rtol=1e-6,
+        )
+        ops = store.metrics("ddp").filter(stat="act_rms")
+        routed = ops.filter(pl.col("expert") >= 0)["reduce"]  # the shared expert sees every token
+        assert routed.len() > 0 and (routed == "mean_nonzero").all()
+        assert (ops.filter(pl.col("expert") < 0)["reduce"] == "mean").all()
+
         # max-reduced metrics are the max over ranks
         mx = store.at_step("ddp", 2, "resid/*/maxabs")
         r0 = store.at_step("ddp", 2, "resid/*/maxabs", rank=0)["value"].to_numpy()
