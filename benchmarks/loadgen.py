@@ -135,6 +135,8 @@ async def play(a: dict) -> int:
                 channel=chan_of(i, r),
             )
         )
+        if a.get("collectors"):  # a tier's share: contiguous rank ranges here, not rank % N,
+            senders[-1]._hello.hello.collectors = a["collectors"]  # so not from the target list
         if len(senders) % CONNECT_BATCH == 0 or len(senders) == len(ranks):
             # a few hundred streams opening at once is fine; thousands get INTERNAL errors
             while not all(s.stats()["connected"] for s in senders[-CONNECT_BATCH:]):

@@ -89,6 +89,7 @@ def play_tier(
                 death_step=w.death_step,
                 rank_lo=int(lo),
                 rank_hi=int(hi),
+                collectors=k,  # each tier collector paces for its share of the ranks
                 steps=steps,
                 depth=depth,
                 connect_timeout_s=600,

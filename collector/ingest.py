@@ -205,7 +205,11 @@ class Ingest:
 
     def _hello(self, conn: Conn, hello: pb.Hello) -> None:
         welcome = self.table.join(conn, hello)  # runs.py: the run, the identity rule
-        conn.welcome(welcome, self.config.send_interval_ms(hello.world_size))
+        run = self.runs.get(conn.run or "")
+        streams = self._paced_streams(hello)
+        if run is not None:
+            run.paced_streams = streams
+        conn.welcome(welcome, self.config.send_interval_ms(streams))
         latest = self.clips.latest(conn.run or "")
         if latest is not None:
             conn.send_clip(latest)
@@ -233,9 +237,19 @@ class Ingest:
                     self._ack(run, rank, interval, now)
                 self._settle(run, rank)
 
+    def _paced_streams(self, hello: pb.Hello) -> int:
+        """The streams a run's pacing is for: its world, or on a collector in tier mode its
+        share of it, world_size / the collectors the client's target list names (ranks
+        spread over them by rank % N). Without the share each of N tiers would pace for the
+        whole world: N times longer than its own streams need."""
+        world = hello.world_size
+        if self.config.coordinator and hello.collectors > 1:
+            return -(-world // hello.collectors)
+        return world
+
     def _interval_s(self, run: Run) -> float:
         """The run's pacing interval in seconds (its ranks' Welcome.send_interval_ms; 0: none)."""
-        return self.config.send_interval_ms(run.world_size) / 1000
+        return self.config.send_interval_ms(run.paced_streams or run.world_size) / 1000
 
     def _ack(self, run: Run, rank: int, interval: float, now: float) -> None:
         """The rank's ack moved: send it, or (paced, within `interval` of the last one, the

@@ -30,6 +30,7 @@ class Run:
     conns: dict[int, set[Conn]] = field(default_factory=dict)
     said_goodbye: set[int] = field(default_factory=set)  # ranks that half-closed
     acks_due: set[int] = field(default_factory=set)  # ranks whose Ack pacing holds back
+    paced_streams: int = 0  # the streams its pacing is for (ingest._paced_streams; 0: world)
     # (rank, schema_id) -> its id map, one array object per distinct content (a "layout":
     # the ranks of one EP group share it), so the reduction can group parts by identity
     id_maps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)

@@ -42,9 +42,10 @@ class StepPayload:
     wall_time: float
 
 
-def hello(ident: Identity, config: dict, session: str = "") -> pb.ClientFrame:
+def hello(ident: Identity, config: dict, session: str = "", collectors: int = 1) -> pb.ClientFrame:
     """First frame of every connection. It carries no data, so it takes no seq (0). The
-    sender builds it once, so every reconnect carries the same random session."""
+    sender builds it once, so every reconnect carries the same random session. `collectors`:
+    how many its target list names (a tier collector paces by its share of the run)."""
     return pb.ClientFrame(
         hello=pb.Hello(
             header=ident.header(-1, 0),
@@ -53,6 +54,7 @@ def hello(ident: Identity, config: dict, session: str = "") -> pb.ClientFrame:
             protocol_version=PROTOCOL_VERSION,
             client_version=CLIENT_VERSION,
             session=session,
+            collectors=collectors,
         )
     )
 

@@ -145,7 +145,7 @@ class SenderCore(Generic[ConnT]):
         self._parts = part_layouts(self._schemas)
         self._metadata = auth.bearer(token)
         self.session = uuid.uuid4().hex  # the same on every reconnect of this client
-        self._hello = frames.hello(ident, run_config or {}, self.session)
+        self._hello = frames.hello(ident, run_config or {}, self.session, len(self.targets))
         self._on_clip = on_clip
         self.buffer = StepBuffer(
             config.buffer_steps,

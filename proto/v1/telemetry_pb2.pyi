@@ -61,7 +61,7 @@ class FrameHeader(_message.Message):
     def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("header", "world_size", "config_json", "protocol_version", "client_version", "session", "multiplexed")
+    __slots__ = ("header", "world_size", "config_json", "protocol_version", "client_version", "session", "multiplexed", "collectors")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class Hello(_message.Message):
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     MULTIPLEXED_FIELD_NUMBER: _ClassVar[int]
+    COLLECTORS_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
     world_size: int
     config_json: str
@@ -76,7 +77,8 @@ class Hello(_message.Message):
     client_version: str
     session: str
     multiplexed: bool
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ..., session: _Optional[str] = ..., multiplexed: _Optional[bool] = ...) -> None: ...
+    collectors: int
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ..., session: _Optional[str] = ..., multiplexed: _Optional[bool] = ..., collectors: _Optional[int] = ...) -> None: ...
 
 class MetricDef(_message.Message):
     __slots__ = ("name", "layer", "expert", "head", "stat", "unit", "reduce")

@@ -56,6 +56,7 @@ class RawClient:
         protocol_version: int = 1,
         credentials: grpc.ChannelCredentials | None = None,
         session: str = "",
+        collectors: int = 0,
     ) -> None:
         self.run, self.rank, self.world_size = run, rank, world_size
         self.seq = seq
@@ -84,6 +85,7 @@ class RawClient:
                         config_json='{"test": true}',
                         protocol_version=protocol_version,
                         session=session,
+                        collectors=collectors,
                     )
                 )
             )

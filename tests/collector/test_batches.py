@@ -109,6 +109,24 @@ def test_the_welcome_paces_a_big_run_and_not_a_small_one(start_collector, client
     assert all(w.takes_batches for w in got.values())  # pacing needs the batches
 
 
+def test_a_tier_collector_paces_for_its_share_of_the_ranks(start_collector, client_factory):
+    """Hello.collectors = N (the client's target list): a collector in tier mode paces a
+    run for world_size / N ranks, its share (rank % N picks the collector), and a single
+    collector for the whole world whatever the client names; an older client (0) is paced
+    for the whole world everywhere. The tier's coordinator is not needed for a Welcome."""
+    _, single, _ = start_collector(max_stream_messages_per_s=100.0)
+    _, tier, _ = start_collector(max_stream_messages_per_s=100.0, coordinator="127.0.0.1:9")
+
+    def interval(addr: str, run: str, collectors: int) -> int:
+        c = client_factory(addr, run, 0, 256, collectors=collectors)
+        return c.expect("welcome").send_interval_ms
+
+    assert interval(tier, "t4", 4) == 640  # 64 streams of the 256 at 100 a second
+    assert interval(tier, "t3", 3) == 860  # ceil(256 / 3) = 86
+    assert interval(tier, "t0", 0) == interval(tier, "t1", 1) == 2560
+    assert interval(single, "s4", 4) == 2560
+
+
 @pytest.mark.parametrize("rate", [0, -1.0, float("inf"), float("nan")])
 def test_a_pacing_rate_must_be_a_positive_number(rate):
     from collector.config import CollectorConfig

@@ -86,6 +86,7 @@ def test_frames_in_order_and_values_round_trip(server, servicer):
     hello = conn[0].hello
     assert (hello.header.run, hello.header.rank, hello.world_size) == ("sendtest", 1, 2)
     assert hello.protocol_version == 1 and json.loads(hello.config_json) == {"preset": "test"}
+    assert hello.collectors == 1  # one target: a tier collector paces for the whole world
     assert [header_of(f).seq for f in conn[1:]] == list(range(1, 9))  # contiguous from 1
     assert [f.schema.schema_id for f in conn[1:3]] == [1, 2]
     assert [m.name for m in conn[1].schema.metrics] == [f"a/m{i:03d}" for i in range(5)]
@@ -395,6 +396,22 @@ def test_schemas_go_packed_to_a_collector_that_takes_them_and_as_defs_after_a_do
         ]
     assert sender.stats()["schemas_reencoded"] == 1
     np.testing.assert_array_equal(servicer.step_vectors(1)[1], vector(1, 5))
+
+
+def test_the_hello_names_how_many_collectors_the_target_list_holds(servicer):
+    """A tier's list of N collectors: the Hello says N (a tier collector paces for its share,
+    world_size / N); rank 1 of 3 prefers entry 1, the live one here."""
+    live = LoopbackServer(servicer)
+    dead = ["127.0.0.1:9", "127.0.0.1:9"]
+    cfg = MonitorConfig(backoff_initial_s=0.05, backoff_max_s=0.2)
+    ident = Identity("tiers", 1, 3)
+    sender = Sender(",".join([dead[0], live.target, dead[1]]), ident, [(1, specs(2, "a"))], cfg)
+    try:
+        assert servicer.wait_for(lambda s: s.connections)
+        assert servicer.connections[0][0].hello.collectors == 3
+    finally:
+        sender.close(timeout=1)
+        live.stop()
 
 
 @pytest.mark.parametrize("packed", [False, True])
