@@ -77,9 +77,11 @@ def test_a_clamp_relaxes_once_its_cause_went_away(tmp_path):
 def test_a_starved_expert_whose_weights_grow_is_caught(tmp_path):
     """The default target of `--inject blowup@30` on the tiny preset (deepest MoE layer, expert
     0): the router stops feeding it once it grows, so from then on its activations say
-    nothing; its weights do (main raised nothing in 60 steps here). The clamp then lets the
-    router feed it again: today (torch 2.13, seed 0) it gets 75, 16, 4 tokens from the event's
-    step, none for two steps, and from the third step after the clamp binds, tens again."""
+    nothing; its weights do (main raised nothing in 60 steps here). How many tokens it gets
+    from the event's step on depends on the CPU's float rounding (the growth is chaotic): 186,
+    84 then none on one machine, 1, 56, 135, 3, 0 on another (torch 2.13, seed 0); what holds on
+    both is that it was fed before the event and starved (a handful of tokens at most) within
+    five steps of it."""
     url = acting_run(tmp_path, "starved", ["blowup@30"], 60, lockstep=False)
     with open_store(url) as st:
         events = from_frame(st.events("starved"), "starved")
@@ -87,7 +89,8 @@ def test_a_starved_expert_whose_weights_grow_is_caught(tmp_path):
     print("\n" + "\n".join(e.brief() + f" {e.decision}" for e in events))
     ev = next(e for e in events if e.kind == BLOWUP)
     before, after = tokens[ev.step - 10 : ev.step], tokens[ev.step : ev.step + 5]
-    assert before.min() > 100 and (after == 0).sum() >= 2  # fed, then starved as it grew
+    print(f"tokens from step {ev.step - 10}: {tokens[ev.step - 10 : ev.step + 5].tolist()}")
+    assert before.min() > 100 and after.min() <= 5  # fed, then starved as it grew
     assert (ev.site, ev.layer, ev.expert) == ("moe/layer04/expert000", 4, 0)
     assert ev.detail["rule"] == "weights" and ev.decision == CLAMP and ev.step <= 30 + 12
 
