@@ -2,8 +2,9 @@
 
 Called at two loop points, never from inside autograd:
   before_optimizer  grads are final (after any all-reduce): global norm (given by the loop),
-                    per-layer norms (one foreach reduction over all grads, summed per layer with
-                    index_add_), per-expert norms (one reduction per batched expert tensor);
+                    per-expert norms (one reduction per batched expert tensor) and per-layer
+                    norms (a layer's experts' sums of squares plus one foreach reduction over
+                    the other grads, summed per layer with index_add_): every grad read once;
                     on periodic steps also snapshots the parameters for the update ratio;
   after_step        on periodic steps: per-expert parameter Frobenius norms and
                     optim/update_ratio = ||theta_after - theta_before|| / ||theta_before||.
@@ -39,16 +40,32 @@ class GradCapture:
     def __init__(self, model: nn.Module, adapter: MoEAdapter, capture: Capture) -> None:
         self.capture = capture
         self.sites: list[MoESite] = list(adapter.moe_sites())
-        seen: set[int] = set()
+        blocks = list(adapter.residual_blocks())
+        owner: dict[int, int] = {}  # id(param) -> the first block that holds it
+        for layer, block in enumerate(blocks):
+            for p in block.parameters():
+                if p.requires_grad:
+                    owner.setdefault(id(p), layer)
+        # A site's batched expert weights are read once a step, per expert (_expert_sq): its
+        # layer's sum of squares takes the sum of those, the foreach norm only the rest.
+        self.site_layer: list[int | None] = []
+        by_site: set[int] = set()
+        for site in self.sites:
+            layers = {owner.get(id(w)) for w in site.expert_weights}
+            held = layers.pop() if len(layers) == 1 else None  # one block holds them all
+            self.site_layer.append(held)
+            if held is not None:
+                by_site.update(id(w) for w in site.expert_weights)
         self.params: list[nn.Parameter] = []
         layer_of: list[int] = []
-        for layer, block in enumerate(adapter.residual_blocks()):
+        seen: set[int] = set()
+        for layer, block in enumerate(blocks):
             for p in block.parameters():
-                if p.requires_grad and id(p) not in seen:
+                if p.requires_grad and id(p) not in seen and id(p) not in by_site:
                     seen.add(id(p))
                     self.params.append(p)
                     layer_of.append(layer)
-        self.n_layers = len(adapter.residual_blocks())
+        self.n_layers = len(blocks)
         self.layer_of = torch.tensor(layer_of, dtype=torch.long, device=capture.device)
         # the update ratio covers every trainable parameter, in or out of a block
         self.all_params = [p for p in model.parameters() if p.requires_grad]
@@ -65,15 +82,7 @@ class GradCapture:
                 global_norm.copy_(grad_norm.detach().reshape(1))
             elif grad_norm is not None:
                 global_norm.fill_(float(grad_norm))
-            self._layer_norms(self.capture.need(R.GRAD_LAYER))
-            dst = v(R.GRAD_EXPERT)
-            if dst is not None:
-                off = 0
-                for site in self.sites:
-                    grads = tuple(w.grad for w in site.expert_weights if w.grad is not None)
-                    if grads:
-                        dst[off : off + site.n_experts].copy_(_expert_sq(grads).sqrt())
-                    off += site.n_experts
+            self._grad_norms(self.capture.need(R.GRAD_LAYER), v(R.GRAD_EXPERT))
         self._snapshot_valid = False
         if periodic and v(R.PARAMS_UPDATE_RATIO) is not None and self.all_params:
             if self._snapshot is None:  # allocated once, on the first periodic step
@@ -82,18 +91,34 @@ class GradCapture:
             self._old_sq = self._sum_sq(self._snapshot)
             self._snapshot_valid = True
 
-    def _layer_norms(self, dst: torch.Tensor) -> None:
+    def _grad_norms(self, layer_dst: torch.Tensor, expert_dst: torch.Tensor | None) -> None:
+        """Per-layer gradient norms into layer_dst, per-expert ones into expert_dst (None:
+        that region is off): one pass over every gradient. A parameter without a grad counts
+        as 0; a layer none of whose parameters has one stays NaN, as does an expert's slot."""
+        layer_sq = torch.zeros(self.n_layers, dtype=torch.float32, device=layer_dst.device)
+        any_grad = False
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        if len(grads) != len(self.params):  # some params got no grad: they count as 0
-            it = iter(norms)
-            zero = torch.zeros((), dtype=torch.float32, device=dst.device)
-            norms = tuple(next(it) if p.grad is not None else zero for p in self.params)
-        sq = torch.stack(norms).square()
-        layer_sq = torch.zeros(self.n_layers, dtype=torch.float32, device=dst.device)
-        dst.copy_(layer_sq.index_add_(0, self.layer_of, sq).sqrt())
+        if grads:
+            any_grad = True
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            if len(grads) != len(self.params):  # some params got no grad: they count as 0
+                it = iter(norms)
+                zero = torch.zeros((), dtype=torch.float32, device=layer_dst.device)
+                norms = tuple(next(it) if p.grad is not None else zero for p in self.params)
+            layer_sq.index_add_(0, self.layer_of, torch.stack(norms).square())
+        off = 0
+        for site, layer in zip(self.sites, self.site_layer):
+            expert_grads = tuple(w.grad for w in site.expert_weights if w.grad is not None)
+            if expert_grads and (expert_dst is not None or layer is not None):
+                sq_E = _expert_sq(expert_grads)
+                if expert_dst is not None:
+                    torch.sqrt(sq_E, out=expert_dst[off : off + site.n_experts])
+                if layer is not None:
+                    any_grad = True
+                    layer_sq[layer] += sq_E.sum()
+            off += site.n_experts
+        if any_grad:
+            torch.sqrt(layer_sq, out=layer_dst)
 
     @staticmethod
     def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:

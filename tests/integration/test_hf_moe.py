@@ -8,6 +8,7 @@ inputs and weights (recorded by this test's hooks, not through hooks/):
 - a clip set with `python -m collector clip set` binds both halves of the clamp: the experts'
   outputs equal the independently recomputed clamped experts, while both silu(gate) > L and
   |up| > L occur, and act_maxabs stays <= max(L, |min silu|) L;
+- per-layer and per-expert gradient norms equal float64 norms of the blocks' own grads;
 - no event on the clean run; `monitor.log` values round-trip exactly; forwards under
   `monitor.paused()`, in eval mode and under no_grad leave the training statistics unchanged.
 """
@@ -70,6 +71,7 @@ class Forward:
 @dataclass
 class Recorded:
     forwards: dict[int, dict[int, list[Forward]]] = field(default_factory=dict)  # step, layer
+    grad_norms: dict[int, dict[str, float]] = field(default_factory=dict)  # step, metric name
     on: bool = True
     step: int = -1
 
@@ -157,6 +159,22 @@ def experts_out(fwd: Forward, limit) -> torch.Tensor:
     return out
 
 
+def grad_norms(model) -> dict[str, float]:
+    """float64 gradient norms of each decoder layer (every parameter with a grad) and of each
+    routed expert (its slices of gate_up_proj and down_proj), by metric name."""
+    out = {}
+    g = lambda p: p.grad.detach().double()
+    for layer, block in enumerate(model.model.layers):
+        ps = [p for p in block.parameters() if p.grad is not None]
+        out[f"grad/layer{layer:02d}/norm"] = float(torch.cat([g(p).reshape(-1) for p in ps]).norm())
+        experts = getattr(block.mlp, "experts", None)
+        if experts is not None and experts.gate_up_proj.grad is not None:
+            sq = sum(g(w).pow(2).sum(dim=(1, 2)) for w in (experts.gate_up_proj, experts.down_proj))
+            for e, v in enumerate(sq.sqrt().tolist()):
+                out[f"grad/layer{layer:02d}/expert{e:03d}/norm"] = v
+    return out
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -225,6 +243,7 @@ def trained(request, collector) -> Run:
                 model.train()
             rec.on = True
         grads = [p.grad for p in model.parameters() if p.grad is not None]
+        rec.grad_norms[step] = grad_norms(model)
         mon.before_optimizer(step, torch.nn.utils.get_total_norm(grads))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -273,6 +292,18 @@ def test_attach_picked_the_hf_adapter_and_the_run_is_clean(trained):
     for layer in r.moe_layers:
         assert (f"moe/layer{layer:02d}/router/bias_absmax" in names) == has_bias
     assert not any(n.startswith("train/mtp_loss") for n in names)
+
+
+def test_gradient_norms_equal_float64_norms_of_the_layers_grads(trained):
+    r = trained
+    with open_store(r.url) as st:
+        for step in range(STEPS):
+            got = st.at_step(r.run, step, "grad/*")
+            got = dict(zip(got["name"].to_list(), got["value"].to_list()))
+            want = r.rec.grad_norms[step]
+            assert any("/expert" in n for n in want)
+            for name, value in want.items():
+                assert got[name] == pytest.approx(value, rel=1e-5), (step, name)
 
 
 def test_token_counts_equal_a_topk_recount_at_every_step(trained):
