@@ -12,6 +12,7 @@ back against an independent recomputation from the MoE modules' own inputs and w
   silu, the product) and computes everything else in float64; tolerances are a few bf16 ulps;
 - a clip set with `python -m collector clip set` binds both halves of the clamp on the routed
   and the shared experts: outputs equal the recomputed clamped experts, both halves cross L;
+- per-layer and per-expert gradient norms equal float64 norms of the blocks' own grads;
 - no event on the clean run; `monitor.log` round-trips exactly; paused, eval and no_grad
   forwards leave the training statistics unchanged.
 """
@@ -73,8 +74,26 @@ class Forward:
 @dataclass
 class Recorded:
     forwards: dict[int, dict[int, list[Forward]]] = field(default_factory=dict)
+    grad_norms: dict[int, dict[str, float]] = field(default_factory=dict)  # step, metric name
     on: bool = True
     step: int = -1
+
+
+def grad_norms(model) -> dict[str, float]:
+    """float64 gradient norms of each decoder layer (every parameter with a grad) and of each
+    routed expert (its slices of w1, w2 and w3), by metric name."""
+    out = {}
+    g = lambda p: p.grad.detach().double()
+    for layer, block in enumerate(model.layers.values()):
+        ps = [p for p in block.parameters() if p.grad is not None]
+        out[f"grad/layer{layer:02d}/norm"] = float(torch.cat([g(p).reshape(-1) for p in ps]).norm())
+        experts = block.moe.routed_experts.inner_experts
+        ws = (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
+        if all(w.grad is not None for w in ws):
+            sq = sum(g(w).pow(2).sum(dim=(1, 2)) for w in ws)
+            for e, v in enumerate(sq.sqrt().tolist()):
+                out[f"grad/layer{layer:02d}/expert{e:03d}/norm"] = v
+    return out
 
 
 def record(model, rec: Recorded) -> list:
@@ -228,6 +247,7 @@ def trained(request, collector) -> Run:
                 model.train()
             rec.on = True
         grads = [p.grad for p in model.parameters() if p.grad is not None]
+        rec.grad_norms[step] = grad_norms(model)
         mon.before_optimizer(step, torch.nn.utils.get_total_norm(grads))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -270,6 +290,18 @@ def test_attached_without_an_adapter_argument_and_the_run_is_clean(trained):
     for layer in r.moe_layers:  # qwen3 variant: no selection bias, so no bias_absmax at all
         assert (f"moe/layer{layer:02d}/router/bias_absmax" in names) == (r.variant == "deepseek")
         assert f"attn/layer{layer:02d}/head00/max_logit" in names
+
+
+def test_gradient_norms_equal_float64_norms_of_the_layers_grads(trained):
+    r = trained
+    with open_store(r.url) as st:
+        for step in range(STEPS):
+            got = st.at_step(r.run, step, "grad/*")
+            got = dict(zip(got["name"].to_list(), got["value"].to_list()))
+            want = r.rec.grad_norms[step]
+            assert any("/expert" in n for n in want)
+            for name, value in want.items():
+                assert got[name] == pytest.approx(value, rel=1e-5), (step, name)
 
 
 def test_token_counts_equal_a_topk_recount(trained):
