@@ -7,10 +7,13 @@ each step's CPU time of the training thread is taken (`time.thread_time`: what t
 themselves add, not the collector or sender sharing the cores). Every Monitor streams to one
 real collector process on loopback (Parquet in a temp dir).
 
-    python -m benchmarks.hook_groups [--steps 12] [--threads 1]
+    python -m benchmarks.hook_groups [--steps 12] [--threads 1] [--device cpu|cuda]
 
-Prints one line per variant: `<variant> cpu <median ms> ratio <median / plain median>`; a
-group's cost is `all` minus its `-group` line.
+Prints one line per variant: `<variant> cpu <median ms> ratio <median / plain median> wall
+<median ms> ratio <...>`; a group's cost is `all` minus its `-group` line. On CUDA the line
+also gives the kernels (and copies) one step launches, counted by torch.profiler: a small
+model's step there is bound by launches, and so is what the hooks add; the training thread's
+CPU time also counts its wait in the step's final synchronize there, so read wall.
 """
 
 from __future__ import annotations
@@ -31,10 +34,20 @@ from model.data import get_batch, load_corpus
 from model.transformer import MoETransformer
 
 
-def run(steps: int, warmup: int, preset: str) -> dict[str, float]:
+def kernels_per_step(model, opt, x, y, monitor, step: int) -> int:
+    """CUDA kernels and copies one training step launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed_step(model, opt, x, y, monitor, step, 1e-3)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def run(steps: int, warmup: int, preset: str, device: str = "cpu") -> dict[str, dict]:
+    """Per variant: median training-thread CPU and wall seconds, and on CUDA kernels a step."""
     cfg = get_preset(preset)
     torch.manual_seed(0)
-    base = MoETransformer(cfg)
+    base = MoETransformer(cfg).to(device)
     variants: dict[str, tuple[str, ...] | None] = {
         "plain": None,
         "all": STAT_GROUPS,
@@ -47,6 +60,8 @@ def run(steps: int, warmup: int, preset: str) -> dict[str, float]:
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
     corpus = load_corpus()
     cpu: dict[str, list[float]] = {k: [] for k in variants}
+    wall: dict[str, list[float]] = {k: [] for k in variants}
+    kernels: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         proc, address = start_collector(f"parquet:{tmp}/store", "--insecure")
         try:
@@ -65,16 +80,30 @@ def run(steps: int, warmup: int, preset: str) -> dict[str, float]:
             keys = list(variants)
             for s in range(warmup + steps):
                 x, y = get_batch(corpus.train, 8, cfg.max_seq_len, seed=0, step=s)
+                x, y = x.to(device), y.to(device)
                 for k in keys[s % len(keys) :] + keys[: s % len(keys)]:
-                    _, dc = timed_step(models[k], opts[k], x, y, mons[k], s, 1e-3)
+                    dt, dc = timed_step(models[k], opts[k], x, y, mons[k], s, 1e-3)
                     if s >= warmup:
                         cpu[k].append(dc)
+                        wall[k].append(dt)
+            if x.is_cuda:  # one more step each, profiled (a periodic one for none of them)
+                s = warmup + steps
+                s += 1 if s % MonitorConfig().param_norm_every == 0 else 0
+                for k in keys:
+                    kernels[k] = kernels_per_step(models[k], opts[k], x, y, mons[k], s)
             for m in mons.values():
                 if m is not None:
                     m.close()
         finally:
             stop_collector(proc)
-    return {k: statistics.median(v) for k, v in cpu.items()}
+    return {
+        k: {
+            "cpu": statistics.median(cpu[k]),
+            "wall": statistics.median(wall[k]),
+            "kernels": kernels.get(k),
+        }
+        for k in variants
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    med = run(args.steps, args.warmup, args.preset)
-    print(f"machine: {machine()}")
+    med = run(args.steps, args.warmup, args.preset, args.device)
+    print(f"machine: {machine()}; device {args.device}")
+    plain = med["plain"]
     for k, v in med.items():
-        print(f"{k:8s} cpu {v * 1e3:7.1f} ms  ratio {v / med['plain']:.3f}")
+        line = (
+            f"{k:8s} cpu {v['cpu'] * 1e3:7.1f} ms  ratio {v['cpu'] / plain['cpu']:.3f}  "
+            f"wall {v['wall'] * 1e3:7.1f} ms  ratio {v['wall'] / plain['wall']:.3f}"
+        )
+        if v["kernels"] is not None:
+            line += f"  kernels {v['kernels']} (+{v['kernels'] - plain['kernels']})"
+        print(line)
     return 0
 
 
