@@ -2,9 +2,10 @@
 
 Called at two loop points, never from inside autograd:
   before_optimizer  grads are final (after any all-reduce): global norm (given by the loop),
-                    per-expert norms (one reduction per batched expert tensor) and per-layer
-                    norms (a layer's experts' sums of squares plus one foreach reduction over
-                    the other grads, summed per layer with index_add_): every grad read once;
+                    per-expert norms (one reduction per batched expert tensor, then one over
+                    those, written with one cat) and per-layer norms (its experts' squared
+                    norms plus one foreach reduction over the other grads, summed per layer
+                    with index_add_): every grad read once, a few kernels per MoE layer;
                     on periodic steps also snapshots the parameters for the update ratio;
   after_step        on periodic steps: per-expert parameter Frobenius norms and
                     optim/update_ratio = ||theta_after - theta_before|| / ||theta_before||.
@@ -21,17 +22,14 @@ from hooks.layout import RegionKey as R
 from hooks.stats import Capture
 
 
-def _expert_sq(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-expert sum of squares over several batched [E, ...] tensors (at least one) -> [E]
-    float32."""
-    sq = lambda t: torch.linalg.vector_norm(
-        t, 2, dim=tuple(range(1, t.dim())), dtype=torch.float32
-    ).square()
-    first, *rest = tensors
-    total = sq(first)
-    for t in rest:
-        total = total + sq(t)
-    return total
+def _expert_norm(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-expert 2-norm over several batched [E, ...] tensors (at least one) -> [E] float32:
+    each tensor's per-expert norms, then the norm over those (k + 2 kernels for k tensors)."""
+    per = [
+        torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.dim())), dtype=torch.float32)
+        for t in tensors
+    ]
+    return per[0] if len(per) == 1 else torch.linalg.vector_norm(torch.stack(per), dim=0)
 
 
 class GradCapture:
@@ -46,8 +44,8 @@ class GradCapture:
             for p in block.parameters():
                 if p.requires_grad:
                     owner.setdefault(id(p), layer)
-        # A site's batched expert weights are read once a step, per expert (_expert_sq): its
-        # layer's sum of squares takes the sum of those, the foreach norm only the rest.
+        # A site's batched expert weights are read once a step, per expert (_expert_norm): its
+        # layer's sum of squares takes the squares of those, the foreach norm only the rest.
         self.site_layer: list[int | None] = []
         by_site: set[int] = set()
         for site in self.sites:
@@ -67,6 +65,16 @@ class GradCapture:
                     layer_of.append(layer)
         self.n_layers = len(blocks)
         self.layer_of = torch.tensor(layer_of, dtype=torch.long, device=capture.device)
+        # each routed expert's layer, in the expert region's order, when every site has one
+        self._expert_layer = (
+            torch.tensor(
+                [l for site, l in zip(self.sites, self.site_layer) for _ in range(site.n_experts)],
+                dtype=torch.long,
+                device=capture.device,
+            )
+            if self.sites and None not in self.site_layer
+            else None
+        )
         # the update ratio covers every trainable parameter, in or out of a block
         self.all_params = [p for p in model.parameters() if p.requires_grad]
         self._snapshot: list[torch.Tensor] | None = None
@@ -106,17 +114,27 @@ class GradCapture:
                 zero = torch.zeros((), dtype=torch.float32, device=layer_dst.device)
                 norms = tuple(next(it) if p.grad is not None else zero for p in self.params)
             layer_sq.index_add_(0, self.layer_of, torch.stack(norms).square())
-        off = 0
+        per_site: list[torch.Tensor | None] = []
         for site, layer in zip(self.sites, self.site_layer):
             expert_grads = tuple(w.grad for w in site.expert_weights if w.grad is not None)
-            if expert_grads and (expert_dst is not None or layer is not None):
-                sq_E = _expert_sq(expert_grads)
-                if expert_dst is not None:
-                    torch.sqrt(sq_E, out=expert_dst[off : off + site.n_experts])
-                if layer is not None:
-                    any_grad = True
-                    layer_sq[layer] += sq_E.sum()
-            off += site.n_experts
+            wanted = expert_grads and (expert_dst is not None or layer is not None)
+            per_site.append(_expert_norm(expert_grads) if wanted else None)
+        found = [n for n in per_site if n is not None]
+        if self._expert_layer is not None and found and len(found) == len(per_site):
+            # every site: one cat into the expert slots, one index_add_ into the layers
+            flat = torch.cat(found) if expert_dst is None else torch.cat(found, out=expert_dst)
+            layer_sq.index_add_(0, self._expert_layer, flat.square())
+            any_grad = True
+        else:
+            off = 0
+            for site, layer, norm in zip(self.sites, self.site_layer, per_site):
+                if norm is not None:
+                    if expert_dst is not None:
+                        expert_dst[off : off + site.n_experts].copy_(norm)
+                    if layer is not None:
+                        any_grad = True
+                        layer_sq[layer] += norm.square().sum()
+                off += site.n_experts
         if any_grad:
             torch.sqrt(layer_sq, out=layer_dst)
 
@@ -134,7 +152,7 @@ class GradCapture:
         if dst is not None:
             off = 0
             for site in self.sites:
-                dst[off : off + site.n_experts].copy_(_expert_sq(site.expert_weights).sqrt())
+                dst[off : off + site.n_experts].copy_(_expert_norm(site.expert_weights))
                 off += site.n_experts
         ratio = v(R.PARAMS_UPDATE_RATIO)
         if ratio is not None and self._snapshot_valid:

@@ -49,22 +49,41 @@ def _rowsq(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, 2, dim=1, dtype=torch.float32).square()
 
 
-def _maxabs(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """max |x| (over `dim`) in float32; NaN if any value is NaN. The inf-norm kernel with a
-    dtype is ~20x slower on CPU; the max of low-precision values is exact in them, then widened.
-    Over the whole tensor as max(max x, -min x) from one aminmax pass (no |x| copy: 0.4-0.7x
-    the time of abs().amax() on this VM's CPU); per row abs().amax, which is the faster there."""
+def _fused(x: torch.Tensor) -> bool:
+    """Whether x lives where one fused kernel beats a few cheaper ones: on an accelerator a
+    small model's step is bound by kernel launches (README, "On CUDA"), on the CPU by the
+    kernels' own work, where the fused forms below are the slower ones."""
+    return x.device.type != "cpu"
+
+
+def _maxabs(x: torch.Tensor, dim: int | None = None, fused: bool | None = None) -> torch.Tensor:
+    """max |x| (over `dim`) in float32; NaN if any value is NaN; the max of low-precision
+    values is exact in them, then widened. fused (default: off the CPU) is the inf-norm, one
+    kernel. On the CPU that kernel is ~20x slower with a dtype, so there: over the whole tensor
+    max(max x, -min x) from one aminmax pass (no |x| copy: 0.4-0.7x the time of abs().amax()
+    on this VM's CPU), per row abs().amax, which is the faster there."""
+    if dim is None and x.numel() == 0:  # a shape: no sync; the inf-norm has no identity
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    if _fused(x) if fused is None else fused:
+        return torch.linalg.vector_norm(x, INF, dim=dim).float()
     if dim is None:
-        if x.numel() == 0:  # a shape: no sync
-            return torch.zeros((), dtype=torch.float32, device=x.device)
         lo, hi = torch.aminmax(x)
         return torch.maximum(hi, lo.neg()).float()
     return x.abs().amax(dim).float()
 
 
-def _row_std(x_TE: torch.Tensor) -> torch.Tensor:
-    """Population std of each row, two-pass (torch.std over a short last dim is ~4x slower)."""
+def _row_std(x_TE: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """Population std of each row: fused (default: off the CPU) torch.std, one kernel; on the
+    CPU two-pass, as torch.std over a short last dim is ~4x slower there."""
+    if _fused(x_TE) if fused is None else fused:
+        return torch.std(x_TE, dim=1, correction=0)
     return (x_TE - x_TE.mean(1, keepdim=True)).square().mean(1).sqrt()
+
+
+def _add_sumsq(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += sum of x^2, in float32: the norm, then one fused multiply-add."""
+    n = torch.linalg.vector_norm(x, dtype=torch.float32)
+    acc.addcmul_(n, n)
 
 
 class HostVector:
@@ -106,6 +125,8 @@ class Capture:
         self._train_forward = True  # set by each residual block's pre-hook (see below)
         self.tokens_seen = 0  # tokens through the first MoE router this step (host int)
         self._n_routed = [0] * len(adapter.moe_sites())  # tokens per MoE layer (router stats)
+        # element and row counts are shapes: counted here, written at finalize in one copy each
+        self._counts: dict[str, list[float]] = {}
         self._handles: list = []
         self._pinned = self.device.type == "cuda"
         self._pool: dict[int, collections.deque] = collections.defaultdict(collections.deque)
@@ -264,24 +285,23 @@ class Capture:
 
         return fn
 
+    def _counter(self, key: str) -> list[float]:
+        """The host-side counts of a scratch region (one per slot), written at finalize."""
+        return self._counts.setdefault(key, [0.0] * self.need(key).numel())
+
     def _shared_hook(self, j: int) -> Callable:
-        sumsq, numel, out_sq, rows, maxabs = (
+        sumsq, out_sq, maxabs = (
             self._slice(k, j, j + 1)
-            for k in (
-                R.SHARED_ACT_SUMSQ,
-                R.SHARED_ACT_NUMEL,
-                R.SHARED_OUT_SUMSQ,
-                R.SHARED_ROWS,
-                R.SHARED_ACT_MAXABS,
-            )
+            for k in (R.SHARED_ACT_SUMSQ, R.SHARED_OUT_SUMSQ, R.SHARED_ACT_MAXABS)
         )
+        numel, rows = self._counter(R.SHARED_ACT_NUMEL), self._counter(R.SHARED_ROWS)
 
         def fn(args, out) -> None:
             h_TH, out_TD = args[:2]
-            sumsq.add_(torch.linalg.vector_norm(h_TH, dtype=torch.float32).square())
-            numel.add_(h_TH.numel())
-            out_sq.add_(torch.linalg.vector_norm(out_TD, dtype=torch.float32).square())
-            rows.add_(out_TD.shape[0])
+            _add_sumsq(sumsq, h_TH)
+            numel[j] += h_TH.numel()
+            _add_sumsq(out_sq, out_TD)
+            rows[j] += out_TD.shape[0]
             torch.maximum(maxabs, _maxabs(h_TH), out=maxabs)
 
         return fn
@@ -295,14 +315,13 @@ class Capture:
         return fn
 
     def _resid_hook(self, layer: int) -> Callable:
-        sumsq, numel, maxabs = (
-            self._slice(k, layer, layer + 1) for k in (R.RESID_SUMSQ, R.RESID_NUMEL, R.RESID_MAXABS)
-        )
+        sumsq, maxabs = (self._slice(k, layer, layer + 1) for k in (R.RESID_SUMSQ, R.RESID_MAXABS))
+        numel = self._counter(R.RESID_NUMEL)
 
         def fn(args, out) -> None:
             x = out[0] if isinstance(out, (tuple, list)) else out
-            sumsq.add_(torch.linalg.vector_norm(x, dtype=torch.float32).square())
-            numel.add_(x.numel())
+            _add_sumsq(sumsq, x)
+            numel[layer] += x.numel()
             torch.maximum(maxabs, _maxabs(x), out=maxabs)
 
         return fn
@@ -315,11 +334,15 @@ class Capture:
         self.buf.copy_(self._init)
         self.tokens_seen = 0
         self._n_routed = [0] * len(self.moe_sites)
+        for counts in self._counts.values():  # in place: the hooks hold these lists
+            counts[:] = [0.0] * len(counts)
 
     @torch.no_grad()
     def finalize(self) -> None:
         """Turn this step's running sums into the metrics (device ops only)."""
         v, need = self.view, self.need
+        for key, counts in self._counts.items():  # the host-side counts, one copy each
+            need(key).copy_(torch.tensor(counts, dtype=torch.float32), non_blocking=True)
         act_rms = v(R.MOE_ACT_RMS)
         if act_rms is not None:
             rows = need(R.MOE_ROWS).clamp(min=1)  # no tokens -> 0, documented above

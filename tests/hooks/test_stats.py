@@ -1,6 +1,8 @@
 """The statistics are right: every metric against an independent recomputation (recompute.py)
 on the stand-in and on model/'s tiny preset, including gradient accumulation, activation
-checkpointing, step reset, periodic parameter norms and the update ratio."""
+checkpointing, step reset, periodic parameter norms and the update ratio. The tests marked
+with the `forms` fixture run twice: with the CPU's kernels and with the fused ones an
+accelerator takes (hooks.stats._fused), so CI, which has no GPU, checks both."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import hooks.stats
 from hooks import Monitor, MonitorConfig
 from hooks.layout import PERIODIC_SCHEMA_ID, RegionKey
 from tests.hooks.conftest import tiny_model
@@ -18,6 +21,14 @@ from tests.hooks.recompute import Recorder
 from tests.hooks.standin import StandIn
 
 DEAD = "127.0.0.1:9"  # nothing listens: these tests read the step vectors before the sender
+
+
+@pytest.fixture(params=["cpu kernels", "fused kernels"])
+def forms(request, monkeypatch):
+    """Both forms of the hooks' kernels on CPU tensors (the fused one is CUDA's default)."""
+    if request.param == "fused kernels":
+        monkeypatch.setattr(hooks.stats, "_fused", lambda x: True)
+    return request.param
 
 
 def offline_monitor(model, opt, **config) -> tuple[Monitor, list]:
@@ -48,7 +59,7 @@ def assert_matches(got: dict[str, float], want: dict[str, float]) -> None:
 
 
 @pytest.mark.parametrize("which", ["standin", "tiny"])
-def test_every_stat_matches_recomputation_with_grad_accumulation(which):
+def test_every_stat_matches_recomputation_with_grad_accumulation(which, forms):
     torch.manual_seed(0)
     model, vocab = (StandIn(), 32) if which == "standin" else (tiny_model(), 256)
     for _, moe in model.moe_layers():  # a nonzero bias to measure
@@ -75,7 +86,7 @@ def test_every_stat_matches_recomputation_with_grad_accumulation(which):
     mon.close()
 
 
-def test_step_reset_and_window():
+def test_step_reset_and_window(forms):
     """A new step starts from zero, and forwards outside step_begin..step_end are ignored."""
     torch.manual_seed(1)
     model = StandIn()
@@ -91,7 +102,7 @@ def test_step_reset_and_window():
     mon.close()
 
 
-def test_activation_checkpointing_does_not_double_count():
+def test_activation_checkpointing_does_not_double_count(forms):
     torch.manual_seed(2)
     model = StandIn(checkpoint=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -153,7 +164,7 @@ def test_disabled_groups_install_nothing_and_send_nothing():
     assert not model.lm_head._forward_hooks  # close removes every hook
 
 
-def test_non_finite_values_reach_the_vector():
+def test_non_finite_values_reach_the_vector(forms):
     """A blow-up must be visible: NaN in an expert's weights shows in its stats, not hidden,
     and stays there: the other experts of the layer see the same finite input."""
     torch.manual_seed(4)
@@ -193,7 +204,7 @@ def test_a_misspelled_region_key_raises_and_a_disabled_one_is_none():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_maxabs_is_the_largest_magnitude_of_either_sign_and_keeps_nan(dtype):
+def test_maxabs_is_the_largest_magnitude_of_either_sign_and_keeps_nan(dtype, forms):
     from hooks.stats import _maxabs
 
     x = torch.tensor([[0.5, -3.0, 2.0], [1.0, 0.25, -0.5]], dtype=dtype)
