@@ -38,6 +38,7 @@ from benchmarks.titan_models import EXPERTS, TOP_K, VOCAB, deepseek_moe, loss_of
 from collector.process import start_collector, stop_collector  # noqa: E402
 from hooks import Monitor  # noqa: E402
 from store import open_store  # noqa: E402
+from tests.gradnorms import assert_stored_grad_norms, grad_norms  # noqa: E402
 
 STEPS, CLIP_AFTER, EXTRA_AT, B, T = 6, 2, 1, 2, 16
 WAIT_S = 30.0
@@ -79,21 +80,10 @@ class Recorded:
     step: int = -1
 
 
-def grad_norms(model) -> dict[str, float]:
-    """float64 gradient norms of each decoder layer (every parameter with a grad) and of each
-    routed expert (its slices of w1, w2 and w3), by metric name."""
-    out = {}
-    g = lambda p: p.grad.detach().double()
-    for layer, block in enumerate(model.layers.values()):
-        ps = [p for p in block.parameters() if p.grad is not None]
-        out[f"grad/layer{layer:02d}/norm"] = float(torch.cat([g(p).reshape(-1) for p in ps]).norm())
-        experts = block.moe.routed_experts.inner_experts
-        ws = (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
-        if all(w.grad is not None for w in ws):
-            sq = sum(g(w).pow(2).sum(dim=(1, 2)) for w in ws)
-            for e, v in enumerate(sq.sqrt().tolist()):
-                out[f"grad/layer{layer:02d}/expert{e:03d}/norm"] = v
-    return out
+def titan_expert_weights(block) -> tuple:
+    """A block's batched routed weights."""
+    experts = block.moe.routed_experts.inner_experts
+    return (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
 
 
 def record(model, rec: Recorded) -> list:
@@ -247,7 +237,7 @@ def trained(request, collector) -> Run:
                 model.train()
             rec.on = True
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        rec.grad_norms[step] = grad_norms(model)
+        rec.grad_norms[step] = grad_norms(model.layers.values(), titan_expert_weights)
         mon.before_optimizer(step, torch.nn.utils.get_total_norm(grads))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -293,15 +283,7 @@ def test_attached_without_an_adapter_argument_and_the_run_is_clean(trained):
 
 
 def test_gradient_norms_equal_float64_norms_of_the_layers_grads(trained):
-    r = trained
-    with open_store(r.url) as st:
-        for step in range(STEPS):
-            got = st.at_step(r.run, step, "grad/*")
-            got = dict(zip(got["name"].to_list(), got["value"].to_list()))
-            want = r.rec.grad_norms[step]
-            assert any("/expert" in n for n in want)
-            for name, value in want.items():
-                assert got[name] == pytest.approx(value, rel=1e-5), (step, name)
+    assert_stored_grad_norms(trained.url, trained.run, trained.rec.grad_norms)
 
 
 def test_token_counts_equal_a_topk_recount(trained):
