@@ -103,9 +103,10 @@ class CollectorConfig:
     """Pacing: a run's streams together should send about this many gRPC messages a second at
     most (about what grpc.aio serves on one core; 4,096 ranks: one message per rank per
     1.0 s; 1,000 a second paced them 4.1 s apart, and that latency cost more than the
-    messages it saved: 1.29-1.46 against 1.54-1.80 steps/s at 4,096 x 1,460, README). Each rank's Welcome carries send_interval_ms = world_size / this (0 below
-    MIN_SEND_INTERVAL_MS, capped at MAX_SEND_INTERVAL_MS): a rank sends at most one message
-    per interval, and the frames that come sooner leave together in one FrameBatch. The
+    messages it saved: 1.29-1.46 against 1.54-1.80 steps/s at 4,096 x 1,460, README). Each
+    rank's Welcome carries send_interval_ms = world_size / this (0 below MIN_SEND_INTERVAL_MS,
+    capped at MAX_SEND_INTERVAL_MS): a rank sends at most one message per interval, and the
+    frames that come sooner leave together in one FrameBatch. The
     collector's cost at thousands of streams is per message (gRPC, asyncio), not per byte; a
     step that comes after a quiet interval (a step slower than the interval) goes at once, so
     only ranks stepping faster than the interval are batched, and wait at most that long."""

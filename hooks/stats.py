@@ -56,15 +56,14 @@ def _fused(x: torch.Tensor) -> bool:
     return x.device.type != "cpu"
 
 
-def _maxabs(x: torch.Tensor, dim: int | None = None, fused: bool | None = None) -> torch.Tensor:
+def _maxabs(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """max |x| (over `dim`) in float32; NaN if any value is NaN; the max of low-precision
-    values is exact in them, then widened. fused (default: off the CPU) is the inf-norm, one
-    kernel. On the CPU that kernel is ~20x slower with a dtype, so there: over the whole tensor
+    values is exact in them, then widened. Off the CPU (_fused) the inf-norm, one kernel. On the CPU that kernel is ~20x slower with a dtype, so there: over the whole tensor
     max(max x, -min x) from one aminmax pass (no |x| copy: 0.4-0.7x the time of abs().amax()
     on this VM's CPU), per row abs().amax, which is the faster there."""
     if dim is None and x.numel() == 0:  # a shape: no sync; the inf-norm has no identity
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    if _fused(x) if fused is None else fused:
+    if _fused(x):
         return torch.linalg.vector_norm(x, INF, dim=dim).float()
     if dim is None:
         lo, hi = torch.aminmax(x)
@@ -72,10 +71,10 @@ def _maxabs(x: torch.Tensor, dim: int | None = None, fused: bool | None = None) 
     return x.abs().amax(dim).float()
 
 
-def _row_std(x_TE: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
-    """Population std of each row: fused (default: off the CPU) torch.std, one kernel; on the
-    CPU two-pass, as torch.std over a short last dim is ~4x slower there."""
-    if _fused(x_TE) if fused is None else fused:
+def _row_std(x_TE: torch.Tensor) -> torch.Tensor:
+    """Population std of each row: off the CPU (_fused) torch.std, one kernel; on the CPU
+    two-pass, as torch.std over a short last dim is ~4x slower there."""
+    if _fused(x_TE):
         return torch.std(x_TE, dim=1, correction=0)
     return (x_TE - x_TE.mean(1, keepdim=True)).square().mean(1).sqrt()
 
@@ -124,8 +123,8 @@ class Capture:
         self.paused = False  # Monitor.paused(): forwards in this window are not training
         self._train_forward = True  # set by each residual block's pre-hook (see below)
         self.tokens_seen = 0  # tokens through the first MoE router this step (host int)
-        self._n_routed = [0] * len(adapter.moe_sites())  # tokens per MoE layer (router stats)
-        # element and row counts are shapes: counted here, written at finalize in one copy each
+        # element, row and token counts are shapes: counted here, written at finalize in one
+        # copy each (router.n_tokens, resid.numel, the shared expert's numel and rows)
         self._counts: dict[str, list[float]] = {}
         self._handles: list = []
         self._pinned = self.device.type == "cuda"
@@ -231,6 +230,7 @@ class Capture:
         if self.view(R.ROUTER_CONFIDENCE) is not None:
             sums = self._stacked((R.ROUTER_CONF_SUM, R.ROUTER_STD_SUM, R.ROUTER_LSE2_SUM), i, i + 1)
             router = (sums, self._slice(R.ROUTER_LOGIT_MAX, i, i + 1))
+            n_routed = self._counter(R.ROUTER_N_TOKENS)
 
         def fn(args, out) -> None:
             r = self.adapter.decode_router(out)
@@ -253,7 +253,7 @@ class Capture:
                     conf = (chosen_T / scores_TE.sum(1)).sum()
                 std = _row_std(logits_TE).sum()
                 sums.add_(torch.stack([conf, std, lse_T.square().sum()]).unsqueeze(1))
-                self._n_routed[i] += T  # host count: written at finalize
+                n_routed[i] += T
                 torch.maximum(logit_max, logits_TE.amax(), out=logit_max)
 
         return fn
@@ -333,7 +333,6 @@ class Capture:
     def reset(self) -> None:
         self.buf.copy_(self._init)
         self.tokens_seen = 0
-        self._n_routed = [0] * len(self.moe_sites)
         for counts in self._counts.values():  # in place: the hooks hold these lists
             counts[:] = [0.0] * len(counts)
 
@@ -357,7 +356,6 @@ class Capture:
         confidence = v(R.ROUTER_CONFIDENCE)
         if confidence is not None:
             n = need(R.ROUTER_N_TOKENS)  # 0 tokens -> NaN: nothing was routed
-            n.copy_(torch.tensor(self._n_routed, dtype=torch.float32), non_blocking=True)
             torch.div(need(R.ROUTER_CONF_SUM), n, out=confidence)
             torch.div(need(R.ROUTER_STD_SUM), n, out=need(R.ROUTER_LOGIT_STD))
             torch.div(need(R.ROUTER_LSE2_SUM), n, out=need(R.ROUTER_Z_LOSS))
